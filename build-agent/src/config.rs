@@ -1,0 +1,281 @@
+//! Agent configuration: the seed's TOML keys and flags.
+//!
+//! Precedence: command-line flags, then the config file (`--config`, else
+//! `/etc/build-agent/config.toml`, else `/etc/build-agent.toml`), then defaults.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use buildpool_proto::EnvMode;
+use serde::Deserialize;
+
+use crate::agent::ServerEndpoint;
+
+pub const DEFAULT_CONFIG_PATHS: &[&str] = &["/etc/build-agent/config.toml", "/etc/build-agent.toml"];
+pub const DEFAULT_TOKEN_FILE: &str = "/etc/build-agent/token";
+pub const TOKEN_ENV: &str = "BUILDPOOL_TOKEN";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config {path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The config file as written by users (seed format plus buildpool's additions).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: Option<ServerEntry>,
+    #[serde(default)]
+    pub servers: Vec<ServerEntry>,
+    #[serde(default)]
+    pub worker: WorkerSection,
+    #[serde(default)]
+    pub storage: StorageSection,
+    #[serde(default)]
+    pub nix: NixSection,
+    #[serde(default)]
+    pub auth: AuthSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerEntry {
+    pub url: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSection {
+    pub id: Option<String>,
+    pub max_jobs: Option<u32>,
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    pub git_cache_dir: Option<PathBuf>,
+    pub worktree_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NixSection {
+    #[serde(default)]
+    pub prewarm_packages: Vec<String>,
+    /// `auto` (default), `nix` or `host`.
+    pub env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    pub token_file: Option<PathBuf>,
+}
+
+/// Values given on the command line; `None` means "not given".
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub servers: Vec<String>,
+    pub id: Option<String>,
+    pub jobs: Option<u32>,
+    pub labels: Vec<String>,
+    pub git_cache_dir: Option<PathBuf>,
+    pub worktree_dir: Option<PathBuf>,
+    pub env: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+/// The settled configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub servers: Vec<ServerEndpoint>,
+    pub id: String,
+    pub max_jobs: u32,
+    pub labels: Vec<String>,
+    pub git_cache_dir: PathBuf,
+    pub worktree_dir: PathBuf,
+    pub env: EnvMode,
+    pub prewarm_packages: Vec<String>,
+    pub token: String,
+    pub kill_grace: Duration,
+    pub default_timeout: Duration,
+}
+
+pub fn parse_env_mode(text: &str) -> Result<EnvMode, ConfigError> {
+    match text {
+        "auto" => Ok(EnvMode::Auto),
+        "nix" => Ok(EnvMode::Nix),
+        "host" => Ok(EnvMode::Host),
+        other => Err(ConfigError::Invalid(format!("env must be auto, nix or host, not {other:?}"))),
+    }
+}
+
+/// Reads a config file.
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+}
+
+/// Finds the config file: the explicit one, else the first default location that exists.
+pub fn discover(explicit: Option<&Path>) -> Result<FileConfig, ConfigError> {
+    if let Some(path) = explicit {
+        return read_file(path);
+    }
+    DEFAULT_CONFIG_PATHS
+        .iter()
+        .map(Path::new)
+        .find(|path| path.exists())
+        .map_or_else(|| Ok(FileConfig::default()), read_file)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "build-agent".to_owned())
+}
+
+/// Reads the shared token: `BUILDPOOL_TOKEN`, else the token file.
+pub fn load_token(token_file: Option<&Path>) -> Result<String, ConfigError> {
+    if let Ok(token) = std::env::var(TOKEN_ENV) {
+        let token = token.trim().to_owned();
+        if !token.is_empty() {
+            return Ok(token);
+        }
+    }
+    let path = token_file.unwrap_or(Path::new(DEFAULT_TOKEN_FILE));
+    let token = std::fs::read_to_string(path).map_err(|error| {
+        ConfigError::Invalid(format!(
+            "no agent token: {TOKEN_ENV} is unset and {} is unreadable ({error}). Copy the \
+             coordinator's token (`buildpool serve` prints where it is) into that file.",
+            path.display()
+        ))
+    })?;
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        return Err(ConfigError::Invalid(format!("token file {} is empty", path.display())));
+    }
+    Ok(token)
+}
+
+impl AgentConfig {
+    /// Merges flags over the file over defaults, and validates the result.
+    pub fn resolve(file: FileConfig, overrides: Overrides) -> Result<Self, ConfigError> {
+        let servers: Vec<ServerEndpoint> = if overrides.servers.is_empty() {
+            file.server
+                .into_iter()
+                .chain(file.servers)
+                .map(|entry| ServerEndpoint { name: entry.name.unwrap_or_else(|| entry.url.clone()), url: entry.url })
+                .collect()
+        } else {
+            overrides.servers.iter().map(|url| ServerEndpoint { url: url.clone(), name: url.clone() }).collect()
+        };
+        if servers.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no coordinator to connect to: pass --server ws://HOST:8081/ws or set [server] url / [[servers]] in the config".into(),
+            ));
+        }
+        let max_jobs = overrides.jobs.or(file.worker.max_jobs).unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+        });
+        if max_jobs == 0 || max_jobs > 1024 {
+            return Err(ConfigError::Invalid(format!("max_jobs must be between 1 and 1024, not {max_jobs}")));
+        }
+        let mut labels = file.worker.labels;
+        labels.extend(overrides.labels);
+        buildpool_proto::spec::validate_labels(&labels).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let env = parse_env_mode(overrides.env.as_deref().or(file.nix.env.as_deref()).unwrap_or("auto"))?;
+        let token = load_token(overrides.token_file.as_deref().or(file.auth.token_file.as_deref()))?;
+        Ok(Self {
+            servers,
+            id: overrides.id.or(file.worker.id).unwrap_or_else(hostname),
+            max_jobs,
+            labels,
+            git_cache_dir: overrides
+                .git_cache_dir
+                .or(file.storage.git_cache_dir)
+                .unwrap_or_else(|| "/var/cache/build-agent/repos".into()),
+            worktree_dir: overrides
+                .worktree_dir
+                .or(file.storage.worktree_dir)
+                .unwrap_or_else(|| "/tmp/build-agent/jobs".into()),
+            env,
+            prewarm_packages: file.nix.prewarm_packages,
+            token,
+            kill_grace: Duration::from_secs(5),
+            default_timeout: Duration::from_secs(3600),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED_MULTI: &str = r#"
+        [[servers]]
+        url = "ws://orchestrator1:8081/ws"
+        name = "project-a"
+
+        [[servers]]
+        url = "ws://orchestrator2:8081/ws"
+
+        [worker]
+        id = "shared-worker"
+        max_jobs = 8
+
+        [storage]
+        git_cache_dir = "/var/cache/build-agent/repos"
+        worktree_dir = "/tmp/build-agent/jobs"
+
+        [nix]
+        prewarm_packages = ["nixpkgs#rustc"]
+    "#;
+
+    fn with_token() -> Overrides {
+        let file = tempfile::NamedTempFile::new().expect("temp");
+        std::fs::write(file.path(), "secret\n").expect("write");
+        let (_, path) = file.keep().expect("keep");
+        Overrides { token_file: Some(path), ..Overrides::default() }
+    }
+
+    #[test]
+    fn reads_the_seed_multi_server_config() {
+        let file: FileConfig = toml::from_str(SEED_MULTI).expect("parses");
+        let config = AgentConfig::resolve(file, with_token()).expect("valid");
+        assert_eq!(config.servers.len(), 2);
+        assert_eq!(config.servers[0].name, "project-a");
+        assert_eq!(config.servers[1].name, "ws://orchestrator2:8081/ws");
+        assert_eq!((config.id.as_str(), config.max_jobs), ("shared-worker", 8));
+        assert_eq!(config.prewarm_packages, ["nixpkgs#rustc"]);
+        assert_eq!(config.token, "secret");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_bad_values_are_named() {
+        let file: FileConfig = toml::from_str("[server]\nurl = \"ws://a:8081/ws\"\n[worker]\nmax_jobs = 2").expect("parses");
+        let overrides = Overrides { jobs: Some(5), servers: vec!["ws://b:1/ws".into()], ..with_token() };
+        let config = AgentConfig::resolve(file, overrides).expect("valid");
+        assert_eq!(config.max_jobs, 5);
+        assert_eq!(config.servers[0].url, "ws://b:1/ws");
+
+        let typo = toml::from_str::<FileConfig>("[worker]\nmax_job = 2");
+        assert!(typo.is_err(), "unknown keys are rejected, not ignored");
+        let none = AgentConfig::resolve(FileConfig::default(), with_token()).expect_err("no server");
+        assert!(none.to_string().contains("--server"));
+        let zero = AgentConfig::resolve(FileConfig::default(), Overrides { jobs: Some(0), servers: vec!["ws://a/ws".into()], ..with_token() });
+        assert!(zero.is_err());
+    }
+}

@@ -1,0 +1,265 @@
+//! The executor: snapshot in, cargo result out.
+//!
+//! One implementation serves both the `build-agent` binary and the coordinator's embedded
+//! local agent, so "it worked locally" and "it worked on the agent" mean the same steps:
+//! fetch the exact snapshot into the repository's git cache, check it out into a warm
+//! workspace, pick the environment (`nix develop` or the host), run cargo as an owned
+//! process group, stream its output.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use buildpool_proto::{Completion, EnvMode, JobKind, JobSpec, Outcome, OutputStream, Source};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::git_cache::GitCache;
+use crate::process::{self, CommandSpec, OutputChunk, ProcessEnd, RunLimits};
+use crate::workspace::WorkspacePool;
+
+/// Settings of an executor.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    pub git_cache_dir: PathBuf,
+    pub worktree_dir: PathBuf,
+    /// Workspaces per repository; the agent's slot count.
+    pub slots: usize,
+    /// The environment used when a job asks for `auto`.
+    pub env_mode: EnvMode,
+    /// Timeout for jobs that do not set one.
+    pub default_timeout: Duration,
+    /// Time between TERM and KILL when a job is stopped.
+    pub kill_grace: Duration,
+}
+
+/// One job attempt as the executor sees it.
+#[derive(Debug, Clone)]
+pub struct JobRequest {
+    pub job_id: u64,
+    pub attempt: u32,
+    pub spec: JobSpec,
+    pub source: Source,
+    /// Where to fetch `source.git_ref` from.
+    pub git_url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Executor {
+    cache: GitCache,
+    workspaces: WorkspacePool,
+    config: ExecutorConfig,
+}
+
+/// The environment a job runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnv {
+    Nix,
+    Host,
+}
+
+impl RunEnv {
+    pub fn label(self) -> &'static str {
+        match self {
+            RunEnv::Nix => "nix",
+            RunEnv::Host => "host",
+        }
+    }
+}
+
+fn failed(error: impl std::fmt::Display, started: Instant) -> Completion {
+    Completion {
+        outcome: Outcome::Failed as i32,
+        error: error.to_string(),
+        duration_ms: millis(started.elapsed()),
+        ..Completion::default()
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Finds an executable on `PATH`.
+pub fn find_on_path(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .find(|candidate| {
+                candidate.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+    })
+}
+
+/// Decides where a job runs: `auto` means nix when the checkout has a `flake.nix` and nix is
+/// installed, otherwise the host.
+pub fn resolve_env(mode: EnvMode, src: &Path) -> Result<RunEnv, String> {
+    let has_flake = src.join("flake.nix").is_file();
+    let has_nix = find_on_path("nix").is_some();
+    match mode {
+        EnvMode::Host => Ok(RunEnv::Host),
+        EnvMode::Auto => Ok(if has_flake && has_nix { RunEnv::Nix } else { RunEnv::Host }),
+        EnvMode::Nix if !has_flake => Err("env nix requested but the snapshot has no flake.nix".into()),
+        EnvMode::Nix if !has_nix => Err("env nix requested but nix is not installed on this agent".into()),
+        EnvMode::Nix => Ok(RunEnv::Nix),
+    }
+}
+
+/// The command line for a job in an environment.
+pub fn cargo_command(spec: &JobSpec, env: RunEnv, src: &Path, target: &Path) -> CommandSpec {
+    let subcommand = JobKind::try_from(spec.kind).ok().and_then(JobKind::cargo_subcommand).unwrap_or("build");
+    let mut cargo: Vec<OsString> = vec!["cargo".into(), subcommand.into()];
+    cargo.extend(spec.cargo_args.iter().map(OsString::from));
+    let (program, args) = match env {
+        RunEnv::Host => (cargo.remove(0), cargo),
+        RunEnv::Nix => {
+            let mut flake = OsString::from("path:");
+            flake.push(src);
+            let mut args: Vec<OsString> = vec![
+                "--extra-experimental-features".into(),
+                "nix-command flakes".into(),
+                "develop".into(),
+                flake,
+                "--command".into(),
+            ];
+            args.extend(cargo);
+            ("nix".into(), args)
+        }
+    };
+    let mut vars: Vec<(OsString, OsString)> = vec![("CARGO_TARGET_DIR".into(), target.into())];
+    vars.extend(spec.env.iter().map(|v| (OsString::from(&v.name), OsString::from(&v.value))));
+    CommandSpec { program, args, cwd: src.to_owned(), env: vars }
+}
+
+impl Executor {
+    pub fn new(config: ExecutorConfig) -> Self {
+        Self {
+            cache: GitCache::new(config.git_cache_dir.clone()),
+            workspaces: WorkspacePool::new(config.worktree_dir.clone(), config.slots),
+            config,
+        }
+    }
+
+    /// Runs one job attempt to its end. Never panics on bad input: every failure becomes a
+    /// `Failed` completion with a reason.
+    pub async fn run(
+        &self,
+        job: &JobRequest,
+        output: mpsc::Sender<OutputChunk>,
+        cancel: CancellationToken,
+    ) -> Completion {
+        let span = tracing::info_span!("job", job_id = job.job_id, attempt = job.attempt);
+        self.run_inner(job, output, cancel).instrument(span).await
+    }
+
+    async fn run_inner(
+        &self,
+        job: &JobRequest,
+        output: mpsc::Sender<OutputChunk>,
+        cancel: CancellationToken,
+    ) -> Completion {
+        let started = Instant::now();
+        if let Err(error) = buildpool_proto::spec::validate(&job.spec) {
+            return failed(error, started);
+        }
+        let timeout = match job.spec.timeout_secs {
+            0 => self.config.default_timeout,
+            secs => Duration::from_secs(u64::from(secs)),
+        };
+        let note = |text: String| {
+            let output = output.clone();
+            async move {
+                let line = Bytes::from(format!("[buildpool] {text}\n"));
+                let _ = output.send(OutputChunk { stream: OutputStream::Stderr, data: line }).await;
+            }
+        };
+
+        let setup = async {
+            let workspace = self.workspaces.acquire(&job.source.repo_id).map_err(|e| e.to_string())?;
+            let lock = self.cache.lock(&job.source.repo_id).await.map_err(|e| e.to_string())?;
+            let fetch_started = Instant::now();
+            let fetched = self
+                .cache
+                .ensure_commit(&lock, &job.source.repo_id, &job.git_url, &job.source.git_ref, &job.source.commit)
+                .await
+                .map_err(|e| format!("fetching the snapshot failed: {e}"))?;
+            let fetch_time = fetch_started.elapsed();
+            let warm = workspace.is_warm();
+            workspace
+                .checkout(&lock, &self.cache.repo_dir(&job.source.repo_id), &job.source.commit)
+                .await
+                .map_err(|e| format!("checking out the snapshot failed: {e}"))?;
+            drop(lock);
+            let env_mode = match EnvMode::try_from(job.spec.env_mode).unwrap_or(EnvMode::Auto) {
+                EnvMode::Auto => self.config.env_mode,
+                explicit => explicit,
+            };
+            let env = resolve_env(env_mode, &workspace.src)?;
+            let commit_short = job.source.commit.get(..12).unwrap_or(&job.source.commit);
+            note(format!(
+                "snapshot {commit_short} {}; workspace slot {} ({}); env {}",
+                if fetched { format!("fetched in {} ms", fetch_time.as_millis()) } else { "already cached".into() },
+                workspace.slot,
+                if warm { "warm" } else { "cold" },
+                env.label()
+            ))
+            .await;
+            Ok::<_, String>((workspace, env))
+        };
+        let setup = tokio::select! {
+            result = tokio::time::timeout(timeout, setup) => result,
+            () = cancel.cancelled() => {
+                return Completion { outcome: Outcome::Cancelled as i32, duration_ms: millis(started.elapsed()), ..Completion::default() };
+            }
+        };
+        let (workspace, env) = match setup {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(error)) => {
+                note(error.clone()).await;
+                return failed(error, started);
+            }
+            Err(_) => {
+                return Completion { outcome: Outcome::TimedOut as i32, duration_ms: millis(started.elapsed()), ..Completion::default() };
+            }
+        };
+
+        let command = cargo_command(&job.spec, env, &workspace.src, &workspace.target);
+        let limits = RunLimits {
+            timeout: timeout.saturating_sub(started.elapsed()),
+            kill_grace: self.config.kill_grace,
+        };
+        tracing::info!(env = env.label(), slot = workspace.slot, "running cargo");
+        let result = process::run(command, limits, output.clone(), cancel).await;
+        drop(workspace);
+        let mut completion = Completion {
+            env: env.label().to_owned(),
+            duration_ms: millis(started.elapsed()),
+            ..Completion::default()
+        };
+        match result {
+            Err(error) => {
+                let error = format!("could not start {}: {error}", if env == RunEnv::Nix { "nix" } else { "cargo" });
+                note(error.clone()).await;
+                completion.outcome = Outcome::Failed as i32;
+                completion.error = error;
+            }
+            Ok(result) => match result.end {
+                ProcessEnd::Exited { code } => {
+                    completion.outcome = Outcome::Exited as i32;
+                    completion.exit_code = Some(code);
+                }
+                ProcessEnd::Signalled { signal } => {
+                    completion.outcome = Outcome::Exited as i32;
+                    completion.signal = Some(signal);
+                }
+                ProcessEnd::TimedOut => completion.outcome = Outcome::TimedOut as i32,
+                ProcessEnd::Cancelled => completion.outcome = Outcome::Cancelled as i32,
+            },
+        }
+        tracing::info!(outcome = completion.outcome, exit_code = ?completion.exit_code, "job ended");
+        completion
+    }
+}

@@ -1,0 +1,107 @@
+//! Running `git` with a deadline and a clear error.
+//!
+//! Shared by the agent's git cache and the coordinator's snapshots, so every git call in
+//! buildpool runs without hooks, without prompts and with a time limit.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+/// Default deadline for local git operations.
+pub const LOCAL_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("could not run git: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("`git {args}` timed out after {secs} s")]
+    TimedOut { args: String, secs: u64 },
+    #[error("`git {args}` failed: {stderr}")]
+    Failed { args: String, stderr: String },
+}
+
+/// A git invocation under construction.
+#[derive(Debug)]
+pub struct Git {
+    command: tokio::process::Command,
+    display: String,
+    timeout: Duration,
+}
+
+impl Git {
+    /// `git -C dir ...`, with hooks disabled and terminal prompts off.
+    pub fn new(dir: &Path) -> Self {
+        let mut command = tokio::process::Command::new("git");
+        command
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "core.hooksPath=/dev/null"])
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_AUTHOR_NAME", "buildpool")
+            .env("GIT_AUTHOR_EMAIL", "buildpool@localhost")
+            .env("GIT_COMMITTER_NAME", "buildpool")
+            .env("GIT_COMMITTER_EMAIL", "buildpool@localhost")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        Self { command, display: String::new(), timeout: LOCAL_TIMEOUT }
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        let arg = arg.as_ref();
+        if !self.display.is_empty() {
+            self.display.push(' ');
+        }
+        self.display.push_str(&arg.to_string_lossy());
+        self.command.arg(arg);
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(self, args: I) -> Self {
+        args.into_iter().fold(self, Self::arg)
+    }
+
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.command.env(key, value);
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Runs git and returns its stdout with the trailing newline removed.
+    pub async fn output(mut self) -> Result<String, GitError> {
+        let child = self.command.output();
+        let output = match tokio::time::timeout(self.timeout, child).await {
+            Ok(result) => result.map_err(GitError::Spawn)?,
+            Err(_) => {
+                return Err(GitError::TimedOut { args: self.display, secs: self.timeout.as_secs() });
+            }
+        };
+        if output.status.success() {
+            let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+            while text.ends_with('\n') {
+                text.pop();
+            }
+            Ok(text)
+        } else {
+            let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+            let stderr = if stderr.is_empty() { format!("exit status {}", output.status) } else { stderr };
+            Err(GitError::Failed { args: self.display, stderr })
+        }
+    }
+
+    /// Runs git and reports only whether it succeeded.
+    pub async fn succeeds(self) -> bool {
+        self.output().await.is_ok()
+    }
+}
+
+/// Whether `text` is a full hexadecimal object id.
+pub fn is_object_id(text: &str) -> bool {
+    matches!(text.len(), 40 | 64) && text.bytes().all(|b| b.is_ascii_hexdigit())
+}

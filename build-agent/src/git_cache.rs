@@ -1,0 +1,154 @@
+//! One bare cache repository per source repository.
+//!
+//! The earlier implementation shared one bare cache between all repositories, fetched into
+//! `FETCH_HEAD` only and never locked it. Here each repository (by its identity, not its
+//! URL) has its own cache, fetches are serialised by a file lock (so two agent processes
+//! sharing a cache directory are safe too), and fetched snapshots are kept under refs so
+//! the next fetch negotiates from them and transfers only what changed.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::git::{Git, GitError, is_object_id};
+
+/// How many fetched snapshot refs a cache keeps to negotiate incremental fetches from.
+const KEPT_FETCHED_REFS: usize = 32;
+/// Deadline for one fetch from a coordinator.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a job waits for another fetch into the same cache.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(900);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("repository id {0:?} is not a safe directory name")]
+    BadRepoId(String),
+    #[error("snapshot ref {0:?} is not under refs/buildpool/")]
+    BadRef(String),
+    #[error("commit {0:?} is not an object id")]
+    BadCommit(String),
+    #[error("fetched {git_ref} but it points at {found}, not the expected {expected}")]
+    Mismatch { git_ref: String, expected: String, found: String },
+    #[error("timed out waiting for the lock of git cache {0}")]
+    LockTimeout(PathBuf),
+    #[error("git cache I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Git(#[from] GitError),
+}
+
+/// The directory of all bare caches.
+#[derive(Debug, Clone)]
+pub struct GitCache {
+    root: PathBuf,
+}
+
+/// A held exclusive lock on one cache repository; released on drop.
+#[derive(Debug)]
+pub struct CacheLock {
+    _file: File,
+}
+
+/// Checks that a repository id can be used as a directory name.
+pub fn check_repo_id(repo_id: &str) -> Result<(), CacheError> {
+    let safe = !repo_id.is_empty()
+        && repo_id.len() <= 100
+        && !repo_id.starts_with('.')
+        && repo_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if safe { Ok(()) } else { Err(CacheError::BadRepoId(repo_id.to_owned())) }
+}
+
+impl GitCache {
+    pub fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    /// Path of the bare repository for `repo_id`.
+    pub fn repo_dir(&self, repo_id: &str) -> PathBuf {
+        self.root.join(format!("{repo_id}.git"))
+    }
+
+    /// Takes the exclusive lock of one cache repository, waiting up to a deadline.
+    pub async fn lock(&self, repo_id: &str) -> Result<CacheLock, CacheError> {
+        check_repo_id(repo_id)?;
+        tokio::fs::create_dir_all(&self.root).await?;
+        let path = self.root.join(format!("{repo_id}.lock"));
+        let file = File::options().create(true).truncate(false).write(true).open(&path)?;
+        let deadline = tokio::time::Instant::now() + LOCK_TIMEOUT;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(CacheLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(CacheError::LockTimeout(path));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(std::fs::TryLockError::Error(error)) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Makes sure the cache of `repo_id` holds `commit`, fetching `git_ref` from `url` if not.
+    ///
+    /// The caller must hold the cache's lock. Returns whether a fetch was needed.
+    pub async fn ensure_commit(
+        &self,
+        _lock: &CacheLock,
+        repo_id: &str,
+        url: &str,
+        git_ref: &str,
+        commit: &str,
+    ) -> Result<bool, CacheError> {
+        if !is_object_id(commit) {
+            return Err(CacheError::BadCommit(commit.to_owned()));
+        }
+        let leaf = git_ref
+            .strip_prefix("refs/buildpool/")
+            .filter(|leaf| !leaf.is_empty() && !leaf.split('/').any(|p| p == ".." || p.is_empty()))
+            .ok_or_else(|| CacheError::BadRef(git_ref.to_owned()))?;
+        let dir = self.repo_dir(repo_id);
+        if !dir.join("HEAD").exists() {
+            tokio::fs::create_dir_all(&dir).await?;
+            Git::new(&dir).args(["init", "--bare", "--quiet"]).output().await?;
+        }
+        if has_commit(&dir, commit).await {
+            return Ok(false);
+        }
+        let local_ref = format!("refs/buildpool/fetched/{leaf}");
+        Git::new(&dir)
+            .args(["fetch", "--quiet", "--no-tags", "--no-recurse-submodules", "--no-write-fetch-head"])
+            .arg(url)
+            .arg(format!("+{git_ref}:{local_ref}"))
+            .timeout(FETCH_TIMEOUT)
+            .output()
+            .await?;
+        let found = Git::new(&dir).args(["rev-parse", "--verify", "--quiet"]).arg(format!("{local_ref}^{{commit}}")).output().await?;
+        if found != commit {
+            return Err(CacheError::Mismatch {
+                git_ref: git_ref.to_owned(),
+                expected: commit.to_owned(),
+                found,
+            });
+        }
+        prune_fetched_refs(&dir).await?;
+        Ok(true)
+    }
+}
+
+async fn has_commit(dir: &Path, commit: &str) -> bool {
+    Git::new(dir).args(["cat-file", "-e"]).arg(format!("{commit}^{{commit}}")).succeeds().await
+}
+
+/// Keeps the newest fetched refs so the cache stays bounded but fetches stay incremental.
+async fn prune_fetched_refs(dir: &Path) -> Result<(), CacheError> {
+    let refs = Git::new(dir)
+        .args(["for-each-ref", "--sort=-committerdate", "--format=%(refname)", "refs/buildpool/fetched/"])
+        .output()
+        .await?;
+    // Rare and few (the overflow of one fetch), so one `update-ref -d` each is fine.
+    for stale in refs.lines().skip(KEPT_FETCHED_REFS) {
+        Git::new(dir).args(["update-ref", "-d", stale]).output().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! `build-agent`: runs buildpool jobs on a build host.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use build_agent::config::{self, AgentConfig, Overrides};
+use build_agent::executor::ExecutorConfig;
+use build_agent::{Agent, AgentIdentity};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Connects to buildpool coordinators and runs their cargo jobs.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Coordinator job-bus URL, e.g. ws://coordinator:8081/ws (repeatable).
+    #[arg(long = "server", value_name = "URL")]
+    servers: Vec<String>,
+    /// Agent id shown by coordinators (default: hostname).
+    #[arg(long)]
+    id: Option<String>,
+    /// Concurrent jobs, shared by all coordinators.
+    #[arg(long)]
+    jobs: Option<u32>,
+    /// Config file (default: /etc/build-agent/config.toml, then /etc/build-agent.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Label advertised to coordinators (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    #[arg(long)]
+    git_cache_dir: Option<PathBuf>,
+    #[arg(long)]
+    worktree_dir: Option<PathBuf>,
+    /// Job environment: auto, nix or host.
+    #[arg(long)]
+    env: Option<String>,
+    /// File holding the shared token (default: /etc/build-agent/token; BUILDPOOL_TOKEN wins).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let file = config::discover(cli.config.as_deref())?;
+    let overrides = Overrides {
+        servers: cli.servers,
+        id: cli.id,
+        jobs: cli.jobs,
+        labels: cli.labels,
+        git_cache_dir: cli.git_cache_dir,
+        worktree_dir: cli.worktree_dir,
+        env: cli.env,
+        token_file: cli.token_file,
+    };
+    let config = AgentConfig::resolve(file, overrides)?;
+    for dir in [&config.git_cache_dir, &config.worktree_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let agent = Agent::new(
+        AgentIdentity {
+            id: config.id.clone(),
+            labels: config.labels.clone(),
+            system: build_agent::agent::local_system(),
+            token: config.token.clone(),
+        },
+        ExecutorConfig {
+            git_cache_dir: config.git_cache_dir.clone(),
+            worktree_dir: config.worktree_dir.clone(),
+            slots: config.max_jobs as usize,
+            env_mode: config.env,
+            default_timeout: config.default_timeout,
+            kill_grace: config.kill_grace,
+        },
+    );
+    tracing::info!(agent_id = %config.id, slots = config.max_jobs, servers = config.servers.len(), "build agent starting");
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: stopping running jobs");
+        signals.cancel();
+    });
+    agent.run(config.servers, shutdown).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

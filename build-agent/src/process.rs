@@ -1,0 +1,306 @@
+//! Running one command as an owned process group.
+//!
+//! The earlier implementation killed only the direct child, so grandchildren (test binaries,
+//! build scripts, `sleep` in a test) kept running and kept the output pipes open. Here every
+//! job is the leader of its own process group, and the group is what gets signalled: TERM,
+//! a grace period, then KILL. Output is read as raw byte chunks (no line-length limit) into a
+//! bounded channel, so a slow consumer stalls the process instead of growing memory.
+
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use buildpool_proto::OutputStream;
+use bytes::Bytes;
+use rustix::process::{Pid, Signal, kill_process_group};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How long the output pipes may stay open after the process group is gone. Only a process
+/// that escaped the group (`setsid`) can hold them; we stop reading rather than hang.
+const PIPE_DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// One chunk of a job's output, as read from the pipe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    pub stream: OutputStream,
+    pub data: Bytes,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct CommandSpec {
+    pub program: OsString,
+    pub args: Vec<OsString>,
+    pub cwd: PathBuf,
+    pub env: Vec<(OsString, OsString)>,
+}
+
+/// Limits a run is held to.
+#[derive(Debug, Clone, Copy)]
+pub struct RunLimits {
+    pub timeout: Duration,
+    /// Time between TERM and KILL when the job is stopped.
+    pub kill_grace: Duration,
+}
+
+/// How a process run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessEnd {
+    Exited { code: i32 },
+    Signalled { signal: i32 },
+    TimedOut,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessResult {
+    pub end: ProcessEnd,
+    pub duration: Duration,
+}
+
+/// Kills the whole group when dropped, so no code path (panic, task abort, early return)
+/// leaves a job's processes running.
+#[derive(Debug)]
+struct GroupGuard {
+    pgid: Pid,
+}
+
+impl GroupGuard {
+    fn signal(&self, signal: Signal) {
+        // ESRCH means the group is already gone, which is what we want.
+        let _ = kill_process_group(self.pgid, signal);
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.signal(Signal::KILL);
+    }
+}
+
+/// Runs `spec` to completion, streaming its output into `output`.
+///
+/// Returns when the process has ended and its group is gone. Cancellation and the timeout
+/// both stop the whole group: TERM, then KILL after `limits.kill_grace`.
+pub async fn run(
+    spec: CommandSpec,
+    limits: RunLimits,
+    output: mpsc::Sender<OutputChunk>,
+    cancel: CancellationToken,
+) -> std::io::Result<ProcessResult> {
+    let started = Instant::now();
+    let mut command = tokio::process::Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .current_dir(&spec.cwd)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = command.spawn()?;
+    let pid = child
+        .id()
+        .and_then(|id| Pid::from_raw(id as i32))
+        .ok_or_else(|| std::io::Error::other("spawned process has no pid"))?;
+    let guard = GroupGuard { pgid: pid };
+
+    let mut pumps = tokio::task::JoinSet::new();
+    if let Some(stdout) = child.stdout.take() {
+        pumps.spawn(pump(stdout, OutputStream::Stdout, output.clone()));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        pumps.spawn(pump(stderr, OutputStream::Stderr, output));
+    }
+
+    let deadline = tokio::time::sleep(limits.timeout);
+    tokio::pin!(deadline);
+    let end = tokio::select! {
+        status = child.wait() => Some(status?),
+        () = &mut deadline => None,
+        () = cancel.cancelled() => None,
+    };
+    let end = match end {
+        Some(status) => match status.code() {
+            Some(code) => ProcessEnd::Exited { code },
+            None => ProcessEnd::Signalled { signal: status.signal().unwrap_or(0) },
+        },
+        None => {
+            let end = if cancel.is_cancelled() {
+                ProcessEnd::Cancelled
+            } else {
+                ProcessEnd::TimedOut
+            };
+            guard.signal(Signal::TERM);
+            if tokio::time::timeout(limits.kill_grace, child.wait()).await.is_err() {
+                guard.signal(Signal::KILL);
+                child.wait().await?;
+            }
+            end
+        }
+    };
+    // The job is over: anything its group left behind goes too, closing the pipes.
+    guard.signal(Signal::KILL);
+    drop(guard);
+    let drained = tokio::time::timeout(PIPE_DRAIN_DEADLINE, async {
+        while pumps.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("output pipes still open after the process group ended; stop reading");
+        pumps.abort_all();
+    }
+    Ok(ProcessResult { end, duration: started.elapsed() })
+}
+
+async fn pump(
+    mut reader: impl AsyncRead + Unpin,
+    stream: OutputStream,
+    output: mpsc::Sender<OutputChunk>,
+) {
+    let mut buffer = vec![0u8; buildpool_proto::frame::MAX_OUTPUT_CHUNK_BYTES];
+    loop {
+        match reader.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let chunk = OutputChunk { stream, data: Bytes::copy_from_slice(&buffer[..n]) };
+                // A closed receiver means nobody wants the output any more; keep draining
+                // the pipe so the process does not block on a full pipe.
+                let _ = output.send(chunk).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> CommandSpec {
+        CommandSpec {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            cwd: std::env::temp_dir(),
+            env: Vec::new(),
+        }
+    }
+
+    fn limits(timeout_ms: u64) -> RunLimits {
+        RunLimits {
+            timeout: Duration::from_millis(timeout_ms),
+            kill_grace: Duration::from_millis(500),
+        }
+    }
+
+    async fn collect(mut rx: mpsc::Receiver<OutputChunk>) -> (Vec<u8>, Vec<u8>) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        while let Some(chunk) = rx.recv().await {
+            match chunk.stream {
+                OutputStream::Stderr => err.extend_from_slice(&chunk.data),
+                _ => out.extend_from_slice(&chunk.data),
+            }
+        }
+        (out, err)
+    }
+
+    fn alive(pid: i32) -> bool {
+        Pid::from_raw(pid).is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
+    }
+
+    #[tokio::test]
+    async fn reports_exit_code_and_both_streams() {
+        let (tx, rx) = mpsc::channel(4);
+        let reader = tokio::spawn(collect(rx));
+        let result = run(sh("echo out; echo err >&2; exit 3"), limits(10_000), tx, CancellationToken::new())
+            .await
+            .expect("runs");
+        assert_eq!(result.end, ProcessEnd::Exited { code: 3 });
+        let (out, err) = reader.await.expect("collects");
+        assert_eq!(out, b"out\n");
+        assert_eq!(err, b"err\n");
+    }
+
+    #[tokio::test]
+    async fn a_line_far_longer_than_a_chunk_arrives_whole() {
+        let (tx, rx) = mpsc::channel(1);
+        let reader = tokio::spawn(collect(rx));
+        run(sh("head -c 1000000 /dev/zero | tr '\\0' x"), limits(10_000), tx, CancellationToken::new())
+            .await
+            .expect("runs");
+        let (out, _) = reader.await.expect("collects");
+        assert_eq!(out.len(), 1_000_000);
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_grandchildren_too() {
+        let pid_file = tempfile::NamedTempFile::new().expect("temp file");
+        let script = format!("sleep 300 & echo $! > {}; wait", pid_file.path().display());
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(collect(rx));
+        let cancel = CancellationToken::new();
+        let job = tokio::spawn(run(sh(&script), limits(60_000), tx, cancel.clone()));
+        let grandchild = loop {
+            if let Ok(text) = std::fs::read_to_string(pid_file.path())
+                && let Ok(pid) = text.trim().parse::<i32>()
+            {
+                break pid;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(alive(grandchild));
+        cancel.cancel();
+        let result = job.await.expect("joins").expect("runs");
+        assert_eq!(result.end, ProcessEnd::Cancelled);
+        // The grandchild was killed; give the kernel a moment to reap it (it is reparented).
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            !alive(grandchild) || zombie(grandchild)
+        });
+        assert!(gone, "grandchild {grandchild} survived the cancel");
+    }
+
+    fn zombie(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+            .unwrap_or(true)
+    }
+
+    #[tokio::test]
+    async fn a_timeout_is_reported_as_such_and_escalates_to_kill() {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(collect(rx));
+        // The script ignores TERM, so only KILL after the grace period ends it.
+        let result = run(sh("trap '' TERM; sleep 30"), limits(200), tx, CancellationToken::new())
+            .await
+            .expect("runs");
+        assert_eq!(result.end, ProcessEnd::TimedOut);
+        assert!(result.duration < Duration::from_secs(10), "{:?}", result.duration);
+    }
+
+    #[tokio::test]
+    async fn a_slow_consumer_gets_backpressure_not_memory() {
+        // The channel holds one chunk; the consumer reads nothing until the writer is blocked.
+        let (tx, mut rx) = mpsc::channel(1);
+        let job = tokio::spawn(run(
+            sh("head -c 4000000 /dev/zero; echo done >&2"),
+            limits(30_000),
+            tx,
+            CancellationToken::new(),
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!job.is_finished(), "the writer should be blocked by backpressure");
+        let mut total = 0;
+        while let Some(chunk) = rx.recv().await {
+            if chunk.stream == OutputStream::Stdout {
+                total += chunk.data.len();
+            }
+        }
+        assert_eq!(total, 4_000_000);
+        assert_eq!(job.await.expect("joins").expect("runs").end, ProcessEnd::Exited { code: 0 });
+    }
+}
