@@ -1,1 +1,14 @@
+//! buildpool on the workstation: the coordinator (`buildpool serve`), its clients
+//! (`buildpool run`, `status`, `logs`, `cancel`) and the pieces they share.
+//!
+//! Only [`buildpool_proto`] knows protobuf; [`server::scheduler`] knows no I/O; the executor
+//! that runs jobs lives in `build_agent` and is shared with the embedded local agent.
 
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod discovery;
+pub mod repo;
+pub mod server;
+pub mod snapshot;

@@ -1,1 +1,5 @@
-fn main() {}
+//! `buildpool`: the workstation binary.
+
+fn main() -> std::process::ExitCode {
+    buildpool::cli::main()
+}

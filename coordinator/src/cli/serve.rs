@@ -1,0 +1,117 @@
+//! `buildpool serve`
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::config::{CoordinatorConfig, Overrides};
+use crate::discovery::{self, Discovery};
+use crate::repo::Repo;
+use crate::server::Coordinator;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Config file (default: ~/.config/buildpool/config.toml, then the repository's .buildpool.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Job bus port for agents (0 picks a free one).
+    #[arg(long)]
+    websocket_port: Option<u16>,
+    /// Job bus listen address (default: all interfaces).
+    #[arg(long)]
+    websocket_listen_addr: Option<String>,
+    /// git daemon port (0 picks a free one).
+    #[arg(long)]
+    git_daemon_port: Option<u16>,
+    /// git daemon listen address (default: all interfaces).
+    #[arg(long)]
+    git_daemon_listen_addr: Option<String>,
+    /// Control API address (default: 127.0.0.1:0).
+    #[arg(long)]
+    control_addr: Option<String>,
+    /// Token file shared with agents (default: ~/.config/buildpool/token, created if missing).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Never run jobs on this machine, even with no agent connected.
+    #[arg(long)]
+    no_local_fallback: bool,
+    /// Concurrent jobs of the embedded local agent.
+    #[arg(long)]
+    local_jobs: Option<u32>,
+    /// Workspace directory of the embedded local agent.
+    #[arg(long)]
+    local_worktree_dir: Option<PathBuf>,
+}
+
+pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let repo = Repo::discover(dir).await?;
+    let config = CoordinatorConfig::load(&repo.worktree, Overrides {
+        config: args.config,
+        websocket_port: args.websocket_port,
+        websocket_listen_addr: args.websocket_listen_addr,
+        git_daemon_port: args.git_daemon_port,
+        git_daemon_listen_addr: args.git_daemon_listen_addr,
+        control_addr: args.control_addr,
+        token_file: args.token_file,
+        no_local_fallback: args.no_local_fallback,
+        local_max_jobs: args.local_jobs,
+        local_worktree_dir: args.local_worktree_dir,
+    })?;
+    if let Some(running) = discovery::read(&repo.state_dir()) {
+        bail!(
+            "a coordinator for this repository is already running (pid {}, control API {})",
+            running.pid,
+            running.control_url
+        );
+    }
+    let token = crate::auth::load(&config.token_file, true)?;
+    let token_file = token.file.clone();
+    let coordinator = Coordinator::start(repo.clone(), config, token.value).await?;
+    let discovery = Discovery {
+        pid: std::process::id(),
+        coordinator_id: coordinator.id().to_owned(),
+        control_url: format!("http://{}", coordinator.control_addr),
+        websocket_addr: coordinator.websocket_addr().map(|a| a.to_string()),
+        git_daemon_port: coordinator.git_daemon_port(),
+        token_file: token_file.clone(),
+    };
+    discovery::write(&repo.state_dir(), &discovery).context("cannot write the discovery file")?;
+
+    println!("Build pool coordinator starting...");
+    println!("  Repository: {}", repo.common_dir.display());
+    if let Some(addr) = coordinator.websocket_addr() {
+        println!("  WebSocket: {addr} (agents: build-agent --server ws://<this host>:{}/ws)", addr.port());
+    }
+    if let Some(port) = coordinator.git_daemon_port() {
+        println!("  Git daemon: :{port}");
+    }
+    println!("  Control API: {}", discovery.control_url);
+    match (&token_file, token.generated) {
+        (Some(file), true) => println!("  Token: generated at {} (copy it to each build host's /etc/build-agent/token)", file.display()),
+        (Some(file), false) => println!("  Token: {}", file.display()),
+        (None, _) => println!("  Token: from BUILDPOOL_TOKEN"),
+    }
+
+    wait_for_signal().await;
+    println!("Build pool coordinator stopping...");
+    discovery::remove(&repo.state_dir(), coordinator.id());
+    coordinator.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! How clients find the coordinator of their repository without flags.
+//!
+//! A running coordinator writes `coordinator.json` into `<common git dir>/buildpool/`. Every
+//! worktree of a repository shares that directory, and two repositories never do, so
+//! clients in any worktree find their own repository's coordinator and no other.
+//! `BUILDPOOL_COORDINATOR=http://HOST:PORT` overrides the file.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const COORDINATOR_ENV: &str = "BUILDPOOL_COORDINATOR";
+const FILE_NAME: &str = "coordinator.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Discovery {
+    pub pid: u32,
+    pub coordinator_id: String,
+    /// `http://127.0.0.1:PORT` of the gRPC control API.
+    pub control_url: String,
+    /// Actual job bus address (port resolved), if the coordinator runs one.
+    pub websocket_addr: Option<String>,
+    pub git_daemon_port: Option<u16>,
+    /// Where the token lives, so clients on this host can read it.
+    pub token_file: Option<PathBuf>,
+}
+
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join(FILE_NAME)
+}
+
+fn process_alive(pid: u32) -> bool {
+    i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
+}
+
+/// Reads the discovery file; a file left by a dead process counts as absent.
+pub fn read(state_dir: &Path) -> Option<Discovery> {
+    let text = std::fs::read_to_string(path(state_dir)).ok()?;
+    let discovery: Discovery = serde_json::from_str(&text).ok()?;
+    process_alive(discovery.pid).then_some(discovery)
+}
+
+/// Writes the discovery file atomically (write then rename).
+pub fn write(state_dir: &Path, discovery: &Discovery) -> std::io::Result<()> {
+    std::fs::create_dir_all(state_dir)?;
+    let temporary = state_dir.join(format!(".{FILE_NAME}.{}", std::process::id()));
+    let text = serde_json::to_string_pretty(discovery).map_err(std::io::Error::other)?;
+    std::fs::write(&temporary, text)?;
+    std::fs::rename(&temporary, path(state_dir))
+}
+
+/// Removes the discovery file if it is still ours.
+pub fn remove(state_dir: &Path, coordinator_id: &str) {
+    if std::fs::read_to_string(path(state_dir))
+        .ok()
+        .and_then(|text| serde_json::from_str::<Discovery>(&text).ok())
+        .is_some_and(|d| d.coordinator_id == coordinator_id)
+    {
+        let _ = std::fs::remove_file(path(state_dir));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_coordinators_file_is_ignored() {
+        let dir = tempfile::tempdir().expect("temp");
+        let mut discovery = Discovery {
+            pid: std::process::id(),
+            coordinator_id: "c1".into(),
+            control_url: "http://127.0.0.1:1".into(),
+            websocket_addr: None,
+            git_daemon_port: None,
+            token_file: None,
+        };
+        write(dir.path(), &discovery).expect("write");
+        assert_eq!(read(dir.path()), Some(discovery.clone()));
+        discovery.pid = u32::MAX / 2;
+        write(dir.path(), &discovery).expect("write");
+        assert_eq!(read(dir.path()), None);
+        remove(dir.path(), "other");
+        assert!(path(dir.path()).exists(), "not ours to remove");
+        remove(dir.path(), "c1");
+        assert!(!path(dir.path()).exists());
+    }
+}

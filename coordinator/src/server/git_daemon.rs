@@ -1,0 +1,141 @@
+//! Supervision of `git daemon`, which serves the repository's snapshots to agents.
+//!
+//! The daemon exports exactly one directory (the repository's common git dir) thanks to
+//! `--strict-paths` with that single directory whitelisted. It runs in its own process group,
+//! is restarted if it dies, and is killed with its whole group when the coordinator stops.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use rustix::process::{Pid, Signal, kill_process_group};
+use tokio_util::sync::CancellationToken;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot start git daemon: {0}")]
+    Spawn(std::io::Error),
+    #[error("git daemon did not start listening on port {port} within {READY_TIMEOUT:?} (port in use by another repository's coordinator?); set git_daemon_port or --git-daemon-port")]
+    NotReady { port: u16 },
+    #[error("cannot find a free port for git daemon: {0}")]
+    NoPort(std::io::Error),
+}
+
+/// A supervised git daemon.
+#[derive(Debug)]
+pub struct GitDaemon {
+    pub port: u16,
+    /// The path agents ask for, e.g. `/.git`.
+    pub git_path: String,
+    stop: CancellationToken,
+    supervisor: tokio::task::JoinHandle<()>,
+}
+
+fn listen_host(addr: &str) -> &str {
+    if addr.is_empty() { "0.0.0.0" } else { addr }
+}
+
+/// The git daemon binary: the `git-daemon` beside the `git` that `git --exec-path` reports.
+async fn daemon_command(common_dir: &Path, listen: &str, port: u16) -> tokio::process::Command {
+    let exec_path = build_agent::git::Git::new(common_dir).arg("--exec-path").output().await.ok();
+    let mut command = tokio::process::Command::new("git");
+    if let Some(exec_path) = exec_path {
+        command.env("GIT_EXEC_PATH", exec_path);
+    }
+    let base = common_dir.parent().unwrap_or(common_dir);
+    command
+        .arg("daemon")
+        .arg("--reuseaddr")
+        .arg("--strict-paths")
+        .arg("--export-all")
+        .arg("--informative-errors")
+        .arg("--init-timeout=10")
+        .arg("--timeout=120")
+        .arg("--max-connections=64")
+        .arg(format!("--base-path={}", base.display()))
+        .arg(format!("--port={port}"))
+        .arg(common_dir);
+    if !listen.is_empty() {
+        command.arg(format!("--listen={listen}"));
+    }
+    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).process_group(0).kill_on_drop(true);
+    command
+}
+
+async fn wait_listening(host: &str, port: u16) -> bool {
+    let host = if host == "0.0.0.0" { "127.0.0.1" } else if host == "::" { "::1" } else { host };
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    while tokio::time::Instant::now() < deadline {
+        if tokio::net::TcpStream::connect((host, port)).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
+impl GitDaemon {
+    /// Starts the daemon and waits until it accepts connections. Port 0 picks a free port.
+    pub async fn start(common_dir: PathBuf, listen: String, port: u16) -> Result<Self, DaemonError> {
+        let port = if port == 0 {
+            let probe: SocketAddr = format!("{}:0", listen_host(&listen)).parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+            TcpListener::bind(probe).and_then(|l| l.local_addr()).map_err(DaemonError::NoPort)?.port()
+        } else {
+            port
+        };
+        let git_path = format!("/{}", common_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        let mut child = daemon_command(&common_dir, &listen, port).await.spawn().map_err(DaemonError::Spawn)?;
+        if !wait_listening(listen_host(&listen), port).await {
+            kill_group(&child);
+            let _ = child.kill().await;
+            return Err(DaemonError::NotReady { port });
+        }
+        tracing::info!(port, "git daemon serving {}", common_dir.display());
+        let stop = CancellationToken::new();
+        let supervisor = tokio::spawn(supervise(child, common_dir, listen, port, stop.clone()));
+        Ok(Self { port, git_path, stop, supervisor })
+    }
+
+    /// Stops the daemon and waits for it to be gone.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.supervisor.await;
+    }
+}
+
+fn kill_group(child: &tokio::process::Child) {
+    if let Some(pid) = child.id().and_then(|id| Pid::from_raw(id as i32)) {
+        let _ = kill_process_group(pid, Signal::KILL);
+    }
+}
+
+async fn supervise(mut child: tokio::process::Child, common_dir: PathBuf, listen: String, port: u16, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => {
+                kill_group(&child);
+                let _ = child.wait().await;
+                return;
+            }
+            status = child.wait() => {
+                kill_group(&child);
+                tracing::warn!("git daemon exited ({status:?}); restarting");
+                tokio::select! {
+                    () = tokio::time::sleep(RESTART_DELAY) => {}
+                    () = stop.cancelled() => return,
+                }
+                match daemon_command(&common_dir, &listen, port).await.spawn() {
+                    Ok(next) => child = next,
+                    Err(error) => {
+                        tracing::error!("cannot restart git daemon: {error}");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! The coordinator's embedded local agent.
+//!
+//! It is a real `build_agent::Agent` (same executor: git cache, warm workspaces, env
+//! selection, process groups) connected to this coordinator's job bus over an in-memory
+//! stream instead of TCP. The scheduler gives it work only while no other agent is
+//! connected. It fetches snapshots straight from the repository's git dir.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use build_agent::connection::GitLocator;
+use build_agent::executor::ExecutorConfig;
+use build_agent::{Agent, AgentIdentity};
+use buildpool_proto::EnvMode;
+use tokio_util::sync::CancellationToken;
+
+use super::{Shared, bus};
+
+pub const LOCAL_AGENT_ID: &str = "local";
+/// Bytes in flight in each direction of the in-memory connection.
+const PIPE_CAPACITY: usize = 256 * 1024;
+
+pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let dir = &shared.config.local_worktree_dir;
+    let agent = Agent::new(
+        AgentIdentity {
+            id: LOCAL_AGENT_ID.to_owned(),
+            labels: Vec::new(),
+            system: build_agent::agent::local_system(),
+            token: shared.token.clone(),
+        },
+        ExecutorConfig {
+            // Repository ids never start with a dot, so the cache cannot clash with them.
+            git_cache_dir: dir.join(".git-cache"),
+            worktree_dir: dir.clone(),
+            slots: shared.config.local_max_jobs as usize,
+            env_mode: EnvMode::Auto,
+            default_timeout: shared.config.job_default_timeout,
+            kill_grace: Duration::from_secs(5),
+        },
+    );
+    let git = GitLocator::Fixed(format!("file://{}", shared.repo.common_dir.display()));
+    while !shutdown.is_cancelled() {
+        let (coordinator_end, agent_end) = tokio::io::duplex(PIPE_CAPACITY);
+        let server = tokio::spawn(bus::handle_stream(
+            Arc::clone(&shared),
+            coordinator_end,
+            LOCAL_AGENT_ID.to_owned(),
+            true,
+            shutdown.clone(),
+            None,
+        ));
+        if let Err(error) = agent.serve_stream(agent_end, git.clone(), shutdown.clone()).await {
+            tracing::error!("embedded local agent: {error}");
+        }
+        let _ = server.await;
+        if !shutdown.is_cancelled() {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+    }
+}

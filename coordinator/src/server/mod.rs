@@ -1,0 +1,253 @@
+//! The coordinator: scheduler, job bus, control API, git daemon and embedded local agent.
+//!
+//! All scheduling state sits behind one synchronous mutex, and nothing under it does I/O:
+//! transports turn frames and requests into scheduler calls, and the scheduler's actions are
+//! carried out by pushing frames into each connection's bounded queue (`try_send`). A queue
+//! that is full means a wedged agent; that connection is closed and its jobs requeued, so
+//! one half-open agent can never freeze dispatch.
+
+pub mod bus;
+pub mod control;
+pub mod git_daemon;
+pub mod joblog;
+pub mod local_agent;
+pub mod scheduler;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use buildpool_proto::{Assign, Cancel, CoordinatorFrame, coordinator_frame};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::CoordinatorConfig;
+use crate::repo::Repo;
+use scheduler::{Action, ConnId, JobEvent, JobId, Scheduler, SchedulerConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen for agents on {addr}: {source}{hint}")]
+    WebSocketBind { addr: String, source: std::io::Error, hint: &'static str },
+    #[error("cannot listen for clients on {addr}: {source}")]
+    ControlBind { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    GitDaemon(#[from] git_daemon::DaemonError),
+    #[error("coordinator state directory: {0}")]
+    State(#[from] std::io::Error),
+}
+
+pub fn unix_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A job that has not ended yet, as transports see it.
+#[derive(Debug)]
+pub(crate) struct ActiveJob {
+    pub phase: watch::Sender<JobEvent>,
+    pub log: joblog::JobLog,
+    pub git_ref: String,
+}
+
+/// One agent connection, as the scheduler's actions reach it.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    pub outbound: mpsc::Sender<CoordinatorFrame>,
+    /// Forces the connection closed (its tasks watch this).
+    pub close: CancellationToken,
+    pub agent_id: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub scheduler: Scheduler,
+    pub connections: HashMap<ConnId, Connection>,
+    pub jobs: HashMap<JobId, Arc<ActiveJob>>,
+}
+
+/// Everything the coordinator's tasks share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub id: String,
+    pub repo: Repo,
+    pub config: CoordinatorConfig,
+    pub token: String,
+    pub log_dir: PathBuf,
+    pub git_daemon_port: Option<u16>,
+    pub git_path: String,
+    pub websocket_addr: Option<SocketAddr>,
+    state: Mutex<State>,
+    next_conn: AtomicU64,
+    next_job: AtomicU64,
+}
+
+impl Shared {
+    /// Locks the state. A panic while holding the lock is a bug, but it must not take the
+    /// whole coordinator down with poisoned-lock panics, so poisoning is ignored.
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn next_job_id(&self) -> JobId {
+        self.next_job.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Runs one scheduler step and carries out its actions, all under the lock.
+    pub fn step<R>(&self, f: impl FnOnce(&mut Scheduler) -> (R, Vec<Action>)) -> R {
+        let mut state = self.state();
+        let (result, actions) = f(&mut state.scheduler);
+        Self::apply(&mut state, actions);
+        result
+    }
+
+    fn apply(state: &mut State, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Assign { conn, job_id, attempt, spec, source } => {
+                    let frame = coordinator_frame::Msg::Assign(Assign { job_id, attempt, spec: Some(spec), source: Some(source) });
+                    Self::send(state, conn, frame);
+                }
+                Action::Cancel { conn, job_id, attempt } => {
+                    Self::send(state, conn, coordinator_frame::Msg::Cancel(Cancel { job_id, attempt }));
+                }
+                Action::Event { job_id, event } => {
+                    let finished = matches!(event, JobEvent::Finished(_));
+                    let job = if finished { state.jobs.remove(&job_id) } else { state.jobs.get(&job_id).cloned() };
+                    if let Some(job) = job {
+                        tracing::info!(job_id, ?event, "job event");
+                        job.phase.send_replace(event);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues a frame for a connection without waiting. A full queue means the agent stopped
+    /// reading: close it rather than wait.
+    fn send(state: &State, conn: ConnId, frame: coordinator_frame::Msg) {
+        if let Some(connection) = state.connections.get(&conn)
+            && let Err(error) = connection.outbound.try_send(CoordinatorFrame::from(frame))
+        {
+            tracing::warn!(conn, agent_id = %connection.agent_id, "agent queue unusable ({error}); closing the connection");
+            connection.close.cancel();
+        }
+    }
+}
+
+/// A running coordinator.
+#[derive(Debug)]
+pub struct Coordinator {
+    shared: Arc<Shared>,
+    pub control_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+    git_daemon: Option<git_daemon::GitDaemon>,
+}
+
+impl Coordinator {
+    /// Starts every part of a coordinator for `repo`. Listeners are bound before this returns,
+    /// so the addresses it reports accept connections at once.
+    pub async fn start(repo: Repo, config: CoordinatorConfig, token: String) -> Result<Self, StartError> {
+        let log_dir = repo.state_dir().join("logs");
+        std::fs::create_dir_all(&log_dir)?;
+        joblog::prune(&log_dir, joblog::KEPT_LOGS)?;
+        let first_job = joblog::highest_id(&log_dir) + 1;
+
+        let websocket = match &config.websocket_addr {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::WebSocketBind {
+                addr: addr.clone(),
+                hint: if source.kind() == std::io::ErrorKind::AddrInUse {
+                    " (another repository's coordinator? give this one its own websocket_port in .buildpool.toml or --websocket-port)"
+                } else {
+                    ""
+                },
+                source,
+            })?),
+            None => None,
+        };
+        let control = tokio::net::TcpListener::bind(&config.control_addr)
+            .await
+            .map_err(|source| StartError::ControlBind { addr: config.control_addr.clone(), source })?;
+        let control_addr = control.local_addr()?;
+        let git_daemon = match &config.git_daemon {
+            Some((listen, port)) => Some(git_daemon::GitDaemon::start(repo.common_dir.clone(), listen.clone(), *port).await?),
+            None => None,
+        };
+        let scheduler = Scheduler::new(SchedulerConfig {
+            default_timeout: config.job_default_timeout,
+            ..SchedulerConfig::default()
+        });
+        let websocket_addr = websocket.as_ref().map(tokio::net::TcpListener::local_addr).transpose()?;
+        let shared = Arc::new(Shared {
+            id: format!("{}-{:x}", std::process::id(), fastrand::u32(..)),
+            git_daemon_port: git_daemon.as_ref().map(|d| d.port),
+            git_path: git_daemon.as_ref().map(|d| d.git_path.clone()).unwrap_or_default(),
+            websocket_addr,
+            repo,
+            config,
+            token,
+            log_dir,
+            state: Mutex::new(State { scheduler, connections: HashMap::new(), jobs: HashMap::new() }),
+            next_conn: AtomicU64::new(1),
+            next_job: AtomicU64::new(first_job),
+        });
+        let shutdown = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(listener) = websocket {
+            tasks.spawn(bus::accept_loop(Arc::clone(&shared), listener, shutdown.clone()));
+        }
+        tasks.spawn(control::serve(Arc::clone(&shared), control, shutdown.clone()));
+        tasks.spawn(tick_loop(Arc::clone(&shared), shutdown.clone()));
+        if shared.config.local_fallback {
+            tasks.spawn(local_agent::run(Arc::clone(&shared), shutdown.clone()));
+        }
+        tracing::info!(coordinator_id = %shared.id, control = %control_addr, websocket = ?websocket_addr, "coordinator started");
+        Ok(Self { shared, control_addr, shutdown, tasks, git_daemon })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        self.shared.websocket_addr
+    }
+
+    pub fn git_daemon_port(&self) -> Option<u16> {
+        self.shared.git_daemon_port
+    }
+
+    /// Stops everything: listeners, connections, the local agent's jobs, the git daemon.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        let drained = tokio::time::timeout(Duration::from_secs(15), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("coordinator tasks did not stop in time; aborting them");
+            self.tasks.abort_all();
+        }
+        if let Some(daemon) = self.git_daemon.take() {
+            daemon.shutdown().await;
+        }
+    }
+}
+
+/// Drives the scheduler's clock: cancel and timeout backstops.
+async fn tick_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => shared.step(|scheduler| ((), scheduler.tick(Instant::now()))),
+        }
+    }
+}

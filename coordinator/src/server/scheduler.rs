@@ -1,0 +1,476 @@
+//! The scheduler: a pure state machine of agents, slots, jobs and attempts.
+//!
+//! No I/O, no clock, no locks: every input is a method call carrying `now`, every effect is
+//! an [`Action`] the caller carries out. That keeps dispatch testable in isolation and makes
+//! the fencing rule easy to see: a job's output and result are accepted only from the
+//! connection that holds its current attempt.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use buildpool_proto::{Completion, JobSpec, Outcome, Source};
+
+pub type ConnId = u64;
+pub type JobId = u64;
+
+/// What an agent told us in its hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRegistration {
+    pub agent_id: String,
+    pub labels: Vec<String>,
+    pub system: String,
+    pub slots_total: u32,
+    pub slots_free: u32,
+    pub draining: bool,
+    /// The coordinator's embedded agent: used only while no other agent is connected.
+    pub local: bool,
+    pub address: String,
+    pub connected_at_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Lost attempts (agent gone mid-job) before a job fails instead of being requeued.
+    pub max_lost_attempts: u32,
+    /// How long after a cancel the agent may take to confirm before we give up on it.
+    pub cancel_grace: Duration,
+    /// Extra time beyond a job's own timeout before the coordinator stops waiting.
+    pub timeout_grace: Duration,
+    /// Timeout of jobs that do not set one.
+    pub default_timeout: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_lost_attempts: 3,
+            cancel_grace: Duration::from_secs(10),
+            timeout_grace: Duration::from_secs(30),
+            default_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What a client sees of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    Queued { position: u32, reason: String },
+    Assigned { agent_id: String, attempt: u32, local: bool },
+    Finished(JobResult),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobResult {
+    pub completion: Completion,
+    pub agent_id: String,
+    pub attempt: u32,
+    pub local: bool,
+    pub queue_time: Duration,
+}
+
+/// An effect for the caller to carry out, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Assign { conn: ConnId, job_id: JobId, attempt: u32, spec: JobSpec, source: Source },
+    Cancel { conn: ConnId, job_id: JobId, attempt: u32 },
+    Event { job_id: JobId, event: JobEvent },
+}
+
+#[derive(Debug)]
+struct Agent {
+    registration: AgentRegistration,
+    free: u32,
+    running: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobState {
+    Queued,
+    Running { conn: ConnId, attempt: u32, started: Instant, cancel_sent: Option<Instant> },
+}
+
+#[derive(Debug)]
+struct Job {
+    spec: JobSpec,
+    source: Source,
+    worktree: String,
+    submitted: Instant,
+    submitted_unix_ms: u64,
+    first_assigned: Option<Instant>,
+    attempt: u32,
+    lost_attempts: u32,
+    state: JobState,
+}
+
+/// A job as `status` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSummary {
+    pub job_id: JobId,
+    pub spec: JobSpec,
+    pub worktree: String,
+    pub submitted_unix_ms: u64,
+    /// `(agent id, attempt)` when running.
+    pub running_on: Option<(String, u32)>,
+}
+
+/// An agent as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSummary {
+    pub registration: AgentRegistration,
+    pub running: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    agents: BTreeMap<ConnId, Agent>,
+    jobs: HashMap<JobId, Job>,
+    queue: VecDeque<JobId>,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Self {
+        Self { config, ..Self::default() }
+    }
+
+    pub fn agent_connected(&mut self, conn: ConnId, registration: AgentRegistration, now: Instant) -> Vec<Action> {
+        let free = registration.slots_free.min(registration.slots_total);
+        self.agents.insert(conn, Agent { registration, free, running: 0 });
+        self.dispatch(now)
+    }
+
+    /// A connection ended. Its jobs go back to the queue with their next attempt, unless they
+    /// have been lost too often.
+    pub fn agent_disconnected(&mut self, conn: ConnId, now: Instant) -> Vec<Action> {
+        let Some(agent) = self.agents.remove(&conn) else { return Vec::new() };
+        let mut actions = Vec::new();
+        let mut orphans: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, job)| matches!(job.state, JobState::Running { conn: c, .. } if c == conn))
+            .map(|(id, _)| *id)
+            .collect();
+        orphans.sort_unstable();
+        for job_id in orphans.into_iter().rev() {
+            let Some(job) = self.jobs.get_mut(&job_id) else { continue };
+            let cancelling = matches!(job.state, JobState::Running { cancel_sent: Some(_), .. });
+            job.lost_attempts += 1;
+            let reason = if cancelling {
+                Some((Outcome::Cancelled, String::new()))
+            } else if job.lost_attempts >= self.config.max_lost_attempts {
+                Some((Outcome::Failed, format!(
+                    "agent {} disconnected during attempt {}; gave up after {} lost attempts",
+                    agent.registration.agent_id, job.attempt, job.lost_attempts
+                )))
+            } else {
+                None
+            };
+            match reason {
+                Some((outcome, error)) => {
+                    let completion = Completion { outcome: outcome as i32, error, ..Completion::default() };
+                    actions.push(self.finish(job_id, completion, &agent.registration, now));
+                }
+                None => {
+                    job.state = JobState::Queued;
+                    self.queue.push_front(job_id);
+                    actions.push(Action::Event {
+                        job_id,
+                        event: JobEvent::Queued {
+                            position: 0,
+                            reason: format!("agent {} disconnected; requeued", agent.registration.agent_id),
+                        },
+                    });
+                }
+            }
+        }
+        actions.extend(self.dispatch(now));
+        actions
+    }
+
+    pub fn slots_changed(&mut self, conn: ConnId, free: u32, total: u32, draining: bool, now: Instant) -> Vec<Action> {
+        if let Some(agent) = self.agents.get_mut(&conn) {
+            agent.registration.slots_total = total;
+            agent.registration.draining = draining;
+            agent.free = free.min(total);
+        }
+        self.dispatch(now)
+    }
+
+    pub fn submit(
+        &mut self,
+        job_id: JobId,
+        spec: JobSpec,
+        source: Source,
+        worktree: String,
+        now: Instant,
+        now_unix_ms: u64,
+    ) -> Vec<Action> {
+        self.jobs.insert(job_id, Job {
+            spec,
+            source,
+            worktree,
+            submitted: now,
+            submitted_unix_ms: now_unix_ms,
+            first_assigned: None,
+            attempt: 0,
+            lost_attempts: 0,
+            state: JobState::Queued,
+        });
+        self.queue.push_back(job_id);
+        let mut actions = self.dispatch(now);
+        if let Some(position) = self.queue.iter().position(|id| *id == job_id) {
+            let reason = self.wait_reason(job_id);
+            actions.insert(0, Action::Event {
+                job_id,
+                event: JobEvent::Queued { position: u32::try_from(position).unwrap_or(u32::MAX), reason },
+            });
+        }
+        actions
+    }
+
+    /// The agent could not take the attempt: the job goes back to the front of the queue,
+    /// never to a failure. The agent gets no more work until it announces free slots.
+    pub fn declined(&mut self, conn: ConnId, job_id: JobId, attempt: u32, now: Instant) -> Vec<Action> {
+        if !self.holds(conn, job_id, attempt) {
+            return Vec::new();
+        }
+        if let Some(agent) = self.agents.get_mut(&conn) {
+            agent.free = 0;
+            agent.running = agent.running.saturating_sub(1);
+        }
+        if let Some(job) = self.jobs.get_mut(&job_id) {
+            job.state = JobState::Queued;
+            self.queue.push_front(job_id);
+        }
+        self.dispatch(now)
+    }
+
+    /// Whether `conn` holds the current attempt of `job_id`: the fencing rule for output.
+    pub fn holds(&self, conn: ConnId, job_id: JobId, attempt: u32) -> bool {
+        self.jobs.get(&job_id).is_some_and(|job| {
+            matches!(job.state, JobState::Running { conn: c, attempt: a, .. } if c == conn && a == attempt)
+        })
+    }
+
+    /// A result arrived. It counts only if `conn` holds the job's current attempt.
+    pub fn finished(&mut self, conn: ConnId, job_id: JobId, attempt: u32, completion: Completion, now: Instant) -> Vec<Action> {
+        if !self.holds(conn, job_id, attempt) {
+            return Vec::new();
+        }
+        let Some(registration) = self.agents.get(&conn).map(|a| a.registration.clone()) else { return Vec::new() };
+        let mut actions = vec![self.finish(job_id, completion, &registration, now)];
+        actions.extend(self.dispatch(now));
+        actions
+    }
+
+    /// Cancels a job. Returns `None` if the job is unknown (or already ended).
+    pub fn cancel(&mut self, job_id: JobId, now: Instant) -> Option<Vec<Action>> {
+        let job = self.jobs.get_mut(&job_id)?;
+        match job.state {
+            JobState::Queued => {
+                self.queue.retain(|id| *id != job_id);
+                let completion = Completion { outcome: Outcome::Cancelled as i32, ..Completion::default() };
+                let result = self.finish_unassigned(job_id, completion, now);
+                Some(vec![result])
+            }
+            JobState::Running { conn, attempt, started, cancel_sent: None } => {
+                job.state = JobState::Running { conn, attempt, started, cancel_sent: Some(now) };
+                Some(vec![Action::Cancel { conn, job_id, attempt }])
+            }
+            JobState::Running { .. } => Some(Vec::new()),
+        }
+    }
+
+    /// Time passes: give up on agents that do not confirm a cancel, and on jobs far past
+    /// their timeout (the agent enforces the timeout; this is the backstop).
+    pub fn tick(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let mut overdue: Vec<(JobId, Outcome)> = Vec::new();
+        for (job_id, job) in &self.jobs {
+            if let JobState::Running { started, cancel_sent, .. } = job.state {
+                let timeout = match job.spec.timeout_secs {
+                    0 => self.config.default_timeout,
+                    secs => Duration::from_secs(u64::from(secs)),
+                };
+                if cancel_sent.is_some_and(|sent| now.duration_since(sent) >= self.config.cancel_grace) {
+                    overdue.push((*job_id, Outcome::Cancelled));
+                } else if now.duration_since(started) >= timeout + self.config.timeout_grace {
+                    overdue.push((*job_id, Outcome::TimedOut));
+                }
+            }
+        }
+        overdue.sort_unstable_by_key(|(id, _)| *id);
+        for (job_id, outcome) in overdue {
+            let Some(job) = self.jobs.get(&job_id) else { continue };
+            let JobState::Running { conn, attempt, .. } = job.state else { continue };
+            let Some(registration) = self.agents.get(&conn).map(|a| a.registration.clone()) else { continue };
+            actions.push(Action::Cancel { conn, job_id, attempt });
+            let completion = Completion {
+                outcome: outcome as i32,
+                error: format!("agent {} did not report the end of attempt {attempt} in time", registration.agent_id),
+                ..Completion::default()
+            };
+            actions.push(self.finish(job_id, completion, &registration, now));
+        }
+        if !actions.is_empty() {
+            actions.extend(self.dispatch(now));
+        }
+        actions
+    }
+
+    pub fn agents(&self) -> Vec<AgentSummary> {
+        self.agents
+            .values()
+            .map(|agent| AgentSummary { registration: agent.registration.clone(), running: agent.running })
+            .collect()
+    }
+
+    /// Queued jobs in queue order, then running jobs by id.
+    pub fn jobs(&self) -> Vec<JobSummary> {
+        let summary = |job_id: JobId, job: &Job| JobSummary {
+            job_id,
+            spec: job.spec.clone(),
+            worktree: job.worktree.clone(),
+            submitted_unix_ms: job.submitted_unix_ms,
+            running_on: match job.state {
+                JobState::Running { conn, attempt, .. } => self
+                    .agents
+                    .get(&conn)
+                    .map(|agent| (agent.registration.agent_id.clone(), attempt)),
+                JobState::Queued => None,
+            },
+        };
+        let mut running: Vec<JobSummary> = self
+            .jobs
+            .iter()
+            .filter(|(_, job)| job.state != JobState::Queued)
+            .map(|(id, job)| summary(*id, job))
+            .collect();
+        running.sort_unstable_by_key(|job| job.job_id);
+        self.queue
+            .iter()
+            .filter_map(|id| self.jobs.get(id).map(|job| summary(*id, job)))
+            .chain(running)
+            .collect()
+    }
+
+    /// Whether the embedded local agent is running a job right now.
+    pub fn local_busy(&self) -> bool {
+        self.agents.values().any(|agent| agent.registration.local && agent.running > 0)
+    }
+
+    fn remote_available(&self) -> bool {
+        self.agents.values().any(|agent| !agent.registration.local && !agent.registration.draining)
+    }
+
+    fn eligible(&self, agent: &Agent, job: &Job, remote_available: bool) -> bool {
+        !agent.registration.draining
+            && (!agent.registration.local || !remote_available)
+            && job.spec.required_labels.iter().all(|label| agent.registration.labels.contains(label))
+    }
+
+    fn wait_reason(&self, job_id: JobId) -> String {
+        let Some(job) = self.jobs.get(&job_id) else { return String::new() };
+        let remote = self.remote_available();
+        let capable: Vec<&Agent> = self.agents.values().filter(|a| self.eligible(a, job, remote)).collect();
+        if self.agents.is_empty() {
+            "no agents connected".to_owned()
+        } else if capable.is_empty() {
+            format!("no connected agent has the labels {:?}", job.spec.required_labels)
+        } else {
+            let slots: u32 = capable.iter().map(|a| a.registration.slots_total).sum();
+            format!("all {slots} slots of {} agent(s) busy", capable.len())
+        }
+    }
+
+    /// Assigns queued jobs, first come first served, to the eligible agent with the most free
+    /// slots.
+    fn dispatch(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let remote = self.remote_available();
+        let mut index = 0;
+        while index < self.queue.len() {
+            let job_id = self.queue[index];
+            let Some(job) = self.jobs.get(&job_id) else {
+                self.queue.remove(index);
+                continue;
+            };
+            let choice = self
+                .agents
+                .iter()
+                .filter(|(_, agent)| agent.free > 0 && self.eligible(agent, job, remote))
+                .max_by_key(|(conn, agent)| (agent.free, std::cmp::Reverse(**conn)))
+                .map(|(conn, _)| *conn);
+            let Some(conn) = choice else {
+                index += 1;
+                continue;
+            };
+            self.queue.remove(index);
+            let Some(agent) = self.agents.get_mut(&conn) else { continue };
+            agent.free -= 1;
+            agent.running += 1;
+            let Some(job) = self.jobs.get_mut(&job_id) else { continue };
+            job.attempt += 1;
+            job.first_assigned.get_or_insert(now);
+            job.state = JobState::Running { conn, attempt: job.attempt, started: now, cancel_sent: None };
+            actions.push(Action::Event {
+                job_id,
+                event: JobEvent::Assigned {
+                    agent_id: agent.registration.agent_id.clone(),
+                    attempt: job.attempt,
+                    local: agent.registration.local,
+                },
+            });
+            actions.push(Action::Assign {
+                conn,
+                job_id,
+                attempt: job.attempt,
+                spec: job.spec.clone(),
+                source: job.source.clone(),
+            });
+        }
+        actions
+    }
+
+    fn finish(&mut self, job_id: JobId, completion: Completion, agent: &AgentRegistration, now: Instant) -> Action {
+        let Some(job) = self.jobs.remove(&job_id) else {
+            return Action::Event { job_id, event: JobEvent::Finished(JobResult {
+                completion, agent_id: agent.agent_id.clone(), attempt: 0, local: agent.local, queue_time: Duration::ZERO,
+            }) };
+        };
+        if let JobState::Running { conn, .. } = job.state
+            && let Some(holder) = self.agents.get_mut(&conn)
+        {
+            holder.running = holder.running.saturating_sub(1);
+        }
+        let queue_time = job.first_assigned.unwrap_or(now).duration_since(job.submitted);
+        Action::Event {
+            job_id,
+            event: JobEvent::Finished(JobResult {
+                completion,
+                agent_id: agent.agent_id.clone(),
+                attempt: job.attempt,
+                local: agent.local,
+                queue_time,
+            }),
+        }
+    }
+
+    fn finish_unassigned(&mut self, job_id: JobId, completion: Completion, now: Instant) -> Action {
+        let job = self.jobs.remove(&job_id);
+        let queue_time = job.map_or(Duration::ZERO, |job| now.duration_since(job.submitted));
+        Action::Event {
+            job_id,
+            event: JobEvent::Finished(JobResult {
+                completion,
+                agent_id: String::new(),
+                attempt: 0,
+                local: false,
+                queue_time,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

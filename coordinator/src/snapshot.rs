@@ -1,0 +1,180 @@
+//! Turning a worktree's current state into a commit, without touching it.
+//!
+//! The earlier implementation ran `git commit -am` on the agent's branch: hooks ran, failures
+//! were ignored, untracked files were missed and the user's history changed. Here the
+//! worktree (committed, staged, unstaged and untracked-but-not-ignored files) is added to a
+//! temporary index, written as a tree and a parentless-or-HEAD-parented commit object, and
+//! stored under a hidden ref the git daemon serves. HEAD, the index, branches and the stash
+//! are never written, and no hook runs.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use build_agent::git::{Git, GitError};
+
+use crate::repo::Repo;
+
+pub const SNAPSHOT_REF_PREFIX: &str = "refs/buildpool/snapshots/";
+/// Snapshot refs kept at most; older ones are pruned when a new one is made.
+const KEPT_SNAPSHOTS: usize = 200;
+/// Snapshots older than this are pruned even below the count limit.
+const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub commit: String,
+    pub git_ref: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Git(#[from] GitError),
+}
+
+fn unix_millis() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())
+}
+
+/// Snapshots the worktree at `repo.worktree`.
+pub async fn create(repo: &Repo) -> Result<Snapshot, SnapshotError> {
+    let state_dir = repo.state_dir();
+    tokio::fs::create_dir_all(&state_dir).await?;
+    // Same filesystem as the real index, so the copy is cheap; removed on drop.
+    let temporary = tempfile::Builder::new().prefix("snapshot-index-").tempfile_in(&state_dir)?;
+    let index = temporary.path().to_owned();
+    let real_index = Git::new(&repo.worktree).args(["rev-parse", "--path-format=absolute", "--git-path", "index"]).output().await?;
+    // Starting from a copy of the real index reuses its stat cache: unchanged files are not
+    // re-hashed. A missing index (fresh repository) just means starting empty.
+    if tokio::fs::copy(&real_index, &index).await.is_err() {
+        tokio::fs::remove_file(&index).await.ok();
+    }
+    Git::new(&repo.worktree).env("GIT_INDEX_FILE", &index).args(["add", "--all", "--", "."]).output().await?;
+    let tree = Git::new(&repo.worktree).env("GIT_INDEX_FILE", &index).arg("write-tree").output().await?;
+    let parent = Git::new(&repo.worktree).args(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"]).output().await.ok();
+    let message = format!("buildpool snapshot of {}", repo.worktree.display());
+    let mut commit_tree = Git::new(&repo.worktree).args(["commit-tree", &tree, "-m", &message]);
+    if let Some(parent) = &parent {
+        commit_tree = commit_tree.args(["-p", parent]);
+    }
+    let commit = commit_tree.output().await?;
+    let git_ref = format!("{SNAPSHOT_REF_PREFIX}{}-{:08x}", unix_millis(), fastrand::u32(..));
+    Git::new(&repo.worktree).args(["update-ref", &git_ref, &commit]).output().await?;
+    drop(temporary);
+    if let Err(error) = prune(&repo.worktree).await {
+        tracing::warn!("pruning old snapshot refs failed: {error}");
+    }
+    Ok(Snapshot { commit, git_ref })
+}
+
+/// Deletes a snapshot ref once its job has ended.
+pub async fn delete(repo_dir: &Path, git_ref: &str) -> Result<(), GitError> {
+    if git_ref.starts_with(SNAPSHOT_REF_PREFIX) {
+        Git::new(repo_dir).args(["update-ref", "-d", git_ref]).output().await?;
+    }
+    Ok(())
+}
+
+/// Keeps the snapshot refs bounded: the newest `KEPT_SNAPSHOTS`, none older than a day.
+pub async fn prune(repo_dir: &Path) -> Result<usize, GitError> {
+    let listing = Git::new(repo_dir)
+        .args(["for-each-ref", "--sort=-committerdate", "--format=%(committerdate:unix) %(refname)", SNAPSHOT_REF_PREFIX])
+        .output()
+        .await?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut pruned = 0;
+    for (index, line) in listing.lines().enumerate() {
+        let Some((date, name)) = line.split_once(' ') else { continue };
+        let age = now.saturating_sub(date.parse().unwrap_or(0));
+        if index >= KEPT_SNAPSHOTS || age > SNAPSHOT_MAX_AGE.as_secs() {
+            Git::new(repo_dir).args(["update-ref", "-d", name]).output().await?;
+            pruned += 1;
+        }
+    }
+    Ok(pruned)
+}
+
+/// Counts snapshot refs (for tests and status).
+pub async fn count(repo_dir: &Path) -> Result<usize, GitError> {
+    let listing = Git::new(repo_dir).args(["for-each-ref", "--format=%(refname)", SNAPSHOT_REF_PREFIX]).output().await?;
+    Ok(listing.lines().count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn git(dir: &Path, args: &[&str]) -> String {
+        Git::new(dir).args(args).output().await.expect("git runs")
+    }
+
+    async fn fixture() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp");
+        let root = dir.path();
+        git(root, &["init", "--quiet", "-b", "main"]).await;
+        std::fs::write(root.join(".gitignore"), "ignored.txt\n").expect("write");
+        std::fs::write(root.join("tracked.txt"), "v1\n").expect("write");
+        git(root, &["add", "."]).await;
+        git(root, &["commit", "--quiet", "-m", "init"]).await;
+        // A hook that would leave a trace if anything ran it.
+        let hook = root.join(".git/hooks/pre-commit");
+        std::fs::write(&hook, "#!/bin/sh\ntouch \"$GIT_DIR/../hook-ran\"\nexit 1\n").expect("hook");
+        let mut mode = std::fs::metadata(&hook).expect("meta").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut mode, 0o755);
+        std::fs::set_permissions(&hook, mode).expect("chmod");
+        dir
+    }
+
+    #[tokio::test]
+    async fn captures_uncommitted_and_untracked_but_not_ignored_files_and_touches_nothing() {
+        let dir = fixture().await;
+        let root = dir.path();
+        std::fs::write(root.join("tracked.txt"), "v2 uncommitted\n").expect("write");
+        std::fs::write(root.join("staged.txt"), "staged\n").expect("write");
+        git(root, &["add", "staged.txt"]).await;
+        std::fs::write(root.join("untracked.txt"), "new\n").expect("write");
+        std::fs::write(root.join("ignored.txt"), "secret\n").expect("write");
+        let head = git(root, &["rev-parse", "HEAD"]).await;
+        let status = git(root, &["status", "--porcelain"]).await;
+        let index = std::fs::read(root.join(".git/index")).expect("index");
+
+        let repo = Repo::discover(root).await.expect("repo");
+        let snapshot = create(&repo).await.expect("snapshot");
+
+        let show = |path: &str| format!("{}:{path}", snapshot.commit);
+        assert_eq!(git(root, &["show", &show("tracked.txt")]).await, "v2 uncommitted");
+        assert_eq!(git(root, &["show", &show("staged.txt")]).await, "staged");
+        assert_eq!(git(root, &["show", &show("untracked.txt")]).await, "new");
+        assert!(Git::new(root).args(["show", &show("ignored.txt")]).output().await.is_err());
+        assert_eq!(git(root, &["rev-parse", &format!("{}^", snapshot.commit)]).await, head);
+        assert_eq!(git(root, &["rev-parse", &snapshot.git_ref]).await, snapshot.commit);
+
+        assert_eq!(git(root, &["rev-parse", "HEAD"]).await, head, "HEAD moved");
+        assert_eq!(git(root, &["status", "--porcelain"]).await, status, "worktree state changed");
+        assert_eq!(std::fs::read(root.join(".git/index")).expect("index"), index, "index written");
+        assert_eq!(git(root, &["stash", "list"]).await, "");
+        assert!(!root.join("hook-ran").exists(), "a hook ran");
+    }
+
+    #[tokio::test]
+    async fn works_in_a_linked_worktree_and_keeps_refs_bounded() {
+        let dir = fixture().await;
+        let root = dir.path();
+        let linked = root.join("linked");
+        git(root, &["worktree", "add", "--quiet", "-b", "feature", linked.to_str().expect("utf8")]).await;
+        std::fs::write(linked.join("feature.txt"), "feature\n").expect("write");
+        let repo = Repo::discover(&linked).await.expect("repo");
+        assert_eq!(repo.common_dir, root.join(".git"));
+        let snapshot = create(&repo).await.expect("snapshot");
+        assert_eq!(git(root, &["show", &format!("{}:feature.txt", snapshot.commit)]).await, "feature");
+
+        for _ in 0..3 {
+            create(&repo).await.expect("snapshot");
+        }
+        assert_eq!(count(root).await.expect("count"), 4);
+        delete(root, &snapshot.git_ref).await.expect("delete");
+        assert_eq!(count(root).await.expect("count"), 3);
+    }
+}
