@@ -1,1 +1,273 @@
+//! Test harness: a fixture cargo workspace in a temporary git repository, and real
+//! `buildpool serve` / `build-agent` processes around it on 127.0.0.1 with port 0.
+//!
+//! Every process is started in its own process group and killed, group and all, when its
+//! owner is dropped, so a failing test leaves nothing running.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+pub mod fixture;
+
+pub use fixture::Fixture;
+
+/// The directory holding the workspace's binaries, built once per test process.
+///
+/// Integration tests of this crate cannot name other packages' binaries, so the harness
+/// builds them with the cargo that runs the tests (a no-op when they are up to date).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let mut command = Command::new(cargo);
+        command.args(["build", "--quiet", "--bins", "-p", "buildpool-coordinator", "-p", "build-agent", "--manifest-path"]).arg(&manifest);
+        if !cfg!(debug_assertions) {
+            command.arg("--release");
+        }
+        let status = command.status().expect("cargo runs");
+        assert!(status.success(), "building the binaries failed");
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+    })
+}
+
+pub fn buildpool_bin() -> PathBuf {
+    bin_dir().join("buildpool")
+}
+
+pub fn agent_bin() -> PathBuf {
+    bin_dir().join("build-agent")
+}
+
+/// A child process whose whole process group dies with this value.
+#[derive(Debug)]
+pub struct Owned {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Owned {
+    /// Spawns `command` in a new process group with stdout and stderr going to `log`.
+    pub fn spawn(mut command: Command, log: PathBuf) -> anyhow::Result<Self> {
+        use std::os::unix::process::CommandExt;
+        let file = std::fs::File::create(&log)?;
+        command.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file).process_group(0);
+        let child = command.spawn().with_context(|| format!("spawning {command:?}"))?;
+        Ok(Self { child, log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal to the process (not its group).
+    pub fn signal(&self, signal: i32) {
+        signal_pid(self.child.id() as i32, signal);
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Kills the process group at once (like `kill -9`) and reaps the process.
+    pub fn kill_hard(&mut self) {
+        signal_pid(-(self.child.id() as i32), SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let group = -(self.child.id() as i32);
+        if let Ok(None) = self.child.try_wait() {
+            signal_pid(group, SIGTERM);
+            if self.wait_timeout(Duration::from_secs(5)).is_none() {
+                signal_pid(group, SIGKILL);
+            }
+        }
+        signal_pid(group, SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+pub const SIGINT: i32 = 2;
+pub const SIGKILL: i32 = 9;
+pub const SIGTERM: i32 = 15;
+
+/// `kill(pid, signal)`; a negative pid is a process group. The `kill` command does the
+/// syscall, so the harness needs no unsafe code.
+pub fn signal_pid(pid: i32, signal: i32) {
+    let _ = Command::new("kill").arg(format!("-{signal}")).arg("--").arg(pid.to_string()).stderr(Stdio::null()).status();
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A coordinator process serving a fixture, plus the agents connected to it.
+#[derive(Debug)]
+pub struct Cluster {
+    pub fixture: Fixture,
+    pub coordinator: Owned,
+    pub agents: Vec<Owned>,
+    pub websocket_addr: String,
+    pub git_daemon_port: u16,
+}
+
+impl Cluster {
+    /// Starts a coordinator for `fixture` with `agents` build agents of `slots` slots each.
+    pub fn start(fixture: Fixture, agents: usize, slots: u32) -> anyhow::Result<Self> {
+        let mut command = Command::new(buildpool_bin());
+        command
+            .arg("-C")
+            .arg(fixture.root())
+            .args(["serve", "--websocket-port", "0", "--websocket-listen-addr", "127.0.0.1"])
+            .args(["--git-daemon-port", "0", "--git-daemon-listen-addr", "127.0.0.1"]);
+        fixture.apply_env(&mut command);
+        let coordinator = Owned::spawn(command, fixture.scratch().join("coordinator.log"))?;
+        let discovery = fixture.root().join(".git/buildpool/coordinator.json");
+        let mut found = None;
+        let ready = wait_until(Duration::from_secs(20), || {
+            found = std::fs::read_to_string(&discovery)
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                .filter(|value| value["pid"].as_u64() == Some(u64::from(coordinator.pid())));
+            found.is_some()
+        });
+        if !ready {
+            bail!("coordinator did not start:\n{}", coordinator.log_text());
+        }
+        let found = found.context("discovery")?;
+        let websocket_addr = found["websocket_addr"].as_str().context("websocket_addr")?.to_owned();
+        let git_daemon_port = found["git_daemon_port"].as_u64().context("git port")? as u16;
+        let mut cluster = Self { fixture, coordinator, agents: Vec::new(), websocket_addr, git_daemon_port };
+        for index in 0..agents {
+            cluster.add_agent(&format!("worker-{}", index + 1), slots, &[])?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.websocket_addr)
+    }
+
+    /// The command for a build agent with its own cache and workspaces under the scratch dir.
+    pub fn agent_command(&self, id: &str, slots: u32, extra: &[&str]) -> Command {
+        let dir = self.fixture.scratch().join(id);
+        let mut command = Command::new(agent_bin());
+        command
+            .args(["--server", &self.ws_url(), "--id", id, "--jobs", &slots.to_string()])
+            .arg("--token-file")
+            .arg(self.fixture.token_file())
+            .arg("--git-cache-dir")
+            .arg(dir.join("cache"))
+            .arg("--worktree-dir")
+            .arg(dir.join("workspaces"))
+            .args(extra)
+            .env_remove("BUILDPOOL_TOKEN")
+            .env("NIX_CONFIG", fixture::NIX_CONFIG);
+        command
+    }
+
+    /// Starts an agent and waits until the coordinator lists it.
+    pub fn add_agent(&mut self, id: &str, slots: u32, extra: &[&str]) -> anyhow::Result<()> {
+        let command = self.agent_command(id, slots, extra);
+        let agent = Owned::spawn(command, self.fixture.scratch().join(format!("{id}.log")))?;
+        let listed = wait_until(Duration::from_secs(20), || self.agent_ids().iter().any(|a| a == id));
+        if !listed {
+            bail!("agent {id} did not register:\n{}\ncoordinator:\n{}", agent.log_text(), self.coordinator.log_text());
+        }
+        self.agents.push(agent);
+        Ok(())
+    }
+
+    /// `buildpool status --json`.
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let output = self.fixture.buildpool(&["status", "--json"])?;
+        if !output.status.success() {
+            bail!("status failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
+    /// Ids of the connected non-local agents.
+    pub fn agent_ids(&self) -> Vec<String> {
+        self.status()
+            .map(|status| {
+                status["agents"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|agent| agent["local"] == false)
+                    .filter_map(|agent| agent["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The result of a `buildpool` invocation, with text for assertions.
+#[derive(Debug)]
+pub struct RunOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for RunOutput {
+    fn from(output: Output) -> Self {
+        Self {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for RunOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {:?}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+/// The directory holding `program` on `PATH`.
+pub fn dir_of_program(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path).find(|dir| dir.join(program).is_file())
+    })
+}

@@ -1,0 +1,182 @@
+//! A tiny cargo workspace in a temporary git repository: `app` depends on the path crate
+//! `util`; no registry dependencies, so it builds offline in about a second.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{Context, bail};
+
+use crate::RunOutput;
+
+/// Nix settings for a machine with no binary cache and no network (see the design brief).
+pub const NIX_CONFIG: &str = "experimental-features = nix-command flakes\nsandbox = false\nsubstituters =\nflake-registry =";
+
+const WORKSPACE_MANIFEST: &str = "[workspace]\nresolver = \"2\"\nmembers = [\"app\", \"crates/util\"]\n";
+const UTIL_MANIFEST: &str = "[package]\nname = \"util\"\nversion = \"0.1.0\"\nedition = \"2021\"\n";
+const UTIL_LIB: &str = "pub fn double(x: i32) -> i32 {\n    x * 2\n}\n";
+const APP_MANIFEST: &str = "[package]\nname = \"app\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[dependencies]\nutil = { path = \"../crates/util\" }\n";
+const APP_LIB: &str = r#"pub fn quadruple(x: i32) -> i32 {
+    util::double(util::double(x))
+}
+
+pub const GREETING: &str = "hello";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn quadruples() {
+        assert_eq!(super::quadruple(2), 8);
+    }
+
+    /// Spawns a sleeping grandchild, records its pid, then sleeps: for cancel and timeout
+    /// tests. Ignored so ordinary runs skip it.
+    #[test]
+    #[ignore]
+    fn sleeps_with_a_child() {
+        let mut child = std::process::Command::new("sleep").arg("300").spawn().expect("sleep");
+        std::fs::write(env!("FIXTURE_PID_FILE"), child.id().to_string()).expect("pid file");
+        std::thread::sleep(std::time::Duration::from_secs(300));
+        child.wait().expect("sleep ends");
+    }
+}
+"#;
+
+/// A fixture repository plus a scratch directory for everything around it.
+#[derive(Debug)]
+pub struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=fixture", "-c", "user.email=fixture@localhost", "-c", "commit.gpgsign=false"])
+        .args(args)
+        .output()?;
+    if !output.status.success() {
+        bail!("git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+impl Fixture {
+    /// Creates and commits the fixture workspace.
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("buildpool-test-").tempdir()?;
+        let fixture = Self { dir };
+        std::fs::create_dir_all(fixture.scratch())?;
+        let root = fixture.root();
+        for (path, text) in [
+            ("Cargo.toml", WORKSPACE_MANIFEST),
+            (".gitignore", "/target\n"),
+            ("crates/util/Cargo.toml", UTIL_MANIFEST),
+            ("crates/util/src/lib.rs", UTIL_LIB),
+            ("app/Cargo.toml", APP_MANIFEST),
+            ("app/src/lib.rs", APP_LIB),
+            // `env!` in the fixture reads this at compile time: cargo's [env] config.
+            (".cargo/config.toml", &format!("[env]\nFIXTURE_PID_FILE = \"{}\"\n", fixture.pid_file().display())),
+        ] {
+            fixture.write(path, text)?;
+        }
+        git(&root, &["init", "--quiet", "-b", "main"])?;
+        let lock = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["generate-lockfile", "--offline", "--quiet"])
+            .current_dir(&root)
+            .output()?;
+        if !lock.status.success() {
+            bail!("generate-lockfile: {}", String::from_utf8_lossy(&lock.stderr));
+        }
+        git(&root, &["add", "."])?;
+        git(&root, &["commit", "--quiet", "-m", "fixture"])?;
+        Ok(fixture)
+    }
+
+    /// The repository (main worktree).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+
+    /// Outside the repository: logs, agent caches, config, token.
+    pub fn scratch(&self) -> PathBuf {
+        self.dir.path().join("scratch")
+    }
+
+    pub fn token_file(&self) -> PathBuf {
+        self.scratch().join("config/buildpool/token")
+    }
+
+    /// Where the fixture's `sleeps_with_a_child` test writes its grandchild's pid.
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("grandchild.pid")
+    }
+
+    /// Writes a file of the repository (creating directories), without committing it.
+    pub fn write(&self, path: &str, text: &str) -> anyhow::Result<()> {
+        let path = self.root().join(path);
+        std::fs::create_dir_all(path.parent().context("parent")?)?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
+    pub fn git(&self, args: &[&str]) -> anyhow::Result<String> {
+        git(&self.root(), args)
+    }
+
+    /// Adds a linked worktree on a new branch and returns its path.
+    pub fn add_worktree(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.path().join(name);
+        git(&self.root(), &["worktree", "add", "--quiet", "-b", name, path.to_str().context("utf-8 path")?])?;
+        Ok(path)
+    }
+
+    /// Environment that keeps every buildpool file of this test under the scratch dir.
+    pub fn apply_env(&self, command: &mut Command) {
+        command
+            .env("XDG_CONFIG_HOME", self.scratch().join("config"))
+            .env("XDG_CACHE_HOME", self.scratch().join("cache"))
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .env_remove("BUILDPOOL_TOKEN")
+            .env_remove("BUILDPOOL_COORDINATOR");
+    }
+
+    /// A `buildpool -C <dir> ...` command with this fixture's environment.
+    pub fn command_in(&self, dir: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new(crate::buildpool_bin());
+        command.arg("-C").arg(dir).args(args);
+        self.apply_env(&mut command);
+        command
+    }
+
+    /// Runs `buildpool <args>` in the main worktree.
+    pub fn buildpool(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(self.command_in(&self.root(), args).output()?)
+    }
+
+    /// Runs `buildpool <args>` in the main worktree and captures the result.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<RunOutput> {
+        Ok(self.buildpool(args)?.into())
+    }
+
+    /// A flake with no inputs whose dev shell is the host's toolchain, as the offline
+    /// recipe in the design brief.
+    pub fn flake() -> String {
+        let cargo_dir = crate::dir_of_program("cargo").unwrap_or_else(|| PathBuf::from("/usr/bin"));
+        format!(
+            r#"{{
+  outputs = {{ self }}: {{
+    devShells.x86_64-linux.default = derivation {{
+      name = "devshell";
+      system = "x86_64-linux";
+      builder = "/bin/bash";
+      args = [ "-c" "echo > $out" ];
+      outputs = [ "out" ];
+      PATH = "{}:/usr/local/bin:/usr/bin:/bin";
+      BUILDPOOL_FIXTURE_SHELL = "nix";
+    }};
+  }};
+}}
+"#,
+            cargo_dir.display()
+        )
+    }
+}

@@ -1,0 +1,208 @@
+//! The build pool end to end: a real coordinator process with its git daemon, real build
+//! agents connected over WebSocket, real cargo on a fixture workspace.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use buildpool_tests::{Cluster, Fixture, Owned, SIGINT, process_alive, wait_until};
+
+fn cluster(agents: usize, slots: u32) -> Cluster {
+    Cluster::start(Fixture::new().expect("fixture"), agents, slots).expect("cluster starts")
+}
+
+/// `compiler-artifact` messages of a `--message-format=json` build: crate name -> fresh.
+fn freshness(stdout: &str) -> HashMap<String, bool> {
+    stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["reason"] == "compiler-artifact")
+        .filter_map(|message| Some((message["target"]["name"].as_str()?.to_owned(), message["fresh"].as_bool()?)))
+        .collect()
+}
+
+#[test]
+fn build_test_and_clippy_run_on_agents_and_a_failing_test_exits_101() {
+    let cluster = cluster(2, 1);
+    let fixture = &cluster.fixture;
+
+    let build = fixture.run(&["run", "build"]).expect("runs");
+    assert_eq!(build.code, Some(0), "{build}");
+    assert!(build.stderr.contains("running on worker-"), "{build}");
+    assert!(build.stderr.contains("Compiling app") || build.stderr.contains("Finished"), "{build}");
+
+    let test = fixture.run(&["run", "test"]).expect("runs");
+    assert_eq!(test.code, Some(0), "{test}");
+    assert!(test.stdout.contains("test tests::quadruples ... ok"), "{test}");
+
+    let clippy = fixture.run(&["run", "clippy", "--", "--all-targets", "--", "-D", "warnings"]).expect("runs");
+    assert_eq!(clippy.code, Some(0), "{clippy}");
+
+    fixture.write("app/tests/fails.rs", "#[test]\nfn two_is_three() {\n    assert_eq!(2, 3, \"arithmetic broke\");\n}\n").expect("write");
+    let failing = fixture.run(&["run", "test"]).expect("runs");
+    assert_eq!(failing.code, Some(101), "{failing}");
+    assert!(failing.stdout.contains("two_is_three"), "{failing}");
+    assert!(failing.stderr.contains("exit code 101"), "{failing}");
+}
+
+#[test]
+fn uncommitted_edits_and_untracked_files_are_what_gets_built() {
+    let cluster = cluster(1, 1);
+    let fixture = &cluster.fixture;
+    // Uncommitted edit of a tracked file, plus a new untracked module it uses.
+    let lib = std::fs::read_to_string(fixture.root().join("app/src/lib.rs")).expect("read");
+    let lib = lib.replace("pub const GREETING: &str = \"hello\";", "pub const GREETING: &str = \"edited\";\npub mod extra;");
+    fixture.write("app/src/lib.rs", &lib).expect("write");
+    fixture.write("app/src/extra.rs", "#[test]\nfn sees_the_uncommitted_edit() {\n    assert_eq!(crate::GREETING, \"edited\");\n}\n").expect("write");
+    let head = fixture.git(&["rev-parse", "HEAD"]).expect("head");
+    let status = fixture.git(&["status", "--porcelain"]).expect("status");
+
+    let test = fixture.run(&["run", "test"]).expect("runs");
+    assert_eq!(test.code, Some(0), "{test}");
+    assert!(test.stdout.contains("extra::sees_the_uncommitted_edit ... ok"), "{test}");
+
+    // The user's repository is exactly as it was.
+    assert_eq!(fixture.git(&["rev-parse", "HEAD"]).expect("head"), head);
+    assert_eq!(fixture.git(&["status", "--porcelain"]).expect("status"), status);
+    assert_eq!(fixture.git(&["stash", "list"]).expect("stash"), "");
+    // The job's snapshot ref is removed once the job has ended.
+    assert!(wait_until(Duration::from_secs(5), || {
+        fixture.git(&["for-each-ref", "refs/buildpool/"]).expect("refs").is_empty()
+    }));
+}
+
+#[test]
+fn a_second_build_after_a_one_line_change_is_incremental() {
+    let cluster = cluster(1, 1);
+    let fixture = &cluster.fixture;
+    let first = fixture.run(&["run", "build", "--", "--message-format=json"]).expect("runs");
+    assert_eq!(first.code, Some(0), "{first}");
+    assert_eq!(freshness(&first.stdout).get("util"), Some(&false), "cold build compiles util:\n{first}");
+
+    let lib = std::fs::read_to_string(fixture.root().join("app/src/lib.rs")).expect("read");
+    fixture.write("app/src/lib.rs", &lib.replace("\"hello\"", "\"hello again\"")).expect("write");
+    let second = fixture.run(&["run", "build", "--", "--message-format=json"]).expect("runs");
+    assert_eq!(second.code, Some(0), "{second}");
+    let fresh = freshness(&second.stdout);
+    assert_eq!(fresh.get("util"), Some(&true), "the unchanged crate must not be recompiled:\n{second}");
+    assert_eq!(fresh.get("app"), Some(&false), "the changed crate must be recompiled:\n{second}");
+    assert!(second.stderr.contains("(warm)"), "{second}");
+}
+
+#[test]
+fn a_job_runs_under_real_nix_develop() {
+    assert!(
+        buildpool_tests::dir_of_program("nix").is_some(),
+        "this test needs nix (`apt-get install nix-bin`; .ci/run installs it)"
+    );
+    let cluster = cluster(1, 1);
+    let fixture = &cluster.fixture;
+    fixture.write("flake.nix", &Fixture::flake()).expect("flake");
+    // The test passes only inside the dev shell, whose derivation sets this variable.
+    fixture.write("app/tests/in_shell.rs", "#[test]\nfn runs_in_the_dev_shell() {\n    assert_eq!(std::env::var(\"BUILDPOOL_FIXTURE_SHELL\").as_deref(), Ok(\"nix\"));\n}\n").expect("write");
+    let test = fixture.run(&["run", "test", "--env", "nix", "--timeout", "300"]).expect("runs");
+    assert_eq!(test.code, Some(0), "{test}");
+    assert!(test.stdout.contains("runs_in_the_dev_shell ... ok"), "{test}");
+    assert!(test.stderr.contains("env nix"), "{test}");
+}
+
+fn job_with_grandchild(fixture: &Fixture, extra: &[&str]) -> Owned {
+    let mut args = vec!["run", "test"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "-p", "app", "--lib", "--", "--ignored", "sleeps_with_a_child"]);
+    let command = fixture.command_in(&fixture.root(), &args);
+    Owned::spawn(command, fixture.scratch().join("run.log")).expect("run starts")
+}
+
+fn grandchild_pid(fixture: &Fixture, run: &Owned) -> i32 {
+    let mut pid = None;
+    let started = wait_until(Duration::from_secs(60), || {
+        pid = std::fs::read_to_string(fixture.pid_file()).ok().and_then(|text| text.trim().parse().ok());
+        pid.is_some()
+    });
+    assert!(started, "the test never started its child:\n{}", run.log_text());
+    pid.expect("pid")
+}
+
+#[test]
+fn cancel_kills_the_jobs_grandchildren() {
+    let cluster = cluster(1, 1);
+    let fixture = &cluster.fixture;
+    let mut run = job_with_grandchild(fixture, &[]);
+    let grandchild = grandchild_pid(fixture, &run);
+    assert!(process_alive(grandchild));
+
+    // Ctrl-C on the client cancels the job on the agent.
+    run.signal(SIGINT);
+    let status = run.wait_timeout(Duration::from_secs(30)).expect("client exits after cancel");
+    assert_eq!(status.code(), Some(130), "{}", run.log_text());
+    assert!(run.log_text().contains("cancelled"), "{}", run.log_text());
+    assert!(wait_until(Duration::from_secs(10), || !process_alive(grandchild)), "grandchild {grandchild} survived");
+
+    // The slot is free again: the next job runs.
+    let next = fixture.run(&["run", "check"]).expect("runs");
+    assert_eq!(next.code, Some(0), "{next}");
+}
+
+#[test]
+fn a_timeout_is_reported_as_timed_out_not_as_an_exit_code() {
+    let cluster = cluster(1, 1);
+    let fixture = &cluster.fixture;
+    let mut run = job_with_grandchild(fixture, &["--timeout", "20"]);
+    let grandchild = grandchild_pid(fixture, &run);
+    let status = run.wait_timeout(Duration::from_secs(90)).expect("the job times out");
+    assert_eq!(status.code(), Some(124), "{}", run.log_text());
+    assert!(run.log_text().contains("timed out"), "{}", run.log_text());
+    assert!(wait_until(Duration::from_secs(10), || !process_alive(grandchild)), "grandchild {grandchild} survived");
+}
+
+#[test]
+fn with_no_agent_the_local_agent_runs_the_job_and_says_so() {
+    let cluster = cluster(0, 1);
+    let run = cluster.fixture.run(&["run", "check"]).expect("runs");
+    assert_eq!(run.code, Some(0), "{run}");
+    assert!(run.stderr.contains("local agent"), "{run}");
+}
+
+#[test]
+fn with_no_coordinator_run_works_in_process_from_any_worktree() {
+    let fixture = Fixture::new().expect("fixture");
+    let worktree = fixture.add_worktree("feature").expect("worktree");
+    std::fs::create_dir_all(worktree.join("app/tests")).expect("mkdir");
+    std::fs::write(worktree.join("app/tests/feature.rs"), "#[test]\nfn only_in_the_feature_worktree() {}\n").expect("write");
+    let output: buildpool_tests::RunOutput = fixture.command_in(&worktree, &["run", "test"]).output().expect("runs").into();
+    assert_eq!(output.code, Some(0), "{output}");
+    assert!(output.stderr.contains("no coordinator running"), "{output}");
+    assert!(output.stdout.contains("only_in_the_feature_worktree ... ok"), "{output}");
+}
+
+#[test]
+fn status_lists_agents_and_logs_outlive_the_job() {
+    let mut cluster = cluster(1, 2);
+    cluster.add_agent("labelled", 1, &["--label", "gpu"]).expect("agent");
+    let status = cluster.status().expect("status");
+    let agents = status["agents"].as_array().expect("agents");
+    let labelled = agents.iter().find(|a| a["id"] == "labelled").expect("listed");
+    assert_eq!(labelled["labels"], serde_json::json!(["gpu"]));
+    assert_eq!(labelled["slots_total"], 1);
+    assert!(agents.iter().any(|a| a["id"] == "worker-1" && a["slots_total"] == 2));
+
+    let fixture = &cluster.fixture;
+    let run = fixture.run(&["run", "test", "--label", "gpu"]).expect("runs");
+    assert_eq!(run.code, Some(0), "{run}");
+    assert!(run.stderr.contains("running on labelled"), "{run}");
+    let job_id = run.stderr.split("[buildpool] job ").nth(1).and_then(|rest| rest.split(' ').next()).expect("job id");
+    let logs = fixture.run(&["logs", job_id]).expect("logs");
+    assert_eq!(logs.code, Some(0), "{logs}");
+    assert!(logs.stdout.contains("test tests::quadruples ... ok"), "{logs}");
+}
+
+#[test]
+fn git_daemon_exports_only_this_repository() {
+    let cluster = cluster(0, 1);
+    let base = format!("git://127.0.0.1:{}", cluster.git_daemon_port);
+    let ls = |path: &str| std::process::Command::new("git").args(["ls-remote", &format!("{base}{path}")]).output().expect("git");
+    assert!(ls("/.git").status.success());
+    assert!(!ls("/").status.success());
+    assert!(!ls("/../../etc").status.success());
+    assert!(!ls("/.git/..").status.success());
+}
