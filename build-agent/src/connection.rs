@@ -187,7 +187,7 @@ where
         Some(coordinator_frame::Msg::Reject(reject)) => {
             let code = RejectCode::try_from(reject.code).unwrap_or(RejectCode::Unspecified);
             return Err(SessionError::Rejected {
-                code: code.as_str_name().to_ascii_lowercase(),
+                code: code.as_str_name().trim_start_matches("REJECT_CODE_").to_ascii_lowercase().replace('_', " "),
                 message: reject.message,
             });
         }

@@ -190,10 +190,11 @@ impl Cluster {
     pub fn agent_command(&self, id: &str, slots: u32, extra: &[&str]) -> Command {
         let dir = self.fixture.scratch().join(id);
         let mut command = Command::new(agent_bin());
+        command.args(["--server", &self.ws_url(), "--id", id, "--jobs", &slots.to_string()]);
+        if !extra.contains(&"--token-file") {
+            command.arg("--token-file").arg(self.fixture.token_file());
+        }
         command
-            .args(["--server", &self.ws_url(), "--id", id, "--jobs", &slots.to_string()])
-            .arg("--token-file")
-            .arg(self.fixture.token_file())
             .arg("--git-cache-dir")
             .arg(dir.join("cache"))
             .arg("--worktree-dir")

@@ -206,3 +206,41 @@ fn git_daemon_exports_only_this_repository() {
     assert!(!ls("/../../etc").status.success());
     assert!(!ls("/.git/..").status.success());
 }
+
+fn git_daemon_pids(port: u16) -> Vec<i32> {
+    let output = std::process::Command::new("pgrep").args(["-f", &format!("git.daemon.*--port={port}")]).output().expect("pgrep");
+    String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+#[test]
+fn git_daemon_is_restarted_when_it_dies_and_stopped_with_the_coordinator() {
+    let mut cluster = cluster(0, 1);
+    let port = cluster.git_daemon_port;
+    let url = format!("git://127.0.0.1:{port}/.git");
+    let serving = || std::process::Command::new("git").args(["ls-remote", &url]).output().is_ok_and(|o| o.status.success());
+    let first = git_daemon_pids(port);
+    assert!(!first.is_empty(), "git daemon is running");
+    for pid in &first {
+        buildpool_tests::signal_pid(*pid, buildpool_tests::SIGKILL);
+    }
+    assert!(wait_until(Duration::from_secs(15), || {
+        let now = git_daemon_pids(port);
+        !now.is_empty() && now.iter().all(|pid| !first.contains(pid)) && serving()
+    }), "git daemon was not restarted:\n{}", cluster.coordinator.log_text());
+
+    // SIGTERM stops the coordinator, and its git daemon with it.
+    cluster.coordinator.signal(buildpool_tests::SIGTERM);
+    let status = cluster.coordinator.wait_timeout(Duration::from_secs(20)).expect("coordinator exits");
+    assert!(status.success(), "{}", cluster.coordinator.log_text());
+    assert!(wait_until(Duration::from_secs(5), || git_daemon_pids(port).is_empty()), "git daemon outlived the coordinator");
+    assert!(!cluster.fixture.root().join(".git/buildpool/coordinator.json").exists(), "discovery file left behind");
+}
+
+#[test]
+fn the_demo_runs_the_embedded_sample_through_the_whole_pipeline() {
+    let fixture = Fixture::new().expect("fixture");
+    let demo = fixture.run(&["demo"]).expect("runs");
+    assert_eq!(demo.code, Some(0), "{demo}");
+    assert!(demo.stdout.contains("uncommitted_files_are_built_too ... ok"), "{demo}");
+    assert!(demo.stderr.contains("local agent"), "{demo}");
+}

@@ -1,5 +1,6 @@
 //! The `buildpool` command line. Errors become one clear message and a non-zero exit.
 
+mod demo;
 mod inspect;
 mod run;
 mod serve;
@@ -32,6 +33,8 @@ enum Command {
     Logs(inspect::LogsArgs),
     /// Cancel a queued or running job.
     Cancel(inspect::CancelArgs),
+    /// Run `cargo test` on an embedded sample workspace through the whole pipeline.
+    Demo(demo::DemoArgs),
 }
 
 /// Parses the command line, runs the command and maps the outcome to an exit code.
@@ -63,6 +66,7 @@ pub fn main() -> ExitCode {
             Command::Status(args) => inspect::status(&dir, args).await,
             Command::Logs(args) => inspect::logs(&dir, args).await,
             Command::Cancel(args) => inspect::cancel(&dir, args).await,
+            Command::Demo(args) => demo::demo(args).await,
         }
     });
     // Background tasks (an in-process coordinator's) must not keep the process alive.

@@ -44,6 +44,20 @@ pub struct RunArgs {
     cargo_args: Vec<String>,
 }
 
+impl RunArgs {
+    /// `run test --local`: what `buildpool demo` runs.
+    pub fn local_test() -> Self {
+        Self {
+            kind: "test".to_owned(),
+            timeout: None,
+            env: "auto".to_owned(),
+            labels: Vec::new(),
+            local: true,
+            cargo_args: Vec::new(),
+        }
+    }
+}
+
 fn env_mode(text: &str) -> anyhow::Result<EnvMode> {
     Ok(match text {
         "auto" => EnvMode::Auto,

@@ -39,13 +39,8 @@ fn listen_host(addr: &str) -> &str {
     if addr.is_empty() { "0.0.0.0" } else { addr }
 }
 
-/// The git daemon binary: the `git-daemon` beside the `git` that `git --exec-path` reports.
-async fn daemon_command(common_dir: &Path, listen: &str, port: u16) -> tokio::process::Command {
-    let exec_path = build_agent::git::Git::new(common_dir).arg("--exec-path").output().await.ok();
+fn daemon_command(common_dir: &Path, listen: &str, port: u16) -> tokio::process::Command {
     let mut command = tokio::process::Command::new("git");
-    if let Some(exec_path) = exec_path {
-        command.env("GIT_EXEC_PATH", exec_path);
-    }
     let base = common_dir.parent().unwrap_or(common_dir);
     command
         .arg("daemon")
@@ -66,14 +61,23 @@ async fn daemon_command(common_dir: &Path, listen: &str, port: u16) -> tokio::pr
     command
 }
 
-async fn wait_listening(host: &str, port: u16) -> bool {
-    let host = if host == "0.0.0.0" { "127.0.0.1" } else if host == "::" { "::1" } else { host };
+/// Waits until the daemon serves the repository: a real `git ls-remote`, not just a port
+/// probe, so a daemon that listens but cannot export is caught here.
+async fn wait_serving(common_dir: &Path, host: &str, port: u16, git_path: &str) -> bool {
+    let host = match host {
+        "0.0.0.0" => "127.0.0.1".to_owned(),
+        "::" => "[::1]".to_owned(),
+        v6 if v6.contains(':') && !v6.starts_with('[') => format!("[{v6}]"),
+        other => other.to_owned(),
+    };
+    let url = format!("git://{host}:{port}{git_path}");
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     while tokio::time::Instant::now() < deadline {
-        if tokio::net::TcpStream::connect((host, port)).await.is_ok() {
+        let probe = build_agent::git::Git::new(common_dir).args(["ls-remote", "--heads", &url]).timeout(Duration::from_secs(5));
+        if probe.succeeds().await {
             return true;
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
 }
@@ -88,8 +92,8 @@ impl GitDaemon {
             port
         };
         let git_path = format!("/{}", common_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-        let mut child = daemon_command(&common_dir, &listen, port).await.spawn().map_err(DaemonError::Spawn)?;
-        if !wait_listening(listen_host(&listen), port).await {
+        let mut child = daemon_command(&common_dir, &listen, port).spawn().map_err(DaemonError::Spawn)?;
+        if !wait_serving(&common_dir, listen_host(&listen), port, &git_path).await {
             kill_group(&child);
             let _ = child.kill().await;
             return Err(DaemonError::NotReady { port });
@@ -113,6 +117,7 @@ fn kill_group(child: &tokio::process::Child) {
     }
 }
 
+/// Restarts the daemon whenever it exits, until `stop`; then kills its whole group.
 async fn supervise(mut child: tokio::process::Child, common_dir: PathBuf, listen: String, port: u16, stop: CancellationToken) {
     loop {
         tokio::select! {
@@ -124,18 +129,18 @@ async fn supervise(mut child: tokio::process::Child, common_dir: PathBuf, listen
             status = child.wait() => {
                 kill_group(&child);
                 tracing::warn!("git daemon exited ({status:?}); restarting");
-                tokio::select! {
-                    () = tokio::time::sleep(RESTART_DELAY) => {}
-                    () = stop.cancelled() => return,
-                }
-                match daemon_command(&common_dir, &listen, port).await.spawn() {
-                    Ok(next) => child = next,
-                    Err(error) => {
-                        tracing::error!("cannot restart git daemon: {error}");
-                        return;
-                    }
-                }
             }
         }
+        // Keep trying: agents cannot fetch without it.
+        child = loop {
+            tokio::select! {
+                () = tokio::time::sleep(RESTART_DELAY) => {}
+                () = stop.cancelled() => return,
+            }
+            match daemon_command(&common_dir, &listen, port).spawn() {
+                Ok(next) => break next,
+                Err(error) => tracing::error!("cannot restart git daemon: {error}"),
+            }
+        };
     }
 }
