@@ -32,8 +32,9 @@ pub fn bin_dir() -> &'static Path {
         let status = command.status().expect("cargo runs");
         assert!(status.success(), "building the binaries failed");
         let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> -> target/<profile>
-        exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+        // target/<profile>/deps/<test> or target/<profile>/<bin> -> target/<profile>
+        let dir = exe.parent().expect("target dir");
+        if dir.ends_with("deps") { dir.parent().expect("profile dir").to_owned() } else { dir.to_owned() }
     })
 }
 
