@@ -244,3 +244,14 @@ fn the_demo_runs_the_embedded_sample_through_the_whole_pipeline() {
     assert!(demo.stdout.contains("uncommitted_files_are_built_too ... ok"), "{demo}");
     assert!(demo.stderr.contains("local agent"), "{demo}");
 }
+
+#[test]
+fn two_repositories_on_one_host_each_find_their_own_coordinator() {
+    let first = cluster(0, 1);
+    let second = cluster(0, 1);
+    let id = |cluster: &Cluster| cluster.status().expect("status")["coordinator_id"].as_str().expect("id").to_owned();
+    assert_ne!(id(&first), id(&second));
+    let repo = |cluster: &Cluster| cluster.status().expect("status")["repository"].as_str().expect("repo").to_owned();
+    assert!(repo(&first).starts_with(first.fixture.root().to_str().expect("utf-8")));
+    assert!(repo(&second).starts_with(second.fixture.root().to_str().expect("utf-8")));
+}
