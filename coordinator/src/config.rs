@@ -77,6 +77,9 @@ pub struct CoordinatorConfig {
     pub job_default_timeout: Duration,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// Keep job logs in a directory of this process's own, deleted at shutdown. Set for
+    /// in-process coordinators, so two of them (say, two MCP sessions) never share job ids.
+    pub private_logs: bool,
 }
 
 /// Command-line overrides.
@@ -194,6 +197,7 @@ impl CoordinatorConfig {
             job_default_timeout: secs(pool.timeouts.job_default_secs, 300, "job_default_secs")?,
             heartbeat_interval,
             heartbeat_timeout,
+            private_logs: false,
         })
     }
 
@@ -205,6 +209,7 @@ impl CoordinatorConfig {
         config.git_daemon = None;
         config.control_addr = "127.0.0.1:0".into();
         config.local_fallback = true;
+        config.private_logs = true;
         Ok(config)
     }
 }

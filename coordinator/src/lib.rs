@@ -9,6 +9,8 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod discovery;
+pub mod mcp;
 pub mod repo;
 pub mod server;
+pub mod session;
 pub mod snapshot;

@@ -35,6 +35,8 @@ enum Command {
     Cancel(inspect::CancelArgs),
     /// Run `cargo test` on an embedded sample workspace through the whole pipeline.
     Demo(demo::DemoArgs),
+    /// Serve MCP on stdin/stdout: build, test, clippy, check, worker_status, job_log, cancel_job.
+    Mcp,
 }
 
 /// Parses the command line, runs the command and maps the outcome to an exit code.
@@ -67,6 +69,7 @@ pub fn main() -> ExitCode {
             Command::Logs(args) => inspect::logs(&dir, args).await,
             Command::Cancel(args) => inspect::cancel(&dir, args).await,
             Command::Demo(args) => demo::demo(args).await,
+            Command::Mcp => crate::mcp::serve(&dir).await.map(|()| ExitCode::SUCCESS),
         }
     });
     // Background tasks (an in-process coordinator's) must not keep the process alive.

@@ -11,10 +11,9 @@ use buildpool_proto::{
 };
 use clap::Args;
 
-use crate::client::{self, CALL_TIMEOUT, ClientError};
-use crate::config::CoordinatorConfig;
+use crate::client::CALL_TIMEOUT;
 use crate::repo::Repo;
-use crate::server::Coordinator;
+use crate::session::{Fallback, Route, Via};
 
 /// Exit code when the job timed out (as `timeout(1)` does).
 pub const EXIT_TIMED_OUT: u8 = 124;
@@ -136,24 +135,13 @@ pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     let repo = Repo::discover(dir).await?;
     let snapshot = crate::snapshot::create(&repo).await.context("cannot snapshot the worktree")?;
 
-    let mut in_process: Option<Coordinator> = None;
-    let found = if args.local { Err(ClientError::NotRunning(String::new())) } else { client::connect_to_running(&repo).await };
-    let mut client = match found {
-        Ok((client, _)) => client,
-        Err(error) => {
-            match &error {
-                ClientError::NotRunning(_) if args.local => {}
-                ClientError::NotRunning(_) => eprintln!("[buildpool] no coordinator running for this repository; running the job here"),
-                other => eprintln!("[buildpool] {other}; running the job here"),
-            }
-            let token = crate::auth::generate()?;
-            let config = CoordinatorConfig::in_process(&repo.worktree)?;
-            let coordinator = Coordinator::start(repo.clone(), config, token.clone()).await?;
-            let client = client::connect(&format!("http://{}", coordinator.control_addr), &token).await?;
-            in_process = Some(coordinator);
-            client
-        }
-    };
+    let fallback = Fallback::default();
+    let Route { mut client, via } = fallback.route(&repo, args.local).await?;
+    if let Via::InProcess(reason) = &via
+        && !args.local
+    {
+        eprintln!("[buildpool] {reason}; running the job here");
+    }
 
     let request = SubmitRequest {
         spec: Some(spec),
@@ -222,9 +210,7 @@ pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     drop(events);
-    if let Some(coordinator) = in_process {
-        coordinator.shutdown().await;
-    }
+    fallback.shutdown().await;
     Ok(ExitCode::from(code))
 }
 

@@ -155,7 +155,13 @@ impl Coordinator {
     /// Starts every part of a coordinator for `repo`. Listeners are bound before this returns,
     /// so the addresses it reports accept connections at once.
     pub async fn start(repo: Repo, config: CoordinatorConfig, token: String) -> Result<Self, StartError> {
-        let log_dir = repo.state_dir().join("logs");
+        let log_dir = if config.private_logs {
+            let parent = repo.state_dir().join("in-process");
+            remove_abandoned_log_dirs(&parent);
+            parent.join(std::process::id().to_string())
+        } else {
+            repo.state_dir().join("logs")
+        };
         std::fs::create_dir_all(&log_dir)?;
         joblog::prune(&log_dir, joblog::KEPT_LOGS)?;
         let first_job = joblog::highest_id(&log_dir) + 1;
@@ -237,6 +243,25 @@ impl Coordinator {
         }
         if let Some(daemon) = self.git_daemon.take() {
             daemon.shutdown().await;
+        }
+        if self.shared.config.private_logs {
+            let _ = std::fs::remove_dir_all(&self.shared.log_dir);
+        }
+    }
+}
+
+/// Deletes private log directories of in-process coordinators that are no longer running.
+fn remove_abandoned_log_dirs(parent: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let alive = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+            .and_then(rustix::process::Pid::from_raw)
+            .is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok());
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }

@@ -1,0 +1,231 @@
+//! Rendering answers: a short text for the model plus structured content with the same facts.
+
+use std::fmt::Write;
+
+use buildpool_proto::{JobKind, JobResult, Outcome, StatusReply};
+use rmcp::model::{CallToolResult, ContentBlock};
+use serde_json::{Value, json};
+
+use super::report::{Diagnostic, Report};
+
+/// Where a job ran, as the answer names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    Agent(String),
+    /// The coordinator's embedded local agent (no build agent connected).
+    LocalFallback,
+    /// An in-process coordinator, because the repository's was unreachable.
+    Unreachable(String),
+}
+
+impl Placement {
+    fn label(&self) -> String {
+        match self {
+            Placement::Agent(id) => id.clone(),
+            Placement::LocalFallback => "local fallback".to_owned(),
+            Placement::Unreachable(_) => "local (coordinator unreachable)".to_owned(),
+        }
+    }
+}
+
+/// A finished job, ready to be answered.
+#[derive(Debug)]
+pub struct ToolAnswer {
+    pub kind: JobKind,
+    pub job_id: u64,
+    pub placement: Placement,
+    pub result: JobResult,
+    pub report: Report,
+}
+
+fn kind_name(kind: JobKind) -> &'static str {
+    kind.cargo_subcommand().unwrap_or("job")
+}
+
+fn secs(ms: u64) -> String {
+    format!("{:.1} s", ms as f64 / 1000.0)
+}
+
+fn location(diagnostic: &Diagnostic) -> String {
+    match (&diagnostic.file, diagnostic.line, diagnostic.column) {
+        (Some(file), Some(line), Some(column)) => format!("{file}:{line}:{column}"),
+        (Some(file), _, _) => file.clone(),
+        _ => String::new(),
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" | ")
+}
+
+fn plural(count: usize, word: &str) -> String {
+    format!("{count} {word}{}", if count == 1 { "" } else { "s" })
+}
+
+/// A result with text and structured content.
+pub fn plain(text: String, value: Value, is_error: bool) -> CallToolResult {
+    let mut result = if is_error { CallToolResult::error(vec![ContentBlock::text(text)]) } else { CallToolResult::success(vec![ContentBlock::text(text)]) };
+    result.structured_content = Some(value);
+    result
+}
+
+/// The job never ran (snapshot, coordinator or stream trouble).
+pub fn failure_before_start(kind: JobKind, reason: &str) -> CallToolResult {
+    let text = format!("{} could not run: {reason}", kind_name(kind));
+    plain(text, json!({ "kind": kind_name(kind), "outcome": "error", "error": reason }), true)
+}
+
+pub fn worker_status(status: &StatusReply) -> CallToolResult {
+    let workers: Vec<Value> = status
+        .agents
+        .iter()
+        .filter(|a| !a.local)
+        .map(|a| {
+            json!({
+                "id": a.id, "max_jobs": a.slots_total, "active_jobs": a.slots_used, "labels": a.labels,
+                "system": a.system, "draining": a.draining, "connected_since_unix_ms": a.connected_since_unix_ms,
+            })
+        })
+        .collect();
+    let queued = status.jobs.iter().filter(|j| j.state == buildpool_proto::JobState::Queued as i32).count();
+    let running = status.jobs.len() - queued;
+    let value = json!({
+        "workers": workers,
+        "queued_jobs": queued,
+        "running_jobs": running,
+        "local_fallback_enabled": status.local_fallback_enabled,
+        "local_fallback_active": status.local_fallback_active,
+    });
+    let slots: u32 = status.agents.iter().filter(|a| !a.local).map(|a| a.slots_total).sum();
+    let used: u32 = status.agents.iter().filter(|a| !a.local).map(|a| a.slots_used).sum();
+    let text = format!(
+        "{} ({used}/{slots} slots busy), {queued} queued, {running} running; local fallback {}",
+        plural(workers.len(), "worker"),
+        if status.local_fallback_active { "in use now" } else if status.local_fallback_enabled { "idle" } else { "disabled" }
+    );
+    plain(text, value, false)
+}
+
+impl ToolAnswer {
+    fn outcome(&self) -> (&'static str, Option<i32>, Option<i32>, String) {
+        let completion = self.result.completion.clone().unwrap_or_default();
+        match Outcome::try_from(completion.outcome).unwrap_or(Outcome::Unspecified) {
+            Outcome::Exited => match (completion.exit_code, completion.signal) {
+                (Some(0), _) => ("succeeded", Some(0), None, String::new()),
+                (Some(code), _) => ("failed", Some(code), None, format!("exit {code}")),
+                (None, signal) => ("failed", None, signal, format!("killed by signal {}", signal.unwrap_or(0))),
+            },
+            Outcome::TimedOut => ("timed_out", None, None, "timed out".to_owned()),
+            Outcome::Cancelled => ("cancelled", None, None, "cancelled".to_owned()),
+            Outcome::Failed | Outcome::Unspecified => ("error", None, None, completion.error),
+        }
+    }
+
+    pub fn into_result(self) -> CallToolResult {
+        let completion = self.result.completion.clone().unwrap_or_default();
+        let (outcome, exit_code, signal, detail) = self.outcome();
+        let report = &self.report;
+        let kind = kind_name(self.kind);
+        let mut value = json!({
+            "job_id": self.job_id,
+            "kind": kind,
+            "outcome": outcome,
+            "ran_on": self.placement.label(),
+            "env": completion.env,
+            "queue_ms": self.result.queue_ms,
+            "run_ms": completion.duration_ms,
+            "errors": report.errors,
+            "warnings": report.warnings,
+        });
+        let object = value.as_object_mut().expect("a JSON object");
+        let mut put = |key: &str, item: Value| {
+            object.insert(key.to_owned(), item);
+        };
+        if let Some(code) = exit_code {
+            put("exit_code", json!(code));
+        }
+        if let Some(signal) = signal {
+            put("signal", json!(signal));
+        }
+        if outcome == "error" {
+            put("error", json!(completion.error));
+        }
+        if let Placement::Unreachable(reason) = &self.placement {
+            put("fallback_reason", json!(reason));
+        }
+        if !report.diagnostics.is_empty() {
+            put("diagnostics", json!(report.diagnostics));
+        }
+        if report.diagnostics_omitted > 0 {
+            put("diagnostics_omitted", json!(report.diagnostics_omitted));
+        }
+        if let Some(tests) = &report.tests {
+            put("tests", json!(tests));
+        }
+        if !report.failures.is_empty() {
+            put("failures", json!(report.failures));
+        }
+        if report.failures_omitted > 0 {
+            put("failures_omitted", json!(report.failures_omitted));
+        }
+        let explained = !report.diagnostics.is_empty() || !report.failures.is_empty();
+        if outcome != "succeeded" && !explained && !report.stderr_tail.is_empty() {
+            put("stderr_tail", json!(report.stderr_tail));
+        }
+
+        // Header: outcome, counts, where, how long.
+        let mut text = format!("{kind} {outcome}");
+        if !detail.is_empty() && outcome == "failed" {
+            let _ = write!(text, " ({detail})");
+        } else if outcome == "error" {
+            let _ = write!(text, ": {detail}");
+        }
+        let mut counts = Vec::new();
+        if report.errors > 0 {
+            counts.push(plural(report.errors, "error"));
+        }
+        if report.warnings > 0 {
+            counts.push(plural(report.warnings, "warning"));
+        }
+        if let Some(tests) = &report.tests {
+            counts.push(format!("{} passed, {} failed, {} ignored", tests.passed, tests.failed, tests.ignored));
+        }
+        if !counts.is_empty() {
+            let _ = write!(text, " · {}", counts.join(", "));
+        }
+        let env = if completion.env.is_empty() { String::new() } else { format!(" · env {}", completion.env) };
+        let _ = write!(
+            text,
+            " · job {} on {}{env} · queued {}, ran {}",
+            self.job_id,
+            self.placement.label(),
+            secs(self.result.queue_ms),
+            secs(completion.duration_ms)
+        );
+        if outcome == "succeeded" {
+            return plain(text, value, false);
+        }
+        for diagnostic in &report.diagnostics {
+            let code = diagnostic.code.as_deref().map(|c| format!("[{c}]")).unwrap_or_default();
+            let _ = write!(text, "\n{}{code} {}: {}", diagnostic.level, location(diagnostic), diagnostic.message);
+            if let Some(snippet) = &diagnostic.snippet {
+                let _ = write!(text, "\n    {snippet}");
+            }
+        }
+        if report.diagnostics_omitted > 0 {
+            let _ = write!(text, "\n… {} more diagnostics (job_log job_id={})", report.diagnostics_omitted, self.job_id);
+        }
+        for failure in &report.failures {
+            let _ = write!(text, "\nFAILED {}: {}", failure.name, one_line(&failure.message));
+        }
+        if report.failures_omitted > 0 {
+            let _ = write!(text, "\n… {} more failing tests (job_log job_id={})", report.failures_omitted, self.job_id);
+        }
+        if !explained {
+            for line in &report.stderr_tail {
+                let _ = write!(text, "\n{line}");
+            }
+        }
+        plain(text, value, true)
+    }
+}

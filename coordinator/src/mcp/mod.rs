@@ -1,0 +1,479 @@
+//! `buildpool mcp`: a stdio MCP server giving coding agents `build`, `test`, `clippy`,
+//! `check`, `worker_status`, `job_log` and `cancel_job` tools.
+//!
+//! Only this module knows MCP (via the official `rmcp` SDK). It is a thin client of the
+//! repository's coordinator: every job tool snapshots the worktree the server runs in,
+//! submits the job and waits, turning the output into a short structured answer
+//! ([`report`]). With no coordinator reachable it runs the job through an in-process
+//! coordinator (same code path as `buildpool run`) and says so.
+
+pub mod answer;
+pub mod report;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use buildpool_proto::{CancelRequest, JobKind, JobLogRequest, JobSpec, OutputStream, StatusRequest, SubmitRequest, job_event};
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{
+    CallToolResult, ProgressNotificationParam, ProgressToken, RequestMetaObject, ServerCapabilities,
+    ServerConfig,
+};
+use rmcp::{ErrorData, Peer, RoleServer, ServerHandler, ServiceExt, tool, tool_handler, tool_router};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{CALL_TIMEOUT, Client};
+use crate::repo::Repo;
+use crate::session::{Fallback, Via};
+use answer::{Placement, ToolAnswer};
+use report::ReportBuilder;
+
+/// Longest a cancelled job may take to confirm before the answer is given without it.
+const CANCEL_WAIT: Duration = Duration::from_secs(30);
+/// Minimum spacing of progress notifications while crates compile.
+const PROGRESS_SPACING: Duration = Duration::from_millis(500);
+const DEFAULT_LOG_LINES: usize = 200;
+const MAX_LOG_LINES: usize = 2000;
+/// Most log bytes `job_log` reads to filter and page through.
+const MAX_LOG_SCAN: u64 = 64 * 1024 * 1024;
+
+/// Inputs shared by `build` and `check`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildInput {
+    /// Package to build (`-p`); default: the workspace's default members.
+    pub package: Option<String>,
+    /// Features to enable (`--features`).
+    pub features: Option<Vec<String>>,
+    /// Enable all features (`--all-features`).
+    pub all_features: Option<bool>,
+    /// Release profile (`--release`).
+    pub release: Option<bool>,
+    /// Job timeout in seconds (default: the coordinator's).
+    pub timeout_secs: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestInput {
+    /// Package to test (`-p`).
+    pub package: Option<String>,
+    /// Features to enable (`--features`).
+    pub features: Option<Vec<String>>,
+    /// Enable all features (`--all-features`).
+    pub all_features: Option<bool>,
+    /// Release profile (`--release`).
+    pub release: Option<bool>,
+    /// Job timeout in seconds.
+    pub timeout_secs: Option<u32>,
+    /// Run only tests whose name contains this string.
+    pub filter: Option<String>,
+    /// Show the tests' output as it happens (`--nocapture`).
+    pub nocapture: Option<bool>,
+    /// Also run `#[ignore]`d tests (`--include-ignored`).
+    pub include_ignored: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClippyInput {
+    /// Package to lint (`-p`).
+    pub package: Option<String>,
+    /// Features to enable (`--features`); setting this turns `all_features` off unless given.
+    pub features: Option<Vec<String>>,
+    /// Enable all features; default true.
+    pub all_features: Option<bool>,
+    /// Release profile (`--release`).
+    pub release: Option<bool>,
+    /// Job timeout in seconds.
+    pub timeout_secs: Option<u32>,
+    /// Lint tests, benches and examples too (`--all-targets`); default true.
+    pub all_targets: Option<bool>,
+    /// Treat warnings as errors (`-- -D warnings`); default true.
+    pub deny_warnings: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobLogInput {
+    /// Job id from a previous answer.
+    pub job_id: u64,
+    /// First line to return (0-based, counted after filtering).
+    pub offset: Option<usize>,
+    /// Lines to return (default 200, at most 2000).
+    pub limit: Option<usize>,
+    /// "stdout", "stderr" or "both" (default).
+    pub stream: Option<String>,
+    /// Only lines containing this substring.
+    pub filter: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelInput {
+    /// Job id to cancel.
+    pub job_id: u64,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoInput {}
+
+fn invalid(message: impl Into<String>) -> ErrorData {
+    ErrorData::invalid_params(message.into(), None)
+}
+
+fn check_name(what: &str, value: &str, extra: &str) -> Result<(), ErrorData> {
+    let ok = !value.is_empty() && value.len() <= 200 && value.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c) || extra.contains(c));
+    if ok { Ok(()) } else { Err(invalid(format!("{what} {value:?} is not a valid name"))) }
+}
+
+/// Arguments common to every cargo job; every advertised input maps to a flag here.
+fn common_args(package: Option<&String>, features: Option<&Vec<String>>, all_features: bool, release: bool) -> Result<Vec<String>, ErrorData> {
+    let mut args = vec!["--message-format=json".to_owned()];
+    if let Some(package) = package {
+        check_name("package", package, "@.+")?;
+        args.extend(["-p".to_owned(), package.clone()]);
+    }
+    if let Some(features) = features.filter(|f| !f.is_empty()) {
+        for feature in features {
+            check_name("feature", feature, "/.+")?;
+        }
+        args.extend(["--features".to_owned(), features.join(",")]);
+    }
+    if all_features {
+        args.push("--all-features".to_owned());
+    }
+    if release {
+        args.push("--release".to_owned());
+    }
+    Ok(args)
+}
+
+fn check_timeout(timeout: Option<u32>) -> Result<u32, ErrorData> {
+    match timeout {
+        None => Ok(0),
+        Some(secs @ 1..=86_400) => Ok(secs),
+        Some(other) => Err(invalid(format!("timeout_secs must be 1..=86400, not {other}"))),
+    }
+}
+
+pub fn test_args(input: &TestInput) -> Result<Vec<String>, ErrorData> {
+    let mut args = common_args(input.package.as_ref(), input.features.as_ref(), input.all_features.unwrap_or(false), input.release.unwrap_or(false))?;
+    args.push("--no-fail-fast".to_owned());
+    args.push("--".to_owned());
+    if let Some(filter) = &input.filter {
+        if filter.contains('\0') || filter.len() > 512 || filter.starts_with('-') {
+            return Err(invalid("filter must be a test name substring (no leading '-', at most 512 bytes)"));
+        }
+        args.push(filter.clone());
+    }
+    if input.nocapture == Some(true) {
+        args.push("--nocapture".to_owned());
+    }
+    if input.include_ignored == Some(true) {
+        args.push("--include-ignored".to_owned());
+    }
+    Ok(args)
+}
+
+pub fn clippy_args(input: &ClippyInput) -> Result<Vec<String>, ErrorData> {
+    // The seed's default is `--all-targets --all-features -- -D warnings`; naming features
+    // explicitly means the caller wants those, so all_features then defaults to off.
+    let all_features = input.all_features.unwrap_or(input.features.is_none());
+    let mut args = common_args(input.package.as_ref(), input.features.as_ref(), all_features, input.release.unwrap_or(false))?;
+    if input.all_targets.unwrap_or(true) {
+        args.push("--all-targets".to_owned());
+    }
+    if input.deny_warnings.unwrap_or(true) {
+        args.extend(["--".to_owned(), "-D".to_owned(), "warnings".to_owned()]);
+    }
+    Ok(args)
+}
+
+#[derive(Debug)]
+struct Inner {
+    repo: Repo,
+    fallback: Fallback,
+    /// Which coordinator ran each job of this session, for `job_log` and `cancel_job`.
+    jobs: std::sync::Mutex<HashMap<u64, bool>>,
+}
+
+/// The MCP server of one worktree.
+#[derive(Debug, Clone)]
+pub struct BuildPoolMcp {
+    inner: Arc<Inner>,
+    #[allow(dead_code)]
+    tool_router: ToolRouter<Self>,
+}
+
+/// Serves MCP on stdin/stdout until the client goes away.
+pub async fn serve(dir: &Path) -> anyhow::Result<()> {
+    let repo = Repo::discover(dir).await?;
+    let server = BuildPoolMcp::new(repo);
+    let running = server.clone().serve(rmcp::transport::stdio()).await?;
+    let result = running.waiting().await;
+    server.inner.fallback.shutdown().await;
+    result?;
+    Ok(())
+}
+
+struct Notifier {
+    peer: Peer<RoleServer>,
+    token: Option<ProgressToken>,
+    step: f64,
+    last: Option<Instant>,
+}
+
+impl Notifier {
+    async fn send(&mut self, message: String, throttle: bool) {
+        let Some(token) = &self.token else { return };
+        if throttle && self.last.is_some_and(|last| last.elapsed() < PROGRESS_SPACING) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        self.step += 1.0;
+        let mut param = ProgressNotificationParam::new(token.clone(), self.step);
+        param.message = Some(message);
+        let _ = self.peer.notify_progress(param).await;
+    }
+}
+
+#[tool_router]
+impl BuildPoolMcp {
+    pub fn new(repo: Repo) -> Self {
+        Self {
+            inner: Arc::new(Inner { repo, fallback: Fallback::default(), jobs: std::sync::Mutex::new(HashMap::new()) }),
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    #[tool(description = "cargo build of this worktree's current state (uncommitted and untracked files included) on the build pool. Answers with errors first (file:line:col, code, message, snippet), then warnings.")]
+    async fn build(&self, Parameters(input): Parameters<BuildInput>, meta: RequestMetaObject, peer: Peer<RoleServer>, ct: CancellationToken) -> Result<CallToolResult, ErrorData> {
+        let args = common_args(input.package.as_ref(), input.features.as_ref(), input.all_features.unwrap_or(false), input.release.unwrap_or(false))?;
+        self.run_job(JobKind::Build, args, check_timeout(input.timeout_secs)?, meta, peer, ct).await
+    }
+
+    #[tool(description = "cargo check of this worktree's current state on the build pool: like build, faster, no binaries.")]
+    async fn check(&self, Parameters(input): Parameters<BuildInput>, meta: RequestMetaObject, peer: Peer<RoleServer>, ct: CancellationToken) -> Result<CallToolResult, ErrorData> {
+        let args = common_args(input.package.as_ref(), input.features.as_ref(), input.all_features.unwrap_or(false), input.release.unwrap_or(false))?;
+        self.run_job(JobKind::Check, args, check_timeout(input.timeout_secs)?, meta, peer, ct).await
+    }
+
+    #[tool(description = "cargo test of this worktree's current state on the build pool. Answers with passed/failed/ignored counts and each failing test's name, panic message and captured output; compile errors like build.")]
+    async fn test(&self, Parameters(input): Parameters<TestInput>, meta: RequestMetaObject, peer: Peer<RoleServer>, ct: CancellationToken) -> Result<CallToolResult, ErrorData> {
+        let args = test_args(&input)?;
+        self.run_job(JobKind::Test, args, check_timeout(input.timeout_secs)?, meta, peer, ct).await
+    }
+
+    #[tool(description = "cargo clippy of this worktree's current state on the build pool; by default --all-targets --all-features -- -D warnings.")]
+    async fn clippy(&self, Parameters(input): Parameters<ClippyInput>, meta: RequestMetaObject, peer: Peer<RoleServer>, ct: CancellationToken) -> Result<CallToolResult, ErrorData> {
+        let args = clippy_args(&input)?;
+        self.run_job(JobKind::Clippy, args, check_timeout(input.timeout_secs)?, meta, peer, ct).await
+    }
+
+    #[tool(description = "Build agents (slots used/total, labels), queued and running jobs, and whether the local fallback is running a job right now.")]
+    async fn worker_status(&self, Parameters(_input): Parameters<NoInput>) -> Result<CallToolResult, ErrorData> {
+        let (client, _) = match crate::client::connect_to_running(&self.inner.repo).await {
+            Ok(found) => found,
+            Err(error) => {
+                let value = serde_json::json!({
+                    "coordinator": format!("unreachable: {error}"),
+                    "workers": [],
+                    "queued_jobs": 0,
+                    "local_fallback_active": false,
+                    "note": "jobs run locally through an in-process coordinator until one is reachable",
+                });
+                return Ok(answer::plain(format!("coordinator unreachable ({error}); jobs run locally"), value, false));
+            }
+        };
+        let mut client = client;
+        let status = client.status(timed(StatusRequest {})).await.map_err(|s| ErrorData::internal_error(s.message().to_owned(), None))?.into_inner();
+        Ok(answer::worker_status(&status))
+    }
+
+    #[tool(description = "Page through a running or finished job's full log by job id: line offset and limit, stream (stdout|stderr|both), substring filter.")]
+    async fn job_log(&self, Parameters(input): Parameters<JobLogInput>) -> Result<CallToolResult, ErrorData> {
+        let stream = match input.stream.as_deref().unwrap_or("both") {
+            "both" => OutputStream::Unspecified,
+            "stdout" => OutputStream::Stdout,
+            "stderr" => OutputStream::Stderr,
+            other => return Err(invalid(format!("stream must be stdout, stderr or both, not {other:?}"))),
+        };
+        let limit = input.limit.unwrap_or(DEFAULT_LOG_LINES);
+        if limit == 0 || limit > MAX_LOG_LINES {
+            return Err(invalid(format!("limit must be 1..={MAX_LOG_LINES}")));
+        }
+        let mut client = self.client_for(input.job_id).await?;
+        let mut bytes = Vec::new();
+        let mut complete = false;
+        while (bytes.len() as u64) < MAX_LOG_SCAN {
+            let request = JobLogRequest { job_id: input.job_id, offset: bytes.len() as u64, limit: 1024 * 1024, stream: stream as i32 };
+            let page = client.job_log(timed(request)).await.map_err(|s| invalid(s.message().to_owned()))?.into_inner();
+            bytes.extend_from_slice(&page.data);
+            if page.data.is_empty() || page.complete {
+                complete = page.complete;
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let filter = input.filter.as_deref().unwrap_or("");
+        let lines: Vec<&str> = text.lines().filter(|line| line.contains(filter)).collect();
+        let offset = input.offset.unwrap_or(0).min(lines.len());
+        let page: Vec<&str> = lines[offset..].iter().take(limit).copied().collect();
+        let next = offset + page.len();
+        let value = serde_json::json!({
+            "job_id": input.job_id,
+            "total_lines": lines.len(),
+            "offset": offset,
+            "returned": page.len(),
+            "next_offset": (next < lines.len()).then_some(next),
+            "job_finished": complete,
+        });
+        let mut text = page.join("\n");
+        if next < lines.len() {
+            text.push_str(&format!("\n… {} more lines (offset {next})", lines.len() - next));
+        }
+        Ok(answer::plain(text, value, false))
+    }
+
+    #[tool(description = "Cancel a queued or running job by id; its processes on the agent are killed.")]
+    async fn cancel_job(&self, Parameters(input): Parameters<CancelInput>) -> Result<CallToolResult, ErrorData> {
+        let mut client = self.client_for(input.job_id).await?;
+        let reply = client.cancel(timed(CancelRequest { job_id: input.job_id })).await.map_err(|s| invalid(s.message().to_owned()))?.into_inner();
+        let text = if reply.cancelled { format!("job {} cancelling", input.job_id) } else { format!("job {} already {}", input.job_id, reply.state) };
+        let value = serde_json::json!({ "job_id": input.job_id, "cancelled": reply.cancelled, "state": reply.state });
+        Ok(answer::plain(text, value, false))
+    }
+}
+
+fn timed<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(CALL_TIMEOUT);
+    request
+}
+
+impl BuildPoolMcp {
+    /// The client of whichever coordinator ran `job_id` in this session (the repository's
+    /// coordinator for jobs this session does not know).
+    async fn client_for(&self, job_id: u64) -> Result<Client, ErrorData> {
+        let in_process = self.inner.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&job_id).copied().unwrap_or(false);
+        let route = self.inner.fallback.route(&self.inner.repo, in_process).await.map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+        if !in_process && route.via != Via::Coordinator {
+            return Err(invalid(format!("no coordinator is reachable and job {job_id} did not run in this session")));
+        }
+        Ok(route.client)
+    }
+
+    async fn run_job(
+        &self,
+        kind: JobKind,
+        cargo_args: Vec<String>,
+        timeout_secs: u32,
+        meta: RequestMetaObject,
+        peer: Peer<RoleServer>,
+        ct: CancellationToken,
+    ) -> Result<CallToolResult, ErrorData> {
+        let spec = JobSpec { kind: kind as i32, cargo_args, timeout_secs, ..JobSpec::default() };
+        buildpool_proto::spec::validate(&spec).map_err(|e| invalid(e.to_string()))?;
+        let mut notifier = Notifier { peer, token: meta.get_progress_token(), step: 0.0, last: None };
+        let repo = &self.inner.repo;
+        let snapshot = match crate::snapshot::create(repo).await {
+            Ok(snapshot) => snapshot,
+            Err(error) => return Ok(answer::failure_before_start(kind, &format!("cannot snapshot the worktree: {error}"))),
+        };
+        let route = match self.inner.fallback.route(repo, false).await {
+            Ok(route) => route,
+            Err(error) => return Ok(answer::failure_before_start(kind, &format!("cannot start a local coordinator: {error}"))),
+        };
+        let mut client = route.client;
+        let request = SubmitRequest { spec: Some(spec), commit: snapshot.commit, git_ref: snapshot.git_ref, worktree: repo.worktree.display().to_string() };
+        let mut events = match client.submit(request).await {
+            Ok(events) => events.into_inner(),
+            Err(status) => return Ok(answer::failure_before_start(kind, &format!("the coordinator refused the job: {}", status.message()))),
+        };
+
+        let mut report = ReportBuilder::new();
+        let mut job_id = 0;
+        let mut cancel_deadline: Option<tokio::time::Instant> = None;
+        let mut last_progress = report.progress();
+        loop {
+            let event = tokio::select! {
+                event = events.message() => event,
+                () = ct.cancelled(), if cancel_deadline.is_none() => {
+                    cancel_deadline = Some(tokio::time::Instant::now() + CANCEL_WAIT);
+                    if job_id != 0 {
+                        let _ = client.cancel(timed(CancelRequest { job_id })).await;
+                    }
+                    continue;
+                }
+                () = sleep_until(cancel_deadline) => {
+                    return Ok(answer::failure_before_start(kind, &format!("job {job_id} was cancelled; the agent did not confirm within {CANCEL_WAIT:?}")));
+                }
+            };
+            let event = match event {
+                Ok(Some(event)) => event,
+                Ok(None) => return Ok(answer::failure_before_start(kind, "the coordinator ended the job stream early")),
+                Err(status) => return Ok(answer::failure_before_start(kind, &format!("lost the coordinator: {}", status.message()))),
+            };
+            if job_id == 0 {
+                job_id = event.job_id;
+                self.inner.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(job_id, route.via != Via::Coordinator);
+                if ct.is_cancelled() {
+                    let _ = client.cancel(timed(CancelRequest { job_id })).await;
+                }
+            }
+            match event.event {
+                Some(job_event::Event::Queued(queued)) => {
+                    notifier.send(format!("job {job_id} queued{}", if queued.reason.is_empty() { String::new() } else { format!(": {}", queued.reason) }), false).await;
+                }
+                Some(job_event::Event::Assigned(assigned)) => {
+                    let place = if assigned.local { "the local agent".to_owned() } else { assigned.agent_id.clone() };
+                    notifier.send(format!("job {job_id} assigned to {place} (attempt {})", assigned.attempt), false).await;
+                }
+                Some(job_event::Event::Output(chunk)) => {
+                    report.feed(OutputStream::try_from(chunk.stream).unwrap_or(OutputStream::Stdout), &chunk.data);
+                    let progress = report.progress();
+                    if progress.testing && !last_progress.testing {
+                        notifier.send(format!("job {job_id} testing"), false).await;
+                    } else if progress.crates_compiled != last_progress.crates_compiled {
+                        notifier.send(format!("job {job_id} compiling: {} crates built, {} fresh", progress.crates_compiled, progress.crates_fresh), true).await;
+                    }
+                    last_progress = progress;
+                }
+                Some(job_event::Event::Finished(result)) => {
+                    let placement = match (&route.via, result.local) {
+                        (Via::InProcess(reason), _) => Placement::Unreachable(reason.clone()),
+                        (Via::Coordinator, true) => Placement::LocalFallback,
+                        (Via::Coordinator, false) => Placement::Agent(result.agent_id.clone()),
+                    };
+                    return Ok(ToolAnswer { kind, job_id, placement, result, report: report.finish() }.into_result());
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[tool_handler]
+impl ServerHandler for BuildPoolMcp {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(
+            "Build, test and lint this worktree on the buildpool build hosts. Each tool snapshots the \
+             worktree as it is now (uncommitted and untracked files included) and answers with exact \
+             diagnostics and test failures; use job_log for full output.",
+        )
+    }
+}
