@@ -19,7 +19,7 @@ use buildpool_proto::{CancelRequest, JobKind, JobLogRequest, JobSpec, OutputStre
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
-    CallToolResult, ProgressNotificationParam, ProgressToken, RequestMetaObject, ServerCapabilities,
+    CallToolResult, Implementation, ProgressNotificationParam, ProgressToken, RequestMetaObject, ServerCapabilities,
     ServerConfig,
 };
 use rmcp::{ErrorData, Peer, RoleServer, ServerHandler, ServiceExt, tool, tool_handler, tool_router};
@@ -470,7 +470,9 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 #[tool_handler]
 impl ServerHandler for BuildPoolMcp {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("buildpool", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
             "Build, test and lint this worktree on the buildpool build hosts. Each tool snapshots the \
              worktree as it is now (uncommitted and untracked files included) and answers with exact \
              diagnostics and test failures; use job_log for full output.",
