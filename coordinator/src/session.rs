@@ -57,6 +57,11 @@ impl Fallback {
         Ok(Route { client, via: Via::InProcess(reason) })
     }
 
+    /// The in-process coordinator's client, if one is running.
+    pub async fn running_client(&self) -> Option<Client> {
+        self.running.lock().await.as_ref().map(|(_, client)| client.clone())
+    }
+
     /// Stops the in-process coordinator, if one was started.
     pub async fn shutdown(&self) {
         if let Some((coordinator, _)) = self.running.lock().await.take() {

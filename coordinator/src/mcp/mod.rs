@@ -282,14 +282,22 @@ impl BuildPoolMcp {
         let (client, _) = match crate::client::connect_to_running(&self.inner.repo).await {
             Ok(found) => found,
             Err(error) => {
+                // Jobs of this session run in-process meanwhile; say whether one runs now.
+                let mut local_active = false;
+                if let Some(mut local) = self.inner.fallback.running_client().await
+                    && let Ok(status) = local.status(timed(StatusRequest {})).await
+                {
+                    local_active = status.into_inner().local_fallback_active;
+                }
                 let value = serde_json::json!({
                     "coordinator": format!("unreachable: {error}"),
                     "workers": [],
                     "queued_jobs": 0,
-                    "local_fallback_active": false,
+                    "local_fallback_active": local_active,
                     "note": "jobs run locally through an in-process coordinator until one is reachable",
                 });
-                return Ok(answer::plain(format!("coordinator unreachable ({error}); jobs run locally"), value, false));
+                let now = if local_active { "a local job is running now" } else { "no local job running" };
+                return Ok(answer::plain(format!("coordinator unreachable ({error}); jobs run locally; {now}"), value, false));
             }
         };
         let mut client = client;
