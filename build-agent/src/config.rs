@@ -58,6 +58,10 @@ pub struct WorkerSection {
     pub max_jobs: Option<u32>,
     #[serde(default)]
     pub labels: Vec<String>,
+    /// How long a drain (SIGTERM or a coordinator's request) waits for running jobs.
+    pub drain_timeout_secs: Option<u64>,
+    /// Time between TERM and KILL when a job is stopped.
+    pub kill_grace_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +97,7 @@ pub struct Overrides {
     pub worktree_dir: Option<PathBuf>,
     pub env: Option<String>,
     pub token_file: Option<PathBuf>,
+    pub drain_timeout_secs: Option<u64>,
 }
 
 /// The settled configuration.
@@ -109,6 +114,7 @@ pub struct AgentConfig {
     pub token: String,
     pub kill_grace: Duration,
     pub default_timeout: Duration,
+    pub drain_timeout: Duration,
 }
 
 pub fn parse_env_mode(text: &str) -> Result<EnvMode, ConfigError> {
@@ -214,8 +220,9 @@ impl AgentConfig {
             env,
             prewarm_packages: file.nix.prewarm_packages,
             token,
-            kill_grace: Duration::from_secs(5),
+            kill_grace: Duration::from_millis(file.worker.kill_grace_ms.unwrap_or(1500)),
             default_timeout: Duration::from_secs(3600),
+            drain_timeout: Duration::from_secs(overrides.drain_timeout_secs.or(file.worker.drain_timeout_secs).unwrap_or(600)),
         })
     }
 }

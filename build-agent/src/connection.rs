@@ -4,26 +4,27 @@
 //! queue drained by a writer task that gives every write a deadline, so a half-open
 //! coordinator is detected instead of blocking the agent.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use buildpool_proto::{
     AgentFrame, AttemptRef, CancelAck, Completion, CoordinatorFrame, Declined, Heartbeat, Hello,
-    JobFinished, JobOutput, Outcome, PROTOCOL_VERSION, RejectCode, SlotsUpdate, agent_frame,
+    JobFinished, JobOutput, Outcome, OutputStream, PROTOCOL_VERSION, RejectCode, SlotsUpdate, agent_frame,
     coordinator_frame, frame,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{Agent, ServerEndpoint};
+use crate::agent::{Agent, JobEntry, Link, ServerEndpoint};
 use crate::executor::JobRequest;
-use crate::slots::SlotState;
+use crate::process::OutputChunk;
+use crate::slots::{LinkId, PoolState};
 
 /// Deadline for connecting and for the hello/welcome exchange.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,8 +32,12 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames waiting for the writer. Output beyond this waits in the job's pipe (backpressure).
 const OUTBOUND_CAPACITY: usize = 64;
-/// Output chunks buffered between one job's process and the connection.
+/// Output chunks buffered between one job's process and its forwarder.
 const JOB_OUTPUT_CAPACITY: usize = 16;
+/// Output bytes one job buffers while connected before backpressure reaches its pipes.
+const CONNECTED_BUFFER: usize = 256 * 1024;
+/// Output bytes one job keeps while its coordinator is unreachable (the newest).
+const DISCONNECTED_BUFFER: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -97,6 +102,7 @@ fn host_of(url: &str) -> Result<String, SessionError> {
 /// Dials `endpoint` and serves the connection until it ends or `shutdown`.
 pub(crate) async fn dial_and_serve(
     agent: &Agent,
+    link: &Arc<Link>,
     endpoint: &ServerEndpoint,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
@@ -106,12 +112,13 @@ pub(crate) async fn dial_and_serve(
         .await
         .map_err(|_| SessionError::Timeout("connecting"))?
         .map_err(|e| SessionError::Connect(e.to_string()))?;
-    serve(agent, ws, GitLocator::DaemonOn(host), shutdown).await
+    serve(agent, link, ws, GitLocator::DaemonOn(host), shutdown).await
 }
 
 /// Runs the WebSocket client handshake over an established stream, then serves it.
 pub(crate) async fn serve_raw_stream<S>(
     agent: &Agent,
+    link: &Arc<Link>,
     stream: S,
     git: GitLocator,
     shutdown: CancellationToken,
@@ -124,7 +131,7 @@ where
         .await
         .map_err(|_| SessionError::Timeout("websocket handshake"))?
         .map_err(|e| SessionError::Connect(e.to_string()))?;
-    serve(agent, ws, git, shutdown).await
+    serve(agent, link, ws, git, shutdown).await
 }
 
 fn encode(msg: agent_frame::Msg) -> Message {
@@ -132,7 +139,9 @@ fn encode(msg: agent_frame::Msg) -> Message {
 }
 
 /// Reads the next coordinator frame, skipping WebSocket control frames.
-async fn next_frame<S>(stream: &mut futures_util::stream::SplitStream<WebSocketStream<S>>) -> Result<Option<coordinator_frame::Msg>, SessionError>
+async fn next_frame<S>(
+    stream: &mut futures_util::stream::SplitStream<WebSocketStream<S>>,
+) -> Result<Option<coordinator_frame::Msg>, SessionError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -151,8 +160,18 @@ where
     }
 }
 
+fn finished_frame(job_id: u64, attempt: u32, completion: Completion) -> Message {
+    encode(agent_frame::Msg::Finished(JobFinished { job_id, attempt, completion: Some(completion) }))
+}
+
+fn slots_frame(state: &PoolState, link: LinkId) -> Message {
+    let update = SlotsUpdate { slots_free: state.offer(link), slots_total: state.total, draining: state.draining };
+    encode(agent_frame::Msg::Slots(update))
+}
+
 async fn serve<S>(
     agent: &Agent,
+    link: &Arc<Link>,
     ws: WebSocketStream<S>,
     git: GitLocator,
     shutdown: CancellationToken,
@@ -163,7 +182,12 @@ where
     let inner = &agent.inner;
     let (mut sink, mut stream) = ws.split();
     let mut slots = inner.slots.subscribe();
-    let initial = *slots.borrow_and_update();
+    let initial = slots.borrow_and_update().clone();
+    let attempts: Vec<AttemptRef> = link
+        .jobs()
+        .iter()
+        .map(|(key, entry)| AttemptRef { job_id: key.0, attempt: key.1, finished: entry.finished.is_some() })
+        .collect();
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_id: inner.identity.id.clone(),
@@ -171,10 +195,10 @@ where
         labels: inner.identity.labels.clone(),
         system: inner.identity.system.clone(),
         slots_total: initial.total,
-        slots_free: initial.free,
+        slots_free: initial.offer(link.id),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         draining: initial.draining,
-        attempts: Vec::<AttemptRef>::new(),
+        attempts,
     };
     tokio::time::timeout(WRITE_TIMEOUT, sink.send(encode(agent_frame::Msg::Hello(hello))))
         .await
@@ -220,14 +244,29 @@ where
             writer_done.cancel();
         })
     };
+    // Results that ended while we were away go first; running jobs resume streaming
+    // through the link as soon as it is set.
+    let held: Vec<Message> = link
+        .jobs()
+        .iter_mut()
+        .filter_map(|(key, entry)| {
+            let completion = entry.finished.clone()?;
+            let mut messages: Vec<Message> = std::mem::take(&mut entry.unsent).into();
+            messages.push(finished_frame(key.0, key.1, completion));
+            Some(messages)
+        })
+        .flatten()
+        .collect();
+    for message in held {
+        if outbound.send(message).await.is_err() {
+            break;
+        }
+    }
+    link.outbound.send_replace(Some(outbound.clone()));
 
-    let session_jobs = CancellationToken::new();
-    let mut running: HashMap<(u64, u32), CancellationToken> = HashMap::new();
-    let mut jobs: JoinSet<(u64, u32)> = JoinSet::new();
     let mut heartbeat = tokio::time::interval(heartbeat_interval);
     let mut last_heard = tokio::time::Instant::now();
-    let mut announced: SlotState = initial;
-
+    let mut announced = initial.offer(link.id);
     let result = loop {
         let silence = tokio::time::sleep_until(last_heard + heartbeat_timeout);
         tokio::select! {
@@ -240,32 +279,29 @@ where
             }
             changed = slots.changed() => {
                 if changed.is_err() { break Ok(()); }
-                let state = *slots.borrow_and_update();
-                if state != announced {
-                    announced = state;
-                    let update = SlotsUpdate { slots_free: state.free, slots_total: state.total, draining: state.draining };
-                    if outbound.send(encode(agent_frame::Msg::Slots(update))).await.is_err() {
+                let state = slots.borrow_and_update().clone();
+                let offer = state.offer(link.id);
+                if offer != announced || state.draining != initial.draining {
+                    announced = offer;
+                    if outbound.send(slots_frame(&state, link.id)).await.is_err() {
                         break Err(SessionError::Protocol("connection lost while writing".into()));
                     }
                 }
-            }
-            Some(done) = jobs.join_next() => {
-                if let Ok(key) = done { running.remove(&key); }
             }
             frame = next_frame(&mut stream) => {
                 last_heard = tokio::time::Instant::now();
                 match frame {
                     Err(error) => break Err(error),
                     Ok(None) => break Ok(()),
-                    Ok(Some(message)) => handle_frame(agent, message, &git, &outbound, &mut running, &mut jobs, &session_jobs).await,
+                    Ok(Some(message)) => handle_frame(agent, link, message, &git, &outbound).await,
                 }
             }
         }
     };
 
-    // Jobs of a lost connection cannot report anywhere: stop them and free their slots.
-    session_jobs.cancel();
-    while jobs.join_next().await.is_some() {}
+    // Jobs keep running; their output waits (bounded) for the next connection.
+    link.outbound.send_replace(None);
+    inner.slots.set_demand(link.id, 0);
     drop(outbound);
     let _ = tokio::time::timeout(WRITE_TIMEOUT, writer).await;
     result
@@ -273,18 +309,16 @@ where
 
 async fn handle_frame(
     agent: &Agent,
+    link: &Arc<Link>,
     message: coordinator_frame::Msg,
     git: &GitLocator,
     outbound: &mpsc::Sender<Message>,
-    running: &mut HashMap<(u64, u32), CancellationToken>,
-    jobs: &mut JoinSet<(u64, u32)>,
-    session_jobs: &CancellationToken,
 ) {
     match message {
         coordinator_frame::Msg::Heartbeat(_) => {}
         coordinator_frame::Msg::Assign(assign) => {
             let key = (assign.job_id, assign.attempt);
-            if running.contains_key(&key) {
+            if link.jobs().contains_key(&key) {
                 return;
             }
             let decline = |reason: String| {
@@ -303,36 +337,79 @@ async fn handle_frame(
                 let _ = outbound.send(decline(format!("missing labels {missing:?}"))).await;
                 return;
             }
-            let Some(lease) = agent.inner.slots.try_acquire() else {
+            let Some(lease) = agent.inner.slots.try_acquire(link.id) else {
                 let state = agent.inner.slots.state();
-                let reason = if state.draining { "draining".to_owned() } else { format!("all {} slots busy", state.total) };
+                let reason = if state.draining {
+                    "draining".to_owned()
+                } else if state.free() > 0 {
+                    "the free slots are offered to other coordinators now".to_owned()
+                } else {
+                    format!("all {} slots busy", state.total)
+                };
                 let _ = outbound.send(decline(reason)).await;
                 return;
             };
-            let cancel = session_jobs.child_token();
-            running.insert(key, cancel.clone());
+            let cancel = agent.inner.stop_jobs.child_token();
+            link.jobs().insert(key, JobEntry { cancel: cancel.clone(), finished: None, unsent: VecDeque::new() });
             let request = JobRequest { job_id: key.0, attempt: key.1, spec, source: source.clone(), git_url: git.url(&source) };
             let agent = agent.clone();
-            let outbound = outbound.clone();
-            jobs.spawn(async move {
-                let completion = run_job(&agent, &request, &outbound, cancel).await;
+            let link = Arc::clone(link);
+            agent.inner.tracker.clone().spawn(async move {
+                let (completion, unsent) = run_job(&agent, &link, &request, cancel).await;
                 drop(lease);
-                let finished = JobFinished { job_id: key.0, attempt: key.1, completion: Some(completion) };
-                let _ = outbound.send(encode(agent_frame::Msg::Finished(finished))).await;
-                key
+                // Record the result before looking at the link: a connection made after this
+                // point sends it from the entry, one made before gets it from here.
+                let still_wanted = match link.jobs().get_mut(&key) {
+                    Some(entry) => {
+                        entry.finished = Some(completion.clone());
+                        entry.unsent = unsent;
+                        true
+                    }
+                    None => false,
+                };
+                let sender = link.outbound.borrow().clone();
+                if still_wanted && let Some(sender) = sender {
+                    let unsent = link.jobs().get_mut(&key).map(|entry| std::mem::take(&mut entry.unsent)).unwrap_or_default();
+                    for message in unsent {
+                        let _ = sender.send(message).await;
+                    }
+                    let _ = sender.send(finished_frame(key.0, key.1, completion)).await;
+                }
             });
         }
         coordinator_frame::Msg::Cancel(cancel) => {
             let key = (cancel.job_id, cancel.attempt);
-            if let Some(token) = running.get(&key) {
-                tracing::info!(job_id = key.0, attempt = key.1, "cancelling");
-                token.cancel();
+            {
+                let mut jobs = link.jobs();
+                match jobs.get(&key).map(|entry| entry.finished.is_some()) {
+                    // Ended already: forget the result nobody wants.
+                    Some(true) => {
+                        jobs.remove(&key);
+                    }
+                    // Running: stop it; its result (cancelled) is reported as usual.
+                    Some(false) => {
+                        tracing::info!(job_id = key.0, attempt = key.1, "cancelling");
+                        if let Some(entry) = jobs.get(&key) {
+                            entry.cancel.cancel();
+                        }
+                    }
+                    None => {}
+                }
             }
             let ack = CancelAck { job_id: key.0, attempt: key.1 };
             let _ = outbound.send(encode(agent_frame::Msg::CancelAck(ack))).await;
         }
+        coordinator_frame::Msg::ResultAck(ack) => {
+            let key = (ack.job_id, ack.attempt);
+            let mut jobs = link.jobs();
+            if jobs.get(&key).is_some_and(|entry| entry.finished.is_some()) {
+                jobs.remove(&key);
+            }
+        }
+        coordinator_frame::Msg::Demand(demand) => agent.inner.slots.set_demand(link.id, demand.queued),
         coordinator_frame::Msg::Drain(_) => {
-            agent.inner.slots.set_draining();
+            tracing::info!("the coordinator asked this agent to drain");
+            agent.inner.drain_requested.cancel();
         }
         coordinator_frame::Msg::Error(error) => {
             tracing::error!("coordinator reports a protocol error: {}", error.message);
@@ -343,35 +420,88 @@ async fn handle_frame(
     }
 }
 
-/// Runs the executor and forwards its output as frames. The bounded channels on both sides
-/// carry backpressure from a slow connection back to the job's pipes.
-async fn run_job(
-    agent: &Agent,
-    request: &JobRequest,
-    outbound: &mpsc::Sender<Message>,
-    cancel: CancellationToken,
-) -> Completion {
-    let (output_tx, mut output_rx) = mpsc::channel(JOB_OUTPUT_CAPACITY);
-    let forward = async {
-        while let Some(chunk) = output_rx.recv().await {
-            let chunk: crate::process::OutputChunk = chunk;
-            let output = JobOutput {
-                job_id: request.job_id,
-                attempt: request.attempt,
-                stream: chunk.stream as i32,
-                data: chunk.data.to_vec(),
-            };
-            if outbound.send(encode(agent_frame::Msg::Output(output))).await.is_err() {
-                // The connection is gone; keep draining so the job is not blocked.
-                continue;
-            }
-        }
-    };
-    let (completion, ()) = tokio::join!(agent.inner.executor.run(request, output_tx, cancel), forward);
+/// Runs the executor and forwards its output to whichever connection the link has.
+/// Returns the completion and any output that could not be sent yet.
+async fn run_job(agent: &Agent, link: &Arc<Link>, request: &JobRequest, cancel: CancellationToken) -> (Completion, VecDeque<Message>) {
+    let (output_tx, output_rx) = mpsc::channel(JOB_OUTPUT_CAPACITY);
+    let forward = forward_output(link, request.job_id, request.attempt, output_rx);
+    let (completion, unsent) = tokio::join!(agent.inner.executor.run(request, output_tx, cancel), forward);
     if completion.outcome == Outcome::Failed as i32 {
         tracing::warn!(job_id = request.job_id, "job failed: {}", completion.error);
     }
-    completion
+    (completion, unsent)
+}
+
+/// Moves a job's output to the link's current connection.
+///
+/// Connected: bounded buffering, then backpressure into the job's pipes. Disconnected: the
+/// job keeps running and the newest [`DISCONNECTED_BUFFER`] bytes are kept; older output is
+/// dropped and the gap is reported when the link is back. Returns the output still unsent
+/// when the job ended while disconnected; the next connection sends it before the result.
+async fn forward_output(link: &Link, job_id: u64, attempt: u32, mut output: mpsc::Receiver<OutputChunk>) -> VecDeque<Message> {
+    let mut current = link.outbound.subscribe();
+    let mut pending: VecDeque<(usize, Message)> = VecDeque::new();
+    let mut pending_bytes = 0usize;
+    let mut dropped = 0u64;
+    let mut input_open = true;
+    let mut dead_sender = false;
+    let chunk_frame = |stream: OutputStream, data: Vec<u8>| {
+        encode(agent_frame::Msg::Output(JobOutput { job_id, attempt, stream: stream as i32, data }))
+    };
+    loop {
+        let sender = current.borrow_and_update().clone();
+        let connected = sender.is_some() && !dead_sender;
+        if connected && dropped > 0 {
+            let note = format!("[buildpool] {dropped} bytes of output were dropped while the coordinator was unreachable\n");
+            pending.push_front((note.len(), chunk_frame(OutputStream::Stderr, note.into_bytes())));
+            dropped = 0;
+        }
+        if !input_open && (pending.is_empty() || !connected) {
+            if dropped > 0 {
+                let note = format!("[buildpool] {dropped} bytes of output were dropped while the coordinator was unreachable\n");
+                pending.push_front((note.len(), chunk_frame(OutputStream::Stderr, note.into_bytes())));
+            }
+            return pending.into_iter().map(|(_, message)| message).collect();
+        }
+        let can_read = input_open && (!connected || pending_bytes < CONNECTED_BUFFER);
+        tokio::select! {
+            chunk = output.recv(), if can_read => match chunk {
+                None => input_open = false,
+                Some(chunk) => {
+                    pending_bytes += chunk.data.len();
+                    pending.push_back((chunk.data.len(), chunk_frame(chunk.stream, chunk.data.to_vec())));
+                    while !connected && pending_bytes > DISCONNECTED_BUFFER {
+                        let Some((size, _)) = pending.pop_front() else { break };
+                        pending_bytes -= size;
+                        dropped += size as u64;
+                    }
+                }
+            },
+            permit = reserve(sender.as_ref()), if connected && !pending.is_empty() => match permit {
+                Ok(permit) => {
+                    if let Some((size, message)) = pending.pop_front() {
+                        pending_bytes -= size;
+                        permit.send(message);
+                    }
+                }
+                // The connection is going away; wait for the link to change.
+                Err(()) => dead_sender = true,
+            },
+            changed = current.changed() => {
+                if changed.is_err() {
+                    return pending.into_iter().map(|(_, message)| message).collect();
+                }
+                dead_sender = false;
+            }
+        }
+    }
+}
+
+async fn reserve(sender: Option<&mpsc::Sender<Message>>) -> Result<mpsc::Permit<'_, Message>, ()> {
+    match sender {
+        Some(sender) => sender.reserve().await.map_err(|_| ()),
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

@@ -3,11 +3,12 @@
 //! One implementation serves both the `build-agent` binary and the coordinator's embedded
 //! local agent, so "it worked locally" and "it worked on the agent" mean the same steps:
 //! fetch the exact snapshot into the repository's git cache, check it out into a warm
-//! workspace, pick the environment (`nix develop` or the host), run cargo as an owned
-//! process group, stream its output.
+//! workspace, pick the environment (the flake's dev shell or the host), run cargo as an
+//! owned process group, stream its output.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use buildpool_proto::{Completion, EnvMode, JobKind, JobSpec, Outcome, OutputStream, Source};
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::git_cache::GitCache;
+use crate::nix::{DevEnv, DevEnvCache};
 use crate::process::{self, CommandSpec, OutputChunk, ProcessEnd, RunLimits};
 use crate::workspace::WorkspacePool;
 
@@ -50,6 +52,7 @@ pub struct JobRequest {
 pub struct Executor {
     cache: GitCache,
     workspaces: WorkspacePool,
+    dev_envs: Arc<DevEnvCache>,
     config: ExecutorConfig,
 }
 
@@ -108,30 +111,15 @@ pub fn resolve_env(mode: EnvMode, src: &Path) -> Result<RunEnv, String> {
     }
 }
 
-/// The command line for a job in an environment.
-pub fn cargo_command(spec: &JobSpec, env: RunEnv, src: &Path, target: &Path) -> CommandSpec {
+/// The command line for a job: cargo, in the dev shell's environment when there is one.
+pub fn cargo_command(spec: &JobSpec, dev_env: Option<&DevEnv>, src: &Path, target: &Path) -> CommandSpec {
     let subcommand = JobKind::try_from(spec.kind).ok().and_then(JobKind::cargo_subcommand).unwrap_or("build");
-    let mut cargo: Vec<OsString> = vec!["cargo".into(), subcommand.into()];
-    cargo.extend(spec.cargo_args.iter().map(OsString::from));
-    let (program, args) = match env {
-        RunEnv::Host => (cargo.remove(0), cargo),
-        RunEnv::Nix => {
-            let mut flake = OsString::from("path:");
-            flake.push(src);
-            let mut args: Vec<OsString> = vec![
-                "--extra-experimental-features".into(),
-                "nix-command flakes".into(),
-                "develop".into(),
-                flake,
-                "--command".into(),
-            ];
-            args.extend(cargo);
-            ("nix".into(), args)
-        }
-    };
-    let mut vars: Vec<(OsString, OsString)> = vec![("CARGO_TARGET_DIR".into(), target.into())];
+    let mut args: Vec<OsString> = vec![subcommand.into()];
+    args.extend(spec.cargo_args.iter().map(OsString::from));
+    let mut vars: Vec<(OsString, OsString)> = dev_env.map(|env| env.as_ref().clone()).unwrap_or_default();
+    vars.push(("CARGO_TARGET_DIR".into(), target.into()));
     vars.extend(spec.env.iter().map(|v| (OsString::from(&v.name), OsString::from(&v.value))));
-    CommandSpec { program, args, cwd: src.to_owned(), env: vars }
+    CommandSpec { program: "cargo".into(), args, cwd: src.to_owned(), env: vars, registry: None }
 }
 
 impl Executor {
@@ -139,6 +127,7 @@ impl Executor {
         Self {
             cache: GitCache::new(config.git_cache_dir.clone()),
             workspaces: WorkspacePool::new(config.worktree_dir.clone(), config.slots),
+            dev_envs: Arc::new(DevEnvCache::default()),
             config,
         }
     }
@@ -198,16 +187,25 @@ impl Executor {
                 explicit => explicit,
             };
             let env = resolve_env(env_mode, &workspace.src)?;
+            let (dev_env, env_note) = match env {
+                RunEnv::Host => (None, String::new()),
+                RunEnv::Nix => {
+                    let evaluated = Instant::now();
+                    let (dev_env, cached) = self.dev_envs.get(&workspace.src).await?;
+                    let how = if cached { "cached".to_owned() } else { format!("evaluated in {} ms", evaluated.elapsed().as_millis()) };
+                    (Some(dev_env), format!(" (dev shell {how})"))
+                }
+            };
             let commit_short = job.source.commit.get(..12).unwrap_or(&job.source.commit);
             note(format!(
-                "snapshot {commit_short} {}; workspace slot {} ({}); env {}",
+                "snapshot {commit_short} {}; workspace slot {} ({}); env {}{env_note}",
                 if fetched { format!("fetched in {} ms", fetch_time.as_millis()) } else { "already cached".into() },
                 workspace.slot,
                 if warm { "warm" } else { "cold" },
                 env.label()
             ))
             .await;
-            Ok::<_, String>((workspace, env))
+            Ok::<_, String>((workspace, env, dev_env))
         };
         let setup = tokio::select! {
             result = tokio::time::timeout(timeout, setup) => result,
@@ -215,7 +213,7 @@ impl Executor {
                 return Completion { outcome: Outcome::Cancelled as i32, duration_ms: millis(started.elapsed()), ..Completion::default() };
             }
         };
-        let (workspace, env) = match setup {
+        let (workspace, env, dev_env) = match setup {
             Ok(Ok(ready)) => ready,
             Ok(Err(error)) => {
                 note(error.clone()).await;
@@ -226,7 +224,8 @@ impl Executor {
             }
         };
 
-        let command = cargo_command(&job.spec, env, &workspace.src, &workspace.target);
+        let mut command = cargo_command(&job.spec, dev_env.as_ref(), &workspace.src, &workspace.target);
+        command.registry = Some(self.config.worktree_dir.join(process::REGISTRY_DIR));
         let limits = RunLimits {
             timeout: timeout.saturating_sub(started.elapsed()),
             kill_grace: self.config.kill_grace,
@@ -241,7 +240,7 @@ impl Executor {
         };
         match result {
             Err(error) => {
-                let error = format!("could not start {}: {error}", if env == RunEnv::Nix { "nix" } else { "cargo" });
+                let error = format!("could not start cargo (env {}): {error}", env.label());
                 note(error.clone()).await;
                 completion.outcome = Outcome::Failed as i32;
                 completion.error = error;

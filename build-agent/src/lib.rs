@@ -12,6 +12,7 @@ pub mod connection;
 pub mod executor;
 pub mod git;
 pub mod git_cache;
+pub mod nix;
 pub mod process;
 pub mod slots;
 pub mod workspace;

@@ -38,6 +38,9 @@ struct Cli {
     /// File holding the shared token (default: /etc/build-agent/token; BUILDPOOL_TOKEN wins).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Seconds a drain (SIGTERM, or `buildpool agents drain`) waits for running jobs.
+    #[arg(long)]
+    drain_timeout: Option<u64>,
 }
 
 #[tokio::main]
@@ -59,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
         worktree_dir: cli.worktree_dir,
         env: cli.env,
         token_file: cli.token_file,
+        drain_timeout_secs: cli.drain_timeout,
     };
     let config = AgentConfig::resolve(file, overrides)?;
     for dir in [&config.git_cache_dir, &config.worktree_dir] {
@@ -80,26 +84,52 @@ async fn main() -> anyhow::Result<()> {
             kill_grace: config.kill_grace,
         },
     );
+    build_agent::process::reap_orphans(&config.worktree_dir);
     tracing::info!(agent_id = %config.id, slots = config.max_jobs, servers = config.servers.len(), "build agent starting");
+    let prewarm = tokio::spawn(build_agent::nix::prewarm(config.prewarm_packages.clone()));
+
     let shutdown = CancellationToken::new();
-    let signals = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down: stopping running jobs");
-        signals.cancel();
+    let serving = tokio::spawn({
+        let agent = agent.clone();
+        let shutdown = shutdown.clone();
+        async move { agent.run(config.servers, shutdown).await }
     });
-    agent.run(config.servers, shutdown).await;
+    let mut signals = Signals::new()?;
+    let reason = tokio::select! {
+        name = signals.next() => format!("{name} received"),
+        () = agent.drain_requested() => "a coordinator asked for it".to_owned(),
+    };
+    // Drain: stop taking jobs, let the running ones finish; a second signal stops at once.
+    tracing::info!("draining ({reason}): finishing running jobs for up to {:?}", config.drain_timeout);
+    tokio::select! {
+        _ = agent.drain(config.drain_timeout) => tracing::info!("drained"),
+        name = signals.next() => {
+            tracing::warn!("{name} received again: stopping running jobs now");
+            agent.stop().await;
+        }
+    }
+    shutdown.cancel();
+    prewarm.abort();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(15), serving).await;
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, as a stream of signal names.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }

@@ -37,6 +37,77 @@ pub struct CommandSpec {
     pub args: Vec<OsString>,
     pub cwd: PathBuf,
     pub env: Vec<(OsString, OsString)>,
+    /// A directory where the running group is recorded, so a later agent can kill it if
+    /// this one dies without cleaning up (see [`reap_orphans`]).
+    pub registry: Option<PathBuf>,
+}
+
+/// Name of the registry directory inside an agent's worktree directory.
+pub const REGISTRY_DIR: &str = ".running";
+
+/// A record of one running group: removed when the group is gone.
+#[derive(Debug)]
+struct Registration(PathBuf);
+
+impl Registration {
+    fn create(dir: &std::path::Path, pgid: i32) -> Option<Self> {
+        std::fs::create_dir_all(dir).ok()?;
+        let path = dir.join(format!("{}-{pgid}", std::process::id()));
+        std::fs::write(&path, b"").ok()?;
+        Some(Self(path))
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    Pid::from_raw(pid).is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
+}
+
+/// Members of process group `pgid` whose working directory is under `root`.
+fn group_members_under(pgid: i32, root: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the command name: state ppid pgrp ...
+            let group = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(2)).and_then(|g| g.parse::<i32>().ok());
+            group == Some(pgid)
+                && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(root))
+        })
+        .count()
+}
+
+/// Kills job process groups left behind by an agent that died (e.g. `kill -9`): recorded in
+/// `<worktree_dir>/.running` by a process that no longer exists, and still running in that
+/// worktree directory (so a reused group id of an unrelated process is left alone).
+pub fn reap_orphans(worktree_dir: &std::path::Path) -> usize {
+    let dir = worktree_dir.join(REGISTRY_DIR);
+    let Ok(entries) = std::fs::read_dir(&dir) else { return 0 };
+    let mut reaped = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some((agent, pgid)) = name.to_str().and_then(|n| n.split_once('-')) else { continue };
+        let (Ok(agent), Ok(pgid)) = (agent.parse::<i32>(), pgid.parse::<i32>()) else { continue };
+        if pid_alive(agent) {
+            continue;
+        }
+        if group_members_under(pgid, worktree_dir) > 0
+            && let Some(group) = Pid::from_raw(pgid)
+        {
+            tracing::warn!(pgid, "killing a job left running by a previous agent process");
+            let _ = kill_process_group(group, Signal::KILL);
+            reaped += 1;
+        }
+        let _ = std::fs::remove_file(entry.path());
+    }
+    reaped
 }
 
 /// Limits a run is held to.
@@ -109,6 +180,7 @@ pub async fn run(
         .and_then(|id| Pid::from_raw(id as i32))
         .ok_or_else(|| std::io::Error::other("spawned process has no pid"))?;
     let guard = GroupGuard { pgid: pid };
+    let registration = spec.registry.as_deref().and_then(|dir| Registration::create(dir, pid.as_raw_nonzero().get()));
 
     let mut pumps = tokio::task::JoinSet::new();
     if let Some(stdout) = child.stdout.take() {
@@ -147,6 +219,7 @@ pub async fn run(
     // The job is over: anything its group left behind goes too, closing the pipes.
     guard.signal(Signal::KILL);
     drop(guard);
+    drop(registration);
     let drained = tokio::time::timeout(PIPE_DRAIN_DEADLINE, async {
         while pumps.join_next().await.is_some() {}
     })
@@ -187,6 +260,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             cwd: std::env::temp_dir(),
             env: Vec::new(),
+            registry: None,
         }
     }
 
@@ -302,5 +376,40 @@ mod tests {
         }
         assert_eq!(total, 4_000_000);
         assert_eq!(job.await.expect("joins").expect("runs").end, ProcessEnd::Exited { code: 0 });
+    }
+}
+
+#[cfg(test)]
+mod reap_tests {
+    use super::*;
+
+    #[test]
+    fn groups_of_a_dead_agent_are_killed_only_when_they_run_in_its_directory() {
+        let root = tempfile::tempdir().expect("temp");
+        let inside = root.path().join("slot-0");
+        std::fs::create_dir_all(&inside).expect("mkdir");
+        let spawn = |cwd: &std::path::Path| {
+            let mut command = std::process::Command::new("sleep");
+            command.arg("300").current_dir(cwd);
+            std::os::unix::process::CommandExt::process_group(&mut command, 0);
+            command.spawn().expect("sleep")
+        };
+        let mut orphan = spawn(&inside);
+        let mut unrelated = spawn(&std::env::temp_dir());
+        let registry = root.path().join(REGISTRY_DIR);
+        std::fs::create_dir_all(&registry).expect("mkdir");
+        // A pid that is certainly dead (beyond pid_max) stands for the crashed agent.
+        for child in [&orphan, &unrelated] {
+            std::fs::write(registry.join(format!("{}-{}", 99_999_999, child.id())), b"").expect("write");
+        }
+        // A live agent's record is left alone.
+        std::fs::write(registry.join(format!("{}-{}", std::process::id(), orphan.id())), b"").expect("write");
+        assert_eq!(reap_orphans(root.path()), 1);
+        let status = orphan.wait().expect("reaped");
+        assert_eq!(status.signal(), Some(9));
+        assert!(unrelated.try_wait().expect("status").is_none(), "an unrelated group was killed");
+        unrelated.kill().expect("kill");
+        let _ = unrelated.wait();
+        assert_eq!(std::fs::read_dir(&registry).expect("dir").count(), 1, "only the live agent's record stays");
     }
 }

@@ -59,6 +59,9 @@ struct TimeoutsSection {
     job_default_secs: Option<u64>,
     heartbeat_interval_secs: Option<u64>,
     heartbeat_timeout_secs: Option<u64>,
+    reattach_grace_secs: Option<u64>,
+    unroutable_wait_secs: Option<u64>,
+    max_lost_attempts: Option<u32>,
 }
 
 /// The settled configuration of one coordinator.
@@ -77,6 +80,12 @@ pub struct CoordinatorConfig {
     pub job_default_timeout: Duration,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// How long a vanished agent's attempts wait for it to reconnect and reattach them.
+    pub reattach_grace: Duration,
+    /// How long a job no connected agent could run waits before it fails.
+    pub unroutable_wait: Duration,
+    /// Lost attempts (agent gone mid-job) before a job fails.
+    pub max_lost_attempts: u32,
     /// Keep job logs in a directory of this process's own, deleted at shutdown. Set for
     /// in-process coordinators, so two of them (say, two MCP sessions) never share job ids.
     pub private_logs: bool,
@@ -197,6 +206,12 @@ impl CoordinatorConfig {
             job_default_timeout: secs(pool.timeouts.job_default_secs, 300, "job_default_secs")?,
             heartbeat_interval,
             heartbeat_timeout,
+            reattach_grace: secs(pool.timeouts.reattach_grace_secs, 15, "reattach_grace_secs")?,
+            unroutable_wait: secs(pool.timeouts.unroutable_wait_secs, 60, "unroutable_wait_secs")?,
+            max_lost_attempts: match pool.timeouts.max_lost_attempts.unwrap_or(3) {
+                0 => return Err(ConfigError::Invalid("max_lost_attempts must be at least 1".into())),
+                n => n,
+            },
             private_logs: false,
         })
     }

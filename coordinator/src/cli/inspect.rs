@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use buildpool_proto::{CancelRequest, JobKind, JobLogRequest, JobState, OutputStream, StatusReply, StatusRequest};
+use buildpool_proto::{
+    CancelRequest, DrainAgentRequest, JobKind, JobLogRequest, JobState, OutputStream, StatusReply, StatusRequest,
+};
 use clap::Args;
 
 use crate::client::{self, CALL_TIMEOUT, Client};
@@ -30,6 +32,18 @@ pub struct LogsArgs {
 #[derive(Debug, Args)]
 pub struct CancelArgs {
     job_id: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentsArgs {
+    #[command(subcommand)]
+    action: Option<AgentsAction>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum AgentsAction {
+    /// Stop giving the agent jobs; it finishes its running ones (up to its drain timeout) and exits.
+    Drain { agent_id: String },
 }
 
 async fn connect(dir: &Path) -> anyhow::Result<Client> {
@@ -97,18 +111,7 @@ pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
         (true, false) => "enabled, idle",
     };
     println!("local fallback: {fallback}");
-    println!("\nAGENT                SLOTS  LABELS                 CONNECTED");
-    for agent in &status.agents {
-        let name = if agent.local { format!("{} (local)", agent.id) } else { agent.id.clone() };
-        let draining = if agent.draining { " draining" } else { "" };
-        println!(
-            "{name:<20} {:>2}/{:<3} {:<22} {}{draining}",
-            agent.slots_used,
-            agent.slots_total,
-            agent.labels.join(","),
-            ago(agent.connected_since_unix_ms)
-        );
-    }
+    print_agents(&status);
     println!("\nJOB      STATE    KIND    AGENT                SUBMITTED   WORKTREE");
     for job in &status.jobs {
         let running = job.state == JobState::Running as i32;
@@ -161,6 +164,39 @@ pub async fn cancel(dir: &Path, args: CancelArgs) -> anyhow::Result<ExitCode> {
         println!("job {}: cancelling", args.job_id);
     } else {
         println!("job {} already {}", args.job_id, reply.state);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_agents(status: &StatusReply) {
+    println!("\nAGENT                SLOTS  LABELS                 CONNECTED");
+    for agent in &status.agents {
+        let name = if agent.local { format!("{} (local)", agent.id) } else { agent.id.clone() };
+        let draining = if agent.draining { " draining" } else { "" };
+        println!(
+            "{name:<20} {:>2}/{:<3} {:<22} {}{draining}",
+            agent.slots_used,
+            agent.slots_total,
+            agent.labels.join(","),
+            ago(agent.connected_since_unix_ms)
+        );
+    }
+}
+
+pub async fn agents(dir: &Path, args: AgentsArgs) -> anyhow::Result<ExitCode> {
+    let mut client = connect(dir).await?;
+    match args.action {
+        None => {
+            let status = client.status(request(StatusRequest {})).await.context("status failed")?.into_inner();
+            print_agents(&status);
+        }
+        Some(AgentsAction::Drain { agent_id }) => {
+            client
+                .drain_agent(request(DrainAgentRequest { agent_id: agent_id.clone() }))
+                .await
+                .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+            println!("agent {agent_id}: draining (finishes its running jobs, then exits)");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -33,6 +33,8 @@ enum Command {
     Logs(inspect::LogsArgs),
     /// Cancel a queued or running job.
     Cancel(inspect::CancelArgs),
+    /// List agents, or drain one: it stops taking jobs, finishes its running ones and exits.
+    Agents(inspect::AgentsArgs),
     /// Run `cargo test` on an embedded sample workspace through the whole pipeline.
     Demo(demo::DemoArgs),
     /// Serve MCP on stdin/stdout: build, test, clippy, check, worker_status, job_log, cancel_job.
@@ -68,6 +70,7 @@ pub fn main() -> ExitCode {
             Command::Status(args) => inspect::status(&dir, args).await,
             Command::Logs(args) => inspect::logs(&dir, args).await,
             Command::Cancel(args) => inspect::cancel(&dir, args).await,
+            Command::Agents(args) => inspect::agents(&dir, args).await,
             Command::Demo(args) => demo::demo(args).await,
             Command::Mcp => crate::mcp::serve(&dir).await.map(|()| ExitCode::SUCCESS),
         }

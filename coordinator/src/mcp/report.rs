@@ -348,9 +348,15 @@ impl ReportBuilder {
         }
         let failed = self.tests.as_ref().map_or(0, |t| t.failed) as usize;
         let failures_omitted = failed.saturating_sub(self.failures.len());
+        // Source order within each level, so the same failure always reads the same, whatever
+        // order parallel rustc processes reported it in.
+        let by_place = |d: &Diagnostic| (d.file.clone(), d.line, d.column);
         let mut diagnostics = self.errors;
+        diagnostics.sort_by_key(by_place);
+        let mut warnings = self.warnings;
+        warnings.sort_by_key(by_place);
         let room = MAX_DIAGNOSTICS.saturating_sub(diagnostics.len());
-        diagnostics.extend(self.warnings.into_iter().take(room));
+        diagnostics.extend(warnings.into_iter().take(room));
         let diagnostics_omitted = (self.error_count + self.warning_count).saturating_sub(diagnostics.len());
         Report {
             errors: self.error_count,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use buildpool_proto::{
     AgentFrame, CoordinatorFrame, Heartbeat, Hello, OutputStream, PROTOCOL_VERSION, ProtocolError, Reject,
-    RejectCode, Welcome, agent_frame, coordinator_frame, frame,
+    RejectCode, ResultAck, Welcome, agent_frame, coordinator_frame, frame,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::scheduler::{AgentRegistration, ConnId};
+use super::scheduler::{AgentRegistration, AttemptReport, ConnId};
 use super::{Connection, Shared, unix_millis};
 
 /// Deadline for the WebSocket upgrade and the hello frame.
@@ -230,8 +230,13 @@ async fn serve_agent<Si, St>(
         let mut state = shared.state();
         state.connections.insert(conn, Connection { outbound: outbound.clone(), close: close.clone(), agent_id: hello.agent_id.clone() });
     }
-    shared.step(|scheduler| ((), scheduler.agent_connected(conn, registration, Instant::now())));
-    tracing::info!(slots = hello.slots_total, labels = ?hello.labels, local, "agent connected");
+    let reports: Vec<AttemptReport> = hello
+        .attempts
+        .iter()
+        .map(|a| AttemptReport { job_id: a.job_id, attempt: a.attempt, finished: a.finished })
+        .collect();
+    shared.step(|scheduler| ((), scheduler.agent_connected(conn, registration, &reports, Instant::now())));
+    tracing::info!(slots = hello.slots_total, labels = ?hello.labels, local, reported = reports.len(), "agent connected");
 
     let heartbeat_timeout = shared.config.heartbeat_timeout;
     let mut heartbeat = tokio::time::interval(shared.config.heartbeat_interval);
@@ -261,7 +266,7 @@ async fn serve_agent<Si, St>(
                 };
                 match AgentFrame::decode_frame(&bytes) {
                     Ok(message) => {
-                        if let Err(error) = handle_frame(&shared, conn, message).await {
+                        if let Err(error) = handle_frame(&shared, conn, message, &outbound).await {
                             protocol_error(&outbound, &error);
                             break error;
                         }
@@ -292,7 +297,12 @@ fn protocol_error(outbound: &mpsc::Sender<CoordinatorFrame>, message: &str) {
 }
 
 /// Applies one agent frame. An error ends the connection.
-async fn handle_frame(shared: &Shared, conn: ConnId, message: agent_frame::Msg) -> Result<(), String> {
+async fn handle_frame(
+    shared: &Shared,
+    conn: ConnId,
+    message: agent_frame::Msg,
+    outbound: &mpsc::Sender<CoordinatorFrame>,
+) -> Result<(), String> {
     let now = Instant::now();
     match message {
         agent_frame::Msg::Heartbeat(_) => {}
@@ -332,6 +342,9 @@ async fn handle_frame(shared: &Shared, conn: ConnId, message: agent_frame::Msg) 
             if !accepted {
                 tracing::info!(job_id = finished.job_id, attempt = finished.attempt, "ignored the result of a stale attempt");
             }
+            // Accepted or stale, the agent need not keep it any longer.
+            let ack = ResultAck { job_id: finished.job_id, attempt: finished.attempt };
+            let _ = outbound.try_send(CoordinatorFrame::from(coordinator_frame::Msg::ResultAck(ack)));
         }
         agent_frame::Msg::CancelAck(ack) => {
             tracing::debug!(job_id = ack.job_id, attempt = ack.attempt, "agent confirmed cancel");

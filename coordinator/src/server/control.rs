@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use buildpool_proto::control_server::{Control, ControlServer};
 use buildpool_proto::{
-    AgentInfo, CancelReply, CancelRequest, JobAssigned, JobEvent as WireEvent, JobInfo, JobLogReply, JobLogRequest,
+    AgentInfo, CancelReply, CancelRequest, DrainAgentReply, DrainAgentRequest, JobAssigned, JobEvent as WireEvent, JobInfo, JobLogReply, JobLogRequest,
     JobOutputChunk, JobQueued, JobResult as WireResult, JobState, OutputStream, Source, StatusReply, StatusRequest,
     SubmitRequest, job_event,
 };
@@ -192,6 +192,16 @@ impl Control for ControlService {
             websocket_addr: shared.websocket_addr.map(|a| a.to_string()).unwrap_or_default(),
             git_daemon_port: u32::from(shared.git_daemon_port.unwrap_or(0)),
         }))
+    }
+
+    async fn drain_agent(&self, request: Request<DrainAgentRequest>) -> Result<Response<DrainAgentReply>, Status> {
+        let agent_id = request.into_inner().agent_id;
+        let connections = self.shared.step(|s| s.drain(&agent_id, Instant::now()));
+        if connections == 0 {
+            return Err(Status::not_found(format!("no agent {agent_id:?} is connected")));
+        }
+        tracing::info!(%agent_id, "asked the agent to drain");
+        Ok(Response::new(DrainAgentReply { connections: u32::try_from(connections).unwrap_or(u32::MAX) }))
     }
 
     async fn job_log(&self, request: Request<JobLogRequest>) -> Result<Response<JobLogReply>, Status> {

@@ -40,6 +40,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         },
     );
     let git = GitLocator::Fixed(format!("file://{}", shared.repo.common_dir.display()));
+    let link = agent.link();
     while !shutdown.is_cancelled() {
         let (coordinator_end, agent_end) = tokio::io::duplex(PIPE_CAPACITY);
         let server = tokio::spawn(bus::handle_stream(
@@ -50,11 +51,14 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             shutdown.clone(),
             None,
         ));
-        if let Err(error) = agent.serve_stream(agent_end, git.clone(), shutdown.clone()).await {
+        if let Err(error) = agent.serve_stream(&link, agent_end, git.clone(), shutdown.clone()).await {
             tracing::error!("embedded local agent: {error}");
         }
         let _ = server.await;
-        if !shutdown.is_cancelled() {
+        if shutdown.is_cancelled() {
+            // The coordinator is stopping: its local jobs stop with it.
+            agent.stop().await;
+        } else {
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 () = shutdown.cancelled() => {}

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use buildpool_proto::{Assign, Cancel, CoordinatorFrame, coordinator_frame};
+use buildpool_proto::{Assign, Cancel, CoordinatorFrame, Demand, Drain, coordinator_frame};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -117,6 +117,16 @@ impl Shared {
                 Action::Cancel { conn, job_id, attempt } => {
                     Self::send(state, conn, coordinator_frame::Msg::Cancel(Cancel { job_id, attempt }));
                 }
+                Action::Demand { conn, queued } => {
+                    Self::send(state, conn, coordinator_frame::Msg::Demand(Demand { queued }));
+                }
+                Action::Drain { conn } => Self::send(state, conn, coordinator_frame::Msg::Drain(Drain {})),
+                Action::Close { conn } => {
+                    if let Some(connection) = state.connections.get(&conn) {
+                        tracing::info!(conn, agent_id = %connection.agent_id, "superseded by a newer connection of the same agent; closing");
+                        connection.close.cancel();
+                    }
+                }
                 Action::Event { job_id, event } => {
                     let finished = matches!(event, JobEvent::Finished(_));
                     let job = if finished { state.jobs.remove(&job_id) } else { state.jobs.get(&job_id).cloned() };
@@ -188,6 +198,9 @@ impl Coordinator {
         };
         let scheduler = Scheduler::new(SchedulerConfig {
             default_timeout: config.job_default_timeout,
+            reattach_grace: config.reattach_grace,
+            unroutable_wait: config.unroutable_wait,
+            max_lost_attempts: config.max_lost_attempts,
             ..SchedulerConfig::default()
         });
         let websocket_addr = websocket.as_ref().map(tokio::net::TcpListener::local_addr).transpose()?;

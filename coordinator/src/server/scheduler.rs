@@ -38,6 +38,11 @@ pub struct SchedulerConfig {
     pub timeout_grace: Duration,
     /// Timeout of jobs that do not set one.
     pub default_timeout: Duration,
+    /// How long the attempts of a vanished agent wait for it to reconnect and reattach them
+    /// before they are requeued: a network blip must not rerun a five-minute build.
+    pub reattach_grace: Duration,
+    /// How long a job that no connected agent could run waits before it fails.
+    pub unroutable_wait: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -47,6 +52,8 @@ impl Default for SchedulerConfig {
             cancel_grace: Duration::from_secs(10),
             timeout_grace: Duration::from_secs(30),
             default_timeout: Duration::from_secs(300),
+            reattach_grace: Duration::from_secs(15),
+            unroutable_wait: Duration::from_secs(60),
         }
     }
 }
@@ -74,6 +81,20 @@ pub enum Action {
     Assign { conn: ConnId, job_id: JobId, attempt: u32, spec: JobSpec, source: Source },
     Cancel { conn: ConnId, job_id: JobId, attempt: u32 },
     Event { job_id: JobId, event: JobEvent },
+    /// The agent should tell its coordinator-facing slot offer how much work waits here.
+    Demand { conn: ConnId, queued: u32 },
+    /// Stop taking jobs, finish the running ones, exit.
+    Drain { conn: ConnId },
+    /// The connection is superseded (its agent reconnected); close it.
+    Close { conn: ConnId },
+}
+
+/// An attempt an agent reports in its hello after a reconnect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptReport {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub finished: bool,
 }
 
 #[derive(Debug)]
@@ -81,12 +102,16 @@ struct Agent {
     registration: AgentRegistration,
     free: u32,
     running: u32,
+    /// Last demand sent to this agent.
+    demand_sent: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum JobState {
     Queued,
     Running { conn: ConnId, attempt: u32, started: Instant, cancel_sent: Option<Instant> },
+    /// The agent running the attempt disconnected; it may come back and reattach it.
+    Orphaned { agent_id: String, attempt: u32, started: Instant, since: Instant },
 }
 
 #[derive(Debug)]
@@ -100,6 +125,8 @@ struct Job {
     attempt: u32,
     lost_attempts: u32,
     state: JobState,
+    /// Since when no connected agent could run this queued job.
+    unroutable_since: Option<Instant>,
 }
 
 /// A job as `status` reports it.
@@ -133,58 +160,121 @@ impl Scheduler {
         Self { config, ..Self::default() }
     }
 
-    pub fn agent_connected(&mut self, conn: ConnId, registration: AgentRegistration, now: Instant) -> Vec<Action> {
+    /// An agent connected. If it is a reconnect, its earlier connections are closed, the
+    /// attempts it reports are reattached when they are still its own, and it is told to
+    /// stop the ones that are not.
+    pub fn agent_connected(
+        &mut self,
+        conn: ConnId,
+        registration: AgentRegistration,
+        reports: &[AttemptReport],
+        now: Instant,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let superseded: Vec<ConnId> = self
+            .agents
+            .iter()
+            .filter(|(_, agent)| agent.registration.agent_id == registration.agent_id && !agent.registration.local)
+            .map(|(c, _)| *c)
+            .collect();
+        for old in superseded {
+            actions.push(Action::Close { conn: old });
+            actions.extend(self.orphan_jobs_of(old, now));
+        }
         let free = registration.slots_free.min(registration.slots_total);
-        self.agents.insert(conn, Agent { registration, free, running: 0 });
-        self.dispatch(now)
+        let agent_id = registration.agent_id.clone();
+        self.agents.insert(conn, Agent { registration, free, running: 0, demand_sent: None });
+        for report in reports {
+            let reattach = self.jobs.get(&report.job_id).is_some_and(|job| {
+                matches!(&job.state, JobState::Orphaned { agent_id: a, attempt, .. } if *a == agent_id && *attempt == report.attempt)
+            });
+            if reattach {
+                if let Some(job) = self.jobs.get_mut(&report.job_id)
+                    && let JobState::Orphaned { attempt, started, .. } = job.state.clone()
+                {
+                    job.state = JobState::Running { conn, attempt, started, cancel_sent: None };
+                }
+                if let Some(agent) = self.agents.get_mut(&conn) {
+                    agent.running += 1;
+                }
+            } else {
+                actions.push(Action::Cancel { conn, job_id: report.job_id, attempt: report.attempt });
+            }
+        }
+        // Attempts this agent held but no longer reports are gone with it: requeue them now.
+        let forgotten: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, job)| matches!(&job.state, JobState::Orphaned { agent_id: a, .. } if *a == agent_id))
+            .map(|(id, _)| *id)
+            .collect();
+        for job_id in forgotten {
+            actions.extend(self.lose_attempt(job_id, &agent_id, now));
+        }
+        actions.extend(self.dispatch(now));
+        actions
     }
 
-    /// A connection ended. Its jobs go back to the queue with their next attempt, unless they
-    /// have been lost too often.
+    /// A connection ended. Its attempts wait `reattach_grace` for the agent to come back.
     pub fn agent_disconnected(&mut self, conn: ConnId, now: Instant) -> Vec<Action> {
+        let mut actions = self.orphan_jobs_of(conn, now);
+        actions.extend(self.dispatch(now));
+        actions
+    }
+
+    fn orphan_jobs_of(&mut self, conn: ConnId, now: Instant) -> Vec<Action> {
         let Some(agent) = self.agents.remove(&conn) else { return Vec::new() };
         let mut actions = Vec::new();
-        let mut orphans: Vec<JobId> = self
+        let mut held: Vec<JobId> = self
             .jobs
             .iter()
             .filter(|(_, job)| matches!(job.state, JobState::Running { conn: c, .. } if c == conn))
             .map(|(id, _)| *id)
             .collect();
-        orphans.sort_unstable();
-        for job_id in orphans.into_iter().rev() {
+        held.sort_unstable();
+        for job_id in held {
             let Some(job) = self.jobs.get_mut(&job_id) else { continue };
-            let cancelling = matches!(job.state, JobState::Running { cancel_sent: Some(_), .. });
-            job.lost_attempts += 1;
-            let reason = if cancelling {
-                Some((Outcome::Cancelled, String::new()))
-            } else if job.lost_attempts >= self.config.max_lost_attempts {
-                Some((Outcome::Failed, format!(
-                    "agent {} disconnected during attempt {}; gave up after {} lost attempts",
-                    agent.registration.agent_id, job.attempt, job.lost_attempts
-                )))
+            let JobState::Running { attempt, started, cancel_sent, .. } = job.state else { continue };
+            if cancel_sent.is_some() {
+                // It was being cancelled anyway.
+                let completion = Completion { outcome: Outcome::Cancelled as i32, ..Completion::default() };
+                actions.push(self.finish(job_id, completion, &agent.registration, now));
             } else {
-                None
-            };
-            match reason {
-                Some((outcome, error)) => {
-                    let completion = Completion { outcome: outcome as i32, error, ..Completion::default() };
-                    actions.push(self.finish(job_id, completion, &agent.registration, now));
-                }
-                None => {
-                    job.state = JobState::Queued;
-                    self.queue.push_front(job_id);
-                    actions.push(Action::Event {
-                        job_id,
-                        event: JobEvent::Queued {
-                            position: 0,
-                            reason: format!("agent {} disconnected; requeued", agent.registration.agent_id),
-                        },
-                    });
-                }
+                job.state = JobState::Orphaned { agent_id: agent.registration.agent_id.clone(), attempt, started, since: now };
             }
         }
-        actions.extend(self.dispatch(now));
         actions
+    }
+
+    /// The attempt is lost for good: requeue the job, or fail it after too many losses.
+    fn lose_attempt(&mut self, job_id: JobId, agent_id: &str, now: Instant) -> Vec<Action> {
+        let Some(job) = self.jobs.get_mut(&job_id) else { return Vec::new() };
+        job.lost_attempts += 1;
+        if job.lost_attempts >= self.config.max_lost_attempts {
+            let error = format!(
+                "agent {agent_id} was lost during attempt {}; gave up after {} lost attempts",
+                job.attempt, job.lost_attempts
+            );
+            let completion = Completion { outcome: Outcome::Failed as i32, error, ..Completion::default() };
+            let registration = AgentRegistration {
+                agent_id: agent_id.to_owned(),
+                labels: Vec::new(),
+                system: String::new(),
+                slots_total: 0,
+                slots_free: 0,
+                draining: false,
+                local: false,
+                address: String::new(),
+                connected_at_unix_ms: 0,
+            };
+            return vec![self.finish(job_id, completion, &registration, now)];
+        }
+        job.state = JobState::Queued;
+        self.queue.push_front(job_id);
+        vec![Action::Event {
+            job_id,
+            event: JobEvent::Queued { position: 0, reason: format!("agent {agent_id} was lost; requeued") },
+        }]
     }
 
     pub fn slots_changed(&mut self, conn: ConnId, free: u32, total: u32, draining: bool, now: Instant) -> Vec<Action> {
@@ -215,6 +305,7 @@ impl Scheduler {
             attempt: 0,
             lost_attempts: 0,
             state: JobState::Queued,
+            unroutable_since: None,
         });
         self.queue.push_back(job_id);
         let mut actions = self.dispatch(now);
@@ -266,19 +357,39 @@ impl Scheduler {
     /// Cancels a job. Returns `None` if the job is unknown (or already ended).
     pub fn cancel(&mut self, job_id: JobId, now: Instant) -> Option<Vec<Action>> {
         let job = self.jobs.get_mut(&job_id)?;
-        match job.state {
+        match job.state.clone() {
             JobState::Queued => {
                 self.queue.retain(|id| *id != job_id);
                 let completion = Completion { outcome: Outcome::Cancelled as i32, ..Completion::default() };
-                let result = self.finish_unassigned(job_id, completion, now);
-                Some(vec![result])
+                let mut actions = vec![self.finish_unassigned(job_id, completion, now)];
+                actions.extend(self.dispatch(now));
+                Some(actions)
             }
             JobState::Running { conn, attempt, started, cancel_sent: None } => {
                 job.state = JobState::Running { conn, attempt, started, cancel_sent: Some(now) };
                 Some(vec![Action::Cancel { conn, job_id, attempt }])
             }
             JobState::Running { .. } => Some(Vec::new()),
+            JobState::Orphaned { .. } => {
+                // Its agent is gone; should it come back, the attempt is unknown and killed.
+                let completion = Completion { outcome: Outcome::Cancelled as i32, ..Completion::default() };
+                Some(vec![self.finish_unassigned(job_id, completion, now)])
+            }
         }
+    }
+
+    /// Asks every connection of `agent_id` to drain. Returns how many there were.
+    pub fn drain(&mut self, agent_id: &str, now: Instant) -> (usize, Vec<Action>) {
+        let mut actions = Vec::new();
+        for (conn, agent) in &mut self.agents {
+            if agent.registration.agent_id == agent_id && !agent.registration.local {
+                agent.registration.draining = true;
+                actions.push(Action::Drain { conn: *conn });
+            }
+        }
+        let count = actions.len();
+        actions.extend(self.dispatch(now));
+        (count, actions)
     }
 
     /// Time passes: give up on agents that do not confirm a cancel, and on jobs far past
@@ -286,20 +397,28 @@ impl Scheduler {
     pub fn tick(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         let mut overdue: Vec<(JobId, Outcome)> = Vec::new();
+        let mut lost: Vec<(JobId, String)> = Vec::new();
         for (job_id, job) in &self.jobs {
-            if let JobState::Running { started, cancel_sent, .. } = job.state {
-                let timeout = match job.spec.timeout_secs {
-                    0 => self.config.default_timeout,
-                    secs => Duration::from_secs(u64::from(secs)),
-                };
-                if cancel_sent.is_some_and(|sent| now.duration_since(sent) >= self.config.cancel_grace) {
-                    overdue.push((*job_id, Outcome::Cancelled));
-                } else if now.duration_since(started) >= timeout + self.config.timeout_grace {
-                    overdue.push((*job_id, Outcome::TimedOut));
+            match &job.state {
+                JobState::Running { started, cancel_sent, .. } => {
+                    let timeout = match job.spec.timeout_secs {
+                        0 => self.config.default_timeout,
+                        secs => Duration::from_secs(u64::from(secs)),
+                    };
+                    if cancel_sent.is_some_and(|sent| now.duration_since(sent) >= self.config.cancel_grace) {
+                        overdue.push((*job_id, Outcome::Cancelled));
+                    } else if now.duration_since(*started) >= timeout + self.config.timeout_grace {
+                        overdue.push((*job_id, Outcome::TimedOut));
+                    }
                 }
+                JobState::Orphaned { agent_id, since, .. } if now.duration_since(*since) >= self.config.reattach_grace => {
+                    lost.push((*job_id, agent_id.clone()));
+                }
+                _ => {}
             }
         }
         overdue.sort_unstable_by_key(|(id, _)| *id);
+        lost.sort_unstable();
         for (job_id, outcome) in overdue {
             let Some(job) = self.jobs.get(&job_id) else { continue };
             let JobState::Running { conn, attempt, .. } = job.state else { continue };
@@ -312,8 +431,38 @@ impl Scheduler {
             };
             actions.push(self.finish(job_id, completion, &registration, now));
         }
+        for (job_id, agent_id) in lost {
+            actions.extend(self.lose_attempt(job_id, &agent_id, now));
+        }
+        actions.extend(self.fail_unroutable(now));
         if !actions.is_empty() {
             actions.extend(self.dispatch(now));
+        }
+        actions
+    }
+
+    /// Fails queued jobs that no connected agent could ever run, once they waited long enough.
+    fn fail_unroutable(&mut self, now: Instant) -> Vec<Action> {
+        let remote = self.remote_available();
+        let mut expired = Vec::new();
+        for job_id in &self.queue {
+            let Some(job) = self.jobs.get(job_id) else { continue };
+            let routable = self.agents.values().any(|agent| self.could_run(agent, job, remote));
+            let since = if routable { None } else { Some(job.unroutable_since.unwrap_or(now)) };
+            if since.is_some_and(|since| now.duration_since(since) >= self.config.unroutable_wait) {
+                expired.push(*job_id);
+            }
+            if let Some(job) = self.jobs.get_mut(job_id) {
+                job.unroutable_since = since;
+            }
+        }
+        let mut actions = Vec::new();
+        for job_id in expired {
+            let reason = self.wait_reason(job_id);
+            self.queue.retain(|id| *id != job_id);
+            let error = format!("no connected agent can run this job ({reason}); waited {} s", self.config.unroutable_wait.as_secs());
+            let completion = Completion { outcome: Outcome::Failed as i32, error, ..Completion::default() };
+            actions.push(self.finish_unassigned(job_id, completion, now));
         }
         actions
     }
@@ -337,7 +486,7 @@ impl Scheduler {
                     .agents
                     .get(&conn)
                     .map(|agent| (agent.registration.agent_id.clone(), attempt)),
-                JobState::Queued => None,
+                JobState::Orphaned { .. } | JobState::Queued => None,
             },
         };
         let mut running: Vec<JobSummary> = self
@@ -363,10 +512,15 @@ impl Scheduler {
         self.agents.values().any(|agent| !agent.registration.local && !agent.registration.draining)
     }
 
-    fn eligible(&self, agent: &Agent, job: &Job, remote_available: bool) -> bool {
-        !agent.registration.draining
-            && (!agent.registration.local || !remote_available)
+    /// Whether the agent could ever run the job (labels, local-fallback rule).
+    fn could_run(&self, agent: &Agent, job: &Job, remote_available: bool) -> bool {
+        (!agent.registration.local || !remote_available)
             && job.spec.required_labels.iter().all(|label| agent.registration.labels.contains(label))
+    }
+
+    /// Whether the agent may be given the job now.
+    fn eligible(&self, agent: &Agent, job: &Job, remote_available: bool) -> bool {
+        !agent.registration.draining && self.could_run(agent, job, remote_available)
     }
 
     fn wait_reason(&self, job_id: JobId) -> String {
@@ -428,6 +582,36 @@ impl Scheduler {
                 spec: job.spec.clone(),
                 source: job.source.clone(),
             });
+        }
+        actions.extend(self.demand_updates(remote));
+        actions
+    }
+
+    /// Tells each agent how many queued jobs it could take here, when that changed. Agents
+    /// shared with other coordinators use it to share their slots fairly.
+    fn demand_updates(&mut self, remote: bool) -> Vec<Action> {
+        let demands: Vec<(ConnId, u32)> = self
+            .agents
+            .iter()
+            .filter(|(_, agent)| !agent.registration.local)
+            .map(|(conn, agent)| {
+                let queued = self
+                    .queue
+                    .iter()
+                    .filter_map(|id| self.jobs.get(id))
+                    .filter(|job| self.eligible(agent, job, remote))
+                    .count();
+                (*conn, u32::try_from(queued).unwrap_or(u32::MAX))
+            })
+            .collect();
+        let mut actions = Vec::new();
+        for (conn, queued) in demands {
+            if let Some(agent) = self.agents.get_mut(&conn)
+                && agent.demand_sent != Some(queued)
+            {
+                agent.demand_sent = Some(queued);
+                actions.push(Action::Demand { conn, queued });
+            }
         }
         actions
     }

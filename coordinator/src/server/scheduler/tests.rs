@@ -56,7 +56,7 @@ fn a_job_waits_for_an_agent_and_says_why() {
         job_id: 1,
         event: JobEvent::Queued { position: 0, reason: "no agents connected".into() },
     }]);
-    let actions = scheduler.agent_connected(10, registration("a", 2, false), now);
+    let actions = scheduler.agent_connected(10, registration("a", 2, false), &[], now);
     assert_eq!(assigns(&actions), [(10, 1, 1)]);
 }
 
@@ -64,10 +64,10 @@ fn a_job_waits_for_an_agent_and_says_why() {
 fn the_local_agent_runs_jobs_only_while_no_agent_is_connected() {
     let now = Instant::now();
     let mut scheduler = Scheduler::default();
-    scheduler.agent_connected(1, registration("local", 2, true), now);
+    scheduler.agent_connected(1, registration("local", 2, true), &[], now);
     assert_eq!(assigns(&submit(&mut scheduler, 1, now)), [(1, 1, 1)]);
     assert!(scheduler.local_busy());
-    scheduler.agent_connected(2, registration("remote", 1, false), now);
+    scheduler.agent_connected(2, registration("remote", 1, false), &[], now);
     assert_eq!(assigns(&submit(&mut scheduler, 2, now)), [(2, 2, 1)]);
     // The remote agent is busy, but connected: the next job waits for it.
     let queued = submit(&mut scheduler, 3, now);
@@ -79,8 +79,8 @@ fn the_local_agent_runs_jobs_only_while_no_agent_is_connected() {
 fn results_from_a_superseded_attempt_or_another_agent_are_dropped() {
     let now = Instant::now();
     let mut scheduler = Scheduler::default();
-    scheduler.agent_connected(1, registration("a", 1, false), now);
-    scheduler.agent_connected(2, registration("b", 1, false), now);
+    scheduler.agent_connected(1, registration("a", 1, false), &[], now);
+    scheduler.agent_connected(2, registration("b", 1, false), &[], now);
     let first = assigns(&submit(&mut scheduler, 7, now));
     let (holder, _, attempt) = first[0];
     let other = if holder == 1 { 2 } else { 1 };
@@ -88,8 +88,10 @@ fn results_from_a_superseded_attempt_or_another_agent_are_dropped() {
     assert!(!scheduler.holds(other, 7, attempt));
     assert!(scheduler.finished(other, 7, attempt, exited(0), now).is_empty());
 
-    // The holder vanishes: attempt 2 goes to the other agent.
-    let requeued = scheduler.agent_disconnected(holder, now);
+    // The holder vanishes and does not come back within the grace window: attempt 2 goes
+    // to the other agent.
+    assert!(assigns(&scheduler.agent_disconnected(holder, now)).is_empty(), "held for reattach");
+    let requeued = scheduler.tick(now + Duration::from_secs(16));
     assert_eq!(assigns(&requeued), [(other, 7, 2)]);
     assert!(scheduler.finished(holder, 7, 1, exited(1), now).is_empty(), "late result of attempt 1");
     assert!(scheduler.finished(other, 7, 1, exited(1), now).is_empty(), "wrong attempt");
@@ -102,13 +104,13 @@ fn results_from_a_superseded_attempt_or_another_agent_are_dropped() {
 fn a_declined_assignment_is_requeued_never_failed() {
     let now = Instant::now();
     let mut scheduler = Scheduler::default();
-    scheduler.agent_connected(1, registration("a", 1, false), now);
+    scheduler.agent_connected(1, registration("a", 1, false), &[], now);
     let (conn, job_id, attempt) = assigns(&submit(&mut scheduler, 1, now))[0];
     // Another coordinator took the slot first.
     let actions = scheduler.declined(conn, job_id, attempt, now);
     assert!(finished(&actions).is_empty());
     assert!(assigns(&actions).is_empty(), "the decliner gets nothing until it has free slots");
-    scheduler.agent_connected(2, registration("b", 1, false), now);
+    scheduler.agent_connected(2, registration("b", 1, false), &[], now);
     let later = scheduler.jobs();
     assert_eq!(later[0].running_on, Some(("b".to_owned(), 2)));
 }
@@ -118,14 +120,16 @@ fn lost_attempts_are_capped() {
     let now = Instant::now();
     let mut scheduler = Scheduler::new(SchedulerConfig { max_lost_attempts: 2, ..SchedulerConfig::default() });
     submit(&mut scheduler, 1, now);
-    scheduler.agent_connected(1, registration("a", 1, false), now);
-    let actions = scheduler.agent_disconnected(1, now);
+    scheduler.agent_connected(1, registration("a", 1, false), &[], now);
+    // The agent comes back without the attempt (it restarted): requeued at once.
+    let actions = scheduler.agent_connected(2, registration("a", 1, false), &[], now);
     assert!(finished(&actions).is_empty());
-    scheduler.agent_connected(2, registration("a", 1, false), now);
-    let done = finished(&scheduler.agent_disconnected(2, now));
+    assert_eq!(assigns(&actions), [(2, 1, 2)]);
+    scheduler.agent_disconnected(2, now);
+    let done = finished(&scheduler.tick(now + Duration::from_secs(16)));
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].1.completion.outcome, Outcome::Failed as i32);
-    assert!(done[0].1.completion.error.contains("disconnected"), "{}", done[0].1.completion.error);
+    assert!(done[0].1.completion.error.contains("was lost"), "{}", done[0].1.completion.error);
 }
 
 #[test]
@@ -137,7 +141,7 @@ fn cancel_of_a_queued_job_ends_it_and_of_a_running_job_asks_the_agent() {
     assert_eq!(done[0].1.completion.outcome, Outcome::Cancelled as i32);
     assert!(scheduler.cancel(1, now).is_none(), "already ended");
 
-    scheduler.agent_connected(5, registration("a", 1, false), now);
+    scheduler.agent_connected(5, registration("a", 1, false), &[], now);
     submit(&mut scheduler, 2, now);
     assert_eq!(scheduler.cancel(2, now).expect("known"), [Action::Cancel { conn: 5, job_id: 2, attempt: 1 }]);
     assert!(scheduler.tick(now + Duration::from_secs(1)).is_empty());
@@ -150,14 +154,14 @@ fn cancel_of_a_queued_job_ends_it_and_of_a_running_job_asks_the_agent() {
 fn labels_route_jobs() {
     let now = Instant::now();
     let mut scheduler = Scheduler::default();
-    scheduler.agent_connected(1, registration("plain", 4, false), now);
+    scheduler.agent_connected(1, registration("plain", 4, false), &[], now);
     let mut gpu = registration("gpu", 1, false);
     gpu.labels.push("gpu".into());
     let mut job = spec();
     job.required_labels = vec!["gpu".into()];
     let actions = scheduler.submit(1, job.clone(), Source::default(), String::new(), now, 0);
     assert!(matches!(&actions[0], Action::Event { event: JobEvent::Queued { reason, .. }, .. } if reason.contains("labels")));
-    assert_eq!(assigns(&scheduler.agent_connected(2, gpu, now)), [(2, 1, 1)]);
+    assert_eq!(assigns(&scheduler.agent_connected(2, gpu, &[], now)), [(2, 1, 1)]);
 }
 
 /// Random interleavings of submissions, agents coming and going, declines, results and
@@ -173,9 +177,11 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
         let mut connected: Vec<ConnId> = Vec::new();
         let mut next_conn = 1;
         let mut next_job = 1;
-        for step in 0..300u64 {
-            let now = start + Duration::from_millis(step);
-            let actions = match rng.u8(0..6) {
+        let mut clock = start;
+        for _ in 0..300u64 {
+            clock += Duration::from_millis(rng.u64(0..3000));
+            let now = clock;
+            let actions = match rng.u8(0..8) {
                 0 => {
                     next_job += 1;
                     submit(&mut scheduler, next_job, now)
@@ -183,7 +189,7 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
                 1 => {
                     next_conn += 1;
                     connected.push(next_conn);
-                    scheduler.agent_connected(next_conn, registration("x", rng.u32(1..3), false), now)
+                    scheduler.agent_connected(next_conn, registration(&format!("x{next_conn}"), rng.u32(1..3), false), &[], now)
                 }
                 2 if !connected.is_empty() => {
                     let conn = connected.swap_remove(rng.usize(..connected.len()));
@@ -198,6 +204,25 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
                     scheduler.declined(conn, job, attempt, now)
                 }
                 5 if next_job > 1 => scheduler.cancel(rng.u64(2..=next_job), now).unwrap_or_default(),
+                6 => scheduler.tick(now),
+                // An agent reconnects (new connection, same id) reporting some of its attempts.
+                7 if !connected.is_empty() => {
+                    let old = connected[rng.usize(..connected.len())];
+                    next_conn += 1;
+                    let reports: Vec<AttemptReport> = in_flight
+                        .iter()
+                        .filter(|(conn, _, _)| *conn == old && rng.bool())
+                        .map(|(_, job_id, attempt)| AttemptReport { job_id: *job_id, attempt: *attempt, finished: false })
+                        .collect();
+                    for (conn, _, _) in &mut in_flight {
+                        if *conn == old {
+                            *conn = next_conn;
+                        }
+                    }
+                    connected.retain(|c| *c != old);
+                    connected.push(next_conn);
+                    scheduler.agent_connected(next_conn, registration(&format!("x{old}"), 2, false), &reports, now)
+                }
                 _ => Vec::new(),
             };
             in_flight.extend(assigns(&actions));
@@ -212,4 +237,95 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
             assert!(ended != open.contains(&job_id), "seed {seed}: job {job_id} lost or doubled");
         }
     }
+}
+
+#[test]
+fn a_reconnecting_agent_reattaches_its_attempts_within_the_grace_window() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::default();
+    scheduler.agent_connected(1, registration("a", 1, false), &[], now);
+    submit(&mut scheduler, 1, now);
+    scheduler.agent_connected(2, registration("b", 1, false), &[], now);
+
+    // a's connection drops; within the grace window nothing is requeued.
+    let actions = scheduler.agent_disconnected(1, now);
+    assert!(assigns(&actions).is_empty() && finished(&actions).is_empty());
+    assert!(scheduler.tick(now + Duration::from_secs(5)).is_empty());
+
+    // a comes back on connection 3, still running job 1 attempt 1: reattached, not rerun.
+    let reports = [AttemptReport { job_id: 1, attempt: 1, finished: false }];
+    let actions = scheduler.agent_connected(3, registration("a", 1, false), &reports, now + Duration::from_secs(6));
+    assert!(assigns(&actions).is_empty(), "{actions:?}");
+    assert!(!actions.iter().any(|a| matches!(a, Action::Cancel { .. })), "{actions:?}");
+    assert!(scheduler.holds(3, 1, 1));
+    let done = finished(&scheduler.finished(3, 1, 1, exited(0), now + Duration::from_secs(7)));
+    assert_eq!((done.len(), done[0].1.attempt), (1, 1));
+}
+
+#[test]
+fn after_the_grace_window_the_attempt_is_requeued_and_the_returning_agent_told_to_stop_it() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::default();
+    scheduler.agent_connected(1, registration("a", 1, false), &[], now);
+    submit(&mut scheduler, 1, now);
+    scheduler.agent_disconnected(1, now);
+    scheduler.agent_connected(2, registration("b", 1, false), &[], now);
+    let later = now + Duration::from_secs(16);
+    assert_eq!(assigns(&scheduler.tick(later)), [(2, 1, 2)]);
+    let reports = [AttemptReport { job_id: 1, attempt: 1, finished: true }];
+    let actions = scheduler.agent_connected(3, registration("a", 1, false), &reports, later);
+    assert!(actions.contains(&Action::Cancel { conn: 3, job_id: 1, attempt: 1 }), "{actions:?}");
+    assert!(scheduler.finished(3, 1, 1, exited(0), later).is_empty(), "the stale result is ignored");
+    assert!(scheduler.holds(2, 1, 2));
+}
+
+#[test]
+fn a_new_connection_of_the_same_agent_supersedes_the_old_one() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::default();
+    scheduler.agent_connected(1, registration("a", 1, false), &[], now);
+    submit(&mut scheduler, 1, now);
+    // Half-open: the old connection is not detected dead yet when the agent reconnects.
+    let reports = [AttemptReport { job_id: 1, attempt: 1, finished: false }];
+    let actions = scheduler.agent_connected(2, registration("a", 1, false), &reports, now);
+    assert!(actions.contains(&Action::Close { conn: 1 }), "{actions:?}");
+    assert!(scheduler.holds(2, 1, 1));
+    // The stale connection's cleanup arrives later and must not disturb the new one.
+    assert!(scheduler.agent_disconnected(1, now).is_empty());
+    assert!(scheduler.holds(2, 1, 1));
+    assert_eq!(scheduler.agents().len(), 1);
+}
+
+#[test]
+fn a_job_no_agent_can_run_fails_after_the_configured_wait() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::new(SchedulerConfig { unroutable_wait: Duration::from_secs(30), ..SchedulerConfig::default() });
+    scheduler.agent_connected(1, registration("plain", 1, false), &[], now);
+    let mut job = spec();
+    job.required_labels = vec!["gpu".into()];
+    scheduler.submit(1, job, Source::default(), String::new(), now, 0);
+    assert!(finished(&scheduler.tick(now + Duration::from_secs(1))).is_empty());
+    let done = finished(&scheduler.tick(now + Duration::from_secs(32)));
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].1.completion.outcome, Outcome::Failed as i32);
+    assert!(done[0].1.completion.error.contains("gpu"), "{}", done[0].1.completion.error);
+    // A job that only waits for a busy agent is not unroutable.
+    submit(&mut scheduler, 2, now);
+    submit(&mut scheduler, 3, now);
+    assert!(finished(&scheduler.tick(now + Duration::from_secs(100))).is_empty());
+}
+
+#[test]
+fn agents_hear_how_much_work_waits_for_them_and_drain_on_request() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::default();
+    scheduler.agent_connected(1, registration("a", 1, false), &[], now);
+    submit(&mut scheduler, 1, now);
+    let actions = submit(&mut scheduler, 2, now);
+    assert!(actions.contains(&Action::Demand { conn: 1, queued: 1 }), "{actions:?}");
+    let (count, actions) = scheduler.drain("a", now);
+    assert_eq!(count, 1);
+    assert!(actions.contains(&Action::Drain { conn: 1 }));
+    assert!(actions.contains(&Action::Demand { conn: 1, queued: 0 }), "a draining agent is offered no work: {actions:?}");
+    assert!(assigns(&scheduler.slots_changed(1, 1, 1, true, now)).is_empty());
 }
