@@ -38,6 +38,25 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_secs(300));
         child.wait().expect("sleep ends");
     }
+
+    /// Records each start, then sleeps for the seconds in the sleep file (default 4): for
+    /// fleet tests that need a job to be running for a while, and to count reruns.
+    #[test]
+    #[ignore]
+    fn sleeps_briefly() {
+        use std::io::Write;
+        let mut starts = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(env!("FIXTURE_STARTS_FILE"))
+            .expect("starts file");
+        writeln!(starts, "start").expect("record start");
+        let secs = std::fs::read_to_string(env!("FIXTURE_SLEEP_FILE"))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(4);
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+    }
 }
 "#;
 
@@ -75,7 +94,15 @@ impl Fixture {
             ("app/Cargo.toml", APP_MANIFEST),
             ("app/src/lib.rs", APP_LIB),
             // `env!` in the fixture reads this at compile time: cargo's [env] config.
-            (".cargo/config.toml", &format!("[env]\nFIXTURE_PID_FILE = \"{}\"\n", fixture.pid_file().display())),
+            (
+                ".cargo/config.toml",
+                &format!(
+                    "[env]\nFIXTURE_PID_FILE = \"{}\"\nFIXTURE_STARTS_FILE = \"{}\"\nFIXTURE_SLEEP_FILE = \"{}\"\n",
+                    fixture.pid_file().display(),
+                    fixture.starts_file().display(),
+                    fixture.sleep_file().display()
+                ),
+            ),
         ] {
             fixture.write(path, text)?;
         }
@@ -110,6 +137,24 @@ impl Fixture {
     pub fn pid_file(&self) -> PathBuf {
         self.dir.path().join("grandchild.pid")
     }
+
+    /// Where `sleeps_briefly` records each of its starts.
+    pub fn starts_file(&self) -> PathBuf {
+        self.dir.path().join("starts")
+    }
+
+    /// How many times `sleeps_briefly` has started.
+    pub fn starts(&self) -> usize {
+        std::fs::read_to_string(self.starts_file()).map(|t| t.lines().count()).unwrap_or(0)
+    }
+
+    /// Seconds `sleeps_briefly` sleeps.
+    pub fn sleep_file(&self) -> PathBuf {
+        self.dir.path().join("sleep-secs")
+    }
+
+    /// `buildpool run test` arguments that run only `sleeps_briefly`.
+    pub const BRIEF_JOB: &'static [&'static str] = &["run", "test", "--", "-p", "app", "--lib", "--", "--ignored", "sleeps_briefly"];
 
     /// Writes a file of the repository (creating directories), without committing it.
     pub fn write(&self, path: &str, text: &str) -> anyhow::Result<()> {

@@ -150,17 +150,49 @@ pub struct Cluster {
     pub git_daemon_port: u16,
 }
 
+/// How to start a coordinator in tests.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// `[build_pool]` TOML written to a config file, e.g. shorter heartbeats.
+    pub config: Option<String>,
+    /// Fixed ports (to restart a coordinator where it was); 0 picks free ones.
+    pub websocket_port: u16,
+    pub git_daemon_port: u16,
+    /// Another fixture's token file, so one agent can serve several coordinators.
+    pub token_file: Option<PathBuf>,
+}
+
 impl Cluster {
     /// Starts a coordinator for `fixture` with `agents` build agents of `slots` slots each.
     pub fn start(fixture: Fixture, agents: usize, slots: u32) -> anyhow::Result<Self> {
+        Self::start_with(fixture, agents, slots, &ServeOptions::default())
+    }
+
+    fn serve_command(fixture: &Fixture, options: &ServeOptions) -> anyhow::Result<Command> {
         let mut command = Command::new(buildpool_bin());
         command
             .arg("-C")
             .arg(fixture.root())
-            .args(["serve", "--websocket-port", "0", "--websocket-listen-addr", "127.0.0.1"])
-            .args(["--git-daemon-port", "0", "--git-daemon-listen-addr", "127.0.0.1"]);
+            .args(["serve", "--websocket-listen-addr", "127.0.0.1", "--git-daemon-listen-addr", "127.0.0.1"])
+            .args(["--websocket-port", &options.websocket_port.to_string()])
+            .args(["--git-daemon-port", &options.git_daemon_port.to_string()]);
+        if let Some(config) = &options.config {
+            let path = fixture.scratch().join("coordinator.toml");
+            std::fs::write(&path, config)?;
+            command.arg("--config").arg(path);
+        }
+        if let Some(token_file) = &options.token_file {
+            command.arg("--token-file").arg(token_file);
+        }
         fixture.apply_env(&mut command);
-        let coordinator = Owned::spawn(command, fixture.scratch().join("coordinator.log"))?;
+        Ok(command)
+    }
+
+    /// Starts a coordinator process for `fixture` and waits for its discovery file.
+    fn spawn_coordinator(fixture: &Fixture, options: &ServeOptions) -> anyhow::Result<(Owned, String, u16)> {
+        let command = Self::serve_command(fixture, options)?;
+        let log = fixture.scratch().join(format!("coordinator-{}.log", fastrand_suffix()));
+        let coordinator = Owned::spawn(command, log)?;
         let discovery = fixture.root().join(".git/buildpool/coordinator.json");
         let mut found = None;
         let ready = wait_until(Duration::from_secs(20), || {
@@ -176,6 +208,12 @@ impl Cluster {
         let found = found.context("discovery")?;
         let websocket_addr = found["websocket_addr"].as_str().context("websocket_addr")?.to_owned();
         let git_daemon_port = found["git_daemon_port"].as_u64().context("git port")? as u16;
+        Ok((coordinator, websocket_addr, git_daemon_port))
+    }
+
+    /// Starts a coordinator as `options` say, with `agents` agents of `slots` slots.
+    pub fn start_with(fixture: Fixture, agents: usize, slots: u32, options: &ServeOptions) -> anyhow::Result<Self> {
+        let (coordinator, websocket_addr, git_daemon_port) = Self::spawn_coordinator(&fixture, options)?;
         let mut cluster = Self { fixture, coordinator, agents: Vec::new(), websocket_addr, git_daemon_port };
         for index in 0..agents {
             cluster.add_agent(&format!("worker-{}", index + 1), slots, &[])?;
@@ -187,11 +225,23 @@ impl Cluster {
         format!("ws://{}/ws", self.websocket_addr)
     }
 
+    /// Starts the coordinator again on the same ports (after it was killed).
+    pub fn restart_coordinator(&mut self, options: &ServeOptions) -> anyhow::Result<()> {
+        let port = self.websocket_addr.rsplit(':').next().context("port")?.parse()?;
+        let options = ServeOptions { websocket_port: port, git_daemon_port: self.git_daemon_port, ..options.clone() };
+        let (coordinator, _, _) = Self::spawn_coordinator(&self.fixture, &options)?;
+        self.coordinator = coordinator;
+        Ok(())
+    }
+
     /// The command for a build agent with its own cache and workspaces under the scratch dir.
     pub fn agent_command(&self, id: &str, slots: u32, extra: &[&str]) -> Command {
         let dir = self.fixture.scratch().join(id);
         let mut command = Command::new(agent_bin());
-        command.args(["--server", &self.ws_url(), "--id", id, "--jobs", &slots.to_string()]);
+        if !extra.contains(&"--server") {
+            command.args(["--server", &self.ws_url()]);
+        }
+        command.args(["--id", id, "--jobs", &slots.to_string()]);
         if !extra.contains(&"--token-file") {
             command.arg("--token-file").arg(self.fixture.token_file());
         }
@@ -272,4 +322,70 @@ pub fn dir_of_program(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path).find(|dir| dir.join(program).is_file())
     })
+}
+
+/// A short random suffix for log file names (restarted processes get new logs).
+fn fastrand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed).to_string()
+}
+
+/// A TCP proxy for cutting a connection without closing it: after [`Proxy::cut`], the
+/// connections open until then go silent (bytes are swallowed, sockets stay open, like a
+/// half-open link); connections made afterwards are forwarded normally.
+#[derive(Debug)]
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    frozen_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    next_id: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Proxy {
+    pub fn start(upstream: &str) -> anyhow::Result<Self> {
+        use std::io::{Read, Write};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let frozen_below = Arc::new(AtomicU64::new(0));
+        let next_id = Arc::new(AtomicU64::new(0));
+        let upstream = upstream.to_owned();
+        let (frozen, ids) = (Arc::clone(&frozen_below), Arc::clone(&next_id));
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
+                let id = ids.fetch_add(1, Ordering::SeqCst);
+                for (mut from, mut to) in [
+                    (client.try_clone().expect("clone"), server.try_clone().expect("clone")),
+                    (server, client),
+                ] {
+                    let frozen = Arc::clone(&frozen);
+                    std::thread::spawn(move || {
+                        let mut buffer = [0u8; 16 * 1024];
+                        while let Ok(n) = from.read(&mut buffer) {
+                            if n == 0 {
+                                let _ = to.shutdown(std::net::Shutdown::Write);
+                                return;
+                            }
+                            if id >= frozen.load(Ordering::SeqCst) && to.write_all(&buffer[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Ok(Self { addr, frozen_below, next_id })
+    }
+
+    /// Silences every connection open now.
+    pub fn cut(&self) {
+        use std::sync::atomic::Ordering;
+        self.frozen_below.store(self.next_id.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
 }

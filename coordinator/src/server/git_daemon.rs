@@ -82,9 +82,40 @@ async fn wait_serving(common_dir: &Path, host: &str, port: u16, git_path: &str) 
     false
 }
 
+/// Where the running daemon's pid is recorded, so a coordinator that was killed without
+/// cleaning up (`kill -9`) has its daemon stopped by the next one.
+fn pid_file(common_dir: &Path) -> PathBuf {
+    common_dir.join("buildpool").join("git-daemon.pid")
+}
+
+fn record_pid(common_dir: &Path, child: &tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::fs::create_dir_all(common_dir.join("buildpool"));
+        let _ = std::fs::write(pid_file(common_dir), pid.to_string());
+    }
+}
+
+/// Kills a git daemon left behind by a previous coordinator of this repository, if the
+/// recorded pid still is a git daemon serving this repository.
+fn kill_stale(common_dir: &Path) {
+    let Some(pid) = std::fs::read_to_string(pid_file(common_dir)).ok().and_then(|t| t.trim().parse::<i32>().ok()) else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    if cmdline.contains("daemon") && cmdline.contains(&*common_dir.to_string_lossy())
+        && let Some(pid) = Pid::from_raw(pid)
+    {
+        tracing::warn!(pid = pid.as_raw_nonzero().get(), "stopping a git daemon left behind by a previous coordinator");
+        let _ = kill_process_group(pid, Signal::KILL);
+    }
+    let _ = std::fs::remove_file(pid_file(common_dir));
+}
+
 impl GitDaemon {
     /// Starts the daemon and waits until it accepts connections. Port 0 picks a free port.
     pub async fn start(common_dir: PathBuf, listen: String, port: u16) -> Result<Self, DaemonError> {
+        kill_stale(&common_dir);
         let port = if port == 0 {
             let probe: SocketAddr = format!("{}:0", listen_host(&listen)).parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
             TcpListener::bind(probe).and_then(|l| l.local_addr()).map_err(DaemonError::NoPort)?.port()
@@ -93,6 +124,7 @@ impl GitDaemon {
         };
         let git_path = format!("/{}", common_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
         let mut child = daemon_command(&common_dir, &listen, port).spawn().map_err(DaemonError::Spawn)?;
+        record_pid(&common_dir, &child);
         if !wait_serving(&common_dir, listen_host(&listen), port, &git_path).await {
             kill_group(&child);
             let _ = child.kill().await;
@@ -124,6 +156,7 @@ async fn supervise(mut child: tokio::process::Child, common_dir: PathBuf, listen
             () = stop.cancelled() => {
                 kill_group(&child);
                 let _ = child.wait().await;
+                let _ = std::fs::remove_file(pid_file(&common_dir));
                 return;
             }
             status = child.wait() => {
@@ -138,7 +171,10 @@ async fn supervise(mut child: tokio::process::Child, common_dir: PathBuf, listen
                 () = stop.cancelled() => return,
             }
             match daemon_command(&common_dir, &listen, port).spawn() {
-                Ok(next) => break next,
+                Ok(next) => {
+                    record_pid(&common_dir, &next);
+                    break next;
+                }
                 Err(error) => tracing::error!("cannot restart git daemon: {error}"),
             }
         };

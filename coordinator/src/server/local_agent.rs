@@ -22,6 +22,7 @@ const PIPE_CAPACITY: usize = 256 * 1024;
 
 pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     let dir = &shared.config.local_worktree_dir;
+    build_agent::process::reap_orphans(dir);
     let agent = Agent::new(
         AgentIdentity {
             id: LOCAL_AGENT_ID.to_owned(),

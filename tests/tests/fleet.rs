@@ -1,0 +1,183 @@
+//! Build agents in a fleet: one agent serving several coordinators from one slot pool,
+//! reconnects, reattach after a network cut, lost agents, drain.
+
+use std::time::{Duration, Instant};
+
+use buildpool_tests::{Cluster, Fixture, Owned, Proxy, RunOutput, ServeOptions, wait_until};
+
+/// Short heartbeats so dead links are found in seconds.
+const FAST: &str = "[build_pool.timeouts]\nheartbeat_interval_secs = 1\nheartbeat_timeout_secs = 3\nreattach_grace_secs = 20\n";
+
+fn fast() -> ServeOptions {
+    ServeOptions { config: Some(FAST.to_owned()), ..ServeOptions::default() }
+}
+
+fn spawn_run(fixture: &Fixture, args: &[&str], name: &str) -> Owned {
+    Owned::spawn(fixture.command_in(&fixture.root(), args), fixture.scratch().join(format!("{name}.log"))).expect("run starts")
+}
+
+fn finish(run: &mut Owned, timeout: Duration) -> (i32, String) {
+    let status = run.wait_timeout(timeout).unwrap_or_else(|| panic!("run did not finish:\n{}", run.log_text()));
+    (status.code().unwrap_or(-1), run.log_text())
+}
+
+/// Two coordinators (separate repositories) and one agent with one slot connected to both.
+fn two_coordinators_one_slot() -> (Cluster, Cluster, Owned) {
+    let first = Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &fast()).expect("first");
+    let shared_token = ServeOptions { token_file: Some(first.fixture.token_file()), ..fast() };
+    let second = Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &shared_token).expect("second");
+    let command = first.agent_command("shared", 1, &["--server", &first.ws_url(), "--server", &second.ws_url()]);
+    let agent = Owned::spawn(command, first.fixture.scratch().join("shared-agent.log")).expect("agent");
+    for cluster in [&first, &second] {
+        assert!(wait_until(Duration::from_secs(20), || cluster.agent_ids() == ["shared"]), "{}", agent.log_text());
+    }
+    (first, second, agent)
+}
+
+#[test]
+fn one_slot_shared_by_two_coordinators_loses_no_job_under_racing_submissions() {
+    let (first, second, agent) = two_coordinators_one_slot();
+    let mut runs = Vec::new();
+    for round in 0..3 {
+        for (name, cluster) in [("a", &first), ("b", &second)] {
+            runs.push(spawn_run(&cluster.fixture, &["run", "check"], &format!("{name}{round}")));
+        }
+    }
+    for mut run in runs {
+        let (code, log) = finish(&mut run, Duration::from_secs(120));
+        assert_eq!(code, 0, "{log}\nagent:\n{}", agent.log_text());
+        assert!(log.contains("running on shared"), "{log}");
+    }
+}
+
+#[test]
+fn two_busy_coordinators_share_the_slot_fairly() {
+    let (first, second, agent) = two_coordinators_one_slot();
+    for cluster in [&first, &second] {
+        std::fs::write(cluster.fixture.sleep_file(), "1").expect("sleep file");
+        // Warm both workspaces so build time does not skew the order.
+        let warm = cluster.fixture.run(Fixture::BRIEF_JOB).expect("warm");
+        assert_eq!(warm.code, Some(0), "{warm}");
+    }
+    let mut runs: Vec<(char, Owned)> = Vec::new();
+    for round in 0..4 {
+        runs.push(('a', spawn_run(&first.fixture, Fixture::BRIEF_JOB, &format!("fa{round}"))));
+        runs.push(('b', spawn_run(&second.fixture, Fixture::BRIEF_JOB, &format!("fb{round}"))));
+    }
+    let mut order = String::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !runs.is_empty() && Instant::now() < deadline {
+        runs.retain_mut(|(name, run)| match run.wait_timeout(Duration::from_millis(10)) {
+            Some(status) => {
+                assert_eq!(status.code(), Some(0), "{}", run.log_text());
+                order.push(*name);
+                false
+            }
+            None => true,
+        });
+    }
+    assert!(runs.is_empty(), "jobs did not finish: {order}\n{}", agent.log_text());
+    // Round robin: neither coordinator waits while the other runs everything.
+    let head: String = order.chars().take(4).collect();
+    assert_eq!(head.matches('a').count(), 2, "completion order {order}");
+    assert_eq!(head.matches('b').count(), 2, "completion order {order}");
+}
+
+#[test]
+fn an_agent_reconnects_to_a_coordinator_restarted_after_kill_9() {
+    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
+    cluster.coordinator.kill_hard();
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.restart_coordinator(&fast()).expect("restarts on the same ports");
+    assert!(
+        wait_until(Duration::from_secs(30), || cluster.agent_ids() == ["worker-1"]),
+        "the agent did not come back:\n{}",
+        cluster.agents[0].log_text()
+    );
+    let run = cluster.fixture.run(&["run", "check"]).expect("runs");
+    assert_eq!(run.code, Some(0), "{run}");
+    assert!(run.stderr.contains("running on worker-1"), "{run}");
+}
+
+#[test]
+fn a_job_survives_a_cut_connection_and_is_reattached_not_rerun() {
+    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &fast()).expect("cluster");
+    let proxy = Proxy::start(&cluster.websocket_addr).expect("proxy");
+    cluster.add_agent("behind-proxy", 1, &["--server", &proxy.ws_url()]).expect("agent");
+    let fixture = &cluster.fixture;
+    std::fs::write(fixture.sleep_file(), "12").expect("sleep file");
+    let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "reattach");
+    assert!(wait_until(Duration::from_secs(60), || fixture.starts() == 1), "{}", run.log_text());
+
+    let cut_at = Instant::now();
+    proxy.cut();
+    let coordinator = &cluster.coordinator;
+    assert!(
+        wait_until(Duration::from_secs(15), || coordinator.log_text().contains("reported=1")),
+        "the agent did not reconnect and report its attempt:\n{}\nagent:\n{}",
+        coordinator.log_text(),
+        cluster.agents[0].log_text()
+    );
+    let reattached_after = cut_at.elapsed();
+    let (code, log) = finish(&mut run, Duration::from_secs(60));
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(fixture.starts(), 1, "the job was rerun");
+    assert_eq!(log.matches("[buildpool] job 1 exit code 0").count(), 1, "exactly one result:\n{log}");
+    assert!(log.contains("attempt 1"), "{log}");
+    assert!(log.contains("test tests::sleeps_briefly ... ok"), "the output after the cut arrived:\n{log}");
+    eprintln!("reattached {:.1} s after the cut", reattached_after.as_secs_f64());
+}
+
+#[test]
+fn a_job_of_an_agent_killed_with_kill_9_finishes_elsewhere_as_attempt_2() {
+    let options = ServeOptions {
+        config: Some("[build_pool.timeouts]\nheartbeat_interval_secs = 1\nheartbeat_timeout_secs = 3\nreattach_grace_secs = 2\n".into()),
+        ..ServeOptions::default()
+    };
+    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &options).expect("cluster");
+    let fixture = &cluster.fixture;
+    std::fs::write(fixture.sleep_file(), "3").expect("sleep file");
+    let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "killed");
+    assert!(wait_until(Duration::from_secs(60), || fixture.starts() == 1), "{}", run.log_text());
+    cluster.add_agent("worker-2", 1, &[]).expect("second agent");
+    cluster.agents[0].kill_hard();
+    let (code, log) = finish(&mut run, Duration::from_secs(90));
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("on worker-2") && log.contains("attempt 2"), "{log}");
+    assert_eq!(log.matches("[buildpool] job 1 exit code").count(), 1, "{log}");
+}
+
+#[test]
+fn sigterm_drains_an_agent_which_finishes_its_job_and_exits_0() {
+    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
+    let fixture = &cluster.fixture;
+    std::fs::write(fixture.sleep_file(), "5").expect("sleep file");
+    let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "drained");
+    assert!(wait_until(Duration::from_secs(60), || fixture.starts() == 1), "{}", run.log_text());
+    cluster.agents[0].signal(buildpool_tests::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(10), || cluster
+            .status()
+            .is_ok_and(|s| s["agents"].as_array().is_some_and(|a| a.iter().any(|a| a["id"] == "worker-1" && a["draining"] == true)))),
+        "the coordinator does not show the agent draining"
+    );
+    let (code, log) = finish(&mut run, Duration::from_secs(60));
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("on worker-1"), "{log}");
+    let status = cluster.agents[0].wait_timeout(Duration::from_secs(20)).expect("agent exits after draining");
+    assert_eq!(status.code(), Some(0), "{}", cluster.agents[0].log_text());
+    assert_eq!(fixture.starts(), 1);
+}
+
+#[test]
+fn a_coordinator_can_drain_an_agent_by_id() {
+    let cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
+    let drained: RunOutput = cluster.fixture.run(&["agents", "drain", "worker-1"]).expect("runs");
+    assert_eq!(drained.code, Some(0), "{drained}");
+    let unknown: RunOutput = cluster.fixture.run(&["agents", "drain", "nobody"]).expect("runs");
+    assert_ne!(unknown.code, Some(0));
+    assert!(unknown.stderr.contains("no agent \"nobody\""), "{unknown}");
+    let mut cluster = cluster;
+    let status = cluster.agents[0].wait_timeout(Duration::from_secs(20)).expect("the agent exits");
+    assert_eq!(status.code(), Some(0), "{}", cluster.agents[0].log_text());
+}
