@@ -102,7 +102,11 @@ fn a_job_runs_under_real_nix_develop() {
     let test = fixture.run(&["run", "test", "--env", "nix", "--timeout", "300"]).expect("runs");
     assert_eq!(test.code, Some(0), "{test}");
     assert!(test.stdout.contains("runs_in_the_dev_shell ... ok"), "{test}");
-    assert!(test.stderr.contains("env nix"), "{test}");
+    assert!(test.stderr.contains("env nix (dev shell evaluated in"), "{test}");
+    // The dev shell is evaluated once per flake; the next job reuses it.
+    let again = fixture.run(&["run", "test", "--env", "nix"]).expect("runs");
+    assert_eq!(again.code, Some(0), "{again}");
+    assert!(again.stderr.contains("env nix (dev shell cached)"), "{again}");
 }
 
 fn job_with_grandchild(fixture: &Fixture, extra: &[&str]) -> Owned {

@@ -181,3 +181,48 @@ fn a_coordinator_can_drain_an_agent_by_id() {
     let status = cluster.agents[0].wait_timeout(Duration::from_secs(20)).expect("the agent exits");
     assert_eq!(status.code(), Some(0), "{}", cluster.agents[0].log_text());
 }
+
+#[test]
+fn a_job_no_connected_agent_can_run_fails_with_the_reason() {
+    let options = ServeOptions {
+        config: Some("[build_pool.timeouts]\nunroutable_wait_secs = 2\n".into()),
+        ..ServeOptions::default()
+    };
+    let cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &options).expect("cluster");
+    let started = Instant::now();
+    let run = cluster.fixture.run(&["run", "check", "--label", "gpu"]).expect("runs");
+    assert_eq!(run.code, Some(125), "{run}");
+    assert!(run.stderr.contains("no connected agent can run this job"), "{run}");
+    assert!(run.stderr.contains("gpu"), "{run}");
+    assert!(started.elapsed() < Duration::from_secs(30), "it waited {:?}", started.elapsed());
+}
+
+#[test]
+fn a_second_signal_during_a_drain_stops_the_job_at_once() {
+    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
+    let fixture = &cluster.fixture;
+    std::fs::write(fixture.sleep_file(), "300").expect("sleep file");
+    let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "interrupted");
+    assert!(wait_until(Duration::from_secs(60), || fixture.starts() == 1), "{}", run.log_text());
+    let agent = &mut cluster.agents[0];
+    agent.signal(buildpool_tests::SIGTERM);
+    std::thread::sleep(Duration::from_millis(500));
+    agent.signal(buildpool_tests::SIGINT);
+    let status = agent.wait_timeout(Duration::from_secs(20)).expect("the agent stops at once");
+    assert_eq!(status.code(), Some(0), "{}", agent.log_text());
+    assert!(agent.log_text().contains("stopping running jobs now"), "{}", agent.log_text());
+    let (code, log) = finish(&mut run, Duration::from_secs(30));
+    assert_eq!(code, 130, "the job ended as cancelled:\n{log}");
+}
+
+#[test]
+fn a_failing_prewarm_is_logged_not_fatal() {
+    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &fast()).expect("cluster");
+    let config = cluster.fixture.scratch().join("agent.toml");
+    std::fs::write(&config, "[nix]\nprewarm_packages = [\"path:/nonexistent-flake#nothing\"]\n").expect("config");
+    cluster.add_agent("prewarmed", 1, &["--config", config.to_str().expect("utf-8")]).expect("the agent starts anyway");
+    let agent = &cluster.agents[0];
+    assert!(wait_until(Duration::from_secs(30), || agent.log_text().contains("prewarm failed")), "{}", agent.log_text());
+    let run = cluster.fixture.run(&["run", "check"]).expect("runs");
+    assert_eq!(run.code, Some(0), "{run}");
+}
