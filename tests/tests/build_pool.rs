@@ -259,3 +259,19 @@ fn two_repositories_on_one_host_each_find_their_own_coordinator() {
     assert!(repo(&first).starts_with(first.fixture.root().to_str().expect("utf-8")));
     assert!(repo(&second).starts_with(second.fixture.root().to_str().expect("utf-8")));
 }
+
+#[test]
+fn ctrl_c_right_after_start_still_cancels_the_job() {
+    let cluster = cluster(1, 1);
+    let fixture = &cluster.fixture;
+    std::fs::write(fixture.sleep_file(), "300").expect("sleep file");
+    let mut run = Owned::spawn(fixture.command_in(&fixture.root(), Fixture::BRIEF_JOB), fixture.scratch().join("early.log")).expect("run");
+    // Before the client can know the job's id.
+    std::thread::sleep(Duration::from_millis(150));
+    run.signal(SIGINT);
+    let status = run.wait_timeout(Duration::from_secs(60)).expect("the client ends");
+    assert_eq!(status.code(), Some(130), "{}", run.log_text());
+    assert!(wait_until(Duration::from_secs(10), || {
+        cluster.status().is_ok_and(|s| s["jobs"].as_array().is_some_and(Vec::is_empty))
+    }), "the job is still running");
+}

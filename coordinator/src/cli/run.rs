@@ -121,6 +121,8 @@ pub fn describe(result: &JobResult) -> String {
 }
 
 pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
+    // First, so a Ctrl-C at any point after start is ours to handle (and cancels the job).
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let kind = JobKind::from_subcommand(&args.kind)
         .with_context(|| format!("unknown job kind {:?}: use build, test, clippy or check", args.kind))?;
     let spec = JobSpec {
@@ -150,7 +152,6 @@ pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
         worktree: repo.worktree.display().to_string(),
     };
     let mut events = client.submit(request).await.context("the coordinator refused the job")?.into_inner();
-    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut job_id = None;
     let mut cancel_requested = false;
     let code = loop {
@@ -176,6 +177,15 @@ pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
         let Some(event) = event.context("lost the coordinator while the job ran")? else {
             bail!("the coordinator closed the stream before the job ended");
         };
+        if job_id.is_none() && cancel_requested {
+            // Ctrl-C came before we knew the job's id: cancel it now.
+            eprintln!("[buildpool] cancelling job {} (Ctrl-C again to leave at once)", event.job_id);
+            let mut request = tonic::Request::new(CancelRequest { job_id: event.job_id });
+            request.set_timeout(CALL_TIMEOUT);
+            if let Err(error) = client.cancel(request).await {
+                eprintln!("[buildpool] cancel failed: {}", error.message());
+            }
+        }
         job_id = Some(event.job_id);
         match event.event {
             Some(job_event::Event::Queued(queued)) => {

@@ -1,7 +1,10 @@
 //! Benchmarks reported in closing notes (figures, not assertions):
 //!
 //! 1. latency from `buildpool run check` to cargo's first output line, warm agent;
-//! 2. remote warm incremental build vs local incremental build after the same one-line change.
+//! 2. remote warm incremental build vs local incremental build after the same one-line change;
+//! 3. cancel latency: client Ctrl-C to the job's process group being gone, and to the
+//!    client's exit (the agent confirmed);
+//! 4. dead-link detection and reattach after a silent network cut (heartbeat timeout 3 s).
 //!
 //! Run: `cargo run --release -p buildpool-tests --bin bench [-- ROUNDS]`
 
@@ -10,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use buildpool_tests::{Cluster, Fixture};
+use buildpool_tests::{Cluster, Fixture, Owned, Proxy, ServeOptions, process_alive, wait_until};
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort_unstable();
@@ -103,5 +106,72 @@ fn main() -> anyhow::Result<()> {
     let remote_median = summary("remote incremental build after a one-line change (buildpool run build)", &remote);
     let local_median = summary("local incremental build after the same change (cargo build)", &local);
     println!("ratio remote/local: {:.2}", remote_median.as_secs_f64() / local_median.as_secs_f64());
+
+    let (mut gone, mut confirmed) = (Vec::new(), Vec::new());
+    for round in 0..rounds.min(5) {
+        let _ = std::fs::remove_file(fixture.pid_file());
+        let args = ["run", "test", "--", "-p", "app", "--lib", "--", "--ignored", "sleeps_with_a_child"];
+        let mut run = Owned::spawn(fixture.command_in(&fixture.root(), &args), fixture.scratch().join(format!("cancel{round}.log")))?;
+        let mut pid = None;
+        if !wait_until(Duration::from_secs(60), || {
+            pid = std::fs::read_to_string(fixture.pid_file()).ok().and_then(|t| t.trim().parse::<i32>().ok());
+            pid.is_some()
+        }) {
+            bail!("the job did not start: {}", run.log_text());
+        }
+        let pid = pid.context("pid")?;
+        let started = Instant::now();
+        run.signal(buildpool_tests::SIGINT);
+        wait_until(Duration::from_secs(30), || !process_alive(pid));
+        gone.push(started.elapsed());
+        if run.wait_timeout(Duration::from_secs(30)).is_none() {
+            bail!(
+                "the client did not exit after the cancel:\n{}\nagent:\n{}\ncoordinator:\n{}",
+                run.log_text(),
+                cluster.agents[0].log_text(),
+                cluster.coordinator.log_text()
+            );
+        }
+        confirmed.push(started.elapsed());
+    }
+    summary("cancel: Ctrl-C -> job's process group gone", &gone);
+    summary("cancel: Ctrl-C -> client exits with the agent's confirmation", &confirmed);
+    drop(cluster);
+
+    let fast = ServeOptions {
+        config: Some("[build_pool.timeouts]\nheartbeat_interval_secs = 1\nheartbeat_timeout_secs = 3\nreattach_grace_secs = 20\n".into()),
+        ..ServeOptions::default()
+    };
+    let (mut detected, mut reattached) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        let mut cluster = Cluster::start_with(Fixture::new()?, 0, 1, &fast)?;
+        let proxy = Proxy::start(&cluster.websocket_addr)?;
+        cluster.add_agent("behind-proxy", 1, &["--server", &proxy.ws_url()])?;
+        let fixture = &cluster.fixture;
+        std::fs::write(fixture.sleep_file(), "10")?;
+        let mut run = Owned::spawn(fixture.command_in(&fixture.root(), Fixture::BRIEF_JOB), fixture.scratch().join(format!("cut{round}.log")))?;
+        if !wait_until(Duration::from_secs(60), || fixture.starts() == 1) {
+            bail!("the job did not start:\n{}", run.log_text());
+        }
+        let cut = Instant::now();
+        proxy.cut();
+        let log = || cluster.coordinator.log_text();
+        // Whichever comes first: the coordinator's own timeout, or the agent's reconnect
+        // superseding the silent connection.
+        if !wait_until(Duration::from_secs(30), || log().contains("agent disconnected")) {
+            bail!("the cut was not detected:\n{}", log());
+        }
+        detected.push(cut.elapsed());
+        if !wait_until(Duration::from_secs(30), || log().contains("reported=1")) {
+            bail!("no reattach:\n{}", log());
+        }
+        reattached.push(cut.elapsed());
+        run.wait_timeout(Duration::from_secs(60)).context("job ends")?;
+        if fixture.starts() != 1 {
+            bail!("the job was rerun");
+        }
+    }
+    summary("network cut -> coordinator drops the dead link (heartbeat timeout 3 s)", &detected);
+    summary("network cut -> agent reconnected and its attempt reattached", &reattached);
     Ok(())
 }
