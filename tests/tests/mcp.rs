@@ -92,7 +92,7 @@ async fn a_compile_error_answer_is_exact_and_small() {
 async fn a_failing_test_is_named_with_its_panic_message_and_success_is_short() {
     let cluster = started_cluster(1, 2).await;
     let fixture = &cluster.fixture;
-    let (client, _) = mcp_client(fixture, &fixture.root()).await;
+    let (client, recorder) = mcp_client(fixture, &fixture.root()).await;
 
     let ok = call(&client, "check", json!({})).await;
     let ok_text = text(&ok);
@@ -115,6 +115,9 @@ async fn a_failing_test_is_named_with_its_panic_message_and_success_is_short() {
     assert_eq!(failure["message"], "assertion `left == right` failed: arithmetic broke\n  left: 2\n right: 3");
     assert_eq!(failure["output"], "captured line");
     assert!(text(&result).contains("FAILED two_is_three: assertion `left == right` failed: arithmetic broke | left: 2 | right: 3"), "{}", text(&result));
+    let progress = recorder.progress.lock().expect("lock").clone();
+    assert!(progress.iter().any(|m| m.contains("compiling: ")), "{progress:?}");
+    assert!(progress.iter().any(|m| m.ends_with("testing")), "{progress:?}");
 
     // The full log stays available, filtered and paged.
     let job_id = body["job_id"].as_u64().expect("job id");

@@ -450,7 +450,9 @@ impl BuildPoolMcp {
                     if progress.testing && !last_progress.testing {
                         notifier.send(format!("job {job_id} testing"), false).await;
                     } else if progress.crates_compiled != last_progress.crates_compiled {
-                        notifier.send(format!("job {job_id} compiling: {} crates built, {} fresh", progress.crates_compiled, progress.crates_fresh), true).await;
+                        // The first crate marks the compiling phase; later counts are throttled.
+                        let throttle = last_progress.crates_compiled > 0;
+                        notifier.send(format!("job {job_id} compiling: {} crates built, {} fresh", progress.crates_compiled, progress.crates_fresh), throttle).await;
                     }
                     last_progress = progress;
                 }
