@@ -196,12 +196,28 @@ impl Agent {
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.inner.slots.set_draining();
         self.inner.tracker.close();
-        let finished = tokio::time::timeout(timeout, self.inner.tracker.wait()).await.is_ok();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let finished = tokio::time::timeout_at(deadline, self.inner.tracker.wait()).await.is_ok();
         if !finished {
             tracing::warn!("drain timeout of {timeout:?} reached; stopping the remaining jobs");
             self.stop().await;
+            return false;
         }
-        finished
+        // A result is delivered when its coordinator acknowledged it; links keep
+        // reconnecting meanwhile, so a result held for a briefly lost coordinator gets through.
+        while !self.all_results_acknowledged() {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("drain timeout reached with results not acknowledged by their coordinators");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        true
+    }
+
+    fn all_results_acknowledged(&self) -> bool {
+        let links = self.inner.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        links.iter().all(|link| link.jobs().is_empty())
     }
 
     /// Stops every job now and waits (briefly) for their groups to be gone.

@@ -246,23 +246,28 @@ where
     };
     // Results that ended while we were away go first; running jobs resume streaming
     // through the link as soon as it is set.
-    let held: Vec<Message> = link
-        .jobs()
-        .iter_mut()
-        .filter_map(|(key, entry)| {
-            let completion = entry.finished.clone()?;
-            let mut messages: Vec<Message> = std::mem::take(&mut entry.unsent).into();
-            messages.push(finished_frame(key.0, key.1, completion));
-            Some(messages)
-        })
-        .flatten()
-        .collect();
+    // Collect the results that ended while we were away and install this connection in one
+    // step under the jobs lock (see the job task): no result can fall between the two.
+    let held: Vec<Message> = {
+        let mut jobs = link.jobs();
+        let held = jobs
+            .iter_mut()
+            .filter_map(|(key, entry)| {
+                let completion = entry.finished.clone()?;
+                let mut messages: Vec<Message> = std::mem::take(&mut entry.unsent).into();
+                messages.push(finished_frame(key.0, key.1, completion));
+                Some(messages)
+            })
+            .flatten()
+            .collect();
+        link.outbound.send_replace(Some(outbound.clone()));
+        held
+    };
     for message in held {
         if outbound.send(message).await.is_err() {
             break;
         }
     }
-    link.outbound.send_replace(Some(outbound.clone()));
 
     let mut heartbeat = tokio::time::interval(heartbeat_interval);
     let mut last_heard = tokio::time::Instant::now();
@@ -293,7 +298,21 @@ where
                 match frame {
                     Err(error) => break Err(error),
                     Ok(None) => break Ok(()),
-                    Ok(Some(message)) => handle_frame(agent, link, message, &git, &outbound).await,
+                    Ok(Some(message)) => {
+                        let assignment = matches!(message, coordinator_frame::Msg::Assign(_));
+                        handle_frame(agent, link, message, &git, &outbound).await;
+                        if assignment {
+                            // The coordinator counted the assignment against our offer (or
+                            // zeroed it on a decline): always tell it the real offer now, so a
+                            // take-and-release too quick to be seen as a change cannot leave
+                            // it believing in fewer free slots than there are.
+                            let state = slots.borrow_and_update().clone();
+                            announced = state.offer(link.id);
+                            if outbound.send(slots_frame(&state, link.id)).await.is_err() {
+                                break Err(SessionError::Protocol("connection lost while writing".into()));
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -357,19 +376,26 @@ async fn handle_frame(
             agent.inner.tracker.clone().spawn(async move {
                 let (completion, unsent) = run_job(&agent, &link, &request, cancel).await;
                 drop(lease);
-                // Record the result before looking at the link: a connection made after this
-                // point sends it from the entry, one made before gets it from here.
-                let still_wanted = match link.jobs().get_mut(&key) {
-                    Some(entry) => {
-                        entry.finished = Some(completion.clone());
-                        entry.unsent = unsent;
-                        true
+                // Recording the result and reading the link happen under the jobs lock, as
+                // installing a new connection and collecting held results do: so either that
+                // connection sends this result from the entry, or we send it here.
+                let delivery = {
+                    let mut jobs = link.jobs();
+                    match jobs.get_mut(&key) {
+                        Some(entry) => {
+                            entry.finished = Some(completion.clone());
+                            let sender = link.outbound.borrow().clone();
+                            if sender.is_some() {
+                                Some((sender, std::mem::take(&mut entry.unsent).into_iter().chain(unsent).collect::<Vec<_>>()))
+                            } else {
+                                entry.unsent.extend(unsent);
+                                None
+                            }
+                        }
+                        None => None,
                     }
-                    None => false,
                 };
-                let sender = link.outbound.borrow().clone();
-                if still_wanted && let Some(sender) = sender {
-                    let unsent = link.jobs().get_mut(&key).map(|entry| std::mem::take(&mut entry.unsent)).unwrap_or_default();
+                if let Some((Some(sender), unsent)) = delivery {
                     for message in unsent {
                         let _ = sender.send(message).await;
                     }
@@ -451,15 +477,19 @@ async fn forward_output(link: &Link, job_id: u64, attempt: u32, mut output: mpsc
     loop {
         let sender = current.borrow_and_update().clone();
         let connected = sender.is_some() && !dead_sender;
-        if connected && dropped > 0 {
+        let gap_note = |dropped: u64| {
             let note = format!("[buildpool] {dropped} bytes of output were dropped while the coordinator was unreachable\n");
-            pending.push_front((note.len(), chunk_frame(OutputStream::Stderr, note.into_bytes())));
+            (note.len(), chunk_frame(OutputStream::Stderr, note.into_bytes()))
+        };
+        if connected && dropped > 0 {
+            let (size, note) = gap_note(dropped);
+            pending_bytes += size;
+            pending.push_front((size, note));
             dropped = 0;
         }
         if !input_open && (pending.is_empty() || !connected) {
             if dropped > 0 {
-                let note = format!("[buildpool] {dropped} bytes of output were dropped while the coordinator was unreachable\n");
-                pending.push_front((note.len(), chunk_frame(OutputStream::Stderr, note.into_bytes())));
+                pending.push_front(gap_note(dropped));
             }
             return pending.into_iter().map(|(_, message)| message).collect();
         }
@@ -472,7 +502,7 @@ async fn forward_output(link: &Link, job_id: u64, attempt: u32, mut output: mpsc
                     pending.push_back((chunk.data.len(), chunk_frame(chunk.stream, chunk.data.to_vec())));
                     while !connected && pending_bytes > DISCONNECTED_BUFFER {
                         let Some((size, _)) = pending.pop_front() else { break };
-                        pending_bytes -= size;
+                        pending_bytes = pending_bytes.saturating_sub(size);
                         dropped += size as u64;
                     }
                 }
@@ -480,7 +510,7 @@ async fn forward_output(link: &Link, job_id: u64, attempt: u32, mut output: mpsc
             permit = reserve(sender.as_ref()), if connected && !pending.is_empty() => match permit {
                 Ok(permit) => {
                     if let Some((size, message)) = pending.pop_front() {
-                        pending_bytes -= size;
+                        pending_bytes = pending_bytes.saturating_sub(size);
                         permit.send(message);
                     }
                 }
@@ -507,6 +537,82 @@ async fn reserve(sender: Option<&mpsc::Sender<Message>>) -> Result<mpsc::Permit<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn output_bytes(message: &Message) -> Vec<u8> {
+        let Message::Binary(bytes) = message else { panic!("binary frames only") };
+        match AgentFrame::decode_frame(bytes).expect("decodes") {
+            agent_frame::Msg::Output(output) => output.data,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// A job prints 6 MiB and ends while its coordinator is unreachable: the newest 4 MiB
+    /// are kept for the next connection, with the gap reported first.
+    #[tokio::test]
+    async fn output_of_a_disconnected_job_is_bounded_and_the_gap_reported() {
+        let link = Link { id: 0, outbound: tokio::sync::watch::channel(None).0, jobs: Default::default() };
+        let (chunks, output) = mpsc::channel(4);
+        let forwarder = tokio::spawn(async move {
+            let unsent = forward_output(&link, 1, 1, output).await;
+            (link, unsent)
+        });
+        let chunk = |byte: u8| OutputChunk { stream: OutputStream::Stdout, data: bytes::Bytes::from(vec![byte; 64 * 1024]) };
+        for n in 0..96u8 {
+            chunks.send(chunk(n)).await.expect("forwarder reads while disconnected");
+        }
+        drop(chunks);
+        let (_link, unsent) = forwarder.await.expect("forwarder ends");
+        // Disconnected at the end: everything kept comes back as unsent, gap note first.
+        let first = output_bytes(&unsent[0]);
+        assert!(String::from_utf8_lossy(&first).contains("bytes of output were dropped"), "{first:?}");
+        let kept: usize = unsent.iter().skip(1).map(|m| output_bytes(m).len()).sum();
+        assert_eq!(kept, DISCONNECTED_BUFFER);
+        assert_eq!(output_bytes(&unsent[1])[0], 32, "the oldest chunks were dropped, the newest kept");
+    }
+
+    #[tokio::test]
+    async fn a_reconnected_link_receives_the_gap_note_and_new_output() {
+        let link = Arc::new(Link { id: 0, outbound: tokio::sync::watch::channel(None).0, jobs: Default::default() });
+        let (chunks, output) = mpsc::channel(4);
+        let forwarder = tokio::spawn({
+            let link = Arc::clone(&link);
+            async move { forward_output(&link, 1, 1, output).await }
+        });
+        let chunk = |byte: u8| OutputChunk { stream: OutputStream::Stdout, data: bytes::Bytes::from(vec![byte; 64 * 1024]) };
+        for n in 0..80u8 {
+            chunks.send(chunk(n)).await.expect("forwarder reads while disconnected");
+        }
+        let (tx, mut rx) = mpsc::channel::<Message>(8);
+        link.outbound.send_replace(Some(tx));
+        // The coordinator side reads while the job goes on printing.
+        let collector = tokio::spawn(async move {
+            let mut received = Vec::new();
+            while received.last().is_none_or(|chunk: &Vec<u8>| chunk.first() != Some(&89)) {
+                received.push(output_bytes(&rx.recv().await.expect("frame")));
+            }
+            received
+        });
+        for n in 80..90u8 {
+            chunks.send(chunk(n)).await.expect("forwarder reads while connected");
+        }
+        drop(chunks);
+        let received = tokio::time::timeout(Duration::from_secs(30), collector).await.expect("no stall").expect("collects");
+        let note = String::from_utf8_lossy(&received[0]).into_owned();
+        let dropped: usize = note
+            .strip_prefix("[buildpool] ")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no gap note: {note:?}"));
+        // Some chunks may still have been in the pipe when the link came back; whatever was
+        // not dropped arrives, oldest first, and nothing is lost beyond the reported gap.
+        let chunk_size = 64 * 1024;
+        assert!(dropped >= chunk_size && dropped.is_multiple_of(chunk_size), "{note}");
+        assert_eq!(received[1][0] as usize, dropped / chunk_size);
+        let delivered: usize = received[1..].iter().map(Vec::len).sum();
+        assert_eq!(delivered + dropped, 90 * chunk_size);
+        assert_eq!(received.last().map(|c| c[0]), Some(89));
+        assert!(forwarder.await.expect("ends").is_empty(), "everything was sent");
+    }
 
     #[test]
     fn server_urls_must_be_plain_websocket() {

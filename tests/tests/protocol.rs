@@ -62,6 +62,18 @@ fn a_wrong_token_is_rejected_clearly_on_both_sides() {
     assert!(cluster.agent_ids().is_empty(), "a rejected agent must not be registered");
 }
 
+#[test]
+fn the_embedded_agents_id_is_reserved() {
+    let cluster = Cluster::start(Fixture::new().expect("fixture"), 0, 1).expect("cluster");
+    let command = cluster.agent_command("local", 1, &[]);
+    let agent = Owned::spawn(command, cluster.fixture.scratch().join("impostor.log")).expect("spawn");
+    assert!(
+        wait_until(Duration::from_secs(20), || agent.log_text().contains("\"local\" is reserved")),
+        "{}",
+        agent.log_text()
+    );
+}
+
 #[tokio::test]
 async fn garbled_oversized_and_silent_connections_do_not_wedge_the_coordinator() {
     let cluster = Cluster::start(Fixture::new().expect("fixture"), 1, 1).expect("cluster");

@@ -127,7 +127,7 @@ pub(crate) async fn handle_stream<S>(
             return;
         }
     };
-    if let Err(reject) = check_hello(&shared, &hello) {
+    if let Err(reject) = check_hello(&shared, &hello, local) {
         tracing::warn!(%peer, agent_id = %hello.agent_id, "rejected agent: {}", reject.message);
         let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(encode(coordinator_frame::Msg::Reject(reject)))).await;
         let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close()).await;
@@ -140,7 +140,7 @@ pub(crate) async fn handle_stream<S>(
     serve_agent(shared, conn, hello, peer, local, sink, stream, shutdown).instrument(span).await;
 }
 
-fn check_hello(shared: &Shared, hello: &Hello) -> Result<(), Reject> {
+fn check_hello(shared: &Shared, hello: &Hello, local: bool) -> Result<(), Reject> {
     let reject = |code: RejectCode, message: String| Reject { code: code as i32, message };
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(reject(
@@ -156,6 +156,9 @@ fn check_hello(shared: &Shared, hello: &Hello) -> Result<(), Reject> {
         && hello.agent_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@:".contains(c));
     if !id_ok {
         return Err(reject(RejectCode::BadHello, format!("agent id {:?} must be 1-128 of [A-Za-z0-9-_.@:]", hello.agent_id)));
+    }
+    if !local && hello.agent_id == super::local_agent::LOCAL_AGENT_ID {
+        return Err(reject(RejectCode::BadHello, "agent id \"local\" is reserved for the coordinator's embedded agent".into()));
     }
     if hello.slots_total == 0 || hello.slots_total > 1024 {
         return Err(reject(RejectCode::BadHello, format!("slot count {} must be 1-1024", hello.slots_total)));
@@ -226,16 +229,13 @@ async fn serve_agent<Si, St>(
         address: peer,
         connected_at_unix_ms: unix_millis(),
     };
-    {
-        let mut state = shared.state();
-        state.connections.insert(conn, Connection { outbound: outbound.clone(), close: close.clone(), agent_id: hello.agent_id.clone() });
-    }
     let reports: Vec<AttemptReport> = hello
         .attempts
         .iter()
         .map(|a| AttemptReport { job_id: a.job_id, attempt: a.attempt, finished: a.finished })
         .collect();
-    shared.step(|scheduler| ((), scheduler.agent_connected(conn, registration, &reports, Instant::now())));
+    let connection = Connection { outbound: outbound.clone(), close: close.clone(), agent_id: hello.agent_id.clone() };
+    shared.register(conn, connection, registration, &reports);
     tracing::info!(slots = hello.slots_total, labels = ?hello.labels, local, reported = reports.len(), "agent connected");
 
     let heartbeat_timeout = shared.config.heartbeat_timeout;
@@ -265,12 +265,19 @@ async fn serve_agent<Si, St>(
                     Some(Ok(_)) => continue,
                 };
                 match AgentFrame::decode_frame(&bytes) {
-                    Ok(message) => {
-                        if let Err(error) = handle_frame(&shared, conn, message, &outbound).await {
+                    Ok(message) => match handle_frame(&shared, conn, message).await {
+                        Ok(None) => {}
+                        Ok(Some(reply)) => {
+                            // Like every frame to an agent: a full queue means a wedged agent.
+                            if outbound.try_send(CoordinatorFrame::from(reply)).is_err() {
+                                break "agent queue full; closing".to_owned();
+                            }
+                        }
+                        Err(error) => {
                             protocol_error(&outbound, &error);
                             break error;
                         }
-                    }
+                    },
                     Err(error) => {
                         protocol_error(&outbound, &error.to_string());
                         break format!("bad frame: {error}");
@@ -280,11 +287,7 @@ async fn serve_agent<Si, St>(
         }
     };
     tracing::info!("agent disconnected: {reason}");
-    {
-        let mut state = shared.state();
-        state.connections.remove(&conn);
-    }
-    shared.step(|scheduler| ((), scheduler.agent_disconnected(conn, Instant::now())));
+    shared.unregister(conn);
     drop(outbound);
     if tokio::time::timeout(WRITE_TIMEOUT, writer).await.is_err() {
         close.cancel();
@@ -296,13 +299,9 @@ fn protocol_error(outbound: &mpsc::Sender<CoordinatorFrame>, message: &str) {
     let _ = outbound.try_send(CoordinatorFrame::from(error));
 }
 
-/// Applies one agent frame. An error ends the connection.
-async fn handle_frame(
-    shared: &Shared,
-    conn: ConnId,
-    message: agent_frame::Msg,
-    outbound: &mpsc::Sender<CoordinatorFrame>,
-) -> Result<(), String> {
+/// Applies one agent frame, returning the reply to send, if any. An error ends the
+/// connection.
+async fn handle_frame(shared: &Shared, conn: ConnId, message: agent_frame::Msg) -> Result<Option<coordinator_frame::Msg>, String> {
     let now = Instant::now();
     match message {
         agent_frame::Msg::Heartbeat(_) => {}
@@ -344,12 +343,12 @@ async fn handle_frame(
             }
             // Accepted or stale, the agent need not keep it any longer.
             let ack = ResultAck { job_id: finished.job_id, attempt: finished.attempt };
-            let _ = outbound.try_send(CoordinatorFrame::from(coordinator_frame::Msg::ResultAck(ack)));
+            return Ok(Some(coordinator_frame::Msg::ResultAck(ack)));
         }
         agent_frame::Msg::CancelAck(ack) => {
             tracing::debug!(job_id = ack.job_id, attempt = ack.attempt, "agent confirmed cancel");
         }
         agent_frame::Msg::Hello(_) => return Err("hello sent twice".to_owned()),
     }
-    Ok(())
+    Ok(None)
 }

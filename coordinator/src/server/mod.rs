@@ -99,6 +99,23 @@ impl Shared {
         self.next_job.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Registers a connection and its agent in one step, so no action can find one without
+    /// the other.
+    pub fn register(&self, conn: ConnId, connection: Connection, registration: scheduler::AgentRegistration, reports: &[scheduler::AttemptReport]) {
+        let mut state = self.state();
+        state.connections.insert(conn, connection);
+        let actions = state.scheduler.agent_connected(conn, registration, reports, Instant::now());
+        Self::apply(&mut state, actions);
+    }
+
+    /// Removes a connection and its agent in one step (see [`Shared::register`]).
+    pub fn unregister(&self, conn: ConnId) {
+        let mut state = self.state();
+        state.connections.remove(&conn);
+        let actions = state.scheduler.agent_disconnected(conn, Instant::now());
+        Self::apply(&mut state, actions);
+    }
+
     /// Runs one scheduler step and carries out its actions, all under the lock.
     pub fn step<R>(&self, f: impl FnOnce(&mut Scheduler) -> (R, Vec<Action>)) -> R {
         let mut state = self.state();
@@ -140,13 +157,18 @@ impl Shared {
     }
 
     /// Queues a frame for a connection without waiting. A full queue means the agent stopped
-    /// reading: close it rather than wait.
+    /// reading: close it rather than wait; its attempts are then orphaned like any lost link's.
+    /// (Registration and removal are atomic with the scheduler, so an action never names a
+    /// connection that is gone.)
     fn send(state: &State, conn: ConnId, frame: coordinator_frame::Msg) {
-        if let Some(connection) = state.connections.get(&conn)
-            && let Err(error) = connection.outbound.try_send(CoordinatorFrame::from(frame))
-        {
-            tracing::warn!(conn, agent_id = %connection.agent_id, "agent queue unusable ({error}); closing the connection");
-            connection.close.cancel();
+        match state.connections.get(&conn) {
+            Some(connection) => {
+                if let Err(error) = connection.outbound.try_send(CoordinatorFrame::from(frame)) {
+                    tracing::warn!(conn, agent_id = %connection.agent_id, "agent queue unusable ({error}); closing the connection");
+                    connection.close.cancel();
+                }
+            }
+            None => tracing::error!(conn, "no connection for a scheduler action; this is a bug"),
         }
     }
 }
