@@ -232,7 +232,7 @@ async fn serve_agent<Si, St>(
     let reports: Vec<AttemptReport> = hello
         .attempts
         .iter()
-        .map(|a| AttemptReport { job_id: a.job_id, attempt: a.attempt, finished: a.finished })
+        .map(|a| AttemptReport { job_id: a.job_id, attempt: a.attempt })
         .collect();
     let connection = Connection { outbound: outbound.clone(), close: close.clone(), agent_id: hello.agent_id.clone() };
     shared.register(conn, connection, registration, &reports);

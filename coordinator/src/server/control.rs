@@ -106,6 +106,11 @@ impl Control for ControlService {
         }
 
         let job_id = shared.next_job_id();
+        if job_id.is_multiple_of(100) {
+            // Keep the log directory bounded on a long-running coordinator too.
+            let dir = shared.log_dir.clone();
+            tokio::task::spawn_blocking(move || joblog::prune(&dir, joblog::KEPT_LOGS));
+        }
         let log = joblog::JobLog::create(&shared.log_dir, job_id, shared.config.log_max_bytes)
             .await
             .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;

@@ -89,12 +89,12 @@ pub enum Action {
     Close { conn: ConnId },
 }
 
-/// An attempt an agent reports in its hello after a reconnect.
+/// An attempt an agent reports in its hello after a reconnect (running, or ended with its
+/// result about to be sent again: either way it is reattached or stopped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttemptReport {
     pub job_id: JobId,
     pub attempt: u32,
-    pub finished: bool,
 }
 
 #[derive(Debug)]

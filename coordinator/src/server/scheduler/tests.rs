@@ -212,7 +212,7 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
                     let reports: Vec<AttemptReport> = in_flight
                         .iter()
                         .filter(|(conn, _, _)| *conn == old && rng.bool())
-                        .map(|(_, job_id, attempt)| AttemptReport { job_id: *job_id, attempt: *attempt, finished: false })
+                        .map(|(_, job_id, attempt)| AttemptReport { job_id: *job_id, attempt: *attempt })
                         .collect();
                     for (conn, _, _) in &mut in_flight {
                         if *conn == old {
@@ -253,7 +253,7 @@ fn a_reconnecting_agent_reattaches_its_attempts_within_the_grace_window() {
     assert!(scheduler.tick(now + Duration::from_secs(5)).is_empty());
 
     // a comes back on connection 3, still running job 1 attempt 1: reattached, not rerun.
-    let reports = [AttemptReport { job_id: 1, attempt: 1, finished: false }];
+    let reports = [AttemptReport { job_id: 1, attempt: 1 }];
     let actions = scheduler.agent_connected(3, registration("a", 1, false), &reports, now + Duration::from_secs(6));
     assert!(assigns(&actions).is_empty(), "{actions:?}");
     assert!(!actions.iter().any(|a| matches!(a, Action::Cancel { .. })), "{actions:?}");
@@ -272,7 +272,7 @@ fn after_the_grace_window_the_attempt_is_requeued_and_the_returning_agent_told_t
     scheduler.agent_connected(2, registration("b", 1, false), &[], now);
     let later = now + Duration::from_secs(16);
     assert_eq!(assigns(&scheduler.tick(later)), [(2, 1, 2)]);
-    let reports = [AttemptReport { job_id: 1, attempt: 1, finished: true }];
+    let reports = [AttemptReport { job_id: 1, attempt: 1 }];
     let actions = scheduler.agent_connected(3, registration("a", 1, false), &reports, later);
     assert!(actions.contains(&Action::Cancel { conn: 3, job_id: 1, attempt: 1 }), "{actions:?}");
     assert!(scheduler.finished(3, 1, 1, exited(0), later).is_empty(), "the stale result is ignored");
@@ -286,7 +286,7 @@ fn a_new_connection_of_the_same_agent_supersedes_the_old_one() {
     scheduler.agent_connected(1, registration("a", 1, false), &[], now);
     submit(&mut scheduler, 1, now);
     // Half-open: the old connection is not detected dead yet when the agent reconnects.
-    let reports = [AttemptReport { job_id: 1, attempt: 1, finished: false }];
+    let reports = [AttemptReport { job_id: 1, attempt: 1 }];
     let actions = scheduler.agent_connected(2, registration("a", 1, false), &reports, now);
     assert!(actions.contains(&Action::Close { conn: 1 }), "{actions:?}");
     assert!(scheduler.holds(2, 1, 1));
