@@ -153,7 +153,8 @@ fn hostname() -> String {
         .unwrap_or_else(|| "build-agent".to_owned())
 }
 
-/// Reads the shared token: `BUILDPOOL_TOKEN`, else the token file.
+/// Reads the shared token: `BUILDPOOL_TOKEN`, else the configured token file, else the
+/// systemd credential `token` (`LoadCredential=token:...`), else `/etc/build-agent/token`.
 pub fn load_token(token_file: Option<&Path>) -> Result<String, ConfigError> {
     if let Ok(token) = std::env::var(TOKEN_ENV) {
         let token = token.trim().to_owned();
@@ -161,7 +162,10 @@ pub fn load_token(token_file: Option<&Path>) -> Result<String, ConfigError> {
             return Ok(token);
         }
     }
-    let path = token_file.unwrap_or(Path::new(DEFAULT_TOKEN_FILE));
+    let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .map(|dir| PathBuf::from(dir).join("token"))
+        .filter(|path| path.exists());
+    let path = token_file.or(credential.as_deref()).unwrap_or(Path::new(DEFAULT_TOKEN_FILE));
     let token = std::fs::read_to_string(path).map_err(|error| {
         ConfigError::Invalid(format!(
             "no agent token: {TOKEN_ENV} is unset and {} is unreadable ({error}). Copy the \

@@ -41,6 +41,9 @@ struct Cli {
     /// Seconds a drain (SIGTERM, or `buildpool agents drain`) waits for running jobs.
     #[arg(long)]
     drain_timeout: Option<u64>,
+    /// Validate the configuration (file, flags, token), print it and exit.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[tokio::main]
@@ -65,7 +68,17 @@ async fn main() -> anyhow::Result<()> {
         token_file: cli.token_file,
         drain_timeout_secs: cli.drain_timeout,
     };
+    let check_only = cli.check_config;
     let config = AgentConfig::resolve(file, overrides)?;
+    if check_only {
+        println!("configuration OK: agent {} with {} slots", config.id, config.max_jobs);
+        for server in &config.servers {
+            println!("  server {} ({})", server.url, server.name);
+        }
+        println!("  labels {:?}, env {:?}", config.labels, config.env);
+        println!("  git cache {}, workspaces {}", config.git_cache_dir.display(), config.worktree_dir.display());
+        return Ok(());
+    }
     for dir in [&config.git_cache_dir, &config.worktree_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

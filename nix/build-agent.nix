@@ -1,0 +1,127 @@
+# NixOS module for the buildpool build agent.
+#
+#   imports = [ ./path/to/nix/build-agent.nix ];
+#   services.build-agent = {
+#     enable = true;
+#     package = pkgs.build-agent;            # your build of this repository's build-agent
+#     serverUrls = [ "ws://coordinator:8081/ws" ];
+#     maxJobs = 4;
+#     tokenFile = "/run/keys/buildpool-token";
+#   };
+{ config, lib, pkgs, ... }:
+
+let
+  cfg = config.services.build-agent;
+  toml = pkgs.formats.toml { };
+  configFile = toml.generate "build-agent.toml" {
+    servers = map (url: { inherit url; }) cfg.serverUrls;
+    worker = {
+      max_jobs = cfg.maxJobs;
+      labels = cfg.labels;
+      drain_timeout_secs = cfg.drainTimeoutSecs;
+    } // lib.optionalAttrs (cfg.id != null) { id = cfg.id; };
+    storage = {
+      git_cache_dir = cfg.gitCacheDir;
+      worktree_dir = cfg.worktreeDir;
+    };
+    nix = {
+      env = cfg.env;
+      prewarm_packages = cfg.prewarmPackages;
+    };
+  };
+in
+{
+  options.services.build-agent = {
+    enable = lib.mkEnableOption "the buildpool build agent";
+    package = lib.mkOption {
+      type = lib.types.package;
+      description = "Package providing bin/build-agent.";
+    };
+    serverUrls = lib.mkOption {
+      type = lib.types.nonEmptyListOf lib.types.str;
+      example = [ "ws://coordinator:8081/ws" ];
+      description = "Coordinator job-bus URLs; one agent serves all of them from one slot pool.";
+    };
+    serverUrl = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      description = "Single coordinator URL (seed compatibility); added to serverUrls.";
+    };
+    id = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      description = "Agent id shown by coordinators; defaults to the hostname.";
+    };
+    maxJobs = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 4;
+      description = "Concurrent jobs, shared by all coordinators.";
+    };
+    labels = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      description = "Labels jobs can require.";
+    };
+    gitCacheDir = lib.mkOption {
+      type = lib.types.str;
+      default = "/var/cache/build-agent/repos";
+      description = "One bare cache repository per source repository.";
+    };
+    worktreeDir = lib.mkOption {
+      type = lib.types.str;
+      default = "/var/lib/build-agent/workspaces";
+      description = "Per-slot warm workspaces.";
+    };
+    env = lib.mkOption {
+      type = lib.types.enum [ "auto" "nix" "host" ];
+      default = "auto";
+      description = "Where jobs run: the repository's flake dev shell (auto, nix) or the host.";
+    };
+    prewarmPackages = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = [ "nixpkgs#cargo" "nixpkgs#clippy" ];
+      description = "Installables realised at start-up; failures are logged, not fatal.";
+    };
+    drainTimeoutSecs = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 600;
+      description = "How long stopping the service lets running jobs finish.";
+    };
+    tokenFile = lib.mkOption {
+      type = lib.types.path;
+      description = "File holding the coordinators' shared token (passed as a systemd credential).";
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    services.build-agent.serverUrls = lib.mkIf (cfg.serverUrl != null) (lib.mkAfter [ cfg.serverUrl ]);
+    systemd.services.build-agent = {
+      description = "buildpool build agent";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network-online.target" "nix-daemon.socket" ];
+      wants = [ "network-online.target" ];
+      path = [ config.nix.package pkgs.git ];
+      serviceConfig = {
+        ExecStartPre = "${cfg.package}/bin/build-agent --config ${configFile} --check-config";
+        ExecStart = "${cfg.package}/bin/build-agent --config ${configFile}";
+        KillMode = "mixed";
+        TimeoutStopSec = cfg.drainTimeoutSecs + 60;
+        Restart = "always";
+        RestartSec = 5;
+        DynamicUser = true;
+        StateDirectory = "build-agent";
+        CacheDirectory = "build-agent";
+        # The agent reads $CREDENTIALS_DIRECTORY/token.
+        LoadCredential = [ "token:${cfg.tokenFile}" ];
+        Environment = [ "RUST_LOG=info" "CARGO_HOME=/var/cache/build-agent/cargo" ];
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = "read-only";
+        PrivateTmp = true;
+        # The defaults live in StateDirectory/CacheDirectory; other paths must be writable.
+        ReadWritePaths = [ "-${cfg.gitCacheDir}" "-${cfg.worktreeDir}" ];
+      };
+    };
+  };
+}
