@@ -271,7 +271,7 @@ where
 
     let mut heartbeat = tokio::time::interval(heartbeat_interval);
     let mut last_heard = tokio::time::Instant::now();
-    let mut announced = initial.offer(link.id);
+    let mut announced = (initial.offer(link.id), initial.draining);
     let result = loop {
         let silence = tokio::time::sleep_until(last_heard + heartbeat_timeout);
         tokio::select! {
@@ -285,8 +285,8 @@ where
             changed = slots.changed() => {
                 if changed.is_err() { break Ok(()); }
                 let state = slots.borrow_and_update().clone();
-                let offer = state.offer(link.id);
-                if offer != announced || state.draining != initial.draining {
+                let offer = (state.offer(link.id), state.draining);
+                if offer != announced {
                     announced = offer;
                     if outbound.send(slots_frame(&state, link.id)).await.is_err() {
                         break Err(SessionError::Protocol("connection lost while writing".into()));
@@ -307,7 +307,7 @@ where
                             // take-and-release too quick to be seen as a change cannot leave
                             // it believing in fewer free slots than there are.
                             let state = slots.borrow_and_update().clone();
-                            announced = state.offer(link.id);
+                            announced = (state.offer(link.id), state.draining);
                             if outbound.send(slots_frame(&state, link.id)).await.is_err() {
                                 break Err(SessionError::Protocol("connection lost while writing".into()));
                             }

@@ -208,6 +208,7 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct BuildPoolMcp {
     inner: Arc<Inner>,
+    /// Read by the code `#[tool_handler]` generates, which the dead-code lint cannot see.
     #[allow(dead_code)]
     tool_router: ToolRouter<Self>,
 }
