@@ -112,6 +112,8 @@ impl Drop for Owned {
 pub const SIGINT: i32 = 2;
 pub const SIGKILL: i32 = 9;
 pub const SIGTERM: i32 = 15;
+pub const SIGCONT: i32 = 18;
+pub const SIGSTOP: i32 = 19;
 
 /// `kill(pid, signal)`; a negative pid is a process group. The `kill` command does the
 /// syscall, so the harness needs no unsafe code.

@@ -226,3 +226,35 @@ fn a_failing_prewarm_is_logged_not_fatal() {
     let run = cluster.fixture.run(&["run", "check"]).expect("runs");
     assert_eq!(run.code, Some(0), "{run}");
 }
+
+#[test]
+fn a_late_result_from_a_frozen_agents_superseded_attempt_is_ignored() {
+    let options = ServeOptions {
+        config: Some("[build_pool.timeouts]\nheartbeat_interval_secs = 1\nheartbeat_timeout_secs = 3\nreattach_grace_secs = 2\n".into()),
+        ..ServeOptions::default()
+    };
+    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &options).expect("cluster");
+    let fixture = &cluster.fixture;
+    std::fs::write(fixture.sleep_file(), "6").expect("sleep file");
+    let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "frozen");
+    assert!(wait_until(Duration::from_secs(60), || fixture.starts() == 1), "{}", run.log_text());
+    cluster.add_agent("worker-2", 1, &[]).expect("second agent");
+    let fixture = &cluster.fixture;
+    // Freeze the agent (not its job): its link goes silent, the job runs on and ends.
+    cluster.agents[0].signal(buildpool_tests::SIGSTOP);
+    assert!(wait_until(Duration::from_secs(30), || fixture.starts() == 2), "attempt 2 never started:\n{}", cluster.coordinator.log_text());
+    std::thread::sleep(Duration::from_secs(5));
+    // Thawed, the agent reconnects and reports its finished attempt 1: the coordinator
+    // tells it to forget the result, and the job's outcome stays attempt 2's.
+    cluster.agents[0].signal(buildpool_tests::SIGCONT);
+    let (code, log) = finish(&mut run, Duration::from_secs(60));
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("on worker-2") && log.contains("attempt 2"), "{log}");
+    assert_eq!(log.matches("[buildpool] job 1 exit code").count(), 1, "exactly one result:\n{log}");
+    let coordinator = &cluster.coordinator;
+    assert!(
+        wait_until(Duration::from_secs(20), || coordinator.log_text().contains("ignored the result of a stale attempt")),
+        "the thawed agent's result of attempt 1 never arrived to be ignored:\n{}",
+        coordinator.log_text()
+    );
+}
