@@ -15,6 +15,8 @@ use build_agent::git::{Git, GitError};
 use crate::repo::Repo;
 
 pub const SNAPSHOT_REF_PREFIX: &str = "refs/buildpool/snapshots/";
+/// The author and committer date of every snapshot commit.
+const FIXED_DATE: &str = "2000-01-01T00:00:00Z";
 /// Snapshot refs kept at most; older ones are pruned when a new one is made.
 const KEPT_SNAPSHOTS: usize = 200;
 /// Snapshots older than this are pruned even below the count limit.
@@ -55,7 +57,12 @@ pub async fn create(repo: &Repo) -> Result<Snapshot, SnapshotError> {
     let tree = Git::new(&repo.worktree).env("GIT_INDEX_FILE", &index).arg("write-tree").output().await?;
     let parent = Git::new(&repo.worktree).args(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"]).output().await.ok();
     let message = format!("buildpool snapshot of {}", repo.worktree.display());
-    let mut commit_tree = Git::new(&repo.worktree).args(["commit-tree", &tree, "-m", &message]);
+    // A fixed date makes the commit a function of the content: an unchanged worktree gives
+    // the same commit, which an agent that built it before already has (no fetch at all).
+    let mut commit_tree = Git::new(&repo.worktree)
+        .env("GIT_AUTHOR_DATE", FIXED_DATE)
+        .env("GIT_COMMITTER_DATE", FIXED_DATE)
+        .args(["commit-tree", &tree, "-m", &message]);
     if let Some(parent) = &parent {
         commit_tree = commit_tree.args(["-p", parent]);
     }
@@ -78,17 +85,22 @@ pub async fn delete(repo_dir: &Path, git_ref: &str) -> Result<(), GitError> {
 }
 
 /// Keeps the snapshot refs bounded: the newest `KEPT_SNAPSHOTS`, none older than a day.
+/// Ref names start with their creation time in milliseconds, so names order them by age.
 pub async fn prune(repo_dir: &Path) -> Result<usize, GitError> {
     let listing = Git::new(repo_dir)
-        .args(["for-each-ref", "--sort=-committerdate", "--format=%(committerdate:unix) %(refname)", SNAPSHOT_REF_PREFIX])
+        .args(["for-each-ref", "--sort=-refname", "--format=%(refname)", SNAPSHOT_REF_PREFIX])
         .output()
         .await?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = unix_millis();
     let mut pruned = 0;
-    for (index, line) in listing.lines().enumerate() {
-        let Some((date, name)) = line.split_once(' ') else { continue };
-        let age = now.saturating_sub(date.parse().unwrap_or(0));
-        if index >= KEPT_SNAPSHOTS || age > SNAPSHOT_MAX_AGE.as_secs() {
+    for (index, name) in listing.lines().enumerate() {
+        let created = name
+            .strip_prefix(SNAPSHOT_REF_PREFIX)
+            .and_then(|leaf| leaf.split('-').next())
+            .and_then(|millis| millis.parse::<u128>().ok())
+            .unwrap_or(0);
+        let age = now.saturating_sub(created);
+        if index >= KEPT_SNAPSHOTS || age > SNAPSHOT_MAX_AGE.as_millis() {
             Git::new(repo_dir).args(["update-ref", "-d", name]).output().await?;
             pruned += 1;
         }
@@ -176,5 +188,25 @@ mod tests {
         assert_eq!(count(root).await.expect("count"), 4);
         delete(root, &snapshot.git_ref).await.expect("delete");
         assert_eq!(count(root).await.expect("count"), 3);
+
+        // Refs a day old are pruned by their name's timestamp.
+        let old = format!("{SNAPSHOT_REF_PREFIX}{}-00000000", unix_millis() - 25 * 3600 * 1000);
+        git(root, &["update-ref", &old, &snapshot.commit]).await;
+        assert_eq!(prune(root).await.expect("prune"), 1);
+        assert_eq!(count(root).await.expect("count"), 3);
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_worktree_gives_the_same_commit() {
+        let dir = fixture().await;
+        let repo = Repo::discover(dir.path()).await.expect("repo");
+        std::fs::write(dir.path().join("untracked.txt"), "x\n").expect("write");
+        let first = create(&repo).await.expect("snapshot");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let second = create(&repo).await.expect("snapshot");
+        assert_eq!(first.commit, second.commit, "same content, same commit: agents need not fetch");
+        assert_ne!(first.git_ref, second.git_ref);
+        std::fs::write(dir.path().join("untracked.txt"), "y\n").expect("write");
+        assert_ne!(create(&repo).await.expect("snapshot").commit, first.commit);
     }
 }
