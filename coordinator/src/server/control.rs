@@ -281,6 +281,10 @@ async fn stream_job(
                 if !forward_log(&job, &mut position, end, job_id, &events).await { break; }
             }
             () = events.closed() => break,
+            () = shared.shutdown.cancelled() => {
+                let _ = events.send(Err(Status::unavailable("the coordinator is shutting down"))).await;
+                return;
+            }
         }
     }
     // The client is gone and the job has not ended.
@@ -320,8 +324,10 @@ async fn forward_log(
 
 async fn clean_up_when_finished(shared: Arc<Shared>, job: Arc<ActiveJob>, mut phase: watch::Receiver<JobEvent>) {
     while !matches!(*phase.borrow_and_update(), JobEvent::Finished(_)) {
-        if phase.changed().await.is_err() {
-            break;
+        tokio::select! {
+            changed = phase.changed() => if changed.is_err() { break },
+            // Not finished when the coordinator stops: snapshot pruning removes the ref later.
+            () = shared.shutdown.cancelled() => return,
         }
     }
     if let Err(error) = job.log.finish().await {

@@ -79,6 +79,8 @@ pub(crate) struct Shared {
     pub git_daemon_port: Option<u16>,
     pub git_path: String,
     pub websocket_addr: Option<SocketAddr>,
+    /// Cancelled when the coordinator stops; per-job tasks end with it.
+    pub shutdown: CancellationToken,
     state: Mutex<State>,
     next_conn: AtomicU64,
     next_job: AtomicU64,
@@ -238,8 +240,9 @@ impl Coordinator {
             state: Mutex::new(State { scheduler, connections: HashMap::new(), jobs: HashMap::new() }),
             next_conn: AtomicU64::new(1),
             next_job: AtomicU64::new(first_job),
+            shutdown: CancellationToken::new(),
         });
-        let shutdown = CancellationToken::new();
+        let shutdown = shared.shutdown.clone();
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(listener) = websocket {
             tasks.spawn(bus::accept_loop(Arc::clone(&shared), listener, shutdown.clone()));
