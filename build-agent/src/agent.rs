@@ -121,10 +121,6 @@ impl Agent {
         &self.inner.identity.id
     }
 
-    pub fn slots(&self) -> &SlotPool {
-        &self.inner.slots
-    }
-
     /// Registers a coordinator link; its id keys the slot pool's fair sharing.
     pub fn link(&self) -> LinkHandle {
         let mut links = self.inner.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

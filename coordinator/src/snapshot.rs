@@ -108,8 +108,9 @@ pub async fn prune(repo_dir: &Path) -> Result<usize, GitError> {
     Ok(pruned)
 }
 
-/// Counts snapshot refs (for tests and status).
-pub async fn count(repo_dir: &Path) -> Result<usize, GitError> {
+/// Counts snapshot refs.
+#[cfg(test)]
+async fn count(repo_dir: &Path) -> Result<usize, GitError> {
     let listing = Git::new(repo_dir).args(["for-each-ref", "--format=%(refname)", SNAPSHOT_REF_PREFIX]).output().await?;
     Ok(listing.lines().count())
 }

@@ -47,13 +47,3 @@ impl JobKind {
         }
     }
 }
-
-impl OutputStream {
-    pub fn label(self) -> &'static str {
-        match self {
-            OutputStream::Stdout => "stdout",
-            OutputStream::Stderr => "stderr",
-            OutputStream::Unspecified => "output",
-        }
-    }
-}

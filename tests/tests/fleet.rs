@@ -5,11 +5,17 @@ use std::time::{Duration, Instant};
 
 use buildpool_tests::{Cluster, Fixture, Owned, Proxy, RunOutput, ServeOptions, wait_until};
 
-/// Short heartbeats so dead links are found in seconds.
-const FAST: &str = "[build_pool.timeouts]\nheartbeat_interval_secs = 1\nheartbeat_timeout_secs = 3\nreattach_grace_secs = 20\n";
+/// Short heartbeats so dead links are found in seconds, and the given reattach grace.
+fn timeouts(reattach_grace_secs: u64) -> ServeOptions {
+    let config = format!(
+        "[build_pool.timeouts]\nheartbeat_interval_secs = 1\nheartbeat_timeout_secs = 3\nreattach_grace_secs = {reattach_grace_secs}\n"
+    );
+    ServeOptions { config: Some(config), ..ServeOptions::default() }
+}
 
+/// A grace long enough to reattach after any cut in these tests.
 fn fast() -> ServeOptions {
-    ServeOptions { config: Some(FAST.to_owned()), ..ServeOptions::default() }
+    timeouts(20)
 }
 
 fn spawn_run(fixture: &Fixture, args: &[&str], name: &str) -> Owned {
@@ -130,11 +136,7 @@ fn a_job_survives_a_cut_connection_and_is_reattached_not_rerun() {
 
 #[test]
 fn a_job_of_an_agent_killed_with_kill_9_finishes_elsewhere_as_attempt_2() {
-    let options = ServeOptions {
-        config: Some("[build_pool.timeouts]\nheartbeat_interval_secs = 1\nheartbeat_timeout_secs = 3\nreattach_grace_secs = 2\n".into()),
-        ..ServeOptions::default()
-    };
-    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &options).expect("cluster");
+    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &timeouts(2)).expect("cluster");
     let fixture = &cluster.fixture;
     std::fs::write(fixture.sleep_file(), "3").expect("sleep file");
     let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "killed");
@@ -229,11 +231,7 @@ fn a_failing_prewarm_is_logged_not_fatal() {
 
 #[test]
 fn a_late_result_from_a_frozen_agents_superseded_attempt_is_ignored() {
-    let options = ServeOptions {
-        config: Some("[build_pool.timeouts]\nheartbeat_interval_secs = 1\nheartbeat_timeout_secs = 3\nreattach_grace_secs = 2\n".into()),
-        ..ServeOptions::default()
-    };
-    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &options).expect("cluster");
+    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &timeouts(2)).expect("cluster");
     let fixture = &cluster.fixture;
     std::fs::write(fixture.sleep_file(), "6").expect("sleep file");
     let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "frozen");
