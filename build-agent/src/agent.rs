@@ -64,7 +64,9 @@ pub(crate) struct Link {
 
 impl Link {
     pub fn jobs(&self) -> MutexGuard<'_, HashMap<(u64, u32), JobEntry>> {
-        self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -123,7 +125,11 @@ impl Agent {
 
     /// Registers a coordinator link; its id keys the slot pool's fair sharing.
     pub fn link(&self) -> LinkHandle {
-        let mut links = self.inner.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut links = self
+            .inner
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let link = Arc::new(Link {
             id: links.len(),
             outbound: watch::channel(None).0,
@@ -150,13 +156,21 @@ impl Agent {
             match &result {
                 Ok(()) if shutdown.is_cancelled() => break,
                 Ok(()) => tracing::warn!(parent: &span, "connection to {} closed", endpoint.url),
-                Err(error @ SessionError::Rejected { .. }) => tracing::error!(parent: &span, "{error}"),
-                Err(error) => tracing::warn!(parent: &span, "connection to {}: {error}", endpoint.url),
+                Err(error @ SessionError::Rejected { .. }) => {
+                    tracing::error!(parent: &span, "{error}")
+                }
+                Err(error) => {
+                    tracing::warn!(parent: &span, "connection to {}: {error}", endpoint.url)
+                }
             }
             backoff.connection_ended(started.elapsed());
             if matches!(result, Err(SessionError::Rejected { .. })) {
                 // Retrying at once cannot help; the operator must fix the token or version.
-                backoff = Backoff::new(Duration::from_secs(60), Duration::from_secs(60), Duration::MAX);
+                backoff = Backoff::new(
+                    Duration::from_secs(60),
+                    Duration::from_secs(60),
+                    Duration::MAX,
+                );
             }
             let delay = backoff.next_delay(fastrand::f64());
             tracing::info!(parent: &span, "reconnecting in {:.1} s", delay.as_secs_f64());
@@ -169,7 +183,13 @@ impl Agent {
 
     /// Serves a connection the caller already established (the coordinator's embedded
     /// local agent uses an in-memory stream).
-    pub async fn serve_stream<S>(&self, link: &LinkHandle, stream: S, git: GitLocator, shutdown: CancellationToken) -> Result<(), SessionError>
+    pub async fn serve_stream<S>(
+        &self,
+        link: &LinkHandle,
+        stream: S,
+        git: GitLocator,
+        shutdown: CancellationToken,
+    ) -> Result<(), SessionError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -193,7 +213,9 @@ impl Agent {
         self.inner.slots.set_draining();
         self.inner.tracker.close();
         let deadline = tokio::time::Instant::now() + timeout;
-        let finished = tokio::time::timeout_at(deadline, self.inner.tracker.wait()).await.is_ok();
+        let finished = tokio::time::timeout_at(deadline, self.inner.tracker.wait())
+            .await
+            .is_ok();
         if !finished {
             tracing::warn!("drain timeout of {timeout:?} reached; stopping the remaining jobs");
             self.stop().await;
@@ -203,7 +225,9 @@ impl Agent {
         // reconnecting meanwhile, so a result held for a briefly lost coordinator gets through.
         while !self.all_results_acknowledged() {
             if tokio::time::Instant::now() >= deadline {
-                tracing::warn!("drain timeout reached with results not acknowledged by their coordinators");
+                tracing::warn!(
+                    "drain timeout reached with results not acknowledged by their coordinators"
+                );
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -212,7 +236,11 @@ impl Agent {
     }
 
     fn all_results_acknowledged(&self) -> bool {
-        let links = self.inner.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let links = self
+            .inner
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         links.iter().all(|link| link.jobs().is_empty())
     }
 
@@ -221,7 +249,10 @@ impl Agent {
         self.inner.slots.set_draining();
         self.inner.stop_jobs.cancel();
         self.inner.tracker.close();
-        if tokio::time::timeout(STOP_WAIT, self.inner.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(STOP_WAIT, self.inner.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::error!("jobs did not stop within {STOP_WAIT:?}");
         }
     }

@@ -20,13 +20,22 @@ const FLOOR: Duration = Duration::from_millis(100);
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self::new(Duration::from_secs(1), Duration::from_secs(60), Duration::from_secs(30))
+        Self::new(
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            Duration::from_secs(30),
+        )
     }
 }
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration, stable_after: Duration) -> Self {
-        Self { base, cap, stable_after, failures: 0 }
+        Self {
+            base,
+            cap,
+            stable_after,
+            failures: 0,
+        }
     }
 
     /// The ceiling of the next delay: base * 2^failures, capped.

@@ -11,16 +11,23 @@ use serde::Deserialize;
 
 use crate::agent::ServerEndpoint;
 
-pub const DEFAULT_CONFIG_PATHS: &[&str] = &["/etc/build-agent/config.toml", "/etc/build-agent.toml"];
+pub const DEFAULT_CONFIG_PATHS: &[&str] =
+    &["/etc/build-agent/config.toml", "/etc/build-agent.toml"];
 pub const DEFAULT_TOKEN_FILE: &str = "/etc/build-agent/token";
 pub const TOKEN_ENV: &str = "BUILDPOOL_TOKEN";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config {path}: {source}")]
-    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -122,14 +129,22 @@ pub fn parse_env_mode(text: &str) -> Result<EnvMode, ConfigError> {
         "auto" => Ok(EnvMode::Auto),
         "nix" => Ok(EnvMode::Nix),
         "host" => Ok(EnvMode::Host),
-        other => Err(ConfigError::Invalid(format!("env must be auto, nix or host, not {other:?}"))),
+        other => Err(ConfigError::Invalid(format!(
+            "env must be auto, nix or host, not {other:?}"
+        ))),
     }
 }
 
 /// Reads a config file.
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
 }
 
 /// Finds the config file: the explicit one, else the first default location that exists.
@@ -165,7 +180,9 @@ pub fn load_token(token_file: Option<&Path>) -> Result<String, ConfigError> {
     let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
         .map(|dir| PathBuf::from(dir).join("token"))
         .filter(|path| path.exists());
-    let path = token_file.or(credential.as_deref()).unwrap_or(Path::new(DEFAULT_TOKEN_FILE));
+    let path = token_file
+        .or(credential.as_deref())
+        .unwrap_or(Path::new(DEFAULT_TOKEN_FILE));
     let token = std::fs::read_to_string(path).map_err(|error| {
         ConfigError::Invalid(format!(
             "no agent token: {TOKEN_ENV} is unset and {} is unreadable ({error}). Copy the \
@@ -175,7 +192,10 @@ pub fn load_token(token_file: Option<&Path>) -> Result<String, ConfigError> {
     })?;
     let token = token.trim().to_owned();
     if token.is_empty() {
-        return Err(ConfigError::Invalid(format!("token file {} is empty", path.display())));
+        return Err(ConfigError::Invalid(format!(
+            "token file {} is empty",
+            path.display()
+        )));
     }
     Ok(token)
 }
@@ -187,10 +207,20 @@ impl AgentConfig {
             file.server
                 .into_iter()
                 .chain(file.servers)
-                .map(|entry| ServerEndpoint { name: entry.name.unwrap_or_else(|| entry.url.clone()), url: entry.url })
+                .map(|entry| ServerEndpoint {
+                    name: entry.name.unwrap_or_else(|| entry.url.clone()),
+                    url: entry.url,
+                })
                 .collect()
         } else {
-            overrides.servers.iter().map(|url| ServerEndpoint { url: url.clone(), name: url.clone() }).collect()
+            overrides
+                .servers
+                .iter()
+                .map(|url| ServerEndpoint {
+                    url: url.clone(),
+                    name: url.clone(),
+                })
+                .collect()
         };
         if servers.is_empty() {
             return Err(ConfigError::Invalid(
@@ -201,13 +231,27 @@ impl AgentConfig {
             std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
         });
         if max_jobs == 0 || max_jobs > 1024 {
-            return Err(ConfigError::Invalid(format!("max_jobs must be between 1 and 1024, not {max_jobs}")));
+            return Err(ConfigError::Invalid(format!(
+                "max_jobs must be between 1 and 1024, not {max_jobs}"
+            )));
         }
         let mut labels = file.worker.labels;
         labels.extend(overrides.labels);
-        buildpool_proto::spec::validate_labels(&labels).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        let env = parse_env_mode(overrides.env.as_deref().or(file.nix.env.as_deref()).unwrap_or("auto"))?;
-        let token = load_token(overrides.token_file.as_deref().or(file.auth.token_file.as_deref()))?;
+        buildpool_proto::spec::validate_labels(&labels)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let env = parse_env_mode(
+            overrides
+                .env
+                .as_deref()
+                .or(file.nix.env.as_deref())
+                .unwrap_or("auto"),
+        )?;
+        let token = load_token(
+            overrides
+                .token_file
+                .as_deref()
+                .or(file.auth.token_file.as_deref()),
+        )?;
         Ok(Self {
             servers,
             id: overrides.id.or(file.worker.id).unwrap_or_else(hostname),
@@ -226,7 +270,12 @@ impl AgentConfig {
             token,
             kill_grace: Duration::from_millis(file.worker.kill_grace_ms.unwrap_or(1500)),
             default_timeout: Duration::from_secs(3600),
-            drain_timeout: Duration::from_secs(overrides.drain_timeout_secs.or(file.worker.drain_timeout_secs).unwrap_or(600)),
+            drain_timeout: Duration::from_secs(
+                overrides
+                    .drain_timeout_secs
+                    .or(file.worker.drain_timeout_secs)
+                    .unwrap_or(600),
+            ),
         })
     }
 }
@@ -259,7 +308,10 @@ mod tests {
         let file = tempfile::NamedTempFile::new().expect("temp");
         std::fs::write(file.path(), "secret\n").expect("write");
         let (_, path) = file.keep().expect("keep");
-        Overrides { token_file: Some(path), ..Overrides::default() }
+        Overrides {
+            token_file: Some(path),
+            ..Overrides::default()
+        }
     }
 
     #[test]
@@ -276,17 +328,31 @@ mod tests {
 
     #[test]
     fn flags_override_the_file_and_bad_values_are_named() {
-        let file: FileConfig = toml::from_str("[server]\nurl = \"ws://a:8081/ws\"\n[worker]\nmax_jobs = 2").expect("parses");
-        let overrides = Overrides { jobs: Some(5), servers: vec!["ws://b:1/ws".into()], ..with_token() };
+        let file: FileConfig =
+            toml::from_str("[server]\nurl = \"ws://a:8081/ws\"\n[worker]\nmax_jobs = 2")
+                .expect("parses");
+        let overrides = Overrides {
+            jobs: Some(5),
+            servers: vec!["ws://b:1/ws".into()],
+            ..with_token()
+        };
         let config = AgentConfig::resolve(file, overrides).expect("valid");
         assert_eq!(config.max_jobs, 5);
         assert_eq!(config.servers[0].url, "ws://b:1/ws");
 
         let typo = toml::from_str::<FileConfig>("[worker]\nmax_job = 2");
         assert!(typo.is_err(), "unknown keys are rejected, not ignored");
-        let none = AgentConfig::resolve(FileConfig::default(), with_token()).expect_err("no server");
+        let none =
+            AgentConfig::resolve(FileConfig::default(), with_token()).expect_err("no server");
         assert!(none.to_string().contains("--server"));
-        let zero = AgentConfig::resolve(FileConfig::default(), Overrides { jobs: Some(0), servers: vec!["ws://a/ws".into()], ..with_token() });
+        let zero = AgentConfig::resolve(
+            FileConfig::default(),
+            Overrides {
+                jobs: Some(0),
+                servers: vec!["ws://a/ws".into()],
+                ..with_token()
+            },
+        );
         assert!(zero.is_err());
     }
 }

@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use buildpool_proto::{
     AgentFrame, AttemptRef, CancelAck, Completion, CoordinatorFrame, Declined, Heartbeat, Hello,
-    JobFinished, JobOutput, Outcome, OutputStream, PROTOCOL_VERSION, RejectCode, SlotsUpdate, agent_frame,
-    coordinator_frame, frame,
+    JobFinished, JobOutput, Outcome, OutputStream, PROTOCOL_VERSION, RejectCode, SlotsUpdate,
+    agent_frame, coordinator_frame, frame,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -70,7 +70,9 @@ pub enum GitLocator {
 impl GitLocator {
     fn url(&self, source: &buildpool_proto::Source) -> String {
         match self {
-            GitLocator::DaemonOn(host) => format!("git://{host}:{}{}", source.git_port, source.git_path),
+            GitLocator::DaemonOn(host) => {
+                format!("git://{host}:{}{}", source.git_port, source.git_path)
+            }
             GitLocator::Fixed(url) => url.clone(),
         }
     }
@@ -89,11 +91,19 @@ fn unix_millis() -> u64 {
 }
 
 fn host_of(url: &str) -> Result<String, SessionError> {
-    let bad = |reason: &str| SessionError::BadUrl { url: url.to_owned(), reason: reason.to_owned() };
-    let uri: tokio_tungstenite::tungstenite::http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+    let bad = |reason: &str| SessionError::BadUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let uri: tokio_tungstenite::tungstenite::http::Uri =
+        url.parse().map_err(|_| bad("not a URL"))?;
     match uri.scheme_str() {
         Some("ws") => {}
-        Some("wss") => return Err(bad("wss is not supported; terminate TLS in front of the agent")),
+        Some("wss") => {
+            return Err(bad(
+                "wss is not supported; terminate TLS in front of the agent",
+            ));
+        }
         _ => return Err(bad("the scheme must be ws://")),
     }
     uri.host().map(str::to_owned).ok_or_else(|| bad("no host"))
@@ -107,7 +117,8 @@ pub(crate) async fn dial_and_serve(
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
     let host = host_of(&endpoint.url)?;
-    let connect = tokio_tungstenite::connect_async_with_config(&endpoint.url, Some(websocket_config()), true);
+    let connect =
+        tokio_tungstenite::connect_async_with_config(&endpoint.url, Some(websocket_config()), true);
     let (ws, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
         .await
         .map_err(|_| SessionError::Timeout("connecting"))?
@@ -126,7 +137,11 @@ pub(crate) async fn serve_raw_stream<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let handshake = tokio_tungstenite::client_async_with_config("ws://localhost/ws", stream, Some(websocket_config()));
+    let handshake = tokio_tungstenite::client_async_with_config(
+        "ws://localhost/ws",
+        stream,
+        Some(websocket_config()),
+    );
     let (ws, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| SessionError::Timeout("websocket handshake"))?
@@ -154,18 +169,28 @@ where
                     .map(Some)
                     .map_err(|e| SessionError::Protocol(e.to_string()));
             }
-            Some(Ok(Message::Text(_))) => return Err(SessionError::Protocol("unexpected text frame".into())),
+            Some(Ok(Message::Text(_))) => {
+                return Err(SessionError::Protocol("unexpected text frame".into()));
+            }
             Some(Ok(_)) => {}
         }
     }
 }
 
 fn finished_frame(job_id: u64, attempt: u32, completion: Completion) -> Message {
-    encode(agent_frame::Msg::Finished(JobFinished { job_id, attempt, completion: Some(completion) }))
+    encode(agent_frame::Msg::Finished(JobFinished {
+        job_id,
+        attempt,
+        completion: Some(completion),
+    }))
 }
 
 fn slots_frame(state: &PoolState, link: LinkId) -> Message {
-    let update = SlotsUpdate { slots_free: state.offer(link), slots_total: state.total, draining: state.draining };
+    let update = SlotsUpdate {
+        slots_free: state.offer(link),
+        slots_total: state.total,
+        draining: state.draining,
+    };
     encode(agent_frame::Msg::Slots(update))
 }
 
@@ -186,7 +211,11 @@ where
     let attempts: Vec<AttemptRef> = link
         .jobs()
         .iter()
-        .map(|(key, entry)| AttemptRef { job_id: key.0, attempt: key.1, finished: entry.finished.is_some() })
+        .map(|(key, entry)| AttemptRef {
+            job_id: key.0,
+            attempt: key.1,
+            finished: entry.finished.is_some(),
+        })
         .collect();
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -200,9 +229,12 @@ where
         draining: initial.draining,
         attempts,
     };
-    tokio::time::timeout(WRITE_TIMEOUT, sink.send(encode(agent_frame::Msg::Hello(hello))))
-        .await
-        .map_err(|_| SessionError::Timeout("sending hello"))??;
+    tokio::time::timeout(
+        WRITE_TIMEOUT,
+        sink.send(encode(agent_frame::Msg::Hello(hello))),
+    )
+    .await
+    .map_err(|_| SessionError::Timeout("sending hello"))??;
     let welcome = match tokio::time::timeout(HANDSHAKE_TIMEOUT, next_frame(&mut stream))
         .await
         .map_err(|_| SessionError::Timeout("waiting for welcome"))??
@@ -211,14 +243,27 @@ where
         Some(coordinator_frame::Msg::Reject(reject)) => {
             let code = RejectCode::try_from(reject.code).unwrap_or(RejectCode::Unspecified);
             return Err(SessionError::Rejected {
-                code: code.as_str_name().trim_start_matches("REJECT_CODE_").to_ascii_lowercase().replace('_', " "),
+                code: code
+                    .as_str_name()
+                    .trim_start_matches("REJECT_CODE_")
+                    .to_ascii_lowercase()
+                    .replace('_', " "),
                 message: reject.message,
             });
         }
-        Some(other) => return Err(SessionError::Protocol(format!("expected welcome, got {other:?}"))),
-        None => return Err(SessionError::Protocol("connection closed during handshake".into())),
+        Some(other) => {
+            return Err(SessionError::Protocol(format!(
+                "expected welcome, got {other:?}"
+            )));
+        }
+        None => {
+            return Err(SessionError::Protocol(
+                "connection closed during handshake".into(),
+            ));
+        }
     };
-    let heartbeat_interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
+    let heartbeat_interval =
+        Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
     let heartbeat_timeout = Duration::from_millis(u64::from(welcome.heartbeat_timeout_ms.max(500)));
     tracing::info!(coordinator = %welcome.coordinator_id, "connected");
 
@@ -341,10 +386,16 @@ async fn handle_frame(
                 return;
             }
             let decline = |reason: String| {
-                encode(agent_frame::Msg::Declined(Declined { job_id: key.0, attempt: key.1, reason }))
+                encode(agent_frame::Msg::Declined(Declined {
+                    job_id: key.0,
+                    attempt: key.1,
+                    reason,
+                }))
             };
             let (Some(spec), Some(source)) = (assign.spec, assign.source) else {
-                let _ = outbound.send(decline("assignment without spec or source".into())).await;
+                let _ = outbound
+                    .send(decline("assignment without spec or source".into()))
+                    .await;
                 return;
             };
             let missing: Vec<&String> = spec
@@ -353,7 +404,9 @@ async fn handle_frame(
                 .filter(|label| !agent.inner.identity.labels.contains(label))
                 .collect();
             if !missing.is_empty() {
-                let _ = outbound.send(decline(format!("missing labels {missing:?}"))).await;
+                let _ = outbound
+                    .send(decline(format!("missing labels {missing:?}")))
+                    .await;
                 return;
             }
             let Some(lease) = agent.inner.slots.try_acquire(link.id) else {
@@ -369,8 +422,21 @@ async fn handle_frame(
                 return;
             };
             let cancel = agent.inner.stop_jobs.child_token();
-            link.jobs().insert(key, JobEntry { cancel: cancel.clone(), finished: None, unsent: VecDeque::new() });
-            let request = JobRequest { job_id: key.0, attempt: key.1, spec, source: source.clone(), git_url: git.url(&source) };
+            link.jobs().insert(
+                key,
+                JobEntry {
+                    cancel: cancel.clone(),
+                    finished: None,
+                    unsent: VecDeque::new(),
+                },
+            );
+            let request = JobRequest {
+                job_id: key.0,
+                attempt: key.1,
+                spec,
+                source: source.clone(),
+                git_url: git.url(&source),
+            };
             let agent = agent.clone();
             let link = Arc::clone(link);
             agent.inner.tracker.clone().spawn(async move {
@@ -386,7 +452,13 @@ async fn handle_frame(
                             entry.finished = Some(completion.clone());
                             let sender = link.outbound.borrow().clone();
                             if sender.is_some() {
-                                Some((sender, std::mem::take(&mut entry.unsent).into_iter().chain(unsent).collect::<Vec<_>>()))
+                                Some((
+                                    sender,
+                                    std::mem::take(&mut entry.unsent)
+                                        .into_iter()
+                                        .chain(unsent)
+                                        .collect::<Vec<_>>(),
+                                ))
                             } else {
                                 entry.unsent.extend(unsent);
                                 None
@@ -422,8 +494,13 @@ async fn handle_frame(
                     None => {}
                 }
             }
-            let ack = CancelAck { job_id: key.0, attempt: key.1 };
-            let _ = outbound.send(encode(agent_frame::Msg::CancelAck(ack))).await;
+            let ack = CancelAck {
+                job_id: key.0,
+                attempt: key.1,
+            };
+            let _ = outbound
+                .send(encode(agent_frame::Msg::CancelAck(ack)))
+                .await;
         }
         coordinator_frame::Msg::ResultAck(ack) => {
             let key = (ack.job_id, ack.attempt);
@@ -432,7 +509,9 @@ async fn handle_frame(
                 jobs.remove(&key);
             }
         }
-        coordinator_frame::Msg::Demand(demand) => agent.inner.slots.set_demand(link.id, demand.queued),
+        coordinator_frame::Msg::Demand(demand) => {
+            agent.inner.slots.set_demand(link.id, demand.queued)
+        }
         coordinator_frame::Msg::Drain(_) => {
             tracing::info!("the coordinator asked this agent to drain");
             agent.inner.drain_requested.cancel();
@@ -448,10 +527,18 @@ async fn handle_frame(
 
 /// Runs the executor and forwards its output to whichever connection the link has.
 /// Returns the completion and any output that could not be sent yet.
-async fn run_job(agent: &Agent, link: &Arc<Link>, request: &JobRequest, cancel: CancellationToken) -> (Completion, VecDeque<Message>) {
+async fn run_job(
+    agent: &Agent,
+    link: &Arc<Link>,
+    request: &JobRequest,
+    cancel: CancellationToken,
+) -> (Completion, VecDeque<Message>) {
     let (output_tx, output_rx) = mpsc::channel(JOB_OUTPUT_CAPACITY);
     let forward = forward_output(link, request.job_id, request.attempt, output_rx);
-    let (completion, unsent) = tokio::join!(agent.inner.executor.run(request, output_tx, cancel), forward);
+    let (completion, unsent) = tokio::join!(
+        agent.inner.executor.run(request, output_tx, cancel),
+        forward
+    );
     if completion.outcome == Outcome::Failed as i32 {
         tracing::warn!(job_id = request.job_id, "job failed: {}", completion.error);
     }
@@ -464,7 +551,12 @@ async fn run_job(agent: &Agent, link: &Arc<Link>, request: &JobRequest, cancel: 
 /// job keeps running and the newest [`DISCONNECTED_BUFFER`] bytes are kept; older output is
 /// dropped and the gap is reported when the link is back. Returns the output still unsent
 /// when the job ended while disconnected; the next connection sends it before the result.
-async fn forward_output(link: &Link, job_id: u64, attempt: u32, mut output: mpsc::Receiver<OutputChunk>) -> VecDeque<Message> {
+async fn forward_output(
+    link: &Link,
+    job_id: u64,
+    attempt: u32,
+    mut output: mpsc::Receiver<OutputChunk>,
+) -> VecDeque<Message> {
     let mut current = link.outbound.subscribe();
     let mut pending: VecDeque<(usize, Message)> = VecDeque::new();
     let mut pending_bytes = 0usize;
@@ -472,14 +564,24 @@ async fn forward_output(link: &Link, job_id: u64, attempt: u32, mut output: mpsc
     let mut input_open = true;
     let mut dead_sender = false;
     let chunk_frame = |stream: OutputStream, data: Vec<u8>| {
-        encode(agent_frame::Msg::Output(JobOutput { job_id, attempt, stream: stream as i32, data }))
+        encode(agent_frame::Msg::Output(JobOutput {
+            job_id,
+            attempt,
+            stream: stream as i32,
+            data,
+        }))
     };
     loop {
         let sender = current.borrow_and_update().clone();
         let connected = sender.is_some() && !dead_sender;
         let gap_note = |dropped: u64| {
-            let note = format!("[buildpool] {dropped} bytes of output were dropped while the coordinator was unreachable\n");
-            (note.len(), chunk_frame(OutputStream::Stderr, note.into_bytes()))
+            let note = format!(
+                "[buildpool] {dropped} bytes of output were dropped while the coordinator was unreachable\n"
+            );
+            (
+                note.len(),
+                chunk_frame(OutputStream::Stderr, note.into_bytes()),
+            )
         };
         if connected && dropped > 0 {
             let (size, note) = gap_note(dropped);
@@ -539,7 +641,9 @@ mod tests {
     use super::*;
 
     fn output_bytes(message: &Message) -> Vec<u8> {
-        let Message::Binary(bytes) = message else { panic!("binary frames only") };
+        let Message::Binary(bytes) = message else {
+            panic!("binary frames only")
+        };
         match AgentFrame::decode_frame(bytes).expect("decodes") {
             agent_frame::Msg::Output(output) => output.data,
             other => panic!("unexpected {other:?}"),
@@ -550,53 +654,89 @@ mod tests {
     /// are kept for the next connection, with the gap reported first.
     #[tokio::test]
     async fn output_of_a_disconnected_job_is_bounded_and_the_gap_reported() {
-        let link = Link { id: 0, outbound: tokio::sync::watch::channel(None).0, jobs: Default::default() };
+        let link = Link {
+            id: 0,
+            outbound: tokio::sync::watch::channel(None).0,
+            jobs: Default::default(),
+        };
         let (chunks, output) = mpsc::channel(4);
         let forwarder = tokio::spawn(async move {
             let unsent = forward_output(&link, 1, 1, output).await;
             (link, unsent)
         });
-        let chunk = |byte: u8| OutputChunk { stream: OutputStream::Stdout, data: bytes::Bytes::from(vec![byte; 64 * 1024]) };
+        let chunk = |byte: u8| OutputChunk {
+            stream: OutputStream::Stdout,
+            data: bytes::Bytes::from(vec![byte; 64 * 1024]),
+        };
         for n in 0..96u8 {
-            chunks.send(chunk(n)).await.expect("forwarder reads while disconnected");
+            chunks
+                .send(chunk(n))
+                .await
+                .expect("forwarder reads while disconnected");
         }
         drop(chunks);
         let (_link, unsent) = forwarder.await.expect("forwarder ends");
         // Disconnected at the end: everything kept comes back as unsent, gap note first.
         let first = output_bytes(&unsent[0]);
-        assert!(String::from_utf8_lossy(&first).contains("bytes of output were dropped"), "{first:?}");
+        assert!(
+            String::from_utf8_lossy(&first).contains("bytes of output were dropped"),
+            "{first:?}"
+        );
         let kept: usize = unsent.iter().skip(1).map(|m| output_bytes(m).len()).sum();
         assert_eq!(kept, DISCONNECTED_BUFFER);
-        assert_eq!(output_bytes(&unsent[1])[0], 32, "the oldest chunks were dropped, the newest kept");
+        assert_eq!(
+            output_bytes(&unsent[1])[0],
+            32,
+            "the oldest chunks were dropped, the newest kept"
+        );
     }
 
     #[tokio::test]
     async fn a_reconnected_link_receives_the_gap_note_and_new_output() {
-        let link = Arc::new(Link { id: 0, outbound: tokio::sync::watch::channel(None).0, jobs: Default::default() });
+        let link = Arc::new(Link {
+            id: 0,
+            outbound: tokio::sync::watch::channel(None).0,
+            jobs: Default::default(),
+        });
         let (chunks, output) = mpsc::channel(4);
         let forwarder = tokio::spawn({
             let link = Arc::clone(&link);
             async move { forward_output(&link, 1, 1, output).await }
         });
-        let chunk = |byte: u8| OutputChunk { stream: OutputStream::Stdout, data: bytes::Bytes::from(vec![byte; 64 * 1024]) };
+        let chunk = |byte: u8| OutputChunk {
+            stream: OutputStream::Stdout,
+            data: bytes::Bytes::from(vec![byte; 64 * 1024]),
+        };
         for n in 0..80u8 {
-            chunks.send(chunk(n)).await.expect("forwarder reads while disconnected");
+            chunks
+                .send(chunk(n))
+                .await
+                .expect("forwarder reads while disconnected");
         }
         let (tx, mut rx) = mpsc::channel::<Message>(8);
         link.outbound.send_replace(Some(tx));
         // The coordinator side reads while the job goes on printing.
         let collector = tokio::spawn(async move {
             let mut received = Vec::new();
-            while received.last().is_none_or(|chunk: &Vec<u8>| chunk.first() != Some(&89)) {
+            while received
+                .last()
+                .is_none_or(|chunk: &Vec<u8>| chunk.first() != Some(&89))
+            {
                 received.push(output_bytes(&rx.recv().await.expect("frame")));
             }
             received
         });
         for n in 80..90u8 {
-            chunks.send(chunk(n)).await.expect("forwarder reads while connected");
+            chunks
+                .send(chunk(n))
+                .await
+                .expect("forwarder reads while connected");
         }
         drop(chunks);
-        let received = tokio::time::timeout(Duration::from_secs(30), collector).await.expect("no stall").expect("collects");
+        let received = tokio::time::timeout(Duration::from_secs(30), collector)
+            .await
+            .expect("no stall")
+            .expect("collects");
         let note = String::from_utf8_lossy(&received[0]).into_owned();
         let dropped: usize = note
             .strip_prefix("[buildpool] ")
@@ -606,19 +746,34 @@ mod tests {
         // Some chunks may still have been in the pipe when the link came back; whatever was
         // not dropped arrives, oldest first, and nothing is lost beyond the reported gap.
         let chunk_size = 64 * 1024;
-        assert!(dropped >= chunk_size && dropped.is_multiple_of(chunk_size), "{note}");
+        assert!(
+            dropped >= chunk_size && dropped.is_multiple_of(chunk_size),
+            "{note}"
+        );
         assert_eq!(received[1][0] as usize, dropped / chunk_size);
         let delivered: usize = received[1..].iter().map(Vec::len).sum();
         assert_eq!(delivered + dropped, 90 * chunk_size);
         assert_eq!(received.last().map(|c| c[0]), Some(89));
-        assert!(forwarder.await.expect("ends").is_empty(), "everything was sent");
+        assert!(
+            forwarder.await.expect("ends").is_empty(),
+            "everything was sent"
+        );
     }
 
     #[test]
     fn server_urls_must_be_plain_websocket() {
         assert_eq!(host_of("ws://10.0.0.5:8081/ws").expect("valid"), "10.0.0.5");
-        assert!(matches!(host_of("wss://x/ws"), Err(SessionError::BadUrl { .. })));
-        assert!(matches!(host_of("http://x/ws"), Err(SessionError::BadUrl { .. })));
-        assert!(matches!(host_of("not a url"), Err(SessionError::BadUrl { .. })));
+        assert!(matches!(
+            host_of("wss://x/ws"),
+            Err(SessionError::BadUrl { .. })
+        ));
+        assert!(matches!(
+            host_of("http://x/ws"),
+            Err(SessionError::BadUrl { .. })
+        ));
+        assert!(matches!(
+            host_of("not a url"),
+            Err(SessionError::BadUrl { .. })
+        ));
     }
 }

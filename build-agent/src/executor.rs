@@ -92,7 +92,9 @@ pub fn find_on_path(program: &str) -> Option<PathBuf> {
         std::env::split_paths(&path)
             .map(|dir| dir.join(program))
             .find(|candidate| {
-                candidate.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                candidate
+                    .metadata()
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
             })
     })
 }
@@ -104,22 +106,49 @@ pub fn resolve_env(mode: EnvMode, src: &Path) -> Result<RunEnv, String> {
     let has_nix = find_on_path("nix").is_some();
     match mode {
         EnvMode::Host => Ok(RunEnv::Host),
-        EnvMode::Auto => Ok(if has_flake && has_nix { RunEnv::Nix } else { RunEnv::Host }),
-        EnvMode::Nix if !has_flake => Err("env nix requested but the snapshot has no flake.nix".into()),
-        EnvMode::Nix if !has_nix => Err("env nix requested but nix is not installed on this agent".into()),
+        EnvMode::Auto => Ok(if has_flake && has_nix {
+            RunEnv::Nix
+        } else {
+            RunEnv::Host
+        }),
+        EnvMode::Nix if !has_flake => {
+            Err("env nix requested but the snapshot has no flake.nix".into())
+        }
+        EnvMode::Nix if !has_nix => {
+            Err("env nix requested but nix is not installed on this agent".into())
+        }
         EnvMode::Nix => Ok(RunEnv::Nix),
     }
 }
 
 /// The command line for a job: cargo, in the dev shell's environment when there is one.
-pub fn cargo_command(spec: &JobSpec, dev_env: Option<&DevEnv>, src: &Path, target: &Path) -> CommandSpec {
-    let subcommand = JobKind::try_from(spec.kind).ok().and_then(JobKind::cargo_subcommand).unwrap_or("build");
+pub fn cargo_command(
+    spec: &JobSpec,
+    dev_env: Option<&DevEnv>,
+    src: &Path,
+    target: &Path,
+) -> CommandSpec {
+    let subcommand = JobKind::try_from(spec.kind)
+        .ok()
+        .and_then(JobKind::cargo_subcommand)
+        .unwrap_or("build");
     let mut args: Vec<OsString> = vec![subcommand.into()];
     args.extend(spec.cargo_args.iter().map(OsString::from));
-    let mut vars: Vec<(OsString, OsString)> = dev_env.map(|env| env.as_ref().clone()).unwrap_or_default();
+    let mut vars: Vec<(OsString, OsString)> =
+        dev_env.map(|env| env.as_ref().clone()).unwrap_or_default();
     vars.push(("CARGO_TARGET_DIR".into(), target.into()));
-    vars.extend(spec.env.iter().map(|v| (OsString::from(&v.name), OsString::from(&v.value))));
-    CommandSpec { program: "cargo".into(), args, cwd: src.to_owned(), env: vars, registry: None }
+    vars.extend(
+        spec.env
+            .iter()
+            .map(|v| (OsString::from(&v.name), OsString::from(&v.value))),
+    );
+    CommandSpec {
+        program: "cargo".into(),
+        args,
+        cwd: src.to_owned(),
+        env: vars,
+        registry: None,
+    }
 }
 
 impl Executor {
@@ -162,23 +191,45 @@ impl Executor {
             let output = output.clone();
             async move {
                 let line = Bytes::from(format!("[buildpool] {text}\n"));
-                let _ = output.send(OutputChunk { stream: OutputStream::Stderr, data: line }).await;
+                let _ = output
+                    .send(OutputChunk {
+                        stream: OutputStream::Stderr,
+                        data: line,
+                    })
+                    .await;
             }
         };
 
         let setup = async {
-            let workspace = self.workspaces.acquire(&job.source.repo_id).map_err(|e| e.to_string())?;
-            let lock = self.cache.lock(&job.source.repo_id).await.map_err(|e| e.to_string())?;
+            let workspace = self
+                .workspaces
+                .acquire(&job.source.repo_id)
+                .map_err(|e| e.to_string())?;
+            let lock = self
+                .cache
+                .lock(&job.source.repo_id)
+                .await
+                .map_err(|e| e.to_string())?;
             let fetch_started = Instant::now();
             let fetched = self
                 .cache
-                .ensure_commit(&lock, &job.source.repo_id, &job.git_url, &job.source.git_ref, &job.source.commit)
+                .ensure_commit(
+                    &lock,
+                    &job.source.repo_id,
+                    &job.git_url,
+                    &job.source.git_ref,
+                    &job.source.commit,
+                )
                 .await
                 .map_err(|e| format!("fetching the snapshot failed: {e}"))?;
             let fetch_time = fetch_started.elapsed();
             let warm = workspace.is_warm();
             workspace
-                .checkout(&lock, &self.cache.repo_dir(&job.source.repo_id), &job.source.commit)
+                .checkout(
+                    &lock,
+                    &self.cache.repo_dir(&job.source.repo_id),
+                    &job.source.commit,
+                )
                 .await
                 .map_err(|e| format!("checking out the snapshot failed: {e}"))?;
             drop(lock);
@@ -192,14 +243,22 @@ impl Executor {
                 RunEnv::Nix => {
                     let evaluated = Instant::now();
                     let (dev_env, cached) = self.dev_envs.get(&workspace.src).await?;
-                    let how = if cached { "cached".to_owned() } else { format!("evaluated in {} ms", evaluated.elapsed().as_millis()) };
+                    let how = if cached {
+                        "cached".to_owned()
+                    } else {
+                        format!("evaluated in {} ms", evaluated.elapsed().as_millis())
+                    };
                     (Some(dev_env), format!(" (dev shell {how})"))
                 }
             };
             let commit_short = job.source.commit.get(..12).unwrap_or(&job.source.commit);
             note(format!(
                 "snapshot {commit_short} {}; workspace slot {} ({}); env {}{env_note}",
-                if fetched { format!("fetched in {} ms", fetch_time.as_millis()) } else { "already cached".into() },
+                if fetched {
+                    format!("fetched in {} ms", fetch_time.as_millis())
+                } else {
+                    "already cached".into()
+                },
                 workspace.slot,
                 if warm { "warm" } else { "cold" },
                 env.label()
@@ -220,11 +279,20 @@ impl Executor {
                 return failed(error, started);
             }
             Err(_) => {
-                return Completion { outcome: Outcome::TimedOut as i32, duration_ms: millis(started.elapsed()), ..Completion::default() };
+                return Completion {
+                    outcome: Outcome::TimedOut as i32,
+                    duration_ms: millis(started.elapsed()),
+                    ..Completion::default()
+                };
             }
         };
 
-        let mut command = cargo_command(&job.spec, dev_env.as_ref(), &workspace.src, &workspace.target);
+        let mut command = cargo_command(
+            &job.spec,
+            dev_env.as_ref(),
+            &workspace.src,
+            &workspace.target,
+        );
         command.registry = Some(self.config.worktree_dir.join(process::REGISTRY_DIR));
         let limits = RunLimits {
             timeout: timeout.saturating_sub(started.elapsed()),

@@ -46,7 +46,11 @@ impl Git {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        Self { command, display: String::new(), timeout: LOCAL_TIMEOUT }
+        Self {
+            command,
+            display: String::new(),
+            timeout: LOCAL_TIMEOUT,
+        }
     }
 
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
@@ -79,7 +83,10 @@ impl Git {
         let output = match tokio::time::timeout(self.timeout, child).await {
             Ok(result) => result.map_err(GitError::Spawn)?,
             Err(_) => {
-                return Err(GitError::TimedOut { args: self.display, secs: self.timeout.as_secs() });
+                return Err(GitError::TimedOut {
+                    args: self.display,
+                    secs: self.timeout.as_secs(),
+                });
             }
         };
         if output.status.success() {
@@ -90,8 +97,15 @@ impl Git {
             Ok(text)
         } else {
             let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-            let stderr = if stderr.is_empty() { format!("exit status {}", output.status) } else { stderr };
-            Err(GitError::Failed { args: self.display, stderr })
+            let stderr = if stderr.is_empty() {
+                format!("exit status {}", output.status)
+            } else {
+                stderr
+            };
+            Err(GitError::Failed {
+                args: self.display,
+                stderr,
+            })
         }
     }
 

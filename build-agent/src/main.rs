@@ -71,12 +71,19 @@ async fn main() -> anyhow::Result<()> {
     let check_only = cli.check_config;
     let config = AgentConfig::resolve(file, overrides)?;
     if check_only {
-        println!("configuration OK: agent {} with {} slots", config.id, config.max_jobs);
+        println!(
+            "configuration OK: agent {} with {} slots",
+            config.id, config.max_jobs
+        );
         for server in &config.servers {
             println!("  server {} ({})", server.url, server.name);
         }
         println!("  labels {:?}, env {:?}", config.labels, config.env);
-        println!("  git cache {}, workspaces {}", config.git_cache_dir.display(), config.worktree_dir.display());
+        println!(
+            "  git cache {}, workspaces {}",
+            config.git_cache_dir.display(),
+            config.worktree_dir.display()
+        );
         return Ok(());
     }
     for dir in [&config.git_cache_dir, &config.worktree_dir] {
@@ -114,7 +121,10 @@ async fn main() -> anyhow::Result<()> {
         () = agent.drain_requested() => "a coordinator asked for it".to_owned(),
     };
     // Drain: stop taking jobs, let the running ones finish; a second signal stops at once.
-    tracing::info!("draining ({reason}): finishing running jobs for up to {:?}", config.drain_timeout);
+    tracing::info!(
+        "draining ({reason}): finishing running jobs for up to {:?}",
+        config.drain_timeout
+    );
     tokio::select! {
         _ = agent.drain(config.drain_timeout) => tracing::info!("drained"),
         name = signals.next() => {
@@ -137,7 +147,10 @@ struct Signals {
 impl Signals {
     fn new() -> anyhow::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
-        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
 
     async fn next(&mut self) -> &'static str {

@@ -19,8 +19,22 @@ const PREWARM_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// Variables `nix develop` does not take from the dev shell (nix's own list).
 const IGNORED_VARS: &[&str] = &[
-    "BASHOPTS", "HOME", "NIX_BUILD_TOP", "NIX_ENFORCE_PURITY", "NIX_LOG_FD", "NIX_REMOTE", "PPID", "SHELLOPTS",
-    "SSL_CERT_FILE", "TEMP", "TEMPDIR", "TERM", "TMP", "TMPDIR", "TZ", "UID",
+    "BASHOPTS",
+    "HOME",
+    "NIX_BUILD_TOP",
+    "NIX_ENFORCE_PURITY",
+    "NIX_LOG_FD",
+    "NIX_REMOTE",
+    "PPID",
+    "SHELLOPTS",
+    "SSL_CERT_FILE",
+    "TEMP",
+    "TEMPDIR",
+    "TERM",
+    "TMP",
+    "TMPDIR",
+    "TZ",
+    "UID",
 ];
 
 pub type DevEnv = Arc<Vec<(OsString, OsString)>>;
@@ -32,7 +46,9 @@ pub struct DevEnvCache {
 }
 
 fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
-    bytes.iter().fold(seed, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(seed, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The cache key of a checkout: its `flake.nix` and `flake.lock`.
@@ -44,15 +60,23 @@ pub fn flake_key(src: &Path) -> u64 {
 
 /// Turns `nix print-dev-env --json` output into the variables cargo runs with. The dev
 /// shell's `PATH` comes first, the agent's own `PATH` after it, as in `nix develop`.
-pub fn parse_dev_env(json: &str, outer_path: Option<&std::ffi::OsStr>) -> Result<Vec<(OsString, OsString)>, String> {
-    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("unreadable print-dev-env output: {e}"))?;
-    let variables = value["variables"].as_object().ok_or("print-dev-env output has no variables")?;
+pub fn parse_dev_env(
+    json: &str,
+    outer_path: Option<&std::ffi::OsStr>,
+) -> Result<Vec<(OsString, OsString)>, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("unreadable print-dev-env output: {e}"))?;
+    let variables = value["variables"]
+        .as_object()
+        .ok_or("print-dev-env output has no variables")?;
     let mut env = Vec::new();
     for (name, variable) in variables {
         if variable["type"] != "exported" || IGNORED_VARS.contains(&name.as_str()) {
             continue;
         }
-        let Some(text) = variable["value"].as_str() else { continue };
+        let Some(text) = variable["value"].as_str() else {
+            continue;
+        };
         let mut value = OsString::from(text);
         if name == "PATH"
             && let Some(outer) = outer_path
@@ -69,7 +93,12 @@ impl DevEnvCache {
     /// The dev-shell environment of the flake in `src`, evaluated once per flake hash.
     pub async fn get(&self, src: &Path) -> Result<(DevEnv, bool), String> {
         let key = flake_key(src);
-        if let Some(env) = self.envs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key) {
+        if let Some(env) = self
+            .envs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+        {
             return Ok((Arc::clone(env), true));
         }
         let mut flake = OsString::from("path:");
@@ -93,8 +122,14 @@ impl DevEnvCache {
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             return Err(format!("nix print-dev-env failed: {}", tail.join("\n")));
         }
-        let env = Arc::new(parse_dev_env(&String::from_utf8_lossy(&output.stdout), std::env::var_os("PATH").as_deref())?);
-        self.envs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key, Arc::clone(&env));
+        let env = Arc::new(parse_dev_env(
+            &String::from_utf8_lossy(&output.stdout),
+            std::env::var_os("PATH").as_deref(),
+        )?);
+        self.envs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, Arc::clone(&env));
         Ok((env, false))
     }
 }
@@ -145,10 +180,19 @@ mod tests {
             "ARRAY": {"type": "array", "value": ["a"]}
         }}"#;
         let env = parse_dev_env(json, Some(std::ffi::OsStr::new("/usr/bin"))).expect("parses");
-        assert_eq!(env, vec![
-            (OsString::from("PATH"), OsString::from("/nix/store/x-cargo/bin:/usr/bin")),
-            (OsString::from("RUSTFLAGS"), OsString::from("-C opt-level=1")),
-        ]);
+        assert_eq!(
+            env,
+            vec![
+                (
+                    OsString::from("PATH"),
+                    OsString::from("/nix/store/x-cargo/bin:/usr/bin")
+                ),
+                (
+                    OsString::from("RUSTFLAGS"),
+                    OsString::from("-C opt-level=1")
+                ),
+            ]
+        );
         assert!(parse_dev_env("not json", None).is_err());
     }
 

@@ -70,16 +70,23 @@ fn pid_alive(pid: i32) -> bool {
 
 /// Members of process group `pgid` whose working directory is under `root`.
 fn group_members_under(pgid: i32, root: &std::path::Path) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     entries
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             // Fields after the command name: state ppid pgrp ...
-            let group = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(2)).and_then(|g| g.parse::<i32>().ok());
+            let group = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().nth(2))
+                .and_then(|g| g.parse::<i32>().ok());
             group == Some(pgid)
-                && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(root))
+                && std::fs::read_link(format!("/proc/{pid}/cwd"))
+                    .is_ok_and(|cwd| cwd.starts_with(root))
         })
         .count()
 }
@@ -89,19 +96,28 @@ fn group_members_under(pgid: i32, root: &std::path::Path) -> usize {
 /// worktree directory (so a reused group id of an unrelated process is left alone).
 pub fn reap_orphans(worktree_dir: &std::path::Path) -> usize {
     let dir = worktree_dir.join(REGISTRY_DIR);
-    let Ok(entries) = std::fs::read_dir(&dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
     let mut reaped = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some((agent, pgid)) = name.to_str().and_then(|n| n.split_once('-')) else { continue };
-        let (Ok(agent), Ok(pgid)) = (agent.parse::<i32>(), pgid.parse::<i32>()) else { continue };
+        let Some((agent, pgid)) = name.to_str().and_then(|n| n.split_once('-')) else {
+            continue;
+        };
+        let (Ok(agent), Ok(pgid)) = (agent.parse::<i32>(), pgid.parse::<i32>()) else {
+            continue;
+        };
         if pid_alive(agent) {
             continue;
         }
         if group_members_under(pgid, worktree_dir) > 0
             && let Some(group) = Pid::from_raw(pgid)
         {
-            tracing::warn!(pgid, "killing a job left running by a previous agent process");
+            tracing::warn!(
+                pgid,
+                "killing a job left running by a previous agent process"
+            );
             let _ = kill_process_group(group, Signal::KILL);
             reaped += 1;
         }
@@ -180,7 +196,10 @@ pub async fn run(
         .and_then(|id| Pid::from_raw(id as i32))
         .ok_or_else(|| std::io::Error::other("spawned process has no pid"))?;
     let guard = GroupGuard { pgid: pid };
-    let registration = spec.registry.as_deref().and_then(|dir| Registration::create(dir, pid.as_raw_nonzero().get()));
+    let registration = spec
+        .registry
+        .as_deref()
+        .and_then(|dir| Registration::create(dir, pid.as_raw_nonzero().get()));
 
     let mut pumps = tokio::task::JoinSet::new();
     if let Some(stdout) = child.stdout.take() {
@@ -200,7 +219,9 @@ pub async fn run(
     let end = match end {
         Some(status) => match status.code() {
             Some(code) => ProcessEnd::Exited { code },
-            None => ProcessEnd::Signalled { signal: status.signal().unwrap_or(0) },
+            None => ProcessEnd::Signalled {
+                signal: status.signal().unwrap_or(0),
+            },
         },
         None => {
             let end = if cancel.is_cancelled() {
@@ -209,7 +230,10 @@ pub async fn run(
                 ProcessEnd::TimedOut
             };
             guard.signal(Signal::TERM);
-            if tokio::time::timeout(limits.kill_grace, child.wait()).await.is_err() {
+            if tokio::time::timeout(limits.kill_grace, child.wait())
+                .await
+                .is_err()
+            {
                 guard.signal(Signal::KILL);
                 child.wait().await?;
             }
@@ -228,7 +252,10 @@ pub async fn run(
         tracing::warn!("output pipes still open after the process group ended; stop reading");
         pumps.abort_all();
     }
-    Ok(ProcessResult { end, duration: started.elapsed() })
+    Ok(ProcessResult {
+        end,
+        duration: started.elapsed(),
+    })
 }
 
 async fn pump(
@@ -241,7 +268,10 @@ async fn pump(
         match reader.read(&mut buffer).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                let chunk = OutputChunk { stream, data: Bytes::copy_from_slice(&buffer[..n]) };
+                let chunk = OutputChunk {
+                    stream,
+                    data: Bytes::copy_from_slice(&buffer[..n]),
+                };
                 // A closed receiver means nobody wants the output any more; keep draining
                 // the pipe so the process does not block on a full pipe.
                 let _ = output.send(chunk).await;
@@ -290,9 +320,14 @@ mod tests {
     async fn reports_exit_code_and_both_streams() {
         let (tx, rx) = mpsc::channel(4);
         let reader = tokio::spawn(collect(rx));
-        let result = run(sh("echo out; echo err >&2; exit 3"), limits(10_000), tx, CancellationToken::new())
-            .await
-            .expect("runs");
+        let result = run(
+            sh("echo out; echo err >&2; exit 3"),
+            limits(10_000),
+            tx,
+            CancellationToken::new(),
+        )
+        .await
+        .expect("runs");
         assert_eq!(result.end, ProcessEnd::Exited { code: 3 });
         let (out, err) = reader.await.expect("collects");
         assert_eq!(out, b"out\n");
@@ -303,9 +338,14 @@ mod tests {
     async fn a_line_far_longer_than_a_chunk_arrives_whole() {
         let (tx, rx) = mpsc::channel(1);
         let reader = tokio::spawn(collect(rx));
-        run(sh("head -c 1000000 /dev/zero | tr '\\0' x"), limits(10_000), tx, CancellationToken::new())
-            .await
-            .expect("runs");
+        run(
+            sh("head -c 1000000 /dev/zero | tr '\\0' x"),
+            limits(10_000),
+            tx,
+            CancellationToken::new(),
+        )
+        .await
+        .expect("runs");
         let (out, _) = reader.await.expect("collects");
         assert_eq!(out.len(), 1_000_000);
     }
@@ -340,7 +380,11 @@ mod tests {
 
     fn zombie(pid: i32) -> bool {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+            .map(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            })
             .unwrap_or(true)
     }
 
@@ -349,11 +393,20 @@ mod tests {
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(collect(rx));
         // The script ignores TERM, so only KILL after the grace period ends it.
-        let result = run(sh("trap '' TERM; sleep 30"), limits(200), tx, CancellationToken::new())
-            .await
-            .expect("runs");
+        let result = run(
+            sh("trap '' TERM; sleep 30"),
+            limits(200),
+            tx,
+            CancellationToken::new(),
+        )
+        .await
+        .expect("runs");
         assert_eq!(result.end, ProcessEnd::TimedOut);
-        assert!(result.duration < Duration::from_secs(10), "{:?}", result.duration);
+        assert!(
+            result.duration < Duration::from_secs(10),
+            "{:?}",
+            result.duration
+        );
     }
 
     #[tokio::test]
@@ -367,7 +420,10 @@ mod tests {
             CancellationToken::new(),
         ));
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!job.is_finished(), "the writer should be blocked by backpressure");
+        assert!(
+            !job.is_finished(),
+            "the writer should be blocked by backpressure"
+        );
         let mut total = 0;
         while let Some(chunk) = rx.recv().await {
             if chunk.stream == OutputStream::Stdout {
@@ -375,7 +431,10 @@ mod tests {
             }
         }
         assert_eq!(total, 4_000_000);
-        assert_eq!(job.await.expect("joins").expect("runs").end, ProcessEnd::Exited { code: 0 });
+        assert_eq!(
+            job.await.expect("joins").expect("runs").end,
+            ProcessEnd::Exited { code: 0 }
+        );
     }
 }
 
@@ -400,16 +459,28 @@ mod reap_tests {
         std::fs::create_dir_all(&registry).expect("mkdir");
         // A pid that is certainly dead (beyond pid_max) stands for the crashed agent.
         for child in [&orphan, &unrelated] {
-            std::fs::write(registry.join(format!("{}-{}", 99_999_999, child.id())), b"").expect("write");
+            std::fs::write(registry.join(format!("{}-{}", 99_999_999, child.id())), b"")
+                .expect("write");
         }
         // A live agent's record is left alone.
-        std::fs::write(registry.join(format!("{}-{}", std::process::id(), orphan.id())), b"").expect("write");
+        std::fs::write(
+            registry.join(format!("{}-{}", std::process::id(), orphan.id())),
+            b"",
+        )
+        .expect("write");
         assert_eq!(reap_orphans(root.path()), 1);
         let status = orphan.wait().expect("reaped");
         assert_eq!(status.signal(), Some(9));
-        assert!(unrelated.try_wait().expect("status").is_none(), "an unrelated group was killed");
+        assert!(
+            unrelated.try_wait().expect("status").is_none(),
+            "an unrelated group was killed"
+        );
         unrelated.kill().expect("kill");
         let _ = unrelated.wait();
-        assert_eq!(std::fs::read_dir(&registry).expect("dir").count(), 1, "only the live agent's record stays");
+        assert_eq!(
+            std::fs::read_dir(&registry).expect("dir").count(),
+            1,
+            "only the live agent's record stays"
+        );
     }
 }

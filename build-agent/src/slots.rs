@@ -53,7 +53,10 @@ impl PoolState {
             return free;
         }
         demanders.sort_unstable();
-        let first = demanders.iter().take(free as usize).any(|(_, id)| *id == link);
+        let first = demanders
+            .iter()
+            .take(free as usize)
+            .any(|(_, id)| *id == link);
         u32::from(first)
     }
 }
@@ -71,8 +74,13 @@ pub struct SlotLease {
 
 impl SlotPool {
     pub fn new(total: u32) -> Self {
-        let (state, _) = watch::channel(PoolState { total, ..PoolState::default() });
-        Self { state: Arc::new(state) }
+        let (state, _) = watch::channel(PoolState {
+            total,
+            ..PoolState::default()
+        });
+        Self {
+            state: Arc::new(state),
+        }
     }
 
     pub fn state(&self) -> PoolState {
@@ -107,17 +115,21 @@ impl SlotPool {
             }
             taken
         });
-        taken.then(|| SlotLease { state: Arc::clone(&self.state) })
+        taken.then(|| SlotLease {
+            state: Arc::clone(&self.state),
+        })
     }
 
     pub fn set_draining(&self) {
-        self.state.send_if_modified(|state| !std::mem::replace(&mut state.draining, true));
+        self.state
+            .send_if_modified(|state| !std::mem::replace(&mut state.draining, true));
     }
 }
 
 impl Drop for SlotLease {
     fn drop(&mut self) {
-        self.state.send_modify(|state| state.used = state.used.saturating_sub(1));
+        self.state
+            .send_modify(|state| state.used = state.used.saturating_sub(1));
     }
 }
 
@@ -136,7 +148,10 @@ mod tests {
         drop(lease);
         assert_eq!(watcher.borrow_and_update().free(), 1);
         pool.set_draining();
-        assert!(pool.try_acquire(0).is_none(), "a draining agent takes no work");
+        assert!(
+            pool.try_acquire(0).is_none(),
+            "a draining agent takes no work"
+        );
         assert_eq!(pool.state().offer(0), 0);
     }
 
@@ -145,7 +160,14 @@ mod tests {
         let pool = SlotPool::new(4);
         pool.set_demand(0, 10);
         pool.set_demand(1, 10);
-        assert_eq!((pool.state().offer(0), pool.state().offer(1), pool.state().offer(2)), (4, 4, 4));
+        assert_eq!(
+            (
+                pool.state().offer(0),
+                pool.state().offer(1),
+                pool.state().offer(2)
+            ),
+            (4, 4, 4)
+        );
     }
 
     #[test]
@@ -158,7 +180,11 @@ mod tests {
         for _ in 0..6 {
             let state = pool.state();
             let offered: Vec<LinkId> = (0..3).filter(|link| state.offer(*link) > 0).collect();
-            assert_eq!(offered.len(), 1, "exactly one coordinator is offered the one free slot");
+            assert_eq!(
+                offered.len(),
+                1,
+                "exactly one coordinator is offered the one free slot"
+            );
             // The others are declined even if they try.
             for other in (0..3).filter(|l| *l != offered[0]) {
                 assert!(pool.try_acquire(other).is_none());

@@ -46,7 +46,10 @@ pub struct Workspace {
 
 impl WorkspacePool {
     pub fn new(root: PathBuf, per_repo: usize) -> Self {
-        Self { root, per_repo: per_repo.max(1) }
+        Self {
+            root,
+            per_repo: per_repo.max(1),
+        }
     }
 
     /// Takes the lowest-numbered idle workspace of a repository. Lower numbers are used most,
@@ -58,7 +61,11 @@ impl WorkspacePool {
         for slot in 0..self.per_repo {
             let dir = repo_root.join(format!("slot-{slot}"));
             std::fs::create_dir_all(&dir)?;
-            let lock = File::options().create(true).truncate(false).write(true).open(dir.join(".lock"))?;
+            let lock = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(".lock"))?;
             match lock.try_lock() {
                 Ok(()) => {
                     return Ok(Workspace {
@@ -98,7 +105,10 @@ impl Workspace {
                 .output()
                 .await;
             if switched.is_ok() {
-                Git::new(&self.src).args(["clean", "-ffdxq"]).output().await?;
+                Git::new(&self.src)
+                    .args(["clean", "-ffdxq"])
+                    .output()
+                    .await?;
                 return Ok(());
             }
             tracing::warn!(src = %self.src.display(), "workspace is broken; recreating it");
@@ -106,7 +116,10 @@ impl Workspace {
         if self.src.exists() {
             tokio::fs::remove_dir_all(&self.src).await?;
         }
-        Git::new(cache_repo).args(["worktree", "prune"]).output().await?;
+        Git::new(cache_repo)
+            .args(["worktree", "prune"])
+            .output()
+            .await?;
         Git::new(cache_repo)
             .args(["worktree", "add", "--quiet", "--detach", "--force"])
             .arg(&self.src)
@@ -128,7 +141,10 @@ mod tests {
         let first = pool.acquire("repo").expect("first");
         let second = pool.acquire("repo").expect("second");
         assert_eq!((first.slot, second.slot), (0, 1));
-        assert!(matches!(pool.acquire("repo"), Err(WorkspaceError::Exhausted(2))));
+        assert!(matches!(
+            pool.acquire("repo"),
+            Err(WorkspaceError::Exhausted(2))
+        ));
         drop(first);
         assert_eq!(pool.acquire("repo").expect("freed").slot, 0);
         assert!(pool.acquire("../escape").is_err());

@@ -51,11 +51,19 @@ pub fn load(file: &Path, create: bool) -> Result<Token, TokenError> {
     if let Ok(value) = std::env::var(TOKEN_ENV)
         && !value.trim().is_empty()
     {
-        return Ok(Token { value: value.trim().to_owned(), file: None, generated: false });
+        return Ok(Token {
+            value: value.trim().to_owned(),
+            file: None,
+            generated: false,
+        });
     }
     match std::fs::read_to_string(file) {
         Ok(text) if text.trim().is_empty() => Err(TokenError::Empty(file.to_owned())),
-        Ok(text) => Ok(Token { value: text.trim().to_owned(), file: Some(file.to_owned()), generated: false }),
+        Ok(text) => Ok(Token {
+            value: text.trim().to_owned(),
+            file: Some(file.to_owned()),
+            generated: false,
+        }),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound && create => {
             let value = generate().map_err(|e| TokenError::Create(file.to_owned(), e))?;
             if let Some(dir) = file.parent() {
@@ -68,7 +76,11 @@ pub fn load(file: &Path, create: bool) -> Result<Token, TokenError> {
                 .open(file)
                 .map_err(|e| TokenError::Create(file.to_owned(), e))?;
             writeln!(out, "{value}").map_err(|e| TokenError::Create(file.to_owned(), e))?;
-            Ok(Token { value, file: Some(file.to_owned()), generated: true })
+            Ok(Token {
+                value,
+                file: Some(file.to_owned()),
+                generated: true,
+            })
         }
         Err(error) => Err(TokenError::Read(file.to_owned(), error)),
     }
@@ -79,7 +91,8 @@ pub fn matches(expected: &str, presented: &str) -> bool {
     let (a, b) = (expected.as_bytes(), presented.as_bytes());
     let mut difference = a.len() ^ b.len();
     for i in 0..a.len().max(b.len()) {
-        difference |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff));
+        difference |=
+            usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff));
     }
     difference == 0
 }
@@ -96,7 +109,10 @@ mod tests {
         assert!(first.generated);
         assert_eq!(first.value.len(), 64);
         let mode = std::fs::metadata(&path).expect("exists").permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         let second = load(&path, true).expect("read");
         assert!(!second.generated);
         assert_eq!(first.value, second.value);

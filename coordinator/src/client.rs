@@ -19,8 +19,13 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 
 impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert("authorization", self.0.clone());
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
         Ok(request)
     }
 }
@@ -41,16 +46,25 @@ pub enum ClientError {
 
 /// Dials a coordinator's control API.
 pub async fn connect(url: &str, token: &str) -> Result<Client, ClientError> {
-    let unreachable = |reason: String| ClientError::Unreachable { url: url.to_owned(), reason };
+    let unreachable = |reason: String| ClientError::Unreachable {
+        url: url.to_owned(),
+        reason,
+    };
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| unreachable(e.to_string()))?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
-    let channel = endpoint.connect().await.map_err(|e| unreachable(format!("{e} ({:?})", std::error::Error::source(&e))))?;
-    let header = format!("Bearer {token}").parse().map_err(|_| ClientError::BadToken)?;
-    Ok(ControlClient::with_interceptor(channel, Bearer(header)).max_decoding_message_size(8 * 1024 * 1024))
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| unreachable(format!("{e} ({:?})", std::error::Error::source(&e))))?;
+    let header = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| ClientError::BadToken)?;
+    Ok(ControlClient::with_interceptor(channel, Bearer(header))
+        .max_decoding_message_size(8 * 1024 * 1024))
 }
 
 /// Finds the coordinator of `repo` (or the one `BUILDPOOL_COORDINATOR` names) and dials it.

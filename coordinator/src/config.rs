@@ -115,12 +115,17 @@ pub fn cache_home() -> PathBuf {
 
 /// The user's config file location.
 pub fn user_config_file() -> PathBuf {
-    crate::auth::config_home().join("buildpool").join("config.toml")
+    crate::auth::config_home()
+        .join("buildpool")
+        .join("config.toml")
 }
 
 fn read_table(path: &Path) -> Result<Option<toml::Table>, ConfigError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => text.parse::<toml::Table>().map(Some).map_err(|e| ConfigError::Parse(path.to_owned(), e.to_string())),
+        Ok(text) => text
+            .parse::<toml::Table>()
+            .map(Some)
+            .map_err(|e| ConfigError::Parse(path.to_owned(), e.to_string())),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(error) => Err(ConfigError::Read(path.to_owned(), error)),
     }
@@ -147,7 +152,11 @@ fn secs(value: Option<u64>, default: u64, name: &str) -> Result<Duration, Config
 
 fn join_addr(host: &str, port: u16) -> String {
     let host = if host.is_empty() { "0.0.0.0" } else { host };
-    if host.contains(':') && !host.starts_with('[') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 impl CoordinatorConfig {
@@ -169,35 +178,70 @@ impl CoordinatorConfig {
                 merge(&mut table, layer);
             }
         }
-        let file: FileConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse(files.last().cloned().unwrap_or_default(), e.to_string()))?;
+        let file: FileConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    ConfigError::Parse(files.last().cloned().unwrap_or_default(), e.to_string())
+                })?;
         Self::resolve(file.build_pool, overrides)
     }
 
     fn resolve(pool: BuildPoolSection, overrides: Overrides) -> Result<Self, ConfigError> {
-        let heartbeat_interval = secs(pool.timeouts.heartbeat_interval_secs, 3, "heartbeat_interval_secs")?;
-        let heartbeat_timeout = secs(pool.timeouts.heartbeat_timeout_secs, 10, "heartbeat_timeout_secs")?;
+        let heartbeat_interval = secs(
+            pool.timeouts.heartbeat_interval_secs,
+            3,
+            "heartbeat_interval_secs",
+        )?;
+        let heartbeat_timeout = secs(
+            pool.timeouts.heartbeat_timeout_secs,
+            10,
+            "heartbeat_timeout_secs",
+        )?;
         if heartbeat_timeout <= heartbeat_interval {
             return Err(ConfigError::Invalid(
                 "heartbeat_timeout_secs must be longer than heartbeat_interval_secs".into(),
             ));
         }
-        let websocket_host = overrides.websocket_listen_addr.or(pool.websocket_listen_addr).unwrap_or_default();
-        let websocket_port = overrides.websocket_port.or(pool.websocket_port).unwrap_or(8081);
-        let git_host = overrides.git_daemon_listen_addr.or(pool.git_daemon_listen_addr).unwrap_or_default();
-        let git_port = overrides.git_daemon_port.or(pool.git_daemon_port).unwrap_or(9418);
-        let local_max_jobs = overrides.local_max_jobs.or(pool.local_fallback.max_jobs).unwrap_or(2);
+        let websocket_host = overrides
+            .websocket_listen_addr
+            .or(pool.websocket_listen_addr)
+            .unwrap_or_default();
+        let websocket_port = overrides
+            .websocket_port
+            .or(pool.websocket_port)
+            .unwrap_or(8081);
+        let git_host = overrides
+            .git_daemon_listen_addr
+            .or(pool.git_daemon_listen_addr)
+            .unwrap_or_default();
+        let git_port = overrides
+            .git_daemon_port
+            .or(pool.git_daemon_port)
+            .unwrap_or(9418);
+        let local_max_jobs = overrides
+            .local_max_jobs
+            .or(pool.local_fallback.max_jobs)
+            .unwrap_or(2);
         if local_max_jobs == 0 {
-            return Err(ConfigError::Invalid("local_fallback.max_jobs must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "local_fallback.max_jobs must be at least 1".into(),
+            ));
         }
         Ok(Self {
             websocket_addr: Some(join_addr(&websocket_host, websocket_port)),
             git_daemon: Some((git_host, git_port)),
-            control_addr: overrides.control_addr.or(pool.control_listen_addr).unwrap_or_else(|| "127.0.0.1:0".into()),
-            token_file: overrides.token_file.or(pool.token_file).unwrap_or_else(crate::auth::default_token_file),
+            control_addr: overrides
+                .control_addr
+                .or(pool.control_listen_addr)
+                .unwrap_or_else(|| "127.0.0.1:0".into()),
+            token_file: overrides
+                .token_file
+                .or(pool.token_file)
+                .unwrap_or_else(crate::auth::default_token_file),
             log_max_bytes: pool.log_max_bytes.unwrap_or(64 * 1024 * 1024),
-            local_fallback: !overrides.no_local_fallback && pool.local_fallback.enabled.unwrap_or(true),
+            local_fallback: !overrides.no_local_fallback
+                && pool.local_fallback.enabled.unwrap_or(true),
             local_max_jobs,
             local_worktree_dir: overrides
                 .local_worktree_dir
@@ -207,9 +251,17 @@ impl CoordinatorConfig {
             heartbeat_interval,
             heartbeat_timeout,
             reattach_grace: secs(pool.timeouts.reattach_grace_secs, 15, "reattach_grace_secs")?,
-            unroutable_wait: secs(pool.timeouts.unroutable_wait_secs, 60, "unroutable_wait_secs")?,
+            unroutable_wait: secs(
+                pool.timeouts.unroutable_wait_secs,
+                60,
+                "unroutable_wait_secs",
+            )?,
             max_lost_attempts: match pool.timeouts.max_lost_attempts.unwrap_or(3) {
-                0 => return Err(ConfigError::Invalid("max_lost_attempts must be at least 1".into())),
+                0 => {
+                    return Err(ConfigError::Invalid(
+                        "max_lost_attempts must be at least 1".into(),
+                    ));
+                }
                 n => n,
             },
             private_logs: false,
@@ -237,7 +289,9 @@ mod tests {
     fn seed_keys_are_read_and_layered() {
         let dir = tempfile::tempdir().expect("temp");
         let user = dir.path().join("user.toml");
-        std::fs::write(&user, r#"
+        std::fs::write(
+            &user,
+            r#"
             [build_pool]
             enabled = true
             websocket_port = 8081
@@ -253,8 +307,14 @@ mod tests {
             job_default_secs = 300
             heartbeat_interval_secs = 30
             heartbeat_timeout_secs = 90
-        "#).expect("write");
-        let overrides = Overrides { config: Some(user), websocket_port: Some(9000), ..Overrides::default() };
+        "#,
+        )
+        .expect("write");
+        let overrides = Overrides {
+            config: Some(user),
+            websocket_port: Some(9000),
+            ..Overrides::default()
+        };
         let config = CoordinatorConfig::load(dir.path(), overrides).expect("valid");
         assert_eq!(config.websocket_addr.as_deref(), Some("0.0.0.0:9000"));
         assert_eq!(config.git_daemon, Some(("127.0.0.1".to_owned(), 9418)));
@@ -267,10 +327,29 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp");
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "[build_pool]\nwebsocket_prot = 1\n").expect("write");
-        let error = CoordinatorConfig::load(dir.path(), Overrides { config: Some(file.clone()), ..Overrides::default() })
-            .expect_err("typo");
+        let error = CoordinatorConfig::load(
+            dir.path(),
+            Overrides {
+                config: Some(file.clone()),
+                ..Overrides::default()
+            },
+        )
+        .expect_err("typo");
         assert!(error.to_string().contains("websocket_prot"), "{error}");
-        std::fs::write(&file, "[build_pool.timeouts]\nheartbeat_interval_secs = 10\nheartbeat_timeout_secs = 5\n").expect("write");
-        assert!(CoordinatorConfig::load(dir.path(), Overrides { config: Some(file), ..Overrides::default() }).is_err());
+        std::fs::write(
+            &file,
+            "[build_pool.timeouts]\nheartbeat_interval_secs = 10\nheartbeat_timeout_secs = 5\n",
+        )
+        .expect("write");
+        assert!(
+            CoordinatorConfig::load(
+                dir.path(),
+                Overrides {
+                    config: Some(file),
+                    ..Overrides::default()
+                }
+            )
+            .is_err()
+        );
     }
 }

@@ -25,30 +25,50 @@ pub enum RepoError {
 
 /// FNV-1a: a stable, dependency-free hash for naming; not for security.
 pub fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn sanitize(name: &str) -> String {
     let clean: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(40)
         .collect();
     let clean = clean.trim_matches('-').to_owned();
-    if clean.is_empty() { "repo".to_owned() } else { clean }
+    if clean.is_empty() {
+        "repo".to_owned()
+    } else {
+        clean
+    }
 }
 
 impl Repo {
     /// Finds the repository containing `dir`.
     pub async fn discover(dir: &Path) -> Result<Self, RepoError> {
         let output = Git::new(dir)
-            .args(["rev-parse", "--path-format=absolute", "--show-toplevel", "--git-common-dir"])
+            .args([
+                "rev-parse",
+                "--path-format=absolute",
+                "--show-toplevel",
+                "--git-common-dir",
+            ])
             .output()
             .await
             .map_err(|error| RepoError::NotARepository(dir.to_owned(), error.to_string()))?;
         let mut lines = output.lines();
         let (Some(worktree), Some(common_dir)) = (lines.next(), lines.next()) else {
-            return Err(RepoError::NotARepository(dir.to_owned(), "bare repositories have no worktree to build".into()));
+            return Err(RepoError::NotARepository(
+                dir.to_owned(),
+                "bare repositories have no worktree to build".into(),
+            ));
         };
         let worktree = PathBuf::from(worktree);
         let common_dir = PathBuf::from(common_dir);
@@ -69,8 +89,16 @@ impl Repo {
             .ok()
             .and_then(|roots| roots.lines().last().map(str::to_owned))
             .unwrap_or_else(|| common_dir.display().to_string());
-        let id = format!("{}-{:012x}", sanitize(&name), fnv1a(&root) & 0xffff_ffff_ffff);
-        Ok(Self { worktree, common_dir, id })
+        let id = format!(
+            "{}-{:012x}",
+            sanitize(&name),
+            fnv1a(&root) & 0xffff_ffff_ffff
+        );
+        Ok(Self {
+            worktree,
+            common_dir,
+            id,
+        })
     }
 
     /// buildpool's state directory inside the common git dir (discovery file, logs).

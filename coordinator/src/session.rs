@@ -40,8 +40,15 @@ impl Fallback {
             "requested".to_owned()
         } else {
             match client::connect_to_running(repo).await {
-                Ok((client, _)) => return Ok(Route { client, via: Via::Coordinator }),
-                Err(ClientError::NotRunning(_)) => "no coordinator running for this repository".to_owned(),
+                Ok((client, _)) => {
+                    return Ok(Route {
+                        client,
+                        via: Via::Coordinator,
+                    });
+                }
+                Err(ClientError::NotRunning(_)) => {
+                    "no coordinator running for this repository".to_owned()
+                }
                 Err(error) => error.to_string(),
             }
         };
@@ -50,16 +57,27 @@ impl Fallback {
             let token = crate::auth::generate()?;
             let config = CoordinatorConfig::in_process(&repo.worktree)?;
             let coordinator = Coordinator::start(repo.clone(), config, token.clone()).await?;
-            let client = client::connect(&format!("http://{}", coordinator.control_addr), &token).await?;
+            let client =
+                client::connect(&format!("http://{}", coordinator.control_addr), &token).await?;
             *running = Some((coordinator, client));
         }
-        let client = running.as_ref().map(|(_, client)| client.clone()).ok_or_else(|| anyhow::anyhow!("in-process coordinator missing"))?;
-        Ok(Route { client, via: Via::InProcess(reason) })
+        let client = running
+            .as_ref()
+            .map(|(_, client)| client.clone())
+            .ok_or_else(|| anyhow::anyhow!("in-process coordinator missing"))?;
+        Ok(Route {
+            client,
+            via: Via::InProcess(reason),
+        })
     }
 
     /// The in-process coordinator's client, if one is running.
     pub async fn running_client(&self) -> Option<Client> {
-        self.running.lock().await.as_ref().map(|(_, client)| client.clone())
+        self.running
+            .lock()
+            .await
+            .as_ref()
+            .map(|(_, client)| client.clone())
     }
 
     /// Stops the in-process coordinator, if one was started.

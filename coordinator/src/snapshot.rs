@@ -37,7 +37,9 @@ pub enum SnapshotError {
 }
 
 fn unix_millis() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 /// Snapshots the worktree at `repo.worktree`.
@@ -45,17 +47,34 @@ pub async fn create(repo: &Repo) -> Result<Snapshot, SnapshotError> {
     let state_dir = repo.state_dir();
     tokio::fs::create_dir_all(&state_dir).await?;
     // Same filesystem as the real index, so the copy is cheap; removed on drop.
-    let temporary = tempfile::Builder::new().prefix("snapshot-index-").tempfile_in(&state_dir)?;
+    let temporary = tempfile::Builder::new()
+        .prefix("snapshot-index-")
+        .tempfile_in(&state_dir)?;
     let index = temporary.path().to_owned();
-    let real_index = Git::new(&repo.worktree).args(["rev-parse", "--path-format=absolute", "--git-path", "index"]).output().await?;
+    let real_index = Git::new(&repo.worktree)
+        .args(["rev-parse", "--path-format=absolute", "--git-path", "index"])
+        .output()
+        .await?;
     // Starting from a copy of the real index reuses its stat cache: unchanged files are not
     // re-hashed. A missing index (fresh repository) just means starting empty.
     if tokio::fs::copy(&real_index, &index).await.is_err() {
         tokio::fs::remove_file(&index).await.ok();
     }
-    Git::new(&repo.worktree).env("GIT_INDEX_FILE", &index).args(["add", "--all", "--", "."]).output().await?;
-    let tree = Git::new(&repo.worktree).env("GIT_INDEX_FILE", &index).arg("write-tree").output().await?;
-    let parent = Git::new(&repo.worktree).args(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"]).output().await.ok();
+    Git::new(&repo.worktree)
+        .env("GIT_INDEX_FILE", &index)
+        .args(["add", "--all", "--", "."])
+        .output()
+        .await?;
+    let tree = Git::new(&repo.worktree)
+        .env("GIT_INDEX_FILE", &index)
+        .arg("write-tree")
+        .output()
+        .await?;
+    let parent = Git::new(&repo.worktree)
+        .args(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])
+        .output()
+        .await
+        .ok();
     let message = format!("buildpool snapshot of {}", repo.worktree.display());
     // A fixed date makes the commit a function of the content: an unchanged worktree gives
     // the same commit, which an agent that built it before already has (no fetch at all).
@@ -67,8 +86,15 @@ pub async fn create(repo: &Repo) -> Result<Snapshot, SnapshotError> {
         commit_tree = commit_tree.args(["-p", parent]);
     }
     let commit = commit_tree.output().await?;
-    let git_ref = format!("{SNAPSHOT_REF_PREFIX}{}-{:08x}", unix_millis(), fastrand::u32(..));
-    Git::new(&repo.worktree).args(["update-ref", &git_ref, &commit]).output().await?;
+    let git_ref = format!(
+        "{SNAPSHOT_REF_PREFIX}{}-{:08x}",
+        unix_millis(),
+        fastrand::u32(..)
+    );
+    Git::new(&repo.worktree)
+        .args(["update-ref", &git_ref, &commit])
+        .output()
+        .await?;
     drop(temporary);
     if let Err(error) = prune(&repo.worktree).await {
         tracing::warn!("pruning old snapshot refs failed: {error}");
@@ -79,7 +105,10 @@ pub async fn create(repo: &Repo) -> Result<Snapshot, SnapshotError> {
 /// Deletes a snapshot ref once its job has ended.
 pub async fn delete(repo_dir: &Path, git_ref: &str) -> Result<(), GitError> {
     if git_ref.starts_with(SNAPSHOT_REF_PREFIX) {
-        Git::new(repo_dir).args(["update-ref", "-d", git_ref]).output().await?;
+        Git::new(repo_dir)
+            .args(["update-ref", "-d", git_ref])
+            .output()
+            .await?;
     }
     Ok(())
 }
@@ -88,7 +117,12 @@ pub async fn delete(repo_dir: &Path, git_ref: &str) -> Result<(), GitError> {
 /// Ref names start with their creation time in milliseconds, so names order them by age.
 pub async fn prune(repo_dir: &Path) -> Result<usize, GitError> {
     let listing = Git::new(repo_dir)
-        .args(["for-each-ref", "--sort=-refname", "--format=%(refname)", SNAPSHOT_REF_PREFIX])
+        .args([
+            "for-each-ref",
+            "--sort=-refname",
+            "--format=%(refname)",
+            SNAPSHOT_REF_PREFIX,
+        ])
         .output()
         .await?;
     let now = unix_millis();
@@ -101,7 +135,10 @@ pub async fn prune(repo_dir: &Path) -> Result<usize, GitError> {
             .unwrap_or(0);
         let age = now.saturating_sub(created);
         if index >= KEPT_SNAPSHOTS || age > SNAPSHOT_MAX_AGE.as_millis() {
-            Git::new(repo_dir).args(["update-ref", "-d", name]).output().await?;
+            Git::new(repo_dir)
+                .args(["update-ref", "-d", name])
+                .output()
+                .await?;
             pruned += 1;
         }
     }
@@ -111,7 +148,10 @@ pub async fn prune(repo_dir: &Path) -> Result<usize, GitError> {
 /// Counts snapshot refs.
 #[cfg(test)]
 async fn count(repo_dir: &Path) -> Result<usize, GitError> {
-    let listing = Git::new(repo_dir).args(["for-each-ref", "--format=%(refname)", SNAPSHOT_REF_PREFIX]).output().await?;
+    let listing = Git::new(repo_dir)
+        .args(["for-each-ref", "--format=%(refname)", SNAPSHOT_REF_PREFIX])
+        .output()
+        .await?;
     Ok(listing.lines().count())
 }
 
@@ -157,16 +197,39 @@ mod tests {
         let snapshot = create(&repo).await.expect("snapshot");
 
         let show = |path: &str| format!("{}:{path}", snapshot.commit);
-        assert_eq!(git(root, &["show", &show("tracked.txt")]).await, "v2 uncommitted");
+        assert_eq!(
+            git(root, &["show", &show("tracked.txt")]).await,
+            "v2 uncommitted"
+        );
         assert_eq!(git(root, &["show", &show("staged.txt")]).await, "staged");
         assert_eq!(git(root, &["show", &show("untracked.txt")]).await, "new");
-        assert!(Git::new(root).args(["show", &show("ignored.txt")]).output().await.is_err());
-        assert_eq!(git(root, &["rev-parse", &format!("{}^", snapshot.commit)]).await, head);
-        assert_eq!(git(root, &["rev-parse", &snapshot.git_ref]).await, snapshot.commit);
+        assert!(
+            Git::new(root)
+                .args(["show", &show("ignored.txt")])
+                .output()
+                .await
+                .is_err()
+        );
+        assert_eq!(
+            git(root, &["rev-parse", &format!("{}^", snapshot.commit)]).await,
+            head
+        );
+        assert_eq!(
+            git(root, &["rev-parse", &snapshot.git_ref]).await,
+            snapshot.commit
+        );
 
         assert_eq!(git(root, &["rev-parse", "HEAD"]).await, head, "HEAD moved");
-        assert_eq!(git(root, &["status", "--porcelain"]).await, status, "worktree state changed");
-        assert_eq!(std::fs::read(root.join(".git/index")).expect("index"), index, "index written");
+        assert_eq!(
+            git(root, &["status", "--porcelain"]).await,
+            status,
+            "worktree state changed"
+        );
+        assert_eq!(
+            std::fs::read(root.join(".git/index")).expect("index"),
+            index,
+            "index written"
+        );
         assert_eq!(git(root, &["stash", "list"]).await, "");
         assert!(!root.join("hook-ran").exists(), "a hook ran");
     }
@@ -176,12 +239,26 @@ mod tests {
         let dir = fixture().await;
         let root = dir.path();
         let linked = root.join("linked");
-        git(root, &["worktree", "add", "--quiet", "-b", "feature", linked.to_str().expect("utf8")]).await;
+        git(
+            root,
+            &[
+                "worktree",
+                "add",
+                "--quiet",
+                "-b",
+                "feature",
+                linked.to_str().expect("utf8"),
+            ],
+        )
+        .await;
         std::fs::write(linked.join("feature.txt"), "feature\n").expect("write");
         let repo = Repo::discover(&linked).await.expect("repo");
         assert_eq!(repo.common_dir, root.join(".git"));
         let snapshot = create(&repo).await.expect("snapshot");
-        assert_eq!(git(root, &["show", &format!("{}:feature.txt", snapshot.commit)]).await, "feature");
+        assert_eq!(
+            git(root, &["show", &format!("{}:feature.txt", snapshot.commit)]).await,
+            "feature"
+        );
 
         for _ in 0..3 {
             create(&repo).await.expect("snapshot");
@@ -191,7 +268,10 @@ mod tests {
         assert_eq!(count(root).await.expect("count"), 3);
 
         // Refs a day old are pruned by their name's timestamp.
-        let old = format!("{SNAPSHOT_REF_PREFIX}{}-00000000", unix_millis() - 25 * 3600 * 1000);
+        let old = format!(
+            "{SNAPSHOT_REF_PREFIX}{}-00000000",
+            unix_millis() - 25 * 3600 * 1000
+        );
         git(root, &["update-ref", &old, &snapshot.commit]).await;
         assert_eq!(prune(root).await.expect("prune"), 1);
         assert_eq!(count(root).await.expect("count"), 3);
@@ -205,7 +285,10 @@ mod tests {
         let first = create(&repo).await.expect("snapshot");
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let second = create(&repo).await.expect("snapshot");
-        assert_eq!(first.commit, second.commit, "same content, same commit: agents need not fetch");
+        assert_eq!(
+            first.commit, second.commit,
+            "same content, same commit: agents need not fetch"
+        );
         assert_ne!(first.git_ref, second.git_ref);
         std::fs::write(dir.path().join("untracked.txt"), "y\n").expect("write");
         assert_ne!(create(&repo).await.expect("snapshot").commit, first.commit);

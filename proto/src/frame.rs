@@ -80,6 +80,9 @@ mod tests {
             AgentFrame::decode_frame(&vec![0; MAX_FRAME_BYTES + 1]),
             Err(FrameError::TooLarge(_))
         ));
-        assert!(matches!(AgentFrame::decode_frame(&[]), Err(FrameError::Empty)));
+        assert!(matches!(
+            AgentFrame::decode_frame(&[]),
+            Err(FrameError::Empty)
+        ));
     }
 }

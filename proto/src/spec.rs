@@ -47,7 +47,9 @@ pub fn env_name_allowed(name: &str) -> bool {
 
 fn check_text(what: &str, value: &str) -> Result<(), SpecError> {
     if value.len() > MAX_ARG_BYTES {
-        return Err(invalid(format!("{what} is longer than {MAX_ARG_BYTES} bytes")));
+        return Err(invalid(format!(
+            "{what} is longer than {MAX_ARG_BYTES} bytes"
+        )));
     }
     if value.contains('\0') {
         return Err(invalid(format!("{what} contains a NUL byte")));
@@ -58,7 +60,9 @@ fn check_text(what: &str, value: &str) -> Result<(), SpecError> {
 fn check_label(label: &str) -> Result<(), SpecError> {
     let ok = !label.is_empty()
         && label.len() <= 128
-        && label.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:=/".contains(c));
+        && label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:=/".contains(c));
     if ok {
         Ok(())
     } else {
@@ -85,7 +89,9 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         Ok(_) => {}
     }
     if spec.cargo_args.len() > MAX_CARGO_ARGS {
-        return Err(invalid(format!("more than {MAX_CARGO_ARGS} cargo arguments")));
+        return Err(invalid(format!(
+            "more than {MAX_CARGO_ARGS} cargo arguments"
+        )));
     }
     // Arguments after a bare `--` belong to the test binary or to clippy-driver, not cargo.
     let cargo_own = spec
@@ -117,7 +123,9 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         }
     }
     if spec.env.len() > MAX_ENV_VARS {
-        return Err(invalid(format!("more than {MAX_ENV_VARS} environment variables")));
+        return Err(invalid(format!(
+            "more than {MAX_ENV_VARS} environment variables"
+        )));
     }
     for var in &spec.env {
         if !env_name_allowed(&var.name) {
@@ -131,7 +139,9 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         check_text("environment value", &var.value)?;
     }
     if spec.timeout_secs > MAX_TIMEOUT_SECS {
-        return Err(invalid(format!("timeout exceeds {MAX_TIMEOUT_SECS} seconds")));
+        return Err(invalid(format!(
+            "timeout exceeds {MAX_TIMEOUT_SECS} seconds"
+        )));
     }
     validate_labels(&spec.required_labels)
 }
@@ -152,7 +162,10 @@ mod tests {
     #[test]
     fn accepts_ordinary_cargo_arguments() {
         assert_eq!(validate(&spec(&["-p", "app", "--", "--nocapture"])), Ok(()));
-        assert_eq!(validate(&spec(&["--manifest-path", "crates/a/Cargo.toml"])), Ok(()));
+        assert_eq!(
+            validate(&spec(&["--manifest-path", "crates/a/Cargo.toml"])),
+            Ok(())
+        );
     }
 
     #[test]
@@ -172,13 +185,19 @@ mod tests {
     #[test]
     fn only_allowlisted_environment_passes() {
         let mut with_env = spec(&[]);
-        with_env.env.push(EnvVar { name: "RUST_BACKTRACE".into(), value: "1".into() });
+        with_env.env.push(EnvVar {
+            name: "RUST_BACKTRACE".into(),
+            value: "1".into(),
+        });
         with_env.env.push(EnvVar {
             name: "CARGO_PROFILE_DEV_DEBUG".into(),
             value: "0".into(),
         });
         assert_eq!(validate(&with_env), Ok(()));
-        with_env.env.push(EnvVar { name: "PATH".into(), value: "/evil".into() });
+        with_env.env.push(EnvVar {
+            name: "PATH".into(),
+            value: "/evil".into(),
+        });
         let error = validate(&with_env).expect_err("PATH is not allowed");
         assert!(error.to_string().contains("PATH"), "{error}");
     }

@@ -9,9 +9,11 @@ use anyhow::{Context, bail};
 use crate::RunOutput;
 
 /// Nix settings for a machine with no binary cache and no network (see the design brief).
-pub const NIX_CONFIG: &str = "experimental-features = nix-command flakes\nsandbox = false\nsubstituters =\nflake-registry =";
+pub const NIX_CONFIG: &str =
+    "experimental-features = nix-command flakes\nsandbox = false\nsubstituters =\nflake-registry =";
 
-const WORKSPACE_MANIFEST: &str = "[workspace]\nresolver = \"2\"\nmembers = [\"app\", \"crates/util\"]\n";
+const WORKSPACE_MANIFEST: &str =
+    "[workspace]\nresolver = \"2\"\nmembers = [\"app\", \"crates/util\"]\n";
 const UTIL_MANIFEST: &str = "[package]\nname = \"util\"\nversion = \"0.1.0\"\nedition = \"2021\"\n";
 const UTIL_LIB: &str = "pub fn double(x: i32) -> i32 {\n    x * 2\n}\n";
 const APP_MANIFEST: &str = "[package]\nname = \"app\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[dependencies]\nutil = { path = \"../crates/util\" }\n";
@@ -70,7 +72,14 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new("git")
         .arg("-C")
         .arg(dir)
-        .args(["-c", "user.name=fixture", "-c", "user.email=fixture@localhost", "-c", "commit.gpgsign=false"])
+        .args([
+            "-c",
+            "user.name=fixture",
+            "-c",
+            "user.email=fixture@localhost",
+            "-c",
+            "commit.gpgsign=false",
+        ])
         .args(args)
         .output()?;
     if !output.status.success() {
@@ -82,7 +91,9 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
 impl Fixture {
     /// Creates and commits the fixture workspace.
     pub fn new() -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("buildpool-test-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("buildpool-test-")
+            .tempdir()?;
         let fixture = Self { dir };
         std::fs::create_dir_all(fixture.scratch())?;
         let root = fixture.root();
@@ -112,7 +123,10 @@ impl Fixture {
             .current_dir(&root)
             .output()?;
         if !lock.status.success() {
-            bail!("generate-lockfile: {}", String::from_utf8_lossy(&lock.stderr));
+            bail!(
+                "generate-lockfile: {}",
+                String::from_utf8_lossy(&lock.stderr)
+            );
         }
         git(&root, &["add", "."])?;
         git(&root, &["commit", "--quiet", "-m", "fixture"])?;
@@ -145,7 +159,9 @@ impl Fixture {
 
     /// How many times `sleeps_briefly` has started.
     pub fn starts(&self) -> usize {
-        std::fs::read_to_string(self.starts_file()).map(|t| t.lines().count()).unwrap_or(0)
+        std::fs::read_to_string(self.starts_file())
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
     }
 
     /// Seconds `sleeps_briefly` sleeps.
@@ -154,7 +170,17 @@ impl Fixture {
     }
 
     /// `buildpool run test` arguments that run only `sleeps_briefly`.
-    pub const BRIEF_JOB: &'static [&'static str] = &["run", "test", "--", "-p", "app", "--lib", "--", "--ignored", "sleeps_briefly"];
+    pub const BRIEF_JOB: &'static [&'static str] = &[
+        "run",
+        "test",
+        "--",
+        "-p",
+        "app",
+        "--lib",
+        "--",
+        "--ignored",
+        "sleeps_briefly",
+    ];
 
     /// Writes a file of the repository (creating directories), without committing it.
     pub fn write(&self, path: &str, text: &str) -> anyhow::Result<()> {
@@ -170,7 +196,17 @@ impl Fixture {
     /// Adds a linked worktree on a new branch and returns its path.
     pub fn add_worktree(&self, name: &str) -> anyhow::Result<PathBuf> {
         let path = self.dir.path().join(name);
-        git(&self.root(), &["worktree", "add", "--quiet", "-b", name, path.to_str().context("utf-8 path")?])?;
+        git(
+            &self.root(),
+            &[
+                "worktree",
+                "add",
+                "--quiet",
+                "-b",
+                name,
+                path.to_str().context("utf-8 path")?,
+            ],
+        )?;
         Ok(path)
     }
 

@@ -25,7 +25,18 @@ pub fn bin_dir() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let mut command = Command::new(cargo);
-        command.args(["build", "--quiet", "--bins", "-p", "buildpool-coordinator", "-p", "build-agent", "--manifest-path"]).arg(&manifest);
+        command
+            .args([
+                "build",
+                "--quiet",
+                "--bins",
+                "-p",
+                "buildpool-coordinator",
+                "-p",
+                "build-agent",
+                "--manifest-path",
+            ])
+            .arg(&manifest);
         if !cfg!(debug_assertions) {
             command.arg("--release");
         }
@@ -34,7 +45,11 @@ pub fn bin_dir() -> &'static Path {
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/<test> or target/<profile>/<bin> -> target/<profile>
         let dir = exe.parent().expect("target dir");
-        if dir.ends_with("deps") { dir.parent().expect("profile dir").to_owned() } else { dir.to_owned() }
+        if dir.ends_with("deps") {
+            dir.parent().expect("profile dir").to_owned()
+        } else {
+            dir.to_owned()
+        }
     })
 }
 
@@ -58,8 +73,14 @@ impl Owned {
     pub fn spawn(mut command: Command, log: PathBuf) -> anyhow::Result<Self> {
         use std::os::unix::process::CommandExt;
         let file = std::fs::File::create(&log)?;
-        command.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file).process_group(0);
-        let child = command.spawn().with_context(|| format!("spawning {command:?}"))?;
+        command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .process_group(0);
+        let child = command
+            .spawn()
+            .with_context(|| format!("spawning {command:?}"))?;
         Ok(Self { child, log })
     }
 
@@ -118,13 +139,23 @@ pub const SIGSTOP: i32 = 19;
 /// `kill(pid, signal)`; a negative pid is a process group. The `kill` command does the
 /// syscall, so the harness needs no unsafe code.
 pub fn signal_pid(pid: i32, signal: i32) {
-    let _ = Command::new("kill").arg(format!("-{signal}")).arg("--").arg(pid.to_string()).stderr(Stdio::null()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg("--")
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Whether a process exists and is not a zombie.
 pub fn process_alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| !stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        .map(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
@@ -175,7 +206,13 @@ impl Cluster {
         command
             .arg("-C")
             .arg(fixture.root())
-            .args(["serve", "--websocket-listen-addr", "127.0.0.1", "--git-daemon-listen-addr", "127.0.0.1"])
+            .args([
+                "serve",
+                "--websocket-listen-addr",
+                "127.0.0.1",
+                "--git-daemon-listen-addr",
+                "127.0.0.1",
+            ])
             .args(["--websocket-port", &options.websocket_port.to_string()])
             .args(["--git-daemon-port", &options.git_daemon_port.to_string()]);
         if let Some(config) = &options.config {
@@ -191,9 +228,14 @@ impl Cluster {
     }
 
     /// Starts a coordinator process for `fixture` and waits for its discovery file.
-    fn spawn_coordinator(fixture: &Fixture, options: &ServeOptions) -> anyhow::Result<(Owned, String, u16)> {
+    fn spawn_coordinator(
+        fixture: &Fixture,
+        options: &ServeOptions,
+    ) -> anyhow::Result<(Owned, String, u16)> {
         let command = Self::serve_command(fixture, options)?;
-        let log = fixture.scratch().join(format!("coordinator-{}.log", fastrand_suffix()));
+        let log = fixture
+            .scratch()
+            .join(format!("coordinator-{}.log", fastrand_suffix()));
         let coordinator = Owned::spawn(command, log)?;
         let discovery = fixture.root().join(".git/buildpool/coordinator.json");
         let mut found = None;
@@ -208,15 +250,30 @@ impl Cluster {
             bail!("coordinator did not start:\n{}", coordinator.log_text());
         }
         let found = found.context("discovery")?;
-        let websocket_addr = found["websocket_addr"].as_str().context("websocket_addr")?.to_owned();
+        let websocket_addr = found["websocket_addr"]
+            .as_str()
+            .context("websocket_addr")?
+            .to_owned();
         let git_daemon_port = found["git_daemon_port"].as_u64().context("git port")? as u16;
         Ok((coordinator, websocket_addr, git_daemon_port))
     }
 
     /// Starts a coordinator as `options` say, with `agents` agents of `slots` slots.
-    pub fn start_with(fixture: Fixture, agents: usize, slots: u32, options: &ServeOptions) -> anyhow::Result<Self> {
-        let (coordinator, websocket_addr, git_daemon_port) = Self::spawn_coordinator(&fixture, options)?;
-        let mut cluster = Self { fixture, coordinator, agents: Vec::new(), websocket_addr, git_daemon_port };
+    pub fn start_with(
+        fixture: Fixture,
+        agents: usize,
+        slots: u32,
+        options: &ServeOptions,
+    ) -> anyhow::Result<Self> {
+        let (coordinator, websocket_addr, git_daemon_port) =
+            Self::spawn_coordinator(&fixture, options)?;
+        let mut cluster = Self {
+            fixture,
+            coordinator,
+            agents: Vec::new(),
+            websocket_addr,
+            git_daemon_port,
+        };
         for index in 0..agents {
             cluster.add_agent(&format!("worker-{}", index + 1), slots, &[])?;
         }
@@ -229,8 +286,17 @@ impl Cluster {
 
     /// Starts the coordinator again on the same ports (after it was killed).
     pub fn restart_coordinator(&mut self, options: &ServeOptions) -> anyhow::Result<()> {
-        let port = self.websocket_addr.rsplit(':').next().context("port")?.parse()?;
-        let options = ServeOptions { websocket_port: port, git_daemon_port: self.git_daemon_port, ..options.clone() };
+        let port = self
+            .websocket_addr
+            .rsplit(':')
+            .next()
+            .context("port")?
+            .parse()?;
+        let options = ServeOptions {
+            websocket_port: port,
+            git_daemon_port: self.git_daemon_port,
+            ..options.clone()
+        };
         let (coordinator, _, _) = Self::spawn_coordinator(&self.fixture, &options)?;
         self.coordinator = coordinator;
         Ok(())
@@ -262,9 +328,15 @@ impl Cluster {
     pub fn add_agent(&mut self, id: &str, slots: u32, extra: &[&str]) -> anyhow::Result<()> {
         let command = self.agent_command(id, slots, extra);
         let agent = Owned::spawn(command, self.fixture.scratch().join(format!("{id}.log")))?;
-        let listed = wait_until(Duration::from_secs(20), || self.agent_ids().iter().any(|a| a == id));
+        let listed = wait_until(Duration::from_secs(20), || {
+            self.agent_ids().iter().any(|a| a == id)
+        });
         if !listed {
-            bail!("agent {id} did not register:\n{}\ncoordinator:\n{}", agent.log_text(), self.coordinator.log_text());
+            bail!(
+                "agent {id} did not register:\n{}\ncoordinator:\n{}",
+                agent.log_text(),
+                self.coordinator.log_text()
+            );
         }
         self.agents.push(agent);
         Ok(())
@@ -315,15 +387,18 @@ impl From<Output> for RunOutput {
 
 impl std::fmt::Display for RunOutput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {:?}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 }
 
 /// The directory holding `program` on `PATH`.
 pub fn dir_of_program(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path).find(|dir| dir.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).find(|dir| dir.join(program).is_file()))
 }
 
 /// A short random suffix for log file names (restarted processes get new logs).
@@ -356,10 +431,15 @@ impl Proxy {
         let (frozen, ids) = (Arc::clone(&frozen_below), Arc::clone(&next_id));
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
-                let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
                 let id = ids.fetch_add(1, Ordering::SeqCst);
                 for (mut from, mut to) in [
-                    (client.try_clone().expect("clone"), server.try_clone().expect("clone")),
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    ),
                     (server, client),
                 ] {
                     let frozen = Arc::clone(&frozen);
@@ -370,7 +450,9 @@ impl Proxy {
                                 let _ = to.shutdown(std::net::Shutdown::Write);
                                 return;
                             }
-                            if id >= frozen.load(Ordering::SeqCst) && to.write_all(&buffer[..n]).is_err() {
+                            if id >= frozen.load(Ordering::SeqCst)
+                                && to.write_all(&buffer[..n]).is_err()
+                            {
                                 return;
                             }
                         }
@@ -378,13 +460,18 @@ impl Proxy {
                 }
             }
         });
-        Ok(Self { addr, frozen_below, next_id })
+        Ok(Self {
+            addr,
+            frozen_below,
+            next_id,
+        })
     }
 
     /// Silences every connection open now.
     pub fn cut(&self) {
         use std::sync::atomic::Ordering;
-        self.frozen_below.store(self.next_id.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.frozen_below
+            .store(self.next_id.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
     pub fn ws_url(&self) -> String {

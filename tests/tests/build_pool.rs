@@ -16,7 +16,12 @@ fn freshness(stdout: &str) -> HashMap<String, bool> {
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|message| message["reason"] == "compiler-artifact")
-        .filter_map(|message| Some((message["target"]["name"].as_str()?.to_owned(), message["fresh"].as_bool()?)))
+        .filter_map(|message| {
+            Some((
+                message["target"]["name"].as_str()?.to_owned(),
+                message["fresh"].as_bool()?,
+            ))
+        })
         .collect()
 }
 
@@ -28,16 +33,37 @@ fn build_test_and_clippy_run_on_agents_and_a_failing_test_exits_101() {
     let build = fixture.run(&["run", "build"]).expect("runs");
     assert_eq!(build.code, Some(0), "{build}");
     assert!(build.stderr.contains("running on worker-"), "{build}");
-    assert!(build.stderr.contains("Compiling app") || build.stderr.contains("Finished"), "{build}");
+    assert!(
+        build.stderr.contains("Compiling app") || build.stderr.contains("Finished"),
+        "{build}"
+    );
 
     let test = fixture.run(&["run", "test"]).expect("runs");
     assert_eq!(test.code, Some(0), "{test}");
-    assert!(test.stdout.contains("test tests::quadruples ... ok"), "{test}");
+    assert!(
+        test.stdout.contains("test tests::quadruples ... ok"),
+        "{test}"
+    );
 
-    let clippy = fixture.run(&["run", "clippy", "--", "--all-targets", "--", "-D", "warnings"]).expect("runs");
+    let clippy = fixture
+        .run(&[
+            "run",
+            "clippy",
+            "--",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .expect("runs");
     assert_eq!(clippy.code, Some(0), "{clippy}");
 
-    fixture.write("app/tests/fails.rs", "#[test]\nfn two_is_three() {\n    assert_eq!(2, 3, \"arithmetic broke\");\n}\n").expect("write");
+    fixture
+        .write(
+            "app/tests/fails.rs",
+            "#[test]\nfn two_is_three() {\n    assert_eq!(2, 3, \"arithmetic broke\");\n}\n",
+        )
+        .expect("write");
     let failing = fixture.run(&["run", "test"]).expect("runs");
     assert_eq!(failing.code, Some(101), "{failing}");
     assert!(failing.stdout.contains("two_is_three"), "{failing}");
@@ -50,7 +76,10 @@ fn uncommitted_edits_and_untracked_files_are_what_gets_built() {
     let fixture = &cluster.fixture;
     // Uncommitted edit of a tracked file, plus a new untracked module it uses.
     let lib = std::fs::read_to_string(fixture.root().join("app/src/lib.rs")).expect("read");
-    let lib = lib.replace("pub const GREETING: &str = \"hello\";", "pub const GREETING: &str = \"edited\";\npub mod extra;");
+    let lib = lib.replace(
+        "pub const GREETING: &str = \"hello\";",
+        "pub const GREETING: &str = \"edited\";\npub mod extra;",
+    );
     fixture.write("app/src/lib.rs", &lib).expect("write");
     fixture.write("app/src/extra.rs", "#[test]\nfn sees_the_uncommitted_edit() {\n    assert_eq!(crate::GREETING, \"edited\");\n}\n").expect("write");
     let head = fixture.git(&["rev-parse", "HEAD"]).expect("head");
@@ -58,15 +87,25 @@ fn uncommitted_edits_and_untracked_files_are_what_gets_built() {
 
     let test = fixture.run(&["run", "test"]).expect("runs");
     assert_eq!(test.code, Some(0), "{test}");
-    assert!(test.stdout.contains("extra::sees_the_uncommitted_edit ... ok"), "{test}");
+    assert!(
+        test.stdout
+            .contains("extra::sees_the_uncommitted_edit ... ok"),
+        "{test}"
+    );
 
     // The user's repository is exactly as it was.
     assert_eq!(fixture.git(&["rev-parse", "HEAD"]).expect("head"), head);
-    assert_eq!(fixture.git(&["status", "--porcelain"]).expect("status"), status);
+    assert_eq!(
+        fixture.git(&["status", "--porcelain"]).expect("status"),
+        status
+    );
     assert_eq!(fixture.git(&["stash", "list"]).expect("stash"), "");
     // The job's snapshot ref is removed once the job has ended.
     assert!(wait_until(Duration::from_secs(5), || {
-        fixture.git(&["for-each-ref", "refs/buildpool/"]).expect("refs").is_empty()
+        fixture
+            .git(&["for-each-ref", "refs/buildpool/"])
+            .expect("refs")
+            .is_empty()
     }));
 }
 
@@ -74,17 +113,38 @@ fn uncommitted_edits_and_untracked_files_are_what_gets_built() {
 fn a_second_build_after_a_one_line_change_is_incremental() {
     let cluster = cluster(1, 1);
     let fixture = &cluster.fixture;
-    let first = fixture.run(&["run", "build", "--", "--message-format=json"]).expect("runs");
+    let first = fixture
+        .run(&["run", "build", "--", "--message-format=json"])
+        .expect("runs");
     assert_eq!(first.code, Some(0), "{first}");
-    assert_eq!(freshness(&first.stdout).get("util"), Some(&false), "cold build compiles util:\n{first}");
+    assert_eq!(
+        freshness(&first.stdout).get("util"),
+        Some(&false),
+        "cold build compiles util:\n{first}"
+    );
 
     let lib = std::fs::read_to_string(fixture.root().join("app/src/lib.rs")).expect("read");
-    fixture.write("app/src/lib.rs", &lib.replace("\"hello\"", "\"hello again\"")).expect("write");
-    let second = fixture.run(&["run", "build", "--", "--message-format=json"]).expect("runs");
+    fixture
+        .write(
+            "app/src/lib.rs",
+            &lib.replace("\"hello\"", "\"hello again\""),
+        )
+        .expect("write");
+    let second = fixture
+        .run(&["run", "build", "--", "--message-format=json"])
+        .expect("runs");
     assert_eq!(second.code, Some(0), "{second}");
     let fresh = freshness(&second.stdout);
-    assert_eq!(fresh.get("util"), Some(&true), "the unchanged crate must not be recompiled:\n{second}");
-    assert_eq!(fresh.get("app"), Some(&false), "the changed crate must be recompiled:\n{second}");
+    assert_eq!(
+        fresh.get("util"),
+        Some(&true),
+        "the unchanged crate must not be recompiled:\n{second}"
+    );
+    assert_eq!(
+        fresh.get("app"),
+        Some(&false),
+        "the changed crate must be recompiled:\n{second}"
+    );
     assert!(second.stderr.contains("(warm)"), "{second}");
 }
 
@@ -96,23 +156,44 @@ fn a_job_runs_under_real_nix_develop() {
     );
     let cluster = cluster(1, 1);
     let fixture = &cluster.fixture;
-    fixture.write("flake.nix", &Fixture::flake()).expect("flake");
+    fixture
+        .write("flake.nix", &Fixture::flake())
+        .expect("flake");
     // The test passes only inside the dev shell, whose derivation sets this variable.
     fixture.write("app/tests/in_shell.rs", "#[test]\nfn runs_in_the_dev_shell() {\n    assert_eq!(std::env::var(\"BUILDPOOL_FIXTURE_SHELL\").as_deref(), Ok(\"nix\"));\n}\n").expect("write");
-    let test = fixture.run(&["run", "test", "--env", "nix", "--timeout", "300"]).expect("runs");
+    let test = fixture
+        .run(&["run", "test", "--env", "nix", "--timeout", "300"])
+        .expect("runs");
     assert_eq!(test.code, Some(0), "{test}");
-    assert!(test.stdout.contains("runs_in_the_dev_shell ... ok"), "{test}");
-    assert!(test.stderr.contains("env nix (dev shell evaluated in"), "{test}");
+    assert!(
+        test.stdout.contains("runs_in_the_dev_shell ... ok"),
+        "{test}"
+    );
+    assert!(
+        test.stderr.contains("env nix (dev shell evaluated in"),
+        "{test}"
+    );
     // The dev shell is evaluated once per flake; the next job reuses it.
     let again = fixture.run(&["run", "test", "--env", "nix"]).expect("runs");
     assert_eq!(again.code, Some(0), "{again}");
-    assert!(again.stderr.contains("env nix (dev shell cached)"), "{again}");
+    assert!(
+        again.stderr.contains("env nix (dev shell cached)"),
+        "{again}"
+    );
 }
 
 fn job_with_grandchild(fixture: &Fixture, extra: &[&str]) -> Owned {
     let mut args = vec!["run", "test"];
     args.extend_from_slice(extra);
-    args.extend_from_slice(&["--", "-p", "app", "--lib", "--", "--ignored", "sleeps_with_a_child"]);
+    args.extend_from_slice(&[
+        "--",
+        "-p",
+        "app",
+        "--lib",
+        "--",
+        "--ignored",
+        "sleeps_with_a_child",
+    ]);
     let command = fixture.command_in(&fixture.root(), &args);
     Owned::spawn(command, fixture.scratch().join("run.log")).expect("run starts")
 }
@@ -120,10 +201,16 @@ fn job_with_grandchild(fixture: &Fixture, extra: &[&str]) -> Owned {
 fn grandchild_pid(fixture: &Fixture, run: &Owned) -> i32 {
     let mut pid = None;
     let started = wait_until(Duration::from_secs(60), || {
-        pid = std::fs::read_to_string(fixture.pid_file()).ok().and_then(|text| text.trim().parse().ok());
+        pid = std::fs::read_to_string(fixture.pid_file())
+            .ok()
+            .and_then(|text| text.trim().parse().ok());
         pid.is_some()
     });
-    assert!(started, "the test never started its child:\n{}", run.log_text());
+    assert!(
+        started,
+        "the test never started its child:\n{}",
+        run.log_text()
+    );
     pid.expect("pid")
 }
 
@@ -137,10 +224,15 @@ fn cancel_kills_the_jobs_grandchildren() {
 
     // Ctrl-C on the client cancels the job on the agent.
     run.signal(SIGINT);
-    let status = run.wait_timeout(Duration::from_secs(30)).expect("client exits after cancel");
+    let status = run
+        .wait_timeout(Duration::from_secs(30))
+        .expect("client exits after cancel");
     assert_eq!(status.code(), Some(130), "{}", run.log_text());
     assert!(run.log_text().contains("cancelled"), "{}", run.log_text());
-    assert!(wait_until(Duration::from_secs(10), || !process_alive(grandchild)), "grandchild {grandchild} survived");
+    assert!(
+        wait_until(Duration::from_secs(10), || !process_alive(grandchild)),
+        "grandchild {grandchild} survived"
+    );
 
     // The slot is free again: the next job runs.
     let next = fixture.run(&["run", "check"]).expect("runs");
@@ -153,10 +245,15 @@ fn a_timeout_is_reported_as_timed_out_not_as_an_exit_code() {
     let fixture = &cluster.fixture;
     let mut run = job_with_grandchild(fixture, &["--timeout", "20"]);
     let grandchild = grandchild_pid(fixture, &run);
-    let status = run.wait_timeout(Duration::from_secs(90)).expect("the job times out");
+    let status = run
+        .wait_timeout(Duration::from_secs(90))
+        .expect("the job times out");
     assert_eq!(status.code(), Some(124), "{}", run.log_text());
     assert!(run.log_text().contains("timed out"), "{}", run.log_text());
-    assert!(wait_until(Duration::from_secs(10), || !process_alive(grandchild)), "grandchild {grandchild} survived");
+    assert!(
+        wait_until(Duration::from_secs(10), || !process_alive(grandchild)),
+        "grandchild {grandchild} survived"
+    );
 }
 
 #[test]
@@ -172,39 +269,76 @@ fn with_no_coordinator_run_works_in_process_from_any_worktree() {
     let fixture = Fixture::new().expect("fixture");
     let worktree = fixture.add_worktree("feature").expect("worktree");
     std::fs::create_dir_all(worktree.join("app/tests")).expect("mkdir");
-    std::fs::write(worktree.join("app/tests/feature.rs"), "#[test]\nfn only_in_the_feature_worktree() {}\n").expect("write");
-    let output: buildpool_tests::RunOutput = fixture.command_in(&worktree, &["run", "test"]).output().expect("runs").into();
+    std::fs::write(
+        worktree.join("app/tests/feature.rs"),
+        "#[test]\nfn only_in_the_feature_worktree() {}\n",
+    )
+    .expect("write");
+    let output: buildpool_tests::RunOutput = fixture
+        .command_in(&worktree, &["run", "test"])
+        .output()
+        .expect("runs")
+        .into();
     assert_eq!(output.code, Some(0), "{output}");
     assert!(output.stderr.contains("no coordinator running"), "{output}");
-    assert!(output.stdout.contains("only_in_the_feature_worktree ... ok"), "{output}");
+    assert!(
+        output
+            .stdout
+            .contains("only_in_the_feature_worktree ... ok"),
+        "{output}"
+    );
 }
 
 #[test]
 fn status_lists_agents_and_logs_outlive_the_job() {
     let mut cluster = cluster(1, 2);
-    cluster.add_agent("labelled", 1, &["--label", "gpu"]).expect("agent");
+    cluster
+        .add_agent("labelled", 1, &["--label", "gpu"])
+        .expect("agent");
     let status = cluster.status().expect("status");
     let agents = status["agents"].as_array().expect("agents");
-    let labelled = agents.iter().find(|a| a["id"] == "labelled").expect("listed");
+    let labelled = agents
+        .iter()
+        .find(|a| a["id"] == "labelled")
+        .expect("listed");
     assert_eq!(labelled["labels"], serde_json::json!(["gpu"]));
     assert_eq!(labelled["slots_total"], 1);
-    assert!(agents.iter().any(|a| a["id"] == "worker-1" && a["slots_total"] == 2));
+    assert!(
+        agents
+            .iter()
+            .any(|a| a["id"] == "worker-1" && a["slots_total"] == 2)
+    );
 
     let fixture = &cluster.fixture;
-    let run = fixture.run(&["run", "test", "--label", "gpu"]).expect("runs");
+    let run = fixture
+        .run(&["run", "test", "--label", "gpu"])
+        .expect("runs");
     assert_eq!(run.code, Some(0), "{run}");
     assert!(run.stderr.contains("running on labelled"), "{run}");
-    let job_id = run.stderr.split("[buildpool] job ").nth(1).and_then(|rest| rest.split(' ').next()).expect("job id");
+    let job_id = run
+        .stderr
+        .split("[buildpool] job ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .expect("job id");
     let logs = fixture.run(&["logs", job_id]).expect("logs");
     assert_eq!(logs.code, Some(0), "{logs}");
-    assert!(logs.stdout.contains("test tests::quadruples ... ok"), "{logs}");
+    assert!(
+        logs.stdout.contains("test tests::quadruples ... ok"),
+        "{logs}"
+    );
 }
 
 #[test]
 fn git_daemon_exports_only_this_repository() {
     let cluster = cluster(0, 1);
     let base = format!("git://127.0.0.1:{}", cluster.git_daemon_port);
-    let ls = |path: &str| std::process::Command::new("git").args(["ls-remote", &format!("{base}{path}")]).output().expect("git");
+    let ls = |path: &str| {
+        std::process::Command::new("git")
+            .args(["ls-remote", &format!("{base}{path}")])
+            .output()
+            .expect("git")
+    };
     assert!(ls("/.git").status.success());
     assert!(!ls("/").status.success());
     assert!(!ls("/../../etc").status.success());
@@ -212,8 +346,14 @@ fn git_daemon_exports_only_this_repository() {
 }
 
 fn git_daemon_pids(port: u16) -> Vec<i32> {
-    let output = std::process::Command::new("pgrep").args(["-f", &format!("git.daemon.*--port={port}")]).output().expect("pgrep");
-    String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+    let output = std::process::Command::new("pgrep")
+        .args(["-f", &format!("git.daemon.*--port={port}")])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
 #[test]
@@ -221,23 +361,45 @@ fn git_daemon_is_restarted_when_it_dies_and_stopped_with_the_coordinator() {
     let mut cluster = cluster(0, 1);
     let port = cluster.git_daemon_port;
     let url = format!("git://127.0.0.1:{port}/.git");
-    let serving = || std::process::Command::new("git").args(["ls-remote", &url]).output().is_ok_and(|o| o.status.success());
+    let serving = || {
+        std::process::Command::new("git")
+            .args(["ls-remote", &url])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     let first = git_daemon_pids(port);
     assert!(!first.is_empty(), "git daemon is running");
     for pid in &first {
         buildpool_tests::signal_pid(*pid, buildpool_tests::SIGKILL);
     }
-    assert!(wait_until(Duration::from_secs(15), || {
-        let now = git_daemon_pids(port);
-        !now.is_empty() && now.iter().all(|pid| !first.contains(pid)) && serving()
-    }), "git daemon was not restarted:\n{}", cluster.coordinator.log_text());
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            let now = git_daemon_pids(port);
+            !now.is_empty() && now.iter().all(|pid| !first.contains(pid)) && serving()
+        }),
+        "git daemon was not restarted:\n{}",
+        cluster.coordinator.log_text()
+    );
 
     // SIGTERM stops the coordinator, and its git daemon with it.
     cluster.coordinator.signal(buildpool_tests::SIGTERM);
-    let status = cluster.coordinator.wait_timeout(Duration::from_secs(20)).expect("coordinator exits");
+    let status = cluster
+        .coordinator
+        .wait_timeout(Duration::from_secs(20))
+        .expect("coordinator exits");
     assert!(status.success(), "{}", cluster.coordinator.log_text());
-    assert!(wait_until(Duration::from_secs(5), || git_daemon_pids(port).is_empty()), "git daemon outlived the coordinator");
-    assert!(!cluster.fixture.root().join(".git/buildpool/coordinator.json").exists(), "discovery file left behind");
+    assert!(
+        wait_until(Duration::from_secs(5), || git_daemon_pids(port).is_empty()),
+        "git daemon outlived the coordinator"
+    );
+    assert!(
+        !cluster
+            .fixture
+            .root()
+            .join(".git/buildpool/coordinator.json")
+            .exists(),
+        "discovery file left behind"
+    );
 }
 
 #[test]
@@ -245,7 +407,11 @@ fn the_demo_runs_the_embedded_sample_through_the_whole_pipeline() {
     let fixture = Fixture::new().expect("fixture");
     let demo = fixture.run(&["demo"]).expect("runs");
     assert_eq!(demo.code, Some(0), "{demo}");
-    assert!(demo.stdout.contains("uncommitted_files_are_built_too ... ok"), "{demo}");
+    assert!(
+        demo.stdout
+            .contains("uncommitted_files_are_built_too ... ok"),
+        "{demo}"
+    );
     assert!(demo.stderr.contains("local agent"), "{demo}");
 }
 
@@ -253,9 +419,19 @@ fn the_demo_runs_the_embedded_sample_through_the_whole_pipeline() {
 fn two_repositories_on_one_host_each_find_their_own_coordinator() {
     let first = cluster(0, 1);
     let second = cluster(0, 1);
-    let id = |cluster: &Cluster| cluster.status().expect("status")["coordinator_id"].as_str().expect("id").to_owned();
+    let id = |cluster: &Cluster| {
+        cluster.status().expect("status")["coordinator_id"]
+            .as_str()
+            .expect("id")
+            .to_owned()
+    };
     assert_ne!(id(&first), id(&second));
-    let repo = |cluster: &Cluster| cluster.status().expect("status")["repository"].as_str().expect("repo").to_owned();
+    let repo = |cluster: &Cluster| {
+        cluster.status().expect("status")["repository"]
+            .as_str()
+            .expect("repo")
+            .to_owned()
+    };
     assert!(repo(&first).starts_with(first.fixture.root().to_str().expect("utf-8")));
     assert!(repo(&second).starts_with(second.fixture.root().to_str().expect("utf-8")));
 }
@@ -265,13 +441,24 @@ fn ctrl_c_right_after_start_still_cancels_the_job() {
     let cluster = cluster(1, 1);
     let fixture = &cluster.fixture;
     std::fs::write(fixture.sleep_file(), "300").expect("sleep file");
-    let mut run = Owned::spawn(fixture.command_in(&fixture.root(), Fixture::BRIEF_JOB), fixture.scratch().join("early.log")).expect("run");
+    let mut run = Owned::spawn(
+        fixture.command_in(&fixture.root(), Fixture::BRIEF_JOB),
+        fixture.scratch().join("early.log"),
+    )
+    .expect("run");
     // Before the client can know the job's id.
     std::thread::sleep(Duration::from_millis(150));
     run.signal(SIGINT);
-    let status = run.wait_timeout(Duration::from_secs(60)).expect("the client ends");
+    let status = run
+        .wait_timeout(Duration::from_secs(60))
+        .expect("the client ends");
     assert_eq!(status.code(), Some(130), "{}", run.log_text());
-    assert!(wait_until(Duration::from_secs(10), || {
-        cluster.status().is_ok_and(|s| s["jobs"].as_array().is_some_and(Vec::is_empty))
-    }), "the job is still running");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            cluster
+                .status()
+                .is_ok_and(|s| s["jobs"].as_array().is_some_and(Vec::is_empty))
+        }),
+        "the job is still running"
+    );
 }

@@ -22,25 +22,46 @@ fn the_example_agent_config_is_valid() {
     let config = repo_file("deploy/build-agent.toml");
     let output = check_config(&["--config".into(), config.display().to_string()]);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("agent build-1 with 8 slots"), "{stdout}");
-    assert!(stdout.contains("ws://workstation-b:8081/ws (bob)"), "{stdout}");
+    assert!(
+        stdout.contains("ws://workstation-b:8081/ws (bob)"),
+        "{stdout}"
+    );
 }
 
 #[test]
 fn the_systemd_unit_runs_flags_the_agent_accepts() {
-    let unit = std::fs::read_to_string(repo_file("deploy/systemd/build-agent.service")).expect("unit");
+    let unit =
+        std::fs::read_to_string(repo_file("deploy/systemd/build-agent.service")).expect("unit");
     let example = repo_file("deploy/build-agent.toml").display().to_string();
     for key in ["ExecStartPre=", "ExecStart="] {
-        let line = unit.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("{key} missing"));
+        let line = unit
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("{key} missing"));
         let args: Vec<String> = line[key.len()..]
             .split_whitespace()
             .skip(1)
             .filter(|arg| *arg != "--check-config")
-            .map(|arg| if arg == "/etc/build-agent/config.toml" { example.clone() } else { arg.to_owned() })
+            .map(|arg| {
+                if arg == "/etc/build-agent/config.toml" {
+                    example.clone()
+                } else {
+                    arg.to_owned()
+                }
+            })
             .collect();
         let output = check_config(&args);
-        assert!(output.status.success(), "{line}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{line}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }
 
@@ -49,19 +70,34 @@ fn a_broken_agent_config_is_reported_with_its_location() {
     let dir = tempfile::tempdir().expect("temp");
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "[worker]\nmax_jobs = \"many\"\n").expect("write");
-    let output = check_config(&["--config".into(), config.display().to_string(), "--server".into(), "ws://x:1/ws".into()]);
+    let output = check_config(&[
+        "--config".into(),
+        config.display().to_string(),
+        "--server".into(),
+        "ws://x:1/ws".into(),
+    ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("bad.toml") && stderr.contains("max_jobs"), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("max_jobs"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn the_nixos_module_parses() {
-    assert!(buildpool_tests::dir_of_program("nix-instantiate").is_some(), "needs nix (apt-get install nix-bin)");
+    assert!(
+        buildpool_tests::dir_of_program("nix-instantiate").is_some(),
+        "needs nix (apt-get install nix-bin)"
+    );
     let output = Command::new("nix-instantiate")
         .arg("--parse")
         .arg(repo_file("nix/build-agent.nix"))
         .output()
         .expect("nix-instantiate runs");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -10,7 +10,10 @@ fn timeouts(reattach_grace_secs: u64) -> ServeOptions {
     let config = format!(
         "[build_pool.timeouts]\nheartbeat_interval_secs = 1\nheartbeat_timeout_secs = 3\nreattach_grace_secs = {reattach_grace_secs}\n"
     );
-    ServeOptions { config: Some(config), ..ServeOptions::default() }
+    ServeOptions {
+        config: Some(config),
+        ..ServeOptions::default()
+    }
 }
 
 /// A grace long enough to reattach after any cut in these tests.
@@ -19,23 +22,44 @@ fn fast() -> ServeOptions {
 }
 
 fn spawn_run(fixture: &Fixture, args: &[&str], name: &str) -> Owned {
-    Owned::spawn(fixture.command_in(&fixture.root(), args), fixture.scratch().join(format!("{name}.log"))).expect("run starts")
+    Owned::spawn(
+        fixture.command_in(&fixture.root(), args),
+        fixture.scratch().join(format!("{name}.log")),
+    )
+    .expect("run starts")
 }
 
 fn finish(run: &mut Owned, timeout: Duration) -> (i32, String) {
-    let status = run.wait_timeout(timeout).unwrap_or_else(|| panic!("run did not finish:\n{}", run.log_text()));
+    let status = run
+        .wait_timeout(timeout)
+        .unwrap_or_else(|| panic!("run did not finish:\n{}", run.log_text()));
     (status.code().unwrap_or(-1), run.log_text())
 }
 
 /// Two coordinators (separate repositories) and one agent with one slot connected to both.
 fn two_coordinators_one_slot() -> (Cluster, Cluster, Owned) {
-    let first = Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &fast()).expect("first");
-    let shared_token = ServeOptions { token_file: Some(first.fixture.token_file()), ..fast() };
-    let second = Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &shared_token).expect("second");
-    let command = first.agent_command("shared", 1, &["--server", &first.ws_url(), "--server", &second.ws_url()]);
-    let agent = Owned::spawn(command, first.fixture.scratch().join("shared-agent.log")).expect("agent");
+    let first =
+        Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &fast()).expect("first");
+    let shared_token = ServeOptions {
+        token_file: Some(first.fixture.token_file()),
+        ..fast()
+    };
+    let second =
+        Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &shared_token).expect("second");
+    let command = first.agent_command(
+        "shared",
+        1,
+        &["--server", &first.ws_url(), "--server", &second.ws_url()],
+    );
+    let agent =
+        Owned::spawn(command, first.fixture.scratch().join("shared-agent.log")).expect("agent");
     for cluster in [&first, &second] {
-        assert!(wait_until(Duration::from_secs(20), || cluster.agent_ids() == ["shared"]), "{}", agent.log_text());
+        assert!(
+            wait_until(Duration::from_secs(20), || cluster.agent_ids()
+                == ["shared"]),
+            "{}",
+            agent.log_text()
+        );
     }
     (first, second, agent)
 }
@@ -46,7 +70,11 @@ fn one_slot_shared_by_two_coordinators_loses_no_job_under_racing_submissions() {
     let mut runs = Vec::new();
     for round in 0..3 {
         for (name, cluster) in [("a", &first), ("b", &second)] {
-            runs.push(spawn_run(&cluster.fixture, &["run", "check"], &format!("{name}{round}")));
+            runs.push(spawn_run(
+                &cluster.fixture,
+                &["run", "check"],
+                &format!("{name}{round}"),
+            ));
         }
     }
     for mut run in runs {
@@ -67,22 +95,34 @@ fn two_busy_coordinators_share_the_slot_fairly() {
     }
     let mut runs: Vec<(char, Owned)> = Vec::new();
     for round in 0..4 {
-        runs.push(('a', spawn_run(&first.fixture, Fixture::BRIEF_JOB, &format!("fa{round}"))));
-        runs.push(('b', spawn_run(&second.fixture, Fixture::BRIEF_JOB, &format!("fb{round}"))));
+        runs.push((
+            'a',
+            spawn_run(&first.fixture, Fixture::BRIEF_JOB, &format!("fa{round}")),
+        ));
+        runs.push((
+            'b',
+            spawn_run(&second.fixture, Fixture::BRIEF_JOB, &format!("fb{round}")),
+        ));
     }
     let mut order = String::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !runs.is_empty() && Instant::now() < deadline {
-        runs.retain_mut(|(name, run)| match run.wait_timeout(Duration::from_millis(10)) {
-            Some(status) => {
-                assert_eq!(status.code(), Some(0), "{}", run.log_text());
-                order.push(*name);
-                false
-            }
-            None => true,
-        });
+        runs.retain_mut(
+            |(name, run)| match run.wait_timeout(Duration::from_millis(10)) {
+                Some(status) => {
+                    assert_eq!(status.code(), Some(0), "{}", run.log_text());
+                    order.push(*name);
+                    false
+                }
+                None => true,
+            },
+        );
     }
-    assert!(runs.is_empty(), "jobs did not finish: {order}\n{}", agent.log_text());
+    assert!(
+        runs.is_empty(),
+        "jobs did not finish: {order}\n{}",
+        agent.log_text()
+    );
     // Round robin: neither coordinator waits while the other runs everything.
     let head: String = order.chars().take(4).collect();
     assert_eq!(head.matches('a').count(), 2, "completion order {order}");
@@ -91,12 +131,16 @@ fn two_busy_coordinators_share_the_slot_fairly() {
 
 #[test]
 fn an_agent_reconnects_to_a_coordinator_restarted_after_kill_9() {
-    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
+    let mut cluster =
+        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
     cluster.coordinator.kill_hard();
     std::thread::sleep(Duration::from_millis(500));
-    cluster.restart_coordinator(&fast()).expect("restarts on the same ports");
+    cluster
+        .restart_coordinator(&fast())
+        .expect("restarts on the same ports");
     assert!(
-        wait_until(Duration::from_secs(30), || cluster.agent_ids() == ["worker-1"]),
+        wait_until(Duration::from_secs(30), || cluster.agent_ids()
+            == ["worker-1"]),
         "the agent did not come back:\n{}",
         cluster.agents[0].log_text()
     );
@@ -107,19 +151,28 @@ fn an_agent_reconnects_to_a_coordinator_restarted_after_kill_9() {
 
 #[test]
 fn a_job_survives_a_cut_connection_and_is_reattached_not_rerun() {
-    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &fast()).expect("cluster");
+    let mut cluster =
+        Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &fast()).expect("cluster");
     let proxy = Proxy::start(&cluster.websocket_addr).expect("proxy");
-    cluster.add_agent("behind-proxy", 1, &["--server", &proxy.ws_url()]).expect("agent");
+    cluster
+        .add_agent("behind-proxy", 1, &["--server", &proxy.ws_url()])
+        .expect("agent");
     let fixture = &cluster.fixture;
     std::fs::write(fixture.sleep_file(), "12").expect("sleep file");
     let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "reattach");
-    assert!(wait_until(Duration::from_secs(60), || fixture.starts() == 1), "{}", run.log_text());
+    assert!(
+        wait_until(Duration::from_secs(60), || fixture.starts() == 1),
+        "{}",
+        run.log_text()
+    );
 
     let cut_at = Instant::now();
     proxy.cut();
     let coordinator = &cluster.coordinator;
     assert!(
-        wait_until(Duration::from_secs(15), || coordinator.log_text().contains("reported=1")),
+        wait_until(Duration::from_secs(15), || coordinator
+            .log_text()
+            .contains("reported=1")),
         "the agent did not reconnect and report its attempt:\n{}\nagent:\n{}",
         coordinator.log_text(),
         cluster.agents[0].log_text()
@@ -128,59 +181,99 @@ fn a_job_survives_a_cut_connection_and_is_reattached_not_rerun() {
     let (code, log) = finish(&mut run, Duration::from_secs(60));
     assert_eq!(code, 0, "{log}");
     assert_eq!(fixture.starts(), 1, "the job was rerun");
-    assert_eq!(log.matches("[buildpool] job 1 exit code 0").count(), 1, "exactly one result:\n{log}");
+    assert_eq!(
+        log.matches("[buildpool] job 1 exit code 0").count(),
+        1,
+        "exactly one result:\n{log}"
+    );
     assert!(log.contains("attempt 1"), "{log}");
-    assert!(log.contains("test tests::sleeps_briefly ... ok"), "the output after the cut arrived:\n{log}");
-    eprintln!("reattached {:.1} s after the cut", reattached_after.as_secs_f64());
+    assert!(
+        log.contains("test tests::sleeps_briefly ... ok"),
+        "the output after the cut arrived:\n{log}"
+    );
+    eprintln!(
+        "reattached {:.1} s after the cut",
+        reattached_after.as_secs_f64()
+    );
 }
 
 #[test]
 fn a_job_of_an_agent_killed_with_kill_9_finishes_elsewhere_as_attempt_2() {
-    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &timeouts(2)).expect("cluster");
+    let mut cluster =
+        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &timeouts(2)).expect("cluster");
     let fixture = &cluster.fixture;
     std::fs::write(fixture.sleep_file(), "3").expect("sleep file");
     let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "killed");
-    assert!(wait_until(Duration::from_secs(60), || fixture.starts() == 1), "{}", run.log_text());
+    assert!(
+        wait_until(Duration::from_secs(60), || fixture.starts() == 1),
+        "{}",
+        run.log_text()
+    );
     cluster.add_agent("worker-2", 1, &[]).expect("second agent");
     cluster.agents[0].kill_hard();
     let (code, log) = finish(&mut run, Duration::from_secs(90));
     assert_eq!(code, 0, "{log}");
-    assert!(log.contains("on worker-2") && log.contains("attempt 2"), "{log}");
-    assert_eq!(log.matches("[buildpool] job 1 exit code").count(), 1, "{log}");
+    assert!(
+        log.contains("on worker-2") && log.contains("attempt 2"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("[buildpool] job 1 exit code").count(),
+        1,
+        "{log}"
+    );
 }
 
 #[test]
 fn sigterm_drains_an_agent_which_finishes_its_job_and_exits_0() {
-    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
+    let mut cluster =
+        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
     let fixture = &cluster.fixture;
     std::fs::write(fixture.sleep_file(), "5").expect("sleep file");
     let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "drained");
-    assert!(wait_until(Duration::from_secs(60), || fixture.starts() == 1), "{}", run.log_text());
+    assert!(
+        wait_until(Duration::from_secs(60), || fixture.starts() == 1),
+        "{}",
+        run.log_text()
+    );
     cluster.agents[0].signal(buildpool_tests::SIGTERM);
     assert!(
-        wait_until(Duration::from_secs(10), || cluster
-            .status()
-            .is_ok_and(|s| s["agents"].as_array().is_some_and(|a| a.iter().any(|a| a["id"] == "worker-1" && a["draining"] == true)))),
+        wait_until(Duration::from_secs(10), || cluster.status().is_ok_and(
+            |s| s["agents"].as_array().is_some_and(|a| a
+                .iter()
+                .any(|a| a["id"] == "worker-1" && a["draining"] == true))
+        )),
         "the coordinator does not show the agent draining"
     );
     let (code, log) = finish(&mut run, Duration::from_secs(60));
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("on worker-1"), "{log}");
-    let status = cluster.agents[0].wait_timeout(Duration::from_secs(20)).expect("agent exits after draining");
+    let status = cluster.agents[0]
+        .wait_timeout(Duration::from_secs(20))
+        .expect("agent exits after draining");
     assert_eq!(status.code(), Some(0), "{}", cluster.agents[0].log_text());
     assert_eq!(fixture.starts(), 1);
 }
 
 #[test]
 fn a_coordinator_can_drain_an_agent_by_id() {
-    let cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
-    let drained: RunOutput = cluster.fixture.run(&["agents", "drain", "worker-1"]).expect("runs");
+    let cluster =
+        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
+    let drained: RunOutput = cluster
+        .fixture
+        .run(&["agents", "drain", "worker-1"])
+        .expect("runs");
     assert_eq!(drained.code, Some(0), "{drained}");
-    let unknown: RunOutput = cluster.fixture.run(&["agents", "drain", "nobody"]).expect("runs");
+    let unknown: RunOutput = cluster
+        .fixture
+        .run(&["agents", "drain", "nobody"])
+        .expect("runs");
     assert_ne!(unknown.code, Some(0));
     assert!(unknown.stderr.contains("no agent \"nobody\""), "{unknown}");
     let mut cluster = cluster;
-    let status = cluster.agents[0].wait_timeout(Duration::from_secs(20)).expect("the agent exits");
+    let status = cluster.agents[0]
+        .wait_timeout(Duration::from_secs(20))
+        .expect("the agent exits");
     assert_eq!(status.code(), Some(0), "{}", cluster.agents[0].log_text());
 }
 
@@ -190,68 +283,125 @@ fn a_job_no_connected_agent_can_run_fails_with_the_reason() {
         config: Some("[build_pool.timeouts]\nunroutable_wait_secs = 2\n".into()),
         ..ServeOptions::default()
     };
-    let cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &options).expect("cluster");
+    let cluster =
+        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &options).expect("cluster");
     let started = Instant::now();
-    let run = cluster.fixture.run(&["run", "check", "--label", "gpu"]).expect("runs");
+    let run = cluster
+        .fixture
+        .run(&["run", "check", "--label", "gpu"])
+        .expect("runs");
     assert_eq!(run.code, Some(125), "{run}");
-    assert!(run.stderr.contains("no connected agent can run this job"), "{run}");
+    assert!(
+        run.stderr.contains("no connected agent can run this job"),
+        "{run}"
+    );
     assert!(run.stderr.contains("gpu"), "{run}");
-    assert!(started.elapsed() < Duration::from_secs(30), "it waited {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "it waited {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
 fn a_second_signal_during_a_drain_stops_the_job_at_once() {
-    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
+    let mut cluster =
+        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
     let fixture = &cluster.fixture;
     std::fs::write(fixture.sleep_file(), "300").expect("sleep file");
     let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "interrupted");
-    assert!(wait_until(Duration::from_secs(60), || fixture.starts() == 1), "{}", run.log_text());
+    assert!(
+        wait_until(Duration::from_secs(60), || fixture.starts() == 1),
+        "{}",
+        run.log_text()
+    );
     let agent = &mut cluster.agents[0];
     agent.signal(buildpool_tests::SIGTERM);
     std::thread::sleep(Duration::from_millis(500));
     agent.signal(buildpool_tests::SIGINT);
-    let status = agent.wait_timeout(Duration::from_secs(20)).expect("the agent stops at once");
+    let status = agent
+        .wait_timeout(Duration::from_secs(20))
+        .expect("the agent stops at once");
     assert_eq!(status.code(), Some(0), "{}", agent.log_text());
-    assert!(agent.log_text().contains("stopping running jobs now"), "{}", agent.log_text());
+    assert!(
+        agent.log_text().contains("stopping running jobs now"),
+        "{}",
+        agent.log_text()
+    );
     let (code, log) = finish(&mut run, Duration::from_secs(30));
     assert_eq!(code, 130, "the job ended as cancelled:\n{log}");
 }
 
 #[test]
 fn a_failing_prewarm_is_logged_not_fatal() {
-    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &fast()).expect("cluster");
+    let mut cluster =
+        Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &fast()).expect("cluster");
     let config = cluster.fixture.scratch().join("agent.toml");
-    std::fs::write(&config, "[nix]\nprewarm_packages = [\"path:/nonexistent-flake#nothing\"]\n").expect("config");
-    cluster.add_agent("prewarmed", 1, &["--config", config.to_str().expect("utf-8")]).expect("the agent starts anyway");
+    std::fs::write(
+        &config,
+        "[nix]\nprewarm_packages = [\"path:/nonexistent-flake#nothing\"]\n",
+    )
+    .expect("config");
+    cluster
+        .add_agent(
+            "prewarmed",
+            1,
+            &["--config", config.to_str().expect("utf-8")],
+        )
+        .expect("the agent starts anyway");
     let agent = &cluster.agents[0];
-    assert!(wait_until(Duration::from_secs(30), || agent.log_text().contains("prewarm failed")), "{}", agent.log_text());
+    assert!(
+        wait_until(Duration::from_secs(30), || agent
+            .log_text()
+            .contains("prewarm failed")),
+        "{}",
+        agent.log_text()
+    );
     let run = cluster.fixture.run(&["run", "check"]).expect("runs");
     assert_eq!(run.code, Some(0), "{run}");
 }
 
 #[test]
 fn a_late_result_from_a_frozen_agents_superseded_attempt_is_ignored() {
-    let mut cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &timeouts(2)).expect("cluster");
+    let mut cluster =
+        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &timeouts(2)).expect("cluster");
     let fixture = &cluster.fixture;
     std::fs::write(fixture.sleep_file(), "6").expect("sleep file");
     let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "frozen");
-    assert!(wait_until(Duration::from_secs(60), || fixture.starts() == 1), "{}", run.log_text());
+    assert!(
+        wait_until(Duration::from_secs(60), || fixture.starts() == 1),
+        "{}",
+        run.log_text()
+    );
     cluster.add_agent("worker-2", 1, &[]).expect("second agent");
     let fixture = &cluster.fixture;
     // Freeze the agent (not its job): its link goes silent, the job runs on and ends.
     cluster.agents[0].signal(buildpool_tests::SIGSTOP);
-    assert!(wait_until(Duration::from_secs(30), || fixture.starts() == 2), "attempt 2 never started:\n{}", cluster.coordinator.log_text());
+    assert!(
+        wait_until(Duration::from_secs(30), || fixture.starts() == 2),
+        "attempt 2 never started:\n{}",
+        cluster.coordinator.log_text()
+    );
     std::thread::sleep(Duration::from_secs(5));
     // Thawed, the agent reconnects and reports its finished attempt 1: the coordinator
     // tells it to forget the result, and the job's outcome stays attempt 2's.
     cluster.agents[0].signal(buildpool_tests::SIGCONT);
     let (code, log) = finish(&mut run, Duration::from_secs(60));
     assert_eq!(code, 0, "{log}");
-    assert!(log.contains("on worker-2") && log.contains("attempt 2"), "{log}");
-    assert_eq!(log.matches("[buildpool] job 1 exit code").count(), 1, "exactly one result:\n{log}");
+    assert!(
+        log.contains("on worker-2") && log.contains("attempt 2"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("[buildpool] job 1 exit code").count(),
+        1,
+        "exactly one result:\n{log}"
+    );
     let coordinator = &cluster.coordinator;
     assert!(
-        wait_until(Duration::from_secs(20), || coordinator.log_text().contains("ignored the result of a stale attempt")),
+        wait_until(Duration::from_secs(20), || coordinator
+            .log_text()
+            .contains("ignored the result of a stale attempt")),
         "the thawed agent's result of attempt 1 never arrived to be ignored:\n{}",
         coordinator.log_text()
     );

@@ -20,8 +20,15 @@ struct Recorder {
 }
 
 impl ClientHandler for Recorder {
-    async fn on_progress(&self, params: ProgressNotificationParam, _context: NotificationContext<RoleClient>) {
-        self.progress.lock().expect("lock").push(params.message.unwrap_or_default());
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        self.progress
+            .lock()
+            .expect("lock")
+            .push(params.message.unwrap_or_default());
     }
 }
 
@@ -31,7 +38,11 @@ async fn mcp_client(fixture: &Fixture, dir: &Path) -> (Client, Recorder) {
     let command = tokio::process::Command::from(fixture.command_in(dir, &["mcp"]));
     let transport = TokioChildProcess::new(command).expect("buildpool mcp starts");
     let recorder = Recorder::default();
-    let client = recorder.clone().serve(transport).await.expect("MCP handshake");
+    let client = recorder
+        .clone()
+        .serve(transport)
+        .await
+        .expect("MCP handshake");
     (client, recorder)
 }
 
@@ -44,23 +55,37 @@ async fn call(client: &Client, tool: &'static str, arguments: Value) -> CallTool
 }
 
 fn text(result: &CallToolResult) -> String {
-    result.content.iter().filter_map(|c| c.as_text().map(|t| t.text.clone())).collect::<Vec<_>>().join("\n")
+    result
+        .content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn structured(result: &CallToolResult) -> &Value {
-    result.structured_content.as_ref().expect("structured content")
+    result
+        .structured_content
+        .as_ref()
+        .expect("structured content")
 }
 
 fn answer_size(result: &CallToolResult) -> usize {
     serde_json::to_string(result).expect("serializes").len()
 }
 
-fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> tokio::task::JoinHandle<T> {
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
     tokio::task::spawn_blocking(f)
 }
 
 async fn started_cluster(agents: usize, slots: u32) -> Cluster {
-    blocking(move || Cluster::start(Fixture::new().expect("fixture"), agents, slots).expect("cluster")).await.expect("join")
+    blocking(move || {
+        Cluster::start(Fixture::new().expect("fixture"), agents, slots).expect("cluster")
+    })
+    .await
+    .expect("join")
 }
 
 const THREE_ERRORS: &str = "pub fn quadruple(x: i32) -> i32 {\n    let a: i32 = \"text\";\n    let b = missing_value;\n    undefined_function(a, b, x)\n}\n";
@@ -69,7 +94,9 @@ const THREE_ERRORS: &str = "pub fn quadruple(x: i32) -> i32 {\n    let a: i32 = 
 async fn a_compile_error_answer_is_exact_and_small() {
     let cluster = started_cluster(1, 2).await;
     let fixture = &cluster.fixture;
-    fixture.write("app/src/lib.rs", THREE_ERRORS).expect("write");
+    fixture
+        .write("app/src/lib.rs", THREE_ERRORS)
+        .expect("write");
     let (client, recorder) = mcp_client(fixture, &fixture.root()).await;
 
     let result = call(&client, "build", json!({})).await;
@@ -79,12 +106,29 @@ async fn a_compile_error_answer_is_exact_and_small() {
     assert_eq!(body["errors"], 3, "{body}");
     assert_eq!(body["ran_on"], "worker-1");
     let text = text(&result);
-    assert!(text.contains("error[E0308] app/src/lib.rs:2:18: mismatched types\n    let a: i32 = \"text\";"), "{text}");
-    assert!(text.contains("error[E0425] app/src/lib.rs:3:13: cannot find value `missing_value` in this scope"), "{text}");
+    assert!(
+        text.contains(
+            "error[E0308] app/src/lib.rs:2:18: mismatched types\n    let a: i32 = \"text\";"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "error[E0425] app/src/lib.rs:3:13: cannot find value `missing_value` in this scope"
+        ),
+        "{text}"
+    );
     assert!(text.contains("error[E0425] app/src/lib.rs:4:5: cannot find function `undefined_function` in this scope"), "{text}");
-    assert!(answer_size(&result) < 2048, "answer is {} bytes:\n{text}", answer_size(&result));
+    assert!(
+        answer_size(&result) < 2048,
+        "answer is {} bytes:\n{text}",
+        answer_size(&result)
+    );
     let progress = recorder.progress.lock().expect("lock").clone();
-    assert!(progress.iter().any(|m| m.contains("assigned to worker-1")), "{progress:?}");
+    assert!(
+        progress.iter().any(|m| m.contains("assigned to worker-1")),
+        "{progress:?}"
+    );
     client.cancel().await.expect("closes");
 }
 
@@ -99,7 +143,10 @@ async fn a_failing_test_is_named_with_its_panic_message_and_success_is_short() {
     assert_eq!(ok.is_error, Some(false), "{ok_text}");
     assert!(ok_text.len() <= 300, "{} bytes: {ok_text}", ok_text.len());
     assert!(ok_text.starts_with("check succeeded"), "{ok_text}");
-    assert!(ok_text.contains("on worker-1") && ok_text.contains("env host"), "{ok_text}");
+    assert!(
+        ok_text.contains("on worker-1") && ok_text.contains("env host"),
+        "{ok_text}"
+    );
 
     fixture
         .write("app/tests/fails.rs", "#[test]\nfn two_is_three() {\n    println!(\"captured line\");\n    assert_eq!(2, 3, \"arithmetic broke\");\n}\n")
@@ -112,17 +159,35 @@ async fn a_failing_test_is_named_with_its_panic_message_and_success_is_short() {
     assert_eq!(body["tests"]["passed"], 1, "{body}");
     let failure = &body["failures"][0];
     assert_eq!(failure["name"], "two_is_three");
-    assert_eq!(failure["message"], "assertion `left == right` failed: arithmetic broke\n  left: 2\n right: 3");
+    assert_eq!(
+        failure["message"],
+        "assertion `left == right` failed: arithmetic broke\n  left: 2\n right: 3"
+    );
     assert_eq!(failure["output"], "captured line");
     assert!(text(&result).contains("FAILED two_is_three: assertion `left == right` failed: arithmetic broke | left: 2 | right: 3"), "{}", text(&result));
     let progress = recorder.progress.lock().expect("lock").clone();
-    assert!(progress.iter().any(|m| m.contains("compiling: ")), "{progress:?}");
-    assert!(progress.iter().any(|m| m.ends_with("testing")), "{progress:?}");
+    assert!(
+        progress.iter().any(|m| m.contains("compiling: ")),
+        "{progress:?}"
+    );
+    assert!(
+        progress.iter().any(|m| m.ends_with("testing")),
+        "{progress:?}"
+    );
 
     // The full log stays available, filtered and paged.
     let job_id = body["job_id"].as_u64().expect("job id");
-    let log = call(&client, "job_log", json!({"job_id": job_id, "filter": "two_is_three", "stream": "stdout"})).await;
-    assert!(text(&log).contains("test two_is_three ... FAILED"), "{}", text(&log));
+    let log = call(
+        &client,
+        "job_log",
+        json!({"job_id": job_id, "filter": "two_is_three", "stream": "stdout"}),
+    )
+    .await;
+    assert!(
+        text(&log).contains("test two_is_three ... FAILED"),
+        "{}",
+        text(&log)
+    );
     client.cancel().await.expect("closes");
 }
 
@@ -131,18 +196,41 @@ async fn clippy_reports_a_lint_by_default_as_an_error() {
     let cluster = started_cluster(1, 1).await;
     let fixture = &cluster.fixture;
     let lib = std::fs::read_to_string(fixture.root().join("app/src/lib.rs")).expect("read");
-    fixture.write("app/src/lib.rs", &format!("{lib}\npub fn count(values: &Vec<i32>) -> usize {{\n    values.len()\n}}\n")).expect("write");
+    fixture
+        .write(
+            "app/src/lib.rs",
+            &format!("{lib}\npub fn count(values: &Vec<i32>) -> usize {{\n    values.len()\n}}\n"),
+        )
+        .expect("write");
     let (client, _) = mcp_client(fixture, &fixture.root()).await;
     let result = call(&client, "clippy", json!({})).await;
     let body = structured(&result);
     assert_eq!(result.is_error, Some(true), "{}", text(&result));
-    let ptr_arg = body["diagnostics"].as_array().expect("list").iter().find(|d| d["code"] == "clippy::ptr_arg").expect("ptr_arg reported");
-    assert_eq!(ptr_arg["level"], "error", "-D warnings is the default: {body}");
+    let ptr_arg = body["diagnostics"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|d| d["code"] == "clippy::ptr_arg")
+        .expect("ptr_arg reported");
+    assert_eq!(
+        ptr_arg["level"], "error",
+        "-D warnings is the default: {body}"
+    );
 
     let lenient = call(&client, "clippy", json!({"deny_warnings": false})).await;
     assert_eq!(lenient.is_error, Some(false), "{}", text(&lenient));
-    let codes: Vec<&str> = structured(&lenient)["diagnostics"].as_array().expect("list").iter().filter_map(|d| d["code"].as_str()).collect();
-    assert_eq!(codes, ["clippy::items_after_test_module", "clippy::ptr_arg"], "in source order: {}", structured(&lenient));
+    let codes: Vec<&str> = structured(&lenient)["diagnostics"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|d| d["code"].as_str())
+        .collect();
+    assert_eq!(
+        codes,
+        ["clippy::items_after_test_module", "clippy::ptr_arg"],
+        "in source order: {}",
+        structured(&lenient)
+    );
     client.cancel().await.expect("closes");
 }
 
@@ -151,30 +239,66 @@ async fn every_advertised_input_takes_effect() {
     let cluster = started_cluster(1, 2).await;
     let fixture = &cluster.fixture;
     let manifest = std::fs::read_to_string(fixture.root().join("app/Cargo.toml")).expect("read");
-    fixture.write("app/Cargo.toml", &format!("{manifest}\n[features]\nloud = []\n")).expect("write");
+    fixture
+        .write(
+            "app/Cargo.toml",
+            &format!("{manifest}\n[features]\nloud = []\n"),
+        )
+        .expect("write");
     let lib = std::fs::read_to_string(fixture.root().join("app/src/lib.rs")).expect("read");
     fixture.write("app/src/lib.rs", &format!("{lib}\n#[cfg(feature = \"loud\")]\ncompile_error!(\"feature loud is on\");\n#[cfg(not(debug_assertions))]\ncompile_error!(\"release profile is on\");\n")).expect("write");
     let (client, _) = mcp_client(fixture, &fixture.root()).await;
 
-    assert_eq!(call(&client, "check", json!({})).await.is_error, Some(false));
+    assert_eq!(
+        call(&client, "check", json!({})).await.is_error,
+        Some(false)
+    );
     let featured = call(&client, "check", json!({"features": ["loud"]})).await;
-    assert!(text(&featured).contains("feature loud is on"), "{}", text(&featured));
+    assert!(
+        text(&featured).contains("feature loud is on"),
+        "{}",
+        text(&featured)
+    );
     let all = call(&client, "check", json!({"all_features": true})).await;
     assert!(text(&all).contains("feature loud is on"), "{}", text(&all));
     let release = call(&client, "build", json!({"release": true})).await;
-    assert!(text(&release).contains("release profile is on"), "{}", text(&release));
+    assert!(
+        text(&release).contains("release profile is on"),
+        "{}",
+        text(&release)
+    );
     // util alone does not contain the errors.
-    let util = call(&client, "build", json!({"package": "util", "release": true})).await;
+    let util = call(
+        &client,
+        "build",
+        json!({"package": "util", "release": true}),
+    )
+    .await;
     assert_eq!(util.is_error, Some(false), "{}", text(&util));
 
     let filtered = call(&client, "test", json!({"filter": "quadruples"})).await;
-    assert_eq!(structured(&filtered)["tests"]["passed"], 1, "{}", text(&filtered));
+    assert_eq!(
+        structured(&filtered)["tests"]["passed"],
+        1,
+        "{}",
+        text(&filtered)
+    );
     let none = call(&client, "test", json!({"filter": "no_such_test"})).await;
     assert_eq!(structured(&none)["tests"]["passed"], 0, "{}", text(&none));
-    let ignored = call(&client, "test", json!({"filter": "quadruples", "include_ignored": true})).await;
+    let ignored = call(
+        &client,
+        "test",
+        json!({"filter": "quadruples", "include_ignored": true}),
+    )
+    .await;
     assert_eq!(structured(&ignored)["tests"]["passed"], 1);
     let timed_out = call(&client, "test", json!({"filter": "sleeps_with_a_child", "include_ignored": true, "timeout_secs": 3, "nocapture": true})).await;
-    assert_eq!(structured(&timed_out)["outcome"], "timed_out", "{}", text(&timed_out));
+    assert_eq!(
+        structured(&timed_out)["outcome"],
+        "timed_out",
+        "{}",
+        text(&timed_out)
+    );
     client.cancel().await.expect("closes");
 }
 
@@ -220,18 +344,32 @@ async fn cancelling_a_running_call_kills_the_job() {
         } => pid,
     };
     // Leaving the select dropped the call: rmcp sends notifications/cancelled.
-    assert!(blocking(move || wait_until(Duration::from_secs(15), || !process_alive(pid))).await.expect("join"), "the job survived the cancel");
+    assert!(
+        blocking(move || wait_until(Duration::from_secs(15), || !process_alive(pid)))
+            .await
+            .expect("join"),
+        "the job survived the cancel"
+    );
     let status = call(&client, "worker_status", json!({})).await;
-    assert!(blocking(move || wait_until(Duration::from_secs(15), || {
-        cluster.status().is_ok_and(|s| s["jobs"].as_array().is_some_and(Vec::is_empty))
-    })).await.expect("join"), "the job is still listed");
+    assert!(
+        blocking(move || wait_until(Duration::from_secs(15), || {
+            cluster
+                .status()
+                .is_ok_and(|s| s["jobs"].as_array().is_some_and(Vec::is_empty))
+        }))
+        .await
+        .expect("join"),
+        "the job is still listed"
+    );
     assert_eq!(status.is_error, Some(false));
     client.cancel().await.expect("closes");
 }
 
 #[tokio::test]
 async fn with_the_coordinator_down_jobs_run_locally_and_say_so() {
-    let fixture = blocking(|| Fixture::new().expect("fixture")).await.expect("join");
+    let fixture = blocking(|| Fixture::new().expect("fixture"))
+        .await
+        .expect("join");
     let (client, _) = mcp_client(&fixture, &fixture.root()).await;
     let result = call(&client, "test", json!({})).await;
     let body = structured(&result);
@@ -239,8 +377,17 @@ async fn with_the_coordinator_down_jobs_run_locally_and_say_so() {
     assert_eq!(body["ran_on"], "local (coordinator unreachable)");
     assert!(text(&result).contains("local (coordinator unreachable)"));
     let job_id = body["job_id"].as_u64().expect("job id");
-    let log = call(&client, "job_log", json!({"job_id": job_id, "filter": "quadruples"})).await;
-    assert!(text(&log).contains("tests::quadruples ... ok"), "{}", text(&log));
+    let log = call(
+        &client,
+        "job_log",
+        json!({"job_id": job_id, "filter": "quadruples"}),
+    )
+    .await;
+    assert!(
+        text(&log).contains("tests::quadruples ... ok"),
+        "{}",
+        text(&log)
+    );
     let status = call(&client, "worker_status", json!({})).await;
     assert!(text(&status).contains("unreachable"), "{}", text(&status));
     client.cancel().await.expect("closes");
@@ -254,20 +401,34 @@ async fn bad_arguments_get_a_clear_error_and_the_server_keeps_serving() {
     // Rejected either as a JSON-RPC error or as an error result; returns the explanation.
     let rejected = async |tool: &'static str, arguments: Value| -> String {
         let arguments = arguments.as_object().cloned().expect("object");
-        match client.call_tool(CallToolRequestParams::new(tool).with_arguments(arguments)).await {
+        match client
+            .call_tool(CallToolRequestParams::new(tool).with_arguments(arguments))
+            .await
+        {
             Err(error) => error.to_string(),
-            Ok(result) if result.is_error == Some(true) && result.structured_content.is_none() => text(&result),
+            Ok(result) if result.is_error == Some(true) && result.structured_content.is_none() => {
+                text(&result)
+            }
             Ok(result) => panic!("{tool} accepted bad arguments: {}", text(&result)),
         }
     };
     let wrong_type = rejected("build", json!({"package": 42})).await;
-    assert!(wrong_type.contains("invalid type: integer `42`, expected a string"), "{wrong_type}");
+    assert!(
+        wrong_type.contains("invalid type: integer `42`, expected a string"),
+        "{wrong_type}"
+    );
     let unknown_field = rejected("build", json!({"pakage": "app"})).await;
-    assert!(unknown_field.contains("unknown field `pakage`"), "{unknown_field}");
+    assert!(
+        unknown_field.contains("unknown field `pakage`"),
+        "{unknown_field}"
+    );
     let bad_name = rejected("build", json!({"package": "app; rm -rf /"})).await;
     assert!(bad_name.contains("is not a valid name"), "{bad_name}");
     let bad_timeout = rejected("test", json!({"timeout_secs": 0})).await;
-    assert!(bad_timeout.contains("timeout_secs must be"), "{bad_timeout}");
+    assert!(
+        bad_timeout.contains("timeout_secs must be"),
+        "{bad_timeout}"
+    );
     let bad_stream = rejected("job_log", json!({"job_id": 1, "stream": "both-ish"})).await;
     assert!(bad_stream.contains("stream must be"), "{bad_stream}");
     let unknown_tool = rejected("deploy", json!({})).await;

@@ -4,12 +4,16 @@
 use std::io::Write;
 use std::time::Duration;
 
-use buildpool_proto::{AgentFrame, CoordinatorFrame, Hello, PROTOCOL_VERSION, RejectCode, agent_frame, coordinator_frame, frame};
+use buildpool_proto::{
+    AgentFrame, CoordinatorFrame, Hello, PROTOCOL_VERSION, RejectCode, agent_frame,
+    coordinator_frame, frame,
+};
 use buildpool_tests::{Cluster, Fixture, Owned, wait_until};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn hello(token: &str) -> Message {
     let hello = Hello {
@@ -29,21 +33,33 @@ async fn frames_until_close(socket: &mut Socket) -> Vec<coordinator_frame::Msg> 
     let read = async {
         while let Some(Ok(message)) = socket.next().await {
             if let Message::Binary(bytes) = message {
-                frames.push(CoordinatorFrame::decode_frame(&bytes).expect("coordinator frames decode"));
+                frames.push(
+                    CoordinatorFrame::decode_frame(&bytes).expect("coordinator frames decode"),
+                );
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(15), read).await.expect("the coordinator closes the connection");
+    tokio::time::timeout(Duration::from_secs(15), read)
+        .await
+        .expect("the coordinator closes the connection");
     frames
 }
 
 async fn connect(cluster: &Cluster) -> Socket {
-    tokio_tungstenite::connect_async(cluster.ws_url()).await.expect("websocket connects").0
+    tokio_tungstenite::connect_async(cluster.ws_url())
+        .await
+        .expect("websocket connects")
+        .0
 }
 
 fn assert_still_serving(cluster: &Cluster) {
     let check = cluster.fixture.run(&["run", "check"]).expect("runs");
-    assert_eq!(check.code, Some(0), "the coordinator stopped serving:\n{check}\n{}", cluster.coordinator.log_text());
+    assert_eq!(
+        check.code,
+        Some(0),
+        "the coordinator stopped serving:\n{check}\n{}",
+        cluster.coordinator.log_text()
+    );
 }
 
 #[test]
@@ -51,24 +67,44 @@ fn a_wrong_token_is_rejected_clearly_on_both_sides() {
     let cluster = Cluster::start(Fixture::new().expect("fixture"), 0, 1).expect("cluster");
     let wrong = cluster.fixture.scratch().join("wrong-token");
     std::fs::write(&wrong, "not-the-token\n").expect("write");
-    let command = cluster.agent_command("intruder", 1, &["--token-file", wrong.to_str().expect("utf-8")]);
-    let agent = Owned::spawn(command, cluster.fixture.scratch().join("intruder.log")).expect("spawn");
+    let command = cluster.agent_command(
+        "intruder",
+        1,
+        &["--token-file", wrong.to_str().expect("utf-8")],
+    );
+    let agent =
+        Owned::spawn(command, cluster.fixture.scratch().join("intruder.log")).expect("spawn");
     assert!(
-        wait_until(Duration::from_secs(20), || agent.log_text().contains("rejected this agent (bad token): invalid token")),
+        wait_until(Duration::from_secs(20), || agent
+            .log_text()
+            .contains("rejected this agent (bad token): invalid token")),
         "agent log:\n{}",
         agent.log_text()
     );
-    assert!(cluster.coordinator.log_text().contains("rejected agent: invalid token"), "{}", cluster.coordinator.log_text());
-    assert!(cluster.agent_ids().is_empty(), "a rejected agent must not be registered");
+    assert!(
+        cluster
+            .coordinator
+            .log_text()
+            .contains("rejected agent: invalid token"),
+        "{}",
+        cluster.coordinator.log_text()
+    );
+    assert!(
+        cluster.agent_ids().is_empty(),
+        "a rejected agent must not be registered"
+    );
 }
 
 #[test]
 fn the_embedded_agents_id_is_reserved() {
     let cluster = Cluster::start(Fixture::new().expect("fixture"), 0, 1).expect("cluster");
     let command = cluster.agent_command("local", 1, &[]);
-    let agent = Owned::spawn(command, cluster.fixture.scratch().join("impostor.log")).expect("spawn");
+    let agent =
+        Owned::spawn(command, cluster.fixture.scratch().join("impostor.log")).expect("spawn");
     assert!(
-        wait_until(Duration::from_secs(20), || agent.log_text().contains("\"local\" is reserved")),
+        wait_until(Duration::from_secs(20), || agent
+            .log_text()
+            .contains("\"local\" is reserved")),
         "{}",
         agent.log_text()
     );
@@ -77,10 +113,15 @@ fn the_embedded_agents_id_is_reserved() {
 #[tokio::test]
 async fn garbled_oversized_and_silent_connections_do_not_wedge_the_coordinator() {
     let cluster = Cluster::start(Fixture::new().expect("fixture"), 1, 1).expect("cluster");
-    let token = std::fs::read_to_string(cluster.fixture.token_file()).expect("token").trim().to_owned();
+    let token = std::fs::read_to_string(cluster.fixture.token_file())
+        .expect("token")
+        .trim()
+        .to_owned();
 
     // A peer that connects and never says anything holds no lock and blocks nobody.
-    let _silent = tokio::net::TcpStream::connect(&cluster.websocket_addr).await.expect("tcp");
+    let _silent = tokio::net::TcpStream::connect(&cluster.websocket_addr)
+        .await
+        .expect("tcp");
 
     // Not HTTP at all.
     let mut junk = std::net::TcpStream::connect(&cluster.websocket_addr).expect("tcp");
@@ -88,7 +129,10 @@ async fn garbled_oversized_and_silent_connections_do_not_wedge_the_coordinator()
 
     // Garbage instead of a hello: rejected as a bad hello.
     let mut socket = connect(&cluster).await;
-    socket.send(Message::Binary(vec![0xff, 0xfe, 0xfd, 0x00, 0x13].into())).await.expect("send");
+    socket
+        .send(Message::Binary(vec![0xff, 0xfe, 0xfd, 0x00, 0x13].into()))
+        .await
+        .expect("send");
     let frames = frames_until_close(&mut socket).await;
     assert!(
         matches!(frames.as_slice(), [coordinator_frame::Msg::Reject(r)] if r.code == RejectCode::BadHello as i32),
@@ -98,11 +142,26 @@ async fn garbled_oversized_and_silent_connections_do_not_wedge_the_coordinator()
     // A valid hello, then garbage: a protocol error, then the connection ends.
     let mut socket = connect(&cluster).await;
     socket.send(hello(&token)).await.expect("send");
-    let Some(Ok(Message::Binary(welcome))) = socket.next().await else { panic!("no welcome") };
-    assert!(matches!(CoordinatorFrame::decode_frame(&welcome), Ok(coordinator_frame::Msg::Welcome(_))));
-    socket.send(Message::Binary(vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f].into())).await.expect("send");
+    let Some(Ok(Message::Binary(welcome))) = socket.next().await else {
+        panic!("no welcome")
+    };
+    assert!(matches!(
+        CoordinatorFrame::decode_frame(&welcome),
+        Ok(coordinator_frame::Msg::Welcome(_))
+    ));
+    socket
+        .send(Message::Binary(
+            vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f].into(),
+        ))
+        .await
+        .expect("send");
     let frames = frames_until_close(&mut socket).await;
-    assert!(frames.iter().any(|f| matches!(f, coordinator_frame::Msg::Error(_))), "{frames:?}");
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(f, coordinator_frame::Msg::Error(_))),
+        "{frames:?}"
+    );
 
     // A frame over the size limit ends the connection without reading it into memory.
     let mut socket = connect(&cluster).await;
@@ -119,8 +178,16 @@ async fn garbled_oversized_and_silent_connections_do_not_wedge_the_coordinator()
     tokio::task::spawn_blocking(move || {
         assert_still_serving(&cluster);
         let status = cluster.status().expect("status");
-        let ids: Vec<&str> = status["agents"].as_array().expect("agents").iter().filter_map(|a| a["id"].as_str()).collect();
-        assert!(!ids.contains(&"raw-client"), "closed connections are unregistered: {ids:?}");
+        let ids: Vec<&str> = status["agents"]
+            .as_array()
+            .expect("agents")
+            .iter()
+            .filter_map(|a| a["id"].as_str())
+            .collect();
+        assert!(
+            !ids.contains(&"raw-client"),
+            "closed connections are unregistered: {ids:?}"
+        );
         assert!(ids.contains(&"worker-1"), "{ids:?}");
     })
     .await

@@ -7,7 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use buildpool_proto::{
-    CancelRequest, DrainAgentRequest, JobKind, JobLogRequest, JobState, OutputStream, StatusReply, StatusRequest,
+    CancelRequest, DrainAgentRequest, JobKind, JobLogRequest, JobState, OutputStream, StatusReply,
+    StatusRequest,
 };
 use clap::Args;
 
@@ -59,7 +60,9 @@ fn request<T>(message: T) -> tonic::Request<T> {
 }
 
 fn ago(unix_ms: u64) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let secs = now.saturating_sub(unix_ms) / 1000;
     match secs {
         0..60 => format!("{secs}s ago"),
@@ -69,7 +72,10 @@ fn ago(unix_ms: u64) -> String {
 }
 
 fn kind_name(kind: i32) -> &'static str {
-    JobKind::try_from(kind).ok().and_then(JobKind::cargo_subcommand).unwrap_or("?")
+    JobKind::try_from(kind)
+        .ok()
+        .and_then(JobKind::cargo_subcommand)
+        .unwrap_or("?")
 }
 
 fn status_json(status: &StatusReply) -> serde_json::Value {
@@ -96,14 +102,24 @@ fn status_json(status: &StatusReply) -> serde_json::Value {
 
 pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
     let mut client = connect(dir).await?;
-    let status = client.status(request(StatusRequest {})).await.context("status failed")?.into_inner();
+    let status = client
+        .status(request(StatusRequest {}))
+        .await
+        .context("status failed")?
+        .into_inner();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("coordinator {} for {}", status.coordinator_id, status.repository);
+    println!(
+        "coordinator {} for {}",
+        status.coordinator_id, status.repository
+    );
     if !status.websocket_addr.is_empty() {
-        println!("job bus {}, git daemon port {}", status.websocket_addr, status.git_daemon_port);
+        println!(
+            "job bus {}, git daemon port {}",
+            status.websocket_addr, status.git_daemon_port
+        );
     }
     let fallback = match (status.local_fallback_enabled, status.local_fallback_active) {
         (false, _) => "disabled",
@@ -115,7 +131,11 @@ pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
     println!("\nJOB      STATE    KIND    AGENT                SUBMITTED   WORKTREE");
     for job in &status.jobs {
         let running = job.state == JobState::Running as i32;
-        let agent = if running { format!("{} #{}", job.agent_id, job.attempt) } else { "-".to_owned() };
+        let agent = if running {
+            format!("{} #{}", job.agent_id, job.attempt)
+        } else {
+            "-".to_owned()
+        };
         println!(
             "{:<8} {:<8} {:<7} {agent:<20} {:<11} {}",
             job.job_id,
@@ -140,7 +160,12 @@ pub async fn logs(dir: &Path, args: LogsArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     loop {
         let page = client
-            .job_log(request(JobLogRequest { job_id: args.job_id, offset, limit: 0, stream: stream as i32 }))
+            .job_log(request(JobLogRequest {
+                job_id: args.job_id,
+                offset,
+                limit: 0,
+                stream: stream as i32,
+            }))
             .await
             .map_err(|status| anyhow::anyhow!("{}", status.message()))?
             .into_inner();
@@ -156,7 +181,9 @@ pub async fn logs(dir: &Path, args: LogsArgs) -> anyhow::Result<ExitCode> {
 pub async fn cancel(dir: &Path, args: CancelArgs) -> anyhow::Result<ExitCode> {
     let mut client = connect(dir).await?;
     let reply = client
-        .cancel(request(CancelRequest { job_id: args.job_id }))
+        .cancel(request(CancelRequest {
+            job_id: args.job_id,
+        }))
         .await
         .map_err(|status| anyhow::anyhow!("{}", status.message()))?
         .into_inner();
@@ -171,7 +198,11 @@ pub async fn cancel(dir: &Path, args: CancelArgs) -> anyhow::Result<ExitCode> {
 fn print_agents(status: &StatusReply) {
     println!("\nAGENT                SLOTS  LABELS                 CONNECTED");
     for agent in &status.agents {
-        let name = if agent.local { format!("{} (local)", agent.id) } else { agent.id.clone() };
+        let name = if agent.local {
+            format!("{} (local)", agent.id)
+        } else {
+            agent.id.clone()
+        };
         let draining = if agent.draining { " draining" } else { "" };
         println!(
             "{name:<20} {:>2}/{:<3} {:<22} {}{draining}",
@@ -187,12 +218,18 @@ pub async fn agents(dir: &Path, args: AgentsArgs) -> anyhow::Result<ExitCode> {
     let mut client = connect(dir).await?;
     match args.action {
         None => {
-            let status = client.status(request(StatusRequest {})).await.context("status failed")?.into_inner();
+            let status = client
+                .status(request(StatusRequest {}))
+                .await
+                .context("status failed")?
+                .into_inner();
             print_agents(&status);
         }
         Some(AgentsAction::Drain { agent_id }) => {
             client
-                .drain_agent(request(DrainAgentRequest { agent_id: agent_id.clone() }))
+                .drain_agent(request(DrainAgentRequest {
+                    agent_id: agent_id.clone(),
+                }))
                 .await
                 .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
             println!("agent {agent_id}: draining (finishes its running jobs, then exits)");

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use buildpool_proto::{
-    CancelRequest, Completion, EnvMode, EnvVar, JobKind, JobResult, JobSpec, Outcome, OutputStream, SubmitRequest,
-    job_event,
+    CancelRequest, Completion, EnvMode, EnvVar, JobKind, JobResult, JobSpec, Outcome, OutputStream,
+    SubmitRequest, job_event,
 };
 use clap::Args;
 
@@ -111,7 +111,11 @@ pub fn describe(result: &JobResult) -> String {
     } else {
         format!(" on {}", result.agent_id)
     };
-    let env = if completion.env.is_empty() { String::new() } else { format!(", env {}", completion.env) };
+    let env = if completion.env.is_empty() {
+        String::new()
+    } else {
+        format!(", env {}", completion.env)
+    };
     format!(
         "{outcome} after {:.1} s{place}{env}, queued {:.1} s, attempt {}",
         completion.duration_ms as f64 / 1000.0,
@@ -123,8 +127,12 @@ pub fn describe(result: &JobResult) -> String {
 pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     // First, so a Ctrl-C at any point after start is ours to handle (and cancels the job).
     let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let kind = JobKind::from_subcommand(&args.kind)
-        .with_context(|| format!("unknown job kind {:?}: use build, test, clippy or check", args.kind))?;
+    let kind = JobKind::from_subcommand(&args.kind).with_context(|| {
+        format!(
+            "unknown job kind {:?}: use build, test, clippy or check",
+            args.kind
+        )
+    })?;
     let spec = JobSpec {
         kind: kind as i32,
         cargo_args: args.cargo_args,
@@ -135,7 +143,9 @@ pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     buildpool_proto::spec::validate(&spec)?;
     let repo = Repo::discover(dir).await?;
-    let snapshot = crate::snapshot::create(&repo).await.context("cannot snapshot the worktree")?;
+    let snapshot = crate::snapshot::create(&repo)
+        .await
+        .context("cannot snapshot the worktree")?;
 
     let fallback = Fallback::default();
     let Route { mut client, via } = fallback.route(&repo, args.local).await?;
@@ -151,7 +161,11 @@ pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
         git_ref: snapshot.git_ref,
         worktree: repo.worktree.display().to_string(),
     };
-    let mut events = client.submit(request).await.context("the coordinator refused the job")?.into_inner();
+    let mut events = client
+        .submit(request)
+        .await
+        .context("the coordinator refused the job")?
+        .into_inner();
     let mut job_id = None;
     let mut cancel_requested = false;
     let code = loop {
@@ -179,8 +193,13 @@ pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
         };
         if job_id.is_none() && cancel_requested {
             // Ctrl-C came before we knew the job's id: cancel it now.
-            eprintln!("[buildpool] cancelling job {} (Ctrl-C again to leave at once)", event.job_id);
-            let mut request = tonic::Request::new(CancelRequest { job_id: event.job_id });
+            eprintln!(
+                "[buildpool] cancelling job {} (Ctrl-C again to leave at once)",
+                event.job_id
+            );
+            let mut request = tonic::Request::new(CancelRequest {
+                job_id: event.job_id,
+            });
             request.set_timeout(CALL_TIMEOUT);
             if let Err(error) = client.cancel(request).await {
                 eprintln!("[buildpool] cancel failed: {}", error.message());
@@ -189,14 +208,24 @@ pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
         job_id = Some(event.job_id);
         match event.event {
             Some(job_event::Event::Queued(queued)) => {
-                let reason = if queued.reason.is_empty() { String::new() } else { format!(" ({})", queued.reason) };
+                let reason = if queued.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", queued.reason)
+                };
                 eprintln!("[buildpool] job {} queued{reason}", event.job_id);
             }
             Some(job_event::Event::Assigned(assigned)) => {
                 if assigned.local {
-                    eprintln!("[buildpool] job {} running on the coordinator's local agent (no build agent connected)", event.job_id);
+                    eprintln!(
+                        "[buildpool] job {} running on the coordinator's local agent (no build agent connected)",
+                        event.job_id
+                    );
                 } else {
-                    eprintln!("[buildpool] job {} running on {} (attempt {})", event.job_id, assigned.agent_id, assigned.attempt);
+                    eprintln!(
+                        "[buildpool] job {} running on {} (attempt {})",
+                        event.job_id, assigned.agent_id, assigned.attempt
+                    );
                 }
             }
             Some(job_event::Event::Output(chunk)) => {
@@ -230,14 +259,28 @@ mod tests {
 
     #[test]
     fn outcomes_map_to_distinct_exit_codes() {
-        let exited = |code| Completion { outcome: Outcome::Exited as i32, exit_code: Some(code), ..Completion::default() };
+        let exited = |code| Completion {
+            outcome: Outcome::Exited as i32,
+            exit_code: Some(code),
+            ..Completion::default()
+        };
         assert_eq!(exit_code(&exited(0)), 0);
         assert_eq!(exit_code(&exited(101)), 101);
-        let signalled = Completion { outcome: Outcome::Exited as i32, signal: Some(9), ..Completion::default() };
+        let signalled = Completion {
+            outcome: Outcome::Exited as i32,
+            signal: Some(9),
+            ..Completion::default()
+        };
         assert_eq!(exit_code(&signalled), 137);
-        let timed_out = Completion { outcome: Outcome::TimedOut as i32, ..Completion::default() };
+        let timed_out = Completion {
+            outcome: Outcome::TimedOut as i32,
+            ..Completion::default()
+        };
         assert_eq!(exit_code(&timed_out), EXIT_TIMED_OUT);
-        let failed = Completion { outcome: Outcome::Failed as i32, ..Completion::default() };
+        let failed = Completion {
+            outcome: Outcome::Failed as i32,
+            ..Completion::default()
+        };
         assert_eq!(exit_code(&failed), EXIT_FAILED);
     }
 
@@ -256,7 +299,9 @@ mod tests {
             local: false,
             queue_ms: 100,
         };
-        assert_eq!(describe(&result), "exit code 101 after 2.5 s on worker-1, env nix, queued 0.1 s, attempt 1");
+        assert_eq!(
+            describe(&result),
+            "exit code 101 after 2.5 s on worker-1, env nix, queued 0.1 s, attempt 1"
+        );
     }
 }
-

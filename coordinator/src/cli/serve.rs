@@ -47,18 +47,21 @@ pub struct ServeArgs {
 
 pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let repo = Repo::discover(dir).await?;
-    let config = CoordinatorConfig::load(&repo.worktree, Overrides {
-        config: args.config,
-        websocket_port: args.websocket_port,
-        websocket_listen_addr: args.websocket_listen_addr,
-        git_daemon_port: args.git_daemon_port,
-        git_daemon_listen_addr: args.git_daemon_listen_addr,
-        control_addr: args.control_addr,
-        token_file: args.token_file,
-        no_local_fallback: args.no_local_fallback,
-        local_max_jobs: args.local_jobs,
-        local_worktree_dir: args.local_worktree_dir,
-    })?;
+    let config = CoordinatorConfig::load(
+        &repo.worktree,
+        Overrides {
+            config: args.config,
+            websocket_port: args.websocket_port,
+            websocket_listen_addr: args.websocket_listen_addr,
+            git_daemon_port: args.git_daemon_port,
+            git_daemon_listen_addr: args.git_daemon_listen_addr,
+            control_addr: args.control_addr,
+            token_file: args.token_file,
+            no_local_fallback: args.no_local_fallback,
+            local_max_jobs: args.local_jobs,
+            local_worktree_dir: args.local_worktree_dir,
+        },
+    )?;
     if let Some(running) = discovery::read(&repo.state_dir()) {
         bail!(
             "a coordinator for this repository is already running (pid {}, control API {})",
@@ -82,14 +85,20 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
     println!("Build pool coordinator starting...");
     println!("  Repository: {}", repo.common_dir.display());
     if let Some(addr) = coordinator.websocket_addr() {
-        println!("  WebSocket: {addr} (agents: build-agent --server ws://<this host>:{}/ws)", addr.port());
+        println!(
+            "  WebSocket: {addr} (agents: build-agent --server ws://<this host>:{}/ws)",
+            addr.port()
+        );
     }
     if let Some(port) = coordinator.git_daemon_port() {
         println!("  Git daemon: :{port}");
     }
     println!("  Control API: {}", discovery.control_url);
     match (&token_file, token.generated) {
-        (Some(file), true) => println!("  Token: generated at {} (copy it to each build host's /etc/build-agent/token)", file.display()),
+        (Some(file), true) => println!(
+            "  Token: generated at {} (copy it to each build host's /etc/build-agent/token)",
+            file.display()
+        ),
         (Some(file), false) => println!("  Token: {}", file.display()),
         (None, _) => println!("  Token: from BUILDPOOL_TOKEN"),
     }
@@ -103,7 +112,10 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

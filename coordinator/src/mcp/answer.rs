@@ -55,7 +55,11 @@ fn location(diagnostic: &Diagnostic) -> String {
 }
 
 fn one_line(text: &str) -> String {
-    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" | ")
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 fn plural(count: usize, word: &str) -> String {
@@ -64,7 +68,11 @@ fn plural(count: usize, word: &str) -> String {
 
 /// A result with text and structured content.
 pub fn plain(text: String, value: Value, is_error: bool) -> CallToolResult {
-    let mut result = if is_error { CallToolResult::error(vec![ContentBlock::text(text)]) } else { CallToolResult::success(vec![ContentBlock::text(text)]) };
+    let mut result = if is_error {
+        CallToolResult::error(vec![ContentBlock::text(text)])
+    } else {
+        CallToolResult::success(vec![ContentBlock::text(text)])
+    };
     result.structured_content = Some(value);
     result
 }
@@ -72,7 +80,11 @@ pub fn plain(text: String, value: Value, is_error: bool) -> CallToolResult {
 /// The job never ran (snapshot, coordinator or stream trouble).
 pub fn failure_before_start(kind: JobKind, reason: &str) -> CallToolResult {
     let text = format!("{} could not run: {reason}", kind_name(kind));
-    plain(text, json!({ "kind": kind_name(kind), "outcome": "error", "error": reason }), true)
+    plain(
+        text,
+        json!({ "kind": kind_name(kind), "outcome": "error", "error": reason }),
+        true,
+    )
 }
 
 pub fn worker_status(status: &StatusReply) -> CallToolResult {
@@ -87,7 +99,11 @@ pub fn worker_status(status: &StatusReply) -> CallToolResult {
             })
         })
         .collect();
-    let queued = status.jobs.iter().filter(|j| j.state == buildpool_proto::JobState::Queued as i32).count();
+    let queued = status
+        .jobs
+        .iter()
+        .filter(|j| j.state == buildpool_proto::JobState::Queued as i32)
+        .count();
     let running = status.jobs.len() - queued;
     let value = json!({
         "workers": workers,
@@ -96,12 +112,28 @@ pub fn worker_status(status: &StatusReply) -> CallToolResult {
         "local_fallback_enabled": status.local_fallback_enabled,
         "local_fallback_active": status.local_fallback_active,
     });
-    let slots: u32 = status.agents.iter().filter(|a| !a.local).map(|a| a.slots_total).sum();
-    let used: u32 = status.agents.iter().filter(|a| !a.local).map(|a| a.slots_used).sum();
+    let slots: u32 = status
+        .agents
+        .iter()
+        .filter(|a| !a.local)
+        .map(|a| a.slots_total)
+        .sum();
+    let used: u32 = status
+        .agents
+        .iter()
+        .filter(|a| !a.local)
+        .map(|a| a.slots_used)
+        .sum();
     let text = format!(
         "{} ({used}/{slots} slots busy), {queued} queued, {running} running; local fallback {}",
         plural(workers.len(), "worker"),
-        if status.local_fallback_active { "in use now" } else if status.local_fallback_enabled { "idle" } else { "disabled" }
+        if status.local_fallback_active {
+            "in use now"
+        } else if status.local_fallback_enabled {
+            "idle"
+        } else {
+            "disabled"
+        }
     );
     plain(text, value, false)
 }
@@ -113,7 +145,12 @@ impl ToolAnswer {
             Outcome::Exited => match (completion.exit_code, completion.signal) {
                 (Some(0), _) => ("succeeded", Some(0), None, String::new()),
                 (Some(code), _) => ("failed", Some(code), None, format!("exit {code}")),
-                (None, signal) => ("failed", None, signal, format!("killed by signal {}", signal.unwrap_or(0))),
+                (None, signal) => (
+                    "failed",
+                    None,
+                    signal,
+                    format!("killed by signal {}", signal.unwrap_or(0)),
+                ),
             },
             Outcome::TimedOut => ("timed_out", None, None, "timed out".to_owned()),
             Outcome::Cancelled => ("cancelled", None, None, "cancelled".to_owned()),
@@ -188,12 +225,19 @@ impl ToolAnswer {
             counts.push(plural(report.warnings, "warning"));
         }
         if let Some(tests) = &report.tests {
-            counts.push(format!("{} passed, {} failed, {} ignored", tests.passed, tests.failed, tests.ignored));
+            counts.push(format!(
+                "{} passed, {} failed, {} ignored",
+                tests.passed, tests.failed, tests.ignored
+            ));
         }
         if !counts.is_empty() {
             let _ = write!(text, " · {}", counts.join(", "));
         }
-        let env = if completion.env.is_empty() { String::new() } else { format!(" · env {}", completion.env) };
+        let env = if completion.env.is_empty() {
+            String::new()
+        } else {
+            format!(" · env {}", completion.env)
+        };
         let _ = write!(
             text,
             " · job {} on {}{env} · queued {}, ran {}",
@@ -206,20 +250,43 @@ impl ToolAnswer {
             return plain(text, value, false);
         }
         for diagnostic in &report.diagnostics {
-            let code = diagnostic.code.as_deref().map(|c| format!("[{c}]")).unwrap_or_default();
-            let _ = write!(text, "\n{}{code} {}: {}", diagnostic.level, location(diagnostic), diagnostic.message);
+            let code = diagnostic
+                .code
+                .as_deref()
+                .map(|c| format!("[{c}]"))
+                .unwrap_or_default();
+            let _ = write!(
+                text,
+                "\n{}{code} {}: {}",
+                diagnostic.level,
+                location(diagnostic),
+                diagnostic.message
+            );
             if let Some(snippet) = &diagnostic.snippet {
                 let _ = write!(text, "\n    {snippet}");
             }
         }
         if report.diagnostics_omitted > 0 {
-            let _ = write!(text, "\n… {} more diagnostics (job_log job_id={})", report.diagnostics_omitted, self.job_id);
+            let _ = write!(
+                text,
+                "\n… {} more diagnostics (job_log job_id={})",
+                report.diagnostics_omitted, self.job_id
+            );
         }
         for failure in &report.failures {
-            let _ = write!(text, "\nFAILED {}: {}", failure.name, one_line(&failure.message));
+            let _ = write!(
+                text,
+                "\nFAILED {}: {}",
+                failure.name,
+                one_line(&failure.message)
+            );
         }
         if report.failures_omitted > 0 {
-            let _ = write!(text, "\n… {} more failing tests (job_log job_id={})", report.failures_omitted, self.job_id);
+            let _ = write!(
+                text,
+                "\n… {} more failing tests (job_log job_id={})",
+                report.failures_omitted, self.job_id
+            );
         }
         if !explained {
             for line in &report.stderr_tail {

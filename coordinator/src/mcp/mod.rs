@@ -15,14 +15,19 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use buildpool_proto::{CancelRequest, JobKind, JobLogRequest, JobSpec, OutputStream, StatusRequest, SubmitRequest, job_event};
+use buildpool_proto::{
+    CancelRequest, JobKind, JobLogRequest, JobSpec, OutputStream, StatusRequest, SubmitRequest,
+    job_event,
+};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
-    CallToolResult, Implementation, ProgressNotificationParam, ProgressToken, RequestMetaObject, ServerCapabilities,
-    ServerConfig,
+    CallToolResult, Implementation, ProgressNotificationParam, ProgressToken, RequestMetaObject,
+    ServerCapabilities, ServerConfig,
 };
-use rmcp::{ErrorData, Peer, RoleServer, ServerHandler, ServiceExt, tool, tool_handler, tool_router};
+use rmcp::{
+    ErrorData, Peer, RoleServer, ServerHandler, ServiceExt, tool, tool_handler, tool_router,
+};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -129,12 +134,25 @@ fn invalid(message: impl Into<String>) -> ErrorData {
 }
 
 fn check_name(what: &str, value: &str, extra: &str) -> Result<(), ErrorData> {
-    let ok = !value.is_empty() && value.len() <= 200 && value.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c) || extra.contains(c));
-    if ok { Ok(()) } else { Err(invalid(format!("{what} {value:?} is not a valid name"))) }
+    let ok = !value.is_empty()
+        && value.len() <= 200
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c) || extra.contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!("{what} {value:?} is not a valid name")))
+    }
 }
 
 /// Arguments common to every cargo job; every advertised input maps to a flag here.
-fn common_args(package: Option<&String>, features: Option<&Vec<String>>, all_features: bool, release: bool) -> Result<Vec<String>, ErrorData> {
+fn common_args(
+    package: Option<&String>,
+    features: Option<&Vec<String>>,
+    all_features: bool,
+    release: bool,
+) -> Result<Vec<String>, ErrorData> {
     let mut args = vec!["--message-format=json".to_owned()];
     if let Some(package) = package {
         check_name("package", package, "@.+")?;
@@ -159,17 +177,26 @@ fn check_timeout(timeout: Option<u32>) -> Result<u32, ErrorData> {
     match timeout {
         None => Ok(0),
         Some(secs @ 1..=86_400) => Ok(secs),
-        Some(other) => Err(invalid(format!("timeout_secs must be 1..=86400, not {other}"))),
+        Some(other) => Err(invalid(format!(
+            "timeout_secs must be 1..=86400, not {other}"
+        ))),
     }
 }
 
 pub fn test_args(input: &TestInput) -> Result<Vec<String>, ErrorData> {
-    let mut args = common_args(input.package.as_ref(), input.features.as_ref(), input.all_features.unwrap_or(false), input.release.unwrap_or(false))?;
+    let mut args = common_args(
+        input.package.as_ref(),
+        input.features.as_ref(),
+        input.all_features.unwrap_or(false),
+        input.release.unwrap_or(false),
+    )?;
     args.push("--no-fail-fast".to_owned());
     args.push("--".to_owned());
     if let Some(filter) = &input.filter {
         if filter.contains('\0') || filter.len() > 512 || filter.starts_with('-') {
-            return Err(invalid("filter must be a test name substring (no leading '-', at most 512 bytes)"));
+            return Err(invalid(
+                "filter must be a test name substring (no leading '-', at most 512 bytes)",
+            ));
         }
         args.push(filter.clone());
     }
@@ -186,7 +213,12 @@ pub fn clippy_args(input: &ClippyInput) -> Result<Vec<String>, ErrorData> {
     // The seed's default is `--all-targets --all-features -- -D warnings`; naming features
     // explicitly means the caller wants those, so all_features then defaults to off.
     let all_features = input.all_features.unwrap_or(input.features.is_none());
-    let mut args = common_args(input.package.as_ref(), input.features.as_ref(), all_features, input.release.unwrap_or(false))?;
+    let mut args = common_args(
+        input.package.as_ref(),
+        input.features.as_ref(),
+        all_features,
+        input.release.unwrap_or(false),
+    )?;
     if input.all_targets.unwrap_or(true) {
         args.push("--all-targets".to_owned());
     }
@@ -234,7 +266,11 @@ struct Notifier {
 impl Notifier {
     async fn send(&mut self, message: String, throttle: bool) {
         let Some(token) = &self.token else { return };
-        if throttle && self.last.is_some_and(|last| last.elapsed() < PROGRESS_SPACING) {
+        if throttle
+            && self
+                .last
+                .is_some_and(|last| last.elapsed() < PROGRESS_SPACING)
+        {
             return;
         }
         self.last = Some(Instant::now());
@@ -249,37 +285,120 @@ impl Notifier {
 impl BuildPoolMcp {
     pub fn new(repo: Repo) -> Self {
         Self {
-            inner: Arc::new(Inner { repo, fallback: Fallback::default(), jobs: std::sync::Mutex::new(HashMap::new()) }),
+            inner: Arc::new(Inner {
+                repo,
+                fallback: Fallback::default(),
+                jobs: std::sync::Mutex::new(HashMap::new()),
+            }),
             tool_router: Self::tool_router(),
         }
     }
 
-    #[tool(description = "cargo build of this worktree's current state (uncommitted and untracked files included) on the build pool. Answers with errors first (file:line:col, code, message, snippet), then warnings.")]
-    async fn build(&self, Parameters(input): Parameters<BuildInput>, meta: RequestMetaObject, peer: Peer<RoleServer>, ct: CancellationToken) -> Result<CallToolResult, ErrorData> {
-        let args = common_args(input.package.as_ref(), input.features.as_ref(), input.all_features.unwrap_or(false), input.release.unwrap_or(false))?;
-        self.run_job(JobKind::Build, args, check_timeout(input.timeout_secs)?, meta, peer, ct).await
+    #[tool(
+        description = "cargo build of this worktree's current state (uncommitted and untracked files included) on the build pool. Answers with errors first (file:line:col, code, message, snippet), then warnings."
+    )]
+    async fn build(
+        &self,
+        Parameters(input): Parameters<BuildInput>,
+        meta: RequestMetaObject,
+        peer: Peer<RoleServer>,
+        ct: CancellationToken,
+    ) -> Result<CallToolResult, ErrorData> {
+        let args = common_args(
+            input.package.as_ref(),
+            input.features.as_ref(),
+            input.all_features.unwrap_or(false),
+            input.release.unwrap_or(false),
+        )?;
+        self.run_job(
+            JobKind::Build,
+            args,
+            check_timeout(input.timeout_secs)?,
+            meta,
+            peer,
+            ct,
+        )
+        .await
     }
 
-    #[tool(description = "cargo check of this worktree's current state on the build pool: like build, faster, no binaries.")]
-    async fn check(&self, Parameters(input): Parameters<BuildInput>, meta: RequestMetaObject, peer: Peer<RoleServer>, ct: CancellationToken) -> Result<CallToolResult, ErrorData> {
-        let args = common_args(input.package.as_ref(), input.features.as_ref(), input.all_features.unwrap_or(false), input.release.unwrap_or(false))?;
-        self.run_job(JobKind::Check, args, check_timeout(input.timeout_secs)?, meta, peer, ct).await
+    #[tool(
+        description = "cargo check of this worktree's current state on the build pool: like build, faster, no binaries."
+    )]
+    async fn check(
+        &self,
+        Parameters(input): Parameters<BuildInput>,
+        meta: RequestMetaObject,
+        peer: Peer<RoleServer>,
+        ct: CancellationToken,
+    ) -> Result<CallToolResult, ErrorData> {
+        let args = common_args(
+            input.package.as_ref(),
+            input.features.as_ref(),
+            input.all_features.unwrap_or(false),
+            input.release.unwrap_or(false),
+        )?;
+        self.run_job(
+            JobKind::Check,
+            args,
+            check_timeout(input.timeout_secs)?,
+            meta,
+            peer,
+            ct,
+        )
+        .await
     }
 
-    #[tool(description = "cargo test of this worktree's current state on the build pool. Answers with passed/failed/ignored counts and each failing test's name, panic message and captured output; compile errors like build.")]
-    async fn test(&self, Parameters(input): Parameters<TestInput>, meta: RequestMetaObject, peer: Peer<RoleServer>, ct: CancellationToken) -> Result<CallToolResult, ErrorData> {
+    #[tool(
+        description = "cargo test of this worktree's current state on the build pool. Answers with passed/failed/ignored counts and each failing test's name, panic message and captured output; compile errors like build."
+    )]
+    async fn test(
+        &self,
+        Parameters(input): Parameters<TestInput>,
+        meta: RequestMetaObject,
+        peer: Peer<RoleServer>,
+        ct: CancellationToken,
+    ) -> Result<CallToolResult, ErrorData> {
         let args = test_args(&input)?;
-        self.run_job(JobKind::Test, args, check_timeout(input.timeout_secs)?, meta, peer, ct).await
+        self.run_job(
+            JobKind::Test,
+            args,
+            check_timeout(input.timeout_secs)?,
+            meta,
+            peer,
+            ct,
+        )
+        .await
     }
 
-    #[tool(description = "cargo clippy of this worktree's current state on the build pool; by default --all-targets --all-features -- -D warnings.")]
-    async fn clippy(&self, Parameters(input): Parameters<ClippyInput>, meta: RequestMetaObject, peer: Peer<RoleServer>, ct: CancellationToken) -> Result<CallToolResult, ErrorData> {
+    #[tool(
+        description = "cargo clippy of this worktree's current state on the build pool; by default --all-targets --all-features -- -D warnings."
+    )]
+    async fn clippy(
+        &self,
+        Parameters(input): Parameters<ClippyInput>,
+        meta: RequestMetaObject,
+        peer: Peer<RoleServer>,
+        ct: CancellationToken,
+    ) -> Result<CallToolResult, ErrorData> {
         let args = clippy_args(&input)?;
-        self.run_job(JobKind::Clippy, args, check_timeout(input.timeout_secs)?, meta, peer, ct).await
+        self.run_job(
+            JobKind::Clippy,
+            args,
+            check_timeout(input.timeout_secs)?,
+            meta,
+            peer,
+            ct,
+        )
+        .await
     }
 
-    #[tool(description = "Build agents (slots used/total, labels), queued and running jobs, and whether the local fallback is running a job right now.")]
-    async fn worker_status(&self, Parameters(_input): Parameters<NoInput>) -> Result<CallToolResult, ErrorData> {
+    #[tool(
+        description = "Build agents (slots used/total, labels), queued and running jobs, and whether the local fallback is running a job right now."
+    )]
+    async fn worker_status(
+        &self,
+        Parameters(_input): Parameters<NoInput>,
+    ) -> Result<CallToolResult, ErrorData> {
         let (client, _) = match crate::client::connect_to_running(&self.inner.repo).await {
             Ok(found) => found,
             Err(error) => {
@@ -297,22 +416,43 @@ impl BuildPoolMcp {
                     "local_fallback_active": local_active,
                     "note": "jobs run locally through an in-process coordinator until one is reachable",
                 });
-                let now = if local_active { "a local job is running now" } else { "no local job running" };
-                return Ok(answer::plain(format!("coordinator unreachable ({error}); jobs run locally; {now}"), value, false));
+                let now = if local_active {
+                    "a local job is running now"
+                } else {
+                    "no local job running"
+                };
+                return Ok(answer::plain(
+                    format!("coordinator unreachable ({error}); jobs run locally; {now}"),
+                    value,
+                    false,
+                ));
             }
         };
         let mut client = client;
-        let status = client.status(timed(StatusRequest {})).await.map_err(|s| ErrorData::internal_error(s.message().to_owned(), None))?.into_inner();
+        let status = client
+            .status(timed(StatusRequest {}))
+            .await
+            .map_err(|s| ErrorData::internal_error(s.message().to_owned(), None))?
+            .into_inner();
         Ok(answer::worker_status(&status))
     }
 
-    #[tool(description = "Page through a running or finished job's full log by job id: line offset and limit, stream (stdout|stderr|both), substring filter.")]
-    async fn job_log(&self, Parameters(input): Parameters<JobLogInput>) -> Result<CallToolResult, ErrorData> {
+    #[tool(
+        description = "Page through a running or finished job's full log by job id: line offset and limit, stream (stdout|stderr|both), substring filter."
+    )]
+    async fn job_log(
+        &self,
+        Parameters(input): Parameters<JobLogInput>,
+    ) -> Result<CallToolResult, ErrorData> {
         let stream = match input.stream.as_deref().unwrap_or("both") {
             "both" => OutputStream::Unspecified,
             "stdout" => OutputStream::Stdout,
             "stderr" => OutputStream::Stderr,
-            other => return Err(invalid(format!("stream must be stdout, stderr or both, not {other:?}"))),
+            other => {
+                return Err(invalid(format!(
+                    "stream must be stdout, stderr or both, not {other:?}"
+                )));
+            }
         };
         let limit = input.limit.unwrap_or(DEFAULT_LOG_LINES);
         if limit == 0 || limit > MAX_LOG_LINES {
@@ -322,8 +462,17 @@ impl BuildPoolMcp {
         let mut bytes = Vec::new();
         let mut complete = false;
         while (bytes.len() as u64) < MAX_LOG_SCAN {
-            let request = JobLogRequest { job_id: input.job_id, offset: bytes.len() as u64, limit: 1024 * 1024, stream: stream as i32 };
-            let page = client.job_log(timed(request)).await.map_err(|s| invalid(s.message().to_owned()))?.into_inner();
+            let request = JobLogRequest {
+                job_id: input.job_id,
+                offset: bytes.len() as u64,
+                limit: 1024 * 1024,
+                stream: stream as i32,
+            };
+            let page = client
+                .job_log(timed(request))
+                .await
+                .map_err(|s| invalid(s.message().to_owned()))?
+                .into_inner();
             bytes.extend_from_slice(&page.data);
             if page.data.is_empty() || page.complete {
                 complete = page.complete;
@@ -346,16 +495,34 @@ impl BuildPoolMcp {
         });
         let mut text = page.join("\n");
         if next < lines.len() {
-            text.push_str(&format!("\n… {} more lines (offset {next})", lines.len() - next));
+            text.push_str(&format!(
+                "\n… {} more lines (offset {next})",
+                lines.len() - next
+            ));
         }
         Ok(answer::plain(text, value, false))
     }
 
-    #[tool(description = "Cancel a queued or running job by id; its processes on the agent are killed.")]
-    async fn cancel_job(&self, Parameters(input): Parameters<CancelInput>) -> Result<CallToolResult, ErrorData> {
+    #[tool(
+        description = "Cancel a queued or running job by id; its processes on the agent are killed."
+    )]
+    async fn cancel_job(
+        &self,
+        Parameters(input): Parameters<CancelInput>,
+    ) -> Result<CallToolResult, ErrorData> {
         let mut client = self.client_for(input.job_id).await?;
-        let reply = client.cancel(timed(CancelRequest { job_id: input.job_id })).await.map_err(|s| invalid(s.message().to_owned()))?.into_inner();
-        let text = if reply.cancelled { format!("job {} cancelling", input.job_id) } else { format!("job {} already {}", input.job_id, reply.state) };
+        let reply = client
+            .cancel(timed(CancelRequest {
+                job_id: input.job_id,
+            }))
+            .await
+            .map_err(|s| invalid(s.message().to_owned()))?
+            .into_inner();
+        let text = if reply.cancelled {
+            format!("job {} cancelling", input.job_id)
+        } else {
+            format!("job {} already {}", input.job_id, reply.state)
+        };
         let value = serde_json::json!({ "job_id": input.job_id, "cancelled": reply.cancelled, "state": reply.state });
         Ok(answer::plain(text, value, false))
     }
@@ -371,10 +538,24 @@ impl BuildPoolMcp {
     /// The client of whichever coordinator ran `job_id` in this session (the repository's
     /// coordinator for jobs this session does not know).
     async fn client_for(&self, job_id: u64) -> Result<Client, ErrorData> {
-        let in_process = self.inner.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&job_id).copied().unwrap_or(false);
-        let route = self.inner.fallback.route(&self.inner.repo, in_process).await.map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+        let in_process = self
+            .inner
+            .jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&job_id)
+            .copied()
+            .unwrap_or(false);
+        let route = self
+            .inner
+            .fallback
+            .route(&self.inner.repo, in_process)
+            .await
+            .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
         if !in_process && route.via != Via::Coordinator {
-            return Err(invalid(format!("no coordinator is reachable and job {job_id} did not run in this session")));
+            return Err(invalid(format!(
+                "no coordinator is reachable and job {job_id} did not run in this session"
+            )));
         }
         Ok(route.client)
     }
@@ -388,23 +569,53 @@ impl BuildPoolMcp {
         peer: Peer<RoleServer>,
         ct: CancellationToken,
     ) -> Result<CallToolResult, ErrorData> {
-        let spec = JobSpec { kind: kind as i32, cargo_args, timeout_secs, ..JobSpec::default() };
+        let spec = JobSpec {
+            kind: kind as i32,
+            cargo_args,
+            timeout_secs,
+            ..JobSpec::default()
+        };
         buildpool_proto::spec::validate(&spec).map_err(|e| invalid(e.to_string()))?;
-        let mut notifier = Notifier { peer, token: meta.get_progress_token(), step: 0.0, last: None };
+        let mut notifier = Notifier {
+            peer,
+            token: meta.get_progress_token(),
+            step: 0.0,
+            last: None,
+        };
         let repo = &self.inner.repo;
         let snapshot = match crate::snapshot::create(repo).await {
             Ok(snapshot) => snapshot,
-            Err(error) => return Ok(answer::failure_before_start(kind, &format!("cannot snapshot the worktree: {error}"))),
+            Err(error) => {
+                return Ok(answer::failure_before_start(
+                    kind,
+                    &format!("cannot snapshot the worktree: {error}"),
+                ));
+            }
         };
         let route = match self.inner.fallback.route(repo, false).await {
             Ok(route) => route,
-            Err(error) => return Ok(answer::failure_before_start(kind, &format!("cannot start a local coordinator: {error}"))),
+            Err(error) => {
+                return Ok(answer::failure_before_start(
+                    kind,
+                    &format!("cannot start a local coordinator: {error}"),
+                ));
+            }
         };
         let mut client = route.client;
-        let request = SubmitRequest { spec: Some(spec), commit: snapshot.commit, git_ref: snapshot.git_ref, worktree: repo.worktree.display().to_string() };
+        let request = SubmitRequest {
+            spec: Some(spec),
+            commit: snapshot.commit,
+            git_ref: snapshot.git_ref,
+            worktree: repo.worktree.display().to_string(),
+        };
         let mut events = match client.submit(request).await {
             Ok(events) => events.into_inner(),
-            Err(status) => return Ok(answer::failure_before_start(kind, &format!("the coordinator refused the job: {}", status.message()))),
+            Err(status) => {
+                return Ok(answer::failure_before_start(
+                    kind,
+                    &format!("the coordinator refused the job: {}", status.message()),
+                ));
+            }
         };
 
         let mut report = ReportBuilder::new();
@@ -427,33 +638,82 @@ impl BuildPoolMcp {
             };
             let event = match event {
                 Ok(Some(event)) => event,
-                Ok(None) => return Ok(answer::failure_before_start(kind, "the coordinator ended the job stream early")),
-                Err(status) => return Ok(answer::failure_before_start(kind, &format!("lost the coordinator: {}", status.message()))),
+                Ok(None) => {
+                    return Ok(answer::failure_before_start(
+                        kind,
+                        "the coordinator ended the job stream early",
+                    ));
+                }
+                Err(status) => {
+                    return Ok(answer::failure_before_start(
+                        kind,
+                        &format!("lost the coordinator: {}", status.message()),
+                    ));
+                }
             };
             if job_id == 0 {
                 job_id = event.job_id;
-                self.inner.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(job_id, route.via != Via::Coordinator);
+                self.inner
+                    .jobs
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(job_id, route.via != Via::Coordinator);
                 if ct.is_cancelled() {
                     let _ = client.cancel(timed(CancelRequest { job_id })).await;
                 }
             }
             match event.event {
                 Some(job_event::Event::Queued(queued)) => {
-                    notifier.send(format!("job {job_id} queued{}", if queued.reason.is_empty() { String::new() } else { format!(": {}", queued.reason) }), false).await;
+                    notifier
+                        .send(
+                            format!(
+                                "job {job_id} queued{}",
+                                if queued.reason.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(": {}", queued.reason)
+                                }
+                            ),
+                            false,
+                        )
+                        .await;
                 }
                 Some(job_event::Event::Assigned(assigned)) => {
-                    let place = if assigned.local { "the local agent".to_owned() } else { assigned.agent_id.clone() };
-                    notifier.send(format!("job {job_id} assigned to {place} (attempt {})", assigned.attempt), false).await;
+                    let place = if assigned.local {
+                        "the local agent".to_owned()
+                    } else {
+                        assigned.agent_id.clone()
+                    };
+                    notifier
+                        .send(
+                            format!(
+                                "job {job_id} assigned to {place} (attempt {})",
+                                assigned.attempt
+                            ),
+                            false,
+                        )
+                        .await;
                 }
                 Some(job_event::Event::Output(chunk)) => {
-                    report.feed(OutputStream::try_from(chunk.stream).unwrap_or(OutputStream::Stdout), &chunk.data);
+                    report.feed(
+                        OutputStream::try_from(chunk.stream).unwrap_or(OutputStream::Stdout),
+                        &chunk.data,
+                    );
                     let progress = report.progress();
                     if progress.testing && !last_progress.testing {
                         notifier.send(format!("job {job_id} testing"), false).await;
                     } else if progress.crates_compiled != last_progress.crates_compiled {
                         // The first crate marks the compiling phase; later counts are throttled.
                         let throttle = last_progress.crates_compiled > 0;
-                        notifier.send(format!("job {job_id} compiling: {} crates built, {} fresh", progress.crates_compiled, progress.crates_fresh), throttle).await;
+                        notifier
+                            .send(
+                                format!(
+                                    "job {job_id} compiling: {} crates built, {} fresh",
+                                    progress.crates_compiled, progress.crates_fresh
+                                ),
+                                throttle,
+                            )
+                            .await;
                     }
                     last_progress = progress;
                 }
@@ -463,7 +723,14 @@ impl BuildPoolMcp {
                         (Via::Coordinator, true) => Placement::LocalFallback,
                         (Via::Coordinator, false) => Placement::Agent(result.agent_id.clone()),
                     };
-                    return Ok(ToolAnswer { kind, job_id, placement, result, report: report.finish() }.into_result());
+                    return Ok(ToolAnswer {
+                        kind,
+                        job_id,
+                        placement,
+                        result,
+                        report: report.finish(),
+                    }
+                    .into_result());
                 }
                 None => {}
             }

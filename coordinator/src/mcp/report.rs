@@ -100,7 +100,9 @@ impl LineBuffer {
             }
             if piece.ends_with(b"\n") {
                 if !self.overflow {
-                    let line = String::from_utf8_lossy(&self.pending).trim_end_matches(['\n', '\r']).to_owned();
+                    let line = String::from_utf8_lossy(&self.pending)
+                        .trim_end_matches(['\n', '\r'])
+                        .to_owned();
                     lines.push(line);
                 }
                 self.pending.clear();
@@ -111,7 +113,8 @@ impl LineBuffer {
     }
 
     fn flush(&mut self) -> Option<String> {
-        let line = (!self.pending.is_empty() && !self.overflow).then(|| String::from_utf8_lossy(&self.pending).into_owned());
+        let line = (!self.pending.is_empty() && !self.overflow)
+            .then(|| String::from_utf8_lossy(&self.pending).into_owned());
         self.pending.clear();
         line
     }
@@ -143,7 +146,15 @@ pub struct ReportBuilder {
 
 impl std::hash::Hash for Diagnostic {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        (&self.level, &self.code, &self.message, &self.file, self.line, self.column).hash(state);
+        (
+            &self.level,
+            &self.code,
+            &self.message,
+            &self.file,
+            self.line,
+            self.column,
+        )
+            .hash(state);
     }
 }
 
@@ -236,16 +247,28 @@ impl ReportBuilder {
             return;
         }
         let text = message["message"].as_str().unwrap_or("");
-        let spans = message["spans"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        let spans = message["spans"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         // rustc's own tallies ("aborting due to 3 previous errors", "2 warnings emitted").
         if spans.is_empty()
-            && (text.starts_with("aborting due to") || text.ends_with("warnings emitted") || text.ends_with("warning emitted"))
+            && (text.starts_with("aborting due to")
+                || text.ends_with("warnings emitted")
+                || text.ends_with("warning emitted"))
         {
             return;
         }
-        let primary = spans.iter().find(|span| span["is_primary"] == true).or_else(|| spans.first());
+        let primary = spans
+            .iter()
+            .find(|span| span["is_primary"] == true)
+            .or_else(|| spans.first());
         let snippet = primary
-            .and_then(|span| span["text"].as_array()?.first()?["text"].as_str().map(|t| cap(t.trim(), MAX_SNIPPET)))
+            .and_then(|span| {
+                span["text"].as_array()?.first()?["text"]
+                    .as_str()
+                    .map(|t| cap(t.trim(), MAX_SNIPPET))
+            })
             .filter(|s| !s.is_empty());
         let diagnostic = Diagnostic {
             level: if is_error { "error" } else { "warning" }.to_owned(),
@@ -273,14 +296,20 @@ impl ReportBuilder {
     }
 
     fn libtest_line(&mut self, line: &str) {
-        if line.starts_with("running ") && line.ends_with(" tests") || line.ends_with(" test") && line.starts_with("running ") {
+        if line.starts_with("running ") && line.ends_with(" tests")
+            || line.ends_with(" test") && line.starts_with("running ")
+        {
             self.progress.testing = true;
         }
         if let Some(rest) = line.strip_prefix("test result: ") {
             self.close_section();
             let counts = self.tests.get_or_insert_with(TestCounts::default);
             for part in rest.split(';') {
-                let part = part.trim().trim_start_matches("ok.").trim_start_matches("FAILED.").trim();
+                let part = part
+                    .trim()
+                    .trim_start_matches("ok.")
+                    .trim_start_matches("FAILED.")
+                    .trim();
                 let mut words = part.split_whitespace();
                 if let (Some(number), Some(what)) = (words.next(), words.next())
                     && let Ok(number) = number.parse::<u64>()
@@ -301,9 +330,15 @@ impl ReportBuilder {
             self.failed_names.push(name.to_owned());
             return;
         }
-        if let Some(name) = line.strip_prefix("---- ").and_then(|rest| rest.strip_suffix(" stdout ----")) {
+        if let Some(name) = line
+            .strip_prefix("---- ")
+            .and_then(|rest| rest.strip_suffix(" stdout ----"))
+        {
             self.close_section();
-            self.section = Some(FailureSection { name: name.to_owned(), text: String::new() });
+            self.section = Some(FailureSection {
+                name: name.to_owned(),
+                text: String::new(),
+            });
             return;
         }
         if line == "failures:" || line == "successes:" {
@@ -319,7 +354,9 @@ impl ReportBuilder {
     }
 
     fn close_section(&mut self) {
-        let Some(section) = self.section.take() else { return };
+        let Some(section) = self.section.take() else {
+            return;
+        };
         if self.failures.len() >= MAX_FAILURES {
             return;
         }
@@ -343,7 +380,11 @@ impl ReportBuilder {
         // A failing test whose section never came (e.g. the binary crashed) still counts.
         for name in std::mem::take(&mut self.failed_names) {
             if !self.failures.iter().any(|f| f.name == name) && self.failures.len() < MAX_FAILURES {
-                self.failures.push(TestFailure { name, message: String::new(), output: String::new() });
+                self.failures.push(TestFailure {
+                    name,
+                    message: String::new(),
+                    output: String::new(),
+                });
             }
         }
         let failed = self.tests.as_ref().map_or(0, |t| t.failed) as usize;
@@ -357,7 +398,8 @@ impl ReportBuilder {
         warnings.sort_by_key(by_place);
         let room = MAX_DIAGNOSTICS.saturating_sub(diagnostics.len());
         diagnostics.extend(warnings.into_iter().take(room));
-        let diagnostics_omitted = (self.error_count + self.warning_count).saturating_sub(diagnostics.len());
+        let diagnostics_omitted =
+            (self.error_count + self.warning_count).saturating_sub(diagnostics.len());
         Report {
             errors: self.error_count,
             warnings: self.warning_count,
@@ -378,9 +420,15 @@ fn split_panic(text: &str) -> (&str, &str) {
             let panic = &text[start..];
             // The message starts on the line after "panicked at <location>:".
             let message = panic.split_once('\n').map_or(panic, |(_, rest)| rest);
-            let message = ["\nstack backtrace:", "\nnote: run with `RUST_BACKTRACE", "\nnote: Some details are omitted"]
-                .iter()
-                .fold(message, |message, marker| message.split(marker).next().unwrap_or(message));
+            let message = [
+                "\nstack backtrace:",
+                "\nnote: run with `RUST_BACKTRACE",
+                "\nnote: Some details are omitted",
+            ]
+            .iter()
+            .fold(message, |message, marker| {
+                message.split(marker).next().unwrap_or(message)
+            });
             (&text[..start], message)
         }
         _ => (text, ""),

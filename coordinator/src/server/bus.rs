@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use buildpool_proto::{
-    AgentFrame, CoordinatorFrame, Heartbeat, Hello, OutputStream, PROTOCOL_VERSION, ProtocolError, Reject,
-    RejectCode, ResultAck, Welcome, agent_frame, coordinator_frame, frame,
+    AgentFrame, CoordinatorFrame, Heartbeat, Hello, OutputStream, PROTOCOL_VERSION, ProtocolError,
+    Reject, RejectCode, ResultAck, Welcome, agent_frame, coordinator_frame, frame,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -40,7 +40,11 @@ fn websocket_config() -> WebSocketConfig {
 }
 
 /// Accepts agent connections until shutdown.
-pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: tokio::net::TcpListener, shutdown: CancellationToken) {
+pub(crate) async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -62,7 +66,14 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: tokio::net::TcpLi
             continue;
         };
         let _ = stream.set_nodelay(true);
-        connections.spawn(handle_stream(Arc::clone(&shared), stream, peer.to_string(), false, shutdown.clone(), Some(permit)));
+        connections.spawn(handle_stream(
+            Arc::clone(&shared),
+            stream,
+            peer.to_string(),
+            false,
+            shutdown.clone(),
+            Some(permit),
+        ));
     }
     while connections.join_next().await.is_some() {}
 }
@@ -88,12 +99,17 @@ pub(crate) async fn handle_stream<S>(
         if request.uri().path() == "/ws" {
             Ok(response)
         } else {
-            let mut error = ErrorResponse::new(Some("buildpool agents connect at /ws\n".to_owned()));
+            let mut error =
+                ErrorResponse::new(Some("buildpool agents connect at /ws\n".to_owned()));
             *error.status_mut() = StatusCode::NOT_FOUND;
             Err(error)
         }
     };
-    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, only_ws_path, Some(websocket_config()));
+    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(
+        stream,
+        only_ws_path,
+        Some(websocket_config()),
+    );
     let ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(error)) => {
@@ -108,7 +124,9 @@ pub(crate) async fn handle_stream<S>(
     let (mut sink, mut stream) = ws.split();
 
     let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.next()).await {
-        Ok(Some(Ok(Message::Binary(bytes)))) => AgentFrame::decode_frame(&bytes).map_err(|e| e.to_string()),
+        Ok(Some(Ok(Message::Binary(bytes)))) => {
+            AgentFrame::decode_frame(&bytes).map_err(|e| e.to_string())
+        }
         Ok(Some(Ok(other))) => Err(format!("expected a binary hello frame, got {other:?}")),
         Ok(Some(Err(error))) => Err(error.to_string()),
         Ok(None) => Err("closed before hello".to_owned()),
@@ -122,14 +140,25 @@ pub(crate) async fn handle_stream<S>(
         Ok(hello) => hello,
         Err(error) => {
             tracing::warn!(%peer, "bad handshake: {error}");
-            let reject = Reject { code: RejectCode::BadHello as i32, message: error };
-            let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(encode(coordinator_frame::Msg::Reject(reject)))).await;
+            let reject = Reject {
+                code: RejectCode::BadHello as i32,
+                message: error,
+            };
+            let _ = tokio::time::timeout(
+                WRITE_TIMEOUT,
+                sink.send(encode(coordinator_frame::Msg::Reject(reject))),
+            )
+            .await;
             return;
         }
     };
     if let Err(reject) = check_hello(&shared, &hello, local) {
         tracing::warn!(%peer, agent_id = %hello.agent_id, "rejected agent: {}", reject.message);
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(encode(coordinator_frame::Msg::Reject(reject)))).await;
+        let _ = tokio::time::timeout(
+            WRITE_TIMEOUT,
+            sink.send(encode(coordinator_frame::Msg::Reject(reject))),
+        )
+        .await;
         let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close()).await;
         return;
     }
@@ -137,33 +166,60 @@ pub(crate) async fn handle_stream<S>(
 
     let conn = shared.next_conn_id();
     let span = tracing::info_span!("agent", agent_id = %hello.agent_id, conn, %peer);
-    serve_agent(shared, conn, hello, peer, local, sink, stream, shutdown).instrument(span).await;
+    serve_agent(shared, conn, hello, peer, local, sink, stream, shutdown)
+        .instrument(span)
+        .await;
 }
 
 fn check_hello(shared: &Shared, hello: &Hello, local: bool) -> Result<(), Reject> {
-    let reject = |code: RejectCode, message: String| Reject { code: code as i32, message };
+    let reject = |code: RejectCode, message: String| Reject {
+        code: code as i32,
+        message,
+    };
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(reject(
             RejectCode::UnsupportedVersion,
-            format!("agent speaks protocol {}, this coordinator speaks {PROTOCOL_VERSION}; upgrade the older side", hello.protocol_version),
+            format!(
+                "agent speaks protocol {}, this coordinator speaks {PROTOCOL_VERSION}; upgrade the older side",
+                hello.protocol_version
+            ),
         ));
     }
     if !crate::auth::matches(&shared.token, &hello.token) {
-        return Err(reject(RejectCode::BadToken, "invalid token: copy the coordinator's token file to the agent".into()));
+        return Err(reject(
+            RejectCode::BadToken,
+            "invalid token: copy the coordinator's token file to the agent".into(),
+        ));
     }
     let id_ok = !hello.agent_id.is_empty()
         && hello.agent_id.len() <= 128
-        && hello.agent_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@:".contains(c));
+        && hello
+            .agent_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@:".contains(c));
     if !id_ok {
-        return Err(reject(RejectCode::BadHello, format!("agent id {:?} must be 1-128 of [A-Za-z0-9-_.@:]", hello.agent_id)));
+        return Err(reject(
+            RejectCode::BadHello,
+            format!(
+                "agent id {:?} must be 1-128 of [A-Za-z0-9-_.@:]",
+                hello.agent_id
+            ),
+        ));
     }
     if !local && hello.agent_id == super::local_agent::LOCAL_AGENT_ID {
-        return Err(reject(RejectCode::BadHello, "agent id \"local\" is reserved for the coordinator's embedded agent".into()));
+        return Err(reject(
+            RejectCode::BadHello,
+            "agent id \"local\" is reserved for the coordinator's embedded agent".into(),
+        ));
     }
     if hello.slots_total == 0 || hello.slots_total > 1024 {
-        return Err(reject(RejectCode::BadHello, format!("slot count {} must be 1-1024", hello.slots_total)));
+        return Err(reject(
+            RejectCode::BadHello,
+            format!("slot count {} must be 1-1024", hello.slots_total),
+        ));
     }
-    buildpool_proto::spec::validate_labels(&hello.labels).map_err(|e| reject(RejectCode::BadHello, e.to_string()))
+    buildpool_proto::spec::validate_labels(&hello.labels)
+        .map_err(|e| reject(RejectCode::BadHello, e.to_string()))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -186,11 +242,15 @@ async fn serve_agent<Si, St>(
     let welcome = Welcome {
         protocol_version: PROTOCOL_VERSION,
         coordinator_id: shared.id.clone(),
-        heartbeat_interval_ms: u32::try_from(shared.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
-        heartbeat_timeout_ms: u32::try_from(shared.config.heartbeat_timeout.as_millis()).unwrap_or(u32::MAX),
+        heartbeat_interval_ms: u32::try_from(shared.config.heartbeat_interval.as_millis())
+            .unwrap_or(u32::MAX),
+        heartbeat_timeout_ms: u32::try_from(shared.config.heartbeat_timeout.as_millis())
+            .unwrap_or(u32::MAX),
     };
     // Queued before registration, so it is the first frame the agent sees.
-    let _ = outbound.try_send(CoordinatorFrame::from(coordinator_frame::Msg::Welcome(welcome)));
+    let _ = outbound.try_send(CoordinatorFrame::from(coordinator_frame::Msg::Welcome(
+        welcome,
+    )));
 
     let writer = {
         let close = close.clone();
@@ -232,9 +292,16 @@ async fn serve_agent<Si, St>(
     let reports: Vec<AttemptReport> = hello
         .attempts
         .iter()
-        .map(|a| AttemptReport { job_id: a.job_id, attempt: a.attempt })
+        .map(|a| AttemptReport {
+            job_id: a.job_id,
+            attempt: a.attempt,
+        })
         .collect();
-    let connection = Connection { outbound: outbound.clone(), close: close.clone(), agent_id: hello.agent_id.clone() };
+    let connection = Connection {
+        outbound: outbound.clone(),
+        close: close.clone(),
+        agent_id: hello.agent_id.clone(),
+    };
     shared.register(conn, connection, registration, &reports);
     tracing::info!(slots = hello.slots_total, labels = ?hello.labels, local, reported = reports.len(), "agent connected");
 
@@ -295,21 +362,43 @@ async fn serve_agent<Si, St>(
 }
 
 fn protocol_error(outbound: &mpsc::Sender<CoordinatorFrame>, message: &str) {
-    let error = coordinator_frame::Msg::Error(ProtocolError { message: message.to_owned() });
+    let error = coordinator_frame::Msg::Error(ProtocolError {
+        message: message.to_owned(),
+    });
     let _ = outbound.try_send(CoordinatorFrame::from(error));
 }
 
 /// Applies one agent frame, returning the reply to send, if any. An error ends the
 /// connection.
-async fn handle_frame(shared: &Shared, conn: ConnId, message: agent_frame::Msg) -> Result<Option<coordinator_frame::Msg>, String> {
+async fn handle_frame(
+    shared: &Shared,
+    conn: ConnId,
+    message: agent_frame::Msg,
+) -> Result<Option<coordinator_frame::Msg>, String> {
     let now = Instant::now();
     match message {
         agent_frame::Msg::Heartbeat(_) => {}
         agent_frame::Msg::Slots(slots) => {
-            shared.step(|s| ((), s.slots_changed(conn, slots.slots_free, slots.slots_total, slots.draining, now)));
+            shared.step(|s| {
+                (
+                    (),
+                    s.slots_changed(
+                        conn,
+                        slots.slots_free,
+                        slots.slots_total,
+                        slots.draining,
+                        now,
+                    ),
+                )
+            });
         }
         agent_frame::Msg::Declined(declined) => {
-            tracing::info!(job_id = declined.job_id, attempt = declined.attempt, "agent declined: {}", declined.reason);
+            tracing::info!(
+                job_id = declined.job_id,
+                attempt = declined.attempt,
+                "agent declined: {}",
+                declined.reason
+            );
             shared.step(|s| ((), s.declined(conn, declined.job_id, declined.attempt, now)));
         }
         agent_frame::Msg::Output(output) => {
@@ -324,12 +413,17 @@ async fn handle_frame(shared: &Shared, conn: ConnId, message: agent_frame::Msg) 
             };
             match job {
                 Some(job) => {
-                    let stream = OutputStream::try_from(output.stream).unwrap_or(OutputStream::Unspecified);
+                    let stream =
+                        OutputStream::try_from(output.stream).unwrap_or(OutputStream::Unspecified);
                     if let Err(error) = job.log.append(stream, output.attempt, &output.data).await {
                         tracing::error!(job_id = output.job_id, "cannot write job log: {error}");
                     }
                 }
-                None => tracing::debug!(job_id = output.job_id, attempt = output.attempt, "dropped output of a stale attempt"),
+                None => tracing::debug!(
+                    job_id = output.job_id,
+                    attempt = output.attempt,
+                    "dropped output of a stale attempt"
+                ),
             }
         }
         agent_frame::Msg::Finished(finished) => {
@@ -339,14 +433,25 @@ async fn handle_frame(shared: &Shared, conn: ConnId, message: agent_frame::Msg) 
                 (!actions.is_empty(), actions)
             });
             if !accepted {
-                tracing::info!(job_id = finished.job_id, attempt = finished.attempt, "ignored the result of a stale attempt");
+                tracing::info!(
+                    job_id = finished.job_id,
+                    attempt = finished.attempt,
+                    "ignored the result of a stale attempt"
+                );
             }
             // Accepted or stale, the agent need not keep it any longer.
-            let ack = ResultAck { job_id: finished.job_id, attempt: finished.attempt };
+            let ack = ResultAck {
+                job_id: finished.job_id,
+                attempt: finished.attempt,
+            };
             return Ok(Some(coordinator_frame::Msg::ResultAck(ack)));
         }
         agent_frame::Msg::CancelAck(ack) => {
-            tracing::debug!(job_id = ack.job_id, attempt = ack.attempt, "agent confirmed cancel");
+            tracing::debug!(
+                job_id = ack.job_id,
+                attempt = ack.attempt,
+                "agent confirmed cancel"
+            );
         }
         agent_frame::Msg::Hello(_) => return Err("hello sent twice".to_owned()),
     }

@@ -9,8 +9,9 @@ use std::time::Instant;
 
 use buildpool_proto::control_server::{Control, ControlServer};
 use buildpool_proto::{
-    AgentInfo, CancelReply, CancelRequest, DrainAgentReply, DrainAgentRequest, JobAssigned, JobEvent as WireEvent, JobInfo, JobLogReply, JobLogRequest,
-    JobOutputChunk, JobQueued, JobResult as WireResult, JobState, OutputStream, Source, StatusReply, StatusRequest,
+    AgentInfo, CancelReply, CancelRequest, DrainAgentReply, DrainAgentRequest, JobAssigned,
+    JobEvent as WireEvent, JobInfo, JobLogReply, JobLogRequest, JobOutputChunk, JobQueued,
+    JobResult as WireResult, JobState, OutputStream, Source, StatusReply, StatusRequest,
     SubmitRequest, job_event,
 };
 use tokio::sync::{mpsc, watch};
@@ -28,21 +29,26 @@ const EVENT_BUFFER: usize = 32;
 const MAX_LOG_PAGE: usize = 1024 * 1024;
 const DEFAULT_LOG_PAGE: usize = 64 * 1024;
 
-pub(crate) async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener, shutdown: CancellationToken) {
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) {
     let token = shared.token.clone();
-    let service = ControlServer::with_interceptor(ControlService { shared }, move |request: Request<()>| {
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if crate::auth::matches(&token, presented) {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated("invalid or missing token"))
-        }
-    });
+    let service =
+        ControlServer::with_interceptor(ControlService { shared }, move |request: Request<()>| {
+            let presented = request
+                .metadata()
+                .get("authorization")
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if crate::auth::matches(&token, presented) {
+                Ok(request)
+            } else {
+                Err(Status::unauthenticated("invalid or missing token"))
+            }
+        });
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
@@ -64,12 +70,19 @@ type EventStream = Pin<Box<dyn futures_util::Stream<Item = Result<WireEvent, Sta
 
 fn wire_event(job_id: JobId, event: &JobEvent) -> WireEvent {
     let event = match event {
-        JobEvent::Queued { position, reason } => {
-            job_event::Event::Queued(JobQueued { position: *position, reason: reason.clone() })
-        }
-        JobEvent::Assigned { agent_id, attempt, local } => {
-            job_event::Event::Assigned(JobAssigned { agent_id: agent_id.clone(), attempt: *attempt, local: *local })
-        }
+        JobEvent::Queued { position, reason } => job_event::Event::Queued(JobQueued {
+            position: *position,
+            reason: reason.clone(),
+        }),
+        JobEvent::Assigned {
+            agent_id,
+            attempt,
+            local,
+        } => job_event::Event::Assigned(JobAssigned {
+            agent_id: agent_id.clone(),
+            attempt: *attempt,
+            local: *local,
+        }),
         JobEvent::Finished(result) => job_event::Event::Finished(WireResult {
             completion: Some(result.completion.clone()),
             agent_id: result.agent_id.clone(),
@@ -78,31 +91,56 @@ fn wire_event(job_id: JobId, event: &JobEvent) -> WireEvent {
             queue_ms: u64::try_from(result.queue_time.as_millis()).unwrap_or(u64::MAX),
         }),
     };
-    WireEvent { job_id, event: Some(event) }
+    WireEvent {
+        job_id,
+        event: Some(event),
+    }
 }
 
 #[tonic::async_trait]
 impl Control for ControlService {
     type SubmitStream = EventStream;
 
-    async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<EventStream>, Status> {
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         let request = request.into_inner();
-        let spec = request.spec.ok_or_else(|| Status::invalid_argument("missing job spec"))?;
-        buildpool_proto::spec::validate(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let spec = request
+            .spec
+            .ok_or_else(|| Status::invalid_argument("missing job spec"))?;
+        buildpool_proto::spec::validate(&spec)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !build_agent::git::is_object_id(&request.commit) {
             return Err(Status::invalid_argument("commit must be a full object id"));
         }
         if !request.git_ref.starts_with(SNAPSHOT_REF_PREFIX) {
-            return Err(Status::invalid_argument(format!("git_ref must be under {SNAPSHOT_REF_PREFIX}")));
+            return Err(Status::invalid_argument(format!(
+                "git_ref must be under {SNAPSHOT_REF_PREFIX}"
+            )));
         }
         let shared = &self.shared;
         let resolved = build_agent::git::Git::new(&shared.repo.common_dir)
-            .args(["rev-parse", "--verify", "--quiet", &format!("{}^{{commit}}", request.git_ref)])
+            .args([
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                &format!("{}^{{commit}}", request.git_ref),
+            ])
             .output()
             .await
-            .map_err(|_| Status::failed_precondition(format!("{} does not exist in {}", request.git_ref, shared.repo.common_dir.display())))?;
+            .map_err(|_| {
+                Status::failed_precondition(format!(
+                    "{} does not exist in {}",
+                    request.git_ref,
+                    shared.repo.common_dir.display()
+                ))
+            })?;
         if resolved != request.commit {
-            return Err(Status::failed_precondition(format!("{} points at {resolved}, not {}", request.git_ref, request.commit)));
+            return Err(Status::failed_precondition(format!(
+                "{} points at {resolved}, not {}",
+                request.git_ref, request.commit
+            )));
         }
 
         let job_id = shared.next_job_id();
@@ -114,8 +152,15 @@ impl Control for ControlService {
         let log = joblog::JobLog::create(&shared.log_dir, job_id, shared.config.log_max_bytes)
             .await
             .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
-        let initial = JobEvent::Queued { position: 0, reason: String::new() };
-        let job = Arc::new(ActiveJob { phase: watch::channel(initial).0, log, git_ref: request.git_ref.clone() });
+        let initial = JobEvent::Queued {
+            position: 0,
+            reason: String::new(),
+        };
+        let job = Arc::new(ActiveJob {
+            phase: watch::channel(initial).0,
+            log,
+            git_ref: request.git_ref.clone(),
+        });
         let source = Source {
             repo_id: shared.repo.id.clone(),
             git_path: shared.git_path.clone(),
@@ -126,20 +171,41 @@ impl Control for ControlService {
         let phase = job.phase.subscribe();
         shared.state().jobs.insert(job_id, Arc::clone(&job));
         tracing::info!(job_id, kind = spec.kind, worktree = %request.worktree, "job submitted");
-        shared.step(|s| ((), s.submit(job_id, spec, source, request.worktree, Instant::now(), unix_millis())));
-        tokio::spawn(clean_up_when_finished(Arc::clone(shared), Arc::clone(&job), job.phase.subscribe()));
+        shared.step(|s| {
+            (
+                (),
+                s.submit(
+                    job_id,
+                    spec,
+                    source,
+                    request.worktree,
+                    Instant::now(),
+                    unix_millis(),
+                ),
+            )
+        });
+        tokio::spawn(clean_up_when_finished(
+            Arc::clone(shared),
+            Arc::clone(&job),
+            job.phase.subscribe(),
+        ));
 
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
         tokio::spawn(stream_job(Arc::clone(shared), job_id, job, phase, events));
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
-    async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelReply>, Status> {
+    async fn cancel(
+        &self,
+        request: Request<CancelRequest>,
+    ) -> Result<Response<CancelReply>, Status> {
         let job_id = request.into_inner().job_id;
-        let cancelled = self.shared.step(|s| match s.cancel(job_id, Instant::now()) {
-            Some(actions) => (true, actions),
-            None => (false, Vec::new()),
-        });
+        let cancelled = self
+            .shared
+            .step(|s| match s.cancel(job_id, Instant::now()) {
+                Some(actions) => (true, actions),
+                None => (false, Vec::new()),
+            });
         let state = if cancelled {
             "cancelling"
         } else if joblog::log_path(&self.shared.log_dir, job_id).exists() {
@@ -147,10 +213,16 @@ impl Control for ControlService {
         } else {
             return Err(Status::not_found(format!("no job {job_id}")));
         };
-        Ok(Response::new(CancelReply { cancelled, state: state.to_owned() }))
+        Ok(Response::new(CancelReply {
+            cancelled,
+            state: state.to_owned(),
+        }))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
         let shared = &self.shared;
         let state = shared.state();
         let agents = state
@@ -179,8 +251,16 @@ impl Control for ControlService {
             .map(|job| JobInfo {
                 job_id: job.job_id,
                 kind: job.spec.kind,
-                state: if job.running_on.is_some() { JobState::Running } else { JobState::Queued } as i32,
-                agent_id: job.running_on.as_ref().map(|(id, _)| id.clone()).unwrap_or_default(),
+                state: if job.running_on.is_some() {
+                    JobState::Running
+                } else {
+                    JobState::Queued
+                } as i32,
+                agent_id: job
+                    .running_on
+                    .as_ref()
+                    .map(|(id, _)| id.clone())
+                    .unwrap_or_default(),
                 attempt: job.running_on.as_ref().map_or(0, |(_, attempt)| *attempt),
                 submitted_unix_ms: job.submitted_unix_ms,
                 worktree: job.worktree,
@@ -194,22 +274,35 @@ impl Control for ControlService {
             jobs,
             local_fallback_enabled: shared.config.local_fallback,
             local_fallback_active: state.scheduler.local_busy(),
-            websocket_addr: shared.websocket_addr.map(|a| a.to_string()).unwrap_or_default(),
+            websocket_addr: shared
+                .websocket_addr
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
             git_daemon_port: u32::from(shared.git_daemon_port.unwrap_or(0)),
         }))
     }
 
-    async fn drain_agent(&self, request: Request<DrainAgentRequest>) -> Result<Response<DrainAgentReply>, Status> {
+    async fn drain_agent(
+        &self,
+        request: Request<DrainAgentRequest>,
+    ) -> Result<Response<DrainAgentReply>, Status> {
         let agent_id = request.into_inner().agent_id;
         let connections = self.shared.step(|s| s.drain(&agent_id, Instant::now()));
         if connections == 0 {
-            return Err(Status::not_found(format!("no agent {agent_id:?} is connected")));
+            return Err(Status::not_found(format!(
+                "no agent {agent_id:?} is connected"
+            )));
         }
         tracing::info!(%agent_id, "asked the agent to drain");
-        Ok(Response::new(DrainAgentReply { connections: u32::try_from(connections).unwrap_or(u32::MAX) }))
+        Ok(Response::new(DrainAgentReply {
+            connections: u32::try_from(connections).unwrap_or(u32::MAX),
+        }))
     }
 
-    async fn job_log(&self, request: Request<JobLogRequest>) -> Result<Response<JobLogReply>, Status> {
+    async fn job_log(
+        &self,
+        request: Request<JobLogRequest>,
+    ) -> Result<Response<JobLogReply>, Status> {
         let request = request.into_inner();
         let path = joblog::log_path(&self.shared.log_dir, request.job_id);
         let active = self.shared.state().jobs.get(&request.job_id).cloned();
@@ -218,13 +311,15 @@ impl Control for ControlService {
             n => n.min(MAX_LOG_PAGE),
         };
         let stream = OutputStream::try_from(request.stream).unwrap_or(OutputStream::Unspecified);
-        let (data, next_offset) = joblog::read_page(&path, stream, request.offset, limit).await.map_err(|error| {
-            if error.kind() == std::io::ErrorKind::NotFound {
-                Status::not_found(format!("no log for job {}", request.job_id))
-            } else {
-                Status::internal(format!("cannot read log: {error}"))
-            }
-        })?;
+        let (data, next_offset) = joblog::read_page(&path, stream, request.offset, limit)
+            .await
+            .map_err(|error| {
+                if error.kind() == std::io::ErrorKind::NotFound {
+                    Status::not_found(format!("no log for job {}", request.job_id))
+                } else {
+                    Status::internal(format!("cannot read log: {error}"))
+                }
+            })?;
         let complete = active.is_none() && (data.len() < limit);
         Ok(Response::new(JobLogReply {
             data,
@@ -258,9 +353,21 @@ async fn stream_job(
                     break;
                 }
                 if job.log.truncated() > 0 {
-                    let note = format!("[buildpool] {} bytes of output were dropped at the log cap\n", job.log.truncated());
-                    let chunk = JobOutputChunk { stream: OutputStream::Stderr as i32, data: note.into_bytes(), attempt: 0 };
-                    let _ = events.send(Ok(WireEvent { job_id, event: Some(job_event::Event::Output(chunk)) })).await;
+                    let note = format!(
+                        "[buildpool] {} bytes of output were dropped at the log cap\n",
+                        job.log.truncated()
+                    );
+                    let chunk = JobOutputChunk {
+                        stream: OutputStream::Stderr as i32,
+                        data: note.into_bytes(),
+                        attempt: 0,
+                    };
+                    let _ = events
+                        .send(Ok(WireEvent {
+                            job_id,
+                            event: Some(job_event::Event::Output(chunk)),
+                        }))
+                        .await;
                 }
             }
             if events.send(Ok(wire_event(job_id, &event))).await.is_err() {
@@ -313,8 +420,19 @@ async fn forward_log(
         }
         *position = next;
         for record in records {
-            let chunk = JobOutputChunk { stream: record.stream as i32, data: record.data, attempt: record.attempt };
-            if events.send(Ok(WireEvent { job_id, event: Some(job_event::Event::Output(chunk)) })).await.is_err() {
+            let chunk = JobOutputChunk {
+                stream: record.stream as i32,
+                data: record.data,
+                attempt: record.attempt,
+            };
+            if events
+                .send(Ok(WireEvent {
+                    job_id,
+                    event: Some(job_event::Event::Output(chunk)),
+                }))
+                .await
+                .is_err()
+            {
                 return false;
             }
         }
@@ -322,7 +440,11 @@ async fn forward_log(
     true
 }
 
-async fn clean_up_when_finished(shared: Arc<Shared>, job: Arc<ActiveJob>, mut phase: watch::Receiver<JobEvent>) {
+async fn clean_up_when_finished(
+    shared: Arc<Shared>,
+    job: Arc<ActiveJob>,
+    mut phase: watch::Receiver<JobEvent>,
+) {
     while !matches!(*phase.borrow_and_update(), JobEvent::Finished(_)) {
         tokio::select! {
             changed = phase.changed() => if changed.is_err() { break },

@@ -19,7 +19,9 @@ const RESTART_DELAY: Duration = Duration::from_secs(1);
 pub enum DaemonError {
     #[error("cannot start git daemon: {0}")]
     Spawn(std::io::Error),
-    #[error("git daemon did not start listening on port {port} within {READY_TIMEOUT:?} (port in use by another repository's coordinator?); set git_daemon_port or --git-daemon-port")]
+    #[error(
+        "git daemon did not start listening on port {port} within {READY_TIMEOUT:?} (port in use by another repository's coordinator?); set git_daemon_port or --git-daemon-port"
+    )]
     NotReady { port: u16 },
     #[error("cannot find a free port for git daemon: {0}")]
     NoPort(std::io::Error),
@@ -57,7 +59,12 @@ fn daemon_command(common_dir: &Path, listen: &str, port: u16) -> tokio::process:
     if !listen.is_empty() {
         command.arg(format!("--listen={listen}"));
     }
-    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).process_group(0).kill_on_drop(true);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .process_group(0)
+        .kill_on_drop(true);
     command
 }
 
@@ -73,7 +80,9 @@ async fn wait_serving(common_dir: &Path, host: &str, port: u16, git_path: &str) 
     let url = format!("git://{host}:{port}{git_path}");
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     while tokio::time::Instant::now() < deadline {
-        let probe = build_agent::git::Git::new(common_dir).args(["ls-remote", "--heads", &url]).timeout(Duration::from_secs(5));
+        let probe = build_agent::git::Git::new(common_dir)
+            .args(["ls-remote", "--heads", &url])
+            .timeout(Duration::from_secs(5));
         if probe.succeeds().await {
             return true;
         }
@@ -98,15 +107,22 @@ fn record_pid(common_dir: &Path, child: &tokio::process::Child) {
 /// Kills a git daemon left behind by a previous coordinator of this repository, if the
 /// recorded pid still is a git daemon serving this repository.
 fn kill_stale(common_dir: &Path) {
-    let Some(pid) = std::fs::read_to_string(pid_file(common_dir)).ok().and_then(|t| t.trim().parse::<i32>().ok()) else {
+    let Some(pid) = std::fs::read_to_string(pid_file(common_dir))
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+    else {
         return;
     };
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    if cmdline.contains("daemon") && cmdline.contains(&*common_dir.to_string_lossy())
+    if cmdline.contains("daemon")
+        && cmdline.contains(&*common_dir.to_string_lossy())
         && let Some(pid) = Pid::from_raw(pid)
     {
-        tracing::warn!(pid = pid.as_raw_nonzero().get(), "stopping a git daemon left behind by a previous coordinator");
+        tracing::warn!(
+            pid = pid.as_raw_nonzero().get(),
+            "stopping a git daemon left behind by a previous coordinator"
+        );
         let _ = kill_process_group(pid, Signal::KILL);
     }
     let _ = std::fs::remove_file(pid_file(common_dir));
@@ -114,16 +130,33 @@ fn kill_stale(common_dir: &Path) {
 
 impl GitDaemon {
     /// Starts the daemon and waits until it accepts connections. Port 0 picks a free port.
-    pub async fn start(common_dir: PathBuf, listen: String, port: u16) -> Result<Self, DaemonError> {
+    pub async fn start(
+        common_dir: PathBuf,
+        listen: String,
+        port: u16,
+    ) -> Result<Self, DaemonError> {
         kill_stale(&common_dir);
         let port = if port == 0 {
-            let probe: SocketAddr = format!("{}:0", listen_host(&listen)).parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-            TcpListener::bind(probe).and_then(|l| l.local_addr()).map_err(DaemonError::NoPort)?.port()
+            let probe: SocketAddr = format!("{}:0", listen_host(&listen))
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+            TcpListener::bind(probe)
+                .and_then(|l| l.local_addr())
+                .map_err(DaemonError::NoPort)?
+                .port()
         } else {
             port
         };
-        let git_path = format!("/{}", common_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-        let mut child = daemon_command(&common_dir, &listen, port).spawn().map_err(DaemonError::Spawn)?;
+        let git_path = format!(
+            "/{}",
+            common_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
+        let mut child = daemon_command(&common_dir, &listen, port)
+            .spawn()
+            .map_err(DaemonError::Spawn)?;
         record_pid(&common_dir, &child);
         if !wait_serving(&common_dir, listen_host(&listen), port, &git_path).await {
             kill_group(&child);
@@ -133,7 +166,12 @@ impl GitDaemon {
         tracing::info!(port, "git daemon serving {}", common_dir.display());
         let stop = CancellationToken::new();
         let supervisor = tokio::spawn(supervise(child, common_dir, listen, port, stop.clone()));
-        Ok(Self { port, git_path, stop, supervisor })
+        Ok(Self {
+            port,
+            git_path,
+            stop,
+            supervisor,
+        })
     }
 
     /// Stops the daemon and waits for it to be gone.
@@ -150,7 +188,13 @@ fn kill_group(child: &tokio::process::Child) {
 }
 
 /// Restarts the daemon whenever it exits, until `stop`; then kills its whole group.
-async fn supervise(mut child: tokio::process::Child, common_dir: PathBuf, listen: String, port: u16, stop: CancellationToken) {
+async fn supervise(
+    mut child: tokio::process::Child,
+    common_dir: PathBuf,
+    listen: String,
+    port: u16,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = stop.cancelled() => {

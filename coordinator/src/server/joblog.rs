@@ -43,7 +43,13 @@ impl JobLog {
         tokio::fs::create_dir_all(dir).await?;
         let path = log_path(dir, job_id);
         let file = tokio::fs::File::create(&path).await?;
-        Ok(Self { path, file: Mutex::new(file), length: watch::channel(0).0, cap, truncated: AtomicU64::new(0) })
+        Ok(Self {
+            path,
+            file: Mutex::new(file),
+            length: watch::channel(0).0,
+            cap,
+            truncated: AtomicU64::new(0),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -51,12 +57,18 @@ impl JobLog {
     }
 
     /// Appends one chunk, or counts it as dropped once the log is at its cap.
-    pub async fn append(&self, stream: OutputStream, attempt: u32, data: &[u8]) -> std::io::Result<()> {
+    pub async fn append(
+        &self,
+        stream: OutputStream,
+        attempt: u32,
+        data: &[u8],
+    ) -> std::io::Result<()> {
         let mut file = self.file.lock().await;
         let length = *self.length.borrow();
         let record = (HEADER + data.len()) as u64;
         if length + record > self.cap {
-            self.truncated.fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.truncated
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
             return Ok(());
         }
         let mut bytes = Vec::with_capacity(HEADER + data.len());
@@ -84,7 +96,10 @@ impl JobLog {
     pub async fn finish(&self) -> std::io::Result<()> {
         let dropped = self.truncated();
         if dropped > 0 {
-            let note = format!("[buildpool] log cap of {} bytes reached: {dropped} bytes of output were not kept\n", self.cap);
+            let note = format!(
+                "[buildpool] log cap of {} bytes reached: {dropped} bytes of output were not kept\n",
+                self.cap
+            );
             self.cap_exempt_append(note.as_bytes()).await?;
         }
         Ok(())
@@ -98,7 +113,8 @@ impl JobLog {
         bytes.extend_from_slice(data);
         file.write_all(&bytes).await?;
         file.flush().await?;
-        self.length.send_modify(|length| *length += bytes.len() as u64);
+        self.length
+            .send_modify(|length| *length += bytes.len() as u64);
         Ok(())
     }
 }
@@ -135,15 +151,26 @@ fn parse_prefix(all: &[u8]) -> (Vec<Record>, usize) {
         };
         let attempt = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
         let len = u32::from_le_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) as usize;
-        let Some(data) = bytes.get(HEADER..HEADER + len) else { break };
-        records.push(Record { stream, attempt, data: data.to_vec() });
+        let Some(data) = bytes.get(HEADER..HEADER + len) else {
+            break;
+        };
+        records.push(Record {
+            stream,
+            attempt,
+            data: data.to_vec(),
+        });
         bytes = &bytes[HEADER + len..];
     }
     (records, all.len() - bytes.len())
 }
 
 /// One page of a log: `limit` bytes from `offset` of the selected stream (or of both).
-pub async fn read_page(path: &Path, stream: OutputStream, offset: u64, limit: usize) -> std::io::Result<(Vec<u8>, u64)> {
+pub async fn read_page(
+    path: &Path,
+    stream: OutputStream,
+    offset: u64,
+    limit: usize,
+) -> std::io::Result<(Vec<u8>, u64)> {
     let bytes = tokio::fs::read(path).await?;
     let mut position = 0u64;
     let mut page = Vec::new();
@@ -165,9 +192,19 @@ pub async fn read_page(path: &Path, stream: OutputStream, offset: u64, limit: us
 
 /// Deletes all but the newest `keep` logs in `dir`.
 pub fn prune(dir: &Path, keep: usize) -> std::io::Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
     let mut ids: Vec<u64> = entries
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
+        .filter_map(|entry| {
+            entry
+                .ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".log")?
+                .parse()
+                .ok()
+        })
         .collect();
     ids.sort_unstable();
     let excess = ids.len().saturating_sub(keep);
@@ -182,7 +219,15 @@ pub fn highest_id(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
+        .filter_map(|entry| {
+            entry
+                .ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".log")?
+                .parse()
+                .ok()
+        })
         .max()
         .unwrap_or(0)
 }
@@ -194,19 +239,31 @@ mod tests {
     #[tokio::test]
     async fn records_keep_streams_apart_and_pages_cover_everything() {
         let dir = tempfile::tempdir().expect("temp");
-        let log = JobLog::create(dir.path(), 1, 1 << 20).await.expect("create");
-        log.append(OutputStream::Stdout, 1, b"hello ").await.expect("append");
-        log.append(OutputStream::Stderr, 1, b"warning\n").await.expect("append");
-        log.append(OutputStream::Stdout, 1, b"world\n").await.expect("append");
+        let log = JobLog::create(dir.path(), 1, 1 << 20)
+            .await
+            .expect("create");
+        log.append(OutputStream::Stdout, 1, b"hello ")
+            .await
+            .expect("append");
+        log.append(OutputStream::Stderr, 1, b"warning\n")
+            .await
+            .expect("append");
+        log.append(OutputStream::Stdout, 1, b"world\n")
+            .await
+            .expect("append");
         let length = *log.subscribe().borrow();
         let (records, end) = read_records(log.path(), 0, length).await.expect("read");
         assert_eq!((records.len(), end), (3, length));
         let (partial, end) = read_records(log.path(), 0, length - 1).await.expect("read");
         assert_eq!(partial.len(), 2, "a torn record is left for the next read");
         assert!(end < length - 1);
-        let (stdout, next) = read_page(log.path(), OutputStream::Stdout, 0, 1000).await.expect("page");
+        let (stdout, next) = read_page(log.path(), OutputStream::Stdout, 0, 1000)
+            .await
+            .expect("page");
         assert_eq!((stdout.as_slice(), next), (&b"hello world\n"[..], 12));
-        let (both, _) = read_page(log.path(), OutputStream::Unspecified, 3, 8).await.expect("page");
+        let (both, _) = read_page(log.path(), OutputStream::Unspecified, 3, 8)
+            .await
+            .expect("page");
         assert_eq!(both, b"lo warni");
     }
 
@@ -215,10 +272,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp");
         let log = JobLog::create(dir.path(), 2, 100).await.expect("create");
         for _ in 0..10 {
-            log.append(OutputStream::Stdout, 1, &[b'x'; 40]).await.expect("append");
+            log.append(OutputStream::Stdout, 1, &[b'x'; 40])
+                .await
+                .expect("append");
         }
         log.finish().await.expect("finish");
-        let (text, _) = read_page(log.path(), OutputStream::Unspecified, 0, 10_000).await.expect("page");
+        let (text, _) = read_page(log.path(), OutputStream::Unspecified, 0, 10_000)
+            .await
+            .expect("page");
         let text = String::from_utf8_lossy(&text);
         assert_eq!(text.matches('x').count(), 80);
         assert!(text.contains("320 bytes of output were not kept"), "{text}");

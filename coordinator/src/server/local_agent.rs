@@ -52,7 +52,10 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             shutdown.clone(),
             None,
         ));
-        if let Err(error) = agent.serve_stream(&link, agent_end, git.clone(), shutdown.clone()).await {
+        if let Err(error) = agent
+            .serve_stream(&link, agent_end, git.clone(), shutdown.clone())
+            .await
+        {
             tracing::error!("embedded local agent: {error}");
         }
         let _ = server.await;

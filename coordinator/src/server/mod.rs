@@ -31,9 +31,16 @@ use scheduler::{Action, ConnId, JobEvent, JobId, Scheduler, SchedulerConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen for agents on {addr}: {source}{hint}")]
-    WebSocketBind { addr: String, source: std::io::Error, hint: &'static str },
+    WebSocketBind {
+        addr: String,
+        source: std::io::Error,
+        hint: &'static str,
+    },
     #[error("cannot listen for clients on {addr}: {source}")]
-    ControlBind { addr: String, source: std::io::Error },
+    ControlBind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     GitDaemon(#[from] git_daemon::DaemonError),
     #[error("coordinator state directory: {0}")]
@@ -41,7 +48,9 @@ pub enum StartError {
 }
 
 pub fn unix_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A job that has not ended yet, as transports see it.
@@ -90,7 +99,9 @@ impl Shared {
     /// Locks the state. A panic while holding the lock is a bug, but it must not take the
     /// whole coordinator down with poisoned-lock panics, so poisoning is ignored.
     pub fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn next_conn_id(&self) -> ConnId {
@@ -103,10 +114,18 @@ impl Shared {
 
     /// Registers a connection and its agent in one step, so no action can find one without
     /// the other.
-    pub fn register(&self, conn: ConnId, connection: Connection, registration: scheduler::AgentRegistration, reports: &[scheduler::AttemptReport]) {
+    pub fn register(
+        &self,
+        conn: ConnId,
+        connection: Connection,
+        registration: scheduler::AgentRegistration,
+        reports: &[scheduler::AttemptReport],
+    ) {
         let mut state = self.state();
         state.connections.insert(conn, connection);
-        let actions = state.scheduler.agent_connected(conn, registration, reports, Instant::now());
+        let actions = state
+            .scheduler
+            .agent_connected(conn, registration, reports, Instant::now());
         Self::apply(&mut state, actions);
     }
 
@@ -129,17 +148,42 @@ impl Shared {
     fn apply(state: &mut State, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::Assign { conn, job_id, attempt, spec, source } => {
-                    let frame = coordinator_frame::Msg::Assign(Assign { job_id, attempt, spec: Some(spec), source: Some(source) });
+                Action::Assign {
+                    conn,
+                    job_id,
+                    attempt,
+                    spec,
+                    source,
+                } => {
+                    let frame = coordinator_frame::Msg::Assign(Assign {
+                        job_id,
+                        attempt,
+                        spec: Some(spec),
+                        source: Some(source),
+                    });
                     Self::send(state, conn, frame);
                 }
-                Action::Cancel { conn, job_id, attempt } => {
-                    Self::send(state, conn, coordinator_frame::Msg::Cancel(Cancel { job_id, attempt }));
+                Action::Cancel {
+                    conn,
+                    job_id,
+                    attempt,
+                } => {
+                    Self::send(
+                        state,
+                        conn,
+                        coordinator_frame::Msg::Cancel(Cancel { job_id, attempt }),
+                    );
                 }
                 Action::Demand { conn, queued } => {
-                    Self::send(state, conn, coordinator_frame::Msg::Demand(Demand { queued }));
+                    Self::send(
+                        state,
+                        conn,
+                        coordinator_frame::Msg::Demand(Demand { queued }),
+                    );
                 }
-                Action::Drain { conn } => Self::send(state, conn, coordinator_frame::Msg::Drain(Drain {})),
+                Action::Drain { conn } => {
+                    Self::send(state, conn, coordinator_frame::Msg::Drain(Drain {}))
+                }
                 Action::Close { conn } => {
                     if let Some(connection) = state.connections.get(&conn) {
                         tracing::info!(conn, agent_id = %connection.agent_id, "superseded by a newer connection of the same agent; closing");
@@ -148,7 +192,11 @@ impl Shared {
                 }
                 Action::Event { job_id, event } => {
                     let finished = matches!(event, JobEvent::Finished(_));
-                    let job = if finished { state.jobs.remove(&job_id) } else { state.jobs.get(&job_id).cloned() };
+                    let job = if finished {
+                        state.jobs.remove(&job_id)
+                    } else {
+                        state.jobs.get(&job_id).cloned()
+                    };
                     if let Some(job) = job {
                         tracing::info!(job_id, ?event, "job event");
                         job.phase.send_replace(event);
@@ -188,7 +236,11 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts every part of a coordinator for `repo`. Listeners are bound before this returns,
     /// so the addresses it reports accept connections at once.
-    pub async fn start(repo: Repo, config: CoordinatorConfig, token: String) -> Result<Self, StartError> {
+    pub async fn start(
+        repo: Repo,
+        config: CoordinatorConfig,
+        token: String,
+    ) -> Result<Self, StartError> {
         let log_dir = if config.private_logs {
             let parent = repo.state_dir().join("in-process");
             remove_abandoned_log_dirs(&parent);
@@ -214,10 +266,16 @@ impl Coordinator {
         };
         let control = tokio::net::TcpListener::bind(&config.control_addr)
             .await
-            .map_err(|source| StartError::ControlBind { addr: config.control_addr.clone(), source })?;
+            .map_err(|source| StartError::ControlBind {
+                addr: config.control_addr.clone(),
+                source,
+            })?;
         let control_addr = control.local_addr()?;
         let git_daemon = match &config.git_daemon {
-            Some((listen, port)) => Some(git_daemon::GitDaemon::start(repo.common_dir.clone(), listen.clone(), *port).await?),
+            Some((listen, port)) => Some(
+                git_daemon::GitDaemon::start(repo.common_dir.clone(), listen.clone(), *port)
+                    .await?,
+            ),
             None => None,
         };
         let scheduler = Scheduler::new(SchedulerConfig {
@@ -227,17 +285,27 @@ impl Coordinator {
             max_lost_attempts: config.max_lost_attempts,
             ..SchedulerConfig::default()
         });
-        let websocket_addr = websocket.as_ref().map(tokio::net::TcpListener::local_addr).transpose()?;
+        let websocket_addr = websocket
+            .as_ref()
+            .map(tokio::net::TcpListener::local_addr)
+            .transpose()?;
         let shared = Arc::new(Shared {
             id: format!("{}-{:x}", std::process::id(), fastrand::u32(..)),
             git_daemon_port: git_daemon.as_ref().map(|d| d.port),
-            git_path: git_daemon.as_ref().map(|d| d.git_path.clone()).unwrap_or_default(),
+            git_path: git_daemon
+                .as_ref()
+                .map(|d| d.git_path.clone())
+                .unwrap_or_default(),
             websocket_addr,
             repo,
             config,
             token,
             log_dir,
-            state: Mutex::new(State { scheduler, connections: HashMap::new(), jobs: HashMap::new() }),
+            state: Mutex::new(State {
+                scheduler,
+                connections: HashMap::new(),
+                jobs: HashMap::new(),
+            }),
             next_conn: AtomicU64::new(1),
             next_job: AtomicU64::new(first_job),
             shutdown: CancellationToken::new(),
@@ -245,15 +313,29 @@ impl Coordinator {
         let shutdown = shared.shutdown.clone();
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(listener) = websocket {
-            tasks.spawn(bus::accept_loop(Arc::clone(&shared), listener, shutdown.clone()));
+            tasks.spawn(bus::accept_loop(
+                Arc::clone(&shared),
+                listener,
+                shutdown.clone(),
+            ));
         }
-        tasks.spawn(control::serve(Arc::clone(&shared), control, shutdown.clone()));
+        tasks.spawn(control::serve(
+            Arc::clone(&shared),
+            control,
+            shutdown.clone(),
+        ));
         tasks.spawn(tick_loop(Arc::clone(&shared), shutdown.clone()));
         if shared.config.local_fallback {
             tasks.spawn(local_agent::run(Arc::clone(&shared), shutdown.clone()));
         }
         tracing::info!(coordinator_id = %shared.id, control = %control_addr, websocket = ?websocket_addr, "coordinator started");
-        Ok(Self { shared, control_addr, shutdown, tasks, git_daemon })
+        Ok(Self {
+            shared,
+            control_addr,
+            shutdown,
+            tasks,
+            git_daemon,
+        })
     }
 
     pub fn id(&self) -> &str {
@@ -290,7 +372,9 @@ impl Coordinator {
 
 /// Deletes private log directories of in-process coordinators that are no longer running.
 fn remove_abandoned_log_dirs(parent: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
     for entry in entries.flatten() {
         let alive = entry
             .file_name()

@@ -61,8 +61,15 @@ impl Default for SchedulerConfig {
 /// What a client sees of a job.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobEvent {
-    Queued { position: u32, reason: String },
-    Assigned { agent_id: String, attempt: u32, local: bool },
+    Queued {
+        position: u32,
+        reason: String,
+    },
+    Assigned {
+        agent_id: String,
+        attempt: u32,
+        local: bool,
+    },
     Finished(JobResult),
 }
 
@@ -78,15 +85,35 @@ pub struct JobResult {
 /// An effect for the caller to carry out, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    Assign { conn: ConnId, job_id: JobId, attempt: u32, spec: JobSpec, source: Source },
-    Cancel { conn: ConnId, job_id: JobId, attempt: u32 },
-    Event { job_id: JobId, event: JobEvent },
+    Assign {
+        conn: ConnId,
+        job_id: JobId,
+        attempt: u32,
+        spec: JobSpec,
+        source: Source,
+    },
+    Cancel {
+        conn: ConnId,
+        job_id: JobId,
+        attempt: u32,
+    },
+    Event {
+        job_id: JobId,
+        event: JobEvent,
+    },
     /// The agent should tell its coordinator-facing slot offer how much work waits here.
-    Demand { conn: ConnId, queued: u32 },
+    Demand {
+        conn: ConnId,
+        queued: u32,
+    },
     /// Stop taking jobs, finish the running ones, exit.
-    Drain { conn: ConnId },
+    Drain {
+        conn: ConnId,
+    },
     /// The connection is superseded (its agent reconnected); close it.
-    Close { conn: ConnId },
+    Close {
+        conn: ConnId,
+    },
 }
 
 /// An attempt an agent reports in its hello after a reconnect (running, or ended with its
@@ -109,9 +136,19 @@ struct Agent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum JobState {
     Queued,
-    Running { conn: ConnId, attempt: u32, started: Instant, cancel_sent: Option<Instant> },
+    Running {
+        conn: ConnId,
+        attempt: u32,
+        started: Instant,
+        cancel_sent: Option<Instant>,
+    },
     /// The agent running the attempt disconnected; it may come back and reattach it.
-    Orphaned { agent_id: String, attempt: u32, started: Instant, since: Instant },
+    Orphaned {
+        agent_id: String,
+        attempt: u32,
+        started: Instant,
+        since: Instant,
+    },
 }
 
 #[derive(Debug)]
@@ -157,7 +194,10 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
-        Self { config, ..Self::default() }
+        Self {
+            config,
+            ..Self::default()
+        }
     }
 
     /// An agent connected. If it is a reconnect, its earlier connections are closed, the
@@ -174,7 +214,9 @@ impl Scheduler {
         let superseded: Vec<ConnId> = self
             .agents
             .iter()
-            .filter(|(_, agent)| agent.registration.agent_id == registration.agent_id && !agent.registration.local)
+            .filter(|(_, agent)| {
+                agent.registration.agent_id == registration.agent_id && !agent.registration.local
+            })
             .map(|(c, _)| *c)
             .collect();
         for old in superseded {
@@ -183,22 +225,41 @@ impl Scheduler {
         }
         let free = registration.slots_free.min(registration.slots_total);
         let agent_id = registration.agent_id.clone();
-        self.agents.insert(conn, Agent { registration, free, running: 0, demand_sent: None });
+        self.agents.insert(
+            conn,
+            Agent {
+                registration,
+                free,
+                running: 0,
+                demand_sent: None,
+            },
+        );
         for report in reports {
             let reattach = self.jobs.get(&report.job_id).is_some_and(|job| {
                 matches!(&job.state, JobState::Orphaned { agent_id: a, attempt, .. } if *a == agent_id && *attempt == report.attempt)
             });
             if reattach {
                 if let Some(job) = self.jobs.get_mut(&report.job_id)
-                    && let JobState::Orphaned { attempt, started, .. } = job.state.clone()
+                    && let JobState::Orphaned {
+                        attempt, started, ..
+                    } = job.state.clone()
                 {
-                    job.state = JobState::Running { conn, attempt, started, cancel_sent: None };
+                    job.state = JobState::Running {
+                        conn,
+                        attempt,
+                        started,
+                        cancel_sent: None,
+                    };
                 }
                 if let Some(agent) = self.agents.get_mut(&conn) {
                     agent.running += 1;
                 }
             } else {
-                actions.push(Action::Cancel { conn, job_id: report.job_id, attempt: report.attempt });
+                actions.push(Action::Cancel {
+                    conn,
+                    job_id: report.job_id,
+                    attempt: report.attempt,
+                });
             }
         }
         // Attempts this agent held but no longer reports are gone with it: requeue them now.
@@ -223,7 +284,9 @@ impl Scheduler {
     }
 
     fn orphan_jobs_of(&mut self, conn: ConnId, now: Instant) -> Vec<Action> {
-        let Some(agent) = self.agents.remove(&conn) else { return Vec::new() };
+        let Some(agent) = self.agents.remove(&conn) else {
+            return Vec::new();
+        };
         let mut actions = Vec::new();
         let mut held: Vec<JobId> = self
             .jobs
@@ -233,14 +296,32 @@ impl Scheduler {
             .collect();
         held.sort_unstable();
         for job_id in held {
-            let Some(job) = self.jobs.get_mut(&job_id) else { continue };
-            let JobState::Running { attempt, started, cancel_sent, .. } = job.state else { continue };
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
+            let JobState::Running {
+                attempt,
+                started,
+                cancel_sent,
+                ..
+            } = job.state
+            else {
+                continue;
+            };
             if cancel_sent.is_some() {
                 // It was being cancelled anyway.
-                let completion = Completion { outcome: Outcome::Cancelled as i32, ..Completion::default() };
+                let completion = Completion {
+                    outcome: Outcome::Cancelled as i32,
+                    ..Completion::default()
+                };
                 actions.push(self.finish(job_id, completion, &agent.registration, now));
             } else {
-                job.state = JobState::Orphaned { agent_id: agent.registration.agent_id.clone(), attempt, started, since: now };
+                job.state = JobState::Orphaned {
+                    agent_id: agent.registration.agent_id.clone(),
+                    attempt,
+                    started,
+                    since: now,
+                };
             }
         }
         actions
@@ -248,14 +329,20 @@ impl Scheduler {
 
     /// The attempt is lost for good: requeue the job, or fail it after too many losses.
     fn lose_attempt(&mut self, job_id: JobId, agent_id: &str, now: Instant) -> Vec<Action> {
-        let Some(job) = self.jobs.get_mut(&job_id) else { return Vec::new() };
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return Vec::new();
+        };
         job.lost_attempts += 1;
         if job.lost_attempts >= self.config.max_lost_attempts {
             let error = format!(
                 "agent {agent_id} was lost during attempt {}; gave up after {} lost attempts",
                 job.attempt, job.lost_attempts
             );
-            let completion = Completion { outcome: Outcome::Failed as i32, error, ..Completion::default() };
+            let completion = Completion {
+                outcome: Outcome::Failed as i32,
+                error,
+                ..Completion::default()
+            };
             let registration = AgentRegistration {
                 agent_id: agent_id.to_owned(),
                 labels: Vec::new(),
@@ -273,11 +360,21 @@ impl Scheduler {
         self.queue.push_front(job_id);
         vec![Action::Event {
             job_id,
-            event: JobEvent::Queued { position: 0, reason: format!("agent {agent_id} was lost; requeued") },
+            event: JobEvent::Queued {
+                position: 0,
+                reason: format!("agent {agent_id} was lost; requeued"),
+            },
         }]
     }
 
-    pub fn slots_changed(&mut self, conn: ConnId, free: u32, total: u32, draining: bool, now: Instant) -> Vec<Action> {
+    pub fn slots_changed(
+        &mut self,
+        conn: ConnId,
+        free: u32,
+        total: u32,
+        draining: bool,
+        now: Instant,
+    ) -> Vec<Action> {
         if let Some(agent) = self.agents.get_mut(&conn) {
             agent.registration.slots_total = total;
             agent.registration.draining = draining;
@@ -295,33 +392,48 @@ impl Scheduler {
         now: Instant,
         now_unix_ms: u64,
     ) -> Vec<Action> {
-        self.jobs.insert(job_id, Job {
-            spec,
-            source,
-            worktree,
-            submitted: now,
-            submitted_unix_ms: now_unix_ms,
-            first_assigned: None,
-            attempt: 0,
-            lost_attempts: 0,
-            state: JobState::Queued,
-            unroutable_since: None,
-        });
+        self.jobs.insert(
+            job_id,
+            Job {
+                spec,
+                source,
+                worktree,
+                submitted: now,
+                submitted_unix_ms: now_unix_ms,
+                first_assigned: None,
+                attempt: 0,
+                lost_attempts: 0,
+                state: JobState::Queued,
+                unroutable_since: None,
+            },
+        );
         self.queue.push_back(job_id);
         let mut actions = self.dispatch(now);
         if let Some(position) = self.queue.iter().position(|id| *id == job_id) {
             let reason = self.wait_reason(job_id);
-            actions.insert(0, Action::Event {
-                job_id,
-                event: JobEvent::Queued { position: u32::try_from(position).unwrap_or(u32::MAX), reason },
-            });
+            actions.insert(
+                0,
+                Action::Event {
+                    job_id,
+                    event: JobEvent::Queued {
+                        position: u32::try_from(position).unwrap_or(u32::MAX),
+                        reason,
+                    },
+                },
+            );
         }
         actions
     }
 
     /// The agent could not take the attempt: the job goes back to the front of the queue,
     /// never to a failure. The agent gets no more work until it announces free slots.
-    pub fn declined(&mut self, conn: ConnId, job_id: JobId, attempt: u32, now: Instant) -> Vec<Action> {
+    pub fn declined(
+        &mut self,
+        conn: ConnId,
+        job_id: JobId,
+        attempt: u32,
+        now: Instant,
+    ) -> Vec<Action> {
         if !self.holds(conn, job_id, attempt) {
             return Vec::new();
         }
@@ -344,11 +456,20 @@ impl Scheduler {
     }
 
     /// A result arrived. It counts only if `conn` holds the job's current attempt.
-    pub fn finished(&mut self, conn: ConnId, job_id: JobId, attempt: u32, completion: Completion, now: Instant) -> Vec<Action> {
+    pub fn finished(
+        &mut self,
+        conn: ConnId,
+        job_id: JobId,
+        attempt: u32,
+        completion: Completion,
+        now: Instant,
+    ) -> Vec<Action> {
         if !self.holds(conn, job_id, attempt) {
             return Vec::new();
         }
-        let Some(registration) = self.agents.get(&conn).map(|a| a.registration.clone()) else { return Vec::new() };
+        let Some(registration) = self.agents.get(&conn).map(|a| a.registration.clone()) else {
+            return Vec::new();
+        };
         let mut actions = vec![self.finish(job_id, completion, &registration, now)];
         actions.extend(self.dispatch(now));
         actions
@@ -360,19 +481,39 @@ impl Scheduler {
         match job.state.clone() {
             JobState::Queued => {
                 self.queue.retain(|id| *id != job_id);
-                let completion = Completion { outcome: Outcome::Cancelled as i32, ..Completion::default() };
+                let completion = Completion {
+                    outcome: Outcome::Cancelled as i32,
+                    ..Completion::default()
+                };
                 let mut actions = vec![self.finish_unassigned(job_id, completion, now)];
                 actions.extend(self.dispatch(now));
                 Some(actions)
             }
-            JobState::Running { conn, attempt, started, cancel_sent: None } => {
-                job.state = JobState::Running { conn, attempt, started, cancel_sent: Some(now) };
-                Some(vec![Action::Cancel { conn, job_id, attempt }])
+            JobState::Running {
+                conn,
+                attempt,
+                started,
+                cancel_sent: None,
+            } => {
+                job.state = JobState::Running {
+                    conn,
+                    attempt,
+                    started,
+                    cancel_sent: Some(now),
+                };
+                Some(vec![Action::Cancel {
+                    conn,
+                    job_id,
+                    attempt,
+                }])
             }
             JobState::Running { .. } => Some(Vec::new()),
             JobState::Orphaned { .. } => {
                 // Its agent is gone; should it come back, the attempt is unknown and killed.
-                let completion = Completion { outcome: Outcome::Cancelled as i32, ..Completion::default() };
+                let completion = Completion {
+                    outcome: Outcome::Cancelled as i32,
+                    ..Completion::default()
+                };
                 Some(vec![self.finish_unassigned(job_id, completion, now)])
             }
         }
@@ -400,18 +541,26 @@ impl Scheduler {
         let mut lost: Vec<(JobId, String)> = Vec::new();
         for (job_id, job) in &self.jobs {
             match &job.state {
-                JobState::Running { started, cancel_sent, .. } => {
+                JobState::Running {
+                    started,
+                    cancel_sent,
+                    ..
+                } => {
                     let timeout = match job.spec.timeout_secs {
                         0 => self.config.default_timeout,
                         secs => Duration::from_secs(u64::from(secs)),
                     };
-                    if cancel_sent.is_some_and(|sent| now.duration_since(sent) >= self.config.cancel_grace) {
+                    if cancel_sent
+                        .is_some_and(|sent| now.duration_since(sent) >= self.config.cancel_grace)
+                    {
                         overdue.push((*job_id, Outcome::Cancelled));
                     } else if now.duration_since(*started) >= timeout + self.config.timeout_grace {
                         overdue.push((*job_id, Outcome::TimedOut));
                     }
                 }
-                JobState::Orphaned { agent_id, since, .. } if now.duration_since(*since) >= self.config.reattach_grace => {
+                JobState::Orphaned {
+                    agent_id, since, ..
+                } if now.duration_since(*since) >= self.config.reattach_grace => {
                     lost.push((*job_id, agent_id.clone()));
                 }
                 _ => {}
@@ -420,13 +569,26 @@ impl Scheduler {
         overdue.sort_unstable_by_key(|(id, _)| *id);
         lost.sort_unstable();
         for (job_id, outcome) in overdue {
-            let Some(job) = self.jobs.get(&job_id) else { continue };
-            let JobState::Running { conn, attempt, .. } = job.state else { continue };
-            let Some(registration) = self.agents.get(&conn).map(|a| a.registration.clone()) else { continue };
-            actions.push(Action::Cancel { conn, job_id, attempt });
+            let Some(job) = self.jobs.get(&job_id) else {
+                continue;
+            };
+            let JobState::Running { conn, attempt, .. } = job.state else {
+                continue;
+            };
+            let Some(registration) = self.agents.get(&conn).map(|a| a.registration.clone()) else {
+                continue;
+            };
+            actions.push(Action::Cancel {
+                conn,
+                job_id,
+                attempt,
+            });
             let completion = Completion {
                 outcome: outcome as i32,
-                error: format!("agent {} did not report the end of attempt {attempt} in time", registration.agent_id),
+                error: format!(
+                    "agent {} did not report the end of attempt {attempt} in time",
+                    registration.agent_id
+                ),
                 ..Completion::default()
             };
             actions.push(self.finish(job_id, completion, &registration, now));
@@ -446,9 +608,18 @@ impl Scheduler {
         let remote = self.remote_available();
         let mut expired = Vec::new();
         for job_id in &self.queue {
-            let Some(job) = self.jobs.get(job_id) else { continue };
-            let routable = self.agents.values().any(|agent| self.could_run(agent, job, remote));
-            let since = if routable { None } else { Some(job.unroutable_since.unwrap_or(now)) };
+            let Some(job) = self.jobs.get(job_id) else {
+                continue;
+            };
+            let routable = self
+                .agents
+                .values()
+                .any(|agent| self.could_run(agent, job, remote));
+            let since = if routable {
+                None
+            } else {
+                Some(job.unroutable_since.unwrap_or(now))
+            };
             if since.is_some_and(|since| now.duration_since(since) >= self.config.unroutable_wait) {
                 expired.push(*job_id);
             }
@@ -460,8 +631,15 @@ impl Scheduler {
         for job_id in expired {
             let reason = self.wait_reason(job_id);
             self.queue.retain(|id| *id != job_id);
-            let error = format!("no connected agent can run this job ({reason}); waited {} s", self.config.unroutable_wait.as_secs());
-            let completion = Completion { outcome: Outcome::Failed as i32, error, ..Completion::default() };
+            let error = format!(
+                "no connected agent can run this job ({reason}); waited {} s",
+                self.config.unroutable_wait.as_secs()
+            );
+            let completion = Completion {
+                outcome: Outcome::Failed as i32,
+                error,
+                ..Completion::default()
+            };
             actions.push(self.finish_unassigned(job_id, completion, now));
         }
         actions
@@ -470,7 +648,10 @@ impl Scheduler {
     pub fn agents(&self) -> Vec<AgentSummary> {
         self.agents
             .values()
-            .map(|agent| AgentSummary { registration: agent.registration.clone(), running: agent.running })
+            .map(|agent| AgentSummary {
+                registration: agent.registration.clone(),
+                running: agent.running,
+            })
             .collect()
     }
 
@@ -505,17 +686,25 @@ impl Scheduler {
 
     /// Whether the embedded local agent is running a job right now.
     pub fn local_busy(&self) -> bool {
-        self.agents.values().any(|agent| agent.registration.local && agent.running > 0)
+        self.agents
+            .values()
+            .any(|agent| agent.registration.local && agent.running > 0)
     }
 
     fn remote_available(&self) -> bool {
-        self.agents.values().any(|agent| !agent.registration.local && !agent.registration.draining)
+        self.agents
+            .values()
+            .any(|agent| !agent.registration.local && !agent.registration.draining)
     }
 
     /// Whether the agent could ever run the job (labels, local-fallback rule).
     fn could_run(&self, agent: &Agent, job: &Job, remote_available: bool) -> bool {
         (!agent.registration.local || !remote_available)
-            && job.spec.required_labels.iter().all(|label| agent.registration.labels.contains(label))
+            && job
+                .spec
+                .required_labels
+                .iter()
+                .all(|label| agent.registration.labels.contains(label))
     }
 
     /// Whether the agent may be given the job now.
@@ -524,13 +713,22 @@ impl Scheduler {
     }
 
     fn wait_reason(&self, job_id: JobId) -> String {
-        let Some(job) = self.jobs.get(&job_id) else { return String::new() };
+        let Some(job) = self.jobs.get(&job_id) else {
+            return String::new();
+        };
         let remote = self.remote_available();
-        let capable: Vec<&Agent> = self.agents.values().filter(|a| self.eligible(a, job, remote)).collect();
+        let capable: Vec<&Agent> = self
+            .agents
+            .values()
+            .filter(|a| self.eligible(a, job, remote))
+            .collect();
         if self.agents.is_empty() {
             "no agents connected".to_owned()
         } else if capable.is_empty() {
-            format!("no connected agent has the labels {:?}", job.spec.required_labels)
+            format!(
+                "no connected agent has the labels {:?}",
+                job.spec.required_labels
+            )
         } else {
             let slots: u32 = capable.iter().map(|a| a.registration.slots_total).sum();
             format!("all {slots} slots of {} agent(s) busy", capable.len())
@@ -560,13 +758,22 @@ impl Scheduler {
                 continue;
             };
             self.queue.remove(index);
-            let Some(agent) = self.agents.get_mut(&conn) else { continue };
+            let Some(agent) = self.agents.get_mut(&conn) else {
+                continue;
+            };
             agent.free -= 1;
             agent.running += 1;
-            let Some(job) = self.jobs.get_mut(&job_id) else { continue };
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
             job.attempt += 1;
             job.first_assigned.get_or_insert(now);
-            job.state = JobState::Running { conn, attempt: job.attempt, started: now, cancel_sent: None };
+            job.state = JobState::Running {
+                conn,
+                attempt: job.attempt,
+                started: now,
+                cancel_sent: None,
+            };
             actions.push(Action::Event {
                 job_id,
                 event: JobEvent::Assigned {
@@ -616,18 +823,34 @@ impl Scheduler {
         actions
     }
 
-    fn finish(&mut self, job_id: JobId, completion: Completion, agent: &AgentRegistration, now: Instant) -> Action {
+    fn finish(
+        &mut self,
+        job_id: JobId,
+        completion: Completion,
+        agent: &AgentRegistration,
+        now: Instant,
+    ) -> Action {
         let Some(job) = self.jobs.remove(&job_id) else {
-            return Action::Event { job_id, event: JobEvent::Finished(JobResult {
-                completion, agent_id: agent.agent_id.clone(), attempt: 0, local: agent.local, queue_time: Duration::ZERO,
-            }) };
+            return Action::Event {
+                job_id,
+                event: JobEvent::Finished(JobResult {
+                    completion,
+                    agent_id: agent.agent_id.clone(),
+                    attempt: 0,
+                    local: agent.local,
+                    queue_time: Duration::ZERO,
+                }),
+            };
         };
         if let JobState::Running { conn, .. } = job.state
             && let Some(holder) = self.agents.get_mut(&conn)
         {
             holder.running = holder.running.saturating_sub(1);
         }
-        let queue_time = job.first_assigned.unwrap_or(now).duration_since(job.submitted);
+        let queue_time = job
+            .first_assigned
+            .unwrap_or(now)
+            .duration_since(job.submitted);
         Action::Event {
             job_id,
             event: JobEvent::Finished(JobResult {

@@ -28,14 +28,24 @@ fn summary(name: &str, samples: &[Duration]) -> Duration {
     let med = median(samples.to_vec());
     let min = samples.iter().min().copied().unwrap_or_default();
     let max = samples.iter().max().copied().unwrap_or_default();
-    println!("{name}: median {:.0} ms (min {:.0}, max {:.0}, n={})", ms(med), ms(min), ms(max), samples.len());
+    println!(
+        "{name}: median {:.0} ms (min {:.0}, max {:.0}, n={})",
+        ms(med),
+        ms(min),
+        ms(max),
+        samples.len()
+    );
     med
 }
 
 /// Time until the first line of cargo's own output (not buildpool's notes).
 fn time_to_first_cargo_line(fixture: &Fixture, args: &[&str]) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let mut child = fixture.command_in(&fixture.root(), args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn()?;
+    let mut child = fixture
+        .command_in(&fixture.root(), args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
     let stderr = child.stderr.take().context("stderr")?;
     let mut first = None;
     for line in BufReader::new(stderr).lines() {
@@ -52,16 +62,26 @@ fn time_to_first_cargo_line(fixture: &Fixture, args: &[&str]) -> anyhow::Result<
 }
 
 fn edit(fixture: &Fixture, round: usize) -> anyhow::Result<()> {
-    fixture.write("app/src/extra_constant.rs", &format!("pub const ROUND: usize = {round};\n"))?;
+    fixture.write(
+        "app/src/extra_constant.rs",
+        &format!("pub const ROUND: usize = {round};\n"),
+    )?;
     let lib = std::fs::read_to_string(fixture.root().join("app/src/lib.rs"))?;
     if !lib.contains("mod extra_constant;") {
-        fixture.write("app/src/lib.rs", &format!("{lib}\npub mod extra_constant;\n"))?;
+        fixture.write(
+            "app/src/lib.rs",
+            &format!("{lib}\npub mod extra_constant;\n"),
+        )?;
     }
     Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
-    let rounds: usize = std::env::args().nth(1).map(|n| n.parse()).transpose()?.unwrap_or(9);
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(9);
     let cluster = Cluster::start(Fixture::new()?, 1, 1)?;
     let fixture = &cluster.fixture;
 
@@ -76,7 +96,11 @@ fn main() -> anyhow::Result<()> {
     let local_build = |round: usize| -> anyhow::Result<Duration> {
         edit(fixture, round)?;
         let started = Instant::now();
-        let status = Command::new(&cargo).arg("build").arg("--quiet").current_dir(fixture.root()).status()?;
+        let status = Command::new(&cargo)
+            .arg("build")
+            .arg("--quiet")
+            .current_dir(fixture.root())
+            .status()?;
         if !status.success() {
             bail!("local cargo build failed");
         }
@@ -102,19 +126,46 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!("buildpool benchmarks ({rounds} rounds, 1 agent with 1 slot on this host)");
-    summary("run check -> first cargo output line (warm agent)", &first_line);
-    let remote_median = summary("remote incremental build after a one-line change (buildpool run build)", &remote);
-    let local_median = summary("local incremental build after the same change (cargo build)", &local);
-    println!("ratio remote/local: {:.2}", remote_median.as_secs_f64() / local_median.as_secs_f64());
+    summary(
+        "run check -> first cargo output line (warm agent)",
+        &first_line,
+    );
+    let remote_median = summary(
+        "remote incremental build after a one-line change (buildpool run build)",
+        &remote,
+    );
+    let local_median = summary(
+        "local incremental build after the same change (cargo build)",
+        &local,
+    );
+    println!(
+        "ratio remote/local: {:.2}",
+        remote_median.as_secs_f64() / local_median.as_secs_f64()
+    );
 
     let (mut gone, mut confirmed) = (Vec::new(), Vec::new());
     for round in 0..rounds.min(5) {
         let _ = std::fs::remove_file(fixture.pid_file());
-        let args = ["run", "test", "--", "-p", "app", "--lib", "--", "--ignored", "sleeps_with_a_child"];
-        let mut run = Owned::spawn(fixture.command_in(&fixture.root(), &args), fixture.scratch().join(format!("cancel{round}.log")))?;
+        let args = [
+            "run",
+            "test",
+            "--",
+            "-p",
+            "app",
+            "--lib",
+            "--",
+            "--ignored",
+            "sleeps_with_a_child",
+        ];
+        let mut run = Owned::spawn(
+            fixture.command_in(&fixture.root(), &args),
+            fixture.scratch().join(format!("cancel{round}.log")),
+        )?;
         let mut pid = None;
         if !wait_until(Duration::from_secs(60), || {
-            pid = std::fs::read_to_string(fixture.pid_file()).ok().and_then(|t| t.trim().parse::<i32>().ok());
+            pid = std::fs::read_to_string(fixture.pid_file())
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok());
             pid.is_some()
         }) {
             bail!("the job did not start: {}", run.log_text());
@@ -135,7 +186,10 @@ fn main() -> anyhow::Result<()> {
         confirmed.push(started.elapsed());
     }
     summary("cancel: Ctrl-C -> job's process group gone", &gone);
-    summary("cancel: Ctrl-C -> client exits with the agent's confirmation", &confirmed);
+    summary(
+        "cancel: Ctrl-C -> client exits with the agent's confirmation",
+        &confirmed,
+    );
     drop(cluster);
 
     let fast = ServeOptions {
@@ -149,7 +203,10 @@ fn main() -> anyhow::Result<()> {
         cluster.add_agent("behind-proxy", 1, &["--server", &proxy.ws_url()])?;
         let fixture = &cluster.fixture;
         std::fs::write(fixture.sleep_file(), "10")?;
-        let mut run = Owned::spawn(fixture.command_in(&fixture.root(), Fixture::BRIEF_JOB), fixture.scratch().join(format!("cut{round}.log")))?;
+        let mut run = Owned::spawn(
+            fixture.command_in(&fixture.root(), Fixture::BRIEF_JOB),
+            fixture.scratch().join(format!("cut{round}.log")),
+        )?;
         if !wait_until(Duration::from_secs(60), || fixture.starts() == 1) {
             bail!("the job did not start:\n{}", run.log_text());
         }
@@ -158,7 +215,9 @@ fn main() -> anyhow::Result<()> {
         let log = || cluster.coordinator.log_text();
         // Whichever comes first: the coordinator's own timeout, or the agent's reconnect
         // superseding the silent connection.
-        if !wait_until(Duration::from_secs(30), || log().contains("agent disconnected")) {
+        if !wait_until(Duration::from_secs(30), || {
+            log().contains("agent disconnected")
+        }) {
             bail!("the cut was not detected:\n{}", log());
         }
         detected.push(cut.elapsed());
@@ -166,12 +225,19 @@ fn main() -> anyhow::Result<()> {
             bail!("no reattach:\n{}", log());
         }
         reattached.push(cut.elapsed());
-        run.wait_timeout(Duration::from_secs(60)).context("job ends")?;
+        run.wait_timeout(Duration::from_secs(60))
+            .context("job ends")?;
         if fixture.starts() != 1 {
             bail!("the job was rerun");
         }
     }
-    summary("network cut -> coordinator drops the dead link (heartbeat timeout 3 s)", &detected);
-    summary("network cut -> agent reconnected and its attempt reattached", &reattached);
+    summary(
+        "network cut -> coordinator drops the dead link (heartbeat timeout 3 s)",
+        &detected,
+    );
+    summary(
+        "network cut -> agent reconnected and its attempt reattached",
+        &reattached,
+    );
     Ok(())
 }

@@ -17,16 +17,41 @@ fn report_of(stdout: &str) -> Report {
 #[test]
 fn compiler_errors_come_first_with_location_code_and_snippet() {
     let report = report_of(THREE_ERRORS);
-    assert_eq!((report.errors, report.warnings), (3, 0), "rustc's closing notes are not diagnostics");
-    let levels: Vec<&str> = report.diagnostics.iter().map(|d| d.level.as_str()).collect();
+    assert_eq!(
+        (report.errors, report.warnings),
+        (3, 0),
+        "rustc's closing notes are not diagnostics"
+    );
+    let levels: Vec<&str> = report
+        .diagnostics
+        .iter()
+        .map(|d| d.level.as_str())
+        .collect();
     assert_eq!(levels, ["error", "error", "error"]);
-    let mismatched = report.diagnostics.iter().find(|d| d.code.as_deref() == Some("E0308")).expect("E0308");
+    let mismatched = report
+        .diagnostics
+        .iter()
+        .find(|d| d.code.as_deref() == Some("E0308"))
+        .expect("E0308");
     assert_eq!(mismatched.file.as_deref(), Some("src/lib.rs"));
     assert_eq!((mismatched.line, mismatched.column), (Some(3), Some(18)));
     assert_eq!(mismatched.message, "mismatched types");
-    assert_eq!(mismatched.snippet.as_deref(), Some("let a: i32 = \"text\";"));
-    assert!(report.diagnostics.iter().any(|d| d.code.as_deref() == Some("E0425") && d.line == Some(4)));
-    assert!(report.diagnostics.iter().any(|d| d.message.contains("undefined_function")));
+    assert_eq!(
+        mismatched.snippet.as_deref(),
+        Some("let a: i32 = \"text\";")
+    );
+    assert!(
+        report
+            .diagnostics
+            .iter()
+            .any(|d| d.code.as_deref() == Some("E0425") && d.line == Some(4))
+    );
+    assert!(
+        report
+            .diagnostics
+            .iter()
+            .any(|d| d.message.contains("undefined_function"))
+    );
     assert_eq!(report.diagnostics_omitted, 0);
 }
 
@@ -38,14 +63,24 @@ fn errors_come_before_warnings_whatever_the_order_of_arrival() {
     builder.feed(OutputStream::Stdout, format!("{warning}\n").as_bytes());
     builder.feed(OutputStream::Stdout, THREE_ERRORS.as_bytes());
     let report = builder.finish();
-    let levels: Vec<&str> = report.diagnostics.iter().map(|d| d.level.as_str()).collect();
+    let levels: Vec<&str> = report
+        .diagnostics
+        .iter()
+        .map(|d| d.level.as_str())
+        .collect();
     assert_eq!(levels, ["error", "error", "error", "warning"]);
-    assert_eq!(report.diagnostics[3].code.as_deref(), Some("unused_variables"));
+    assert_eq!(
+        report.diagnostics[3].code.as_deref(),
+        Some("unused_variables")
+    );
 }
 
 #[test]
 fn repeated_diagnostics_are_counted_once_and_the_list_is_capped() {
-    let line = THREE_ERRORS.lines().find(|l| l.contains("\"level\":\"error\"")).expect("an error line");
+    let line = THREE_ERRORS
+        .lines()
+        .find(|l| l.contains("\"level\":\"error\""))
+        .expect("an error line");
     let mut builder = ReportBuilder::new();
     for _ in 0..3 {
         builder.feed(OutputStream::Stdout, format!("{line}\n").as_bytes());
@@ -59,18 +94,43 @@ fn repeated_diagnostics_are_counted_once_and_the_list_is_capped() {
         builder.feed(OutputStream::Stdout, format!("{message}\n").as_bytes());
     }
     let report = builder.finish();
-    assert_eq!((report.warnings, report.diagnostics.len(), report.diagnostics_omitted), (25, 20, 5));
+    assert_eq!(
+        (
+            report.warnings,
+            report.diagnostics.len(),
+            report.diagnostics_omitted
+        ),
+        (25, 20, 5)
+    );
 }
 
 #[test]
 fn failing_tests_carry_name_panic_message_and_output() {
     let report = report_of(FAILING_TESTS);
-    assert_eq!(report.tests, Some(TestCounts { passed: 1, failed: 2, ignored: 1 }));
+    assert_eq!(
+        report.tests,
+        Some(TestCounts {
+            passed: 1,
+            failed: 2,
+            ignored: 1
+        })
+    );
     assert_eq!(report.failures.len(), 2);
-    let arithmetic = report.failures.iter().find(|f| f.name == "tests::two_is_three").expect("failure");
-    assert_eq!(arithmetic.message, "assertion `left == right` failed: arithmetic broke\n  left: 2\n right: 3");
+    let arithmetic = report
+        .failures
+        .iter()
+        .find(|f| f.name == "tests::two_is_three")
+        .expect("failure");
+    assert_eq!(
+        arithmetic.message,
+        "assertion `left == right` failed: arithmetic broke\n  left: 2\n right: 3"
+    );
     assert_eq!(arithmetic.output, "some captured output");
-    let plain = report.failures.iter().find(|f| f.name == "tests::panics_plainly").expect("failure");
+    let plain = report
+        .failures
+        .iter()
+        .find(|f| f.name == "tests::panics_plainly")
+        .expect("failure");
     assert_eq!(plain.message, "plain panic message");
     assert_eq!(report.failures_omitted, 0);
 }
@@ -82,20 +142,29 @@ fn progress_counts_crates_and_notices_tests() {
     assert_eq!(builder.progress().crates_compiled, 1);
     assert_eq!(builder.progress().crates_fresh, 1);
     assert!(!builder.progress().testing);
-    builder.feed(OutputStream::Stderr, b"     Running unittests src/lib.rs (target/debug/deps/x)\n");
+    builder.feed(
+        OutputStream::Stderr,
+        b"     Running unittests src/lib.rs (target/debug/deps/x)\n",
+    );
     assert!(builder.progress().testing);
 }
 
 #[test]
 fn stderr_keeps_only_a_short_tail_without_cargo_status_lines() {
     let mut builder = ReportBuilder::new();
-    builder.feed(OutputStream::Stderr, b"   Compiling x v0.1.0\n[buildpool] snapshot abc\n");
+    builder.feed(
+        OutputStream::Stderr,
+        b"   Compiling x v0.1.0\n[buildpool] snapshot abc\n",
+    );
     for n in 0..20 {
         builder.feed(OutputStream::Stderr, format!("error line {n}\n").as_bytes());
     }
     let report = builder.finish();
     assert_eq!(report.stderr_tail.len(), STDERR_TAIL);
-    assert_eq!(report.stderr_tail.last().map(String::as_str), Some("error line 19"));
+    assert_eq!(
+        report.stderr_tail.last().map(String::as_str),
+        Some("error line 19")
+    );
 }
 
 #[test]
@@ -106,6 +175,16 @@ fn an_endless_line_is_dropped_not_buffered() {
         builder.feed(OutputStream::Stdout, &chunk);
     }
     assert!(builder.stdout.pending.len() <= MAX_LINE);
-    builder.feed(OutputStream::Stdout, b"\ntest result: ok. 3 passed; 0 failed; 0 ignored\n");
-    assert_eq!(builder.finish().tests, Some(TestCounts { passed: 3, failed: 0, ignored: 0 }));
+    builder.feed(
+        OutputStream::Stdout,
+        b"\ntest result: ok. 3 passed; 0 failed; 0 ignored\n",
+    );
+    assert_eq!(
+        builder.finish().tests,
+        Some(TestCounts {
+            passed: 3,
+            failed: 0,
+            ignored: 0
+        })
+    );
 }

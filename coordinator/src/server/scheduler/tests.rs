@@ -16,7 +16,10 @@ fn registration(agent_id: &str, slots: u32, local: bool) -> AgentRegistration {
 }
 
 fn spec() -> JobSpec {
-    JobSpec { kind: JobKind::Build as i32, ..JobSpec::default() }
+    JobSpec {
+        kind: JobKind::Build as i32,
+        ..JobSpec::default()
+    }
 }
 
 fn submit(scheduler: &mut Scheduler, job_id: JobId, now: Instant) -> Vec<Action> {
@@ -27,7 +30,12 @@ fn assigns(actions: &[Action]) -> Vec<(ConnId, JobId, u32)> {
     actions
         .iter()
         .filter_map(|action| match action {
-            Action::Assign { conn, job_id, attempt, .. } => Some((*conn, *job_id, *attempt)),
+            Action::Assign {
+                conn,
+                job_id,
+                attempt,
+                ..
+            } => Some((*conn, *job_id, *attempt)),
             _ => None,
         })
         .collect()
@@ -37,14 +45,21 @@ fn finished(actions: &[Action]) -> Vec<(JobId, JobResult)> {
     actions
         .iter()
         .filter_map(|action| match action {
-            Action::Event { job_id, event: JobEvent::Finished(result) } => Some((*job_id, result.clone())),
+            Action::Event {
+                job_id,
+                event: JobEvent::Finished(result),
+            } => Some((*job_id, result.clone())),
             _ => None,
         })
         .collect()
 }
 
 fn exited(code: i32) -> Completion {
-    Completion { outcome: Outcome::Exited as i32, exit_code: Some(code), ..Completion::default() }
+    Completion {
+        outcome: Outcome::Exited as i32,
+        exit_code: Some(code),
+        ..Completion::default()
+    }
 }
 
 #[test]
@@ -52,10 +67,16 @@ fn a_job_waits_for_an_agent_and_says_why() {
     let now = Instant::now();
     let mut scheduler = Scheduler::default();
     let actions = submit(&mut scheduler, 1, now);
-    assert_eq!(actions, vec![Action::Event {
-        job_id: 1,
-        event: JobEvent::Queued { position: 0, reason: "no agents connected".into() },
-    }]);
+    assert_eq!(
+        actions,
+        vec![Action::Event {
+            job_id: 1,
+            event: JobEvent::Queued {
+                position: 0,
+                reason: "no agents connected".into()
+            },
+        }]
+    );
     let actions = scheduler.agent_connected(10, registration("a", 2, false), &[], now);
     assert_eq!(assigns(&actions), [(10, 1, 1)]);
 }
@@ -72,7 +93,9 @@ fn the_local_agent_runs_jobs_only_while_no_agent_is_connected() {
     // The remote agent is busy, but connected: the next job waits for it.
     let queued = submit(&mut scheduler, 3, now);
     assert!(assigns(&queued).is_empty());
-    assert!(matches!(&queued[0], Action::Event { event: JobEvent::Queued { reason, .. }, .. } if reason.contains("busy")));
+    assert!(
+        matches!(&queued[0], Action::Event { event: JobEvent::Queued { reason, .. }, .. } if reason.contains("busy"))
+    );
 }
 
 #[test]
@@ -86,18 +109,34 @@ fn results_from_a_superseded_attempt_or_another_agent_are_dropped() {
     let other = if holder == 1 { 2 } else { 1 };
     assert!(scheduler.holds(holder, 7, attempt));
     assert!(!scheduler.holds(other, 7, attempt));
-    assert!(scheduler.finished(other, 7, attempt, exited(0), now).is_empty());
+    assert!(
+        scheduler
+            .finished(other, 7, attempt, exited(0), now)
+            .is_empty()
+    );
 
     // The holder vanishes and does not come back within the grace window: attempt 2 goes
     // to the other agent.
-    assert!(assigns(&scheduler.agent_disconnected(holder, now)).is_empty(), "held for reattach");
+    assert!(
+        assigns(&scheduler.agent_disconnected(holder, now)).is_empty(),
+        "held for reattach"
+    );
     let requeued = scheduler.tick(now + Duration::from_secs(16));
     assert_eq!(assigns(&requeued), [(other, 7, 2)]);
-    assert!(scheduler.finished(holder, 7, 1, exited(1), now).is_empty(), "late result of attempt 1");
-    assert!(scheduler.finished(other, 7, 1, exited(1), now).is_empty(), "wrong attempt");
+    assert!(
+        scheduler.finished(holder, 7, 1, exited(1), now).is_empty(),
+        "late result of attempt 1"
+    );
+    assert!(
+        scheduler.finished(other, 7, 1, exited(1), now).is_empty(),
+        "wrong attempt"
+    );
     let done = finished(&scheduler.finished(other, 7, 2, exited(0), now));
     assert_eq!(done.len(), 1);
-    assert_eq!((done[0].1.attempt, done[0].1.completion.exit_code), (2, Some(0)));
+    assert_eq!(
+        (done[0].1.attempt, done[0].1.completion.exit_code),
+        (2, Some(0))
+    );
 }
 
 #[test]
@@ -109,7 +148,10 @@ fn a_declined_assignment_is_requeued_never_failed() {
     // Another coordinator took the slot first.
     let actions = scheduler.declined(conn, job_id, attempt, now);
     assert!(finished(&actions).is_empty());
-    assert!(assigns(&actions).is_empty(), "the decliner gets nothing until it has free slots");
+    assert!(
+        assigns(&actions).is_empty(),
+        "the decliner gets nothing until it has free slots"
+    );
     scheduler.agent_connected(2, registration("b", 1, false), &[], now);
     let later = scheduler.jobs();
     assert_eq!(later[0].running_on, Some(("b".to_owned(), 2)));
@@ -118,7 +160,10 @@ fn a_declined_assignment_is_requeued_never_failed() {
 #[test]
 fn lost_attempts_are_capped() {
     let now = Instant::now();
-    let mut scheduler = Scheduler::new(SchedulerConfig { max_lost_attempts: 2, ..SchedulerConfig::default() });
+    let mut scheduler = Scheduler::new(SchedulerConfig {
+        max_lost_attempts: 2,
+        ..SchedulerConfig::default()
+    });
     submit(&mut scheduler, 1, now);
     scheduler.agent_connected(1, registration("a", 1, false), &[], now);
     // The agent comes back without the attempt (it restarted): requeued at once.
@@ -129,7 +174,11 @@ fn lost_attempts_are_capped() {
     let done = finished(&scheduler.tick(now + Duration::from_secs(16)));
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].1.completion.outcome, Outcome::Failed as i32);
-    assert!(done[0].1.completion.error.contains("was lost"), "{}", done[0].1.completion.error);
+    assert!(
+        done[0].1.completion.error.contains("was lost"),
+        "{}",
+        done[0].1.completion.error
+    );
 }
 
 #[test]
@@ -143,7 +192,14 @@ fn cancel_of_a_queued_job_ends_it_and_of_a_running_job_asks_the_agent() {
 
     scheduler.agent_connected(5, registration("a", 1, false), &[], now);
     submit(&mut scheduler, 2, now);
-    assert_eq!(scheduler.cancel(2, now).expect("known"), [Action::Cancel { conn: 5, job_id: 2, attempt: 1 }]);
+    assert_eq!(
+        scheduler.cancel(2, now).expect("known"),
+        [Action::Cancel {
+            conn: 5,
+            job_id: 2,
+            attempt: 1
+        }]
+    );
     assert!(scheduler.tick(now + Duration::from_secs(1)).is_empty());
     // The agent never confirms: the coordinator ends the job itself after the grace period.
     let done = finished(&scheduler.tick(now + Duration::from_secs(11)));
@@ -160,8 +216,13 @@ fn labels_route_jobs() {
     let mut job = spec();
     job.required_labels = vec!["gpu".into()];
     let actions = scheduler.submit(1, job.clone(), Source::default(), String::new(), now, 0);
-    assert!(matches!(&actions[0], Action::Event { event: JobEvent::Queued { reason, .. }, .. } if reason.contains("labels")));
-    assert_eq!(assigns(&scheduler.agent_connected(2, gpu, &[], now)), [(2, 1, 1)]);
+    assert!(
+        matches!(&actions[0], Action::Event { event: JobEvent::Queued { reason, .. }, .. } if reason.contains("labels"))
+    );
+    assert_eq!(
+        assigns(&scheduler.agent_connected(2, gpu, &[], now)),
+        [(2, 1, 1)]
+    );
 }
 
 /// Random interleavings of submissions, agents coming and going, declines, results and
@@ -171,7 +232,10 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
     for seed in 0..200 {
         let mut rng = fastrand::Rng::with_seed(seed);
         let start = Instant::now();
-        let mut scheduler = Scheduler::new(SchedulerConfig { max_lost_attempts: 1000, ..SchedulerConfig::default() });
+        let mut scheduler = Scheduler::new(SchedulerConfig {
+            max_lost_attempts: 1000,
+            ..SchedulerConfig::default()
+        });
         let mut finished_count: HashMap<JobId, u32> = HashMap::new();
         let mut in_flight: Vec<(ConnId, JobId, u32)> = Vec::new();
         let mut connected: Vec<ConnId> = Vec::new();
@@ -189,7 +253,12 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
                 1 => {
                     next_conn += 1;
                     connected.push(next_conn);
-                    scheduler.agent_connected(next_conn, registration(&format!("x{next_conn}"), rng.u32(1..3), false), &[], now)
+                    scheduler.agent_connected(
+                        next_conn,
+                        registration(&format!("x{next_conn}"), rng.u32(1..3), false),
+                        &[],
+                        now,
+                    )
                 }
                 2 if !connected.is_empty() => {
                     let conn = connected.swap_remove(rng.usize(..connected.len()));
@@ -203,7 +272,9 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
                     let (conn, job, attempt) = in_flight.swap_remove(rng.usize(..in_flight.len()));
                     scheduler.declined(conn, job, attempt, now)
                 }
-                5 if next_job > 1 => scheduler.cancel(rng.u64(2..=next_job), now).unwrap_or_default(),
+                5 if next_job > 1 => scheduler
+                    .cancel(rng.u64(2..=next_job), now)
+                    .unwrap_or_default(),
                 6 => scheduler.tick(now),
                 // An agent reconnects (new connection, same id) reporting some of its attempts.
                 7 if !connected.is_empty() => {
@@ -212,7 +283,10 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
                     let reports: Vec<AttemptReport> = in_flight
                         .iter()
                         .filter(|(conn, _, _)| *conn == old && rng.bool())
-                        .map(|(_, job_id, attempt)| AttemptReport { job_id: *job_id, attempt: *attempt })
+                        .map(|(_, job_id, attempt)| AttemptReport {
+                            job_id: *job_id,
+                            attempt: *attempt,
+                        })
                         .collect();
                     for (conn, _, _) in &mut in_flight {
                         if *conn == old {
@@ -221,7 +295,12 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
                     }
                     connected.retain(|c| *c != old);
                     connected.push(next_conn);
-                    scheduler.agent_connected(next_conn, registration(&format!("x{old}"), 2, false), &reports, now)
+                    scheduler.agent_connected(
+                        next_conn,
+                        registration(&format!("x{old}"), 2, false),
+                        &reports,
+                        now,
+                    )
                 }
                 _ => Vec::new(),
             };
@@ -230,11 +309,17 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
                 *finished_count.entry(job_id).or_default() += 1;
             }
         }
-        assert!(finished_count.values().all(|n| *n == 1), "seed {seed}: a job finished twice");
+        assert!(
+            finished_count.values().all(|n| *n == 1),
+            "seed {seed}: a job finished twice"
+        );
         let open: Vec<JobId> = scheduler.jobs().iter().map(|job| job.job_id).collect();
         for job_id in 2..=next_job {
             let ended = finished_count.contains_key(&job_id);
-            assert!(ended != open.contains(&job_id), "seed {seed}: job {job_id} lost or doubled");
+            assert!(
+                ended != open.contains(&job_id),
+                "seed {seed}: job {job_id} lost or doubled"
+            );
         }
     }
 }
@@ -253,10 +338,21 @@ fn a_reconnecting_agent_reattaches_its_attempts_within_the_grace_window() {
     assert!(scheduler.tick(now + Duration::from_secs(5)).is_empty());
 
     // a comes back on connection 3, still running job 1 attempt 1: reattached, not rerun.
-    let reports = [AttemptReport { job_id: 1, attempt: 1 }];
-    let actions = scheduler.agent_connected(3, registration("a", 1, false), &reports, now + Duration::from_secs(6));
+    let reports = [AttemptReport {
+        job_id: 1,
+        attempt: 1,
+    }];
+    let actions = scheduler.agent_connected(
+        3,
+        registration("a", 1, false),
+        &reports,
+        now + Duration::from_secs(6),
+    );
     assert!(assigns(&actions).is_empty(), "{actions:?}");
-    assert!(!actions.iter().any(|a| matches!(a, Action::Cancel { .. })), "{actions:?}");
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Cancel { .. })),
+        "{actions:?}"
+    );
     assert!(scheduler.holds(3, 1, 1));
     let done = finished(&scheduler.finished(3, 1, 1, exited(0), now + Duration::from_secs(7)));
     assert_eq!((done.len(), done[0].1.attempt), (1, 1));
@@ -272,10 +368,23 @@ fn after_the_grace_window_the_attempt_is_requeued_and_the_returning_agent_told_t
     scheduler.agent_connected(2, registration("b", 1, false), &[], now);
     let later = now + Duration::from_secs(16);
     assert_eq!(assigns(&scheduler.tick(later)), [(2, 1, 2)]);
-    let reports = [AttemptReport { job_id: 1, attempt: 1 }];
+    let reports = [AttemptReport {
+        job_id: 1,
+        attempt: 1,
+    }];
     let actions = scheduler.agent_connected(3, registration("a", 1, false), &reports, later);
-    assert!(actions.contains(&Action::Cancel { conn: 3, job_id: 1, attempt: 1 }), "{actions:?}");
-    assert!(scheduler.finished(3, 1, 1, exited(0), later).is_empty(), "the stale result is ignored");
+    assert!(
+        actions.contains(&Action::Cancel {
+            conn: 3,
+            job_id: 1,
+            attempt: 1
+        }),
+        "{actions:?}"
+    );
+    assert!(
+        scheduler.finished(3, 1, 1, exited(0), later).is_empty(),
+        "the stale result is ignored"
+    );
     assert!(scheduler.holds(2, 1, 2));
 }
 
@@ -286,7 +395,10 @@ fn a_new_connection_of_the_same_agent_supersedes_the_old_one() {
     scheduler.agent_connected(1, registration("a", 1, false), &[], now);
     submit(&mut scheduler, 1, now);
     // Half-open: the old connection is not detected dead yet when the agent reconnects.
-    let reports = [AttemptReport { job_id: 1, attempt: 1 }];
+    let reports = [AttemptReport {
+        job_id: 1,
+        attempt: 1,
+    }];
     let actions = scheduler.agent_connected(2, registration("a", 1, false), &reports, now);
     assert!(actions.contains(&Action::Close { conn: 1 }), "{actions:?}");
     assert!(scheduler.holds(2, 1, 1));
@@ -299,7 +411,10 @@ fn a_new_connection_of_the_same_agent_supersedes_the_old_one() {
 #[test]
 fn a_job_no_agent_can_run_fails_after_the_configured_wait() {
     let now = Instant::now();
-    let mut scheduler = Scheduler::new(SchedulerConfig { unroutable_wait: Duration::from_secs(30), ..SchedulerConfig::default() });
+    let mut scheduler = Scheduler::new(SchedulerConfig {
+        unroutable_wait: Duration::from_secs(30),
+        ..SchedulerConfig::default()
+    });
     scheduler.agent_connected(1, registration("plain", 1, false), &[], now);
     let mut job = spec();
     job.required_labels = vec!["gpu".into()];
@@ -308,7 +423,11 @@ fn a_job_no_agent_can_run_fails_after_the_configured_wait() {
     let done = finished(&scheduler.tick(now + Duration::from_secs(32)));
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].1.completion.outcome, Outcome::Failed as i32);
-    assert!(done[0].1.completion.error.contains("gpu"), "{}", done[0].1.completion.error);
+    assert!(
+        done[0].1.completion.error.contains("gpu"),
+        "{}",
+        done[0].1.completion.error
+    );
     // A job that only waits for a busy agent is not unroutable.
     submit(&mut scheduler, 2, now);
     submit(&mut scheduler, 3, now);
@@ -322,10 +441,16 @@ fn agents_hear_how_much_work_waits_for_them_and_drain_on_request() {
     scheduler.agent_connected(1, registration("a", 1, false), &[], now);
     submit(&mut scheduler, 1, now);
     let actions = submit(&mut scheduler, 2, now);
-    assert!(actions.contains(&Action::Demand { conn: 1, queued: 1 }), "{actions:?}");
+    assert!(
+        actions.contains(&Action::Demand { conn: 1, queued: 1 }),
+        "{actions:?}"
+    );
     let (count, actions) = scheduler.drain("a", now);
     assert_eq!(count, 1);
     assert!(actions.contains(&Action::Drain { conn: 1 }));
-    assert!(actions.contains(&Action::Demand { conn: 1, queued: 0 }), "a draining agent is offered no work: {actions:?}");
+    assert!(
+        actions.contains(&Action::Demand { conn: 1, queued: 0 }),
+        "a draining agent is offered no work: {actions:?}"
+    );
     assert!(assigns(&scheduler.slots_changed(1, 1, 1, true, now)).is_empty());
 }
