@@ -1,6 +1,9 @@
 //! Framing of the agent job bus: one protobuf message per WebSocket binary frame.
 
+use buildpool_core::bus::{AgentMessage, CoordinatorMessage};
 use prost::Message;
+
+use crate::convert::DecodeError;
 
 /// Largest frame either side accepts. Output is sent in chunks far below this, so a larger
 /// frame is a broken or hostile peer, and rejecting it keeps memory bounded.
@@ -15,74 +18,72 @@ pub enum FrameError {
     TooLarge(usize),
     #[error("frame is not a valid protobuf message: {0}")]
     Malformed(#[from] prost::DecodeError),
-    #[error("frame holds no message (unknown message type from a newer peer?)")]
-    Empty,
+    #[error("frame does not make a valid message (from a newer peer?): {0}")]
+    Invalid(#[from] DecodeError),
 }
 
-/// Decodes one frame, refusing oversized input before parsing it.
-pub fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, FrameError> {
+/// A message that travels in one bus frame.
+pub trait BusMessage: Sized + Send + 'static {
+    fn encode_frame(self) -> Vec<u8>;
+    /// Decodes one frame, refusing oversized input before parsing it.
+    fn decode_frame(bytes: &[u8]) -> Result<Self, FrameError>;
+}
+
+fn decode<Wire, Domain>(bytes: &[u8]) -> Result<Domain, FrameError>
+where
+    Wire: Message + Default,
+    Domain: TryFrom<Wire, Error = DecodeError>,
+{
     if bytes.len() > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(bytes.len()));
     }
-    Ok(M::decode(bytes)?)
+    Ok(Domain::try_from(Wire::decode(bytes)?)?)
 }
 
-/// Encodes one frame.
-pub fn encode<M: Message>(message: &M) -> Vec<u8> {
-    message.encode_to_vec()
-}
+impl BusMessage for AgentMessage {
+    fn encode_frame(self) -> Vec<u8> {
+        crate::AgentFrame::from(self).encode_to_vec()
+    }
 
-impl crate::AgentFrame {
-    /// Decodes an agent frame; a frame with no known message is an error, not a no-op.
-    pub fn decode_frame(bytes: &[u8]) -> Result<crate::agent_frame::Msg, FrameError> {
-        decode::<Self>(bytes)?.msg.ok_or(FrameError::Empty)
+    fn decode_frame(bytes: &[u8]) -> Result<Self, FrameError> {
+        decode::<crate::AgentFrame, _>(bytes)
     }
 }
 
-impl crate::CoordinatorFrame {
-    /// Decodes a coordinator frame; a frame with no known message is an error.
-    pub fn decode_frame(bytes: &[u8]) -> Result<crate::coordinator_frame::Msg, FrameError> {
-        decode::<Self>(bytes)?.msg.ok_or(FrameError::Empty)
+impl BusMessage for CoordinatorMessage {
+    fn encode_frame(self) -> Vec<u8> {
+        crate::CoordinatorFrame::from(self).encode_to_vec()
     }
-}
 
-impl From<crate::agent_frame::Msg> for crate::AgentFrame {
-    fn from(msg: crate::agent_frame::Msg) -> Self {
-        Self { msg: Some(msg) }
-    }
-}
-
-impl From<crate::coordinator_frame::Msg> for crate::CoordinatorFrame {
-    fn from(msg: crate::coordinator_frame::Msg) -> Self {
-        Self { msg: Some(msg) }
+    fn decode_frame(bytes: &[u8]) -> Result<Self, FrameError> {
+        decode::<crate::CoordinatorFrame, _>(bytes)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{AgentFrame, Heartbeat, agent_frame::Msg};
 
     #[test]
     fn round_trips_a_frame() {
-        let frame = AgentFrame::from(Msg::Heartbeat(Heartbeat { sent_at_unix_ms: 7 }));
-        let decoded = AgentFrame::decode_frame(&encode(&frame)).expect("decodes");
-        assert_eq!(decoded, Msg::Heartbeat(Heartbeat { sent_at_unix_ms: 7 }));
+        let heartbeat = AgentMessage::Heartbeat { sent_at_unix_ms: 7 };
+        let decoded = AgentMessage::decode_frame(&heartbeat.clone().encode_frame()).expect("decodes");
+        assert_eq!(decoded, heartbeat);
     }
 
     #[test]
     fn rejects_garbage_oversize_and_empty_frames() {
         assert!(matches!(
-            AgentFrame::decode_frame(&[0xff, 0xff, 0xff, 0xff]),
+            AgentMessage::decode_frame(&[0xff, 0xff, 0xff, 0xff]),
             Err(FrameError::Malformed(_))
         ));
         assert!(matches!(
-            AgentFrame::decode_frame(&vec![0; MAX_FRAME_BYTES + 1]),
+            AgentMessage::decode_frame(&vec![0; MAX_FRAME_BYTES + 1]),
             Err(FrameError::TooLarge(_))
         ));
         assert!(matches!(
-            AgentFrame::decode_frame(&[]),
-            Err(FrameError::Empty)
+            AgentMessage::decode_frame(&[]),
+            Err(FrameError::Invalid(DecodeError::Missing(_)))
         ));
     }
 }

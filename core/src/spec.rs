@@ -1,9 +1,12 @@
 //! Validation of job specs.
 //!
 //! Both the coordinator (on submit) and the agent (on assignment) validate, so a spec that
-//! reaches an executor is always well formed, whoever sent it.
+//! reaches an executor is always well formed, whoever sent it. The kind and env mode are
+//! already typed by decoding; what is checked here is what types cannot say.
 
-use crate::{JobKind, JobSpec};
+use std::time::Duration;
+
+use crate::JobSpec;
 
 pub const MAX_CARGO_ARGS: usize = 256;
 pub const MAX_ARG_BYTES: usize = 4096;
@@ -82,12 +85,6 @@ pub fn validate_labels(labels: &[String]) -> Result<(), SpecError> {
 
 /// Checks a job spec; see the module documentation.
 pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
-    match JobKind::try_from(spec.kind) {
-        Ok(JobKind::Unspecified) | Err(_) => {
-            return Err(invalid("kind must be one of build, test, clippy, check"));
-        }
-        Ok(_) => {}
-    }
     if spec.cargo_args.len() > MAX_CARGO_ARGS {
         return Err(invalid(format!(
             "more than {MAX_CARGO_ARGS} cargo arguments"
@@ -138,9 +135,12 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         }
         check_text("environment value", &var.value)?;
     }
-    if spec.timeout_secs > MAX_TIMEOUT_SECS {
+    if spec
+        .timeout
+        .is_some_and(|timeout| timeout.is_zero() || timeout > Duration::from_secs(u64::from(MAX_TIMEOUT_SECS)))
+    {
         return Err(invalid(format!(
-            "timeout exceeds {MAX_TIMEOUT_SECS} seconds"
+            "timeout must be 1..={MAX_TIMEOUT_SECS} seconds"
         )));
     }
     validate_labels(&spec.required_labels)
@@ -149,13 +149,12 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::EnvVar;
+    use crate::{EnvVar, JobKind};
 
     fn spec(args: &[&str]) -> JobSpec {
         JobSpec {
-            kind: JobKind::Test as i32,
             cargo_args: args.iter().map(|a| (*a).to_owned()).collect(),
-            ..JobSpec::default()
+            ..JobSpec::new(JobKind::Test)
         }
     }
 
@@ -169,10 +168,12 @@ mod tests {
     }
 
     #[test]
-    fn rejects_unknown_kind_and_owned_arguments() {
-        let mut unknown = spec(&[]);
-        unknown.kind = 42;
-        assert!(validate(&unknown).is_err());
+    fn rejects_owned_arguments_and_absurd_timeouts() {
+        let mut forever = spec(&[]);
+        forever.timeout = Some(Duration::from_secs(u64::from(MAX_TIMEOUT_SECS) + 1));
+        assert!(validate(&forever).is_err());
+        forever.timeout = Some(Duration::ZERO);
+        assert!(validate(&forever).is_err());
         assert!(validate(&spec(&["--target-dir", "/tmp/x"])).is_err());
         assert!(validate(&spec(&["--target-dir=/tmp/x"])).is_err());
         assert!(validate(&spec(&["--manifest-path", "/etc/Cargo.toml"])).is_err());

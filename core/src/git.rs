@@ -1,6 +1,6 @@
 //! Running `git` with a deadline and a clear error.
 //!
-//! Shared by the agent's git cache and the coordinator's snapshots, so every git call in
+//! Shared by the agent's git cache and the coordinator's snapshots and git daemon, so every git call in
 //! buildpool runs without hooks, without prompts and with a time limit.
 
 use std::ffi::OsStr;

@@ -1,0 +1,123 @@
+//! What agents and coordinators say to each other on the job bus.
+//!
+//! One [`AgentMessage`] or [`CoordinatorMessage`] travels in each WebSocket frame; the
+//! `proto` crate encodes them. The agent's first message is a [`AgentMessage::Hello`]; the
+//! coordinator answers [`CoordinatorMessage::Welcome`] or [`CoordinatorMessage::Reject`].
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::job::{AttemptKey, Completion, JobSpec, OutputStream, Source};
+
+/// Version of the agent job bus. Bumped on any incompatible change; the coordinator rejects
+/// agents speaking another version with a clear message instead of misreading their frames.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The first message of an agent connection: who it is, what it offers, what it still holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub agent_id: String,
+    pub token: String,
+    pub labels: Vec<String>,
+    /// Nix system double, e.g. `x86_64-linux`.
+    pub system: String,
+    pub slots: SlotOffer,
+    pub agent_version: String,
+    /// Attempts this agent still runs or holds an unacknowledged result for, so the
+    /// coordinator can reattach them after a reconnect.
+    pub attempts: Vec<HeldAttempt>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldAttempt {
+    pub key: AttemptKey,
+    /// The attempt has ended; its result is sent (again) after the welcome.
+    pub finished: bool,
+}
+
+/// The slots an agent offers one coordinator right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotOffer {
+    pub free: u32,
+    pub total: u32,
+    pub draining: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    pub protocol_version: u32,
+    pub coordinator_id: String,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectCode {
+    BadToken,
+    UnsupportedVersion,
+    BadHello,
+}
+
+impl fmt::Display for RejectCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RejectCode::BadToken => "bad token",
+            RejectCode::UnsupportedVersion => "unsupported version",
+            RejectCode::BadHello => "bad hello",
+        })
+    }
+}
+
+/// Sent instead of a welcome; the coordinator closes the connection after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    pub code: RejectCode,
+    pub message: String,
+}
+
+/// One attempt given to one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub key: AttemptKey,
+    pub spec: JobSpec,
+    pub source: Source,
+}
+
+/// Every message an agent sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentMessage {
+    Hello(Hello),
+    /// Any message proves liveness; this one is sent when there is nothing else to say.
+    Heartbeat { sent_at_unix_ms: u64 },
+    /// The offer to this coordinator changed.
+    Slots(SlotOffer),
+    /// The agent could not take an assignment (no free slot, draining, missing label).
+    Declined { key: AttemptKey, reason: String },
+    Output { key: AttemptKey, stream: OutputStream, data: Bytes },
+    Finished { key: AttemptKey, completion: Completion },
+    CancelAck(AttemptKey),
+}
+
+/// Every message a coordinator sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoordinatorMessage {
+    Welcome(Welcome),
+    Reject(Reject),
+    Heartbeat { sent_at_unix_ms: u64 },
+    Assign(Assignment),
+    /// Stop the attempt (kill its process group) or, if it has ended, forget its result.
+    /// Also sent after a reconnect for attempts the coordinator gave to someone else.
+    Cancel(AttemptKey),
+    /// The coordinator could not understand a frame; it closes the connection after this.
+    ProtocolError(String),
+    /// Stop taking jobs, finish the running ones (up to the agent's drain timeout), exit.
+    Drain,
+    /// How many queued jobs this coordinator has that the agent could run; the agent
+    /// shares its slots among coordinators with demand.
+    Demand { queued: u32 },
+    /// The coordinator has the attempt's result; the agent may forget it.
+    ResultAck(AttemptKey),
+}

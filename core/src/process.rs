@@ -1,0 +1,30 @@
+//! Process liveness and process-group kills.
+//!
+//! Several parts of buildpool record a pid on disk (the discovery file, the git daemon's pid
+//! file, the agent's running-job registry, private log directories) and must later tell a
+//! live owner from a dead one, or kill what a dead owner left behind. These are the
+//! primitives they share.
+
+use rustix::process::{Pid, Signal, kill_process_group, test_kill_process};
+
+/// Whether a process with this pid exists (and we may signal it).
+pub fn alive(pid: i32) -> bool {
+    Pid::from_raw(pid).is_some_and(|pid| test_kill_process(pid).is_ok())
+}
+
+/// Asks every process of group `pgid` to stop (SIGTERM).
+pub fn terminate_group(pgid: i32) {
+    signal_group(pgid, Signal::TERM);
+}
+
+/// Kills every process of group `pgid` (SIGKILL).
+pub fn kill_group(pgid: i32) {
+    signal_group(pgid, Signal::KILL);
+}
+
+/// A group that is already gone (ESRCH) is not an error: it is what every caller wants.
+fn signal_group(pgid: i32, signal: Signal) {
+    if let Some(group) = Pid::from_raw(pgid) {
+        let _ = kill_process_group(group, signal);
+    }
+}

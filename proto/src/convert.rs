@@ -1,0 +1,843 @@
+//! The one place where domain types become protobuf messages and back.
+//!
+//! Encoding cannot fail. Decoding can: a missing message field or an enum value this side
+//! does not know is a [`DecodeError`] naming the field, never a silent default. (proto3 has
+//! no "missing" for scalars; where zero means "not set" on the wire, the domain type says so
+//! with an `Option`.)
+
+use std::time::Duration;
+
+use buildpool_core::bus::{
+    AgentMessage, Assignment, CoordinatorMessage, HeldAttempt, Hello, Reject, RejectCode,
+    SlotOffer, Welcome,
+};
+use buildpool_core::status::{
+    AgentStatus, CancelReply, CoordinatorStatus, JobPlace, JobStatus, LogPage, LogRequest,
+    Submission,
+};
+use buildpool_core::time::millis;
+use buildpool_core::{
+    AttemptKey, Completion, EnvMode, EnvVar, JobEnd, JobEvent, JobId, JobKind, JobResult, JobSpec,
+    OutputStream, RunEnv, Source,
+};
+
+use crate::{agent_frame, coordinator_frame, job_event};
+
+/// A wire message that does not make a domain value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{0} is missing")]
+    Missing(&'static str),
+    #[error("{field} has the unknown value {value}")]
+    Unknown { field: &'static str, value: i32 },
+    #[error("{field} is invalid: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn required<T>(value: Option<T>, field: &'static str) -> Result<T, DecodeError> {
+    value.ok_or(DecodeError::Missing(field))
+}
+
+fn millis_u32(duration: Duration) -> u32 {
+    u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
+}
+
+// ---- enums -------------------------------------------------------------------------------
+
+impl From<JobKind> for crate::JobKind {
+    fn from(kind: JobKind) -> Self {
+        match kind {
+            JobKind::Build => Self::Build,
+            JobKind::Test => Self::Test,
+            JobKind::Clippy => Self::Clippy,
+            JobKind::Check => Self::Check,
+        }
+    }
+}
+
+fn decode_kind(value: i32) -> Result<JobKind, DecodeError> {
+    match crate::JobKind::try_from(value) {
+        Ok(crate::JobKind::Build) => Ok(JobKind::Build),
+        Ok(crate::JobKind::Test) => Ok(JobKind::Test),
+        Ok(crate::JobKind::Clippy) => Ok(JobKind::Clippy),
+        Ok(crate::JobKind::Check) => Ok(JobKind::Check),
+        Ok(crate::JobKind::Unspecified) | Err(_) => Err(DecodeError::Unknown { field: "job kind", value }),
+    }
+}
+
+impl From<EnvMode> for crate::EnvMode {
+    fn from(mode: EnvMode) -> Self {
+        match mode {
+            EnvMode::Auto => Self::Auto,
+            EnvMode::Nix => Self::Nix,
+            EnvMode::Host => Self::Host,
+        }
+    }
+}
+
+fn decode_env_mode(value: i32) -> Result<EnvMode, DecodeError> {
+    match crate::EnvMode::try_from(value) {
+        Ok(crate::EnvMode::Auto) => Ok(EnvMode::Auto),
+        Ok(crate::EnvMode::Nix) => Ok(EnvMode::Nix),
+        Ok(crate::EnvMode::Host) => Ok(EnvMode::Host),
+        Err(_) => Err(DecodeError::Unknown { field: "env mode", value }),
+    }
+}
+
+impl From<OutputStream> for crate::OutputStream {
+    fn from(stream: OutputStream) -> Self {
+        match stream {
+            OutputStream::Stdout => Self::Stdout,
+            OutputStream::Stderr => Self::Stderr,
+        }
+    }
+}
+
+fn encode_stream(stream: OutputStream) -> i32 {
+    crate::OutputStream::from(stream).into()
+}
+
+fn decode_stream(value: i32) -> Result<OutputStream, DecodeError> {
+    match decode_stream_filter(value)? {
+        Some(stream) => Ok(stream),
+        None => Err(DecodeError::Unknown { field: "output stream", value }),
+    }
+}
+
+/// An output stream where "unspecified" means "both streams" (log requests).
+fn decode_stream_filter(value: i32) -> Result<Option<OutputStream>, DecodeError> {
+    match crate::OutputStream::try_from(value) {
+        Ok(crate::OutputStream::Unspecified) => Ok(None),
+        Ok(crate::OutputStream::Stdout) => Ok(Some(OutputStream::Stdout)),
+        Ok(crate::OutputStream::Stderr) => Ok(Some(OutputStream::Stderr)),
+        Err(_) => Err(DecodeError::Unknown { field: "output stream", value }),
+    }
+}
+
+impl From<RejectCode> for crate::RejectCode {
+    fn from(code: RejectCode) -> Self {
+        match code {
+            RejectCode::BadToken => Self::BadToken,
+            RejectCode::UnsupportedVersion => Self::UnsupportedVersion,
+            RejectCode::BadHello => Self::BadHello,
+        }
+    }
+}
+
+fn decode_reject_code(value: i32) -> Result<RejectCode, DecodeError> {
+    match crate::RejectCode::try_from(value) {
+        Ok(crate::RejectCode::BadToken) => Ok(RejectCode::BadToken),
+        Ok(crate::RejectCode::UnsupportedVersion) => Ok(RejectCode::UnsupportedVersion),
+        Ok(crate::RejectCode::BadHello) => Ok(RejectCode::BadHello),
+        Ok(crate::RejectCode::Unspecified) | Err(_) => {
+            Err(DecodeError::Unknown { field: "reject code", value })
+        }
+    }
+}
+
+// ---- jobs --------------------------------------------------------------------------------
+
+impl From<JobSpec> for crate::JobSpec {
+    fn from(spec: JobSpec) -> Self {
+        Self {
+            kind: crate::JobKind::from(spec.kind).into(),
+            cargo_args: spec.cargo_args,
+            env: spec
+                .env
+                .into_iter()
+                .map(|var| crate::EnvVar { name: var.name, value: var.value })
+                .collect(),
+            timeout_secs: spec
+                .timeout
+                .map_or(0, |timeout| u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX)),
+            env_mode: crate::EnvMode::from(spec.env_mode).into(),
+            required_labels: spec.required_labels,
+        }
+    }
+}
+
+impl TryFrom<crate::JobSpec> for JobSpec {
+    type Error = DecodeError;
+
+    fn try_from(spec: crate::JobSpec) -> Result<Self, DecodeError> {
+        Ok(Self {
+            kind: decode_kind(spec.kind)?,
+            cargo_args: spec.cargo_args,
+            env: spec
+                .env
+                .into_iter()
+                .map(|var| EnvVar { name: var.name, value: var.value })
+                .collect(),
+            timeout: (spec.timeout_secs > 0).then(|| Duration::from_secs(u64::from(spec.timeout_secs))),
+            env_mode: decode_env_mode(spec.env_mode)?,
+            required_labels: spec.required_labels,
+        })
+    }
+}
+
+impl From<Source> for crate::Source {
+    fn from(source: Source) -> Self {
+        Self {
+            repo_id: source.repo_id,
+            git_path: source.git_path,
+            git_port: u32::from(source.git_port),
+            commit: source.commit,
+            git_ref: source.git_ref,
+        }
+    }
+}
+
+impl TryFrom<crate::Source> for Source {
+    type Error = DecodeError;
+
+    fn try_from(source: crate::Source) -> Result<Self, DecodeError> {
+        let git_port = u16::try_from(source.git_port).map_err(|_| DecodeError::Invalid {
+            field: "git port",
+            reason: format!("{} is not a port", source.git_port),
+        })?;
+        Ok(Self {
+            repo_id: source.repo_id,
+            git_path: source.git_path,
+            git_port,
+            commit: source.commit,
+            git_ref: source.git_ref,
+        })
+    }
+}
+
+impl From<Completion> for crate::Completion {
+    fn from(completion: Completion) -> Self {
+        let mut wire = Self {
+            duration_ms: millis(completion.duration),
+            env: completion.env.map(RunEnv::label).unwrap_or_default().to_owned(),
+            ..Self::default()
+        };
+        let outcome = match completion.end {
+            JobEnd::Exited { code } => {
+                wire.exit_code = Some(code);
+                crate::Outcome::Exited
+            }
+            JobEnd::Signalled { signal } => {
+                wire.signal = Some(signal);
+                crate::Outcome::Exited
+            }
+            JobEnd::TimedOut => crate::Outcome::TimedOut,
+            JobEnd::Cancelled => crate::Outcome::Cancelled,
+            JobEnd::Failed { reason } => {
+                wire.error = reason;
+                crate::Outcome::Failed
+            }
+        };
+        wire.outcome = outcome.into();
+        wire
+    }
+}
+
+impl TryFrom<crate::Completion> for Completion {
+    type Error = DecodeError;
+
+    fn try_from(wire: crate::Completion) -> Result<Self, DecodeError> {
+        let end = match crate::Outcome::try_from(wire.outcome) {
+            Ok(crate::Outcome::Exited) => match (wire.exit_code, wire.signal) {
+                (Some(code), _) => JobEnd::Exited { code },
+                (None, Some(signal)) => JobEnd::Signalled { signal },
+                (None, None) => return Err(DecodeError::Missing("exit code or signal")),
+            },
+            Ok(crate::Outcome::TimedOut) => JobEnd::TimedOut,
+            Ok(crate::Outcome::Cancelled) => JobEnd::Cancelled,
+            Ok(crate::Outcome::Failed) => JobEnd::Failed { reason: wire.error },
+            Ok(crate::Outcome::Unspecified) | Err(_) => {
+                return Err(DecodeError::Unknown { field: "outcome", value: wire.outcome });
+            }
+        };
+        let env = match wire.env.as_str() {
+            "" => None,
+            label => Some(RunEnv::from_label(label).ok_or_else(|| DecodeError::Invalid {
+                field: "env",
+                reason: format!("{label:?} is neither nix nor host"),
+            })?),
+        };
+        Ok(Self { end, duration: Duration::from_millis(wire.duration_ms), env })
+    }
+}
+
+impl From<JobResult> for crate::JobResult {
+    fn from(result: JobResult) -> Self {
+        Self {
+            completion: Some(result.completion.into()),
+            agent_id: result.agent_id,
+            attempt: result.attempt,
+            local: result.local,
+            queue_ms: millis(result.queue_time),
+        }
+    }
+}
+
+impl TryFrom<crate::JobResult> for JobResult {
+    type Error = DecodeError;
+
+    fn try_from(wire: crate::JobResult) -> Result<Self, DecodeError> {
+        Ok(Self {
+            completion: required(wire.completion, "completion")?.try_into()?,
+            agent_id: wire.agent_id,
+            attempt: wire.attempt,
+            local: wire.local,
+            queue_time: Duration::from_millis(wire.queue_ms),
+        })
+    }
+}
+
+/// A client-facing event of job `job_id`.
+pub fn encode_job_event(job_id: JobId, event: JobEvent) -> crate::JobEvent {
+    let event = match event {
+        JobEvent::Queued { position, reason } => {
+            job_event::Event::Queued(crate::JobQueued { position, reason })
+        }
+        JobEvent::Assigned { agent_id, attempt, local } => {
+            job_event::Event::Assigned(crate::JobAssigned { agent_id, attempt, local })
+        }
+        JobEvent::Output { attempt, stream, data } => job_event::Event::Output(crate::JobOutputChunk {
+            stream: encode_stream(stream),
+            data: data.into(),
+            attempt,
+        }),
+        JobEvent::Finished(result) => job_event::Event::Finished(result.into()),
+    };
+    crate::JobEvent { job_id, event: Some(event) }
+}
+
+/// The job id and the event of a wire job event.
+pub fn decode_job_event(wire: crate::JobEvent) -> Result<(JobId, JobEvent), DecodeError> {
+    let event = match required(wire.event, "job event")? {
+        job_event::Event::Queued(queued) => {
+            JobEvent::Queued { position: queued.position, reason: queued.reason }
+        }
+        job_event::Event::Assigned(assigned) => JobEvent::Assigned {
+            agent_id: assigned.agent_id,
+            attempt: assigned.attempt,
+            local: assigned.local,
+        },
+        job_event::Event::Output(chunk) => JobEvent::Output {
+            attempt: chunk.attempt,
+            stream: decode_stream(chunk.stream)?,
+            data: chunk.data.into(),
+        },
+        job_event::Event::Finished(result) => JobEvent::Finished(result.try_into()?),
+    };
+    Ok((wire.job_id, event))
+}
+
+// ---- the job bus -------------------------------------------------------------------------
+
+fn key_of(job_id: u64, attempt: u32) -> AttemptKey {
+    AttemptKey::new(job_id, attempt)
+}
+
+impl From<AgentMessage> for crate::AgentFrame {
+    fn from(message: AgentMessage) -> Self {
+        let msg = match message {
+            AgentMessage::Hello(hello) => agent_frame::Msg::Hello(crate::Hello {
+                protocol_version: hello.protocol_version,
+                agent_id: hello.agent_id,
+                token: hello.token,
+                labels: hello.labels,
+                system: hello.system,
+                slots_total: hello.slots.total,
+                slots_free: hello.slots.free,
+                agent_version: hello.agent_version,
+                draining: hello.slots.draining,
+                attempts: hello
+                    .attempts
+                    .into_iter()
+                    .map(|held| crate::AttemptRef {
+                        job_id: held.key.job_id,
+                        attempt: held.key.attempt,
+                        finished: held.finished,
+                    })
+                    .collect(),
+            }),
+            AgentMessage::Heartbeat { sent_at_unix_ms } => {
+                agent_frame::Msg::Heartbeat(crate::Heartbeat { sent_at_unix_ms })
+            }
+            AgentMessage::Slots(offer) => agent_frame::Msg::Slots(crate::SlotsUpdate {
+                slots_free: offer.free,
+                slots_total: offer.total,
+                draining: offer.draining,
+            }),
+            AgentMessage::Declined { key, reason } => agent_frame::Msg::Declined(crate::Declined {
+                job_id: key.job_id,
+                attempt: key.attempt,
+                reason,
+            }),
+            AgentMessage::Output { key, stream, data } => agent_frame::Msg::Output(crate::JobOutput {
+                job_id: key.job_id,
+                attempt: key.attempt,
+                stream: encode_stream(stream),
+                data: data.into(),
+            }),
+            AgentMessage::Finished { key, completion } => agent_frame::Msg::Finished(crate::JobFinished {
+                job_id: key.job_id,
+                attempt: key.attempt,
+                completion: Some(completion.into()),
+            }),
+            AgentMessage::CancelAck(key) => agent_frame::Msg::CancelAck(crate::CancelAck {
+                job_id: key.job_id,
+                attempt: key.attempt,
+            }),
+        };
+        Self { msg: Some(msg) }
+    }
+}
+
+impl TryFrom<crate::AgentFrame> for AgentMessage {
+    type Error = DecodeError;
+
+    fn try_from(frame: crate::AgentFrame) -> Result<Self, DecodeError> {
+        Ok(match required(frame.msg, "agent message")? {
+            agent_frame::Msg::Hello(hello) => AgentMessage::Hello(Hello {
+                protocol_version: hello.protocol_version,
+                agent_id: hello.agent_id,
+                token: hello.token,
+                labels: hello.labels,
+                system: hello.system,
+                slots: SlotOffer {
+                    free: hello.slots_free,
+                    total: hello.slots_total,
+                    draining: hello.draining,
+                },
+                agent_version: hello.agent_version,
+                attempts: hello
+                    .attempts
+                    .into_iter()
+                    .map(|held| HeldAttempt {
+                        key: key_of(held.job_id, held.attempt),
+                        finished: held.finished,
+                    })
+                    .collect(),
+            }),
+            agent_frame::Msg::Heartbeat(beat) => {
+                AgentMessage::Heartbeat { sent_at_unix_ms: beat.sent_at_unix_ms }
+            }
+            agent_frame::Msg::Slots(slots) => AgentMessage::Slots(SlotOffer {
+                free: slots.slots_free,
+                total: slots.slots_total,
+                draining: slots.draining,
+            }),
+            agent_frame::Msg::Declined(declined) => AgentMessage::Declined {
+                key: key_of(declined.job_id, declined.attempt),
+                reason: declined.reason,
+            },
+            agent_frame::Msg::Output(output) => AgentMessage::Output {
+                key: key_of(output.job_id, output.attempt),
+                stream: decode_stream(output.stream)?,
+                data: output.data.into(),
+            },
+            agent_frame::Msg::Finished(finished) => AgentMessage::Finished {
+                key: key_of(finished.job_id, finished.attempt),
+                completion: required(finished.completion, "completion")?.try_into()?,
+            },
+            agent_frame::Msg::CancelAck(ack) => {
+                AgentMessage::CancelAck(key_of(ack.job_id, ack.attempt))
+            }
+        })
+    }
+}
+
+impl From<CoordinatorMessage> for crate::CoordinatorFrame {
+    fn from(message: CoordinatorMessage) -> Self {
+        let msg = match message {
+            CoordinatorMessage::Welcome(welcome) => coordinator_frame::Msg::Welcome(crate::Welcome {
+                protocol_version: welcome.protocol_version,
+                coordinator_id: welcome.coordinator_id,
+                heartbeat_interval_ms: millis_u32(welcome.heartbeat_interval),
+                heartbeat_timeout_ms: millis_u32(welcome.heartbeat_timeout),
+            }),
+            CoordinatorMessage::Reject(reject) => coordinator_frame::Msg::Reject(crate::Reject {
+                code: crate::RejectCode::from(reject.code).into(),
+                message: reject.message,
+            }),
+            CoordinatorMessage::Heartbeat { sent_at_unix_ms } => {
+                coordinator_frame::Msg::Heartbeat(crate::Heartbeat { sent_at_unix_ms })
+            }
+            CoordinatorMessage::Assign(assignment) => coordinator_frame::Msg::Assign(crate::Assign {
+                job_id: assignment.key.job_id,
+                attempt: assignment.key.attempt,
+                spec: Some(assignment.spec.into()),
+                source: Some(assignment.source.into()),
+            }),
+            CoordinatorMessage::Cancel(key) => coordinator_frame::Msg::Cancel(crate::Cancel {
+                job_id: key.job_id,
+                attempt: key.attempt,
+            }),
+            CoordinatorMessage::ProtocolError(message) => {
+                coordinator_frame::Msg::Error(crate::ProtocolError { message })
+            }
+            CoordinatorMessage::Drain => coordinator_frame::Msg::Drain(crate::Drain {}),
+            CoordinatorMessage::Demand { queued } => {
+                coordinator_frame::Msg::Demand(crate::Demand { queued })
+            }
+            CoordinatorMessage::ResultAck(key) => coordinator_frame::Msg::ResultAck(crate::ResultAck {
+                job_id: key.job_id,
+                attempt: key.attempt,
+            }),
+        };
+        Self { msg: Some(msg) }
+    }
+}
+
+impl TryFrom<crate::CoordinatorFrame> for CoordinatorMessage {
+    type Error = DecodeError;
+
+    fn try_from(frame: crate::CoordinatorFrame) -> Result<Self, DecodeError> {
+        Ok(match required(frame.msg, "coordinator message")? {
+            coordinator_frame::Msg::Welcome(welcome) => CoordinatorMessage::Welcome(Welcome {
+                protocol_version: welcome.protocol_version,
+                coordinator_id: welcome.coordinator_id,
+                heartbeat_interval: Duration::from_millis(u64::from(welcome.heartbeat_interval_ms)),
+                heartbeat_timeout: Duration::from_millis(u64::from(welcome.heartbeat_timeout_ms)),
+            }),
+            coordinator_frame::Msg::Reject(reject) => CoordinatorMessage::Reject(Reject {
+                code: decode_reject_code(reject.code)?,
+                message: reject.message,
+            }),
+            coordinator_frame::Msg::Heartbeat(beat) => {
+                CoordinatorMessage::Heartbeat { sent_at_unix_ms: beat.sent_at_unix_ms }
+            }
+            coordinator_frame::Msg::Assign(assign) => CoordinatorMessage::Assign(Assignment {
+                key: key_of(assign.job_id, assign.attempt),
+                spec: required(assign.spec, "job spec")?.try_into()?,
+                source: required(assign.source, "source")?.try_into()?,
+            }),
+            coordinator_frame::Msg::Cancel(cancel) => {
+                CoordinatorMessage::Cancel(key_of(cancel.job_id, cancel.attempt))
+            }
+            coordinator_frame::Msg::Error(error) => CoordinatorMessage::ProtocolError(error.message),
+            coordinator_frame::Msg::Drain(_) => CoordinatorMessage::Drain,
+            coordinator_frame::Msg::Demand(demand) => {
+                CoordinatorMessage::Demand { queued: demand.queued }
+            }
+            coordinator_frame::Msg::ResultAck(ack) => {
+                CoordinatorMessage::ResultAck(key_of(ack.job_id, ack.attempt))
+            }
+        })
+    }
+}
+
+// ---- the control API ---------------------------------------------------------------------
+
+impl From<Submission> for crate::SubmitRequest {
+    fn from(submission: Submission) -> Self {
+        Self {
+            spec: Some(submission.spec.into()),
+            commit: submission.commit,
+            git_ref: submission.git_ref,
+            worktree: submission.worktree,
+        }
+    }
+}
+
+impl TryFrom<crate::SubmitRequest> for Submission {
+    type Error = DecodeError;
+
+    fn try_from(request: crate::SubmitRequest) -> Result<Self, DecodeError> {
+        Ok(Self {
+            spec: required(request.spec, "job spec")?.try_into()?,
+            commit: request.commit,
+            git_ref: request.git_ref,
+            worktree: request.worktree,
+        })
+    }
+}
+
+impl From<AgentStatus> for crate::AgentInfo {
+    fn from(agent: AgentStatus) -> Self {
+        Self {
+            id: agent.id,
+            slots_total: agent.slots_total,
+            slots_used: agent.slots_used,
+            labels: agent.labels,
+            system: agent.system,
+            connected_since_unix_ms: agent.connected_since_unix_ms,
+            local: agent.local,
+            draining: agent.draining,
+            address: agent.address,
+        }
+    }
+}
+
+impl From<crate::AgentInfo> for AgentStatus {
+    fn from(agent: crate::AgentInfo) -> Self {
+        Self {
+            id: agent.id,
+            slots_total: agent.slots_total,
+            slots_used: agent.slots_used,
+            labels: agent.labels,
+            system: agent.system,
+            connected_since_unix_ms: agent.connected_since_unix_ms,
+            local: agent.local,
+            draining: agent.draining,
+            address: agent.address,
+        }
+    }
+}
+
+impl From<JobStatus> for crate::JobInfo {
+    fn from(job: JobStatus) -> Self {
+        let (state, agent_id, attempt) = match job.place {
+            JobPlace::Queued => (crate::JobState::Queued, String::new(), 0),
+            JobPlace::Running { agent_id, attempt } => (crate::JobState::Running, agent_id, attempt),
+        };
+        Self {
+            job_id: job.job_id,
+            kind: crate::JobKind::from(job.kind).into(),
+            state: state.into(),
+            agent_id,
+            attempt,
+            submitted_unix_ms: job.submitted_unix_ms,
+            worktree: job.worktree,
+            cargo_args: job.cargo_args,
+        }
+    }
+}
+
+impl TryFrom<crate::JobInfo> for JobStatus {
+    type Error = DecodeError;
+
+    fn try_from(job: crate::JobInfo) -> Result<Self, DecodeError> {
+        let place = match crate::JobState::try_from(job.state) {
+            Ok(crate::JobState::Queued) => JobPlace::Queued,
+            Ok(crate::JobState::Running) => {
+                JobPlace::Running { agent_id: job.agent_id, attempt: job.attempt }
+            }
+            Ok(crate::JobState::Finished | crate::JobState::Unspecified) | Err(_) => {
+                return Err(DecodeError::Unknown { field: "job state", value: job.state });
+            }
+        };
+        Ok(Self {
+            job_id: job.job_id,
+            kind: decode_kind(job.kind)?,
+            place,
+            submitted_unix_ms: job.submitted_unix_ms,
+            worktree: job.worktree,
+            cargo_args: job.cargo_args,
+        })
+    }
+}
+
+impl From<CoordinatorStatus> for crate::StatusReply {
+    fn from(status: CoordinatorStatus) -> Self {
+        Self {
+            coordinator_id: status.coordinator_id,
+            repository: status.repository,
+            agents: status.agents.into_iter().map(Into::into).collect(),
+            jobs: status.jobs.into_iter().map(Into::into).collect(),
+            local_fallback_enabled: status.local_fallback_enabled,
+            local_fallback_active: status.local_fallback_active,
+            websocket_addr: status.websocket_addr.unwrap_or_default(),
+            git_daemon_port: status.git_daemon_port.map_or(0, u32::from),
+        }
+    }
+}
+
+impl TryFrom<crate::StatusReply> for CoordinatorStatus {
+    type Error = DecodeError;
+
+    fn try_from(status: crate::StatusReply) -> Result<Self, DecodeError> {
+        let git_daemon_port = match status.git_daemon_port {
+            0 => None,
+            port => Some(u16::try_from(port).map_err(|_| DecodeError::Invalid {
+                field: "git daemon port",
+                reason: format!("{port} is not a port"),
+            })?),
+        };
+        Ok(Self {
+            coordinator_id: status.coordinator_id,
+            repository: status.repository,
+            agents: status.agents.into_iter().map(Into::into).collect(),
+            jobs: status.jobs.into_iter().map(TryInto::try_into).collect::<Result<_, _>>()?,
+            local_fallback_enabled: status.local_fallback_enabled,
+            local_fallback_active: status.local_fallback_active,
+            websocket_addr: Some(status.websocket_addr).filter(|addr| !addr.is_empty()),
+            git_daemon_port,
+        })
+    }
+}
+
+impl From<LogRequest> for crate::JobLogRequest {
+    fn from(request: LogRequest) -> Self {
+        Self {
+            job_id: request.job_id,
+            offset: request.offset,
+            limit: request.limit.unwrap_or(0),
+            stream: request.stream.map_or(crate::OutputStream::Unspecified.into(), encode_stream),
+        }
+    }
+}
+
+impl TryFrom<crate::JobLogRequest> for LogRequest {
+    type Error = DecodeError;
+
+    fn try_from(request: crate::JobLogRequest) -> Result<Self, DecodeError> {
+        Ok(Self {
+            job_id: request.job_id,
+            offset: request.offset,
+            limit: (request.limit > 0).then_some(request.limit),
+            stream: decode_stream_filter(request.stream)?,
+        })
+    }
+}
+
+impl From<LogPage> for crate::JobLogReply {
+    fn from(page: LogPage) -> Self {
+        Self {
+            data: page.data,
+            next_offset: page.next_offset,
+            complete: page.complete,
+            truncated_bytes: page.truncated_bytes,
+        }
+    }
+}
+
+impl From<crate::JobLogReply> for LogPage {
+    fn from(page: crate::JobLogReply) -> Self {
+        Self {
+            data: page.data,
+            next_offset: page.next_offset,
+            complete: page.complete,
+            truncated_bytes: page.truncated_bytes,
+        }
+    }
+}
+
+impl From<CancelReply> for crate::CancelReply {
+    fn from(reply: CancelReply) -> Self {
+        match reply {
+            CancelReply::Cancelling => Self { cancelled: true, state: "cancelling".to_owned() },
+            CancelReply::AlreadyFinished => Self { cancelled: false, state: "finished".to_owned() },
+        }
+    }
+}
+
+impl From<crate::CancelReply> for CancelReply {
+    fn from(reply: crate::CancelReply) -> Self {
+        if reply.cancelled { CancelReply::Cancelling } else { CancelReply::AlreadyFinished }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            cargo_args: vec!["-p".into(), "app".into()],
+            env: vec![EnvVar { name: "RUST_BACKTRACE".into(), value: "1".into() }],
+            timeout: Some(Duration::from_secs(60)),
+            env_mode: EnvMode::Nix,
+            required_labels: vec!["gpu".into()],
+            ..JobSpec::new(JobKind::Clippy)
+        }
+    }
+
+    fn round_trip_agent(message: AgentMessage) {
+        let decoded = AgentMessage::try_from(crate::AgentFrame::from(message.clone()));
+        assert_eq!(decoded, Ok(message));
+    }
+
+    fn round_trip_coordinator(message: CoordinatorMessage) {
+        let decoded = CoordinatorMessage::try_from(crate::CoordinatorFrame::from(message.clone()));
+        assert_eq!(decoded, Ok(message));
+    }
+
+    #[test]
+    fn every_bus_message_survives_the_wire() {
+        let key = AttemptKey::new(7, 2);
+        round_trip_agent(AgentMessage::Hello(Hello {
+            protocol_version: 1,
+            agent_id: "a".into(),
+            token: "t".into(),
+            labels: vec!["x".into()],
+            system: "x86_64-linux".into(),
+            slots: SlotOffer { free: 1, total: 2, draining: true },
+            agent_version: "0.1.0".into(),
+            attempts: vec![HeldAttempt { key, finished: true }],
+        }));
+        round_trip_agent(AgentMessage::Heartbeat { sent_at_unix_ms: 5 });
+        round_trip_agent(AgentMessage::Declined { key, reason: "busy".into() });
+        round_trip_agent(AgentMessage::Output {
+            key,
+            stream: OutputStream::Stderr,
+            data: bytes::Bytes::from_static(b"warning"),
+        });
+        for end in [
+            JobEnd::Exited { code: 101 },
+            JobEnd::Signalled { signal: 9 },
+            JobEnd::TimedOut,
+            JobEnd::Cancelled,
+            JobEnd::Failed { reason: "no flake".into() },
+        ] {
+            let completion =
+                Completion { end, duration: Duration::from_millis(1500), env: Some(RunEnv::Host) };
+            round_trip_agent(AgentMessage::Finished { key, completion });
+        }
+        round_trip_agent(AgentMessage::CancelAck(key));
+        round_trip_coordinator(CoordinatorMessage::Assign(Assignment {
+            key,
+            spec: spec(),
+            source: Source {
+                repo_id: "r".into(),
+                git_path: "/.git".into(),
+                git_port: 9418,
+                commit: "c".into(),
+                git_ref: "refs/x".into(),
+            },
+        }));
+        round_trip_coordinator(CoordinatorMessage::Reject(Reject {
+            code: RejectCode::BadToken,
+            message: "no".into(),
+        }));
+        round_trip_coordinator(CoordinatorMessage::Demand { queued: 3 });
+        round_trip_coordinator(CoordinatorMessage::Drain);
+        round_trip_coordinator(CoordinatorMessage::ResultAck(key));
+    }
+
+    #[test]
+    fn missing_or_unknown_values_are_errors_not_defaults() {
+        let no_spec = crate::CoordinatorFrame {
+            msg: Some(coordinator_frame::Msg::Assign(crate::Assign {
+                job_id: 1,
+                attempt: 1,
+                spec: None,
+                source: Some(crate::Source::default()),
+            })),
+        };
+        assert_eq!(CoordinatorMessage::try_from(no_spec), Err(DecodeError::Missing("job spec")));
+        let unknown_kind = crate::JobSpec { kind: 42, ..crate::JobSpec::default() };
+        assert!(matches!(
+            JobSpec::try_from(unknown_kind),
+            Err(DecodeError::Unknown { field: "job kind", value: 42 })
+        ));
+        let unspecified_outcome = crate::Completion::default();
+        assert!(matches!(
+            Completion::try_from(unspecified_outcome),
+            Err(DecodeError::Unknown { field: "outcome", .. })
+        ));
+        let unspecified_stream = crate::AgentFrame {
+            msg: Some(agent_frame::Msg::Output(crate::JobOutput::default())),
+        };
+        assert!(AgentMessage::try_from(unspecified_stream).is_err());
+        assert_eq!(
+            AgentMessage::try_from(crate::AgentFrame { msg: None }),
+            Err(DecodeError::Missing("agent message"))
+        );
+    }
+
+    #[test]
+    fn zero_means_unset_only_where_the_domain_says_optional() {
+        let wire = crate::JobSpec::from(JobSpec::new(JobKind::Test));
+        assert_eq!(wire.timeout_secs, 0);
+        assert_eq!(JobSpec::try_from(wire).map(|spec| spec.timeout), Ok(None));
+        let request = LogRequest { job_id: 1, offset: 0, limit: None, stream: None };
+        assert_eq!(LogRequest::try_from(crate::JobLogRequest::from(request)), Ok(request));
+    }
+}
