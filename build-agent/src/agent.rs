@@ -1,27 +1,31 @@
-//! The agent runtime: one slot pool and one executor, any number of coordinator links.
+//! The agent runtime: one job table and one executor, shared by all coordinator links.
 //!
 //! Jobs belong to the agent, not to a connection: when a link drops mid-job the job keeps
-//! running, its output is kept (bounded) and its result held until the coordinator
-//! acknowledges it. On reconnect the agent reports its attempts in the hello; the
-//! coordinator reattaches them or tells the agent to stop them.
+//! running, its output is kept (bounded, see [`crate::output`]) and its result is held
+//! until the coordinator acknowledges it. The decisions (admission within the offer, slot
+//! leases, cancel, held results) are made by the pure [`JobTable`]; this module carries
+//! them out: it starts job tasks, keeps their cancel tokens and unsent output, and knows
+//! each link's current connection. Connections ([`crate::connection`]) only call in here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use buildpool_proto::Completion;
+use buildpool_core::bus::{AgentMessage, Assignment, Hello, PROTOCOL_VERSION, SlotOffer};
+use buildpool_core::{AttemptKey, Completion, JobEnd};
+use buildpool_proto::socket::Outbox;
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backoff::Backoff;
-use crate::connection::{self, GitLocator, SessionError};
-use crate::executor::{Executor, ExecutorConfig};
-use crate::slots::{LinkId, SlotPool};
+use crate::executor::{Executor, ExecutorConfig, JobRequest};
+use crate::job_table::{Admission, CancelEffect, Decline, Delivery, JobTable, LinkId, PoolView};
+use crate::output::{self, LinkOutbox};
 
 /// How long jobs get to end after they were told to stop, before the agent exits anyway.
 const STOP_WAIT: Duration = Duration::from_secs(15);
+/// Output chunks buffered between one job's process and its forwarder.
+const JOB_OUTPUT_CAPACITY: usize = 16;
 
 /// Who this agent is and what it offers.
 #[derive(Debug, Clone)]
@@ -33,67 +37,6 @@ pub struct AgentIdentity {
     pub token: String,
 }
 
-/// A coordinator to connect to.
-#[derive(Debug, Clone)]
-pub struct ServerEndpoint {
-    /// `ws://host:port/ws`
-    pub url: String,
-    /// For logs; defaults to the URL.
-    pub name: String,
-}
-
-/// One attempt this agent runs or ran for a coordinator.
-#[derive(Debug)]
-pub(crate) struct JobEntry {
-    pub cancel: CancellationToken,
-    /// Set when the attempt ended; kept until the coordinator acknowledges the result.
-    pub finished: Option<Completion>,
-    /// Output that could not be sent before the attempt ended (link down); sent before the
-    /// result on the next connection.
-    pub unsent: VecDeque<Message>,
-}
-
-/// Everything the agent keeps about one coordinator, across reconnects.
-#[derive(Debug)]
-pub(crate) struct Link {
-    pub id: LinkId,
-    /// The outbound queue of the current connection, if connected.
-    pub outbound: watch::Sender<Option<mpsc::Sender<Message>>>,
-    pub jobs: Mutex<HashMap<(u64, u32), JobEntry>>,
-}
-
-impl Link {
-    pub fn jobs(&self) -> MutexGuard<'_, HashMap<(u64, u32), JobEntry>> {
-        self.jobs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// A handle on one coordinator link, for callers that bring their own streams.
-#[derive(Debug, Clone)]
-pub struct LinkHandle(pub(crate) Arc<Link>);
-
-#[derive(Debug)]
-pub(crate) struct AgentInner {
-    pub(crate) identity: AgentIdentity,
-    pub(crate) executor: Executor,
-    pub(crate) slots: SlotPool,
-    links: Mutex<Vec<Arc<Link>>>,
-    /// Every job task, so shutdown and drain can wait for them.
-    pub(crate) tracker: TaskTracker,
-    /// Cancels every job (shutdown).
-    pub(crate) stop_jobs: CancellationToken,
-    /// A coordinator asked this agent to drain.
-    pub(crate) drain_requested: CancellationToken,
-}
-
-/// A build agent. Cheap to clone; clones share the slot pool and jobs.
-#[derive(Debug, Clone)]
-pub struct Agent {
-    pub(crate) inner: Arc<AgentInner>,
-}
-
 /// The Nix system double of this machine.
 pub fn local_system() -> String {
     let os = match std::env::consts::OS {
@@ -103,15 +46,55 @@ pub fn local_system() -> String {
     format!("{}-{os}", std::env::consts::ARCH)
 }
 
+/// An attempt as the runtime tracks it next to the table.
+type Slot = (LinkId, AttemptKey);
+
+/// What the runtime keeps beside the table, under the same lock so the two never disagree.
+#[derive(Debug, Default)]
+struct State {
+    table: JobTable,
+    /// Stops a running attempt.
+    cancels: HashMap<Slot, CancellationToken>,
+    /// Output of ended attempts that could not be sent yet; sent before their result.
+    unsent: HashMap<Slot, Vec<AgentMessage>>,
+    /// Each link's current connection; a job's output follows it across reconnects.
+    outboxes: Vec<watch::Sender<Option<Outbox<AgentMessage>>>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    identity: AgentIdentity,
+    executor: Executor,
+    state: Mutex<State>,
+    /// The pool as the table last left it; every connection watches it to announce offers.
+    pool: watch::Sender<PoolView>,
+    /// Every job task, so shutdown and drain can wait for them.
+    tracker: TaskTracker,
+    /// Cancels every job (shutdown).
+    stop_jobs: CancellationToken,
+    /// A coordinator asked this agent to drain.
+    drain_requested: CancellationToken,
+}
+
+/// A build agent. Cheap to clone; clones share the job table and jobs.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
 impl Agent {
     pub fn new(identity: AgentIdentity, executor: ExecutorConfig) -> Self {
-        let slots = SlotPool::new(u32::try_from(executor.slots).unwrap_or(u32::MAX));
+        let table = JobTable::new(u32::try_from(executor.slots).unwrap_or(u32::MAX));
+        let pool = watch::channel(table.view()).0;
         Self {
-            inner: Arc::new(AgentInner {
+            inner: Arc::new(Inner {
                 identity,
                 executor: Executor::new(executor),
-                slots,
-                links: Mutex::new(Vec::new()),
+                state: Mutex::new(State {
+                    table,
+                    ..State::default()
+                }),
+                pool,
                 tracker: TaskTracker::new(),
                 stop_jobs: CancellationToken::new(),
                 drain_requested: CancellationToken::new(),
@@ -123,20 +106,227 @@ impl Agent {
         &self.inner.identity.id
     }
 
-    /// Registers a coordinator link; its id keys the slot pool's fair sharing.
-    pub fn link(&self) -> LinkHandle {
-        let mut links = self
-            .inner
-            .links
+    /// Locks the state. A panic under the lock is a bug, but it must not take every other
+    /// job down with poisoned-lock panics, so poisoning is ignored.
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner
+            .state
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let link = Arc::new(Link {
-            id: links.len(),
-            outbound: watch::channel(None).0,
-            jobs: Mutex::new(HashMap::new()),
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `change` on the table and publishes the pool if it changed.
+    fn with_table<R>(&self, change: impl FnOnce(&mut State) -> R) -> R {
+        let mut state = self.state();
+        let result = change(&mut state);
+        let view = state.table.view();
+        drop(state);
+        self.inner.pool.send_if_modified(|pool| {
+            let changed = *pool != view;
+            *pool = view;
+            changed
         });
-        links.push(Arc::clone(&link));
-        LinkHandle(link)
+        result
+    }
+
+    /// Registers a coordinator link; its id keys fair slot sharing and held results.
+    pub fn register_link(&self) -> LinkId {
+        let mut state = self.state();
+        state.outboxes.push(watch::channel(None).0);
+        state.outboxes.len() - 1
+    }
+
+    /// Watches the pool, to announce this agent's offer to a coordinator when it changes.
+    pub fn watch_pool(&self) -> watch::Receiver<PoolView> {
+        self.inner.pool.subscribe()
+    }
+
+    /// The offer to `link` in `pool`, as the bus carries it.
+    pub fn offer(pool: &PoolView, link: LinkId) -> SlotOffer {
+        SlotOffer {
+            free: pool.offer(link),
+            total: pool.total,
+            draining: pool.draining,
+        }
+    }
+
+    /// The hello for a new connection of `link`: identity, offer and the attempts it holds.
+    pub fn hello(&self, link: LinkId) -> Hello {
+        let state = self.state();
+        let identity = &self.inner.identity;
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_id: identity.id.clone(),
+            token: identity.token.clone(),
+            labels: identity.labels.clone(),
+            system: identity.system.clone(),
+            slots: Self::offer(&state.table.view(), link),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            attempts: state.table.held_attempts(link),
+        }
+    }
+
+    /// A connection of `link` was welcomed: it carries the link from now on. Returns the
+    /// messages it must send first: the results that ended while the link was down, each
+    /// after its unsent output. Installing the connection and collecting them happen under
+    /// one lock, as recording a result does, so no result falls between the two.
+    pub fn link_up(&self, link: LinkId, outbox: Outbox<AgentMessage>) -> Vec<AgentMessage> {
+        self.with_table(|state| {
+            let mut messages = Vec::new();
+            for (key, completion) in state.table.link_up(link) {
+                messages.extend(state.unsent.remove(&(link, key)).unwrap_or_default());
+                messages.push(AgentMessage::Finished { key, completion });
+            }
+            if let Some(current) = state.outboxes.get(link) {
+                current.send_replace(Some(outbox));
+            }
+            messages
+        })
+    }
+
+    /// The connection of `link` ended. Its jobs keep running; their output waits.
+    pub fn link_down(&self, link: LinkId) {
+        self.with_table(|state| {
+            state.table.link_down(link);
+            if let Some(current) = state.outboxes.get(link) {
+                current.send_replace(None);
+            }
+        });
+    }
+
+    /// An assignment from `link`: starts the job within the link's offer, or says why not.
+    /// `git_url` is where this link's snapshots are fetched from.
+    pub fn assign(
+        &self,
+        link: LinkId,
+        assignment: Assignment,
+        git_url: String,
+    ) -> Result<(), Decline> {
+        let Assignment { key, spec, source } = assignment;
+        let missing: Vec<String> = spec
+            .required_labels
+            .iter()
+            .filter(|label| !self.inner.identity.labels.contains(label))
+            .cloned()
+            .collect();
+        let started = self.with_table(|state| match state.table.assign(link, key, missing) {
+            Admission::Start => {
+                let cancel = self.inner.stop_jobs.child_token();
+                state.cancels.insert((link, key), cancel.clone());
+                let outbox = state.outboxes.get(link).map(watch::Sender::subscribe);
+                Ok(Some((cancel, outbox)))
+            }
+            Admission::AlreadyKnown => Ok(None),
+            Admission::Declined(decline) => Err(decline),
+        })?;
+        if let Some((cancel, Some(outbox))) = started {
+            let request = JobRequest {
+                key,
+                spec,
+                source,
+                git_url,
+            };
+            let agent = self.clone();
+            self.inner
+                .tracker
+                .spawn(async move { agent.run_job(link, request, cancel, outbox).await });
+        }
+        Ok(())
+    }
+
+    /// Runs one attempt to its end, then records its result. The executor returns only once
+    /// the job's processes and workspace are gone, so the slot is freed after both.
+    async fn run_job(
+        &self,
+        link: LinkId,
+        request: JobRequest,
+        cancel: CancellationToken,
+        outbox: LinkOutbox,
+    ) {
+        let key = request.key;
+        let (chunks, output) = mpsc::channel(JOB_OUTPUT_CAPACITY);
+        let run = self.inner.executor.run(&request, chunks, cancel);
+        let (completion, unsent) = tokio::join!(run, output::forward(outbox, key, output));
+        if let JobEnd::Failed { reason } = &completion.end {
+            tracing::warn!(
+                job_id = key.job_id,
+                attempt = key.attempt,
+                "job failed: {reason}"
+            );
+        }
+        self.attempt_ended(link, key, completion, unsent).await;
+    }
+
+    async fn attempt_ended(
+        &self,
+        link: LinkId,
+        key: AttemptKey,
+        completion: Completion,
+        mut unsent: Vec<AgentMessage>,
+    ) {
+        let send_now = self.with_table(|state| {
+            state.cancels.remove(&(link, key));
+            match state.table.attempt_ended(link, key, completion.clone()) {
+                Delivery::SendNow => state
+                    .outboxes
+                    .get(link)
+                    .and_then(|current| current.borrow().clone()),
+                Delivery::Held => {
+                    state
+                        .unsent
+                        .insert((link, key), std::mem::take(&mut unsent));
+                    None
+                }
+                Delivery::Dropped => None,
+            }
+        });
+        // A send that fails here is not lost: the result stays held until acknowledged,
+        // and the next connection sends it again.
+        if let Some(outbox) = send_now {
+            for message in unsent {
+                let _ = outbox.send(message).await;
+            }
+            let _ = outbox
+                .send(AgentMessage::Finished { key, completion })
+                .await;
+        }
+    }
+
+    /// The coordinator of `link` cancels an attempt: stop it if it runs, forget its result if
+    /// it ended.
+    pub fn cancel(&self, link: LinkId, key: AttemptKey) {
+        self.with_table(|state| match state.table.cancel(link, key) {
+            CancelEffect::Stop => {
+                tracing::info!(job_id = key.job_id, attempt = key.attempt, "cancelling");
+                if let Some(cancel) = state.cancels.get(&(link, key)) {
+                    cancel.cancel();
+                }
+            }
+            CancelEffect::Forgotten => {
+                state.unsent.remove(&(link, key));
+            }
+            CancelEffect::Unknown => {}
+        });
+    }
+
+    /// The coordinator of `link` has the result of `key`; it need not be kept any longer.
+    pub fn result_acked(&self, link: LinkId, key: AttemptKey) {
+        self.with_table(|state| {
+            state.table.result_acked(link, key);
+            if !state.table.is_running(link, key) {
+                state.unsent.remove(&(link, key));
+            }
+        });
+    }
+
+    /// The coordinator of `link` has `queued` jobs this agent could run.
+    pub fn set_demand(&self, link: LinkId, queued: u32) {
+        self.with_table(|state| state.table.set_demand(link, queued));
+    }
+
+    /// A coordinator asked this agent to drain; the binary decides what that means.
+    pub fn request_drain(&self) {
+        self.inner.drain_requested.cancel();
     }
 
     /// Resolves when a coordinator asks this agent to drain.
@@ -144,73 +334,11 @@ impl Agent {
         self.inner.drain_requested.cancelled().await;
     }
 
-    /// Keeps a connection to one coordinator until `shutdown`, reconnecting with backoff.
-    pub async fn serve_endpoint(&self, endpoint: ServerEndpoint, shutdown: CancellationToken) {
-        let span = tracing::info_span!("server", agent_id = %self.id(), server = %endpoint.name);
-        let link = self.link();
-        let mut backoff = Backoff::default();
-        while !shutdown.is_cancelled() {
-            let started = tokio::time::Instant::now();
-            let session = connection::dial_and_serve(self, &link.0, &endpoint, shutdown.clone());
-            let result = tracing::Instrument::instrument(session, span.clone()).await;
-            match &result {
-                Ok(()) if shutdown.is_cancelled() => break,
-                Ok(()) => tracing::warn!(parent: &span, "connection to {} closed", endpoint.url),
-                Err(error @ SessionError::Rejected { .. }) => {
-                    tracing::error!(parent: &span, "{error}")
-                }
-                Err(error) => {
-                    tracing::warn!(parent: &span, "connection to {}: {error}", endpoint.url)
-                }
-            }
-            backoff.connection_ended(started.elapsed());
-            if matches!(result, Err(SessionError::Rejected { .. })) {
-                // Retrying at once cannot help; the operator must fix the token or version.
-                backoff = Backoff::new(
-                    Duration::from_secs(60),
-                    Duration::from_secs(60),
-                    Duration::MAX,
-                );
-            }
-            let delay = backoff.next_delay(fastrand::f64());
-            tracing::info!(parent: &span, "reconnecting in {:.1} s", delay.as_secs_f64());
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = shutdown.cancelled() => break,
-            }
-        }
-    }
-
-    /// Serves a connection the caller already established (the coordinator's embedded
-    /// local agent uses an in-memory stream).
-    pub async fn serve_stream<S>(
-        &self,
-        link: &LinkHandle,
-        stream: S,
-        git: GitLocator,
-        shutdown: CancellationToken,
-    ) -> Result<(), SessionError>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        connection::serve_raw_stream(self, &link.0, stream, git, shutdown).await
-    }
-
-    /// Connects to every endpoint and serves them until `shutdown`.
-    pub async fn run(&self, endpoints: Vec<ServerEndpoint>, shutdown: CancellationToken) {
-        let mut tasks = tokio::task::JoinSet::new();
-        for endpoint in endpoints {
-            let agent = self.clone();
-            let shutdown = shutdown.clone();
-            tasks.spawn(async move { agent.serve_endpoint(endpoint, shutdown).await });
-        }
-        while tasks.join_next().await.is_some() {}
-    }
-
-    /// Stops taking jobs and waits up to `timeout` for the running ones to end; then stops
-    /// whatever still runs. Returns whether every job ended on its own.
+    /// Stops taking jobs and waits up to `timeout` for the running ones to end and their
+    /// results to be acknowledged; then stops whatever still runs. Returns whether every
+    /// job ended on its own and every result got through.
     pub async fn drain(&self, timeout: Duration) -> bool {
-        self.inner.slots.set_draining();
+        self.with_table(|state| state.table.set_draining());
         self.inner.tracker.close();
         let deadline = tokio::time::Instant::now() + timeout;
         let finished = tokio::time::timeout_at(deadline, self.inner.tracker.wait())
@@ -221,9 +349,9 @@ impl Agent {
             self.stop().await;
             return false;
         }
-        // A result is delivered when its coordinator acknowledged it; links keep
-        // reconnecting meanwhile, so a result held for a briefly lost coordinator gets through.
-        while !self.all_results_acknowledged() {
+        // Links keep reconnecting meanwhile, so a result held for a briefly lost
+        // coordinator still gets through.
+        while !self.state().table.is_idle() {
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(
                     "drain timeout reached with results not acknowledged by their coordinators"
@@ -235,18 +363,9 @@ impl Agent {
         true
     }
 
-    fn all_results_acknowledged(&self) -> bool {
-        let links = self
-            .inner
-            .links
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        links.iter().all(|link| link.jobs().is_empty())
-    }
-
     /// Stops every job now and waits (briefly) for their groups to be gone.
     pub async fn stop(&self) {
-        self.inner.slots.set_draining();
+        self.with_table(|state| state.table.set_draining());
         self.inner.stop_jobs.cancel();
         self.inner.tracker.close();
         if tokio::time::timeout(STOP_WAIT, self.inner.tracker.wait())

@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use buildpool_proto::EnvMode;
+use buildpool_core::EnvMode;
 use serde::Deserialize;
 
-use crate::agent::ServerEndpoint;
+use crate::connection::ServerEndpoint;
 
 pub const DEFAULT_CONFIG_PATHS: &[&str] =
     &["/etc/build-agent/config.toml", "/etc/build-agent.toml"];
@@ -124,17 +124,6 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
 }
 
-pub fn parse_env_mode(text: &str) -> Result<EnvMode, ConfigError> {
-    match text {
-        "auto" => Ok(EnvMode::Auto),
-        "nix" => Ok(EnvMode::Nix),
-        "host" => Ok(EnvMode::Host),
-        other => Err(ConfigError::Invalid(format!(
-            "env must be auto, nix or host, not {other:?}"
-        ))),
-    }
-}
-
 /// Reads a config file.
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -237,15 +226,15 @@ impl AgentConfig {
         }
         let mut labels = file.worker.labels;
         labels.extend(overrides.labels);
-        buildpool_proto::spec::validate_labels(&labels)
+        buildpool_core::spec::validate_labels(&labels)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        let env = parse_env_mode(
-            overrides
-                .env
-                .as_deref()
-                .or(file.nix.env.as_deref())
-                .unwrap_or("auto"),
-        )?;
+        let env: EnvMode = overrides
+            .env
+            .as_deref()
+            .or(file.nix.env.as_deref())
+            .unwrap_or("auto")
+            .parse()
+            .map_err(ConfigError::Invalid)?;
         let token = load_token(
             overrides
                 .token_file

@@ -11,15 +11,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use buildpool_proto::{Completion, EnvMode, JobKind, JobSpec, Outcome, OutputStream, Source};
+use buildpool_core::{
+    AttemptKey, Completion, EnvMode, JobEnd, JobSpec, OutputStream, RunEnv, Source,
+};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::git_cache::GitCache;
-use crate::nix::{DevEnv, DevEnvCache};
-use crate::process::{self, CommandSpec, OutputChunk, ProcessEnd, RunLimits};
+use crate::nix::{self, DevEnv, DevEnvCache};
+use crate::process::{self, CommandSpec, OutputChunk, RunLimits};
 use crate::workspace::WorkspacePool;
 
 /// Settings of an executor.
@@ -40,8 +42,7 @@ pub struct ExecutorConfig {
 /// One job attempt as the executor sees it.
 #[derive(Debug, Clone)]
 pub struct JobRequest {
-    pub job_id: u64,
-    pub attempt: u32,
+    pub key: AttemptKey,
     pub spec: JobSpec,
     pub source: Source,
     /// Where to fetch `source.git_ref` from.
@@ -56,54 +57,20 @@ pub struct Executor {
     config: ExecutorConfig,
 }
 
-/// The environment a job runs in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunEnv {
-    Nix,
-    Host,
-}
-
-impl RunEnv {
-    pub fn label(self) -> &'static str {
-        match self {
-            RunEnv::Nix => "nix",
-            RunEnv::Host => "host",
-        }
-    }
-}
-
-fn failed(error: impl std::fmt::Display, started: Instant) -> Completion {
+/// A completion for a job that ended before cargo ran to its end.
+fn ended_early(end: JobEnd, started: Instant) -> Completion {
     Completion {
-        outcome: Outcome::Failed as i32,
-        error: error.to_string(),
-        duration_ms: millis(started.elapsed()),
-        ..Completion::default()
+        end,
+        duration: started.elapsed(),
+        env: None,
     }
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Finds an executable on `PATH`.
-pub fn find_on_path(program: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(program))
-            .find(|candidate| {
-                candidate
-                    .metadata()
-                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            })
-    })
 }
 
 /// Decides where a job runs: `auto` means nix when the checkout has a `flake.nix` and nix is
 /// installed, otherwise the host.
 pub fn resolve_env(mode: EnvMode, src: &Path) -> Result<RunEnv, String> {
     let has_flake = src.join("flake.nix").is_file();
-    let has_nix = find_on_path("nix").is_some();
+    let has_nix = nix::installed();
     match mode {
         EnvMode::Host => Ok(RunEnv::Host),
         EnvMode::Auto => Ok(if has_flake && has_nix {
@@ -128,11 +95,7 @@ pub fn cargo_command(
     src: &Path,
     target: &Path,
 ) -> CommandSpec {
-    let subcommand = JobKind::try_from(spec.kind)
-        .ok()
-        .and_then(JobKind::cargo_subcommand)
-        .unwrap_or("build");
-    let mut args: Vec<OsString> = vec![subcommand.into()];
+    let mut args: Vec<OsString> = vec![spec.kind.cargo_subcommand().into()];
     args.extend(spec.cargo_args.iter().map(OsString::from));
     let mut vars: Vec<(OsString, OsString)> =
         dev_env.map(|env| env.as_ref().clone()).unwrap_or_default();
@@ -163,13 +126,16 @@ impl Executor {
 
     /// Runs one job attempt to its end. Never panics on bad input: every failure becomes a
     /// `Failed` completion with a reason.
+    ///
+    /// Returns only once the job's process group and its workspace lease are gone, so the
+    /// caller may free the job's slot as soon as this returns.
     pub async fn run(
         &self,
         job: &JobRequest,
         output: mpsc::Sender<OutputChunk>,
         cancel: CancellationToken,
     ) -> Completion {
-        let span = tracing::info_span!("job", job_id = job.job_id, attempt = job.attempt);
+        let span = tracing::info_span!("job", job_id = job.key.job_id, attempt = job.key.attempt);
         self.run_inner(job, output, cancel).instrument(span).await
     }
 
@@ -180,13 +146,15 @@ impl Executor {
         cancel: CancellationToken,
     ) -> Completion {
         let started = Instant::now();
-        if let Err(error) = buildpool_proto::spec::validate(&job.spec) {
-            return failed(error, started);
+        if let Err(error) = buildpool_core::spec::validate(&job.spec) {
+            return ended_early(
+                JobEnd::Failed {
+                    reason: error.to_string(),
+                },
+                started,
+            );
         }
-        let timeout = match job.spec.timeout_secs {
-            0 => self.config.default_timeout,
-            secs => Duration::from_secs(u64::from(secs)),
-        };
+        let timeout = job.spec.timeout_or(self.config.default_timeout);
         let note = |text: String| {
             let output = output.clone();
             async move {
@@ -201,9 +169,12 @@ impl Executor {
         };
 
         let setup = async {
+            // A workspace still held by an ending job (or another process) makes this job
+            // wait, never fail: the lease is the job's, not a reason to give up.
             let workspace = self
                 .workspaces
-                .acquire(&job.source.repo_id)
+                .acquire_waiting(&job.source.repo_id)
+                .await
                 .map_err(|e| e.to_string())?;
             let lock = self
                 .cache
@@ -233,7 +204,7 @@ impl Executor {
                 .await
                 .map_err(|e| format!("checking out the snapshot failed: {e}"))?;
             drop(lock);
-            let env_mode = match EnvMode::try_from(job.spec.env_mode).unwrap_or(EnvMode::Auto) {
+            let env_mode = match job.spec.env_mode {
                 EnvMode::Auto => self.config.env_mode,
                 explicit => explicit,
             };
@@ -268,23 +239,15 @@ impl Executor {
         };
         let setup = tokio::select! {
             result = tokio::time::timeout(timeout, setup) => result,
-            () = cancel.cancelled() => {
-                return Completion { outcome: Outcome::Cancelled as i32, duration_ms: millis(started.elapsed()), ..Completion::default() };
-            }
+            () = cancel.cancelled() => return ended_early(JobEnd::Cancelled, started),
         };
         let (workspace, env, dev_env) = match setup {
             Ok(Ok(ready)) => ready,
             Ok(Err(error)) => {
                 note(error.clone()).await;
-                return failed(error, started);
+                return ended_early(JobEnd::Failed { reason: error }, started);
             }
-            Err(_) => {
-                return Completion {
-                    outcome: Outcome::TimedOut as i32,
-                    duration_ms: millis(started.elapsed()),
-                    ..Completion::default()
-                };
-            }
+            Err(_) => return ended_early(JobEnd::TimedOut, started),
         };
 
         let mut command = cargo_command(
@@ -301,32 +264,19 @@ impl Executor {
         tracing::info!(env = env.label(), slot = workspace.slot, "running cargo");
         let result = process::run(command, limits, output.clone(), cancel).await;
         drop(workspace);
-        let mut completion = Completion {
-            env: env.label().to_owned(),
-            duration_ms: millis(started.elapsed()),
-            ..Completion::default()
-        };
-        match result {
+        let end = match result {
             Err(error) => {
-                let error = format!("could not start cargo (env {}): {error}", env.label());
-                note(error.clone()).await;
-                completion.outcome = Outcome::Failed as i32;
-                completion.error = error;
+                let reason = format!("could not start cargo (env {}): {error}", env.label());
+                note(reason.clone()).await;
+                JobEnd::Failed { reason }
             }
-            Ok(result) => match result.end {
-                ProcessEnd::Exited { code } => {
-                    completion.outcome = Outcome::Exited as i32;
-                    completion.exit_code = Some(code);
-                }
-                ProcessEnd::Signalled { signal } => {
-                    completion.outcome = Outcome::Exited as i32;
-                    completion.signal = Some(signal);
-                }
-                ProcessEnd::TimedOut => completion.outcome = Outcome::TimedOut as i32,
-                ProcessEnd::Cancelled => completion.outcome = Outcome::Cancelled as i32,
-            },
+            Ok(result) => result.end.into(),
+        };
+        tracing::info!(%end, "job ended");
+        Completion {
+            end,
+            duration: started.elapsed(),
+            env: Some(env),
         }
-        tracing::info!(outcome = completion.outcome, exit_code = ?completion.exit_code, "job ended");
-        completion
     }
 }

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::git::{Git, GitError, is_object_id};
+use buildpool_core::git::{Git, GitError, is_object_id};
 
 /// How many fetched snapshot refs a cache keeps to negotiate incremental fetches from.
 const KEPT_FETCHED_REFS: usize = 32;

@@ -4,17 +4,23 @@
 //! exact snapshot through a per-repository git cache and runs cargo in a warm workspace.
 //! The [`executor`] is also the coordinator's embedded local agent, so both run jobs the
 //! same way.
+//!
+//! Layers, each depending only on those below it: [`connection`] (the job bus transport)
+//! calls into [`agent`] (the runtime), which carries out the decisions of the pure
+//! [`job_table`] and runs jobs through the [`executor`] ([`git_cache`], [`workspace`],
+//! [`nix`], [`process`]); [`output`] is the output policy of a running job.
 
 pub mod agent;
 pub mod backoff;
 pub mod config;
 pub mod connection;
 pub mod executor;
-pub mod git;
 pub mod git_cache;
+pub mod job_table;
 pub mod nix;
+pub mod output;
 pub mod process;
-pub mod slots;
 pub mod workspace;
 
-pub use agent::{Agent, AgentIdentity, ServerEndpoint};
+pub use agent::{Agent, AgentIdentity};
+pub use connection::{GitLocator, ServerEndpoint};

@@ -113,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
     let serving = tokio::spawn({
         let agent = agent.clone();
         let shutdown = shutdown.clone();
-        async move { agent.run(config.servers, shutdown).await }
+        async move { build_agent::connection::run(&agent, config.servers, shutdown).await }
     });
     let mut signals = Signals::new()?;
     let reason = tokio::select! {

@@ -134,13 +134,27 @@ impl DevEnvCache {
     }
 }
 
+/// Whether `nix` is on this agent's `PATH`.
+pub fn installed() -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("nix"))
+            .any(|candidate| {
+                candidate
+                    .metadata()
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+    })
+}
+
 /// Realises `[nix] prewarm_packages` so the first job does not download toolchains. A
 /// failure is logged, never fatal: jobs still run, only slower.
 pub async fn prewarm(packages: Vec<String>) {
     if packages.is_empty() {
         return;
     }
-    if crate::executor::find_on_path("nix").is_none() {
+    if !installed() {
         tracing::warn!("prewarm_packages are configured but nix is not installed; skipping");
         return;
     }

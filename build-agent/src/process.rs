@@ -1,9 +1,9 @@
 //! Running one command as an owned process group.
 //!
-//! The earlier implementation killed only the direct child, so grandchildren (test binaries,
-//! build scripts, `sleep` in a test) kept running and kept the output pipes open. Here every
-//! job is the leader of its own process group, and the group is what gets signalled: TERM,
-//! a grace period, then KILL. Output is read as raw byte chunks (no line-length limit) into a
+//! Killing only the direct child would leave grandchildren (test binaries, build scripts,
+//! `sleep` in a test) running and holding the output pipes open. So every job is the leader
+//! of its own process group, and the group is what gets signalled: TERM, a grace period,
+//! then KILL. Output is read as raw byte chunks (no line-length limit) into a
 //! bounded channel, so a slow consumer stalls the process instead of growing memory.
 
 use std::ffi::OsString;
@@ -12,9 +12,10 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use buildpool_proto::OutputStream;
+use buildpool_core::OutputStream;
+use buildpool_core::bus::MAX_OUTPUT_CHUNK_BYTES;
+use buildpool_core::process::{alive, kill_group, terminate_group};
 use bytes::Bytes;
-use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -64,10 +65,6 @@ impl Drop for Registration {
     }
 }
 
-fn pid_alive(pid: i32) -> bool {
-    Pid::from_raw(pid).is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
-}
-
 /// Members of process group `pgid` whose working directory is under `root`.
 fn group_members_under(pgid: i32, root: &std::path::Path) -> usize {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -108,17 +105,15 @@ pub fn reap_orphans(worktree_dir: &std::path::Path) -> usize {
         let (Ok(agent), Ok(pgid)) = (agent.parse::<i32>(), pgid.parse::<i32>()) else {
             continue;
         };
-        if pid_alive(agent) {
+        if alive(agent) {
             continue;
         }
-        if group_members_under(pgid, worktree_dir) > 0
-            && let Some(group) = Pid::from_raw(pgid)
-        {
+        if group_members_under(pgid, worktree_dir) > 0 {
             tracing::warn!(
                 pgid,
                 "killing a job left running by a previous agent process"
             );
-            let _ = kill_process_group(group, Signal::KILL);
+            kill_group(pgid);
             reaped += 1;
         }
         let _ = std::fs::remove_file(entry.path());
@@ -143,6 +138,17 @@ pub enum ProcessEnd {
     Cancelled,
 }
 
+impl From<ProcessEnd> for buildpool_core::JobEnd {
+    fn from(end: ProcessEnd) -> Self {
+        match end {
+            ProcessEnd::Exited { code } => Self::Exited { code },
+            ProcessEnd::Signalled { signal } => Self::Signalled { signal },
+            ProcessEnd::TimedOut => Self::TimedOut,
+            ProcessEnd::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct ProcessResult {
     pub end: ProcessEnd,
@@ -153,19 +159,14 @@ pub struct ProcessResult {
 /// leaves a job's processes running.
 #[derive(Debug)]
 struct GroupGuard {
-    pgid: Pid,
+    pgid: i32,
 }
 
-impl GroupGuard {
-    fn signal(&self, signal: Signal) {
-        // ESRCH means the group is already gone, which is what we want.
-        let _ = kill_process_group(self.pgid, signal);
-    }
-}
+impl GroupGuard {}
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        self.signal(Signal::KILL);
+        kill_group(self.pgid);
     }
 }
 
@@ -193,13 +194,13 @@ pub async fn run(
     let mut child = command.spawn()?;
     let pid = child
         .id()
-        .and_then(|id| Pid::from_raw(id as i32))
+        .and_then(|id| i32::try_from(id).ok())
         .ok_or_else(|| std::io::Error::other("spawned process has no pid"))?;
     let guard = GroupGuard { pgid: pid };
     let registration = spec
         .registry
         .as_deref()
-        .and_then(|dir| Registration::create(dir, pid.as_raw_nonzero().get()));
+        .and_then(|dir| Registration::create(dir, pid));
 
     let mut pumps = tokio::task::JoinSet::new();
     if let Some(stdout) = child.stdout.take() {
@@ -229,19 +230,18 @@ pub async fn run(
             } else {
                 ProcessEnd::TimedOut
             };
-            guard.signal(Signal::TERM);
+            terminate_group(guard.pgid);
             if tokio::time::timeout(limits.kill_grace, child.wait())
                 .await
                 .is_err()
             {
-                guard.signal(Signal::KILL);
+                kill_group(guard.pgid);
                 child.wait().await?;
             }
             end
         }
     };
     // The job is over: anything its group left behind goes too, closing the pipes.
-    guard.signal(Signal::KILL);
     drop(guard);
     drop(registration);
     let drained = tokio::time::timeout(PIPE_DRAIN_DEADLINE, async {
@@ -263,7 +263,7 @@ async fn pump(
     stream: OutputStream,
     output: mpsc::Sender<OutputChunk>,
 ) {
-    let mut buffer = vec![0u8; buildpool_proto::frame::MAX_OUTPUT_CHUNK_BYTES];
+    let mut buffer = vec![0u8; MAX_OUTPUT_CHUNK_BYTES];
     loop {
         match reader.read(&mut buffer).await {
             Ok(0) | Err(_) => return,
@@ -310,10 +310,6 @@ mod tests {
             }
         }
         (out, err)
-    }
-
-    fn alive(pid: i32) -> bool {
-        Pid::from_raw(pid).is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
     }
 
     #[tokio::test]

@@ -1,16 +1,17 @@
 //! Persistent per-slot workspaces, so `target/` stays warm.
 //!
-//! The earlier implementation created a fresh worktree for every job and deleted it after,
-//! so every build was a cold build. Here a repository gets up to one workspace per slot,
-//! each a git worktree of the repository's bare cache plus a target directory beside it.
+//! A fresh worktree per job would make every build a cold build. Instead a repository gets
+//! up to one workspace per slot, each a git worktree of the repository's bare cache plus a
+//! target directory beside it.
 //! A job checks its snapshot out into an idle workspace: git rewrites only the files that
 //! changed, their mtimes move, and cargo rebuilds only what depends on them.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use crate::git::{Git, GitError};
 use crate::git_cache::{CacheError, CacheLock, check_repo_id};
+use buildpool_core::git::{Git, GitError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
@@ -81,6 +82,24 @@ impl WorkspacePool {
         }
         Err(WorkspaceError::Exhausted(self.per_repo))
     }
+
+    /// Like [`WorkspacePool::acquire`], but a busy pool makes the caller wait for a
+    /// workspace to be released instead of failing. The agent never runs more jobs than it
+    /// has slots, so this waits only for a job that is ending, or for another process that
+    /// shares the directory; the job's own timeout and cancellation bound the wait.
+    pub async fn acquire_waiting(&self, repo_id: &str) -> Result<Workspace, WorkspaceError> {
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match self.acquire(repo_id) {
+                Err(WorkspaceError::Exhausted(count)) => {
+                    tracing::debug!("all {count} workspaces busy; waiting for one");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
+    }
 }
 
 impl Workspace {
@@ -148,5 +167,28 @@ mod tests {
         drop(first);
         assert_eq!(pool.acquire("repo").expect("freed").slot, 0);
         assert!(pool.acquire("../escape").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_busy_pool_makes_the_next_job_wait_for_a_release() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let pool = WorkspacePool::new(root.path().to_owned(), 1);
+        let held = pool.acquire("repo").expect("first");
+        let waiter = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.acquire_waiting("repo").await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !waiter.is_finished(),
+            "waits while the only workspace is held"
+        );
+        drop(held);
+        let workspace = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("gets the released workspace")
+            .expect("joins")
+            .expect("acquired");
+        assert_eq!(workspace.slot, 0);
     }
 }

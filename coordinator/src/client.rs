@@ -1,8 +1,19 @@
-//! The control API client: finding and dialling a repository's coordinator.
+//! The control API, client side: finding and dialling a repository's coordinator, and
+//! typed calls on it.
+//!
+//! An edge adapter like `server::control`: domain types go in and come out, protobuf stays
+//! in here. Unary calls get [`CALL_TIMEOUT`]; a job's event stream is kept alive by HTTP/2
+//! keepalive instead, since a build may rightly say nothing for minutes.
 
 use std::time::Duration;
 
+use buildpool_core::status::{CancelReply, CoordinatorStatus, LogPage, LogRequest, Submission};
+use buildpool_core::{JobEvent, JobId};
 use buildpool_proto::control_client::ControlClient;
+use buildpool_proto::convert::{DecodeError, decode_job_event};
+use buildpool_proto::{
+    CancelRequest, DrainAgentRequest, JobLogRequest, StatusRequest, SubmitRequest,
+};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -10,8 +21,7 @@ use crate::discovery::{self, COORDINATOR_ENV};
 use crate::repo::Repo;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Deadline for unary calls (status, cancel, log pages); streams are kept alive by HTTP/2
-/// keepalive instead.
+/// Deadline for unary calls (status, cancel, log pages, drain).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Adds the bearer token to every request.
@@ -30,8 +40,6 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
-pub type Client = ControlClient<InterceptedService<Channel, Bearer>>;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("no coordinator is running for {0}")]
@@ -42,43 +50,135 @@ pub enum ClientError {
     Token(#[from] crate::auth::TokenError),
     #[error("the token is not valid in an HTTP header")]
     BadToken,
+    /// The coordinator answered with an error; its message says why.
+    #[error("{}", .0.message())]
+    Call(#[from] tonic::Status),
+    #[error("the coordinator sent an answer this client cannot read: {0}")]
+    Decode(#[from] DecodeError),
 }
 
-/// Dials a coordinator's control API.
-pub async fn connect(url: &str, token: &str) -> Result<Client, ClientError> {
-    let unreachable = |reason: String| ClientError::Unreachable {
-        url: url.to_owned(),
-        reason,
-    };
-    let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| unreachable(e.to_string()))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| unreachable(format!("{e} ({:?})", std::error::Error::source(&e))))?;
-    let header = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| ClientError::BadToken)?;
-    Ok(ControlClient::with_interceptor(channel, Bearer(header))
-        .max_decoding_message_size(8 * 1024 * 1024))
+impl ClientError {
+    /// Whether the coordinator said the thing asked about does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ClientError::Call(status) if status.code() == tonic::Code::NotFound)
+    }
 }
 
-/// Finds the coordinator of `repo` (or the one `BUILDPOOL_COORDINATOR` names) and dials it.
-pub async fn connect_to_running(repo: &Repo) -> Result<(Client, String), ClientError> {
-    let (url, token_file) = match std::env::var(COORDINATOR_ENV) {
-        Ok(url) if !url.is_empty() => (url, None),
-        _ => {
-            let found = discovery::read(&repo.state_dir())
-                .ok_or_else(|| ClientError::NotRunning(repo.common_dir.display().to_string()))?;
-            (found.control_url, found.token_file)
+/// A connection to one coordinator's control API. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    grpc: ControlClient<InterceptedService<Channel, Bearer>>,
+}
+
+/// A request with the unary-call deadline.
+fn timed<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(CALL_TIMEOUT);
+    request
+}
+
+impl Client {
+    /// Dials a coordinator's control API.
+    pub async fn connect(url: &str, token: &str) -> Result<Self, ClientError> {
+        let unreachable = |reason: String| ClientError::Unreachable {
+            url: url.to_owned(),
+            reason,
+        };
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| unreachable(e.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| unreachable(format!("{e} ({:?})", std::error::Error::source(&e))))?;
+        let header = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::BadToken)?;
+        let grpc = ControlClient::with_interceptor(channel, Bearer(header))
+            .max_decoding_message_size(8 * 1024 * 1024);
+        Ok(Self { grpc })
+    }
+
+    /// Finds the coordinator of `repo` (or the one `BUILDPOOL_COORDINATOR` names) and dials
+    /// it. Returns the client and the URL it dialled.
+    pub async fn connect_to_running(repo: &Repo) -> Result<(Self, String), ClientError> {
+        let (url, token_file) = match std::env::var(COORDINATOR_ENV) {
+            Ok(url) if !url.is_empty() => (url, None),
+            _ => {
+                let found = discovery::read(&repo.state_dir()).ok_or_else(|| {
+                    ClientError::NotRunning(repo.common_dir.display().to_string())
+                })?;
+                (found.control_url, found.token_file)
+            }
+        };
+        let token_file = token_file.unwrap_or_else(crate::auth::default_token_file);
+        let token = crate::auth::load(&token_file, false)?;
+        let client = Self::connect(&url, &token.value).await?;
+        Ok((client, url))
+    }
+
+    /// Queues a job; its events follow on the returned stream. Dropping the stream before
+    /// the job ends cancels the job: nobody is left waiting for it.
+    pub async fn submit(&self, submission: Submission) -> Result<JobEvents, ClientError> {
+        let stream = self
+            .grpc
+            .clone()
+            .submit(SubmitRequest::from(submission))
+            .await?;
+        Ok(JobEvents {
+            stream: stream.into_inner(),
+        })
+    }
+
+    pub async fn cancel(&self, job_id: JobId) -> Result<CancelReply, ClientError> {
+        let reply = self
+            .grpc
+            .clone()
+            .cancel(timed(CancelRequest { job_id }))
+            .await?;
+        Ok(reply.into_inner().into())
+    }
+
+    pub async fn status(&self) -> Result<CoordinatorStatus, ClientError> {
+        let reply = self.grpc.clone().status(timed(StatusRequest {})).await?;
+        Ok(reply.into_inner().try_into()?)
+    }
+
+    pub async fn job_log(&self, request: LogRequest) -> Result<LogPage, ClientError> {
+        let reply = self
+            .grpc
+            .clone()
+            .job_log(timed(JobLogRequest::from(request)))
+            .await?;
+        Ok(reply.into_inner().into())
+    }
+
+    /// Asks an agent to drain; returns how many of its connections were told.
+    pub async fn drain_agent(&self, agent_id: &str) -> Result<u32, ClientError> {
+        let request = DrainAgentRequest {
+            agent_id: agent_id.to_owned(),
+        };
+        let reply = self.grpc.clone().drain_agent(timed(request)).await?;
+        Ok(reply.into_inner().connections)
+    }
+}
+
+/// The events of one submitted job, in order.
+#[derive(Debug)]
+pub struct JobEvents {
+    stream: tonic::Streaming<buildpool_proto::JobEvent>,
+}
+
+impl JobEvents {
+    /// The next event and the job it belongs to; `None` when the coordinator ended the
+    /// stream. Cancel-safe: an event is never lost by dropping the future.
+    pub async fn next(&mut self) -> Result<Option<(JobId, JobEvent)>, ClientError> {
+        match self.stream.message().await? {
+            Some(event) => Ok(Some(decode_job_event(event)?)),
+            None => Ok(None),
         }
-    };
-    let token_file = token_file.unwrap_or_else(crate::auth::default_token_file);
-    let token = crate::auth::load(&token_file, false)?;
-    let client = connect(&url, &token.value).await?;
-    Ok((client, url))
+    }
 }

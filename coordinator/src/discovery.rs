@@ -29,18 +29,13 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE_NAME)
 }
 
-fn process_alive(pid: u32) -> bool {
-    i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-        .is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
-}
-
 /// Reads the discovery file; a file left by a dead process counts as absent.
 pub fn read(state_dir: &Path) -> Option<Discovery> {
     let text = std::fs::read_to_string(path(state_dir)).ok()?;
     let discovery: Discovery = serde_json::from_str(&text).ok()?;
-    process_alive(discovery.pid).then_some(discovery)
+    i32::try_from(discovery.pid)
+        .is_ok_and(buildpool_core::process::alive)
+        .then_some(discovery)
 }
 
 /// Writes the discovery file atomically (write then rename).

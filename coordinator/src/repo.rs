@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use build_agent::git::{Git, GitError};
+use buildpool_core::git::{Git, GitError};
 
 /// Where a repository lives and how agents identify it.
 #[derive(Debug, Clone, PartialEq, Eq)]

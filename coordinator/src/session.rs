@@ -1,11 +1,14 @@
-//! A client's way to a coordinator: the repository's running one, or an in-process one.
+//! The client side of a job, written once: snapshot, route, submit, events, cancel.
 //!
-//! `buildpool run` and the MCP server both go through here, so "no coordinator running"
-//! behaves the same for both: the job still runs, through an in-process coordinator with
-//! its embedded local agent (same snapshot, fetch, workspace and env code path), and the
-//! caller is told.
+//! `buildpool run` and the MCP server (and every later client) start jobs through a
+//! [`JobClient`], so "no coordinator running" behaves the same for all of them: the job
+//! still runs, through an in-process coordinator with its embedded local agent (same
+//! snapshot, fetch, workspace and env code path), and the caller is told why.
 
-use crate::client::{self, Client, ClientError};
+use buildpool_core::status::Submission;
+use buildpool_core::{JobEvent, JobId, JobSpec};
+
+use crate::client::{Client, ClientError, JobEvents};
 use crate::config::CoordinatorConfig;
 use crate::repo::Repo;
 use crate::server::Coordinator;
@@ -26,20 +29,54 @@ pub struct Route {
     pub via: Via,
 }
 
-/// Lazily started in-process coordinator, kept for the session's lifetime so repeated jobs
-/// reuse its warm local agent.
-#[derive(Debug, Default)]
-pub struct Fallback {
-    running: tokio::sync::Mutex<Option<(Coordinator, Client)>>,
+/// Why a job could not be started. The texts are what a user or a model reads.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    InvalidSpec(#[from] buildpool_core::spec::SpecError),
+    #[error("cannot snapshot the worktree: {0}")]
+    Snapshot(#[source] anyhow::Error),
+    #[error("cannot start a local coordinator: {0}")]
+    Route(#[source] anyhow::Error),
+    #[error("the coordinator refused the job: {0}")]
+    Refused(#[source] ClientError),
 }
 
-impl Fallback {
+/// Why a running job's session ended without a result.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("lost the coordinator while the job ran: {0}")]
+    Lost(#[source] ClientError),
+    #[error("the coordinator closed the stream before the job ended")]
+    Closed,
+}
+
+/// Starts jobs of one worktree; keeps a lazily started in-process coordinator for the
+/// client's lifetime, so repeated jobs reuse its warm local agent.
+#[derive(Debug)]
+pub struct JobClient {
+    repo: Repo,
+    fallback: tokio::sync::Mutex<Option<(Coordinator, Client)>>,
+}
+
+impl JobClient {
+    pub fn new(repo: Repo) -> Self {
+        Self {
+            repo,
+            fallback: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn repo(&self) -> &Repo {
+        &self.repo
+    }
+
     /// A client to the repository's coordinator if one answers, else to the in-process one.
-    pub async fn route(&self, repo: &Repo, force_local: bool) -> anyhow::Result<Route> {
+    pub async fn route(&self, force_local: bool) -> anyhow::Result<Route> {
         let reason = if force_local {
             "requested".to_owned()
         } else {
-            match client::connect_to_running(repo).await {
+            match Client::connect_to_running(&self.repo).await {
                 Ok((client, _)) => {
                     return Ok(Route {
                         client,
@@ -52,28 +89,54 @@ impl Fallback {
                 Err(error) => error.to_string(),
             }
         };
-        let mut running = self.running.lock().await;
-        if running.is_none() {
-            let token = crate::auth::generate()?;
-            let config = CoordinatorConfig::in_process(&repo.worktree)?;
-            let coordinator = Coordinator::start(repo.clone(), config, token.clone()).await?;
-            let client =
-                client::connect(&format!("http://{}", coordinator.control_addr), &token).await?;
-            *running = Some((coordinator, client));
-        }
-        let client = running
-            .as_ref()
-            .map(|(_, client)| client.clone())
-            .ok_or_else(|| anyhow::anyhow!("in-process coordinator missing"))?;
+        let mut fallback = self.fallback.lock().await;
+        let client = match &*fallback {
+            Some((_, client)) => client.clone(),
+            None => {
+                let token = crate::auth::generate()?;
+                let config = CoordinatorConfig::in_process(&self.repo.worktree)?;
+                let coordinator =
+                    Coordinator::start(self.repo.clone(), config, token.clone()).await?;
+                let url = format!("http://{}", coordinator.control_addr);
+                let client = Client::connect(&url, &token).await?;
+                fallback.insert((coordinator, client)).1.clone()
+            }
+        };
         Ok(Route {
             client,
             via: Via::InProcess(reason),
         })
     }
 
+    /// Snapshots the worktree as it is now, routes and submits a job of `spec`.
+    pub async fn start(&self, spec: JobSpec, force_local: bool) -> Result<JobSession, StartError> {
+        buildpool_core::spec::validate(&spec)?;
+        let snapshot = crate::snapshot::create(&self.repo)
+            .await
+            .map_err(|e| StartError::Snapshot(e.into()))?;
+        let Route { client, via } = self.route(force_local).await.map_err(StartError::Route)?;
+        let submission = Submission {
+            spec,
+            commit: snapshot.commit,
+            git_ref: snapshot.git_ref,
+            worktree: self.repo.worktree.display().to_string(),
+        };
+        let events = client
+            .submit(submission)
+            .await
+            .map_err(StartError::Refused)?;
+        Ok(JobSession {
+            client,
+            via,
+            events,
+            job_id: None,
+            cancel_requested: false,
+        })
+    }
+
     /// The in-process coordinator's client, if one is running.
-    pub async fn running_client(&self) -> Option<Client> {
-        self.running
+    pub async fn fallback_client(&self) -> Option<Client> {
+        self.fallback
             .lock()
             .await
             .as_ref()
@@ -82,8 +145,66 @@ impl Fallback {
 
     /// Stops the in-process coordinator, if one was started.
     pub async fn shutdown(&self) {
-        if let Some((coordinator, _)) = self.running.lock().await.take() {
+        if let Some((coordinator, _)) = self.fallback.lock().await.take() {
             coordinator.shutdown().await;
+        }
+    }
+}
+
+/// One submitted job, from its first event to its result. Dropping it before the job ends
+/// cancels the job (the coordinator cancels a job whose client went away).
+#[derive(Debug)]
+pub struct JobSession {
+    client: Client,
+    via: Via,
+    events: JobEvents,
+    job_id: Option<JobId>,
+    cancel_requested: bool,
+}
+
+impl JobSession {
+    /// Where the job was submitted.
+    pub fn via(&self) -> &Via {
+        &self.via
+    }
+
+    /// The job's id, once the coordinator has said it.
+    pub fn job_id(&self) -> Option<JobId> {
+        self.job_id
+    }
+
+    /// The next event; the last one is [`JobEvent::Finished`]. Cancel-safe, so it can race
+    /// a Ctrl-C or a cancelled request in `select!`.
+    pub async fn next_event(&mut self) -> Result<JobEvent, SessionError> {
+        let (job_id, event) = self
+            .events
+            .next()
+            .await
+            .map_err(SessionError::Lost)?
+            .ok_or(SessionError::Closed)?;
+        if self.job_id.is_none() {
+            self.job_id = Some(job_id);
+            if self.cancel_requested {
+                // The cancel came before the job had an id: send it now.
+                self.send_cancel(job_id).await;
+            }
+        }
+        Ok(event)
+    }
+
+    /// Asks the coordinator to cancel the job. The session goes on: the job's end (usually
+    /// cancelled) still arrives through [`JobSession::next_event`]. Returns the job id the
+    /// cancel went to, if it is known yet.
+    pub async fn cancel(&mut self) -> Option<JobId> {
+        self.cancel_requested = true;
+        let job_id = self.job_id?;
+        self.send_cancel(job_id).await;
+        Some(job_id)
+    }
+
+    async fn send_cancel(&self, job_id: JobId) {
+        if let Err(error) = self.client.cancel(job_id).await {
+            tracing::warn!(job_id, "cancel failed: {error}");
         }
     }
 }

@@ -8,9 +8,10 @@
 //! are never written, and no hook runs.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use build_agent::git::{Git, GitError};
+use buildpool_core::git::{Git, GitError};
+use buildpool_core::time::unix_millis;
 
 use crate::repo::Repo;
 
@@ -34,12 +35,6 @@ pub enum SnapshotError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Git(#[from] GitError),
-}
-
-fn unix_millis() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
 }
 
 /// Snapshots the worktree at `repo.worktree`.
@@ -131,10 +126,10 @@ pub async fn prune(repo_dir: &Path) -> Result<usize, GitError> {
         let created = name
             .strip_prefix(SNAPSHOT_REF_PREFIX)
             .and_then(|leaf| leaf.split('-').next())
-            .and_then(|millis| millis.parse::<u128>().ok())
+            .and_then(|millis| millis.parse::<u64>().ok())
             .unwrap_or(0);
         let age = now.saturating_sub(created);
-        if index >= KEPT_SNAPSHOTS || age > SNAPSHOT_MAX_AGE.as_millis() {
+        if index >= KEPT_SNAPSHOTS || age > buildpool_core::time::millis(SNAPSHOT_MAX_AGE) {
             Git::new(repo_dir)
                 .args(["update-ref", "-d", name])
                 .output()

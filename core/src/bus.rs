@@ -15,6 +15,9 @@ use crate::job::{AttemptKey, Completion, JobSpec, OutputStream, Source};
 /// agents speaking another version with a clear message instead of misreading their frames.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Largest output chunk an agent puts into one message; far below the frame size limit.
+pub const MAX_OUTPUT_CHUNK_BYTES: usize = 64 * 1024;
+
 /// The first message of an agent connection: who it is, what it offers, what it still holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -91,13 +94,25 @@ pub struct Assignment {
 pub enum AgentMessage {
     Hello(Hello),
     /// Any message proves liveness; this one is sent when there is nothing else to say.
-    Heartbeat { sent_at_unix_ms: u64 },
+    Heartbeat {
+        sent_at_unix_ms: u64,
+    },
     /// The offer to this coordinator changed.
     Slots(SlotOffer),
     /// The agent could not take an assignment (no free slot, draining, missing label).
-    Declined { key: AttemptKey, reason: String },
-    Output { key: AttemptKey, stream: OutputStream, data: Bytes },
-    Finished { key: AttemptKey, completion: Completion },
+    Declined {
+        key: AttemptKey,
+        reason: String,
+    },
+    Output {
+        key: AttemptKey,
+        stream: OutputStream,
+        data: Bytes,
+    },
+    Finished {
+        key: AttemptKey,
+        completion: Completion,
+    },
     CancelAck(AttemptKey),
 }
 
@@ -106,7 +121,9 @@ pub enum AgentMessage {
 pub enum CoordinatorMessage {
     Welcome(Welcome),
     Reject(Reject),
-    Heartbeat { sent_at_unix_ms: u64 },
+    Heartbeat {
+        sent_at_unix_ms: u64,
+    },
     Assign(Assignment),
     /// Stop the attempt (kill its process group) or, if it has ended, forget its result.
     /// Also sent after a reconnect for attempts the coordinator gave to someone else.
@@ -117,7 +134,9 @@ pub enum CoordinatorMessage {
     Drain,
     /// How many queued jobs this coordinator has that the agent could run; the agent
     /// shares its slots among coordinators with demand.
-    Demand { queued: u32 },
+    Demand {
+        queued: u32,
+    },
     /// The coordinator has the attempt's result; the agent may forget it.
     ResultAck(AttemptKey),
 }

@@ -39,7 +39,12 @@ pub enum JobKind {
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 4] = [JobKind::Build, JobKind::Test, JobKind::Clippy, JobKind::Check];
+    pub const ALL: [JobKind; 4] = [
+        JobKind::Build,
+        JobKind::Test,
+        JobKind::Clippy,
+        JobKind::Check,
+    ];
 
     /// The cargo subcommand this kind runs.
     pub fn cargo_subcommand(self) -> &'static str {
@@ -187,13 +192,19 @@ pub const EXIT_CANCELLED: u8 = 130;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobEnd {
     /// cargo ran to the end with this exit code.
-    Exited { code: i32 },
+    Exited {
+        code: i32,
+    },
     /// cargo was killed by a signal nobody in buildpool sent.
-    Signalled { signal: i32 },
+    Signalled {
+        signal: i32,
+    },
     TimedOut,
     Cancelled,
     /// The job could not run (fetch failed, no environment, agents lost too often, ...).
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 impl JobEnd {
@@ -237,11 +248,17 @@ pub struct Completion {
 impl Completion {
     /// An end decided without the job running further (cancel, failure, backstop).
     pub fn new(end: JobEnd) -> Self {
-        Self { end, duration: Duration::ZERO, env: None }
+        Self {
+            end,
+            duration: Duration::ZERO,
+            env: None,
+        }
     }
 
     pub fn failed(reason: impl Into<String>) -> Self {
-        Self::new(JobEnd::Failed { reason: reason.into() })
+        Self::new(JobEnd::Failed {
+            reason: reason.into(),
+        })
     }
 }
 
@@ -318,7 +335,10 @@ mod tests {
         assert_eq!(JobEnd::Signalled { signal: 9 }.exit_code(), 137);
         assert_eq!(JobEnd::TimedOut.exit_code(), EXIT_TIMED_OUT);
         assert_eq!(JobEnd::Cancelled.exit_code(), EXIT_CANCELLED);
-        assert_eq!(JobEnd::Failed { reason: "x".into() }.exit_code(), EXIT_FAILED);
+        assert_eq!(
+            JobEnd::Failed { reason: "x".into() }.exit_code(),
+            EXIT_FAILED
+        );
     }
 
     #[test]
@@ -343,7 +363,10 @@ mod tests {
     #[test]
     fn kinds_parse_their_aliases() {
         for kind in JobKind::ALL {
-            assert_eq!(JobKind::from_subcommand(kind.cargo_subcommand()), Some(kind));
+            assert_eq!(
+                JobKind::from_subcommand(kind.cargo_subcommand()),
+                Some(kind)
+            );
         }
         assert_eq!(JobKind::from_subcommand("t"), Some(JobKind::Test));
         assert_eq!(JobKind::from_subcommand("run"), None);

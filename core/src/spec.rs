@@ -135,10 +135,9 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         }
         check_text("environment value", &var.value)?;
     }
-    if spec
-        .timeout
-        .is_some_and(|timeout| timeout.is_zero() || timeout > Duration::from_secs(u64::from(MAX_TIMEOUT_SECS)))
-    {
+    if spec.timeout.is_some_and(|timeout| {
+        timeout.is_zero() || timeout > Duration::from_secs(u64::from(MAX_TIMEOUT_SECS))
+    }) {
         return Err(invalid(format!(
             "timeout must be 1..={MAX_TIMEOUT_SECS} seconds"
         )));

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub fn unix_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| millis(elapsed))
+        .map_or(0, millis)
 }
 
 /// A duration in whole milliseconds, saturating.

@@ -61,7 +61,10 @@ fn decode_kind(value: i32) -> Result<JobKind, DecodeError> {
         Ok(crate::JobKind::Test) => Ok(JobKind::Test),
         Ok(crate::JobKind::Clippy) => Ok(JobKind::Clippy),
         Ok(crate::JobKind::Check) => Ok(JobKind::Check),
-        Ok(crate::JobKind::Unspecified) | Err(_) => Err(DecodeError::Unknown { field: "job kind", value }),
+        Ok(crate::JobKind::Unspecified) | Err(_) => Err(DecodeError::Unknown {
+            field: "job kind",
+            value,
+        }),
     }
 }
 
@@ -80,7 +83,10 @@ fn decode_env_mode(value: i32) -> Result<EnvMode, DecodeError> {
         Ok(crate::EnvMode::Auto) => Ok(EnvMode::Auto),
         Ok(crate::EnvMode::Nix) => Ok(EnvMode::Nix),
         Ok(crate::EnvMode::Host) => Ok(EnvMode::Host),
-        Err(_) => Err(DecodeError::Unknown { field: "env mode", value }),
+        Err(_) => Err(DecodeError::Unknown {
+            field: "env mode",
+            value,
+        }),
     }
 }
 
@@ -100,7 +106,10 @@ fn encode_stream(stream: OutputStream) -> i32 {
 fn decode_stream(value: i32) -> Result<OutputStream, DecodeError> {
     match decode_stream_filter(value)? {
         Some(stream) => Ok(stream),
-        None => Err(DecodeError::Unknown { field: "output stream", value }),
+        None => Err(DecodeError::Unknown {
+            field: "output stream",
+            value,
+        }),
     }
 }
 
@@ -110,7 +119,10 @@ fn decode_stream_filter(value: i32) -> Result<Option<OutputStream>, DecodeError>
         Ok(crate::OutputStream::Unspecified) => Ok(None),
         Ok(crate::OutputStream::Stdout) => Ok(Some(OutputStream::Stdout)),
         Ok(crate::OutputStream::Stderr) => Ok(Some(OutputStream::Stderr)),
-        Err(_) => Err(DecodeError::Unknown { field: "output stream", value }),
+        Err(_) => Err(DecodeError::Unknown {
+            field: "output stream",
+            value,
+        }),
     }
 }
 
@@ -129,9 +141,10 @@ fn decode_reject_code(value: i32) -> Result<RejectCode, DecodeError> {
         Ok(crate::RejectCode::BadToken) => Ok(RejectCode::BadToken),
         Ok(crate::RejectCode::UnsupportedVersion) => Ok(RejectCode::UnsupportedVersion),
         Ok(crate::RejectCode::BadHello) => Ok(RejectCode::BadHello),
-        Ok(crate::RejectCode::Unspecified) | Err(_) => {
-            Err(DecodeError::Unknown { field: "reject code", value })
-        }
+        Ok(crate::RejectCode::Unspecified) | Err(_) => Err(DecodeError::Unknown {
+            field: "reject code",
+            value,
+        }),
     }
 }
 
@@ -145,11 +158,14 @@ impl From<JobSpec> for crate::JobSpec {
             env: spec
                 .env
                 .into_iter()
-                .map(|var| crate::EnvVar { name: var.name, value: var.value })
+                .map(|var| crate::EnvVar {
+                    name: var.name,
+                    value: var.value,
+                })
                 .collect(),
-            timeout_secs: spec
-                .timeout
-                .map_or(0, |timeout| u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX)),
+            timeout_secs: spec.timeout.map_or(0, |timeout| {
+                u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX)
+            }),
             env_mode: crate::EnvMode::from(spec.env_mode).into(),
             required_labels: spec.required_labels,
         }
@@ -166,9 +182,13 @@ impl TryFrom<crate::JobSpec> for JobSpec {
             env: spec
                 .env
                 .into_iter()
-                .map(|var| EnvVar { name: var.name, value: var.value })
+                .map(|var| EnvVar {
+                    name: var.name,
+                    value: var.value,
+                })
                 .collect(),
-            timeout: (spec.timeout_secs > 0).then(|| Duration::from_secs(u64::from(spec.timeout_secs))),
+            timeout: (spec.timeout_secs > 0)
+                .then(|| Duration::from_secs(u64::from(spec.timeout_secs))),
             env_mode: decode_env_mode(spec.env_mode)?,
             required_labels: spec.required_labels,
         })
@@ -209,7 +229,11 @@ impl From<Completion> for crate::Completion {
     fn from(completion: Completion) -> Self {
         let mut wire = Self {
             duration_ms: millis(completion.duration),
-            env: completion.env.map(RunEnv::label).unwrap_or_default().to_owned(),
+            env: completion
+                .env
+                .map(RunEnv::label)
+                .unwrap_or_default()
+                .to_owned(),
             ..Self::default()
         };
         let outcome = match completion.end {
@@ -247,17 +271,26 @@ impl TryFrom<crate::Completion> for Completion {
             Ok(crate::Outcome::Cancelled) => JobEnd::Cancelled,
             Ok(crate::Outcome::Failed) => JobEnd::Failed { reason: wire.error },
             Ok(crate::Outcome::Unspecified) | Err(_) => {
-                return Err(DecodeError::Unknown { field: "outcome", value: wire.outcome });
+                return Err(DecodeError::Unknown {
+                    field: "outcome",
+                    value: wire.outcome,
+                });
             }
         };
         let env = match wire.env.as_str() {
             "" => None,
-            label => Some(RunEnv::from_label(label).ok_or_else(|| DecodeError::Invalid {
-                field: "env",
-                reason: format!("{label:?} is neither nix nor host"),
-            })?),
+            label => Some(
+                RunEnv::from_label(label).ok_or_else(|| DecodeError::Invalid {
+                    field: "env",
+                    reason: format!("{label:?} is neither nix nor host"),
+                })?,
+            ),
         };
-        Ok(Self { end, duration: Duration::from_millis(wire.duration_ms), env })
+        Ok(Self {
+            end,
+            duration: Duration::from_millis(wire.duration_ms),
+            env,
+        })
     }
 }
 
@@ -293,25 +326,39 @@ pub fn encode_job_event(job_id: JobId, event: JobEvent) -> crate::JobEvent {
         JobEvent::Queued { position, reason } => {
             job_event::Event::Queued(crate::JobQueued { position, reason })
         }
-        JobEvent::Assigned { agent_id, attempt, local } => {
-            job_event::Event::Assigned(crate::JobAssigned { agent_id, attempt, local })
-        }
-        JobEvent::Output { attempt, stream, data } => job_event::Event::Output(crate::JobOutputChunk {
+        JobEvent::Assigned {
+            agent_id,
+            attempt,
+            local,
+        } => job_event::Event::Assigned(crate::JobAssigned {
+            agent_id,
+            attempt,
+            local,
+        }),
+        JobEvent::Output {
+            attempt,
+            stream,
+            data,
+        } => job_event::Event::Output(crate::JobOutputChunk {
             stream: encode_stream(stream),
             data: data.into(),
             attempt,
         }),
         JobEvent::Finished(result) => job_event::Event::Finished(result.into()),
     };
-    crate::JobEvent { job_id, event: Some(event) }
+    crate::JobEvent {
+        job_id,
+        event: Some(event),
+    }
 }
 
 /// The job id and the event of a wire job event.
 pub fn decode_job_event(wire: crate::JobEvent) -> Result<(JobId, JobEvent), DecodeError> {
     let event = match required(wire.event, "job event")? {
-        job_event::Event::Queued(queued) => {
-            JobEvent::Queued { position: queued.position, reason: queued.reason }
-        }
+        job_event::Event::Queued(queued) => JobEvent::Queued {
+            position: queued.position,
+            reason: queued.reason,
+        },
         job_event::Event::Assigned(assigned) => JobEvent::Assigned {
             agent_id: assigned.agent_id,
             attempt: assigned.attempt,
@@ -369,17 +416,21 @@ impl From<AgentMessage> for crate::AgentFrame {
                 attempt: key.attempt,
                 reason,
             }),
-            AgentMessage::Output { key, stream, data } => agent_frame::Msg::Output(crate::JobOutput {
-                job_id: key.job_id,
-                attempt: key.attempt,
-                stream: encode_stream(stream),
-                data: data.into(),
-            }),
-            AgentMessage::Finished { key, completion } => agent_frame::Msg::Finished(crate::JobFinished {
-                job_id: key.job_id,
-                attempt: key.attempt,
-                completion: Some(completion.into()),
-            }),
+            AgentMessage::Output { key, stream, data } => {
+                agent_frame::Msg::Output(crate::JobOutput {
+                    job_id: key.job_id,
+                    attempt: key.attempt,
+                    stream: encode_stream(stream),
+                    data: data.into(),
+                })
+            }
+            AgentMessage::Finished { key, completion } => {
+                agent_frame::Msg::Finished(crate::JobFinished {
+                    job_id: key.job_id,
+                    attempt: key.attempt,
+                    completion: Some(completion.into()),
+                })
+            }
             AgentMessage::CancelAck(key) => agent_frame::Msg::CancelAck(crate::CancelAck {
                 job_id: key.job_id,
                 attempt: key.attempt,
@@ -415,9 +466,9 @@ impl TryFrom<crate::AgentFrame> for AgentMessage {
                     })
                     .collect(),
             }),
-            agent_frame::Msg::Heartbeat(beat) => {
-                AgentMessage::Heartbeat { sent_at_unix_ms: beat.sent_at_unix_ms }
-            }
+            agent_frame::Msg::Heartbeat(beat) => AgentMessage::Heartbeat {
+                sent_at_unix_ms: beat.sent_at_unix_ms,
+            },
             agent_frame::Msg::Slots(slots) => AgentMessage::Slots(SlotOffer {
                 free: slots.slots_free,
                 total: slots.slots_total,
@@ -446,12 +497,14 @@ impl TryFrom<crate::AgentFrame> for AgentMessage {
 impl From<CoordinatorMessage> for crate::CoordinatorFrame {
     fn from(message: CoordinatorMessage) -> Self {
         let msg = match message {
-            CoordinatorMessage::Welcome(welcome) => coordinator_frame::Msg::Welcome(crate::Welcome {
-                protocol_version: welcome.protocol_version,
-                coordinator_id: welcome.coordinator_id,
-                heartbeat_interval_ms: millis_u32(welcome.heartbeat_interval),
-                heartbeat_timeout_ms: millis_u32(welcome.heartbeat_timeout),
-            }),
+            CoordinatorMessage::Welcome(welcome) => {
+                coordinator_frame::Msg::Welcome(crate::Welcome {
+                    protocol_version: welcome.protocol_version,
+                    coordinator_id: welcome.coordinator_id,
+                    heartbeat_interval_ms: millis_u32(welcome.heartbeat_interval),
+                    heartbeat_timeout_ms: millis_u32(welcome.heartbeat_timeout),
+                })
+            }
             CoordinatorMessage::Reject(reject) => coordinator_frame::Msg::Reject(crate::Reject {
                 code: crate::RejectCode::from(reject.code).into(),
                 message: reject.message,
@@ -459,12 +512,14 @@ impl From<CoordinatorMessage> for crate::CoordinatorFrame {
             CoordinatorMessage::Heartbeat { sent_at_unix_ms } => {
                 coordinator_frame::Msg::Heartbeat(crate::Heartbeat { sent_at_unix_ms })
             }
-            CoordinatorMessage::Assign(assignment) => coordinator_frame::Msg::Assign(crate::Assign {
-                job_id: assignment.key.job_id,
-                attempt: assignment.key.attempt,
-                spec: Some(assignment.spec.into()),
-                source: Some(assignment.source.into()),
-            }),
+            CoordinatorMessage::Assign(assignment) => {
+                coordinator_frame::Msg::Assign(crate::Assign {
+                    job_id: assignment.key.job_id,
+                    attempt: assignment.key.attempt,
+                    spec: Some(assignment.spec.into()),
+                    source: Some(assignment.source.into()),
+                })
+            }
             CoordinatorMessage::Cancel(key) => coordinator_frame::Msg::Cancel(crate::Cancel {
                 job_id: key.job_id,
                 attempt: key.attempt,
@@ -476,10 +531,12 @@ impl From<CoordinatorMessage> for crate::CoordinatorFrame {
             CoordinatorMessage::Demand { queued } => {
                 coordinator_frame::Msg::Demand(crate::Demand { queued })
             }
-            CoordinatorMessage::ResultAck(key) => coordinator_frame::Msg::ResultAck(crate::ResultAck {
-                job_id: key.job_id,
-                attempt: key.attempt,
-            }),
+            CoordinatorMessage::ResultAck(key) => {
+                coordinator_frame::Msg::ResultAck(crate::ResultAck {
+                    job_id: key.job_id,
+                    attempt: key.attempt,
+                })
+            }
         };
         Self { msg: Some(msg) }
     }
@@ -500,9 +557,9 @@ impl TryFrom<crate::CoordinatorFrame> for CoordinatorMessage {
                 code: decode_reject_code(reject.code)?,
                 message: reject.message,
             }),
-            coordinator_frame::Msg::Heartbeat(beat) => {
-                CoordinatorMessage::Heartbeat { sent_at_unix_ms: beat.sent_at_unix_ms }
-            }
+            coordinator_frame::Msg::Heartbeat(beat) => CoordinatorMessage::Heartbeat {
+                sent_at_unix_ms: beat.sent_at_unix_ms,
+            },
             coordinator_frame::Msg::Assign(assign) => CoordinatorMessage::Assign(Assignment {
                 key: key_of(assign.job_id, assign.attempt),
                 spec: required(assign.spec, "job spec")?.try_into()?,
@@ -511,11 +568,13 @@ impl TryFrom<crate::CoordinatorFrame> for CoordinatorMessage {
             coordinator_frame::Msg::Cancel(cancel) => {
                 CoordinatorMessage::Cancel(key_of(cancel.job_id, cancel.attempt))
             }
-            coordinator_frame::Msg::Error(error) => CoordinatorMessage::ProtocolError(error.message),
-            coordinator_frame::Msg::Drain(_) => CoordinatorMessage::Drain,
-            coordinator_frame::Msg::Demand(demand) => {
-                CoordinatorMessage::Demand { queued: demand.queued }
+            coordinator_frame::Msg::Error(error) => {
+                CoordinatorMessage::ProtocolError(error.message)
             }
+            coordinator_frame::Msg::Drain(_) => CoordinatorMessage::Drain,
+            coordinator_frame::Msg::Demand(demand) => CoordinatorMessage::Demand {
+                queued: demand.queued,
+            },
             coordinator_frame::Msg::ResultAck(ack) => {
                 CoordinatorMessage::ResultAck(key_of(ack.job_id, ack.attempt))
             }
@@ -585,7 +644,9 @@ impl From<JobStatus> for crate::JobInfo {
     fn from(job: JobStatus) -> Self {
         let (state, agent_id, attempt) = match job.place {
             JobPlace::Queued => (crate::JobState::Queued, String::new(), 0),
-            JobPlace::Running { agent_id, attempt } => (crate::JobState::Running, agent_id, attempt),
+            JobPlace::Running { agent_id, attempt } => {
+                (crate::JobState::Running, agent_id, attempt)
+            }
         };
         Self {
             job_id: job.job_id,
@@ -606,11 +667,15 @@ impl TryFrom<crate::JobInfo> for JobStatus {
     fn try_from(job: crate::JobInfo) -> Result<Self, DecodeError> {
         let place = match crate::JobState::try_from(job.state) {
             Ok(crate::JobState::Queued) => JobPlace::Queued,
-            Ok(crate::JobState::Running) => {
-                JobPlace::Running { agent_id: job.agent_id, attempt: job.attempt }
-            }
+            Ok(crate::JobState::Running) => JobPlace::Running {
+                agent_id: job.agent_id,
+                attempt: job.attempt,
+            },
             Ok(crate::JobState::Finished | crate::JobState::Unspecified) | Err(_) => {
-                return Err(DecodeError::Unknown { field: "job state", value: job.state });
+                return Err(DecodeError::Unknown {
+                    field: "job state",
+                    value: job.state,
+                });
             }
         };
         Ok(Self {
@@ -654,7 +719,11 @@ impl TryFrom<crate::StatusReply> for CoordinatorStatus {
             coordinator_id: status.coordinator_id,
             repository: status.repository,
             agents: status.agents.into_iter().map(Into::into).collect(),
-            jobs: status.jobs.into_iter().map(TryInto::try_into).collect::<Result<_, _>>()?,
+            jobs: status
+                .jobs
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()?,
             local_fallback_enabled: status.local_fallback_enabled,
             local_fallback_active: status.local_fallback_active,
             websocket_addr: Some(status.websocket_addr).filter(|addr| !addr.is_empty()),
@@ -669,7 +738,9 @@ impl From<LogRequest> for crate::JobLogRequest {
             job_id: request.job_id,
             offset: request.offset,
             limit: request.limit.unwrap_or(0),
-            stream: request.stream.map_or(crate::OutputStream::Unspecified.into(), encode_stream),
+            stream: request
+                .stream
+                .map_or(crate::OutputStream::Unspecified.into(), encode_stream),
         }
     }
 }
@@ -712,15 +783,25 @@ impl From<crate::JobLogReply> for LogPage {
 impl From<CancelReply> for crate::CancelReply {
     fn from(reply: CancelReply) -> Self {
         match reply {
-            CancelReply::Cancelling => Self { cancelled: true, state: "cancelling".to_owned() },
-            CancelReply::AlreadyFinished => Self { cancelled: false, state: "finished".to_owned() },
+            CancelReply::Cancelling => Self {
+                cancelled: true,
+                state: "cancelling".to_owned(),
+            },
+            CancelReply::AlreadyFinished => Self {
+                cancelled: false,
+                state: "finished".to_owned(),
+            },
         }
     }
 }
 
 impl From<crate::CancelReply> for CancelReply {
     fn from(reply: crate::CancelReply) -> Self {
-        if reply.cancelled { CancelReply::Cancelling } else { CancelReply::AlreadyFinished }
+        if reply.cancelled {
+            CancelReply::Cancelling
+        } else {
+            CancelReply::AlreadyFinished
+        }
     }
 }
 
@@ -731,7 +812,10 @@ mod tests {
     fn spec() -> JobSpec {
         JobSpec {
             cargo_args: vec!["-p".into(), "app".into()],
-            env: vec![EnvVar { name: "RUST_BACKTRACE".into(), value: "1".into() }],
+            env: vec![EnvVar {
+                name: "RUST_BACKTRACE".into(),
+                value: "1".into(),
+            }],
             timeout: Some(Duration::from_secs(60)),
             env_mode: EnvMode::Nix,
             required_labels: vec!["gpu".into()],
@@ -758,12 +842,22 @@ mod tests {
             token: "t".into(),
             labels: vec!["x".into()],
             system: "x86_64-linux".into(),
-            slots: SlotOffer { free: 1, total: 2, draining: true },
+            slots: SlotOffer {
+                free: 1,
+                total: 2,
+                draining: true,
+            },
             agent_version: "0.1.0".into(),
-            attempts: vec![HeldAttempt { key, finished: true }],
+            attempts: vec![HeldAttempt {
+                key,
+                finished: true,
+            }],
         }));
         round_trip_agent(AgentMessage::Heartbeat { sent_at_unix_ms: 5 });
-        round_trip_agent(AgentMessage::Declined { key, reason: "busy".into() });
+        round_trip_agent(AgentMessage::Declined {
+            key,
+            reason: "busy".into(),
+        });
         round_trip_agent(AgentMessage::Output {
             key,
             stream: OutputStream::Stderr,
@@ -774,10 +868,15 @@ mod tests {
             JobEnd::Signalled { signal: 9 },
             JobEnd::TimedOut,
             JobEnd::Cancelled,
-            JobEnd::Failed { reason: "no flake".into() },
+            JobEnd::Failed {
+                reason: "no flake".into(),
+            },
         ] {
-            let completion =
-                Completion { end, duration: Duration::from_millis(1500), env: Some(RunEnv::Host) };
+            let completion = Completion {
+                end,
+                duration: Duration::from_millis(1500),
+                env: Some(RunEnv::Host),
+            };
             round_trip_agent(AgentMessage::Finished { key, completion });
         }
         round_trip_agent(AgentMessage::CancelAck(key));
@@ -811,16 +910,28 @@ mod tests {
                 source: Some(crate::Source::default()),
             })),
         };
-        assert_eq!(CoordinatorMessage::try_from(no_spec), Err(DecodeError::Missing("job spec")));
-        let unknown_kind = crate::JobSpec { kind: 42, ..crate::JobSpec::default() };
+        assert_eq!(
+            CoordinatorMessage::try_from(no_spec),
+            Err(DecodeError::Missing("job spec"))
+        );
+        let unknown_kind = crate::JobSpec {
+            kind: 42,
+            ..crate::JobSpec::default()
+        };
         assert!(matches!(
             JobSpec::try_from(unknown_kind),
-            Err(DecodeError::Unknown { field: "job kind", value: 42 })
+            Err(DecodeError::Unknown {
+                field: "job kind",
+                value: 42
+            })
         ));
         let unspecified_outcome = crate::Completion::default();
         assert!(matches!(
             Completion::try_from(unspecified_outcome),
-            Err(DecodeError::Unknown { field: "outcome", .. })
+            Err(DecodeError::Unknown {
+                field: "outcome",
+                ..
+            })
         ));
         let unspecified_stream = crate::AgentFrame {
             msg: Some(agent_frame::Msg::Output(crate::JobOutput::default())),
@@ -837,7 +948,15 @@ mod tests {
         let wire = crate::JobSpec::from(JobSpec::new(JobKind::Test));
         assert_eq!(wire.timeout_secs, 0);
         assert_eq!(JobSpec::try_from(wire).map(|spec| spec.timeout), Ok(None));
-        let request = LogRequest { job_id: 1, offset: 0, limit: None, stream: None };
-        assert_eq!(LogRequest::try_from(crate::JobLogRequest::from(request)), Ok(request));
+        let request = LogRequest {
+            job_id: 1,
+            offset: 0,
+            limit: None,
+            stream: None,
+        };
+        assert_eq!(
+            LogRequest::try_from(crate::JobLogRequest::from(request)),
+            Ok(request)
+        );
     }
 }

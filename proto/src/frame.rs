@@ -9,9 +9,6 @@ use crate::convert::DecodeError;
 /// frame is a broken or hostile peer, and rejecting it keeps memory bounded.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 
-/// Largest output chunk an agent puts into one frame.
-pub const MAX_OUTPUT_CHUNK_BYTES: usize = 64 * 1024;
-
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES} byte limit")]
@@ -67,7 +64,8 @@ mod tests {
     #[test]
     fn round_trips_a_frame() {
         let heartbeat = AgentMessage::Heartbeat { sent_at_unix_ms: 7 };
-        let decoded = AgentMessage::decode_frame(&heartbeat.clone().encode_frame()).expect("decodes");
+        let decoded =
+            AgentMessage::decode_frame(&heartbeat.clone().encode_frame()).expect("decodes");
         assert_eq!(decoded, heartbeat);
     }
 

@@ -81,11 +81,18 @@ fn websocket_config() -> WebSocketConfig {
 
 /// The host part of a `ws://host:port/ws` URL: where the agent also finds the git daemon.
 pub fn host_of(url: &str) -> Result<String, SocketError> {
-    let bad = |reason: &str| SocketError::BadUrl { url: url.to_owned(), reason: reason.to_owned() };
+    let bad = |reason: &str| SocketError::BadUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
     let uri: tungstenite::http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
     match uri.scheme_str() {
         Some("ws") => {}
-        Some("wss") => return Err(bad("wss is not supported; terminate TLS in front of the agent")),
+        Some("wss") => {
+            return Err(bad(
+                "wss is not supported; terminate TLS in front of the agent",
+            ));
+        }
         _ => return Err(bad("the scheme must be ws://")),
     }
     uri.host().map(str::to_owned).ok_or_else(|| bad("no host"))
@@ -107,7 +114,10 @@ where
 
 impl<In: BusMessage, Out: BusMessage> BusSocket<In, Out> {
     fn new(ws: Stream) -> Self {
-        Self { ws, _messages: PhantomData }
+        Self {
+            ws,
+            _messages: PhantomData,
+        }
     }
 
     /// Server side: completes the WebSocket upgrade of an accepted stream. Requests for any
@@ -115,7 +125,9 @@ impl<In: BusMessage, Out: BusMessage> BusSocket<In, Out> {
     pub async fn accept(stream: impl Transport) -> Result<Self, SocketError> {
         // The callback's error type is tungstenite's; its size is not ours to choose.
         #[allow(clippy::result_large_err)]
-        let only_bus_path = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
+        let only_bus_path = |request: &Request,
+                             response: Response|
+         -> Result<Response, ErrorResponse> {
             if request.uri().path() == BUS_PATH {
                 Ok(response)
             } else {
@@ -126,20 +138,36 @@ impl<In: BusMessage, Out: BusMessage> BusSocket<In, Out> {
             }
         };
         let stream: Box<dyn Transport> = Box::new(stream);
-        let upgrade =
-            tokio_tungstenite::accept_hdr_async_with_config(stream, only_bus_path, Some(websocket_config()));
-        deadline("upgrading to websocket", HANDSHAKE_TIMEOUT, upgrade).await.map(Self::new)
+        let upgrade = tokio_tungstenite::accept_hdr_async_with_config(
+            stream,
+            only_bus_path,
+            Some(websocket_config()),
+        );
+        deadline("upgrading to websocket", HANDSHAKE_TIMEOUT, upgrade)
+            .await
+            .map(Self::new)
     }
 
     /// Client side: dials `url` (`ws://host:port/ws`).
     pub async fn connect(url: &str) -> Result<Self, SocketError> {
         host_of(url)?;
-        let bad = |reason: String| SocketError::BadUrl { url: url.to_owned(), reason };
+        let bad = |reason: String| SocketError::BadUrl {
+            url: url.to_owned(),
+            reason,
+        };
         let uri: tungstenite::http::Uri = url.parse().map_err(|_| bad("not a URL".into()))?;
-        let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         let port = uri.port_u16().unwrap_or(80);
-        let tcp = deadline("connecting", HANDSHAKE_TIMEOUT, tokio::net::TcpStream::connect((host, port)))
-            .await?;
+        let tcp = deadline(
+            "connecting",
+            HANDSHAKE_TIMEOUT,
+            tokio::net::TcpStream::connect((host, port)),
+        )
+        .await?;
         let _ = tcp.set_nodelay(true);
         Self::client(tcp, url).await
     }
@@ -148,7 +176,8 @@ impl<In: BusMessage, Out: BusMessage> BusSocket<In, Out> {
     /// coordinator's embedded agent).
     pub async fn client(stream: impl Transport, url: &str) -> Result<Self, SocketError> {
         let stream: Box<dyn Transport> = Box::new(stream);
-        let handshake = tokio_tungstenite::client_async_with_config(url, stream, Some(websocket_config()));
+        let handshake =
+            tokio_tungstenite::client_async_with_config(url, stream, Some(websocket_config()));
         let (ws, _) = deadline("in the websocket handshake", HANDSHAKE_TIMEOUT, handshake).await?;
         Ok(Self::new(ws))
     }
@@ -179,8 +208,19 @@ impl<In: BusMessage, Out: BusMessage> BusSocket<In, Out> {
         let (sender, queue) = mpsc::channel(capacity);
         let closed = CancellationToken::new();
         let writer = tokio::spawn(write_frames(sink, queue, closed.clone()));
-        let outbox = Outbox { sender, closed: closed.clone() };
-        (outbox, Inbox { stream, closed, writer: Some(writer), _messages: PhantomData })
+        let outbox = Outbox {
+            sender,
+            closed: closed.clone(),
+        };
+        (
+            outbox,
+            Inbox {
+                stream,
+                closed,
+                writer: Some(writer),
+                _messages: PhantomData,
+            },
+        )
     }
 }
 
@@ -252,7 +292,10 @@ pub struct Outbox<Out> {
 
 impl<Out> Clone for Outbox<Out> {
     fn clone(&self) -> Self {
-        Self { sender: self.sender.clone(), closed: self.closed.clone() }
+        Self {
+            sender: self.sender.clone(),
+            closed: self.closed.clone(),
+        }
     }
 }
 
@@ -309,7 +352,9 @@ pub struct Inbox<In> {
 
 impl<In> std::fmt::Debug for Inbox<In> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inbox").field("closed", &self.closed.is_cancelled()).finish_non_exhaustive()
+        f.debug_struct("Inbox")
+            .field("closed", &self.closed.is_cancelled())
+            .finish_non_exhaustive()
     }
 }
 
@@ -346,23 +391,49 @@ mod tests {
     async fn pair() -> (CoordinatorSocket, AgentSocket) {
         let (server_end, client_end) = tokio::io::duplex(64 * 1024);
         let server = tokio::spawn(CoordinatorSocket::accept(server_end));
-        let client = AgentSocket::client(client_end, "ws://localhost/ws").await.expect("client handshake");
-        (server.await.expect("joins").expect("server handshake"), client)
+        let client = AgentSocket::client(client_end, "ws://localhost/ws")
+            .await
+            .expect("client handshake");
+        (
+            server.await.expect("joins").expect("server handshake"),
+            client,
+        )
     }
 
     #[tokio::test]
     async fn messages_cross_in_both_directions_and_close_ends_the_stream() {
         let (mut server, mut client) = pair().await;
-        client.send(AgentMessage::Heartbeat { sent_at_unix_ms: 1 }).await.expect("sends");
-        let received = server.recv_within(Duration::from_secs(5)).await.expect("receives");
-        assert_eq!(received, Some(AgentMessage::Heartbeat { sent_at_unix_ms: 1 }));
+        client
+            .send(AgentMessage::Heartbeat { sent_at_unix_ms: 1 })
+            .await
+            .expect("sends");
+        let received = server
+            .recv_within(Duration::from_secs(5))
+            .await
+            .expect("receives");
+        assert_eq!(
+            received,
+            Some(AgentMessage::Heartbeat { sent_at_unix_ms: 1 })
+        );
 
-        let (outbox, mut inbox) = server.start(4);
+        let (outbox, _inbox) = server.start(4);
         outbox.try_send(CoordinatorMessage::Drain).expect("queued");
-        assert_eq!(client.recv_within(Duration::from_secs(5)).await.expect("receives"), Some(CoordinatorMessage::Drain));
+        assert_eq!(
+            client
+                .recv_within(Duration::from_secs(5))
+                .await
+                .expect("receives"),
+            Some(CoordinatorMessage::Drain)
+        );
+        // The last outbox gone, the writer sends what is queued and closes the connection.
         drop(outbox);
-        inbox.stream.next().await; // the client's close reply, or the end
-        assert_eq!(client.recv_within(Duration::from_secs(5)).await.expect("clean close"), None);
+        assert_eq!(
+            client
+                .recv_within(Duration::from_secs(5))
+                .await
+                .expect("clean close"),
+            None
+        );
     }
 
     #[tokio::test]
@@ -382,15 +453,24 @@ mod tests {
         let (server_end, client_end) = tokio::io::duplex(64 * 1024);
         let server = tokio::spawn(CoordinatorSocket::accept(server_end));
         let stream: Box<dyn Transport> = Box::new(client_end);
-        let (mut raw, _) = tokio_tungstenite::client_async("ws://localhost/ws", stream).await.expect("handshake");
+        let (mut raw, _) = tokio_tungstenite::client_async("ws://localhost/ws", stream)
+            .await
+            .expect("handshake");
         let mut server = server.await.expect("joins").expect("server handshake");
-        raw.send(Message::Binary(vec![0xff, 0xff, 0xff].into())).await.expect("sends");
+        raw.send(Message::Binary(vec![0xff, 0xff, 0xff].into()))
+            .await
+            .expect("sends");
         assert!(matches!(
             server.recv_within(Duration::from_secs(5)).await,
             Err(SocketError::Frame(FrameError::Malformed(_)))
         ));
-        raw.send(Message::Text("hello".into())).await.expect("sends");
-        assert!(matches!(server.recv_within(Duration::from_secs(5)).await, Err(SocketError::TextFrame)));
+        raw.send(Message::Text("hello".into()))
+            .await
+            .expect("sends");
+        assert!(matches!(
+            server.recv_within(Duration::from_secs(5)).await,
+            Err(SocketError::TextFrame)
+        ));
     }
 
     #[tokio::test]
@@ -405,8 +485,17 @@ mod tests {
     #[test]
     fn server_urls_must_be_plain_websocket() {
         assert_eq!(host_of("ws://10.0.0.5:8081/ws").expect("valid"), "10.0.0.5");
-        assert!(matches!(host_of("wss://x/ws"), Err(SocketError::BadUrl { .. })));
-        assert!(matches!(host_of("http://x/ws"), Err(SocketError::BadUrl { .. })));
-        assert!(matches!(host_of("not a url"), Err(SocketError::BadUrl { .. })));
+        assert!(matches!(
+            host_of("wss://x/ws"),
+            Err(SocketError::BadUrl { .. })
+        ));
+        assert!(matches!(
+            host_of("http://x/ws"),
+            Err(SocketError::BadUrl { .. })
+        ));
+        assert!(matches!(
+            host_of("not a url"),
+            Err(SocketError::BadUrl { .. })
+        ));
     }
 }

@@ -1,15 +1,19 @@
 //! The job bus under bad input: wrong tokens, garbage, oversized frames and silent peers get
 //! a clear rejection and never crash or wedge the coordinator.
+//!
+//! These tests speak the wire format itself (generated protobuf types over a raw WebSocket),
+//! as a hostile or buggy peer would, rather than the agent's typed socket.
 
 use std::io::Write;
 use std::time::Duration;
 
+use buildpool_core::bus::PROTOCOL_VERSION;
 use buildpool_proto::{
-    AgentFrame, CoordinatorFrame, Hello, PROTOCOL_VERSION, RejectCode, agent_frame,
-    coordinator_frame, frame,
+    AgentFrame, CoordinatorFrame, Hello, RejectCode, agent_frame, coordinator_frame, frame,
 };
 use buildpool_tests::{Cluster, Fixture, Owned, wait_until};
 use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
 use tokio_tungstenite::tungstenite::Message;
 
 type Socket =
@@ -24,7 +28,17 @@ fn hello(token: &str) -> Message {
         slots_free: 1,
         ..Hello::default()
     };
-    Message::Binary(frame::encode(&AgentFrame::from(agent_frame::Msg::Hello(hello))).into())
+    let frame = AgentFrame {
+        msg: Some(agent_frame::Msg::Hello(hello)),
+    };
+    Message::Binary(frame.encode_to_vec().into())
+}
+
+/// Decodes a coordinator frame into its message.
+fn decode(bytes: &[u8]) -> Option<coordinator_frame::Msg> {
+    CoordinatorFrame::decode(bytes)
+        .expect("coordinator frames decode")
+        .msg
 }
 
 /// Reads frames until the coordinator closes the connection; returns the decoded ones.
@@ -33,9 +47,7 @@ async fn frames_until_close(socket: &mut Socket) -> Vec<coordinator_frame::Msg> 
     let read = async {
         while let Some(Ok(message)) = socket.next().await {
             if let Message::Binary(bytes) = message {
-                frames.push(
-                    CoordinatorFrame::decode_frame(&bytes).expect("coordinator frames decode"),
-                );
+                frames.extend(decode(&bytes));
             }
         }
     };
@@ -146,8 +158,8 @@ async fn garbled_oversized_and_silent_connections_do_not_wedge_the_coordinator()
         panic!("no welcome")
     };
     assert!(matches!(
-        CoordinatorFrame::decode_frame(&welcome),
-        Ok(coordinator_frame::Msg::Welcome(_))
+        decode(&welcome),
+        Some(coordinator_frame::Msg::Welcome(_))
     ));
     socket
         .send(Message::Binary(

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use build_agent::git::Git;
+use buildpool_core::git::Git;
 use clap::Args;
 
 use super::run::{self, RunArgs};

@@ -3,16 +3,14 @@
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use buildpool_proto::{
-    CancelRequest, DrainAgentRequest, JobKind, JobLogRequest, JobState, OutputStream, StatusReply,
-    StatusRequest,
-};
+use buildpool_core::OutputStream;
+use buildpool_core::status::{CancelReply, CoordinatorStatus, JobPlace, LogRequest};
+use buildpool_core::time::unix_millis;
 use clap::Args;
 
-use crate::client::{self, CALL_TIMEOUT, Client};
+use crate::client::Client;
 use crate::repo::Repo;
 
 #[derive(Debug, Args)]
@@ -49,21 +47,12 @@ enum AgentsAction {
 
 async fn connect(dir: &Path) -> anyhow::Result<Client> {
     let repo = Repo::discover(dir).await?;
-    let (client, _) = client::connect_to_running(&repo).await?;
+    let (client, _) = Client::connect_to_running(&repo).await?;
     Ok(client)
 }
 
-fn request<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(CALL_TIMEOUT);
-    request
-}
-
 fn ago(unix_ms: u64) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let secs = now.saturating_sub(unix_ms) / 1000;
+    let secs = unix_millis().saturating_sub(unix_ms) / 1000;
     match secs {
         0..60 => format!("{secs}s ago"),
         60..3600 => format!("{}m ago", secs / 60),
@@ -71,19 +60,20 @@ fn ago(unix_ms: u64) -> String {
     }
 }
 
-fn kind_name(kind: i32) -> &'static str {
-    JobKind::try_from(kind)
-        .ok()
-        .and_then(JobKind::cargo_subcommand)
-        .unwrap_or("?")
+/// The agent and attempt of a running job.
+fn running_on(place: &JobPlace) -> Option<(&str, u32)> {
+    match place {
+        JobPlace::Running { agent_id, attempt } => Some((agent_id, *attempt)),
+        JobPlace::Queued => None,
+    }
 }
 
-fn status_json(status: &StatusReply) -> serde_json::Value {
+fn status_json(status: &CoordinatorStatus) -> serde_json::Value {
     serde_json::json!({
         "coordinator_id": status.coordinator_id,
         "repository": status.repository,
-        "websocket_addr": status.websocket_addr,
-        "git_daemon_port": status.git_daemon_port,
+        "websocket_addr": status.websocket_addr.clone().unwrap_or_default(),
+        "git_daemon_port": status.git_daemon_port.unwrap_or(0),
         "local_fallback_enabled": status.local_fallback_enabled,
         "local_fallback_active": status.local_fallback_active,
         "agents": status.agents.iter().map(|a| serde_json::json!({
@@ -91,22 +81,23 @@ fn status_json(status: &StatusReply) -> serde_json::Value {
             "system": a.system, "connected_since_unix_ms": a.connected_since_unix_ms, "local": a.local,
             "draining": a.draining, "address": a.address,
         })).collect::<Vec<_>>(),
-        "jobs": status.jobs.iter().map(|j| serde_json::json!({
-            "job_id": j.job_id, "kind": kind_name(j.kind),
-            "state": if j.state == JobState::Running as i32 { "running" } else { "queued" },
-            "agent_id": j.agent_id, "attempt": j.attempt, "submitted_unix_ms": j.submitted_unix_ms,
-            "worktree": j.worktree, "cargo_args": j.cargo_args,
-        })).collect::<Vec<_>>(),
+        "jobs": status.jobs.iter().map(|j| {
+            let running = running_on(&j.place);
+            serde_json::json!({
+                "job_id": j.job_id, "kind": j.kind.cargo_subcommand(),
+                "state": if running.is_some() { "running" } else { "queued" },
+                "agent_id": running.map_or("", |(agent, _)| agent),
+                "attempt": running.map_or(0, |(_, attempt)| attempt),
+                "submitted_unix_ms": j.submitted_unix_ms,
+                "worktree": j.worktree, "cargo_args": j.cargo_args,
+            })
+        }).collect::<Vec<_>>(),
     })
 }
 
 pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let mut client = connect(dir).await?;
-    let status = client
-        .status(request(StatusRequest {}))
-        .await
-        .context("status failed")?
-        .into_inner();
+    let client = connect(dir).await?;
+    let status = client.status().await.context("status failed")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
         return Ok(ExitCode::SUCCESS);
@@ -115,10 +106,10 @@ pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
         "coordinator {} for {}",
         status.coordinator_id, status.repository
     );
-    if !status.websocket_addr.is_empty() {
+    if let Some(websocket_addr) = &status.websocket_addr {
         println!(
-            "job bus {}, git daemon port {}",
-            status.websocket_addr, status.git_daemon_port
+            "job bus {websocket_addr}, git daemon port {}",
+            status.git_daemon_port.unwrap_or(0)
         );
     }
     let fallback = match (status.local_fallback_enabled, status.local_fallback_active) {
@@ -130,17 +121,20 @@ pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
     print_agents(&status);
     println!("\nJOB      STATE    KIND    AGENT                SUBMITTED   WORKTREE");
     for job in &status.jobs {
-        let running = job.state == JobState::Running as i32;
-        let agent = if running {
-            format!("{} #{}", job.agent_id, job.attempt)
-        } else {
-            "-".to_owned()
-        };
+        let running = running_on(&job.place);
+        let agent = running.map_or_else(
+            || "-".to_owned(),
+            |(agent, attempt)| format!("{agent} #{attempt}"),
+        );
         println!(
             "{:<8} {:<8} {:<7} {agent:<20} {:<11} {}",
             job.job_id,
-            if running { "running" } else { "queued" },
-            kind_name(job.kind),
+            if running.is_some() {
+                "running"
+            } else {
+                "queued"
+            },
+            job.kind.cargo_subcommand(),
             ago(job.submitted_unix_ms),
             job.worktree
         );
@@ -150,25 +144,22 @@ pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn logs(dir: &Path, args: LogsArgs) -> anyhow::Result<ExitCode> {
     let stream = match args.stream.as_deref() {
-        None => OutputStream::Unspecified,
-        Some("stdout") => OutputStream::Stdout,
-        Some("stderr") => OutputStream::Stderr,
+        None => None,
+        Some("stdout") => Some(OutputStream::Stdout),
+        Some("stderr") => Some(OutputStream::Stderr),
         Some(other) => anyhow::bail!("--stream must be stdout or stderr, not {other:?}"),
     };
-    let mut client = connect(dir).await?;
+    let client = connect(dir).await?;
     let mut offset = 0;
     let mut out = std::io::stdout().lock();
     loop {
-        let page = client
-            .job_log(request(JobLogRequest {
-                job_id: args.job_id,
-                offset,
-                limit: 0,
-                stream: stream as i32,
-            }))
-            .await
-            .map_err(|status| anyhow::anyhow!("{}", status.message()))?
-            .into_inner();
+        let request = LogRequest {
+            job_id: args.job_id,
+            offset,
+            limit: None,
+            stream,
+        };
+        let page = client.job_log(request).await?;
         out.write_all(&page.data)?;
         if page.data.is_empty() || page.complete {
             break;
@@ -179,23 +170,15 @@ pub async fn logs(dir: &Path, args: LogsArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn cancel(dir: &Path, args: CancelArgs) -> anyhow::Result<ExitCode> {
-    let mut client = connect(dir).await?;
-    let reply = client
-        .cancel(request(CancelRequest {
-            job_id: args.job_id,
-        }))
-        .await
-        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
-        .into_inner();
-    if reply.cancelled {
-        println!("job {}: cancelling", args.job_id);
-    } else {
-        println!("job {} already {}", args.job_id, reply.state);
+    let client = connect(dir).await?;
+    match client.cancel(args.job_id).await? {
+        CancelReply::Cancelling => println!("job {}: cancelling", args.job_id),
+        CancelReply::AlreadyFinished => println!("job {} already finished", args.job_id),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_agents(status: &StatusReply) {
+fn print_agents(status: &CoordinatorStatus) {
     println!("\nAGENT                SLOTS  LABELS                 CONNECTED");
     for agent in &status.agents {
         let name = if agent.local {
@@ -215,23 +198,14 @@ fn print_agents(status: &StatusReply) {
 }
 
 pub async fn agents(dir: &Path, args: AgentsArgs) -> anyhow::Result<ExitCode> {
-    let mut client = connect(dir).await?;
+    let client = connect(dir).await?;
     match args.action {
         None => {
-            let status = client
-                .status(request(StatusRequest {}))
-                .await
-                .context("status failed")?
-                .into_inner();
+            let status = client.status().await.context("status failed")?;
             print_agents(&status);
         }
         Some(AgentsAction::Drain { agent_id }) => {
-            client
-                .drain_agent(request(DrainAgentRequest {
-                    agent_id: agent_id.clone(),
-                }))
-                .await
-                .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+            client.drain_agent(&agent_id).await?;
             println!("agent {agent_id}: draining (finishes its running jobs, then exits)");
         }
     }

@@ -2,7 +2,9 @@
 
 use std::fmt::Write;
 
-use buildpool_proto::{JobKind, JobResult, Outcome, StatusReply};
+use buildpool_core::status::{CoordinatorStatus, JobPlace};
+use buildpool_core::time::millis;
+use buildpool_core::{JobEnd, JobKind, JobResult};
 use rmcp::model::{CallToolResult, ContentBlock};
 use serde_json::{Value, json};
 
@@ -39,7 +41,7 @@ pub struct ToolAnswer {
 }
 
 fn kind_name(kind: JobKind) -> &'static str {
-    kind.cargo_subcommand().unwrap_or("job")
+    kind.cargo_subcommand()
 }
 
 fn secs(ms: u64) -> String {
@@ -77,8 +79,9 @@ pub fn plain(text: String, value: Value, is_error: bool) -> CallToolResult {
     result
 }
 
-/// The job never ran (snapshot, coordinator or stream trouble).
-pub fn failure_before_start(kind: JobKind, reason: &str) -> CallToolResult {
+/// The job has no result to report: it could not start (snapshot, coordinator), or the
+/// session ended before its result arrived (lost coordinator, unconfirmed cancel).
+pub fn no_result(kind: JobKind, reason: &str) -> CallToolResult {
     let text = format!("{} could not run: {reason}", kind_name(kind));
     plain(
         text,
@@ -87,7 +90,7 @@ pub fn failure_before_start(kind: JobKind, reason: &str) -> CallToolResult {
     )
 }
 
-pub fn worker_status(status: &StatusReply) -> CallToolResult {
+pub fn worker_status(status: &CoordinatorStatus) -> CallToolResult {
     let workers: Vec<Value> = status
         .agents
         .iter()
@@ -102,7 +105,7 @@ pub fn worker_status(status: &StatusReply) -> CallToolResult {
     let queued = status
         .jobs
         .iter()
-        .filter(|j| j.state == buildpool_proto::JobState::Queued as i32)
+        .filter(|j| j.place == JobPlace::Queued)
         .count();
     let running = status.jobs.len() - queued;
     let value = json!({
@@ -139,27 +142,27 @@ pub fn worker_status(status: &StatusReply) -> CallToolResult {
 }
 
 impl ToolAnswer {
+    /// The outcome word, exit code, signal and a detail for the header.
     fn outcome(&self) -> (&'static str, Option<i32>, Option<i32>, String) {
-        let completion = self.result.completion.clone().unwrap_or_default();
-        match Outcome::try_from(completion.outcome).unwrap_or(Outcome::Unspecified) {
-            Outcome::Exited => match (completion.exit_code, completion.signal) {
-                (Some(0), _) => ("succeeded", Some(0), None, String::new()),
-                (Some(code), _) => ("failed", Some(code), None, format!("exit {code}")),
-                (None, signal) => (
-                    "failed",
-                    None,
-                    signal,
-                    format!("killed by signal {}", signal.unwrap_or(0)),
-                ),
-            },
-            Outcome::TimedOut => ("timed_out", None, None, "timed out".to_owned()),
-            Outcome::Cancelled => ("cancelled", None, None, "cancelled".to_owned()),
-            Outcome::Failed | Outcome::Unspecified => ("error", None, None, completion.error),
+        match &self.result.completion.end {
+            JobEnd::Exited { code: 0 } => ("succeeded", Some(0), None, String::new()),
+            JobEnd::Exited { code } => ("failed", Some(*code), None, format!("exit {code}")),
+            JobEnd::Signalled { signal } => (
+                "failed",
+                None,
+                Some(*signal),
+                format!("killed by signal {signal}"),
+            ),
+            JobEnd::TimedOut => ("timed_out", None, None, "timed out".to_owned()),
+            JobEnd::Cancelled => ("cancelled", None, None, "cancelled".to_owned()),
+            JobEnd::Failed { reason } => ("error", None, None, reason.clone()),
         }
     }
 
     pub fn into_result(self) -> CallToolResult {
-        let completion = self.result.completion.clone().unwrap_or_default();
+        let completion = &self.result.completion;
+        let env = completion.env.map_or("", |env| env.label());
+        let (queue_ms, run_ms) = (millis(self.result.queue_time), millis(completion.duration));
         let (outcome, exit_code, signal, detail) = self.outcome();
         let report = &self.report;
         let kind = kind_name(self.kind);
@@ -168,9 +171,9 @@ impl ToolAnswer {
             "kind": kind,
             "outcome": outcome,
             "ran_on": self.placement.label(),
-            "env": completion.env,
-            "queue_ms": self.result.queue_ms,
-            "run_ms": completion.duration_ms,
+            "env": env,
+            "queue_ms": queue_ms,
+            "run_ms": run_ms,
             "errors": report.errors,
             "warnings": report.warnings,
         });
@@ -185,7 +188,7 @@ impl ToolAnswer {
             put("signal", json!(signal));
         }
         if outcome == "error" {
-            put("error", json!(completion.error));
+            put("error", json!(detail));
         }
         if let Placement::Unreachable(reason) = &self.placement {
             put("fallback_reason", json!(reason));
@@ -233,18 +236,18 @@ impl ToolAnswer {
         if !counts.is_empty() {
             let _ = write!(text, " · {}", counts.join(", "));
         }
-        let env = if completion.env.is_empty() {
+        let env = if env.is_empty() {
             String::new()
         } else {
-            format!(" · env {}", completion.env)
+            format!(" · env {env}")
         };
         let _ = write!(
             text,
             " · job {} on {}{env} · queued {}, ran {}",
             self.job_id,
             self.placement.label(),
-            secs(self.result.queue_ms),
-            secs(completion.duration_ms)
+            secs(queue_ms),
+            secs(run_ms)
         );
         if outcome == "succeeded" {
             return plain(text, value, false);

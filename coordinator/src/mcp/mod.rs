@@ -15,10 +15,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use buildpool_proto::{
-    CancelRequest, JobKind, JobLogRequest, JobSpec, OutputStream, StatusRequest, SubmitRequest,
-    job_event,
-};
+use buildpool_core::status::{CancelReply, LogRequest};
+use buildpool_core::{JobEvent, JobId, JobKind, JobSpec, OutputStream};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
@@ -32,9 +30,9 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{CALL_TIMEOUT, Client};
+use crate::client::Client;
 use crate::repo::Repo;
-use crate::session::{Fallback, Via};
+use crate::session::{JobClient, JobSession, StartError, Via};
 use answer::{Placement, ToolAnswer};
 use report::ReportBuilder;
 
@@ -173,10 +171,10 @@ fn common_args(
     Ok(args)
 }
 
-fn check_timeout(timeout: Option<u32>) -> Result<u32, ErrorData> {
+fn check_timeout(timeout: Option<u32>) -> Result<Option<Duration>, ErrorData> {
     match timeout {
-        None => Ok(0),
-        Some(secs @ 1..=86_400) => Ok(secs),
+        None => Ok(None),
+        Some(secs @ 1..=86_400) => Ok(Some(Duration::from_secs(u64::from(secs)))),
         Some(other) => Err(invalid(format!(
             "timeout_secs must be 1..=86400, not {other}"
         ))),
@@ -230,10 +228,9 @@ pub fn clippy_args(input: &ClippyInput) -> Result<Vec<String>, ErrorData> {
 
 #[derive(Debug)]
 struct Inner {
-    repo: Repo,
-    fallback: Fallback,
-    /// Which coordinator ran each job of this session, for `job_log` and `cancel_job`.
-    jobs: std::sync::Mutex<HashMap<u64, bool>>,
+    jobs: JobClient,
+    /// Where each job of this session was submitted, for `job_log` and `cancel_job`.
+    submitted_via: std::sync::Mutex<HashMap<JobId, Via>>,
 }
 
 /// The MCP server of one worktree.
@@ -251,7 +248,7 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
     let server = BuildPoolMcp::new(repo);
     let running = server.clone().serve(rmcp::transport::stdio()).await?;
     let result = running.waiting().await;
-    server.inner.fallback.shutdown().await;
+    server.inner.jobs.shutdown().await;
     result?;
     Ok(())
 }
@@ -286,9 +283,8 @@ impl BuildPoolMcp {
     pub fn new(repo: Repo) -> Self {
         Self {
             inner: Arc::new(Inner {
-                repo,
-                fallback: Fallback::default(),
-                jobs: std::sync::Mutex::new(HashMap::new()),
+                jobs: JobClient::new(repo),
+                submitted_via: std::sync::Mutex::new(HashMap::new()),
             }),
             tool_router: Self::tool_router(),
         }
@@ -399,15 +395,15 @@ impl BuildPoolMcp {
         &self,
         Parameters(_input): Parameters<NoInput>,
     ) -> Result<CallToolResult, ErrorData> {
-        let (client, _) = match crate::client::connect_to_running(&self.inner.repo).await {
-            Ok(found) => found,
+        let client = match Client::connect_to_running(self.inner.jobs.repo()).await {
+            Ok((client, _)) => client,
             Err(error) => {
                 // Jobs of this session run in-process meanwhile; say whether one runs now.
                 let mut local_active = false;
-                if let Some(mut local) = self.inner.fallback.running_client().await
-                    && let Ok(status) = local.status(timed(StatusRequest {})).await
+                if let Some(local) = self.inner.jobs.fallback_client().await
+                    && let Ok(status) = local.status().await
                 {
-                    local_active = status.into_inner().local_fallback_active;
+                    local_active = status.local_fallback_active;
                 }
                 let value = serde_json::json!({
                     "coordinator": format!("unreachable: {error}"),
@@ -428,12 +424,10 @@ impl BuildPoolMcp {
                 ));
             }
         };
-        let mut client = client;
         let status = client
-            .status(timed(StatusRequest {}))
+            .status()
             .await
-            .map_err(|s| ErrorData::internal_error(s.message().to_owned(), None))?
-            .into_inner();
+            .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
         Ok(answer::worker_status(&status))
     }
 
@@ -445,9 +439,9 @@ impl BuildPoolMcp {
         Parameters(input): Parameters<JobLogInput>,
     ) -> Result<CallToolResult, ErrorData> {
         let stream = match input.stream.as_deref().unwrap_or("both") {
-            "both" => OutputStream::Unspecified,
-            "stdout" => OutputStream::Stdout,
-            "stderr" => OutputStream::Stderr,
+            "both" => None,
+            "stdout" => Some(OutputStream::Stdout),
+            "stderr" => Some(OutputStream::Stderr),
             other => {
                 return Err(invalid(format!(
                     "stream must be stdout, stderr or both, not {other:?}"
@@ -458,21 +452,20 @@ impl BuildPoolMcp {
         if limit == 0 || limit > MAX_LOG_LINES {
             return Err(invalid(format!("limit must be 1..={MAX_LOG_LINES}")));
         }
-        let mut client = self.client_for(input.job_id).await?;
+        let client = self.client_for(input.job_id).await?;
         let mut bytes = Vec::new();
         let mut complete = false;
         while (bytes.len() as u64) < MAX_LOG_SCAN {
-            let request = JobLogRequest {
+            let request = LogRequest {
                 job_id: input.job_id,
                 offset: bytes.len() as u64,
-                limit: 1024 * 1024,
-                stream: stream as i32,
+                limit: Some(1024 * 1024),
+                stream,
             };
             let page = client
-                .job_log(timed(request))
+                .job_log(request)
                 .await
-                .map_err(|s| invalid(s.message().to_owned()))?
-                .into_inner();
+                .map_err(|e| invalid(e.to_string()))?;
             bytes.extend_from_slice(&page.data);
             if page.data.is_empty() || page.complete {
                 complete = page.complete;
@@ -510,46 +503,41 @@ impl BuildPoolMcp {
         &self,
         Parameters(input): Parameters<CancelInput>,
     ) -> Result<CallToolResult, ErrorData> {
-        let mut client = self.client_for(input.job_id).await?;
+        let client = self.client_for(input.job_id).await?;
         let reply = client
-            .cancel(timed(CancelRequest {
-                job_id: input.job_id,
-            }))
+            .cancel(input.job_id)
             .await
-            .map_err(|s| invalid(s.message().to_owned()))?
-            .into_inner();
-        let text = if reply.cancelled {
+            .map_err(|e| invalid(e.to_string()))?;
+        let (cancelled, state) = match reply {
+            CancelReply::Cancelling => (true, "cancelling"),
+            CancelReply::AlreadyFinished => (false, "finished"),
+        };
+        let text = if cancelled {
             format!("job {} cancelling", input.job_id)
         } else {
-            format!("job {} already {}", input.job_id, reply.state)
+            format!("job {} already {state}", input.job_id)
         };
-        let value = serde_json::json!({ "job_id": input.job_id, "cancelled": reply.cancelled, "state": reply.state });
+        let value =
+            serde_json::json!({ "job_id": input.job_id, "cancelled": cancelled, "state": state });
         Ok(answer::plain(text, value, false))
     }
-}
-
-fn timed<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(CALL_TIMEOUT);
-    request
 }
 
 impl BuildPoolMcp {
     /// The client of whichever coordinator ran `job_id` in this session (the repository's
     /// coordinator for jobs this session does not know).
-    async fn client_for(&self, job_id: u64) -> Result<Client, ErrorData> {
+    async fn client_for(&self, job_id: JobId) -> Result<Client, ErrorData> {
         let in_process = self
             .inner
-            .jobs
+            .submitted_via
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&job_id)
-            .copied()
-            .unwrap_or(false);
+            .is_some_and(|via| *via != Via::Coordinator);
         let route = self
             .inner
-            .fallback
-            .route(&self.inner.repo, in_process)
+            .jobs
+            .route(in_process)
             .await
             .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
         if !in_process && route.via != Via::Coordinator {
@@ -564,141 +552,78 @@ impl BuildPoolMcp {
         &self,
         kind: JobKind,
         cargo_args: Vec<String>,
-        timeout_secs: u32,
+        timeout: Option<Duration>,
         meta: RequestMetaObject,
         peer: Peer<RoleServer>,
         ct: CancellationToken,
     ) -> Result<CallToolResult, ErrorData> {
         let spec = JobSpec {
-            kind: kind as i32,
             cargo_args,
-            timeout_secs,
-            ..JobSpec::default()
+            timeout,
+            ..JobSpec::new(kind)
         };
-        buildpool_proto::spec::validate(&spec).map_err(|e| invalid(e.to_string()))?;
         let mut notifier = Notifier {
             peer,
             token: meta.get_progress_token(),
             step: 0.0,
             last: None,
         };
-        let repo = &self.inner.repo;
-        let snapshot = match crate::snapshot::create(repo).await {
-            Ok(snapshot) => snapshot,
-            Err(error) => {
-                return Ok(answer::failure_before_start(
-                    kind,
-                    &format!("cannot snapshot the worktree: {error}"),
-                ));
-            }
+        let mut session = match self.inner.jobs.start(spec, false).await {
+            Ok(session) => session,
+            Err(StartError::InvalidSpec(error)) => return Err(invalid(error.to_string())),
+            Err(error) => return Ok(answer::no_result(kind, &error.to_string())),
         };
-        let route = match self.inner.fallback.route(repo, false).await {
-            Ok(route) => route,
-            Err(error) => {
-                return Ok(answer::failure_before_start(
-                    kind,
-                    &format!("cannot start a local coordinator: {error}"),
-                ));
-            }
-        };
-        let mut client = route.client;
-        let request = SubmitRequest {
-            spec: Some(spec),
-            commit: snapshot.commit,
-            git_ref: snapshot.git_ref,
-            worktree: repo.worktree.display().to_string(),
-        };
-        let mut events = match client.submit(request).await {
-            Ok(events) => events.into_inner(),
-            Err(status) => {
-                return Ok(answer::failure_before_start(
-                    kind,
-                    &format!("the coordinator refused the job: {}", status.message()),
-                ));
-            }
-        };
-
         let mut report = ReportBuilder::new();
-        let mut job_id = 0;
         let mut cancel_deadline: Option<tokio::time::Instant> = None;
         let mut last_progress = report.progress();
         loop {
             let event = tokio::select! {
-                event = events.message() => event,
+                event = session.next_event() => event,
                 () = ct.cancelled(), if cancel_deadline.is_none() => {
                     cancel_deadline = Some(tokio::time::Instant::now() + CANCEL_WAIT);
-                    if job_id != 0 {
-                        let _ = client.cancel(timed(CancelRequest { job_id })).await;
-                    }
+                    session.cancel().await;
                     continue;
                 }
                 () = sleep_until(cancel_deadline) => {
-                    return Ok(answer::failure_before_start(kind, &format!("job {job_id} was cancelled; the agent did not confirm within {CANCEL_WAIT:?}")));
+                    let job = session.job_id().map_or_else(|| "the job".to_owned(), |id| format!("job {id}"));
+                    return Ok(answer::no_result(kind, &format!("{job} was cancelled; the agent did not confirm within {CANCEL_WAIT:?}")));
                 }
             };
             let event = match event {
-                Ok(Some(event)) => event,
-                Ok(None) => {
-                    return Ok(answer::failure_before_start(
-                        kind,
-                        "the coordinator ended the job stream early",
-                    ));
-                }
-                Err(status) => {
-                    return Ok(answer::failure_before_start(
-                        kind,
-                        &format!("lost the coordinator: {}", status.message()),
-                    ));
-                }
+                Ok(event) => event,
+                Err(error) => return Ok(answer::no_result(kind, &error.to_string())),
             };
-            if job_id == 0 {
-                job_id = event.job_id;
-                self.inner
-                    .jobs
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(job_id, route.via != Via::Coordinator);
-                if ct.is_cancelled() {
-                    let _ = client.cancel(timed(CancelRequest { job_id })).await;
-                }
-            }
-            match event.event {
-                Some(job_event::Event::Queued(queued)) => {
+            let job_id = self.remember(&session);
+            match event {
+                JobEvent::Queued { reason, .. } => {
+                    let reason = if reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {reason}")
+                    };
                     notifier
-                        .send(
-                            format!(
-                                "job {job_id} queued{}",
-                                if queued.reason.is_empty() {
-                                    String::new()
-                                } else {
-                                    format!(": {}", queued.reason)
-                                }
-                            ),
-                            false,
-                        )
+                        .send(format!("job {job_id} queued{reason}"), false)
                         .await;
                 }
-                Some(job_event::Event::Assigned(assigned)) => {
-                    let place = if assigned.local {
+                JobEvent::Assigned {
+                    agent_id,
+                    attempt,
+                    local,
+                } => {
+                    let place = if local {
                         "the local agent".to_owned()
                     } else {
-                        assigned.agent_id.clone()
+                        agent_id
                     };
                     notifier
                         .send(
-                            format!(
-                                "job {job_id} assigned to {place} (attempt {})",
-                                assigned.attempt
-                            ),
+                            format!("job {job_id} assigned to {place} (attempt {attempt})"),
                             false,
                         )
                         .await;
                 }
-                Some(job_event::Event::Output(chunk)) => {
-                    report.feed(
-                        OutputStream::try_from(chunk.stream).unwrap_or(OutputStream::Stdout),
-                        &chunk.data,
-                    );
+                JobEvent::Output { stream, data, .. } => {
+                    report.feed(stream, &data);
                     let progress = report.progress();
                     if progress.testing && !last_progress.testing {
                         notifier.send(format!("job {job_id} testing"), false).await;
@@ -717,8 +642,8 @@ impl BuildPoolMcp {
                     }
                     last_progress = progress;
                 }
-                Some(job_event::Event::Finished(result)) => {
-                    let placement = match (&route.via, result.local) {
+                JobEvent::Finished(result) => {
+                    let placement = match (session.via(), result.local) {
                         (Via::InProcess(reason), _) => Placement::Unreachable(reason.clone()),
                         (Via::Coordinator, true) => Placement::LocalFallback,
                         (Via::Coordinator, false) => Placement::Agent(result.agent_id.clone()),
@@ -732,9 +657,20 @@ impl BuildPoolMcp {
                     }
                     .into_result());
                 }
-                None => {}
             }
         }
+    }
+
+    /// Records where the session's job was submitted, once its id is known; returns the id.
+    fn remember(&self, session: &JobSession) -> JobId {
+        let job_id = session.job_id().unwrap_or_default();
+        self.inner
+            .submitted_via
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(job_id)
+            .or_insert_with(|| session.via().clone());
+        job_id
     }
 }
 

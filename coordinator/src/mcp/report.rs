@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 
-use buildpool_proto::OutputStream;
+use buildpool_core::OutputStream;
 use serde::Serialize;
 
 /// Diagnostics kept per answer; the rest are counted.

@@ -1,26 +1,30 @@
-//! The gRPC control API: submit, cancel, status, job log.
+//! The gRPC control API, server side: submit, cancel, status, job log, drain.
 //!
-//! Listens on loopback by default and requires the same token as agents, so only the
-//! workstation's user can queue work.
+//! An edge adapter: requests are decoded into domain types here (a malformed request is an
+//! `invalid_argument`, never a default), handled against the scheduler and the job logs,
+//! and the answers encoded on the way out. Listens on loopback by default and requires the
+//! same token as agents, so only the workstation's user can queue work.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use buildpool_core::status::{CancelReply, CoordinatorStatus, LogPage, LogRequest, Submission};
+use buildpool_core::time::unix_millis;
+use buildpool_core::{JobEvent, JobId, OutputStream, Source};
 use buildpool_proto::control_server::{Control, ControlServer};
+use buildpool_proto::convert::{DecodeError, encode_job_event};
 use buildpool_proto::{
-    AgentInfo, CancelReply, CancelRequest, DrainAgentReply, DrainAgentRequest, JobAssigned,
-    JobEvent as WireEvent, JobInfo, JobLogReply, JobLogRequest, JobOutputChunk, JobQueued,
-    JobResult as WireResult, JobState, OutputStream, Source, StatusReply, StatusRequest,
-    SubmitRequest, job_event,
+    CancelRequest, DrainAgentReply, DrainAgentRequest, JobEvent as WireEvent, JobLogReply,
+    JobLogRequest, StatusReply, StatusRequest, SubmitRequest,
 };
+use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::scheduler::{JobEvent, JobId};
-use super::{ActiveJob, Shared, joblog, unix_millis};
+use super::{ActiveJob, Shared, joblog};
 use crate::snapshot::SNAPSHOT_REF_PREFIX;
 
 /// Events buffered per streaming client; beyond this the client's own pace sets the speed.
@@ -67,34 +71,10 @@ struct ControlService {
 }
 
 type EventStream = Pin<Box<dyn futures_util::Stream<Item = Result<WireEvent, Status>> + Send>>;
+type EventSender = mpsc::Sender<Result<WireEvent, Status>>;
 
-fn wire_event(job_id: JobId, event: &JobEvent) -> WireEvent {
-    let event = match event {
-        JobEvent::Queued { position, reason } => job_event::Event::Queued(JobQueued {
-            position: *position,
-            reason: reason.clone(),
-        }),
-        JobEvent::Assigned {
-            agent_id,
-            attempt,
-            local,
-        } => job_event::Event::Assigned(JobAssigned {
-            agent_id: agent_id.clone(),
-            attempt: *attempt,
-            local: *local,
-        }),
-        JobEvent::Finished(result) => job_event::Event::Finished(WireResult {
-            completion: Some(result.completion.clone()),
-            agent_id: result.agent_id.clone(),
-            attempt: result.attempt,
-            local: result.local,
-            queue_ms: u64::try_from(result.queue_time.as_millis()).unwrap_or(u64::MAX),
-        }),
-    };
-    WireEvent {
-        job_id,
-        event: Some(event),
-    }
+fn invalid(error: &DecodeError) -> Status {
+    Status::invalid_argument(error.to_string())
 }
 
 #[tonic::async_trait]
@@ -105,41 +85,41 @@ impl Control for ControlService {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let request = request.into_inner();
-        let spec = request
-            .spec
-            .ok_or_else(|| Status::invalid_argument("missing job spec"))?;
-        buildpool_proto::spec::validate(&spec)
+        let Submission {
+            spec,
+            commit,
+            git_ref,
+            worktree,
+        } = Submission::try_from(request.into_inner()).map_err(|e| invalid(&e))?;
+        buildpool_core::spec::validate(&spec)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if !build_agent::git::is_object_id(&request.commit) {
+        if !buildpool_core::git::is_object_id(&commit) {
             return Err(Status::invalid_argument("commit must be a full object id"));
         }
-        if !request.git_ref.starts_with(SNAPSHOT_REF_PREFIX) {
+        if !git_ref.starts_with(SNAPSHOT_REF_PREFIX) {
             return Err(Status::invalid_argument(format!(
                 "git_ref must be under {SNAPSHOT_REF_PREFIX}"
             )));
         }
         let shared = &self.shared;
-        let resolved = build_agent::git::Git::new(&shared.repo.common_dir)
+        let resolved = buildpool_core::git::Git::new(&shared.repo.common_dir)
             .args([
                 "rev-parse",
                 "--verify",
                 "--quiet",
-                &format!("{}^{{commit}}", request.git_ref),
+                &format!("{git_ref}^{{commit}}"),
             ])
             .output()
             .await
             .map_err(|_| {
                 Status::failed_precondition(format!(
-                    "{} does not exist in {}",
-                    request.git_ref,
+                    "{git_ref} does not exist in {}",
                     shared.repo.common_dir.display()
                 ))
             })?;
-        if resolved != request.commit {
+        if resolved != commit {
             return Err(Status::failed_precondition(format!(
-                "{} points at {resolved}, not {}",
-                request.git_ref, request.commit
+                "{git_ref} points at {resolved}, not {commit}"
             )));
         }
 
@@ -159,29 +139,23 @@ impl Control for ControlService {
         let job = Arc::new(ActiveJob {
             phase: watch::channel(initial).0,
             log,
-            git_ref: request.git_ref.clone(),
+            git_ref: git_ref.clone(),
         });
         let source = Source {
             repo_id: shared.repo.id.clone(),
             git_path: shared.git_path.clone(),
-            git_port: u32::from(shared.git_daemon_port.unwrap_or(0)),
-            commit: request.commit,
-            git_ref: request.git_ref,
+            git_port: shared.git_daemon_port.unwrap_or(0),
+            commit,
+            git_ref,
         };
         let phase = job.phase.subscribe();
         shared.state().jobs.insert(job_id, Arc::clone(&job));
-        tracing::info!(job_id, kind = spec.kind, worktree = %request.worktree, "job submitted");
+        tracing::info!(job_id, kind = %spec.kind, %worktree, "job submitted");
+        let now = Instant::now();
         shared.step(|s| {
             (
                 (),
-                s.submit(
-                    job_id,
-                    spec,
-                    source,
-                    request.worktree,
-                    Instant::now(),
-                    unix_millis(),
-                ),
+                s.submit(job_id, spec, source, worktree, now, unix_millis()),
             )
         });
         tokio::spawn(clean_up_when_finished(
@@ -198,7 +172,7 @@ impl Control for ControlService {
     async fn cancel(
         &self,
         request: Request<CancelRequest>,
-    ) -> Result<Response<CancelReply>, Status> {
+    ) -> Result<Response<buildpool_proto::CancelReply>, Status> {
         let job_id = request.into_inner().job_id;
         let cancelled = self
             .shared
@@ -206,17 +180,14 @@ impl Control for ControlService {
                 Some(actions) => (true, actions),
                 None => (false, Vec::new()),
             });
-        let state = if cancelled {
-            "cancelling"
+        let reply = if cancelled {
+            CancelReply::Cancelling
         } else if joblog::log_path(&self.shared.log_dir, job_id).exists() {
-            "finished"
+            CancelReply::AlreadyFinished
         } else {
             return Err(Status::not_found(format!("no job {job_id}")));
         };
-        Ok(Response::new(CancelReply {
-            cancelled,
-            state: state.to_owned(),
-        }))
+        Ok(Response::new(reply.into()))
     }
 
     async fn status(
@@ -225,61 +196,17 @@ impl Control for ControlService {
     ) -> Result<Response<StatusReply>, Status> {
         let shared = &self.shared;
         let state = shared.state();
-        let agents = state
-            .scheduler
-            .agents()
-            .into_iter()
-            .map(|agent| {
-                let r = agent.registration;
-                AgentInfo {
-                    id: r.agent_id,
-                    slots_total: r.slots_total,
-                    slots_used: agent.running,
-                    labels: r.labels,
-                    system: r.system,
-                    connected_since_unix_ms: r.connected_at_unix_ms,
-                    local: r.local,
-                    draining: r.draining,
-                    address: r.address,
-                }
-            })
-            .collect();
-        let jobs = state
-            .scheduler
-            .jobs()
-            .into_iter()
-            .map(|job| JobInfo {
-                job_id: job.job_id,
-                kind: job.spec.kind,
-                state: if job.running_on.is_some() {
-                    JobState::Running
-                } else {
-                    JobState::Queued
-                } as i32,
-                agent_id: job
-                    .running_on
-                    .as_ref()
-                    .map(|(id, _)| id.clone())
-                    .unwrap_or_default(),
-                attempt: job.running_on.as_ref().map_or(0, |(_, attempt)| *attempt),
-                submitted_unix_ms: job.submitted_unix_ms,
-                worktree: job.worktree,
-                cargo_args: job.spec.cargo_args,
-            })
-            .collect();
-        Ok(Response::new(StatusReply {
+        let status = CoordinatorStatus {
             coordinator_id: shared.id.clone(),
             repository: shared.repo.common_dir.display().to_string(),
-            agents,
-            jobs,
+            agents: state.scheduler.agents(),
+            jobs: state.scheduler.jobs(),
             local_fallback_enabled: shared.config.local_fallback,
             local_fallback_active: state.scheduler.local_busy(),
-            websocket_addr: shared
-                .websocket_addr
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-            git_daemon_port: u32::from(shared.git_daemon_port.unwrap_or(0)),
-        }))
+            websocket_addr: shared.websocket_addr.map(|addr| addr.to_string()),
+            git_daemon_port: shared.git_daemon_port,
+        };
+        Ok(Response::new(status.into()))
     }
 
     async fn drain_agent(
@@ -303,15 +230,13 @@ impl Control for ControlService {
         &self,
         request: Request<JobLogRequest>,
     ) -> Result<Response<JobLogReply>, Status> {
-        let request = request.into_inner();
+        let request = LogRequest::try_from(request.into_inner()).map_err(|e| invalid(&e))?;
         let path = joblog::log_path(&self.shared.log_dir, request.job_id);
         let active = self.shared.state().jobs.get(&request.job_id).cloned();
-        let limit = match request.limit as usize {
-            0 => DEFAULT_LOG_PAGE,
-            n => n.min(MAX_LOG_PAGE),
-        };
-        let stream = OutputStream::try_from(request.stream).unwrap_or(OutputStream::Unspecified);
-        let (data, next_offset) = joblog::read_page(&path, stream, request.offset, limit)
+        let limit = request
+            .limit
+            .map_or(DEFAULT_LOG_PAGE, |limit| (limit as usize).min(MAX_LOG_PAGE));
+        let (data, next_offset) = joblog::read_page(&path, request.stream, request.offset, limit)
             .await
             .map_err(|error| {
                 if error.kind() == std::io::ErrorKind::NotFound {
@@ -321,13 +246,22 @@ impl Control for ControlService {
                 }
             })?;
         let complete = active.is_none() && (data.len() < limit);
-        Ok(Response::new(JobLogReply {
+        let page = LogPage {
             data,
             next_offset,
             complete,
             truncated_bytes: active.map_or(0, |job| job.log.truncated()),
-        }))
+        };
+        Ok(Response::new(page.into()))
     }
+}
+
+/// Sends one event to a streaming client; false when the client is gone.
+async fn send_event(events: &EventSender, job_id: JobId, event: JobEvent) -> bool {
+    events
+        .send(Ok(encode_job_event(job_id, event)))
+        .await
+        .is_ok()
 }
 
 /// Streams one job's events and output to a client, following the log on disk.
@@ -337,7 +271,7 @@ async fn stream_job(
     job_id: JobId,
     job: Arc<ActiveJob>,
     mut phase: watch::Receiver<JobEvent>,
-    events: mpsc::Sender<Result<WireEvent, Status>>,
+    events: EventSender,
 ) {
     let mut length = job.log.subscribe();
     let mut position = 0u64;
@@ -357,20 +291,15 @@ async fn stream_job(
                         "[buildpool] {} bytes of output were dropped at the log cap\n",
                         job.log.truncated()
                     );
-                    let chunk = JobOutputChunk {
-                        stream: OutputStream::Stderr as i32,
-                        data: note.into_bytes(),
+                    let note = JobEvent::Output {
                         attempt: 0,
+                        stream: OutputStream::Stderr,
+                        data: Bytes::from(note),
                     };
-                    let _ = events
-                        .send(Ok(WireEvent {
-                            job_id,
-                            event: Some(job_event::Event::Output(chunk)),
-                        }))
-                        .await;
+                    send_event(&events, job_id, note).await;
                 }
             }
-            if events.send(Ok(wire_event(job_id, &event))).await.is_err() {
+            if !send_event(&events, job_id, event).await {
                 break;
             }
             if finished {
@@ -404,7 +333,7 @@ async fn forward_log(
     position: &mut u64,
     end: u64,
     job_id: JobId,
-    events: &mpsc::Sender<Result<WireEvent, Status>>,
+    events: &EventSender,
 ) -> bool {
     while *position < end {
         let (records, next) = match joblog::read_records(job.log.path(), *position, end).await {
@@ -420,19 +349,12 @@ async fn forward_log(
         }
         *position = next;
         for record in records {
-            let chunk = JobOutputChunk {
-                stream: record.stream as i32,
-                data: record.data,
+            let chunk = JobEvent::Output {
                 attempt: record.attempt,
+                stream: record.stream,
+                data: Bytes::from(record.data),
             };
-            if events
-                .send(Ok(WireEvent {
-                    job_id,
-                    event: Some(job_event::Event::Output(chunk)),
-                }))
-                .await
-                .is_err()
-            {
+            if !send_event(events, job_id, chunk).await {
                 return false;
             }
         }

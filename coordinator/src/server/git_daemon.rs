@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use rustix::process::{Pid, Signal, kill_process_group};
 use tokio_util::sync::CancellationToken;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,7 +79,7 @@ async fn wait_serving(common_dir: &Path, host: &str, port: u16, git_path: &str) 
     let url = format!("git://{host}:{port}{git_path}");
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     while tokio::time::Instant::now() < deadline {
-        let probe = build_agent::git::Git::new(common_dir)
+        let probe = buildpool_core::git::Git::new(common_dir)
             .args(["ls-remote", "--heads", &url])
             .timeout(Duration::from_secs(5));
         if probe.succeeds().await {
@@ -115,15 +114,12 @@ fn kill_stale(common_dir: &Path) {
     };
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    if cmdline.contains("daemon")
-        && cmdline.contains(&*common_dir.to_string_lossy())
-        && let Some(pid) = Pid::from_raw(pid)
-    {
+    if cmdline.contains("daemon") && cmdline.contains(&*common_dir.to_string_lossy()) {
         tracing::warn!(
-            pid = pid.as_raw_nonzero().get(),
+            pid,
             "stopping a git daemon left behind by a previous coordinator"
         );
-        let _ = kill_process_group(pid, Signal::KILL);
+        buildpool_core::process::kill_group(pid);
     }
     let _ = std::fs::remove_file(pid_file(common_dir));
 }
@@ -182,8 +178,8 @@ impl GitDaemon {
 }
 
 fn kill_group(child: &tokio::process::Child) {
-    if let Some(pid) = child.id().and_then(|id| Pid::from_raw(id as i32)) {
-        let _ = kill_process_group(pid, Signal::KILL);
+    if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
+        buildpool_core::process::kill_group(pid);
     }
 }
 

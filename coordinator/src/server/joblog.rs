@@ -8,11 +8,19 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use buildpool_proto::OutputStream;
+use buildpool_core::OutputStream;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{Mutex, watch};
 
 const HEADER: usize = 9;
+
+/// The stream byte of a record.
+fn stream_byte(stream: OutputStream) -> u8 {
+    match stream {
+        OutputStream::Stdout => 1,
+        OutputStream::Stderr => 2,
+    }
+}
 /// Logs kept on disk; older ones are deleted when a coordinator starts.
 pub const KEPT_LOGS: usize = 500;
 
@@ -72,7 +80,7 @@ impl JobLog {
             return Ok(());
         }
         let mut bytes = Vec::with_capacity(HEADER + data.len());
-        bytes.push(stream as u8);
+        bytes.push(stream_byte(stream));
         bytes.extend_from_slice(&attempt.to_le_bytes());
         bytes.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_le_bytes());
         bytes.extend_from_slice(data);
@@ -107,7 +115,7 @@ impl JobLog {
 
     async fn cap_exempt_append(&self, data: &[u8]) -> std::io::Result<()> {
         let mut file = self.file.lock().await;
-        let mut bytes = vec![OutputStream::Stderr as u8];
+        let mut bytes = vec![stream_byte(OutputStream::Stderr)];
         bytes.extend_from_slice(&0u32.to_le_bytes());
         bytes.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_le_bytes());
         bytes.extend_from_slice(data);
@@ -147,7 +155,8 @@ fn parse_prefix(all: &[u8]) -> (Vec<Record>, usize) {
         let stream = match bytes[0] {
             1 => OutputStream::Stdout,
             2 => OutputStream::Stderr,
-            _ => OutputStream::Unspecified,
+            // Only a damaged file holds anything else; what follows cannot be trusted.
+            _ => break,
         };
         let attempt = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
         let len = u32::from_le_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) as usize;
@@ -167,7 +176,7 @@ fn parse_prefix(all: &[u8]) -> (Vec<Record>, usize) {
 /// One page of a log: `limit` bytes from `offset` of the selected stream (or of both).
 pub async fn read_page(
     path: &Path,
-    stream: OutputStream,
+    stream: Option<OutputStream>,
     offset: u64,
     limit: usize,
 ) -> std::io::Result<(Vec<u8>, u64)> {
@@ -175,7 +184,7 @@ pub async fn read_page(
     let mut position = 0u64;
     let mut page = Vec::new();
     for record in parse(&bytes) {
-        if stream != OutputStream::Unspecified && record.stream != stream {
+        if stream.is_some_and(|wanted| record.stream != wanted) {
             continue;
         }
         let end = position + record.data.len() as u64;
@@ -257,13 +266,11 @@ mod tests {
         let (partial, end) = read_records(log.path(), 0, length - 1).await.expect("read");
         assert_eq!(partial.len(), 2, "a torn record is left for the next read");
         assert!(end < length - 1);
-        let (stdout, next) = read_page(log.path(), OutputStream::Stdout, 0, 1000)
+        let (stdout, next) = read_page(log.path(), Some(OutputStream::Stdout), 0, 1000)
             .await
             .expect("page");
         assert_eq!((stdout.as_slice(), next), (&b"hello world\n"[..], 12));
-        let (both, _) = read_page(log.path(), OutputStream::Unspecified, 3, 8)
-            .await
-            .expect("page");
+        let (both, _) = read_page(log.path(), None, 3, 8).await.expect("page");
         assert_eq!(both, b"lo warni");
     }
 
@@ -277,9 +284,7 @@ mod tests {
                 .expect("append");
         }
         log.finish().await.expect("finish");
-        let (text, _) = read_page(log.path(), OutputStream::Unspecified, 0, 10_000)
-            .await
-            .expect("page");
+        let (text, _) = read_page(log.path(), None, 0, 10_000).await.expect("page");
         let text = String::from_utf8_lossy(&text);
         assert_eq!(text.matches('x').count(), 80);
         assert!(text.contains("320 bytes of output were not kept"), "{text}");

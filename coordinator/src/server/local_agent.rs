@@ -1,6 +1,6 @@
 //! The coordinator's embedded local agent.
 //!
-//! It is a real `build_agent::Agent` (same executor: git cache, warm workspaces, env
+//! It is a real [`build_agent::Agent`] (same executor: git cache, warm workspaces, env
 //! selection, process groups) connected to this coordinator's job bus over an in-memory
 //! stream instead of TCP. The scheduler gives it work only while no other agent is
 //! connected. It fetches snapshots straight from the repository's git dir.
@@ -8,15 +8,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use build_agent::connection::GitLocator;
 use build_agent::executor::ExecutorConfig;
-use build_agent::{Agent, AgentIdentity};
-use buildpool_proto::EnvMode;
+use build_agent::{Agent, AgentIdentity, GitLocator, connection};
+use buildpool_core::EnvMode;
 use tokio_util::sync::CancellationToken;
 
-use super::{Shared, bus};
+use super::{LOCAL_AGENT_ID, Shared, bus};
 
-pub const LOCAL_AGENT_ID: &str = "local";
 /// Bytes in flight in each direction of the in-memory connection.
 const PIPE_CAPACITY: usize = 256 * 1024;
 
@@ -41,7 +39,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         },
     );
     let git = GitLocator::Fixed(format!("file://{}", shared.repo.common_dir.display()));
-    let link = agent.link();
+    let link = agent.register_link();
     while !shutdown.is_cancelled() {
         let (coordinator_end, agent_end) = tokio::io::duplex(PIPE_CAPACITY);
         let server = tokio::spawn(bus::handle_stream(
@@ -52,9 +50,8 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             shutdown.clone(),
             None,
         ));
-        if let Err(error) = agent
-            .serve_stream(&link, agent_end, git.clone(), shutdown.clone())
-            .await
+        if let Err(error) =
+            connection::serve_stream(&agent, link, agent_end, &git, shutdown.clone()).await
         {
             tracing::error!("embedded local agent: {error}");
         }

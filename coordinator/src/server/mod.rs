@@ -18,15 +18,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use buildpool_proto::{Assign, Cancel, CoordinatorFrame, Demand, Drain, coordinator_frame};
-use tokio::sync::{mpsc, watch};
+use buildpool_core::bus::CoordinatorMessage;
+use buildpool_core::{AttemptKey, JobEvent, JobId};
+use buildpool_proto::socket::{Outbox, SendError};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CoordinatorConfig;
 use crate::repo::Repo;
-use scheduler::{Action, ConnId, JobEvent, JobId, Scheduler, SchedulerConfig};
+use scheduler::{Action, ConnId, Scheduler, SchedulerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -47,11 +49,8 @@ pub enum StartError {
     State(#[from] std::io::Error),
 }
 
-pub fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+/// The agent id of the coordinator's embedded local agent; no remote agent may use it.
+pub const LOCAL_AGENT_ID: &str = "local";
 
 /// A job that has not ended yet, as transports see it.
 #[derive(Debug)]
@@ -64,9 +63,7 @@ pub(crate) struct ActiveJob {
 /// One agent connection, as the scheduler's actions reach it.
 #[derive(Debug)]
 pub(crate) struct Connection {
-    pub outbound: mpsc::Sender<CoordinatorFrame>,
-    /// Forces the connection closed (its tasks watch this).
-    pub close: CancellationToken,
+    pub outbox: Outbox<CoordinatorMessage>,
     pub agent_id: String,
 }
 
@@ -119,7 +116,7 @@ impl Shared {
         conn: ConnId,
         connection: Connection,
         registration: scheduler::AgentRegistration,
-        reports: &[scheduler::AttemptReport],
+        reports: &[AttemptKey],
     ) {
         let mut state = self.state();
         state.connections.insert(conn, connection);
@@ -148,46 +145,20 @@ impl Shared {
     fn apply(state: &mut State, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::Assign {
-                    conn,
-                    job_id,
-                    attempt,
-                    spec,
-                    source,
-                } => {
-                    let frame = coordinator_frame::Msg::Assign(Assign {
-                        job_id,
-                        attempt,
-                        spec: Some(spec),
-                        source: Some(source),
-                    });
-                    Self::send(state, conn, frame);
+                Action::Assign { conn, assignment } => {
+                    Self::send(state, conn, CoordinatorMessage::Assign(assignment));
                 }
-                Action::Cancel {
-                    conn,
-                    job_id,
-                    attempt,
-                } => {
-                    Self::send(
-                        state,
-                        conn,
-                        coordinator_frame::Msg::Cancel(Cancel { job_id, attempt }),
-                    );
+                Action::Cancel { conn, key } => {
+                    Self::send(state, conn, CoordinatorMessage::Cancel(key));
                 }
                 Action::Demand { conn, queued } => {
-                    Self::send(
-                        state,
-                        conn,
-                        coordinator_frame::Msg::Demand(Demand { queued }),
-                    );
+                    Self::send(state, conn, CoordinatorMessage::Demand { queued });
                 }
-                Action::Drain { conn } => {
-                    Self::send(state, conn, coordinator_frame::Msg::Drain(Drain {}))
-                }
+                Action::Drain { conn } => Self::send(state, conn, CoordinatorMessage::Drain),
                 Action::Close { conn } => {
                     if let Some(connection) = state.connections.get(&conn) {
                         tracing::info!(conn, agent_id = %connection.agent_id, "superseded by a newer connection of the same agent; closing");
-                        connection.close.cancel();
+                        connection.outbox.close();
                     }
                 }
                 Action::Event { job_id, event } => {
@@ -210,14 +181,15 @@ impl Shared {
     /// reading: close it rather than wait; its attempts are then orphaned like any lost link's.
     /// (Registration and removal are atomic with the scheduler, so an action never names a
     /// connection that is gone.)
-    fn send(state: &State, conn: ConnId, frame: coordinator_frame::Msg) {
+    fn send(state: &State, conn: ConnId, message: CoordinatorMessage) {
         match state.connections.get(&conn) {
-            Some(connection) => {
-                if let Err(error) = connection.outbound.try_send(CoordinatorFrame::from(frame)) {
-                    tracing::warn!(conn, agent_id = %connection.agent_id, "agent queue unusable ({error}); closing the connection");
-                    connection.close.cancel();
+            Some(connection) => match connection.outbox.try_send(message) {
+                Ok(()) | Err(SendError::Closed) => {}
+                Err(SendError::Full) => {
+                    tracing::warn!(conn, agent_id = %connection.agent_id, "agent stopped reading (queue full); closing the connection");
+                    connection.outbox.close();
                 }
-            }
+            },
             None => tracing::error!(conn, "no connection for a scheduler action; this is a bug"),
         }
     }
@@ -380,8 +352,7 @@ fn remove_abandoned_log_dirs(parent: &std::path::Path) {
             .file_name()
             .to_str()
             .and_then(|name| name.parse::<i32>().ok())
-            .and_then(rustix::process::Pid::from_raw)
-            .is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok());
+            .is_some_and(buildpool_core::process::alive);
         if !alive {
             let _ = std::fs::remove_dir_all(entry.path());
         }

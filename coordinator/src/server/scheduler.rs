@@ -8,10 +8,13 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use buildpool_proto::{Completion, JobSpec, Outcome, Source};
+use buildpool_core::bus::Assignment;
+use buildpool_core::status::{AgentStatus, JobPlace, JobStatus};
+use buildpool_core::{AttemptKey, Completion, JobEnd, JobEvent, JobId, JobResult, JobSpec, Source};
 
+/// Identifies one agent connection; a reconnecting agent gets a new one, so the cleanup of
+/// a stale connection can never touch its successor.
 pub type ConnId = u64;
-pub type JobId = u64;
 
 /// What an agent told us in its hello.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,44 +61,16 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// What a client sees of a job.
-#[derive(Debug, Clone, PartialEq)]
-pub enum JobEvent {
-    Queued {
-        position: u32,
-        reason: String,
-    },
-    Assigned {
-        agent_id: String,
-        attempt: u32,
-        local: bool,
-    },
-    Finished(JobResult),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobResult {
-    pub completion: Completion,
-    pub agent_id: String,
-    pub attempt: u32,
-    pub local: bool,
-    pub queue_time: Duration,
-}
-
 /// An effect for the caller to carry out, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     Assign {
         conn: ConnId,
-        job_id: JobId,
-        attempt: u32,
-        spec: JobSpec,
-        source: Source,
+        assignment: Assignment,
     },
     Cancel {
         conn: ConnId,
-        job_id: JobId,
-        attempt: u32,
+        key: AttemptKey,
     },
     Event {
         job_id: JobId,
@@ -114,14 +89,6 @@ pub enum Action {
     Close {
         conn: ConnId,
     },
-}
-
-/// An attempt an agent reports in its hello after a reconnect (running, or ended with its
-/// result about to be sent again: either way it is reattached or stopped).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttemptReport {
-    pub job_id: JobId,
-    pub attempt: u32,
 }
 
 #[derive(Debug)]
@@ -166,24 +133,6 @@ struct Job {
     unroutable_since: Option<Instant>,
 }
 
-/// A job as `status` reports it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobSummary {
-    pub job_id: JobId,
-    pub spec: JobSpec,
-    pub worktree: String,
-    pub submitted_unix_ms: u64,
-    /// `(agent id, attempt)` when running.
-    pub running_on: Option<(String, u32)>,
-}
-
-/// An agent as `status` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentSummary {
-    pub registration: AgentRegistration,
-    pub running: u32,
-}
-
 #[derive(Debug, Default)]
 pub struct Scheduler {
     config: SchedulerConfig,
@@ -207,7 +156,7 @@ impl Scheduler {
         &mut self,
         conn: ConnId,
         registration: AgentRegistration,
-        reports: &[AttemptReport],
+        reports: &[AttemptKey],
         now: Instant,
     ) -> Vec<Action> {
         let mut actions = Vec::new();
@@ -255,11 +204,7 @@ impl Scheduler {
                     agent.running += 1;
                 }
             } else {
-                actions.push(Action::Cancel {
-                    conn,
-                    job_id: report.job_id,
-                    attempt: report.attempt,
-                });
+                actions.push(Action::Cancel { conn, key: *report });
             }
         }
         // Attempts this agent held but no longer reports are gone with it: requeue them now.
@@ -310,11 +255,9 @@ impl Scheduler {
             };
             if cancel_sent.is_some() {
                 // It was being cancelled anyway.
-                let completion = Completion {
-                    outcome: Outcome::Cancelled as i32,
-                    ..Completion::default()
-                };
-                actions.push(self.finish(job_id, completion, &agent.registration, now));
+                let completion = Completion::new(JobEnd::Cancelled);
+                let ran_on = &agent.registration;
+                actions.push(self.finish(job_id, completion, &ran_on.agent_id, ran_on.local, now));
             } else {
                 job.state = JobState::Orphaned {
                     agent_id: agent.registration.agent_id.clone(),
@@ -338,23 +281,7 @@ impl Scheduler {
                 "agent {agent_id} was lost during attempt {}; gave up after {} lost attempts",
                 job.attempt, job.lost_attempts
             );
-            let completion = Completion {
-                outcome: Outcome::Failed as i32,
-                error,
-                ..Completion::default()
-            };
-            let registration = AgentRegistration {
-                agent_id: agent_id.to_owned(),
-                labels: Vec::new(),
-                system: String::new(),
-                slots_total: 0,
-                slots_free: 0,
-                draining: false,
-                local: false,
-                address: String::new(),
-                connected_at_unix_ms: 0,
-            };
-            return vec![self.finish(job_id, completion, &registration, now)];
+            return vec![self.finish(job_id, Completion::failed(error), agent_id, false, now)];
         }
         job.state = JobState::Queued;
         self.queue.push_front(job_id);
@@ -427,16 +354,11 @@ impl Scheduler {
 
     /// The agent could not take the attempt: the job goes back to the front of the queue,
     /// never to a failure. The agent gets no more work until it announces free slots.
-    pub fn declined(
-        &mut self,
-        conn: ConnId,
-        job_id: JobId,
-        attempt: u32,
-        now: Instant,
-    ) -> Vec<Action> {
-        if !self.holds(conn, job_id, attempt) {
+    pub fn declined(&mut self, conn: ConnId, key: AttemptKey, now: Instant) -> Vec<Action> {
+        if !self.holds(conn, key) {
             return Vec::new();
         }
+        let job_id = key.job_id;
         if let Some(agent) = self.agents.get_mut(&conn) {
             agent.free = 0;
             agent.running = agent.running.saturating_sub(1);
@@ -448,10 +370,11 @@ impl Scheduler {
         self.dispatch(now)
     }
 
-    /// Whether `conn` holds the current attempt of `job_id`: the fencing rule for output.
-    pub fn holds(&self, conn: ConnId, job_id: JobId, attempt: u32) -> bool {
-        self.jobs.get(&job_id).is_some_and(|job| {
-            matches!(job.state, JobState::Running { conn: c, attempt: a, .. } if c == conn && a == attempt)
+    /// Whether `conn` holds attempt `key`, the job's current one: the fencing rule for
+    /// output and results.
+    pub fn holds(&self, conn: ConnId, key: AttemptKey) -> bool {
+        self.jobs.get(&key.job_id).is_some_and(|job| {
+            matches!(job.state, JobState::Running { conn: c, attempt: a, .. } if c == conn && a == key.attempt)
         })
     }
 
@@ -459,18 +382,17 @@ impl Scheduler {
     pub fn finished(
         &mut self,
         conn: ConnId,
-        job_id: JobId,
-        attempt: u32,
+        key: AttemptKey,
         completion: Completion,
         now: Instant,
     ) -> Vec<Action> {
-        if !self.holds(conn, job_id, attempt) {
+        if !self.holds(conn, key) {
             return Vec::new();
         }
-        let Some(registration) = self.agents.get(&conn).map(|a| a.registration.clone()) else {
+        let Some((agent_id, local)) = self.agent_of(conn) else {
             return Vec::new();
         };
-        let mut actions = vec![self.finish(job_id, completion, &registration, now)];
+        let mut actions = vec![self.finish(key.job_id, completion, &agent_id, local, now)];
         actions.extend(self.dispatch(now));
         actions
     }
@@ -481,10 +403,7 @@ impl Scheduler {
         match job.state.clone() {
             JobState::Queued => {
                 self.queue.retain(|id| *id != job_id);
-                let completion = Completion {
-                    outcome: Outcome::Cancelled as i32,
-                    ..Completion::default()
-                };
+                let completion = Completion::new(JobEnd::Cancelled);
                 let mut actions = vec![self.finish_unassigned(job_id, completion, now)];
                 actions.extend(self.dispatch(now));
                 Some(actions)
@@ -503,17 +422,13 @@ impl Scheduler {
                 };
                 Some(vec![Action::Cancel {
                     conn,
-                    job_id,
-                    attempt,
+                    key: AttemptKey::new(job_id, attempt),
                 }])
             }
             JobState::Running { .. } => Some(Vec::new()),
             JobState::Orphaned { .. } => {
                 // Its agent is gone; should it come back, the attempt is unknown and killed.
-                let completion = Completion {
-                    outcome: Outcome::Cancelled as i32,
-                    ..Completion::default()
-                };
+                let completion = Completion::new(JobEnd::Cancelled);
                 Some(vec![self.finish_unassigned(job_id, completion, now)])
             }
         }
@@ -537,7 +452,7 @@ impl Scheduler {
     /// their timeout (the agent enforces the timeout; this is the backstop).
     pub fn tick(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
-        let mut overdue: Vec<(JobId, Outcome)> = Vec::new();
+        let mut overdue: Vec<(JobId, JobEnd)> = Vec::new();
         let mut lost: Vec<(JobId, String)> = Vec::new();
         for (job_id, job) in &self.jobs {
             match &job.state {
@@ -546,16 +461,13 @@ impl Scheduler {
                     cancel_sent,
                     ..
                 } => {
-                    let timeout = match job.spec.timeout_secs {
-                        0 => self.config.default_timeout,
-                        secs => Duration::from_secs(u64::from(secs)),
-                    };
+                    let timeout = job.spec.timeout_or(self.config.default_timeout);
                     if cancel_sent
                         .is_some_and(|sent| now.duration_since(sent) >= self.config.cancel_grace)
                     {
-                        overdue.push((*job_id, Outcome::Cancelled));
+                        overdue.push((*job_id, JobEnd::Cancelled));
                     } else if now.duration_since(*started) >= timeout + self.config.timeout_grace {
-                        overdue.push((*job_id, Outcome::TimedOut));
+                        overdue.push((*job_id, JobEnd::TimedOut));
                     }
                 }
                 JobState::Orphaned {
@@ -568,30 +480,23 @@ impl Scheduler {
         }
         overdue.sort_unstable_by_key(|(id, _)| *id);
         lost.sort_unstable();
-        for (job_id, outcome) in overdue {
+        // The agent did not report the end in time: the job ends as it would have on the
+        // agent, and the agent is told to stop it should it still run.
+        for (job_id, end) in overdue {
             let Some(job) = self.jobs.get(&job_id) else {
                 continue;
             };
             let JobState::Running { conn, attempt, .. } = job.state else {
                 continue;
             };
-            let Some(registration) = self.agents.get(&conn).map(|a| a.registration.clone()) else {
+            let Some((agent_id, local)) = self.agent_of(conn) else {
                 continue;
             };
             actions.push(Action::Cancel {
                 conn,
-                job_id,
-                attempt,
+                key: AttemptKey::new(job_id, attempt),
             });
-            let completion = Completion {
-                outcome: outcome as i32,
-                error: format!(
-                    "agent {} did not report the end of attempt {attempt} in time",
-                    registration.agent_id
-                ),
-                ..Completion::default()
-            };
-            actions.push(self.finish(job_id, completion, &registration, now));
+            actions.push(self.finish(job_id, Completion::new(end), &agent_id, local, now));
         }
         for (job_id, agent_id) in lost {
             actions.extend(self.lose_attempt(job_id, &agent_id, now));
@@ -635,42 +540,61 @@ impl Scheduler {
                 "no connected agent can run this job ({reason}); waited {} s",
                 self.config.unroutable_wait.as_secs()
             );
-            let completion = Completion {
-                outcome: Outcome::Failed as i32,
-                error,
-                ..Completion::default()
-            };
-            actions.push(self.finish_unassigned(job_id, completion, now));
+            actions.push(self.finish_unassigned(job_id, Completion::failed(error), now));
         }
         actions
     }
 
-    pub fn agents(&self) -> Vec<AgentSummary> {
+    /// The id of the agent on `conn` and whether it is the embedded local agent.
+    fn agent_of(&self, conn: ConnId) -> Option<(String, bool)> {
+        let agent = self.agents.get(&conn)?;
+        Some((
+            agent.registration.agent_id.clone(),
+            agent.registration.local,
+        ))
+    }
+
+    pub fn agents(&self) -> Vec<AgentStatus> {
         self.agents
             .values()
-            .map(|agent| AgentSummary {
-                registration: agent.registration.clone(),
-                running: agent.running,
+            .map(|agent| {
+                let registration = &agent.registration;
+                AgentStatus {
+                    id: registration.agent_id.clone(),
+                    slots_total: registration.slots_total,
+                    slots_used: agent.running,
+                    labels: registration.labels.clone(),
+                    system: registration.system.clone(),
+                    connected_since_unix_ms: registration.connected_at_unix_ms,
+                    local: registration.local,
+                    draining: registration.draining,
+                    address: registration.address.clone(),
+                }
             })
             .collect()
     }
 
     /// Queued jobs in queue order, then running jobs by id.
-    pub fn jobs(&self) -> Vec<JobSummary> {
-        let summary = |job_id: JobId, job: &Job| JobSummary {
+    pub fn jobs(&self) -> Vec<JobStatus> {
+        let summary = |job_id: JobId, job: &Job| JobStatus {
             job_id,
-            spec: job.spec.clone(),
-            worktree: job.worktree.clone(),
-            submitted_unix_ms: job.submitted_unix_ms,
-            running_on: match job.state {
-                JobState::Running { conn, attempt, .. } => self
-                    .agents
-                    .get(&conn)
-                    .map(|agent| (agent.registration.agent_id.clone(), attempt)),
-                JobState::Orphaned { .. } | JobState::Queued => None,
+            kind: job.spec.kind,
+            place: match job.state {
+                JobState::Running { conn, attempt, .. } => {
+                    self.agents
+                        .get(&conn)
+                        .map_or(JobPlace::Queued, |agent| JobPlace::Running {
+                            agent_id: agent.registration.agent_id.clone(),
+                            attempt,
+                        })
+                }
+                JobState::Orphaned { .. } | JobState::Queued => JobPlace::Queued,
             },
+            submitted_unix_ms: job.submitted_unix_ms,
+            worktree: job.worktree.clone(),
+            cargo_args: job.spec.cargo_args.clone(),
         };
-        let mut running: Vec<JobSummary> = self
+        let mut running: Vec<JobStatus> = self
             .jobs
             .iter()
             .filter(|(_, job)| job.state != JobState::Queued)
@@ -784,10 +708,11 @@ impl Scheduler {
             });
             actions.push(Action::Assign {
                 conn,
-                job_id,
-                attempt: job.attempt,
-                spec: job.spec.clone(),
-                source: job.source.clone(),
+                assignment: Assignment {
+                    key: AttemptKey::new(job_id, job.attempt),
+                    spec: job.spec.clone(),
+                    source: job.source.clone(),
+                },
             });
         }
         actions.extend(self.demand_updates(remote));
@@ -827,7 +752,8 @@ impl Scheduler {
         &mut self,
         job_id: JobId,
         completion: Completion,
-        agent: &AgentRegistration,
+        agent_id: &str,
+        local: bool,
         now: Instant,
     ) -> Action {
         let Some(job) = self.jobs.remove(&job_id) else {
@@ -835,9 +761,9 @@ impl Scheduler {
                 job_id,
                 event: JobEvent::Finished(JobResult {
                     completion,
-                    agent_id: agent.agent_id.clone(),
+                    agent_id: agent_id.to_owned(),
                     attempt: 0,
-                    local: agent.local,
+                    local,
                     queue_time: Duration::ZERO,
                 }),
             };
@@ -855,9 +781,9 @@ impl Scheduler {
             job_id,
             event: JobEvent::Finished(JobResult {
                 completion,
-                agent_id: agent.agent_id.clone(),
+                agent_id: agent_id.to_owned(),
                 attempt: job.attempt,
-                local: agent.local,
+                local,
                 queue_time,
             }),
         }

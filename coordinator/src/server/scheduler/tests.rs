@@ -1,5 +1,5 @@
 use super::*;
-use buildpool_proto::JobKind;
+use buildpool_core::JobKind;
 
 fn registration(agent_id: &str, slots: u32, local: bool) -> AgentRegistration {
     AgentRegistration {
@@ -16,26 +16,30 @@ fn registration(agent_id: &str, slots: u32, local: bool) -> AgentRegistration {
 }
 
 fn spec() -> JobSpec {
-    JobSpec {
-        kind: JobKind::Build as i32,
-        ..JobSpec::default()
+    JobSpec::new(JobKind::Build)
+}
+
+fn source() -> Source {
+    Source {
+        repo_id: "repo".into(),
+        git_path: "/repo.git".into(),
+        git_port: 9418,
+        commit: "0".repeat(40),
+        git_ref: "refs/buildpool/snapshots/x".into(),
     }
 }
 
 fn submit(scheduler: &mut Scheduler, job_id: JobId, now: Instant) -> Vec<Action> {
-    scheduler.submit(job_id, spec(), Source::default(), String::new(), now, 0)
+    scheduler.submit(job_id, spec(), source(), String::new(), now, 0)
 }
 
 fn assigns(actions: &[Action]) -> Vec<(ConnId, JobId, u32)> {
     actions
         .iter()
         .filter_map(|action| match action {
-            Action::Assign {
-                conn,
-                job_id,
-                attempt,
-                ..
-            } => Some((*conn, *job_id, *attempt)),
+            Action::Assign { conn, assignment } => {
+                Some((*conn, assignment.key.job_id, assignment.key.attempt))
+            }
             _ => None,
         })
         .collect()
@@ -55,10 +59,18 @@ fn finished(actions: &[Action]) -> Vec<(JobId, JobResult)> {
 }
 
 fn exited(code: i32) -> Completion {
-    Completion {
-        outcome: Outcome::Exited as i32,
-        exit_code: Some(code),
-        ..Completion::default()
+    Completion::new(JobEnd::Exited { code })
+}
+
+fn key(job_id: JobId, attempt: u32) -> AttemptKey {
+    AttemptKey::new(job_id, attempt)
+}
+
+/// The failure reason of a finished job, or a panic naming what it was instead.
+fn failure(result: &JobResult) -> &str {
+    match &result.completion.end {
+        JobEnd::Failed { reason } => reason,
+        other => panic!("expected a failure, got {other:?}"),
     }
 }
 
@@ -107,11 +119,11 @@ fn results_from_a_superseded_attempt_or_another_agent_are_dropped() {
     let first = assigns(&submit(&mut scheduler, 7, now));
     let (holder, _, attempt) = first[0];
     let other = if holder == 1 { 2 } else { 1 };
-    assert!(scheduler.holds(holder, 7, attempt));
-    assert!(!scheduler.holds(other, 7, attempt));
+    assert!(scheduler.holds(holder, key(7, attempt)));
+    assert!(!scheduler.holds(other, key(7, attempt)));
     assert!(
         scheduler
-            .finished(other, 7, attempt, exited(0), now)
+            .finished(other, key(7, attempt), exited(0), now)
             .is_empty()
     );
 
@@ -124,18 +136,22 @@ fn results_from_a_superseded_attempt_or_another_agent_are_dropped() {
     let requeued = scheduler.tick(now + Duration::from_secs(16));
     assert_eq!(assigns(&requeued), [(other, 7, 2)]);
     assert!(
-        scheduler.finished(holder, 7, 1, exited(1), now).is_empty(),
+        scheduler
+            .finished(holder, key(7, 1), exited(1), now)
+            .is_empty(),
         "late result of attempt 1"
     );
     assert!(
-        scheduler.finished(other, 7, 1, exited(1), now).is_empty(),
+        scheduler
+            .finished(other, key(7, 1), exited(1), now)
+            .is_empty(),
         "wrong attempt"
     );
-    let done = finished(&scheduler.finished(other, 7, 2, exited(0), now));
+    let done = finished(&scheduler.finished(other, key(7, 2), exited(0), now));
     assert_eq!(done.len(), 1);
     assert_eq!(
-        (done[0].1.attempt, done[0].1.completion.exit_code),
-        (2, Some(0))
+        (done[0].1.attempt, &done[0].1.completion.end),
+        (2, &JobEnd::Exited { code: 0 })
     );
 }
 
@@ -146,7 +162,7 @@ fn a_declined_assignment_is_requeued_never_failed() {
     scheduler.agent_connected(1, registration("a", 1, false), &[], now);
     let (conn, job_id, attempt) = assigns(&submit(&mut scheduler, 1, now))[0];
     // Another coordinator took the slot first.
-    let actions = scheduler.declined(conn, job_id, attempt, now);
+    let actions = scheduler.declined(conn, key(job_id, attempt), now);
     assert!(finished(&actions).is_empty());
     assert!(
         assigns(&actions).is_empty(),
@@ -154,7 +170,13 @@ fn a_declined_assignment_is_requeued_never_failed() {
     );
     scheduler.agent_connected(2, registration("b", 1, false), &[], now);
     let later = scheduler.jobs();
-    assert_eq!(later[0].running_on, Some(("b".to_owned(), 2)));
+    assert_eq!(
+        later[0].place,
+        JobPlace::Running {
+            agent_id: "b".to_owned(),
+            attempt: 2
+        }
+    );
 }
 
 #[test]
@@ -173,12 +195,7 @@ fn lost_attempts_are_capped() {
     scheduler.agent_disconnected(2, now);
     let done = finished(&scheduler.tick(now + Duration::from_secs(16)));
     assert_eq!(done.len(), 1);
-    assert_eq!(done[0].1.completion.outcome, Outcome::Failed as i32);
-    assert!(
-        done[0].1.completion.error.contains("was lost"),
-        "{}",
-        done[0].1.completion.error
-    );
+    assert!(failure(&done[0].1).contains("was lost"), "{:?}", done[0].1);
 }
 
 #[test]
@@ -187,7 +204,7 @@ fn cancel_of_a_queued_job_ends_it_and_of_a_running_job_asks_the_agent() {
     let mut scheduler = Scheduler::default();
     submit(&mut scheduler, 1, now);
     let done = finished(&scheduler.cancel(1, now).expect("known"));
-    assert_eq!(done[0].1.completion.outcome, Outcome::Cancelled as i32);
+    assert_eq!(done[0].1.completion.end, JobEnd::Cancelled);
     assert!(scheduler.cancel(1, now).is_none(), "already ended");
 
     scheduler.agent_connected(5, registration("a", 1, false), &[], now);
@@ -196,14 +213,13 @@ fn cancel_of_a_queued_job_ends_it_and_of_a_running_job_asks_the_agent() {
         scheduler.cancel(2, now).expect("known"),
         [Action::Cancel {
             conn: 5,
-            job_id: 2,
-            attempt: 1
+            key: key(2, 1)
         }]
     );
     assert!(scheduler.tick(now + Duration::from_secs(1)).is_empty());
     // The agent never confirms: the coordinator ends the job itself after the grace period.
     let done = finished(&scheduler.tick(now + Duration::from_secs(11)));
-    assert_eq!(done[0].1.completion.outcome, Outcome::Cancelled as i32);
+    assert_eq!(done[0].1.completion.end, JobEnd::Cancelled);
 }
 
 #[test]
@@ -215,7 +231,7 @@ fn labels_route_jobs() {
     gpu.labels.push("gpu".into());
     let mut job = spec();
     job.required_labels = vec!["gpu".into()];
-    let actions = scheduler.submit(1, job.clone(), Source::default(), String::new(), now, 0);
+    let actions = scheduler.submit(1, job.clone(), source(), String::new(), now, 0);
     assert!(
         matches!(&actions[0], Action::Event { event: JobEvent::Queued { reason, .. }, .. } if reason.contains("labels"))
     );
@@ -266,11 +282,11 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
                 }
                 3 if !in_flight.is_empty() => {
                     let (conn, job, attempt) = in_flight.swap_remove(rng.usize(..in_flight.len()));
-                    scheduler.finished(conn, job, attempt, exited(0), now)
+                    scheduler.finished(conn, key(job, attempt), exited(0), now)
                 }
                 4 if !in_flight.is_empty() => {
                     let (conn, job, attempt) = in_flight.swap_remove(rng.usize(..in_flight.len()));
-                    scheduler.declined(conn, job, attempt, now)
+                    scheduler.declined(conn, key(job, attempt), now)
                 }
                 5 if next_job > 1 => scheduler
                     .cancel(rng.u64(2..=next_job), now)
@@ -280,13 +296,10 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
                 7 if !connected.is_empty() => {
                     let old = connected[rng.usize(..connected.len())];
                     next_conn += 1;
-                    let reports: Vec<AttemptReport> = in_flight
+                    let reports: Vec<AttemptKey> = in_flight
                         .iter()
                         .filter(|(conn, _, _)| *conn == old && rng.bool())
-                        .map(|(_, job_id, attempt)| AttemptReport {
-                            job_id: *job_id,
-                            attempt: *attempt,
-                        })
+                        .map(|(_, job_id, attempt)| key(*job_id, *attempt))
                         .collect();
                     for (conn, _, _) in &mut in_flight {
                         if *conn == old {
@@ -338,10 +351,7 @@ fn a_reconnecting_agent_reattaches_its_attempts_within_the_grace_window() {
     assert!(scheduler.tick(now + Duration::from_secs(5)).is_empty());
 
     // a comes back on connection 3, still running job 1 attempt 1: reattached, not rerun.
-    let reports = [AttemptReport {
-        job_id: 1,
-        attempt: 1,
-    }];
+    let reports = [key(1, 1)];
     let actions = scheduler.agent_connected(
         3,
         registration("a", 1, false),
@@ -353,8 +363,8 @@ fn a_reconnecting_agent_reattaches_its_attempts_within_the_grace_window() {
         !actions.iter().any(|a| matches!(a, Action::Cancel { .. })),
         "{actions:?}"
     );
-    assert!(scheduler.holds(3, 1, 1));
-    let done = finished(&scheduler.finished(3, 1, 1, exited(0), now + Duration::from_secs(7)));
+    assert!(scheduler.holds(3, key(1, 1)));
+    let done = finished(&scheduler.finished(3, key(1, 1), exited(0), now + Duration::from_secs(7)));
     assert_eq!((done.len(), done[0].1.attempt), (1, 1));
 }
 
@@ -368,24 +378,22 @@ fn after_the_grace_window_the_attempt_is_requeued_and_the_returning_agent_told_t
     scheduler.agent_connected(2, registration("b", 1, false), &[], now);
     let later = now + Duration::from_secs(16);
     assert_eq!(assigns(&scheduler.tick(later)), [(2, 1, 2)]);
-    let reports = [AttemptReport {
-        job_id: 1,
-        attempt: 1,
-    }];
+    let reports = [key(1, 1)];
     let actions = scheduler.agent_connected(3, registration("a", 1, false), &reports, later);
     assert!(
         actions.contains(&Action::Cancel {
             conn: 3,
-            job_id: 1,
-            attempt: 1
+            key: key(1, 1)
         }),
         "{actions:?}"
     );
     assert!(
-        scheduler.finished(3, 1, 1, exited(0), later).is_empty(),
+        scheduler
+            .finished(3, key(1, 1), exited(0), later)
+            .is_empty(),
         "the stale result is ignored"
     );
-    assert!(scheduler.holds(2, 1, 2));
+    assert!(scheduler.holds(2, key(1, 2)));
 }
 
 #[test]
@@ -395,16 +403,13 @@ fn a_new_connection_of_the_same_agent_supersedes_the_old_one() {
     scheduler.agent_connected(1, registration("a", 1, false), &[], now);
     submit(&mut scheduler, 1, now);
     // Half-open: the old connection is not detected dead yet when the agent reconnects.
-    let reports = [AttemptReport {
-        job_id: 1,
-        attempt: 1,
-    }];
+    let reports = [key(1, 1)];
     let actions = scheduler.agent_connected(2, registration("a", 1, false), &reports, now);
     assert!(actions.contains(&Action::Close { conn: 1 }), "{actions:?}");
-    assert!(scheduler.holds(2, 1, 1));
+    assert!(scheduler.holds(2, key(1, 1)));
     // The stale connection's cleanup arrives later and must not disturb the new one.
     assert!(scheduler.agent_disconnected(1, now).is_empty());
-    assert!(scheduler.holds(2, 1, 1));
+    assert!(scheduler.holds(2, key(1, 1)));
     assert_eq!(scheduler.agents().len(), 1);
 }
 
@@ -418,16 +423,11 @@ fn a_job_no_agent_can_run_fails_after_the_configured_wait() {
     scheduler.agent_connected(1, registration("plain", 1, false), &[], now);
     let mut job = spec();
     job.required_labels = vec!["gpu".into()];
-    scheduler.submit(1, job, Source::default(), String::new(), now, 0);
+    scheduler.submit(1, job, source(), String::new(), now, 0);
     assert!(finished(&scheduler.tick(now + Duration::from_secs(1))).is_empty());
     let done = finished(&scheduler.tick(now + Duration::from_secs(32)));
     assert_eq!(done.len(), 1);
-    assert_eq!(done[0].1.completion.outcome, Outcome::Failed as i32);
-    assert!(
-        done[0].1.completion.error.contains("gpu"),
-        "{}",
-        done[0].1.completion.error
-    );
+    assert!(failure(&done[0].1).contains("gpu"), "{:?}", done[0].1);
     // A job that only waits for a busy agent is not unroutable.
     submit(&mut scheduler, 2, now);
     submit(&mut scheduler, 3, now);
