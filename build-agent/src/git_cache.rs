@@ -1,10 +1,10 @@
 //! One bare cache repository per source repository.
 //!
-//! The earlier implementation shared one bare cache between all repositories, fetched into
-//! `FETCH_HEAD` only and never locked it. Here each repository (by its identity, not its
-//! URL) has its own cache, fetches are serialised by a file lock (so two agent processes
-//! sharing a cache directory are safe too), and fetched snapshots are kept under refs so
-//! the next fetch negotiates from them and transfers only what changed.
+//! Each repository (by its identity, not its URL) has its own cache, so repositories never
+//! see each other's objects; fetches are serialised by a file lock, so two agent processes
+//! sharing a cache directory are safe too; and fetched snapshots are kept under refs, not
+//! just in `FETCH_HEAD`, so the next fetch negotiates from them and transfers only what
+//! changed.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -1,10 +1,10 @@
 //! Turning a worktree's current state into a commit, without touching it.
 //!
-//! The earlier implementation ran `git commit -am` on the agent's branch: hooks ran, failures
-//! were ignored, untracked files were missed and the user's history changed. Here the
-//! worktree (committed, staged, unstaged and untracked-but-not-ignored files) is added to a
-//! temporary index, written as a tree and a parentless-or-HEAD-parented commit object, and
-//! stored under a hidden ref the git daemon serves. HEAD, the index, branches and the stash
+//! Committing the worktree for real (`git commit -am`) would run hooks, miss untracked files
+//! and change the user's history. Instead the worktree (committed, staged, unstaged and
+//! untracked-but-not-ignored files) is added to a temporary index, written as a tree and a
+//! parentless-or-HEAD-parented commit object, and stored under a hidden ref the git daemon
+//! serves. HEAD, the index, branches and the stash
 //! are never written, and no hook runs.
 
 use std::path::Path;

@@ -44,107 +44,64 @@ fn millis_u32(duration: Duration) -> u32 {
 
 // ---- enums -------------------------------------------------------------------------------
 
-impl From<JobKind> for crate::JobKind {
-    fn from(kind: JobKind) -> Self {
-        match kind {
-            JobKind::Build => Self::Build,
-            JobKind::Test => Self::Test,
-            JobKind::Clippy => Self::Clippy,
-            JobKind::Check => Self::Check,
+/// Declares the one-to-one mapping between a domain enum and its wire enum, whose variants
+/// have the same names: `From` for encoding, and a decode function for which any other wire
+/// value (the "unspecified" zero, or a number from a newer peer) is an error.
+macro_rules! wire_enum {
+    ($decode:ident, $field:literal, $name:ident { $($variant:ident),+ $(,)? }) => {
+        impl From<$name> for crate::$name {
+            fn from(value: $name) -> Self {
+                match value {
+                    $($name::$variant => Self::$variant,)+
+                }
+            }
         }
-    }
-}
 
-fn decode_kind(value: i32) -> Result<JobKind, DecodeError> {
-    match crate::JobKind::try_from(value) {
-        Ok(crate::JobKind::Build) => Ok(JobKind::Build),
-        Ok(crate::JobKind::Test) => Ok(JobKind::Test),
-        Ok(crate::JobKind::Clippy) => Ok(JobKind::Clippy),
-        Ok(crate::JobKind::Check) => Ok(JobKind::Check),
-        Ok(crate::JobKind::Unspecified) | Err(_) => Err(DecodeError::Unknown {
-            field: "job kind",
-            value,
-        }),
-    }
-}
-
-impl From<EnvMode> for crate::EnvMode {
-    fn from(mode: EnvMode) -> Self {
-        match mode {
-            EnvMode::Auto => Self::Auto,
-            EnvMode::Nix => Self::Nix,
-            EnvMode::Host => Self::Host,
+        fn $decode(value: i32) -> Result<$name, DecodeError> {
+            match crate::$name::try_from(value) {
+                $(Ok(crate::$name::$variant) => Ok($name::$variant),)+
+                _ => Err(DecodeError::Unknown { field: $field, value }),
+            }
         }
-    }
+    };
 }
 
-fn decode_env_mode(value: i32) -> Result<EnvMode, DecodeError> {
-    match crate::EnvMode::try_from(value) {
-        Ok(crate::EnvMode::Auto) => Ok(EnvMode::Auto),
-        Ok(crate::EnvMode::Nix) => Ok(EnvMode::Nix),
-        Ok(crate::EnvMode::Host) => Ok(EnvMode::Host),
-        Err(_) => Err(DecodeError::Unknown {
-            field: "env mode",
-            value,
-        }),
+wire_enum!(
+    decode_kind,
+    "job kind",
+    JobKind {
+        Build,
+        Test,
+        Clippy,
+        Check
     }
-}
-
-impl From<OutputStream> for crate::OutputStream {
-    fn from(stream: OutputStream) -> Self {
-        match stream {
-            OutputStream::Stdout => Self::Stdout,
-            OutputStream::Stderr => Self::Stderr,
-        }
+);
+wire_enum!(decode_env_mode, "env mode", EnvMode { Auto, Nix, Host });
+wire_enum!(
+    decode_stream,
+    "output stream",
+    OutputStream { Stdout, Stderr }
+);
+wire_enum!(
+    decode_reject_code,
+    "reject code",
+    RejectCode {
+        BadToken,
+        UnsupportedVersion,
+        BadHello
     }
-}
+);
 
 fn encode_stream(stream: OutputStream) -> i32 {
     crate::OutputStream::from(stream).into()
 }
 
-fn decode_stream(value: i32) -> Result<OutputStream, DecodeError> {
-    match decode_stream_filter(value)? {
-        Some(stream) => Ok(stream),
-        None => Err(DecodeError::Unknown {
-            field: "output stream",
-            value,
-        }),
-    }
-}
-
 /// An output stream where "unspecified" means "both streams" (log requests).
 fn decode_stream_filter(value: i32) -> Result<Option<OutputStream>, DecodeError> {
-    match crate::OutputStream::try_from(value) {
-        Ok(crate::OutputStream::Unspecified) => Ok(None),
-        Ok(crate::OutputStream::Stdout) => Ok(Some(OutputStream::Stdout)),
-        Ok(crate::OutputStream::Stderr) => Ok(Some(OutputStream::Stderr)),
-        Err(_) => Err(DecodeError::Unknown {
-            field: "output stream",
-            value,
-        }),
-    }
-}
-
-impl From<RejectCode> for crate::RejectCode {
-    fn from(code: RejectCode) -> Self {
-        match code {
-            RejectCode::BadToken => Self::BadToken,
-            RejectCode::UnsupportedVersion => Self::UnsupportedVersion,
-            RejectCode::BadHello => Self::BadHello,
-        }
-    }
-}
-
-fn decode_reject_code(value: i32) -> Result<RejectCode, DecodeError> {
-    match crate::RejectCode::try_from(value) {
-        Ok(crate::RejectCode::BadToken) => Ok(RejectCode::BadToken),
-        Ok(crate::RejectCode::UnsupportedVersion) => Ok(RejectCode::UnsupportedVersion),
-        Ok(crate::RejectCode::BadHello) => Ok(RejectCode::BadHello),
-        Ok(crate::RejectCode::Unspecified) | Err(_) => Err(DecodeError::Unknown {
-            field: "reject code",
-            value,
-        }),
+    if value == i32::from(crate::OutputStream::Unspecified) {
+        Ok(None)
+    } else {
+        decode_stream(value).map(Some)
     }
 }
 

@@ -181,6 +181,16 @@ fn check_timeout(timeout: Option<u32>) -> Result<Option<Duration>, ErrorData> {
     }
 }
 
+/// `build` and `check` take the same inputs.
+fn build_args(input: &BuildInput) -> Result<Vec<String>, ErrorData> {
+    common_args(
+        input.package.as_ref(),
+        input.features.as_ref(),
+        input.all_features.unwrap_or(false),
+        input.release.unwrap_or(false),
+    )
+}
+
 pub fn test_args(input: &TestInput) -> Result<Vec<String>, ErrorData> {
     let mut args = common_args(
         input.package.as_ref(),
@@ -253,14 +263,24 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Notifier {
+/// Progress notifications of one tool call, if the caller asked for them.
+struct Progress {
     peer: Peer<RoleServer>,
     token: Option<ProgressToken>,
     step: f64,
     last: Option<Instant>,
 }
 
-impl Notifier {
+impl Progress {
+    fn new(meta: RequestMetaObject, peer: Peer<RoleServer>) -> Self {
+        Self {
+            peer,
+            token: meta.get_progress_token(),
+            step: 0.0,
+            last: None,
+        }
+    }
+
     async fn send(&mut self, message: String, throttle: bool) {
         let Some(token) = &self.token else { return };
         if throttle
@@ -300,21 +320,12 @@ impl BuildPoolMcp {
         peer: Peer<RoleServer>,
         ct: CancellationToken,
     ) -> Result<CallToolResult, ErrorData> {
-        let args = common_args(
-            input.package.as_ref(),
-            input.features.as_ref(),
-            input.all_features.unwrap_or(false),
-            input.release.unwrap_or(false),
-        )?;
-        self.run_job(
-            JobKind::Build,
-            args,
-            check_timeout(input.timeout_secs)?,
-            meta,
-            peer,
-            ct,
-        )
-        .await
+        let spec = JobSpec {
+            cargo_args: build_args(&input)?,
+            timeout: check_timeout(input.timeout_secs)?,
+            ..JobSpec::new(JobKind::Build)
+        };
+        self.run_job(spec, Progress::new(meta, peer), ct).await
     }
 
     #[tool(
@@ -327,21 +338,12 @@ impl BuildPoolMcp {
         peer: Peer<RoleServer>,
         ct: CancellationToken,
     ) -> Result<CallToolResult, ErrorData> {
-        let args = common_args(
-            input.package.as_ref(),
-            input.features.as_ref(),
-            input.all_features.unwrap_or(false),
-            input.release.unwrap_or(false),
-        )?;
-        self.run_job(
-            JobKind::Check,
-            args,
-            check_timeout(input.timeout_secs)?,
-            meta,
-            peer,
-            ct,
-        )
-        .await
+        let spec = JobSpec {
+            cargo_args: build_args(&input)?,
+            timeout: check_timeout(input.timeout_secs)?,
+            ..JobSpec::new(JobKind::Check)
+        };
+        self.run_job(spec, Progress::new(meta, peer), ct).await
     }
 
     #[tool(
@@ -354,16 +356,12 @@ impl BuildPoolMcp {
         peer: Peer<RoleServer>,
         ct: CancellationToken,
     ) -> Result<CallToolResult, ErrorData> {
-        let args = test_args(&input)?;
-        self.run_job(
-            JobKind::Test,
-            args,
-            check_timeout(input.timeout_secs)?,
-            meta,
-            peer,
-            ct,
-        )
-        .await
+        let spec = JobSpec {
+            cargo_args: test_args(&input)?,
+            timeout: check_timeout(input.timeout_secs)?,
+            ..JobSpec::new(JobKind::Test)
+        };
+        self.run_job(spec, Progress::new(meta, peer), ct).await
     }
 
     #[tool(
@@ -376,16 +374,12 @@ impl BuildPoolMcp {
         peer: Peer<RoleServer>,
         ct: CancellationToken,
     ) -> Result<CallToolResult, ErrorData> {
-        let args = clippy_args(&input)?;
-        self.run_job(
-            JobKind::Clippy,
-            args,
-            check_timeout(input.timeout_secs)?,
-            meta,
-            peer,
-            ct,
-        )
-        .await
+        let spec = JobSpec {
+            cargo_args: clippy_args(&input)?,
+            timeout: check_timeout(input.timeout_secs)?,
+            ..JobSpec::new(JobKind::Clippy)
+        };
+        self.run_job(spec, Progress::new(meta, peer), ct).await
     }
 
     #[tool(
@@ -550,24 +544,11 @@ impl BuildPoolMcp {
 
     async fn run_job(
         &self,
-        kind: JobKind,
-        cargo_args: Vec<String>,
-        timeout: Option<Duration>,
-        meta: RequestMetaObject,
-        peer: Peer<RoleServer>,
+        spec: JobSpec,
+        mut notifier: Progress,
         ct: CancellationToken,
     ) -> Result<CallToolResult, ErrorData> {
-        let spec = JobSpec {
-            cargo_args,
-            timeout,
-            ..JobSpec::new(kind)
-        };
-        let mut notifier = Notifier {
-            peer,
-            token: meta.get_progress_token(),
-            step: 0.0,
-            last: None,
-        };
+        let kind = spec.kind;
         let mut session = match self.inner.jobs.start(spec, false).await {
             Ok(session) => session,
             Err(StartError::InvalidSpec(error)) => return Err(invalid(error.to_string())),

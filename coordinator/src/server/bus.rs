@@ -353,3 +353,6 @@ fn accept_result(
     }
     CoordinatorMessage::ResultAck(key)
 }
+
+#[cfg(test)]
+mod tests;

@@ -199,22 +199,22 @@ pub async fn read_page(
     Ok((page, next))
 }
 
+/// The job id of a log file, from its name (`<id>.log`); `None` for anything else.
+fn log_id(entry: &std::fs::DirEntry) -> Option<u64> {
+    entry
+        .file_name()
+        .to_str()?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
+}
+
 /// Deletes all but the newest `keep` logs in `dir`.
 pub fn prune(dir: &Path, keep: usize) -> std::io::Result<()> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(());
     };
-    let mut ids: Vec<u64> = entries
-        .filter_map(|entry| {
-            entry
-                .ok()?
-                .file_name()
-                .to_str()?
-                .strip_suffix(".log")?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let mut ids: Vec<u64> = entries.filter_map(|entry| log_id(&entry.ok()?)).collect();
     ids.sort_unstable();
     let excess = ids.len().saturating_sub(keep);
     for id in &ids[..excess] {
@@ -228,15 +228,7 @@ pub fn highest_id(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
-        .filter_map(|entry| {
-            entry
-                .ok()?
-                .file_name()
-                .to_str()?
-                .strip_suffix(".log")?
-                .parse()
-                .ok()
-        })
+        .filter_map(|entry| log_id(&entry.ok()?))
         .max()
         .unwrap_or(0)
 }

@@ -1,0 +1,420 @@
+//! The job bus in-process: the real handshake, scheduler and job logs behind the real bus
+//! socket, over in-memory streams instead of TCP, with the test playing the agents.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use buildpool_core::bus::{HeldAttempt, SlotOffer};
+use buildpool_core::{JobEnd, JobEvent, JobId, JobKind, JobSpec, RunEnv, Source};
+use buildpool_proto::frame::BusMessage;
+use buildpool_proto::socket::AgentSocket;
+use futures_util::SinkExt;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::*;
+use crate::config::CoordinatorConfig;
+use crate::repo::Repo;
+use crate::server::scheduler::{Scheduler, SchedulerConfig};
+use crate::server::{ActiveJob, State, joblog};
+
+const TOKEN: &str = "secret-token";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A coordinator's shared state with no listeners: the bus is reached through
+/// [`handle_stream`] directly.
+struct Bus {
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Bus {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = CoordinatorConfig {
+            websocket_addr: None,
+            git_daemon: None,
+            control_addr: "127.0.0.1:0".into(),
+            token_file: dir.path().join("token"),
+            log_max_bytes: 1024 * 1024,
+            local_fallback: false,
+            local_max_jobs: 1,
+            local_worktree_dir: dir.path().join("local"),
+            job_default_timeout: Duration::from_secs(300),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(30),
+            reattach_grace: Duration::from_secs(15),
+            unroutable_wait: Duration::from_secs(60),
+            max_lost_attempts: 3,
+            private_logs: false,
+        };
+        let shared = Arc::new(Shared {
+            id: "test-coordinator".into(),
+            repo: Repo {
+                worktree: dir.path().to_owned(),
+                common_dir: dir.path().to_owned(),
+                id: "repo".into(),
+            },
+            config,
+            token: TOKEN.into(),
+            log_dir: dir.path().to_owned(),
+            git_daemon_port: None,
+            git_path: String::new(),
+            websocket_addr: None,
+            shutdown: CancellationToken::new(),
+            state: Mutex::new(State {
+                scheduler: Scheduler::new(SchedulerConfig::default()),
+                connections: HashMap::new(),
+                jobs: HashMap::new(),
+            }),
+            next_conn: AtomicU64::new(1),
+            next_job: AtomicU64::new(1),
+        });
+        let shutdown = shared.shutdown.clone();
+        Self {
+            shared,
+            shutdown,
+            _dir: dir,
+        }
+    }
+
+    /// A new in-memory connection to the bus, as an agent sees it.
+    async fn connect(&self) -> AgentSocket {
+        let (coordinator_end, agent_end) = tokio::io::duplex(256 * 1024);
+        tokio::spawn(handle_stream(
+            Arc::clone(&self.shared),
+            coordinator_end,
+            "memory".into(),
+            false,
+            self.shutdown.clone(),
+            None,
+        ));
+        AgentSocket::client(agent_end, "ws://localhost/ws")
+            .await
+            .expect("websocket handshake")
+    }
+
+    /// Connects and says hello as `agent_id` with `slots` slots; returns the answer.
+    async fn hello(
+        &self,
+        agent_id: &str,
+        token: &str,
+        slots: u32,
+    ) -> (AgentSocket, CoordinatorMessage) {
+        let mut socket = self.connect().await;
+        socket
+            .send(AgentMessage::Hello(hello(agent_id, token, slots)))
+            .await
+            .expect("hello sent");
+        let answer = socket
+            .recv_within(WAIT)
+            .await
+            .expect("an answer")
+            .expect("not closed");
+        (socket, answer)
+    }
+
+    /// A welcomed agent.
+    async fn agent(&self, agent_id: &str) -> AgentSocket {
+        let (socket, answer) = self.hello(agent_id, TOKEN, 1).await;
+        assert!(
+            matches!(answer, CoordinatorMessage::Welcome(_)),
+            "{answer:?}"
+        );
+        socket
+    }
+
+    /// Submits a job straight to the scheduler, with a real job log; returns its phase.
+    async fn submit(&self) -> (JobId, Arc<ActiveJob>) {
+        let job_id = self.shared.next_job_id();
+        let log = joblog::JobLog::create(&self.shared.log_dir, job_id, 1024 * 1024)
+            .await
+            .expect("log");
+        let initial = JobEvent::Queued {
+            position: 0,
+            reason: String::new(),
+        };
+        let job = Arc::new(ActiveJob {
+            phase: watch::channel(initial).0,
+            log,
+            git_ref: String::new(),
+        });
+        self.shared.state().jobs.insert(job_id, Arc::clone(&job));
+        let source = Source {
+            repo_id: "repo".into(),
+            git_path: "/repo".into(),
+            git_port: 9418,
+            commit: "0".repeat(40),
+            git_ref: "refs/buildpool/snapshots/test".into(),
+        };
+        let spec = JobSpec::new(JobKind::Check);
+        let now = Instant::now();
+        self.shared
+            .step(|s| ((), s.submit(job_id, spec, source, String::new(), now, 0)));
+        (job_id, job)
+    }
+
+    fn agent_ids(&self) -> Vec<String> {
+        self.shared
+            .state()
+            .scheduler
+            .agents()
+            .into_iter()
+            .map(|agent| agent.id)
+            .collect()
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn hello(agent_id: &str, token: &str, slots: u32) -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_id: agent_id.into(),
+        token: token.into(),
+        labels: Vec::new(),
+        system: "x86_64-linux".into(),
+        slots: SlotOffer {
+            free: slots,
+            total: slots,
+            draining: false,
+        },
+        agent_version: "test".into(),
+        attempts: Vec::<HeldAttempt>::new(),
+    }
+}
+
+/// The next message that is not a heartbeat, slot demand or the like: what the test waits for.
+async fn next_assignment_or_ack(socket: &mut AgentSocket) -> CoordinatorMessage {
+    loop {
+        let message = socket
+            .recv_within(WAIT)
+            .await
+            .expect("a message")
+            .expect("not closed");
+        if !matches!(
+            message,
+            CoordinatorMessage::Heartbeat { .. } | CoordinatorMessage::Demand { .. }
+        ) {
+            return message;
+        }
+    }
+}
+
+/// Reads until the coordinator closes the connection; returns what it said before.
+async fn until_closed(socket: &mut AgentSocket) -> Vec<CoordinatorMessage> {
+    let mut said = Vec::new();
+    while let Ok(Some(message)) = socket.recv_within(WAIT).await {
+        said.push(message);
+    }
+    said
+}
+
+async fn wait_for(mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_agent_with_the_token_is_welcomed_and_registered() {
+    let bus = Bus::new();
+    let (_socket, answer) = bus.hello("worker-1", TOKEN, 2).await;
+    let CoordinatorMessage::Welcome(welcome) = answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(welcome.coordinator_id, "test-coordinator");
+    assert_eq!(welcome.protocol_version, PROTOCOL_VERSION);
+    wait_for(|| bus.agent_ids() == ["worker-1"]).await;
+}
+
+#[tokio::test]
+async fn a_wrong_token_or_version_is_rejected_with_the_reason_and_the_connection_closed() {
+    let bus = Bus::new();
+    let (mut socket, answer) = bus.hello("worker-1", "wrong", 1).await;
+    let CoordinatorMessage::Reject(reject) = answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(reject.code, RejectCode::BadToken);
+    assert!(
+        reject.message.contains("invalid token"),
+        "{}",
+        reject.message
+    );
+    assert!(until_closed(&mut socket).await.is_empty());
+
+    let mut socket = bus.connect().await;
+    let mut old = hello("worker-1", TOKEN, 1);
+    old.protocol_version = PROTOCOL_VERSION + 1;
+    socket.send(AgentMessage::Hello(old)).await.expect("sent");
+    let answer = socket
+        .recv_within(WAIT)
+        .await
+        .expect("answer")
+        .expect("not closed");
+    assert!(
+        matches!(&answer, CoordinatorMessage::Reject(r) if r.code == RejectCode::UnsupportedVersion),
+        "{answer:?}"
+    );
+    assert!(bus.agent_ids().is_empty(), "nobody was registered");
+}
+
+#[tokio::test]
+async fn a_garbled_frame_gets_a_protocol_error_and_ends_only_that_connection() {
+    let bus = Bus::new();
+    let _healthy = bus.agent("healthy").await;
+
+    let (coordinator_end, agent_end) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(handle_stream(
+        Arc::clone(&bus.shared),
+        coordinator_end,
+        "raw".into(),
+        false,
+        bus.shutdown.clone(),
+        None,
+    ));
+    let (mut raw, _) = tokio_tungstenite::client_async("ws://localhost/ws", agent_end)
+        .await
+        .expect("handshake");
+    let hello = AgentMessage::Hello(hello("garbler", TOKEN, 1)).encode_frame();
+    raw.send(Message::Binary(hello.into()))
+        .await
+        .expect("hello");
+    wait_for(|| bus.agent_ids().len() == 2).await;
+    raw.send(Message::Binary(
+        vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f].into(),
+    ))
+    .await
+    .expect("garbage");
+
+    let mut said = Vec::new();
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut raw)).await
+    {
+        if let Message::Binary(bytes) = message {
+            said.push(CoordinatorMessage::decode_frame(&bytes).expect("decodes"));
+        }
+    }
+    assert!(
+        said.iter()
+            .any(|m| matches!(m, CoordinatorMessage::ProtocolError(_))),
+        "{said:?}"
+    );
+    wait_for(|| bus.agent_ids() == ["healthy"]).await;
+}
+
+#[tokio::test]
+async fn a_declined_assignment_goes_to_another_agent_and_the_stale_attempt_is_fenced() {
+    let bus = Bus::new();
+    let mut first = bus.agent("first").await;
+    wait_for(|| bus.agent_ids().len() == 1).await;
+    let mut second = bus.agent("second").await;
+    wait_for(|| bus.agent_ids().len() == 2).await;
+    let (job_id, job) = bus.submit().await;
+    let mut phase = job.phase.subscribe();
+
+    // Both offer one slot; the first connection wins the tie and declines.
+    let CoordinatorMessage::Assign(assignment) = next_assignment_or_ack(&mut first).await else {
+        panic!("the first agent gets the job")
+    };
+    assert_eq!(assignment.key, AttemptKey::new(job_id, 1));
+    first
+        .send(AgentMessage::Declined {
+            key: assignment.key,
+            reason: "busy".into(),
+        })
+        .await
+        .expect("sent");
+    let CoordinatorMessage::Assign(retry) = next_assignment_or_ack(&mut second).await else {
+        panic!("the declined job is requeued to the second agent")
+    };
+    assert_eq!(retry.key, AttemptKey::new(job_id, 2));
+
+    // The first agent's late output and result of attempt 1 are not the job's any more.
+    let stale = assignment.key;
+    first
+        .send(AgentMessage::Output {
+            key: stale,
+            stream: OutputStream::Stdout,
+            data: "stale\n".into(),
+        })
+        .await
+        .expect("sent");
+    let finished = Completion {
+        end: JobEnd::Exited { code: 1 },
+        duration: Duration::ZERO,
+        env: Some(RunEnv::Host),
+    };
+    first
+        .send(AgentMessage::Finished {
+            key: stale,
+            completion: finished,
+        })
+        .await
+        .expect("sent");
+    assert_eq!(
+        next_assignment_or_ack(&mut first).await,
+        CoordinatorMessage::ResultAck(stale)
+    );
+    assert!(matches!(
+        *phase.borrow_and_update(),
+        JobEvent::Assigned { attempt: 2, .. }
+    ));
+
+    // The holder's output and result count.
+    second
+        .send(AgentMessage::Output {
+            key: retry.key,
+            stream: OutputStream::Stdout,
+            data: "fresh\n".into(),
+        })
+        .await
+        .expect("sent");
+    let completion = Completion {
+        end: JobEnd::Exited { code: 0 },
+        duration: Duration::ZERO,
+        env: Some(RunEnv::Host),
+    };
+    second
+        .send(AgentMessage::Finished {
+            key: retry.key,
+            completion: completion.clone(),
+        })
+        .await
+        .expect("sent");
+    assert_eq!(
+        next_assignment_or_ack(&mut second).await,
+        CoordinatorMessage::ResultAck(retry.key)
+    );
+    let result = match &*phase.borrow_and_update() {
+        JobEvent::Finished(result) => result.clone(),
+        other => panic!("the job ended, not {other:?}"),
+    };
+    assert_eq!(
+        (result.agent_id.as_str(), result.attempt, &result.completion),
+        ("second", 2, &completion)
+    );
+    let log = std::fs::read(job.log.path()).expect("log");
+    let records = joblog::parse(&log);
+    let text: Vec<&[u8]> = records
+        .iter()
+        .map(|record| record.data.as_slice())
+        .collect();
+    assert_eq!(
+        text,
+        [b"fresh\n".as_slice()],
+        "only the holder's output is in the log"
+    );
+}
