@@ -29,6 +29,11 @@ let
       prewarm_packages = cfg.prewarmPackages;
     };
   };
+  # The slot count and the drain timeout: counts that must be at least 1.
+  positiveIntOption = default: description: lib.mkOption {
+    type = lib.types.ints.positive;
+    inherit default description;
+  };
 in
 {
   options.services.build-agent = {
@@ -52,11 +57,7 @@ in
       default = null;
       description = "Agent id shown by coordinators; defaults to the hostname.";
     };
-    maxJobs = lib.mkOption {
-      type = lib.types.ints.positive;
-      default = 4;
-      description = "Concurrent jobs, shared by all coordinators.";
-    };
+    maxJobs = positiveIntOption 4 "Concurrent jobs, shared by all coordinators.";
     labels = lib.mkOption {
       type = lib.types.listOf lib.types.str;
       default = [ ];
@@ -83,11 +84,7 @@ in
       example = [ "nixpkgs#cargo" "nixpkgs#clippy" ];
       description = "Installables realised at start-up; failures are logged, not fatal.";
     };
-    drainTimeoutSecs = lib.mkOption {
-      type = lib.types.ints.positive;
-      default = 600;
-      description = "How long stopping the service lets running jobs finish.";
-    };
+    drainTimeoutSecs = positiveIntOption 600 "How long stopping the service lets running jobs finish.";
     tokenFile = lib.mkOption {
       type = lib.types.path;
       description = "File holding the coordinators' shared token (passed as a systemd credential).";

@@ -5,7 +5,7 @@
 //! until the coordinator acknowledges it. The decisions (admission within the offer, slot
 //! leases, cancel, held results) are made by the pure [`JobTable`]; this module carries
 //! them out: it starts job tasks, keeps their cancel tokens and unsent output, and knows
-//! each link's current connection. Connections ([`crate::connection`]) only call in here.
+//! each link's current connection. The transport (`connection.rs`) only calls in here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -213,13 +213,18 @@ impl Agent {
             Admission::Start => {
                 let cancel = self.inner.stop_jobs.child_token();
                 state.cancels.insert((link, key), cancel.clone());
-                let outbox = state.outboxes.get(link).map(watch::Sender::subscribe);
+                // Links come from `register_link`, so the outbox is there; were it not, the
+                // job would still run and end (its output unsent) rather than hold a slot.
+                let outbox = state
+                    .outboxes
+                    .get(link)
+                    .map_or_else(|| watch::channel(None).1, watch::Sender::subscribe);
                 Ok(Some((cancel, outbox)))
             }
             Admission::AlreadyKnown => Ok(None),
             Admission::Declined(decline) => Err(decline),
         })?;
-        if let Some((cancel, Some(outbox))) = started {
+        if let Some((cancel, outbox)) = started {
             let request = JobRequest {
                 key,
                 spec,

@@ -8,16 +8,17 @@
 use std::time::Duration;
 
 use buildpool_core::Source;
-use buildpool_core::bus::{AgentMessage, CoordinatorMessage, RejectCode};
+use buildpool_core::bus::{AgentMessage, CoordinatorMessage, RejectCode, SlotOffer};
 use buildpool_core::time::unix_millis;
 use buildpool_proto::socket::{
     AgentSocket, HANDSHAKE_TIMEOUT, Inbox, Outbox, SocketError, Transport, host_of,
 };
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
 use crate::backoff::Backoff;
-use crate::job_table::LinkId;
+use crate::job_table::{LinkId, PoolView};
 
 /// Messages waiting for the writer. Output beyond this waits in the job's pipe
 /// (backpressure).
@@ -166,90 +167,99 @@ async fn serve(
             ));
         }
     };
-    let heartbeat_interval = welcome.heartbeat_interval.max(MIN_HEARTBEAT_INTERVAL);
-    let heartbeat_timeout = welcome.heartbeat_timeout.max(MIN_HEARTBEAT_TIMEOUT);
     tracing::info!(coordinator = %welcome.coordinator_id, "connected");
-
-    let (outbox, mut inbox) = socket.start(OUTBOUND_CAPACITY);
-    // Results that ended while we were away go first; running jobs resume streaming
-    // through the link as soon as it is up.
-    let mut result = Ok(());
-    for message in agent.link_up(link, outbox.clone()) {
-        if outbox.send(message).await.is_err() {
-            result = Err(SessionError::WriteFailed);
-            break;
-        }
-    }
-    if result.is_ok() {
-        result = converse(
-            agent,
-            link,
-            &outbox,
-            &mut inbox,
-            git,
-            &mut pool,
-            (heartbeat_interval, heartbeat_timeout),
-            &shutdown,
-        )
-        .await;
-    }
+    let (outbox, inbox) = socket.start(OUTBOUND_CAPACITY);
+    let mut session = Session {
+        agent,
+        link,
+        git,
+        heartbeat_interval: welcome.heartbeat_interval.max(MIN_HEARTBEAT_INTERVAL),
+        heartbeat_timeout: welcome.heartbeat_timeout.max(MIN_HEARTBEAT_TIMEOUT),
+        outbox,
+        inbox,
+        pool,
+    };
+    let result = session.converse(&shutdown).await;
     // Jobs keep running; their output waits (bounded) for the next connection.
     agent.link_down(link);
+    let Session { outbox, inbox, .. } = session;
     drop(outbox);
     inbox.finish().await;
     result
 }
 
-/// The working life of a welcomed connection.
-#[allow(clippy::too_many_arguments)]
-async fn converse(
-    agent: &Agent,
+/// One welcomed connection of a link.
+struct Session<'a> {
+    agent: &'a Agent,
     link: LinkId,
-    outbox: &Outbox<AgentMessage>,
-    inbox: &mut Inbox<CoordinatorMessage>,
-    git: &GitLocator,
-    pool: &mut tokio::sync::watch::Receiver<crate::job_table::PoolView>,
-    (heartbeat_interval, heartbeat_timeout): (Duration, Duration),
-    shutdown: &CancellationToken,
-) -> Result<(), SessionError> {
-    let mut heartbeat = tokio::time::interval(heartbeat_interval);
-    let mut last_heard = tokio::time::Instant::now();
-    let mut announced = Agent::offer(&pool.borrow_and_update(), link);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = outbox.closed() => return Err(SessionError::WriteFailed),
-            () = tokio::time::sleep_until(last_heard + heartbeat_timeout) => {
-                return Err(SessionError::HeartbeatTimeout(heartbeat_timeout));
-            }
-            _ = heartbeat.tick() => {
-                // A full queue is already proof of life to the coordinator; skip this beat.
-                let _ = outbox.try_send(AgentMessage::Heartbeat { sent_at_unix_ms: unix_millis() });
-            }
-            changed = pool.changed() => {
-                if changed.is_err() {
-                    return Ok(());
+    git: &'a GitLocator,
+    heartbeat_interval: Duration,
+    heartbeat_timeout: Duration,
+    outbox: Outbox<AgentMessage>,
+    inbox: Inbox<CoordinatorMessage>,
+    pool: watch::Receiver<PoolView>,
+}
+
+impl Session<'_> {
+    async fn send(&self, message: AgentMessage) -> Result<(), SessionError> {
+        self.outbox
+            .send(message)
+            .await
+            .map_err(|_| SessionError::WriteFailed)
+    }
+
+    /// The offer as it stands, marked as seen.
+    fn current_offer(&mut self) -> SlotOffer {
+        Agent::offer(&self.pool.borrow_and_update(), self.link)
+    }
+
+    /// The working life of the connection, until it ends or `shutdown`.
+    async fn converse(&mut self, shutdown: &CancellationToken) -> Result<(), SessionError> {
+        // Results that ended while we were away go first; running jobs resume streaming
+        // through the link as soon as it is up.
+        for message in self.agent.link_up(self.link, self.outbox.clone()) {
+            self.send(message).await?;
+        }
+        let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
+        let mut last_heard = tokio::time::Instant::now();
+        let mut announced = self.current_offer();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = self.outbox.closed() => return Err(SessionError::WriteFailed),
+                () = tokio::time::sleep_until(last_heard + self.heartbeat_timeout) => {
+                    return Err(SessionError::HeartbeatTimeout(self.heartbeat_timeout));
                 }
-                let offer = Agent::offer(&pool.borrow_and_update(), link);
-                if offer != announced {
-                    announced = offer;
-                    outbox.send(AgentMessage::Slots(offer)).await.map_err(|_| SessionError::WriteFailed)?;
+                _ = heartbeat.tick() => {
+                    // A full queue is already proof of life to the coordinator; skip this beat.
+                    let beat = AgentMessage::Heartbeat { sent_at_unix_ms: unix_millis() };
+                    let _ = self.outbox.try_send(beat);
                 }
-            }
-            message = inbox.recv() => {
-                last_heard = tokio::time::Instant::now();
-                let Some(message) = message? else { return Ok(()) };
-                let assignment = matches!(message, CoordinatorMessage::Assign(_));
-                if let Some(reply) = handle_message(agent, link, message, git) {
-                    outbox.send(reply).await.map_err(|_| SessionError::WriteFailed)?;
+                changed = self.pool.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let offer = self.current_offer();
+                    if offer != announced {
+                        announced = offer;
+                        self.send(AgentMessage::Slots(offer)).await?;
+                    }
                 }
-                if assignment {
-                    // The coordinator counted the assignment against our offer (or zeroed it
-                    // on a decline): always tell it the real offer now, so a take-and-release
-                    // too quick to be seen as a change cannot leave it believing in fewer
-                    // free slots than there are.
-                    announced = Agent::offer(&pool.borrow_and_update(), link);
-                    outbox.send(AgentMessage::Slots(announced)).await.map_err(|_| SessionError::WriteFailed)?;
+                message = self.inbox.recv() => {
+                    last_heard = tokio::time::Instant::now();
+                    let Some(message) = message? else { return Ok(()) };
+                    let assignment = matches!(message, CoordinatorMessage::Assign(_));
+                    if let Some(reply) = handle_message(self.agent, self.link, message, self.git) {
+                        self.send(reply).await?;
+                    }
+                    if assignment {
+                        // The coordinator counted the assignment against our offer (or zeroed
+                        // it on a decline): always tell it the real offer now, so a
+                        // take-and-release too quick to be seen as a change cannot leave it
+                        // believing in fewer free slots than there are.
+                        announced = self.current_offer();
+                        self.send(AgentMessage::Slots(announced)).await?;
+                    }
                 }
             }
         }

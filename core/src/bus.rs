@@ -13,7 +13,7 @@ use crate::job::{AttemptKey, Completion, JobSpec, OutputStream, Source};
 
 /// Version of the agent job bus. Bumped on any incompatible change; the coordinator rejects
 /// agents speaking another version with a clear message instead of misreading their frames.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest output chunk an agent puts into one message; far below the frame size limit.
 pub const MAX_OUTPUT_CHUNK_BYTES: usize = 64 * 1024;

@@ -333,13 +333,23 @@ pub fn decode_job_event(wire: crate::JobEvent) -> Result<(JobId, JobEvent), Deco
 
 // ---- the job bus -------------------------------------------------------------------------
 
-fn key_of(job_id: u64, attempt: u32) -> AttemptKey {
-    AttemptKey::new(job_id, attempt)
+impl From<AttemptKey> for crate::AttemptKey {
+    fn from(key: AttemptKey) -> Self {
+        Self {
+            job_id: key.job_id,
+            attempt: key.attempt,
+        }
+    }
 }
 
-impl From<AgentMessage> for crate::AgentFrame {
+fn decode_key(key: Option<crate::AttemptKey>) -> Result<AttemptKey, DecodeError> {
+    let key = required(key, "attempt key")?;
+    Ok(AttemptKey::new(key.job_id, key.attempt))
+}
+
+impl From<AgentMessage> for agent_frame::Msg {
     fn from(message: AgentMessage) -> Self {
-        let msg = match message {
+        match message {
             AgentMessage::Hello(hello) => agent_frame::Msg::Hello(crate::Hello {
                 protocol_version: hello.protocol_version,
                 agent_id: hello.agent_id,
@@ -354,8 +364,7 @@ impl From<AgentMessage> for crate::AgentFrame {
                     .attempts
                     .into_iter()
                     .map(|held| crate::AttemptRef {
-                        job_id: held.key.job_id,
-                        attempt: held.key.attempt,
+                        key: Some(held.key.into()),
                         finished: held.finished,
                     })
                     .collect(),
@@ -369,39 +378,34 @@ impl From<AgentMessage> for crate::AgentFrame {
                 draining: offer.draining,
             }),
             AgentMessage::Declined { key, reason } => agent_frame::Msg::Declined(crate::Declined {
-                job_id: key.job_id,
-                attempt: key.attempt,
+                key: Some(key.into()),
                 reason,
             }),
             AgentMessage::Output { key, stream, data } => {
                 agent_frame::Msg::Output(crate::JobOutput {
-                    job_id: key.job_id,
-                    attempt: key.attempt,
+                    key: Some(key.into()),
                     stream: encode_stream(stream),
                     data: data.into(),
                 })
             }
             AgentMessage::Finished { key, completion } => {
                 agent_frame::Msg::Finished(crate::JobFinished {
-                    job_id: key.job_id,
-                    attempt: key.attempt,
+                    key: Some(key.into()),
                     completion: Some(completion.into()),
                 })
             }
             AgentMessage::CancelAck(key) => agent_frame::Msg::CancelAck(crate::CancelAck {
-                job_id: key.job_id,
-                attempt: key.attempt,
+                key: Some(key.into()),
             }),
-        };
-        Self { msg: Some(msg) }
+        }
     }
 }
 
-impl TryFrom<crate::AgentFrame> for AgentMessage {
+impl TryFrom<agent_frame::Msg> for AgentMessage {
     type Error = DecodeError;
 
-    fn try_from(frame: crate::AgentFrame) -> Result<Self, DecodeError> {
-        Ok(match required(frame.msg, "agent message")? {
+    fn try_from(msg: agent_frame::Msg) -> Result<Self, DecodeError> {
+        Ok(match msg {
             agent_frame::Msg::Hello(hello) => AgentMessage::Hello(Hello {
                 protocol_version: hello.protocol_version,
                 agent_id: hello.agent_id,
@@ -417,11 +421,14 @@ impl TryFrom<crate::AgentFrame> for AgentMessage {
                 attempts: hello
                     .attempts
                     .into_iter()
-                    .map(|held| HeldAttempt {
-                        key: key_of(held.job_id, held.attempt),
-                        finished: held.finished,
+                    .map(|held| {
+                        let key = decode_key(held.key)?;
+                        Ok(HeldAttempt {
+                            key,
+                            finished: held.finished,
+                        })
                     })
-                    .collect(),
+                    .collect::<Result<_, DecodeError>>()?,
             }),
             agent_frame::Msg::Heartbeat(beat) => AgentMessage::Heartbeat {
                 sent_at_unix_ms: beat.sent_at_unix_ms,
@@ -432,28 +439,26 @@ impl TryFrom<crate::AgentFrame> for AgentMessage {
                 draining: slots.draining,
             }),
             agent_frame::Msg::Declined(declined) => AgentMessage::Declined {
-                key: key_of(declined.job_id, declined.attempt),
+                key: decode_key(declined.key)?,
                 reason: declined.reason,
             },
             agent_frame::Msg::Output(output) => AgentMessage::Output {
-                key: key_of(output.job_id, output.attempt),
+                key: decode_key(output.key)?,
                 stream: decode_stream(output.stream)?,
                 data: output.data.into(),
             },
             agent_frame::Msg::Finished(finished) => AgentMessage::Finished {
-                key: key_of(finished.job_id, finished.attempt),
+                key: decode_key(finished.key)?,
                 completion: required(finished.completion, "completion")?.try_into()?,
             },
-            agent_frame::Msg::CancelAck(ack) => {
-                AgentMessage::CancelAck(key_of(ack.job_id, ack.attempt))
-            }
+            agent_frame::Msg::CancelAck(ack) => AgentMessage::CancelAck(decode_key(ack.key)?),
         })
     }
 }
 
-impl From<CoordinatorMessage> for crate::CoordinatorFrame {
+impl From<CoordinatorMessage> for coordinator_frame::Msg {
     fn from(message: CoordinatorMessage) -> Self {
-        let msg = match message {
+        match message {
             CoordinatorMessage::Welcome(welcome) => {
                 coordinator_frame::Msg::Welcome(crate::Welcome {
                     protocol_version: welcome.protocol_version,
@@ -471,15 +476,13 @@ impl From<CoordinatorMessage> for crate::CoordinatorFrame {
             }
             CoordinatorMessage::Assign(assignment) => {
                 coordinator_frame::Msg::Assign(crate::Assign {
-                    job_id: assignment.key.job_id,
-                    attempt: assignment.key.attempt,
+                    key: Some(assignment.key.into()),
                     spec: Some(assignment.spec.into()),
                     source: Some(assignment.source.into()),
                 })
             }
             CoordinatorMessage::Cancel(key) => coordinator_frame::Msg::Cancel(crate::Cancel {
-                job_id: key.job_id,
-                attempt: key.attempt,
+                key: Some(key.into()),
             }),
             CoordinatorMessage::ProtocolError(message) => {
                 coordinator_frame::Msg::Error(crate::ProtocolError { message })
@@ -490,20 +493,21 @@ impl From<CoordinatorMessage> for crate::CoordinatorFrame {
             }
             CoordinatorMessage::ResultAck(key) => {
                 coordinator_frame::Msg::ResultAck(crate::ResultAck {
-                    job_id: key.job_id,
-                    attempt: key.attempt,
+                    key: Some(key.into()),
                 })
             }
-        };
-        Self { msg: Some(msg) }
+        }
     }
 }
 
-impl TryFrom<crate::CoordinatorFrame> for CoordinatorMessage {
+impl TryFrom<coordinator_frame::Msg> for CoordinatorMessage {
     type Error = DecodeError;
 
-    fn try_from(frame: crate::CoordinatorFrame) -> Result<Self, DecodeError> {
-        Ok(match required(frame.msg, "coordinator message")? {
+    fn try_from(msg: coordinator_frame::Msg) -> Result<Self, DecodeError> {
+        Ok(match msg {
+            coordinator_frame::Msg::Heartbeat(beat) => CoordinatorMessage::Heartbeat {
+                sent_at_unix_ms: beat.sent_at_unix_ms,
+            },
             coordinator_frame::Msg::Welcome(welcome) => CoordinatorMessage::Welcome(Welcome {
                 protocol_version: welcome.protocol_version,
                 coordinator_id: welcome.coordinator_id,
@@ -514,16 +518,13 @@ impl TryFrom<crate::CoordinatorFrame> for CoordinatorMessage {
                 code: decode_reject_code(reject.code)?,
                 message: reject.message,
             }),
-            coordinator_frame::Msg::Heartbeat(beat) => CoordinatorMessage::Heartbeat {
-                sent_at_unix_ms: beat.sent_at_unix_ms,
-            },
             coordinator_frame::Msg::Assign(assign) => CoordinatorMessage::Assign(Assignment {
-                key: key_of(assign.job_id, assign.attempt),
+                key: decode_key(assign.key)?,
                 spec: required(assign.spec, "job spec")?.try_into()?,
                 source: required(assign.source, "source")?.try_into()?,
             }),
             coordinator_frame::Msg::Cancel(cancel) => {
-                CoordinatorMessage::Cancel(key_of(cancel.job_id, cancel.attempt))
+                CoordinatorMessage::Cancel(decode_key(cancel.key)?)
             }
             coordinator_frame::Msg::Error(error) => {
                 CoordinatorMessage::ProtocolError(error.message)
@@ -533,7 +534,7 @@ impl TryFrom<crate::CoordinatorFrame> for CoordinatorMessage {
                 queued: demand.queued,
             },
             coordinator_frame::Msg::ResultAck(ack) => {
-                CoordinatorMessage::ResultAck(key_of(ack.job_id, ack.attempt))
+                CoordinatorMessage::ResultAck(decode_key(ack.key)?)
             }
         })
     }
@@ -541,13 +542,60 @@ impl TryFrom<crate::CoordinatorFrame> for CoordinatorMessage {
 
 // ---- the control API ---------------------------------------------------------------------
 
+/// Both directions of a mapping whose fields are the same on both sides.
+macro_rules! same_fields {
+    ($domain:ty, $wire:ty { $($field:ident),+ $(,)? }) => {
+        impl From<$domain> for $wire {
+            fn from(value: $domain) -> Self {
+                Self { $($field: value.$field),+ }
+            }
+        }
+
+        impl From<$wire> for $domain {
+            fn from(value: $wire) -> Self {
+                Self { $($field: value.$field),+ }
+            }
+        }
+    };
+}
+
+same_fields!(
+    AgentStatus,
+    crate::AgentInfo {
+        id,
+        slots_total,
+        slots_used,
+        labels,
+        system,
+        connected_since_unix_ms,
+        local,
+        draining,
+        address,
+    }
+);
+same_fields!(
+    LogPage,
+    crate::JobLogReply {
+        data,
+        next_offset,
+        complete,
+        truncated_bytes
+    }
+);
+
 impl From<Submission> for crate::SubmitRequest {
     fn from(submission: Submission) -> Self {
+        let Submission {
+            spec,
+            commit,
+            git_ref,
+            worktree,
+        } = submission;
         Self {
-            spec: Some(submission.spec.into()),
-            commit: submission.commit,
-            git_ref: submission.git_ref,
-            worktree: submission.worktree,
+            spec: Some(spec.into()),
+            commit,
+            git_ref,
+            worktree,
         }
     }
 }
@@ -556,44 +604,19 @@ impl TryFrom<crate::SubmitRequest> for Submission {
     type Error = DecodeError;
 
     fn try_from(request: crate::SubmitRequest) -> Result<Self, DecodeError> {
+        let spec = required(request.spec, "job spec")?.try_into()?;
+        let crate::SubmitRequest {
+            commit,
+            git_ref,
+            worktree,
+            ..
+        } = request;
         Ok(Self {
-            spec: required(request.spec, "job spec")?.try_into()?,
-            commit: request.commit,
-            git_ref: request.git_ref,
-            worktree: request.worktree,
+            spec,
+            commit,
+            git_ref,
+            worktree,
         })
-    }
-}
-
-impl From<AgentStatus> for crate::AgentInfo {
-    fn from(agent: AgentStatus) -> Self {
-        Self {
-            id: agent.id,
-            slots_total: agent.slots_total,
-            slots_used: agent.slots_used,
-            labels: agent.labels,
-            system: agent.system,
-            connected_since_unix_ms: agent.connected_since_unix_ms,
-            local: agent.local,
-            draining: agent.draining,
-            address: agent.address,
-        }
-    }
-}
-
-impl From<crate::AgentInfo> for AgentStatus {
-    fn from(agent: crate::AgentInfo) -> Self {
-        Self {
-            id: agent.id,
-            slots_total: agent.slots_total,
-            slots_used: agent.slots_used,
-            labels: agent.labels,
-            system: agent.system,
-            connected_since_unix_ms: agent.connected_since_unix_ms,
-            local: agent.local,
-            draining: agent.draining,
-            address: agent.address,
-        }
     }
 }
 
@@ -715,28 +738,6 @@ impl TryFrom<crate::JobLogRequest> for LogRequest {
     }
 }
 
-impl From<LogPage> for crate::JobLogReply {
-    fn from(page: LogPage) -> Self {
-        Self {
-            data: page.data,
-            next_offset: page.next_offset,
-            complete: page.complete,
-            truncated_bytes: page.truncated_bytes,
-        }
-    }
-}
-
-impl From<crate::JobLogReply> for LogPage {
-    fn from(page: crate::JobLogReply) -> Self {
-        Self {
-            data: page.data,
-            next_offset: page.next_offset,
-            complete: page.complete,
-            truncated_bytes: page.truncated_bytes,
-        }
-    }
-}
-
 impl From<CancelReply> for crate::CancelReply {
     fn from(reply: CancelReply) -> Self {
         match reply {
@@ -781,12 +782,12 @@ mod tests {
     }
 
     fn round_trip_agent(message: AgentMessage) {
-        let decoded = AgentMessage::try_from(crate::AgentFrame::from(message.clone()));
+        let decoded = AgentMessage::try_from(agent_frame::Msg::from(message.clone()));
         assert_eq!(decoded, Ok(message));
     }
 
     fn round_trip_coordinator(message: CoordinatorMessage) {
-        let decoded = CoordinatorMessage::try_from(crate::CoordinatorFrame::from(message.clone()));
+        let decoded = CoordinatorMessage::try_from(coordinator_frame::Msg::from(message.clone()));
         assert_eq!(decoded, Ok(message));
     }
 
@@ -859,17 +860,19 @@ mod tests {
 
     #[test]
     fn missing_or_unknown_values_are_errors_not_defaults() {
-        let no_spec = crate::CoordinatorFrame {
-            msg: Some(coordinator_frame::Msg::Assign(crate::Assign {
-                job_id: 1,
-                attempt: 1,
-                spec: None,
-                source: Some(crate::Source::default()),
-            })),
-        };
+        let no_spec = coordinator_frame::Msg::Assign(crate::Assign {
+            key: Some(AttemptKey::new(1, 1).into()),
+            spec: None,
+            source: Some(crate::Source::default()),
+        });
         assert_eq!(
             CoordinatorMessage::try_from(no_spec),
             Err(DecodeError::Missing("job spec"))
+        );
+        let no_key = coordinator_frame::Msg::Cancel(crate::Cancel { key: None });
+        assert_eq!(
+            CoordinatorMessage::try_from(no_key),
+            Err(DecodeError::Missing("attempt key"))
         );
         let unknown_kind = crate::JobSpec {
             kind: 42,
@@ -890,14 +893,17 @@ mod tests {
                 ..
             })
         ));
-        let unspecified_stream = crate::AgentFrame {
-            msg: Some(agent_frame::Msg::Output(crate::JobOutput::default())),
-        };
-        assert!(AgentMessage::try_from(unspecified_stream).is_err());
-        assert_eq!(
-            AgentMessage::try_from(crate::AgentFrame { msg: None }),
-            Err(DecodeError::Missing("agent message"))
-        );
+        let unspecified_stream = agent_frame::Msg::Output(crate::JobOutput {
+            key: Some(AttemptKey::new(1, 1).into()),
+            ..crate::JobOutput::default()
+        });
+        assert!(matches!(
+            AgentMessage::try_from(unspecified_stream),
+            Err(DecodeError::Unknown {
+                field: "output stream",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -26,34 +26,43 @@ pub trait BusMessage: Sized + Send + 'static {
     fn decode_frame(bytes: &[u8]) -> Result<Self, FrameError>;
 }
 
-fn decode<Wire, Domain>(bytes: &[u8]) -> Result<Domain, FrameError>
-where
-    Wire: Message + Default,
-    Domain: TryFrom<Wire, Error = DecodeError>,
-{
+/// Decodes one frame, refusing oversized input before parsing it.
+fn decode<Frame: Message + Default>(bytes: &[u8]) -> Result<Frame, FrameError> {
     if bytes.len() > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(bytes.len()));
     }
-    Ok(Domain::try_from(Wire::decode(bytes)?)?)
+    Ok(Frame::decode(bytes)?)
 }
 
 impl BusMessage for AgentMessage {
     fn encode_frame(self) -> Vec<u8> {
-        crate::AgentFrame::from(self).encode_to_vec()
+        crate::AgentFrame {
+            msg: Some(self.into()),
+        }
+        .encode_to_vec()
     }
 
     fn decode_frame(bytes: &[u8]) -> Result<Self, FrameError> {
-        decode::<crate::AgentFrame, _>(bytes)
+        let frame: crate::AgentFrame = decode(bytes)?;
+        let message = frame.msg.ok_or(DecodeError::Missing("agent message"))?;
+        Ok(message.try_into()?)
     }
 }
 
 impl BusMessage for CoordinatorMessage {
     fn encode_frame(self) -> Vec<u8> {
-        crate::CoordinatorFrame::from(self).encode_to_vec()
+        crate::CoordinatorFrame {
+            msg: Some(self.into()),
+        }
+        .encode_to_vec()
     }
 
     fn decode_frame(bytes: &[u8]) -> Result<Self, FrameError> {
-        decode::<crate::CoordinatorFrame, _>(bytes)
+        let frame: crate::CoordinatorFrame = decode(bytes)?;
+        let message = frame
+            .msg
+            .ok_or(DecodeError::Missing("coordinator message"))?;
+        Ok(message.try_into()?)
     }
 }
 

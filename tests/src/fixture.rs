@@ -164,23 +164,31 @@ impl Fixture {
             .unwrap_or(0)
     }
 
+    /// The pid `sleeps_with_a_child` wrote, once it has written it.
+    pub fn grandchild_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.pid_file())
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+    }
+
     /// Seconds `sleeps_briefly` sleeps.
     pub fn sleep_file(&self) -> PathBuf {
         self.dir.path().join("sleep-secs")
     }
 
+    /// `buildpool run test <extra>` arguments that run only the fixture's ignored test
+    /// `test` (`sleeps_with_a_child` or `sleeps_briefly`).
+    pub fn ignored_test_job<'a>(test: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["run", "test"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "-p", "app", "--lib", "--", "--ignored", test]);
+        args
+    }
+
     /// `buildpool run test` arguments that run only `sleeps_briefly`.
-    pub const BRIEF_JOB: &'static [&'static str] = &[
-        "run",
-        "test",
-        "--",
-        "-p",
-        "app",
-        "--lib",
-        "--",
-        "--ignored",
-        "sleeps_briefly",
-    ];
+    pub fn brief_job() -> Vec<&'static str> {
+        Self::ignored_test_job("sleeps_briefly", &[])
+    }
 
     /// Writes a file of the repository (creating directories), without committing it.
     pub fn write(&self, path: &str, text: &str) -> anyhow::Result<()> {

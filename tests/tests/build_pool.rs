@@ -183,17 +183,7 @@ fn a_job_runs_under_real_nix_develop() {
 }
 
 fn job_with_grandchild(fixture: &Fixture, extra: &[&str]) -> Owned {
-    let mut args = vec!["run", "test"];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&[
-        "--",
-        "-p",
-        "app",
-        "--lib",
-        "--",
-        "--ignored",
-        "sleeps_with_a_child",
-    ]);
+    let args = Fixture::ignored_test_job("sleeps_with_a_child", extra);
     let command = fixture.command_in(&fixture.root(), &args);
     Owned::spawn(command, fixture.scratch().join("run.log")).expect("run starts")
 }
@@ -201,9 +191,7 @@ fn job_with_grandchild(fixture: &Fixture, extra: &[&str]) -> Owned {
 fn grandchild_pid(fixture: &Fixture, run: &Owned) -> i32 {
     let mut pid = None;
     let started = wait_until(Duration::from_secs(60), || {
-        pid = std::fs::read_to_string(fixture.pid_file())
-            .ok()
-            .and_then(|text| text.trim().parse().ok());
+        pid = fixture.grandchild_pid();
         pid.is_some()
     });
     assert!(
@@ -442,7 +430,7 @@ fn ctrl_c_right_after_start_still_cancels_the_job() {
     let fixture = &cluster.fixture;
     std::fs::write(fixture.sleep_file(), "300").expect("sleep file");
     let mut run = Owned::spawn(
-        fixture.command_in(&fixture.root(), Fixture::BRIEF_JOB),
+        fixture.command_in(&fixture.root(), &Fixture::brief_job()),
         fixture.scratch().join("early.log"),
     )
     .expect("run");

@@ -21,12 +21,37 @@ fn fast() -> ServeOptions {
     timeouts(20)
 }
 
+/// A coordinator with `agents` agents of one slot each, started as `options` say.
+fn cluster(agents: usize, options: &ServeOptions) -> Cluster {
+    Cluster::start_with(Fixture::new().expect("fixture"), agents, 1, options).expect("cluster")
+}
+
 fn spawn_run(fixture: &Fixture, args: &[&str], name: &str) -> Owned {
     Owned::spawn(
         fixture.command_in(&fixture.root(), args),
         fixture.scratch().join(format!("{name}.log")),
     )
     .expect("run starts")
+}
+
+/// Runs `sleeps_briefly` for `sleep_secs` seconds and waits until it has started.
+fn start_brief_job(fixture: &Fixture, sleep_secs: &str, name: &str) -> Owned {
+    std::fs::write(fixture.sleep_file(), sleep_secs).expect("sleep file");
+    let run = spawn_run(fixture, &Fixture::brief_job(), name);
+    assert!(
+        wait_until(Duration::from_secs(60), || fixture.starts() == 1),
+        "{}",
+        run.log_text()
+    );
+    run
+}
+
+/// A job running on worker-1 under short heartbeats, and an idle worker-2 to take it over.
+fn job_with_a_standby_agent(sleep_secs: &str, name: &str) -> (Cluster, Owned) {
+    let mut cluster = cluster(1, &timeouts(2));
+    let run = start_brief_job(&cluster.fixture, sleep_secs, name);
+    cluster.add_agent("worker-2", 1, &[]).expect("second agent");
+    (cluster, run)
 }
 
 fn finish(run: &mut Owned, timeout: Duration) -> (i32, String) {
@@ -36,16 +61,40 @@ fn finish(run: &mut Owned, timeout: Duration) -> (i32, String) {
     (status.code().unwrap_or(-1), run.log_text())
 }
 
+/// Waits for `run`: attempt 2, on worker-2, gave the job's one and only result.
+fn finish_as_attempt_2_on_worker_2(run: &mut Owned, timeout: Duration) {
+    let (code, log) = finish(run, timeout);
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("on worker-2") && log.contains("attempt 2"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("[buildpool] job 1 exit code").count(),
+        1,
+        "exactly one result:\n{log}"
+    );
+}
+
+/// Waits up to `timeout` for `process`'s log to contain `text`.
+fn log_shows(process: &Owned, text: &str, timeout: Duration) -> bool {
+    wait_until(timeout, || process.log_text().contains(text))
+}
+
+/// Waits for an agent asked to stop to exit with 0.
+fn exits_0(agent: &mut Owned, expect: &str) {
+    let status = agent.wait_timeout(Duration::from_secs(20)).expect(expect);
+    assert_eq!(status.code(), Some(0), "{}", agent.log_text());
+}
+
 /// Two coordinators (separate repositories) and one agent with one slot connected to both.
 fn two_coordinators_one_slot() -> (Cluster, Cluster, Owned) {
-    let first =
-        Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &fast()).expect("first");
+    let first = cluster(0, &fast());
     let shared_token = ServeOptions {
         token_file: Some(first.fixture.token_file()),
         ..fast()
     };
-    let second =
-        Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &shared_token).expect("second");
+    let second = cluster(0, &shared_token);
     let command = first.agent_command(
         "shared",
         1,
@@ -90,18 +139,22 @@ fn two_busy_coordinators_share_the_slot_fairly() {
     for cluster in [&first, &second] {
         std::fs::write(cluster.fixture.sleep_file(), "1").expect("sleep file");
         // Warm both workspaces so build time does not skew the order.
-        let warm = cluster.fixture.run(Fixture::BRIEF_JOB).expect("warm");
+        let warm = cluster.fixture.run(&Fixture::brief_job()).expect("warm");
         assert_eq!(warm.code, Some(0), "{warm}");
     }
     let mut runs: Vec<(char, Owned)> = Vec::new();
     for round in 0..4 {
         runs.push((
             'a',
-            spawn_run(&first.fixture, Fixture::BRIEF_JOB, &format!("fa{round}")),
+            spawn_run(&first.fixture, &Fixture::brief_job(), &format!("fa{round}")),
         ));
         runs.push((
             'b',
-            spawn_run(&second.fixture, Fixture::BRIEF_JOB, &format!("fb{round}")),
+            spawn_run(
+                &second.fixture,
+                &Fixture::brief_job(),
+                &format!("fb{round}"),
+            ),
         ));
     }
     let mut order = String::new();
@@ -131,8 +184,7 @@ fn two_busy_coordinators_share_the_slot_fairly() {
 
 #[test]
 fn an_agent_reconnects_to_a_coordinator_restarted_after_kill_9() {
-    let mut cluster =
-        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
+    let mut cluster = cluster(1, &fast());
     cluster.coordinator.kill_hard();
     std::thread::sleep(Duration::from_millis(500));
     cluster
@@ -151,28 +203,19 @@ fn an_agent_reconnects_to_a_coordinator_restarted_after_kill_9() {
 
 #[test]
 fn a_job_survives_a_cut_connection_and_is_reattached_not_rerun() {
-    let mut cluster =
-        Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &fast()).expect("cluster");
+    let mut cluster = cluster(0, &fast());
     let proxy = Proxy::start(&cluster.websocket_addr).expect("proxy");
     cluster
         .add_agent("behind-proxy", 1, &["--server", &proxy.ws_url()])
         .expect("agent");
     let fixture = &cluster.fixture;
-    std::fs::write(fixture.sleep_file(), "12").expect("sleep file");
-    let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "reattach");
-    assert!(
-        wait_until(Duration::from_secs(60), || fixture.starts() == 1),
-        "{}",
-        run.log_text()
-    );
+    let mut run = start_brief_job(fixture, "12", "reattach");
 
     let cut_at = Instant::now();
     proxy.cut();
     let coordinator = &cluster.coordinator;
     assert!(
-        wait_until(Duration::from_secs(15), || coordinator
-            .log_text()
-            .contains("reported=1")),
+        log_shows(coordinator, "reported=1", Duration::from_secs(15)),
         "the agent did not reconnect and report its attempt:\n{}\nagent:\n{}",
         coordinator.log_text(),
         cluster.agents[0].log_text()
@@ -199,43 +242,16 @@ fn a_job_survives_a_cut_connection_and_is_reattached_not_rerun() {
 
 #[test]
 fn a_job_of_an_agent_killed_with_kill_9_finishes_elsewhere_as_attempt_2() {
-    let mut cluster =
-        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &timeouts(2)).expect("cluster");
-    let fixture = &cluster.fixture;
-    std::fs::write(fixture.sleep_file(), "3").expect("sleep file");
-    let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "killed");
-    assert!(
-        wait_until(Duration::from_secs(60), || fixture.starts() == 1),
-        "{}",
-        run.log_text()
-    );
-    cluster.add_agent("worker-2", 1, &[]).expect("second agent");
+    let (mut cluster, mut run) = job_with_a_standby_agent("3", "killed");
     cluster.agents[0].kill_hard();
-    let (code, log) = finish(&mut run, Duration::from_secs(90));
-    assert_eq!(code, 0, "{log}");
-    assert!(
-        log.contains("on worker-2") && log.contains("attempt 2"),
-        "{log}"
-    );
-    assert_eq!(
-        log.matches("[buildpool] job 1 exit code").count(),
-        1,
-        "{log}"
-    );
+    finish_as_attempt_2_on_worker_2(&mut run, Duration::from_secs(90));
 }
 
 #[test]
 fn sigterm_drains_an_agent_which_finishes_its_job_and_exits_0() {
-    let mut cluster =
-        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
+    let mut cluster = cluster(1, &fast());
     let fixture = &cluster.fixture;
-    std::fs::write(fixture.sleep_file(), "5").expect("sleep file");
-    let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "drained");
-    assert!(
-        wait_until(Duration::from_secs(60), || fixture.starts() == 1),
-        "{}",
-        run.log_text()
-    );
+    let mut run = start_brief_job(fixture, "5", "drained");
     cluster.agents[0].signal(buildpool_tests::SIGTERM);
     assert!(
         wait_until(Duration::from_secs(10), || cluster.status().is_ok_and(
@@ -248,17 +264,13 @@ fn sigterm_drains_an_agent_which_finishes_its_job_and_exits_0() {
     let (code, log) = finish(&mut run, Duration::from_secs(60));
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("on worker-1"), "{log}");
-    let status = cluster.agents[0]
-        .wait_timeout(Duration::from_secs(20))
-        .expect("agent exits after draining");
-    assert_eq!(status.code(), Some(0), "{}", cluster.agents[0].log_text());
+    exits_0(&mut cluster.agents[0], "agent exits after draining");
     assert_eq!(fixture.starts(), 1);
 }
 
 #[test]
 fn a_coordinator_can_drain_an_agent_by_id() {
-    let cluster =
-        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
+    let cluster = cluster(1, &fast());
     let drained: RunOutput = cluster
         .fixture
         .run(&["agents", "drain", "worker-1"])
@@ -271,10 +283,7 @@ fn a_coordinator_can_drain_an_agent_by_id() {
     assert_ne!(unknown.code, Some(0));
     assert!(unknown.stderr.contains("no agent \"nobody\""), "{unknown}");
     let mut cluster = cluster;
-    let status = cluster.agents[0]
-        .wait_timeout(Duration::from_secs(20))
-        .expect("the agent exits");
-    assert_eq!(status.code(), Some(0), "{}", cluster.agents[0].log_text());
+    exits_0(&mut cluster.agents[0], "the agent exits");
 }
 
 #[test]
@@ -283,8 +292,7 @@ fn a_job_no_connected_agent_can_run_fails_with_the_reason() {
         config: Some("[build_pool.timeouts]\nunroutable_wait_secs = 2\n".into()),
         ..ServeOptions::default()
     };
-    let cluster =
-        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &options).expect("cluster");
+    let cluster = cluster(1, &options);
     let started = Instant::now();
     let run = cluster
         .fixture
@@ -305,24 +313,14 @@ fn a_job_no_connected_agent_can_run_fails_with_the_reason() {
 
 #[test]
 fn a_second_signal_during_a_drain_stops_the_job_at_once() {
-    let mut cluster =
-        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &fast()).expect("cluster");
+    let mut cluster = cluster(1, &fast());
     let fixture = &cluster.fixture;
-    std::fs::write(fixture.sleep_file(), "300").expect("sleep file");
-    let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "interrupted");
-    assert!(
-        wait_until(Duration::from_secs(60), || fixture.starts() == 1),
-        "{}",
-        run.log_text()
-    );
+    let mut run = start_brief_job(fixture, "300", "interrupted");
     let agent = &mut cluster.agents[0];
     agent.signal(buildpool_tests::SIGTERM);
     std::thread::sleep(Duration::from_millis(500));
     agent.signal(buildpool_tests::SIGINT);
-    let status = agent
-        .wait_timeout(Duration::from_secs(20))
-        .expect("the agent stops at once");
-    assert_eq!(status.code(), Some(0), "{}", agent.log_text());
+    exits_0(agent, "the agent stops at once");
     assert!(
         agent.log_text().contains("stopping running jobs now"),
         "{}",
@@ -334,8 +332,7 @@ fn a_second_signal_during_a_drain_stops_the_job_at_once() {
 
 #[test]
 fn a_failing_prewarm_is_logged_not_fatal() {
-    let mut cluster =
-        Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &fast()).expect("cluster");
+    let mut cluster = cluster(0, &fast());
     let config = cluster.fixture.scratch().join("agent.toml");
     std::fs::write(
         &config,
@@ -351,9 +348,7 @@ fn a_failing_prewarm_is_logged_not_fatal() {
         .expect("the agent starts anyway");
     let agent = &cluster.agents[0];
     assert!(
-        wait_until(Duration::from_secs(30), || agent
-            .log_text()
-            .contains("prewarm failed")),
+        log_shows(agent, "prewarm failed", Duration::from_secs(30)),
         "{}",
         agent.log_text()
     );
@@ -363,17 +358,7 @@ fn a_failing_prewarm_is_logged_not_fatal() {
 
 #[test]
 fn a_late_result_from_a_frozen_agents_superseded_attempt_is_ignored() {
-    let mut cluster =
-        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &timeouts(2)).expect("cluster");
-    let fixture = &cluster.fixture;
-    std::fs::write(fixture.sleep_file(), "6").expect("sleep file");
-    let mut run = spawn_run(fixture, Fixture::BRIEF_JOB, "frozen");
-    assert!(
-        wait_until(Duration::from_secs(60), || fixture.starts() == 1),
-        "{}",
-        run.log_text()
-    );
-    cluster.add_agent("worker-2", 1, &[]).expect("second agent");
+    let (cluster, mut run) = job_with_a_standby_agent("6", "frozen");
     let fixture = &cluster.fixture;
     // Freeze the agent (not its job): its link goes silent, the job runs on and ends.
     cluster.agents[0].signal(buildpool_tests::SIGSTOP);
@@ -386,22 +371,14 @@ fn a_late_result_from_a_frozen_agents_superseded_attempt_is_ignored() {
     // Thawed, the agent reconnects and reports its finished attempt 1: the coordinator
     // tells it to forget the result, and the job's outcome stays attempt 2's.
     cluster.agents[0].signal(buildpool_tests::SIGCONT);
-    let (code, log) = finish(&mut run, Duration::from_secs(60));
-    assert_eq!(code, 0, "{log}");
-    assert!(
-        log.contains("on worker-2") && log.contains("attempt 2"),
-        "{log}"
-    );
-    assert_eq!(
-        log.matches("[buildpool] job 1 exit code").count(),
-        1,
-        "exactly one result:\n{log}"
-    );
+    finish_as_attempt_2_on_worker_2(&mut run, Duration::from_secs(60));
     let coordinator = &cluster.coordinator;
     assert!(
-        wait_until(Duration::from_secs(20), || coordinator
-            .log_text()
-            .contains("ignored the result of a stale attempt")),
+        log_shows(
+            coordinator,
+            "ignored the result of a stale attempt",
+            Duration::from_secs(20)
+        ),
         "the thawed agent's result of attempt 1 never arrived to be ignored:\n{}",
         coordinator.log_text()
     );

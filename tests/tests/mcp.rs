@@ -331,12 +331,11 @@ async fn cancelling_a_running_call_kills_the_job() {
     let (client, _) = mcp_client(fixture, &fixture.root()).await;
     let arguments = json!({"filter": "sleeps_with_a_child", "include_ignored": true});
     let call_future = call(&client, "test", arguments);
-    let pid_file = fixture.pid_file();
     let pid = tokio::select! {
         _ = call_future => panic!("the call ended before it was cancelled"),
         pid = async {
             loop {
-                if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse::<i32>().ok()) {
+                if let Some(pid) = fixture.grandchild_pid() {
                     break pid;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -23,12 +23,12 @@ use rmcp::model::{
     CallToolResult, Implementation, ProgressNotificationParam, ProgressToken, RequestMetaObject,
     ServerCapabilities, ServerConfig,
 };
+use rmcp::service::RequestContext;
 use rmcp::{
     ErrorData, Peer, RoleServer, ServerHandler, ServiceExt, tool, tool_handler, tool_router,
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
 use crate::repo::Repo;
@@ -181,14 +181,54 @@ fn check_timeout(timeout: Option<u32>) -> Result<Option<Duration>, ErrorData> {
     }
 }
 
+/// A tool's inputs as the job they ask for.
+trait JobInput {
+    fn cargo_args(&self) -> Result<Vec<String>, ErrorData>;
+    fn timeout_secs(&self) -> Option<u32>;
+
+    fn spec(&self, kind: JobKind) -> Result<JobSpec, ErrorData> {
+        Ok(JobSpec {
+            cargo_args: self.cargo_args()?,
+            timeout: check_timeout(self.timeout_secs())?,
+            ..JobSpec::new(kind)
+        })
+    }
+}
+
 /// `build` and `check` take the same inputs.
-fn build_args(input: &BuildInput) -> Result<Vec<String>, ErrorData> {
-    common_args(
-        input.package.as_ref(),
-        input.features.as_ref(),
-        input.all_features.unwrap_or(false),
-        input.release.unwrap_or(false),
-    )
+impl JobInput for BuildInput {
+    fn cargo_args(&self) -> Result<Vec<String>, ErrorData> {
+        common_args(
+            self.package.as_ref(),
+            self.features.as_ref(),
+            self.all_features.unwrap_or(false),
+            self.release.unwrap_or(false),
+        )
+    }
+
+    fn timeout_secs(&self) -> Option<u32> {
+        self.timeout_secs
+    }
+}
+
+impl JobInput for TestInput {
+    fn cargo_args(&self) -> Result<Vec<String>, ErrorData> {
+        test_args(self)
+    }
+
+    fn timeout_secs(&self) -> Option<u32> {
+        self.timeout_secs
+    }
+}
+
+impl JobInput for ClippyInput {
+    fn cargo_args(&self) -> Result<Vec<String>, ErrorData> {
+        clippy_args(self)
+    }
+
+    fn timeout_secs(&self) -> Option<u32> {
+        self.timeout_secs
+    }
 }
 
 pub fn test_args(input: &TestInput) -> Result<Vec<String>, ErrorData> {
@@ -272,7 +312,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(meta: RequestMetaObject, peer: Peer<RoleServer>) -> Self {
+    fn new(meta: &RequestMetaObject, peer: Peer<RoleServer>) -> Self {
         Self {
             peer,
             token: meta.get_progress_token(),
@@ -316,16 +356,9 @@ impl BuildPoolMcp {
     async fn build(
         &self,
         Parameters(input): Parameters<BuildInput>,
-        meta: RequestMetaObject,
-        peer: Peer<RoleServer>,
-        ct: CancellationToken,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let spec = JobSpec {
-            cargo_args: build_args(&input)?,
-            timeout: check_timeout(input.timeout_secs)?,
-            ..JobSpec::new(JobKind::Build)
-        };
-        self.run_job(spec, Progress::new(meta, peer), ct).await
+        self.run_job(input.spec(JobKind::Build)?, context).await
     }
 
     #[tool(
@@ -334,16 +367,9 @@ impl BuildPoolMcp {
     async fn check(
         &self,
         Parameters(input): Parameters<BuildInput>,
-        meta: RequestMetaObject,
-        peer: Peer<RoleServer>,
-        ct: CancellationToken,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let spec = JobSpec {
-            cargo_args: build_args(&input)?,
-            timeout: check_timeout(input.timeout_secs)?,
-            ..JobSpec::new(JobKind::Check)
-        };
-        self.run_job(spec, Progress::new(meta, peer), ct).await
+        self.run_job(input.spec(JobKind::Check)?, context).await
     }
 
     #[tool(
@@ -352,16 +378,9 @@ impl BuildPoolMcp {
     async fn test(
         &self,
         Parameters(input): Parameters<TestInput>,
-        meta: RequestMetaObject,
-        peer: Peer<RoleServer>,
-        ct: CancellationToken,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let spec = JobSpec {
-            cargo_args: test_args(&input)?,
-            timeout: check_timeout(input.timeout_secs)?,
-            ..JobSpec::new(JobKind::Test)
-        };
-        self.run_job(spec, Progress::new(meta, peer), ct).await
+        self.run_job(input.spec(JobKind::Test)?, context).await
     }
 
     #[tool(
@@ -370,16 +389,9 @@ impl BuildPoolMcp {
     async fn clippy(
         &self,
         Parameters(input): Parameters<ClippyInput>,
-        meta: RequestMetaObject,
-        peer: Peer<RoleServer>,
-        ct: CancellationToken,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let spec = JobSpec {
-            cargo_args: clippy_args(&input)?,
-            timeout: check_timeout(input.timeout_secs)?,
-            ..JobSpec::new(JobKind::Clippy)
-        };
-        self.run_job(spec, Progress::new(meta, peer), ct).await
+        self.run_job(input.spec(JobKind::Clippy)?, context).await
     }
 
     #[tool(
@@ -545,10 +557,11 @@ impl BuildPoolMcp {
     async fn run_job(
         &self,
         spec: JobSpec,
-        mut notifier: Progress,
-        ct: CancellationToken,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let kind = spec.kind;
+        let ct = context.ct;
+        let mut notifier = Progress::new(&context.meta, context.peer);
         let mut session = match self.inner.jobs.start(spec, false).await {
             Ok(session) => session,
             Err(StartError::InvalidSpec(error)) => return Err(invalid(error.to_string())),

@@ -132,15 +132,7 @@ impl Control for ControlService {
         let log = joblog::JobLog::create(&shared.log_dir, job_id, shared.config.log_max_bytes)
             .await
             .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
-        let initial = JobEvent::Queued {
-            position: 0,
-            reason: String::new(),
-        };
-        let job = Arc::new(ActiveJob {
-            phase: watch::channel(initial).0,
-            log,
-            git_ref: git_ref.clone(),
-        });
+        let job = ActiveJob::queued(log, git_ref.clone());
         let source = Source {
             repo_id: shared.repo.id.clone(),
             git_path: shared.git_path.clone(),

@@ -60,6 +60,21 @@ pub(crate) struct ActiveJob {
     pub git_ref: String,
 }
 
+impl ActiveJob {
+    /// A job just submitted: queued, with its log open.
+    pub fn queued(log: joblog::JobLog, git_ref: String) -> Arc<Self> {
+        let initial = JobEvent::Queued {
+            position: 0,
+            reason: String::new(),
+        };
+        Arc::new(Self {
+            phase: watch::channel(initial).0,
+            log,
+            git_ref,
+        })
+    }
+}
+
 /// One agent connection, as the scheduler's actions reach it.
 #[derive(Debug)]
 pub(crate) struct Connection {

@@ -146,26 +146,14 @@ fn main() -> anyhow::Result<()> {
     let (mut gone, mut confirmed) = (Vec::new(), Vec::new());
     for round in 0..rounds.min(5) {
         let _ = std::fs::remove_file(fixture.pid_file());
-        let args = [
-            "run",
-            "test",
-            "--",
-            "-p",
-            "app",
-            "--lib",
-            "--",
-            "--ignored",
-            "sleeps_with_a_child",
-        ];
+        let args = Fixture::ignored_test_job("sleeps_with_a_child", &[]);
         let mut run = Owned::spawn(
             fixture.command_in(&fixture.root(), &args),
             fixture.scratch().join(format!("cancel{round}.log")),
         )?;
         let mut pid = None;
         if !wait_until(Duration::from_secs(60), || {
-            pid = std::fs::read_to_string(fixture.pid_file())
-                .ok()
-                .and_then(|t| t.trim().parse::<i32>().ok());
+            pid = fixture.grandchild_pid();
             pid.is_some()
         }) {
             bail!("the job did not start: {}", run.log_text());
@@ -204,7 +192,7 @@ fn main() -> anyhow::Result<()> {
         let fixture = &cluster.fixture;
         std::fs::write(fixture.sleep_file(), "10")?;
         let mut run = Owned::spawn(
-            fixture.command_in(&fixture.root(), Fixture::BRIEF_JOB),
+            fixture.command_in(&fixture.root(), &Fixture::brief_job()),
             fixture.scratch().join(format!("cut{round}.log")),
         )?;
         if !wait_until(Duration::from_secs(60), || fixture.starts() == 1) {

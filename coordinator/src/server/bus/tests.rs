@@ -11,7 +11,6 @@ use buildpool_core::{JobEnd, JobEvent, JobId, JobKind, JobSpec, RunEnv, Source};
 use buildpool_proto::frame::BusMessage;
 use buildpool_proto::socket::AgentSocket;
 use futures_util::SinkExt;
-use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::*;
@@ -133,15 +132,7 @@ impl Bus {
         let log = joblog::JobLog::create(&self.shared.log_dir, job_id, 1024 * 1024)
             .await
             .expect("log");
-        let initial = JobEvent::Queued {
-            position: 0,
-            reason: String::new(),
-        };
-        let job = Arc::new(ActiveJob {
-            phase: watch::channel(initial).0,
-            log,
-            git_ref: String::new(),
-        });
+        let job = ActiveJob::queued(log, String::new());
         self.shared.state().jobs.insert(job_id, Arc::clone(&job));
         let source = Source {
             repo_id: "repo".into(),
