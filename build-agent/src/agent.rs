@@ -46,6 +46,11 @@ pub fn local_system() -> String {
     format!("{}-{os}", std::env::consts::ARCH)
 }
 
+/// One coordinator link of an agent, stable across reconnects; from
+/// [`Agent::register_link`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link(LinkId);
+
 /// An attempt as the runtime tracks it next to the table.
 type Slot = (LinkId, AttemptKey);
 
@@ -115,12 +120,12 @@ impl Agent {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Runs `change` on the table and publishes the pool if it changed.
+    /// Runs `change` on the table and publishes the pool if it changed. Publishing happens
+    /// under the lock, so views are published in the order the table took them.
     fn with_table<R>(&self, change: impl FnOnce(&mut State) -> R) -> R {
         let mut state = self.state();
         let result = change(&mut state);
         let view = state.table.view();
-        drop(state);
         self.inner.pool.send_if_modified(|pool| {
             let changed = *pool != view;
             *pool = view;
@@ -129,11 +134,12 @@ impl Agent {
         result
     }
 
-    /// Registers a coordinator link; its id keys fair slot sharing and held results.
-    pub fn register_link(&self) -> LinkId {
+    /// Registers a coordinator link; it keys fair slot sharing and held results. Only this
+    /// hands out links, so every link the agent is given has its place in the state.
+    pub fn register_link(&self) -> Link {
         let mut state = self.state();
         state.outboxes.push(watch::channel(None).0);
-        state.outboxes.len() - 1
+        Link(state.outboxes.len() - 1)
     }
 
     /// Watches the pool, to announce this agent's offer to a coordinator when it changes.
@@ -142,7 +148,7 @@ impl Agent {
     }
 
     /// The offer to `link` in `pool`, as the bus carries it.
-    pub fn offer(pool: &PoolView, link: LinkId) -> SlotOffer {
+    pub fn offer(pool: &PoolView, Link(link): Link) -> SlotOffer {
         SlotOffer {
             free: pool.offer(link),
             total: pool.total,
@@ -151,7 +157,7 @@ impl Agent {
     }
 
     /// The hello for a new connection of `link`: identity, offer and the attempts it holds.
-    pub fn hello(&self, link: LinkId) -> Hello {
+    pub fn hello(&self, link: Link) -> Hello {
         let state = self.state();
         let identity = &self.inner.identity;
         Hello {
@@ -162,7 +168,7 @@ impl Agent {
             system: identity.system.clone(),
             slots: Self::offer(&state.table.view(), link),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            attempts: state.table.held_attempts(link),
+            attempts: state.table.held_attempts(link.0),
         }
     }
 
@@ -170,7 +176,7 @@ impl Agent {
     /// messages it must send first: the results that ended while the link was down, each
     /// after its unsent output. Installing the connection and collecting them happen under
     /// one lock, as recording a result does, so no result falls between the two.
-    pub fn link_up(&self, link: LinkId, outbox: Outbox<AgentMessage>) -> Vec<AgentMessage> {
+    pub fn link_up(&self, Link(link): Link, outbox: Outbox<AgentMessage>) -> Vec<AgentMessage> {
         self.with_table(|state| {
             let mut messages = Vec::new();
             for (key, completion) in state.table.link_up(link) {
@@ -185,7 +191,7 @@ impl Agent {
     }
 
     /// The connection of `link` ended. Its jobs keep running; their output waits.
-    pub fn link_down(&self, link: LinkId) {
+    pub fn link_down(&self, Link(link): Link) {
         self.with_table(|state| {
             state.table.link_down(link);
             if let Some(current) = state.outboxes.get(link) {
@@ -198,7 +204,7 @@ impl Agent {
     /// `git_url` is where this link's snapshots are fetched from.
     pub fn assign(
         &self,
-        link: LinkId,
+        Link(link): Link,
         assignment: Assignment,
         git_url: String,
     ) -> Result<(), Decline> {
@@ -240,7 +246,9 @@ impl Agent {
     }
 
     /// Runs one attempt to its end, then records its result. The executor returns only once
-    /// the job's processes and workspace are gone, so the slot is freed after both.
+    /// the job's processes and workspace are gone, so the slot is freed after both. The
+    /// attempt runs in a task of its own, so even a panic in it ends the attempt (failed)
+    /// and frees its slot instead of holding it forever.
     async fn run_job(
         &self,
         link: LinkId,
@@ -249,9 +257,26 @@ impl Agent {
         outbox: LinkOutbox,
     ) {
         let key = request.key;
-        let (chunks, output) = mpsc::channel(JOB_OUTPUT_CAPACITY);
-        let run = self.inner.executor.run(&request, chunks, cancel);
-        let (completion, unsent) = tokio::join!(run, output::forward(outbox, key, output));
+        let executor = self.inner.executor.clone();
+        let attempt = tokio::spawn(async move {
+            let (chunks, output) = mpsc::channel(JOB_OUTPUT_CAPACITY);
+            let run = executor.run(&request, chunks, cancel);
+            tokio::join!(run, output::forward(outbox, key, output))
+        });
+        let (completion, unsent) = match attempt.await {
+            Ok(ended) => ended,
+            Err(error) => {
+                tracing::error!(
+                    job_id = key.job_id,
+                    attempt = key.attempt,
+                    "job task failed: {error}"
+                );
+                (
+                    Completion::failed(format!("the agent's job task failed: {error}")),
+                    Vec::new(),
+                )
+            }
+        };
         if let JobEnd::Failed { reason } = &completion.end {
             tracing::warn!(
                 job_id = key.job_id,
@@ -262,44 +287,72 @@ impl Agent {
         self.attempt_ended(link, key, completion, unsent).await;
     }
 
+    /// Records an attempt's end and delivers its result: now if the link is connected, else
+    /// with the link's next connection. The result stays held until acknowledged either way.
     async fn attempt_ended(
         &self,
         link: LinkId,
         key: AttemptKey,
         completion: Completion,
-        mut unsent: Vec<AgentMessage>,
+        unsent: Vec<AgentMessage>,
     ) {
+        let mut unsent = Some(unsent);
         let send_now = self.with_table(|state| {
             state.cancels.remove(&(link, key));
-            match state.table.attempt_ended(link, key, completion.clone()) {
-                Delivery::SendNow => state
-                    .outboxes
-                    .get(link)
-                    .and_then(|current| current.borrow().clone()),
-                Delivery::Held => {
+            let delivery = state.table.attempt_ended(link, key, completion.clone());
+            let outbox = state
+                .outboxes
+                .get(link)
+                .and_then(|current| current.borrow().clone());
+            match (delivery, outbox) {
+                (Delivery::SendNow, Some(outbox)) if !outbox.is_closed() => Some(outbox),
+                (Delivery::Dropped, _) => None,
+                // Held, or connected through a connection that is already closing: the
+                // output waits for the next connection, which also re-sends the result.
+                _ => {
                     state
                         .unsent
-                        .insert((link, key), std::mem::take(&mut unsent));
+                        .insert((link, key), unsent.take().unwrap_or_default());
                     None
                 }
-                Delivery::Dropped => None,
             }
         });
-        // A send that fails here is not lost: the result stays held until acknowledged,
-        // and the next connection sends it again.
-        if let Some(outbox) = send_now {
-            for message in unsent {
-                let _ = outbox.send(message).await;
+        let Some(outbox) = send_now else { return };
+        let messages = unsent.unwrap_or_default().into_iter();
+        let mut kept = Vec::new();
+        let mut closed = false;
+        for message in messages.chain([AgentMessage::Finished { key, completion }]) {
+            if !closed {
+                match outbox.reserve().await {
+                    Ok(permit) => {
+                        permit.send(message);
+                        continue;
+                    }
+                    Err(_) => closed = true,
+                }
             }
-            let _ = outbox
-                .send(AgentMessage::Finished { key, completion })
-                .await;
+            // The result itself is held by the table and re-sent by the next connection.
+            if matches!(message, AgentMessage::Output { .. }) {
+                kept.push(message);
+            }
+        }
+        if !kept.is_empty() {
+            // The connection closed under us: the next one sends this output first.
+            self.with_table(|state| {
+                let held = state.table.held_attempts(link);
+                if held
+                    .iter()
+                    .any(|attempt| attempt.key == key && attempt.finished)
+                {
+                    state.unsent.insert((link, key), kept);
+                }
+            });
         }
     }
 
     /// The coordinator of `link` cancels an attempt: stop it if it runs, forget its result if
     /// it ended.
-    pub fn cancel(&self, link: LinkId, key: AttemptKey) {
+    pub fn cancel(&self, Link(link): Link, key: AttemptKey) {
         self.with_table(|state| match state.table.cancel(link, key) {
             CancelEffect::Stop => {
                 tracing::info!(job_id = key.job_id, attempt = key.attempt, "cancelling");
@@ -315,7 +368,7 @@ impl Agent {
     }
 
     /// The coordinator of `link` has the result of `key`; it need not be kept any longer.
-    pub fn result_acked(&self, link: LinkId, key: AttemptKey) {
+    pub fn result_acked(&self, Link(link): Link, key: AttemptKey) {
         self.with_table(|state| {
             state.table.result_acked(link, key);
             if !state.table.is_running(link, key) {
@@ -325,7 +378,7 @@ impl Agent {
     }
 
     /// The coordinator of `link` has `queued` jobs this agent could run.
-    pub fn set_demand(&self, link: LinkId, queued: u32) {
+    pub fn set_demand(&self, Link(link): Link, queued: u32) {
         self.with_table(|state| state.table.set_demand(link, queued));
     }
 

@@ -7,18 +7,20 @@
 
 use std::time::Duration;
 
-use buildpool_core::Source;
 use buildpool_core::bus::{AgentMessage, CoordinatorMessage, RejectCode, SlotOffer};
 use buildpool_core::time::unix_millis;
+use buildpool_core::{Completion, Source};
+use buildpool_proto::convert::DecodeError;
+use buildpool_proto::frame::FrameError;
 use buildpool_proto::socket::{
     AgentSocket, HANDSHAKE_TIMEOUT, Inbox, Outbox, SocketError, Transport, host_of,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Link};
 use crate::backoff::Backoff;
-use crate::job_table::{LinkId, PoolView};
+use crate::job_table::PoolView;
 
 /// Messages waiting for the writer. Output beyond this waits in the job's pipe
 /// (backpressure).
@@ -118,7 +120,7 @@ pub async fn serve_endpoint(agent: &Agent, endpoint: ServerEndpoint, shutdown: C
 
 async fn dial_and_serve(
     agent: &Agent,
-    link: LinkId,
+    link: Link,
     endpoint: &ServerEndpoint,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
@@ -132,7 +134,7 @@ async fn dial_and_serve(
 /// the same across the caller's reconnects.
 pub async fn serve_stream(
     agent: &Agent,
-    link: LinkId,
+    link: Link,
     stream: impl Transport,
     git: &GitLocator,
     shutdown: CancellationToken,
@@ -144,14 +146,16 @@ pub async fn serve_stream(
 /// Hello, welcome (or reject), then the connection's working life.
 async fn serve(
     agent: &Agent,
-    link: LinkId,
+    link: Link,
     mut socket: AgentSocket,
     git: &GitLocator,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
     let mut pool = agent.watch_pool();
     pool.mark_unchanged();
-    socket.send(AgentMessage::Hello(agent.hello(link))).await?;
+    let hello = agent.hello(link);
+    let announced = hello.slots;
+    socket.send(AgentMessage::Hello(hello)).await?;
     let welcome = match socket.recv_within(HANDSHAKE_TIMEOUT).await? {
         Some(CoordinatorMessage::Welcome(welcome)) => welcome,
         Some(CoordinatorMessage::Reject(reject)) => {
@@ -179,7 +183,7 @@ async fn serve(
         inbox,
         pool,
     };
-    let result = session.converse(&shutdown).await;
+    let result = session.converse(announced, &shutdown).await;
     // Jobs keep running; their output waits (bounded) for the next connection.
     agent.link_down(link);
     let Session { outbox, inbox, .. } = session;
@@ -191,7 +195,7 @@ async fn serve(
 /// One welcomed connection of a link.
 struct Session<'a> {
     agent: &'a Agent,
-    link: LinkId,
+    link: Link,
     git: &'a GitLocator,
     heartbeat_interval: Duration,
     heartbeat_timeout: Duration,
@@ -213,16 +217,25 @@ impl Session<'_> {
         Agent::offer(&self.pool.borrow_and_update(), self.link)
     }
 
-    /// The working life of the connection, until it ends or `shutdown`.
-    async fn converse(&mut self, shutdown: &CancellationToken) -> Result<(), SessionError> {
+    /// The working life of the connection, until it ends or `shutdown`. `announced` is the
+    /// offer the hello carried; a change since then is sent at once.
+    async fn converse(
+        &mut self,
+        mut announced: SlotOffer,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SessionError> {
         // Results that ended while we were away go first; running jobs resume streaming
         // through the link as soon as it is up.
         for message in self.agent.link_up(self.link, self.outbox.clone()) {
             self.send(message).await?;
         }
+        let offer = self.current_offer();
+        if offer != announced {
+            announced = offer;
+            self.send(AgentMessage::Slots(offer)).await?;
+        }
         let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
         let mut last_heard = tokio::time::Instant::now();
-        let mut announced = self.current_offer();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
@@ -247,7 +260,18 @@ impl Session<'_> {
                 }
                 message = self.inbox.recv() => {
                     last_heard = tokio::time::Instant::now();
-                    let Some(message) = message? else { return Ok(()) };
+                    let message = match message {
+                        Ok(Some(message)) => message,
+                        Ok(None) => return Ok(()),
+                        Err(error) => match unreadable_assignment(&error) {
+                            // One assignment this agent cannot read fails that job alone.
+                            Some(failed) => {
+                                self.send(failed).await?;
+                                continue;
+                            }
+                            None => return Err(error.into()),
+                        },
+                    };
                     let assignment = matches!(message, CoordinatorMessage::Assign(_));
                     if let Some(reply) = handle_message(self.agent, self.link, message, self.git) {
                         self.send(reply).await?;
@@ -266,10 +290,30 @@ impl Session<'_> {
     }
 }
 
+/// The answer to an assignment whose spec or source this agent cannot read (a newer
+/// coordinator's job kind, say): the job fails with the reason instead of the link
+/// dropping, which would only make the coordinator retry it, here or elsewhere.
+fn unreadable_assignment(error: &SocketError) -> Option<AgentMessage> {
+    let SocketError::Frame(FrameError::Invalid(DecodeError::Assignment { key, error })) = error
+    else {
+        return None;
+    };
+    tracing::warn!(
+        job_id = key.job_id,
+        attempt = key.attempt,
+        "cannot read an assignment: {error}"
+    );
+    let reason = format!("the agent cannot read this assignment: {error}");
+    Some(AgentMessage::Finished {
+        key: *key,
+        completion: Completion::failed(reason),
+    })
+}
+
 /// Carries out one coordinator message; returns the reply to send, if any.
 fn handle_message(
     agent: &Agent,
-    link: LinkId,
+    link: Link,
     message: CoordinatorMessage,
     git: &GitLocator,
 ) -> Option<AgentMessage> {
@@ -311,5 +355,118 @@ fn handle_message(
             tracing::warn!("ignoring a repeated handshake message");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use buildpool_core::bus::{PROTOCOL_VERSION, Welcome};
+    use buildpool_core::{AttemptKey, EnvMode, JobEnd};
+    use buildpool_proto::frame::BusMessage;
+    use futures_util::{SinkExt, StreamExt};
+    use prost::Message as _;
+    use tokio::io::DuplexStream;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+
+    use super::*;
+    use crate::agent::AgentIdentity;
+    use crate::executor::ExecutorConfig;
+
+    /// The agent's next message that is not a heartbeat or an offer.
+    async fn next_message(coordinator: &mut WebSocketStream<DuplexStream>) -> AgentMessage {
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(10), coordinator.next())
+                .await
+                .expect("the agent talks")
+                .expect("open")
+                .expect("a frame");
+            if let Message::Binary(bytes) = frame {
+                let message = AgentMessage::decode_frame(&bytes).expect("decodes");
+                if !matches!(
+                    message,
+                    AgentMessage::Heartbeat { .. } | AgentMessage::Slots(_)
+                ) {
+                    return message;
+                }
+            }
+        }
+    }
+
+    /// A coordinator that sends an assignment this agent cannot read (no spec) gets that
+    /// job failed with the reason, and the link stays up.
+    #[tokio::test]
+    async fn an_unreadable_assignment_fails_that_job_and_keeps_the_link() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let agent = Agent::new(
+            AgentIdentity {
+                id: "agent".into(),
+                labels: Vec::new(),
+                system: "x86_64-linux".into(),
+                token: "token".into(),
+            },
+            ExecutorConfig {
+                git_cache_dir: dir.path().join("cache"),
+                worktree_dir: dir.path().join("work"),
+                slots: 1,
+                env_mode: EnvMode::Host,
+                default_timeout: Duration::from_secs(60),
+                kill_grace: Duration::from_secs(1),
+            },
+        );
+        let (coordinator_end, agent_end) = tokio::io::duplex(64 * 1024);
+        let shutdown = CancellationToken::new();
+        let link = agent.register_link();
+        let serving = tokio::spawn({
+            let (agent, shutdown) = (agent.clone(), shutdown.clone());
+            let git = GitLocator::Fixed("file:///nowhere".into());
+            async move { serve_stream(&agent, link, agent_end, &git, shutdown).await }
+        });
+        let mut coordinator = tokio_tungstenite::accept_async(coordinator_end)
+            .await
+            .expect("upgrade");
+        let hello = next_message(&mut coordinator).await;
+        assert!(matches!(hello, AgentMessage::Hello(_)), "{hello:?}");
+        let welcome = CoordinatorMessage::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            coordinator_id: "coordinator".into(),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(30),
+        });
+        let frame = Message::Binary(welcome.encode_frame().into());
+        coordinator.send(frame).await.expect("welcome");
+
+        let key = AttemptKey::new(7, 1);
+        let unreadable = buildpool_proto::CoordinatorFrame {
+            msg: Some(buildpool_proto::coordinator_frame::Msg::Assign(
+                buildpool_proto::Assign {
+                    key: Some(key.into()),
+                    spec: None,
+                    source: None,
+                },
+            )),
+        };
+        let frame = Message::Binary(unreadable.encode_to_vec().into());
+        coordinator.send(frame).await.expect("assign");
+        let answer = next_message(&mut coordinator).await;
+        let AgentMessage::Finished {
+            key: answered,
+            completion,
+        } = answer
+        else {
+            panic!("the job fails: {answer:?}")
+        };
+        assert_eq!(answered, key);
+        let JobEnd::Failed { reason } = completion.end else {
+            panic!("{completion:?}")
+        };
+        assert!(reason.contains("job spec is missing"), "{reason}");
+        assert!(!serving.is_finished(), "the link stays up");
+
+        shutdown.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(10), serving).await;
+        assert!(ended.is_ok(), "the connection ends on shutdown");
     }
 }

@@ -50,11 +50,18 @@ pub enum ClientError {
     Token(#[from] crate::auth::TokenError),
     #[error("the token is not valid in an HTTP header")]
     BadToken,
-    /// The coordinator answered with an error; its message says why.
+    /// The coordinator answered with an error; its message says why (and is all a user
+    /// needs to read, so the status is no error source of its own).
     #[error("{}", .0.message())]
-    Call(#[from] tonic::Status),
+    Call(tonic::Status),
     #[error("the coordinator sent an answer this client cannot read: {0}")]
     Decode(#[from] DecodeError),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        ClientError::Call(status)
+    }
 }
 
 impl ClientError {

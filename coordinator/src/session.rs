@@ -34,19 +34,19 @@ pub struct Route {
 pub enum StartError {
     #[error(transparent)]
     InvalidSpec(#[from] buildpool_core::spec::SpecError),
-    #[error("cannot snapshot the worktree: {0}")]
-    Snapshot(#[source] anyhow::Error),
-    #[error("cannot start a local coordinator: {0}")]
-    Route(#[source] anyhow::Error),
+    #[error("cannot snapshot the worktree: {0:#}")]
+    Snapshot(anyhow::Error),
+    #[error("cannot start a local coordinator: {0:#}")]
+    Route(anyhow::Error),
     #[error("the coordinator refused the job: {0}")]
-    Refused(#[source] ClientError),
+    Refused(ClientError),
 }
 
 /// Why a running job's session ended without a result.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("lost the coordinator while the job ran: {0}")]
-    Lost(#[source] ClientError),
+    Lost(ClientError),
     #[error("the coordinator closed the stream before the job ended")]
     Closed,
 }
@@ -174,7 +174,7 @@ impl JobSession {
     }
 
     /// The next event; the last one is [`JobEvent::Finished`]. Cancel-safe, so it can race
-    /// a Ctrl-C or a cancelled request in `select!`.
+    /// a Ctrl-C or a cancelled request in `select!`: it awaits nothing but the stream.
     pub async fn next_event(&mut self) -> Result<JobEvent, SessionError> {
         let (job_id, event) = self
             .events
@@ -186,25 +186,30 @@ impl JobSession {
             self.job_id = Some(job_id);
             if self.cancel_requested {
                 // The cancel came before the job had an id: send it now.
-                self.send_cancel(job_id).await;
+                self.send_cancel(job_id);
             }
         }
         Ok(event)
     }
 
-    /// Asks the coordinator to cancel the job. The session goes on: the job's end (usually
-    /// cancelled) still arrives through [`JobSession::next_event`]. Returns the job id the
-    /// cancel went to, if it is known yet.
-    pub async fn cancel(&mut self) -> Option<JobId> {
+    /// Asks the coordinator to cancel the job, now or as soon as the job has an id. The
+    /// session goes on: the job's end (usually cancelled) still arrives through
+    /// [`JobSession::next_event`]. Returns the job id if it is known yet.
+    pub fn cancel(&mut self) -> Option<JobId> {
         self.cancel_requested = true;
         let job_id = self.job_id?;
-        self.send_cancel(job_id).await;
+        self.send_cancel(job_id);
         Some(job_id)
     }
 
-    async fn send_cancel(&self, job_id: JobId) {
-        if let Err(error) = self.client.cancel(job_id).await {
-            tracing::warn!(job_id, "cancel failed: {error}");
-        }
+    /// Sends the cancel in a task of its own (bounded by the call deadline), so that
+    /// neither an event nor the cancel is lost when the caller's `select!` moves on.
+    fn send_cancel(&self, job_id: JobId) {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            if let Err(error) = client.cancel(job_id).await {
+                tracing::warn!(job_id, "cancel failed: {error}");
+            }
+        });
     }
 }

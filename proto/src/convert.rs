@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use buildpool_core::bus::{
-    AgentMessage, Assignment, CoordinatorMessage, HeldAttempt, Hello, Reject, RejectCode,
-    SlotOffer, Welcome,
+    AgentMessage, Assignment, CoordinatorMessage, HeldAttempt, Hello, PROTOCOL_VERSION, Reject,
+    RejectCode, SlotOffer, Welcome,
 };
 use buildpool_core::status::{
     AgentStatus, CancelReply, CoordinatorStatus, JobPlace, JobStatus, LogPage, LogRequest,
@@ -32,6 +32,13 @@ pub enum DecodeError {
     Unknown { field: &'static str, value: i32 },
     #[error("{field} is invalid: {reason}")]
     Invalid { field: &'static str, reason: String },
+    /// An assignment whose key is readable but whose spec or source is not: the receiver
+    /// can fail that one attempt instead of the whole connection.
+    #[error("assignment of {key}: {error}")]
+    Assignment {
+        key: AttemptKey,
+        error: Box<DecodeError>,
+    },
 }
 
 fn required<T>(value: Option<T>, field: &'static str) -> Result<T, DecodeError> {
@@ -342,6 +349,13 @@ impl From<AttemptKey> for crate::AttemptKey {
     }
 }
 
+fn decode_held(held: crate::AttemptRef) -> Result<HeldAttempt, DecodeError> {
+    Ok(HeldAttempt {
+        key: decode_key(held.key)?,
+        finished: held.finished,
+    })
+}
+
 fn decode_key(key: Option<crate::AttemptKey>) -> Result<AttemptKey, DecodeError> {
     let key = required(key, "attempt key")?;
     Ok(AttemptKey::new(key.job_id, key.attempt))
@@ -418,17 +432,17 @@ impl TryFrom<agent_frame::Msg> for AgentMessage {
                     draining: hello.draining,
                 },
                 agent_version: hello.agent_version,
-                attempts: hello
-                    .attempts
-                    .into_iter()
-                    .map(|held| {
-                        let key = decode_key(held.key)?;
-                        Ok(HeldAttempt {
-                            key,
-                            finished: held.finished,
-                        })
-                    })
-                    .collect::<Result<_, DecodeError>>()?,
+                // Another version's attempts mean nothing here and the hello is rejected
+                // for its version anyway; reading them could only hide that reason.
+                attempts: if hello.protocol_version == PROTOCOL_VERSION {
+                    hello
+                        .attempts
+                        .into_iter()
+                        .map(decode_held)
+                        .collect::<Result<_, _>>()?
+                } else {
+                    Vec::new()
+                },
             }),
             agent_frame::Msg::Heartbeat(beat) => AgentMessage::Heartbeat {
                 sent_at_unix_ms: beat.sent_at_unix_ms,
@@ -518,11 +532,20 @@ impl TryFrom<coordinator_frame::Msg> for CoordinatorMessage {
                 code: decode_reject_code(reject.code)?,
                 message: reject.message,
             }),
-            coordinator_frame::Msg::Assign(assign) => CoordinatorMessage::Assign(Assignment {
-                key: decode_key(assign.key)?,
-                spec: required(assign.spec, "job spec")?.try_into()?,
-                source: required(assign.source, "source")?.try_into()?,
-            }),
+            coordinator_frame::Msg::Assign(assign) => {
+                let key = decode_key(assign.key)?;
+                let assignment = (|| {
+                    Ok(Assignment {
+                        key,
+                        spec: required(assign.spec, "job spec")?.try_into()?,
+                        source: required(assign.source, "source")?.try_into()?,
+                    })
+                })();
+                CoordinatorMessage::Assign(assignment.map_err(|error| DecodeError::Assignment {
+                    key,
+                    error: Box::new(error),
+                })?)
+            }
             coordinator_frame::Msg::Cancel(cancel) => {
                 CoordinatorMessage::Cancel(decode_key(cancel.key)?)
             }
@@ -867,7 +890,10 @@ mod tests {
         });
         assert_eq!(
             CoordinatorMessage::try_from(no_spec),
-            Err(DecodeError::Missing("job spec"))
+            Err(DecodeError::Assignment {
+                key: AttemptKey::new(1, 1),
+                error: Box::new(DecodeError::Missing("job spec"))
+            })
         );
         let no_key = coordinator_frame::Msg::Cancel(crate::Cancel { key: None });
         assert_eq!(
@@ -904,6 +930,35 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// A hello of another protocol version must still decode, so the coordinator can
+    /// answer "unsupported version" instead of "bad hello".
+    #[test]
+    fn a_hello_of_another_version_decodes_for_its_rejection() {
+        let held = crate::AttemptRef {
+            key: None,
+            finished: true,
+        };
+        let hello = |protocol_version| {
+            agent_frame::Msg::Hello(crate::Hello {
+                protocol_version,
+                attempts: vec![held],
+                ..crate::Hello::default()
+            })
+        };
+        let Ok(AgentMessage::Hello(old)) = AgentMessage::try_from(hello(PROTOCOL_VERSION - 1))
+        else {
+            panic!("an old hello decodes")
+        };
+        assert_eq!(
+            (old.protocol_version, old.attempts.len()),
+            (PROTOCOL_VERSION - 1, 0)
+        );
+        assert_eq!(
+            AgentMessage::try_from(hello(PROTOCOL_VERSION)),
+            Err(DecodeError::Missing("attempt key"))
+        );
     }
 
     #[test]

@@ -365,7 +365,8 @@ impl<In: BusMessage> Inbox<In> {
     }
 
     /// Waits (within [`WRITE_TIMEOUT`]) for the writer to send what is queued and close the
-    /// connection. Every [`Outbox`] clone must be dropped first, or it closes at once.
+    /// connection, which it does once every [`Outbox`] clone is dropped; past the deadline
+    /// the socket is closed with whatever is still queued.
     pub async fn finish(mut self) {
         if let Some(writer) = self.writer.take()
             && tokio::time::timeout(WRITE_TIMEOUT, writer).await.is_err()

@@ -102,6 +102,7 @@ async fn run_job(
         eprintln!("[buildpool] {reason}; running the job here");
     }
     let mut cancel_requested = false;
+    let mut cancel_announced = false;
     loop {
         let event = tokio::select! {
             event = session.next_event() => event?,
@@ -111,13 +112,19 @@ async fn run_job(
                     return Ok(EXIT_CANCELLED);
                 }
                 cancel_requested = true;
-                match session.cancel().await {
-                    Some(job_id) => eprintln!("[buildpool] cancelling job {job_id} (Ctrl-C again to leave at once)"),
-                    None => eprintln!("[buildpool] cancelling the job (Ctrl-C again to leave at once)"),
+                if let Some(job_id) = session.cancel() {
+                    eprintln!("[buildpool] cancelling job {job_id} (Ctrl-C again to leave at once)");
+                    cancel_announced = true;
                 }
                 continue;
             }
         };
+        if cancel_requested && !cancel_announced {
+            // Ctrl-C came before the job had an id; the session cancels it now.
+            let job_id = session.job_id().unwrap_or_default();
+            eprintln!("[buildpool] cancelling job {job_id} (Ctrl-C again to leave at once)");
+            cancel_announced = true;
+        }
         let job_id = session.job_id().unwrap_or_default();
         match event {
             JobEvent::Queued { reason, .. } => {

@@ -575,7 +575,7 @@ impl BuildPoolMcp {
                 event = session.next_event() => event,
                 () = ct.cancelled(), if cancel_deadline.is_none() => {
                     cancel_deadline = Some(tokio::time::Instant::now() + CANCEL_WAIT);
-                    session.cancel().await;
+                    session.cancel();
                     continue;
                 }
                 () = sleep_until(cancel_deadline) => {
