@@ -818,7 +818,7 @@ mod tests {
     fn every_bus_message_survives_the_wire() {
         let key = AttemptKey::new(7, 2);
         round_trip_agent(AgentMessage::Hello(Hello {
-            protocol_version: 1,
+            protocol_version: PROTOCOL_VERSION,
             agent_id: "a".into(),
             token: "t".into(),
             labels: vec!["x".into()],
