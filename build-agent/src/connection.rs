@@ -267,6 +267,8 @@ impl Session<'_> {
                             // One assignment this agent cannot read fails that job alone.
                             Some(failed) => {
                                 self.send(failed).await?;
+                                announced = self.current_offer();
+                                self.send(AgentMessage::Slots(announced)).await?;
                                 continue;
                             }
                             None => return Err(error.into()),
@@ -463,6 +465,22 @@ mod tests {
             panic!("{completion:?}")
         };
         assert!(reason.contains("job spec is missing"), "{reason}");
+        // Like after any assignment, the agent re-announces its (unchanged) offer, so the
+        // coordinator does not go on counting a slot that was never taken.
+        let offer = loop {
+            let frame = tokio::time::timeout(Duration::from_secs(10), coordinator.next())
+                .await
+                .expect("the agent talks")
+                .expect("open")
+                .expect("a frame");
+            if let Message::Binary(bytes) = frame
+                && let AgentMessage::Slots(offer) =
+                    AgentMessage::decode_frame(&bytes).expect("decodes")
+            {
+                break offer;
+            }
+        };
+        assert_eq!((offer.free, offer.total), (1, 1));
         assert!(!serving.is_finished(), "the link stays up");
 
         shutdown.cancel();

@@ -46,7 +46,7 @@ pub enum ClientError {
     NotRunning(String),
     #[error("cannot reach the coordinator at {url}: {reason}")]
     Unreachable { url: String, reason: String },
-    #[error("token: {0}")]
+    #[error(transparent)]
     Token(#[from] crate::auth::TokenError),
     #[error("the token is not valid in an HTTP header")]
     BadToken,
@@ -55,7 +55,13 @@ pub enum ClientError {
     #[error("{}", .0.message())]
     Call(tonic::Status),
     #[error("the coordinator sent an answer this client cannot read: {0}")]
-    Decode(#[from] DecodeError),
+    Decode(DecodeError),
+}
+
+impl From<DecodeError> for ClientError {
+    fn from(error: DecodeError) -> Self {
+        ClientError::Decode(error)
+    }
 }
 
 impl From<tonic::Status> for ClientError {

@@ -209,3 +209,51 @@ mod tests {
         assert!(validate_labels(&[String::new()]).is_err());
     }
 }
+
+/// Hostile input: validation answers every spec, however odd, without panicking, and what
+/// it accepts keeps the rules it promises.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{EnvVar, JobKind};
+
+    fn any_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "\\PC{0,40}",
+            Just("--target-dir".to_owned()),
+            Just("--target-dir=/x".to_owned()),
+            Just("--manifest-path".to_owned()),
+            Just("--".to_owned()),
+            Just("../x/Cargo.toml".to_owned()),
+            Just("a\0b".to_owned()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn validation_never_panics_and_keeps_its_promises(
+            args in proptest::collection::vec(any_text(), 0..12),
+            env in proptest::collection::vec((any_text(), any_text()), 0..4),
+            labels in proptest::collection::vec(any_text(), 0..4),
+            timeout in proptest::option::of(0u64..200_000),
+        ) {
+            let spec = JobSpec {
+                cargo_args: args,
+                env: env.into_iter().map(|(name, value)| EnvVar { name, value }).collect(),
+                timeout: timeout.map(Duration::from_secs),
+                required_labels: labels,
+                ..JobSpec::new(JobKind::Build)
+            };
+            if validate(&spec).is_ok() {
+                let own = spec.cargo_args.iter().take_while(|arg| *arg != "--");
+                for arg in own {
+                    prop_assert!(!arg.starts_with("--target-dir"), "{arg}");
+                }
+                prop_assert!(spec.env.iter().all(|var| env_name_allowed(&var.name)));
+                prop_assert!(spec.cargo_args.iter().all(|arg| !arg.contains('\0')));
+            }
+        }
+    }
+}

@@ -94,3 +94,90 @@ mod tests {
         ));
     }
 }
+
+/// Hostile input: whatever bytes arrive, decoding answers with a value or an error, never a
+/// panic, and never allocates more than the frame it was given.
+#[cfg(test)]
+mod properties {
+    use std::time::Duration;
+
+    use buildpool_core::bus::{AgentMessage, Assignment, CoordinatorMessage};
+    use buildpool_core::{AttemptKey, Completion, JobEnd, JobKind, JobSpec, RunEnv, Source};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Valid frames of every interesting shape, to mutate.
+    fn valid_frames() -> Vec<Vec<u8>> {
+        let key = AttemptKey::new(7, 2);
+        let assign = CoordinatorMessage::Assign(Assignment {
+            key,
+            spec: JobSpec {
+                cargo_args: vec!["-p".into(), "app".into()],
+                required_labels: vec!["gpu".into()],
+                ..JobSpec::new(JobKind::Test)
+            },
+            source: Source {
+                repo_id: "repo".into(),
+                git_path: "/repo.git".into(),
+                git_port: 9418,
+                commit: "0".repeat(40),
+                git_ref: "refs/buildpool/snapshots/x".into(),
+            },
+        });
+        let finished = AgentMessage::Finished {
+            key,
+            completion: Completion {
+                end: JobEnd::Exited { code: 101 },
+                duration: Duration::from_millis(1200),
+                env: Some(RunEnv::Nix),
+            },
+        };
+        let output = AgentMessage::Output {
+            key,
+            stream: buildpool_core::OutputStream::Stderr,
+            data: bytes::Bytes::from_static(b"warning: unused"),
+        };
+        vec![
+            assign.encode_frame(),
+            finished.encode_frame(),
+            output.encode_frame(),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = AgentMessage::decode_frame(&bytes);
+            let _ = CoordinatorMessage::decode_frame(&bytes);
+        }
+
+        #[test]
+        fn mutated_valid_frames_never_panic(
+            which in 0usize..3,
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut frame = valid_frames().swap_remove(which);
+            for (at, byte) in flips {
+                let index = at.index(frame.len());
+                frame[index] = byte;
+            }
+            frame.truncate(cut.index(frame.len() + 1));
+            let _ = AgentMessage::decode_frame(&frame);
+            let _ = CoordinatorMessage::decode_frame(&frame);
+        }
+    }
+
+    /// A length prefix claiming far more than the frame holds is an error, not a 2 GiB
+    /// allocation.
+    #[test]
+    fn a_lying_length_prefix_is_refused() {
+        // Field 1 (the hello), length-delimited, claiming 2^31 bytes.
+        let frame = [0x0a, 0x80, 0x80, 0x80, 0x80, 0x08, 0x00];
+        assert!(matches!(
+            AgentMessage::decode_frame(&frame),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+}

@@ -17,7 +17,7 @@ use crate::session::{JobClient, Via};
 pub struct RunArgs {
     /// build, test, clippy or check.
     kind: String,
-    /// Job timeout in seconds (default: the coordinator's job_default_secs).
+    /// Job timeout in seconds; 0 or none: the coordinator's job_default_secs.
     #[arg(long)]
     timeout: Option<u32>,
     /// Environment on the agent: auto (nix develop when the repository has a flake.nix), nix or host.
@@ -59,8 +59,10 @@ impl RunArgs {
             kind,
             cargo_args: self.cargo_args,
             env: forwarded_env(),
+            // 0, like no --timeout, means the coordinator's default.
             timeout: self
                 .timeout
+                .filter(|secs| *secs > 0)
                 .map(|secs| std::time::Duration::from_secs(u64::from(secs))),
             env_mode,
             required_labels: self.labels,
@@ -167,5 +169,25 @@ async fn run_job(
                 return Ok(result.completion.end.exit_code());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(timeout: Option<u32>) -> RunArgs {
+        RunArgs {
+            timeout,
+            ..RunArgs::local_test()
+        }
+    }
+
+    #[test]
+    fn a_zero_timeout_means_the_default_and_others_are_kept() {
+        assert_eq!(args(Some(0)).spec().expect("valid").timeout, None);
+        assert_eq!(args(None).spec().expect("valid").timeout, None);
+        let timeout = args(Some(90)).spec().expect("valid").timeout;
+        assert_eq!(timeout, Some(std::time::Duration::from_secs(90)));
     }
 }

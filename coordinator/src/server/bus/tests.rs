@@ -409,3 +409,64 @@ async fn a_declined_assignment_goes_to_another_agent_and_the_stale_attempt_is_fe
         "only the holder's output is in the log"
     );
 }
+
+/// Hostile handshakes: a stream of random first frames (garbage, truncated or mutated
+/// hellos) each gets a reject or a closed connection, never a panic or a registration, and a
+/// real agent is welcomed afterwards.
+#[tokio::test]
+async fn random_first_frames_are_refused_and_a_real_agent_still_gets_in() {
+    let bus = Bus::new();
+    let mut rng = fastrand::Rng::with_seed(0x5eed);
+    let valid = AgentMessage::Hello(hello("fuzzed", TOKEN, 1)).encode_frame();
+    for round in 0..200 {
+        let mut frame = if round % 2 == 0 {
+            (0..rng.usize(0..512))
+                .map(|_| rng.u8(..))
+                .collect::<Vec<u8>>()
+        } else {
+            valid.clone()
+        };
+        if round % 2 == 1 {
+            for _ in 0..rng.usize(1..6) {
+                let at = rng.usize(..frame.len());
+                frame[at] = rng.u8(..);
+            }
+            frame.truncate(rng.usize(0..=frame.len()));
+        }
+        let (coordinator_end, agent_end) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(handle_stream(
+            Arc::clone(&bus.shared),
+            coordinator_end,
+            "fuzz".into(),
+            false,
+            bus.shutdown.clone(),
+            None,
+        ));
+        let (mut raw, _) = tokio_tungstenite::client_async("ws://localhost/ws", agent_end)
+            .await
+            .expect("handshake");
+        raw.send(Message::Binary(frame.into())).await.expect("sent");
+        let answer = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut raw))
+            .await
+            .expect("the coordinator answers or closes in time");
+        if let Some(Ok(Message::Binary(bytes))) = answer {
+            let message = CoordinatorMessage::decode_frame(&bytes).expect("decodes");
+            // A mutation may leave a valid hello with the right token: that one is welcomed.
+            assert!(
+                matches!(
+                    message,
+                    CoordinatorMessage::Reject(_) | CoordinatorMessage::Welcome(_)
+                ),
+                "round {round}: {message:?}"
+            );
+        }
+    }
+    let mut registered = bus.agent_ids();
+    registered.retain(|id| id != "fuzzed");
+    assert!(
+        registered.is_empty(),
+        "only intact hellos register: {registered:?}"
+    );
+    let _agent = bus.agent("real").await;
+    wait_for(|| bus.agent_ids().contains(&"real".to_owned())).await;
+}
