@@ -11,6 +11,7 @@ use buildpool_core::{JobEnd, JobEvent, JobId, JobKind, JobSpec, RunEnv, Source};
 use buildpool_proto::frame::BusMessage;
 use buildpool_proto::socket::AgentSocket;
 use futures_util::SinkExt;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::*;
@@ -80,20 +81,34 @@ impl Bus {
         }
     }
 
-    /// A new in-memory connection to the bus, as an agent sees it.
-    async fn connect(&self) -> AgentSocket {
+    /// A new in-memory connection served by the bus; returns the agent's end.
+    fn serve_memory(&self, peer: &str) -> tokio::io::DuplexStream {
         let (coordinator_end, agent_end) = tokio::io::duplex(256 * 1024);
         tokio::spawn(handle_stream(
             Arc::clone(&self.shared),
             coordinator_end,
-            "memory".into(),
+            peer.into(),
             false,
             self.shutdown.clone(),
             None,
         ));
-        AgentSocket::client(agent_end, "ws://localhost/ws")
+        agent_end
+    }
+
+    /// A new in-memory connection to the bus, as an agent sees it.
+    async fn connect(&self) -> AgentSocket {
+        AgentSocket::client(self.serve_memory("memory"), "ws://localhost/ws")
             .await
             .expect("websocket handshake")
+    }
+
+    /// A new in-memory connection that speaks raw WebSocket frames, as a broken peer would.
+    async fn raw(&self) -> WebSocketStream<tokio::io::DuplexStream> {
+        let (raw, _) =
+            tokio_tungstenite::client_async("ws://localhost/ws", self.serve_memory("raw"))
+                .await
+                .expect("websocket handshake");
+        raw
     }
 
     /// Connects and says hello as `agent_id` with `slots` slots; returns the answer.
@@ -267,18 +282,7 @@ async fn a_garbled_frame_gets_a_protocol_error_and_ends_only_that_connection() {
     let bus = Bus::new();
     let _healthy = bus.agent("healthy").await;
 
-    let (coordinator_end, agent_end) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(handle_stream(
-        Arc::clone(&bus.shared),
-        coordinator_end,
-        "raw".into(),
-        false,
-        bus.shutdown.clone(),
-        None,
-    ));
-    let (mut raw, _) = tokio_tungstenite::client_async("ws://localhost/ws", agent_end)
-        .await
-        .expect("handshake");
+    let mut raw = bus.raw().await;
     let hello = AgentMessage::Hello(hello("garbler", TOKEN, 1)).encode_frame();
     raw.send(Message::Binary(hello.into()))
         .await
@@ -433,18 +437,7 @@ async fn random_first_frames_are_refused_and_a_real_agent_still_gets_in() {
             }
             frame.truncate(rng.usize(0..=frame.len()));
         }
-        let (coordinator_end, agent_end) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(handle_stream(
-            Arc::clone(&bus.shared),
-            coordinator_end,
-            "fuzz".into(),
-            false,
-            bus.shutdown.clone(),
-            None,
-        ));
-        let (mut raw, _) = tokio_tungstenite::client_async("ws://localhost/ws", agent_end)
-            .await
-            .expect("handshake");
+        let mut raw = bus.raw().await;
         raw.send(Message::Binary(frame.into())).await.expect("sent");
         let answer = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut raw))
             .await
