@@ -344,6 +344,31 @@ fn git_daemon_pids(port: u16) -> Vec<i32> {
         .collect()
 }
 
+/// A coordinator killed with SIGKILL cannot stop its git daemon itself; the kernel must,
+/// or the daemon would go on serving the repository (and its snapshot refs) to anyone.
+#[test]
+fn git_daemon_dies_with_a_coordinator_killed_by_sigkill() {
+    let mut cluster = cluster(0, 1);
+    let port = cluster.git_daemon_port;
+    assert!(!git_daemon_pids(port).is_empty(), "git daemon is running");
+    // The coordinator's own process group: the daemon has a group of its own.
+    cluster.coordinator.kill_hard();
+    assert!(
+        wait_until(Duration::from_secs(10), || git_daemon_pids(port).is_empty()),
+        "git daemon outlived its SIGKILLed coordinator: {:?}",
+        git_daemon_pids(port)
+    );
+    let url = format!("git://127.0.0.1:{port}/.git");
+    let listing = std::process::Command::new("git")
+        .args(["ls-remote", &url])
+        .output()
+        .expect("git");
+    assert!(
+        !listing.status.success(),
+        "nothing serves the repository any more"
+    );
+}
+
 #[test]
 fn git_daemon_is_restarted_when_it_dies_and_stopped_with_the_coordinator() {
     let mut cluster = cluster(0, 1);

@@ -2,7 +2,9 @@
 //!
 //! The daemon exports exactly one directory (the repository's common git dir) thanks to
 //! `--strict-paths` with that single directory whitelisted. It runs in its own process group,
-//! is restarted if it dies, and is killed with its whole group when the coordinator stops.
+//! is restarted if it dies, is killed with its whole group when the coordinator stops, and
+//! is killed by the kernel when the coordinator dies (parent-death signal, see
+//! [`launcher`]).
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -40,11 +42,73 @@ fn listen_host(addr: &str) -> &str {
     if addr.is_empty() { "0.0.0.0" } else { addr }
 }
 
-fn daemon_command(common_dir: &Path, listen: &str, port: u16) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new("git");
+/// How the daemon is started: the program and the arguments before git daemon's own.
+#[derive(Debug, Clone)]
+struct Launcher {
+    program: std::ffi::OsString,
+    args: Vec<std::ffi::OsString>,
+}
+
+/// Finds how to start the daemon so that the kernel kills it when the coordinator dies,
+/// however it dies: a `kill -9`ed coordinator must not leave a daemon serving the
+/// repository. `setpriv --pdeathsig KILL` (util-linux) gives the daemon a parent-death
+/// signal. It has to exec `git-daemon` itself: `git daemon` runs it as a child, which the
+/// signal would not reach. Without setpriv the daemon still stops with the coordinator,
+/// just not when the coordinator is killed outright.
+async fn launcher(common_dir: &Path) -> Launcher {
+    let setpriv = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("setpriv"))
+            .find(|candidate| candidate.is_file())
+    });
+    let exec_path = buildpool_core::git::Git::new(common_dir)
+        .arg("--exec-path")
+        .output()
+        .await;
+    match (setpriv, exec_path) {
+        (Some(setpriv), Ok(exec_path)) => {
+            let daemon = Path::new(&exec_path).join("git-daemon");
+            Launcher {
+                program: setpriv.into(),
+                args: vec![
+                    "--pdeathsig".into(),
+                    "KILL".into(),
+                    "--".into(),
+                    daemon.into(),
+                ],
+            }
+        }
+        (setpriv, exec_path) => {
+            tracing::warn!(
+                "git daemon runs without a parent-death signal (setpriv: {}, git --exec-path: {}); \
+                 it outlives a coordinator that is killed with SIGKILL",
+                if setpriv.is_some() {
+                    "found"
+                } else {
+                    "missing"
+                },
+                exec_path.as_deref().unwrap_or("unknown")
+            );
+            Launcher {
+                program: "git".into(),
+                args: vec!["daemon".into()],
+            }
+        }
+    }
+}
+
+/// The daemon's command line. It runs in a process group of its own, so signals to the
+/// coordinator's group do not reach it unasked; the coordinator stops it explicitly.
+fn daemon_command(
+    launcher: &Launcher,
+    common_dir: &Path,
+    listen: &str,
+    port: u16,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(&launcher.program);
     let base = common_dir.parent().unwrap_or(common_dir);
     command
-        .arg("daemon")
+        .args(&launcher.args)
         .arg("--reuseaddr")
         .arg("--strict-paths")
         .arg("--export-all")
@@ -150,7 +214,8 @@ impl GitDaemon {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         );
-        let mut child = daemon_command(&common_dir, &listen, port)
+        let launcher = launcher(&common_dir).await;
+        let mut child = daemon_command(&launcher, &common_dir, &listen, port)
             .spawn()
             .map_err(DaemonError::Spawn)?;
         record_pid(&common_dir, &child);
@@ -161,7 +226,14 @@ impl GitDaemon {
         }
         tracing::info!(port, "git daemon serving {}", common_dir.display());
         let stop = CancellationToken::new();
-        let supervisor = tokio::spawn(supervise(child, common_dir, listen, port, stop.clone()));
+        let supervisor = tokio::spawn(supervise(
+            child,
+            launcher,
+            common_dir,
+            listen,
+            port,
+            stop.clone(),
+        ));
         Ok(Self {
             port,
             git_path,
@@ -186,6 +258,7 @@ fn kill_group(child: &tokio::process::Child) {
 /// Restarts the daemon whenever it exits, until `stop`; then kills its whole group.
 async fn supervise(
     mut child: tokio::process::Child,
+    launcher: Launcher,
     common_dir: PathBuf,
     listen: String,
     port: u16,
@@ -210,7 +283,7 @@ async fn supervise(
                 () = tokio::time::sleep(RESTART_DELAY) => {}
                 () = stop.cancelled() => return,
             }
-            match daemon_command(&common_dir, &listen, port).spawn() {
+            match daemon_command(&launcher, &common_dir, &listen, port).spawn() {
                 Ok(next) => {
                     record_pid(&common_dir, &next);
                     break next;
