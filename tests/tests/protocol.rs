@@ -205,3 +205,50 @@ async fn garbled_oversized_and_silent_connections_do_not_wedge_the_coordinator()
     .await
     .expect("checks pass");
 }
+
+/// Hundreds of connections that never finish their handshake, kept up by a peer that opens
+/// new ones as fast as the old ones time out, do not keep a real agent out: it connects and
+/// runs a job. (The flood is bounded: at most 5000 connections, 300 open at a time.)
+#[test]
+fn a_flood_of_silent_connections_does_not_keep_a_real_agent_out() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let mut cluster = Cluster::start(Fixture::new().expect("fixture"), 0, 1).expect("cluster");
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let flood = std::thread::spawn({
+        let (stop, opened) = (Arc::clone(&stop), Arc::clone(&opened));
+        let addr = cluster.websocket_addr.clone();
+        move || {
+            let mut open = std::collections::VecDeque::new();
+            while !stop.load(Ordering::Relaxed) && opened.load(Ordering::Relaxed) < 5000 {
+                if let Ok(silent) = std::net::TcpStream::connect(&addr) {
+                    open.push_back(silent);
+                    opened.fetch_add(1, Ordering::Relaxed);
+                }
+                if open.len() > 300 {
+                    open.pop_front();
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+    assert!(
+        wait_until(Duration::from_secs(20), || opened.load(Ordering::Relaxed)
+            >= 200),
+        "the flood is under way"
+    );
+
+    let joined = cluster.add_agent("steady", 1, &[]);
+    let check = joined
+        .as_ref()
+        .ok()
+        .map(|()| cluster.fixture.run(&["run", "check"]).expect("runs"));
+    stop.store(true, Ordering::Relaxed);
+    flood.join().expect("flood thread");
+    joined.expect("the agent gets in despite the flood");
+    let check = check.expect("a job ran");
+    assert_eq!(check.code, Some(0), "{check}");
+    assert!(check.stderr.contains("running on steady"), "{check}");
+}

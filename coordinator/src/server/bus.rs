@@ -5,7 +5,8 @@
 //! output to the job's log. Framing, the bounded outbound queue and write deadlines belong
 //! to [`buildpool_proto::socket`]; scheduling belongs to the scheduler.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use buildpool_core::bus::{
@@ -26,8 +27,63 @@ use super::{Connection, LOCAL_AGENT_ID, Shared};
 /// Messages queued for one agent. Only control messages go this way, so a full queue means
 /// the agent stopped reading.
 const OUTBOUND_CAPACITY: usize = 256;
-/// Connections that have not finished their handshake, at most.
+/// Connections that have not finished their handshake, at most. Past this, a new connection
+/// evicts the oldest pending one (see [`Handshakes`]).
 const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// The connections still in their handshake, oldest first.
+///
+/// A peer that connects and says nothing holds a handshake until its deadline. Refusing new
+/// connections while the table is full would let a few hundred such peers keep every real
+/// agent out; evicting the oldest instead lets a real agent, whose handshake takes one round
+/// trip, in at once, unless the flood outpaces a whole handshake table per round trip.
+#[derive(Debug, Default)]
+struct Handshakes {
+    next_id: u64,
+    pending: VecDeque<(u64, CancellationToken)>,
+}
+
+/// One connection's place in [`Handshakes`]; dropping it (handshake done or failed) frees it.
+#[derive(Debug)]
+pub(crate) struct HandshakeTicket {
+    id: u64,
+    evicted: CancellationToken,
+    table: Arc<Mutex<Handshakes>>,
+}
+
+impl HandshakeTicket {
+    /// Admits a new connection, evicting the oldest pending one if the table is full.
+    fn admit(table: &Arc<Mutex<Handshakes>>, shutdown: &CancellationToken) -> Self {
+        let mut handshakes = table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if handshakes.pending.len() >= MAX_PENDING_HANDSHAKES
+            && let Some((_, oldest)) = handshakes.pending.pop_front()
+        {
+            oldest.cancel();
+        }
+        let id = handshakes.next_id;
+        handshakes.next_id += 1;
+        // Shutdown ends pending handshakes too, instead of waiting out their deadlines.
+        let evicted = shutdown.child_token();
+        handshakes.pending.push_back((id, evicted.clone()));
+        Self {
+            id,
+            evicted,
+            table: Arc::clone(table),
+        }
+    }
+}
+
+impl Drop for HandshakeTicket {
+    fn drop(&mut self) {
+        let mut handshakes = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        handshakes.pending.retain(|(id, _)| *id != self.id);
+    }
+}
 
 /// Accepts agent connections until shutdown.
 pub(crate) async fn accept_loop(
@@ -35,7 +91,7 @@ pub(crate) async fn accept_loop(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) {
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let handshakes = Arc::new(Mutex::new(Handshakes::default()));
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -51,10 +107,7 @@ pub(crate) async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
-            tracing::warn!(%peer, "too many pending handshakes; dropping connection");
-            continue;
-        };
+        let ticket = HandshakeTicket::admit(&handshakes, &shutdown);
         let _ = stream.set_nodelay(true);
         connections.spawn(handle_stream(
             Arc::clone(&shared),
@@ -62,7 +115,7 @@ pub(crate) async fn accept_loop(
             peer.to_string(),
             false,
             shutdown.clone(),
-            Some(permit),
+            Some(ticket),
         ));
     }
     while connections.join_next().await.is_some() {}
@@ -75,16 +128,33 @@ pub(crate) async fn handle_stream(
     peer: String,
     local: bool,
     shutdown: CancellationToken,
-    handshake_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ticket: Option<HandshakeTicket>,
 ) {
-    let mut socket = match CoordinatorSocket::accept(stream).await {
+    let evicted = ticket
+        .as_ref()
+        .map_or_else(CancellationToken::new, |t| t.evicted.clone());
+    let upgrade = tokio::select! {
+        upgrade = CoordinatorSocket::accept(stream) => upgrade,
+        () = evicted.cancelled() => {
+            tracing::warn!(%peer, "handshake evicted by newer connections (too many pending)");
+            return;
+        }
+    };
+    let mut socket = match upgrade {
         Ok(socket) => socket,
         Err(error) => {
             tracing::warn!(%peer, "websocket upgrade failed: {error}");
             return;
         }
     };
-    let hello = match socket.recv_within(HANDSHAKE_TIMEOUT).await {
+    let hello = tokio::select! {
+        hello = socket.recv_within(HANDSHAKE_TIMEOUT) => hello,
+        () = evicted.cancelled() => {
+            tracing::warn!(%peer, "handshake evicted by newer connections (too many pending)");
+            return;
+        }
+    };
+    let hello = match hello {
         Ok(Some(AgentMessage::Hello(hello))) => Ok(hello),
         Ok(Some(_)) => Err("expected hello as the first message".to_owned()),
         Ok(None) => Err("closed before hello".to_owned()),
@@ -103,7 +173,7 @@ pub(crate) async fn handle_stream(
             return;
         }
     };
-    drop(handshake_permit);
+    drop(ticket);
 
     let conn = shared.next_conn_id();
     let span = tracing::info_span!("agent", agent_id = %hello.agent_id, conn, %peer);
