@@ -70,13 +70,6 @@ impl From<tonic::Status> for ClientError {
     }
 }
 
-impl ClientError {
-    /// Whether the coordinator said the thing asked about does not exist.
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, ClientError::Call(status) if status.code() == tonic::Code::NotFound)
-    }
-}
-
 /// A connection to one coordinator's control API. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Client {

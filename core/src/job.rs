@@ -39,13 +39,6 @@ pub enum JobKind {
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 4] = [
-        JobKind::Build,
-        JobKind::Test,
-        JobKind::Clippy,
-        JobKind::Check,
-    ];
-
     /// The cargo subcommand this kind runs.
     pub fn cargo_subcommand(self) -> &'static str {
         match self {
@@ -218,10 +211,6 @@ impl JobEnd {
             JobEnd::Failed { .. } => EXIT_FAILED,
         }
     }
-
-    pub fn succeeded(&self) -> bool {
-        matches!(self, JobEnd::Exited { code: 0 })
-    }
 }
 
 impl fmt::Display for JobEnd {
@@ -362,7 +351,12 @@ mod tests {
 
     #[test]
     fn kinds_parse_their_aliases() {
-        for kind in JobKind::ALL {
+        for kind in [
+            JobKind::Build,
+            JobKind::Test,
+            JobKind::Clippy,
+            JobKind::Check,
+        ] {
             assert_eq!(
                 JobKind::from_subcommand(kind.cargo_subcommand()),
                 Some(kind)
