@@ -125,7 +125,10 @@ impl Workspace {
                 .await;
             if switched.is_ok() {
                 Git::new(&self.src)
-                    .args(["clean", "-ffdxq"])
+                    // A lockfile cargo generated here stays when the snapshot has none, so
+                    // the next job does not resolve every dependency again. (One the
+                    // snapshot carries is checked out over it.)
+                    .args(["clean", "-ffdxq", "--exclude=/Cargo.lock"])
                     .output()
                     .await?;
                 return Ok(());

@@ -37,6 +37,9 @@ pub enum SnapshotError {
     Git(#[from] GitError),
 }
 
+/// The lockfile at the top of the worktree; see [`create`].
+const LOCKFILE: &str = "Cargo.lock";
+
 /// Snapshots the worktree at `repo.worktree`.
 pub async fn create(repo: &Repo) -> Result<Snapshot, SnapshotError> {
     let state_dir = repo.state_dir();
@@ -60,6 +63,16 @@ pub async fn create(repo: &Repo) -> Result<Snapshot, SnapshotError> {
         .args(["add", "--all", "--", "."])
         .output()
         .await?;
+    // Library repositories often ignore Cargo.lock, but the developer's lockfile is what
+    // their local builds use: without it the agent would resolve other dependency versions
+    // (and spend time doing so). So it travels with the snapshot, ignored or not.
+    if repo.worktree.join(LOCKFILE).is_file() {
+        Git::new(&repo.worktree)
+            .env("GIT_INDEX_FILE", &index)
+            .args(["add", "--force", "--", LOCKFILE])
+            .output()
+            .await?;
+    }
     let tree = Git::new(&repo.worktree)
         .env("GIT_INDEX_FILE", &index)
         .arg("write-tree")
@@ -227,6 +240,23 @@ mod tests {
         );
         assert_eq!(git(root, &["stash", "list"]).await, "");
         assert!(!root.join("hook-ran").exists(), "a hook ran");
+    }
+
+    #[tokio::test]
+    async fn an_ignored_lockfile_travels_with_the_snapshot() {
+        let dir = fixture().await;
+        let root = dir.path();
+        std::fs::write(root.join(".gitignore"), "ignored.txt\nCargo.lock\n").expect("write");
+        std::fs::write(root.join("Cargo.lock"), "# the developer's pins\n").expect("write");
+        let repo = Repo::discover(root).await.expect("repo");
+        let snapshot = create(&repo).await.expect("snapshot");
+        let lock = git(root, &["show", &format!("{}:Cargo.lock", snapshot.commit)]).await;
+        assert_eq!(lock, "# the developer's pins");
+        assert_eq!(
+            git(root, &["status", "--porcelain", "--ignored", "Cargo.lock"]).await,
+            "!! Cargo.lock",
+            "still ignored (and untracked) in the worktree"
+        );
     }
 
     #[tokio::test]

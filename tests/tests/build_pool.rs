@@ -475,3 +475,64 @@ fn ctrl_c_right_after_start_still_cancels_the_job() {
         "the job is still running"
     );
 }
+
+/// Many library repositories ignore `Cargo.lock`. The agent must still build with the
+/// developer's lockfile (their pinned versions, without resolving again), and keep the
+/// lockfile it generated itself when the developer has none.
+#[test]
+fn an_ignored_lockfile_is_what_the_agent_builds_with() {
+    let cluster = cluster(1, 1);
+    let fixture = &cluster.fixture;
+    fixture
+        .write(".gitignore", "/target\nCargo.lock\n")
+        .expect("write");
+    fixture
+        .git(&["rm", "--cached", "--quiet", "Cargo.lock"])
+        .expect("untrack");
+    fixture
+        .git(&["commit", "--quiet", "-am", "ignore the lockfile"])
+        .expect("commit");
+    assert!(
+        fixture.root().join("Cargo.lock").is_file(),
+        "the developer still has one"
+    );
+
+    // `--locked` refuses to run without the lockfile, so success means the agent had it.
+    let locked = fixture
+        .run(&["run", "check", "--", "--locked"])
+        .expect("runs");
+    assert_eq!(locked.code, Some(0), "{locked}");
+    assert!(locked.stderr.contains("running on worker-1"), "{locked}");
+
+    // No lockfile at all: cargo generates one in the slot, and the next job keeps that very
+    // file instead of cleaning it away and resolving again. The first one is dated back to
+    // 2001 to tell it from a regenerated one (cargo leaves an up-to-date lockfile alone).
+    std::fs::remove_file(fixture.root().join("Cargo.lock")).expect("remove");
+    let workspaces = fixture.scratch().join("worker-1").join("workspaces");
+    let slot_lock = || {
+        std::fs::read_dir(&workspaces)
+            .expect("workspaces")
+            .flatten()
+            .map(|repo| repo.path().join("slot-0/src/Cargo.lock"))
+            .find(|lock| lock.is_file())
+            .expect("cargo generated a lockfile in the slot")
+    };
+    let long_ago = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    for round in 0..2 {
+        let check = fixture.run(&["run", "check"]).expect("runs");
+        assert_eq!(check.code, Some(0), "{check}");
+        let lock = std::fs::File::options()
+            .write(true)
+            .open(slot_lock())
+            .expect("open");
+        if round == 0 {
+            lock.set_modified(long_ago).expect("date it back");
+        } else {
+            let modified = lock.metadata().expect("stat").modified().expect("mtime");
+            assert_eq!(
+                modified, long_ago,
+                "the next job kept the generated lockfile"
+            );
+        }
+    }
+}
