@@ -114,6 +114,7 @@ impl JobClient {
         let snapshot = crate::snapshot::create(&self.repo)
             .await
             .map_err(|e| StartError::Snapshot(e.into()))?;
+        let snapshot_note = snapshot.skipped_note();
         let Route { client, via } = self.route(force_local).await.map_err(StartError::Route)?;
         let submission = Submission {
             spec,
@@ -131,6 +132,7 @@ impl JobClient {
             events,
             job_id: None,
             cancel_requested: false,
+            snapshot_note,
         })
     }
 
@@ -160,9 +162,15 @@ pub struct JobSession {
     events: JobEvents,
     job_id: Option<JobId>,
     cancel_requested: bool,
+    snapshot_note: Option<String>,
 }
 
 impl JobSession {
+    /// What the snapshot left out of the worktree, if anything, in one line for the user.
+    pub fn snapshot_note(&self) -> Option<&str> {
+        self.snapshot_note.as_deref()
+    }
+
     /// Where the job was submitted.
     pub fn via(&self) -> &Via {
         &self.via

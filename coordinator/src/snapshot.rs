@@ -4,8 +4,12 @@
 //! and change the user's history. Instead the worktree (committed, staged, unstaged and
 //! untracked-but-not-ignored files) is added to a temporary index, written as a tree and a
 //! parentless-or-HEAD-parented commit object, and stored under a hidden ref the git daemon
-//! serves. HEAD, the index, branches and the stash
-//! are never written, and no hook runs.
+//! serves. HEAD, the index, branches and the stash are never written, and no hook runs.
+//!
+//! Worktrees of coding agents hold big, growing, untracked state (orchestrator logs, run
+//! logs). Hashing and storing that on every job would cost seconds and disk, so untracked
+//! files over [`MAX_UNTRACKED_BYTES`] and paths matching `.buildpoolignore` stay out, and the
+//! caller is told which files were skipped and how to include them.
 
 use std::path::Path;
 use std::time::Duration;
@@ -23,10 +27,47 @@ const KEPT_SNAPSHOTS: usize = 200;
 /// Snapshots older than this are pruned even below the count limit.
 const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// Untracked files larger than this stay out of snapshots. Tracked files, and files marked
+/// with `git add -N`, are never skipped.
+pub const MAX_UNTRACKED_BYTES: u64 = 16 * 1024 * 1024;
+/// Gitignore-style patterns of untracked paths that stay out of snapshots (but not out of
+/// git, as `.gitignore` would).
+pub const IGNORE_FILE: &str = ".buildpoolignore";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     pub commit: String,
     pub git_ref: String,
+    /// Untracked files left out for their size.
+    pub skipped: Vec<SkippedFile>,
+}
+
+/// An untracked file a snapshot left out for its size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedFile {
+    /// Relative to the worktree.
+    pub path: String,
+    pub bytes: u64,
+}
+
+impl Snapshot {
+    /// One line naming what was left out and how to include it; `None` if nothing was.
+    pub fn skipped_note(&self) -> Option<String> {
+        let (first, rest) = self.skipped.split_first()?;
+        let mb = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        let more = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(" and {} more", rest.len())
+        };
+        Some(format!(
+            "not in the snapshot: untracked {} ({:.0} MB){more}, over the {:.0} MB limit for \
+             untracked files; `git add -N <path>` includes a file, {IGNORE_FILE} silences this",
+            first.path,
+            mb(first.bytes),
+            mb(MAX_UNTRACKED_BYTES)
+        ))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +83,11 @@ const LOCKFILE: &str = "Cargo.lock";
 
 /// Snapshots the worktree at `repo.worktree`.
 pub async fn create(repo: &Repo) -> Result<Snapshot, SnapshotError> {
+    create_limited(repo, MAX_UNTRACKED_BYTES).await
+}
+
+/// [`create`] with another size limit for untracked files.
+async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, SnapshotError> {
     let state_dir = repo.state_dir();
     tokio::fs::create_dir_all(&state_dir).await?;
     // Same filesystem as the real index, so the copy is cheap; removed on drop.
@@ -58,11 +104,13 @@ pub async fn create(repo: &Repo) -> Result<Snapshot, SnapshotError> {
     if tokio::fs::copy(&real_index, &index).await.is_err() {
         tokio::fs::remove_file(&index).await.ok();
     }
+    // Tracked files as they are now: modified, deleted, staged.
     Git::new(&repo.worktree)
         .env("GIT_INDEX_FILE", &index)
-        .args(["add", "--all", "--", "."])
+        .args(["add", "--update", "--", "."])
         .output()
         .await?;
+    let skipped = add_untracked(repo, &index, &state_dir, max_untracked).await?;
     // Library repositories often ignore Cargo.lock, but the developer's lockfile is what
     // their local builds use: without it the agent would resolve other dependency versions
     // (and spend time doing so). So it travels with the snapshot, ignored or not.
@@ -107,7 +155,60 @@ pub async fn create(repo: &Repo) -> Result<Snapshot, SnapshotError> {
     if let Err(error) = prune(&repo.worktree).await {
         tracing::warn!("pruning old snapshot refs failed: {error}");
     }
-    Ok(Snapshot { commit, git_ref })
+    Ok(Snapshot {
+        commit,
+        git_ref,
+        skipped,
+    })
+}
+
+/// Adds the untracked files that are neither ignored (by git's rules or `.buildpoolignore`)
+/// nor over `max_bytes` to the snapshot index; returns the ones skipped for their size.
+async fn add_untracked(
+    repo: &Repo,
+    index: &Path,
+    state_dir: &Path,
+    max_bytes: u64,
+) -> Result<Vec<SkippedFile>, SnapshotError> {
+    let mut listing =
+        Git::new(&repo.worktree).args(["ls-files", "-z", "--others", "--exclude-standard"]);
+    let ignore_file = repo.worktree.join(IGNORE_FILE);
+    if ignore_file.is_file() {
+        listing = listing.arg(format!("--exclude-from={}", ignore_file.display()));
+    }
+    let listing = listing.output().await?;
+    let mut included = Vec::new();
+    let mut skipped = Vec::new();
+    for path in listing.split('\0').filter(|path| !path.is_empty()) {
+        let bytes = std::fs::symlink_metadata(repo.worktree.join(path)).map_or(0, |m| m.len());
+        if bytes > max_bytes {
+            skipped.push(SkippedFile {
+                path: path.to_owned(),
+                bytes,
+            });
+        } else {
+            included.push(path);
+        }
+    }
+    if !included.is_empty() {
+        let pathspecs = tempfile::Builder::new()
+            .prefix("snapshot-paths-")
+            .tempfile_in(state_dir)?;
+        std::fs::write(pathspecs.path(), included.join("\0"))?;
+        Git::new(&repo.worktree)
+            .env("GIT_INDEX_FILE", index)
+            .env("GIT_LITERAL_PATHSPECS", "1")
+            .arg("add")
+            .arg(format!(
+                "--pathspec-from-file={}",
+                pathspecs.path().display()
+            ))
+            .arg("--pathspec-file-nul")
+            .output()
+            .await?;
+    }
+    skipped.sort_by_key(|file| std::cmp::Reverse(file.bytes));
+    Ok(skipped)
 }
 
 /// Deletes a snapshot ref once its job has ended.
@@ -240,6 +341,49 @@ mod tests {
         );
         assert_eq!(git(root, &["stash", "list"]).await, "");
         assert!(!root.join("hook-ran").exists(), "a hook ran");
+    }
+
+    #[tokio::test]
+    async fn big_untracked_files_and_buildpoolignored_paths_stay_out() {
+        let dir = fixture().await;
+        let root = dir.path();
+        std::fs::write(root.join("small.log"), vec![b'x'; 100]).expect("write");
+        std::fs::write(root.join("huge.log"), vec![b'x'; 5000]).expect("write");
+        std::fs::write(root.join("wanted.bin"), vec![b'y'; 5000]).expect("write");
+        git(root, &["add", "-N", "wanted.bin"]).await;
+        std::fs::create_dir_all(root.join(".orchestrator/logs")).expect("mkdir");
+        std::fs::write(root.join(".orchestrator/logs/run.log"), "noise\n").expect("write");
+        std::fs::write(root.join(IGNORE_FILE), ".orchestrator/\n").expect("write");
+        std::fs::write(root.join("odd [name]*.txt"), "literal\n").expect("write");
+
+        let repo = Repo::discover(root).await.expect("repo");
+        let snapshot = create_limited(&repo, 1000).await.expect("snapshot");
+        let files = git(root, &["ls-tree", "-r", "--name-only", &snapshot.commit]).await;
+        let files: Vec<&str> = files.lines().collect();
+        for present in [
+            "small.log",
+            "wanted.bin",
+            "tracked.txt",
+            IGNORE_FILE,
+            "odd [name]*.txt",
+        ] {
+            assert!(files.contains(&present), "{present} missing from {files:?}");
+        }
+        for absent in ["huge.log", ".orchestrator/logs/run.log", "ignored.txt"] {
+            assert!(!files.contains(&absent), "{absent} in {files:?}");
+        }
+        assert_eq!(
+            snapshot.skipped,
+            [SkippedFile {
+                path: "huge.log".into(),
+                bytes: 5000
+            }]
+        );
+        let note = snapshot.skipped_note().expect("a note");
+        assert!(
+            note.contains("huge.log") && note.contains("git add -N"),
+            "{note}"
+        );
     }
 
     #[tokio::test]

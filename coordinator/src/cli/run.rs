@@ -103,6 +103,9 @@ async fn run_job(
     {
         eprintln!("[buildpool] {reason}; running the job here");
     }
+    if let Some(note) = session.snapshot_note() {
+        eprintln!("[buildpool] {note}");
+    }
     let mut cancel_requested = false;
     let mut cancel_announced = false;
     loop {

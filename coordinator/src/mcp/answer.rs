@@ -38,6 +38,8 @@ pub struct ToolAnswer {
     pub placement: Placement,
     pub result: JobResult,
     pub report: Report,
+    /// What the snapshot left out of the worktree, if anything.
+    pub snapshot_note: Option<String>,
 }
 
 fn kind_name(kind: JobKind) -> &'static str {
@@ -193,6 +195,9 @@ impl ToolAnswer {
         if let Placement::Unreachable(reason) = &self.placement {
             put("fallback_reason", json!(reason));
         }
+        if let Some(note) = &self.snapshot_note {
+            put("snapshot_note", json!(note));
+        }
         if !report.diagnostics.is_empty() {
             put("diagnostics", json!(report.diagnostics));
         }
@@ -249,6 +254,9 @@ impl ToolAnswer {
             secs(queue_ms),
             secs(run_ms)
         );
+        if let Some(note) = &self.snapshot_note {
+            let _ = write!(text, "\n{note}");
+        }
         if outcome == "succeeded" {
             return plain(text, value, false);
         }

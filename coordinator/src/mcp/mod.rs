@@ -648,6 +648,7 @@ impl BuildPoolMcp {
                         placement,
                         result,
                         report: report.finish(),
+                        snapshot_note: session.snapshot_note().map(str::to_owned),
                     }
                     .into_result());
                 }
