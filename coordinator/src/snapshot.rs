@@ -180,6 +180,12 @@ async fn add_untracked(
     let mut included = Vec::new();
     let mut skipped = Vec::new();
     for path in listing.split('\0').filter(|path| !path.is_empty()) {
+        if path.contains(char::REPLACEMENT_CHARACTER) {
+            // Not UTF-8: the name cannot be handed back to git as read, so leave it out
+            // rather than fail the whole snapshot.
+            tracing::warn!("not in the snapshot: untracked file with a non-UTF-8 name: {path}");
+            continue;
+        }
         let bytes = std::fs::symlink_metadata(repo.worktree.join(path)).map_or(0, |m| m.len());
         if bytes > max_bytes {
             skipped.push(SkippedFile {
