@@ -136,16 +136,7 @@ impl DevEnvCache {
 
 /// Whether `nix` is on this agent's `PATH`.
 pub fn installed() -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("nix"))
-            .any(|candidate| {
-                candidate
-                    .metadata()
-                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            })
-    })
+    buildpool_core::process::find_on_path("nix").is_some()
 }
 
 /// Realises `[nix] prewarm_packages` so the first job does not download toolchains. A

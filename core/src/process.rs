@@ -5,7 +5,22 @@
 //! live owner from a dead one, or kill what a dead owner left behind. These are the
 //! primitives they share.
 
+use std::path::PathBuf;
+
 use rustix::process::{Pid, Signal, kill_process_group, test_kill_process};
+
+/// The executable `program` on `PATH`, as the shell would find it.
+pub fn find_on_path(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            candidate
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
 
 /// Whether a process with this pid exists (and we may signal it).
 pub fn alive(pid: i32) -> bool {

@@ -397,8 +397,7 @@ impl std::fmt::Display for RunOutput {
 
 /// The directory holding `program` on `PATH`.
 pub fn dir_of_program(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .and_then(|path| std::env::split_paths(&path).find(|dir| dir.join(program).is_file()))
+    buildpool_core::process::find_on_path(program).and_then(|path| path.parent().map(PathBuf::from))
 }
 
 /// A short random suffix for log file names (restarted processes get new logs).

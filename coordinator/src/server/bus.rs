@@ -133,28 +133,26 @@ pub(crate) async fn handle_stream(
     let evicted = ticket
         .as_ref()
         .map_or_else(CancellationToken::new, |t| t.evicted.clone());
-    let upgrade = tokio::select! {
-        upgrade = CoordinatorSocket::accept(stream) => upgrade,
+    // The upgrade and the first message, each with its deadline; an eviction ends either.
+    let handshake = async {
+        let mut socket = CoordinatorSocket::accept(stream).await?;
+        let first = socket.recv_within(HANDSHAKE_TIMEOUT).await;
+        Ok::<_, SocketError>((socket, first))
+    };
+    let (mut socket, first) = tokio::select! {
+        handshake = handshake => match handshake {
+            Ok(handshake) => handshake,
+            Err(error) => {
+                tracing::warn!(%peer, "websocket upgrade failed: {error}");
+                return;
+            }
+        },
         () = evicted.cancelled() => {
             tracing::warn!(%peer, "handshake evicted by newer connections (too many pending)");
             return;
         }
     };
-    let mut socket = match upgrade {
-        Ok(socket) => socket,
-        Err(error) => {
-            tracing::warn!(%peer, "websocket upgrade failed: {error}");
-            return;
-        }
-    };
-    let hello = tokio::select! {
-        hello = socket.recv_within(HANDSHAKE_TIMEOUT) => hello,
-        () = evicted.cancelled() => {
-            tracing::warn!(%peer, "handshake evicted by newer connections (too many pending)");
-            return;
-        }
-    };
-    let hello = match hello {
+    let hello = match first {
         Ok(Some(AgentMessage::Hello(hello))) => Ok(hello),
         Ok(Some(_)) => Err("expected hello as the first message".to_owned()),
         Ok(None) => Err("closed before hello".to_owned()),

@@ -56,11 +56,7 @@ struct Launcher {
 /// signal would not reach. Without setpriv the daemon still stops with the coordinator,
 /// just not when the coordinator is killed outright.
 async fn launcher(common_dir: &Path) -> Launcher {
-    let setpriv = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("setpriv"))
-            .find(|candidate| candidate.is_file())
-    });
+    let setpriv = buildpool_core::process::find_on_path("setpriv");
     let exec_path = buildpool_core::git::Git::new(common_dir)
         .arg("--exec-path")
         .output()
