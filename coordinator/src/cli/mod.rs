@@ -4,6 +4,7 @@ mod demo;
 mod inspect;
 mod run;
 mod serve;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +38,8 @@ enum Command {
     Agents(inspect::AgentsArgs),
     /// Run `cargo test` on an embedded sample workspace through the whole pipeline.
     Demo(demo::DemoArgs),
+    /// Create, list or revoke credentials for agents and clients.
+    Token(token::TokenArgs),
     /// Serve MCP on stdin/stdout: build, test, clippy, check, worker_status, job_log, cancel_job.
     Mcp,
 }
@@ -79,6 +82,7 @@ pub fn main() -> ExitCode {
             Command::Cancel(args) => inspect::cancel(&dir, args).await,
             Command::Agents(args) => inspect::agents(&dir, args).await,
             Command::Demo(args) => demo::demo(args).await,
+            Command::Token(args) => token::token(args),
             Command::Mcp => crate::mcp::serve(&dir).await.map(|()| ExitCode::SUCCESS),
         }
     });
