@@ -4,7 +4,8 @@
 #   services.build-agent = {
 #     enable = true;
 #     package = pkgs.build-agent;            # your build of this repository's build-agent
-#     serverUrls = [ "ws://coordinator:8081/ws" ];
+#     serverUrls = [ "wss://coordinator:8081/ws" ];
+#     tlsFingerprint = "sha256:...";         # as `buildpool serve` printed it
 #     maxJobs = 4;
 #     tokenFile = "/run/keys/buildpool-token";
 #   };
@@ -14,7 +15,11 @@ let
   cfg = config.services.build-agent;
   toml = pkgs.formats.toml { };
   configFile = toml.generate "build-agent.toml" {
-    servers = map (url: { inherit url; }) cfg.serverUrls;
+    servers = map
+      (url: { inherit url; }
+        // lib.optionalAttrs (cfg.tlsFingerprint != null) { tls_fingerprint = cfg.tlsFingerprint; }
+        // lib.optionalAttrs (cfg.tlsCaFile != null) { tls_ca_file = cfg.tlsCaFile; })
+      cfg.serverUrls;
     worker = {
       max_jobs = cfg.maxJobs;
       labels = cfg.labels;
@@ -44,8 +49,19 @@ in
     };
     serverUrls = lib.mkOption {
       type = lib.types.nonEmptyListOf lib.types.str;
-      example = [ "ws://coordinator:8081/ws" ];
+      example = [ "wss://coordinator:8081/ws" ];
       description = "Coordinator job-bus URLs; one agent serves all of them from one slot pool.";
+    };
+    tlsFingerprint = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "sha256:5b0f4c2e9a7d61e8c3b2a19f0e4d7c6b5a4938271605f4e3d2c1b0a9f8e7d6c5";
+      description = "Certificate fingerprint the coordinators must present (printed by `buildpool serve`).";
+    };
+    tlsCaFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      description = "Or: CA file the coordinators' certificates must chain to.";
     };
     serverUrl = lib.mkOption {
       type = lib.types.nullOr lib.types.str;

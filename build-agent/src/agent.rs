@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::executor::{Executor, ExecutorConfig, JobRequest};
+use crate::git_cache::GitRemote;
 use crate::job_table::{Admission, CancelEffect, Decline, Delivery, JobTable, LinkId, PoolView};
 use crate::output::{self, LinkOutbox};
 
@@ -111,6 +112,11 @@ impl Agent {
         &self.inner.identity.id
     }
 
+    /// The credential it presents to coordinators.
+    pub fn token(&self) -> &str {
+        &self.inner.identity.token
+    }
+
     /// Locks the state. A panic under the lock is a bug, but it must not take every other
     /// job down with poisoned-lock panics, so poisoning is ignored.
     fn state(&self) -> MutexGuard<'_, State> {
@@ -201,12 +207,12 @@ impl Agent {
     }
 
     /// An assignment from `link`: starts the job within the link's offer, or says why not.
-    /// `git_url` is where this link's snapshots are fetched from.
+    /// `remote` is where this link's snapshots are fetched from.
     pub fn assign(
         &self,
         Link(link): Link,
         assignment: Assignment,
-        git_url: String,
+        remote: GitRemote,
     ) -> Result<(), Decline> {
         let Assignment { key, spec, source } = assignment;
         let missing: Vec<String> = spec
@@ -235,7 +241,7 @@ impl Agent {
                 key,
                 spec,
                 source,
-                git_url,
+                remote,
             };
             let agent = self.clone();
             self.inner

@@ -9,7 +9,11 @@ use std::time::Duration;
 use buildpool_core::EnvMode;
 use serde::Deserialize;
 
+use buildpool_proto::socket::ServerUrl;
+use buildpool_proto::tls::{ClientCertFiles, ServerTrust, TlsError};
+
 use crate::connection::ServerEndpoint;
+use crate::git_proxy::EndpointTls;
 
 pub const DEFAULT_CONFIG_PATHS: &[&str] =
     &["/etc/build-agent/config.toml", "/etc/build-agent.toml"];
@@ -56,6 +60,12 @@ pub struct ServerEntry {
     pub url: String,
     #[serde(default)]
     pub name: Option<String>,
+    /// The coordinator certificate's `sha256:` fingerprint (`buildpool serve` prints it).
+    #[serde(default)]
+    pub tls_fingerprint: Option<String>,
+    /// Or: a CA file the coordinator's certificate must chain to.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +101,9 @@ pub struct NixSection {
 #[serde(deny_unknown_fields)]
 pub struct AuthSection {
     pub token_file: Option<PathBuf>,
+    /// A client certificate and key, for coordinators that require mutual TLS.
+    pub tls_client_cert_file: Option<PathBuf>,
+    pub tls_client_key_file: Option<PathBuf>,
 }
 
 /// Values given on the command line; `None` means "not given".
@@ -105,6 +118,11 @@ pub struct Overrides {
     pub env: Option<String>,
     pub token_file: Option<PathBuf>,
     pub drain_timeout_secs: Option<u64>,
+    /// For every server without a pin or CA file of its own.
+    pub tls_fingerprint: Option<String>,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_client_cert_file: Option<PathBuf>,
+    pub tls_client_key_file: Option<PathBuf>,
 }
 
 /// The settled configuration.
@@ -189,31 +207,115 @@ pub fn load_token(token_file: Option<&Path>) -> Result<String, ConfigError> {
     Ok(token)
 }
 
+/// One server entry, checked: a `wss://` URL has exactly one way to trust the coordinator
+/// (its own, else the command line's), a `ws://` URL none.
+fn endpoint(
+    entry: ServerEntry,
+    default_fingerprint: Option<&str>,
+    default_ca_file: Option<&Path>,
+    client_cert: Option<&ClientCertFiles>,
+) -> Result<ServerEndpoint, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid(format!("server {}: {reason}", entry.url));
+    let url = ServerUrl::parse(&entry.url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let (fingerprint, ca_file) = match (entry.tls_fingerprint, entry.tls_ca_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "tls_fingerprint and tls_ca_file are two ways to trust a coordinator; choose one"
+                    .into(),
+            ));
+        }
+        (None, None) => (
+            default_fingerprint.map(str::to_owned),
+            default_ca_file.map(Path::to_owned),
+        ),
+        own => own,
+    };
+    let trust = match (fingerprint, ca_file) {
+        (Some(fingerprint), _) => Some(ServerTrust::Pinned(
+            fingerprint
+                .parse()
+                .map_err(|e: TlsError| invalid(e.to_string()))?,
+        )),
+        (None, Some(ca_file)) => Some(ServerTrust::CaFile(ca_file)),
+        (None, None) => None,
+    };
+    let tls = match (url.secure, trust) {
+        (true, Some(trust)) => Some(
+            EndpointTls::new(trust, client_cert.cloned()).map_err(|e| invalid(e.to_string()))?,
+        ),
+        (true, None) => {
+            return Err(invalid(
+                "wss:// needs the coordinator's certificate fingerprint: tls_fingerprint = \
+                 \"sha256:...\" (or --tls-fingerprint) as `buildpool serve` printed it, or a \
+                 tls_ca_file"
+                    .into(),
+            ));
+        }
+        (false, None) => None,
+        (false, Some(_)) => {
+            return Err(invalid(
+                "TLS settings for a plain ws:// URL; use wss://".into(),
+            ));
+        }
+    };
+    Ok(ServerEndpoint {
+        name: entry.name.unwrap_or_else(|| entry.url.clone()),
+        url,
+        tls,
+    })
+}
+
 impl AgentConfig {
     /// Merges flags over the file over defaults, and validates the result.
     pub fn resolve(file: FileConfig, overrides: Overrides) -> Result<Self, ConfigError> {
-        let servers: Vec<ServerEndpoint> = if overrides.servers.is_empty() {
-            file.server
-                .into_iter()
-                .chain(file.servers)
-                .map(|entry| ServerEndpoint {
-                    name: entry.name.unwrap_or_else(|| entry.url.clone()),
-                    url: entry.url,
-                })
-                .collect()
+        let entries: Vec<ServerEntry> = if overrides.servers.is_empty() {
+            file.server.into_iter().chain(file.servers).collect()
         } else {
             overrides
                 .servers
                 .iter()
-                .map(|url| ServerEndpoint {
+                .map(|url| ServerEntry {
                     url: url.clone(),
-                    name: url.clone(),
+                    name: None,
+                    tls_fingerprint: None,
+                    tls_ca_file: None,
                 })
                 .collect()
         };
+        let client_cert = match (
+            overrides
+                .tls_client_cert_file
+                .or(file.auth.tls_client_cert_file),
+            overrides
+                .tls_client_key_file
+                .or(file.auth.tls_client_key_file),
+        ) {
+            (Some(cert_file), Some(key_file)) => Some(ClientCertFiles {
+                cert_file,
+                key_file,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "tls_client_cert_file and tls_client_key_file go together: set both or neither"
+                        .into(),
+                ));
+            }
+        };
+        let servers = entries
+            .into_iter()
+            .map(|entry| {
+                endpoint(
+                    entry,
+                    overrides.tls_fingerprint.as_deref(),
+                    overrides.tls_ca_file.as_deref(),
+                    client_cert.as_ref(),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if servers.is_empty() {
             return Err(ConfigError::Invalid(
-                "no coordinator to connect to: pass --server ws://HOST:8081/ws or set [server] url / [[servers]] in the config".into(),
+                "no coordinator to connect to: pass --server wss://HOST:8081/ws or set [server] url / [[servers]] in the config".into(),
             ));
         }
         let max_jobs = overrides.jobs.or(file.worker.max_jobs).unwrap_or_else(|| {
@@ -327,7 +429,7 @@ mod tests {
         };
         let config = AgentConfig::resolve(file, overrides).expect("valid");
         assert_eq!(config.max_jobs, 5);
-        assert_eq!(config.servers[0].url, "ws://b:1/ws");
+        assert_eq!(config.servers[0].url.to_string(), "ws://b:1/ws");
 
         let typo = toml::from_str::<FileConfig>("[worker]\nmax_job = 2");
         assert!(typo.is_err(), "unknown keys are rejected, not ignored");

@@ -13,13 +13,15 @@ use buildpool_core::{Completion, Source};
 use buildpool_proto::convert::DecodeError;
 use buildpool_proto::frame::FrameError;
 use buildpool_proto::socket::{
-    AgentSocket, HANDSHAKE_TIMEOUT, Inbox, Outbox, SocketError, Transport, host_of,
+    AgentSocket, HANDSHAKE_TIMEOUT, Inbox, Outbox, ServerUrl, SocketError, Transport,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, Link};
 use crate::backoff::Backoff;
+use crate::git_cache::GitRemote;
+use crate::git_proxy::EndpointTls;
 use crate::job_table::PoolView;
 
 /// Messages waiting for the writer. Output beyond this waits in the job's pipe
@@ -44,65 +46,113 @@ pub enum SessionError {
     WriteFailed,
 }
 
+impl SessionError {
+    /// Whether only a change of configuration can make the next attempt succeed.
+    fn needs_an_operator(&self) -> bool {
+        matches!(
+            self,
+            SessionError::Rejected { .. }
+                | SessionError::Socket(SocketError::PinMismatch(_) | SocketError::Refused { .. })
+        )
+    }
+}
+
 /// A coordinator to connect to.
 #[derive(Debug, Clone)]
 pub struct ServerEndpoint {
-    /// `ws://host:port/ws`
-    pub url: String,
+    pub url: ServerUrl,
     /// For logs; defaults to the URL.
     pub name: String,
+    /// How to trust it; `None` for a plain `ws://` URL.
+    pub tls: Option<EndpointTls>,
 }
 
-/// How the agent finds the git daemon that serves a coordinator's snapshots.
+/// How the agent fetches the snapshots of one coordinator.
 #[derive(Debug, Clone)]
 pub enum GitLocator {
-    /// `git://HOST:<port from the assignment><path from the assignment>`, where HOST is the
-    /// host the agent dialled for the job bus.
-    DaemonOn(String),
+    /// A coordinator across the network: through the authenticated tunnel on its bus
+    /// port, or straight from its git daemon when the assignment names the daemon's port
+    /// (an insecure setup the coordinator must allow).
+    Coordinator {
+        /// The host the agent dialled for the job bus.
+        host: String,
+        /// Environment that makes git fetch through the tunnel (`GIT_PROXY_COMMAND`).
+        tunnel_env: Vec<(String, String)>,
+    },
     /// A fixed URL, e.g. `file:///path/to/repo` for the coordinator's embedded agent.
     Fixed(String),
 }
 
+/// The host name git sees for tunnelled fetches; the proxy command ignores it.
+const TUNNEL_HOST: &str = "buildpool-tunnel";
+
 impl GitLocator {
-    fn url(&self, source: &Source) -> String {
+    fn remote(&self, source: &Source) -> GitRemote {
         match self {
-            GitLocator::DaemonOn(host) => {
-                format!("git://{host}:{}{}", source.git_port, source.git_path)
-            }
-            GitLocator::Fixed(url) => url.clone(),
+            GitLocator::Coordinator { host, tunnel_env } => match source.git_port {
+                Some(port) => {
+                    let host = if host.contains(':') {
+                        format!("[{host}]")
+                    } else {
+                        host.clone()
+                    };
+                    GitRemote::plain(format!("git://{host}:{port}{}", source.git_path))
+                }
+                None => GitRemote {
+                    url: format!("git://{TUNNEL_HOST}{}", source.git_path),
+                    env: tunnel_env.clone(),
+                },
+            },
+            GitLocator::Fixed(url) => GitRemote::plain(url.clone()),
         }
     }
 }
 
-/// Connects to every endpoint and serves them until `shutdown`.
-pub async fn run(agent: &Agent, endpoints: Vec<ServerEndpoint>, shutdown: CancellationToken) {
+/// Connects to every endpoint and serves them until `shutdown`. `git_proxy` is the
+/// command git runs to fetch through a coordinator's tunnel (see [`crate::git_proxy`]).
+pub async fn run(
+    agent: &Agent,
+    endpoints: Vec<ServerEndpoint>,
+    git_proxy: &std::path::Path,
+    shutdown: CancellationToken,
+) {
     let mut tasks = tokio::task::JoinSet::new();
     for endpoint in endpoints {
         let agent = agent.clone();
         let shutdown = shutdown.clone();
-        tasks.spawn(async move { serve_endpoint(&agent, endpoint, shutdown).await });
+        let git_proxy = git_proxy.to_owned();
+        tasks.spawn(async move { serve_endpoint(&agent, endpoint, &git_proxy, shutdown).await });
     }
     while tasks.join_next().await.is_some() {}
 }
 
 /// Keeps a connection to one coordinator until `shutdown`, reconnecting with backoff.
-pub async fn serve_endpoint(agent: &Agent, endpoint: ServerEndpoint, shutdown: CancellationToken) {
+pub async fn serve_endpoint(
+    agent: &Agent,
+    endpoint: ServerEndpoint,
+    git_proxy: &std::path::Path,
+    shutdown: CancellationToken,
+) {
     let span = tracing::info_span!("server", agent_id = %agent.id(), server = %endpoint.name);
+    if endpoint.tls.is_none() {
+        tracing::warn!(parent: &span, "{} is plain ws://: the token and every snapshot cross the network unencrypted; use wss:// with a tls_fingerprint", endpoint.url);
+    }
     let link = agent.register_link();
     let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         let started = tokio::time::Instant::now();
-        let session = dial_and_serve(agent, link, &endpoint, shutdown.clone());
+        let session = dial_and_serve(agent, link, &endpoint, git_proxy, shutdown.clone());
         let result = tracing::Instrument::instrument(session, span.clone()).await;
         match &result {
             Ok(()) if shutdown.is_cancelled() => break,
             Ok(()) => tracing::warn!(parent: &span, "connection to {} closed", endpoint.url),
-            Err(error @ SessionError::Rejected { .. }) => tracing::error!(parent: &span, "{error}"),
+            Err(error) if error.needs_an_operator() => tracing::error!(parent: &span, "{error}"),
             Err(error) => tracing::warn!(parent: &span, "connection to {}: {error}", endpoint.url),
         }
         backoff.connection_ended(started.elapsed());
-        if matches!(result, Err(SessionError::Rejected { .. })) {
-            // Retrying at once cannot help; the operator must fix the token or version.
+        if result.as_ref().is_err_and(SessionError::needs_an_operator) {
+            // Retrying at once cannot help; the operator must fix the credential, version,
+            // pin or URL.
             backoff = Backoff::new(
                 Duration::from_secs(60),
                 Duration::from_secs(60),
@@ -122,11 +172,21 @@ async fn dial_and_serve(
     agent: &Agent,
     link: Link,
     endpoint: &ServerEndpoint,
+    git_proxy: &std::path::Path,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
-    let host = host_of(&endpoint.url)?;
-    let socket = AgentSocket::connect(&endpoint.url).await?;
-    serve(agent, link, socket, &GitLocator::DaemonOn(host), shutdown).await
+    let tls = endpoint.tls.as_ref().map(|tls| &tls.config);
+    let socket = AgentSocket::connect(&endpoint.url, tls).await?;
+    let git = GitLocator::Coordinator {
+        host: endpoint.url.host.clone(),
+        tunnel_env: crate::git_proxy::environment(
+            git_proxy,
+            &endpoint.url,
+            endpoint.tls.as_ref(),
+            agent.token(),
+        ),
+    };
+    serve(agent, link, socket, &git, shutdown).await
 }
 
 /// Serves one connection over a stream the caller established (the coordinator's embedded
@@ -139,7 +199,7 @@ pub async fn serve_stream(
     git: &GitLocator,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
-    let socket = AgentSocket::client(stream, "ws://localhost/ws").await?;
+    let socket = AgentSocket::client(stream).await?;
     serve(agent, link, socket, git, shutdown).await
 }
 
@@ -323,8 +383,8 @@ fn handle_message(
         CoordinatorMessage::Heartbeat { .. } => None,
         CoordinatorMessage::Assign(assignment) => {
             let key = assignment.key;
-            let git_url = git.url(&assignment.source);
-            match agent.assign(link, assignment, git_url) {
+            let remote = git.remote(&assignment.source);
+            match agent.assign(link, assignment, remote) {
                 Ok(()) => None,
                 Err(decline) => Some(AgentMessage::Declined {
                     key,

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::git_cache::GitCache;
+use crate::git_cache::{GitCache, GitRemote};
 use crate::nix::{self, DevEnv, DevEnvCache};
 use crate::process::{self, CommandSpec, OutputChunk, RunLimits};
 use crate::workspace::WorkspacePool;
@@ -46,7 +46,7 @@ pub struct JobRequest {
     pub spec: JobSpec,
     pub source: Source,
     /// Where to fetch `source.git_ref` from.
-    pub git_url: String,
+    pub remote: GitRemote,
 }
 
 #[derive(Debug, Clone)]
@@ -187,7 +187,7 @@ impl Executor {
                 .ensure_commit(
                     &lock,
                     &job.source.repo_id,
-                    &job.git_url,
+                    &job.remote,
                     &job.source.git_ref,
                     &job.source.commit,
                 )

@@ -8,7 +8,8 @@
 //! Layers, each depending only on those below it: [`connection`] (the job bus transport)
 //! calls into [`agent`] (the runtime), which carries out the decisions of the pure
 //! [`job_table`] and runs jobs through the [`executor`] ([`git_cache`], [`workspace`],
-//! [`nix`], [`process`]); [`output`] is the output policy of a running job.
+//! [`nix`], [`process`]); [`output`] is the output policy of a running job. [`git_proxy`]
+//! is the command git runs to fetch through a coordinator's authenticated tunnel.
 
 pub mod agent;
 pub mod backoff;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod connection;
 pub mod executor;
 pub mod git_cache;
+pub mod git_proxy;
 pub mod job_table;
 pub mod nix;
 pub mod output;

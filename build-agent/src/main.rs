@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Coordinator job-bus URL, e.g. ws://coordinator:8081/ws (repeatable).
+    #[command(subcommand)]
+    command: Option<AgentCommand>,
+    /// Coordinator job-bus URL, e.g. wss://coordinator:8081/ws (repeatable).
     #[arg(long = "server", value_name = "URL")]
     servers: Vec<String>,
     /// Agent id shown by coordinators (default: hostname).
@@ -41,13 +43,52 @@ struct Cli {
     /// Seconds a drain (SIGTERM, or `buildpool agents drain`) waits for running jobs.
     #[arg(long)]
     drain_timeout: Option<u64>,
+    /// The coordinator certificate's fingerprint, as `buildpool serve` prints it
+    /// (sha256:...); for every server without its own tls_fingerprint or tls_ca_file.
+    #[arg(long, value_name = "SHA256")]
+    tls_fingerprint: Option<String>,
+    /// Trust coordinators whose certificate chains to this CA (PEM) instead of a pin.
+    #[arg(long, value_name = "FILE")]
+    tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for coordinators that require mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_client_key")]
+    tls_client_cert: Option<PathBuf>,
+    /// Key of the client certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_client_cert")]
+    tls_client_key: Option<PathBuf>,
     /// Validate the configuration (file, flags, token), print it and exit.
     #[arg(long)]
     check_config: bool,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum AgentCommand {
+    /// Run by git as its proxy command while the agent fetches a snapshot: carries the git
+    /// protocol through the coordinator's authenticated tunnel on the job bus port.
+    GitProxy {
+        /// Passed by git; the tunnel's coordinator comes from the agent's environment.
+        host: Option<String>,
+        port: Option<String>,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    buildpool_proto::tls::install_default_provider();
+    let cli = Cli::parse();
+    if let Some(AgentCommand::GitProxy { .. }) = cli.command {
+        // git shows what the proxy prints on stderr; nothing else may go to stdout.
+        let code = match build_agent::git_proxy::run().await {
+            Ok(()) => 0,
+            Err(error) => {
+                eprintln!("build-agent git-proxy: {error}");
+                1
+            }
+        };
+        // Exit now: a read of standard input may still be pending on a blocking thread,
+        // and the runtime's shutdown would wait for it while git waits for us to exit.
+        std::process::exit(code);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -55,7 +96,6 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let file = config::discover(cli.config.as_deref())?;
     let overrides = Overrides {
         servers: cli.servers,
@@ -67,6 +107,10 @@ async fn main() -> anyhow::Result<()> {
         env: cli.env,
         token_file: cli.token_file,
         drain_timeout_secs: cli.drain_timeout,
+        tls_fingerprint: cli.tls_fingerprint,
+        tls_ca_file: cli.tls_ca_file,
+        tls_client_cert_file: cli.tls_client_cert,
+        tls_client_key_file: cli.tls_client_key,
     };
     let check_only = cli.check_config;
     let config = AgentConfig::resolve(file, overrides)?;
@@ -76,7 +120,11 @@ async fn main() -> anyhow::Result<()> {
             config.id, config.max_jobs
         );
         for server in &config.servers {
-            println!("  server {} ({})", server.url, server.name);
+            let trust = match &server.tls {
+                Some(tls) => format!("{:?}", tls.trust),
+                None => "plain text".to_owned(),
+            };
+            println!("  server {} ({}), {trust}", server.url, server.name);
         }
         println!("  labels {:?}, env {:?}", config.labels, config.env);
         println!(
@@ -89,6 +137,8 @@ async fn main() -> anyhow::Result<()> {
     for dir in [&config.git_cache_dir, &config.worktree_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    let git_proxy = build_agent::git_proxy::install_wrapper(&config.git_cache_dir)
+        .context("cannot write the git proxy command into the git cache directory")?;
     let agent = Agent::new(
         AgentIdentity {
             id: config.id.clone(),
@@ -113,7 +163,9 @@ async fn main() -> anyhow::Result<()> {
     let serving = tokio::spawn({
         let agent = agent.clone();
         let shutdown = shutdown.clone();
-        async move { build_agent::connection::run(&agent, config.servers, shutdown).await }
+        async move {
+            build_agent::connection::run(&agent, config.servers, &git_proxy, shutdown).await;
+        }
     });
     let mut signals = Signals::new()?;
     let reason = tokio::select! {

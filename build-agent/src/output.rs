@@ -135,10 +135,8 @@ mod tests {
         CoordinatorSocket,
     ) {
         let (coordinator_end, agent_end) = tokio::io::duplex(1024 * 1024);
-        let accept = tokio::spawn(CoordinatorSocket::accept(coordinator_end));
-        let agent = AgentSocket::client(agent_end, "ws://localhost/ws")
-            .await
-            .expect("client");
+        let accept = tokio::spawn(buildpool_proto::socket::accept_bus(coordinator_end));
+        let agent = AgentSocket::client(agent_end).await.expect("client");
         let coordinator = accept.await.expect("joins").expect("accepted");
         let (outbox, inbox) = agent.start(8);
         (outbox, inbox, coordinator)

@@ -5,19 +5,25 @@
 //! in here. Unary calls get [`CALL_TIMEOUT`]; a job's event stream is kept alive by HTTP/2
 //! keepalive instead, since a build may rightly say nothing for minutes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use buildpool_core::status::{CancelReply, CoordinatorStatus, LogPage, LogRequest, Submission};
 use buildpool_core::{JobEvent, JobId};
 use buildpool_proto::control_client::ControlClient;
 use buildpool_proto::convert::{DecodeError, decode_job_event};
+use buildpool_proto::tls::{self, Fingerprint, ServerTrust, TlsError};
 use buildpool_proto::{
     CancelRequest, DrainAgentRequest, JobLogRequest, StatusRequest, SubmitRequest,
 };
+use rustls::pki_types::ServerName;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::discovery::{self, COORDINATOR_ENV};
+
+/// The fingerprint to pin when `BUILDPOOL_COORDINATOR` is an `https://` URL.
+pub const FINGERPRINT_ENV: &str = "BUILDPOOL_TLS_FINGERPRINT";
 use crate::repo::Repo;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -50,6 +56,12 @@ pub enum ClientError {
     Token(#[from] crate::auth::TokenError),
     #[error("the token is not valid in an HTTP header")]
     BadToken,
+    #[error(
+        "{0} is TLS: set {FINGERPRINT_ENV}=sha256:... to the fingerprint `buildpool serve` printed"
+    )]
+    NoFingerprint(String),
+    #[error(transparent)]
+    Tls(TlsError),
     /// The coordinator answered with an error; its message says why (and is all a user
     /// needs to read, so the status is no error source of its own).
     #[error("{}", .0.message())]
@@ -76,6 +88,25 @@ pub struct Client {
     grpc: ControlClient<InterceptedService<Channel, Bearer>>,
 }
 
+/// Why a connection failed, in words: a certificate pin mismatch (naming both
+/// fingerprints) when that is the cause, else the error and its first cause.
+fn connect_failure(error: &tonic::transport::Error) -> String {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if let Some(mismatch) = current
+            .downcast_ref::<std::io::Error>()
+            .and_then(tls::PinMismatch::find)
+        {
+            return mismatch.to_string();
+        }
+        cause = current.source();
+    }
+    match std::error::Error::source(error) {
+        Some(source) => format!("{error}: {source}"),
+        None => error.to_string(),
+    }
+}
+
 /// A request with the unary-call deadline.
 fn timed<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -84,22 +115,55 @@ fn timed<T>(message: T) -> tonic::Request<T> {
 }
 
 impl Client {
-    /// Dials a coordinator's control API.
-    pub async fn connect(url: &str, token: &str) -> Result<Self, ClientError> {
+    /// Dials a coordinator's control API: `http://` on loopback, or `https://` with the
+    /// certificate fingerprint to pin.
+    pub async fn connect(
+        url: &str,
+        token: &str,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<Self, ClientError> {
         let unreachable = |reason: String| ClientError::Unreachable {
             url: url.to_owned(),
             reason,
         };
-        let endpoint = Endpoint::from_shared(url.to_owned())
+        // Over TLS, the connector below does the TLS; the endpoint itself stays http.
+        let (plain_url, tls) = match url.strip_prefix("https://") {
+            Some(rest) => {
+                let fingerprint =
+                    fingerprint.ok_or_else(|| ClientError::NoFingerprint(url.to_owned()))?;
+                let config = tls::client_config(&ServerTrust::Pinned(fingerprint), None, &[b"h2"])
+                    .map_err(|e| unreachable(e.to_string()))?;
+                (format!("http://{rest}"), Some(config))
+            }
+            None => (url.to_owned(), None),
+        };
+        let endpoint = Endpoint::from_shared(plain_url)
             .map_err(|e| unreachable(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| unreachable(format!("{e} ({:?})", std::error::Error::source(&e))))?;
+        let connected = match tls {
+            Some(config) => {
+                let connector = tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+                    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&config));
+                    async move {
+                        let host = uri.host().unwrap_or_default().to_owned();
+                        let port = uri.port_u16().unwrap_or(443);
+                        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                        let _ = tcp.set_nodelay(true);
+                        let name = ServerName::try_from(host).map_err(|e| {
+                            std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
+                        })?;
+                        let stream = connector.connect(name, tcp).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                });
+                endpoint.connect_with_connector(connector).await
+            }
+            None => endpoint.connect().await,
+        };
+        let channel = connected.map_err(|e| unreachable(connect_failure(&e)))?;
         let header = format!("Bearer {token}")
             .parse()
             .map_err(|_| ClientError::BadToken)?;
@@ -111,18 +175,23 @@ impl Client {
     /// Finds the coordinator of `repo` (or the one `BUILDPOOL_COORDINATOR` names) and dials
     /// it. Returns the client and the URL it dialled.
     pub async fn connect_to_running(repo: &Repo) -> Result<(Self, String), ClientError> {
-        let (url, token_file) = match std::env::var(COORDINATOR_ENV) {
-            Ok(url) if !url.is_empty() => (url, None),
+        let (url, token_file, fingerprint) = match std::env::var(COORDINATOR_ENV) {
+            Ok(url) if !url.is_empty() => (url, None, std::env::var(FINGERPRINT_ENV).ok()),
             _ => {
                 let found = discovery::read(&repo.state_dir()).ok_or_else(|| {
                     ClientError::NotRunning(repo.common_dir.display().to_string())
                 })?;
-                (found.control_url, found.token_file)
+                (found.control_url, found.token_file, found.tls_fingerprint)
             }
         };
+        let fingerprint = fingerprint
+            .filter(|text| !text.is_empty())
+            .map(|text| text.parse())
+            .transpose()
+            .map_err(ClientError::Tls)?;
         let token_file = token_file.unwrap_or_else(crate::auth::default_token_file);
         let token = crate::auth::load(&token_file, false)?;
-        let client = Self::connect(&url, &token.value).await?;
+        let client = Self::connect(&url, &token.value, fingerprint).await?;
         Ok((client, url))
     }
 

@@ -38,6 +38,10 @@ struct BuildPoolSection {
     git_daemon_listen_addr: Option<String>,
     control_listen_addr: Option<String>,
     token_file: Option<PathBuf>,
+    allow_insecure: Option<bool>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    tls_client_ca_file: Option<PathBuf>,
     log_max_bytes: Option<u64>,
     #[serde(default)]
     local_fallback: LocalFallbackSection,
@@ -69,10 +73,15 @@ struct TimeoutsSection {
 pub struct CoordinatorConfig {
     /// Job bus address for agents; `None` runs without one (the in-process coordinator).
     pub websocket_addr: Option<String>,
-    /// Git daemon `(listen address, port)`; `None` runs without one. Empty address = all.
+    /// Git daemon `(listen address, port)`; `None` runs without one. Loopback unless
+    /// `allow_insecure`: agents reach it through the tunnel on the job bus port.
     pub git_daemon: Option<(String, u16)>,
     pub control_addr: String,
     pub token_file: PathBuf,
+    /// Plain `ws://` agents and a git daemon beyond loopback are accepted (trusted
+    /// networks, seed-era configs); the coordinator warns at every start.
+    pub allow_insecure: bool,
+    pub tls: TlsFiles,
     pub log_max_bytes: u64,
     pub local_fallback: bool,
     pub local_max_jobs: u32,
@@ -91,6 +100,15 @@ pub struct CoordinatorConfig {
     pub private_logs: bool,
 }
 
+/// The coordinator's own certificate and key (default: a generated self-signed pair next
+/// to the token file), and the CA that client certificates must chain to (mutual TLS).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub client_ca_file: Option<PathBuf>,
+}
+
 /// Command-line overrides.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -101,6 +119,8 @@ pub struct Overrides {
     pub git_daemon_listen_addr: Option<String>,
     pub control_addr: Option<String>,
     pub token_file: Option<PathBuf>,
+    pub allow_insecure: bool,
+    pub tls: TlsFiles,
     pub no_local_fallback: bool,
     pub local_max_jobs: Option<u32>,
     pub local_worktree_dir: Option<PathBuf>,
@@ -148,6 +168,28 @@ fn secs(value: Option<u64>, default: u64, name: &str) -> Result<Duration, Config
         0 => Err(ConfigError::Invalid(format!("{name} must be at least 1"))),
         secs => Ok(Duration::from_secs(secs)),
     }
+}
+
+/// This host's name, for certificates and messages.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// Whether a listen address (host, or host:port) is on loopback only. An empty host means
+/// all interfaces.
+pub fn is_loopback(addr: &str) -> bool {
+    let host = match addr.parse::<std::net::SocketAddr>() {
+        Ok(socket) => return socket.ip().is_loopback(),
+        Err(_) => addr.trim_start_matches('[').trim_end_matches(']'),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn join_addr(host: &str, port: u16) -> String {
@@ -211,10 +253,28 @@ impl CoordinatorConfig {
             .websocket_port
             .or(pool.websocket_port)
             .unwrap_or(8081);
+        let allow_insecure = overrides.allow_insecure || pool.allow_insecure.unwrap_or(false);
         let git_host = overrides
             .git_daemon_listen_addr
             .or(pool.git_daemon_listen_addr)
-            .unwrap_or_default();
+            .unwrap_or_else(|| "127.0.0.1".into());
+        if !is_loopback(&git_host) && !allow_insecure {
+            return Err(ConfigError::Invalid(format!(
+                "git_daemon_listen_addr = {git_host:?} would serve every snapshot to anyone who \
+                 can reach the port; agents fetch through the authenticated tunnel on the job \
+                 bus port instead. For a trusted network, also set allow_insecure = true."
+            )));
+        }
+        let tls = TlsFiles {
+            cert_file: overrides.tls.cert_file.or(pool.tls_cert_file),
+            key_file: overrides.tls.key_file.or(pool.tls_key_file),
+            client_ca_file: overrides.tls.client_ca_file.or(pool.tls_client_ca_file),
+        };
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls_cert_file and tls_key_file go together: set both or neither".into(),
+            ));
+        }
         let git_port = overrides
             .git_daemon_port
             .or(pool.git_daemon_port)
@@ -239,6 +299,8 @@ impl CoordinatorConfig {
                 .token_file
                 .or(pool.token_file)
                 .unwrap_or_else(crate::auth::default_token_file),
+            allow_insecure,
+            tls,
             log_max_bytes: pool.log_max_bytes.unwrap_or(64 * 1024 * 1024),
             local_fallback: !overrides.no_local_fallback
                 && pool.local_fallback.enabled.unwrap_or(true),
@@ -320,6 +382,44 @@ mod tests {
         assert_eq!(config.git_daemon, Some(("127.0.0.1".to_owned(), 9418)));
         assert_eq!(config.local_max_jobs, 3);
         assert_eq!(config.heartbeat_timeout, Duration::from_secs(90));
+        assert!(!config.allow_insecure);
+    }
+
+    #[test]
+    fn git_is_served_on_loopback_unless_insecure_is_allowed() {
+        let dir = tempfile::tempdir().expect("temp");
+        let file = dir.path().join("c.toml");
+        let load = |text: &str| {
+            std::fs::write(&file, text).expect("write");
+            CoordinatorConfig::load(
+                dir.path(),
+                Overrides {
+                    config: Some(file.clone()),
+                    ..Overrides::default()
+                },
+            )
+        };
+        let defaults = load("").expect("valid");
+        assert_eq!(defaults.git_daemon, Some(("127.0.0.1".to_owned(), 9418)));
+        let error = load("[build_pool]\ngit_daemon_listen_addr = \"0.0.0.0\"\n")
+            .expect_err("direct git needs allow_insecure");
+        assert!(error.to_string().contains("allow_insecure"), "{error}");
+        let direct = load("[build_pool]\ngit_daemon_listen_addr = \"\"\nallow_insecure = true\n")
+            .expect("allowed");
+        assert!(direct.allow_insecure);
+        let half = load("[build_pool]\ntls_cert_file = \"/etc/cert.pem\"\n");
+        assert!(half.is_err(), "a certificate without its key");
+        for (addr, loopback) in [
+            ("127.0.0.1", true),
+            ("127.0.0.1:0", true),
+            ("[::1]:5", true),
+            ("localhost", true),
+            ("", false),
+            ("0.0.0.0:1", false),
+            ("10.0.0.5", false),
+        ] {
+            assert_eq!(is_loopback(addr), loopback, "{addr}");
+        }
     }
 
     #[test]

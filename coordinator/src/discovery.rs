@@ -3,7 +3,8 @@
 //! A running coordinator writes `coordinator.json` into `<common git dir>/buildpool/`. Every
 //! worktree of a repository shares that directory, and two repositories never do, so
 //! clients in any worktree find their own repository's coordinator and no other.
-//! `BUILDPOOL_COORDINATOR=http://HOST:PORT` overrides the file.
+//! `BUILDPOOL_COORDINATOR=http://HOST:PORT` (or `https://` with
+//! `BUILDPOOL_TLS_FINGERPRINT=sha256:...`) overrides the file.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +24,9 @@ pub struct Discovery {
     pub git_daemon_port: Option<u16>,
     /// Where the token lives, so clients on this host can read it.
     pub token_file: Option<PathBuf>,
+    /// The certificate fingerprint agents and remote clients pin (`sha256:...`).
+    #[serde(default)]
+    pub tls_fingerprint: Option<String>,
 }
 
 pub fn path(state_dir: &Path) -> PathBuf {
@@ -72,6 +76,7 @@ mod tests {
             websocket_addr: None,
             git_daemon_port: None,
             token_file: None,
+            tls_fingerprint: None,
         };
         write(dir.path(), &discovery).expect("write");
         assert_eq!(read(dir.path()), Some(discovery.clone()));

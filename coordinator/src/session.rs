@@ -93,12 +93,17 @@ impl JobClient {
         let client = match &*fallback {
             Some((_, client)) => client.clone(),
             None => {
-                let token = crate::auth::generate()?;
+                // A token of its own: only this process knows it.
+                let token = crate::auth::Token {
+                    value: crate::auth::generate()?,
+                    file: None,
+                    generated: true,
+                };
                 let config = CoordinatorConfig::in_process(&self.repo.worktree)?;
                 let coordinator =
                     Coordinator::start(self.repo.clone(), config, token.clone()).await?;
                 let url = format!("http://{}", coordinator.control_addr);
-                let client = Client::connect(&url, &token).await?;
+                let client = Client::connect(&url, &token.value, None).await?;
                 fallback.insert((coordinator, client)).1.clone()
             }
         };

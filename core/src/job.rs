@@ -161,8 +161,10 @@ pub struct Source {
     pub repo_id: String,
     /// Path of the repository as exported by the coordinator's git daemon.
     pub git_path: String,
-    /// Port of the coordinator's git daemon; the host is the one the agent dialled.
-    pub git_port: u16,
+    /// Port of the coordinator's git daemon, on the host the agent dialled, when the
+    /// coordinator serves git directly (trusted networks only); `None` means through the
+    /// authenticated tunnel on the job bus port, the default.
+    pub git_port: Option<u16>,
     /// The snapshot commit (full object id) and the hidden ref that holds it.
     pub commit: String,
     pub git_ref: String,

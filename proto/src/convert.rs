@@ -164,7 +164,8 @@ impl From<Source> for crate::Source {
         Self {
             repo_id: source.repo_id,
             git_path: source.git_path,
-            git_port: u32::from(source.git_port),
+            // 0: no direct daemon, fetch through the tunnel.
+            git_port: source.git_port.map_or(0, u32::from),
             commit: source.commit,
             git_ref: source.git_ref,
         }
@@ -175,10 +176,13 @@ impl TryFrom<crate::Source> for Source {
     type Error = DecodeError;
 
     fn try_from(source: crate::Source) -> Result<Self, DecodeError> {
-        let git_port = u16::try_from(source.git_port).map_err(|_| DecodeError::Invalid {
-            field: "git port",
-            reason: format!("{} is not a port", source.git_port),
-        })?;
+        let git_port = match source.git_port {
+            0 => None,
+            port => Some(u16::try_from(port).map_err(|_| DecodeError::Invalid {
+                field: "git port",
+                reason: format!("{port} is not a port"),
+            })?),
+        };
         Ok(Self {
             repo_id: source.repo_id,
             git_path: source.git_path,
@@ -867,7 +871,7 @@ mod tests {
             source: Source {
                 repo_id: "r".into(),
                 git_path: "/.git".into(),
-                git_port: 9418,
+                git_port: Some(9418),
                 commit: "c".into(),
                 git_ref: "refs/x".into(),
             },

@@ -120,7 +120,7 @@ mod properties {
             source: Source {
                 repo_id: "repo".into(),
                 git_path: "/repo.git".into(),
-                git_port: 9418,
+                git_port: Some(9418),
                 commit: "0".repeat(40),
                 git_ref: "refs/buildpool/snapshots/x".into(),
             },

@@ -2,8 +2,9 @@
 //!
 //! Only this crate knows protobuf and WebSocket framing. It holds the generated messages for
 //! the agent job bus and the gRPC control API, their conversions to and from the domain
-//! types of `buildpool-core` ([`convert`]), the framing rules of the bus ([`frame`]) and the
-//! one framed socket both ends of the bus use ([`socket`]).
+//! types of `buildpool-core` ([`convert`]), the framing rules of the bus ([`frame`]), the
+//! one framed socket both ends of the bus use ([`socket`]), the git tunnel on the bus port
+//! ([`tunnel`]) and TLS with its certificates and pins ([`tls`]).
 
 #[allow(
     missing_docs,
@@ -19,5 +20,7 @@ mod generated {
 pub mod convert;
 pub mod frame;
 pub mod socket;
+pub mod tls;
+pub mod tunnel;
 
 pub use generated::*;

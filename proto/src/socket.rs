@@ -9,6 +9,7 @@
 //! half-open peer is detected instead of blocking anyone.
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
 use buildpool_core::bus::{AgentMessage, CoordinatorMessage};
@@ -17,6 +18,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -24,6 +26,8 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{BusMessage, FrameError, MAX_FRAME_BYTES};
+use crate::tls::PinMismatch;
+use crate::tunnel::{TUNNEL_PATH, Tunnel};
 
 /// The path agents connect to.
 pub const BUS_PATH: &str = "/ws";
@@ -38,7 +42,7 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for T {}
 
-type Stream = WebSocketStream<Box<dyn Transport>>;
+pub(crate) type Stream = WebSocketStream<Box<dyn Transport>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
@@ -54,6 +58,16 @@ pub enum SocketError {
     Timeout(&'static str),
     #[error("invalid server URL {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
+    #[error("{0} needs TLS settings: a tls_fingerprint (or --tls-fingerprint) or a tls_ca_file")]
+    NoTlsConfig(String),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error(transparent)]
+    PinMismatch(PinMismatch),
+    #[error("the credential cannot be sent in an HTTP header")]
+    BadCredential,
+    #[error("the coordinator refused the connection (HTTP {status}): {message}")]
+    Refused { status: u16, message: String },
 }
 
 /// The socket a coordinator holds: reads agent messages, writes coordinator messages.
@@ -73,32 +87,214 @@ impl<In, Out> std::fmt::Debug for BusSocket<In, Out> {
     }
 }
 
-fn websocket_config() -> WebSocketConfig {
+pub(crate) fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_FRAME_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES))
 }
 
-/// The host part of a `ws://host:port/ws` URL: where the agent also finds the git daemon.
-pub fn host_of(url: &str) -> Result<String, SocketError> {
-    let bad = |reason: &str| SocketError::BadUrl {
-        url: url.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let uri: tungstenite::http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
-    match uri.scheme_str() {
-        Some("ws") => {}
-        Some("wss") => {
-            return Err(bad(
-                "wss is not supported; terminate TLS in front of the agent",
-            ));
-        }
-        _ => return Err(bad("the scheme must be ws://")),
-    }
-    uri.host().map(str::to_owned).ok_or_else(|| bad("no host"))
+/// A coordinator's job bus address, as an agent is configured with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerUrl {
+    /// `wss://` (TLS) or `ws://` (plain, only where the coordinator allows it).
+    pub secure: bool,
+    /// Without IPv6 brackets.
+    pub host: String,
+    pub port: u16,
 }
 
-async fn deadline<T, E>(
+impl ServerUrl {
+    /// Parses `wss://host:port/ws` or `ws://host:port/ws`; the path is ignored, since the
+    /// bus and the git tunnel have fixed paths.
+    pub fn parse(url: &str) -> Result<Self, SocketError> {
+        let bad = |reason: &str| SocketError::BadUrl {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let uri: tungstenite::http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        let secure = match uri.scheme_str() {
+            Some("wss") => true,
+            Some("ws") => false,
+            _ => return Err(bad("the scheme must be wss:// (or ws:// where allowed)")),
+        };
+        let host = uri
+            .host()
+            .filter(|host| !host.is_empty())
+            .ok_or_else(|| bad("no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        Ok(Self { secure, host, port })
+    }
+
+    /// The URL of `path` on this server (`/ws` for the bus, `/git` for the tunnel).
+    pub fn at(&self, path: &str) -> String {
+        let scheme = if self.secure { "wss" } else { "ws" };
+        if self.host.contains(':') {
+            format!("{scheme}://[{}]:{}{path}", self.host, self.port)
+        } else {
+            format!("{scheme}://{}:{}{path}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for ServerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.at(BUS_PATH))
+    }
+}
+
+/// Dials `server` and upgrades to a WebSocket at `path`: over TLS with `tls` for
+/// `wss://`, in the clear for `ws://`. `bearer` goes into an `Authorization` header.
+pub(crate) async fn dial(
+    server: &ServerUrl,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    path: &str,
+    bearer: Option<&str>,
+) -> Result<Stream, SocketError> {
+    let tcp = deadline(
+        "connecting",
+        HANDSHAKE_TIMEOUT,
+        tokio::net::TcpStream::connect((server.host.as_str(), server.port)),
+    )
+    .await?;
+    let _ = tcp.set_nodelay(true);
+    let stream: Box<dyn Transport> = match (server.secure, tls) {
+        (false, _) => Box::new(tcp),
+        (true, None) => return Err(SocketError::NoTlsConfig(server.to_string())),
+        (true, Some(config)) => {
+            let name =
+                rustls::pki_types::ServerName::try_from(server.host.clone()).map_err(|_| {
+                    SocketError::BadUrl {
+                        url: server.to_string(),
+                        reason: "the host is not a valid TLS server name".into(),
+                    }
+                })?;
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
+                Ok(Ok(stream)) => Box::new(stream),
+                Ok(Err(error)) => {
+                    return Err(match PinMismatch::find(&error) {
+                        Some(mismatch) => SocketError::PinMismatch(mismatch.clone()),
+                        None => SocketError::Tls(error),
+                    });
+                }
+                Err(_) => return Err(SocketError::Timeout("in the TLS handshake")),
+            }
+        }
+    };
+    let mut request = server
+        .at(path)
+        .into_client_request()
+        .map_err(SocketError::WebSocket)?;
+    if let Some(bearer) = bearer {
+        let value = format!("Bearer {bearer}")
+            .parse()
+            .map_err(|_| SocketError::BadCredential)?;
+        request.headers_mut().insert("authorization", value);
+    }
+    upgrade_client(stream, request).await
+}
+
+pub(crate) async fn upgrade_client(
+    stream: Box<dyn Transport>,
+    request: impl IntoClientRequest + Unpin,
+) -> Result<Stream, SocketError> {
+    let handshake =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(websocket_config()));
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Err(tungstenite::Error::Http(response))) => Err(SocketError::Refused {
+            status: response.status().as_u16(),
+            message: response
+                .body()
+                .as_deref()
+                .map(|body| String::from_utf8_lossy(body).trim().to_owned())
+                .unwrap_or_default(),
+        }),
+        Ok(Err(error)) => Err(error.into()),
+        Err(_) => Err(SocketError::Timeout("in the websocket handshake")),
+    }
+}
+
+/// What an accepted connection asked for.
+pub enum Upgrade {
+    /// An agent, at [`BUS_PATH`].
+    Bus(CoordinatorSocket),
+    /// A git tunnel, at [`TUNNEL_PATH`], with the credential it presented (empty if none).
+    Tunnel { tunnel: Tunnel, bearer: String },
+}
+
+impl std::fmt::Debug for Upgrade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Upgrade::Bus(_) => f.write_str("Upgrade::Bus"),
+            Upgrade::Tunnel { .. } => f.write_str("Upgrade::Tunnel"),
+        }
+    }
+}
+
+/// Server side, where only the bus is served (tests, tools): like [`accept`], with a git
+/// tunnel request an error.
+pub async fn accept_bus(stream: impl Transport) -> Result<CoordinatorSocket, SocketError> {
+    match accept(stream).await? {
+        Upgrade::Bus(socket) => Ok(socket),
+        Upgrade::Tunnel { .. } => Err(SocketError::Refused {
+            status: 404,
+            message: format!("only the bus is served here, at {BUS_PATH}"),
+        }),
+    }
+}
+
+/// Server side: completes the WebSocket upgrade of an accepted stream, for the bus or the
+/// git tunnel. Requests for any other path get a 404 that says where agents connect.
+pub async fn accept(stream: impl Transport) -> Result<Upgrade, SocketError> {
+    let asked = Arc::new(std::sync::Mutex::new((String::new(), String::new())));
+    let record = Arc::clone(&asked);
+    // The callback's error type is tungstenite's; its size is not ours to choose.
+    #[allow(clippy::result_large_err)]
+    let route = move |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
+        let path = request.uri().path();
+        if path == BUS_PATH || path == TUNNEL_PATH {
+            let bearer = request
+                .headers()
+                .get("authorization")
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            *record
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                (path.to_owned(), bearer.to_owned());
+            Ok(response)
+        } else {
+            let mut error =
+                ErrorResponse::new(Some(format!("buildpool agents connect at {BUS_PATH}\n")));
+            *error.status_mut() = StatusCode::NOT_FOUND;
+            Err(error)
+        }
+    };
+    let stream: Box<dyn Transport> = Box::new(stream);
+    let upgrade =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, route, Some(websocket_config()));
+    let ws = deadline("upgrading to websocket", HANDSHAKE_TIMEOUT, upgrade).await?;
+    let (path, bearer) = std::mem::take(
+        &mut *asked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    Ok(if path == TUNNEL_PATH {
+        Upgrade::Tunnel {
+            tunnel: Tunnel::new(ws),
+            bearer,
+        }
+    } else {
+        Upgrade::Bus(BusSocket::new(ws))
+    })
+}
+
+pub(crate) async fn deadline<T, E>(
     what: &'static str,
     duration: Duration,
     future: impl Future<Output = Result<T, E>>,
@@ -120,66 +316,20 @@ impl<In: BusMessage, Out: BusMessage> BusSocket<In, Out> {
         }
     }
 
-    /// Server side: completes the WebSocket upgrade of an accepted stream. Requests for any
-    /// path but [`BUS_PATH`] get a 404 that says where agents connect.
-    pub async fn accept(stream: impl Transport) -> Result<Self, SocketError> {
-        // The callback's error type is tungstenite's; its size is not ours to choose.
-        #[allow(clippy::result_large_err)]
-        let only_bus_path = |request: &Request,
-                             response: Response|
-         -> Result<Response, ErrorResponse> {
-            if request.uri().path() == BUS_PATH {
-                Ok(response)
-            } else {
-                let mut error =
-                    ErrorResponse::new(Some(format!("buildpool agents connect at {BUS_PATH}\n")));
-                *error.status_mut() = StatusCode::NOT_FOUND;
-                Err(error)
-            }
-        };
-        let stream: Box<dyn Transport> = Box::new(stream);
-        let upgrade = tokio_tungstenite::accept_hdr_async_with_config(
-            stream,
-            only_bus_path,
-            Some(websocket_config()),
-        );
-        deadline("upgrading to websocket", HANDSHAKE_TIMEOUT, upgrade)
-            .await
-            .map(Self::new)
-    }
-
-    /// Client side: dials `url` (`ws://host:port/ws`).
-    pub async fn connect(url: &str) -> Result<Self, SocketError> {
-        host_of(url)?;
-        let bad = |reason: String| SocketError::BadUrl {
-            url: url.to_owned(),
-            reason,
-        };
-        let uri: tungstenite::http::Uri = url.parse().map_err(|_| bad("not a URL".into()))?;
-        let host = uri
-            .host()
-            .unwrap_or_default()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or(80);
-        let tcp = deadline(
-            "connecting",
-            HANDSHAKE_TIMEOUT,
-            tokio::net::TcpStream::connect((host, port)),
-        )
-        .await?;
-        let _ = tcp.set_nodelay(true);
-        Self::client(tcp, url).await
+    /// Client side: dials a coordinator's bus, over TLS configured by `tls` for `wss://`.
+    pub async fn connect(
+        server: &ServerUrl,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, SocketError> {
+        dial(server, tls, BUS_PATH, None).await.map(Self::new)
     }
 
     /// Client side over a stream the caller established (an in-memory duplex for the
     /// coordinator's embedded agent).
-    pub async fn client(stream: impl Transport, url: &str) -> Result<Self, SocketError> {
-        let stream: Box<dyn Transport> = Box::new(stream);
-        let handshake =
-            tokio_tungstenite::client_async_with_config(url, stream, Some(websocket_config()));
-        let (ws, _) = deadline("in the websocket handshake", HANDSHAKE_TIMEOUT, handshake).await?;
-        Ok(Self::new(ws))
+    pub async fn client(stream: impl Transport) -> Result<Self, SocketError> {
+        upgrade_client(Box::new(stream), format!("ws://localhost{BUS_PATH}"))
+            .await
+            .map(Self::new)
     }
 
     /// Sends one message, within [`WRITE_TIMEOUT`].
@@ -391,8 +541,8 @@ mod tests {
 
     async fn pair() -> (CoordinatorSocket, AgentSocket) {
         let (server_end, client_end) = tokio::io::duplex(64 * 1024);
-        let server = tokio::spawn(CoordinatorSocket::accept(server_end));
-        let client = AgentSocket::client(client_end, "ws://localhost/ws")
+        let server = tokio::spawn(accept_bus(server_end));
+        let client = AgentSocket::client(client_end)
             .await
             .expect("client handshake");
         (
@@ -452,7 +602,7 @@ mod tests {
     #[tokio::test]
     async fn garbled_and_text_frames_are_errors() {
         let (server_end, client_end) = tokio::io::duplex(64 * 1024);
-        let server = tokio::spawn(CoordinatorSocket::accept(server_end));
+        let server = tokio::spawn(accept_bus(server_end));
         let stream: Box<dyn Transport> = Box::new(client_end);
         let (mut raw, _) = tokio_tungstenite::client_async("ws://localhost/ws", stream)
             .await
@@ -477,26 +627,40 @@ mod tests {
     #[tokio::test]
     async fn other_paths_are_refused() {
         let (server_end, client_end) = tokio::io::duplex(64 * 1024);
-        let server = tokio::spawn(CoordinatorSocket::accept(server_end));
-        let client = AgentSocket::client(client_end, "ws://localhost/other").await;
-        assert!(client.is_err());
+        let server = tokio::spawn(accept(server_end));
+        let client = upgrade_client(Box::new(client_end), "ws://localhost/other").await;
+        match client {
+            Err(SocketError::Refused { status, message }) => {
+                assert_eq!(status, 404);
+                assert!(message.contains(BUS_PATH), "{message}");
+            }
+            Err(other) => panic!("not a refusal: {other}"),
+            Ok(_) => panic!("upgraded"),
+        }
         assert!(server.await.expect("joins").is_err());
     }
 
     #[test]
-    fn server_urls_must_be_plain_websocket() {
-        assert_eq!(host_of("ws://10.0.0.5:8081/ws").expect("valid"), "10.0.0.5");
-        assert!(matches!(
-            host_of("wss://x/ws"),
-            Err(SocketError::BadUrl { .. })
-        ));
-        assert!(matches!(
-            host_of("http://x/ws"),
-            Err(SocketError::BadUrl { .. })
-        ));
-        assert!(matches!(
-            host_of("not a url"),
-            Err(SocketError::BadUrl { .. })
-        ));
+    fn server_urls_are_websocket_urls() {
+        let secure = ServerUrl::parse("wss://build.example:8081/ws").expect("valid");
+        assert_eq!(
+            secure,
+            ServerUrl {
+                secure: true,
+                host: "build.example".into(),
+                port: 8081
+            }
+        );
+        assert_eq!(secure.at("/git"), "wss://build.example:8081/git");
+        let plain = ServerUrl::parse("ws://[::1]:9/ws").expect("valid");
+        assert_eq!((plain.secure, plain.host.as_str()), (false, "::1"));
+        assert_eq!(plain.to_string(), "ws://[::1]:9/ws");
+        assert_eq!(ServerUrl::parse("wss://x/ws").expect("valid").port, 443);
+        for bad in ["http://x/ws", "not a url", "wss:///ws"] {
+            assert!(
+                matches!(ServerUrl::parse(bad), Err(SocketError::BadUrl { .. })),
+                "{bad}"
+            );
+        }
     }
 }

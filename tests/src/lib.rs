@@ -181,6 +181,19 @@ pub struct Cluster {
     pub agents: Vec<Owned>,
     pub websocket_addr: String,
     pub git_daemon_port: u16,
+    /// The coordinator certificate's fingerprint, as agents pin it.
+    pub tls_fingerprint: String,
+}
+
+/// A TLS stream to a coordinator's bus port.
+pub type RawTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A coordinator process that wrote its discovery file.
+struct Started {
+    coordinator: Owned,
+    websocket_addr: String,
+    git_daemon_port: u16,
+    tls_fingerprint: String,
 }
 
 /// How to start a coordinator in tests.
@@ -193,6 +206,8 @@ pub struct ServeOptions {
     pub git_daemon_port: u16,
     /// Another fixture's token file, so one agent can serve several coordinators.
     pub token_file: Option<PathBuf>,
+    /// More `buildpool serve` arguments.
+    pub extra_args: Vec<String>,
 }
 
 impl Cluster {
@@ -206,13 +221,7 @@ impl Cluster {
         command
             .arg("-C")
             .arg(fixture.root())
-            .args([
-                "serve",
-                "--websocket-listen-addr",
-                "127.0.0.1",
-                "--git-daemon-listen-addr",
-                "127.0.0.1",
-            ])
+            .args(["serve", "--websocket-listen-addr", "127.0.0.1"])
             .args(["--websocket-port", &options.websocket_port.to_string()])
             .args(["--git-daemon-port", &options.git_daemon_port.to_string()]);
         if let Some(config) = &options.config {
@@ -223,15 +232,13 @@ impl Cluster {
         if let Some(token_file) = &options.token_file {
             command.arg("--token-file").arg(token_file);
         }
+        command.args(&options.extra_args);
         fixture.apply_env(&mut command);
         Ok(command)
     }
 
     /// Starts a coordinator process for `fixture` and waits for its discovery file.
-    fn spawn_coordinator(
-        fixture: &Fixture,
-        options: &ServeOptions,
-    ) -> anyhow::Result<(Owned, String, u16)> {
+    fn spawn_coordinator(fixture: &Fixture, options: &ServeOptions) -> anyhow::Result<Started> {
         let command = Self::serve_command(fixture, options)?;
         let log = fixture
             .scratch()
@@ -255,7 +262,16 @@ impl Cluster {
             .context("websocket_addr")?
             .to_owned();
         let git_daemon_port = found["git_daemon_port"].as_u64().context("git port")? as u16;
-        Ok((coordinator, websocket_addr, git_daemon_port))
+        let tls_fingerprint = found["tls_fingerprint"]
+            .as_str()
+            .context("tls_fingerprint")?
+            .to_owned();
+        Ok(Started {
+            coordinator,
+            websocket_addr,
+            git_daemon_port,
+            tls_fingerprint,
+        })
     }
 
     /// Starts a coordinator as `options` say, with `agents` agents of `slots` slots.
@@ -265,14 +281,14 @@ impl Cluster {
         slots: u32,
         options: &ServeOptions,
     ) -> anyhow::Result<Self> {
-        let (coordinator, websocket_addr, git_daemon_port) =
-            Self::spawn_coordinator(&fixture, options)?;
+        let started = Self::spawn_coordinator(&fixture, options)?;
         let mut cluster = Self {
             fixture,
-            coordinator,
+            coordinator: started.coordinator,
             agents: Vec::new(),
-            websocket_addr,
-            git_daemon_port,
+            websocket_addr: started.websocket_addr,
+            git_daemon_port: started.git_daemon_port,
+            tls_fingerprint: started.tls_fingerprint,
         };
         for index in 0..agents {
             cluster.add_agent(&format!("worker-{}", index + 1), slots, &[])?;
@@ -280,8 +296,33 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.websocket_addr)
+    /// The job bus URL agents connect to.
+    pub fn bus_url(&self) -> String {
+        format!("wss://{}/ws", self.websocket_addr)
+    }
+
+    /// A raw WebSocket to `path` on the bus port, over TLS with the coordinator pinned: for
+    /// tests that speak the wire protocol themselves.
+    pub async fn raw_websocket(
+        &self,
+        path: &str,
+    ) -> anyhow::Result<tokio_tungstenite::WebSocketStream<RawTls>> {
+        let stream = self.raw_tls().await?;
+        let url = format!("wss://{}{path}", self.websocket_addr);
+        let (socket, _) = tokio_tungstenite::client_async(url, stream).await?;
+        Ok(socket)
+    }
+
+    /// A TLS connection to the bus port, coordinator pinned, nothing sent yet.
+    pub async fn raw_tls(&self) -> anyhow::Result<RawTls> {
+        use buildpool_proto::tls;
+        let trust = tls::ServerTrust::Pinned(self.tls_fingerprint.parse()?);
+        let config = tls::client_config(&trust, None, &[])?;
+        let tcp = tokio::net::TcpStream::connect(&self.websocket_addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        Ok(tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?)
     }
 
     /// Starts the coordinator again on the same ports (after it was killed).
@@ -297,8 +338,8 @@ impl Cluster {
             git_daemon_port: self.git_daemon_port,
             ..options.clone()
         };
-        let (coordinator, _, _) = Self::spawn_coordinator(&self.fixture, &options)?;
-        self.coordinator = coordinator;
+        let started = Self::spawn_coordinator(&self.fixture, &options)?;
+        self.coordinator = started.coordinator;
         Ok(())
     }
 
@@ -307,7 +348,11 @@ impl Cluster {
         let dir = self.fixture.scratch().join(id);
         let mut command = Command::new(agent_bin());
         if !extra.contains(&"--server") {
-            command.args(["--server", &self.ws_url()]);
+            command.args(["--server", &self.bus_url()]);
+        }
+        let plain = extra.iter().any(|arg| arg.starts_with("ws://"));
+        if !plain && !extra.contains(&"--tls-fingerprint") {
+            command.args(["--tls-fingerprint", &self.tls_fingerprint]);
         }
         command.args(["--id", id, "--jobs", &slots.to_string()]);
         if !extra.contains(&"--token-file") {
@@ -473,7 +518,8 @@ impl Proxy {
             .store(self.next_id.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
-    pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.addr)
+    /// The job bus URL through this proxy (TLS passes through it untouched).
+    pub fn bus_url(&self) -> String {
+        format!("wss://{}/ws", self.addr)
     }
 }

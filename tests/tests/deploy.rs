@@ -29,7 +29,7 @@ fn the_example_agent_config_is_valid() {
     );
     assert!(stdout.contains("agent build-1 with 8 slots"), "{stdout}");
     assert!(
-        stdout.contains("ws://workstation-b:8081/ws (bob)"),
+        stdout.contains("wss://workstation-b:8081/ws (bob)"),
         "{stdout}"
     );
 }

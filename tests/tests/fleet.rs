@@ -98,7 +98,7 @@ fn two_coordinators_one_slot() -> (Cluster, Cluster, Owned) {
     let command = first.agent_command(
         "shared",
         1,
-        &["--server", &first.ws_url(), "--server", &second.ws_url()],
+        &["--server", &first.bus_url(), "--server", &second.bus_url()],
     );
     let agent =
         Owned::spawn(command, first.fixture.scratch().join("shared-agent.log")).expect("agent");
@@ -206,7 +206,7 @@ fn a_job_survives_a_cut_connection_and_is_reattached_not_rerun() {
     let mut cluster = cluster(0, &fast());
     let proxy = Proxy::start(&cluster.websocket_addr).expect("proxy");
     cluster
-        .add_agent("behind-proxy", 1, &["--server", &proxy.ws_url()])
+        .add_agent("behind-proxy", 1, &["--server", &proxy.bus_url()])
         .expect("agent");
     let fixture = &cluster.fixture;
     let mut run = start_brief_job(fixture, "12", "reattach");

@@ -11,8 +11,11 @@ use proptest::prelude::*;
 
 /// The agent's sections and keys (seed keys and ours), plus one that does not exist.
 const AGENT_KEYS: &[(&str, &[&str])] = &[
-    ("server", &["url", "name"]),
-    ("[servers]", &["url", "name"]),
+    ("server", &["url", "name", "tls_fingerprint", "tls_ca_file"]),
+    (
+        "[servers]",
+        &["url", "name", "tls_fingerprint", "tls_ca_file"],
+    ),
     (
         "worker",
         &[
@@ -25,7 +28,10 @@ const AGENT_KEYS: &[(&str, &[&str])] = &[
     ),
     ("storage", &["git_cache_dir", "worktree_dir"]),
     ("nix", &["prewarm_packages", "env"]),
-    ("auth", &["token_file"]),
+    (
+        "auth",
+        &["token_file", "tls_client_cert_file", "tls_client_key_file"],
+    ),
     ("bogus", &["key"]),
 ];
 
@@ -41,6 +47,10 @@ const COORDINATOR_KEYS: &[(&str, &[&str])] = &[
             "git_daemon_listen_addr",
             "control_listen_addr",
             "token_file",
+            "allow_insecure",
+            "tls_cert_file",
+            "tls_key_file",
+            "tls_client_ca_file",
             "log_max_bytes",
         ],
     ),
@@ -72,6 +82,8 @@ fn value() -> impl Strategy<Value = String> {
         "\\PC{0,30}".prop_map(|text| format!("{text:?}")),
         prop_oneof![
             Just("\"ws://127.0.0.1:8081/ws\""),
+            Just("\"wss://127.0.0.1:8081/ws\""),
+            Just("\"sha256:00:11\""),
             Just("\"auto\""),
             Just("\"/\""),
             Just("1.5")

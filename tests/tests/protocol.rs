@@ -16,8 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use tokio_tungstenite::tungstenite::Message;
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket = tokio_tungstenite::WebSocketStream<buildpool_tests::RawTls>;
 
 fn hello(token: &str) -> Message {
     let hello = Hello {
@@ -58,10 +57,10 @@ async fn frames_until_close(socket: &mut Socket) -> Vec<coordinator_frame::Msg> 
 }
 
 async fn connect(cluster: &Cluster) -> Socket {
-    tokio_tungstenite::connect_async(cluster.ws_url())
+    cluster
+        .raw_websocket("/ws")
         .await
         .expect("websocket connects")
-        .0
 }
 
 fn assert_still_serving(cluster: &Cluster) {
@@ -89,7 +88,7 @@ fn a_wrong_token_is_rejected_clearly_on_both_sides() {
     assert!(
         wait_until(Duration::from_secs(20), || agent
             .log_text()
-            .contains("rejected this agent (bad token): invalid token")),
+            .contains("rejected this agent (bad token): invalid credential")),
         "agent log:\n{}",
         agent.log_text()
     );
@@ -97,7 +96,7 @@ fn a_wrong_token_is_rejected_clearly_on_both_sides() {
         cluster
             .coordinator
             .log_text()
-            .contains("rejected agent: invalid token"),
+            .contains("rejected agent: invalid credential"),
         "{}",
         cluster.coordinator.log_text()
     );
@@ -184,8 +183,7 @@ async fn garbled_oversized_and_silent_connections_do_not_wedge_the_coordinator()
     frames_until_close(&mut socket).await;
 
     // A wrong path gets a 404, not an upgrade.
-    let wrong_path = format!("ws://{}/other", cluster.websocket_addr);
-    assert!(tokio_tungstenite::connect_async(wrong_path).await.is_err());
+    assert!(cluster.raw_websocket("/other").await.is_err());
 
     tokio::task::spawn_blocking(move || {
         assert_still_serving(&cluster);

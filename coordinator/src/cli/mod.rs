@@ -46,6 +46,7 @@ enum Command {
 
 /// Parses the command line, runs the command and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
+    buildpool_proto::tls::install_default_provider();
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use crate::config::{CoordinatorConfig, Overrides};
+use crate::config::{CoordinatorConfig, Overrides, TlsFiles};
 use crate::discovery::{self, Discovery};
 use crate::repo::Repo;
 use crate::server::Coordinator;
@@ -25,7 +25,8 @@ pub struct ServeArgs {
     /// git daemon port (0 picks a free one).
     #[arg(long)]
     git_daemon_port: Option<u16>,
-    /// git daemon listen address (default: all interfaces).
+    /// git daemon listen address (default: 127.0.0.1; agents fetch through the tunnel on
+    /// the job bus port). Beyond loopback it needs --allow-insecure.
     #[arg(long)]
     git_daemon_listen_addr: Option<String>,
     /// Control API address (default: 127.0.0.1:0).
@@ -34,6 +35,18 @@ pub struct ServeArgs {
     /// Token file shared with agents (default: ~/.config/buildpool/token, created if missing).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Accept plain ws:// agents and a git daemon beyond loopback (trusted networks only).
+    #[arg(long)]
+    allow_insecure: bool,
+    /// Certificate (PEM chain) to serve instead of the generated self-signed one.
+    #[arg(long, value_name = "FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// Key of --tls-cert-file.
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+    /// Require agent and client certificates signed by this CA (mutual TLS).
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca_file: Option<PathBuf>,
     /// Never run jobs on this machine, even with no agent connected.
     #[arg(long)]
     no_local_fallback: bool,
@@ -57,6 +70,12 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
             git_daemon_listen_addr: args.git_daemon_listen_addr,
             control_addr: args.control_addr,
             token_file: args.token_file,
+            allow_insecure: args.allow_insecure,
+            tls: TlsFiles {
+                cert_file: args.tls_cert_file,
+                key_file: args.tls_key_file,
+                client_ca_file: args.tls_client_ca_file,
+            },
             no_local_fallback: args.no_local_fallback,
             local_max_jobs: args.local_jobs,
             local_worktree_dir: args.local_worktree_dir,
@@ -71,27 +90,56 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let token = crate::auth::load(&config.token_file, true)?;
     let token_file = token.file.clone();
-    let coordinator = Coordinator::start(repo.clone(), config, token.value).await?;
+    let coordinator = Coordinator::start(repo.clone(), config.clone(), token.clone()).await?;
+    let control_scheme = if coordinator.control_tls() {
+        "https"
+    } else {
+        "http"
+    };
+    let fingerprint = coordinator.tls_fingerprint();
     let discovery = Discovery {
         pid: std::process::id(),
         coordinator_id: coordinator.id().to_owned(),
-        control_url: format!("http://{}", coordinator.control_addr),
+        control_url: format!("{control_scheme}://{}", coordinator.control_addr),
         websocket_addr: coordinator.websocket_addr().map(|a| a.to_string()),
         git_daemon_port: coordinator.git_daemon_port(),
         token_file: token_file.clone(),
+        tls_fingerprint: fingerprint.map(|f| f.to_string()),
     };
     discovery::write(&repo.state_dir(), &discovery).context("cannot write the discovery file")?;
 
     println!("Build pool coordinator starting...");
     println!("  Repository: {}", repo.common_dir.display());
     if let Some(addr) = coordinator.websocket_addr() {
-        println!(
-            "  WebSocket: {addr} (agents: build-agent --server ws://<this host>:{}/ws)",
-            addr.port()
+        let host = if addr.ip().is_unspecified() {
+            crate::config::hostname()
+        } else {
+            addr.ip().to_string()
+        };
+        println!("  Job bus: wss://{addr}/ws (git through the tunnel at /git on the same port)");
+        if let Some(fingerprint) = fingerprint {
+            println!("  TLS fingerprint: {fingerprint}");
+            println!(
+                "  Agents: build-agent --server wss://{host}:{}/ws --tls-fingerprint {fingerprint}",
+                addr.port()
+            );
+        }
+    }
+    if config.allow_insecure {
+        tracing::warn!(
+            "allow_insecure is set: plain ws:// agents are accepted (their token and every \
+             snapshot cross the network unencrypted) and the git daemon may listen beyond \
+             loopback without a credential"
         );
     }
-    if let Some(port) = coordinator.git_daemon_port() {
-        println!("  Git daemon: :{port}");
+    if let (Some(port), Some((listen, _))) = (coordinator.git_daemon_port(), &config.git_daemon) {
+        if crate::config::is_loopback(listen) {
+            println!("  Git daemon: {listen}:{port} (loopback only)");
+        } else {
+            tracing::warn!(
+                "the git daemon serves every snapshot without a credential on {listen}:{port}"
+            );
+        }
     }
     println!("  Control API: {}", discovery.control_url);
     match (&token_file, token.generated) {

@@ -15,14 +15,17 @@ use buildpool_core::bus::{
 use buildpool_core::time::unix_millis;
 use buildpool_core::{AttemptKey, Completion, OutputStream};
 use buildpool_proto::socket::{
-    CoordinatorSocket, HANDSHAKE_TIMEOUT, Outbox, SocketError, Transport,
+    CoordinatorSocket, HANDSHAKE_TIMEOUT, Outbox, SocketError, Transport, Upgrade,
 };
+use buildpool_proto::tunnel::Tunnel;
 use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::scheduler::{AgentRegistration, ConnId};
 use super::{Connection, LOCAL_AGENT_ID, Shared};
+use crate::auth::Scope;
 
 /// Messages queued for one agent. Only control messages go this way, so a full queue means
 /// the agent stopped reading.
@@ -109,39 +112,148 @@ pub(crate) async fn accept_loop(
         };
         let ticket = HandshakeTicket::admit(&handshakes, &shutdown);
         let _ = stream.set_nodelay(true);
-        connections.spawn(handle_stream(
+        connections.spawn(handle_tcp(
             Arc::clone(&shared),
             stream,
-            peer.to_string(),
-            false,
+            peer,
             shutdown.clone(),
-            Some(ticket),
+            ticket,
         ));
     }
     while connections.join_next().await.is_some() {}
 }
 
-/// Serves one agent connection: upgrade, authenticate, then messages until it ends.
+/// The first byte of every TLS connection (a handshake record).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// What a plain-text client of a TLS-only bus reads.
+const TLS_REQUIRED: &str = "this coordinator accepts TLS only: connect to wss://HOST:PORT/ws \
+     and pin the fingerprint `buildpool serve` printed (--tls-fingerprint)";
+
+/// Serves one TCP connection on the bus port: TLS (or, where allowed, plain text), then
+/// [`handle_stream`]. Everything before the upgrade shares the handshake deadline.
+async fn handle_tcp(
+    shared: Arc<Shared>,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    ticket: HandshakeTicket,
+) {
+    let secured = async {
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) => {}
+            Ok(Ok(_)) => return Err("closed before saying anything".to_owned()),
+            Ok(Err(error)) => return Err(error.to_string()),
+            Err(_) => return Err("said nothing within the handshake timeout".to_owned()),
+        }
+        if first[0] == TLS_HANDSHAKE_RECORD {
+            let Some(tls) = &shared.tls else {
+                return Err("a TLS client, but this coordinator has no certificate".to_owned());
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.bus));
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => Ok(Box::new(stream) as Box<dyn Transport>),
+                Ok(Err(error)) => Err(format!("TLS handshake failed: {error}")),
+                Err(_) => Err("TLS handshake timed out".to_owned()),
+            }
+        } else if shared.config.allow_insecure {
+            Ok(Box::new(tcp) as Box<dyn Transport>)
+        } else {
+            refuse_plain_text(tcp).await;
+            Err("plain-text connection refused: this bus requires TLS".to_owned())
+        }
+    };
+    let stream = tokio::select! {
+        secured = secured => match secured {
+            Ok(stream) => stream,
+            Err(reason) => {
+                tracing::warn!(%peer, "{reason}");
+                return;
+            }
+        },
+        () = ticket.evicted.cancelled() => {
+            tracing::warn!(%peer, "handshake evicted by newer connections (too many pending)");
+            return;
+        }
+    };
+    handle_stream(shared, stream, Peer::Remote(peer), shutdown, Some(ticket)).await;
+}
+
+/// Answers a plain HTTP request on a TLS-only port with a reason a person can act on.
+async fn refuse_plain_text(mut tcp: tokio::net::TcpStream) {
+    let response = format!(
+        "HTTP/1.1 426 Upgrade Required\r\nContent-Type: text/plain\r\nConnection: close\r\n\
+         Content-Length: {}\r\n\r\n{TLS_REQUIRED}",
+        TLS_REQUIRED.len()
+    );
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        // The request must be read, or closing with unread data resets the connection
+        // before the client reads the answer.
+        let mut request = [0u8; 4096];
+        let _ = tokio::io::AsyncReadExt::read(&mut tcp, &mut request).await;
+        tcp.write_all(response.as_bytes()).await?;
+        tcp.shutdown().await
+    })
+    .await;
+}
+
+/// Who is on the other end of a bus connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Peer {
+    Remote(std::net::SocketAddr),
+    /// The coordinator's embedded agent, over an in-memory stream.
+    Local,
+}
+
+impl Peer {
+    fn ip(self) -> Option<std::net::IpAddr> {
+        match self {
+            Peer::Remote(addr) => Some(addr.ip()),
+            Peer::Local => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Remote(addr) => write!(f, "{addr}"),
+            Peer::Local => f.write_str(LOCAL_AGENT_ID),
+        }
+    }
+}
+
+/// Serves one bus connection: upgrade, then an agent (authenticated, then messages until
+/// it ends) or a git tunnel.
 pub(crate) async fn handle_stream(
     shared: Arc<Shared>,
     stream: impl Transport,
-    peer: String,
-    local: bool,
+    peer: Peer,
     shutdown: CancellationToken,
     ticket: Option<HandshakeTicket>,
 ) {
     let evicted = ticket
         .as_ref()
         .map_or_else(CancellationToken::new, |t| t.evicted.clone());
+    let local = matches!(peer, Peer::Local);
     // The upgrade and the first message, each with its deadline; an eviction ends either.
     let handshake = async {
-        let mut socket = CoordinatorSocket::accept(stream).await?;
+        let mut socket = match buildpool_proto::socket::accept(stream).await? {
+            Upgrade::Bus(socket) => socket,
+            Upgrade::Tunnel { tunnel, bearer } => return Ok(Err((tunnel, bearer))),
+        };
         let first = socket.recv_within(HANDSHAKE_TIMEOUT).await;
-        Ok::<_, SocketError>((socket, first))
+        Ok::<_, SocketError>(Ok((socket, first)))
     };
     let (mut socket, first) = tokio::select! {
         handshake = handshake => match handshake {
-            Ok(handshake) => handshake,
+            Ok(Ok(handshake)) => handshake,
+            Ok(Err((tunnel, bearer))) => {
+                drop(ticket);
+                serve_tunnel(&shared, tunnel, &bearer, peer).await;
+                return;
+            }
             Err(error) => {
                 tracing::warn!(%peer, "websocket upgrade failed: {error}");
                 return;
@@ -161,7 +273,7 @@ pub(crate) async fn handle_stream(
     };
     let checked = hello
         .map_err(unreadable_hello)
-        .and_then(|hello| check_hello(&shared, &hello, local).map(|()| hello));
+        .and_then(|hello| check_hello(&shared, &hello, peer).map(|()| hello));
     let hello = match checked {
         Ok(hello) => hello,
         Err(reject) => {
@@ -175,9 +287,17 @@ pub(crate) async fn handle_stream(
 
     let conn = shared.next_conn_id();
     let span = tracing::info_span!("agent", agent_id = %hello.agent_id, conn, %peer);
-    serve_agent(shared, conn, hello, peer, local, socket, shutdown)
-        .instrument(span)
-        .await;
+    serve_agent(
+        shared,
+        conn,
+        hello,
+        peer.to_string(),
+        local,
+        socket,
+        shutdown,
+    )
+    .instrument(span)
+    .await;
 }
 
 /// The reject for a hello that could not be read at all.
@@ -188,7 +308,54 @@ fn unreadable_hello(message: String) -> Reject {
     }
 }
 
-fn check_hello(shared: &Shared, hello: &Hello, local: bool) -> Result<(), Reject> {
+/// Splices an authenticated git tunnel to the loopback git daemon.
+async fn serve_tunnel(shared: &Shared, tunnel: Tunnel, bearer: &str, peer: Peer) {
+    if let Err(reason) = shared.authorize(bearer, Scope::Agent, peer.ip()) {
+        tracing::warn!(%peer, "git tunnel refused: {reason}");
+        tunnel.refuse(&reason).await;
+        return;
+    }
+    let Some(port) = shared.git_daemon_port else {
+        tunnel.refuse("this coordinator runs no git daemon").await;
+        return;
+    };
+    let daemon = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)),
+    )
+    .await
+    {
+        Ok(Ok(daemon)) => daemon,
+        Ok(Err(error)) => {
+            tracing::error!(%peer, "git tunnel: cannot reach the git daemon on port {port}: {error}");
+            tunnel
+                .refuse("the coordinator's git daemon is not reachable")
+                .await;
+            return;
+        }
+        Err(_) => {
+            tunnel
+                .refuse("the coordinator's git daemon did not answer")
+                .await;
+            return;
+        }
+    };
+    let _ = daemon.set_nodelay(true);
+    let started = Instant::now();
+    match tunnel.splice(daemon).await {
+        Ok(traffic) => tracing::info!(
+            %peer,
+            bytes_to_agent = traffic.sent,
+            bytes_from_agent = traffic.received,
+            elapsed_ms = started.elapsed().as_millis(),
+            "git fetch through the tunnel"
+        ),
+        Err(error) => tracing::warn!(%peer, "git tunnel: {error}"),
+    }
+}
+
+fn check_hello(shared: &Shared, hello: &Hello, peer: Peer) -> Result<(), Reject> {
+    let local = matches!(peer, Peer::Local);
     let reject = |code: RejectCode, message: String| Reject { code, message };
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(reject(
@@ -199,11 +366,8 @@ fn check_hello(shared: &Shared, hello: &Hello, local: bool) -> Result<(), Reject
             ),
         ));
     }
-    if !crate::auth::matches(&shared.token, &hello.token) {
-        return Err(reject(
-            RejectCode::BadToken,
-            "invalid token: copy the coordinator's token file to the agent".into(),
-        ));
+    if !local && let Err(reason) = shared.authorize(&hello.token, Scope::Agent, peer.ip()) {
+        return Err(reject(RejectCode::BadToken, reason));
     }
     let id_ok = !hello.agent_id.is_empty()
         && hello.agent_id.len() <= 128
@@ -270,6 +434,8 @@ async fn serve_agent(
     let connection = Connection {
         outbox: outbox.clone(),
         agent_id: hello.agent_id.clone(),
+        // The embedded agent presents none; it is never re-checked.
+        credential: (!local).then(|| hello.token.clone()),
     };
     shared.register(conn, connection, registration, &reports);
     tracing::info!(slots = hello.slots.total, labels = ?hello.labels, local, reported = reports.len(), "agent connected");

@@ -2,8 +2,9 @@
 //!
 //! An edge adapter: requests are decoded into domain types here (a malformed request is an
 //! `invalid_argument`, never a default), handled against the scheduler and the job logs,
-//! and the answers encoded on the way out. Listens on loopback by default and requires the
-//! same token as agents, so only the workstation's user can queue work.
+//! and the answers encoded on the way out. Listens on loopback by default, and over TLS
+//! with the bus's certificate wherever it listens beyond loopback; every call needs a
+//! credential with the client scope.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{ActiveJob, Shared, joblog};
+use crate::auth::Scope;
 use crate::snapshot::SNAPSHOT_REF_PREFIX;
 
 /// Events buffered per streaming client; beyond this the client's own pace sets the speed.
@@ -38,7 +40,8 @@ pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) {
-    let token = shared.token.clone();
+    let tls = shared.tls.as_ref().map(|tls| Arc::clone(&tls.control));
+    let checker = Arc::clone(&shared);
     let service =
         ControlServer::with_interceptor(ControlService { shared }, move |request: Request<()>| {
             let presented = request
@@ -47,22 +50,86 @@ pub(crate) async fn serve(
                 .and_then(|value| value.to_str().ok())
                 .and_then(|value| value.strip_prefix("Bearer "))
                 .unwrap_or("");
-            if crate::auth::matches(&token, presented) {
-                Ok(request)
-            } else {
-                Err(Status::unauthenticated("invalid or missing token"))
+            match checker.authorize(
+                presented,
+                Scope::Client,
+                request.remote_addr().map(|addr| addr.ip()),
+            ) {
+                Ok(()) => Ok(request),
+                Err(reason) => Err(Status::unauthenticated(reason)),
             }
         });
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let result = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await;
+        .add_service(service);
+    let beyond_loopback = listener
+        .local_addr()
+        .is_ok_and(|addr| !addr.ip().is_loopback());
+    let result = match tls {
+        Some(config) if beyond_loopback => {
+            let incoming = tls_incoming(listener, config, shutdown.clone());
+            server
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await
+        }
+        _ => {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            server
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await
+        }
+    };
     if let Err(error) = result {
         tracing::error!("control API stopped: {error}");
     }
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Accepted connections after their TLS handshakes, which run concurrently (with a
+/// deadline each) so one slow client never holds up the next.
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> ReceiverStream<Result<TlsStream, std::io::Error>> {
+    let (sender, receiver) = mpsc::channel(16);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = sender.closed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!("control API: accept failed: {error}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, sender) = (acceptor.clone(), sender.clone());
+            tokio::spawn(async move {
+                let handshake = tokio::time::timeout(
+                    buildpool_proto::socket::HANDSHAKE_TIMEOUT,
+                    acceptor.accept(tcp),
+                );
+                match handshake.await {
+                    Ok(Ok(stream)) => {
+                        let _ = sender.send(Ok(stream)).await;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(%peer, "control API: TLS handshake failed: {error}")
+                    }
+                    Err(_) => tracing::warn!(%peer, "control API: TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(receiver)
 }
 
 #[derive(Debug)]
@@ -136,7 +203,7 @@ impl Control for ControlService {
         let source = Source {
             repo_id: shared.repo.id.clone(),
             git_path: shared.git_path.clone(),
-            git_port: shared.git_daemon_port.unwrap_or(0),
+            git_port: shared.git_daemon_port.filter(|_| shared.direct_git),
             commit,
             git_ref,
         };

@@ -113,12 +113,14 @@ fn daemon_command(
         .arg("--timeout=120")
         .arg("--max-connections=64")
         .arg(format!("--base-path={}", base.display()))
-        .arg(format!("--port={port}"))
-        .arg(common_dir);
+        .arg(format!("--port={port}"));
+    // Options must come before the directory: git daemon takes every argument after the
+    // first directory as another directory, so a `--listen` there was silently ignored.
     if !listen.is_empty() {
         command.arg(format!("--listen={listen}"));
     }
     command
+        .arg(common_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

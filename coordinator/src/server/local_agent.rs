@@ -26,7 +26,8 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             id: LOCAL_AGENT_ID.to_owned(),
             labels: Vec::new(),
             system: build_agent::agent::local_system(),
-            token: shared.token.clone(),
+            // In-process: the bus does not ask it for a credential.
+            token: String::new(),
         },
         ExecutorConfig {
             // Repository ids never start with a dot, so the cache cannot clash with them.
@@ -45,8 +46,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         let server = tokio::spawn(bus::handle_stream(
             Arc::clone(&shared),
             coordinator_end,
-            LOCAL_AGENT_ID.to_owned(),
-            true,
+            bus::Peer::Local,
             shutdown.clone(),
             None,
         ));

@@ -23,9 +23,11 @@ use std::time::{Duration, Instant};
 use buildpool_core::bus::CoordinatorMessage;
 use buildpool_core::{AttemptKey, JobEvent, JobId};
 use buildpool_proto::socket::{Outbox, SendError};
+use buildpool_proto::tls::{self, Fingerprint, ServerIdentity};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{AuthError, Authenticator, CredentialName, CredentialStore, Scope, Token};
 use crate::config::CoordinatorConfig;
 use crate::repo::Repo;
 use scheduler::{Action, ConnId, Scheduler, SchedulerConfig};
@@ -47,6 +49,47 @@ pub enum StartError {
     GitDaemon(#[from] git_daemon::DaemonError),
     #[error("coordinator state directory: {0}")]
     State(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// The coordinator's TLS: one certificate, for the job bus and (beyond loopback) the
+/// control API.
+#[derive(Debug)]
+pub(crate) struct CoordinatorTls {
+    /// For the job bus and the git tunnel (WebSocket over TLS).
+    pub bus: Arc<rustls::ServerConfig>,
+    /// For the control API (gRPC: HTTP/2 by ALPN).
+    pub control: Arc<rustls::ServerConfig>,
+    pub fingerprint: Fingerprint,
+}
+
+impl CoordinatorTls {
+    /// The configured certificate and key, else the generated pair next to the token file.
+    fn load(config: &CoordinatorConfig) -> Result<Self, StartError> {
+        let identity = match (&config.tls.cert_file, &config.tls.key_file) {
+            (Some(cert), Some(key)) => ServerIdentity::load(cert, key)?,
+            _ => {
+                let dir = config
+                    .token_file
+                    .parent()
+                    .map_or_else(|| PathBuf::from("."), PathBuf::from);
+                let names = vec![
+                    crate::config::hostname(),
+                    "localhost".to_owned(),
+                    "127.0.0.1".to_owned(),
+                    "::1".to_owned(),
+                ];
+                ServerIdentity::load_or_create(&dir, &names)?
+            }
+        };
+        let client_ca = config.tls.client_ca_file.as_deref();
+        Ok(Self {
+            bus: tls::server_config(&identity, client_ca, &[])?,
+            control: tls::server_config(&identity, client_ca, &[b"h2"])?,
+            fingerprint: identity.fingerprint,
+        })
+    }
 }
 
 /// The agent id of the coordinator's embedded local agent; no remote agent may use it.
@@ -80,6 +123,8 @@ impl ActiveJob {
 pub(crate) struct Connection {
     pub outbox: Outbox<CoordinatorMessage>,
     pub agent_id: String,
+    /// What the agent presented, re-checked so a revoked credential ends its connections.
+    pub credential: Option<String>,
 }
 
 #[derive(Debug)]
@@ -95,9 +140,14 @@ pub(crate) struct Shared {
     pub id: String,
     pub repo: Repo,
     pub config: CoordinatorConfig,
-    pub token: String,
+    pub auth: Authenticator,
+    /// `None` for an in-process coordinator: no job bus, control API on loopback.
+    pub tls: Option<CoordinatorTls>,
     pub log_dir: PathBuf,
     pub git_daemon_port: Option<u16>,
+    /// Whether agents fetch from the git daemon directly (it listens beyond loopback, an
+    /// insecure setup) instead of through the tunnel.
+    pub direct_git: bool,
     pub git_path: String,
     pub websocket_addr: Option<SocketAddr>,
     /// Cancelled when the coordinator stops; per-job tasks end with it.
@@ -114,6 +164,40 @@ impl Shared {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Checks a credential presented for `scope` from `peer` (`None`: in-process); the
+    /// error is what the peer is told. Failures are logged by the authenticator.
+    pub fn authorize(
+        &self,
+        presented: &str,
+        scope: Scope,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<(), String> {
+        match self.auth.check(presented, scope, peer) {
+            Ok(_) => Ok(()),
+            Err(AuthError::Invalid) => Err(match scope {
+                Scope::Agent => "invalid credential: give the agent a credential from \
+                                 `buildpool token create --scope agent` (or the coordinator's token file)",
+                Scope::Client => "invalid credential: use a credential from \
+                                  `buildpool token create --scope client` (or the coordinator's token file)",
+            }
+            .to_owned()),
+            Err(AuthError::WrongScope {
+                credential,
+                has,
+                needs,
+            }) if credential == CredentialName::Legacy.to_string() => Err(format!(
+                "the coordinator's token file no longer admits {needs}s since {needs} credentials \
+                 exist (it keeps the {has} scope): run `buildpool token create --scope {needs}` \
+                 and install the new credential here"
+            )),
+            Err(AuthError::Store(error)) => {
+                tracing::error!("credential store: {error}");
+                Err("the coordinator cannot read its credential store; see its log".to_owned())
+            }
+            Err(error) => Err(error.to_string()),
+        }
     }
 
     pub fn next_conn_id(&self) -> ConnId {
@@ -226,7 +310,7 @@ impl Coordinator {
     pub async fn start(
         repo: Repo,
         config: CoordinatorConfig,
-        token: String,
+        token: Token,
     ) -> Result<Self, StartError> {
         let log_dir = if config.private_logs {
             let parent = repo.state_dir().join("in-process");
@@ -258,6 +342,10 @@ impl Coordinator {
                 source,
             })?;
         let control_addr = control.local_addr()?;
+        let needs_tls = websocket.is_some() || !control_addr.ip().is_loopback();
+        let tls = needs_tls
+            .then(|| CoordinatorTls::load(&config))
+            .transpose()?;
         let git_daemon = match &config.git_daemon {
             Some((listen, port)) => Some(
                 git_daemon::GitDaemon::start(repo.common_dir.clone(), listen.clone(), *port)
@@ -279,14 +367,19 @@ impl Coordinator {
         let shared = Arc::new(Shared {
             id: format!("{}-{:x}", std::process::id(), fastrand::u32(..)),
             git_daemon_port: git_daemon.as_ref().map(|d| d.port),
+            direct_git: config
+                .git_daemon
+                .as_ref()
+                .is_some_and(|(listen, _)| !crate::config::is_loopback(listen)),
             git_path: git_daemon
                 .as_ref()
                 .map(|d| d.git_path.clone())
                 .unwrap_or_default(),
             websocket_addr,
             repo,
+            auth: Authenticator::new(token, CredentialStore::next_to(&config.token_file)),
             config,
-            token,
+            tls,
             log_dir,
             state: Mutex::new(State {
                 scheduler,
@@ -337,6 +430,16 @@ impl Coordinator {
         self.shared.git_daemon_port
     }
 
+    /// The fingerprint agents pin; `None` when nothing is served over TLS.
+    pub fn tls_fingerprint(&self) -> Option<Fingerprint> {
+        self.shared.tls.as_ref().map(|tls| tls.fingerprint)
+    }
+
+    /// Whether the control API is served over TLS (it listens beyond loopback).
+    pub fn control_tls(&self) -> bool {
+        !self.control_addr.ip().is_loopback()
+    }
+
     /// Stops everything: listeners, connections, the local agent's jobs, the git daemon.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
@@ -374,13 +477,44 @@ fn remove_abandoned_log_dirs(parent: &std::path::Path) {
     }
 }
 
-/// Drives the scheduler's clock: cancel and timeout backstops.
+/// How often connected agents' credentials are checked again.
+const RECHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Drives the scheduler's clock (cancel and timeout backstops) and re-checks connected
+/// agents' credentials.
 async fn tick_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(Duration::from_secs(1));
+    let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = interval.tick() => shared.step(|scheduler| ((), scheduler.tick(Instant::now()))),
+            _ = recheck.tick() => close_revoked(&shared),
+        }
+    }
+}
+
+/// Closes the connections of agents whose credential no longer admits them (revoked, or
+/// the token file's once agent credentials exist), so revocation takes effect on
+/// established connections too. Their jobs are then orphaned like any lost link's.
+fn close_revoked(shared: &Shared) {
+    let admitted: Vec<(ConnId, String)> = shared
+        .state()
+        .connections
+        .iter()
+        .filter_map(|(conn, c)| c.credential.clone().map(|credential| (*conn, credential)))
+        .collect();
+    // Checked outside the lock: the store may be re-read from disk.
+    let revoked: Vec<ConnId> = admitted
+        .into_iter()
+        .filter(|(_, credential)| shared.auth.check(credential, Scope::Agent, None).is_err())
+        .map(|(conn, _)| conn)
+        .collect();
+    let state = shared.state();
+    for conn in revoked {
+        if let Some(connection) = state.connections.get(&conn) {
+            tracing::warn!(conn, agent_id = %connection.agent_id, "the agent's credential no longer admits it; closing its connection");
+            connection.outbox.close();
         }
     }
 }

@@ -188,7 +188,7 @@ fn main() -> anyhow::Result<()> {
     for round in 0..3 {
         let mut cluster = Cluster::start_with(Fixture::new()?, 0, 1, &fast)?;
         let proxy = Proxy::start(&cluster.websocket_addr)?;
-        cluster.add_agent("behind-proxy", 1, &["--server", &proxy.ws_url()])?;
+        cluster.add_agent("behind-proxy", 1, &["--server", &proxy.bus_url()])?;
         let fixture = &cluster.fixture;
         std::fs::write(fixture.sleep_file(), "10")?;
         let mut run = Owned::spawn(

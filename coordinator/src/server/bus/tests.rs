@@ -39,6 +39,8 @@ impl Bus {
             git_daemon: None,
             control_addr: "127.0.0.1:0".into(),
             token_file: dir.path().join("token"),
+            allow_insecure: false,
+            tls: crate::config::TlsFiles::default(),
             log_max_bytes: 1024 * 1024,
             local_fallback: false,
             local_max_jobs: 1,
@@ -59,9 +61,18 @@ impl Bus {
                 id: "repo".into(),
             },
             config,
-            token: TOKEN.into(),
+            auth: crate::auth::Authenticator::new(
+                crate::auth::Token {
+                    value: TOKEN.into(),
+                    file: None,
+                    generated: false,
+                },
+                crate::auth::CredentialStore::next_to(&dir.path().join("token")),
+            ),
+            tls: None,
             log_dir: dir.path().to_owned(),
             git_daemon_port: None,
+            direct_git: false,
             git_path: String::new(),
             websocket_addr: None,
             shutdown: CancellationToken::new(),
@@ -81,14 +92,14 @@ impl Bus {
         }
     }
 
-    /// A new in-memory connection served by the bus; returns the agent's end.
+    /// A new in-memory connection served by the bus as if from a remote `peer`; returns the
+    /// agent's end.
     fn serve_memory(&self, peer: &str) -> tokio::io::DuplexStream {
         let (coordinator_end, agent_end) = tokio::io::duplex(256 * 1024);
         tokio::spawn(handle_stream(
             Arc::clone(&self.shared),
             coordinator_end,
-            peer.into(),
-            false,
+            Peer::Remote(peer.parse().expect("a socket address")),
             self.shutdown.clone(),
             None,
         ));
@@ -97,7 +108,7 @@ impl Bus {
 
     /// A new in-memory connection to the bus, as an agent sees it.
     async fn connect(&self) -> AgentSocket {
-        AgentSocket::client(self.serve_memory("memory"), "ws://localhost/ws")
+        AgentSocket::client(self.serve_memory("192.0.2.1:1"))
             .await
             .expect("websocket handshake")
     }
@@ -105,7 +116,7 @@ impl Bus {
     /// A new in-memory connection that speaks raw WebSocket frames, as a broken peer would.
     async fn raw(&self) -> WebSocketStream<tokio::io::DuplexStream> {
         let (raw, _) =
-            tokio_tungstenite::client_async("ws://localhost/ws", self.serve_memory("raw"))
+            tokio_tungstenite::client_async("ws://localhost/ws", self.serve_memory("192.0.2.2:1"))
                 .await
                 .expect("websocket handshake");
         raw
@@ -152,7 +163,7 @@ impl Bus {
         let source = Source {
             repo_id: "repo".into(),
             git_path: "/repo".into(),
-            git_port: 9418,
+            git_port: None,
             commit: "0".repeat(40),
             git_ref: "refs/buildpool/snapshots/test".into(),
         };
@@ -255,7 +266,7 @@ async fn a_wrong_token_or_version_is_rejected_with_the_reason_and_the_connection
     };
     assert_eq!(reject.code, RejectCode::BadToken);
     assert!(
-        reject.message.contains("invalid token"),
+        reject.message.contains("invalid credential"),
         "{}",
         reject.message
     );

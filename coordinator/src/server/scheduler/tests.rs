@@ -23,7 +23,7 @@ fn source() -> Source {
     Source {
         repo_id: "repo".into(),
         git_path: "/repo.git".into(),
-        git_port: 9418,
+        git_port: None,
         commit: "0".repeat(40),
         git_ref: "refs/buildpool/snapshots/x".into(),
     }

@@ -1,0 +1,294 @@
+//! The git tunnel: git's bytes over a WebSocket at [`TUNNEL_PATH`] on the job bus port.
+//!
+//! A build host then needs the one bus port, and git is as protected as the bus: the same
+//! TLS, and a credential checked before a byte reaches the coordinator's git daemon, which
+//! listens on loopback only. The agent's `git-proxy` command opens a tunnel for each fetch;
+//! the coordinator splices it to its daemon.
+//!
+//! Data travels in non-empty binary messages. An empty binary message means "no more data
+//! this way" (a half-close), because git's protocol needs one: the daemon closes its side
+//! once the pack is sent while the client may still be writing, and a WebSocket close
+//! frame would end both directions at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+
+use crate::socket::{ServerUrl, SocketError, Stream, dial};
+
+/// Where tunnels connect on the bus port.
+pub const TUNNEL_PATH: &str = "/git";
+/// A tunnel with no traffic either way for this long is closed: git itself never pauses
+/// that long during a fetch, so the peer is gone.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+const CHUNK_BYTES: usize = 64 * 1024;
+/// A close frame's payload is at most 125 bytes, two of them the code.
+const MAX_CLOSE_REASON_BYTES: usize = 123;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("the coordinator refused the git tunnel: {0}")]
+    Refused(String),
+    #[error("git tunnel: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("git tunnel idle for {IDLE_TIMEOUT:?}; closed")]
+    Idle,
+}
+
+/// Bytes carried each way by a finished splice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// From the local stream into the tunnel.
+    pub sent: u64,
+    /// From the tunnel to the local stream.
+    pub received: u64,
+}
+
+/// One end of an open git tunnel.
+pub struct Tunnel {
+    ws: Stream,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel").finish_non_exhaustive()
+    }
+}
+
+impl Tunnel {
+    pub(crate) fn new(ws: Stream) -> Self {
+        Self { ws }
+    }
+
+    /// Client side: opens a tunnel to `server`'s git daemon, presenting `credential`.
+    pub async fn open(
+        server: &ServerUrl,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        credential: &str,
+    ) -> Result<Self, SocketError> {
+        dial(server, tls, TUNNEL_PATH, Some(credential))
+            .await
+            .map(Self::new)
+    }
+
+    /// Server side: refuses the tunnel; the client reports `reason` (its first 123 bytes,
+    /// all a close frame holds).
+    pub async fn refuse(mut self, reason: &str) {
+        let mut end = reason.len().min(MAX_CLOSE_REASON_BYTES);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let frame = CloseFrame {
+            code: CloseCode::Policy,
+            reason: reason[..end].to_owned().into(),
+        };
+        let _ = tokio::time::timeout(
+            crate::socket::WRITE_TIMEOUT,
+            self.ws.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+
+    /// Carries bytes both ways between the tunnel and `local` until both directions ended,
+    /// one side failed, or nothing moved for [`IDLE_TIMEOUT`].
+    pub async fn splice(
+        self,
+        local: impl AsyncRead + AsyncWrite + Unpin,
+    ) -> Result<Traffic, TunnelError> {
+        let (mut sink, mut stream) = self.ws.split();
+        let (mut local_read, mut local_write) = tokio::io::split(local);
+        // Either direction failing ends the other, which may be waiting on a quiet peer.
+        let failed = CancellationToken::new();
+
+        let outbound = async {
+            let mut sent = 0u64;
+            let mut buffer = vec![0u8; CHUNK_BYTES];
+            loop {
+                let read = tokio::select! {
+                    () = failed.cancelled() => return Ok(sent),
+                    read = tokio::time::timeout(IDLE_TIMEOUT, local_read.read(&mut buffer)) => read,
+                };
+                let n = match read {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(error)) => return Err(TunnelError::Io(error)),
+                    Err(_) => return Err(TunnelError::Idle),
+                };
+                let message = Message::Binary(buffer[..n].to_vec().into());
+                let written =
+                    tokio::time::timeout(crate::socket::WRITE_TIMEOUT, sink.send(message)).await;
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => return Err(SocketError::from(error).into()),
+                    Err(_) => return Err(SocketError::Timeout("writing to the tunnel").into()),
+                }
+                if n == 0 {
+                    return Ok(sent);
+                }
+                sent += n as u64;
+            }
+        };
+        let outbound = async {
+            let result = outbound.await;
+            if result.is_err() {
+                failed.cancel();
+            }
+            result
+        };
+
+        let inbound = async {
+            let mut received = 0u64;
+            loop {
+                let next = tokio::select! {
+                    () = failed.cancelled() => return Ok(received),
+                    next = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => next,
+                };
+                match next {
+                    Err(_) => return Err(TunnelError::Idle),
+                    Ok(None) => break,
+                    Ok(Some(Err(error))) => return Err(SocketError::from(error).into()),
+                    Ok(Some(Ok(Message::Binary(data)))) if data.is_empty() => break,
+                    Ok(Some(Ok(Message::Binary(data)))) => {
+                        local_write.write_all(&data).await?;
+                        // Standard output buffers; the peer may be waiting for these bytes.
+                        local_write.flush().await?;
+                        received += data.len() as u64;
+                    }
+                    Ok(Some(Ok(Message::Close(Some(frame)))))
+                        if frame.code == CloseCode::Policy =>
+                    {
+                        return Err(TunnelError::Refused(frame.reason.to_string()));
+                    }
+                    Ok(Some(Ok(Message::Close(_)))) => break,
+                    Ok(Some(Ok(Message::Text(_)))) => {
+                        return Err(SocketError::TextFrame.into());
+                    }
+                    // Pings and pongs are the WebSocket layer's business.
+                    Ok(Some(Ok(_))) => {}
+                }
+            }
+            local_write.flush().await?;
+            local_write.shutdown().await?;
+            Ok(received)
+        };
+        let inbound = async {
+            let result = inbound.await;
+            if result.is_err() {
+                failed.cancel();
+            }
+            result
+        };
+
+        let (sent, received) = tokio::join!(outbound, inbound);
+        if let Ok(mut ws) = sink.reunite(stream) {
+            let _ = tokio::time::timeout(crate::socket::WRITE_TIMEOUT, ws.close(None)).await;
+        }
+        // The inbound error first: a refusal is what the user needs to read.
+        let received = received?;
+        Ok(Traffic {
+            sent: sent?,
+            received,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::socket::{Upgrade, accept, upgrade_client};
+
+    /// A tunnel over an in-memory pipe: (server end with the bearer it got, client end).
+    async fn pair(bearer: &str) -> ((Tunnel, String), Tunnel) {
+        let (server_end, client_end) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(accept(server_end));
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                "ws://localhost/git",
+            )
+            .expect("request");
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {bearer}").parse().expect("header"),
+        );
+        let client = upgrade_client(Box::new(client_end), request)
+            .await
+            .expect("client handshake");
+        match server.await.expect("joins").expect("server handshake") {
+            Upgrade::Tunnel { tunnel, bearer } => ((tunnel, bearer), Tunnel::new(client)),
+            Upgrade::Bus(_) => panic!("a tunnel taken for a bus connection"),
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_cross_both_ways_and_each_side_half_closes() {
+        let ((server, bearer), client) = pair("secret").await;
+        assert_eq!(bearer, "secret");
+
+        // The "daemon" answers once it has read the whole request, then closes; the "git"
+        // client sends its request, closes its side and reads the answer to the end.
+        let (daemon_end, mut daemon) = tokio::io::duplex(1024);
+        let daemon = tokio::spawn(async move {
+            let mut request = Vec::new();
+            daemon.read_to_end(&mut request).await.expect("reads");
+            daemon.write_all(b"PACK for ").await.expect("writes");
+            daemon.write_all(&request).await.expect("writes");
+            daemon.shutdown().await.expect("closes");
+        });
+        let (git_end, mut git) = tokio::io::duplex(1024);
+        let git = tokio::spawn(async move {
+            git.write_all(b"want abc").await.expect("writes");
+            git.shutdown().await.expect("half-closes");
+            let mut answer = Vec::new();
+            git.read_to_end(&mut answer).await.expect("reads");
+            answer
+        });
+        let (served, fetched) = tokio::join!(server.splice(daemon_end), client.splice(git_end));
+        assert_eq!(
+            served.expect("server splice"),
+            Traffic {
+                sent: 17,
+                received: 8
+            }
+        );
+        assert_eq!(
+            fetched.expect("client splice"),
+            Traffic {
+                sent: 8,
+                received: 17
+            }
+        );
+        assert_eq!(git.await.expect("joins"), b"PACK for want abc");
+        daemon.await.expect("joins");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_reaches_the_client_with_its_reason() {
+        let ((server, _), client) = pair("wrong").await;
+        tokio::spawn(server.refuse("invalid credential"));
+        let (git_end, _git) = tokio::io::duplex(1024);
+        let error = client.splice(git_end).await.expect_err("refused");
+        assert!(
+            matches!(&error, TunnelError::Refused(reason) if reason == "invalid credential"),
+            "{error}"
+        );
+
+        // A reason longer than a close frame holds is cut, not a protocol error.
+        let ((server, _), client) = pair("wrong").await;
+        let long = format!("é{}", "x".repeat(200));
+        tokio::spawn(async move { server.refuse(&long).await });
+        let (git_end, _git) = tokio::io::duplex(1024);
+        match client.splice(git_end).await {
+            Err(TunnelError::Refused(reason)) => {
+                assert!(reason.starts_with("éxx") && reason.len() <= 123, "{reason}");
+            }
+            other => panic!("not a refusal: {other:?}"),
+        }
+    }
+}
