@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, Link};
 use crate::backoff::Backoff;
-use crate::git_cache::GitRemote;
+use crate::git_cache::{GitEnv, GitRemote};
 use crate::git_proxy::EndpointTls;
 use crate::job_table::PoolView;
 
@@ -77,7 +77,7 @@ pub enum GitLocator {
         /// The host the agent dialled for the job bus.
         host: String,
         /// Environment that makes git fetch through the tunnel (`GIT_PROXY_COMMAND`).
-        tunnel_env: Vec<(String, String)>,
+        tunnel_env: GitEnv,
     },
     /// A fixed URL, e.g. `file:///path/to/repo` for the coordinator's embedded agent.
     Fixed(String),

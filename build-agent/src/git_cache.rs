@@ -24,7 +24,7 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(900);
 pub struct GitRemote {
     pub url: String,
     /// Extra environment for git, e.g. the tunnel's proxy command and its settings.
-    pub env: Vec<(String, String)>,
+    pub env: GitEnv,
 }
 
 impl GitRemote {
@@ -32,8 +32,21 @@ impl GitRemote {
     pub fn plain(url: String) -> Self {
         Self {
             url,
-            env: Vec::new(),
+            env: GitEnv::default(),
         }
+    }
+}
+
+/// Environment variables for git. They may hold a credential, so only their names are
+/// ever shown.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct GitEnv(pub Vec<(String, String)>);
+
+impl std::fmt::Debug for GitEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
     }
 }
 
@@ -153,7 +166,7 @@ impl GitCache {
         }
         let local_ref = format!("refs/buildpool/fetched/{leaf}");
         let mut fetch = Git::new(&dir);
-        for (key, value) in &remote.env {
+        for (key, value) in &remote.env.0 {
             fetch = fetch.env(key, value);
         }
         fetch

@@ -17,6 +17,8 @@ use buildpool_proto::socket::{ServerUrl, SocketError};
 use buildpool_proto::tls::{self, ClientCertFiles, ServerTrust, TlsError};
 use buildpool_proto::tunnel::{Tunnel, TunnelError};
 
+use crate::git_cache::GitEnv;
+
 const ENV_SERVER: &str = "BUILDPOOL_TUNNEL_SERVER";
 const ENV_FINGERPRINT: &str = "BUILDPOOL_TUNNEL_FINGERPRINT";
 const ENV_CA_FILE: &str = "BUILDPOOL_TUNNEL_CA_FILE";
@@ -83,7 +85,7 @@ pub fn environment(
     server: &ServerUrl,
     tls: Option<&EndpointTls>,
     token: &str,
-) -> Vec<(String, String)> {
+) -> GitEnv {
     let mut env = vec![
         (
             "GIT_PROXY_COMMAND".to_owned(),
@@ -110,7 +112,7 @@ pub fn environment(
             ));
         }
     }
-    env
+    GitEnv(env)
 }
 
 fn var(name: &'static str) -> Option<String> {

@@ -371,3 +371,70 @@ fn the_control_api_beyond_loopback_speaks_tls() {
     let stderr = String::from_utf8_lossy(&pinned_wrong.stderr);
     assert!(stderr.contains(&cluster.tls_fingerprint), "{stderr}");
 }
+
+#[test]
+fn with_mutual_tls_only_an_agent_with_a_client_certificate_gets_in_and_fetches() {
+    let fixture = Fixture::new().expect("fixture");
+    // A self-signed client certificate is its own CA.
+    let client_dir = fixture.scratch().join("client-cert");
+    let client =
+        buildpool_proto::tls::ServerIdentity::load_or_create(&client_dir, &["agent".into()])
+            .expect("client certificate");
+    let cert = client.cert_file.display().to_string();
+    let key = client_dir
+        .join(buildpool_proto::tls::GENERATED_KEY_FILE)
+        .display()
+        .to_string();
+    let options = ServeOptions {
+        extra_args: vec!["--tls-client-ca-file".into(), cert.clone()],
+        ..ServeOptions::default()
+    };
+    let mut cluster = Cluster::start_with(fixture, 0, 1, &options).expect("cluster");
+    refused_agent(&cluster, "no-client-cert", &[], &["CertificateRequired"]);
+    cluster
+        .add_agent(
+            "with-client-cert",
+            1,
+            &["--tls-client-cert", &cert, "--tls-client-key", &key],
+        )
+        .expect("admitted with a client certificate");
+    // The snapshot comes through the tunnel, which needs the client certificate too.
+    let check = cluster.fixture.run(&["run", "check"]).expect("runs");
+    assert_eq!(check.code, Some(0), "{check}");
+    assert!(
+        check.stderr.contains("running on with-client-cert"),
+        "{check}"
+    );
+}
+
+#[test]
+fn with_allow_insecure_a_seed_era_agent_connects_in_plain_text_and_fetches_directly() {
+    let options = ServeOptions {
+        extra_args: ["--allow-insecure", "--git-daemon-listen-addr", "0.0.0.0"]
+            .map(str::to_owned)
+            .to_vec(),
+        ..ServeOptions::default()
+    };
+    let mut cluster =
+        Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &options).expect("cluster");
+    let plain = format!("ws://{}/ws", cluster.websocket_addr);
+    cluster
+        .add_agent("seed-era", 1, &["--server", &plain])
+        .expect("a plain ws:// agent is admitted where allowed");
+    let check = cluster.fixture.run(&["run", "check"]).expect("runs");
+    assert_eq!(check.code, Some(0), "{check}");
+    let log = cluster.coordinator.log_text();
+    assert!(
+        log.contains("allow_insecure is set"),
+        "warns at start:\n{log}"
+    );
+    assert!(
+        !log.contains("git fetch through the tunnel"),
+        "the agent fetched from the daemon directly:\n{log}"
+    );
+    assert!(
+        cluster.agents[0].log_text().contains("is plain ws://"),
+        "the agent warns too:\n{}",
+        cluster.agents[0].log_text()
+    );
+}

@@ -507,7 +507,13 @@ fn close_revoked(shared: &Shared) {
     // Checked outside the lock: the store may be re-read from disk.
     let revoked: Vec<ConnId> = admitted
         .into_iter()
-        .filter(|(_, credential)| shared.auth.check(credential, Scope::Agent, None).is_err())
+        // Only a definite refusal counts: an unreadable store must not disconnect everyone.
+        .filter(|(_, credential)| {
+            matches!(
+                shared.auth.check(credential, Scope::Agent, None),
+                Err(AuthError::Invalid | AuthError::WrongScope { .. })
+            )
+        })
         .map(|(conn, _)| conn)
         .collect();
     let state = shared.state();

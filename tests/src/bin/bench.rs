@@ -6,9 +6,15 @@
 //!    client's exit (the agent confirmed);
 //! 4. dead-link detection and reattach after a silent network cut (heartbeat timeout 3 s).
 //!
-//! Run: `cargo run --release -p buildpool-tests --bin bench [-- ROUNDS]`
+//! `security` instead measures, side by side in one run: a snapshot fetch through the
+//! authenticated tunnel against one straight from the git daemon; submit to first cargo
+//! output with agents fetching each way; and the cost of TLS per bus connection.
+//!
+//! Run: `cargo run --release -p buildpool-tests --bin bench [-- ROUNDS]` or
+//! `... --bin bench -- security [ROUNDS]`
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -77,11 +83,15 @@ fn edit(fixture: &Fixture, round: usize) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .map(|n| n.parse())
-        .transpose()?
-        .unwrap_or(9);
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let security_only = args.first().is_some_and(|arg| arg == "security");
+    if security_only {
+        args.remove(0);
+    }
+    let rounds: usize = args.first().map(|n| n.parse()).transpose()?.unwrap_or(9);
+    if security_only {
+        return security(rounds);
+    }
     let cluster = Cluster::start(Fixture::new()?, 1, 1)?;
     let fixture = &cluster.fixture;
 
@@ -226,6 +236,152 @@ fn main() -> anyhow::Result<()> {
     summary(
         "network cut -> agent reconnected and its attempt reattached",
         &reattached,
+    );
+    Ok(())
+}
+
+/// A fresh bare repository fetching the coordinator's main branch, through the tunnel when
+/// `tunnel` is given (the wrapper script and the credential), else from the daemon directly.
+fn timed_fetch(
+    cluster: &Cluster,
+    dir: &Path,
+    tunnel: Option<(&Path, &str)>,
+) -> anyhow::Result<Duration> {
+    let _ = std::fs::remove_dir_all(dir);
+    let status = Command::new("git")
+        .args(["init", "--quiet", "--bare"])
+        .arg(dir)
+        .status()?;
+    if !status.success() {
+        bail!("git init failed");
+    }
+    let mut fetch = Command::new("git");
+    fetch
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "protocol.version=1", "fetch", "--quiet"]);
+    match tunnel {
+        Some((wrapper, credential)) => {
+            fetch
+                .arg("git://buildpool-tunnel/.git")
+                .env("GIT_PROXY_COMMAND", wrapper)
+                .env("BUILDPOOL_TUNNEL_SERVER", cluster.bus_url())
+                .env("BUILDPOOL_TUNNEL_FINGERPRINT", &cluster.tls_fingerprint)
+                .env("BUILDPOOL_TOKEN", credential);
+        }
+        None => {
+            fetch.arg(format!("git://127.0.0.1:{}/.git", cluster.git_daemon_port));
+        }
+    }
+    fetch.arg("+refs/heads/*:refs/heads/*");
+    let started = Instant::now();
+    let output = fetch.output()?;
+    if !output.status.success() {
+        bail!("fetch failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(started.elapsed())
+}
+
+fn security(rounds: usize) -> anyhow::Result<()> {
+    // The default (tunnel) and a trusted-network coordinator whose agents fetch directly.
+    let tunnelled = Cluster::start(Fixture::new()?, 1, 1)?;
+    let direct_options = ServeOptions {
+        extra_args: ["--allow-insecure", "--git-daemon-listen-addr", "0.0.0.0"]
+            .map(str::to_owned)
+            .to_vec(),
+        ..ServeOptions::default()
+    };
+    let direct = Cluster::start_with(Fixture::new()?, 1, 1, &direct_options)?;
+
+    // 1. One fetch of the whole fixture repository, both ways, from the same daemon.
+    let scratch = tunnelled.fixture.scratch();
+    let wrapper = scratch.join("git-proxy");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec '{}' git-proxy \"$@\"\n",
+            buildpool_tests::agent_bin().display()
+        ),
+    )?;
+    Command::new("chmod").arg("+x").arg(&wrapper).status()?;
+    let token = std::fs::read_to_string(tunnelled.fixture.token_file())?;
+    let token = token.trim();
+    let (mut through, mut straight) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let dir = scratch.join(format!("fetch-{round}"));
+        through.push(timed_fetch(&tunnelled, &dir, Some((&wrapper, token)))?);
+        straight.push(timed_fetch(&tunnelled, &dir, None)?);
+    }
+
+    // 2. Submit -> first cargo output line, each round after a one-line change so every
+    // job fetches a new snapshot.
+    for cluster in [&tunnelled, &direct] {
+        let out = cluster.fixture.run(&["run", "check"])?;
+        if out.code != Some(0) {
+            bail!("warm-up failed: {out}");
+        }
+    }
+    let (mut first_tunnelled, mut first_direct) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        for (cluster, samples) in [
+            (&tunnelled, &mut first_tunnelled),
+            (&direct, &mut first_direct),
+        ] {
+            edit(&cluster.fixture, round)?;
+            samples.push(time_to_first_cargo_line(
+                &cluster.fixture,
+                &["run", "check"],
+            )?);
+        }
+    }
+
+    // 3. TLS per agent connection: connect and upgrade, TLS against plain text, on the
+    // coordinator that accepts both.
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (mut with_tls, mut plain) = (Vec::new(), Vec::new());
+    runtime.block_on(async {
+        for _ in 0..rounds.max(20) {
+            let started = Instant::now();
+            let socket = direct.raw_websocket("/ws").await?;
+            with_tls.push(started.elapsed());
+            drop(socket);
+            let started = Instant::now();
+            let (socket, _) =
+                tokio_tungstenite::connect_async(format!("ws://{}/ws", direct.websocket_addr))
+                    .await?;
+            plain.push(started.elapsed());
+            drop(socket);
+        }
+        anyhow::Ok(())
+    })?;
+
+    println!("buildpool security benchmarks ({rounds} rounds, everything on this host)");
+    let tunnel_fetch = summary(
+        "fetch of the fixture repository through the tunnel",
+        &through,
+    );
+    let direct_fetch = summary("the same fetch straight from git daemon", &straight);
+    println!(
+        "ratio tunnel/direct fetch: {:.2}",
+        tunnel_fetch.as_secs_f64() / direct_fetch.as_secs_f64()
+    );
+    let tunnel_first = summary(
+        "run check -> first cargo output, agent fetching through the tunnel",
+        &first_tunnelled,
+    );
+    let direct_first = summary(
+        "run check -> first cargo output, agent fetching from git daemon directly",
+        &first_direct,
+    );
+    println!(
+        "ratio tunnel/direct submit-to-output: {:.2}",
+        tunnel_first.as_secs_f64() / direct_first.as_secs_f64()
+    );
+    let tls = summary("agent connection: TCP + TLS + WebSocket upgrade", &with_tls);
+    let clear = summary("agent connection: TCP + WebSocket upgrade (plain)", &plain);
+    println!(
+        "TLS handshake cost per agent connection: {:.2} ms",
+        ms(tls.saturating_sub(clear))
     );
     Ok(())
 }
