@@ -62,6 +62,11 @@ pub enum ClientError {
     NoFingerprint(String),
     #[error(transparent)]
     Tls(TlsError),
+    #[error(
+        "{0} is plain text beyond loopback, where the credential would cross the network \
+         unencrypted; use the https:// URL of a coordinator whose control API listens there"
+    )]
+    PlainTextRemote(String),
     /// The coordinator answered with an error; its message says why (and is all a user
     /// needs to read, so the status is no error source of its own).
     #[error("{}", .0.message())]
@@ -86,6 +91,14 @@ impl From<tonic::Status> for ClientError {
 #[derive(Debug, Clone)]
 pub struct Client {
     grpc: ControlClient<InterceptedService<Channel, Bearer>>,
+}
+
+/// Whether `url` (`http://HOST:PORT`) stays on this host.
+fn plain_text_is_local(url: &str) -> bool {
+    url.parse::<tonic::codegen::http::Uri>()
+        .ok()
+        .and_then(|uri| uri.host().map(crate::config::is_loopback))
+        .unwrap_or(false)
 }
 
 /// Why a connection failed, in words: a certificate pin mismatch (naming both
@@ -135,7 +148,8 @@ impl Client {
                     .map_err(|e| unreachable(e.to_string()))?;
                 (format!("http://{rest}"), Some(config))
             }
-            None => (url.to_owned(), None),
+            None if plain_text_is_local(url) => (url.to_owned(), None),
+            None => return Err(ClientError::PlainTextRemote(url.to_owned())),
         };
         let endpoint = Endpoint::from_shared(plain_url)
             .map_err(|e| unreachable(e.to_string()))?
@@ -255,5 +269,24 @@ impl JobEvents {
             Some(event) => Ok(Some(decode_job_event(event)?)),
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_credential_is_never_sent_in_plain_text_beyond_loopback() {
+        assert!(plain_text_is_local("http://127.0.0.1:1"));
+        assert!(plain_text_is_local("http://[::1]:1"));
+        assert!(plain_text_is_local("http://localhost:1"));
+        assert!(!plain_text_is_local("http://192.0.2.7:1"));
+        assert!(!plain_text_is_local("http://build.example:1"));
+        let refused = Client::connect("http://192.0.2.7:1", "secret", None).await;
+        assert!(
+            matches!(refused, Err(ClientError::PlainTextRemote(_))),
+            "{refused:?}"
+        );
     }
 }

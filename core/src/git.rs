@@ -22,11 +22,20 @@ pub enum GitError {
 }
 
 /// A git invocation under construction.
-#[derive(Debug)]
 pub struct Git {
     command: tokio::process::Command,
     display: String,
     timeout: Duration,
+}
+
+/// Shows the arguments only: the environment may hold a credential (the git tunnel's).
+impl std::fmt::Debug for Git {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Git")
+            .field("args", &self.display)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Git {

@@ -159,22 +159,6 @@ fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Writes `contents` to `path` with mode 0600, atomically (a reader sees all or nothing).
-fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
-    let error = |e| TlsError::Write(path.to_owned(), e);
-    let temporary = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)
-        .map_err(error)?;
-    file.write_all(contents.as_bytes()).map_err(error)?;
-    file.sync_all().map_err(error)?;
-    std::fs::rename(&temporary, path).map_err(error)
-}
-
 impl ServerIdentity {
     /// Loads a certificate chain (end-entity first) and its key from PEM files.
     pub fn load(cert_file: &Path, key_file: &Path) -> Result<Self, TlsError> {
@@ -191,36 +175,71 @@ impl ServerIdentity {
 
     /// Loads the generated pair in `dir`, creating a self-signed one (mode 0600) for
     /// `names` if there is none. The pair is kept, so the fingerprint agents pinned stays
-    /// valid across restarts.
+    /// valid across restarts. Coordinators of several repositories share the directory and
+    /// may start together: the files are placed without replacing, the first key placed
+    /// wins, and the others load its pair.
     pub fn load_or_create(dir: &Path, names: &[String]) -> Result<Self, TlsError> {
         let cert_file = dir.join(GENERATED_CERT_FILE);
         let key_file = dir.join(GENERATED_KEY_FILE);
-        match (cert_file.exists(), key_file.exists()) {
-            (true, true) => return Self::load(&cert_file, &key_file),
-            (true, false) => {
+        if !key_file.exists() {
+            if cert_file.exists() {
                 return Err(TlsError::HalfPair {
                     found: cert_file,
                     missing: key_file,
                 });
             }
-            (false, true) => {
-                return Err(TlsError::HalfPair {
-                    found: key_file,
-                    missing: cert_file,
-                });
+            std::fs::create_dir_all(dir).map_err(|e| TlsError::Write(dir.to_owned(), e))?;
+            let generated = rcgen::generate_simple_self_signed(names.to_vec())
+                .map_err(|e| TlsError::Generate(e.to_string()))?;
+            // The key first: whoever places it also places its certificate.
+            if place_private(&key_file, &generated.signing_key.serialize_pem())? {
+                place_private(&cert_file, &generated.cert.pem())?;
+                let mut identity = Self::load(&cert_file, &key_file)?;
+                identity.generated = true;
+                return Ok(identity);
             }
-            (false, false) => {}
         }
-        std::fs::create_dir_all(dir).map_err(|e| TlsError::Write(dir.to_owned(), e))?;
-        let generated = rcgen::generate_simple_self_signed(names.to_vec())
-            .map_err(|e| TlsError::Generate(e.to_string()))?;
-        // The key first: a reader that finds the certificate then finds its key too.
-        write_private(&key_file, &generated.signing_key.serialize_pem())?;
-        write_private(&cert_file, &generated.cert.pem())?;
-        let mut identity = Self::load(&cert_file, &key_file)?;
-        identity.generated = true;
-        Ok(identity)
+        // A key exists; its certificate may still be on its way from another process.
+        let deadline = std::time::Instant::now() + PAIR_WAIT;
+        while !cert_file.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if !cert_file.exists() {
+            return Err(TlsError::HalfPair {
+                found: key_file,
+                missing: cert_file,
+            });
+        }
+        Self::load(&cert_file, &key_file)
     }
+}
+
+/// How long a coordinator waits for the certificate of a key another one just placed.
+const PAIR_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Writes `contents` to `path` with mode 0600 unless `path` exists; never replaces it, and a
+/// reader sees all or nothing. Returns whether this call placed the file.
+fn place_private(path: &Path, contents: &str) -> Result<bool, TlsError> {
+    let error = |e| TlsError::Write(path.to_owned(), e);
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temporary = path.with_extension(format!("tmp.{}.{unique}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(error)?;
+    file.write_all(contents.as_bytes()).map_err(error)?;
+    file.sync_all().map_err(error)?;
+    // A hard link fails if the name exists: the no-replace rename.
+    let placed = match std::fs::hard_link(&temporary, path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(error(e)),
+    };
+    let _ = std::fs::remove_file(&temporary);
+    placed
 }
 
 /// Builds the server config: this identity, optionally requiring client certificates
@@ -433,6 +452,32 @@ mod tests {
             ServerIdentity::load_or_create(dir.path(), &[]),
             Err(TlsError::HalfPair { .. })
         ));
+    }
+
+    #[test]
+    fn coordinators_starting_together_share_one_pair() {
+        let dir = tempfile::tempdir().expect("temp");
+        let fingerprints: Vec<Fingerprint> = std::thread::scope(|scope| {
+            let starts: Vec<_> = (0..6)
+                .map(|_| {
+                    scope.spawn(|| {
+                        ServerIdentity::load_or_create(dir.path(), &["localhost".into()])
+                            .expect("loaded or created")
+                            .fingerprint
+                    })
+                })
+                .collect();
+            starts
+                .into_iter()
+                .map(|start| start.join().expect("joins"))
+                .collect()
+        });
+        let on_disk = ServerIdentity::load_or_create(dir.path(), &[]).expect("loaded");
+        assert!(
+            fingerprints.iter().all(|f| *f == on_disk.fingerprint),
+            "{fingerprints:?} vs {:?}",
+            on_disk.fingerprint
+        );
     }
 
     /// One TLS handshake over an in-memory pipe; returns the client's result.

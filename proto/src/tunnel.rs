@@ -11,6 +11,7 @@
 //! frame would end both directions at once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -41,6 +42,50 @@ pub enum TunnelError {
     Io(#[from] std::io::Error),
     #[error("git tunnel idle for {IDLE_TIMEOUT:?}; closed")]
     Idle,
+}
+
+/// When either direction of a splice last moved, shared by both.
+struct Activity {
+    started: tokio::time::Instant,
+    last_ms: AtomicU64,
+    idle: Duration,
+}
+
+impl Activity {
+    fn new(idle: Duration) -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            idle,
+        }
+    }
+
+    fn touch(&self) {
+        let elapsed = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(elapsed, Ordering::Relaxed);
+    }
+
+    /// Awaits `operation` (which must be cancel-safe) until it completes, or until neither
+    /// direction has moved for the idle time.
+    async fn wait<T>(&self, operation: impl Future<Output = T>) -> Result<T, TunnelError> {
+        let mut operation = std::pin::pin!(operation);
+        loop {
+            let last = self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            match tokio::time::timeout_at(last + self.idle, operation.as_mut()).await {
+                Ok(output) => {
+                    self.touch();
+                    return Ok(output);
+                }
+                Err(_) => {
+                    let moved =
+                        self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+                    if moved == last {
+                        return Err(TunnelError::Idle);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Bytes carried each way by a finished splice.
@@ -107,20 +152,19 @@ impl Tunnel {
         let (mut local_read, mut local_write) = tokio::io::split(local);
         // Either direction failing ends the other, which may be waiting on a quiet peer.
         let failed = CancellationToken::new();
+        // One direction is quiet for long stretches (git says nothing while the pack
+        // arrives), so only silence both ways counts.
+        let activity = Activity::new(IDLE_TIMEOUT);
 
         let outbound = async {
             let mut sent = 0u64;
             let mut buffer = vec![0u8; CHUNK_BYTES];
             loop {
                 let read = tokio::select! {
-                    () = failed.cancelled() => return Ok(sent),
-                    read = tokio::time::timeout(IDLE_TIMEOUT, local_read.read(&mut buffer)) => read,
+                    () = failed.cancelled() => return Ok::<u64, TunnelError>(sent),
+                    read = activity.wait(local_read.read(&mut buffer)) => read,
                 };
-                let n = match read {
-                    Ok(Ok(n)) => n,
-                    Ok(Err(error)) => return Err(TunnelError::Io(error)),
-                    Err(_) => return Err(TunnelError::Idle),
-                };
+                let n = read?.map_err(TunnelError::Io)?;
                 let message = Message::Binary(buffer[..n].to_vec().into());
                 let written =
                     tokio::time::timeout(crate::socket::WRITE_TIMEOUT, sink.send(message)).await;
@@ -148,30 +192,27 @@ impl Tunnel {
             loop {
                 let next = tokio::select! {
                     () = failed.cancelled() => return Ok(received),
-                    next = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => next,
+                    next = activity.wait(stream.next()) => next?,
                 };
                 match next {
-                    Err(_) => return Err(TunnelError::Idle),
-                    Ok(None) => break,
-                    Ok(Some(Err(error))) => return Err(SocketError::from(error).into()),
-                    Ok(Some(Ok(Message::Binary(data)))) if data.is_empty() => break,
-                    Ok(Some(Ok(Message::Binary(data)))) => {
+                    None => break,
+                    Some(Err(error)) => return Err(SocketError::from(error).into()),
+                    Some(Ok(Message::Binary(data))) if data.is_empty() => break,
+                    Some(Ok(Message::Binary(data))) => {
                         local_write.write_all(&data).await?;
                         // Standard output buffers; the peer may be waiting for these bytes.
                         local_write.flush().await?;
                         received += data.len() as u64;
                     }
-                    Ok(Some(Ok(Message::Close(Some(frame)))))
-                        if frame.code == CloseCode::Policy =>
-                    {
+                    Some(Ok(Message::Close(Some(frame)))) if frame.code == CloseCode::Policy => {
                         return Err(TunnelError::Refused(frame.reason.to_string()));
                     }
-                    Ok(Some(Ok(Message::Close(_)))) => break,
-                    Ok(Some(Ok(Message::Text(_)))) => {
+                    Some(Ok(Message::Close(_))) => break,
+                    Some(Ok(Message::Text(_))) => {
                         return Err(SocketError::TextFrame.into());
                     }
                     // Pings and pongs are the WebSocket layer's business.
-                    Ok(Some(Ok(_))) => {}
+                    Some(Ok(_)) => {}
                 }
             }
             local_write.flush().await?;
@@ -266,6 +307,26 @@ mod tests {
         );
         assert_eq!(git.await.expect("joins"), b"PACK for want abc");
         daemon.await.expect("joins");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_direction_lives_as_long_as_the_other_moves() {
+        let activity = Activity::new(Duration::from_millis(300));
+        // The other direction moves at 200 ms: this wait outlives the idle time...
+        let waited = tokio::join!(
+            activity.wait(tokio::time::sleep(Duration::from_millis(450))),
+            async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                activity.touch();
+            }
+        )
+        .0;
+        assert!(waited.is_ok(), "cut while the other direction moved");
+        // ...but with nothing moving at all, it ends.
+        let idle = activity
+            .wait(tokio::time::sleep(Duration::from_secs(10)))
+            .await;
+        assert!(matches!(idle, Err(TunnelError::Idle)), "{idle:?}");
     }
 
     #[tokio::test]

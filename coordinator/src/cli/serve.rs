@@ -144,7 +144,8 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
     println!("  Control API: {}", discovery.control_url);
     match (&token_file, token.generated) {
         (Some(file), true) => println!(
-            "  Token: generated at {} (copy it to each build host's /etc/build-agent/token)",
+            "  Token: generated at {} (this host's clients use it; build hosts can too, but \
+             `buildpool token create --scope agent` gives them one that cannot submit)",
             file.display()
         ),
         (Some(file), false) => println!("  Token: {}", file.display()),

@@ -251,7 +251,10 @@ pub(crate) async fn handle_stream(
             Ok(Ok(handshake)) => handshake,
             Ok(Err((tunnel, bearer))) => {
                 drop(ticket);
-                serve_tunnel(&shared, tunnel, &bearer, peer).await;
+                tokio::select! {
+                    () = serve_tunnel(&shared, tunnel, &bearer, peer) => {}
+                    () = shutdown.cancelled() => {}
+                }
                 return;
             }
             Err(error) => {
@@ -315,13 +318,21 @@ async fn serve_tunnel(shared: &Shared, tunnel: Tunnel, bearer: &str, peer: Peer)
         tunnel.refuse(&reason).await;
         return;
     }
-    let Some(port) = shared.git_daemon_port else {
+    let (Some(port), Some((listen, _))) = (shared.git_daemon_port, &shared.config.git_daemon)
+    else {
         tunnel.refuse("this coordinator runs no git daemon").await;
         return;
     };
+    // Where the daemon listens: loopback (v4, v6 or by name) unless direct git is allowed,
+    // when an empty address means every interface, loopback included.
+    let host = if listen.is_empty() {
+        "127.0.0.1"
+    } else {
+        listen.as_str()
+    };
     let daemon = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)),
+        tokio::net::TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port)),
     )
     .await
     {

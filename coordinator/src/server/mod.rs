@@ -54,7 +54,7 @@ pub enum StartError {
 }
 
 /// The coordinator's TLS: one certificate, for the job bus and (beyond loopback) the
-/// control API.
+/// control API. Mutual TLS, if configured, applies to the job bus and the git tunnel.
 #[derive(Debug)]
 pub(crate) struct CoordinatorTls {
     /// For the job bus and the git tunnel (WebSocket over TLS).
@@ -86,7 +86,9 @@ impl CoordinatorTls {
         let client_ca = config.tls.client_ca_file.as_deref();
         Ok(Self {
             bus: tls::server_config(&identity, client_ca, &[])?,
-            control: tls::server_config(&identity, client_ca, &[b"h2"])?,
+            // Clients prove themselves with a client credential; client certificates are
+            // for agents (the CLI presents none).
+            control: tls::server_config(&identity, None, &[b"h2"])?,
             fingerprint: identity.fingerprint,
         })
     }
@@ -119,12 +121,21 @@ impl ActiveJob {
 }
 
 /// One agent connection, as the scheduler's actions reach it.
-#[derive(Debug)]
 pub(crate) struct Connection {
     pub outbox: Outbox<CoordinatorMessage>,
     pub agent_id: String,
     /// What the agent presented, re-checked so a revoked credential ends its connections.
     pub credential: Option<String>,
+}
+
+/// Leaves the credential out.
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("agent_id", &self.agent_id)
+            .field("closed", &self.outbox.is_closed())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
