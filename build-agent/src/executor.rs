@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use buildpool_core::{
-    AttemptKey, Completion, EnvMode, JobEnd, JobSpec, OutputStream, RunEnv, Source,
+    AgentPhases, AttemptKey, Completion, EnvMode, JobEnd, JobSpec, OutputStream, RunEnv, Source,
 };
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -63,6 +63,7 @@ fn ended_early(end: JobEnd, started: Instant) -> Completion {
         end,
         duration: started.elapsed(),
         env: None,
+        phases: AgentPhases::default(),
     }
 }
 
@@ -169,13 +170,16 @@ impl Executor {
         };
 
         let setup = async {
+            let mut phases = AgentPhases::default();
             // A workspace still held by an ending job (or another process) makes this job
             // wait, never fail: the lease is the job's, not a reason to give up.
+            let phase = Instant::now();
             let workspace = self
                 .workspaces
                 .acquire_waiting(&job.source.repo_id)
                 .await
                 .map_err(|e| e.to_string())?;
+            phases.workspace_wait = phase.elapsed();
             let lock = self
                 .cache
                 .lock(&job.source.repo_id)
@@ -194,7 +198,9 @@ impl Executor {
                 .await
                 .map_err(|e| format!("fetching the snapshot failed: {e}"))?;
             let fetch_time = fetch_started.elapsed();
+            phases.fetch = fetch_time;
             let warm = workspace.is_warm();
+            let phase = Instant::now();
             workspace
                 .checkout(
                     &lock,
@@ -204,6 +210,8 @@ impl Executor {
                 .await
                 .map_err(|e| format!("checking out the snapshot failed: {e}"))?;
             drop(lock);
+            phases.checkout = phase.elapsed();
+            let phase = Instant::now();
             let env_mode = match job.spec.env_mode {
                 EnvMode::Auto => self.config.env_mode,
                 explicit => explicit,
@@ -222,6 +230,7 @@ impl Executor {
                     (Some(dev_env), format!(" (dev shell {how})"))
                 }
             };
+            phases.environment = phase.elapsed();
             let commit_short = job.source.commit.get(..12).unwrap_or(&job.source.commit);
             note(format!(
                 "snapshot {commit_short} {}; workspace slot {} ({}); env {}{env_note}",
@@ -235,13 +244,13 @@ impl Executor {
                 env.label()
             ))
             .await;
-            Ok::<_, String>((workspace, env, dev_env))
+            Ok::<_, String>((workspace, env, dev_env, phases))
         };
         let setup = tokio::select! {
             result = tokio::time::timeout(timeout, setup) => result,
             () = cancel.cancelled() => return ended_early(JobEnd::Cancelled, started),
         };
-        let (workspace, env, dev_env) = match setup {
+        let (workspace, env, dev_env, mut phases) = match setup {
             Ok(Ok(ready)) => ready,
             Ok(Err(error)) => {
                 note(error.clone()).await;
@@ -262,7 +271,9 @@ impl Executor {
             kill_grace: self.config.kill_grace,
         };
         tracing::info!(env = env.label(), slot = workspace.slot, "running cargo");
+        let phase = Instant::now();
         let result = process::run(command, limits, output.clone(), cancel).await;
+        phases.cargo = phase.elapsed();
         drop(workspace);
         let end = match result {
             Err(error) => {
@@ -277,6 +288,7 @@ impl Executor {
             end,
             duration: started.elapsed(),
             env: Some(env),
+            phases,
         }
     }
 }

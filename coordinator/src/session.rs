@@ -5,8 +5,10 @@
 //! still runs, through an in-process coordinator with its embedded local agent (same
 //! snapshot, fetch, workspace and env code path), and the caller is told why.
 
+use std::time::{Duration, Instant};
+
 use buildpool_core::status::Submission;
-use buildpool_core::{JobEvent, JobId, JobSpec};
+use buildpool_core::{AgentPhases, JobEvent, JobId, JobResult, JobSpec};
 
 use crate::client::{Client, ClientError, JobEvents};
 use crate::config::CoordinatorConfig;
@@ -116,9 +118,11 @@ impl JobClient {
     /// Snapshots the worktree as it is now, routes and submits a job of `spec`.
     pub async fn start(&self, spec: JobSpec, force_local: bool) -> Result<JobSession, StartError> {
         buildpool_core::spec::validate(&spec)?;
+        let started = Instant::now();
         let snapshot = crate::snapshot::create(&self.repo)
             .await
             .map_err(|e| StartError::Snapshot(e.into()))?;
+        let snapshot_time = started.elapsed();
         let snapshot_note = snapshot.skipped_note();
         let Route { client, via } = self.route(force_local).await.map_err(StartError::Route)?;
         let submission = Submission {
@@ -138,6 +142,9 @@ impl JobClient {
             job_id: None,
             cancel_requested: false,
             snapshot_note,
+            started,
+            snapshot_time,
+            submit_time: started.elapsed() - snapshot_time,
         })
     }
 
@@ -158,6 +165,48 @@ impl JobClient {
     }
 }
 
+/// Where a job's time went, as its client saw it: the client's own steps, the queue, the
+/// agent's phases, and the rest (assignment, the result's trip back, output draining).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timings {
+    pub snapshot: Duration,
+    pub submit: Duration,
+    pub queued: Duration,
+    pub phases: AgentPhases,
+    pub rest: Duration,
+    pub total: Duration,
+}
+
+impl Timings {
+    /// Each phase with its name, in order.
+    pub fn named(&self) -> [(&'static str, Duration); 10] {
+        let phases = &self.phases;
+        [
+            ("snapshot", self.snapshot),
+            ("submit", self.submit),
+            ("queued", self.queued),
+            ("workspace_wait", phases.workspace_wait),
+            ("fetch", phases.fetch),
+            ("checkout", phases.checkout),
+            ("environment", phases.environment),
+            ("cargo", phases.cargo),
+            ("rest", self.rest),
+            ("total", self.total),
+        ]
+    }
+}
+
+impl std::fmt::Display for Timings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self
+            .named()
+            .iter()
+            .map(|(name, duration)| format!("{name} {} ms", duration.as_millis()))
+            .collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
 /// One submitted job, from its first event to its result. Dropping it before the job ends
 /// cancels the job (the coordinator cancels a job whose client went away).
 #[derive(Debug)]
@@ -168,12 +217,38 @@ pub struct JobSession {
     job_id: Option<JobId>,
     cancel_requested: bool,
     snapshot_note: Option<String>,
+    started: Instant,
+    snapshot_time: Duration,
+    /// Routing and the submit call.
+    submit_time: Duration,
 }
 
 impl JobSession {
     /// What the snapshot left out of the worktree, if anything, in one line for the user.
     pub fn snapshot_note(&self) -> Option<&str> {
         self.snapshot_note.as_deref()
+    }
+
+    /// Where the time of a finished job went, from the snapshot to now.
+    pub fn timings(&self, result: &JobResult) -> Timings {
+        let total = self.started.elapsed();
+        let phases = result.completion.phases;
+        let accounted = self.snapshot_time
+            + self.submit_time
+            + result.queue_time
+            + phases.workspace_wait
+            + phases.fetch
+            + phases.checkout
+            + phases.environment
+            + phases.cargo;
+        Timings {
+            snapshot: self.snapshot_time,
+            submit: self.submit_time,
+            queued: result.queue_time,
+            phases,
+            rest: total.saturating_sub(accounted),
+            total,
+        }
     }
 
     /// Where the job was submitted.

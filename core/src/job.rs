@@ -227,6 +227,22 @@ impl fmt::Display for JobEnd {
     }
 }
 
+/// Where an attempt's time went on its agent, phase by phase; a phase the attempt never
+/// reached is zero.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentPhases {
+    /// Waiting for a free workspace of the repository.
+    pub workspace_wait: Duration,
+    /// Fetching the snapshot into the agent's git cache (zero when it was cached).
+    pub fetch: Duration,
+    /// Checking the snapshot out into the workspace.
+    pub checkout: Duration,
+    /// Choosing and preparing the environment (the nix dev shell).
+    pub environment: Duration,
+    /// cargo itself, from spawn until its output is drained.
+    pub cargo: Duration,
+}
+
 /// How one attempt ended, as its agent reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
@@ -234,6 +250,7 @@ pub struct Completion {
     pub duration: Duration,
     /// Where cargo ran; `None` when the job ended before an environment was chosen.
     pub env: Option<RunEnv>,
+    pub phases: AgentPhases,
 }
 
 impl Completion {
@@ -243,6 +260,7 @@ impl Completion {
             end,
             duration: Duration::ZERO,
             env: None,
+            phases: AgentPhases::default(),
         }
     }
 
@@ -339,6 +357,7 @@ mod tests {
                 end: JobEnd::Exited { code: 101 },
                 duration: Duration::from_millis(2500),
                 env: Some(RunEnv::Nix),
+                phases: AgentPhases::default(),
             },
             agent_id: "worker-1".into(),
             attempt: 1,

@@ -18,6 +18,6 @@ pub mod status;
 pub mod time;
 
 pub use job::{
-    AttemptKey, Completion, EnvMode, EnvVar, JobEnd, JobEvent, JobId, JobKind, JobResult, JobSpec,
-    OutputStream, RunEnv, Source,
+    AgentPhases, AttemptKey, Completion, EnvMode, EnvVar, JobEnd, JobEvent, JobId, JobKind,
+    JobResult, JobSpec, OutputStream, RunEnv, Source,
 };

@@ -17,8 +17,8 @@ use buildpool_core::status::{
 };
 use buildpool_core::time::millis;
 use buildpool_core::{
-    AttemptKey, Completion, EnvMode, EnvVar, JobEnd, JobEvent, JobId, JobKind, JobResult, JobSpec,
-    OutputStream, RunEnv, Source,
+    AgentPhases, AttemptKey, Completion, EnvMode, EnvVar, JobEnd, JobEvent, JobId, JobKind,
+    JobResult, JobSpec, OutputStream, RunEnv, Source,
 };
 
 use crate::{agent_frame, coordinator_frame, job_event};
@@ -193,10 +193,39 @@ impl TryFrom<crate::Source> for Source {
     }
 }
 
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl From<AgentPhases> for crate::AgentPhases {
+    fn from(phases: AgentPhases) -> Self {
+        Self {
+            workspace_wait_us: micros(phases.workspace_wait),
+            fetch_us: micros(phases.fetch),
+            checkout_us: micros(phases.checkout),
+            environment_us: micros(phases.environment),
+            cargo_us: micros(phases.cargo),
+        }
+    }
+}
+
+impl From<crate::AgentPhases> for AgentPhases {
+    fn from(wire: crate::AgentPhases) -> Self {
+        Self {
+            workspace_wait: Duration::from_micros(wire.workspace_wait_us),
+            fetch: Duration::from_micros(wire.fetch_us),
+            checkout: Duration::from_micros(wire.checkout_us),
+            environment: Duration::from_micros(wire.environment_us),
+            cargo: Duration::from_micros(wire.cargo_us),
+        }
+    }
+}
+
 impl From<Completion> for crate::Completion {
     fn from(completion: Completion) -> Self {
         let mut wire = Self {
             duration_ms: millis(completion.duration),
+            phases: Some(completion.phases.into()),
             env: completion
                 .env
                 .map(RunEnv::label)
@@ -258,6 +287,8 @@ impl TryFrom<crate::Completion> for Completion {
             end,
             duration: Duration::from_millis(wire.duration_ms),
             env,
+            // Optional information: an agent that does not measure phases reports none.
+            phases: wire.phases.map(AgentPhases::from).unwrap_or_default(),
         })
     }
 }
@@ -861,6 +892,13 @@ mod tests {
                 end,
                 duration: Duration::from_millis(1500),
                 env: Some(RunEnv::Host),
+                phases: AgentPhases {
+                    workspace_wait: Duration::from_micros(1),
+                    fetch: Duration::from_micros(25_000),
+                    checkout: Duration::from_micros(3),
+                    environment: Duration::from_micros(4),
+                    cargo: Duration::from_micros(1_400_000),
+                },
             };
             round_trip_agent(AgentMessage::Finished { key, completion });
         }

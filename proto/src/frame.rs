@@ -131,6 +131,7 @@ mod properties {
                 end: JobEnd::Exited { code: 101 },
                 duration: Duration::from_millis(1200),
                 env: Some(RunEnv::Nix),
+                phases: buildpool_core::AgentPhases::default(),
             },
         };
         let output = AgentMessage::Output {

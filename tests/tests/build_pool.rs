@@ -536,3 +536,43 @@ fn an_ignored_lockfile_is_what_the_agent_builds_with() {
         }
     }
 }
+
+/// `run -v` ends with one line saying where the time went, phase by phase, and the phases
+/// of work that happened were measured.
+#[test]
+fn a_verbose_run_says_where_the_time_went() {
+    let cluster = cluster(1, 1);
+    let run = cluster.fixture.run(&["run", "-v", "check"]).expect("runs");
+    assert_eq!(run.code, Some(0), "{run}");
+    let line = run
+        .stderr
+        .lines()
+        .find_map(|line| line.strip_prefix("[buildpool] timings: "))
+        .unwrap_or_else(|| panic!("no timings line:\n{run}"));
+    let phases: HashMap<&str, u64> = line
+        .split(", ")
+        .filter_map(|part| {
+            let (name, value) = part.split_once(' ')?;
+            Some((name, value.strip_suffix(" ms")?.parse().ok()?))
+        })
+        .collect();
+    for name in [
+        "snapshot",
+        "submit",
+        "queued",
+        "workspace_wait",
+        "fetch",
+        "checkout",
+        "environment",
+        "cargo",
+        "rest",
+        "total",
+    ] {
+        assert!(phases.contains_key(name), "{name} missing: {line}");
+    }
+    // A first job on a fresh agent fetches the snapshot and runs cargo.
+    assert!(phases["fetch"] > 0 && phases["cargo"] > 0, "{line}");
+    assert!(phases["total"] >= phases["cargo"], "{line}");
+    let quiet = cluster.fixture.run(&["run", "check"]).expect("runs");
+    assert!(!quiet.stderr.contains("timings:"), "{quiet}");
+}

@@ -105,6 +105,19 @@ async fn a_compile_error_answer_is_exact_and_small() {
     assert_eq!(body["outcome"], "failed");
     assert_eq!(body["errors"], 3, "{body}");
     assert_eq!(body["ran_on"], "worker-1");
+    // Where the time went, phase by phase; cargo ran, so its phase was measured.
+    let timings = &body["timings"];
+    for phase in [
+        "snapshot_ms",
+        "queued_ms",
+        "fetch_ms",
+        "checkout_ms",
+        "cargo_ms",
+        "total_ms",
+    ] {
+        assert!(timings[phase].is_u64(), "{phase} missing: {body}");
+    }
+    assert!(timings["cargo_ms"].as_u64() > Some(0), "{body}");
     let text = text(&result);
     assert!(
         text.contains(

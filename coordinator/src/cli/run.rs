@@ -29,6 +29,9 @@ pub struct RunArgs {
     /// Run here through an in-process coordinator even if one is running.
     #[arg(long)]
     local: bool,
+    /// At the end, say where the time went: snapshot, submit, queue, the agent's phases.
+    #[arg(short, long)]
+    verbose: bool,
     /// Arguments passed to cargo after the subcommand.
     #[arg(last = true)]
     cargo_args: Vec<String>,
@@ -43,6 +46,7 @@ impl RunArgs {
             env: "auto".to_owned(),
             labels: Vec::new(),
             local: true,
+            verbose: false,
             cargo_args: Vec::new(),
         }
     }
@@ -83,10 +87,10 @@ fn forwarded_env() -> Vec<EnvVar> {
 pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     // First, so a Ctrl-C at any point after start is ours to handle (and cancels the job).
     let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let force_local = args.local;
+    let (force_local, verbose) = (args.local, args.verbose);
     let spec = args.spec()?;
     let jobs = JobClient::new(Repo::discover(dir).await?);
-    let outcome = run_job(&jobs, spec, force_local, &mut interrupts).await;
+    let outcome = run_job(&jobs, spec, force_local, verbose, &mut interrupts).await;
     jobs.shutdown().await;
     outcome.map(ExitCode::from)
 }
@@ -95,6 +99,7 @@ async fn run_job(
     jobs: &JobClient,
     spec: JobSpec,
     force_local: bool,
+    verbose: bool,
     interrupts: &mut tokio::signal::unix::Signal,
 ) -> anyhow::Result<u8> {
     let mut session = jobs.start(spec, force_local).await?;
@@ -169,6 +174,9 @@ async fn run_job(
             }
             JobEvent::Finished(result) => {
                 eprintln!("[buildpool] job {job_id} {}", result.describe());
+                if verbose {
+                    eprintln!("[buildpool] timings: {}", session.timings(&result));
+                }
                 return Ok(result.completion.end.exit_code());
             }
         }

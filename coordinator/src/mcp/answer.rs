@@ -9,6 +9,7 @@ use rmcp::model::{CallToolResult, ContentBlock};
 use serde_json::{Value, json};
 
 use super::report::{Diagnostic, Report};
+use crate::session::Timings;
 
 /// Where a job ran, as the answer names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +41,8 @@ pub struct ToolAnswer {
     pub report: Report,
     /// What the snapshot left out of the worktree, if anything.
     pub snapshot_note: Option<String>,
+    /// Where the time went.
+    pub timings: Timings,
 }
 
 fn kind_name(kind: JobKind) -> &'static str {
@@ -198,6 +201,13 @@ impl ToolAnswer {
         if let Some(note) = &self.snapshot_note {
             put("snapshot_note", json!(note));
         }
+        let timings: serde_json::Map<String, Value> = self
+            .timings
+            .named()
+            .iter()
+            .map(|(name, duration)| (format!("{name}_ms"), json!(millis(*duration))))
+            .collect();
+        put("timings", Value::Object(timings));
         if !report.diagnostics.is_empty() {
             put("diagnostics", json!(report.diagnostics));
         }

@@ -646,6 +646,7 @@ impl BuildPoolMcp {
                         kind,
                         job_id,
                         placement,
+                        timings: session.timings(&result),
                         result,
                         report: report.finish(),
                         snapshot_note: session.snapshot_note().map(str::to_owned),

@@ -362,6 +362,7 @@ async fn a_declined_assignment_goes_to_another_agent_and_the_stale_attempt_is_fe
         end: JobEnd::Exited { code: 1 },
         duration: Duration::ZERO,
         env: Some(RunEnv::Host),
+        phases: buildpool_core::AgentPhases::default(),
     };
     first
         .send(AgentMessage::Finished {
@@ -392,6 +393,7 @@ async fn a_declined_assignment_goes_to_another_agent_and_the_stale_attempt_is_fe
         end: JobEnd::Exited { code: 0 },
         duration: Duration::ZERO,
         env: Some(RunEnv::Host),
+        phases: buildpool_core::AgentPhases::default(),
     };
     second
         .send(AgentMessage::Finished {
