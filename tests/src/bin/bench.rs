@@ -1,7 +1,8 @@
 //! Benchmarks reported in closing notes (figures, not assertions):
 //!
 //! 1. latency from `buildpool run check` to cargo's first output line, warm agent;
-//! 2. remote warm incremental build vs local incremental build after the same one-line change;
+//! 2. remote warm incremental build vs local incremental build after the same one-line change,
+//!    and where the remote build's time went, phase by phase (`run -v`);
 //! 3. cancel latency: client Ctrl-C to the job's process group being gone, and to the
 //!    client's exit (the agent confirmed);
 //! 4. dead-link detection and reattach after a silent network cut (heartbeat timeout 3 s).
@@ -124,15 +125,31 @@ fn main() -> anyhow::Result<()> {
     }
 
     let (mut remote, mut local) = (Vec::new(), Vec::new());
+    let mut phases: std::collections::BTreeMap<usize, (String, Vec<Duration>)> =
+        std::collections::BTreeMap::new();
     for round in 1..=rounds {
         local.push(local_build(round)?);
         edit(fixture, round)?;
         let started = Instant::now();
-        let out = fixture.run(&["run", "build"])?;
+        let out = fixture.run(&["run", "-v", "build"])?;
         if out.code != Some(0) {
             bail!("remote build failed: {out}");
         }
         remote.push(started.elapsed());
+        // "[buildpool] timings: snapshot 9 ms, submit 2 ms, ..."
+        let line = out
+            .stderr
+            .lines()
+            .find_map(|line| line.strip_prefix("[buildpool] timings: "))
+            .context("no timings line")?;
+        for (index, part) in line.split(", ").enumerate() {
+            let (name, value) = part.split_once(' ').context("phase")?;
+            let ms: u64 = value.trim_end_matches(" ms").parse()?;
+            let entry = phases
+                .entry(index)
+                .or_insert_with(|| (name.to_owned(), Vec::new()));
+            entry.1.push(Duration::from_millis(ms));
+        }
     }
 
     println!("buildpool benchmarks ({rounds} rounds, 1 agent with 1 slot on this host)");
@@ -151,6 +168,14 @@ fn main() -> anyhow::Result<()> {
     println!(
         "ratio remote/local: {:.2}",
         remote_median.as_secs_f64() / local_median.as_secs_f64()
+    );
+    let breakdown: Vec<String> = phases
+        .values()
+        .map(|(name, samples)| format!("{name} {:.0}", ms(median(samples.clone()))))
+        .collect();
+    println!(
+        "remote incremental build, median ms per phase (run -v): {}",
+        breakdown.join(", ")
     );
 
     let (mut gone, mut confirmed) = (Vec::new(), Vec::new());
