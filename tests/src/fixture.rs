@@ -133,6 +133,40 @@ impl Fixture {
         Ok(fixture)
     }
 
+    /// A repository holding a copy of the crate source in `source` (a published crate, for
+    /// benchmarks on real code), with a generated lockfile, committed.
+    pub fn from_source(source: &Path) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("buildpool-bench-")
+            .tempdir()?;
+        let fixture = Self { dir };
+        std::fs::create_dir_all(fixture.scratch())?;
+        let root = fixture.root();
+        let copied = Command::new("cp")
+            .arg("-r")
+            .arg(source)
+            .arg(&root)
+            .status()?;
+        if !copied.success() {
+            bail!("cannot copy {}", source.display());
+        }
+        fixture.write(".gitignore", "/target\n")?;
+        git(&root, &["init", "--quiet", "-b", "main"])?;
+        let lock = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["generate-lockfile", "--quiet"])
+            .current_dir(&root)
+            .output()?;
+        if !lock.status.success() {
+            bail!(
+                "generate-lockfile: {}",
+                String::from_utf8_lossy(&lock.stderr)
+            );
+        }
+        git(&root, &["add", "."])?;
+        git(&root, &["commit", "--quiet", "-m", "crate source"])?;
+        Ok(fixture)
+    }
+
     /// The repository (main worktree).
     pub fn root(&self) -> PathBuf {
         self.dir.path().join("repo")

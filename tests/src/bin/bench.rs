@@ -11,8 +11,13 @@
 //! authenticated tunnel against one straight from the git daemon; submit to first cargo
 //! output with agents fetching each way; and the cost of TLS per bus connection.
 //!
-//! Run: `cargo run --release -p buildpool-tests --bin bench [-- ROUNDS]` or
-//! `... --bin bench -- security [ROUNDS]`
+//! `crate NAME` measures on a published crate's source (from cargo's registry cache, or
+//! fetched like any dependency): a fresh worktree's `cargo test` through a warm agent
+//! against a local cold one, and a one-line change through the pool against a local
+//! incremental run.
+//!
+//! Run: `cargo run --release -p buildpool-tests --bin bench [-- ROUNDS]`,
+//! `... --bin bench -- security [ROUNDS]` or `... --bin bench -- crate memchr [ROUNDS]`
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -85,6 +90,11 @@ fn edit(fixture: &Fixture, round: usize) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|arg| arg == "crate") {
+        let name = args.get(1).context("bench crate NAME [ROUNDS]")?.clone();
+        let rounds = args.get(2).map(|n| n.parse()).transpose()?.unwrap_or(3);
+        return real_crate(&name, rounds);
+    }
     let security_only = args.first().is_some_and(|arg| arg == "security");
     if security_only {
         args.remove(0);
@@ -407,6 +417,124 @@ fn security(rounds: usize) -> anyhow::Result<()> {
     println!(
         "TLS handshake cost per agent connection: {:.2} ms",
         ms(tls.saturating_sub(clear))
+    );
+    Ok(())
+}
+
+/// The newest version of `name` in cargo's registry cache, fetched there first if missing.
+fn crate_source(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let find = || -> Option<std::path::PathBuf> {
+        let home = std::env::var_os("CARGO_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))?;
+        let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(home.join("registry/src"))
+            .ok()?
+            .flatten()
+            .flat_map(|index| {
+                std::fs::read_dir(index.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .map(|entry| entry.path())
+            .filter(|path| {
+                path.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix(name)?.strip_prefix('-'))
+                    .is_some_and(|version| version.starts_with(|c: char| c.is_ascii_digit()))
+            })
+            .collect();
+        found.sort();
+        found.pop()
+    };
+    if let Some(source) = find() {
+        return Ok(source);
+    }
+    let project = tempfile::tempdir()?;
+    std::fs::write(
+        project.path().join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"fetcher\"\nversion = \"0.0.0\"\nedition = \"2021\"\n[dependencies]\n{name} = \"*\"\n"
+        ),
+    )?;
+    std::fs::create_dir_all(project.path().join("src"))?;
+    std::fs::write(project.path().join("src/lib.rs"), "")?;
+    let fetched = Command::new("cargo")
+        .arg("fetch")
+        .current_dir(project.path())
+        .status()?;
+    if !fetched.success() {
+        bail!("cargo fetch of {name} failed");
+    }
+    find().context("the crate is not in the registry cache after cargo fetch")
+}
+
+fn timed_command(mut command: Command) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let output = command.output()?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(started.elapsed())
+}
+
+fn real_crate(name: &str, rounds: usize) -> anyhow::Result<()> {
+    let source = crate_source(name)?;
+    let cluster = Cluster::start(Fixture::from_source(&source)?, 1, 1)?;
+    let fixture = &cluster.fixture;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let pool_test = |dir: &Path| {
+        let mut command = fixture.command_in(dir, &["run", "test"]);
+        command.env("CARGO_TERM_COLOR", "never");
+        timed_command(command)
+    };
+    let local_test = |dir: &Path| {
+        let mut command = Command::new(&cargo);
+        command.args(["test", "--quiet"]).current_dir(dir);
+        timed_command(command)
+    };
+
+    // The agent builds the crate once, from the main worktree.
+    let warm_up = pool_test(&fixture.root())?;
+    // A fresh worktree: its first test run locally (cold target dir) and through the pool.
+    let fresh = fixture.add_worktree("fresh")?;
+    let local_cold = local_test(&fresh)?;
+    let other = fixture.add_worktree("other")?;
+    let pool_fresh = pool_test(&other)?;
+
+    // One-line changes in the fresh worktree: local incremental against the pool.
+    let lib = fresh.join("src/lib.rs");
+    let original = std::fs::read_to_string(&lib)?;
+    let (mut local, mut pool) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        std::fs::write(&lib, format!("{original}\n// round {round}\n"))?;
+        local.push(local_test(&fresh)?);
+        std::fs::write(&lib, format!("{original}\n// round {round} (pool)\n"))?;
+        pool.push(pool_test(&fresh)?);
+    }
+
+    println!(
+        "buildpool real-crate benchmark: {} (1 agent, 1 slot, this host)",
+        source.file_name().and_then(|n| n.to_str()).unwrap_or(name)
+    );
+    println!(
+        "agent's first build and test (warm-up): {:.0} ms",
+        ms(warm_up)
+    );
+    println!(
+        "fresh worktree: local cold cargo test {:.0} ms, through the warm pool {:.0} ms, ratio pool/local {:.2}",
+        ms(local_cold),
+        ms(pool_fresh),
+        pool_fresh.as_secs_f64() / local_cold.as_secs_f64()
+    );
+    let local_median = summary("one-line change, local incremental cargo test", &local);
+    let pool_median = summary("one-line change, through the pool", &pool);
+    println!(
+        "ratio pool/local incremental: {:.2}",
+        pool_median.as_secs_f64() / local_median.as_secs_f64()
     );
     Ok(())
 }
