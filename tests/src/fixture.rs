@@ -88,6 +88,25 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
+/// Makes `root` a repository and commits everything in it with a generated lockfile.
+fn commit_with_lockfile(root: &Path, cargo_flags: &[&str], message: &str) -> anyhow::Result<()> {
+    git(root, &["init", "--quiet", "-b", "main"])?;
+    let lock = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["generate-lockfile", "--quiet"])
+        .args(cargo_flags)
+        .current_dir(root)
+        .output()?;
+    if !lock.status.success() {
+        bail!(
+            "generate-lockfile: {}",
+            String::from_utf8_lossy(&lock.stderr)
+        );
+    }
+    git(root, &["add", "."])?;
+    git(root, &["commit", "--quiet", "-m", message])?;
+    Ok(())
+}
+
 impl Fixture {
     /// Creates and commits the fixture workspace.
     pub fn new() -> anyhow::Result<Self> {
@@ -117,19 +136,7 @@ impl Fixture {
         ] {
             fixture.write(path, text)?;
         }
-        git(&root, &["init", "--quiet", "-b", "main"])?;
-        let lock = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["generate-lockfile", "--offline", "--quiet"])
-            .current_dir(&root)
-            .output()?;
-        if !lock.status.success() {
-            bail!(
-                "generate-lockfile: {}",
-                String::from_utf8_lossy(&lock.stderr)
-            );
-        }
-        git(&root, &["add", "."])?;
-        git(&root, &["commit", "--quiet", "-m", "fixture"])?;
+        commit_with_lockfile(&root, &["--offline"], "fixture")?;
         Ok(fixture)
     }
 
@@ -151,19 +158,8 @@ impl Fixture {
             bail!("cannot copy {}", source.display());
         }
         fixture.write(".gitignore", "/target\n")?;
-        git(&root, &["init", "--quiet", "-b", "main"])?;
-        let lock = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["generate-lockfile", "--quiet"])
-            .current_dir(&root)
-            .output()?;
-        if !lock.status.success() {
-            bail!(
-                "generate-lockfile: {}",
-                String::from_utf8_lossy(&lock.stderr)
-            );
-        }
-        git(&root, &["add", "."])?;
-        git(&root, &["commit", "--quiet", "-m", "crate source"])?;
+        // A published crate's dependencies may not be cached yet: resolve online.
+        commit_with_lockfile(&root, &[], "crate source")?;
         Ok(fixture)
     }
 
