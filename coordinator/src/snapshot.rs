@@ -95,10 +95,15 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         .prefix("snapshot-index-")
         .tempfile_in(&state_dir)?;
     let index = temporary.path().to_owned();
+    // Three reads of the repository as it is, at once: each git call costs a process.
     let real_index = Git::new(&repo.worktree)
         .args(["rev-parse", "--path-format=absolute", "--git-path", "index"])
-        .output()
-        .await?;
+        .output();
+    let parent = Git::new(&repo.worktree)
+        .args(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])
+        .output();
+    let (real_index, parent, untracked) = tokio::join!(real_index, parent, list_untracked(repo));
+    let (real_index, parent, untracked) = (real_index?, parent.ok(), untracked?);
     // Starting from a copy of the real index reuses its stat cache: unchanged files are not
     // re-hashed. A missing index (fresh repository) just means starting empty.
     if tokio::fs::copy(&real_index, &index).await.is_err() {
@@ -110,27 +115,19 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         .args(["add", "--update", "--", "."])
         .output()
         .await?;
-    let skipped = add_untracked(repo, &index, &state_dir, max_untracked).await?;
+    let (mut added, skipped) = sort_untracked(repo, &untracked, max_untracked);
     // Library repositories often ignore Cargo.lock, but the developer's lockfile is what
     // their local builds use: without it the agent would resolve other dependency versions
     // (and spend time doing so). So it travels with the snapshot, ignored or not.
     if repo.worktree.join(LOCKFILE).is_file() {
-        Git::new(&repo.worktree)
-            .env("GIT_INDEX_FILE", &index)
-            .args(["add", "--force", "--", LOCKFILE])
-            .output()
-            .await?;
+        added.push(LOCKFILE);
     }
+    add_paths(repo, &index, &state_dir, &added).await?;
     let tree = Git::new(&repo.worktree)
         .env("GIT_INDEX_FILE", &index)
         .arg("write-tree")
         .output()
         .await?;
-    let parent = Git::new(&repo.worktree)
-        .args(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])
-        .output()
-        .await
-        .ok();
     let message = format!("buildpool snapshot of {}", repo.worktree.display());
     // A fixed date makes the commit a function of the content: an unchanged worktree gives
     // the same commit, which an agent that built it before already has (no fetch at all).
@@ -162,21 +159,25 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
     })
 }
 
-/// Adds the untracked files that are neither ignored (by git's rules or `.buildpoolignore`)
-/// nor over `max_bytes` to the snapshot index; returns the ones skipped for their size.
-async fn add_untracked(
-    repo: &Repo,
-    index: &Path,
-    state_dir: &Path,
-    max_bytes: u64,
-) -> Result<Vec<SkippedFile>, SnapshotError> {
+/// The untracked files that are not ignored (by git's rules or `.buildpoolignore`), as
+/// `git ls-files -z` lists them.
+async fn list_untracked(repo: &Repo) -> Result<String, GitError> {
     let mut listing =
         Git::new(&repo.worktree).args(["ls-files", "-z", "--others", "--exclude-standard"]);
     let ignore_file = repo.worktree.join(IGNORE_FILE);
     if ignore_file.is_file() {
         listing = listing.arg(format!("--exclude-from={}", ignore_file.display()));
     }
-    let listing = listing.output().await?;
+    listing.output().await
+}
+
+/// Splits a listing of untracked files into those to add and those over `max_bytes`
+/// (largest first).
+fn sort_untracked<'a>(
+    repo: &Repo,
+    listing: &'a str,
+    max_bytes: u64,
+) -> (Vec<&'a str>, Vec<SkippedFile>) {
     let mut included = Vec::new();
     let mut skipped = Vec::new();
     for path in listing.split('\0').filter(|path| !path.is_empty()) {
@@ -196,25 +197,37 @@ async fn add_untracked(
             included.push(path);
         }
     }
-    if !included.is_empty() {
-        let pathspecs = tempfile::Builder::new()
-            .prefix("snapshot-paths-")
-            .tempfile_in(state_dir)?;
-        std::fs::write(pathspecs.path(), included.join("\0"))?;
-        Git::new(&repo.worktree)
-            .env("GIT_INDEX_FILE", index)
-            .env("GIT_LITERAL_PATHSPECS", "1")
-            .arg("add")
-            .arg(format!(
-                "--pathspec-from-file={}",
-                pathspecs.path().display()
-            ))
-            .arg("--pathspec-file-nul")
-            .output()
-            .await?;
-    }
     skipped.sort_by_key(|file| std::cmp::Reverse(file.bytes));
-    Ok(skipped)
+    (included, skipped)
+}
+
+/// Adds `paths` to the snapshot index in one git call. `--force`, because the lockfile may
+/// be ignored; every other path is untracked and not ignored already.
+async fn add_paths(
+    repo: &Repo,
+    index: &Path,
+    state_dir: &Path,
+    paths: &[&str],
+) -> Result<(), SnapshotError> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let pathspecs = tempfile::Builder::new()
+        .prefix("snapshot-paths-")
+        .tempfile_in(state_dir)?;
+    std::fs::write(pathspecs.path(), paths.join("\0"))?;
+    Git::new(&repo.worktree)
+        .env("GIT_INDEX_FILE", index)
+        .env("GIT_LITERAL_PATHSPECS", "1")
+        .args(["add", "--force"])
+        .arg(format!(
+            "--pathspec-from-file={}",
+            pathspecs.path().display()
+        ))
+        .arg("--pathspec-file-nul")
+        .output()
+        .await?;
+    Ok(())
 }
 
 /// Deletes a snapshot ref once its job has ended.
