@@ -111,10 +111,10 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
     println!("Build pool coordinator starting...");
     println!("  Repository: {}", repo.common_dir.display());
     if let Some(addr) = coordinator.websocket_addr() {
-        let host = if addr.ip().is_unspecified() {
-            crate::config::hostname()
-        } else {
-            addr.ip().to_string()
+        let host = match addr.ip() {
+            ip if ip.is_unspecified() => crate::config::hostname(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
         };
         println!("  Job bus: wss://{addr}/ws (git through the tunnel at /git on the same port)");
         if let Some(fingerprint) = fingerprint {
