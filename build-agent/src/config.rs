@@ -166,15 +166,6 @@ pub fn discover(explicit: Option<&Path>) -> Result<FileConfig, ConfigError> {
         .map_or_else(|| Ok(FileConfig::default()), read_file)
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|name| name.trim().to_owned())
-        .ok()
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "build-agent".to_owned())
-}
-
 /// Reads the shared token: `BUILDPOOL_TOKEN`, else the configured token file, else the
 /// systemd credential `token` (`LoadCredential=token:...`), else `/etc/build-agent/token`.
 pub fn load_token(token_file: Option<&Path>) -> Result<String, ConfigError> {
@@ -345,7 +336,9 @@ impl AgentConfig {
         )?;
         Ok(Self {
             servers,
-            id: overrides.id.or(file.worker.id).unwrap_or_else(hostname),
+            id: overrides.id.or(file.worker.id).unwrap_or_else(|| {
+                buildpool_core::host::hostname().unwrap_or_else(|| "build-agent".to_owned())
+            }),
             max_jobs,
             labels,
             git_cache_dir: overrides

@@ -172,11 +172,7 @@ fn secs(value: Option<u64>, default: u64, name: &str) -> Result<Duration, Config
 
 /// This host's name, for certificates and messages.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_owned())
-        .ok()
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
+    buildpool_core::host::hostname().unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// Whether a listen address (host, or host:port) is on loopback only. An empty host means

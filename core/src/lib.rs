@@ -7,10 +7,11 @@
 //! decode error at the edge instead of a silent default deep inside.
 //!
 //! Helpers both the agent and the coordinator need (git with deadlines, process liveness
-//! and group kills, wall-clock time) live here too, so neither crate borrows from the other.
+//! and group kills, wall-clock time, the host name) live here too, so neither crate borrows from the other.
 
 pub mod bus;
 pub mod git;
+pub mod host;
 pub mod job;
 pub mod process;
 pub mod spec;

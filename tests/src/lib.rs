@@ -185,6 +185,9 @@ pub struct Cluster {
     pub tls_fingerprint: String,
 }
 
+/// The repository's URL through the tunnel (the proxy command ignores the host).
+pub const TUNNEL_REPO_URL: &str = "git://buildpool-tunnel/.git";
+
 /// A TLS stream to a coordinator's bus port.
 pub type RawTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
@@ -299,6 +302,28 @@ impl Cluster {
     /// The job bus URL agents connect to.
     pub fn bus_url(&self) -> String {
         format!("wss://{}/ws", self.websocket_addr)
+    }
+
+    /// Sets up `git` (a command the caller completes with `TUNNEL_REPO_URL`) to reach this
+    /// coordinator's repository through its authenticated tunnel, as an agent's fetch does:
+    /// `build-agent git-proxy` as the proxy command, presenting `credential`.
+    pub fn through_tunnel(&self, git: &mut Command, credential: &str) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let wrapper = self.fixture.scratch().join("git-proxy");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec '{}' git-proxy \"$@\"\n",
+                agent_bin().display()
+            ),
+        )?;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+        git.env("GIT_PROXY_COMMAND", wrapper)
+            .env("BUILDPOOL_TUNNEL_SERVER", self.bus_url())
+            .env("BUILDPOOL_TUNNEL_FINGERPRINT", &self.tls_fingerprint)
+            .env("BUILDPOOL_TOKEN", credential)
+            .env("GIT_TERMINAL_PROMPT", "0");
+        Ok(())
     }
 
     /// A raw WebSocket to `path` on the bus port, over TLS with the coordinator pinned: for

@@ -2,11 +2,11 @@
 //! control API speak TLS and agents pin the coordinator's certificate; git is reachable only
 //! through the authenticated tunnel on the bus port; credentials have scopes and rotate.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use buildpool_tests::{Cluster, Fixture, Owned, ServeOptions, agent_bin, wait_until};
+use buildpool_tests::{Cluster, Fixture, Owned, ServeOptions, TUNNEL_REPO_URL, wait_until};
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -150,39 +150,14 @@ fn plain_websocket_against_the_tls_bus_is_refused() {
     );
 }
 
-/// A script git can run as its proxy command: `build-agent git-proxy`.
-fn proxy_wrapper(dir: &Path) -> PathBuf {
-    let path = dir.join("git-proxy");
-    std::fs::write(
-        &path,
-        format!(
-            "#!/bin/sh\nexec '{}' git-proxy \"$@\"\n",
-            agent_bin().display()
-        ),
-    )
-    .expect("write");
-    Command::new("chmod")
-        .arg("+x")
-        .arg(&path)
-        .status()
-        .expect("chmod");
-    path
-}
-
 /// `git ls-remote` of the repository through the tunnel, presenting `credential`.
 fn ls_remote_through_tunnel(cluster: &Cluster, credential: &str) -> std::process::Output {
-    Command::new("git")
-        .args(["ls-remote", "git://buildpool-tunnel/.git"])
-        .env(
-            "GIT_PROXY_COMMAND",
-            proxy_wrapper(&cluster.fixture.scratch()),
-        )
-        .env("BUILDPOOL_TUNNEL_SERVER", cluster.bus_url())
-        .env("BUILDPOOL_TUNNEL_FINGERPRINT", &cluster.tls_fingerprint)
-        .env("BUILDPOOL_TOKEN", credential)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .output()
-        .expect("git runs")
+    let mut git = Command::new("git");
+    git.args(["ls-remote", TUNNEL_REPO_URL]);
+    cluster
+        .through_tunnel(&mut git, credential)
+        .expect("proxy command");
+    git.output().expect("git runs")
 }
 
 #[test]

@@ -276,11 +276,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// A fresh bare repository fetching the coordinator's main branch, through the tunnel when
-/// `tunnel` is given (the wrapper script and the credential), else from the daemon directly.
+/// a credential is given, else from the daemon directly.
 fn timed_fetch(
     cluster: &Cluster,
     dir: &Path,
-    tunnel: Option<(&Path, &str)>,
+    tunnel_credential: Option<&str>,
 ) -> anyhow::Result<Duration> {
     let _ = std::fs::remove_dir_all(dir);
     let status = Command::new("git")
@@ -295,14 +295,10 @@ fn timed_fetch(
         .arg("-C")
         .arg(dir)
         .args(["-c", "protocol.version=1", "fetch", "--quiet"]);
-    match tunnel {
-        Some((wrapper, credential)) => {
-            fetch
-                .arg("git://buildpool-tunnel/.git")
-                .env("GIT_PROXY_COMMAND", wrapper)
-                .env("BUILDPOOL_TUNNEL_SERVER", cluster.bus_url())
-                .env("BUILDPOOL_TUNNEL_FINGERPRINT", &cluster.tls_fingerprint)
-                .env("BUILDPOOL_TOKEN", credential);
+    match tunnel_credential {
+        Some(credential) => {
+            fetch.arg(buildpool_tests::TUNNEL_REPO_URL);
+            cluster.through_tunnel(&mut fetch, credential)?;
         }
         None => {
             fetch.arg(format!("git://127.0.0.1:{}/.git", cluster.git_daemon_port));
@@ -330,21 +326,12 @@ fn security(rounds: usize) -> anyhow::Result<()> {
 
     // 1. One fetch of the whole fixture repository, both ways, from the same daemon.
     let scratch = tunnelled.fixture.scratch();
-    let wrapper = scratch.join("git-proxy");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec '{}' git-proxy \"$@\"\n",
-            buildpool_tests::agent_bin().display()
-        ),
-    )?;
-    Command::new("chmod").arg("+x").arg(&wrapper).status()?;
     let token = std::fs::read_to_string(tunnelled.fixture.token_file())?;
     let token = token.trim();
     let (mut through, mut straight) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let dir = scratch.join(format!("fetch-{round}"));
-        through.push(timed_fetch(&tunnelled, &dir, Some((&wrapper, token)))?);
+        through.push(timed_fetch(&tunnelled, &dir, Some(token))?);
         straight.push(timed_fetch(&tunnelled, &dir, None)?);
     }
 
