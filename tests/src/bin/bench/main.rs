@@ -90,6 +90,7 @@ fn edit(fixture: &Fixture, round: usize) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // Each further mode lives in its own module beside this file and takes its arguments.
     if args.first().is_some_and(|arg| arg == "crate") {
         let name = args.get(1).context("bench crate NAME [ROUNDS]")?.clone();
         let rounds = args.get(2).map(|n| n.parse()).transpose()?.unwrap_or(3);
