@@ -33,6 +33,10 @@ let
       env = cfg.env;
       prewarm_packages = cfg.prewarmPackages;
     };
+    sandbox = {
+      mode = cfg.sandbox;
+      network = cfg.sandboxNetwork;
+    };
   };
   # The slot count and the drain timeout: counts that must be at least 1.
   positiveIntOption = default: description: lib.mkOption {
@@ -101,6 +105,16 @@ in
       description = "Installables realised at start-up; failures are logged, not fatal.";
     };
     drainTimeoutSecs = positiveIntOption 600 "How long stopping the service lets running jobs finish.";
+    sandbox = lib.mkOption {
+      type = lib.types.enum [ "bwrap" "none" ];
+      default = "bwrap";
+      description = "How jobs are contained: a bubblewrap sandbox, or none (unsandboxed, warned).";
+    };
+    sandboxNetwork = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = "Whether sandboxed jobs reach the network (cargo fetches crates).";
+    };
     tokenFile = lib.mkOption {
       type = lib.types.path;
       description = "File holding the coordinators' shared token (passed as a systemd credential).";
@@ -108,13 +122,17 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    assertions = [{
+      assertion = cfg.sandbox != "bwrap" || config.security.allowUserNamespaces;
+      message = "services.build-agent.sandbox = \"bwrap\" needs security.allowUserNamespaces = true (or set sandbox = \"none\").";
+    }];
     services.build-agent.serverUrls = lib.mkIf (cfg.serverUrl != null) (lib.mkAfter [ cfg.serverUrl ]);
     systemd.services.build-agent = {
       description = "buildpool build agent";
       wantedBy = [ "multi-user.target" ];
       after = [ "network-online.target" "nix-daemon.socket" ];
       wants = [ "network-online.target" ];
-      path = [ config.nix.package pkgs.git ];
+      path = [ config.nix.package pkgs.git pkgs.bubblewrap ];
       serviceConfig = {
         ExecStartPre = "${cfg.package}/bin/build-agent --config ${configFile} --check-config";
         ExecStart = "${cfg.package}/bin/build-agent --config ${configFile}";
@@ -128,6 +146,8 @@ in
         # The agent reads $CREDENTIALS_DIRECTORY/token.
         LoadCredential = [ "token:${cfg.tokenFile}" ];
         Environment = [ "RUST_LOG=info" "CARGO_HOME=/var/cache/build-agent/cargo" ];
+        # The job sandbox creates user, PID, IPC and UTS namespaces.
+        RestrictNamespaces = false;
         NoNewPrivileges = true;
         ProtectSystem = "strict";
         ProtectHome = "read-only";

@@ -14,6 +14,7 @@ use buildpool_proto::tls::{ClientCertFiles, ServerTrust, TlsError};
 
 use crate::connection::ServerEndpoint;
 use crate::git_proxy::EndpointTls;
+use crate::sandbox::SandboxMode;
 
 pub const DEFAULT_CONFIG_PATHS: &[&str] =
     &["/etc/build-agent/config.toml", "/etc/build-agent.toml"];
@@ -52,6 +53,27 @@ pub struct FileConfig {
     pub nix: NixSection,
     #[serde(default)]
     pub auth: AuthSection,
+    #[serde(default)]
+    pub sandbox: SandboxSection,
+    #[serde(default)]
+    pub cache: CacheSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSection {
+    /// `bwrap` (default) or `none`.
+    pub mode: Option<String>,
+    /// Whether jobs reach the network (cargo fetches crates); default true.
+    pub network: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    /// Compile through sccache when it is installed; one disk cache per repository.
+    #[serde(default)]
+    pub sccache: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,6 +108,10 @@ pub struct WorkerSection {
 pub struct StorageSection {
     pub git_cache_dir: Option<PathBuf>,
     pub worktree_dir: Option<PathBuf>,
+    /// Budget for workspaces and caches together; default half the free space at start.
+    pub max_disk_gb: Option<f64>,
+    /// Repositories not built for this many days lose their workspaces and caches.
+    pub workspace_ttl_days: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +149,8 @@ pub struct Overrides {
     pub tls_ca_file: Option<PathBuf>,
     pub tls_client_cert_file: Option<PathBuf>,
     pub tls_client_key_file: Option<PathBuf>,
+    pub sandbox: Option<String>,
+    pub max_disk_gb: Option<f64>,
 }
 
 /// The settled configuration.
@@ -140,6 +168,14 @@ pub struct AgentConfig {
     pub kill_grace: Duration,
     pub default_timeout: Duration,
     pub drain_timeout: Duration,
+    pub sandbox: SandboxMode,
+    pub sandbox_network: bool,
+    pub sccache: bool,
+    /// `None`: a share of the free space, settled when the agent starts.
+    pub max_disk_bytes: Option<u64>,
+    pub workspace_ttl: Duration,
+    /// The agent's own files no job may see: the token's source, the client key, config.
+    pub secret_paths: Vec<PathBuf>,
 }
 
 /// Reads a config file.
@@ -155,15 +191,18 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 /// Finds the config file: the explicit one, else the first default location that exists.
-pub fn discover(explicit: Option<&Path>) -> Result<FileConfig, ConfigError> {
-    if let Some(path) = explicit {
-        return read_file(path);
+/// Returns it with its path, if there was one.
+pub fn discover(explicit: Option<&Path>) -> Result<(FileConfig, Option<PathBuf>), ConfigError> {
+    let path = explicit.map(Path::to_owned).or_else(|| {
+        DEFAULT_CONFIG_PATHS
+            .iter()
+            .map(PathBuf::from)
+            .find(|path| path.exists())
+    });
+    match path {
+        Some(path) => Ok((read_file(&path)?, Some(path))),
+        None => Ok((FileConfig::default(), None)),
     }
-    DEFAULT_CONFIG_PATHS
-        .iter()
-        .map(Path::new)
-        .find(|path| path.exists())
-        .map_or_else(|| Ok(FileConfig::default()), read_file)
 }
 
 /// Reads the shared token: `BUILDPOOL_TOKEN`, else the configured token file, else the
@@ -328,12 +367,29 @@ impl AgentConfig {
             .unwrap_or("auto")
             .parse()
             .map_err(ConfigError::Invalid)?;
-        let token = load_token(
-            overrides
-                .token_file
-                .as_deref()
-                .or(file.auth.token_file.as_deref()),
-        )?;
+        let token_file = overrides.token_file.or(file.auth.token_file);
+        let token = load_token(token_file.as_deref())?;
+        let sandbox: SandboxMode = overrides
+            .sandbox
+            .as_deref()
+            .or(file.sandbox.mode.as_deref())
+            .unwrap_or("bwrap")
+            .parse()
+            .map_err(ConfigError::Invalid)?;
+        let max_disk_gb = overrides.max_disk_gb.or(file.storage.max_disk_gb);
+        if let Some(gb) = max_disk_gb
+            && !(gb.is_finite() && gb > 0.0)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "max_disk_gb must be a positive number of gigabytes, not {gb}"
+            )));
+        }
+        let mut secret_paths: Vec<PathBuf> = token_file.into_iter().collect();
+        secret_paths.push(DEFAULT_TOKEN_FILE.into());
+        secret_paths.extend(std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from));
+        if let Some(cert) = &client_cert {
+            secret_paths.extend([cert.cert_file.clone(), cert.key_file.clone()]);
+        }
         Ok(Self {
             servers,
             id: overrides.id.or(file.worker.id).unwrap_or_else(|| {
@@ -360,6 +416,15 @@ impl AgentConfig {
                     .or(file.worker.drain_timeout_secs)
                     .unwrap_or(600),
             ),
+            sandbox,
+            sandbox_network: file.sandbox.network.unwrap_or(true),
+            sccache: file.cache.sccache,
+            // The cast saturates; the value was checked positive and finite.
+            max_disk_bytes: max_disk_gb.map(|gb| (gb * 1e9) as u64),
+            workspace_ttl: Duration::from_secs(
+                file.storage.workspace_ttl_days.unwrap_or(14) * 24 * 3600,
+            ),
+            secret_paths,
         })
     }
 }

@@ -476,6 +476,8 @@ mod tests {
                 env_mode: EnvMode::Host,
                 default_timeout: Duration::from_secs(60),
                 kill_grace: Duration::from_secs(1),
+                sandbox: None,
+                sccache: false,
             },
         );
         let (coordinator_end, agent_end) = tokio::io::duplex(64 * 1024);

@@ -22,7 +22,8 @@ use tracing::Instrument;
 use crate::git_cache::{GitCache, GitRemote};
 use crate::nix::{self, DevEnv, DevEnvCache};
 use crate::process::{self, CommandSpec, OutputChunk, RunLimits};
-use crate::workspace::WorkspacePool;
+use crate::sandbox::{JobPaths, Sandbox, agent_cargo_home, find_on_path};
+use crate::workspace::{Workspace, WorkspacePool};
 
 /// Settings of an executor.
 #[derive(Debug, Clone)]
@@ -37,6 +38,12 @@ pub struct ExecutorConfig {
     pub default_timeout: Duration,
     /// Time between TERM and KILL when a job is stopped.
     pub kill_grace: Duration,
+    /// How jobs are contained on a build host; `None` on the developer's own machine (the
+    /// coordinator's embedded agent), where a job runs as the developer's own cargo would:
+    /// in their environment, with their cargo home.
+    pub sandbox: Option<Sandbox>,
+    /// Compile through sccache (when installed), one disk cache per repository.
+    pub sccache: bool,
 }
 
 /// One job attempt as the executor sees it.
@@ -111,11 +118,96 @@ pub fn cargo_command(
         args,
         cwd: src.to_owned(),
         env: vars,
+        clear_env: false,
         registry: None,
     }
 }
 
+/// The agent's cargo configuration (registries, mirrors, net settings) for a repository's
+/// own cargo home, so a job resolves crates the way the host is set up to. Credentials are
+/// separate files in cargo and stay behind.
+fn copy_cargo_config(cargo_home: &Path) -> std::io::Result<()> {
+    let Some(agent_home) = agent_cargo_home() else {
+        return Ok(());
+    };
+    for name in ["config.toml", "config"] {
+        let from = agent_home.join(name);
+        let to = cargo_home.join(name);
+        match std::fs::read(&from) {
+            Ok(config) => {
+                if std::fs::read(&to).ok().as_ref() != Some(&config) {
+                    std::fs::write(&to, config)?;
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
+/// sccache for one job: the repository's disk cache, and a server of the job's own. The
+/// server must not be shared: one sandbox's server would read another sandbox's files at
+/// the same `/build` path. A socket in the job's private `/tmp` isolates newer sccache; a
+/// port that was free when the job started, older sccache.
+fn sccache_env(sccache: &Path, dir: &Path) -> std::io::Result<Vec<(OsString, OsString)>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    Ok(vec![
+        ("RUSTC_WRAPPER".into(), sccache.into()),
+        ("SCCACHE_DIR".into(), dir.into()),
+        ("SCCACHE_SERVER_UDS".into(), "/tmp/sccache.sock".into()),
+        ("SCCACHE_SERVER_PORT".into(), port.to_string().into()),
+    ])
+}
+
 impl Executor {
+    /// The command that runs the job in `workspace`: plain cargo on the developer's machine;
+    /// on a build host cargo with the repository's own cargo home (and sccache directory),
+    /// contained by the sandbox.
+    fn job_command(
+        &self,
+        spec: &JobSpec,
+        dev_env: Option<&DevEnv>,
+        workspace: &Workspace,
+    ) -> std::io::Result<CommandSpec> {
+        let Some(sandbox) = &self.config.sandbox else {
+            return Ok(cargo_command(
+                spec,
+                dev_env,
+                &workspace.src,
+                &workspace.target,
+            ));
+        };
+        let repo_dir = workspace.repo_dir();
+        let sccache = self
+            .config
+            .sccache
+            .then(|| find_on_path("sccache"))
+            .flatten();
+        let paths = JobPaths {
+            repo_id: workspace.repo_id.clone(),
+            src: workspace.src.clone(),
+            target: workspace.target.clone(),
+            cargo_home: repo_dir.join("cargo-home"),
+            sccache_dir: sccache.as_ref().map(|_| repo_dir.join("sccache")),
+        };
+        for dir in [&paths.target, &paths.cargo_home]
+            .into_iter()
+            .chain(&paths.sccache_dir)
+        {
+            std::fs::create_dir_all(dir)?;
+        }
+        copy_cargo_config(&paths.cargo_home)?;
+        let view = sandbox.view(&paths);
+        let mut command = cargo_command(spec, dev_env, &view.src, &view.target);
+        if let (Some(sccache), Some(dir)) = (sccache, view.sccache_dir) {
+            command.env.extend(sccache_env(&sccache, &dir)?);
+        }
+        Ok(sandbox.wrap(&paths, command))
+    }
+
     pub fn new(config: ExecutorConfig) -> Self {
         Self {
             cache: GitCache::new(config.git_cache_dir.clone()),
@@ -259,12 +351,14 @@ impl Executor {
             Err(_) => return ended_early(JobEnd::TimedOut, started),
         };
 
-        let mut command = cargo_command(
-            &job.spec,
-            dev_env.as_ref(),
-            &workspace.src,
-            &workspace.target,
-        );
+        let mut command = match self.job_command(&job.spec, dev_env.as_ref(), &workspace) {
+            Ok(command) => command,
+            Err(error) => {
+                let reason = format!("cannot prepare the job's directories: {error}");
+                note(reason.clone()).await;
+                return ended_early(JobEnd::Failed { reason }, started);
+            }
+        };
         command.registry = Some(self.config.worktree_dir.join(process::REGISTRY_DIR));
         let limits = RunLimits {
             timeout: timeout.saturating_sub(started.elapsed()),

@@ -8,7 +8,7 @@
 //! Layers, each depending only on those below it: [`connection`] (the job bus transport)
 //! calls into [`agent`] (the runtime), which carries out the decisions of the pure
 //! [`job_table`] and runs jobs through the [`executor`] ([`git_cache`], [`workspace`],
-//! [`nix`], [`process`]); [`output`] is the output policy of a running job. [`git_proxy`]
+//! [`nix`], [`sandbox`], [`process`]); [`output`] is the output policy of a running job. [`git_proxy`]
 //! is the command git runs to fetch through a coordinator's authenticated tunnel.
 
 pub mod agent;
@@ -22,6 +22,7 @@ pub mod job_table;
 pub mod nix;
 pub mod output;
 pub mod process;
+pub mod sandbox;
 pub mod workspace;
 
 pub use agent::{Agent, AgentIdentity};

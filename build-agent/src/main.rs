@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use build_agent::config::{self, AgentConfig, Overrides};
 use build_agent::executor::ExecutorConfig;
+use build_agent::sandbox::{Sandbox, SandboxMode};
 use build_agent::{Agent, AgentIdentity};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -56,7 +57,14 @@ struct Cli {
     /// Key of the client certificate.
     #[arg(long, value_name = "FILE", requires = "tls_client_cert")]
     tls_client_key: Option<PathBuf>,
-    /// Validate the configuration (file, flags, token), print it and exit.
+    /// How jobs are contained: bwrap (default) or none.
+    #[arg(long, value_name = "MODE")]
+    sandbox: Option<String>,
+    /// Disk budget for workspaces and caches, in GB (default: half the free space).
+    #[arg(long, value_name = "GB")]
+    max_disk_gb: Option<f64>,
+    /// Validate the configuration (file, flags, token) and that the sandbox can start,
+    /// print it and exit.
     #[arg(long)]
     check_config: bool,
 }
@@ -96,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let file = config::discover(cli.config.as_deref())?;
+    let (file, config_path) = config::discover(cli.config.as_deref())?;
     let overrides = Overrides {
         servers: cli.servers,
         id: cli.id,
@@ -111,9 +119,13 @@ async fn main() -> anyhow::Result<()> {
         tls_ca_file: cli.tls_ca_file,
         tls_client_cert_file: cli.tls_client_cert,
         tls_client_key_file: cli.tls_client_key,
+        sandbox: cli.sandbox,
+        max_disk_gb: cli.max_disk_gb,
     };
     let check_only = cli.check_config;
     let config = AgentConfig::resolve(file, overrides)?;
+    let sandbox = sandbox_for(&config, config_path);
+    let sandbox_check = sandbox.probe().await;
     if check_only {
         println!(
             "configuration OK: agent {} with {} slots",
@@ -132,7 +144,22 @@ async fn main() -> anyhow::Result<()> {
             config.git_cache_dir.display(),
             config.worktree_dir.display()
         );
+        match (&sandbox_check, sandbox.mode()) {
+            (Err(error), _) => anyhow::bail!("the sandbox cannot start: {error}"),
+            (Ok(()), SandboxMode::Bwrap) => println!(
+                "  sandbox bwrap: starts (network {})",
+                if config.sandbox_network { "on" } else { "off" }
+            ),
+            (Ok(()), SandboxMode::None) => println!("  sandbox none: jobs run UNSANDBOXED"),
+        }
         return Ok(());
+    }
+    sandbox_check?;
+    if sandbox.mode() == SandboxMode::None {
+        tracing::warn!(
+            "[sandbox] mode = \"none\": jobs run unsandboxed and can read everything this \
+             agent can, other repositories' workspaces included"
+        );
     }
     for dir in [&config.git_cache_dir, &config.worktree_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -153,6 +180,8 @@ async fn main() -> anyhow::Result<()> {
             env_mode: config.env,
             default_timeout: config.default_timeout,
             kill_grace: config.kill_grace,
+            sandbox: Some(sandbox),
+            sccache: config.sccache,
         },
     );
     build_agent::process::reap_orphans(&config.worktree_dir);
@@ -188,6 +217,19 @@ async fn main() -> anyhow::Result<()> {
     prewarm.abort();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(15), serving).await;
     Ok(())
+}
+
+/// The sandbox for this agent's jobs, hiding everything of the agent's own: its config,
+/// secrets, caches, workspaces and the credentials of its cargo home.
+fn sandbox_for(config: &AgentConfig, config_path: Option<PathBuf>) -> Sandbox {
+    let mut hidden = config.secret_paths.clone();
+    hidden.extend(config_path);
+    hidden.extend(config::DEFAULT_CONFIG_PATHS.iter().map(PathBuf::from));
+    hidden.extend([config.git_cache_dir.clone(), config.worktree_dir.clone()]);
+    if let Some(cargo_home) = build_agent::sandbox::agent_cargo_home() {
+        hidden.extend(["credentials.toml", "credentials"].map(|name| cargo_home.join(name)));
+    }
+    Sandbox::new(config.sandbox, config.sandbox_network, hidden)
 }
 
 /// SIGTERM and SIGINT, as a stream of signal names.

@@ -38,6 +38,9 @@ pub struct CommandSpec {
     pub args: Vec<OsString>,
     pub cwd: PathBuf,
     pub env: Vec<(OsString, OsString)>,
+    /// Start from an empty environment: `env` is all the process gets. Build hosts run jobs
+    /// this way so nothing of the agent's environment (its token) reaches them.
+    pub clear_env: bool,
     /// A directory where the running group is recorded, so a later agent can kill it if
     /// this one dies without cleaning up (see [`reap_orphans`]).
     pub registry: Option<PathBuf>,
@@ -182,6 +185,9 @@ pub async fn run(
 ) -> std::io::Result<ProcessResult> {
     let started = Instant::now();
     let mut command = tokio::process::Command::new(&spec.program);
+    if spec.clear_env {
+        command.env_clear();
+    }
     command
         .args(&spec.args)
         .current_dir(&spec.cwd)
@@ -290,6 +296,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             cwd: std::env::temp_dir(),
             env: Vec::new(),
+            clear_env: false,
             registry: None,
         }
     }

@@ -37,6 +37,7 @@ pub struct WorkspacePool {
 /// agent process that was (mis)configured with the same directory.
 #[derive(Debug)]
 pub struct Workspace {
+    pub repo_id: String,
     pub slot: usize,
     /// The checkout cargo runs in.
     pub src: PathBuf,
@@ -70,6 +71,7 @@ impl WorkspacePool {
             match lock.try_lock() {
                 Ok(()) => {
                     return Ok(Workspace {
+                        repo_id: repo_id.to_owned(),
                         slot,
                         src: dir.join("src"),
                         target: dir.join("target"),
@@ -103,6 +105,14 @@ impl WorkspacePool {
 }
 
 impl Workspace {
+    /// The directory of the workspace's repository: its slots and shared directories.
+    pub fn repo_dir(&self) -> PathBuf {
+        self.src
+            .parent()
+            .and_then(Path::parent)
+            .map_or_else(PathBuf::new, Path::to_owned)
+    }
+
     /// Whether a previous job left build output here.
     pub fn is_warm(&self) -> bool {
         self.target.join("CACHEDIR.TAG").exists() || self.target.join("debug").exists()

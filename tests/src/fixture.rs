@@ -140,6 +140,22 @@ impl Fixture {
         Ok(fixture)
     }
 
+    /// A repository of exactly `files` (path, text), with a generated lockfile, committed:
+    /// for fixtures a test writes itself.
+    pub fn with_files(files: &[(&str, String)]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("buildpool-test-")
+            .tempdir()?;
+        let fixture = Self { dir };
+        std::fs::create_dir_all(fixture.scratch())?;
+        fixture.write(".gitignore", "/target\n")?;
+        for (path, text) in files {
+            fixture.write(path, text)?;
+        }
+        commit_with_lockfile(&fixture.root(), &["--offline"], "fixture")?;
+        Ok(fixture)
+    }
+
     /// A repository holding a copy of the crate source in `source` (a published crate, for
     /// benchmarks on real code), with a generated lockfile, committed.
     pub fn from_source(source: &Path) -> anyhow::Result<Self> {

@@ -183,6 +183,8 @@ pub struct Cluster {
     pub git_daemon_port: u16,
     /// The coordinator certificate's fingerprint, as agents pin it.
     pub tls_fingerprint: String,
+    /// Arguments every agent of this cluster gets (unless a test passes its own).
+    pub agent_args: Vec<String>,
 }
 
 /// The repository's URL through the tunnel (the proxy command ignores the host).
@@ -211,6 +213,23 @@ pub struct ServeOptions {
     pub token_file: Option<PathBuf>,
     /// More `buildpool serve` arguments.
     pub extra_args: Vec<String>,
+    /// More arguments for every agent the cluster starts, e.g. [`UNSANDBOXED`].
+    pub agent_args: Vec<String>,
+}
+
+/// Agent arguments for tests that watch a job from the host: the fixture's sleeping tests
+/// write pid and start files outside their workspace, which the sandbox (rightly) forbids,
+/// and a pid from inside the sandbox's PID namespace means nothing outside it.
+pub const UNSANDBOXED: [&str; 2] = ["--sandbox", "none"];
+
+impl ServeOptions {
+    /// Default options with agents that run jobs unsandboxed; see [`UNSANDBOXED`].
+    pub fn unsandboxed() -> Self {
+        Self {
+            agent_args: UNSANDBOXED.map(str::to_owned).to_vec(),
+            ..Self::default()
+        }
+    }
 }
 
 impl Cluster {
@@ -292,6 +311,7 @@ impl Cluster {
             websocket_addr: started.websocket_addr,
             git_daemon_port: started.git_daemon_port,
             tls_fingerprint: started.tls_fingerprint,
+            agent_args: options.agent_args.clone(),
         };
         for index in 0..agents {
             cluster.add_agent(&format!("worker-{}", index + 1), slots, &[])?;
@@ -389,6 +409,11 @@ impl Cluster {
             .arg("--worktree-dir")
             .arg(dir.join("workspaces"))
             .args(extra)
+            .args(
+                self.agent_args
+                    .iter()
+                    .filter(|_| !extra.contains(&"--sandbox")),
+            )
             .env_remove("BUILDPOOL_TOKEN")
             .env("NIX_CONFIG", fixture::NIX_CONFIG);
         command

@@ -4,10 +4,22 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use buildpool_tests::{Cluster, Fixture, Owned, SIGINT, process_alive, wait_until};
+use buildpool_tests::{Cluster, Fixture, Owned, SIGINT, ServeOptions, process_alive, wait_until};
 
 fn cluster(agents: usize, slots: u32) -> Cluster {
     Cluster::start(Fixture::new().expect("fixture"), agents, slots).expect("cluster starts")
+}
+
+/// A cluster whose agents run jobs unsandboxed, for tests that watch the fixture's sleeping
+/// tests from the host (see `buildpool_tests::UNSANDBOXED`).
+fn watched_cluster() -> Cluster {
+    Cluster::start_with(
+        Fixture::new().expect("fixture"),
+        1,
+        1,
+        &ServeOptions::unsandboxed(),
+    )
+    .expect("cluster starts")
 }
 
 /// `compiler-artifact` messages of a `--message-format=json` build: crate name -> fresh.
@@ -204,7 +216,7 @@ fn grandchild_pid(fixture: &Fixture, run: &Owned) -> i32 {
 
 #[test]
 fn cancel_kills_the_jobs_grandchildren() {
-    let cluster = cluster(1, 1);
+    let cluster = watched_cluster();
     let fixture = &cluster.fixture;
     let mut run = job_with_grandchild(fixture, &[]);
     let grandchild = grandchild_pid(fixture, &run);
@@ -229,7 +241,7 @@ fn cancel_kills_the_jobs_grandchildren() {
 
 #[test]
 fn a_timeout_is_reported_as_timed_out_not_as_an_exit_code() {
-    let cluster = cluster(1, 1);
+    let cluster = watched_cluster();
     let fixture = &cluster.fixture;
     let mut run = job_with_grandchild(fixture, &["--timeout", "20"]);
     let grandchild = grandchild_pid(fixture, &run);
@@ -451,7 +463,7 @@ fn two_repositories_on_one_host_each_find_their_own_coordinator() {
 
 #[test]
 fn ctrl_c_right_after_start_still_cancels_the_job() {
-    let cluster = cluster(1, 1);
+    let cluster = watched_cluster();
     let fixture = &cluster.fixture;
     std::fs::write(fixture.sleep_file(), "300").expect("sleep file");
     let mut run = Owned::spawn(

@@ -32,6 +32,36 @@ fn the_example_agent_config_is_valid() {
         stdout.contains("wss://workstation-b:8081/ws (bob)"),
         "{stdout}"
     );
+    assert!(stdout.contains("sandbox bwrap: starts"), "{stdout}");
+}
+
+#[test]
+fn check_config_says_when_the_sandbox_cannot_start() {
+    // A PATH without bwrap: the agent cannot sandbox and says what to do.
+    let empty = tempfile::tempdir().expect("temp dir");
+    let output = Command::new(buildpool_tests::agent_bin())
+        .args(["--server", "ws://127.0.0.1:1/ws", "--check-config"])
+        .env("BUILDPOOL_TOKEN", "test-token")
+        .env("PATH", empty.path())
+        .output()
+        .expect("build-agent runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("bubblewrap (bwrap) is not installed")
+            && stderr.contains("mode = \"none\""),
+        "{stderr}"
+    );
+    let unsandboxed = Command::new(buildpool_tests::agent_bin())
+        .args(["--server", "ws://127.0.0.1:1/ws", "--sandbox", "none"])
+        .arg("--check-config")
+        .env("BUILDPOOL_TOKEN", "test-token")
+        .env("PATH", empty.path())
+        .output()
+        .expect("build-agent runs");
+    let stdout = String::from_utf8_lossy(&unsandboxed.stdout);
+    assert!(unsandboxed.status.success(), "{stdout}");
+    assert!(stdout.contains("UNSANDBOXED"), "{stdout}");
 }
 
 #[test]

@@ -6,13 +6,14 @@ use std::time::{Duration, Instant};
 use buildpool_tests::{Cluster, Fixture, Owned, Proxy, RunOutput, ServeOptions, wait_until};
 
 /// Short heartbeats so dead links are found in seconds, and the given reattach grace.
+/// Agents run jobs unsandboxed: these tests count the fixture's starts from the host.
 fn timeouts(reattach_grace_secs: u64) -> ServeOptions {
     let config = format!(
         "[build_pool.timeouts]\nheartbeat_interval_secs = 1\nheartbeat_timeout_secs = 3\nreattach_grace_secs = {reattach_grace_secs}\n"
     );
     ServeOptions {
         config: Some(config),
-        ..ServeOptions::default()
+        ..ServeOptions::unsandboxed()
     }
 }
 

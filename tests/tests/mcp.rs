@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use buildpool_tests::{Cluster, Fixture, process_alive, wait_until};
+use buildpool_tests::{Cluster, Fixture, ServeOptions, process_alive, wait_until};
 use rmcp::model::{CallToolRequestParams, CallToolResult, ProgressNotificationParam};
 use rmcp::service::NotificationContext;
 use rmcp::service::RunningService;
@@ -83,6 +83,22 @@ fn blocking<T: Send + 'static>(
 async fn started_cluster(agents: usize, slots: u32) -> Cluster {
     blocking(move || {
         Cluster::start(Fixture::new().expect("fixture"), agents, slots).expect("cluster")
+    })
+    .await
+    .expect("join")
+}
+
+/// A cluster whose agent runs jobs unsandboxed, for tests that watch the fixture's sleeping
+/// test from the host (see `buildpool_tests::UNSANDBOXED`).
+async fn watched_cluster(slots: u32) -> Cluster {
+    blocking(move || {
+        Cluster::start_with(
+            Fixture::new().expect("fixture"),
+            1,
+            slots,
+            &ServeOptions::unsandboxed(),
+        )
+        .expect("cluster")
     })
     .await
     .expect("join")
@@ -249,7 +265,8 @@ async fn clippy_reports_a_lint_by_default_as_an_error() {
 
 #[tokio::test]
 async fn every_advertised_input_takes_effect() {
-    let cluster = started_cluster(1, 2).await;
+    // Unsandboxed: the sleeping test it times out writes a pid file on the host.
+    let cluster = watched_cluster(2).await;
     let fixture = &cluster.fixture;
     let manifest = std::fs::read_to_string(fixture.root().join("app/Cargo.toml")).expect("read");
     fixture
@@ -339,7 +356,7 @@ async fn concurrent_calls_from_one_session_all_complete() {
 
 #[tokio::test]
 async fn cancelling_a_running_call_kills_the_job() {
-    let cluster = started_cluster(1, 1).await;
+    let cluster = watched_cluster(1).await;
     let fixture = &cluster.fixture;
     let (client, _) = mcp_client(fixture, &fixture.root()).await;
     let arguments = json!({"filter": "sleeps_with_a_child", "include_ignored": true});

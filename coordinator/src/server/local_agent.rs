@@ -37,6 +37,8 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             env_mode: EnvMode::Auto,
             default_timeout: shared.config.job_default_timeout,
             kill_grace: Duration::from_secs(5),
+            sandbox: None,
+            sccache: false,
         },
     );
     let git = GitLocator::Fixed(format!("file://{}", shared.repo.common_dir.display()));

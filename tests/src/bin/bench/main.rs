@@ -7,6 +7,9 @@
 //!    client's exit (the agent confirmed);
 //! 4. dead-link detection and reattach after a silent network cut (heartbeat timeout 3 s).
 //!
+//! 1 and 2 run once with a sandboxed agent (the default) and once without, reporting the
+//! sandbox's overhead per job and the incremental ratio with and without it.
+//!
 //! `security` instead measures, side by side in one run: a snapshot fetch through the
 //! authenticated tunnel against one straight from the git daemon; submit to first cargo
 //! output with agents fetching each way; and the cost of TLS per bus connection.
@@ -88,23 +91,15 @@ fn edit(fixture: &Fixture, round: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    // Each further mode lives in its own module beside this file and takes its arguments.
-    if args.first().is_some_and(|arg| arg == "crate") {
-        let name = args.get(1).context("bench crate NAME [ROUNDS]")?.clone();
-        let rounds = args.get(2).map(|n| n.parse()).transpose()?.unwrap_or(3);
-        return real_crate(&name, rounds);
-    }
-    let security_only = args.first().is_some_and(|arg| arg == "security");
-    if security_only {
-        args.remove(0);
-    }
-    let rounds: usize = args.first().map(|n| n.parse()).transpose()?.unwrap_or(9);
-    if security_only {
-        return security(rounds);
-    }
-    let cluster = Cluster::start(Fixture::new()?, 1, 1)?;
+/// What [`incremental`] measured.
+struct Incremental {
+    first_line: Duration,
+    ratio: f64,
+}
+
+/// Latency to cargo's first line and a one-line change's incremental build, remote against
+/// local, with the remote build's phases.
+fn incremental(cluster: &Cluster, rounds: usize, label: &str) -> anyhow::Result<Incremental> {
     let fixture = &cluster.fixture;
 
     // Warm the agent and the local target dir.
@@ -163,8 +158,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    println!("buildpool benchmarks ({rounds} rounds, 1 agent with 1 slot on this host)");
-    summary(
+    println!("{label}: {rounds} rounds, 1 agent with 1 slot on this host");
+    let first_line = summary(
         "run check -> first cargo output line (warm agent)",
         &first_line,
     );
@@ -176,10 +171,8 @@ fn main() -> anyhow::Result<()> {
         "local incremental build after the same change (cargo build)",
         &local,
     );
-    println!(
-        "ratio remote/local: {:.2}",
-        remote_median.as_secs_f64() / local_median.as_secs_f64()
-    );
+    let ratio = remote_median.as_secs_f64() / local_median.as_secs_f64();
+    println!("ratio remote/local: {ratio:.2}");
     let breakdown: Vec<String> = phases
         .values()
         .map(|(name, samples)| format!("{name} {:.0}", ms(median(samples.clone()))))
@@ -187,6 +180,42 @@ fn main() -> anyhow::Result<()> {
     println!(
         "remote incremental build, median ms per phase (run -v): {}",
         breakdown.join(", ")
+    );
+    Ok(Incremental { first_line, ratio })
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // Each further mode lives in its own module beside this file and takes its arguments.
+    if args.first().is_some_and(|arg| arg == "crate") {
+        let name = args.get(1).context("bench crate NAME [ROUNDS]")?.clone();
+        let rounds = args.get(2).map(|n| n.parse()).transpose()?.unwrap_or(3);
+        return real_crate(&name, rounds);
+    }
+    let security_only = args.first().is_some_and(|arg| arg == "security");
+    if security_only {
+        args.remove(0);
+    }
+    let rounds: usize = args.first().map(|n| n.parse()).transpose()?.unwrap_or(9);
+    if security_only {
+        return security(rounds);
+    }
+    // The same fixture work through a sandboxed agent (the default) and an unsandboxed one.
+    let sandboxed = Cluster::start(Fixture::new()?, 1, 1)?;
+    let with_sandbox = incremental(&sandboxed, rounds, "sandbox bwrap")?;
+    drop(sandboxed);
+    // Unsandboxed also for the cancel rounds: they watch the job's grandchild from the host.
+    let cluster = Cluster::start_with(Fixture::new()?, 1, 1, &ServeOptions::unsandboxed())?;
+    let fixture = &cluster.fixture;
+    let without_sandbox = incremental(&cluster, rounds, "sandbox none")?;
+    println!(
+        "sandbox overhead per job (run check -> first cargo line, medians): {:.0} ms; \
+         incremental ratio remote/local {:.2} with the sandbox, {:.2} without",
+        ms(with_sandbox
+            .first_line
+            .saturating_sub(without_sandbox.first_line)),
+        with_sandbox.ratio,
+        without_sandbox.ratio
     );
 
     let (mut gone, mut confirmed) = (Vec::new(), Vec::new());
@@ -228,7 +257,7 @@ fn main() -> anyhow::Result<()> {
 
     let fast = ServeOptions {
         config: Some("[build_pool.timeouts]\nheartbeat_interval_secs = 1\nheartbeat_timeout_secs = 3\nreattach_grace_secs = 20\n".into()),
-        ..ServeOptions::default()
+        ..ServeOptions::unsandboxed()
     };
     let (mut detected, mut reattached) = (Vec::new(), Vec::new());
     for round in 0..3 {
