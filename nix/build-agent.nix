@@ -28,7 +28,8 @@ let
     storage = {
       git_cache_dir = cfg.gitCacheDir;
       worktree_dir = cfg.worktreeDir;
-    };
+      workspace_ttl_days = cfg.workspaceTtlDays;
+    } // lib.optionalAttrs (cfg.maxDiskGb != null) { max_disk_gb = cfg.maxDiskGb; };
     nix = {
       env = cfg.env;
       prewarm_packages = cfg.prewarmPackages;
@@ -105,6 +106,12 @@ in
       description = "Installables realised at start-up; failures are logged, not fatal.";
     };
     drainTimeoutSecs = positiveIntOption 600 "How long stopping the service lets running jobs finish.";
+    maxDiskGb = lib.mkOption {
+      type = lib.types.nullOr (lib.types.either lib.types.ints.positive lib.types.float);
+      default = null;
+      description = "Disk budget for workspaces and caches in GB; null: half the free space at start.";
+    };
+    workspaceTtlDays = positiveIntOption 14 "Repositories not built for this many days lose their workspaces and caches.";
     sandbox = lib.mkOption {
       type = lib.types.enum [ "bwrap" "none" ];
       default = "bwrap";

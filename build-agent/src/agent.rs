@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use buildpool_core::bus::{AgentMessage, Assignment, Hello, PROTOCOL_VERSION, SlotOffer};
+use buildpool_core::bus::{
+    AgentMessage, Assignment, DiskUsage, Hello, PROTOCOL_VERSION, SlotOffer,
+};
 use buildpool_core::{AttemptKey, Completion, JobEnd};
 use buildpool_proto::socket::Outbox;
 use tokio::sync::{mpsc, watch};
@@ -108,6 +110,11 @@ impl Agent {
         }
     }
 
+    /// Disk use against the budget, for coordinators' status.
+    pub fn disk_usage(&self) -> DiskUsage {
+        self.inner.executor.disk_usage()
+    }
+
     pub fn id(&self) -> &str {
         &self.inner.identity.id
     }
@@ -175,6 +182,8 @@ impl Agent {
             slots: Self::offer(&state.table.view(), link),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             attempts: state.table.held_attempts(link.0),
+            sandboxed: self.inner.executor.sandboxed(),
+            disk: self.inner.executor.disk_usage(),
         }
     }
 
@@ -221,7 +230,18 @@ impl Agent {
             .filter(|label| !self.inner.identity.labels.contains(label))
             .cloned()
             .collect();
-        let started = self.with_table(|state| match state.table.assign(link, key, missing) {
+        // A job that cannot fit in the disk budget goes back to the coordinator whole,
+        // before anything of it runs.
+        let refusal = if missing.is_empty() {
+            self.inner
+                .executor
+                .admit(&source.repo_id)
+                .err()
+                .map(|refusal| Decline::DiskBudget(refusal.to_string()))
+        } else {
+            Some(Decline::MissingLabels(missing))
+        };
+        let started = self.with_table(|state| match state.table.assign(link, key, refusal) {
             Admission::Start => {
                 let cancel = self.inner.stop_jobs.child_token();
                 state.cancels.insert((link, key), cancel.clone());

@@ -296,6 +296,7 @@ impl Session<'_> {
         }
         let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
         let mut last_heard = tokio::time::Instant::now();
+        let mut reported_disk = self.agent.disk_usage();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
@@ -307,6 +308,11 @@ impl Session<'_> {
                     // A full queue is already proof of life to the coordinator; skip this beat.
                     let beat = AgentMessage::Heartbeat { sent_at_unix_ms: unix_millis() };
                     let _ = self.outbox.try_send(beat);
+                    // Disk use changes with every job; the beat's pace is news enough.
+                    let disk = self.agent.disk_usage();
+                    if disk != reported_disk && self.outbox.try_send(AgentMessage::Disk(disk)).is_ok() {
+                        reported_disk = disk;
+                    }
                 }
                 changed = self.pool.changed() => {
                     if changed.is_err() {
@@ -478,6 +484,8 @@ mod tests {
                 kill_grace: Duration::from_secs(1),
                 sandbox: None,
                 sccache: false,
+                disk: None,
+                workspace_ttl: Duration::from_secs(14 * 24 * 3600),
             },
         );
         let (coordinator_end, agent_end) = tokio::io::duplex(64 * 1024);

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use buildpool_core::bus::DiskUsage;
 use buildpool_core::{
     AgentPhases, AttemptKey, Completion, EnvMode, JobEnd, JobSpec, OutputStream, RunEnv, Source,
 };
@@ -19,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::disk::{DiskBudget, DoesNotFit};
 use crate::git_cache::{GitCache, GitRemote};
 use crate::nix::{self, DevEnv, DevEnvCache};
 use crate::process::{self, CommandSpec, OutputChunk, RunLimits};
@@ -44,6 +46,11 @@ pub struct ExecutorConfig {
     pub sandbox: Option<Sandbox>,
     /// Compile through sccache (when installed), one disk cache per repository.
     pub sccache: bool,
+    /// The disk budget over workspaces and caches; `None` keeps no budget (the developer's
+    /// own machine).
+    pub disk: Option<Arc<DiskBudget>>,
+    /// Repositories not built for this long lose their workspaces and caches.
+    pub workspace_ttl: Duration,
 }
 
 /// One job attempt as the executor sees it.
@@ -208,6 +215,46 @@ impl Executor {
         Ok(sandbox.wrap(&paths, command))
     }
 
+    /// Whether a job of `repo_id` fits in the disk budget beside the running ones.
+    pub fn admit(&self, repo_id: &str) -> Result<(), DoesNotFit> {
+        self.config
+            .disk
+            .as_ref()
+            .map_or(Ok(()), |disk| disk.admit(repo_id))
+    }
+
+    /// Disk use against the budget; all zero without a budget.
+    pub fn disk_usage(&self) -> DiskUsage {
+        self.config
+            .disk
+            .as_ref()
+            .map(|disk| disk.usage())
+            .unwrap_or_default()
+    }
+
+    /// Whether jobs run contained.
+    pub fn sandboxed(&self) -> bool {
+        self.config
+            .sandbox
+            .as_ref()
+            .is_some_and(Sandbox::is_contained)
+    }
+
+    /// Brings the disk within budget in the background: idle workspaces and caches go,
+    /// never a running job's. After a job, its workspace is measured first.
+    fn enforce_disk_budget(&self, measure: Option<(String, usize)>) {
+        let Some(disk) = self.config.disk.clone() else {
+            return;
+        };
+        let ttl = self.config.workspace_ttl;
+        tokio::spawn(async move {
+            if let Some((repo_id, slot)) = measure {
+                disk.remeasure(&repo_id, slot).await;
+            }
+            disk.enforce(ttl).await;
+        });
+    }
+
     pub fn new(config: ExecutorConfig) -> Self {
         Self {
             cache: GitCache::new(config.git_cache_dir.clone()),
@@ -272,6 +319,13 @@ impl Executor {
                 .await
                 .map_err(|e| e.to_string())?;
             phases.workspace_wait = phase.elapsed();
+            let disk_hold = self
+                .config
+                .disk
+                .as_ref()
+                .map(|disk| disk.hold(&job.source.repo_id, workspace.slot));
+            // What this job holds is safe; others' idle workspaces make room for it.
+            self.enforce_disk_budget(None);
             let lock = self
                 .cache
                 .lock(&job.source.repo_id)
@@ -336,13 +390,13 @@ impl Executor {
                 env.label()
             ))
             .await;
-            Ok::<_, String>((workspace, env, dev_env, phases))
+            Ok::<_, String>((workspace, env, dev_env, phases, disk_hold))
         };
         let setup = tokio::select! {
             result = tokio::time::timeout(timeout, setup) => result,
             () = cancel.cancelled() => return ended_early(JobEnd::Cancelled, started),
         };
-        let (workspace, env, dev_env, mut phases) = match setup {
+        let (workspace, env, dev_env, mut phases, disk_hold) = match setup {
             Ok(Ok(ready)) => ready,
             Ok(Err(error)) => {
                 note(error.clone()).await;
@@ -368,7 +422,10 @@ impl Executor {
         let phase = Instant::now();
         let result = process::run(command, limits, output.clone(), cancel).await;
         phases.cargo = phase.elapsed();
+        let slot = workspace.slot;
         drop(workspace);
+        drop(disk_hold);
+        self.enforce_disk_budget(Some((job.source.repo_id.clone(), slot)));
         let end = match result {
             Err(error) => {
                 let reason = format!("could not start cargo (env {}): {error}", env.label());

@@ -104,6 +104,22 @@ impl GitCache {
         Self { root }
     }
 
+    /// The repositories cached here.
+    pub fn repo_ids(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                let repo_id = name.strip_suffix(".git")?;
+                check_repo_id(repo_id).ok()?;
+                Some(repo_id.to_owned())
+            })
+            .collect()
+    }
+
     /// Path of the bare repository for `repo_id`.
     pub fn repo_dir(&self, repo_id: &str) -> PathBuf {
         self.root.join(format!("{repo_id}.git"))

@@ -38,6 +38,8 @@ pub enum Decline {
         total: u32,
     },
     MissingLabels(Vec<String>),
+    /// The job does not fit in the disk budget beside the running ones.
+    DiskBudget(String),
 }
 
 impl fmt::Display for Decline {
@@ -49,6 +51,7 @@ impl fmt::Display for Decline {
             }
             Decline::Busy { total } => write!(f, "all {total} slots busy"),
             Decline::MissingLabels(labels) => write!(f, "missing labels {labels:?}"),
+            Decline::DiskBudget(reason) => f.write_str(reason),
         }
     }
 }
@@ -189,20 +192,15 @@ impl JobTable {
 
     /// Admits an assignment if it fits `link`'s offer.
     ///
-    /// `labels_missing` is computed by the caller (it knows the agent's labels). A known
-    /// attempt is recognised before anything else, so a coordinator that re-sends an
-    /// assignment is never told to requeue an attempt that runs here.
-    pub fn assign(
-        &mut self,
-        link: LinkId,
-        key: AttemptKey,
-        labels_missing: Vec<String>,
-    ) -> Admission {
+    /// `refusal` is a reason the caller found not to run it (it knows the agent's labels
+    /// and disk). A known attempt is recognised before anything else, so a coordinator
+    /// that re-sends an assignment is never told to requeue an attempt that runs here.
+    pub fn assign(&mut self, link: LinkId, key: AttemptKey, refusal: Option<Decline>) -> Admission {
         if self.attempt(link, key).is_some() {
             return Admission::AlreadyKnown;
         }
-        if !labels_missing.is_empty() {
-            return Admission::Declined(Decline::MissingLabels(labels_missing));
+        if let Some(refusal) = refusal {
+            return Admission::Declined(refusal);
         }
         if self.pool.offer(link) == 0 {
             return Admission::Declined(self.reason_for_no_offer());
@@ -363,7 +361,7 @@ mod tests {
 
     fn start(table: &mut JobTable, link: LinkId, key: AttemptKey) {
         assert_eq!(
-            table.assign(link, key, Vec::new()),
+            table.assign(link, key, None),
             Admission::Start,
             "link {link} {key}"
         );
@@ -374,7 +372,7 @@ mod tests {
         let mut table = JobTable::new(1);
         start(&mut table, 0, key(1));
         assert_eq!(
-            table.assign(1, key(2), Vec::new()),
+            table.assign(1, key(2), None),
             Admission::Declined(Decline::Busy { total: 1 })
         );
         assert_eq!(table.view().free(), 0);
@@ -382,7 +380,7 @@ mod tests {
         assert_eq!(table.view().free(), 1);
         table.set_draining();
         assert_eq!(
-            table.assign(0, key(3), Vec::new()),
+            table.assign(0, key(3), None),
             Admission::Declined(Decline::Draining),
             "a draining agent takes no work"
         );
@@ -416,7 +414,7 @@ mod tests {
             // The others are declined even if they try.
             for other in (0..3).filter(|link| *link != offered[0]) {
                 assert_eq!(
-                    table.assign(other, key(job_id), Vec::new()),
+                    table.assign(other, key(job_id), None),
                     Admission::Declined(Decline::OfferedElsewhere)
                 );
             }
@@ -449,7 +447,7 @@ mod tests {
         let view = table.view();
         assert_eq!((view.offer(0), view.offer(1), view.offer(2)), (1, 1, 0));
         assert_eq!(
-            table.assign(2, key(1), Vec::new()),
+            table.assign(2, key(1), None),
             Admission::Declined(Decline::OfferedElsewhere)
         );
         start(&mut table, 0, key(1));
@@ -459,12 +457,12 @@ mod tests {
         // One slot left: it goes to a coordinator not served yet, and link 0 must wait.
         assert_eq!((view.offer(0), view.offer(1), view.offer(2)), (0, 1, 0));
         assert_eq!(
-            table.assign(0, key(2), Vec::new()),
+            table.assign(0, key(2), None),
             Admission::Declined(Decline::OfferedElsewhere)
         );
         start(&mut table, 1, key(1));
         assert_eq!(
-            table.assign(2, key(1), Vec::new()),
+            table.assign(2, key(1), None),
             Admission::Declined(Decline::Busy { total: 2 })
         );
         assert_eq!(table.running(), 2);
@@ -501,23 +499,23 @@ mod tests {
     fn a_repeated_assignment_of_a_held_attempt_is_already_known() {
         let mut table = JobTable::new(2);
         start(&mut table, 0, key(1));
-        assert_eq!(table.assign(0, key(1), Vec::new()), Admission::AlreadyKnown);
+        assert_eq!(table.assign(0, key(1), None), Admission::AlreadyKnown);
         table.set_draining();
         assert_eq!(
-            table.assign(0, key(1), vec!["gpu".into()]),
+            table.assign(0, key(1), Some(Decline::MissingLabels(vec!["gpu".into()]))),
             Admission::AlreadyKnown,
             "a known attempt is recognised before labels and offer"
         );
         table.attempt_ended(0, key(1), result("done"));
         assert_eq!(
-            table.assign(0, key(1), Vec::new()),
+            table.assign(0, key(1), None),
             Admission::AlreadyKnown,
             "its result waits for acknowledgement"
         );
         assert_eq!(table.running(), 0, "a duplicate takes no slot");
         table.result_acked(0, key(1));
         assert_eq!(
-            table.assign(0, key(1), Vec::new()),
+            table.assign(0, key(1), None),
             Admission::Declined(Decline::Draining),
             "forgotten once acknowledged"
         );
@@ -528,7 +526,7 @@ mod tests {
         let mut table = JobTable::new(1);
         start(&mut table, 0, key(1));
         assert_eq!(
-            table.assign(1, key(1), vec!["gpu".into()]),
+            table.assign(1, key(1), Some(Decline::MissingLabels(vec!["gpu".into()]))),
             Admission::Declined(Decline::MissingLabels(vec!["gpu".into()]))
         );
         assert_eq!(table.running(), 1);
@@ -709,7 +707,7 @@ mod tests {
         table.result_acked(0, key(1));
         table.link_down(0);
         assert_eq!(
-            table.assign(1, key(1), Vec::new()),
+            table.assign(1, key(1), None),
             Admission::Declined(Decline::Busy { total: 1 }),
             "cancel, ack and disconnect leave the workspace in use"
         );
@@ -918,7 +916,11 @@ mod tests {
             };
             assert!(view.offer(link) <= view.free());
             assert_eq!(
-                self.table.assign(link, key, labels_missing),
+                self.table.assign(
+                    link,
+                    key,
+                    (!labels_missing.is_empty()).then_some(Decline::MissingLabels(labels_missing)),
+                ),
                 expected,
                 "assign {key} on link {link}"
             );

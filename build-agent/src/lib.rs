@@ -15,6 +15,7 @@ pub mod agent;
 pub mod backoff;
 pub mod config;
 pub mod connection;
+pub mod disk;
 pub mod executor;
 pub mod git_cache;
 pub mod git_proxy;

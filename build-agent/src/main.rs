@@ -1,12 +1,16 @@
 //! `build-agent`: runs buildpool jobs on a build host.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use build_agent::config::{self, AgentConfig, Overrides};
+use build_agent::disk::DiskBudget;
 use build_agent::executor::ExecutorConfig;
+use build_agent::git_cache::GitCache;
 use build_agent::sandbox::{Sandbox, SandboxMode};
 use build_agent::{Agent, AgentIdentity};
+use buildpool_core::bus::human_bytes;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -166,6 +170,30 @@ async fn main() -> anyhow::Result<()> {
     }
     let git_proxy = build_agent::git_proxy::install_wrapper(&config.git_cache_dir)
         .context("cannot write the git proxy command into the git cache directory")?;
+    let scanned = std::time::Instant::now();
+    let disk = tokio::task::spawn_blocking({
+        let (worktree_dir, cache) = (
+            config.worktree_dir.clone(),
+            GitCache::new(config.git_cache_dir.clone()),
+        );
+        let configured = config.max_disk_bytes;
+        move || DiskBudget::scan(worktree_dir, cache, configured)
+    })
+    .await
+    .context("scanning the workspaces failed")?;
+    let disk = Arc::new(disk);
+    let usage = disk.usage();
+    tracing::info!(
+        "disk: workspaces and caches use {} of a {} budget{} (scanned in {} ms)",
+        human_bytes(usage.used_bytes),
+        human_bytes(usage.budget_bytes),
+        if config.max_disk_bytes.is_some() {
+            ""
+        } else {
+            " (half the free space)"
+        },
+        scanned.elapsed().as_millis()
+    );
     let agent = Agent::new(
         AgentIdentity {
             id: config.id.clone(),
@@ -182,8 +210,21 @@ async fn main() -> anyhow::Result<()> {
             kill_grace: config.kill_grace,
             sandbox: Some(sandbox),
             sccache: config.sccache,
+            disk: Some(Arc::clone(&disk)),
+            workspace_ttl: config.workspace_ttl,
         },
     );
+    // Repositories nobody builds any more expire even on an idle agent.
+    let expiry = tokio::spawn({
+        let ttl = config.workspace_ttl;
+        async move {
+            let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
+            loop {
+                hourly.tick().await;
+                disk.enforce(ttl).await;
+            }
+        }
+    });
     build_agent::process::reap_orphans(&config.worktree_dir);
     tracing::info!(agent_id = %config.id, slots = config.max_jobs, servers = config.servers.len(), "build agent starting");
     let prewarm = tokio::spawn(build_agent::nix::prewarm(config.prewarm_packages.clone()));
@@ -215,6 +256,7 @@ async fn main() -> anyhow::Result<()> {
     }
     shutdown.cancel();
     prewarm.abort();
+    expiry.abort();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(15), serving).await;
     Ok(())
 }

@@ -32,6 +32,17 @@ pub struct Hello {
     /// Attempts this agent still runs or holds an unacknowledged result for, so the
     /// coordinator can reattach them after a reconnect.
     pub attempts: Vec<HeldAttempt>,
+    /// Whether its jobs run in a sandbox; coordinators mark agents that do not.
+    pub sandboxed: bool,
+    pub disk: DiskUsage,
+}
+
+/// An agent's disk use for workspaces and caches, against its budget. All zero when the
+/// agent keeps no budget (the coordinator's embedded agent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskUsage {
+    pub used_bytes: u64,
+    pub budget_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +58,20 @@ pub struct SlotOffer {
     pub free: u32,
     pub total: u32,
     pub draining: bool,
+}
+
+/// Bytes for people: `1.5 GB`, `20 MB`, `300 kB`.
+pub fn human_bytes(bytes: u64) -> String {
+    // Display only: the precision a float keeps is plenty.
+    #[allow(clippy::cast_precision_loss)]
+    let value = bytes as f64;
+    if value >= 1e9 {
+        format!("{:.1} GB", value / 1e9)
+    } else if value >= 1e6 {
+        format!("{:.0} MB", value / 1e6)
+    } else {
+        format!("{:.0} kB", value / 1e3)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +124,8 @@ pub enum AgentMessage {
     },
     /// The offer to this coordinator changed.
     Slots(SlotOffer),
+    /// The agent's disk use changed (sent with a heartbeat when it did).
+    Disk(DiskUsage),
     /// The agent could not take an assignment (no free slot, draining, missing label).
     Declined {
         key: AttemptKey,

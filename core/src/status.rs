@@ -1,5 +1,6 @@
 //! What a coordinator reports about itself, its agents, its jobs and their logs.
 
+use crate::bus::DiskUsage;
 use crate::job::{JobId, JobKind, JobSpec, OutputStream};
 
 /// A job as a client submits it: the spec plus the snapshot to build.
@@ -25,6 +26,8 @@ pub struct AgentStatus {
     pub local: bool,
     pub draining: bool,
     pub address: String,
+    pub sandboxed: bool,
+    pub disk: DiskUsage,
 }
 
 /// Where a job that has not ended is.

@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use buildpool_core::bus::{
-    AgentMessage, Assignment, CoordinatorMessage, HeldAttempt, Hello, PROTOCOL_VERSION, Reject,
-    RejectCode, SlotOffer, Welcome,
+    AgentMessage, Assignment, CoordinatorMessage, DiskUsage, HeldAttempt, Hello, PROTOCOL_VERSION,
+    Reject, RejectCode, SlotOffer, Welcome,
 };
 use buildpool_core::status::{
     AgentStatus, CancelReply, CoordinatorStatus, JobPlace, JobStatus, LogPage, LogRequest,
@@ -417,6 +417,8 @@ impl From<AgentMessage> for agent_frame::Msg {
                         finished: held.finished,
                     })
                     .collect(),
+                sandboxed: hello.sandboxed,
+                disk: Some(hello.disk.into()),
             }),
             AgentMessage::Heartbeat { sent_at_unix_ms } => {
                 agent_frame::Msg::Heartbeat(crate::Heartbeat { sent_at_unix_ms })
@@ -446,6 +448,7 @@ impl From<AgentMessage> for agent_frame::Msg {
             AgentMessage::CancelAck(key) => agent_frame::Msg::CancelAck(crate::CancelAck {
                 key: Some(key.into()),
             }),
+            AgentMessage::Disk(usage) => agent_frame::Msg::Disk(usage.into()),
         }
     }
 }
@@ -478,6 +481,8 @@ impl TryFrom<agent_frame::Msg> for AgentMessage {
                 } else {
                     Vec::new()
                 },
+                sandboxed: hello.sandboxed,
+                disk: hello.disk.map(DiskUsage::from).unwrap_or_default(),
             }),
             agent_frame::Msg::Heartbeat(beat) => AgentMessage::Heartbeat {
                 sent_at_unix_ms: beat.sent_at_unix_ms,
@@ -501,6 +506,7 @@ impl TryFrom<agent_frame::Msg> for AgentMessage {
                 completion: required(finished.completion, "completion")?.try_into()?,
             },
             agent_frame::Msg::CancelAck(ack) => AgentMessage::CancelAck(decode_key(ack.key)?),
+            agent_frame::Msg::Disk(usage) => AgentMessage::Disk(usage.into()),
         })
     }
 }
@@ -617,18 +623,51 @@ macro_rules! same_fields {
     };
 }
 
+impl From<AgentStatus> for crate::AgentInfo {
+    fn from(agent: AgentStatus) -> Self {
+        Self {
+            id: agent.id,
+            slots_total: agent.slots_total,
+            slots_used: agent.slots_used,
+            labels: agent.labels,
+            system: agent.system,
+            connected_since_unix_ms: agent.connected_since_unix_ms,
+            local: agent.local,
+            draining: agent.draining,
+            address: agent.address,
+            sandboxed: agent.sandboxed,
+            disk_used_bytes: agent.disk.used_bytes,
+            disk_budget_bytes: agent.disk.budget_bytes,
+        }
+    }
+}
+
+impl From<crate::AgentInfo> for AgentStatus {
+    fn from(agent: crate::AgentInfo) -> Self {
+        Self {
+            id: agent.id,
+            slots_total: agent.slots_total,
+            slots_used: agent.slots_used,
+            labels: agent.labels,
+            system: agent.system,
+            connected_since_unix_ms: agent.connected_since_unix_ms,
+            local: agent.local,
+            draining: agent.draining,
+            address: agent.address,
+            sandboxed: agent.sandboxed,
+            disk: DiskUsage {
+                used_bytes: agent.disk_used_bytes,
+                budget_bytes: agent.disk_budget_bytes,
+            },
+        }
+    }
+}
+
 same_fields!(
-    AgentStatus,
-    crate::AgentInfo {
-        id,
-        slots_total,
-        slots_used,
-        labels,
-        system,
-        connected_since_unix_ms,
-        local,
-        draining,
-        address,
+    DiskUsage,
+    crate::DiskUsage {
+        used_bytes,
+        budget_bytes,
     }
 );
 same_fields!(
@@ -868,8 +907,17 @@ mod tests {
                 key,
                 finished: true,
             }],
+            sandboxed: true,
+            disk: DiskUsage {
+                used_bytes: 3,
+                budget_bytes: 9,
+            },
         }));
         round_trip_agent(AgentMessage::Heartbeat { sent_at_unix_ms: 5 });
+        round_trip_agent(AgentMessage::Disk(DiskUsage {
+            used_bytes: 4,
+            budget_bytes: 9,
+        }));
         round_trip_agent(AgentMessage::Declined {
             key,
             reason: "busy".into(),

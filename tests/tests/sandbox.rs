@@ -252,3 +252,119 @@ fn a_hostile_job_finds_nothing_of_the_agent_or_another_tenant() {
     );
     let _ = std::fs::remove_file(&host_tmp_marker);
 }
+
+/// Workspace directories of one repository on an agent: `slot-N` entries.
+fn slots_of(repository: &Path) -> Vec<String> {
+    std::fs::read_dir(repository)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("slot-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_tiny_disk_budget_evicts_idle_workspaces_but_never_a_running_job() {
+    // Unsandboxed: the running job is the fixture's sleeping test, watched from the host.
+    let first = Cluster::start_with(
+        Fixture::new().expect("fixture"),
+        0,
+        1,
+        &ServeOptions::unsandboxed(),
+    )
+    .expect("cluster");
+    let second = Cluster::start_with(
+        Fixture::new().expect("fixture"),
+        0,
+        1,
+        &ServeOptions {
+            token_file: Some(first.fixture.token_file()),
+            ..ServeOptions::unsandboxed()
+        },
+    )
+    .expect("cluster");
+    // A budget of 100 kB: any built workspace is over it.
+    let command = first.agent_command(
+        "tight",
+        2,
+        &[
+            "--server",
+            &first.bus_url(),
+            "--server",
+            &second.bus_url(),
+            "--max-disk-gb",
+            "0.0001",
+        ],
+    );
+    let agent = Owned::spawn(command, first.fixture.scratch().join("tight.log")).expect("agent");
+    for cluster in [&first, &second] {
+        assert!(
+            wait_until(Duration::from_secs(20), || cluster.agent_ids() == ["tight"]),
+            "{}",
+            agent.log_text()
+        );
+    }
+    let workspaces = first.fixture.scratch().join("tight/workspaces");
+
+    // A finished job's workspace is idle: over budget, it goes.
+    let built = second.fixture.run(&["run", "build"]).expect("runs");
+    assert_eq!(built.code, Some(0), "{built}");
+    let second_repository = repository_dir(&workspaces);
+    assert!(
+        wait_until(Duration::from_secs(20), || slots_of(&second_repository)
+            .is_empty()),
+        "the idle workspace was not evicted: {}",
+        agent.log_text()
+    );
+
+    // A running job's workspace stays while other jobs end and eviction runs around it.
+    std::fs::write(first.fixture.sleep_file(), "8").expect("sleep file");
+    let mut running = Owned::spawn(
+        first
+            .fixture
+            .command_in(&first.fixture.root(), &Fixture::brief_job()),
+        first.fixture.scratch().join("running.log"),
+    )
+    .expect("run starts");
+    assert!(
+        wait_until(Duration::from_secs(60), || first.fixture.starts() == 1),
+        "{}",
+        running.log_text()
+    );
+    let first_repository = std::fs::read_dir(&workspaces)
+        .expect("workspaces")
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| !slots_of(path).is_empty())
+        .expect("the running job's workspace");
+    for _ in 0..2 {
+        let other = second.fixture.run(&["run", "check"]).expect("runs");
+        assert_eq!(other.code, Some(0), "{other}");
+    }
+    assert_eq!(slots_of(&first_repository), ["slot-0"]);
+    let status = running
+        .wait_timeout(Duration::from_secs(120))
+        .expect("the running job ends");
+    assert_eq!(status.code(), Some(0), "{}", running.log_text());
+    assert_eq!(first.fixture.starts(), 1, "the job ran once, whole");
+
+    // Status shows the budget and that this agent runs jobs unsandboxed.
+    let status = first.status().expect("status");
+    let tight = status["agents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|agent| agent["id"] == "tight")
+        .expect("the agent in status");
+    assert_eq!(tight["disk_budget_bytes"], 100_000, "{status}");
+    assert_eq!(tight["sandboxed"], false, "{status}");
+    let text = first.fixture.buildpool(&["status"]).expect("status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("kB/100 kB") && text.contains("UNSANDBOXED"),
+        "{text}"
+    );
+}

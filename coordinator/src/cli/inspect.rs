@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use buildpool_core::OutputStream;
+use buildpool_core::bus::human_bytes;
 use buildpool_core::status::{CancelReply, CoordinatorStatus, JobPlace, LogRequest};
 use buildpool_core::time::unix_millis;
 use clap::Args;
@@ -79,7 +80,8 @@ fn status_json(status: &CoordinatorStatus) -> serde_json::Value {
         "agents": status.agents.iter().map(|a| serde_json::json!({
             "id": a.id, "slots_total": a.slots_total, "slots_used": a.slots_used, "labels": a.labels,
             "system": a.system, "connected_since_unix_ms": a.connected_since_unix_ms, "local": a.local,
-            "draining": a.draining, "address": a.address,
+            "draining": a.draining, "address": a.address, "sandboxed": a.sandboxed,
+            "disk_used_bytes": a.disk.used_bytes, "disk_budget_bytes": a.disk.budget_bytes,
         })).collect::<Vec<_>>(),
         "jobs": status.jobs.iter().map(|j| {
             let running = running_on(&j.place);
@@ -179,7 +181,7 @@ pub async fn cancel(dir: &Path, args: CancelArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn print_agents(status: &CoordinatorStatus) {
-    println!("\nAGENT                SLOTS  LABELS                 CONNECTED");
+    println!("\nAGENT                SLOTS  LABELS                 DISK              CONNECTED");
     for agent in &status.agents {
         let name = if agent.local {
             format!("{} (local)", agent.id)
@@ -187,8 +189,24 @@ fn print_agents(status: &CoordinatorStatus) {
             agent.id.clone()
         };
         let draining = if agent.draining { " draining" } else { "" };
+        // The embedded agent runs the developer's own jobs on their machine: no sandbox
+        // is expected there.
+        let unsandboxed = if agent.sandboxed || agent.local {
+            ""
+        } else {
+            " UNSANDBOXED"
+        };
+        let disk = if agent.disk.budget_bytes == 0 {
+            "-".to_owned()
+        } else {
+            format!(
+                "{}/{}",
+                human_bytes(agent.disk.used_bytes),
+                human_bytes(agent.disk.budget_bytes)
+            )
+        };
         println!(
-            "{name:<20} {:>2}/{:<3} {:<22} {}{draining}",
+            "{name:<20} {:>2}/{:<3} {:<22} {disk:<17} {}{draining}{unsandboxed}",
             agent.slots_used,
             agent.slots_total,
             agent.labels.join(","),

@@ -440,6 +440,8 @@ async fn serve_agent(
         local,
         address: peer,
         connected_at_unix_ms: unix_millis(),
+        sandboxed: hello.sandboxed,
+        disk: hello.disk,
     };
     let reports: Vec<AttemptKey> = hello.attempts.iter().map(|held| held.key).collect();
     let connection = Connection {
@@ -512,6 +514,10 @@ async fn handle_message(
     let now = Instant::now();
     match message {
         AgentMessage::Heartbeat { .. } => {}
+        AgentMessage::Disk(usage) => shared.step(|s| {
+            s.disk_changed(conn, usage);
+            ((), Vec::new())
+        }),
         AgentMessage::Slots(offer) => {
             shared.step(|s| {
                 (

@@ -39,6 +39,8 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             kill_grace: Duration::from_secs(5),
             sandbox: None,
             sccache: false,
+            disk: None,
+            workspace_ttl: Duration::from_secs(14 * 24 * 3600),
         },
     );
     let git = GitLocator::Fixed(format!("file://{}", shared.repo.common_dir.display()));

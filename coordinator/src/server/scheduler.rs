@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use buildpool_core::bus::Assignment;
+use buildpool_core::bus::{Assignment, DiskUsage};
 use buildpool_core::status::{AgentStatus, JobPlace, JobStatus};
 use buildpool_core::{AttemptKey, Completion, JobEnd, JobEvent, JobId, JobResult, JobSpec, Source};
 
@@ -29,6 +29,10 @@ pub struct AgentRegistration {
     pub local: bool,
     pub address: String,
     pub connected_at_unix_ms: u64,
+    /// Whether its jobs run in a sandbox.
+    pub sandboxed: bool,
+    /// Its disk use and budget, as last reported.
+    pub disk: DiskUsage,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,6 +296,13 @@ impl Scheduler {
                 reason: format!("agent {agent_id} was lost; requeued"),
             },
         }]
+    }
+
+    /// The agent on `conn` reported its disk use; shown in status, it changes no decision.
+    pub fn disk_changed(&mut self, conn: ConnId, disk: DiskUsage) {
+        if let Some(agent) = self.agents.get_mut(&conn) {
+            agent.registration.disk = disk;
+        }
     }
 
     pub fn slots_changed(
@@ -569,6 +580,8 @@ impl Scheduler {
                     local: registration.local,
                     draining: registration.draining,
                     address: registration.address.clone(),
+                    sandboxed: registration.sandboxed,
+                    disk: registration.disk,
                 }
             })
             .collect()

@@ -205,6 +205,8 @@ fn hello(agent_id: &str, token: &str, slots: u32) -> Hello {
         },
         agent_version: "test".into(),
         attempts: Vec::<HeldAttempt>::new(),
+        sandboxed: true,
+        disk: buildpool_core::bus::DiskUsage::default(),
     }
 }
 

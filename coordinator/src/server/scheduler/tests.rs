@@ -12,6 +12,8 @@ fn registration(agent_id: &str, slots: u32, local: bool) -> AgentRegistration {
         local,
         address: String::new(),
         connected_at_unix_ms: 0,
+        sandboxed: true,
+        disk: DiskUsage::default(),
     }
 }
 
