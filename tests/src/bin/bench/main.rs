@@ -19,8 +19,13 @@
 //! against a local cold one, and a one-line change through the pool against a local
 //! incremental run.
 //!
+//! `sccache` measures the sccache hit rate when a second slot builds the snapshot the first
+//! built, with the sandbox's stable path and without the sandbox.
+//!
 //! Run: `cargo run --release -p buildpool-tests --bin bench [-- ROUNDS]`,
 //! `... --bin bench -- security [ROUNDS]` or `... --bin bench -- crate memchr [ROUNDS]`
+
+mod sccache;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -187,6 +192,9 @@ fn incremental(cluster: &Cluster, rounds: usize, label: &str) -> anyhow::Result<
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     // Each further mode lives in its own module beside this file and takes its arguments.
+    if args.first().is_some_and(|arg| arg == "sccache") {
+        return sccache::run();
+    }
     if args.first().is_some_and(|arg| arg == "crate") {
         let name = args.get(1).context("bench crate NAME [ROUNDS]")?.clone();
         let rounds = args.get(2).map(|n| n.parse()).transpose()?.unwrap_or(3);
