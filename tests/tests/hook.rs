@@ -120,6 +120,22 @@ fn the_hook_rewrites_cargo_commands_in_a_repository_and_nothing_else() {
     std::fs::write(outside.path().join("Cargo.toml"), "").expect("manifest");
     assert_eq!(rewritten("cargo test", outside.path()), None);
 
+    // `hook explain` says what the hook makes of a command, and why.
+    let explained = fixture
+        .run(&["hook", "explain", "cargo fmt"])
+        .expect("runs");
+    assert!(
+        explained
+            .stdout
+            .contains("runs as typed: cargo fmt runs here"),
+        "{explained}"
+    );
+    let explained = fixture.run(&["hook", "explain", "cargo t"]).expect("runs");
+    assert_eq!(
+        explained.stdout.trim(),
+        format!("becomes: {buildpool} run test")
+    );
+
     let off = run_hook(
         &bash_event("cargo test", &root),
         &[("BUILDPOOL_HOOK", "off")],

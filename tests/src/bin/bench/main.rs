@@ -16,8 +16,11 @@
 //! against a local cold one, and a one-line change through the pool against a local
 //! incremental run.
 //!
+//! `hook` measures one `buildpool hook claude` call, rewrite and pass-through.
+//!
 //! Run: `cargo run --release -p buildpool-tests --bin bench [-- ROUNDS]`,
-//! `... --bin bench -- security [ROUNDS]` or `... --bin bench -- crate memchr [ROUNDS]`
+//! `... --bin bench -- security [ROUNDS]`, `... --bin bench -- crate memchr [ROUNDS]` or
+//! `... --bin bench -- hook [ROUNDS]`
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -26,6 +29,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use buildpool_tests::{Cluster, Fixture, Owned, Proxy, ServeOptions, process_alive, wait_until};
+
+mod hook;
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort_unstable();
@@ -95,6 +100,10 @@ fn main() -> anyhow::Result<()> {
         let name = args.get(1).context("bench crate NAME [ROUNDS]")?.clone();
         let rounds = args.get(2).map(|n| n.parse()).transpose()?.unwrap_or(3);
         return real_crate(&name, rounds);
+    }
+    if args.first().is_some_and(|arg| arg == "hook") {
+        let rounds = args.get(1).map(|n| n.parse()).transpose()?.unwrap_or(200);
+        return hook::hook(rounds);
     }
     let security_only = args.first().is_some_and(|arg| arg == "security");
     if security_only {
