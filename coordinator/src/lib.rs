@@ -4,12 +4,14 @@
 //! Only [`buildpool_proto`] knows protobuf; [`server::scheduler`] knows no I/O; the executor
 //! that runs jobs lives in `build_agent` and is shared with the embedded local agent.
 
+pub mod atomic_file;
 pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod discovery;
 pub mod mcp;
+pub mod offload;
 pub mod repo;
 pub mod server;
 pub mod session;

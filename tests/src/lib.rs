@@ -490,6 +490,36 @@ impl std::fmt::Display for RunOutput {
     }
 }
 
+/// A Bash PreToolUse event as Claude Code sends it to a hook, for `command` typed in `cwd`
+/// (the sample the hook's unit tests use).
+pub fn bash_event(command: &str, cwd: &Path) -> String {
+    let mut event: serde_json::Value = serde_json::from_str(include_str!(
+        "../../coordinator/src/cli/hook/pre_tool_use_bash.json"
+    ))
+    .expect("the sample is JSON");
+    event["tool_input"]["command"] = serde_json::json!(command);
+    event["cwd"] = serde_json::json!(cwd);
+    event.to_string()
+}
+
+/// Runs the real `buildpool hook claude` with `event` on its stdin, as Claude Code does.
+pub fn run_hook(event: &str, env: &[(&str, &str)]) -> anyhow::Result<RunOutput> {
+    use std::io::Write;
+    let mut child = Command::new(buildpool_bin())
+        .args(["hook", "claude"])
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(event.as_bytes())?;
+    Ok(child.wait_with_output()?.into())
+}
+
 /// The directory holding `program` on `PATH`.
 pub fn dir_of_program(program: &str) -> Option<PathBuf> {
     buildpool_core::process::find_on_path(program).and_then(|path| path.parent().map(PathBuf::from))

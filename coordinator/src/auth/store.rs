@@ -6,15 +6,16 @@
 //! sharing one store never lose each other's updates; the new content is written to a temp
 //! file and renamed over the old one, so readers (which take no lock) never see half a file.
 
-use std::fs::{File, Metadata, OpenOptions, Permissions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{File, Metadata, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ring::rand::SecureRandom;
 use serde::{Deserialize, Serialize};
 
 use super::Scope;
+use crate::atomic_file::parent_dir;
 
 const FILE_NAME: &str = "credentials.json";
 const LOCK_FILE_NAME: &str = "credentials.json.lock";
@@ -140,31 +141,9 @@ pub(super) fn read_version(path: &Path) -> std::io::Result<Option<Version<String
     }))
 }
 
-/// Writes `contents` to `path` atomically with mode 0600: a temp file in the same
-/// directory, synced, then renamed over `path`.
+/// Credentials are secrets: only their owner reads the files that hold them.
 pub(super) fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let dir = parent_dir(path);
-    let mut temp = tempfile::Builder::new()
-        .prefix(".buildpool-")
-        .suffix(".tmp")
-        .permissions(Permissions::from_mode(0o600))
-        .tempfile_in(dir)?;
-    temp.write_all(contents)?;
-    temp.as_file().sync_all()?;
-    temp.persist(path).map_err(|error| error.error)?;
-    // Make the rename itself durable; a failure here leaves a complete file either way.
-    if let Ok(dir) = File::open(dir) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
-}
-
-/// The directory holding `path`; `.` for a bare file name.
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    }
+    crate::atomic_file::write(path, contents, 0o600)
 }
 
 /// Lowercase hex of `bytes`.
@@ -359,6 +338,8 @@ impl CredentialStore {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn store() -> (tempfile::TempDir, CredentialStore) {

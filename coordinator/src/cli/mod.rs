@@ -1,9 +1,11 @@
 //! The `buildpool` command line. Errors become one clear message and a non-zero exit.
 
 mod demo;
+mod hook;
 mod inspect;
 mod run;
 mod serve;
+mod shim;
 mod token;
 
 use std::path::PathBuf;
@@ -23,7 +25,23 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing would only obscure the clap derive"
+)]
 enum Command {
+    #[command(flatten)]
+    InRuntime(RuntimeCommand),
+    /// Claude Code's PreToolUse hook: cargo build/test/check/clippy become `buildpool run`.
+    Hook(hook::HookArgs),
+    /// A `cargo` shim for other agents: the same commands go to the pool, the rest to cargo.
+    Shim(shim::ShimArgs),
+}
+
+/// The commands that run in an async runtime. The others do without one, so the hook
+/// answers in milliseconds.
+#[derive(Debug, Subcommand)]
+enum RuntimeCommand {
     /// Start the coordinator for the repository of the current directory.
     Serve(serve::ServeArgs),
     /// Run a cargo job on the pool against this worktree's current state, streaming output.
@@ -46,10 +64,21 @@ enum Command {
 
 /// Parses the command line, runs the command and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
-    buildpool_proto::tls::install_default_provider();
+    if shim::started_as_cargo() {
+        return shim::run_as_cargo();
+    }
     let cli = Cli::parse();
-    let default_level = match cli.command {
-        Command::Serve(_) => "info",
+    match cli.command {
+        Command::InRuntime(command) => run_in_runtime(cli.dir, command),
+        Command::Hook(args) => report(current_dir(cli.dir).and_then(|dir| hook::hook(&dir, args))),
+        Command::Shim(args) => report(shim::shim(args)),
+    }
+}
+
+fn run_in_runtime(dir: Option<PathBuf>, command: RuntimeCommand) -> ExitCode {
+    buildpool_proto::tls::install_default_provider();
+    let default_level = match command {
+        RuntimeCommand::Serve(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -71,24 +100,34 @@ pub fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        let dir = match cli.dir {
-            Some(dir) => dir,
-            None => std::env::current_dir()?,
-        };
-        match cli.command {
-            Command::Serve(args) => serve::serve(&dir, args).await,
-            Command::Run(args) => run::run(&dir, args).await,
-            Command::Status(args) => inspect::status(&dir, args).await,
-            Command::Logs(args) => inspect::logs(&dir, args).await,
-            Command::Cancel(args) => inspect::cancel(&dir, args).await,
-            Command::Agents(args) => inspect::agents(&dir, args).await,
-            Command::Demo(args) => demo::demo(args).await,
-            Command::Token(args) => token::token(args),
-            Command::Mcp => crate::mcp::serve(&dir).await.map(|()| ExitCode::SUCCESS),
+        let dir = current_dir(dir)?;
+        match command {
+            RuntimeCommand::Serve(args) => serve::serve(&dir, args).await,
+            RuntimeCommand::Run(args) => run::run(&dir, args).await,
+            RuntimeCommand::Status(args) => inspect::status(&dir, args).await,
+            RuntimeCommand::Logs(args) => inspect::logs(&dir, args).await,
+            RuntimeCommand::Cancel(args) => inspect::cancel(&dir, args).await,
+            RuntimeCommand::Agents(args) => inspect::agents(&dir, args).await,
+            RuntimeCommand::Demo(args) => demo::demo(args).await,
+            RuntimeCommand::Token(args) => token::token(args),
+            RuntimeCommand::Mcp => crate::mcp::serve(&dir).await.map(|()| ExitCode::SUCCESS),
         }
     });
     // Background tasks (an in-process coordinator's) must not keep the process alive.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    report(result)
+}
+
+/// `-C DIR`, or the current directory.
+fn current_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match dir {
+        Some(dir) => Ok(dir),
+        None => Ok(std::env::current_dir()?),
+    }
+}
+
+/// The exit code of a command's outcome; an error is one clear message.
+fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {

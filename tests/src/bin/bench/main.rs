@@ -22,9 +22,13 @@
 //! `sccache` measures the sccache hit rate when a second slot builds the snapshot the first
 //! built, with the sandbox's stable path and without the sandbox.
 //!
+//! `hook` measures one `buildpool hook claude` call, rewrite and pass-through.
+//!
 //! Run: `cargo run --release -p buildpool-tests --bin bench [-- ROUNDS]`,
-//! `... --bin bench -- security [ROUNDS]` or `... --bin bench -- crate memchr [ROUNDS]`
+//! `... --bin bench -- security [ROUNDS]`, `... --bin bench -- crate memchr [ROUNDS]` or
+//! `... --bin bench -- hook [ROUNDS]` or `... --bin bench -- sccache`
 
+mod hook;
 mod sccache;
 
 use std::io::{BufRead, BufReader};
@@ -194,6 +198,10 @@ fn main() -> anyhow::Result<()> {
     // Each further mode lives in its own module beside this file and takes its arguments.
     if args.first().is_some_and(|arg| arg == "sccache") {
         return sccache::run();
+    }
+    if args.first().is_some_and(|arg| arg == "hook") {
+        let rounds = args.get(1).map(|n| n.parse()).transpose()?.unwrap_or(200);
+        return hook::hook(rounds);
     }
     if args.first().is_some_and(|arg| arg == "crate") {
         let name = args.get(1).context("bench crate NAME [ROUNDS]")?.clone();

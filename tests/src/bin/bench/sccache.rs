@@ -72,7 +72,11 @@ fn second_slot_hits(sandboxed: bool) -> anyhow::Result<()> {
     let config = config.to_str().context("utf-8 path")?.to_owned();
     cluster.add_agent("cached", 2, &["--config", &config])?;
     let fixture = &cluster.fixture;
-    let label = if sandboxed { "sandbox bwrap" } else { "sandbox none" };
+    let label = if sandboxed {
+        "sandbox bwrap"
+    } else {
+        "sandbox none"
+    };
 
     let (first, first_log) = timed_build(fixture)?;
     if !first_log.contains("workspace slot 0") {

@@ -1,0 +1,345 @@
+//! `buildpool hook`: Claude Code's PreToolUse hook, which turns the cargo commands agents
+//! type into `buildpool run`, and its entry in Claude Code's settings.
+//!
+//! `hook claude` never stands in the way: it answers only when it rewrites, and any doubt
+//! or failure lets the command run as typed. It starts no async runtime and no process,
+//! so it costs a few milliseconds per Bash call.
+
+mod settings;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::offload::{self, PassThrough, place};
+
+/// Set to `off` to let every command through untouched.
+const OFF_ENV: &str = "BUILDPOOL_HOOK";
+
+/// An event larger than this is no Bash call we rewrite.
+const MAX_EVENT_BYTES: u64 = 1024 * 1024;
+
+/// Mode of a settings file we create (an existing one keeps its own).
+const NEW_SETTINGS_MODE: u32 = 0o644;
+
+#[derive(Debug, Args)]
+pub struct HookArgs {
+    #[command(subcommand)]
+    action: HookAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum HookAction {
+    /// Answer one PreToolUse event on stdin: what Claude Code runs before each Bash call.
+    Claude,
+    /// Add the hook to Claude Code's settings (idempotent; other settings are kept).
+    Install(Scope),
+    /// Remove the hook from Claude Code's settings, and nothing else.
+    Uninstall(Scope),
+    /// Show what the hook makes of COMMAND typed in the current directory, and why.
+    Explain { command: String },
+}
+
+#[derive(Debug, Args)]
+struct Scope {
+    /// `.claude/settings.json` at the top of this worktree: commit it, and every worktree
+    /// and clone has the hook (the default).
+    #[arg(long, conflicts_with = "user")]
+    project: bool,
+    /// `~/.claude/settings.json` (or `$CLAUDE_CONFIG_DIR/settings.json`): every project of
+    /// this user on this machine.
+    #[arg(long)]
+    user: bool,
+}
+
+pub fn hook(dir: &Path, args: HookArgs) -> anyhow::Result<ExitCode> {
+    match args.action {
+        HookAction::Claude => {
+            claude();
+            Ok(ExitCode::SUCCESS)
+        }
+        HookAction::Install(scope) => install(dir, &scope),
+        HookAction::Uninstall(scope) => uninstall(dir, &scope),
+        HookAction::Explain { command } => {
+            explain(dir, &command)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn switched_off() -> bool {
+    std::env::var(OFF_ENV).is_ok_and(|value| value == "off")
+}
+
+/// The running executable as the rewritten command names it: the very binary Claude Code
+/// started, so the job runs with the same buildpool whatever `PATH` the shell has.
+fn this_buildpool() -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("cannot tell where this buildpool is")?;
+    exe.into_os_string()
+        .into_string()
+        .map_err(|exe| anyhow::anyhow!("the path of this buildpool is not UTF-8: {exe:?}"))
+}
+
+/// Reads the event and prints an answer only for a rewrite. Failures are silent on
+/// purpose: the command then runs as typed, which is always right.
+fn claude() {
+    let mut event = Vec::new();
+    let read = std::io::stdin()
+        .lock()
+        .take(MAX_EVENT_BYTES + 1)
+        .read_to_end(&mut event);
+    if read.is_err() || event.len() as u64 > MAX_EVENT_BYTES || switched_off() {
+        return;
+    }
+    let Ok(buildpool) = this_buildpool() else {
+        return;
+    };
+    if let Some(answer) = answer(&event, &buildpool, place::place) {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{answer}").and_then(|()| stdout.flush());
+    }
+}
+
+/// The answer to one PreToolUse event, `None` to let the call through untouched.
+///
+/// `updatedInput` replaces the tool's whole input, so it carries every field of the
+/// original (`description`, `timeout`, `run_in_background`, ...) with only `command` new.
+fn answer(
+    event: &[u8],
+    buildpool: &str,
+    place: impl FnOnce(&Path) -> Result<place::Placement, PassThrough>,
+) -> Option<Value> {
+    let event: Value = serde_json::from_slice(event).ok()?;
+    let event_name = event.get("hook_event_name").and_then(Value::as_str);
+    if event_name.is_some_and(|name| name != "PreToolUse") || event["tool_name"] != "Bash" {
+        return None;
+    }
+    let tool_input = event["tool_input"].as_object()?;
+    let command = tool_input.get("command")?.as_str()?;
+    let cwd = event["cwd"].as_str()?;
+    let rewritten = offload::rewrite_shell(command, Path::new(cwd), buildpool, place).ok()?;
+    let mut updated_input = tool_input.clone();
+    updated_input.insert("command".to_owned(), Value::String(rewritten));
+    Some(json!({
+        "hookSpecificOutput": {
+            "hookEventName": "PreToolUse",
+            "permissionDecision": "allow",
+            "permissionDecisionReason": "buildpool: the same cargo command, run on the build pool",
+            "updatedInput": updated_input,
+        }
+    }))
+}
+
+fn explain(dir: &Path, command: &str) -> anyhow::Result<()> {
+    if switched_off() {
+        println!("runs as typed: {OFF_ENV}=off");
+        return Ok(());
+    }
+    let dir = std::path::absolute(dir)?;
+    match offload::rewrite_shell(command, &dir, &this_buildpool()?, place::place) {
+        Ok(rewritten) => println!("becomes: {rewritten}"),
+        Err(reason) => println!("runs as typed: {reason}"),
+    }
+    Ok(())
+}
+
+/// The settings file of `scope`, and the hook command to write there.
+///
+/// The project file is committed and shared between machines and people, so it names
+/// `buildpool` on `PATH`; where it is missing, Claude Code reports a failed hook and runs
+/// the command as typed. The user file belongs to this machine, so it names this very
+/// binary and works whatever `PATH` Claude Code was started with.
+fn target(dir: &Path, scope: &Scope) -> anyhow::Result<(PathBuf, String)> {
+    if scope.user {
+        let config_dir = match std::env::var_os("CLAUDE_CONFIG_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            None => {
+                PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".claude")
+            }
+        };
+        let command = format!("{} hook claude", offload::shell::quote(&this_buildpool()?));
+        Ok((config_dir.join("settings.json"), command))
+    } else {
+        let dir = std::path::absolute(dir)?;
+        let top = place::worktree_top(&dir).with_context(|| {
+            format!(
+                "{} is not inside a git repository; use --user, or run this in the repository",
+                dir.display()
+            )
+        })?;
+        let file = top.join(".claude").join("settings.json");
+        Ok((file, "buildpool hook claude".to_owned()))
+    }
+}
+
+fn read_settings(file: &Path) -> anyhow::Result<Value> {
+    match std::fs::read_to_string(file) {
+        Ok(text) if text.trim().is_empty() => Ok(json!({})),
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON; left untouched", file.display())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(json!({})),
+        Err(error) => Err(error).with_context(|| format!("cannot read {}", file.display())),
+    }
+}
+
+fn write_settings(file: &Path, settings: &Value) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(file)
+        .map(|meta| meta.permissions().mode() & 0o7777)
+        .unwrap_or(NEW_SETTINGS_MODE);
+    if let Some(parent) = file.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let text = format!("{}\n", serde_json::to_string_pretty(settings)?);
+    crate::atomic_file::write(file, text.as_bytes(), mode)
+        .with_context(|| format!("cannot write {}", file.display()))
+}
+
+fn install(dir: &Path, scope: &Scope) -> anyhow::Result<ExitCode> {
+    let (file, command) = target(dir, scope)?;
+    let mut current = read_settings(&file)?;
+    let changed = settings::install(&mut current, &command)
+        .with_context(|| format!("in {}", file.display()))?;
+    if changed {
+        write_settings(&file, &current)?;
+        println!("installed the buildpool hook in {}", file.display());
+    } else {
+        println!("the buildpool hook is already in {}", file.display());
+    }
+    if !scope.user && buildpool_core::process::find_on_path("buildpool").is_none() {
+        eprintln!(
+            "note: no buildpool on PATH here; Claude Code runs `{command}` through PATH, and until \
+             it finds it, cargo commands run as typed"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn uninstall(dir: &Path, scope: &Scope) -> anyhow::Result<ExitCode> {
+    let (file, _) = target(dir, scope)?;
+    if !file.exists() {
+        println!("no {}: nothing to remove", file.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut current = read_settings(&file)?;
+    if settings::uninstall(&mut current).with_context(|| format!("in {}", file.display()))? {
+        write_settings(&file, &current)?;
+        println!("removed the buildpool hook from {}", file.display());
+    } else {
+        println!("the buildpool hook is not in {}", file.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUILDPOOL: &str = "/usr/local/bin/buildpool";
+
+    /// A Bash PreToolUse event as Claude Code sends it, for `command` typed in `cwd`.
+    fn event(command: &str, cwd: &str) -> Vec<u8> {
+        let mut event: Value =
+            serde_json::from_str(include_str!("hook/pre_tool_use_bash.json")).expect("sample");
+        event["tool_input"]["command"] = json!(command);
+        event["cwd"] = json!(cwd);
+        event.to_string().into_bytes()
+    }
+
+    fn at_top(_: &Path) -> Result<place::Placement, PassThrough> {
+        Ok(place::Placement { manifest: None })
+    }
+
+    fn answer_to(event: &[u8]) -> Option<Value> {
+        answer(event, BUILDPOOL, at_top)
+    }
+
+    #[test]
+    fn a_cargo_test_is_allowed_as_buildpool_run_with_every_other_input_field_kept() {
+        let answer =
+            answer_to(&event("RUST_BACKTRACE=1 cargo test -p app", "/work/app")).expect("rewrite");
+        assert_eq!(
+            answer,
+            json!({
+                "hookSpecificOutput": {
+                    "hookEventName": "PreToolUse",
+                    "permissionDecision": "allow",
+                    "permissionDecisionReason": "buildpool: the same cargo command, run on the build pool",
+                    "updatedInput": {
+                        "command": "RUST_BACKTRACE=1 /usr/local/bin/buildpool run test -- -p app",
+                        "description": "Run the tests",
+                        "timeout": 600000
+                    }
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn rewrites_cover_the_forms_agents_type() {
+        for (command, rewritten) in [
+            ("cargo build", "/usr/local/bin/buildpool run build"),
+            (
+                "cargo check --all-targets",
+                "/usr/local/bin/buildpool run check -- --all-targets",
+            ),
+            (
+                "cargo clippy --workspace -- -D warnings",
+                "/usr/local/bin/buildpool run clippy -- --workspace -- -D warnings",
+            ),
+            (
+                "cd /work/app && cargo test -- --nocapture",
+                "cd /work/app && /usr/local/bin/buildpool run test -- -- --nocapture",
+            ),
+        ] {
+            let answer = answer_to(&event(command, "/work/app")).expect("rewrite");
+            assert_eq!(
+                answer["hookSpecificOutput"]["updatedInput"]["command"], rewritten,
+                "{command:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_tools_commands_events_and_broken_input_get_no_answer() {
+        for command in [
+            "cargo run",
+            "cargo install ripgrep",
+            "cargo publish",
+            "cargo fmt",
+            "cargo nextest run",
+            "cargo +nightly test",
+            "cargo test | tail -50",
+            "cargo test 2>&1",
+            "cargo build && ./target/debug/app",
+            "buildpool run test",
+            "git status",
+        ] {
+            assert_eq!(answer_to(&event(command, "/work/app")), None, "{command:?}");
+        }
+        let relative_cwd = event("cargo test", "app");
+        assert_eq!(answer_to(&relative_cwd), None);
+        let outside = answer(&event("cargo test", "/tmp"), BUILDPOOL, |_| {
+            Err(PassThrough::NotInRepository)
+        });
+        assert_eq!(outside, None);
+        let read = json!({
+            "hook_event_name": "PreToolUse",
+            "cwd": "/work/app",
+            "tool_name": "Read",
+            "tool_input": { "file_path": "/work/app/Cargo.toml" }
+        });
+        assert_eq!(answer_to(read.to_string().as_bytes()), None);
+        let post = String::from_utf8(event("cargo test", "/work/app"))
+            .expect("utf-8")
+            .replace("\"PreToolUse\"", "\"PostToolUse\"");
+        assert_eq!(answer_to(post.as_bytes()), None);
+        for broken in [&b""[..], b"not json", b"[]", b"{\"tool_name\":\"Bash\"}"] {
+            assert_eq!(answer_to(broken), None);
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Our entry in Claude Code's `settings.json`: added once, removed alone, and every other
+//! setting and hook kept as it was (key order included).
+
+use std::path::Path;
+
+use serde_json::{Map, Value, json};
+
+use crate::offload::shell;
+
+/// The tool whose calls the hook sees.
+const MATCHER: &str = "Bash";
+
+/// How long Claude Code waits for the hook, in seconds. It answers in milliseconds; the
+/// bound matters only if something is badly wrong, and then the command runs as typed.
+const TIMEOUT_SECS: u64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{0} is not a JSON object; left untouched")]
+    NotAnObject(&'static str),
+    #[error("hooks.PreToolUse is not a JSON array; left untouched")]
+    NotAnArray,
+}
+
+/// Whether a hook command is ours: `buildpool hook claude`, wherever `buildpool` lives.
+pub fn is_ours(command: &str) -> bool {
+    let Ok(parsed) = shell::parse(command) else {
+        return false;
+    };
+    parsed.cd.is_none()
+        && parsed.env.is_empty()
+        && matches!(parsed.argv.as_slice(), [program, hook, claude]
+            if Path::new(program).file_name().is_some_and(|name| name == "buildpool")
+                && hook == "hook"
+                && claude == "claude")
+}
+
+fn ours_in(entry: &Value) -> impl Iterator<Item = &str> {
+    entry
+        .get("hooks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|hook| hook.get("command").and_then(Value::as_str))
+        .filter(|command| is_ours(command))
+}
+
+fn pre_tool_use(settings: &Value) -> Result<Option<&Vec<Value>>, SettingsError> {
+    let settings = settings
+        .as_object()
+        .ok_or(SettingsError::NotAnObject("the settings file"))?;
+    let Some(hooks) = settings.get("hooks") else {
+        return Ok(None);
+    };
+    let hooks = hooks
+        .as_object()
+        .ok_or(SettingsError::NotAnObject("hooks"))?;
+    match hooks.get("PreToolUse") {
+        None => Ok(None),
+        Some(entries) => entries
+            .as_array()
+            .map(Some)
+            .ok_or(SettingsError::NotAnArray),
+    }
+}
+
+/// Adds the hook running `command`. Returns whether anything changed: an entry of ours
+/// with exactly this command is left where it is, one with another path is replaced.
+pub fn install(settings: &mut Value, command: &str) -> Result<bool, SettingsError> {
+    let entries = pre_tool_use(settings)?
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let ours: Vec<(&Value, &str)> = entries
+        .iter()
+        .flat_map(|entry| ours_in(entry).map(move |found| (entry, found)))
+        .collect();
+    if let [(entry, found)] = ours.as_slice()
+        && *found == command
+        && entry.get("matcher").and_then(Value::as_str) == Some(MATCHER)
+    {
+        return Ok(false);
+    }
+    uninstall(settings)?;
+    let settings = settings
+        .as_object_mut()
+        .ok_or(SettingsError::NotAnObject("the settings file"))?;
+    let hooks = settings
+        .entry("hooks")
+        .or_insert_with(|| Value::Object(Map::new()))
+        .as_object_mut()
+        .ok_or(SettingsError::NotAnObject("hooks"))?;
+    hooks
+        .entry("PreToolUse")
+        .or_insert_with(|| Value::Array(Vec::new()))
+        .as_array_mut()
+        .ok_or(SettingsError::NotAnArray)?
+        .push(json!({
+            "matcher": MATCHER,
+            "hooks": [{ "type": "command", "command": command, "timeout": TIMEOUT_SECS }],
+        }));
+    Ok(true)
+}
+
+/// Removes every hook of ours, and the entries, `PreToolUse` and `hooks` that only removing
+/// them left empty. Returns whether anything changed.
+pub fn uninstall(settings: &mut Value) -> Result<bool, SettingsError> {
+    if pre_tool_use(settings)?.is_none() {
+        return Ok(false);
+    }
+    let Some(settings) = settings.as_object_mut() else {
+        return Ok(false);
+    };
+    let Some(hooks) = settings.get_mut("hooks").and_then(Value::as_object_mut) else {
+        return Ok(false);
+    };
+    let Some(entries) = hooks.get_mut("PreToolUse").and_then(Value::as_array_mut) else {
+        return Ok(false);
+    };
+    let mut removed = 0;
+    entries.retain_mut(|entry| {
+        let Some(list) = entry.get_mut("hooks").and_then(Value::as_array_mut) else {
+            return true;
+        };
+        let before = list.len();
+        list.retain(|hook| {
+            !hook
+                .get("command")
+                .and_then(Value::as_str)
+                .is_some_and(is_ours)
+        });
+        removed += before - list.len();
+        !list.is_empty() || before == 0
+    });
+    if removed == 0 {
+        return Ok(false);
+    }
+    if entries.is_empty() {
+        hooks.remove("PreToolUse");
+    }
+    if hooks.is_empty() {
+        settings.remove("hooks");
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OURS: &str = "buildpool hook claude";
+
+    /// Settings as people have them: other keys, other PreToolUse hooks, other events.
+    fn busy_settings() -> Value {
+        json!({
+            "permissions": { "allow": ["Bash(git status)"] },
+            "hooks": {
+                "PreToolUse": [
+                    { "matcher": "Bash", "hooks": [{ "type": "command", "command": "audit.sh" }] },
+                    { "matcher": "Write|Edit", "hooks": [{ "type": "command", "command": "fmt.sh" }] }
+                ],
+                "Stop": [{ "hooks": [{ "type": "command", "command": "notify-send done" }] }]
+            },
+            "model": "opus"
+        })
+    }
+
+    #[test]
+    fn ours_is_buildpool_hook_claude_from_any_path() {
+        assert!(is_ours(OURS));
+        assert!(is_ours("/usr/local/bin/buildpool hook claude"));
+        assert!(is_ours("'/home/me/my tools/buildpool' hook claude"));
+        assert!(!is_ours("buildpool hook claude --other"));
+        assert!(!is_ours("audit.sh"));
+        assert!(!is_ours("notbuildpool hook claude"));
+        assert!(!is_ours("buildpool hook claude | tee log"));
+    }
+
+    #[test]
+    fn install_adds_one_entry_keeps_everything_else_and_is_idempotent() {
+        let mut settings = busy_settings();
+        assert!(install(&mut settings, OURS).expect("installs"));
+        let once = settings.clone();
+        assert!(!install(&mut settings, OURS).expect("installs"));
+        assert_eq!(settings, once);
+        let entries = settings["hooks"]["PreToolUse"].as_array().expect("array");
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[2]["matcher"], "Bash");
+        assert_eq!(entries[2]["hooks"][0]["command"], OURS);
+        // Everything else is as it was, in the same order.
+        let mut without = settings.clone();
+        assert!(uninstall(&mut without).expect("uninstalls"));
+        assert_eq!(without, busy_settings());
+        let keys: Vec<&String> = without.as_object().expect("object").keys().collect();
+        assert_eq!(keys, ["permissions", "hooks", "model"]);
+    }
+
+    #[test]
+    fn install_replaces_an_entry_of_ours_with_another_path() {
+        let mut settings = busy_settings();
+        install(&mut settings, "/old/buildpool hook claude").expect("installs");
+        assert!(install(&mut settings, OURS).expect("installs"));
+        let text = settings.to_string();
+        assert!(!text.contains("/old/buildpool"), "{text}");
+        assert_eq!(text.matches("hook claude").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn uninstall_removes_only_ours_and_what_that_left_empty() {
+        let mut empty = json!({});
+        install(&mut empty, OURS).expect("installs");
+        assert!(uninstall(&mut empty).expect("uninstalls"));
+        assert_eq!(empty, json!({}));
+        assert!(!uninstall(&mut empty).expect("uninstalls"));
+
+        // Ours beside someone else's hook in one entry: only ours goes.
+        let mut shared = json!({ "hooks": { "PreToolUse": [{ "matcher": "Bash", "hooks": [
+            { "type": "command", "command": "audit.sh" },
+            { "type": "command", "command": OURS }
+        ]}], "PostToolUse": [] } });
+        assert!(uninstall(&mut shared).expect("uninstalls"));
+        assert_eq!(
+            shared,
+            json!({ "hooks": { "PreToolUse": [{ "matcher": "Bash", "hooks": [
+                { "type": "command", "command": "audit.sh" }
+            ]}], "PostToolUse": [] } })
+        );
+    }
+
+    #[test]
+    fn settings_of_an_unexpected_shape_are_left_alone() {
+        for mut odd in [
+            json!([]),
+            json!({ "hooks": [] }),
+            json!({ "hooks": { "PreToolUse": {} } }),
+        ] {
+            let before = odd.clone();
+            assert!(install(&mut odd, OURS).is_err(), "{before}");
+            assert!(uninstall(&mut odd).is_err(), "{before}");
+            assert_eq!(odd, before);
+        }
+    }
+}

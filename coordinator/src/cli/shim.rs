@@ -1,0 +1,144 @@
+//! The `cargo` shim, for agents that are not Claude Code: `buildpool shim install DIR`
+//! makes `DIR/cargo` a symlink to buildpool, and buildpool started under the name `cargo`
+//! offloads what the hook offloads and execs the real cargo for everything else.
+//!
+//! A symlink rather than a script: it needs no shell, cannot drift from the binary it
+//! points at, and the offloading rules are the hook's own (`crate::offload`).
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+
+use crate::offload::{self, place};
+
+/// Set to `off` to make the shim run the real cargo for everything.
+const OFF_ENV: &str = "BUILDPOOL_SHIM";
+
+/// What shell convention says for "command not found".
+const EXIT_NOT_FOUND: u8 = 127;
+
+#[derive(Debug, Args)]
+pub struct ShimArgs {
+    #[command(subcommand)]
+    action: ShimAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum ShimAction {
+    /// Write DIR/cargo (a symlink to this buildpool); put DIR first on the agent's PATH.
+    Install { dir: PathBuf },
+}
+
+/// Whether this process was started as `cargo`, through the shim.
+pub fn started_as_cargo() -> bool {
+    std::env::args_os().next().is_some_and(|argv0| {
+        Path::new(&argv0)
+            .file_name()
+            .is_some_and(|name| name == "cargo")
+    })
+}
+
+pub fn shim(args: ShimArgs) -> anyhow::Result<ExitCode> {
+    let ShimAction::Install { dir } = args.action;
+    let exe = std::env::current_exe()
+        .and_then(|exe| exe.canonicalize())
+        .context("cannot tell where this buildpool is")?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let link = dir.join("cargo");
+    if std::fs::symlink_metadata(&link).is_ok() {
+        if link.canonicalize().is_ok_and(|target| target == exe) {
+            println!("{} is already the buildpool cargo shim", link.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        bail!(
+            "{} exists and is not the buildpool cargo shim; remove it first",
+            link.display()
+        );
+    }
+    // Made under a temporary name and renamed into place, so `cargo` is never half there.
+    let temp = dir.join(format!(".cargo.buildpool-{}", std::process::id()));
+    std::os::unix::fs::symlink(&exe, &temp)
+        .with_context(|| format!("cannot create a symlink in {}", dir.display()))?;
+    std::fs::rename(&temp, &link).with_context(|| format!("cannot create {}", link.display()))?;
+    println!(
+        "installed the cargo shim {} -> {}\nput it first on PATH: export PATH=\"{}:$PATH\"",
+        link.display(),
+        exe.display(),
+        std::path::absolute(&dir)?.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The first `cargo` on `PATH` that is not this binary under another name: the shim's own
+/// directory and any other link to buildpool are skipped, so the shim never runs itself.
+fn real_cargo(exe: &Path) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("cargo"))
+        .filter(|candidate| {
+            use std::os::unix::fs::PermissionsExt;
+            candidate
+                .metadata()
+                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        })
+        .find(|candidate| candidate.canonicalize().is_ok_and(|target| target != exe))
+}
+
+/// Whether our parent is buildpool or a build agent, i.e. this cargo is a job's: it must be
+/// the real one, or a job would submit itself again.
+fn started_by_a_job() -> bool {
+    let Some(parent) = rustix::process::getppid() else {
+        return false;
+    };
+    std::fs::read_link(format!("/proc/{}/exe", parent.as_raw_nonzero())).is_ok_and(|exe| {
+        exe.file_name()
+            .is_some_and(|name| name == "buildpool" || name == "build-agent")
+    })
+}
+
+/// Runs as `cargo`: execs `buildpool run` for what the hook would offload, the real cargo
+/// for everything else. Returns only when neither could be started.
+pub fn run_as_cargo() -> ExitCode {
+    let exe = match std::env::current_exe().and_then(|exe| exe.canonicalize()) {
+        Ok(exe) => exe,
+        Err(error) => {
+            eprintln!("buildpool cargo shim: cannot tell where buildpool is: {error}");
+            return ExitCode::from(EXIT_NOT_FOUND);
+        }
+    };
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let Some(cargo) = real_cargo(&exe) else {
+        eprintln!(
+            "buildpool cargo shim: no real cargo on PATH (every cargo found is this shim, {})",
+            exe.display()
+        );
+        return ExitCode::from(EXIT_NOT_FOUND);
+    };
+    let error = match offloaded(&args) {
+        // A job's own cargo (with an in-process coordinator) finds the shim on PATH too: the
+        // variable makes that one the real cargo.
+        Some(run_args) => Command::new(&exe).args(run_args).env(OFF_ENV, "off").exec(),
+        None => Command::new(&cargo).args(&args).exec(),
+    };
+    eprintln!("buildpool cargo shim: cannot run: {error}");
+    ExitCode::from(EXIT_NOT_FOUND)
+}
+
+/// The `buildpool` arguments that run `cargo ARGS` on the pool, or `None` to run cargo.
+fn offloaded(args: &[OsString]) -> Option<Vec<String>> {
+    let switched_off = std::env::var(OFF_ENV).is_ok_and(|value| value == "off");
+    if switched_off || started_by_a_job() {
+        return None;
+    }
+    let args: Vec<String> = args
+        .iter()
+        .map(|arg| arg.clone().into_string().ok())
+        .collect::<Option<_>>()?;
+    let dir = std::env::current_dir().ok()?;
+    let job = offload::offload_argv(&args, &dir, place::place).ok()?;
+    Some(offload::run_args(&job))
+}

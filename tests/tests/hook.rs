@@ -1,0 +1,335 @@
+//! Offloading without changing habits: the real `buildpool hook claude` on Claude Code's
+//! PreToolUse events, `hook install/uninstall` on settings files, and the rewritten command
+//! and the cargo shim running end to end against a real coordinator and agent.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use buildpool_tests::{Cluster, Fixture, RunOutput, bash_event, buildpool_bin, run_hook};
+use serde_json::{Value, json};
+
+/// The command the hook puts in place of `command` typed in `cwd`, if it rewrites it.
+fn rewritten(command: &str, cwd: &Path) -> Option<String> {
+    let out = run_hook(&bash_event(command, cwd), &[]).expect("hook runs");
+    assert_eq!(out.code, Some(0), "{out}");
+    if out.stdout.trim().is_empty() {
+        return None;
+    }
+    let answer: Value = serde_json::from_str(&out.stdout).expect("JSON answer");
+    let output = &answer["hookSpecificOutput"];
+    assert_eq!(output["hookEventName"], "PreToolUse", "{answer}");
+    assert_eq!(output["permissionDecision"], "allow", "{answer}");
+    // The whole tool input comes back, only the command changed.
+    assert_eq!(output["updatedInput"]["description"], "Run the tests");
+    assert_eq!(output["updatedInput"]["timeout"], 600000);
+    Some(
+        output["updatedInput"]["command"]
+            .as_str()
+            .expect("command")
+            .to_owned(),
+    )
+}
+
+/// The summary line of each test binary, without its timing: what "the same tests ran
+/// with the same results" means for two runs.
+fn test_counts(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter(|line| line.starts_with("test result:"))
+        .map(|line| {
+            line.split("; finished in")
+                .next()
+                .unwrap_or(line)
+                .to_owned()
+        })
+        .collect()
+}
+
+/// `cargo <args>` run locally in `dir`, as the agent's shell would without buildpool.
+fn local_cargo(dir: &Path, args: &[&str]) -> RunOutput {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let out = Command::new(cargo)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("cargo runs");
+    out.into()
+}
+
+/// `sh -c command` in `dir` with the fixture's environment and, if given, this `PATH`.
+fn shell(fixture: &Fixture, dir: &Path, command: &str, path: Option<&str>) -> RunOutput {
+    let mut sh = Command::new("/bin/sh");
+    sh.arg("-c").arg(command).current_dir(dir);
+    fixture.apply_env(&mut sh);
+    if let Some(path) = path {
+        sh.env("PATH", path);
+    }
+    sh.output().expect("sh runs").into()
+}
+
+#[test]
+fn the_hook_rewrites_cargo_commands_in_a_repository_and_nothing_else() {
+    let fixture = Fixture::new().expect("fixture");
+    let root = fixture.root();
+    let buildpool = buildpool_bin().display().to_string();
+    for (command, expected) in [
+        ("cargo test", format!("{buildpool} run test")),
+        (
+            "RUST_BACKTRACE=1 cargo test -p app -- --nocapture",
+            format!("RUST_BACKTRACE=1 {buildpool} run test -- -p app -- --nocapture"),
+        ),
+        (
+            "cargo clippy --all-targets -- -D warnings",
+            format!("{buildpool} run clippy -- --all-targets -- -D warnings"),
+        ),
+        (
+            "cd crates/util && cargo check",
+            format!(
+                "cd crates/util && {buildpool} run check -- --manifest-path crates/util/Cargo.toml"
+            ),
+        ),
+    ] {
+        assert_eq!(
+            rewritten(command, &root).as_deref(),
+            Some(expected.as_str()),
+            "{command:?}"
+        );
+    }
+    // From a member's directory the manifest is that member's.
+    assert_eq!(
+        rewritten("cargo build", &root.join("app")),
+        Some(format!(
+            "{buildpool} run build -- --manifest-path app/Cargo.toml"
+        ))
+    );
+
+    for command in [
+        "cargo run",
+        "cargo fmt",
+        "cargo install ripgrep",
+        "cargo +nightly test",
+        "cargo test 2>&1 | tail -20",
+        "cargo test; cargo clippy",
+        "FOO=1 cargo test",
+        "buildpool run test",
+        &format!("{buildpool} run test"),
+    ] {
+        assert_eq!(rewritten(command, &root), None, "{command:?}");
+    }
+    let outside = tempfile::tempdir().expect("temp dir");
+    std::fs::write(outside.path().join("Cargo.toml"), "").expect("manifest");
+    assert_eq!(rewritten("cargo test", outside.path()), None);
+
+    // `hook explain` says what the hook makes of a command, and why.
+    let explained = fixture
+        .run(&["hook", "explain", "cargo fmt"])
+        .expect("runs");
+    assert!(
+        explained
+            .stdout
+            .contains("runs as typed: cargo fmt runs here"),
+        "{explained}"
+    );
+    let explained = fixture.run(&["hook", "explain", "cargo t"]).expect("runs");
+    assert_eq!(
+        explained.stdout.trim(),
+        format!("becomes: {buildpool} run test")
+    );
+
+    let off = run_hook(
+        &bash_event("cargo test", &root),
+        &[("BUILDPOOL_HOOK", "off")],
+    )
+    .expect("hook runs");
+    assert_eq!((off.code, off.stdout.as_str()), (Some(0), ""), "{off}");
+    for garbage in ["", "not json", "{\"tool_name\": 3}"] {
+        let out = run_hook(garbage, &[]).expect("hook runs");
+        assert_eq!((out.code, out.stdout.as_str()), (Some(0), ""), "{out}");
+    }
+}
+
+fn settings_file(dir: &Path) -> PathBuf {
+    dir.join(".claude/settings.json")
+}
+
+fn read_json(file: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(file).expect("read")).expect("JSON")
+}
+
+#[test]
+fn install_and_uninstall_keep_unrelated_settings_and_are_idempotent() {
+    let fixture = Fixture::new().expect("fixture");
+    let root = fixture.root();
+    let before = json!({
+        "permissions": { "allow": ["Bash(git status)"], "deny": ["Read(./.env)"] },
+        "hooks": {
+            "PreToolUse": [
+                { "matcher": "Bash", "hooks": [{ "type": "command", "command": "audit.sh" }] }
+            ],
+            "PostToolUse": [
+                { "matcher": "Write", "hooks": [{ "type": "command", "command": "fmt.sh" }] }
+            ]
+        },
+        "env": { "FOO": "bar" }
+    });
+    let file = settings_file(&root);
+    std::fs::create_dir_all(file.parent().expect("parent")).expect("dir");
+    std::fs::write(&file, serde_json::to_string_pretty(&before).expect("json")).expect("write");
+
+    // From a subdirectory: the project file is at the top of the worktree.
+    let install: RunOutput = fixture
+        .command_in(&root.join("app"), &["hook", "install", "--project"])
+        .output()
+        .expect("runs")
+        .into();
+    assert_eq!(install.code, Some(0), "{install}");
+    let installed = std::fs::read_to_string(&file).expect("read");
+    let again = fixture.run(&["hook", "install"]).expect("runs");
+    assert_eq!(again.code, Some(0), "{again}");
+    assert!(again.stdout.contains("already"), "{again}");
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), installed);
+
+    let settings = read_json(&file);
+    let entries = settings["hooks"]["PreToolUse"].as_array().expect("array");
+    assert_eq!(entries.len(), 2, "{settings}");
+    assert_eq!(entries[0], before["hooks"]["PreToolUse"][0]);
+    assert_eq!(entries[1]["matcher"], "Bash");
+    assert_eq!(entries[1]["hooks"][0]["command"], "buildpool hook claude");
+    assert_eq!(settings["permissions"], before["permissions"]);
+    assert_eq!(
+        settings["hooks"]["PostToolUse"],
+        before["hooks"]["PostToolUse"]
+    );
+
+    let uninstall = fixture
+        .run(&["hook", "uninstall", "--project"])
+        .expect("runs");
+    assert_eq!(uninstall.code, Some(0), "{uninstall}");
+    assert_eq!(read_json(&file), before);
+    let keys: Vec<String> = read_json(&file)
+        .as_object()
+        .expect("object")
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(keys, ["permissions", "hooks", "env"]);
+
+    // The user's file names this very binary, so it works whatever PATH Claude Code has.
+    let claude_dir = fixture.scratch().join("claude");
+    let mut user = fixture.command_in(&root, &["hook", "install", "--user"]);
+    user.env("CLAUDE_CONFIG_DIR", &claude_dir);
+    let out: RunOutput = user.output().expect("runs").into();
+    assert_eq!(out.code, Some(0), "{out}");
+    let user_settings = read_json(&claude_dir.join("settings.json"));
+    let command = user_settings["hooks"]["PreToolUse"][0]["hooks"][0]["command"]
+        .as_str()
+        .expect("command");
+    let exe = buildpool_bin().canonicalize().expect("binary");
+    assert_eq!(command, format!("{} hook claude", exe.display()));
+
+    // A file that is not JSON is left as it is.
+    std::fs::write(&file, "{ not json").expect("write");
+    let refused = fixture.run(&["hook", "install"]).expect("runs");
+    assert_ne!(refused.code, Some(0), "{refused}");
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), "{ not json");
+}
+
+#[test]
+fn a_rewritten_command_runs_on_an_agent_with_local_cargo_test_counts() {
+    let cluster = Cluster::start(Fixture::new().expect("fixture"), 1, 1).expect("cluster");
+    let fixture = &cluster.fixture;
+    let root = fixture.root();
+    for (command, dir) in [("cargo test", "."), ("cd app && cargo test", "app")] {
+        let local = local_cargo(&root.join(dir), &["test"]);
+        assert_eq!(local.code, Some(0), "{local}");
+        let rewritten = rewritten(command, &root).expect("rewritten");
+        let pooled = shell(fixture, &root, &rewritten, None);
+        assert_eq!(pooled.code, Some(0), "{rewritten}\n{pooled}");
+        assert!(pooled.stderr.contains("running on worker-1"), "{pooled}");
+        assert!(!test_counts(&local.stdout).is_empty(), "{local}");
+        assert_eq!(
+            test_counts(&pooled.stdout),
+            test_counts(&local.stdout),
+            "{command:?}"
+        );
+    }
+
+    // A failing test: cargo's exit code and the harness output, as local cargo gives them.
+    fixture
+        .write(
+            "app/tests/fails.rs",
+            "#[test]\nfn two_is_three() {\n    assert_eq!(2, 3);\n}\n",
+        )
+        .expect("write");
+    let local = local_cargo(&root, &["test", "--test", "fails"]);
+    let pooled = shell(
+        fixture,
+        &root,
+        &rewritten("cargo test --test fails", &root).expect("rewritten"),
+        None,
+    );
+    assert_eq!(local.code, Some(101), "{local}");
+    assert_eq!(pooled.code, local.code, "{pooled}");
+    assert_eq!(test_counts(&pooled.stdout), test_counts(&local.stdout));
+    assert!(
+        pooled.stdout.contains("test two_is_three ... FAILED"),
+        "{pooled}"
+    );
+}
+
+#[test]
+fn the_cargo_shim_offloads_builds_and_tests_and_execs_the_real_cargo_for_the_rest() {
+    let fixture = Fixture::new().expect("fixture");
+    let root = fixture.root();
+    let shim_dir = fixture.scratch().join("shim");
+    let install = fixture
+        .run(&["shim", "install", shim_dir.to_str().expect("utf-8")])
+        .expect("runs");
+    assert_eq!(install.code, Some(0), "{install}");
+    let again = fixture
+        .run(&["shim", "install", shim_dir.to_str().expect("utf-8")])
+        .expect("runs");
+    assert!(again.stdout.contains("already"), "{again}");
+    let path = format!(
+        "{}:{}",
+        shim_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let with_shim = Some(path.as_str());
+    let local = local_cargo(&root, &["test"]);
+    assert_eq!(local.code, Some(0), "{local}");
+
+    // No coordinator: the job runs in-process, and its own cargo is the real one (the shim
+    // is first on its PATH too, and must not submit the job again).
+    let here = shell(&fixture, &root, "cargo test", with_shim);
+    assert_eq!(here.code, Some(0), "{here}");
+    assert!(here.stderr.contains("running the job here"), "{here}");
+    assert_eq!(test_counts(&here.stdout), test_counts(&local.stdout));
+
+    // Everything else is the real cargo, untouched.
+    let version = shell(&fixture, &root, "cargo --version", with_shim);
+    assert_eq!(
+        version.stdout,
+        local_cargo(&root, &["--version"]).stdout,
+        "{version}"
+    );
+    let off = shell(&fixture, &root, "BUILDPOOL_SHIM=off cargo test", with_shim);
+    assert_eq!(off.code, Some(0), "{off}");
+    assert!(!off.stderr.contains("[buildpool]"), "{off}");
+
+    // Only the shim on PATH: a clear error, never the shim calling itself.
+    let alone = shell(
+        &fixture,
+        &root,
+        "cargo --version",
+        Some(shim_dir.to_str().expect("utf-8")),
+    );
+    assert_eq!(alone.code, Some(127), "{alone}");
+    assert!(alone.stderr.contains("no real cargo on PATH"), "{alone}");
+
+    let cluster = Cluster::start(fixture, 1, 1).expect("cluster");
+    let pooled = shell(&cluster.fixture, &root, "cargo test", with_shim);
+    assert_eq!(pooled.code, Some(0), "{pooled}");
+    assert!(pooled.stderr.contains("running on worker-1"), "{pooled}");
+    assert_eq!(test_counts(&pooled.stdout), test_counts(&local.stdout));
+}
