@@ -29,6 +29,23 @@ pub struct Discovery {
     pub tls_fingerprint: Option<String>,
 }
 
+/// Takes the repository's coordinator lock (`coordinator.lock`, an advisory file lock), or
+/// returns `None` when another live process holds it. One coordinator per repository: two
+/// would fight over the discovery file, the snapshot refs and the git daemon.
+pub fn lock(state_dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    std::fs::create_dir_all(state_dir)?;
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state_dir.join("coordinator.lock"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(error)) => Err(error),
+    }
+}
+
 pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE_NAME)
 }
@@ -65,6 +82,15 @@ pub fn remove(state_dir: &Path, coordinator_id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_one_holder_of_the_coordinator_lock_and_a_released_lock_is_taken_over() {
+        let dir = tempfile::tempdir().expect("temp");
+        let first = lock(dir.path()).expect("io").expect("free");
+        assert!(lock(dir.path()).expect("io").is_none(), "held");
+        drop(first);
+        assert!(lock(dir.path()).expect("io").is_some(), "taken over");
+    }
 
     #[test]
     fn a_dead_coordinators_file_is_ignored() {

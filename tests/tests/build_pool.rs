@@ -588,3 +588,29 @@ fn a_verbose_run_says_where_the_time_went() {
     let quiet = cluster.fixture.run(&["run", "check"]).expect("runs");
     assert!(!quiet.stderr.contains("timings:"), "{quiet}");
 }
+
+#[test]
+fn a_second_coordinator_for_the_same_repository_is_refused() {
+    let cluster = cluster(0, 1);
+    let fixture = &cluster.fixture;
+    let mut second = Owned::spawn(
+        fixture.command_in(
+            &fixture.root(),
+            &["serve", "--websocket-port", "0", "--git-daemon-port", "0"],
+        ),
+        fixture.scratch().join("second-serve.log"),
+    )
+    .expect("spawns");
+    let status = second
+        .wait_timeout(Duration::from_secs(30))
+        .expect("the second serve exits");
+    assert!(!status.success());
+    assert!(
+        second.log_text().contains("already running"),
+        "{}",
+        second.log_text()
+    );
+    // The first one still serves.
+    let run = fixture.run(&["run", "check"]).expect("runs");
+    assert_eq!(run.code, Some(0), "{run}");
+}

@@ -81,13 +81,19 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
             local_worktree_dir: args.local_worktree_dir,
         },
     )?;
-    if let Some(running) = discovery::read(&repo.state_dir()) {
-        bail!(
-            "a coordinator for this repository is already running (pid {}, control API {})",
-            running.pid,
-            running.control_url
-        );
-    }
+    // Held until this process exits; the kernel releases it even after kill -9, so a dead
+    // coordinator's lock is simply taken over.
+    let _only_coordinator = match discovery::lock(&repo.state_dir())? {
+        Some(lock) => lock,
+        None => match discovery::read(&repo.state_dir()) {
+            Some(running) => bail!(
+                "a coordinator for this repository is already running (pid {}, control API {})",
+                running.pid,
+                running.control_url
+            ),
+            None => bail!("a coordinator for this repository is already starting"),
+        },
+    };
     let token = crate::auth::load(&config.token_file, true)?;
     let token_file = token.file.clone();
     let coordinator = Coordinator::start(repo.clone(), config.clone(), token.clone()).await?;
