@@ -1,6 +1,7 @@
 //! Deployment files: the NixOS module parses, and the example config and systemd unit
 //! lines are accepted by the real binaries.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -128,6 +129,36 @@ fn the_nixos_module_parses() {
     assert!(
         output.status.success(),
         "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn the_sandbox_starts_for_an_unprivileged_agent_too() {
+    // The systemd unit runs the agent as a dynamic user: bwrap then needs a user namespace.
+    assert!(
+        buildpool_tests::dir_of_program("setpriv").is_some(),
+        "needs setpriv (util-linux)"
+    );
+    // A copy the unprivileged user can reach, wherever the build tree lives.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent = dir.path().join("build-agent");
+    std::fs::copy(buildpool_tests::agent_bin(), &agent).expect("copy");
+    for path in [dir.path(), agent.as_path()] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&agent)
+        .args(["--server", "ws://127.0.0.1:1/ws", "--check-config"])
+        .env("BUILDPOOL_TOKEN", "test-token")
+        .env("HOME", "/nonexistent")
+        .output()
+        .expect("setpriv runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("sandbox bwrap: starts"),
+        "{stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
 }
