@@ -546,4 +546,58 @@ mod tests {
         assert!(names.contains(&OsStr::new("CARGO_TARGET_DIR")));
         assert!(!names.contains(&OsStr::new("BUILDPOOL_TOKEN")));
     }
+
+    /// The real bwrap: what a job sees inside, with the network cut.
+    #[tokio::test]
+    async fn inside_the_sandbox_the_job_sees_its_workspace_and_no_network() {
+        let root = tempfile::tempdir_in("/var/tmp").expect("temp dir");
+        let secret = root.path().join("secret");
+        std::fs::write(&secret, "token").expect("secret");
+        let paths = paths(root.path());
+        for dir in [&paths.src, &paths.target, &paths.cargo_home] {
+            std::fs::create_dir_all(dir).expect("dir");
+        }
+        std::fs::write(paths.src.join("Cargo.toml"), "[package]").expect("manifest");
+        let sandbox = Sandbox::new(SandboxMode::Bwrap, false, vec![secret.clone()]);
+        sandbox
+            .probe()
+            .await
+            .expect("needs bubblewrap (apt-get install bubblewrap)");
+        let script = format!(
+            "pwd; cat Cargo.toml; echo; cat {} | wc -c; cut -d: -f1 /proc/net/dev | tail -n +3; \
+             touch /build/app-0123456789ab/target/ok; touch /usr/nope 2>/dev/null || echo ro",
+            secret.display()
+        );
+        let command = sandbox.wrap(
+            &paths,
+            CommandSpec {
+                program: "sh".into(),
+                args: vec!["-c".into(), script.into()],
+                cwd: sandbox.view(&paths).src,
+                env: Vec::new(),
+                clear_env: false,
+                registry: None,
+            },
+        );
+        let output = tokio::process::Command::new(&command.program)
+            .args(&command.args)
+            .env_clear()
+            .envs(command.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&command.cwd)
+            .output()
+            .await
+            .expect("bwrap runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let lines: Vec<&str> = stdout.lines().map(str::trim).collect();
+        assert_eq!(
+            lines,
+            ["/build/app-0123456789ab", "[package]", "0", "lo", "ro"],
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            paths.target.join("ok").exists(),
+            "the target dir is the slot's"
+        );
+    }
 }
