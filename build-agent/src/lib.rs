@@ -20,6 +20,7 @@ pub mod executor;
 pub mod git_cache;
 pub mod git_proxy;
 pub mod job_table;
+pub mod metrics;
 pub mod nix;
 pub mod output;
 pub mod process;

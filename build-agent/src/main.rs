@@ -67,6 +67,10 @@ struct Cli {
     /// Disk budget for workspaces and caches, in GB (default: half the free space).
     #[arg(long, value_name = "GB")]
     max_disk_gb: Option<f64>,
+    /// Serve Prometheus /metrics here, e.g. 127.0.0.1:9464 (default: [metrics] listen_addr,
+    /// else not at all).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
     /// Validate the configuration (file, flags, token) and that the sandbox can start,
     /// print it and exit.
     #[arg(long)]
@@ -125,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
         tls_client_key_file: cli.tls_client_key,
         sandbox: cli.sandbox,
         max_disk_gb: cli.max_disk_gb,
+        metrics_addr: cli.metrics_addr,
     };
     let check_only = cli.check_config;
     let config = AgentConfig::resolve(file, overrides)?;
@@ -168,6 +173,14 @@ async fn main() -> anyhow::Result<()> {
     for dir in [&config.git_cache_dir, &config.worktree_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    let metrics = match &config.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let git_proxy = build_agent::git_proxy::install_wrapper(&config.git_cache_dir)
         .context("cannot write the git proxy command into the git cache directory")?;
     let scanned = std::time::Instant::now();
@@ -225,6 +238,10 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     });
+    if let Some(listener) = metrics {
+        tracing::info!("metrics at http://{}/metrics", listener.local_addr()?);
+        tokio::spawn(build_agent::metrics::serve(agent.clone(), listener));
+    }
     build_agent::process::reap_orphans(&config.worktree_dir);
     tracing::info!(agent_id = %config.id, slots = config.max_jobs, servers = config.servers.len(), "build agent starting");
     let prewarm = tokio::spawn(build_agent::nix::prewarm(config.prewarm_packages.clone()));

@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod discovery;
 pub mod mcp;
+pub mod metrics;
 pub mod repo;
 pub mod server;
 pub mod session;

@@ -462,6 +462,38 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The coordinator's dashboard and metrics URL, from its discovery file.
+    pub fn http_url(&self) -> anyhow::Result<String> {
+        let discovery = self.fixture.root().join(".git/buildpool/coordinator.json");
+        let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(discovery)?)?;
+        Ok(value["http_url"]
+            .as_str()
+            .context("no http_url")?
+            .to_owned())
+    }
+}
+
+/// `GET url` over plain HTTP/1.0 (the connection closes after the answer, so the body
+/// is whatever follows the headers): `(status, body)`.
+pub fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").context("http:// URLs only")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut stream = std::net::TcpStream::connect(host)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").context("no header end")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("no status")?;
+    Ok((status, body.to_owned()))
+}
+
 /// The result of a `buildpool` invocation, with text for assertions.
 #[derive(Debug)]
 pub struct RunOutput {

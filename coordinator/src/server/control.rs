@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{ActiveJob, Shared, joblog};
+use super::{ActiveJob, JobOrigin, Shared, joblog};
 use crate::auth::Scope;
 use crate::snapshot::SNAPSHOT_REF_PREFIX;
 
@@ -199,7 +199,13 @@ impl Control for ControlService {
         let log = joblog::JobLog::create(&shared.log_dir, job_id, shared.config.log_max_bytes)
             .await
             .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
-        let job = ActiveJob::queued(log, git_ref.clone());
+        let origin = JobOrigin {
+            kind: spec.kind,
+            worktree: worktree.clone(),
+            cargo_args: spec.cargo_args.clone(),
+        };
+        shared.metrics.job_submitted(spec.kind);
+        let job = ActiveJob::queued(log, git_ref.clone(), origin);
         let source = Source {
             repo_id: shared.repo.id.clone(),
             git_path: shared.git_path.clone(),
@@ -219,6 +225,7 @@ impl Control for ControlService {
         });
         tokio::spawn(clean_up_when_finished(
             Arc::clone(shared),
+            job_id,
             Arc::clone(&job),
             job.phase.subscribe(),
         ));
@@ -423,6 +430,7 @@ async fn forward_log(
 
 async fn clean_up_when_finished(
     shared: Arc<Shared>,
+    job_id: JobId,
     job: Arc<ActiveJob>,
     mut phase: watch::Receiver<JobEvent>,
 ) {
@@ -432,6 +440,17 @@ async fn clean_up_when_finished(
             // Not finished when the coordinator stops: snapshot pruning removes the ref later.
             () = shared.shutdown.cancelled() => return,
         }
+    }
+    let ended = match &*phase.borrow() {
+        JobEvent::Finished(result) => Some(result.clone()),
+        _ => None,
+    };
+    if let Some(result) = ended {
+        // Recorded here, by the job's own task, so the dispatch path only counts nothing.
+        shared.metrics.job_finished(job.origin.kind, &result);
+        let finished =
+            super::history::FinishedJob::new(job_id, &job.origin, &result, unix_millis());
+        shared.history.record(finished);
     }
     if let Err(error) = job.log.finish().await {
         tracing::warn!("cannot finish job log: {error}");

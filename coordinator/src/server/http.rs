@@ -1,0 +1,261 @@
+//! The coordinator's HTTP address: `/metrics` for Prometheus and the live dashboard.
+//!
+//! Plain HTTP on loopback, where anyone who can connect is already on this host. Anywhere
+//! else it is HTTPS with the bus's certificate and every request needs a client-scoped
+//! credential, like the control API: as a bearer token (Prometheus' `authorization`), or,
+//! for a browser, once as `?token=` in the URL `buildpool ui` prints, which is then kept in
+//! an HTTP-only cookie (an `EventSource` cannot send headers).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::serve::{IncomingStream, Listener};
+use tokio::sync::mpsc;
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::auth::Scope;
+use crate::metrics::{AgentDisk, PoolGauges};
+
+/// The cookie a browser keeps the credential in, beyond loopback.
+const COOKIE: &str = "buildpool_token";
+
+/// What every handler shares.
+#[derive(Debug)]
+pub(crate) struct Http {
+    pub shared: Arc<Shared>,
+    /// Listening on loopback: no credential asked.
+    open: bool,
+}
+
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) {
+    let Ok(local) = listener.local_addr() else {
+        return;
+    };
+    let open = local.ip().is_loopback();
+    let tls = shared
+        .tls
+        .as_ref()
+        .filter(|_| !open)
+        .map(|tls| Arc::clone(&tls.http));
+    if !open && tls.is_none() {
+        tracing::error!(%local, "the dashboard needs TLS beyond loopback; not serving it");
+        return;
+    }
+    let http = Arc::new(Http { shared, open });
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(Arc::clone(&http), authorize))
+        .with_state(http);
+    let incoming = HttpListener::start(listener, local, tls, shutdown.clone());
+    let served = axum::serve(incoming, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    if let Err(error) = served {
+        tracing::error!("dashboard and metrics stopped: {error}");
+    }
+}
+
+/// The pool's gauges, copied under the state lock and encoded after it is released.
+pub(crate) fn pool_gauges(shared: &Shared) -> PoolGauges {
+    let state = shared.state();
+    let (queued, started) = state.scheduler.job_counts();
+    let counters = state.scheduler.counters();
+    let agents = state.scheduler.agents();
+    drop(state);
+    let remote = || agents.iter().filter(|agent| !agent.local);
+    PoolGauges {
+        jobs_queued: queued as u64,
+        jobs_running: started as u64,
+        agents_connected: remote().count() as u64,
+        slots_total: remote().map(|agent| u64::from(agent.slots_total)).sum(),
+        slots_used: remote().map(|agent| u64::from(agent.slots_used)).sum(),
+        disk: remote()
+            .map(|agent| AgentDisk {
+                agent_id: agent.id.clone(),
+                used_bytes: agent.disk.used_bytes,
+                budget_bytes: agent.disk.budget_bytes,
+            })
+            .collect(),
+        requeues: counters.requeues,
+        lost_attempts: counters.lost_attempts,
+    }
+}
+
+async fn metrics(State(http): State<Arc<Http>>, headers: HeaderMap) -> Response {
+    let gauges = pool_gauges(&http.shared);
+    let text = http.shared.metrics.encode(&gauges);
+    build_agent::metrics::response(headers.get(header::ACCEPT), text)
+}
+
+/// Lets every request through on loopback; elsewhere asks for a client credential.
+async fn authorize(
+    State(http): State<Arc<Http>>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if http.open {
+        return next.run(request).await;
+    }
+    let in_url = request.uri().query().and_then(|query| {
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("token="))
+            .map(str::to_owned)
+    });
+    let presented = in_url
+        .clone()
+        .or_else(|| presented(request.headers()))
+        .unwrap_or_default();
+    if let Err(reason) = http
+        .shared
+        .authorize(&presented, Scope::Client, Some(peer.ip()))
+    {
+        let hint =
+            "open the URL `buildpool ui` prints, or send a client credential as a bearer token";
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            format!("{reason}\n{hint}\n"),
+        )
+            .into_response();
+    }
+    match in_url {
+        // Keep the credential out of the address bar, history and logs from now on.
+        Some(_) => {
+            let cookie = format!("{COOKIE}={presented}; Path=/; HttpOnly; Secure; SameSite=Strict");
+            let mut response = Redirect::to(request.uri().path()).into_response();
+            if let Ok(value) = HeaderValue::from_str(&cookie) {
+                response.headers_mut().insert(header::SET_COOKIE, value);
+            }
+            response
+        }
+        None => next.run(request).await,
+    }
+}
+
+/// The credential a request carries in its `Authorization` header or its cookie.
+fn presented(headers: &HeaderMap) -> Option<String> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    let cookie = || {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(';'))
+            .find_map(|pair| {
+                pair.trim()
+                    .strip_prefix(&format!("{COOKIE}="))
+                    .map(str::to_owned)
+            })
+    };
+    bearer.map(str::to_owned).or_else(cookie)
+}
+
+/// The address a request came from.
+#[derive(Debug, Clone, Copy)]
+struct Peer(SocketAddr);
+
+impl Connected<IncomingStream<'_, HttpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, HttpListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+type Io = Either<tokio::net::TcpStream, TlsStream>;
+
+/// Accepted connections, after their TLS handshakes where there is TLS; handshakes run
+/// concurrently with a deadline each, so a slow client never holds up the next.
+#[derive(Debug)]
+struct HttpListener {
+    accepted: mpsc::Receiver<(Io, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl HttpListener {
+    fn start(
+        listener: tokio::net::TcpListener,
+        local: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (sender, accepted) = mpsc::channel(16);
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(error) => {
+                            tracing::warn!("dashboard: accept failed: {error}");
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                };
+                let sender = sender.clone();
+                match &acceptor {
+                    None => {
+                        let _ = sender.send((Either::Left(tcp), peer)).await;
+                    }
+                    Some(acceptor) => {
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            let handshake = tokio::time::timeout(
+                                buildpool_proto::socket::HANDSHAKE_TIMEOUT,
+                                acceptor.accept(tcp),
+                            );
+                            match handshake.await {
+                                Ok(Ok(stream)) => {
+                                    let _ = sender.send((Either::Right(stream), peer)).await;
+                                }
+                                Ok(Err(error)) => {
+                                    tracing::debug!(%peer, "dashboard: TLS handshake failed: {error}")
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "dashboard: TLS handshake timed out")
+                                }
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        Self { accepted, local }
+    }
+}
+
+impl Listener for HttpListener {
+    type Io = Io;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.accepted.recv().await {
+            Some(accepted) => accepted,
+            // The accept task ended (shutdown): nothing more will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}

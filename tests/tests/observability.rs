@@ -1,0 +1,133 @@
+//! What operators see of a running pool: Prometheus metrics of the coordinator and of an
+//! agent after a real job.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use buildpool_tests::{Cluster, Fixture, http_get, wait_until};
+
+/// The value of the sample `series` (name and labels, exactly as exposed).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+}
+
+/// `promtool check metrics` accepts the text, when promtool is installed.
+fn promtool_accepts(text: &str) {
+    let Some(promtool) = buildpool_core::process::find_on_path("promtool") else {
+        eprintln!(
+            "SKIPPED promtool check: promtool is not installed (Debian: apt-get install prometheus)"
+        );
+        return;
+    };
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), text.as_bytes())
+        .expect("write");
+    let output = child.wait_with_output().expect("promtool ends");
+    assert!(
+        output.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn metrics_of_coordinator_and_agent_count_a_real_job() {
+    let mut cluster = Cluster::start(Fixture::new().expect("fixture"), 0, 1).expect("cluster");
+    cluster
+        .add_agent("worker-1", 2, &["--metrics-addr", "127.0.0.1:0"])
+        .expect("agent");
+    let build = cluster.fixture.run(&["run", "build"]).expect("runs");
+    assert_eq!(build.code, Some(0), "{build}");
+
+    let url = format!("{}/metrics", cluster.http_url().expect("http url"));
+    let (status, text) = http_get(&url).expect("scrape");
+    assert_eq!(status, 200, "{text}");
+    for (series, value) in [
+        ("buildpool_jobs_submitted_total{kind=\"build\"}", 1.0),
+        (
+            "buildpool_jobs_finished_total{kind=\"build\",outcome=\"success\"}",
+            1.0,
+        ),
+        (
+            "buildpool_job_queue_wait_seconds_count{kind=\"build\"}",
+            1.0,
+        ),
+        (
+            "buildpool_job_run_duration_seconds_count{kind=\"build\"}",
+            1.0,
+        ),
+        ("buildpool_snapshot_fetch_duration_seconds_count", 1.0),
+        ("buildpool_checkout_duration_seconds_count", 1.0),
+        ("buildpool_jobs_queued", 0.0),
+        ("buildpool_jobs_running", 0.0),
+        ("buildpool_agents_connected", 1.0),
+        ("buildpool_slots", 2.0),
+        ("buildpool_slots_used", 0.0),
+        ("buildpool_agent_connections_total", 1.0),
+        ("buildpool_agent_reconnects_total", 0.0),
+        ("buildpool_declines_total", 0.0),
+        ("buildpool_requeues_total", 0.0),
+        ("buildpool_lost_attempts_total", 0.0),
+    ] {
+        assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
+    }
+    let positive = |series: &str| sample(&text, series).is_some_and(|v| v > 0.0);
+    assert!(positive("buildpool_output_bytes_total"), "{text}");
+    assert!(
+        positive("buildpool_agent_disk_budget_bytes{agent=\"worker-1\"}"),
+        "{text}"
+    );
+    assert!(
+        positive("buildpool_job_run_duration_seconds_sum{kind=\"build\"}"),
+        "{text}"
+    );
+    promtool_accepts(&text);
+
+    let agent = &cluster.agents[0];
+    let mut agent_url = None;
+    let logged = wait_until(Duration::from_secs(10), || {
+        agent_url = agent.log_text().lines().find_map(|line| {
+            let start = line.find("metrics at http://")? + "metrics at ".len();
+            Some(line[start..].trim().to_owned())
+        });
+        agent_url.is_some()
+    });
+    assert!(
+        logged,
+        "agent did not log its metrics address:\n{}",
+        agent.log_text()
+    );
+    let (status, text) = http_get(&agent_url.expect("url")).expect("scrape agent");
+    assert_eq!(status, 200, "{text}");
+    for (series, value) in [
+        (
+            "build_agent_jobs_total{kind=\"build\",outcome=\"success\"}",
+            1.0,
+        ),
+        (
+            "build_agent_job_run_duration_seconds_count{kind=\"build\"}",
+            1.0,
+        ),
+        ("build_agent_snapshot_fetch_duration_seconds_count", 1.0),
+        ("build_agent_checkout_duration_seconds_count", 1.0),
+        ("build_agent_slots", 2.0),
+        ("build_agent_slots_used", 0.0),
+        ("build_agent_draining", 0.0),
+    ] {
+        assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
+    }
+    assert!(
+        sample(&text, "build_agent_disk_budget_bytes").is_some_and(|v| v > 0.0),
+        "{text}"
+    );
+    promtool_accepts(&text);
+}
