@@ -127,6 +127,13 @@ impl Agent {
         &self.inner.metrics
     }
 
+    /// One line for the service manager's status: the slot pool now.
+    pub fn status_line(&self) -> String {
+        let pool = self.inner.pool.borrow();
+        let draining = if pool.draining { ", draining" } else { "" };
+        format!("{} of {} slots used{draining}", pool.used, pool.total)
+    }
+
     /// The metrics text of one scrape: events so far, slots and disk use now.
     pub fn metrics_text(&self) -> String {
         let pool = self.inner.pool.borrow().clone();

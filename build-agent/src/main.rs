@@ -105,13 +105,7 @@ async fn main() -> anyhow::Result<()> {
         // and the runtime's shutdown would wait for it while git waits for us to exit.
         std::process::exit(code);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    build_agent::systemd::init_logging("info");
     let (file, config_path) = config::discover(cli.config.as_deref())?;
     let overrides = Overrides {
         servers: cli.servers,
@@ -254,6 +248,10 @@ async fn main() -> anyhow::Result<()> {
             build_agent::connection::run(&agent, config.servers, &git_proxy, shutdown).await;
         }
     });
+    if let Some(notifier) = build_agent::systemd::Notifier::from_env() {
+        let agent = agent.clone();
+        tokio::spawn(notifier.run(move || agent.status_line(), shutdown.clone()));
+    }
     let mut signals = Signals::new()?;
     let reason = tokio::select! {
         name = signals.next() => format!("{name} received"),

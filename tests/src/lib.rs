@@ -215,6 +215,8 @@ pub struct ServeOptions {
     pub extra_args: Vec<String>,
     /// More arguments for every agent the cluster starts, e.g. [`UNSANDBOXED`].
     pub agent_args: Vec<String>,
+    /// Environment of `buildpool serve`, e.g. a `NOTIFY_SOCKET`.
+    pub env: Vec<(String, String)>,
 }
 
 /// Agent arguments for tests that watch a job from the host: the fixture's sleeping tests
@@ -256,6 +258,7 @@ impl Cluster {
         }
         command.args(&options.extra_args);
         fixture.apply_env(&mut command);
+        command.envs(options.env.iter().map(|(name, value)| (name, value)));
         Ok(command)
     }
 

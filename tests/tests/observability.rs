@@ -131,3 +131,107 @@ fn metrics_of_coordinator_and_agent_count_a_real_job() {
     );
     promtool_accepts(&text);
 }
+
+/// Datagrams on a notify socket the test binds itself, as systemd would.
+struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    path: String,
+    seen: Vec<String>,
+}
+
+impl NotifySocket {
+    fn bind(dir: &std::path::Path, name: &str) -> Self {
+        let path = dir.join(name);
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        Self {
+            socket,
+            path: path.display().to_string(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// The environment systemd gives a `Type=notify` service with `WatchdogSec=1`.
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("NOTIFY_SOCKET".into(), self.path.clone()),
+            ("WATCHDOG_USEC".into(), "1000000".into()),
+        ]
+    }
+
+    /// Reads messages until one line satisfies `wanted`.
+    fn wait_for(&mut self, wanted: impl Fn(&str) -> bool) -> bool {
+        let mut buffer = [0u8; 4096];
+        wait_until(Duration::from_secs(30), || {
+            if let Ok(length) = self.socket.recv(&mut buffer) {
+                let message = String::from_utf8_lossy(&buffer[..length]).into_owned();
+                self.seen.extend(message.lines().map(str::to_owned));
+            }
+            self.seen.iter().any(|line| wanted(line))
+        })
+    }
+}
+
+#[test]
+fn serve_and_agent_notify_readiness_status_and_the_watchdog() {
+    let dir = tempfile::tempdir().expect("temp");
+    let mut coordinator = NotifySocket::bind(dir.path(), "coordinator.sock");
+    let options = buildpool_tests::ServeOptions {
+        env: coordinator.env(),
+        ..buildpool_tests::ServeOptions::default()
+    };
+    let mut cluster =
+        Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &options).expect("cluster");
+    assert!(
+        coordinator.wait_for(|line| line == "READY=1"),
+        "{:?}",
+        coordinator.seen
+    );
+    assert!(
+        coordinator.wait_for(|line| line == "STATUS=0 agents, 0 running, 0 queued"),
+        "{:?}",
+        coordinator.seen
+    );
+    assert!(
+        coordinator.wait_for(|line| line == "WATCHDOG=1"),
+        "{:?}",
+        coordinator.seen
+    );
+
+    let mut agent_socket = NotifySocket::bind(dir.path(), "agent.sock");
+    let mut command = cluster.agent_command("worker-1", 2, &[]);
+    command.envs(agent_socket.env());
+    let agent =
+        buildpool_tests::Owned::spawn(command, dir.path().join("agent.log")).expect("agent starts");
+    cluster.agents.push(agent);
+    assert!(
+        agent_socket.wait_for(|line| line == "READY=1"),
+        "{:?}\n{}",
+        agent_socket.seen,
+        cluster.agents[0].log_text()
+    );
+    assert!(
+        agent_socket.wait_for(|line| line == "STATUS=0 of 2 slots used"),
+        "{:?}",
+        agent_socket.seen
+    );
+    assert!(
+        agent_socket.wait_for(|line| line == "WATCHDOG=1"),
+        "{:?}",
+        agent_socket.seen
+    );
+    assert!(
+        coordinator.wait_for(|line| line == "STATUS=1 agent, 0 running, 0 queued"),
+        "{:?}",
+        coordinator.seen
+    );
+
+    cluster.coordinator.signal(buildpool_tests::SIGTERM);
+    assert!(
+        coordinator.wait_for(|line| line == "STOPPING=1"),
+        "{:?}",
+        coordinator.seen
+    );
+}

@@ -161,8 +161,16 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
         (None, _) => println!("  Token: from BUILDPOOL_TOKEN"),
     }
 
+    let stop_notifying = tokio_util::sync::CancellationToken::new();
+    let notifying = build_agent::systemd::Notifier::from_env().map(|notifier| {
+        tokio::spawn(notifier.run(coordinator.status_line(), stop_notifying.clone()))
+    });
     wait_for_signal().await;
     println!("Build pool coordinator stopping...");
+    stop_notifying.cancel();
+    if let Some(notifying) = notifying {
+        let _ = notifying.await;
+    }
     discovery::remove(&repo.state_dir(), coordinator.id());
     coordinator.shutdown().await;
     Ok(ExitCode::SUCCESS)

@@ -510,6 +510,25 @@ impl Coordinator {
         Some(format!("{scheme}://{host}:{}", addr.port()))
     }
 
+    /// The coordinator's status in one line, for the service manager (`STATUS=`): a
+    /// function, so a notifier task can call it on every tick.
+    pub fn status_line(&self) -> impl Fn() -> String + Send + 'static {
+        let shared = Arc::clone(&self.shared);
+        move || {
+            let state = shared.state();
+            let (queued, running) = state.scheduler.job_counts();
+            let agents = state
+                .scheduler
+                .agents()
+                .iter()
+                .filter(|agent| !agent.local)
+                .count();
+            drop(state);
+            let plural = if agents == 1 { "" } else { "s" };
+            format!("{agents} agent{plural}, {running} running, {queued} queued")
+        }
+    }
+
     /// Whether the control API is served over TLS (it listens beyond loopback).
     pub fn control_tls(&self) -> bool {
         !self.control_addr.ip().is_loopback()
