@@ -5,6 +5,7 @@ mod inspect;
 mod run;
 mod serve;
 mod token;
+mod ui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +41,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Create, list or revoke credentials for agents and clients.
     Token(token::TokenArgs),
+    /// Print the URL of the running coordinator's live dashboard.
+    Ui,
     /// Serve MCP on stdin/stdout: build, test, clippy, check, worker_status, job_log, cancel_job.
     Mcp,
 }
@@ -77,6 +80,7 @@ pub fn main() -> ExitCode {
             Command::Agents(args) => inspect::agents(&dir, args).await,
             Command::Demo(args) => demo::demo(args).await,
             Command::Token(args) => token::token(args),
+            Command::Ui => ui::ui(&dir).await,
             Command::Mcp => crate::mcp::serve(&dir).await.map(|()| ExitCode::SUCCESS),
         }
     });

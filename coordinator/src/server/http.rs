@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
+use super::{Shared, dashboard};
 use crate::auth::Scope;
 use crate::metrics::{AgentDisk, PoolGauges};
 
@@ -57,6 +57,7 @@ pub(crate) async fn serve(
     let http = Arc::new(Http { shared, open });
     let app = Router::new()
         .route("/metrics", get(metrics))
+        .merge(dashboard::routes())
         .layer(middleware::from_fn_with_state(Arc::clone(&http), authorize))
         .with_state(http);
     let incoming = HttpListener::start(listener, local, tls, shutdown.clone());

@@ -8,6 +8,7 @@
 
 pub mod bus;
 pub mod control;
+pub mod dashboard;
 pub mod git_daemon;
 pub mod history;
 pub mod http;
