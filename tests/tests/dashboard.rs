@@ -144,3 +144,86 @@ fn the_dashboard_shows_agents_a_running_job_with_its_live_tail_and_its_end() {
         "{log}"
     );
 }
+
+/// `GET path` over TLS to `addr` with the coordinator pinned, with extra header lines:
+/// the whole answer as text.
+async fn https_get(addr: &str, fingerprint: &str, path: &str, headers: &str) -> String {
+    use buildpool_proto::tls;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let trust = tls::ServerTrust::Pinned(fingerprint.parse().expect("fingerprint"));
+    let config = tls::client_config(&trust, None, &[]).expect("tls config");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    // The server closes after an HTTP/1.0 answer; a TLS close without notify is fine here.
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn beyond_loopback_the_dashboard_and_metrics_are_https_and_need_a_client_credential() {
+    let options = ServeOptions {
+        extra_args: vec!["--http-addr".into(), "0.0.0.0:0".into()],
+        ..ServeOptions::default()
+    };
+    let cluster = tokio::task::spawn_blocking(move || {
+        Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &options).expect("cluster")
+    })
+    .await
+    .expect("cluster task");
+    let url = cluster.http_url().expect("http url");
+    assert!(url.starts_with("https://"), "{url}");
+    let addr = format!("127.0.0.1:{}", url.rsplit(':').next().expect("port"));
+    let pin = cluster.tls_fingerprint.clone();
+    let token = std::fs::read_to_string(cluster.fixture.token_file()).expect("token");
+    let token = token.trim();
+
+    for path in ["/metrics", "/", "/api/state", "/jobs/1/log"] {
+        let refused = https_get(&addr, &pin, path, "").await;
+        assert!(refused.starts_with("HTTP/1.0 401"), "{path}: {refused}");
+        let wrong = https_get(&addr, &pin, path, "Authorization: Bearer wrong\r\n").await;
+        assert!(wrong.starts_with("HTTP/1.0 401"), "{path}: {wrong}");
+    }
+    let bearer = format!("Authorization: Bearer {token}\r\n");
+    let metrics = https_get(&addr, &pin, "/metrics", &bearer).await;
+    assert!(metrics.starts_with("HTTP/1.0 200"), "{metrics}");
+    assert!(metrics.contains("buildpool_jobs_queued 0"), "{metrics}");
+
+    // The URL `buildpool ui` prints logs the browser in and moves the credential to a cookie.
+    let ui = cluster.fixture.run(&["ui"]).expect("buildpool ui runs");
+    let printed = ui.stdout.trim();
+    assert_eq!(printed, format!("{url}/?token={token}"), "{ui}");
+    let login = https_get(&addr, &pin, &format!("/?token={token}"), "").await;
+    assert!(login.starts_with("HTTP/1.0 303"), "{login}");
+    assert!(login.contains("location: /\r\n"), "{login}");
+    let cookie = login
+        .lines()
+        .find_map(|line| line.strip_prefix("set-cookie: "))
+        .expect("a cookie");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("Secure"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().expect("cookie pair");
+    let page = https_get(&addr, &pin, "/", &format!("Cookie: {pair}\r\n")).await;
+    assert!(page.starts_with("HTTP/1.0 200"), "{page}");
+    assert!(page.contains("<title>buildpool</title>"), "{page}");
+
+    // Plain HTTP to the HTTPS port gets no page.
+    let plain = tokio::task::spawn_blocking(move || http_get(&format!("http://{addr}/metrics")))
+        .await
+        .expect("plain task");
+    assert!(
+        plain.is_err(),
+        "plain text reached the HTTPS port: {plain:?}"
+    );
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .expect("cleanup");
+}
