@@ -11,6 +11,7 @@ pub mod config;
 pub mod discovery;
 pub mod mcp;
 pub mod metrics;
+pub mod progress;
 pub mod repo;
 pub mod server;
 pub mod session;

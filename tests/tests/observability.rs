@@ -1,5 +1,6 @@
-//! What operators see of a running pool: Prometheus metrics of the coordinator and of an
-//! agent after a real job.
+//! What operators and people see of a running pool: Prometheus metrics of the coordinator
+//! and of an agent after a real job, what both tell systemd, and `buildpool run`'s
+//! progress line on a terminal.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -234,4 +235,49 @@ fn serve_and_agent_notify_readiness_status_and_the_watchdog() {
         "{:?}",
         coordinator.seen
     );
+}
+
+#[test]
+fn run_on_a_terminal_shows_one_progress_line_and_clears_it_at_the_end() {
+    let cluster = Cluster::start(Fixture::new().expect("fixture"), 1, 1).expect("cluster");
+    let fixture = &cluster.fixture;
+    // `script` (util-linux) gives the run a pseudo-terminal for stdout and stderr alike.
+    let command_line = format!(
+        "'{}' -C '{}' run build",
+        buildpool_tests::buildpool_bin().display(),
+        fixture.root().display()
+    );
+    let mut script = Command::new("script");
+    script.args(["-qec", &command_line, "/dev/null"]);
+    fixture.apply_env(&mut script);
+    let output = script.output().expect("script runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    const CLEAR: &str = "\r\x1b[2K";
+    assert!(
+        text.contains(&format!("{CLEAR}[buildpool] assigned to worker-1")),
+        "{text:?}"
+    );
+    // The fixture's lockfile names two packages: util and app.
+    let compiling = text
+        .rfind(&format!("{CLEAR}[buildpool] compiling "))
+        .unwrap_or_else(|| panic!("no compiling progress in {text:?}"));
+    assert!(text[compiling..].contains("/2 crates"), "{text:?}");
+    // The final line is written on a cleared line, and nothing is drawn after it.
+    let summary = text
+        .rfind("[buildpool] job 1 exit code 0")
+        .expect("the final line");
+    assert!(text[..summary].ends_with(CLEAR), "{text:?}");
+    assert!(!text[summary..].contains(CLEAR), "{text:?}");
+
+    // Piped, or with --quiet, there is no progress line.
+    let piped = fixture.run(&["run", "build"]).expect("runs");
+    assert!(!piped.stderr.contains(CLEAR), "{piped}");
+    let mut quiet = Command::new("script");
+    quiet.args(["-qec", &format!("{command_line} --quiet"), "/dev/null"]);
+    fixture.apply_env(&mut quiet);
+    let quiet = quiet.output().expect("script runs");
+    let text = String::from_utf8_lossy(&quiet.stdout);
+    assert!(quiet.status.success(), "{text}");
+    assert!(!text.contains(CLEAR), "{text:?}");
 }
