@@ -446,7 +446,7 @@ async fn clean_up_when_finished(
         _ => None,
     };
     if let Some(result) = ended {
-        // Recorded here, by the job's own task, so the dispatch path only counts nothing.
+        // Recorded here, by the job's own task: the dispatch path does no more than before.
         shared.metrics.job_finished(job.origin.kind, &result);
         let finished =
             super::history::FinishedJob::new(job_id, &job.origin, &result, unix_millis());

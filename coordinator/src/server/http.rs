@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::connect_info::Connected;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, FromRef, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -29,11 +29,18 @@ use crate::metrics::{AgentDisk, PoolGauges};
 const COOKIE: &str = "buildpool_token";
 
 /// What every handler shares.
-#[derive(Debug)]
-pub(crate) struct Http {
-    pub shared: Arc<Shared>,
+#[derive(Debug, Clone)]
+struct Http {
+    shared: Arc<Shared>,
     /// Listening on loopback: no credential asked.
     open: bool,
+}
+
+/// The dashboard's handlers need only the coordinator's shared state.
+impl FromRef<Http> for Arc<Shared> {
+    fn from_ref(http: &Http) -> Self {
+        Arc::clone(&http.shared)
+    }
 }
 
 pub(crate) async fn serve(
@@ -54,11 +61,11 @@ pub(crate) async fn serve(
         tracing::error!(%local, "the dashboard needs TLS beyond loopback; not serving it");
         return;
     }
-    let http = Arc::new(Http { shared, open });
+    let http = Http { shared, open };
     let app = Router::new()
         .route("/metrics", get(metrics))
         .merge(dashboard::routes())
-        .layer(middleware::from_fn_with_state(Arc::clone(&http), authorize))
+        .layer(middleware::from_fn_with_state(http.clone(), authorize))
         .with_state(http);
     let incoming = HttpListener::start(listener, local, tls, shutdown.clone());
     let served = axum::serve(incoming, app.into_make_service_with_connect_info::<Peer>())
@@ -95,7 +102,7 @@ pub(crate) fn pool_gauges(shared: &Shared) -> PoolGauges {
     }
 }
 
-async fn metrics(State(http): State<Arc<Http>>, headers: HeaderMap) -> Response {
+async fn metrics(State(http): State<Http>, headers: HeaderMap) -> Response {
     let gauges = pool_gauges(&http.shared);
     let text = http.shared.metrics.encode(&gauges);
     build_agent::metrics::response(headers.get(header::ACCEPT), text)
@@ -103,7 +110,7 @@ async fn metrics(State(http): State<Arc<Http>>, headers: HeaderMap) -> Response 
 
 /// Lets every request through on loopback; elsewhere asks for a client credential.
 async fn authorize(
-    State(http): State<Arc<Http>>,
+    State(http): State<Http>,
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     request: Request,
     next: Next,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{FromRef, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -24,7 +24,6 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::http::Http;
 use super::{Shared, joblog};
 
 const INDEX: &str = include_str!("index.html");
@@ -38,7 +37,12 @@ const TAIL_START: usize = 16 * 1024;
 /// Events buffered per open page; beyond this the page's own pace sets the speed.
 const EVENT_BUFFER: usize = 16;
 
-pub(crate) fn routes() -> Router<Arc<Http>> {
+/// The dashboard's routes, for any router state the coordinator's shared state comes from.
+pub(crate) fn routes<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    Arc<Shared>: FromRef<S>,
+{
     Router::new()
         .route(
             "/",
@@ -144,8 +148,8 @@ pub(crate) fn view(shared: &Shared) -> Value {
     })
 }
 
-async fn state(State(http): State<Arc<Http>>) -> Response {
-    axum::Json(view(&http.shared)).into_response()
+async fn state(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(view(&shared)).into_response()
 }
 
 /// A stream of server-sent events from `receiver`, with keep-alive comments so proxies
@@ -157,9 +161,8 @@ fn sse(receiver: mpsc::Receiver<Result<Event, Infallible>>) -> Response {
 }
 
 /// The pool view, sent at once and then whenever it changes.
-async fn events(State(http): State<Arc<Http>>) -> Response {
+async fn events(State(shared): State<Arc<Shared>>) -> Response {
     let (sender, receiver) = mpsc::channel(EVENT_BUFFER);
-    let shared = Arc::clone(&http.shared);
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(REFRESH);
         let mut last = String::new();
@@ -184,8 +187,8 @@ async fn events(State(http): State<Arc<Http>>) -> Response {
 
 /// A running job's output as it arrives (`output` events, JSON strings), starting with
 /// the end of what it printed so far; `end` when the job ends.
-async fn tail(State(http): State<Arc<Http>>, Path(job_id): Path<u64>) -> Response {
-    let Some(job) = http.shared.state().jobs.get(&job_id).cloned() else {
+async fn tail(State(shared): State<Arc<Shared>>, Path(job_id): Path<u64>) -> Response {
+    let Some(job) = shared.state().jobs.get(&job_id).cloned() else {
         return (
             StatusCode::NOT_FOUND,
             format!("job {job_id} is not running\n"),
@@ -193,7 +196,7 @@ async fn tail(State(http): State<Arc<Http>>, Path(job_id): Path<u64>) -> Respons
             .into_response();
     };
     let (sender, receiver) = mpsc::channel(EVENT_BUFFER);
-    let shutdown = http.shared.shutdown.clone();
+    let shutdown = shared.shutdown.clone();
     tokio::spawn(async move {
         let mut length = job.log.subscribe();
         let mut phase = job.phase.subscribe();
@@ -265,8 +268,8 @@ fn floor_char_boundary(text: &str, index: usize) -> usize {
 }
 
 /// A job's whole log (running or finished) as text.
-async fn log(State(http): State<Arc<Http>>, Path(job_id): Path<u64>) -> Response {
-    let path = joblog::log_path(&http.shared.log_dir, job_id);
+async fn log(State(shared): State<Arc<Shared>>, Path(job_id): Path<u64>) -> Response {
+    let path = joblog::log_path(&shared.log_dir, job_id);
     match tokio::fs::read(&path).await {
         Ok(bytes) => (
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
