@@ -179,12 +179,24 @@ impl NotifySocket {
 fn serve_and_agent_notify_readiness_status_and_the_watchdog() {
     let dir = tempfile::tempdir().expect("temp");
     let mut coordinator = NotifySocket::bind(dir.path(), "coordinator.sock");
+    let mut env = coordinator.env();
+    // Inherited from a service whose stderr was the journal, but this stderr is a file:
+    // logs stay on stderr.
+    env.push(("JOURNAL_STREAM".into(), "1:1".into()));
     let options = buildpool_tests::ServeOptions {
-        env: coordinator.env(),
+        env,
         ..buildpool_tests::ServeOptions::default()
     };
     let mut cluster =
         Cluster::start_with(Fixture::new().expect("fixture"), 0, 1, &options).expect("cluster");
+    assert!(
+        cluster
+            .coordinator
+            .log_text()
+            .contains("coordinator started"),
+        "{}",
+        cluster.coordinator.log_text()
+    );
     assert!(
         coordinator.wait_for(|line| line == "READY=1"),
         "{:?}",

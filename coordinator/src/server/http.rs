@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
+use super::tls_accept::{self, TlsStream};
 use super::{Shared, dashboard};
 use crate::auth::Scope;
 use crate::metrics::{AgentDisk, PoolGauges};
@@ -186,15 +187,19 @@ impl Connected<IncomingStream<'_, HttpListener>> for Peer {
     }
 }
 
-type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 type Io = Either<tokio::net::TcpStream, TlsStream>;
 
-/// Accepted connections, after their TLS handshakes where there is TLS; handshakes run
-/// concurrently with a deadline each, so a slow client never holds up the next.
+/// The dashboard's connections: plain on loopback, else after their TLS handshakes.
 #[derive(Debug)]
 struct HttpListener {
-    accepted: mpsc::Receiver<(Io, SocketAddr)>,
+    accepted: Accepted,
     local: SocketAddr,
+}
+
+#[derive(Debug)]
+enum Accepted {
+    Plain(tokio::net::TcpListener),
+    Tls(mpsc::Receiver<(TlsStream, SocketAddr)>),
 }
 
 impl HttpListener {
@@ -204,49 +209,12 @@ impl HttpListener {
         tls: Option<Arc<rustls::ServerConfig>>,
         shutdown: CancellationToken,
     ) -> Self {
-        let (sender, accepted) = mpsc::channel(16);
-        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(error) => {
-                            tracing::warn!("dashboard: accept failed: {error}");
-                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    },
-                };
-                let sender = sender.clone();
-                match &acceptor {
-                    None => {
-                        let _ = sender.send((Either::Left(tcp), peer)).await;
-                    }
-                    Some(acceptor) => {
-                        let acceptor = acceptor.clone();
-                        tokio::spawn(async move {
-                            let handshake = tokio::time::timeout(
-                                buildpool_proto::socket::HANDSHAKE_TIMEOUT,
-                                acceptor.accept(tcp),
-                            );
-                            match handshake.await {
-                                Ok(Ok(stream)) => {
-                                    let _ = sender.send((Either::Right(stream), peer)).await;
-                                }
-                                Ok(Err(error)) => {
-                                    tracing::debug!(%peer, "dashboard: TLS handshake failed: {error}")
-                                }
-                                Err(_) => {
-                                    tracing::debug!(%peer, "dashboard: TLS handshake timed out")
-                                }
-                            }
-                        });
-                    }
-                }
+        let accepted = match tls {
+            Some(config) => {
+                Accepted::Tls(tls_accept::accept(listener, config, "dashboard", shutdown))
             }
-        });
+            None => Accepted::Plain(listener),
+        };
         Self { accepted, local }
     }
 }
@@ -256,10 +224,17 @@ impl Listener for HttpListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.accepted.recv().await {
-            Some(accepted) => accepted,
-            // The accept task ended (shutdown): nothing more will come.
-            None => std::future::pending().await,
+        match &mut self.accepted {
+            // axum's own accept for TCP retries (and logs) failed accepts.
+            Accepted::Plain(listener) => {
+                let (tcp, peer) = Listener::accept(listener).await;
+                (Either::Left(tcp), peer)
+            }
+            Accepted::Tls(accepted) => match accepted.recv().await {
+                Some((stream, peer)) => (Either::Right(stream), peer),
+                // The accept task ended (shutdown): nothing more will come.
+                None => std::future::pending().await,
+            },
         }
     }
 

@@ -15,6 +15,7 @@ pub mod http;
 pub mod joblog;
 pub mod local_agent;
 pub mod scheduler;
+mod tls_accept;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
