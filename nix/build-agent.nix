@@ -141,6 +141,9 @@ in
       wants = [ "network-online.target" ];
       path = [ config.nix.package pkgs.git pkgs.bubblewrap ];
       serviceConfig = {
+        Type = "notify";
+        WatchdogSec = 30;
+        TimeoutStartSec = 300;
         ExecStartPre = "${cfg.package}/bin/build-agent --config ${configFile} --check-config";
         ExecStart = "${cfg.package}/bin/build-agent --config ${configFile}";
         KillMode = "mixed";

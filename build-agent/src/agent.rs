@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::executor::{Executor, ExecutorConfig, JobRequest};
 use crate::git_cache::GitRemote;
 use crate::job_table::{Admission, CancelEffect, Decline, Delivery, JobTable, LinkId, PoolView};
+use crate::metrics::{AgentGauges, AgentMetrics};
 use crate::output::{self, LinkOutbox};
 
 /// How long jobs get to end after they were told to stop, before the agent exits anyway.
@@ -82,6 +83,7 @@ struct Inner {
     stop_jobs: CancellationToken,
     /// A coordinator asked this agent to drain.
     drain_requested: CancellationToken,
+    metrics: AgentMetrics,
 }
 
 /// A build agent. Cheap to clone; clones share the job table and jobs.
@@ -106,6 +108,7 @@ impl Agent {
                 tracker: TaskTracker::new(),
                 stop_jobs: CancellationToken::new(),
                 drain_requested: CancellationToken::new(),
+                metrics: AgentMetrics::new(),
             }),
         }
     }
@@ -117,6 +120,29 @@ impl Agent {
 
     pub fn id(&self) -> &str {
         &self.inner.identity.id
+    }
+
+    /// The event metrics, for the transport to count reconnects in.
+    pub fn metrics(&self) -> &AgentMetrics {
+        &self.inner.metrics
+    }
+
+    /// One line for the service manager's status: the slot pool now.
+    pub fn status_line(&self) -> String {
+        let pool = self.inner.pool.borrow();
+        let draining = if pool.draining { ", draining" } else { "" };
+        format!("{} of {} slots used{draining}", pool.used, pool.total)
+    }
+
+    /// The metrics text of one scrape: events so far, slots and disk use now.
+    pub fn metrics_text(&self) -> String {
+        let pool = self.inner.pool.borrow().clone();
+        self.inner.metrics.encode(AgentGauges {
+            slots_total: pool.total,
+            slots_used: pool.used,
+            draining: pool.draining,
+            disk: self.disk_usage(),
+        })
     }
 
     /// The credential it presents to coordinators.
@@ -241,21 +267,23 @@ impl Agent {
         } else {
             Some(Decline::MissingLabels(missing))
         };
-        let started = self.with_table(|state| match state.table.assign(link, key, refusal) {
-            Admission::Start => {
-                let cancel = self.inner.stop_jobs.child_token();
-                state.cancels.insert((link, key), cancel.clone());
-                // Links come from `register_link`, so the outbox is there; were it not, the
-                // job would still run and end (its output unsent) rather than hold a slot.
-                let outbox = state
-                    .outboxes
-                    .get(link)
-                    .map_or_else(|| watch::channel(None).1, watch::Sender::subscribe);
-                Ok(Some((cancel, outbox)))
-            }
-            Admission::AlreadyKnown => Ok(None),
-            Admission::Declined(decline) => Err(decline),
-        })?;
+        let started = self
+            .with_table(|state| match state.table.assign(link, key, refusal) {
+                Admission::Start => {
+                    let cancel = self.inner.stop_jobs.child_token();
+                    state.cancels.insert((link, key), cancel.clone());
+                    // Links come from `register_link`, so the outbox is there; were it not, the
+                    // job would still run and end (its output unsent) rather than hold a slot.
+                    let outbox = state
+                        .outboxes
+                        .get(link)
+                        .map_or_else(|| watch::channel(None).1, watch::Sender::subscribe);
+                    Ok(Some((cancel, outbox)))
+                }
+                Admission::AlreadyKnown => Ok(None),
+                Admission::Declined(decline) => Err(decline),
+            })
+            .inspect_err(|decline| self.inner.metrics.declined(decline))?;
         if let Some((cancel, outbox)) = started {
             let request = JobRequest {
                 key,
@@ -282,7 +310,7 @@ impl Agent {
         cancel: CancellationToken,
         outbox: LinkOutbox,
     ) {
-        let key = request.key;
+        let (key, kind) = (request.key, request.spec.kind);
         let executor = self.inner.executor.clone();
         let attempt = tokio::spawn(async move {
             let (chunks, output) = mpsc::channel(JOB_OUTPUT_CAPACITY);
@@ -303,6 +331,7 @@ impl Agent {
                 )
             }
         };
+        self.inner.metrics.job_ended(kind, &completion);
         if let JobEnd::Failed { reason } = &completion.end {
             tracing::warn!(
                 job_id = key.job_id,

@@ -57,6 +57,15 @@ pub struct FileConfig {
     pub sandbox: SandboxSection,
     #[serde(default)]
     pub cache: CacheSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Where to serve Prometheus `/metrics` (plain HTTP, no credential); unset: nowhere.
+    pub listen_addr: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,6 +160,7 @@ pub struct Overrides {
     pub tls_client_key_file: Option<PathBuf>,
     pub sandbox: Option<String>,
     pub max_disk_gb: Option<f64>,
+    pub metrics_addr: Option<String>,
 }
 
 /// The settled configuration.
@@ -176,6 +186,8 @@ pub struct AgentConfig {
     pub workspace_ttl: Duration,
     /// The agent's own files no job may see: the token's source, the client key, config.
     pub secret_paths: Vec<PathBuf>,
+    /// Where Prometheus `/metrics` is served; `None`: not at all.
+    pub metrics_addr: Option<String>,
 }
 
 /// Reads a config file.
@@ -417,6 +429,7 @@ impl AgentConfig {
                     .unwrap_or(600),
             ),
             sandbox,
+            metrics_addr: overrides.metrics_addr.or(file.metrics.listen_addr),
             sandbox_network: file.sandbox.network.unwrap_or(true),
             sccache: file.cache.sccache,
             // The cast saturates; the value was checked positive and finite.

@@ -150,6 +150,7 @@ pub async fn serve_endpoint(
             Err(error) => tracing::warn!(parent: &span, "connection to {}: {error}", endpoint.url),
         }
         backoff.connection_ended(started.elapsed());
+        agent.metrics().reconnecting(&endpoint.name);
         if result.as_ref().is_err_and(SessionError::needs_an_operator) {
             // Retrying at once cannot help; the operator must fix the credential, version,
             // pin or URL.

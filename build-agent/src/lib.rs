@@ -20,10 +20,12 @@ pub mod executor;
 pub mod git_cache;
 pub mod git_proxy;
 pub mod job_table;
+pub mod metrics;
 pub mod nix;
 pub mod output;
 pub mod process;
 pub mod sandbox;
+pub mod systemd;
 pub mod workspace;
 
 pub use agent::{Agent, AgentIdentity};

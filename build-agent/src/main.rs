@@ -67,6 +67,10 @@ struct Cli {
     /// Disk budget for workspaces and caches, in GB (default: half the free space).
     #[arg(long, value_name = "GB")]
     max_disk_gb: Option<f64>,
+    /// Serve Prometheus /metrics here, e.g. 127.0.0.1:9464 (default: [metrics] listen_addr,
+    /// else not at all).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
     /// Validate the configuration (file, flags, token) and that the sandbox can start,
     /// print it and exit.
     #[arg(long)]
@@ -101,13 +105,7 @@ async fn main() -> anyhow::Result<()> {
         // and the runtime's shutdown would wait for it while git waits for us to exit.
         std::process::exit(code);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    build_agent::systemd::init_logging("info");
     let (file, config_path) = config::discover(cli.config.as_deref())?;
     let overrides = Overrides {
         servers: cli.servers,
@@ -125,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
         tls_client_key_file: cli.tls_client_key,
         sandbox: cli.sandbox,
         max_disk_gb: cli.max_disk_gb,
+        metrics_addr: cli.metrics_addr,
     };
     let check_only = cli.check_config;
     let config = AgentConfig::resolve(file, overrides)?;
@@ -168,6 +167,14 @@ async fn main() -> anyhow::Result<()> {
     for dir in [&config.git_cache_dir, &config.worktree_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    let metrics = match &config.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let git_proxy = build_agent::git_proxy::install_wrapper(&config.git_cache_dir)
         .context("cannot write the git proxy command into the git cache directory")?;
     let scanned = std::time::Instant::now();
@@ -225,6 +232,10 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     });
+    if let Some(listener) = metrics {
+        tracing::info!("metrics at http://{}/metrics", listener.local_addr()?);
+        tokio::spawn(build_agent::metrics::serve(agent.clone(), listener));
+    }
     build_agent::process::reap_orphans(&config.worktree_dir);
     tracing::info!(agent_id = %config.id, slots = config.max_jobs, servers = config.servers.len(), "build agent starting");
     let prewarm = tokio::spawn(build_agent::nix::prewarm(config.prewarm_packages.clone()));
@@ -237,6 +248,10 @@ async fn main() -> anyhow::Result<()> {
             build_agent::connection::run(&agent, config.servers, &git_proxy, shutdown).await;
         }
     });
+    if let Some(notifier) = build_agent::systemd::Notifier::from_env() {
+        let agent = agent.clone();
+        tokio::spawn(notifier.run(move || agent.status_line(), shutdown.clone()));
+    }
     let mut signals = Signals::new()?;
     let reason = tokio::select! {
         name = signals.next() => format!("{name} received"),

@@ -37,6 +37,7 @@ struct BuildPoolSection {
     git_daemon_port: Option<u16>,
     git_daemon_listen_addr: Option<String>,
     control_listen_addr: Option<String>,
+    http_listen_addr: Option<String>,
     token_file: Option<PathBuf>,
     allow_insecure: Option<bool>,
     tls_cert_file: Option<PathBuf>,
@@ -77,6 +78,8 @@ pub struct CoordinatorConfig {
     /// `allow_insecure`: agents reach it through the tunnel on the job bus port.
     pub git_daemon: Option<(String, u16)>,
     pub control_addr: String,
+    /// Dashboard and `/metrics`; `None` runs without (the in-process coordinator).
+    pub http_addr: Option<String>,
     pub token_file: PathBuf,
     /// Plain `ws://` agents and a git daemon beyond loopback are accepted (trusted
     /// networks, seed-era configs); the coordinator warns at every start.
@@ -118,6 +121,7 @@ pub struct Overrides {
     pub git_daemon_port: Option<u16>,
     pub git_daemon_listen_addr: Option<String>,
     pub control_addr: Option<String>,
+    pub http_addr: Option<String>,
     pub token_file: Option<PathBuf>,
     pub allow_insecure: bool,
     pub tls: TlsFiles,
@@ -291,6 +295,12 @@ impl CoordinatorConfig {
                 .control_addr
                 .or(pool.control_listen_addr)
                 .unwrap_or_else(|| "127.0.0.1:0".into()),
+            http_addr: Some(
+                overrides
+                    .http_addr
+                    .or(pool.http_listen_addr)
+                    .unwrap_or_else(|| "127.0.0.1:0".into()),
+            ),
             token_file: overrides
                 .token_file
                 .or(pool.token_file)
@@ -333,6 +343,7 @@ impl CoordinatorConfig {
         config.websocket_addr = None;
         config.git_daemon = None;
         config.control_addr = "127.0.0.1:0".into();
+        config.http_addr = None;
         config.local_fallback = true;
         config.private_logs = true;
         Ok(config)

@@ -27,6 +27,10 @@ pub struct Discovery {
     /// The certificate fingerprint agents and remote clients pin (`sha256:...`).
     #[serde(default)]
     pub tls_fingerprint: Option<String>,
+    /// `http://127.0.0.1:PORT` (or `https://` beyond loopback) of the dashboard and
+    /// `/metrics`.
+    #[serde(default)]
+    pub http_url: Option<String>,
 }
 
 /// Takes the repository's coordinator lock (`coordinator.lock`, an advisory file lock), or
@@ -103,6 +107,7 @@ mod tests {
             git_daemon_port: None,
             token_file: None,
             tls_fingerprint: None,
+            http_url: Some("http://127.0.0.1:2".into()),
         };
         write(dir.path(), &discovery).expect("write");
         assert_eq!(read(dir.path()), Some(discovery.clone()));

@@ -215,6 +215,21 @@ impl JobEnd {
     }
 }
 
+impl JobEnd {
+    /// A metric label for how the job ended: one of a small fixed set, so it never makes
+    /// series without bound.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            JobEnd::Exited { code: 0 } => "success",
+            JobEnd::Exited { .. } => "failure",
+            JobEnd::Signalled { .. } => "signalled",
+            JobEnd::TimedOut => "timed_out",
+            JobEnd::Cancelled => "cancelled",
+            JobEnd::Failed { .. } => "error",
+        }
+    }
+}
+
 impl fmt::Display for JobEnd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

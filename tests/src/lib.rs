@@ -215,6 +215,8 @@ pub struct ServeOptions {
     pub extra_args: Vec<String>,
     /// More arguments for every agent the cluster starts, e.g. [`UNSANDBOXED`].
     pub agent_args: Vec<String>,
+    /// Environment of `buildpool serve`, e.g. a `NOTIFY_SOCKET`.
+    pub env: Vec<(String, String)>,
 }
 
 /// Agent arguments for tests that watch a job from the host: the fixture's sleeping tests
@@ -256,6 +258,7 @@ impl Cluster {
         }
         command.args(&options.extra_args);
         fixture.apply_env(&mut command);
+        command.envs(options.env.iter().map(|(name, value)| (name, value)));
         Ok(command)
     }
 
@@ -460,6 +463,38 @@ impl Cluster {
             })
             .unwrap_or_default()
     }
+}
+
+impl Cluster {
+    /// The coordinator's dashboard and metrics URL, from its discovery file.
+    pub fn http_url(&self) -> anyhow::Result<String> {
+        let discovery = self.fixture.root().join(".git/buildpool/coordinator.json");
+        let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(discovery)?)?;
+        Ok(value["http_url"]
+            .as_str()
+            .context("no http_url")?
+            .to_owned())
+    }
+}
+
+/// `GET url` over plain HTTP/1.0 (the connection closes after the answer, so the body
+/// is whatever follows the headers): `(status, body)`.
+pub fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").context("http:// URLs only")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut stream = std::net::TcpStream::connect(host)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").context("no header end")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("no status")?;
+    Ok((status, body.to_owned()))
 }
 
 /// The result of a `buildpool` invocation, with text for assertions.

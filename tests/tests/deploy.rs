@@ -97,6 +97,22 @@ fn the_systemd_unit_runs_flags_the_agent_accepts() {
 }
 
 #[test]
+fn units_wait_for_readiness_and_have_a_watchdog() {
+    for unit in ["build-agent.service", "buildpool@.service"] {
+        let text =
+            std::fs::read_to_string(repo_file(&format!("deploy/systemd/{unit}"))).expect("unit");
+        assert!(text.lines().any(|l| l == "Type=notify"), "{unit}");
+        assert!(
+            text.lines().any(|l| l.starts_with("WatchdogSec=")),
+            "{unit}"
+        );
+    }
+    let module = std::fs::read_to_string(repo_file("nix/build-agent.nix")).expect("module");
+    assert!(module.contains("Type = \"notify\";"), "{module}");
+    assert!(module.contains("WatchdogSec = "), "{module}");
+}
+
+#[test]
 fn a_broken_agent_config_is_reported_with_its_location() {
     let dir = tempfile::tempdir().expect("temp");
     let config = dir.path().join("bad.toml");

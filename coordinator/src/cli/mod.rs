@@ -7,6 +7,7 @@ mod run;
 mod serve;
 mod shim;
 mod token;
+mod ui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +59,8 @@ enum RuntimeCommand {
     Demo(demo::DemoArgs),
     /// Create, list or revoke credentials for agents and clients.
     Token(token::TokenArgs),
+    /// Print the URL of the running coordinator's live dashboard.
+    Ui,
     /// Serve MCP on stdin/stdout: build, test, clippy, check, worker_status, job_log, cancel_job.
     Mcp,
 }
@@ -81,14 +84,7 @@ fn run_in_runtime(dir: Option<PathBuf>, command: RuntimeCommand) -> ExitCode {
         RuntimeCommand::Serve(_) => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    build_agent::systemd::init_logging(default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -110,6 +106,7 @@ fn run_in_runtime(dir: Option<PathBuf>, command: RuntimeCommand) -> ExitCode {
             RuntimeCommand::Agents(args) => inspect::agents(&dir, args).await,
             RuntimeCommand::Demo(args) => demo::demo(args).await,
             RuntimeCommand::Token(args) => token::token(args),
+            RuntimeCommand::Ui => ui::ui(&dir).await,
             RuntimeCommand::Mcp => crate::mcp::serve(&dir).await.map(|()| ExitCode::SUCCESS),
         }
     });

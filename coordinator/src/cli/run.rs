@@ -10,6 +10,7 @@ use buildpool_core::job::EXIT_CANCELLED;
 use buildpool_core::{EnvMode, EnvVar, JobEvent, JobKind, JobSpec, OutputStream};
 use clap::Args;
 
+use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::session::{JobClient, Via};
 
@@ -32,6 +33,9 @@ pub struct RunArgs {
     /// At the end, say where the time went: snapshot, submit, queue, the agent's phases.
     #[arg(short, long)]
     verbose: bool,
+    /// No progress line (it is shown only when stdout and stderr are terminals).
+    #[arg(short, long)]
+    quiet: bool,
     /// Arguments passed to cargo after the subcommand.
     #[arg(last = true)]
     cargo_args: Vec<String>,
@@ -47,6 +51,7 @@ impl RunArgs {
             labels: Vec::new(),
             local: true,
             verbose: false,
+            quiet: false,
             cargo_args: Vec::new(),
         }
     }
@@ -87,10 +92,11 @@ fn forwarded_env() -> Vec<EnvVar> {
 pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     // First, so a Ctrl-C at any point after start is ours to handle (and cancels the job).
     let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let (force_local, verbose) = (args.local, args.verbose);
+    let (force_local, verbose, quiet) = (args.local, args.verbose, args.quiet);
     let spec = args.spec()?;
     let jobs = JobClient::new(Repo::discover(dir).await?);
-    let outcome = run_job(&jobs, spec, force_local, verbose, &mut interrupts).await;
+    let line = TerminalLine::new(!quiet, &jobs.repo().worktree);
+    let outcome = run_job(&jobs, spec, force_local, verbose, line, &mut interrupts).await;
     jobs.shutdown().await;
     outcome.map(ExitCode::from)
 }
@@ -100,6 +106,7 @@ async fn run_job(
     spec: JobSpec,
     force_local: bool,
     verbose: bool,
+    mut line: TerminalLine,
     interrupts: &mut tokio::signal::unix::Signal,
 ) -> anyhow::Result<u8> {
     let mut session = jobs.start(spec, force_local).await?;
@@ -117,6 +124,7 @@ async fn run_job(
         let event = tokio::select! {
             event = session.next_event() => event?,
             _ = interrupts.recv() => {
+                line.clear();
                 if cancel_requested {
                     eprintln!("[buildpool] interrupted again; leaving without waiting");
                     return Ok(EXIT_CANCELLED);
@@ -136,6 +144,8 @@ async fn run_job(
             cancel_announced = true;
         }
         let job_id = session.job_id().unwrap_or_default();
+        line.clear();
+        line.follow(&event);
         match event {
             JobEvent::Queued { reason, .. } => {
                 let reason = if reason.is_empty() {
@@ -180,8 +190,75 @@ async fn run_job(
                 return Ok(result.completion.end.exit_code());
             }
         }
+        line.draw();
     }
 }
+
+/// The progress line at the bottom of the terminal: drawn on stderr after each event,
+/// cleared before anything else is written and at the end (on drop). Only drawn when
+/// stdout and stderr are terminals, and only at the start of a line of output.
+struct TerminalLine {
+    progress: Option<Progress>,
+    drawn: bool,
+    at_line_start: bool,
+}
+
+impl TerminalLine {
+    fn new(wanted: bool, worktree: &Path) -> Self {
+        use std::io::IsTerminal;
+        let shown = wanted && std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
+        let crates = std::fs::read_to_string(worktree.join("Cargo.lock"))
+            .map_or(0, |lock| crate::progress::lockfile_packages(&lock));
+        Self {
+            progress: shown.then(|| Progress::new(crates)),
+            drawn: false,
+            at_line_start: true,
+        }
+    }
+
+    fn follow(&mut self, event: &JobEvent) {
+        let Some(progress) = &mut self.progress else {
+            return;
+        };
+        match event {
+            JobEvent::Queued { reason, .. } => progress.queued(reason),
+            JobEvent::Assigned { agent_id, .. } => progress.assigned(agent_id),
+            JobEvent::Output { data, .. } => {
+                progress.output(data);
+                self.at_line_start = data.ends_with(b"\n");
+            }
+            JobEvent::Finished(_) => {}
+        }
+    }
+
+    fn draw(&mut self) {
+        if let Some(progress) = &self.progress
+            && self.at_line_start
+        {
+            let text: String = progress.render().chars().take(LINE_WIDTH).collect();
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K{text}").and_then(|()| err.flush());
+            self.drawn = true;
+        }
+    }
+
+    fn clear(&mut self) {
+        if self.drawn {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K").and_then(|()| err.flush());
+            self.drawn = false;
+        }
+    }
+}
+
+impl Drop for TerminalLine {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// The progress line is cut to fit an 80-column terminal.
+const LINE_WIDTH: usize = 79;
 
 #[cfg(test)]
 mod tests {

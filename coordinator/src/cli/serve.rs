@@ -32,6 +32,10 @@ pub struct ServeArgs {
     /// Control API address (default: 127.0.0.1:0).
     #[arg(long)]
     control_addr: Option<String>,
+    /// Dashboard and Prometheus `/metrics` address (default: 127.0.0.1:0). Beyond loopback
+    /// it is HTTPS and needs a client credential.
+    #[arg(long)]
+    http_addr: Option<String>,
     /// Token file shared with agents (default: ~/.config/buildpool/token, created if missing).
     #[arg(long)]
     token_file: Option<PathBuf>,
@@ -69,6 +73,7 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
             git_daemon_port: args.git_daemon_port,
             git_daemon_listen_addr: args.git_daemon_listen_addr,
             control_addr: args.control_addr,
+            http_addr: args.http_addr,
             token_file: args.token_file,
             allow_insecure: args.allow_insecure,
             tls: TlsFiles {
@@ -111,6 +116,7 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
         git_daemon_port: coordinator.git_daemon_port(),
         token_file: token_file.clone(),
         tls_fingerprint: fingerprint.map(|f| f.to_string()),
+        http_url: coordinator.http_url(),
     };
     discovery::write(&repo.state_dir(), &discovery).context("cannot write the discovery file")?;
 
@@ -148,6 +154,9 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     println!("  Control API: {}", discovery.control_url);
+    if let Some(url) = &discovery.http_url {
+        println!("  Dashboard: {url}/ (metrics at {url}/metrics; `buildpool ui` prints it)");
+    }
     match (&token_file, token.generated) {
         (Some(file), true) => println!(
             "  Token: generated at {} (this host's clients use it; build hosts can too, but \
@@ -158,8 +167,16 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
         (None, _) => println!("  Token: from BUILDPOOL_TOKEN"),
     }
 
+    let stop_notifying = tokio_util::sync::CancellationToken::new();
+    let notifying = build_agent::systemd::Notifier::from_env().map(|notifier| {
+        tokio::spawn(notifier.run(coordinator.status_line(), stop_notifying.clone()))
+    });
     wait_for_signal().await;
     println!("Build pool coordinator stopping...");
+    stop_notifying.cancel();
+    if let Some(notifying) = notifying {
+        let _ = notifying.await;
+    }
     discovery::remove(&repo.state_dir(), coordinator.id());
     coordinator.shutdown().await;
     Ok(ExitCode::SUCCESS)

@@ -451,6 +451,9 @@ async fn serve_agent(
         credential: (!local).then(|| hello.token.clone()),
     };
     shared.register(conn, connection, registration, &reports);
+    if !local {
+        shared.metrics.agent_connected(&hello.agent_id);
+    }
     tracing::info!(slots = hello.slots.total, labels = ?hello.labels, local, reported = reports.len(), "agent connected");
 
     let heartbeat_timeout = shared.config.heartbeat_timeout;
@@ -532,6 +535,7 @@ async fn handle_message(
                 attempt = key.attempt,
                 "agent declined: {reason}"
             );
+            shared.metrics.declined();
             shared.step(|s| ((), s.declined(conn, key, now)));
         }
         AgentMessage::Output { key, stream, data } => {
@@ -570,6 +574,7 @@ async fn append_output(
     };
     match job {
         Some(job) => {
+            shared.metrics.output(data.len());
             if let Err(error) = job.log.append(stream, key.attempt, data).await {
                 tracing::error!(job_id = key.job_id, "cannot write job log: {error}");
             }

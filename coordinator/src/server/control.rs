@@ -21,11 +21,12 @@ use buildpool_proto::{
 };
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{ActiveJob, Shared, joblog};
+use super::{ActiveJob, JobOrigin, Shared, joblog};
 use crate::auth::Scope;
 use crate::snapshot::SNAPSHOT_REF_PREFIX;
 
@@ -68,7 +69,10 @@ pub(crate) async fn serve(
         .is_ok_and(|addr| !addr.ip().is_loopback());
     let result = match tls {
         Some(config) if beyond_loopback => {
-            let incoming = tls_incoming(listener, config, shutdown.clone());
+            let accepted =
+                super::tls_accept::accept(listener, config, "control API", shutdown.clone());
+            let incoming =
+                ReceiverStream::new(accepted).map(|(stream, _)| Ok::<_, std::io::Error>(stream));
             server
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
                 .await
@@ -83,53 +87,6 @@ pub(crate) async fn serve(
     if let Err(error) = result {
         tracing::error!("control API stopped: {error}");
     }
-}
-
-type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-
-/// Accepted connections after their TLS handshakes, which run concurrently (with a
-/// deadline each) so one slow client never holds up the next.
-fn tls_incoming(
-    listener: tokio::net::TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    shutdown: CancellationToken,
-) -> ReceiverStream<Result<TlsStream, std::io::Error>> {
-    let (sender, receiver) = mpsc::channel(16);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = sender.closed() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        tracing::warn!("control API: accept failed: {error}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, sender) = (acceptor.clone(), sender.clone());
-            tokio::spawn(async move {
-                let handshake = tokio::time::timeout(
-                    buildpool_proto::socket::HANDSHAKE_TIMEOUT,
-                    acceptor.accept(tcp),
-                );
-                match handshake.await {
-                    Ok(Ok(stream)) => {
-                        let _ = sender.send(Ok(stream)).await;
-                    }
-                    Ok(Err(error)) => {
-                        tracing::warn!(%peer, "control API: TLS handshake failed: {error}")
-                    }
-                    Err(_) => tracing::warn!(%peer, "control API: TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(receiver)
 }
 
 #[derive(Debug)]
@@ -199,7 +156,13 @@ impl Control for ControlService {
         let log = joblog::JobLog::create(&shared.log_dir, job_id, shared.config.log_max_bytes)
             .await
             .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
-        let job = ActiveJob::queued(log, git_ref.clone());
+        let origin = JobOrigin {
+            kind: spec.kind,
+            worktree: worktree.clone(),
+            cargo_args: spec.cargo_args.clone(),
+        };
+        shared.metrics.job_submitted(spec.kind);
+        let job = ActiveJob::queued(log, git_ref.clone(), origin);
         let source = Source {
             repo_id: shared.repo.id.clone(),
             git_path: shared.git_path.clone(),
@@ -219,6 +182,7 @@ impl Control for ControlService {
         });
         tokio::spawn(clean_up_when_finished(
             Arc::clone(shared),
+            job_id,
             Arc::clone(&job),
             job.phase.subscribe(),
         ));
@@ -423,6 +387,7 @@ async fn forward_log(
 
 async fn clean_up_when_finished(
     shared: Arc<Shared>,
+    job_id: JobId,
     job: Arc<ActiveJob>,
     mut phase: watch::Receiver<JobEvent>,
 ) {
@@ -432,6 +397,17 @@ async fn clean_up_when_finished(
             // Not finished when the coordinator stops: snapshot pruning removes the ref later.
             () = shared.shutdown.cancelled() => return,
         }
+    }
+    let ended = match &*phase.borrow() {
+        JobEvent::Finished(result) => Some(result.clone()),
+        _ => None,
+    };
+    if let Some(result) = ended {
+        // Recorded here, by the job's own task: the dispatch path does no more than before.
+        shared.metrics.job_finished(job.origin.kind, &result);
+        let finished =
+            super::history::FinishedJob::new(job_id, &job.origin, &result, unix_millis());
+        shared.history.record(finished);
     }
     if let Err(error) = job.log.finish().await {
         tracing::warn!("cannot finish job log: {error}");

@@ -8,10 +8,14 @@
 
 pub mod bus;
 pub mod control;
+pub mod dashboard;
 pub mod git_daemon;
+pub mod history;
+pub mod http;
 pub mod joblog;
 pub mod local_agent;
 pub mod scheduler;
+mod tls_accept;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use buildpool_core::bus::CoordinatorMessage;
-use buildpool_core::{AttemptKey, JobEvent, JobId};
+use buildpool_core::{AttemptKey, JobEvent, JobId, JobKind};
 use buildpool_proto::socket::{Outbox, SendError};
 use buildpool_proto::tls::{self, Fingerprint, ServerIdentity};
 use tokio::sync::watch;
@@ -45,6 +49,11 @@ pub enum StartError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("cannot listen for the dashboard and metrics on {addr}: {source}")]
+    HttpBind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     GitDaemon(#[from] git_daemon::DaemonError),
     #[error("coordinator state directory: {0}")]
@@ -61,6 +70,8 @@ pub(crate) struct CoordinatorTls {
     pub bus: Arc<rustls::ServerConfig>,
     /// For the control API (gRPC: HTTP/2 by ALPN).
     pub control: Arc<rustls::ServerConfig>,
+    /// For the dashboard and metrics beyond loopback (HTTP/1.1).
+    pub http: Arc<rustls::ServerConfig>,
     pub fingerprint: Fingerprint,
 }
 
@@ -89,6 +100,7 @@ impl CoordinatorTls {
             // Clients prove themselves with a client credential; client certificates are
             // for agents (the CLI presents none).
             control: tls::server_config(&identity, None, &[b"h2"])?,
+            http: tls::server_config(&identity, None, &[b"http/1.1"])?,
             fingerprint: identity.fingerprint,
         })
     }
@@ -103,11 +115,20 @@ pub(crate) struct ActiveJob {
     pub phase: watch::Sender<JobEvent>,
     pub log: joblog::JobLog,
     pub git_ref: String,
+    pub origin: JobOrigin,
+}
+
+/// What a job is and where it came from, kept for its metrics and history when it ends.
+#[derive(Debug, Clone)]
+pub(crate) struct JobOrigin {
+    pub kind: JobKind,
+    pub worktree: String,
+    pub cargo_args: Vec<String>,
 }
 
 impl ActiveJob {
     /// A job just submitted: queued, with its log open.
-    pub fn queued(log: joblog::JobLog, git_ref: String) -> Arc<Self> {
+    pub fn queued(log: joblog::JobLog, git_ref: String, origin: JobOrigin) -> Arc<Self> {
         let initial = JobEvent::Queued {
             position: 0,
             reason: String::new(),
@@ -116,6 +137,7 @@ impl ActiveJob {
             phase: watch::channel(initial).0,
             log,
             git_ref,
+            origin,
         })
     }
 }
@@ -166,6 +188,9 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     next_conn: AtomicU64,
     next_job: AtomicU64,
+    pub metrics: crate::metrics::Metrics,
+    /// The last jobs that ended, for the dashboard.
+    pub history: history::History,
 }
 
 impl Shared {
@@ -310,6 +335,8 @@ impl Shared {
 pub struct Coordinator {
     shared: Arc<Shared>,
     pub control_addr: SocketAddr,
+    /// Dashboard and `/metrics`, when the coordinator serves them.
+    pub http_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
     git_daemon: Option<git_daemon::GitDaemon>,
@@ -353,7 +380,23 @@ impl Coordinator {
                 source,
             })?;
         let control_addr = control.local_addr()?;
-        let needs_tls = websocket.is_some() || !control_addr.ip().is_loopback();
+        let http =
+            match &config.http_addr {
+                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(
+                    |source| StartError::HttpBind {
+                        addr: addr.clone(),
+                        source,
+                    },
+                )?),
+                None => None,
+            };
+        let http_addr = http
+            .as_ref()
+            .map(tokio::net::TcpListener::local_addr)
+            .transpose()?;
+        let needs_tls = websocket.is_some()
+            || !control_addr.ip().is_loopback()
+            || http_addr.is_some_and(|addr| !addr.ip().is_loopback());
         let tls = needs_tls
             .then(|| CoordinatorTls::load(&config))
             .transpose()?;
@@ -400,6 +443,8 @@ impl Coordinator {
             next_conn: AtomicU64::new(1),
             next_job: AtomicU64::new(first_job),
             shutdown: CancellationToken::new(),
+            metrics: crate::metrics::Metrics::new(),
+            history: history::History::default(),
         });
         let shutdown = shared.shutdown.clone();
         let mut tasks = tokio::task::JoinSet::new();
@@ -415,14 +460,18 @@ impl Coordinator {
             control,
             shutdown.clone(),
         ));
+        if let Some(listener) = http {
+            tasks.spawn(http::serve(Arc::clone(&shared), listener, shutdown.clone()));
+        }
         tasks.spawn(tick_loop(Arc::clone(&shared), shutdown.clone()));
         if shared.config.local_fallback {
             tasks.spawn(local_agent::run(Arc::clone(&shared), shutdown.clone()));
         }
-        tracing::info!(coordinator_id = %shared.id, control = %control_addr, websocket = ?websocket_addr, "coordinator started");
+        tracing::info!(coordinator_id = %shared.id, control = %control_addr, websocket = ?websocket_addr, http = ?http_addr, "coordinator started");
         Ok(Self {
             shared,
             control_addr,
+            http_addr,
             shutdown,
             tasks,
             git_daemon,
@@ -444,6 +493,42 @@ impl Coordinator {
     /// The fingerprint agents pin; `None` when nothing is served over TLS.
     pub fn tls_fingerprint(&self) -> Option<Fingerprint> {
         self.shared.tls.as_ref().map(|tls| tls.fingerprint)
+    }
+
+    /// The base URL of the dashboard and `/metrics` (HTTPS beyond loopback); an unspecified
+    /// listen address is shown as this host's name.
+    pub fn http_url(&self) -> Option<String> {
+        let addr = self.http_addr?;
+        let scheme = if addr.ip().is_loopback() {
+            "http"
+        } else {
+            "https"
+        };
+        let host = match addr.ip() {
+            ip if ip.is_unspecified() => crate::config::hostname(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        Some(format!("{scheme}://{host}:{}", addr.port()))
+    }
+
+    /// The coordinator's status in one line, for the service manager (`STATUS=`): a
+    /// function, so a notifier task can call it on every tick.
+    pub fn status_line(&self) -> impl Fn() -> String + Send + 'static {
+        let shared = Arc::clone(&self.shared);
+        move || {
+            let state = shared.state();
+            let (queued, running) = state.scheduler.job_counts();
+            let agents = state
+                .scheduler
+                .agents()
+                .iter()
+                .filter(|agent| !agent.local)
+                .count();
+            drop(state);
+            let plural = if agents == 1 { "" } else { "s" };
+            format!("{agents} agent{plural}, {running} running, {queued} queued")
+        }
     }
 
     /// Whether the control API is served over TLS (it listens beyond loopback).

@@ -143,6 +143,16 @@ pub struct Scheduler {
     agents: BTreeMap<ConnId, Agent>,
     jobs: HashMap<JobId, Job>,
     queue: VecDeque<JobId>,
+    counters: Counters,
+}
+
+/// Events only the scheduler sees, counted since it started (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Jobs put back in the queue: declined, or their agent lost.
+    pub requeues: u64,
+    /// Attempts whose agent went away and did not reattach them in time.
+    pub lost_attempts: u64,
 }
 
 impl Scheduler {
@@ -280,6 +290,7 @@ impl Scheduler {
             return Vec::new();
         };
         job.lost_attempts += 1;
+        self.counters.lost_attempts += 1;
         if job.lost_attempts >= self.config.max_lost_attempts {
             let error = format!(
                 "agent {agent_id} was lost during attempt {}; gave up after {} lost attempts",
@@ -289,6 +300,7 @@ impl Scheduler {
         }
         job.state = JobState::Queued;
         self.queue.push_front(job_id);
+        self.counters.requeues += 1;
         vec![Action::Event {
             job_id,
             event: JobEvent::Queued {
@@ -377,6 +389,7 @@ impl Scheduler {
         if let Some(job) = self.jobs.get_mut(&job_id) {
             job.state = JobState::Queued;
             self.queue.push_front(job_id);
+            self.counters.requeues += 1;
         }
         self.dispatch(now)
     }
@@ -619,6 +632,17 @@ impl Scheduler {
             .filter_map(|id| self.jobs.get(id).map(|job| summary(*id, job)))
             .chain(running)
             .collect()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// `(queued, started)` jobs, without copying them: queued ones wait in the queue, the
+    /// others run or wait for their agent to reconnect.
+    pub fn job_counts(&self) -> (usize, usize) {
+        let queued = self.queue.len();
+        (queued, self.jobs.len().saturating_sub(queued))
     }
 
     /// Whether the embedded local agent is running a job right now.

@@ -18,7 +18,7 @@ use super::*;
 use crate::config::CoordinatorConfig;
 use crate::repo::Repo;
 use crate::server::scheduler::{Scheduler, SchedulerConfig};
-use crate::server::{ActiveJob, State, joblog};
+use crate::server::{ActiveJob, JobOrigin, State, joblog};
 
 const TOKEN: &str = "secret-token";
 const WAIT: Duration = Duration::from_secs(10);
@@ -38,6 +38,7 @@ impl Bus {
             websocket_addr: None,
             git_daemon: None,
             control_addr: "127.0.0.1:0".into(),
+            http_addr: None,
             token_file: dir.path().join("token"),
             allow_insecure: false,
             tls: crate::config::TlsFiles::default(),
@@ -83,6 +84,8 @@ impl Bus {
             }),
             next_conn: AtomicU64::new(1),
             next_job: AtomicU64::new(1),
+            metrics: crate::metrics::Metrics::new(),
+            history: crate::server::history::History::default(),
         });
         let shutdown = shared.shutdown.clone();
         Self {
@@ -158,7 +161,12 @@ impl Bus {
         let log = joblog::JobLog::create(&self.shared.log_dir, job_id, 1024 * 1024)
             .await
             .expect("log");
-        let job = ActiveJob::queued(log, String::new());
+        let origin = JobOrigin {
+            kind: JobKind::Check,
+            worktree: String::new(),
+            cargo_args: Vec::new(),
+        };
+        let job = ActiveJob::queued(log, String::new(), origin);
         self.shared.state().jobs.insert(job_id, Arc::clone(&job));
         let source = Source {
             repo_id: "repo".into(),

@@ -179,6 +179,11 @@ fn a_declined_assignment_is_requeued_never_failed() {
             attempt: 2
         }
     );
+    assert_eq!(
+        scheduler.counters().requeues,
+        1,
+        "a decline counts as a requeue"
+    );
 }
 
 #[test]
@@ -198,6 +203,13 @@ fn lost_attempts_are_capped() {
     let done = finished(&scheduler.tick(now + Duration::from_secs(16)));
     assert_eq!(done.len(), 1);
     assert!(failure(&done[0].1).contains("was lost"), "{:?}", done[0].1);
+    assert_eq!(
+        scheduler.counters(),
+        Counters {
+            requeues: 1,
+            lost_attempts: 2
+        }
+    );
 }
 
 #[test]

@@ -1,0 +1,316 @@
+//! Prometheus metrics of a build agent, served at `/metrics` on `[metrics] listen_addr`
+//! (`--metrics-addr`); off by default.
+//!
+//! Events (a job's end, a decline, a reconnect) are counted where they happen with atomic
+//! increments; slots and disk use are read at each scrape from the job table's published
+//! view and the disk ledger, so nothing is kept up to date in between. The endpoint is
+//! plain HTTP without a credential, like most exporters: it tells job counts and disk
+//! use, nothing about what the jobs build.
+
+use std::collections::HashSet;
+
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use buildpool_core::bus::DiskUsage;
+use buildpool_core::{Completion, JobKind};
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::job_table::Decline;
+
+/// The content type of OpenMetrics text, which Prometheus asks for first.
+pub const OPEN_METRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of the classic Prometheus text format, for every other client.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Help of the jobs-by-outcome counters of agent and coordinator alike.
+pub const OUTCOME_HELP: &str = "Jobs ended, by cargo subcommand and outcome (success, failure, \
+                                signalled, timed_out, cancelled, error)";
+
+type KindLabels = [(&'static str, &'static str); 1];
+type EndLabels = [(&'static str, &'static str); 2];
+type ServerLabels = [(&'static str, String); 1];
+
+/// Buckets for durations from a tenth of a second to about an hour and a half, for every
+/// duration histogram of agent and coordinator.
+pub fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.1, 2.5, 12))
+}
+
+/// What the agent looks like at one scrape.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentGauges {
+    pub slots_total: u32,
+    pub slots_used: u32,
+    pub draining: bool,
+    pub disk: DiskUsage,
+}
+
+/// The agent's event metrics.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    registry: Registry,
+    jobs: Family<EndLabels, Counter>,
+    run_duration: Family<KindLabels, Histogram, fn() -> Histogram>,
+    fetch_duration: Histogram,
+    checkout_duration: Histogram,
+    declines: Family<KindLabels, Counter>,
+    reconnects: Family<ServerLabels, Counter>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("build_agent");
+        let jobs = Family::default();
+        registry.register("jobs", OUTCOME_HELP, jobs.clone());
+        let run_duration: Family<KindLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(seconds_histogram);
+        registry.register_with_unit(
+            "job_run_duration",
+            "Run time of ended attempts (fetch, checkout, environment and cargo)",
+            Unit::Seconds,
+            run_duration.clone(),
+        );
+        let fetch_duration = seconds_histogram();
+        registry.register_with_unit(
+            "snapshot_fetch_duration",
+            "Time to fetch a job's snapshot into the git cache (zero when it was there)",
+            Unit::Seconds,
+            fetch_duration.clone(),
+        );
+        let checkout_duration = seconds_histogram();
+        registry.register_with_unit(
+            "checkout_duration",
+            "Time to check a job's snapshot out into its workspace",
+            Unit::Seconds,
+            checkout_duration.clone(),
+        );
+        let declines = Family::default();
+        registry.register(
+            "declines",
+            "Assignments declined, by reason (draining, offered_elsewhere, busy, \
+             missing_labels, disk_budget)",
+            declines.clone(),
+        );
+        let reconnects = Family::default();
+        registry.register(
+            "reconnects",
+            "Connections to a coordinator that ended and are dialled again, by server",
+            reconnects.clone(),
+        );
+        Self {
+            registry,
+            jobs,
+            run_duration,
+            fetch_duration,
+            checkout_duration,
+            declines,
+            reconnects,
+        }
+    }
+
+    pub fn job_ended(&self, kind: JobKind, completion: &Completion) {
+        let kind = kind.cargo_subcommand();
+        self.jobs
+            .get_or_create(&[("kind", kind), ("outcome", completion.end.outcome())])
+            .inc();
+        self.run_duration
+            .get_or_create(&[("kind", kind)])
+            .observe(completion.duration.as_secs_f64());
+        self.fetch_duration
+            .observe(completion.phases.fetch.as_secs_f64());
+        self.checkout_duration
+            .observe(completion.phases.checkout.as_secs_f64());
+    }
+
+    pub fn declined(&self, decline: &Decline) {
+        let reason = match decline {
+            Decline::Draining => "draining",
+            Decline::OfferedElsewhere => "offered_elsewhere",
+            Decline::Busy { .. } => "busy",
+            Decline::MissingLabels(_) => "missing_labels",
+            Decline::DiskBudget(_) => "disk_budget",
+        };
+        self.declines.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// A connection to the server named `server` ended; the agent dials it again.
+    pub fn reconnecting(&self, server: &str) {
+        self.reconnects
+            .get_or_create(&[("server", server.to_owned())])
+            .inc();
+    }
+
+    /// The OpenMetrics text of every metric, `gauges` included.
+    pub fn encode(&self, gauges: AgentGauges) -> String {
+        let mut now = Registry::with_prefix("build_agent");
+        let gauge = |value: u64| {
+            let gauge = Gauge::<i64>::default();
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge
+        };
+        now.register("slots", "Job slots", gauge(u64::from(gauges.slots_total)));
+        now.register(
+            "slots_used",
+            "Job slots running a job",
+            gauge(u64::from(gauges.slots_used)),
+        );
+        now.register(
+            "draining",
+            "1 while the agent drains (takes no new jobs)",
+            gauge(u64::from(gauges.draining)),
+        );
+        now.register_with_unit(
+            "disk_used",
+            "Disk used by workspaces and caches",
+            Unit::Bytes,
+            gauge(gauges.disk.used_bytes),
+        );
+        now.register_with_unit(
+            "disk_budget",
+            "Disk budget for workspaces and caches",
+            Unit::Bytes,
+            gauge(gauges.disk.budget_bytes),
+        );
+        let mut text = String::with_capacity(4 * 1024);
+        // Writing into a String cannot fail; the encoder's errors are `fmt::Error`s.
+        let _ = encode_registry(&mut text, &self.registry)
+            .and_then(|()| encode_registry(&mut text, &now))
+            .and_then(|()| encode_eof(&mut text));
+        text
+    }
+}
+
+/// The answer to a scrape: OpenMetrics `text` as is when the client accepts it (Prometheus
+/// does), else in the classic text format (`promtool check metrics`, curl, older scrapers).
+pub fn response(accept: Option<&HeaderValue>, text: String) -> Response {
+    let open_metrics = accept
+        .and_then(|accept| accept.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    if open_metrics {
+        ([(header::CONTENT_TYPE, OPEN_METRICS)], text).into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+            classic_text(&text),
+        )
+            .into_response()
+    }
+}
+
+/// OpenMetrics text in the classic format: a counter's family is named with its `_total`
+/// suffix there, and `# UNIT` and `# EOF` do not exist.
+pub fn classic_text(open_metrics: &str) -> String {
+    let counters: HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(open_metrics.len() + 16 * counters.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let descriptor = ["# HELP ", "# TYPE "].into_iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match descriptor {
+            Some(renamed) => text.push_str(&renamed),
+            None => text.push_str(line),
+        }
+        text.push('\n');
+    }
+    text
+}
+
+/// Serves `/metrics` of `agent` on `listener` until the process ends.
+pub async fn serve(agent: crate::Agent, listener: tokio::net::TcpListener) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move |headers: HeaderMap| {
+            let text = agent.metrics_text();
+            async move { response(headers.get(header::ACCEPT), text) }
+        }),
+    );
+    if let Err(error) = axum::serve(listener, app).await {
+        tracing::error!("metrics endpoint stopped: {error}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use buildpool_core::{AgentPhases, JobEnd};
+
+    use super::*;
+
+    #[test]
+    fn events_and_gauges_appear_in_the_text() {
+        let metrics = AgentMetrics::new();
+        metrics.job_ended(
+            JobKind::Build,
+            &Completion {
+                end: JobEnd::Exited { code: 0 },
+                duration: Duration::from_secs(2),
+                env: None,
+                phases: AgentPhases {
+                    checkout: Duration::from_millis(500),
+                    ..AgentPhases::default()
+                },
+            },
+        );
+        metrics.declined(&Decline::Busy { total: 2 });
+        metrics.reconnecting("main");
+        let text = metrics.encode(AgentGauges {
+            slots_total: 4,
+            slots_used: 1,
+            draining: false,
+            disk: DiskUsage {
+                used_bytes: 10,
+                budget_bytes: 100,
+            },
+        });
+        for line in [
+            "build_agent_jobs_total{kind=\"build\",outcome=\"success\"} 1",
+            "build_agent_job_run_duration_seconds_sum{kind=\"build\"} 2.0",
+            "build_agent_checkout_duration_seconds_sum 0.5",
+            "build_agent_declines_total{reason=\"busy\"} 1",
+            "build_agent_reconnects_total{server=\"main\"} 1",
+            "build_agent_slots 4",
+            "build_agent_slots_used 1",
+            "build_agent_disk_used_bytes 10",
+            "build_agent_disk_budget_bytes 100",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        let classic = classic_text(&text);
+        for line in [
+            "# TYPE build_agent_jobs_total counter",
+            "# TYPE build_agent_slots gauge",
+            "build_agent_jobs_total{kind=\"build\",outcome=\"success\"} 1",
+        ] {
+            assert!(
+                classic.lines().any(|l| l == line),
+                "{line} missing in\n{classic}"
+            );
+        }
+        assert!(
+            !classic.contains("# EOF") && !classic.contains("# UNIT"),
+            "{classic}"
+        );
+    }
+}
