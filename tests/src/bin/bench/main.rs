@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use buildpool_tests::{Cluster, Fixture, Owned, Proxy, ServeOptions, process_alive, wait_until};
 
+mod scale;
+
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort_unstable();
     samples[samples.len() / 2]
@@ -73,6 +75,32 @@ fn time_to_first_cargo_line(fixture: &Fixture, args: &[&str]) -> anyhow::Result<
     first.context("cargo printed nothing")
 }
 
+/// Runs git in `dir` with `input` on its standard input (e.g. `update-ref --stdin`).
+fn git_with_input(dir: &Path, args: &[&str], input: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("git's stdin")?
+        .write_all(input.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 fn edit(fixture: &Fixture, round: usize) -> anyhow::Result<()> {
     fixture.write(
         "app/src/extra_constant.rs",
@@ -95,6 +123,9 @@ fn main() -> anyhow::Result<()> {
         let name = args.get(1).context("bench crate NAME [ROUNDS]")?.clone();
         let rounds = args.get(2).map(|n| n.parse()).transpose()?.unwrap_or(3);
         return real_crate(&name, rounds);
+    }
+    if args.first().is_some_and(|arg| arg == "scale") {
+        return scale::run(&args[1..]);
     }
     let security_only = args.first().is_some_and(|arg| arg == "security");
     if security_only {
