@@ -155,6 +155,8 @@ pub(crate) struct Shared {
     /// `None` for an in-process coordinator: no job bus, control API on loopback.
     pub tls: Option<CoordinatorTls>,
     pub log_dir: PathBuf,
+    /// The job logs in `log_dir`, and which may be reused.
+    pub logs: joblog::LogDir,
     pub git_daemon_port: Option<u16>,
     /// Whether agents fetch from the git daemon directly (it listens beyond loopback, an
     /// insecure setup) instead of through the tunnel.
@@ -163,6 +165,10 @@ pub(crate) struct Shared {
     pub websocket_addr: Option<SocketAddr>,
     /// Cancelled when the coordinator stops; per-job tasks end with it.
     pub shutdown: CancellationToken,
+    /// Snapshot commits a full git check confirmed (see [`control::VerifiedCommits`]).
+    pub verified_commits: control::VerifiedCommits,
+    /// Snapshot refs of ended jobs, for [`delete_ended_refs`] to delete in batches.
+    pub ended_refs: tokio::sync::mpsc::Sender<String>,
     state: Mutex<State>,
     next_conn: AtomicU64,
     next_job: AtomicU64,
@@ -279,7 +285,13 @@ impl Shared {
                         state.jobs.get(&job_id).cloned()
                     };
                     if let Some(job) = job {
-                        tracing::info!(job_id, ?event, "job event");
+                        // One line per job at the default level: at thousands of jobs a
+                        // second, a line per event is most of the log and all under the lock.
+                        if finished {
+                            tracing::info!(job_id, ?event, "job event");
+                        } else {
+                            tracing::debug!(job_id, ?event, "job event");
+                        }
                         job.phase.send_replace(event);
                     }
                 }
@@ -330,9 +342,8 @@ impl Coordinator {
         } else {
             repo.state_dir().join("logs")
         };
-        std::fs::create_dir_all(&log_dir)?;
-        joblog::prune(&log_dir, joblog::KEPT_LOGS)?;
-        let first_job = joblog::highest_id(&log_dir) + 1;
+        let logs = joblog::LogDir::open(&log_dir)?;
+        let first_job = logs.highest_id() + 1;
 
         let websocket = match &config.websocket_addr {
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::WebSocketBind {
@@ -375,6 +386,7 @@ impl Coordinator {
             .as_ref()
             .map(tokio::net::TcpListener::local_addr)
             .transpose()?;
+        let (ended_refs, ended_refs_queue) = tokio::sync::mpsc::channel(ENDED_REFS_QUEUE);
         let shared = Arc::new(Shared {
             id: format!("{}-{:x}", std::process::id(), fastrand::u32(..)),
             git_daemon_port: git_daemon.as_ref().map(|d| d.port),
@@ -392,6 +404,7 @@ impl Coordinator {
             config,
             tls,
             log_dir,
+            logs,
             state: Mutex::new(State {
                 scheduler,
                 connections: HashMap::new(),
@@ -400,6 +413,8 @@ impl Coordinator {
             next_conn: AtomicU64::new(1),
             next_job: AtomicU64::new(first_job),
             shutdown: CancellationToken::new(),
+            verified_commits: control::VerifiedCommits::default(),
+            ended_refs,
         });
         let shutdown = shared.shutdown.clone();
         let mut tasks = tokio::task::JoinSet::new();
@@ -416,6 +431,11 @@ impl Coordinator {
             shutdown.clone(),
         ));
         tasks.spawn(tick_loop(Arc::clone(&shared), shutdown.clone()));
+        tasks.spawn(delete_ended_refs(
+            shared.repo.common_dir.clone(),
+            ended_refs_queue,
+            shutdown.clone(),
+        ));
         if shared.config.local_fallback {
             tasks.spawn(local_agent::run(Arc::clone(&shared), shutdown.clone()));
         }
@@ -484,6 +504,46 @@ fn remove_abandoned_log_dirs(parent: &std::path::Path) {
             .is_some_and(buildpool_core::process::alive);
         if !alive {
             let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Ended jobs' snapshot refs waiting to be deleted; beyond this, the jobs' clean-up tasks
+/// wait their turn.
+const ENDED_REFS_QUEUE: usize = 4096;
+/// Most refs deleted in one git call.
+const MAX_REF_BATCH: usize = 1024;
+
+/// Deletes the snapshot refs of ended jobs. Whatever has accumulated while the previous
+/// batch ran goes in one git call, so a job costs no process of its own at a high job rate,
+/// while at a low one each ref still goes at once. On shutdown, what is queued still goes.
+async fn delete_ended_refs(
+    repo_dir: PathBuf,
+    mut ended: tokio::sync::mpsc::Receiver<String>,
+    shutdown: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(MAX_REF_BATCH);
+    loop {
+        batch.clear();
+        let stopping = tokio::select! {
+            received = ended.recv_many(&mut batch, MAX_REF_BATCH) => {
+                if received == 0 {
+                    return;
+                }
+                false
+            }
+            () = shutdown.cancelled() => {
+                while let Ok(name) = ended.try_recv() {
+                    batch.push(name);
+                }
+                true
+            }
+        };
+        if let Err(error) = crate::snapshot::delete_all(&repo_dir, &batch).await {
+            tracing::warn!("cannot delete {} snapshot ref(s): {error}", batch.len());
+        }
+        if stopping {
+            return;
         }
     }
 }
