@@ -513,10 +513,13 @@ fn remove_abandoned_log_dirs(parent: &std::path::Path) {
 const ENDED_REFS_QUEUE: usize = 4096;
 /// Most refs deleted in one git call.
 const MAX_REF_BATCH: usize = 1024;
+/// How long the first ended ref of a batch waits for others: a git call costs milliseconds
+/// of CPU, so at a moderate job rate a batch of one would still cost most of a job.
+const REF_BATCH_GATHERING: Duration = Duration::from_millis(100);
 
-/// Deletes the snapshot refs of ended jobs. Whatever has accumulated while the previous
-/// batch ran goes in one git call, so a job costs no process of its own at a high job rate,
-/// while at a low one each ref still goes at once. On shutdown, what is queued still goes.
+/// Deletes the snapshot refs of ended jobs in batches: the refs that end within
+/// [`REF_BATCH_GATHERING`] of the first, and whatever accumulated while the previous batch
+/// ran, go in one git call. On shutdown, what is queued still goes.
 async fn delete_ended_refs(
     repo_dir: PathBuf,
     mut ended: tokio::sync::mpsc::Receiver<String>,
@@ -530,15 +533,18 @@ async fn delete_ended_refs(
                 if received == 0 {
                     return;
                 }
-                false
-            }
-            () = shutdown.cancelled() => {
-                while let Ok(name) = ended.try_recv() {
-                    batch.push(name);
+                tokio::select! {
+                    () = tokio::time::sleep(REF_BATCH_GATHERING) => false,
+                    () = shutdown.cancelled() => true,
                 }
-                true
             }
+            () = shutdown.cancelled() => true,
         };
+        while batch.len() < MAX_REF_BATCH
+            && let Ok(name) = ended.try_recv()
+        {
+            batch.push(name);
+        }
         if let Err(error) = crate::snapshot::delete_all(&repo_dir, &batch).await {
             tracing::warn!("cannot delete {} snapshot ref(s): {error}", batch.len());
         }
