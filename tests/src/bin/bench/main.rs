@@ -16,8 +16,19 @@
 //! against a local cold one, and a one-line change through the pool against a local
 //! incremental run.
 //!
+//! `scale` (scale.rs) runs simulated agents on real job bus connections against one
+//! `buildpool serve` and submits jobs through the control API from concurrent clients:
+//! jobs per second, submit-to-assign latency, the coordinator's RSS and CPU. `--idle` (or
+//! `--jobs 0`) only connects the agents and reports the idle coordinator's RSS.
+//!
+//! `growth` (growth.rs) reports how the snapshot and submit-to-first-output grow with the
+//! repository's size and with the number of snapshot refs.
+//!
 //! Run: `cargo run --release -p buildpool-tests --bin bench [-- ROUNDS]`,
-//! `... --bin bench -- security [ROUNDS]` or `... --bin bench -- crate memchr [ROUNDS]`
+//! `... --bin bench -- security [ROUNDS]`, `... --bin bench -- crate memchr [ROUNDS]`,
+//! `... --bin bench -- scale --agents 1000 --jobs 20000 [--slots N] [--clients N]
+//! [--connections N] [--plain]`, `... -- scale --agents 10000 --idle` or
+//! `... --bin bench -- growth [ROUNDS]`
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -27,6 +38,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use buildpool_tests::{Cluster, Fixture, Owned, Proxy, ServeOptions, process_alive, wait_until};
 
+mod growth;
 mod scale;
 
 fn median(mut samples: Vec<Duration>) -> Duration {
@@ -54,6 +66,15 @@ fn summary(name: &str, samples: &[Duration]) -> Duration {
 
 /// Time until the first line of cargo's own output (not buildpool's notes).
 fn time_to_first_cargo_line(fixture: &Fixture, args: &[&str]) -> anyhow::Result<Duration> {
+    Ok(first_cargo_line_and_notes(fixture, args)?.0)
+}
+
+/// Runs `buildpool` with `args` in the fixture: the time until the first line of cargo's
+/// own output, and buildpool's notes (its `[buildpool] ` lines, without the prefix).
+fn first_cargo_line_and_notes(
+    fixture: &Fixture,
+    args: &[&str],
+) -> anyhow::Result<(Duration, Vec<String>)> {
     let started = Instant::now();
     let mut child = fixture
         .command_in(&fixture.root(), args)
@@ -62,17 +83,21 @@ fn time_to_first_cargo_line(fixture: &Fixture, args: &[&str]) -> anyhow::Result<
         .spawn()?;
     let stderr = child.stderr.take().context("stderr")?;
     let mut first = None;
+    let mut notes = Vec::new();
     for line in BufReader::new(stderr).lines() {
         let line = line?;
-        if first.is_none() && !line.starts_with("[buildpool]") {
-            first = Some(started.elapsed());
+        match line.strip_prefix("[buildpool] ") {
+            Some(note) => notes.push(note.to_owned()),
+            None => {
+                first.get_or_insert_with(|| started.elapsed());
+            }
         }
     }
     let status = child.wait()?;
     if !status.success() {
         bail!("{args:?} failed: {status}");
     }
-    first.context("cargo printed nothing")
+    Ok((first.context("cargo printed nothing")?, notes))
 }
 
 /// Runs git in `dir` with `input` on its standard input (e.g. `update-ref --stdin`).
@@ -126,6 +151,10 @@ fn main() -> anyhow::Result<()> {
     }
     if args.first().is_some_and(|arg| arg == "scale") {
         return scale::run(&args[1..]);
+    }
+    if args.first().is_some_and(|arg| arg == "growth") {
+        let rounds = args.get(1).map(|n| n.parse()).transpose()?.unwrap_or(3);
+        return growth::run(rounds);
     }
     let security_only = args.first().is_some_and(|arg| arg == "security");
     if security_only {

@@ -34,7 +34,8 @@ struct ScaleArgs {
     jobs: usize,
     /// Slots each simulated agent offers.
     slots: u32,
-    /// Jobs in flight at once, each with its own event stream.
+    /// Jobs in flight at once, each with its own event stream: many for throughput, few
+    /// for the latency of an unsaturated coordinator.
     clients: usize,
     /// HTTP/2 connections the clients share.
     connections: usize,
@@ -100,7 +101,9 @@ impl ProcessUsage {
                 .with_context(|| format!("{name} in /proc/{pid}/status"))?;
             Ok(line.trim().trim_end_matches("kB").trim().parse()?)
         };
-        // Fields after the command name: state is field 3, utime 14 and stime 15.
+        // Fields after the command name: state is field 3, then utime, stime and the
+        // waited-for children's cutime and cstime are fields 14 to 17. Children count:
+        // the coordinator's git calls are part of its cost.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         let fields: Vec<&str> = stat
             .rsplit_once(')')
@@ -108,8 +111,10 @@ impl ProcessUsage {
             .1
             .split_whitespace()
             .collect();
-        let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
-            + fields.get(12).context("stime")?.parse::<u64>()?;
+        let mut ticks = 0;
+        for index in 11..=14 {
+            ticks += fields.get(index).context("CPU times")?.parse::<u64>()?;
+        }
         Ok(Self {
             rss_kb: field("VmRSS:")?,
             peak_rss_kb: field("VmHWM:")?,
@@ -139,7 +144,7 @@ fn raise_file_limit() -> anyhow::Result<u64> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
     limit.current = limit.maximum;
-    setrlimit(Resource::Nofile, limit.clone())?;
+    setrlimit(Resource::Nofile, limit)?;
     Ok(getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX))
 }
 
@@ -384,10 +389,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 Arc::clone(&connects),
             );
             agents.spawn(async move {
-                if let Err(error) =
-                    simulated_agent(index, target, Arc::clone(&board), connects).await
-                {
-                    if board.lost.fetch_add(1, Ordering::Relaxed) < 5 {
+                let served = simulated_agent(index, target, Arc::clone(&board), connects).await;
+                if let Err(error) = served {
+                    let lost_before = board.lost.fetch_add(1, Ordering::Relaxed);
+                    if lost_before < 5 {
                         eprintln!("simulated agent {index}: {error:#}");
                     }
                 }
@@ -496,8 +501,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             latencies.len()
         );
         println!(
-            "coordinator during the jobs: CPU {:.2} s ({:.0} µs per job), RSS {:.0} MB now, \
-             peak {:.0} MB",
+            "coordinator during the jobs: CPU {:.2} s with its git calls ({:.0} µs per job), \
+             RSS {:.0} MB now, peak {:.0} MB",
             cpu.as_secs_f64(),
             cpu.as_secs_f64() * 1e6 / submitted.len().max(1) as f64,
             ProcessUsage::rss_mb(after.rss_kb),
