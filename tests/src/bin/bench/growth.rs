@@ -3,9 +3,10 @@
 //!
 //! Two series on the fixture workspace with one warm agent: the repository grows by
 //! generated tracked files (1k, 10k, 50k), and the number of snapshot refs under
-//! `refs/buildpool/snapshots/` grows (0, 200, 2000, made again before every round, since
-//! each snapshot prunes them to 200). Each round follows a one-line change, so every job
-//! has a new snapshot to take and to fetch. Measured: the snapshot (from `run -v`) and
+//! `refs/buildpool/snapshots/` grows (0, 200, 2000, set again before every round, since
+//! each snapshot prunes them to the newest 200: with 2000, a snapshot deletes 1801).
+//! Each round follows a one-line change, so every job has a new snapshot to take and to
+//! fetch. Measured: the snapshot (from `run -v`) and
 //! submit to cargo's first output line (snapshot included), medians over the rounds.
 
 use std::time::{Duration, Instant};
@@ -58,17 +59,24 @@ fn generate_files(fixture: &Fixture, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Makes `count` snapshot refs on HEAD, named as clients name them and a minute old, so
-/// the next snapshot's pruning treats them as it would real ones.
+/// Leaves exactly `count` snapshot refs, on HEAD, named as clients name them and a minute
+/// old, so the next snapshot's pruning treats them as it would real ones.
 fn make_snapshot_refs(fixture: &Fixture, count: usize) -> anyhow::Result<()> {
-    if count == 0 {
-        return Ok(());
-    }
+    let existing = fixture.git(&[
+        "for-each-ref",
+        "--format=delete %(refname)",
+        "refs/buildpool/snapshots/",
+    ])?;
     let head = fixture.git(&["rev-parse", "HEAD"])?;
     let millis = buildpool_core::time::unix_millis() - 60_000;
-    let script: String = (0..count)
-        .map(|index| format!("create refs/buildpool/snapshots/{millis}-{index:08x} {head}\n"))
-        .collect();
+    let mut script: String = existing.lines().map(|line| format!("{line}\n")).collect();
+    script.extend(
+        (0..count)
+            .map(|index| format!("create refs/buildpool/snapshots/{millis}-{index:08x} {head}\n")),
+    );
+    if script.is_empty() {
+        return Ok(());
+    }
     super::git_with_input(&fixture.root(), &["update-ref", "--stdin"], &script)
 }
 
