@@ -74,7 +74,16 @@ pub(crate) async fn serve(
                 .await
         }
         _ => {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // No Nagle: a job's events are small writes in a row, and each would otherwise
+            // wait for the client's delayed ACK of the one before (40 ms on Linux).
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |accepted| {
+                    accepted.inspect(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    })
+                },
+            );
             server
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
                 .await
