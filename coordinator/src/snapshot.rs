@@ -230,15 +230,62 @@ async fn add_paths(
     Ok(())
 }
 
-/// Deletes a snapshot ref once its job has ended.
-pub async fn delete(repo_dir: &Path, git_ref: &str) -> Result<(), GitError> {
-    if git_ref.starts_with(SNAPSHOT_REF_PREFIX) {
-        Git::new(repo_dir)
-            .args(["update-ref", "-d", git_ref])
-            .output()
-            .await?;
+/// Deletes snapshot refs (names outside [`SNAPSHOT_REF_PREFIX`] are left alone) in one git
+/// call, so a batch costs about what one ref does; refs already gone are no error. Should
+/// the batch fail as a whole (one name git refuses), each ref is deleted on its own.
+pub async fn delete_all(repo_dir: &Path, git_refs: &[String]) -> Result<(), GitError> {
+    let commands: String = git_refs
+        .iter()
+        .filter(|name| name.starts_with(SNAPSHOT_REF_PREFIX))
+        .map(|name| format!("delete {name}\n"))
+        .collect();
+    if commands.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let batch = Git::new(repo_dir)
+        .args(["update-ref", "--stdin"])
+        .input(commands)
+        .output()
+        .await;
+    if batch.is_ok() || git_refs.len() == 1 {
+        return batch.map(drop);
+    }
+    let mut first_error = None;
+    for name in git_refs {
+        if name.starts_with(SNAPSHOT_REF_PREFIX) {
+            let deleted = Git::new(repo_dir)
+                .args(["update-ref", "-d", name])
+                .output()
+                .await;
+            if let Err(error) = deleted {
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// The object id a snapshot ref holds, read from its loose ref file without running git.
+///
+/// `None` whenever that is not the whole answer: a name outside the plain
+/// `<prefix><leaf>` form clients make, a packed or symbolic ref, another ref storage. The
+/// caller then asks git. (A loose ref, when present, is what git reads first too.)
+pub async fn loose_ref_target(common_dir: &Path, git_ref: &str) -> Option<String> {
+    let leaf = git_ref.strip_prefix(SNAPSHOT_REF_PREFIX)?;
+    let plain = !leaf.is_empty()
+        && !leaf.starts_with('.')
+        && !leaf.ends_with(".lock")
+        && leaf
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !plain {
+        return None;
+    }
+    let text = tokio::fs::read_to_string(common_dir.join(git_ref))
+        .await
+        .ok()?;
+    let id = text.trim_end();
+    buildpool_core::git::is_object_id(id).then(|| id.to_owned())
 }
 
 /// Keeps the snapshot refs bounded: the newest `KEPT_SNAPSHOTS`, none older than a day.
@@ -254,23 +301,22 @@ pub async fn prune(repo_dir: &Path) -> Result<usize, GitError> {
         .output()
         .await?;
     let now = unix_millis();
-    let mut pruned = 0;
-    for (index, name) in listing.lines().enumerate() {
-        let created = name
-            .strip_prefix(SNAPSHOT_REF_PREFIX)
-            .and_then(|leaf| leaf.split('-').next())
-            .and_then(|millis| millis.parse::<u64>().ok())
-            .unwrap_or(0);
-        let age = now.saturating_sub(created);
-        if index >= KEPT_SNAPSHOTS || age > buildpool_core::time::millis(SNAPSHOT_MAX_AGE) {
-            Git::new(repo_dir)
-                .args(["update-ref", "-d", name])
-                .output()
-                .await?;
-            pruned += 1;
-        }
-    }
-    Ok(pruned)
+    let expired: Vec<String> = listing
+        .lines()
+        .enumerate()
+        .filter(|(index, name)| {
+            let created = name
+                .strip_prefix(SNAPSHOT_REF_PREFIX)
+                .and_then(|leaf| leaf.split('-').next())
+                .and_then(|millis| millis.parse::<u64>().ok())
+                .unwrap_or(0);
+            let age = now.saturating_sub(created);
+            *index >= KEPT_SNAPSHOTS || age > buildpool_core::time::millis(SNAPSHOT_MAX_AGE)
+        })
+        .map(|(_, name)| name.to_owned())
+        .collect();
+    delete_all(repo_dir, &expired).await?;
+    Ok(expired.len())
 }
 
 /// Counts snapshot refs.
@@ -452,7 +498,9 @@ mod tests {
             create(&repo).await.expect("snapshot");
         }
         assert_eq!(count(root).await.expect("count"), 4);
-        delete(root, &snapshot.git_ref).await.expect("delete");
+        delete_all(root, std::slice::from_ref(&snapshot.git_ref))
+            .await
+            .expect("delete");
         assert_eq!(count(root).await.expect("count"), 3);
 
         // Refs a day old are pruned by their name's timestamp.
@@ -480,5 +528,51 @@ mod tests {
         assert_ne!(first.git_ref, second.git_ref);
         std::fs::write(dir.path().join("untracked.txt"), "y\n").expect("write");
         assert_ne!(create(&repo).await.expect("snapshot").commit, first.commit);
+    }
+
+    #[tokio::test]
+    async fn refs_are_read_without_git_when_loose_and_deleted_in_one_batch() {
+        let dir = fixture().await;
+        let root = dir.path();
+        let head = git(root, &["rev-parse", "HEAD"]).await;
+        let name = |leaf: &str| format!("{SNAPSHOT_REF_PREFIX}{leaf}");
+        for leaf in ["1-packed", "2-loose", "3-loose"] {
+            git(root, &["update-ref", &name(leaf), &head]).await;
+        }
+        git(root, &["pack-refs", "--include", &name("1-packed")]).await;
+        let common = root.join(".git");
+        assert_eq!(
+            loose_ref_target(&common, &name("2-loose")).await,
+            Some(head.clone())
+        );
+        assert_eq!(
+            loose_ref_target(&common, &name("1-packed")).await,
+            None,
+            "a packed ref is left to git"
+        );
+        for unusual in ["../../HEAD", "", "x.lock", "a/b"] {
+            assert_eq!(
+                loose_ref_target(&common, &name(unusual)).await,
+                None,
+                "{unusual}"
+            );
+        }
+        assert_eq!(loose_ref_target(&common, "refs/heads/main").await, None);
+
+        // One batch: refs already gone and refs outside the snapshot namespace are no error,
+        // and the latter are left alone.
+        let batch = [
+            name("1-packed"),
+            name("2-loose"),
+            name("4-never-made"),
+            "refs/heads/main".to_owned(),
+        ];
+        delete_all(root, &batch).await.expect("delete");
+        assert_eq!(count(root).await.expect("count"), 1);
+        assert_eq!(git(root, &["rev-parse", "refs/heads/main"]).await, head);
+        // A name the batch refuses fails it as a whole; then each ref goes on its own.
+        let refused = [name("bad..name"), name("3-loose")];
+        delete_all(root, &refused).await.expect("one by one");
+        assert_eq!(count(root).await.expect("count"), 0);
     }
 }

@@ -26,6 +26,8 @@ pub struct Git {
     command: tokio::process::Command,
     display: String,
     timeout: Duration,
+    /// What git reads on its standard input; `None`: nothing (stdin is /dev/null).
+    input: Option<Vec<u8>>,
 }
 
 /// Shows the arguments only: the environment may hold a credential (the git tunnel's).
@@ -59,6 +61,7 @@ impl Git {
             command,
             display: String::new(),
             timeout: LOCAL_TIMEOUT,
+            input: None,
         }
     }
 
@@ -86,10 +89,33 @@ impl Git {
         self
     }
 
+    /// Gives git `input` on its standard input, e.g. the commands of `update-ref --stdin`,
+    /// so many changes cost one process.
+    pub fn input(mut self, input: impl Into<Vec<u8>>) -> Self {
+        self.command.stdin(Stdio::piped());
+        self.input = Some(input.into());
+        self
+    }
+
+    /// Spawns git, feeds it its input while collecting its output, and waits for it.
+    async fn run(&mut self) -> std::io::Result<std::process::Output> {
+        let mut child = self.command.spawn()?;
+        let stdin = child.stdin.take();
+        let input = self.input.take();
+        let feed = async move {
+            if let (Some(mut stdin), Some(input)) = (stdin, input) {
+                // A git that exits early closes the pipe; its exit status says why.
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut stdin, &input).await;
+            }
+        };
+        let ((), output) = tokio::join!(feed, child.wait_with_output());
+        output
+    }
+
     /// Runs git and returns its stdout with the trailing newline removed.
     pub async fn output(mut self) -> Result<String, GitError> {
-        let child = self.command.output();
-        let output = match tokio::time::timeout(self.timeout, child).await {
+        let timeout = self.timeout;
+        let output = match tokio::time::timeout(timeout, self.run()).await {
             Ok(result) => result.map_err(GitError::Spawn)?,
             Err(_) => {
                 return Err(GitError::TimedOut {

@@ -87,8 +87,14 @@ impl<In, Out> std::fmt::Debug for BusSocket<In, Out> {
     }
 }
 
+/// The read buffer each WebSocket allocates up front. tungstenite's default, 128 KiB, would
+/// be most of a coordinator's memory per idle agent (128 MiB for a fleet of 1000); one
+/// TLS record's worth reads a frame of any size just as well, in more reads.
+const READ_BUFFER_BYTES: usize = 16 * 1024;
+
 pub(crate) fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(Some(MAX_FRAME_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES))
 }

@@ -78,7 +78,14 @@ pub(crate) async fn serve(
                 .await
         }
         _ => {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // No Nagle: a job's events are small writes in a row, and each would otherwise
+            // wait for the client's delayed ACK of the one before (40 ms on Linux).
+            let incoming =
+                tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+                    accepted.inspect(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    })
+                });
             server
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
                 .await
@@ -126,34 +133,10 @@ impl Control for ControlService {
             )));
         }
         let shared = &self.shared;
-        let resolved = buildpool_core::git::Git::new(&shared.repo.common_dir)
-            .args([
-                "rev-parse",
-                "--verify",
-                "--quiet",
-                &format!("{git_ref}^{{commit}}"),
-            ])
-            .output()
-            .await
-            .map_err(|_| {
-                Status::failed_precondition(format!(
-                    "{git_ref} does not exist in {}",
-                    shared.repo.common_dir.display()
-                ))
-            })?;
-        if resolved != commit {
-            return Err(Status::failed_precondition(format!(
-                "{git_ref} points at {resolved}, not {commit}"
-            )));
-        }
+        check_snapshot_ref(shared, &git_ref, &commit).await?;
 
         let job_id = shared.next_job_id();
-        if job_id.is_multiple_of(100) {
-            // Keep the log directory bounded on a long-running coordinator too.
-            let dir = shared.log_dir.clone();
-            tokio::task::spawn_blocking(move || joblog::prune(&dir, joblog::KEPT_LOGS));
-        }
-        let log = joblog::JobLog::create(&shared.log_dir, job_id, shared.config.log_max_bytes)
+        let log = joblog::JobLog::create(&shared.logs, job_id, shared.config.log_max_bytes)
             .await
             .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
         let origin = JobOrigin {
@@ -412,7 +395,73 @@ async fn clean_up_when_finished(
     if let Err(error) = job.log.finish().await {
         tracing::warn!("cannot finish job log: {error}");
     }
-    if let Err(error) = crate::snapshot::delete(&shared.repo.common_dir, &job.git_ref).await {
-        tracing::warn!("cannot delete snapshot ref {}: {error}", job.git_ref);
+    shared.logs.ended(job_id);
+    // Deleted in a batch with other ended jobs' refs (see `delete_ended_refs`).
+    let _ = shared.ended_refs.send(job.git_ref.clone()).await;
+}
+
+/// Snapshot commits this coordinator confirmed with git (they exist and are commits), so
+/// a later submission of the same commit needs no git process: a workstation submits the
+/// same content-addressed snapshot again and again. Object types never change, so an entry
+/// never goes stale; the set is bounded by starting over when full.
+#[derive(Debug, Default)]
+pub(crate) struct VerifiedCommits(std::sync::Mutex<std::collections::HashSet<String>>);
+
+/// Commits remembered at most.
+const MAX_VERIFIED_COMMITS: usize = 4096;
+
+impl VerifiedCommits {
+    fn contains(&self, commit: &str) -> bool {
+        self.lock().contains(commit)
     }
+
+    fn insert(&self, commit: &str) {
+        let mut commits = self.lock();
+        if commits.len() >= MAX_VERIFIED_COMMITS {
+            commits.clear();
+        }
+        commits.insert(commit.to_owned());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Checks that `git_ref` holds `commit`, a commit: what agents will fetch is what the
+/// client snapshotted. A loose ref naming an already verified commit is read without git
+/// (a process per submission would cap the job rate); anything else asks git.
+async fn check_snapshot_ref(shared: &Shared, git_ref: &str, commit: &str) -> Result<(), Status> {
+    let common_dir = &shared.repo.common_dir;
+    if shared.verified_commits.contains(commit)
+        && crate::snapshot::loose_ref_target(common_dir, git_ref)
+            .await
+            .is_some_and(|target| target == commit)
+    {
+        return Ok(());
+    }
+    let resolved = buildpool_core::git::Git::new(common_dir)
+        .args([
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            &format!("{git_ref}^{{commit}}"),
+        ])
+        .output()
+        .await
+        .map_err(|_| {
+            Status::failed_precondition(format!(
+                "{git_ref} does not exist in {}",
+                common_dir.display()
+            ))
+        })?;
+    if resolved != commit {
+        return Err(Status::failed_precondition(format!(
+            "{git_ref} points at {resolved}, not {commit}"
+        )));
+    }
+    shared.verified_commits.insert(commit);
+    Ok(())
 }

@@ -5,11 +5,12 @@
 //! follow the file rather than an in-memory buffer: a slow client only slows itself, and
 //! memory stays bounded however much a job prints.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use buildpool_core::OutputStream;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, watch};
 
 const HEADER: usize = 9;
@@ -21,7 +22,7 @@ fn stream_byte(stream: OutputStream) -> u8 {
         OutputStream::Stderr => 2,
     }
 }
-/// Logs kept on disk; older ones are deleted when a coordinator starts.
+/// Ended logs kept on disk; beyond this the oldest one's file becomes the next new log.
 pub const KEPT_LOGS: usize = 500;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,11 +47,92 @@ pub fn log_path(dir: &Path, job_id: u64) -> PathBuf {
     dir.join(format!("{job_id}.log"))
 }
 
+/// The job logs of one directory and which of them may be reused.
+///
+/// Keeping the newest [`KEPT_LOGS`] ended logs by deleting the oldest and creating a file
+/// per job costs an inode allocation per job, which on some filesystems (ext4 without a
+/// journal scans recently deleted inodes) is most of a job's cost to the coordinator at a
+/// high job rate. So once that many ended logs are kept, the oldest one's file is renamed
+/// to the new log and emptied instead. Only ended logs are reused: a running job's log is
+/// never touched, however long it runs.
+#[derive(Debug)]
+pub struct LogDir {
+    dir: PathBuf,
+    /// Ended logs, oldest first.
+    ended: std::sync::Mutex<VecDeque<u64>>,
+    /// The highest job id with a log when the directory was opened.
+    highest_id: u64,
+}
+
+impl LogDir {
+    /// Opens `dir`, creating it, and deletes all but the newest [`KEPT_LOGS`] logs in it
+    /// (the jobs of an earlier coordinator have all ended).
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut ids: Vec<u64> = std::fs::read_dir(dir)?
+            .filter_map(|entry| log_id(&entry.ok()?))
+            .collect();
+        ids.sort_unstable();
+        let excess = ids.len().saturating_sub(KEPT_LOGS);
+        for id in ids.drain(..excess) {
+            std::fs::remove_file(log_path(dir, id))?;
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            highest_id: ids.last().copied().unwrap_or(0),
+            ended: std::sync::Mutex::new(ids.into()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The highest job id with a log at opening, so ids keep increasing across restarts.
+    pub fn highest_id(&self) -> u64 {
+        self.highest_id
+    }
+
+    /// The log of `job_id` ended; its file may be reused once it is among the oldest.
+    pub fn ended(&self, job_id: u64) {
+        self.lock_ended().push_back(job_id);
+    }
+
+    /// The oldest ended log, when more than [`KEPT_LOGS`] would be kept with a new one.
+    fn take_reusable(&self) -> Option<u64> {
+        let mut ended = self.lock_ended();
+        if ended.len() >= KEPT_LOGS {
+            ended.pop_front()
+        } else {
+            None
+        }
+    }
+
+    fn lock_ended(&self) -> std::sync::MutexGuard<'_, VecDeque<u64>> {
+        self.ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl JobLog {
-    pub async fn create(dir: &Path, job_id: u64, cap: u64) -> std::io::Result<Self> {
-        tokio::fs::create_dir_all(dir).await?;
-        let path = log_path(dir, job_id);
-        let file = tokio::fs::File::create(&path).await?;
+    /// Starts the log of `job_id`, in the file of the oldest ended log when enough are
+    /// kept (see [`LogDir`]).
+    pub async fn create(logs: &LogDir, job_id: u64, cap: u64) -> std::io::Result<Self> {
+        let path = log_path(&logs.dir, job_id);
+        let reused = logs.take_reusable().map(|old| log_path(&logs.dir, old));
+        let opened = path.clone();
+        // One trip to the blocking pool for the rename and the open, not one each.
+        let file = tokio::task::spawn_blocking(move || match reused {
+            Some(old) if std::fs::rename(&old, &opened).is_ok() => std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&opened),
+            _ => std::fs::File::create(&opened),
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let file = tokio::fs::File::from_std(file);
         Ok(Self {
             path,
             file: Mutex::new(file),
@@ -133,13 +215,19 @@ pub const READ_WINDOW: u64 = 2 * buildpool_proto::frame::MAX_FRAME_BYTES as u64 
 /// Reads whole records from byte position `from`, up to `to` and at most [`READ_WINDOW`]
 /// bytes. Returns them with the position after the last whole record.
 pub async fn read_records(path: &Path, from: u64, to: u64) -> std::io::Result<(Vec<Record>, u64)> {
-    let mut file = tokio::fs::File::open(path).await?;
-    file.seek(std::io::SeekFrom::Start(from)).await?;
-    let window = to.saturating_sub(from).min(READ_WINDOW);
-    let mut bytes = vec![0u8; usize::try_from(window).unwrap_or(0)];
-    file.read_exact(&mut bytes).await?;
-    let (records, consumed) = parse_prefix(&bytes);
-    Ok((records, from + consumed as u64))
+    use std::os::unix::fs::FileExt;
+    let path = path.to_owned();
+    // One trip to the blocking pool for the open and the read, not one each.
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(path)?;
+        let window = to.saturating_sub(from).min(READ_WINDOW);
+        let mut bytes = vec![0u8; usize::try_from(window).unwrap_or(0)];
+        file.read_exact_at(&mut bytes, from)?;
+        let (records, consumed) = parse_prefix(&bytes);
+        Ok((records, from + consumed as u64))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Parses whole records; a torn tail (a crash mid-write) is ignored.
@@ -209,30 +297,6 @@ fn log_id(entry: &std::fs::DirEntry) -> Option<u64> {
         .ok()
 }
 
-/// Deletes all but the newest `keep` logs in `dir`.
-pub fn prune(dir: &Path, keep: usize) -> std::io::Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    let mut ids: Vec<u64> = entries.filter_map(|entry| log_id(&entry.ok()?)).collect();
-    ids.sort_unstable();
-    let excess = ids.len().saturating_sub(keep);
-    for id in &ids[..excess] {
-        std::fs::remove_file(log_path(dir, *id))?;
-    }
-    Ok(())
-}
-
-/// The highest job id with a log in `dir`, so ids keep increasing across restarts.
-pub fn highest_id(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(|entry| log_id(&entry.ok()?))
-        .max()
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,9 +304,8 @@ mod tests {
     #[tokio::test]
     async fn records_keep_streams_apart_and_pages_cover_everything() {
         let dir = tempfile::tempdir().expect("temp");
-        let log = JobLog::create(dir.path(), 1, 1 << 20)
-            .await
-            .expect("create");
+        let logs = LogDir::open(dir.path()).expect("open");
+        let log = JobLog::create(&logs, 1, 1 << 20).await.expect("create");
         log.append(OutputStream::Stdout, 1, b"hello ")
             .await
             .expect("append");
@@ -269,7 +332,8 @@ mod tests {
     #[tokio::test]
     async fn the_cap_drops_output_and_says_so() {
         let dir = tempfile::tempdir().expect("temp");
-        let log = JobLog::create(dir.path(), 2, 100).await.expect("create");
+        let logs = LogDir::open(dir.path()).expect("open");
+        let log = JobLog::create(&logs, 2, 100).await.expect("create");
         for _ in 0..10 {
             log.append(OutputStream::Stdout, 1, &[b'x'; 40])
                 .await
@@ -283,13 +347,53 @@ mod tests {
     }
 
     #[test]
-    fn pruning_keeps_the_newest() {
+    fn opening_keeps_the_newest_logs() {
         let dir = tempfile::tempdir().expect("temp");
-        for id in [3, 10, 7] {
-            std::fs::write(log_path(dir.path(), id), b"").expect("write");
+        let ids: Vec<u64> = (1..=KEPT_LOGS as u64 + 2).collect();
+        for id in &ids {
+            std::fs::write(log_path(dir.path(), *id), b"").expect("write");
         }
-        prune(dir.path(), 2).expect("prune");
-        assert!(!log_path(dir.path(), 3).exists());
-        assert_eq!(highest_id(dir.path()), 10);
+        let logs = LogDir::open(dir.path()).expect("open");
+        assert!(!log_path(dir.path(), 1).exists());
+        assert!(!log_path(dir.path(), 2).exists());
+        assert!(log_path(dir.path(), 3).exists());
+        assert_eq!(logs.highest_id(), KEPT_LOGS as u64 + 2);
+    }
+
+    #[tokio::test]
+    async fn the_oldest_ended_log_becomes_the_next_one_and_running_logs_stay() {
+        let dir = tempfile::tempdir().expect("temp");
+        let logs = LogDir::open(dir.path()).expect("open");
+        let running = JobLog::create(&logs, 1, 1 << 20).await.expect("create");
+        for id in 2..=KEPT_LOGS as u64 + 1 {
+            let log = JobLog::create(&logs, id, 1 << 20).await.expect("create");
+            log.append(OutputStream::Stdout, 1, b"old output")
+                .await
+                .expect("append");
+            logs.ended(id);
+        }
+        let files = || std::fs::read_dir(dir.path()).expect("list").count();
+        assert_eq!(files(), KEPT_LOGS + 1);
+        let next = KEPT_LOGS as u64 + 2;
+        let log = JobLog::create(&logs, next, 1 << 20).await.expect("create");
+        assert_eq!(files(), KEPT_LOGS + 1, "a file was reused, none added");
+        assert!(
+            !log_path(dir.path(), 2).exists(),
+            "the oldest ended log went"
+        );
+        assert!(
+            log_path(dir.path(), 1).exists(),
+            "the running job's log stays"
+        );
+        let (text, _) = read_page(log.path(), None, 0, 1000).await.expect("page");
+        assert!(text.is_empty(), "a reused log starts empty");
+        running
+            .append(OutputStream::Stdout, 1, b"still mine")
+            .await
+            .expect("append");
+        let (text, _) = read_page(running.path(), None, 0, 1000)
+            .await
+            .expect("page");
+        assert_eq!(text, b"still mine");
     }
 }

@@ -177,6 +177,8 @@ pub(crate) struct Shared {
     /// `None` for an in-process coordinator: no job bus, control API on loopback.
     pub tls: Option<CoordinatorTls>,
     pub log_dir: PathBuf,
+    /// The job logs in `log_dir`, and which may be reused.
+    pub logs: joblog::LogDir,
     pub git_daemon_port: Option<u16>,
     /// Whether agents fetch from the git daemon directly (it listens beyond loopback, an
     /// insecure setup) instead of through the tunnel.
@@ -185,6 +187,10 @@ pub(crate) struct Shared {
     pub websocket_addr: Option<SocketAddr>,
     /// Cancelled when the coordinator stops; per-job tasks end with it.
     pub shutdown: CancellationToken,
+    /// Snapshot commits a full git check confirmed (see [`control::VerifiedCommits`]).
+    pub verified_commits: control::VerifiedCommits,
+    /// Snapshot refs of ended jobs, for [`delete_ended_refs`] to delete in batches.
+    pub ended_refs: tokio::sync::mpsc::Sender<String>,
     state: Mutex<State>,
     next_conn: AtomicU64,
     next_job: AtomicU64,
@@ -304,7 +310,13 @@ impl Shared {
                         state.jobs.get(&job_id).cloned()
                     };
                     if let Some(job) = job {
-                        tracing::info!(job_id, ?event, "job event");
+                        // One line per job at the default level: at thousands of jobs a
+                        // second, a line per event is most of the log and all under the lock.
+                        if finished {
+                            tracing::info!(job_id, ?event, "job event");
+                        } else {
+                            tracing::debug!(job_id, ?event, "job event");
+                        }
                         job.phase.send_replace(event);
                     }
                 }
@@ -357,9 +369,8 @@ impl Coordinator {
         } else {
             repo.state_dir().join("logs")
         };
-        std::fs::create_dir_all(&log_dir)?;
-        joblog::prune(&log_dir, joblog::KEPT_LOGS)?;
-        let first_job = joblog::highest_id(&log_dir) + 1;
+        let logs = joblog::LogDir::open(&log_dir)?;
+        let first_job = logs.highest_id() + 1;
 
         let websocket = match &config.websocket_addr {
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::WebSocketBind {
@@ -418,6 +429,7 @@ impl Coordinator {
             .as_ref()
             .map(tokio::net::TcpListener::local_addr)
             .transpose()?;
+        let (ended_refs, ended_refs_queue) = tokio::sync::mpsc::channel(ENDED_REFS_QUEUE);
         let shared = Arc::new(Shared {
             id: format!("{}-{:x}", std::process::id(), fastrand::u32(..)),
             git_daemon_port: git_daemon.as_ref().map(|d| d.port),
@@ -435,6 +447,7 @@ impl Coordinator {
             config,
             tls,
             log_dir,
+            logs,
             state: Mutex::new(State {
                 scheduler,
                 connections: HashMap::new(),
@@ -445,6 +458,8 @@ impl Coordinator {
             shutdown: CancellationToken::new(),
             metrics: crate::metrics::Metrics::new(),
             history: history::History::default(),
+            verified_commits: control::VerifiedCommits::default(),
+            ended_refs,
         });
         let shutdown = shared.shutdown.clone();
         let mut tasks = tokio::task::JoinSet::new();
@@ -464,6 +479,11 @@ impl Coordinator {
             tasks.spawn(http::serve(Arc::clone(&shared), listener, shutdown.clone()));
         }
         tasks.spawn(tick_loop(Arc::clone(&shared), shutdown.clone()));
+        tasks.spawn(delete_ended_refs(
+            shared.repo.common_dir.clone(),
+            ended_refs_queue,
+            shutdown.clone(),
+        ));
         if shared.config.local_fallback {
             tasks.spawn(local_agent::run(Arc::clone(&shared), shutdown.clone()));
         }
@@ -569,6 +589,52 @@ fn remove_abandoned_log_dirs(parent: &std::path::Path) {
             .is_some_and(buildpool_core::process::alive);
         if !alive {
             let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Ended jobs' snapshot refs waiting to be deleted; beyond this, the jobs' clean-up tasks
+/// wait their turn.
+const ENDED_REFS_QUEUE: usize = 4096;
+/// Most refs deleted in one git call.
+const MAX_REF_BATCH: usize = 1024;
+/// How long the first ended ref of a batch waits for others: a git call costs milliseconds
+/// of CPU, so at a moderate job rate a batch of one would still cost most of a job.
+const REF_BATCH_GATHERING: Duration = Duration::from_millis(100);
+
+/// Deletes the snapshot refs of ended jobs in batches: the refs that end within
+/// [`REF_BATCH_GATHERING`] of the first, and whatever accumulated while the previous batch
+/// ran, go in one git call. On shutdown, what is queued still goes.
+async fn delete_ended_refs(
+    repo_dir: PathBuf,
+    mut ended: tokio::sync::mpsc::Receiver<String>,
+    shutdown: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(MAX_REF_BATCH);
+    loop {
+        batch.clear();
+        let stopping = tokio::select! {
+            received = ended.recv_many(&mut batch, MAX_REF_BATCH) => {
+                if received == 0 {
+                    return;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(REF_BATCH_GATHERING) => false,
+                    () = shutdown.cancelled() => true,
+                }
+            }
+            () = shutdown.cancelled() => true,
+        };
+        while batch.len() < MAX_REF_BATCH
+            && let Ok(name) = ended.try_recv()
+        {
+            batch.push(name);
+        }
+        if let Err(error) = crate::snapshot::delete_all(&repo_dir, &batch).await {
+            tracing::warn!("cannot delete {} snapshot ref(s): {error}", batch.len());
+        }
+        if stopping {
+            return;
         }
     }
 }

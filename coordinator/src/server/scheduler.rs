@@ -5,7 +5,7 @@
 //! the fencing rule easy to see: a job's output and result are accepted only from the
 //! connection that holds its current attempt.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use buildpool_core::bus::{Assignment, DiskUsage};
@@ -143,6 +143,10 @@ pub struct Scheduler {
     agents: BTreeMap<ConnId, Agent>,
     jobs: HashMap<JobId, Job>,
     queue: VecDeque<JobId>,
+    /// Remote agents whose last demand sent was not zero (or who were sent none yet): while
+    /// the queue is empty, the only ones a demand update has to visit, so an idle fleet of
+    /// thousands costs nothing per job.
+    demand_unsettled: BTreeSet<ConnId>,
     counters: Counters,
 }
 
@@ -188,6 +192,9 @@ impl Scheduler {
         }
         let free = registration.slots_free.min(registration.slots_total);
         let agent_id = registration.agent_id.clone();
+        if !registration.local {
+            self.demand_unsettled.insert(conn);
+        }
         self.agents.insert(
             conn,
             Agent {
@@ -246,6 +253,7 @@ impl Scheduler {
         let Some(agent) = self.agents.remove(&conn) else {
             return Vec::new();
         };
+        self.demand_unsettled.remove(&conn);
         let mut actions = Vec::new();
         let mut held: Vec<JobId> = self
             .jobs
@@ -660,17 +668,25 @@ impl Scheduler {
 
     /// Whether the agent could ever run the job (labels, local-fallback rule).
     fn could_run(&self, agent: &Agent, job: &Job, remote_available: bool) -> bool {
+        Self::could_run_with(agent, &job.spec.required_labels, remote_available)
+    }
+
+    /// [`Scheduler::could_run`] for any job requiring `labels`.
+    fn could_run_with(agent: &Agent, labels: &[String], remote_available: bool) -> bool {
         (!agent.registration.local || !remote_available)
-            && job
-                .spec
-                .required_labels
+            && labels
                 .iter()
                 .all(|label| agent.registration.labels.contains(label))
     }
 
     /// Whether the agent may be given the job now.
     fn eligible(&self, agent: &Agent, job: &Job, remote_available: bool) -> bool {
-        !agent.registration.draining && self.could_run(agent, job, remote_available)
+        Self::eligible_for(agent, &job.spec.required_labels, remote_available)
+    }
+
+    /// [`Scheduler::eligible`] for any job requiring `labels`.
+    fn eligible_for(agent: &Agent, labels: &[String], remote_available: bool) -> bool {
+        !agent.registration.draining && Self::could_run_with(agent, labels, remote_available)
     }
 
     fn wait_reason(&self, job_id: JobId) -> String {
@@ -759,20 +775,32 @@ impl Scheduler {
     /// Tells each agent how many queued jobs it could take here, when that changed. Agents
     /// shared with other coordinators use it to share their slots fairly.
     fn demand_updates(&mut self, remote: bool) -> Vec<Action> {
-        let demands: Vec<(ConnId, u32)> = self
-            .agents
-            .iter()
-            .filter(|(_, agent)| !agent.registration.local)
-            .map(|(conn, agent)| {
-                let queued = self
-                    .queue
-                    .iter()
-                    .filter_map(|id| self.jobs.get(id))
-                    .filter(|job| self.eligible(agent, job, remote))
-                    .count();
-                (*conn, u32::try_from(queued).unwrap_or(u32::MAX))
-            })
-            .collect();
+        let demands: Vec<(ConnId, u32)> = if self.queue.is_empty() {
+            // Everyone's demand is zero: only those not told so yet need a word.
+            self.demand_unsettled
+                .iter()
+                .map(|conn| (*conn, 0))
+                .collect()
+        } else {
+            // Agents differ only in the labels they lack, so count the queue once per set
+            // of required labels rather than once per agent.
+            let mut by_labels: HashMap<&[String], u32> = HashMap::new();
+            for job in self.queue.iter().filter_map(|id| self.jobs.get(id)) {
+                *by_labels.entry(&job.spec.required_labels).or_default() += 1;
+            }
+            self.agents
+                .iter()
+                .filter(|(_, agent)| !agent.registration.local)
+                .map(|(conn, agent)| {
+                    let queued = by_labels
+                        .iter()
+                        .filter(|(labels, _)| Self::eligible_for(agent, labels, remote))
+                        .map(|(_, count)| *count)
+                        .sum();
+                    (*conn, queued)
+                })
+                .collect()
+        };
         let mut actions = Vec::new();
         for (conn, queued) in demands {
             if let Some(agent) = self.agents.get_mut(&conn)
@@ -780,6 +808,11 @@ impl Scheduler {
             {
                 agent.demand_sent = Some(queued);
                 actions.push(Action::Demand { conn, queued });
+            }
+            if queued == 0 {
+                self.demand_unsettled.remove(&conn);
+            } else {
+                self.demand_unsettled.insert(conn);
             }
         }
         actions

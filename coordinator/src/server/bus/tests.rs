@@ -72,6 +72,7 @@ impl Bus {
             ),
             tls: None,
             log_dir: dir.path().to_owned(),
+            logs: joblog::LogDir::open(dir.path()).expect("log dir"),
             git_daemon_port: None,
             direct_git: false,
             git_path: String::new(),
@@ -86,6 +87,9 @@ impl Bus {
             next_job: AtomicU64::new(1),
             metrics: crate::metrics::Metrics::new(),
             history: crate::server::history::History::default(),
+            verified_commits: Default::default(),
+            // Tests end no job through the control API, so nothing is queued here.
+            ended_refs: tokio::sync::mpsc::channel(1).0,
         });
         let shutdown = shared.shutdown.clone();
         Self {
@@ -158,7 +162,7 @@ impl Bus {
     /// Submits a job straight to the scheduler, with a real job log; returns its phase.
     async fn submit(&self) -> (JobId, Arc<ActiveJob>) {
         let job_id = self.shared.next_job_id();
-        let log = joblog::JobLog::create(&self.shared.log_dir, job_id, 1024 * 1024)
+        let log = joblog::JobLog::create(&self.shared.logs, job_id, 1024 * 1024)
             .await
             .expect("log");
         let origin = JobOrigin {

@@ -448,6 +448,64 @@ fn a_job_no_agent_can_run_fails_after_the_configured_wait() {
     assert!(finished(&scheduler.tick(now + Duration::from_secs(100))).is_empty());
 }
 
+fn demands(actions: &[Action]) -> Vec<(ConnId, u32)> {
+    actions
+        .iter()
+        .filter_map(|action| match action {
+            Action::Demand { conn, queued } => Some((*conn, *queued)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn demand_goes_only_to_agents_whose_demand_changed() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::default();
+    let mut gpu = registration("gpu", 1, false);
+    gpu.labels.push("gpu".into());
+    scheduler.agent_connected(1, registration("a", 1, false), &[], now);
+    scheduler.agent_connected(2, gpu, &[], now);
+    scheduler.agent_connected(3, registration("local", 1, true), &[], now);
+    // Told zero once on connecting; then an idle fleet hears nothing, job after job.
+    for job_id in 1..=3 {
+        let actions = submit(&mut scheduler, job_id, now);
+        assert_eq!(demands(&actions), [], "{actions:?}");
+        let (conn, _, attempt) = assigns(&actions)[0];
+        let actions = scheduler.finished(conn, key(job_id, attempt), exited(0), now);
+        assert_eq!(demands(&actions), []);
+        scheduler.slots_changed(conn, 1, 1, false, now);
+    }
+    // Both busy: each agent hears what waits that it could run, by its labels.
+    submit(&mut scheduler, 10, now);
+    submit(&mut scheduler, 11, now);
+    let mut needs_gpu = spec();
+    needs_gpu.required_labels = vec!["gpu".into()];
+    let actions = scheduler.submit(12, needs_gpu, source(), String::new(), now, 0);
+    assert_eq!(demands(&actions), [(2, 1)], "{actions:?}");
+    let actions = submit(&mut scheduler, 13, now);
+    assert_eq!(
+        demands(&actions),
+        [(1, 1), (2, 2)],
+        "the local agent hears none"
+    );
+    // The queue drains: each hears zero once.
+    let actions = scheduler.cancel(12, now).expect("queued");
+    assert_eq!(demands(&actions), [(2, 1)]);
+    let actions = scheduler.cancel(13, now).expect("queued");
+    assert_eq!(demands(&actions), [(1, 0), (2, 0)]);
+    let actions = submit(&mut scheduler, 14, now);
+    assert_eq!(demands(&actions), [(1, 1), (2, 1)]);
+    let actions = scheduler.agent_disconnected(1, now);
+    assert_eq!(
+        demands(&actions),
+        [],
+        "job 14 still waits for agent 2: {actions:?}"
+    );
+    let actions = scheduler.cancel(14, now).expect("queued");
+    assert_eq!(demands(&actions), [(2, 0)], "the gone agent is not told");
+}
+
 #[test]
 fn agents_hear_how_much_work_waits_for_them_and_drain_on_request() {
     let now = Instant::now();

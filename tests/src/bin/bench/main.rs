@@ -19,16 +19,28 @@
 //! against a local cold one, and a one-line change through the pool against a local
 //! incremental run.
 //!
+//! `scale` (scale.rs) runs simulated agents on real job bus connections against one
+//! `buildpool serve` and submits jobs through the control API from concurrent clients:
+//! jobs per second, submit-to-assign latency, the coordinator's RSS and CPU. `--idle` (or
+//! `--jobs 0`) only connects the agents and reports the idle coordinator's RSS.
+//!
+//! `growth` (growth.rs) reports how the snapshot and submit-to-first-output grow with the
+//! repository's size and with the number of snapshot refs.
+//!
 //! `sccache` measures the sccache hit rate when a second slot builds the snapshot the first
 //! built, with the sandbox's stable path and without the sandbox.
 //!
 //! `hook` measures one `buildpool hook claude` call, rewrite and pass-through.
 //!
 //! Run: `cargo run --release -p buildpool-tests --bin bench [-- ROUNDS]`,
-//! `... --bin bench -- security [ROUNDS]`, `... --bin bench -- crate memchr [ROUNDS]` or
-//! `... --bin bench -- hook [ROUNDS]` or `... --bin bench -- sccache`
+//! `... --bin bench -- security [ROUNDS]`, `... --bin bench -- crate memchr [ROUNDS]`,
+//! `... --bin bench -- scale --agents 1000 --jobs 20000 [--slots N] [--clients N]
+//! [--connections N] [--plain]`, `... -- scale --agents 10000 --idle`,
+//! `... --bin bench -- growth [ROUNDS]`, `... -- hook [ROUNDS]` or `... -- sccache`
 
+mod growth;
 mod hook;
+mod scale;
 mod sccache;
 
 use std::io::{BufRead, BufReader};
@@ -64,6 +76,15 @@ fn summary(name: &str, samples: &[Duration]) -> Duration {
 
 /// Time until the first line of cargo's own output (not buildpool's notes).
 fn time_to_first_cargo_line(fixture: &Fixture, args: &[&str]) -> anyhow::Result<Duration> {
+    Ok(first_cargo_line_and_notes(fixture, args)?.0)
+}
+
+/// Runs `buildpool` with `args` in the fixture: the time until the first line of cargo's
+/// own output, and buildpool's notes (its `[buildpool] ` lines, without the prefix).
+fn first_cargo_line_and_notes(
+    fixture: &Fixture,
+    args: &[&str],
+) -> anyhow::Result<(Duration, Vec<String>)> {
     let started = Instant::now();
     let mut child = fixture
         .command_in(&fixture.root(), args)
@@ -72,17 +93,47 @@ fn time_to_first_cargo_line(fixture: &Fixture, args: &[&str]) -> anyhow::Result<
         .spawn()?;
     let stderr = child.stderr.take().context("stderr")?;
     let mut first = None;
+    let mut notes = Vec::new();
     for line in BufReader::new(stderr).lines() {
         let line = line?;
-        if first.is_none() && !line.starts_with("[buildpool]") {
-            first = Some(started.elapsed());
+        match line.strip_prefix("[buildpool] ") {
+            Some(note) => notes.push(note.to_owned()),
+            None => {
+                first.get_or_insert_with(|| started.elapsed());
+            }
         }
     }
     let status = child.wait()?;
     if !status.success() {
         bail!("{args:?} failed: {status}");
     }
-    first.context("cargo printed nothing")
+    Ok((first.context("cargo printed nothing")?, notes))
+}
+
+/// Runs git in `dir` with `input` on its standard input (e.g. `update-ref --stdin`).
+fn git_with_input(dir: &Path, args: &[&str], input: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("git's stdin")?
+        .write_all(input.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 fn edit(fixture: &Fixture, round: usize) -> anyhow::Result<()> {
@@ -207,6 +258,13 @@ fn main() -> anyhow::Result<()> {
         let name = args.get(1).context("bench crate NAME [ROUNDS]")?.clone();
         let rounds = args.get(2).map(|n| n.parse()).transpose()?.unwrap_or(3);
         return real_crate(&name, rounds);
+    }
+    if args.first().is_some_and(|arg| arg == "scale") {
+        return scale::run(&args[1..]);
+    }
+    if args.first().is_some_and(|arg| arg == "growth") {
+        let rounds = args.get(1).map(|n| n.parse()).transpose()?.unwrap_or(3);
+        return growth::run(rounds);
     }
     let security_only = args.first().is_some_and(|arg| arg == "security");
     if security_only {
