@@ -297,6 +297,7 @@ impl DiskBudget {
         let mut ledger = Ledger::default();
         let now = unix_millis();
         for (repo, repo_dir) in subdirectories(&worktree_dir) {
+            remove_evicted_leftovers(&repo_dir);
             for (name, slot_dir) in subdirectories(&repo_dir) {
                 if let Some(slot) = name.strip_prefix("slot-").and_then(|n| n.parse().ok()) {
                     let last_used = modified_ms(&slot_dir.join(".lock")).unwrap_or(now);
@@ -450,14 +451,17 @@ impl DiskBudget {
                 if held_by_ledger {
                     return Ok(false);
                 }
-                tokio::task::spawn_blocking(move || {
-                    // Deleted while locked, so no job can take the half-deleted slot.
-                    let result = remove_dir_if_exists(&slot_dir);
-                    drop(lock);
-                    result
-                })
-                .await
-                .map_err(std::io::Error::other)??;
+                // Moved aside while locked, so a job taking the slot from now on gets a fresh
+                // directory instead of one being deleted under it.
+                let trash = self
+                    .worktree_dir
+                    .join(repo)
+                    .join(format!("{EVICTED_PREFIX}{slot}-{}", unix_millis()));
+                std::fs::rename(&slot_dir, &trash)?;
+                drop(lock);
+                tokio::task::spawn_blocking(move || remove_dir_if_exists(&trash))
+                    .await
+                    .map_err(std::io::Error::other)??;
                 Ok(true)
             }
             Item::Caches { repo } => {
@@ -482,6 +486,9 @@ impl DiskBudget {
     }
 }
 
+/// Name prefix of a workspace moved aside for deletion.
+const EVICTED_PREFIX: &str = ".evicted-slot-";
+
 /// A repository's caches: its bare git cache, cargo home and sccache directory.
 fn caches_of(worktree_dir: &Path, cache: &GitCache, repo: &str) -> Vec<PathBuf> {
     let repo_dir = worktree_dir.join(repo);
@@ -490,6 +497,22 @@ fn caches_of(worktree_dir: &Path, cache: &GitCache, repo: &str) -> Vec<PathBuf> 
         repo_dir.join("cargo-home"),
         repo_dir.join("sccache"),
     ]
+}
+
+/// Workspaces an agent moved aside for deletion but did not finish deleting (it died).
+fn remove_evicted_leftovers(repo_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(repo_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(EVICTED_PREFIX)
+        {
+            let _ = remove_dir_if_exists(&entry.path());
+        }
+    }
 }
 
 fn remove_dir_if_exists(dir: &Path) -> std::io::Result<()> {

@@ -558,15 +558,23 @@ mod tests {
             std::fs::create_dir_all(dir).expect("dir");
         }
         std::fs::write(paths.src.join("Cargo.toml"), "[package]").expect("manifest");
-        let sandbox = Sandbox::new(SandboxMode::Bwrap, false, vec![secret.clone()]);
+        // The agent's directory holding every workspace is hidden, yet the job's own
+        // workspace inside it is bound in.
+        let sandbox = Sandbox::new(
+            SandboxMode::Bwrap,
+            false,
+            vec![secret.clone(), root.path().to_owned()],
+        );
         sandbox
             .probe()
             .await
             .expect("needs bubblewrap (apt-get install bubblewrap)");
         let script = format!(
-            "pwd; cat Cargo.toml; echo; cat {} | wc -c; cut -d: -f1 /proc/net/dev | tail -n +3; \
-             touch /build/app-0123456789ab/target/ok; touch /usr/nope 2>/dev/null || echo ro",
-            secret.display()
+            "pwd; cat Cargo.toml; echo; cat {} | wc -c; ls -A {} | wc -l; \
+             cut -d: -f1 /proc/net/dev | tail -n +3; touch /build/app-0123456789ab/target/ok; \
+             touch /usr/nope 2>/dev/null || echo ro",
+            secret.display(),
+            root.path().display()
         );
         let command = sandbox.wrap(
             &paths,
@@ -591,7 +599,7 @@ mod tests {
         let lines: Vec<&str> = stdout.lines().map(str::trim).collect();
         assert_eq!(
             lines,
-            ["/build/app-0123456789ab", "[package]", "0", "lo", "ro"],
+            ["/build/app-0123456789ab", "[package]", "0", "0", "lo", "ro"],
             "{}",
             String::from_utf8_lossy(&output.stderr)
         );
