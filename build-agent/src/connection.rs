@@ -486,7 +486,6 @@ mod tests {
                 sandbox: None,
                 sccache: false,
                 disk: None,
-                workspace_ttl: Duration::from_secs(14 * 24 * 3600),
             },
         );
         let (coordinator_end, agent_end) = tokio::io::duplex(64 * 1024);

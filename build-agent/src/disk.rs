@@ -269,6 +269,8 @@ pub struct DiskBudget {
     worktree_dir: PathBuf,
     cache: GitCache,
     budget: Mutex<u64>,
+    /// Repositories not built for this long lose their workspaces and caches.
+    ttl: Duration,
     ledger: Mutex<Ledger>,
 }
 
@@ -293,7 +295,12 @@ impl Drop for DiskHold {
 impl DiskBudget {
     /// Scans what is on disk now (blocking: call it off the runtime's threads) and settles
     /// the budget: `configured`, else [`default_budget`].
-    pub fn scan(worktree_dir: PathBuf, cache: GitCache, configured: Option<u64>) -> Self {
+    pub fn scan(
+        worktree_dir: PathBuf,
+        cache: GitCache,
+        configured: Option<u64>,
+        ttl: Duration,
+    ) -> Self {
         let mut ledger = Ledger::default();
         let now = unix_millis();
         for (repo, repo_dir) in subdirectories(&worktree_dir) {
@@ -327,6 +334,7 @@ impl DiskBudget {
             worktree_dir,
             cache,
             budget: Mutex::new(budget),
+            ttl,
             ledger: Mutex::new(ledger),
         }
     }
@@ -401,11 +409,11 @@ impl DiskBudget {
         ledger.measured(Item::Caches { repo }, caches, now);
     }
 
-    /// Evicts until the total is within budget, then removes what outlived `ttl`. Returns
-    /// what was removed.
-    pub async fn enforce(&self, ttl: Duration) -> Vec<Item> {
+    /// Evicts until the total is within budget, then removes what outlived the TTL.
+    /// Returns what was removed.
+    pub async fn enforce(&self) -> Vec<Item> {
         let mut plan = self.ledger().evictions(self.budget());
-        plan.extend(self.ledger().expired(unix_millis(), ttl));
+        plan.extend(self.ledger().expired(unix_millis(), self.ttl));
         let mut removed = Vec::new();
         for item in plan {
             if removed.contains(&item) {
@@ -646,17 +654,22 @@ mod tests {
             std::fs::write(slot.join("target/big"), vec![1u8; 2_000_000]).expect("file");
             std::fs::create_dir_all(cache.repo_dir(repo)).expect("cache");
         }
-        let disk = Arc::new(DiskBudget::scan(worktrees.clone(), cache.clone(), Some(MB)));
+        let disk = Arc::new(DiskBudget::scan(
+            worktrees.clone(),
+            cache.clone(),
+            Some(MB),
+            Duration::from_secs(3600),
+        ));
         assert!(disk.usage().used_bytes >= 4 * MB, "{:?}", disk.usage());
         let hold = disk.hold("busy", 0);
-        let removed = disk.enforce(Duration::from_secs(3600)).await;
+        let removed = disk.enforce().await;
         assert_eq!(removed, [workspace("idle", 0), caches("idle")]);
         assert!(!worktrees.join("idle/slot-0").exists());
         assert!(!cache.repo_dir("idle").exists());
         assert!(worktrees.join("busy/slot-0/target/big").exists());
         drop(hold);
         // Its workspace alone brings the total within budget; its caches may stay.
-        let removed = disk.enforce(Duration::from_secs(3600)).await;
+        let removed = disk.enforce().await;
         assert_eq!(removed, [workspace("busy", 0)]);
         assert!(disk.usage().used_bytes < MB);
     }

@@ -49,8 +49,6 @@ pub struct ExecutorConfig {
     /// The disk budget over workspaces and caches; `None` keeps no budget (the developer's
     /// own machine).
     pub disk: Option<Arc<DiskBudget>>,
-    /// Repositories not built for this long lose their workspaces and caches.
-    pub workspace_ttl: Duration,
 }
 
 /// One job attempt as the executor sees it.
@@ -246,12 +244,11 @@ impl Executor {
         let Some(disk) = self.config.disk.clone() else {
             return;
         };
-        let ttl = self.config.workspace_ttl;
         tokio::spawn(async move {
             if let Some((repo_id, slot)) = measure {
                 disk.remeasure(&repo_id, slot).await;
             }
-            disk.enforce(ttl).await;
+            disk.enforce().await;
         });
     }
 

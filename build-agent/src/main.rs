@@ -183,8 +183,8 @@ async fn main() -> anyhow::Result<()> {
             config.worktree_dir.clone(),
             GitCache::new(config.git_cache_dir.clone()),
         );
-        let configured = config.max_disk_bytes;
-        move || DiskBudget::scan(worktree_dir, cache, configured)
+        let (configured, ttl) = (config.max_disk_bytes, config.workspace_ttl);
+        move || DiskBudget::scan(worktree_dir, cache, configured, ttl)
     })
     .await
     .context("scanning the workspaces failed")?;
@@ -218,17 +218,15 @@ async fn main() -> anyhow::Result<()> {
             sandbox: Some(sandbox),
             sccache: config.sccache,
             disk: Some(Arc::clone(&disk)),
-            workspace_ttl: config.workspace_ttl,
         },
     );
     // Repositories nobody builds any more expire even on an idle agent.
     let expiry = tokio::spawn({
-        let ttl = config.workspace_ttl;
         async move {
             let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
             loop {
                 hourly.tick().await;
-                disk.enforce(ttl).await;
+                disk.enforce().await;
             }
         }
     });

@@ -40,7 +40,6 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             sandbox: None,
             sccache: false,
             disk: None,
-            workspace_ttl: Duration::from_secs(14 * 24 * 3600),
         },
     );
     let git = GitLocator::Fixed(format!("file://{}", shared.repo.common_dir.display()));
