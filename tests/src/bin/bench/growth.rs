@@ -6,8 +6,9 @@
 //! `refs/buildpool/snapshots/` grows (0, 200, 2000, set again before every round, since
 //! each snapshot prunes them to the newest 200: with 2000, a snapshot deletes 1801).
 //! Each round follows a one-line change, so every job has a new snapshot to take and to
-//! fetch. Measured: the snapshot (from `run -v`) and
-//! submit to cargo's first output line (snapshot included), medians over the rounds.
+//! fetch. Measured: the snapshot (from `run -v`) and the time from launching
+//! `buildpool run -v check` to cargo's first output line (snapshot included), medians over
+//! the rounds.
 
 use std::time::{Duration, Instant};
 
