@@ -272,6 +272,9 @@ pub struct DiskBudget {
     /// Repositories not built for this long lose their workspaces and caches.
     ttl: Duration,
     ledger: Mutex<Ledger>,
+    /// One enforcement at a time: every job starts one, and two at once would plan and
+    /// measure the same evictions twice.
+    enforcing: tokio::sync::Mutex<()>,
 }
 
 /// A running job's hold on its workspace and its repository's caches; released on drop,
@@ -336,6 +339,7 @@ impl DiskBudget {
             budget: Mutex::new(budget),
             ttl,
             ledger: Mutex::new(ledger),
+            enforcing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -412,6 +416,7 @@ impl DiskBudget {
     /// Evicts until the total is within budget, then removes what outlived the TTL.
     /// Returns what was removed.
     pub async fn enforce(&self) -> Vec<Item> {
+        let _one_at_a_time = self.enforcing.lock().await;
         let mut plan = self.ledger().evictions(self.budget());
         plan.extend(self.ledger().expired(unix_millis(), self.ttl));
         let mut removed = Vec::new();

@@ -230,10 +230,6 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     });
-    if let Some(listener) = metrics {
-        tracing::info!("metrics at http://{}/metrics", listener.local_addr()?);
-        tokio::spawn(build_agent::metrics::serve(agent.clone(), listener));
-    }
     build_agent::process::reap_orphans(&config.worktree_dir);
     tracing::info!(agent_id = %config.id, slots = config.max_jobs, servers = config.servers.len(), "build agent starting");
     let prewarm = tokio::spawn(build_agent::nix::prewarm(config.prewarm_packages.clone()));
@@ -246,6 +242,15 @@ async fn main() -> anyhow::Result<()> {
             build_agent::connection::run(&agent, config.servers, &git_proxy, shutdown).await;
         }
     });
+    // Scrapes keep working while the agent drains; the endpoint stops with the agent.
+    if let Some(listener) = metrics {
+        tracing::info!("metrics at http://{}/metrics", listener.local_addr()?);
+        tokio::spawn(build_agent::metrics::serve(
+            agent.clone(),
+            listener,
+            shutdown.clone(),
+        ));
+    }
     if let Some(notifier) = build_agent::systemd::Notifier::from_env() {
         let agent = agent.clone();
         tokio::spawn(notifier.run(move || agent.status_line(), shutdown.clone()));

@@ -237,7 +237,11 @@ pub fn classic_text(open_metrics: &str) -> String {
 }
 
 /// Serves `/metrics` of `agent` on `listener` until the process ends.
-pub async fn serve(agent: crate::Agent, listener: tokio::net::TcpListener) {
+pub async fn serve(
+    agent: crate::Agent,
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move |headers: HeaderMap| {
@@ -245,7 +249,10 @@ pub async fn serve(agent: crate::Agent, listener: tokio::net::TcpListener) {
             async move { response(headers.get(header::ACCEPT), text) }
         }),
     );
-    if let Err(error) = axum::serve(listener, app).await {
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    if let Err(error) = served {
         tracing::error!("metrics endpoint stopped: {error}");
     }
 }
