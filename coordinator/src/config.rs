@@ -348,6 +348,18 @@ impl CoordinatorConfig {
         config.private_logs = true;
         Ok(config)
     }
+
+    /// A configuration for the coordinator a client starts in the background when none is
+    /// running (see `crate::background`): like the in-process one, it listens on loopback
+    /// only and runs jobs on the embedded local agent, but it has the dashboard, and its
+    /// logs are the repository's. Nobody asked for a job bus, so no port opens beyond this
+    /// host: a fleet needs `buildpool serve`.
+    pub fn background(worktree: &Path) -> Result<Self, ConfigError> {
+        let mut config = Self::in_process(worktree)?;
+        config.http_addr = Some("127.0.0.1:0".into());
+        config.private_logs = false;
+        Ok(config)
+    }
 }
 
 #[cfg(test)]

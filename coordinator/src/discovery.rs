@@ -31,6 +31,9 @@ pub struct Discovery {
     /// `/metrics`.
     #[serde(default)]
     pub http_url: Option<String>,
+    /// Started by a client in the background (it exits when idle), not by `buildpool serve`.
+    #[serde(default)]
+    pub background: bool,
 }
 
 /// Takes the repository's coordinator lock (`coordinator.lock`, an advisory file lock), or
@@ -38,11 +41,17 @@ pub struct Discovery {
 /// would fight over the discovery file, the snapshot refs and the git daemon.
 pub fn lock(state_dir: &Path) -> std::io::Result<Option<std::fs::File>> {
     std::fs::create_dir_all(state_dir)?;
+    try_lock(&state_dir.join("coordinator.lock"))
+}
+
+/// An advisory lock on the file `path` (created if missing), held while the returned file
+/// lives; `None` when another live process holds it.
+pub fn try_lock(path: &Path) -> std::io::Result<Option<std::fs::File>> {
     let file = std::fs::File::options()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(state_dir.join("coordinator.lock"))?;
+        .open(path)?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -108,6 +117,7 @@ mod tests {
             token_file: None,
             tls_fingerprint: None,
             http_url: Some("http://127.0.0.1:2".into()),
+            background: false,
         };
         write(dir.path(), &discovery).expect("write");
         assert_eq!(read(dir.path()), Some(discovery.clone()));

@@ -6,6 +6,7 @@
 
 pub mod atomic_file;
 pub mod auth;
+pub mod background;
 pub mod cli;
 pub mod client;
 pub mod config;

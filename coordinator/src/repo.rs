@@ -13,6 +13,10 @@ pub struct Repo {
     pub common_dir: PathBuf,
     /// Stable identity: the same project gets the same agent cache and workspaces.
     pub id: String,
+    /// A plain directory, not a git repository: `common_dir` is a private repository
+    /// buildpool keeps for it (see [`Repo::plain`]), and git runs with `GIT_DIR` and
+    /// `GIT_WORK_TREE` ([`Repo::git`]).
+    pub plain: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,9 +55,10 @@ fn sanitize(name: &str) -> String {
 }
 
 impl Repo {
-    /// Finds the repository containing `dir`.
+    /// Finds the repository containing `dir`; a directory in no git repository at all is
+    /// a plain one ([`Repo::plain`]).
     pub async fn discover(dir: &Path) -> Result<Self, RepoError> {
-        let output = Git::new(dir)
+        let output = match Git::new(dir)
             .args([
                 "rev-parse",
                 "--path-format=absolute",
@@ -62,7 +67,16 @@ impl Repo {
             ])
             .output()
             .await
-            .map_err(|error| RepoError::NotARepository(dir.to_owned(), error.to_string()))?;
+        {
+            Ok(output) => output,
+            // Told apart by the absence of `.git` rather than git's (translated) message.
+            Err(GitError::Failed { .. })
+                if dir.is_dir() && !dir.ancestors().any(|d| d.join(".git").exists()) =>
+            {
+                return Self::plain(dir).await;
+            }
+            Err(error) => return Err(RepoError::NotARepository(dir.to_owned(), error.to_string())),
+        };
         let mut lines = output.lines();
         let (Some(worktree), Some(common_dir)) = (lines.next(), lines.next()) else {
             return Err(RepoError::NotARepository(
@@ -98,6 +112,75 @@ impl Repo {
             worktree,
             common_dir,
             id,
+            plain: false,
+        })
+    }
+
+    /// A project directory that is no git repository, as some orchestrators give their
+    /// agents. Snapshots go into a private repository buildpool keeps for it under
+    /// `$XDG_CACHE_HOME/buildpool/plain/`, with the directory as its work tree: the
+    /// directory itself gets no `.git`. Its `.gitignore` applies, and `/target/` is always
+    /// ignored. The top is the outermost of the directories holding a `Cargo.toml` from
+    /// the nearest one up (a workspace member's directory finds its workspace), else `dir`.
+    pub async fn plain(dir: &Path) -> Result<Self, RepoError> {
+        Self::plain_under(dir, &crate::config::cache_home()).await
+    }
+
+    /// [`Repo::plain`] with the private repositories under `cache` instead.
+    pub(crate) async fn plain_under(dir: &Path, cache: &Path) -> Result<Self, RepoError> {
+        let not_a_repo =
+            |error: std::io::Error| RepoError::NotARepository(dir.to_owned(), error.to_string());
+        let dir = dir.canonicalize().map_err(not_a_repo)?;
+        let worktree = dir
+            .ancestors()
+            .skip_while(|d| !d.join("Cargo.toml").is_file())
+            .take_while(|d| d.join("Cargo.toml").is_file())
+            .last()
+            .unwrap_or(&dir)
+            .to_owned();
+        let name = sanitize(
+            &worktree
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        let hash = fnv1a(&worktree.display().to_string());
+        let home = cache
+            .join("buildpool")
+            .join("plain")
+            .join(format!("{name}-{hash:016x}"));
+        let common_dir = home.join("repo.git");
+        if !common_dir.join("HEAD").is_file() {
+            init_private(&home, &common_dir, &worktree).await?;
+        }
+        Ok(Self {
+            worktree,
+            common_dir,
+            id: format!("{name}-{:012x}", hash & 0xffff_ffff_ffff),
+            plain: true,
+        })
+    }
+
+    /// git in the worktree: for a plain directory, on its private repository.
+    pub fn git(&self) -> Git {
+        let git = Git::new(&self.worktree);
+        if self.plain {
+            git.env("GIT_DIR", &self.common_dir)
+                .env("GIT_WORK_TREE", &self.worktree)
+        } else {
+            git
+        }
+    }
+
+    /// For a plain directory, one line saying where its snapshots go.
+    pub fn plain_note(&self) -> Option<String> {
+        self.plain.then(|| {
+            format!(
+                "{} is not a git repository: snapshots go to buildpool's private repository {} \
+                 (the directory itself is left as it is; .gitignore applies, target/ is ignored)",
+                self.worktree.display(),
+                self.common_dir.display()
+            )
         })
     }
 
@@ -107,9 +190,64 @@ impl Repo {
     }
 }
 
+/// Creates the private repository of a plain directory: made aside and renamed into
+/// place, so clients starting at once never see half of one.
+async fn init_private(home: &Path, common_dir: &Path, worktree: &Path) -> Result<(), RepoError> {
+    let io = |error: std::io::Error| {
+        RepoError::NotARepository(worktree.to_owned(), format!("{}: {error}", home.display()))
+    };
+    std::fs::create_dir_all(home).map_err(io)?;
+    let making = home.join(format!(
+        ".init-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    Git::new(home)
+        .args(["init", "--quiet", "--bare"])
+        .arg(&making)
+        .output()
+        .await?;
+    std::fs::create_dir_all(making.join("info")).map_err(io)?;
+    std::fs::write(making.join("info").join("exclude"), "/target/\n").map_err(io)?;
+    std::fs::write(home.join("directory"), worktree.display().to_string()).map_err(io)?;
+    if std::fs::rename(&making, common_dir).is_err() {
+        // Another client made it first.
+        let _ = std::fs::remove_dir_all(&making);
+        if !common_dir.join("HEAD").is_file() {
+            return Err(io(std::io::ErrorKind::AlreadyExists.into()));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_plain_directory_gets_a_private_repository_and_no_dot_git() {
+        let dir = tempfile::tempdir().expect("temp");
+        let project = dir.path().join("project");
+        std::fs::create_dir_all(project.join("app/src")).expect("mkdir");
+        std::fs::write(project.join("Cargo.toml"), "[workspace]\n").expect("write");
+        std::fs::write(project.join("app/Cargo.toml"), "[package]\n").expect("write");
+        let cache = dir.path().join("cache");
+        let from_member = Repo::plain_under(&project.join("app/src"), &cache)
+            .await
+            .expect("plain");
+        let top = project.canonicalize().expect("canonical");
+        assert_eq!(from_member.worktree, top, "a member finds its workspace");
+        assert!(from_member.plain && from_member.common_dir.starts_with(&cache));
+        assert!(from_member.common_dir.join("HEAD").is_file());
+        assert!(!project.join(".git").exists());
+        let again = Repo::plain_under(&project, &cache).await.expect("plain");
+        assert_eq!(again, from_member, "the same private repository");
+        let lone = dir.path().join("lone");
+        std::fs::create_dir_all(&lone).expect("mkdir");
+        let lone = Repo::plain_under(&lone, &cache).await.expect("plain");
+        assert_ne!(lone.id, from_member.id);
+        assert_ne!(lone.common_dir, from_member.common_dir);
+    }
 
     #[test]
     fn names_are_sanitized() {

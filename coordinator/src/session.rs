@@ -1,9 +1,11 @@
 //! The client side of a job, written once: snapshot, route, submit, events, cancel.
 //!
 //! `buildpool run` and the MCP server (and every later client) start jobs through a
-//! [`JobClient`], so "no coordinator running" behaves the same for all of them: the job
-//! still runs, through an in-process coordinator with its embedded local agent (same
-//! snapshot, fetch, workspace and env code path), and the caller is told why.
+//! [`JobClient`], so "no coordinator running" behaves the same for all of them: the first
+//! client starts one in the background and the others join it (`crate::background`); if
+//! that fails, the job still runs, through an in-process coordinator with its embedded
+//! local agent (same snapshot, fetch, workspace and env code path). Either way the caller
+//! is told why.
 
 use std::time::{Duration, Instant};
 
@@ -18,8 +20,12 @@ use crate::server::Coordinator;
 /// Where jobs submitted through a [`Route`] run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Via {
-    /// The repository's coordinator (`buildpool serve`).
+    /// The repository's coordinator (`buildpool serve`, or one another client started in
+    /// the background).
     Coordinator,
+    /// A coordinator this client just started in the background, because none was running
+    /// (what it says about it: pid, idle time, log).
+    Started(String),
     /// An in-process coordinator, because the repository's was unreachable (the reason).
     InProcess(String),
 }
@@ -73,7 +79,9 @@ impl JobClient {
         &self.repo
     }
 
-    /// A client to the repository's coordinator if one answers, else to the in-process one.
+    /// A client to the repository's coordinator if one answers, else to one it starts in
+    /// the background, else (that failing, or `BUILDPOOL_BACKGROUND=off`) to the in-process
+    /// one.
     pub async fn route(&self, force_local: bool) -> anyhow::Result<Route> {
         let reason = if force_local {
             "requested".to_owned()
@@ -86,7 +94,14 @@ impl JobClient {
                     });
                 }
                 Err(ClientError::NotRunning(_)) => {
-                    "no coordinator running for this repository".to_owned()
+                    match crate::background::join(&self.repo).await {
+                        Ok((client, started)) => {
+                            let via =
+                                started.map_or(Via::Coordinator, |s| Via::Started(s.to_string()));
+                            return Ok(Route { client, via });
+                        }
+                        Err(reason) => reason,
+                    }
                 }
                 Err(error) => error.to_string(),
             }

@@ -96,10 +96,12 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         .tempfile_in(&state_dir)?;
     let index = temporary.path().to_owned();
     // Three reads of the repository as it is, at once: each git call costs a process.
-    let real_index = Git::new(&repo.worktree)
+    let real_index = repo
+        .git()
         .args(["rev-parse", "--path-format=absolute", "--git-path", "index"])
         .output();
-    let parent = Git::new(&repo.worktree)
+    let parent = repo
+        .git()
         .args(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])
         .output();
     let (real_index, parent, untracked) = tokio::join!(real_index, parent, list_untracked(repo));
@@ -110,9 +112,11 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         tokio::fs::remove_file(&index).await.ok();
     }
     // Tracked files as they are now: modified, deleted, staged.
-    Git::new(&repo.worktree)
+    repo.git()
         .env("GIT_INDEX_FILE", &index)
-        .args(["add", "--update", "--", "."])
+        // The whole worktree (git runs at its top); no pathspec, which would be an error
+        // when nothing is tracked yet.
+        .args(["add", "--update"])
         .output()
         .await?;
     let (mut added, skipped) = sort_untracked(repo, &untracked, max_untracked);
@@ -123,7 +127,8 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         added.push(LOCKFILE);
     }
     add_paths(repo, &index, &state_dir, &added).await?;
-    let tree = Git::new(&repo.worktree)
+    let tree = repo
+        .git()
         .env("GIT_INDEX_FILE", &index)
         .arg("write-tree")
         .output()
@@ -131,7 +136,8 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
     let message = format!("buildpool snapshot of {}", repo.worktree.display());
     // A fixed date makes the commit a function of the content: an unchanged worktree gives
     // the same commit, which an agent that built it before already has (no fetch at all).
-    let mut commit_tree = Git::new(&repo.worktree)
+    let mut commit_tree = repo
+        .git()
         .env("GIT_AUTHOR_DATE", FIXED_DATE)
         .env("GIT_COMMITTER_DATE", FIXED_DATE)
         .args(["commit-tree", &tree, "-m", &message]);
@@ -144,12 +150,12 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         unix_millis(),
         fastrand::u32(..)
     );
-    Git::new(&repo.worktree)
+    repo.git()
         .args(["update-ref", &git_ref, &commit])
         .output()
         .await?;
     drop(temporary);
-    if let Err(error) = prune(&repo.worktree).await {
+    if let Err(error) = prune(&repo.common_dir).await {
         tracing::warn!("pruning old snapshot refs failed: {error}");
     }
     Ok(Snapshot {
@@ -162,8 +168,9 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
 /// The untracked files that are not ignored (by git's rules or `.buildpoolignore`), as
 /// `git ls-files -z` lists them.
 async fn list_untracked(repo: &Repo) -> Result<String, GitError> {
-    let mut listing =
-        Git::new(&repo.worktree).args(["ls-files", "-z", "--others", "--exclude-standard"]);
+    let mut listing = repo
+        .git()
+        .args(["ls-files", "-z", "--others", "--exclude-standard"]);
     let ignore_file = repo.worktree.join(IGNORE_FILE);
     if ignore_file.is_file() {
         listing = listing.arg(format!("--exclude-from={}", ignore_file.display()));
@@ -216,7 +223,7 @@ async fn add_paths(
         .prefix("snapshot-paths-")
         .tempfile_in(state_dir)?;
     std::fs::write(pathspecs.path(), paths.join("\0"))?;
-    Git::new(&repo.worktree)
+    repo.git()
         .env("GIT_INDEX_FILE", index)
         .env("GIT_LITERAL_PATHSPECS", "1")
         .args(["add", "--force"])
@@ -511,6 +518,54 @@ mod tests {
         git(root, &["update-ref", &old, &snapshot.commit]).await;
         assert_eq!(prune(root).await.expect("prune"), 1);
         assert_eq!(count(root).await.expect("count"), 3);
+    }
+
+    #[tokio::test]
+    async fn a_plain_directory_is_snapshotted_without_its_ignored_files_or_a_dot_git() {
+        let dir = tempfile::tempdir().expect("temp");
+        let project = dir.path().join("project");
+        for (path, text) in [
+            ("Cargo.toml", "[package]\n"),
+            ("src/lib.rs", "\n"),
+            (".gitignore", ".env\n"),
+            (".env", "SECRET=1\n"),
+            ("target/debug/junk", "x\n"),
+            ("notes/target/kept.txt", "x\n"),
+        ] {
+            let path = project.join(path);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, text).expect("write");
+        }
+        let repo = Repo::plain_under(&project, &dir.path().join("cache"))
+            .await
+            .expect("plain");
+        let snapshot = create(&repo).await.expect("snapshot");
+        let files = git(
+            &repo.common_dir,
+            &["ls-tree", "-r", "--name-only", &snapshot.commit],
+        )
+        .await;
+        let files: Vec<&str> = files.lines().collect();
+        assert_eq!(
+            files,
+            [
+                ".gitignore",
+                "Cargo.toml",
+                "notes/target/kept.txt",
+                "src/lib.rs"
+            ]
+        );
+        assert!(!project.join(".git").exists());
+        // Unchanged, the same commit; a change, another.
+        assert_eq!(
+            create(&repo).await.expect("snapshot").commit,
+            snapshot.commit
+        );
+        std::fs::write(project.join("src/lib.rs"), "// changed\n").expect("write");
+        assert_ne!(
+            create(&repo).await.expect("snapshot").commit,
+            snapshot.commit
+        );
     }
 
     #[tokio::test]

@@ -271,7 +271,10 @@ impl Fixture {
             .env("XDG_CACHE_HOME", self.scratch().join("cache"))
             .env("NIX_CONFIG", NIX_CONFIG)
             .env_remove("BUILDPOOL_TOKEN")
-            .env_remove("BUILDPOOL_COORDINATOR");
+            .env_remove("BUILDPOOL_COORDINATOR")
+            // No coordinator outliving a test: clients without one run jobs in-process.
+            // The tests of background coordinators remove it.
+            .env("BUILDPOOL_BACKGROUND", "off");
     }
 
     /// A `buildpool -C <dir> ...` command with this fixture's environment.

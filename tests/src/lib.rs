@@ -525,6 +525,32 @@ impl std::fmt::Display for RunOutput {
     }
 }
 
+/// The summary line of each test binary, without its timing: what "the same tests ran
+/// with the same results" means for two runs.
+pub fn test_counts(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter(|line| line.starts_with("test result:"))
+        .map(|line| {
+            line.split("; finished in")
+                .next()
+                .unwrap_or(line)
+                .to_owned()
+        })
+        .collect()
+}
+
+/// `cargo <args>` run locally in `dir`, as the agent's shell would without buildpool.
+pub fn local_cargo(dir: &Path, args: &[&str]) -> RunOutput {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let out = Command::new(cargo)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("cargo runs");
+    out.into()
+}
+
 /// A Bash PreToolUse event as Claude Code sends it to a hook, for `command` typed in `cwd`
 /// (the sample the hook's unit tests use).
 pub fn bash_event(command: &str, cwd: &Path) -> String {

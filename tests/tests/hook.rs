@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use buildpool_tests::{Cluster, Fixture, RunOutput, bash_event, buildpool_bin, run_hook};
+use buildpool_tests::{
+    Cluster, Fixture, RunOutput, bash_event, buildpool_bin, local_cargo, run_hook, test_counts,
+};
 use serde_json::{Value, json};
 
 /// The command the hook puts in place of `command` typed in `cwd`, if it rewrites it.
@@ -28,32 +30,6 @@ fn rewritten(command: &str, cwd: &Path) -> Option<String> {
             .expect("command")
             .to_owned(),
     )
-}
-
-/// The summary line of each test binary, without its timing: what "the same tests ran
-/// with the same results" means for two runs.
-fn test_counts(stdout: &str) -> Vec<String> {
-    stdout
-        .lines()
-        .filter(|line| line.starts_with("test result:"))
-        .map(|line| {
-            line.split("; finished in")
-                .next()
-                .unwrap_or(line)
-                .to_owned()
-        })
-        .collect()
-}
-
-/// `cargo <args>` run locally in `dir`, as the agent's shell would without buildpool.
-fn local_cargo(dir: &Path, args: &[&str]) -> RunOutput {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let out = Command::new(cargo)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("cargo runs");
-    out.into()
 }
 
 /// `sh -c command` in `dir` with the fixture's environment and, if given, this `PATH`.

@@ -406,8 +406,70 @@ async fn with_the_coordinator_down_jobs_run_locally_and_say_so() {
     assert_eq!(body["ran_on"], "local (coordinator unreachable)");
     assert!(text(&result).contains("local (coordinator unreachable)"));
     let job_id = body["job_id"].as_u64().expect("job id");
+    assert_test_in_log(&client, job_id).await;
+    let status = call(&client, "worker_status", json!({})).await;
+    assert!(text(&status).contains("unreachable"), "{}", text(&status));
+    client.cancel().await.expect("closes");
+}
+
+#[tokio::test]
+async fn with_no_coordinator_the_first_job_starts_one_in_the_background_and_others_join_it() {
+    let fixture = blocking(|| Fixture::new().expect("fixture"))
+        .await
+        .expect("join");
+    let worktree = fixture.add_worktree("second").expect("worktree");
+    let mcp = |dir: &Path| {
+        let mut command = fixture.command_in(dir, &["mcp"]);
+        command
+            .env_remove("BUILDPOOL_BACKGROUND")
+            .env("BUILDPOOL_IDLE_EXIT_SECS", "600");
+        TokioChildProcess::new(tokio::process::Command::from(command)).expect("starts")
+    };
+    let first = Recorder::default()
+        .serve(mcp(&fixture.root()))
+        .await
+        .expect("MCP handshake");
+    let second = Recorder::default()
+        .serve(mcp(&worktree))
+        .await
+        .expect("MCP handshake");
+    let started = call(&first, "check", json!({})).await;
+    let body = structured(&started);
+    let note = body["coordinator_note"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let pid: i32 = note
+        .split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_default();
+    // Whatever happens next, it does not outlive the test.
+    let _reaper = Reaper(pid);
+    assert_eq!(started.is_error, Some(false), "{}", text(&started));
+    assert!(pid > 0, "{body}");
+    assert_eq!(body["ran_on"], "local fallback", "{body}");
+    assert!(text(&started).contains("started one in the background"));
+
+    let joined = call(&second, "test", json!({})).await;
+    let body = structured(&joined);
+    assert_eq!(joined.is_error, Some(false), "{}", text(&joined));
+    assert_eq!(body["ran_on"], "local fallback", "{body}");
+    assert!(body.get("coordinator_note").is_none(), "{body}");
+    let job_id = body["job_id"].as_u64().expect("job id");
+    // Its log is the shared coordinator's, readable from the other session too.
+    assert_test_in_log(&first, job_id).await;
+    let status = call(&second, "worker_status", json!({})).await;
+    assert!(!text(&status).contains("unreachable"), "{}", text(&status));
+    first.cancel().await.expect("closes");
+    second.cancel().await.expect("closes");
+}
+
+/// `job_log` of `job_id` shows the fixture's `quadruples` test passing.
+async fn assert_test_in_log(client: &Client, job_id: u64) {
     let log = call(
-        &client,
+        client,
         "job_log",
         json!({"job_id": job_id, "filter": "quadruples"}),
     )
@@ -417,9 +479,17 @@ async fn with_the_coordinator_down_jobs_run_locally_and_say_so() {
         "{}",
         text(&log)
     );
-    let status = call(&client, "worker_status", json!({})).await;
-    assert!(text(&status).contains("unreachable"), "{}", text(&status));
-    client.cancel().await.expect("closes");
+}
+
+/// Kills a background coordinator at the end of a test, whatever its outcome.
+struct Reaper(i32);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            buildpool_tests::signal_pid(self.0, 9);
+        }
+    }
 }
 
 #[tokio::test]

@@ -95,6 +95,9 @@ pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     let (force_local, verbose, quiet) = (args.local, args.verbose, args.quiet);
     let spec = args.spec()?;
     let jobs = JobClient::new(Repo::discover(dir).await?);
+    if let Some(note) = jobs.repo().plain_note() {
+        eprintln!("[buildpool] {note}");
+    }
     let line = TerminalLine::new(!quiet, &jobs.repo().worktree);
     let outcome = run_job(&jobs, spec, force_local, verbose, line, &mut interrupts).await;
     jobs.shutdown().await;
@@ -110,10 +113,12 @@ async fn run_job(
     interrupts: &mut tokio::signal::unix::Signal,
 ) -> anyhow::Result<u8> {
     let mut session = jobs.start(spec, force_local).await?;
-    if let Via::InProcess(reason) = session.via()
-        && !force_local
-    {
-        eprintln!("[buildpool] {reason}; running the job here");
+    match session.via() {
+        Via::InProcess(reason) if !force_local => {
+            eprintln!("[buildpool] {reason}; running the job here");
+        }
+        Via::Started(note) => eprintln!("[buildpool] {note}"),
+        _ => {}
     }
     if let Some(note) = session.snapshot_note() {
         eprintln!("[buildpool] {note}");

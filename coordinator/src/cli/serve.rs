@@ -2,10 +2,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
 
+use crate::background;
 use crate::config::{CoordinatorConfig, Overrides, TlsFiles};
 use crate::discovery::{self, Discovery};
 use crate::repo::Repo;
@@ -60,37 +62,59 @@ pub struct ServeArgs {
     /// Workspace directory of the embedded local agent.
     #[arg(long)]
     local_worktree_dir: Option<PathBuf>,
+    /// Started by a client that found no coordinator: loopback only, local agent, stops
+    /// when idle or when the repository is gone (see `crate::background`).
+    #[arg(long, hide = true)]
+    background: bool,
+    /// With --background: seconds without jobs or client requests before it stops.
+    #[arg(long, hide = true, requires = "background")]
+    idle_exit_secs: Option<u64>,
 }
 
 pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let repo = Repo::discover(dir).await?;
-    let config = CoordinatorConfig::load(
-        &repo.worktree,
-        Overrides {
-            config: args.config,
-            websocket_port: args.websocket_port,
-            websocket_listen_addr: args.websocket_listen_addr,
-            git_daemon_port: args.git_daemon_port,
-            git_daemon_listen_addr: args.git_daemon_listen_addr,
-            control_addr: args.control_addr,
-            http_addr: args.http_addr,
-            token_file: args.token_file,
-            allow_insecure: args.allow_insecure,
-            tls: TlsFiles {
-                cert_file: args.tls_cert_file,
-                key_file: args.tls_key_file,
-                client_ca_file: args.tls_client_ca_file,
+    let background = args.background.then(|| {
+        args.idle_exit_secs
+            .map_or(background::DEFAULT_IDLE, Duration::from_secs)
+    });
+    let config = if background.is_some() {
+        CoordinatorConfig::background(&repo.worktree)?
+    } else {
+        CoordinatorConfig::load(
+            &repo.worktree,
+            Overrides {
+                config: args.config,
+                websocket_port: args.websocket_port,
+                websocket_listen_addr: args.websocket_listen_addr,
+                git_daemon_port: args.git_daemon_port,
+                git_daemon_listen_addr: args.git_daemon_listen_addr,
+                control_addr: args.control_addr,
+                http_addr: args.http_addr,
+                token_file: args.token_file,
+                allow_insecure: args.allow_insecure,
+                tls: TlsFiles {
+                    cert_file: args.tls_cert_file,
+                    key_file: args.tls_key_file,
+                    client_ca_file: args.tls_client_ca_file,
+                },
+                no_local_fallback: args.no_local_fallback,
+                local_max_jobs: args.local_jobs,
+                local_worktree_dir: args.local_worktree_dir,
             },
-            no_local_fallback: args.no_local_fallback,
-            local_max_jobs: args.local_jobs,
-            local_worktree_dir: args.local_worktree_dir,
-        },
-    )?;
+        )?
+    };
     // Held until this process exits; the kernel releases it even after kill -9, so a dead
     // coordinator's lock is simply taken over.
     let _only_coordinator = match discovery::lock(&repo.state_dir())? {
         Some(lock) => lock,
         None => match discovery::read(&repo.state_dir()) {
+            Some(running) if running.background && background.is_none() => {
+                println!(
+                    "Stopping the background coordinator a client started (pid {}); this one replaces it",
+                    running.pid
+                );
+                background::replace(&repo.state_dir(), running.pid).await?
+            }
             Some(running) => bail!(
                 "a coordinator for this repository is already running (pid {}, control API {})",
                 running.pid,
@@ -117,6 +141,7 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
         token_file: token_file.clone(),
         tls_fingerprint: fingerprint.map(|f| f.to_string()),
         http_url: coordinator.http_url(),
+        background: background.is_some(),
     };
     discovery::write(&repo.state_dir(), &discovery).context("cannot write the discovery file")?;
 
@@ -171,8 +196,16 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let notifying = build_agent::systemd::Notifier::from_env().map(|notifier| {
         tokio::spawn(notifier.run(coordinator.status_line(), stop_notifying.clone()))
     });
-    wait_for_signal().await;
-    println!("Build pool coordinator stopping...");
+    match background {
+        Some(idle) => {
+            let stop = background::serve_until_idle(&coordinator, &repo, idle).await;
+            println!("Build pool coordinator stopping ({stop})...");
+        }
+        None => {
+            wait_for_signal().await;
+            println!("Build pool coordinator stopping...");
+        }
+    }
     stop_notifying.cancel();
     if let Some(notifying) = notifying {
         let _ = notifying.await;

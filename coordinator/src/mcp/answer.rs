@@ -41,6 +41,8 @@ pub struct ToolAnswer {
     pub report: Report,
     /// What the snapshot left out of the worktree, if anything.
     pub snapshot_note: Option<String>,
+    /// That this call started the repository's coordinator in the background, if it did.
+    pub coordinator_note: Option<String>,
     /// Where the time went.
     pub timings: Timings,
 }
@@ -201,6 +203,9 @@ impl ToolAnswer {
         if let Some(note) = &self.snapshot_note {
             put("snapshot_note", json!(note));
         }
+        if let Some(note) = &self.coordinator_note {
+            put("coordinator_note", json!(note));
+        }
         let timings: serde_json::Map<String, Value> = self
             .timings
             .named()
@@ -264,7 +269,10 @@ impl ToolAnswer {
             secs(queue_ms),
             secs(run_ms)
         );
-        if let Some(note) = &self.snapshot_note {
+        for note in [&self.snapshot_note, &self.coordinator_note]
+            .into_iter()
+            .flatten()
+        {
             let _ = write!(text, "\n{note}");
         }
         if outcome == "succeeded" {

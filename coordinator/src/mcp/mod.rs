@@ -30,7 +30,7 @@ use rmcp::{
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::client::Client;
+use crate::client::{Client, ClientError};
 use crate::repo::Repo;
 use crate::session::{JobClient, JobSession, StartError, Via};
 use answer::{Placement, ToolAnswer};
@@ -295,6 +295,10 @@ pub struct BuildPoolMcp {
 /// Serves MCP on stdin/stdout until the client goes away.
 pub async fn serve(dir: &Path) -> anyhow::Result<()> {
     let repo = Repo::discover(dir).await?;
+    if let Some(note) = repo.plain_note() {
+        // stderr is the MCP client's log of this server.
+        eprintln!("buildpool mcp: {note}");
+    }
     let server = BuildPoolMcp::new(repo);
     let running = server.clone().serve(rmcp::transport::stdio()).await?;
     let result = running.waiting().await;
@@ -411,12 +415,19 @@ impl BuildPoolMcp {
                 {
                     local_active = status.local_fallback_active;
                 }
+                let note = if matches!(error, ClientError::NotRunning(_))
+                    && crate::background::enabled()
+                {
+                    "the next job starts a coordinator for this repository in the background"
+                } else {
+                    "jobs run locally through an in-process coordinator until one is reachable"
+                };
                 let value = serde_json::json!({
                     "coordinator": format!("unreachable: {error}"),
                     "workers": [],
                     "queued_jobs": 0,
                     "local_fallback_active": local_active,
-                    "note": "jobs run locally through an in-process coordinator until one is reachable",
+                    "note": note,
                 });
                 let now = if local_active {
                     "a local job is running now"
@@ -424,7 +435,7 @@ impl BuildPoolMcp {
                     "no local job running"
                 };
                 return Ok(answer::plain(
-                    format!("coordinator unreachable ({error}); jobs run locally; {now}"),
+                    format!("coordinator unreachable ({error}); {note}; {now}"),
                     value,
                     false,
                 ));
@@ -539,14 +550,14 @@ impl BuildPoolMcp {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&job_id)
-            .is_some_and(|via| *via != Via::Coordinator);
+            .is_some_and(|via| matches!(via, Via::InProcess(_)));
         let route = self
             .inner
             .jobs
             .route(in_process)
             .await
             .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
-        if !in_process && route.via != Via::Coordinator {
+        if !in_process && matches!(route.via, Via::InProcess(_)) {
             return Err(invalid(format!(
                 "no coordinator is reachable and job {job_id} did not run in this session"
             )));
@@ -639,8 +650,10 @@ impl BuildPoolMcp {
                 JobEvent::Finished(result) => {
                     let placement = match (session.via(), result.local) {
                         (Via::InProcess(reason), _) => Placement::Unreachable(reason.clone()),
-                        (Via::Coordinator, true) => Placement::LocalFallback,
-                        (Via::Coordinator, false) => Placement::Agent(result.agent_id.clone()),
+                        (Via::Coordinator | Via::Started(_), true) => Placement::LocalFallback,
+                        (Via::Coordinator | Via::Started(_), false) => {
+                            Placement::Agent(result.agent_id.clone())
+                        }
                     };
                     return Ok(ToolAnswer {
                         kind,
@@ -650,6 +663,10 @@ impl BuildPoolMcp {
                         result,
                         report: report.finish(),
                         snapshot_note: session.snapshot_note().map(str::to_owned),
+                        coordinator_note: match session.via() {
+                            Via::Started(note) => Some(note.clone()),
+                            _ => None,
+                        },
                     }
                     .into_result());
                 }

@@ -56,7 +56,12 @@ pub(crate) async fn serve(
                 Scope::Client,
                 request.remote_addr().map(|addr| addr.ip()),
             ) {
-                Ok(()) => Ok(request),
+                Ok(()) => {
+                    checker
+                        .last_request
+                        .store(unix_millis(), std::sync::atomic::Ordering::Relaxed);
+                    Ok(request)
+                }
                 Err(reason) => Err(Status::unauthenticated(reason)),
             }
         });

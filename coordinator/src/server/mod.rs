@@ -197,6 +197,9 @@ pub(crate) struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// The last jobs that ended, for the dashboard.
     pub history: history::History,
+    /// When the control API last admitted a request (unix milliseconds): a coordinator
+    /// started in the background stops only after clients fell silent.
+    pub last_request: AtomicU64,
 }
 
 impl Shared {
@@ -460,6 +463,7 @@ impl Coordinator {
             history: history::History::default(),
             verified_commits: control::VerifiedCommits::default(),
             ended_refs,
+            last_request: AtomicU64::new(buildpool_core::time::unix_millis()),
         });
         let shutdown = shared.shutdown.clone();
         let mut tasks = tokio::task::JoinSet::new();
@@ -549,6 +553,13 @@ impl Coordinator {
             let plural = if agents == 1 { "" } else { "s" };
             format!("{agents} agent{plural}, {running} running, {queued} queued")
         }
+    }
+
+    /// Whether any job is queued or running, and when a client last made a request (unix
+    /// milliseconds): what tells a background coordinator it is idle.
+    pub fn activity(&self) -> (bool, u64) {
+        let busy = !self.shared.state().jobs.is_empty();
+        (busy, self.shared.last_request.load(Ordering::Relaxed))
     }
 
     /// Whether the control API is served over TLS (it listens beyond loopback).

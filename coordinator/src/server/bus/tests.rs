@@ -60,6 +60,7 @@ impl Bus {
                 worktree: dir.path().to_owned(),
                 common_dir: dir.path().to_owned(),
                 id: "repo".into(),
+                plain: false,
             },
             config,
             auth: crate::auth::Authenticator::new(
@@ -85,6 +86,7 @@ impl Bus {
             }),
             next_conn: AtomicU64::new(1),
             next_job: AtomicU64::new(1),
+            last_request: AtomicU64::new(0),
             metrics: crate::metrics::Metrics::new(),
             history: crate::server::history::History::default(),
             verified_commits: Default::default(),
