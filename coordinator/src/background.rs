@@ -166,6 +166,16 @@ async fn start(repo: &Repo, state: &Path, deadline: Instant) -> Result<Option<St
     ] {
         command.env_remove(name);
     }
+    // Every job brings its own allow-listed variables; this client's must not become
+    // every later job's (RUSTFLAGS, say), as they would in the local agent's environment.
+    for (name, _) in std::env::vars_os() {
+        if name
+            .to_str()
+            .is_some_and(buildpool_core::spec::env_name_allowed)
+        {
+            command.env_remove(name);
+        }
+    }
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot start a background coordinator: {e}"))?;

@@ -130,11 +130,24 @@ fn clients_in_six_worktrees_share_one_background_coordinator_that_exits_when_idl
 #[test]
 fn a_background_coordinator_exits_when_its_repository_is_gone_and_serve_replaces_one() {
     let fixture = Fixture::new().expect("fixture");
-    let first = output(client(&fixture, &fixture.root(), &["run", "check"], "600"));
+    let lib = fixture.root().join("app/src/lib.rs");
+    let mut text = std::fs::read_to_string(&lib).expect("read");
+    text.push_str("\n#[cfg(buildpool_leak)]\ncompile_error!(\"leaked\");\n");
+    std::fs::write(&lib, text).expect("write");
+    // The client that starts the coordinator has RUSTFLAGS; its job gets them ...
+    let mut command = client(&fixture, &fixture.root(), &["run", "check"], "600");
+    command.env("RUSTFLAGS", "--cfg buildpool_leak");
+    let first = output(command);
     let mut reaper = Reaper::default();
     reaper.0.extend(started_pid(&first.stderr));
-    assert_eq!(first.code, Some(0), "{first}");
+    assert_eq!(first.code, Some(101), "{first}");
+    assert!(first.stderr.contains("leaked"), "{first}");
     let pid = started_pid(&first.stderr).expect("started one");
+    // ... and the next client's job, without them, does not.
+    let mut command = client(&fixture, &fixture.root(), &["run", "check"], "600");
+    command.env_remove("RUSTFLAGS");
+    let next = output(command);
+    assert_eq!(next.code, Some(0), "{next}");
 
     // `buildpool serve` stops it and takes the repository over.
     let cluster = Cluster::start(fixture, 1, 1).expect("serve replaces it");
