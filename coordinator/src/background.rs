@@ -40,6 +40,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(50);
 /// How often a background coordinator looks at its activity and its repository.
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How long an idle background coordinator still serves after taking its discovery file
+/// away: a client that read it a moment before dials and submits within milliseconds.
+const LATE_CLIENT_GRACE: Duration = Duration::from_secs(1);
 /// What a client says when it runs a job without a coordinator of the repository.
 const NOT_RUNNING: &str = "no coordinator running for this repository";
 
@@ -240,7 +243,16 @@ impl std::fmt::Display for Stop {
 
 /// Runs until a signal, `idle` without a job or a client request, or the repository's
 /// removal. A hangup is ignored: the terminal of the client that started it may close.
-pub async fn serve_until_idle(coordinator: &Coordinator, repo: &Repo, idle: Duration) -> Stop {
+///
+/// Idle, it first takes its discovery file away, then waits [`LATE_CLIENT_GRACE`]: a client
+/// that read the file just before gets its job run (the file is put back) instead of a
+/// coordinator going away under it.
+pub async fn serve_until_idle(
+    coordinator: &Coordinator,
+    repo: &Repo,
+    idle: Duration,
+    found_as: &discovery::Discovery,
+) -> Stop {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hangup)) = (
         signal(SignalKind::terminate()),
@@ -270,7 +282,18 @@ pub async fn serve_until_idle(coordinator: &Coordinator, repo: &Repo, idle: Dura
         }
         let quiet = now.saturating_sub(last_busy.max(last_request));
         if Duration::from_millis(quiet) >= idle {
-            return Stop::Idle(idle);
+            let state = repo.state_dir();
+            discovery::remove(&state, coordinator.id());
+            tokio::time::sleep(LATE_CLIENT_GRACE).await;
+            let (busy, latest) = coordinator.activity();
+            if !busy && latest == last_request {
+                return Stop::Idle(idle);
+            }
+            last_busy = unix_millis();
+            if let Err(error) = discovery::write(&state, found_as) {
+                tracing::error!("cannot write the discovery file again: {error}");
+                return Stop::Idle(idle);
+            }
         }
     }
 }

@@ -198,7 +198,7 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
     });
     match background {
         Some(idle) => {
-            let stop = background::serve_until_idle(&coordinator, &repo, idle).await;
+            let stop = background::serve_until_idle(&coordinator, &repo, idle, &discovery).await;
             println!("Build pool coordinator stopping ({stop})...");
         }
         None => {
