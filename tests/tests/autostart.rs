@@ -7,7 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use buildpool_tests::{
-    Cluster, Fixture, RunOutput, local_cargo, process_alive, signal_pid, test_counts, wait_until,
+    Cluster, Fixture, RunOutput, http_get, local_cargo, process_alive, signal_pid, test_counts,
+    wait_until,
 };
 
 /// A short idle time, so the background coordinator's exit is seen within the test.
@@ -117,6 +118,13 @@ fn clients_in_six_worktrees_share_one_background_coordinator_that_exits_when_idl
         Some(pid),
         "its own process group: a Ctrl-C on a client is not for it"
     );
+    // Status and the dashboard work as with `serve`, from any worktree.
+    let status = output(client(&fixture, &worktrees[1], &["status"], IDLE_SECS));
+    assert_eq!(status.code, Some(0), "{status}");
+    let ui = output(client(&fixture, &worktrees[2], &["ui"], IDLE_SECS));
+    assert_eq!(ui.code, Some(0), "{ui}");
+    let (code, _) = http_get(ui.stdout.trim()).expect("dashboard");
+    assert_eq!(code, 200, "{ui}");
 
     assert!(
         wait_until(Duration::from_secs(60), || !process_alive(pid)),

@@ -13,7 +13,10 @@ use crate::repo::Repo;
 pub async fn ui(dir: &Path) -> anyhow::Result<ExitCode> {
     let repo = Repo::discover(dir).await?;
     let Some(found) = discovery::read(&repo.state_dir()) else {
-        bail!("no coordinator is running for this repository: start one with `buildpool serve`");
+        bail!(
+            "no coordinator is running for this repository: start one with `buildpool serve` \
+             (or run a job: the first starts one in the background)"
+        );
     };
     let Some(url) = found.http_url else {
         bail!("this coordinator serves no dashboard; restart it with a newer `buildpool serve`");
