@@ -121,7 +121,8 @@ impl Repo {
     /// `$XDG_CACHE_HOME/buildpool/plain/`, with the directory as its work tree: the
     /// directory itself gets no `.git`. Its `.gitignore` applies, and `/target/` is always
     /// ignored. The top is the outermost of the directories holding a `Cargo.toml` from
-    /// the nearest one up (a workspace member's directory finds its workspace), else `dir`.
+    /// the nearest one up (a workspace member's directory finds its workspace); with no
+    /// `Cargo.toml` there is no project to build.
     pub async fn plain(dir: &Path) -> Result<Self, RepoError> {
         Self::plain_under(dir, &crate::config::cache_home()).await
     }
@@ -131,12 +132,18 @@ impl Repo {
         let not_a_repo =
             |error: std::io::Error| RepoError::NotARepository(dir.to_owned(), error.to_string());
         let dir = dir.canonicalize().map_err(not_a_repo)?;
+        // Only a cargo project: a snapshot of, say, a home directory would hash all of it.
         let worktree = dir
             .ancestors()
             .skip_while(|d| !d.join("Cargo.toml").is_file())
             .take_while(|d| d.join("Cargo.toml").is_file())
             .last()
-            .unwrap_or(&dir)
+            .ok_or_else(|| {
+                RepoError::NotARepository(
+                    dir.clone(),
+                    "nor in a cargo project: no Cargo.toml here or above".into(),
+                )
+            })?
             .to_owned();
         let name = sanitize(
             &worktree
@@ -244,6 +251,12 @@ mod tests {
         assert_eq!(again, from_member, "the same private repository");
         let lone = dir.path().join("lone");
         std::fs::create_dir_all(&lone).expect("mkdir");
+        let refused = Repo::plain_under(&lone, &cache).await;
+        assert!(
+            refused.is_err_and(|e| e.to_string().contains("no Cargo.toml")),
+            "not a cargo project"
+        );
+        std::fs::write(lone.join("Cargo.toml"), "[package]\n").expect("write");
         let lone = Repo::plain_under(&lone, &cache).await.expect("plain");
         assert_ne!(lone.id, from_member.id);
         assert_ne!(lone.common_dir, from_member.common_dir);
