@@ -517,6 +517,13 @@ async fn bad_arguments_get_a_clear_error_and_the_server_keeps_serving() {
         bad_timeout.contains("timeout_secs must be"),
         "{bad_timeout}"
     );
+    let bad_runner = rejected("test", json!({"runner": "pytest"})).await;
+    assert!(
+        bad_runner.contains("unknown variant `pytest`, expected `cargo` or `nextest`"),
+        "{bad_runner}"
+    );
+    let bad_fmt = rejected("fmt", json!({"package": "app; rm -rf /"})).await;
+    assert!(bad_fmt.contains("is not a valid name"), "{bad_fmt}");
     let bad_stream = rejected("job_log", json!({"job_id": 1, "stream": "both-ish"})).await;
     assert!(bad_stream.contains("stream must be"), "{bad_stream}");
     let unknown_tool = rejected("deploy", json!({})).await;
