@@ -108,7 +108,12 @@ pub fn cargo_command(
     src: &Path,
     target: &Path,
 ) -> CommandSpec {
-    let mut args: Vec<OsString> = vec![spec.kind.cargo_subcommand().into()];
+    let mut args: Vec<OsString> = spec
+        .kind
+        .cargo_command()
+        .iter()
+        .map(OsString::from)
+        .collect();
     args.extend(spec.cargo_args.iter().map(OsString::from));
     let mut vars: Vec<(OsString, OsString)> =
         dev_env.map(|env| env.as_ref().clone()).unwrap_or_default();

@@ -36,20 +36,36 @@ pub enum JobKind {
     Test,
     Clippy,
     Check,
+    /// `cargo nextest run`: needs cargo-nextest where the job runs.
+    Nextest,
 }
 
 impl JobKind {
-    /// The cargo subcommand this kind runs.
+    /// The kind's name: its cargo subcommand (`nextest` for `cargo nextest run`).
     pub fn cargo_subcommand(self) -> &'static str {
         match self {
             JobKind::Build => "build",
             JobKind::Test => "test",
             JobKind::Clippy => "clippy",
             JobKind::Check => "check",
+            JobKind::Nextest => "nextest",
+        }
+    }
+
+    /// The cargo arguments that select this kind, before the job's own.
+    pub fn cargo_command(self) -> &'static [&'static str] {
+        match self {
+            JobKind::Build => &["build"],
+            JobKind::Test => &["test"],
+            JobKind::Clippy => &["clippy"],
+            JobKind::Check => &["check"],
+            JobKind::Nextest => &["nextest", "run"],
         }
     }
 
     /// Parses a cargo subcommand name as typed on the command line (aliases included).
+    /// `nextest` is not one: `cargo nextest` has subcommands of its own, which the offload
+    /// module does not carry.
     pub fn from_subcommand(name: &str) -> Option<Self> {
         match name {
             "build" | "b" => Some(JobKind::Build),
@@ -400,5 +416,6 @@ mod tests {
         }
         assert_eq!(JobKind::from_subcommand("t"), Some(JobKind::Test));
         assert_eq!(JobKind::from_subcommand("run"), None);
+        assert_eq!(JobKind::from_subcommand("nextest"), None);
     }
 }

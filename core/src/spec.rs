@@ -27,6 +27,8 @@ pub const ENV_ALLOWLIST: &[&str] = &[
     "CARGO_TERM_COLOR",
     "CARGO_INCREMENTAL",
     "CARGO_BUILD_JOBS",
+    // nextest's machine-readable test results (`--message-format libtest-json-plus`).
+    "NEXTEST_EXPERIMENTAL_LIBTEST_JSON",
 ];
 
 /// Prefixes of allowed environment variable names.

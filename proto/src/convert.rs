@@ -80,7 +80,8 @@ wire_enum!(
         Build,
         Test,
         Clippy,
-        Check
+        Check,
+        Nextest
     }
 );
 wire_enum!(decode_env_mode, "env mode", EnvMode { Auto, Nix, Host });
@@ -951,17 +952,25 @@ mod tests {
             round_trip_agent(AgentMessage::Finished { key, completion });
         }
         round_trip_agent(AgentMessage::CancelAck(key));
-        round_trip_coordinator(CoordinatorMessage::Assign(Assignment {
-            key,
-            spec: spec(),
-            source: Source {
-                repo_id: "r".into(),
-                git_path: "/.git".into(),
-                git_port: Some(9418),
-                commit: "c".into(),
-                git_ref: "refs/x".into(),
-            },
-        }));
+        for kind in [
+            JobKind::Build,
+            JobKind::Test,
+            JobKind::Clippy,
+            JobKind::Check,
+            JobKind::Nextest,
+        ] {
+            round_trip_coordinator(CoordinatorMessage::Assign(Assignment {
+                key,
+                spec: JobSpec { kind, ..spec() },
+                source: Source {
+                    repo_id: "r".into(),
+                    git_path: "/.git".into(),
+                    git_port: Some(9418),
+                    commit: "c".into(),
+                    git_ref: "refs/x".into(),
+                },
+            }));
+        }
         round_trip_coordinator(CoordinatorMessage::Reject(Reject {
             code: RejectCode::BadToken,
             message: "no".into(),

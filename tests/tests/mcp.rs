@@ -1,7 +1,9 @@
 //! `buildpool mcp` end to end: the real binary over stdio, driven by the rmcp client,
-//! against a real coordinator and agents building a fixture workspace.
+//! against a real coordinator and agents building a fixture workspace. Every answer is
+//! validated against the output schema its tool declares.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,10 +15,11 @@ use rmcp::transport::TokioChildProcess;
 use rmcp::{ClientHandler, RoleClient, ServiceExt};
 use serde_json::{Value, json};
 
-/// Records progress messages the server sends.
+/// Records progress messages the server sends, and the tools' declared output schemas.
 #[derive(Debug, Clone, Default)]
 struct Recorder {
     progress: Arc<Mutex<Vec<String>>>,
+    schemas: Arc<Mutex<HashMap<String, Value>>>,
 }
 
 impl ClientHandler for Recorder {
@@ -32,10 +35,31 @@ impl ClientHandler for Recorder {
     }
 }
 
+impl Recorder {
+    /// Panics unless `result`'s structured content matches `tool`'s declared schema.
+    fn check_schema(&self, tool: &str, result: &CallToolResult) {
+        let schema = self.schemas.lock().expect("lock").get(tool).cloned();
+        let schema = schema.unwrap_or_else(|| panic!("{tool} is not a listed tool"));
+        let validator = jsonschema::validator_for(&schema)
+            .unwrap_or_else(|error| panic!("{tool}'s output schema is invalid: {error}"));
+        let body = structured(result);
+        let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
+        assert!(
+            errors.is_empty(),
+            "{tool}'s answer does not match its schema: {errors:?}\n{body}"
+        );
+    }
+}
+
 type Client = RunningService<RoleClient, Recorder>;
 
 async fn mcp_client(fixture: &Fixture, dir: &Path) -> (Client, Recorder) {
-    let command = tokio::process::Command::from(fixture.command_in(dir, &["mcp"]));
+    mcp_client_with(fixture.command_in(dir, &["mcp"])).await
+}
+
+/// Starts `command` as the MCP server and records each tool's declared output schema.
+async fn mcp_client_with(command: std::process::Command) -> (Client, Recorder) {
+    let command = tokio::process::Command::from(command);
     let transport = TokioChildProcess::new(command).expect("buildpool mcp starts");
     let recorder = Recorder::default();
     let client = recorder
@@ -43,15 +67,26 @@ async fn mcp_client(fixture: &Fixture, dir: &Path) -> (Client, Recorder) {
         .serve(transport)
         .await
         .expect("MCP handshake");
+    let tools = client.list_all_tools().await.expect("tools/list");
+    let mut schemas = recorder.schemas.lock().expect("lock");
+    for tool in tools {
+        let schema = tool
+            .output_schema
+            .unwrap_or_else(|| panic!("{} declares no output schema", tool.name));
+        schemas.insert(tool.name.to_string(), Value::Object((*schema).clone()));
+    }
+    drop(schemas);
     (client, recorder)
 }
 
 async fn call(client: &Client, tool: &'static str, arguments: Value) -> CallToolResult {
     let arguments = arguments.as_object().cloned().expect("object arguments");
-    client
+    let result = client
         .call_tool(CallToolRequestParams::new(tool).with_arguments(arguments))
         .await
-        .unwrap_or_else(|error| panic!("{tool} call failed: {error}"))
+        .unwrap_or_else(|error| panic!("{tool} call failed: {error}"));
+    client.service().check_schema(tool, &result);
+    result
 }
 
 fn text(result: &CallToolResult) -> String {
@@ -70,8 +105,11 @@ fn structured(result: &CallToolResult) -> &Value {
         .expect("structured content")
 }
 
-fn answer_size(result: &CallToolResult) -> usize {
-    serde_json::to_string(result).expect("serializes").len()
+/// What Claude Code shows the model: the structured content alone.
+fn structured_size(result: &CallToolResult) -> usize {
+    serde_json::to_string(structured(result))
+        .expect("serializes")
+        .len()
 }
 
 fn blocking<T: Send + 'static>(
@@ -104,22 +142,20 @@ async fn watched_cluster(slots: u32) -> Cluster {
     .expect("join")
 }
 
-const THREE_ERRORS: &str = "pub fn quadruple(x: i32) -> i32 {\n    let a: i32 = \"text\";\n    let b = missing_value;\n    undefined_function(a, b, x)\n}\n";
+const FIVE_ERRORS: &str = "pub fn quadruple(x: i32) -> i32 {\n    let a: i32 = \"text\";\n    let b = missing_value;\n    let c: u8 = 300u16;\n    let d = x.no_such_method();\n    undefined_function(a, b, c, d)\n}\n";
 
 #[tokio::test]
 async fn a_compile_error_answer_is_exact_and_small() {
     let cluster = started_cluster(1, 2).await;
     let fixture = &cluster.fixture;
-    fixture
-        .write("app/src/lib.rs", THREE_ERRORS)
-        .expect("write");
+    fixture.write("app/src/lib.rs", FIVE_ERRORS).expect("write");
     let (client, recorder) = mcp_client(fixture, &fixture.root()).await;
 
     let result = call(&client, "build", json!({})).await;
     let body = structured(&result);
     assert_eq!(result.is_error, Some(true), "{}", text(&result));
     assert_eq!(body["outcome"], "failed");
-    assert_eq!(body["errors"], 3, "{body}");
+    assert_eq!(body["errors"], 5, "{body}");
     assert_eq!(body["ran_on"], "worker-1");
     // Where the time went, phase by phase; cargo ran, so its phase was measured.
     let timings = &body["timings"];
@@ -134,24 +170,47 @@ async fn a_compile_error_answer_is_exact_and_small() {
         assert!(timings[phase].is_u64(), "{phase} missing: {body}");
     }
     assert!(timings["cargo_ms"].as_u64() > Some(0), "{body}");
+    // The structured content alone says everything: each error's place, code, message
+    // and source line, in source order.
+    let errors: Vec<String> = body["diagnostics"]
+        .as_array()
+        .expect("diagnostics")
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {} {} | {}",
+                d["at"], d["code"], d["message"], d["snippet"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            r#""app/src/lib.rs:2:18" "E0308" "mismatched types" | "let a: i32 = \"text\";""#,
+            r#""app/src/lib.rs:3:13" "E0425" "cannot find value `missing_value` in this scope" | "let b = missing_value;""#,
+            r#""app/src/lib.rs:4:17" "E0308" "mismatched types" | "let c: u8 = 300u16;""#,
+            r#""app/src/lib.rs:5:15" "E0599" "no method named `no_such_method` found for type `i32` in the current scope" | "let d = x.no_such_method();""#,
+            r#""app/src/lib.rs:6:5" "E0425" "cannot find function `undefined_function` in this scope" | "undefined_function(a, b, c, d)""#,
+        ],
+        "{body}"
+    );
+    assert!(
+        body["summary"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("build failed (exit 101) · 5 errors · job ")),
+        "{body}"
+    );
+    assert!(
+        structured_size(&result) <= 2048,
+        "structured content is {} bytes:\n{body}",
+        structured_size(&result)
+    );
     let text = text(&result);
     assert!(
         text.contains(
             "error[E0308] app/src/lib.rs:2:18: mismatched types\n    let a: i32 = \"text\";"
         ),
         "{text}"
-    );
-    assert!(
-        text.contains(
-            "error[E0425] app/src/lib.rs:3:13: cannot find value `missing_value` in this scope"
-        ),
-        "{text}"
-    );
-    assert!(text.contains("error[E0425] app/src/lib.rs:4:5: cannot find function `undefined_function` in this scope"), "{text}");
-    assert!(
-        answer_size(&result) < 2048,
-        "answer is {} bytes:\n{text}",
-        answer_size(&result)
     );
     let progress = recorder.progress.lock().expect("lock").clone();
     assert!(
@@ -423,16 +482,10 @@ async fn with_no_coordinator_the_first_job_starts_one_in_the_background_and_othe
         command
             .env_remove("BUILDPOOL_BACKGROUND")
             .env("BUILDPOOL_IDLE_EXIT_SECS", "600");
-        TokioChildProcess::new(tokio::process::Command::from(command)).expect("starts")
+        mcp_client_with(command)
     };
-    let first = Recorder::default()
-        .serve(mcp(&fixture.root()))
-        .await
-        .expect("MCP handshake");
-    let second = Recorder::default()
-        .serve(mcp(&worktree))
-        .await
-        .expect("MCP handshake");
+    let (first, _) = mcp(&fixture.root()).await;
+    let (second, _) = mcp(&worktree).await;
     let started = call(&first, "check", json!({})).await;
     let body = structured(&started);
     let note = body["coordinator_note"]
@@ -528,11 +581,293 @@ async fn bad_arguments_get_a_clear_error_and_the_server_keeps_serving() {
         bad_timeout.contains("timeout_secs must be"),
         "{bad_timeout}"
     );
+    let bad_runner = rejected("test", json!({"runner": "pytest"})).await;
+    assert!(
+        bad_runner.contains("unknown variant `pytest`, expected `cargo` or `nextest`"),
+        "{bad_runner}"
+    );
+    let bad_fmt = rejected("fmt", json!({"package": "app; rm -rf /"})).await;
+    assert!(bad_fmt.contains("is not a valid name"), "{bad_fmt}");
     let bad_stream = rejected("job_log", json!({"job_id": 1, "stream": "both-ish"})).await;
     assert!(bad_stream.contains("stream must be"), "{bad_stream}");
     let unknown_tool = rejected("deploy", json!({})).await;
     assert!(unknown_tool.contains("tool not found"), "{unknown_tool}");
     let fine = call(&client, "check", json!({})).await;
     assert_eq!(fine.is_error, Some(false), "{}", text(&fine));
+    client.cancel().await.expect("closes");
+}
+
+#[tokio::test]
+async fn nextest_runs_the_tests_and_reports_them_exactly() {
+    let cluster = started_cluster(1, 1).await;
+    let fixture = &cluster.fixture;
+    fixture
+        .write("app/tests/fails.rs", "#[test]\nfn two_is_three() {\n    println!(\"captured line\");\n    assert_eq!(2, 3, \"arithmetic broke\");\n}\n")
+        .expect("write");
+    let (client, recorder) = mcp_client(fixture, &fixture.root()).await;
+
+    let result = call(&client, "test", json!({"runner": "nextest"})).await;
+    let body = structured(&result);
+    assert_eq!(result.is_error, Some(true), "{}", text(&result));
+    assert_eq!(
+        (&body["kind"], &body["outcome"]),
+        (&json!("nextest"), &json!("failed")),
+        "{body}"
+    );
+    assert_eq!(
+        body["tests"],
+        json!({"passed": 1, "failed": 1, "skipped": 2}),
+        "nextest's tally, the fixture's two ignored tests skipped: {body}"
+    );
+    assert_eq!(
+        body["failures"],
+        json!([{
+            "name": "two_is_three",
+            "message": "assertion `left == right` failed: arithmetic broke\n  left: 2\n right: 3",
+            "output": "captured line",
+        }]),
+        "{body}"
+    );
+    let progress = recorder.progress.lock().expect("lock").clone();
+    assert!(
+        progress.iter().any(|m| m.ends_with("testing")),
+        "{progress:?}"
+    );
+
+    let filtered = call(
+        &client,
+        "test",
+        json!({"runner": "nextest", "filter": "quadruples"}),
+    )
+    .await;
+    assert_eq!(filtered.is_error, Some(false), "{}", text(&filtered));
+    assert_eq!(
+        structured(&filtered)["tests"],
+        json!({"passed": 1, "failed": 0, "skipped": 3}),
+        "{}",
+        structured(&filtered)
+    );
+    client.cancel().await.expect("closes");
+}
+
+/// A copy of `dir` made of links to its entries, but for `left_out`.
+fn linked_copy(dir: &Path, left_out: &str, into: &Path) -> PathBuf {
+    std::fs::create_dir_all(into).expect("mkdir");
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        if entry.file_name() != left_out {
+            std::os::unix::fs::symlink(entry.path(), into.join(entry.file_name())).expect("link");
+        }
+    }
+    into.to_owned()
+}
+
+#[tokio::test]
+async fn nextest_missing_where_the_job_runs_is_said_clearly() {
+    let fixture = blocking(|| Fixture::new().expect("fixture"))
+        .await
+        .expect("join");
+    // The job runs in-process, in this environment: hide cargo-nextest from cargo, which
+    // looks for it on PATH and in CARGO_HOME/bin.
+    let hidden = fixture.scratch().join("no-nextest");
+    let path = std::env::var_os("PATH").expect("PATH");
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
+        .enumerate()
+        .map(|(n, dir)| {
+            if dir.join("cargo-nextest").exists() {
+                linked_copy(&dir, "cargo-nextest", &hidden.join(n.to_string()))
+            } else {
+                dir
+            }
+        })
+        .collect();
+    let home = std::env::var_os("HOME").map(PathBuf::from).expect("HOME");
+    let cargo_home =
+        std::env::var_os("CARGO_HOME").map_or_else(|| home.join(".cargo"), PathBuf::from);
+    let mut command = fixture.command_in(&fixture.root(), &["mcp"]);
+    command.env("PATH", std::env::join_paths(dirs).expect("PATH joins"));
+    if cargo_home.join("bin/cargo-nextest").exists() {
+        let copy = linked_copy(&cargo_home, "bin", &hidden.join("cargo-home"));
+        linked_copy(&cargo_home.join("bin"), "cargo-nextest", &copy.join("bin"));
+        command.env("CARGO_HOME", copy);
+    }
+    let (client, _) = mcp_client_with(command).await;
+
+    let result = call(&client, "test", json!({"runner": "nextest"})).await;
+    let body = structured(&result);
+    assert_eq!(result.is_error, Some(true));
+    assert_eq!(body["outcome"], "error", "{body}");
+    assert_eq!(
+        body["error"], "cargo-nextest is not installed where the job ran",
+        "{body}"
+    );
+    client.cancel().await.expect("closes");
+}
+
+#[tokio::test]
+async fn fmt_lists_the_files_cargo_fmt_would_change() {
+    let fixture = blocking(|| Fixture::new().expect("fixture"))
+        .await
+        .expect("join");
+    let formatted = std::process::Command::new("cargo")
+        .arg("fmt")
+        .current_dir(fixture.root())
+        .status()
+        .expect("cargo fmt runs");
+    assert!(formatted.success());
+    let (client, _) = mcp_client(&fixture, &fixture.root()).await;
+    let clean = call(&client, "fmt", json!({})).await;
+    assert_eq!(clean.is_error, Some(false), "{}", text(&clean));
+    assert_eq!(structured(&clean)["outcome"], "formatted");
+
+    fixture
+        .write("crates/util/src/lib.rs", "pub fn double(x:i32)->i32{x*2}\n")
+        .expect("write");
+    let lib = std::fs::read_to_string(fixture.root().join("app/src/lib.rs")).expect("read");
+    fixture
+        .write(
+            "app/src/lib.rs",
+            &format!("{lib}\npub fn   spaced( ) {{}}\n"),
+        )
+        .expect("write");
+    let dirty = call(&client, "fmt", json!({})).await;
+    let body = structured(&dirty);
+    assert_eq!(dirty.is_error, Some(true), "{}", text(&dirty));
+    assert_eq!(body["outcome"], "unformatted", "{body}");
+    let mut files: Vec<String> = body["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .map(|f| format!("{} {}", f["file"], f["lines"]))
+        .collect();
+    files.sort();
+    let spaced = lib.lines().count() + 2;
+    assert_eq!(
+        files,
+        [
+            format!("\"app/src/lib.rs\" [{spaced}]"),
+            "\"crates/util/src/lib.rs\" [1]".to_owned()
+        ],
+        "{body}"
+    );
+    let util = call(&client, "fmt", json!({"package": "util"})).await;
+    assert_eq!(
+        structured(&util)["files"],
+        json!([{"file": "crates/util/src/lib.rs", "lines": [1]}])
+    );
+    client.cancel().await.expect("closes");
+}
+
+/// Answers of every shape, including ones a live run rarely gives (huge output, timeouts,
+/// signals, an unreachable coordinator, a failed formatting check), match their tools'
+/// declared schemas and stay bounded.
+#[tokio::test]
+async fn answers_of_every_shape_match_the_declared_schemas() {
+    use buildpool::mcp::answer::{
+        CancelAnswer, CancelState, FmtAnswer, JobAnswer, MAX_JOB_ANSWER, Placement, StatusAnswer,
+        ToolAnswer, log_page,
+    };
+    use buildpool::mcp::report::ReportBuilder;
+    use buildpool::session::Timings;
+    use buildpool_core::{
+        AgentPhases, Completion, JobEnd, JobKind, JobResult, OutputStream, RunEnv,
+    };
+
+    let fixture = blocking(|| Fixture::new().expect("fixture"))
+        .await
+        .expect("join");
+    let (client, recorder) = mcp_client(&fixture, &fixture.root()).await;
+
+    let mut huge = ReportBuilder::new();
+    for n in 0..300 {
+        let message = json!({"reason": "compiler-message", "message": {
+            "level": if n % 3 == 0 { "warning" } else { "error" },
+            "message": "m".repeat(50_000), "code": {"code": "c".repeat(5000)},
+            "spans": [{"is_primary": true, "file_name": format!("{n}{}", "f".repeat(5000)),
+                "line_start": n, "column_start": 2, "text": [{"text": "s".repeat(5000)}]}]}});
+        huge.feed(OutputStream::Stdout, format!("{message}\n").as_bytes());
+        let event = json!({"type": "test", "event": "failed", "name": format!("t{n}"),
+            "stdout": format!("{}\nthread 't' panicked at a.rs:1:1:\n{}\n", "o".repeat(9000), "p".repeat(9000))});
+        huge.feed(OutputStream::Stdout, format!("{event}\n").as_bytes());
+    }
+    huge.feed(OutputStream::Stderr, "e".repeat(100_000).as_bytes());
+    let huge = huge.finish();
+    let ends = [
+        JobEnd::Exited { code: 101 },
+        JobEnd::Exited { code: 0 },
+        JobEnd::Signalled { signal: 9 },
+        JobEnd::TimedOut,
+        JobEnd::Cancelled,
+        JobEnd::Failed {
+            reason: "r".repeat(100_000),
+        },
+    ];
+    for (n, end) in ends.into_iter().enumerate() {
+        let placement = match n % 3 {
+            0 => Placement::Agent("worker-1".to_owned()),
+            1 => Placement::LocalFallback,
+            _ => Placement::Unreachable("u".repeat(100_000)),
+        };
+        let answer = ToolAnswer {
+            kind: JobKind::Nextest,
+            job_id: u64::MAX,
+            placement,
+            result: JobResult {
+                completion: Completion {
+                    end,
+                    duration: Duration::from_secs(86_400),
+                    env: Some(RunEnv::Nix),
+                    phases: AgentPhases::default(),
+                },
+                agent_id: "worker-1".to_owned(),
+                attempt: 3,
+                local: false,
+                queue_time: Duration::from_secs(1),
+            },
+            report: huge.clone(),
+            snapshot_note: Some("n".repeat(100_000)),
+            coordinator_note: Some("c".repeat(100_000)),
+            timings: Timings {
+                snapshot: Duration::ZERO,
+                submit: Duration::ZERO,
+                queued: Duration::ZERO,
+                phases: AgentPhases::default(),
+                rest: Duration::ZERO,
+                total: Duration::ZERO,
+            },
+        }
+        .answer();
+        let result = answer.into_result();
+        recorder.check_schema("test", &result);
+        assert!(
+            structured_size(&result) <= MAX_JOB_ANSWER,
+            "{} bytes: {}",
+            structured_size(&result),
+            structured(&result)
+        );
+    }
+    let no_result = JobAnswer::no_result(JobKind::Build, None, &"x".repeat(100_000));
+    recorder.check_schema("build", &no_result.into_result());
+
+    let long = "l".repeat(100_000);
+    let lines = vec![long.as_str(); 50];
+    recorder.check_schema(
+        "job_log",
+        &log_page(7, &lines, 3, 2000, false).into_result(),
+    );
+    recorder.check_schema(
+        "worker_status",
+        &StatusAnswer::unreachable(&"why ".repeat(10_000), "jobs run locally", true).into_result(),
+    );
+    let cancelled = CancelAnswer {
+        job_id: 7,
+        cancelled: false,
+        state: CancelState::Finished,
+    };
+    recorder.check_schema("cancel_job", &cancelled.into_result());
+    recorder.check_schema("fmt", &FmtAnswer::error(&"e".repeat(100_000)).into_result());
+    let files = (0..100)
+        .map(|n| (format!("src/{n}.rs"), (1..100).collect()))
+        .collect();
+    recorder.check_schema("fmt", &FmtAnswer::of(files).into_result());
     client.cancel().await.expect("closes");
 }

@@ -1,13 +1,15 @@
 //! `buildpool mcp`: a stdio MCP server giving coding agents `build`, `test`, `clippy`,
-//! `check`, `worker_status`, `job_log` and `cancel_job` tools.
+//! `check`, `fmt`, `worker_status`, `job_log` and `cancel_job` tools.
 //!
 //! Only this module knows MCP (via the official `rmcp` SDK). It is a thin client of the
 //! repository's coordinator: every job tool snapshots the worktree the server runs in,
 //! submits the job and waits, turning the output into a short structured answer
-//! ([`report`]). With no coordinator reachable it runs the job through an in-process
-//! coordinator (same code path as `buildpool run`) and says so.
+//! ([`report`], [`answer`]). With no coordinator reachable it runs the job through an
+//! in-process coordinator (same code path as `buildpool run`) and says so. `fmt` is no
+//! job: it checks the worktree in place ([`fmt`]).
 
 pub mod answer;
+pub mod fmt;
 pub mod report;
 
 use std::collections::HashMap;
@@ -16,8 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use buildpool_core::status::{CancelReply, LogRequest};
-use buildpool_core::{JobEvent, JobId, JobKind, JobSpec, OutputStream};
+use buildpool_core::{EnvVar, JobEvent, JobId, JobKind, JobSpec, OutputStream};
 use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::schema_for_output;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
     CallToolResult, Implementation, ProgressNotificationParam, ProgressToken, RequestMetaObject,
@@ -33,7 +36,9 @@ use serde::Deserialize;
 use crate::client::{Client, ClientError};
 use crate::repo::Repo;
 use crate::session::{JobClient, JobSession, StartError, Via};
-use answer::{Placement, ToolAnswer};
+use answer::{
+    CancelAnswer, CancelState, FmtAnswer, JobAnswer, LogAnswer, Placement, StatusAnswer, ToolAnswer,
+};
 use report::ReportBuilder;
 
 /// Longest a cancelled job may take to confirm before the answer is given without it.
@@ -61,9 +66,22 @@ pub struct BuildInput {
     pub timeout_secs: Option<u32>,
 }
 
+/// What runs the tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Runner {
+    /// `cargo test`.
+    #[default]
+    Cargo,
+    /// `cargo nextest run`: needs cargo-nextest where the job runs.
+    Nextest,
+}
+
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TestInput {
+    /// "cargo" (default: `cargo test`) or "nextest" (`cargo nextest run`).
+    pub runner: Option<Runner>,
     /// Package to test (`-p`).
     pub package: Option<String>,
     /// Features to enable (`--features`).
@@ -99,6 +117,13 @@ pub struct ClippyInput {
     pub all_targets: Option<bool>,
     /// Treat warnings as errors (`-- -D warnings`); default true.
     pub deny_warnings: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FmtInput {
+    /// Package to check (`-p`); default: what `cargo fmt` checks in the worktree's root.
+    pub package: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -221,6 +246,23 @@ impl JobInput for TestInput {
     }
 }
 
+impl TestInput {
+    /// `cargo test`, or `cargo nextest run` with its results as libtest JSON events.
+    fn job_spec(&self) -> Result<JobSpec, ErrorData> {
+        match self.runner.unwrap_or_default() {
+            Runner::Cargo => self.spec(JobKind::Test),
+            Runner::Nextest => {
+                let mut spec = self.spec(JobKind::Nextest)?;
+                spec.env.push(EnvVar {
+                    name: "NEXTEST_EXPERIMENTAL_LIBTEST_JSON".to_owned(),
+                    value: "1".to_owned(),
+                });
+                Ok(spec)
+            }
+        }
+    }
+}
+
 impl JobInput for ClippyInput {
     fn cargo_args(&self) -> Result<Vec<String>, ErrorData> {
         clippy_args(self)
@@ -238,20 +280,36 @@ pub fn test_args(input: &TestInput) -> Result<Vec<String>, ErrorData> {
         input.all_features.unwrap_or(false),
         input.release.unwrap_or(false),
     )?;
-    args.push("--no-fail-fast".to_owned());
-    args.push("--".to_owned());
-    if let Some(filter) = &input.filter {
-        if filter.contains('\0') || filter.len() > 512 || filter.starts_with('-') {
-            return Err(invalid(
-                "filter must be a test name substring (no leading '-', at most 512 bytes)",
-            ));
-        }
-        args.push(filter.clone());
+    if let Some(filter) = &input.filter
+        && (filter.contains('\0') || filter.len() > 512 || filter.starts_with('-'))
+    {
+        return Err(invalid(
+            "filter must be a test name substring (no leading '-', at most 512 bytes)",
+        ));
     }
-    if input.nocapture == Some(true) {
+    let nocapture = input.nocapture == Some(true);
+    let include_ignored = input.include_ignored == Some(true);
+    args.push("--no-fail-fast".to_owned());
+    if input.runner == Some(Runner::Nextest) {
+        // nextest's own output stays human on stderr; cargo's messages and the test events
+        // come as JSON on stdout.
+        args[0] = "--cargo-message-format=json".to_owned();
+        args.push("--message-format=libtest-json-plus".to_owned());
+        args.extend(input.filter.clone());
+        if nocapture {
+            args.push("--no-capture".to_owned());
+        }
+        if include_ignored {
+            args.push("--run-ignored=all".to_owned());
+        }
+        return Ok(args);
+    }
+    args.push("--".to_owned());
+    args.extend(input.filter.clone());
+    if nocapture {
         args.push("--nocapture".to_owned());
     }
-    if input.include_ignored == Some(true) {
+    if include_ignored {
         args.push("--include-ignored".to_owned());
     }
     Ok(args)
@@ -355,7 +413,8 @@ impl BuildPoolMcp {
     }
 
     #[tool(
-        description = "cargo build of this worktree's current state (uncommitted and untracked files included) on the build pool. Answers with errors first (file:line:col, code, message, snippet), then warnings."
+        description = "cargo build of this worktree's current state (uncommitted and untracked files included) on the build pool. Answers with errors first (file:line:col, code, message, snippet), then warnings.",
+        output_schema = schema_for_output::<JobAnswer>()
     )]
     async fn build(
         &self,
@@ -366,7 +425,8 @@ impl BuildPoolMcp {
     }
 
     #[tool(
-        description = "cargo check of this worktree's current state on the build pool: like build, faster, no binaries."
+        description = "cargo check of this worktree's current state on the build pool: like build, faster, no binaries.",
+        output_schema = schema_for_output::<JobAnswer>()
     )]
     async fn check(
         &self,
@@ -377,18 +437,20 @@ impl BuildPoolMcp {
     }
 
     #[tool(
-        description = "cargo test of this worktree's current state on the build pool. Answers with passed/failed/ignored counts and each failing test's name, panic message and captured output; compile errors like build."
+        description = "cargo test (or, with runner \"nextest\", cargo nextest run) of this worktree's current state on the build pool. Answers with passed/failed/ignored counts and each failing test's name, panic message and the end of its captured output; compile errors like build.",
+        output_schema = schema_for_output::<JobAnswer>()
     )]
     async fn test(
         &self,
         Parameters(input): Parameters<TestInput>,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        self.run_job(input.spec(JobKind::Test)?, context).await
+        self.run_job(input.job_spec()?, context).await
     }
 
     #[tool(
-        description = "cargo clippy of this worktree's current state on the build pool; by default --all-targets --all-features -- -D warnings."
+        description = "cargo clippy of this worktree's current state on the build pool; by default --all-targets --all-features -- -D warnings.",
+        output_schema = schema_for_output::<JobAnswer>()
     )]
     async fn clippy(
         &self,
@@ -399,7 +461,25 @@ impl BuildPoolMcp {
     }
 
     #[tool(
-        description = "Build agents (slots used/total, labels), queued and running jobs, and whether the local fallback is running a job right now."
+        description = "cargo fmt --check of this worktree as it is now, run here (no build, no job): the files cargo fmt would change and the lines where changes start.",
+        output_schema = schema_for_output::<FmtAnswer>()
+    )]
+    async fn fmt(
+        &self,
+        Parameters(input): Parameters<FmtInput>,
+    ) -> Result<CallToolResult, ErrorData> {
+        if let Some(package) = &input.package {
+            check_name("package", package, "@.+")?;
+        }
+        let worktree = &self.inner.jobs.repo().worktree;
+        Ok(fmt::check(worktree, input.package.as_deref())
+            .await
+            .into_result())
+    }
+
+    #[tool(
+        description = "Build agents (slots used/total, labels), queued and running jobs, and whether the local fallback is running a job right now.",
+        output_schema = schema_for_output::<StatusAnswer>()
     )]
     async fn worker_status(
         &self,
@@ -415,41 +495,28 @@ impl BuildPoolMcp {
                 {
                     local_active = status.local_fallback_active;
                 }
-                let note = if matches!(error, ClientError::NotRunning(_))
+                let next = if matches!(error, ClientError::NotRunning(_))
                     && crate::background::enabled()
                 {
                     "the next job starts a coordinator for this repository in the background"
                 } else {
                     "jobs run locally through an in-process coordinator until one is reachable"
                 };
-                let value = serde_json::json!({
-                    "coordinator": format!("unreachable: {error}"),
-                    "workers": [],
-                    "queued_jobs": 0,
-                    "local_fallback_active": local_active,
-                    "note": note,
-                });
-                let now = if local_active {
-                    "a local job is running now"
-                } else {
-                    "no local job running"
-                };
-                return Ok(answer::plain(
-                    format!("coordinator unreachable ({error}); {note}; {now}"),
-                    value,
-                    false,
-                ));
+                return Ok(
+                    StatusAnswer::unreachable(&error.to_string(), next, local_active).into_result(),
+                );
             }
         };
         let status = client
             .status()
             .await
             .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
-        Ok(answer::worker_status(&status))
+        Ok(StatusAnswer::of(&status).into_result())
     }
 
     #[tool(
-        description = "Page through a running or finished job's full log by job id: line offset and limit, stream (stdout|stderr|both), substring filter."
+        description = "Page through a running or finished job's full log by job id: line offset and limit, stream (stdout|stderr|both), substring filter.",
+        output_schema = schema_for_output::<LogAnswer>()
     )]
     async fn job_log(
         &self,
@@ -492,29 +559,13 @@ impl BuildPoolMcp {
         let text = String::from_utf8_lossy(&bytes);
         let filter = input.filter.as_deref().unwrap_or("");
         let lines: Vec<&str> = text.lines().filter(|line| line.contains(filter)).collect();
-        let offset = input.offset.unwrap_or(0).min(lines.len());
-        let page: Vec<&str> = lines[offset..].iter().take(limit).copied().collect();
-        let next = offset + page.len();
-        let value = serde_json::json!({
-            "job_id": input.job_id,
-            "total_lines": lines.len(),
-            "offset": offset,
-            "returned": page.len(),
-            "next_offset": (next < lines.len()).then_some(next),
-            "job_finished": complete,
-        });
-        let mut text = page.join("\n");
-        if next < lines.len() {
-            text.push_str(&format!(
-                "\n… {} more lines (offset {next})",
-                lines.len() - next
-            ));
-        }
-        Ok(answer::plain(text, value, false))
+        let offset = input.offset.unwrap_or(0);
+        Ok(answer::log_page(input.job_id, &lines, offset, limit, complete).into_result())
     }
 
     #[tool(
-        description = "Cancel a queued or running job by id; its processes on the agent are killed."
+        description = "Cancel a queued or running job by id; its processes on the agent are killed.",
+        output_schema = schema_for_output::<CancelAnswer>()
     )]
     async fn cancel_job(
         &self,
@@ -525,18 +576,16 @@ impl BuildPoolMcp {
             .cancel(input.job_id)
             .await
             .map_err(|e| invalid(e.to_string()))?;
-        let (cancelled, state) = match reply {
-            CancelReply::Cancelling => (true, "cancelling"),
-            CancelReply::AlreadyFinished => (false, "finished"),
+        let state = match reply {
+            CancelReply::Cancelling => CancelState::Cancelling,
+            CancelReply::AlreadyFinished => CancelState::Finished,
         };
-        let text = if cancelled {
-            format!("job {} cancelling", input.job_id)
-        } else {
-            format!("job {} already {state}", input.job_id)
-        };
-        let value =
-            serde_json::json!({ "job_id": input.job_id, "cancelled": cancelled, "state": state });
-        Ok(answer::plain(text, value, false))
+        Ok(CancelAnswer {
+            job_id: input.job_id,
+            cancelled: state == CancelState::Cancelling,
+            state,
+        }
+        .into_result())
     }
 }
 
@@ -576,7 +625,9 @@ impl BuildPoolMcp {
         let mut session = match self.inner.jobs.start(spec, false).await {
             Ok(session) => session,
             Err(StartError::InvalidSpec(error)) => return Err(invalid(error.to_string())),
-            Err(error) => return Ok(answer::no_result(kind, &error.to_string())),
+            Err(error) => {
+                return Ok(JobAnswer::no_result(kind, None, &error.to_string()).into_result());
+            }
         };
         let mut report = ReportBuilder::new();
         let mut cancel_deadline: Option<tokio::time::Instant> = None;
@@ -591,12 +642,16 @@ impl BuildPoolMcp {
                 }
                 () = sleep_until(cancel_deadline) => {
                     let job = session.job_id().map_or_else(|| "the job".to_owned(), |id| format!("job {id}"));
-                    return Ok(answer::no_result(kind, &format!("{job} was cancelled; the agent did not confirm within {CANCEL_WAIT:?}")));
+                    let reason = format!("{job} was cancelled; the agent did not confirm within {CANCEL_WAIT:?}");
+                    return Ok(JobAnswer::no_result(kind, session.job_id(), &reason).into_result());
                 }
             };
             let event = match event {
                 Ok(event) => event,
-                Err(error) => return Ok(answer::no_result(kind, &error.to_string())),
+                Err(error) => {
+                    let reason = error.to_string();
+                    return Ok(JobAnswer::no_result(kind, session.job_id(), &reason).into_result());
+                }
             };
             let job_id = self.remember(&session);
             match event {
@@ -668,6 +723,7 @@ impl BuildPoolMcp {
                             _ => None,
                         },
                     }
+                    .answer()
                     .into_result());
                 }
             }

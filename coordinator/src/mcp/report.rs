@@ -2,12 +2,14 @@
 //!
 //! Fed incrementally with output chunks, so memory stays bounded however long the log:
 //! compiler diagnostics come from cargo's JSON messages (`--message-format=json`), test
-//! results from libtest's text output. Only capped summaries are kept; the full log stays
+//! results from libtest's text output (`cargo test`) or its JSON events (nextest's
+//! `--message-format libtest-json-plus`). Only capped summaries are kept; the full log stays
 //! with the coordinator, reachable through the `job_log` tool.
 
 use std::collections::HashSet;
 
 use buildpool_core::OutputStream;
+use schemars::JsonSchema;
 use serde::Serialize;
 
 /// Diagnostics kept per answer; the rest are counted.
@@ -16,60 +18,86 @@ pub const MAX_DIAGNOSTICS: usize = 20;
 pub const MAX_FAILURES: usize = 10;
 const MAX_MESSAGE: usize = 300;
 const MAX_SNIPPET: usize = 160;
-const MAX_TEST_OUTPUT: usize = 1200;
-/// A longer output line is not a cargo message; it is skipped, not buffered without bound.
+/// Most bytes of a file path, an error code or a test name.
+const MAX_NAME: usize = 200;
+/// The end of a failing test's captured output: what it printed last, before the panic.
+const MAX_TEST_OUTPUT: usize = 600;
+/// Only the head of a longer output line is kept (a test event with megabytes of captured
+/// output still names its test); it is not buffered without bound.
 const MAX_LINE: usize = 4 * 1024 * 1024;
+/// Most bytes kept of one failing test's report section.
+const MAX_SECTION: usize = 64 * 1024;
 /// Last stderr lines kept to explain failures that produce no diagnostic.
 const STDERR_TAIL: usize = 8;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One compiler diagnostic, as rustc located it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
     pub level: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
     pub message: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub line: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub column: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub snippet: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A failing test.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TestFailure {
+    /// The test's path, e.g. `tests::two_is_three`.
     pub name: String,
     /// The panic message (assertion text with left/right values).
     pub message: String,
-    /// Captured output of the test, capped.
+    /// The end of the test's captured output (at most 600 bytes, `…` marks a cut).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub output: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// Tests run, summed over every test binary.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TestCounts {
     pub passed: u64,
     pub failed: u64,
-    pub ignored: u64,
+    /// `cargo test`: `#[ignore]`d tests that did not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ignored: Option<u64>,
+    /// nextest: tests it did not run (ignored or filtered out), as its summary counts them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<u64>,
+}
+
+impl TestCounts {
+    /// `passed, failed, ignored` (or `skipped`), as the summary line says them.
+    pub fn describe(&self) -> String {
+        let mut text = format!("{} passed, {} failed", self.passed, self.failed);
+        if let Some(ignored) = self.ignored {
+            text.push_str(&format!(", {ignored} ignored"));
+        }
+        if let Some(skipped) = self.skipped {
+            text.push_str(&format!(", {skipped} skipped"));
+        }
+        text
+    }
 }
 
 /// Everything the answer says about the output.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
     pub errors: usize,
     pub warnings: usize,
     /// Errors first, then warnings; deduplicated; at most [`MAX_DIAGNOSTICS`].
     pub diagnostics: Vec<Diagnostic>,
     pub diagnostics_omitted: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub tests: Option<TestCounts>,
     pub failures: Vec<TestFailure>,
     pub failures_omitted: usize,
     /// Last lines of stderr, for failures without diagnostics (e.g. a linker error).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stderr_tail: Vec<String>,
+    /// The cargo subcommand cargo did not have (`nextest` without cargo-nextest installed).
+    pub missing_command: Option<String>,
 }
 
 /// What a report builder has seen so far, for progress notifications.
@@ -80,6 +108,13 @@ pub struct Progress {
     pub testing: bool,
 }
 
+/// One complete output line; `truncated` when only its first [`MAX_LINE`] bytes were kept.
+#[derive(Debug)]
+struct Line {
+    text: String,
+    truncated: bool,
+}
+
 #[derive(Debug, Default)]
 struct LineBuffer {
     pending: Vec<u8>,
@@ -88,35 +123,36 @@ struct LineBuffer {
 
 impl LineBuffer {
     /// Appends bytes and returns the complete lines.
-    fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+    fn push(&mut self, bytes: &[u8]) -> Vec<Line> {
         let mut lines = Vec::new();
         for piece in bytes.split_inclusive(|b| *b == b'\n') {
             if !self.overflow {
-                self.pending.extend_from_slice(piece);
-                if self.pending.len() > MAX_LINE {
-                    self.pending.clear();
-                    self.overflow = true;
-                }
+                let room = MAX_LINE - self.pending.len();
+                self.pending
+                    .extend_from_slice(&piece[..piece.len().min(room)]);
+                self.overflow = piece.len() > room;
             }
             if piece.ends_with(b"\n") {
-                if !self.overflow {
-                    let line = String::from_utf8_lossy(&self.pending)
-                        .trim_end_matches(['\n', '\r'])
-                        .to_owned();
-                    lines.push(line);
-                }
-                self.pending.clear();
-                self.overflow = false;
+                lines.push(self.take());
             }
         }
         lines
     }
 
-    fn flush(&mut self) -> Option<String> {
-        let line = (!self.pending.is_empty() && !self.overflow)
-            .then(|| String::from_utf8_lossy(&self.pending).into_owned());
+    fn take(&mut self) -> Line {
+        let line = Line {
+            text: String::from_utf8_lossy(&self.pending)
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+            truncated: self.overflow,
+        };
         self.pending.clear();
+        self.overflow = false;
         line
+    }
+
+    fn flush(&mut self) -> Option<Line> {
+        (!self.pending.is_empty()).then(|| self.take())
     }
 }
 
@@ -141,6 +177,9 @@ pub struct ReportBuilder {
     failures: Vec<TestFailure>,
     section: Option<FailureSection>,
     stderr_tail: std::collections::VecDeque<String>,
+    missing_command: Option<String>,
+    /// nextest's summary line was seen: its tally replaces the one from test events.
+    nextest_summary: bool,
     progress: Progress,
 }
 
@@ -158,7 +197,8 @@ impl std::hash::Hash for Diagnostic {
     }
 }
 
-fn cap(text: &str, limit: usize) -> String {
+/// `text` cut to at most `limit` bytes at a character boundary, marked when cut.
+pub fn cap(text: &str, limit: usize) -> String {
     if text.len() <= limit {
         return text.to_owned();
     }
@@ -167,6 +207,34 @@ fn cap(text: &str, limit: usize) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+/// The last `limit` bytes of `text` (at a character boundary), marked when cut.
+fn cap_tail(text: &str, limit: usize) -> String {
+    if text.len() <= limit {
+        return text.to_owned();
+    }
+    let mut start = text.len() - limit;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &text[start..])
+}
+
+/// The string value of `"key":"..."` in the head of a JSON object cut short, unescaped
+/// only as far as names need.
+fn json_string_in_head(head: &str, key: &str) -> Option<String> {
+    let start = head.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let mut value = String::new();
+    let mut chars = head[start..].chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(value),
+            '\\' => value.push(chars.next()?),
+            c => value.push(c),
+        }
+    }
+    None
 }
 
 impl ReportBuilder {
@@ -183,7 +251,7 @@ impl ReportBuilder {
         match stream {
             OutputStream::Stderr => {
                 for line in self.stderr.push(bytes) {
-                    self.stderr_line(&line);
+                    self.stderr_line(&line.text);
                 }
             }
             _ => {
@@ -198,9 +266,21 @@ impl ReportBuilder {
         if line.trim().is_empty() || line.starts_with("[buildpool]") {
             return;
         }
+        if let Some(command) = line
+            .strip_prefix("error: no such command: `")
+            .and_then(|rest| rest.strip_suffix('`'))
+        {
+            self.missing_command = Some(cap(command, 64));
+        }
         let trimmed = line.trim_start();
-        if trimmed.starts_with("Running ") || trimmed.starts_with("Doc-tests ") {
+        if trimmed.starts_with("Running ")
+            || trimmed.starts_with("Doc-tests ")
+            || trimmed.starts_with("Starting ")
+        {
             self.progress.testing = true;
+        }
+        if self.nextest_summary_line(trimmed) {
+            return;
         }
         if trimmed.starts_with("Compiling ")
             || trimmed.starts_with("Checking ")
@@ -216,14 +296,111 @@ impl ReportBuilder {
         self.stderr_tail.push_back(cap(line, MAX_MESSAGE));
     }
 
-    fn stdout_line(&mut self, line: &str) {
-        if line.starts_with('{')
-            && let Ok(message) = serde_json::from_str::<serde_json::Value>(line)
-        {
-            self.cargo_message(&message);
+    fn stdout_line(&mut self, line: &Line) {
+        let text = line.text.as_str();
+        if text.starts_with('{') {
+            if let Ok(message) = serde_json::from_str::<serde_json::Value>(text) {
+                if message["type"].is_string() {
+                    self.test_event(&message);
+                } else {
+                    self.cargo_message(&message);
+                }
+                return;
+            }
+            if line.truncated && text.starts_with("{\"type\":\"test\"") {
+                self.truncated_test_event(text);
+                return;
+            }
+        }
+        self.libtest_line(text);
+    }
+
+    /// One of libtest's JSON events, as nextest writes them (`libtest-json-plus`, still
+    /// experimental in nextest 0.9). Tests are counted from their own `ok` and `failed`
+    /// events until nextest's summary line gives its own tally: its suite events repeat per
+    /// test process with tallies that overlap, and a skipped test may or may not get an
+    /// `ignored` event, so neither is counted.
+    fn test_event(&mut self, event: &serde_json::Value) {
+        self.progress.testing = true;
+        if event["type"] != "test" {
             return;
         }
-        self.libtest_line(line);
+        let name = event["name"].as_str().unwrap_or("");
+        let output = event["stdout"].as_str().unwrap_or("");
+        self.test_outcome(event["event"].as_str().unwrap_or(""), name, output);
+    }
+
+    /// A test event whose line was too long to keep whole: its name and outcome come
+    /// first, its captured output (the long part) is cut.
+    fn truncated_test_event(&mut self, head: &str) {
+        let (Some(event), Some(name)) = (
+            json_string_in_head(head, "event"),
+            json_string_in_head(head, "name"),
+        ) else {
+            return;
+        };
+        self.test_outcome(&event, &name, "[captured output too long: see job_log]");
+    }
+
+    fn test_outcome(&mut self, event: &str, name: &str, output: &str) {
+        // Events read after nextest's summary (stdout and stderr arrive side by side) are
+        // already in its tally.
+        let counts = self.tests.get_or_insert_with(TestCounts::default);
+        let count = u64::from(!self.nextest_summary);
+        match event {
+            "ok" => counts.passed += count,
+            "failed" => {
+                counts.failed += count;
+                if self.failures.len() < MAX_FAILURES {
+                    // nextest names a test `crate::binary$path`; the path is what filters take.
+                    let name = name.rsplit_once('$').map_or(name, |(_, path)| path);
+                    self.failures.push(failure(name, output));
+                }
+            }
+            // "started", "ignored" (see above), and libtest's "timeout" (a slow-test
+            // warning, not an end).
+            _ => {}
+        }
+    }
+
+    /// nextest's closing tally on stderr, e.g. `Summary [   0.201s] 2 tests run: 1 passed,
+    /// 1 failed, 2 skipped` (also `3 timed out`, `1 passed (1 slow)`, `1 flaky`, ...).
+    /// Returns whether `line` was one.
+    fn nextest_summary_line(&mut self, line: &str) -> bool {
+        let Some(rest) = line.strip_prefix("Summary [") else {
+            return false;
+        };
+        let Some((_, tally)) = rest.split_once("] ") else {
+            return false;
+        };
+        let Some((run, parts)) = tally.split_once(" run: ") else {
+            return false;
+        };
+        if !(run.ends_with(" tests") || run.ends_with(" test")) {
+            return false;
+        }
+        let mut counts = TestCounts {
+            skipped: Some(0),
+            ..TestCounts::default()
+        };
+        for part in parts.split(", ") {
+            let Some((number, what)) = part.split_once(' ') else {
+                continue;
+            };
+            let Ok(number) = number.parse::<u64>() else {
+                continue;
+            };
+            let what = what.split(" (").next().unwrap_or(what);
+            match what {
+                "passed" => counts.passed += number,
+                "failed" | "timed out" | "exec failed" => counts.failed += number,
+                "skipped" => counts.skipped = Some(number),
+                _ => {}
+            }
+        }
+        self.tests = Some(counts);
+        self.nextest_summary = true;
+        true
     }
 
     fn cargo_message(&mut self, message: &serde_json::Value) {
@@ -272,9 +449,13 @@ impl ReportBuilder {
             .filter(|s| !s.is_empty());
         let diagnostic = Diagnostic {
             level: if is_error { "error" } else { "warning" }.to_owned(),
-            code: message["code"]["code"].as_str().map(str::to_owned),
+            code: message["code"]["code"]
+                .as_str()
+                .map(|code| cap(code, MAX_NAME)),
             message: cap(text, MAX_MESSAGE),
-            file: primary.and_then(|span| span["file_name"].as_str().map(str::to_owned)),
+            // The end of a path names the file.
+            file: primary
+                .and_then(|span| span["file_name"].as_str().map(|f| cap_tail(f, MAX_NAME))),
             line: primary.and_then(|span| span["line_start"].as_u64()),
             column: primary.and_then(|span| span["column_start"].as_u64()),
             snippet,
@@ -317,7 +498,7 @@ impl ReportBuilder {
                     match what {
                         "passed" => counts.passed += number,
                         "failed" => counts.failed += number,
-                        "ignored" => counts.ignored += number,
+                        "ignored" => *counts.ignored.get_or_insert(0) += number,
                         _ => {}
                     }
                 }
@@ -346,9 +527,11 @@ impl ReportBuilder {
             return;
         }
         if let Some(section) = &mut self.section
-            && section.text.len() < 64 * 1024
+            && section.text.len() < MAX_SECTION
         {
-            section.text.push_str(line);
+            section
+                .text
+                .push_str(&cap(line, MAX_SECTION - section.text.len()));
             section.text.push('\n');
         }
     }
@@ -360,12 +543,7 @@ impl ReportBuilder {
         if self.failures.len() >= MAX_FAILURES {
             return;
         }
-        let (output, message) = split_panic(&section.text);
-        self.failures.push(TestFailure {
-            name: section.name,
-            message: cap(message.trim(), MAX_MESSAGE * 2),
-            output: cap(output.trim(), MAX_TEST_OUTPUT),
-        });
+        self.failures.push(failure(&section.name, &section.text));
     }
 
     /// Ends the input and returns the report.
@@ -374,7 +552,7 @@ impl ReportBuilder {
             self.stdout_line(&line);
         }
         if let Some(line) = self.stderr.flush() {
-            self.stderr_line(&line);
+            self.stderr_line(&line.text);
         }
         self.close_section();
         // A failing test whose section never came (e.g. the binary crashed) still counts.
@@ -409,7 +587,18 @@ impl ReportBuilder {
             failures: self.failures,
             failures_omitted,
             stderr_tail: self.stderr_tail.into_iter().collect(),
+            missing_command: self.missing_command,
         }
+    }
+}
+
+/// A failing test from its name and what it printed, the panic included.
+fn failure(name: &str, text: &str) -> TestFailure {
+    let (output, message) = split_panic(text);
+    TestFailure {
+        name: cap(name, MAX_NAME),
+        message: cap(message.trim(), MAX_MESSAGE * 2),
+        output: cap_tail(output.trim(), MAX_TEST_OUTPUT),
     }
 }
 

@@ -4,6 +4,15 @@ use super::*;
 /// variable draws no warning: rustc stops before the lint), and real `cargo test` output with two failing tests.
 const THREE_ERRORS: &str = include_str!("testdata/three_errors.jsonl");
 const FAILING_TESTS: &str = include_str!("testdata/failing_tests.out");
+/// Real output of cargo-nextest 0.9.143 run as the `test` tool runs it
+/// (`NEXTEST_EXPERIMENTAL_LIBTEST_JSON=1 cargo nextest run --cargo-message-format json
+/// --message-format libtest-json-plus --no-fail-fast`) on the same tests plus an
+/// integration test: stdout (cargo's messages and the test events) and stderr (nextest's
+/// human report).
+const NEXTEST_STDOUT: &str = include_str!("testdata/nextest_failing.jsonl");
+const NEXTEST_STDERR: &str = include_str!("testdata/nextest_failing.stderr");
+/// Real stderr of `cargo nextest run` where cargo-nextest is not installed.
+const NEXTEST_MISSING: &str = include_str!("testdata/nextest_missing.stderr");
 
 fn report_of(stdout: &str) -> Report {
     let mut builder = ReportBuilder::new();
@@ -112,7 +121,8 @@ fn failing_tests_carry_name_panic_message_and_output() {
         Some(TestCounts {
             passed: 1,
             failed: 2,
-            ignored: 1
+            ignored: Some(1),
+            skipped: None
         })
     );
     assert_eq!(report.failures.len(), 2);
@@ -168,7 +178,7 @@ fn stderr_keeps_only_a_short_tail_without_cargo_status_lines() {
 }
 
 #[test]
-fn an_endless_line_is_dropped_not_buffered() {
+fn an_endless_line_is_cut_not_buffered() {
     let mut builder = ReportBuilder::new();
     let chunk = vec![b'x'; 1024 * 1024];
     for _ in 0..8 {
@@ -184,7 +194,123 @@ fn an_endless_line_is_dropped_not_buffered() {
         Some(TestCounts {
             passed: 3,
             failed: 0,
-            ignored: 0
+            ignored: Some(0),
+            skipped: None
         })
     );
+}
+
+#[test]
+fn nextest_results_are_counted_from_test_events_with_each_failure() {
+    let mut builder = ReportBuilder::new();
+    for chunk in NEXTEST_STDERR.as_bytes().chunks(61) {
+        builder.feed(OutputStream::Stderr, chunk);
+    }
+    for chunk in NEXTEST_STDOUT.as_bytes().chunks(97) {
+        builder.feed(OutputStream::Stdout, chunk);
+    }
+    assert!(builder.progress().testing);
+    let report = builder.finish();
+    // nextest's own tally, from its summary line.
+    assert_eq!(
+        report.tests,
+        Some(TestCounts {
+            passed: 2,
+            failed: 2,
+            ignored: None,
+            skipped: Some(1)
+        })
+    );
+    let names: Vec<&str> = report.failures.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["tests::panics_plainly", "tests::two_is_three"]);
+    assert_eq!(report.failures[0].message, "plain panic message");
+    assert_eq!(report.failures[0].output, "");
+    assert_eq!(
+        report.failures[1].message,
+        "assertion `left == right` failed: arithmetic broke\n  left: 2\n right: 3"
+    );
+    assert_eq!(report.failures[1].output, "some captured output");
+    assert_eq!((report.errors, report.failures_omitted), (0, 0));
+    assert_eq!(report.missing_command, None);
+}
+
+#[test]
+fn a_missing_cargo_subcommand_is_named() {
+    let mut builder = ReportBuilder::new();
+    builder.feed(OutputStream::Stderr, NEXTEST_MISSING.as_bytes());
+    let report = builder.finish();
+    assert_eq!(report.missing_command.as_deref(), Some("nextest"));
+    assert_eq!(report.tests, None);
+}
+
+#[test]
+fn a_test_event_too_long_to_keep_still_names_its_failure() {
+    let output = "o".repeat(MAX_LINE + 1024);
+    let event = serde_json::json!({"type": "test", "event": "failed",
+        "name": "app::app$tests::\"quoted\"", "stdout": output});
+    let mut builder = ReportBuilder::new();
+    builder.feed(OutputStream::Stdout, format!("{event}\n").as_bytes());
+    let report = builder.finish();
+    assert_eq!(
+        report.tests,
+        Some(TestCounts {
+            passed: 0,
+            failed: 1,
+            ignored: None,
+            skipped: None
+        })
+    );
+    assert_eq!(report.failures[0].name, "tests::\"quoted\"");
+    assert!(report.failures[0].output.contains("job_log"));
+}
+
+#[test]
+fn captured_output_keeps_its_end_and_names_are_capped() {
+    let output = format!("{}\nlast words", "early ".repeat(1000));
+    let event = serde_json::json!({"type": "test", "event": "failed",
+        "name": format!("app::app$tests::{}", "n".repeat(1000)),
+        "stdout": format!("{output}\nthread 'x' panicked at src/lib.rs:1:1:\nboom\n")});
+    let mut builder = ReportBuilder::new();
+    builder.feed(OutputStream::Stdout, format!("{event}\n").as_bytes());
+    let failure = &builder.finish().failures[0];
+    assert!(failure.output.ends_with("last words"), "{}", failure.output);
+    assert!(failure.output.len() <= MAX_TEST_OUTPUT + '…'.len_utf8());
+    assert!(failure.name.len() <= MAX_NAME + '…'.len_utf8());
+    assert_eq!(failure.message, "boom");
+}
+
+#[test]
+fn nextest_counts_come_from_its_events_until_its_summary_says_otherwise() {
+    let mut builder = ReportBuilder::new();
+    // Without a summary (the job was killed), the events are all there is.
+    builder.feed(OutputStream::Stdout, NEXTEST_STDOUT.as_bytes());
+    let from_events = builder.finish().tests;
+    assert_eq!(
+        from_events,
+        Some(TestCounts {
+            passed: 2,
+            failed: 2,
+            ignored: None,
+            skipped: None
+        })
+    );
+    // The summary may come before the last events; they are not counted twice, and their
+    // failures still are listed.
+    let mut builder = ReportBuilder::new();
+    builder.feed(
+        OutputStream::Stderr,
+        b"     Summary [   1.001s] 5 tests run: 1 passed (1 slow), 2 failed, 1 timed out, 1 flaky, 3 skipped\n",
+    );
+    builder.feed(OutputStream::Stdout, NEXTEST_STDOUT.as_bytes());
+    let report = builder.finish();
+    assert_eq!(
+        report.tests,
+        Some(TestCounts {
+            passed: 1,
+            failed: 3,
+            ignored: None,
+            skipped: Some(3)
+        })
+    );
+    assert_eq!(report.failures.len(), 2);
 }
