@@ -526,3 +526,43 @@ fn agents_hear_how_much_work_waits_for_them_and_drain_on_request() {
     );
     assert!(assigns(&scheduler.slots_changed(1, 1, 1, true, now)).is_empty());
 }
+
+fn restored(job_id: JobId, attempt: u32, running_on: Option<&str>) -> RestoredJob {
+    RestoredJob {
+        job_id,
+        spec: spec(),
+        source: source(),
+        worktree: String::new(),
+        submitted_unix_ms: 1_000,
+        attempt,
+        lost_attempts: 0,
+        running_on: running_on.map(str::to_owned),
+    }
+}
+
+#[test]
+fn after_a_restart_queued_jobs_queue_in_order_and_running_ones_wait_for_their_agent() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::default();
+    let jobs = vec![
+        restored(1, 1, Some("a")),
+        restored(2, 0, None),
+        restored(3, 2, None),
+        restored(4, 1, Some("gone")),
+    ];
+    assert!(assigns(&scheduler.restore(jobs, now, 5_000)).is_empty());
+
+    // Agent a reports its attempt of job 1: reattached, never rerun. The queued jobs go
+    // in their order, each on an attempt number the old coordinator never handed out.
+    let later = now + Duration::from_secs(3);
+    let actions = scheduler.agent_connected(1, registration("a", 3, false), &[key(1, 1)], later);
+    assert!(scheduler.holds(1, key(1, 1)), "{actions:?}");
+    assert_eq!(assigns(&actions), [(1, 2, 2), (1, 3, 4)]);
+
+    // The agent of job 4 does not come back within the grace (counted from the restart).
+    assert!(assigns(&scheduler.tick(now + Duration::from_secs(14))).is_empty());
+    let actions = scheduler.finished(1, key(2, 2), exited(0), now + Duration::from_secs(15));
+    assert_eq!(assigns(&actions), [], "job 4 still waits for its agent");
+    let actions = scheduler.tick(now + Duration::from_secs(16));
+    assert_eq!(assigns(&actions), [(1, 4, 2)], "{actions:?}");
+}
