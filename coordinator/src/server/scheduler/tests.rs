@@ -262,27 +262,35 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
     for seed in 0..200 {
         let mut rng = fastrand::Rng::with_seed(seed);
         let start = Instant::now();
-        let mut scheduler = Scheduler::new(SchedulerConfig {
+        let config = SchedulerConfig {
             max_lost_attempts: 1000,
             ..SchedulerConfig::default()
-        });
+        };
+        let mut scheduler = Scheduler::new(config);
         let mut finished_count: HashMap<JobId, u32> = HashMap::new();
         let mut in_flight: Vec<(ConnId, JobId, u32)> = Vec::new();
         let mut connected: Vec<ConnId> = Vec::new();
+        // Each connection's agent id, and what the coordinator's store would hold (kept
+        // from the actions as `Shared::apply` keeps it): unfinished jobs, their agent and
+        // attempt.
+        let mut agent_ids: HashMap<ConnId, String> = HashMap::new();
+        let mut stored: BTreeMap<JobId, (Option<String>, u32, u32)> = BTreeMap::new();
         let mut next_conn = 1;
         let mut next_job = 1;
         let mut clock = start;
         for _ in 0..300u64 {
             clock += Duration::from_millis(rng.u64(0..3000));
             let now = clock;
-            let actions = match rng.u8(0..8) {
+            let actions = match rng.u8(0..9) {
                 0 => {
                     next_job += 1;
+                    stored.insert(next_job, (None, 0, 0));
                     submit(&mut scheduler, next_job, now)
                 }
                 1 => {
                     next_conn += 1;
                     connected.push(next_conn);
+                    agent_ids.insert(next_conn, format!("x{next_conn}"));
                     scheduler.agent_connected(
                         next_conn,
                         registration(&format!("x{next_conn}"), rng.u32(1..3), false),
@@ -322,15 +330,82 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
                     }
                     connected.retain(|c| *c != old);
                     connected.push(next_conn);
+                    let agent_id = agent_ids[&old].clone();
+                    agent_ids.insert(next_conn, agent_id.clone());
                     scheduler.agent_connected(
                         next_conn,
-                        registration(&format!("x{old}"), 2, false),
+                        registration(&agent_id, 2, false),
                         &reports,
                         now,
                     )
                 }
+                // The coordinator restarts: a new scheduler restores what the store holds,
+                // and every agent reconnects, reporting some of its attempts.
+                8 => {
+                    scheduler = Scheduler::new(config);
+                    let restored = stored
+                        .iter()
+                        .map(
+                            |(job_id, (running_on, attempt, lost_attempts))| RestoredJob {
+                                attempt: *attempt,
+                                lost_attempts: *lost_attempts,
+                                running_on: running_on.clone(),
+                                ..restored(*job_id, 0, None)
+                            },
+                        )
+                        .collect();
+                    let mut actions = scheduler.restore(restored, now, 0);
+                    for old in std::mem::take(&mut connected) {
+                        next_conn += 1;
+                        let reports: Vec<AttemptKey> = in_flight
+                            .iter()
+                            .filter(|(conn, _, _)| *conn == old && rng.bool())
+                            .map(|(_, job_id, attempt)| key(*job_id, *attempt))
+                            .collect();
+                        for (conn, _, _) in &mut in_flight {
+                            if *conn == old {
+                                *conn = next_conn;
+                            }
+                        }
+                        connected.push(next_conn);
+                        let agent_id = agent_ids[&old].clone();
+                        agent_ids.insert(next_conn, agent_id.clone());
+                        actions.extend(scheduler.agent_connected(
+                            next_conn,
+                            registration(&agent_id, 2, false),
+                            &reports,
+                            now,
+                        ));
+                    }
+                    actions
+                }
                 _ => Vec::new(),
             };
+            for action in &actions {
+                if let Action::Event { job_id, event } = action {
+                    match event {
+                        JobEvent::Assigned {
+                            agent_id, attempt, ..
+                        } => {
+                            if let Some(entry) = stored.get_mut(job_id) {
+                                entry.0 = Some(agent_id.clone());
+                                entry.1 = *attempt;
+                            }
+                        }
+                        JobEvent::Queued { .. } => {
+                            if let (Some(entry), Some((attempt, lost))) =
+                                (stored.get_mut(job_id), scheduler.attempts(*job_id))
+                            {
+                                *entry = (None, attempt, lost);
+                            }
+                        }
+                        JobEvent::Finished(_) => {
+                            stored.remove(job_id);
+                        }
+                        JobEvent::Output { .. } => {}
+                    }
+                }
+            }
             in_flight.extend(assigns(&actions));
             for (job_id, _) in finished(&actions) {
                 *finished_count.entry(job_id).or_default() += 1;
