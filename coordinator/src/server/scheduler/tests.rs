@@ -257,6 +257,27 @@ fn labels_route_jobs() {
 
 /// Random interleavings of submissions, agents coming and going, declines, results and
 /// cancels: every job ends exactly once, and only its current attempt's result counts.
+/// An agent's reconnect in the interleavings: its attempts move from connection `old` to
+/// `new`, and it reports a random subset of them.
+fn move_attempts(
+    in_flight: &mut [(ConnId, JobId, u32)],
+    old: ConnId,
+    new: ConnId,
+    rng: &mut fastrand::Rng,
+) -> Vec<AttemptKey> {
+    let reports = in_flight
+        .iter()
+        .filter(|(conn, _, _)| *conn == old && rng.bool())
+        .map(|(_, job_id, attempt)| key(*job_id, *attempt))
+        .collect();
+    for (conn, _, _) in in_flight.iter_mut() {
+        if *conn == old {
+            *conn = new;
+        }
+    }
+    reports
+}
+
 #[test]
 fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
     for seed in 0..200 {
@@ -318,16 +339,7 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
                 7 if !connected.is_empty() => {
                     let old = connected[rng.usize(..connected.len())];
                     next_conn += 1;
-                    let reports: Vec<AttemptKey> = in_flight
-                        .iter()
-                        .filter(|(conn, _, _)| *conn == old && rng.bool())
-                        .map(|(_, job_id, attempt)| key(*job_id, *attempt))
-                        .collect();
-                    for (conn, _, _) in &mut in_flight {
-                        if *conn == old {
-                            *conn = next_conn;
-                        }
-                    }
+                    let reports = move_attempts(&mut in_flight, old, next_conn, &mut rng);
                     connected.retain(|c| *c != old);
                     connected.push(next_conn);
                     let agent_id = agent_ids[&old].clone();
@@ -357,16 +369,7 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
                     let mut actions = scheduler.restore(restored, now, 0);
                     for old in std::mem::take(&mut connected) {
                         next_conn += 1;
-                        let reports: Vec<AttemptKey> = in_flight
-                            .iter()
-                            .filter(|(conn, _, _)| *conn == old && rng.bool())
-                            .map(|(_, job_id, attempt)| key(*job_id, *attempt))
-                            .collect();
-                        for (conn, _, _) in &mut in_flight {
-                            if *conn == old {
-                                *conn = next_conn;
-                            }
-                        }
+                        let reports = move_attempts(&mut in_flight, old, next_conn, &mut rng);
                         connected.push(next_conn);
                         let agent_id = agent_ids[&old].clone();
                         agent_ids.insert(next_conn, agent_id.clone());
