@@ -71,6 +71,8 @@ pub const RECONNECT_TIMEOUT_ENV: &str = "BUILDPOOL_RECONNECT_TIMEOUT";
 const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest pause between two reconnect attempts.
 const RECONNECT_BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// How long a reached coordinator may take to answer a Watch.
+const WATCH_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a client waits for a lost coordinator: [`RECONNECT_TIMEOUT_ENV`] or 60 s.
 pub fn reconnect_timeout() -> Duration {
@@ -345,7 +347,19 @@ impl JobSession {
         let mut delay = Duration::from_millis(100);
         loop {
             let last = match reconnect(&self.repo).await {
-                Ok(client) => match client.watch(job_id, self.output_seen).await {
+                // The answer to a watch is its response headers: a coordinator that accepts
+                // but never answers must not hold the client past its deadline.
+                Ok(client) => match tokio::time::timeout(
+                    WATCH_ANSWER_TIMEOUT,
+                    client.watch(job_id, self.output_seen),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ClientError::Unreachable {
+                        url: "the coordinator".to_owned(),
+                        reason: format!("no answer to Watch within {WATCH_ANSWER_TIMEOUT:?}"),
+                    })
+                }) {
                     Ok(events) => {
                         // A warning's pair: the user saw the loss, and reads that it is over.
                         tracing::warn!(
