@@ -14,7 +14,7 @@ use buildpool_proto::control_client::ControlClient;
 use buildpool_proto::convert::{DecodeError, decode_job_event};
 use buildpool_proto::tls::{self, Fingerprint, ServerTrust, TlsError};
 use buildpool_proto::{
-    CancelRequest, DrainAgentRequest, JobLogRequest, StatusRequest, SubmitRequest,
+    CancelRequest, DrainAgentRequest, JobLogRequest, StatusRequest, SubmitRequest, WatchRequest,
 };
 use rustls::pki_types::ServerName;
 use tonic::service::interceptor::InterceptedService;
@@ -209,14 +209,27 @@ impl Client {
         Ok((client, url))
     }
 
-    /// Queues a job; its events follow on the returned stream. Dropping the stream before
-    /// the job ends cancels the job: nobody is left waiting for it.
+    /// Queues a job; its events follow on the returned stream. A job whose every stream is
+    /// dropped is cancelled after the coordinator's client grace: nobody waits for it.
     pub async fn submit(&self, submission: Submission) -> Result<JobEvents, ClientError> {
         let stream = self
             .grpc
             .clone()
             .submit(SubmitRequest::from(submission))
             .await?;
+        Ok(JobEvents {
+            stream: stream.into_inner(),
+        })
+    }
+
+    /// Follows a submitted job again: its current phase, its output after the first
+    /// `from_offset` bytes, then its result.
+    pub async fn watch(&self, job_id: JobId, from_offset: u64) -> Result<JobEvents, ClientError> {
+        let request = WatchRequest {
+            job_id,
+            from_offset,
+        };
+        let stream = self.grpc.clone().watch(request).await?;
         Ok(JobEvents {
             stream: stream.into_inner(),
         })

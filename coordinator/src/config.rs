@@ -67,6 +67,7 @@ struct TimeoutsSection {
     reattach_grace_secs: Option<u64>,
     unroutable_wait_secs: Option<u64>,
     max_lost_attempts: Option<u32>,
+    client_grace_secs: Option<u64>,
 }
 
 /// The settled configuration of one coordinator.
@@ -98,6 +99,9 @@ pub struct CoordinatorConfig {
     pub unroutable_wait: Duration,
     /// Lost attempts (agent gone mid-job) before a job fails.
     pub max_lost_attempts: u32,
+    /// How long a job nobody follows (its client went away, or the coordinator restarted)
+    /// waits for a client to come back before it is cancelled.
+    pub client_grace: Duration,
     /// Keep job logs in a directory of this process's own, deleted at shutdown. Set for
     /// in-process coordinators, so two of them (say, two MCP sessions) never share job ids.
     pub private_logs: bool,
@@ -332,6 +336,7 @@ impl CoordinatorConfig {
                 }
                 n => n,
             },
+            client_grace: secs(pool.timeouts.client_grace_secs, 10, "client_grace_secs")?,
             private_logs: false,
         })
     }

@@ -57,6 +57,43 @@ pub enum SessionError {
     Lost(ClientError),
     #[error("the coordinator closed the stream before the job ended")]
     Closed,
+    #[error(
+        "lost the coordinator while job {job_id} ran and it did not come back within {} s \
+         ({RECONNECT_TIMEOUT_ENV}); the job may still run: `buildpool logs {job_id}` once the \
+         coordinator is back. Last error: {last}",
+        waited.as_secs()
+    )]
+    Gone {
+        job_id: JobId,
+        waited: Duration,
+        last: String,
+    },
+    #[error("the coordinator came back without job {0}: {1}")]
+    Forgotten(JobId, ClientError),
+}
+
+/// Seconds a client waits for a lost coordinator to come back (default 60).
+pub const RECONNECT_TIMEOUT_ENV: &str = "BUILDPOOL_RECONNECT_TIMEOUT";
+const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest pause between two reconnect attempts.
+const RECONNECT_BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// How long a reached coordinator may take to answer a Watch.
+const WATCH_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client waits for a lost coordinator: [`RECONNECT_TIMEOUT_ENV`] or 60 s.
+pub fn reconnect_timeout() -> Duration {
+    std::env::var(RECONNECT_TIMEOUT_ENV)
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_RECONNECT_TIMEOUT, Duration::from_secs)
+}
+
+/// One attempt to reach the repository's coordinator again, found afresh through its
+/// discovery file (a restarted coordinator may listen on other ports).
+async fn reconnect(repo: &Repo) -> Result<Client, ClientError> {
+    Client::connect_to_running(repo)
+        .await
+        .map(|(client, _)| client)
 }
 
 /// Starts jobs of one worktree; keeps a lazily started in-process coordinator for the
@@ -153,8 +190,12 @@ impl JobClient {
         Ok(JobSession {
             client,
             via,
+            repo: self.repo.clone(),
             events,
             job_id: None,
+            output_seen: 0,
+            lost_since: None,
+            reconnect_timeout: reconnect_timeout(),
             cancel_requested: false,
             snapshot_note,
             started,
@@ -223,13 +264,21 @@ impl std::fmt::Display for Timings {
 }
 
 /// One submitted job, from its first event to its result. Dropping it before the job ends
-/// cancels the job (the coordinator cancels a job whose client went away).
+/// cancels the job (the coordinator cancels a job no client follows, after a grace). When
+/// the repository's coordinator is lost mid-job, the session finds it again and resumes
+/// the job's events where it left off (see [`JobSession::next_event`]).
 #[derive(Debug)]
 pub struct JobSession {
     client: Client,
     via: Via,
+    repo: Repo,
     events: JobEvents,
     job_id: Option<JobId>,
+    /// Output bytes received, both streams: where a resumed stream starts.
+    output_seen: u64,
+    /// Since when the coordinator is lost, while reconnecting.
+    lost_since: Option<Instant>,
+    reconnect_timeout: Duration,
     cancel_requested: bool,
     snapshot_note: Option<String>,
     started: Instant,
@@ -277,14 +326,94 @@ impl JobSession {
     }
 
     /// The next event; the last one is [`JobEvent::Finished`]. Cancel-safe, so it can race
-    /// a Ctrl-C or a cancelled request in `select!`: it awaits nothing but the stream.
+    /// a Ctrl-C or a cancelled request in `select!`: an event is never lost, and an
+    /// interrupted reconnect keeps its deadline.
+    ///
+    /// When the stream from the repository's coordinator breaks before the result, the
+    /// session reconnects with backoff (rediscovering the coordinator) and resumes the job
+    /// from the output it already has, so no output is repeated or missed; after
+    /// [`reconnect_timeout`] without a coordinator it gives up with [`SessionError::Gone`].
+    /// An in-process coordinator shares this process's fate: nothing to reconnect to.
     pub async fn next_event(&mut self) -> Result<JobEvent, SessionError> {
-        let (job_id, event) = self
-            .events
-            .next()
-            .await
-            .map_err(SessionError::Lost)?
-            .ok_or(SessionError::Closed)?;
+        loop {
+            let lost = match self.events.next().await {
+                Ok(Some((job_id, event))) => return Ok(self.received(job_id, event)),
+                Ok(None) => SessionError::Closed,
+                Err(error) => SessionError::Lost(error),
+            };
+            match (self.job_id, &self.via) {
+                (Some(job_id), Via::Coordinator | Via::Started(_)) => {
+                    self.resume(job_id, &lost).await?;
+                }
+                _ => return Err(lost),
+            }
+        }
+    }
+
+    /// Reconnects to the repository's coordinator until it follows the job again, within
+    /// the reconnect deadline.
+    async fn resume(&mut self, job_id: JobId, lost: &SessionError) -> Result<(), SessionError> {
+        let since = *self.lost_since.get_or_insert_with(|| {
+            tracing::warn!(
+                job_id,
+                "{lost}; reconnecting (for up to {} s)",
+                self.reconnect_timeout.as_secs()
+            );
+            Instant::now()
+        });
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let last = match reconnect(&self.repo).await {
+                // The answer to a watch is its response headers: a coordinator that accepts
+                // but never answers must not hold the client past its deadline.
+                Ok(client) => match tokio::time::timeout(
+                    WATCH_ANSWER_TIMEOUT,
+                    client.watch(job_id, self.output_seen),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ClientError::Unreachable {
+                        url: "the coordinator".to_owned(),
+                        reason: format!("no answer to Watch within {WATCH_ANSWER_TIMEOUT:?}"),
+                    })
+                }) {
+                    Ok(events) => {
+                        // A warning's pair: the user saw the loss, and reads that it is over.
+                        tracing::warn!(
+                            job_id,
+                            "reconnected; following job {job_id} again after {} ms",
+                            since.elapsed().as_millis()
+                        );
+                        self.client = client;
+                        self.events = events;
+                        return Ok(());
+                    }
+                    Err(ClientError::Call(status)) if status.code() == tonic::Code::NotFound => {
+                        return Err(SessionError::Forgotten(job_id, ClientError::Call(status)));
+                    }
+                    Err(error) => error.to_string(),
+                },
+                Err(error) => error.to_string(),
+            };
+            let left = self.reconnect_timeout.saturating_sub(since.elapsed());
+            if left.is_zero() {
+                return Err(SessionError::Gone {
+                    job_id,
+                    waited: since.elapsed(),
+                    last,
+                });
+            }
+            tokio::time::sleep(delay.min(left)).await;
+            delay = (delay * 2).min(RECONNECT_BACKOFF_CAP);
+        }
+    }
+
+    /// Takes note of an event before handing it out.
+    fn received(&mut self, job_id: JobId, event: JobEvent) -> JobEvent {
+        self.lost_since = None;
+        if let JobEvent::Output { data, .. } = &event {
+            self.output_seen += data.len() as u64;
+        }
         if self.job_id.is_none() {
             self.job_id = Some(job_id);
             if self.cancel_requested {
@@ -292,7 +421,7 @@ impl JobSession {
                 self.send_cancel(job_id);
             }
         }
-        Ok(event)
+        event
     }
 
     /// Asks the coordinator to cancel the job, now or as soon as the job has an id. The

@@ -320,6 +320,43 @@ impl TryFrom<crate::JobResult> for JobResult {
     }
 }
 
+// ---- stored records ----------------------------------------------------------------------
+//
+// The coordinator's job store keeps submissions and results as these messages' bytes: the
+// schema already evolves compatibly, and a record that no longer decodes is a DecodeError
+// like any wire message, never a default.
+
+/// A submission as the bytes of its `SubmitRequest`.
+pub fn submission_to_bytes(submission: Submission) -> Vec<u8> {
+    prost::Message::encode_to_vec(&crate::SubmitRequest::from(submission))
+}
+
+pub fn submission_from_bytes(bytes: &[u8]) -> Result<Submission, DecodeError> {
+    from_bytes::<crate::SubmitRequest, _>(bytes, "submission")
+}
+
+/// A job's result as the bytes of its `JobResult`.
+pub fn result_to_bytes(result: JobResult) -> Vec<u8> {
+    prost::Message::encode_to_vec(&crate::JobResult::from(result))
+}
+
+pub fn result_from_bytes(bytes: &[u8]) -> Result<JobResult, DecodeError> {
+    from_bytes::<crate::JobResult, _>(bytes, "result")
+}
+
+/// Decodes a stored message `Wire` and converts it like one from the wire.
+fn from_bytes<Wire, T>(bytes: &[u8], field: &'static str) -> Result<T, DecodeError>
+where
+    Wire: prost::Message + Default,
+    T: TryFrom<Wire, Error = DecodeError>,
+{
+    let wire = Wire::decode(bytes).map_err(|error| DecodeError::Invalid {
+        field,
+        reason: error.to_string(),
+    })?;
+    wire.try_into()
+}
+
 /// A client-facing event of job `job_id`.
 pub fn encode_job_event(job_id: JobId, event: JobEvent) -> crate::JobEvent {
     let event = match event {

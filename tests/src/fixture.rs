@@ -58,6 +58,9 @@ mod tests {
             .and_then(|text| text.trim().parse().ok())
             .unwrap_or(4);
         std::thread::sleep(std::time::Duration::from_secs(secs));
+        // Seen only with --nocapture: when the job's work ended, for `bench soak`.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        println!("fixture-end-unix-ms {}", now.map_or(0, |t| t.as_millis()));
     }
 }
 "#;

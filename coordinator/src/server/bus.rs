@@ -542,7 +542,7 @@ async fn handle_message(
             append_output(shared, conn, key, stream, &data).await
         }
         AgentMessage::Finished { key, completion } => {
-            return Ok(Some(accept_result(shared, conn, key, completion, now)));
+            return Ok(accept_result(shared, conn, key, completion, now).await);
         }
         AgentMessage::CancelAck(key) => {
             tracing::debug!(
@@ -588,14 +588,16 @@ async fn append_output(
 }
 
 /// Records a result if `conn` holds the attempt, and acknowledges it either way: a stale
-/// result is of no use to anyone, so the agent need not keep it.
-fn accept_result(
+/// result is of no use to anyone, so the agent need not keep it. An accepted result is
+/// acknowledged only once it is stored: until then the agent keeps it, and reports it
+/// again to a restarted coordinator. (`None`: the store failed; no acknowledgement.)
+async fn accept_result(
     shared: &Shared,
     conn: ConnId,
     key: AttemptKey,
     completion: Completion,
     now: Instant,
-) -> CoordinatorMessage {
+) -> Option<CoordinatorMessage> {
     let accepted = shared.step(|s| {
         let actions = s.finished(conn, key, completion, now);
         (!actions.is_empty(), actions)
@@ -606,8 +608,13 @@ fn accept_result(
             attempt = key.attempt,
             "ignored the result of a stale attempt"
         );
+    } else if let Some(store) = &shared.store
+        && let Err(error) = store.barrier().await
+    {
+        tracing::error!(job_id = key.job_id, "result not acknowledged: {error}");
+        return None;
     }
-    CoordinatorMessage::ResultAck(key)
+    Some(CoordinatorMessage::ResultAck(key))
 }
 
 #[cfg(test)]

@@ -12,12 +12,12 @@ use std::time::Instant;
 
 use buildpool_core::status::{CancelReply, CoordinatorStatus, LogPage, LogRequest, Submission};
 use buildpool_core::time::unix_millis;
-use buildpool_core::{JobEvent, JobId, OutputStream, Source};
+use buildpool_core::{JobEvent, JobId, OutputStream};
 use buildpool_proto::control_server::{Control, ControlServer};
 use buildpool_proto::convert::{DecodeError, encode_job_event};
 use buildpool_proto::{
     CancelRequest, DrainAgentReply, DrainAgentRequest, JobEvent as WireEvent, JobLogReply,
-    JobLogRequest, StatusReply, StatusRequest, SubmitRequest,
+    JobLogRequest, StatusReply, StatusRequest, SubmitRequest, WatchRequest,
 };
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -141,6 +141,7 @@ impl Control for ControlService {
         check_snapshot_ref(shared, &git_ref, &commit).await?;
 
         let job_id = shared.next_job_id();
+        let submitted_unix_ms = unix_millis();
         let log = joblog::JobLog::create(&shared.logs, job_id, shared.config.log_max_bytes)
             .await
             .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
@@ -150,14 +151,22 @@ impl Control for ControlService {
             cargo_args: spec.cargo_args.clone(),
         };
         shared.metrics.job_submitted(spec.kind);
+        if let Some(store) = &shared.store {
+            // Stored before the client hears of the job: a restart resumes what it was told.
+            let submission = Submission {
+                spec: spec.clone(),
+                commit: commit.clone(),
+                git_ref: git_ref.clone(),
+                worktree: worktree.clone(),
+            };
+            store.submitted(job_id, submission, submitted_unix_ms, log.path());
+            store
+                .barrier()
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot store the job: {e}")))?;
+        }
         let job = ActiveJob::queued(log, git_ref.clone(), origin);
-        let source = Source {
-            repo_id: shared.repo.id.clone(),
-            git_path: shared.git_path.clone(),
-            git_port: shared.git_daemon_port.filter(|_| shared.direct_git),
-            commit,
-            git_ref,
-        };
+        let source = shared.source(commit, git_ref);
         let phase = job.phase.subscribe();
         shared.state().jobs.insert(job_id, Arc::clone(&job));
         tracing::info!(job_id, kind = %spec.kind, %worktree, "job submitted");
@@ -165,18 +174,39 @@ impl Control for ControlService {
         shared.step(|s| {
             (
                 (),
-                s.submit(job_id, spec, source, worktree, now, unix_millis()),
+                s.submit(job_id, spec, source, worktree, now, submitted_unix_ms),
             )
         });
-        tokio::spawn(clean_up_when_finished(
-            Arc::clone(shared),
-            job_id,
-            Arc::clone(&job),
-            job.phase.subscribe(),
-        ));
+        // The submitter follows the job before anything could cancel it as unwatched.
+        let events = follow_stream(shared, job_id, Arc::clone(&job), phase, 0);
+        adopt(shared, job_id, &job);
+        Ok(events)
+    }
 
+    type WatchStream = EventStream;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<EventStream>, Status> {
+        let WatchRequest {
+            job_id,
+            from_offset,
+        } = request.into_inner();
+        let shared = &self.shared;
+        let active = shared.state().jobs.get(&job_id).cloned();
+        if let Some(job) = active {
+            tracing::info!(job_id, from_offset, "a client follows the job again");
+            let phase = job.phase.subscribe();
+            return Ok(follow_stream(shared, job_id, job, phase, from_offset));
+        }
+        let (result, log) = finished_job(shared, job_id).await?;
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
-        tokio::spawn(stream_job(Arc::clone(shared), job_id, job, phase, events));
+        tokio::spawn(async move {
+            let mut skip = from_offset;
+            let end = tokio::fs::metadata(&log).await.map_or(0, |m| m.len());
+            let mut position = 0;
+            if forward_log(&log, &mut position, end, &mut skip, job_id, &events).await {
+                send_event(&events, job_id, JobEvent::Finished(result)).await;
+            }
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
@@ -267,6 +297,95 @@ impl Control for ControlService {
     }
 }
 
+/// A new client of an active job: counted among its watchers, and its events (from
+/// `phase` on, output after `from_offset` bytes) streamed by a task of its own.
+fn follow_stream(
+    shared: &Arc<Shared>,
+    job_id: JobId,
+    job: Arc<ActiveJob>,
+    phase: watch::Receiver<JobEvent>,
+    from_offset: u64,
+) -> Response<EventStream> {
+    job.watchers.send_modify(|count| *count += 1);
+    let (events, receiver) = mpsc::channel(EVENT_BUFFER);
+    tokio::spawn(stream_job(
+        Arc::clone(shared),
+        job_id,
+        job,
+        phase,
+        events,
+        from_offset,
+    ));
+    Response::new(Box::pin(ReceiverStream::new(receiver)))
+}
+
+/// A job that is no longer active: its stored result and log. Its end may still be on its
+/// way to the store, so a miss waits for the store's queue once before it counts.
+async fn finished_job(
+    shared: &Shared,
+    job_id: JobId,
+) -> Result<(buildpool_core::JobResult, std::path::PathBuf), Status> {
+    let Some(store) = &shared.store else {
+        return Err(Status::not_found(format!("no job {job_id} is running")));
+    };
+    let internal = |e: super::store::StoreError| Status::internal(e.to_string());
+    if let Some(found) = store.result(job_id).await.map_err(internal)? {
+        return Ok(found);
+    }
+    store.barrier().await.map_err(internal)?;
+    store
+        .result(job_id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| Status::not_found(format!("no job {job_id}")))
+}
+
+/// Starts the tasks every active job has: the clean-up when it ends, and the cancel when
+/// nobody follows it.
+pub(crate) fn adopt(shared: &Arc<Shared>, job_id: JobId, job: &Arc<ActiveJob>) {
+    tokio::spawn(clean_up_when_finished(
+        Arc::clone(shared),
+        job_id,
+        Arc::clone(job),
+        job.phase.subscribe(),
+    ));
+    tokio::spawn(cancel_unwatched(
+        Arc::clone(shared),
+        job_id,
+        Arc::clone(job),
+    ));
+}
+
+/// Cancels the job once no client has followed it for the client grace: nobody waits for
+/// it. The grace lets a client that lost its stream (a network blip, a coordinator restart)
+/// come back with `Watch` without losing its job; after a restart it counts from the
+/// restart, since every job starts there unwatched.
+async fn cancel_unwatched(shared: Arc<Shared>, job_id: JobId, job: Arc<ActiveJob>) {
+    let mut watchers = job.watchers.subscribe();
+    let mut phase = job.phase.subscribe();
+    let grace = shared.config.client_grace;
+    loop {
+        let unwatched = watchers.wait_for(|count| *count == 0);
+        tokio::select! {
+            waited = unwatched => if waited.is_err() { return },
+            _ = phase.wait_for(|event| matches!(event, JobEvent::Finished(_))) => return,
+            () = shared.shutdown.cancelled() => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(grace) => {
+                if *watchers.borrow() == 0 {
+                    tracing::info!(job_id, "no client followed the job for {grace:?}; cancelling it");
+                    shared.step(|s| ((), s.cancel(job_id, Instant::now()).unwrap_or_default()));
+                    return;
+                }
+            }
+            changed = watchers.changed() => if changed.is_err() { return },
+            _ = phase.wait_for(|event| matches!(event, JobEvent::Finished(_))) => return,
+            () = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// Sends one event to a streaming client; false when the client is gone.
 async fn send_event(events: &EventSender, job_id: JobId, event: JobEvent) -> bool {
     events
@@ -275,17 +394,35 @@ async fn send_event(events: &EventSender, job_id: JobId, event: JobEvent) -> boo
         .is_ok()
 }
 
-/// Streams one job's events and output to a client, following the log on disk.
-/// If the client goes away before the job ends, the job is cancelled: nobody waits for it.
+/// Streams one job's events and output to a client, following the log on disk, from
+/// `from_offset` bytes of output on (what the client already has). The caller counted the
+/// client among the job's watchers; it is uncounted when the stream ends, and a job left
+/// unwatched is cancelled after the client grace (see [`cancel_unwatched`]).
 async fn stream_job(
     shared: Arc<Shared>,
     job_id: JobId,
     job: Arc<ActiveJob>,
-    mut phase: watch::Receiver<JobEvent>,
+    phase: watch::Receiver<JobEvent>,
     events: EventSender,
+    from_offset: u64,
+) {
+    follow(&shared, job_id, &job, phase, &events, from_offset).await;
+    job.watchers
+        .send_modify(|count| *count = count.saturating_sub(1));
+}
+
+async fn follow(
+    shared: &Shared,
+    job_id: JobId,
+    job: &ActiveJob,
+    mut phase: watch::Receiver<JobEvent>,
+    events: &EventSender,
+    from_offset: u64,
 ) {
     let mut length = job.log.subscribe();
     let mut position = 0u64;
+    let mut skip = from_offset;
+    let path = job.log.path();
     let initial = phase.borrow_and_update().clone();
     let mut pending_phase = Some(initial);
     loop {
@@ -294,8 +431,8 @@ async fn stream_job(
             if finished {
                 // Everything the agent sent before its result is in the log: send it first.
                 let end = *length.borrow();
-                if !forward_log(&job, &mut position, end, job_id, &events).await {
-                    break;
+                if !forward_log(path, &mut position, end, &mut skip, job_id, events).await {
+                    return;
                 }
                 if job.log.truncated() > 0 {
                     let note = format!(
@@ -307,11 +444,11 @@ async fn stream_job(
                         stream: OutputStream::Stderr,
                         data: Bytes::from(note),
                     };
-                    send_event(&events, job_id, note).await;
+                    send_event(events, job_id, note).await;
                 }
             }
-            if !send_event(&events, job_id, event).await {
-                break;
+            if !send_event(events, job_id, event).await {
+                return;
             }
             if finished {
                 return;
@@ -325,29 +462,32 @@ async fn stream_job(
             changed = length.changed() => {
                 if changed.is_err() { return; }
                 let end = *length.borrow_and_update();
-                if !forward_log(&job, &mut position, end, job_id, &events).await { break; }
+                if !forward_log(path, &mut position, end, &mut skip, job_id, events).await { return; }
             }
-            () = events.closed() => break,
+            () = events.closed() => {
+                tracing::info!(job_id, "a client stopped following the job");
+                return;
+            }
             () = shared.shutdown.cancelled() => {
                 let _ = events.send(Err(Status::unavailable("the coordinator is shutting down"))).await;
                 return;
             }
         }
     }
-    // The client is gone and the job has not ended.
-    tracing::info!(job_id, "client disconnected; cancelling its job");
-    shared.step(|s| ((), s.cancel(job_id, Instant::now()).unwrap_or_default()));
 }
 
+/// Sends the log's records from `position` to `end` as output events, leaving out the first
+/// `skip` bytes of output (what the client already has). False when the client is gone.
 async fn forward_log(
-    job: &ActiveJob,
+    path: &std::path::Path,
     position: &mut u64,
     end: u64,
+    skip: &mut u64,
     job_id: JobId,
     events: &EventSender,
 ) -> bool {
     while *position < end {
-        let (records, next) = match joblog::read_records(job.log.path(), *position, end).await {
+        let (records, next) = match joblog::read_records(path, *position, end).await {
             Ok(read) => read,
             Err(error) => {
                 tracing::error!(job_id, "cannot read job log: {error}");
@@ -360,10 +500,16 @@ async fn forward_log(
         }
         *position = next;
         for record in records {
+            let mut data = Bytes::from(record.data);
+            let seen = usize::try_from(*skip).unwrap_or(usize::MAX).min(data.len());
+            *skip -= seen as u64;
+            if seen == data.len() {
+                continue;
+            }
             let chunk = JobEvent::Output {
                 attempt: record.attempt,
                 stream: record.stream,
-                data: Bytes::from(record.data),
+                data: data.split_off(seen),
             };
             if !send_event(events, job_id, chunk).await {
                 return false;

@@ -65,12 +65,18 @@ pub struct LogDir {
 }
 
 impl LogDir {
-    /// Opens `dir`, creating it, and deletes all but the newest [`KEPT_LOGS`] logs in it
-    /// (the jobs of an earlier coordinator have all ended).
-    pub fn open(dir: &Path) -> std::io::Result<Self> {
+    /// Opens `dir`, creating it, and deletes all but the newest [`KEPT_LOGS`] ended logs in
+    /// it. The logs of `unfinished` jobs (an earlier coordinator's, resumed) are neither
+    /// deleted nor reused.
+    pub fn open(dir: &Path, unfinished: &std::collections::HashSet<u64>) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let mut ids: Vec<u64> = std::fs::read_dir(dir)?
+        let all: Vec<u64> = std::fs::read_dir(dir)?
             .filter_map(|entry| log_id(&entry.ok()?))
+            .collect();
+        let highest_id = all.iter().copied().max().unwrap_or(0);
+        let mut ids: Vec<u64> = all
+            .into_iter()
+            .filter(|id| !unfinished.contains(id))
             .collect();
         ids.sort_unstable();
         let excess = ids.len().saturating_sub(KEPT_LOGS);
@@ -79,7 +85,7 @@ impl LogDir {
         }
         Ok(Self {
             dir: dir.to_owned(),
-            highest_id: ids.last().copied().unwrap_or(0),
+            highest_id,
             ended: std::sync::Mutex::new(ids.into()),
         })
     }
@@ -137,6 +143,39 @@ impl JobLog {
             path,
             file: Mutex::new(file),
             length: watch::channel(0).0,
+            cap,
+            truncated: AtomicU64::new(0),
+        })
+    }
+
+    /// Reopens the log of a job resumed after a restart, to append after its last whole
+    /// record (a record torn by the crash is cut off); a missing file starts empty.
+    pub async fn reopen(logs: &LogDir, job_id: u64, cap: u64) -> std::io::Result<Self> {
+        let path = log_path(&logs.dir, job_id);
+        let opened = path.clone();
+        let (file, length) = tokio::task::spawn_blocking(move || {
+            use std::io::Seek;
+            let bytes = match std::fs::read(&opened) {
+                Ok(bytes) => bytes,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(error) => return Err(error),
+            };
+            let whole = parse_prefix(&bytes).1 as u64;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&opened)?;
+            file.set_len(whole)?;
+            file.seek(std::io::SeekFrom::Start(whole))?;
+            Ok((file, whole))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(Self {
+            path,
+            file: Mutex::new(tokio::fs::File::from_std(file)),
+            length: watch::channel(length).0,
             cap,
             truncated: AtomicU64::new(0),
         })
@@ -304,7 +343,7 @@ mod tests {
     #[tokio::test]
     async fn records_keep_streams_apart_and_pages_cover_everything() {
         let dir = tempfile::tempdir().expect("temp");
-        let logs = LogDir::open(dir.path()).expect("open");
+        let logs = LogDir::open(dir.path(), &Default::default()).expect("open");
         let log = JobLog::create(&logs, 1, 1 << 20).await.expect("create");
         log.append(OutputStream::Stdout, 1, b"hello ")
             .await
@@ -332,7 +371,7 @@ mod tests {
     #[tokio::test]
     async fn the_cap_drops_output_and_says_so() {
         let dir = tempfile::tempdir().expect("temp");
-        let logs = LogDir::open(dir.path()).expect("open");
+        let logs = LogDir::open(dir.path(), &Default::default()).expect("open");
         let log = JobLog::create(&logs, 2, 100).await.expect("create");
         for _ in 0..10 {
             log.append(OutputStream::Stdout, 1, &[b'x'; 40])
@@ -346,6 +385,35 @@ mod tests {
         assert!(text.contains("320 bytes of output were not kept"), "{text}");
     }
 
+    #[tokio::test]
+    async fn a_resumed_log_keeps_its_records_and_loses_only_a_torn_one() {
+        let dir = tempfile::tempdir().expect("temp");
+        let logs = LogDir::open(dir.path(), &Default::default()).expect("open");
+        let log = JobLog::create(&logs, 7, 1 << 20).await.expect("create");
+        log.append(OutputStream::Stdout, 1, b"before ")
+            .await
+            .expect("append");
+        drop(log);
+        // A crash in the middle of a record.
+        let path = log_path(dir.path(), 7);
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes.extend_from_slice(&[1, 1, 0, 0, 0, 50, 0, 0, 0, b'x']);
+        std::fs::write(&path, bytes).expect("write");
+
+        let unfinished = std::iter::once(7).collect();
+        let logs = LogDir::open(dir.path(), &unfinished).expect("reopen dir");
+        assert!(
+            !logs.lock_ended().contains(&7),
+            "an unfinished log is never reused"
+        );
+        let log = JobLog::reopen(&logs, 7, 1 << 20).await.expect("reopen");
+        log.append(OutputStream::Stdout, 2, b"after\n")
+            .await
+            .expect("append");
+        let (text, _) = read_page(log.path(), None, 0, 1000).await.expect("page");
+        assert_eq!(text, b"before after\n");
+    }
+
     #[test]
     fn opening_keeps_the_newest_logs() {
         let dir = tempfile::tempdir().expect("temp");
@@ -353,7 +421,7 @@ mod tests {
         for id in &ids {
             std::fs::write(log_path(dir.path(), *id), b"").expect("write");
         }
-        let logs = LogDir::open(dir.path()).expect("open");
+        let logs = LogDir::open(dir.path(), &Default::default()).expect("open");
         assert!(!log_path(dir.path(), 1).exists());
         assert!(!log_path(dir.path(), 2).exists());
         assert!(log_path(dir.path(), 3).exists());
@@ -363,7 +431,7 @@ mod tests {
     #[tokio::test]
     async fn the_oldest_ended_log_becomes_the_next_one_and_running_logs_stay() {
         let dir = tempfile::tempdir().expect("temp");
-        let logs = LogDir::open(dir.path()).expect("open");
+        let logs = LogDir::open(dir.path(), &Default::default()).expect("open");
         let running = JobLog::create(&logs, 1, 1 << 20).await.expect("create");
         for id in 2..=KEPT_LOGS as u64 + 1 {
             let log = JobLog::create(&logs, id, 1 << 20).await.expect("create");

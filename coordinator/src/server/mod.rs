@@ -15,6 +15,7 @@ pub mod http;
 pub mod joblog;
 pub mod local_agent;
 pub mod scheduler;
+pub mod store;
 mod tls_accept;
 
 use std::collections::HashMap;
@@ -60,6 +61,8 @@ pub enum StartError {
     State(#[from] std::io::Error),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
 }
 
 /// The coordinator's TLS: one certificate, for the job bus and (beyond loopback) the
@@ -116,6 +119,9 @@ pub(crate) struct ActiveJob {
     pub log: joblog::JobLog,
     pub git_ref: String,
     pub origin: JobOrigin,
+    /// How many clients follow the job; a job nobody follows is cancelled after the
+    /// client grace (see `control::cancel_unwatched`).
+    pub watchers: watch::Sender<usize>,
 }
 
 /// What a job is and where it came from, kept for its metrics and history when it ends.
@@ -133,11 +139,22 @@ impl ActiveJob {
             position: 0,
             reason: String::new(),
         };
+        Self::new(log, git_ref, origin, initial)
+    }
+
+    /// A job in phase `initial` (a restored one may already be assigned).
+    pub fn new(
+        log: joblog::JobLog,
+        git_ref: String,
+        origin: JobOrigin,
+        initial: JobEvent,
+    ) -> Arc<Self> {
         Arc::new(Self {
             phase: watch::channel(initial).0,
             log,
             git_ref,
             origin,
+            watchers: watch::channel(0).0,
         })
     }
 }
@@ -200,6 +217,9 @@ pub(crate) struct Shared {
     /// When the control API last admitted a request (unix milliseconds): a coordinator
     /// started in the background stops only after clients fell silent.
     pub last_request: AtomicU64,
+    /// The durable job table; `None` for an in-process coordinator, whose jobs end with
+    /// the one process that submits and follows them.
+    pub store: Option<store::Store>,
 }
 
 impl Shared {
@@ -245,6 +265,17 @@ impl Shared {
         }
     }
 
+    /// Where agents fetch the snapshot `commit` held by `git_ref` of this repository.
+    pub fn source(&self, commit: String, git_ref: String) -> buildpool_core::Source {
+        buildpool_core::Source {
+            repo_id: self.repo.id.clone(),
+            git_path: self.git_path.clone(),
+            git_port: self.git_daemon_port.filter(|_| self.direct_git),
+            commit,
+            git_ref,
+        }
+    }
+
     pub fn next_conn_id(&self) -> ConnId {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
@@ -267,7 +298,7 @@ impl Shared {
         let actions = state
             .scheduler
             .agent_connected(conn, registration, reports, Instant::now());
-        Self::apply(&mut state, actions);
+        self.apply(&mut state, actions);
     }
 
     /// Removes a connection and its agent in one step (see [`Shared::register`]).
@@ -275,19 +306,36 @@ impl Shared {
         let mut state = self.state();
         state.connections.remove(&conn);
         let actions = state.scheduler.agent_disconnected(conn, Instant::now());
-        Self::apply(&mut state, actions);
+        self.apply(&mut state, actions);
     }
 
     /// Runs one scheduler step and carries out its actions, all under the lock.
     pub fn step<R>(&self, f: impl FnOnce(&mut Scheduler) -> (R, Vec<Action>)) -> R {
         let mut state = self.state();
         let (result, actions) = f(&mut state.scheduler);
-        Self::apply(&mut state, actions);
+        self.apply(&mut state, actions);
         result
     }
 
-    fn apply(state: &mut State, actions: Vec<Action>) {
+    /// Carries out actions under the lock: frames go to connection queues and job state
+    /// changes to the store's queue (neither waits). The store records what a restart needs:
+    /// a job's assignment, its requeue and its end.
+    fn apply(&self, state: &mut State, actions: Vec<Action>) {
         for action in actions {
+            if let (Some(store), Action::Event { job_id, event }) = (&self.store, &action) {
+                match event {
+                    JobEvent::Assigned {
+                        agent_id, attempt, ..
+                    } => store.assigned(*job_id, agent_id, *attempt),
+                    JobEvent::Queued { .. } => {
+                        if let Some((attempt, lost)) = state.scheduler.attempts(*job_id) {
+                            store.requeued(*job_id, attempt, lost);
+                        }
+                    }
+                    JobEvent::Finished(result) => store.finished(*job_id, result.clone()),
+                    JobEvent::Output { .. } => {}
+                }
+            }
             match action {
                 Action::Assign { conn, assignment } => {
                     Self::send(state, conn, CoordinatorMessage::Assign(assignment));
@@ -372,8 +420,18 @@ impl Coordinator {
         } else {
             repo.state_dir().join("logs")
         };
-        let logs = joblog::LogDir::open(&log_dir)?;
-        let first_job = logs.highest_id() + 1;
+        // The in-process coordinator keeps no store: its jobs die with its only client.
+        let (store, loaded) = if config.private_logs {
+            (None, store::Loaded::default())
+        } else {
+            let (store, loaded) = store::Store::open(&repo.state_dir())?;
+            (Some(store), loaded)
+        };
+        let unfinished: std::collections::HashSet<JobId> =
+            loaded.unfinished.iter().map(|job| job.job_id).collect();
+        let logs = joblog::LogDir::open(&log_dir, &unfinished)?;
+        // Job ids never repeat: past the highest the store or the log directory has seen.
+        let first_job = logs.highest_id().max(loaded.highest_id) + 1;
 
         let websocket = match &config.websocket_addr {
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::WebSocketBind {
@@ -464,7 +522,9 @@ impl Coordinator {
             verified_commits: control::VerifiedCommits::default(),
             ended_refs,
             last_request: AtomicU64::new(buildpool_core::time::unix_millis()),
+            store,
         });
+        restore(&shared, loaded.unfinished).await;
         let shutdown = shared.shutdown.clone();
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(listener) = websocket {
@@ -581,10 +641,81 @@ impl Coordinator {
         if let Some(daemon) = self.git_daemon.take() {
             daemon.shutdown().await;
         }
+        if let Some(store) = &self.shared.store
+            && let Err(error) = store.barrier().await
+        {
+            tracing::warn!("{error}");
+        }
         if self.shared.config.private_logs {
             let _ = std::fs::remove_dir_all(&self.shared.log_dir);
         }
     }
+}
+
+/// Takes back the jobs the previous coordinator left unfinished: their logs are reopened
+/// for appending, queued ones queue again, and running ones wait for their agents to report
+/// them (see [`Scheduler::restore`]). Each is cancelled if no client comes back to follow it
+/// within the client grace, counted from now.
+async fn restore(shared: &Arc<Shared>, unfinished: Vec<store::StoredJob>) {
+    if unfinished.is_empty() {
+        return;
+    }
+    let mut restored = Vec::with_capacity(unfinished.len());
+    for stored in unfinished {
+        let job_id = stored.job_id;
+        let log =
+            match joblog::JobLog::reopen(&shared.logs, job_id, shared.config.log_max_bytes).await {
+                Ok(log) => log,
+                Err(error) => {
+                    tracing::error!(job_id, "cannot reopen the job's log ({error}); not resumed");
+                    continue;
+                }
+            };
+        let submission = stored.submission;
+        let origin = JobOrigin {
+            kind: submission.spec.kind,
+            worktree: submission.worktree.clone(),
+            cargo_args: submission.spec.cargo_args.clone(),
+        };
+        let initial = match &stored.agent_id {
+            Some(agent_id) => JobEvent::Assigned {
+                agent_id: agent_id.clone(),
+                attempt: stored.attempt,
+                local: agent_id == LOCAL_AGENT_ID,
+            },
+            None => JobEvent::Queued {
+                position: 0,
+                reason: "requeued after the coordinator restarted".to_owned(),
+            },
+        };
+        let job = ActiveJob::new(log, submission.git_ref.clone(), origin, initial);
+        shared.state().jobs.insert(job_id, Arc::clone(&job));
+        control::adopt(shared, job_id, &job);
+        restored.push(scheduler::RestoredJob {
+            job_id,
+            source: shared.source(submission.commit, submission.git_ref),
+            spec: submission.spec,
+            worktree: submission.worktree,
+            submitted_unix_ms: stored.submitted_unix_ms,
+            attempt: stored.attempt,
+            lost_attempts: stored.lost_attempts,
+            running_on: stored.agent_id,
+        });
+    }
+    let (queued, running) = restored
+        .iter()
+        .fold((0, 0), |(q, r), job| match job.running_on {
+            Some(_) => (q, r + 1),
+            None => (q + 1, r),
+        });
+    tracing::info!(
+        queued,
+        running,
+        "resumed the jobs of the previous coordinator"
+    );
+    let now = Instant::now();
+    let now_unix = buildpool_core::time::unix_millis();
+    shared.step(|s| ((), s.restore(restored, now, now_unix)));
 }
 
 /// Deletes private log directories of in-process coordinators that are no longer running.

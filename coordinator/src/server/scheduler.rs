@@ -137,6 +137,21 @@ struct Job {
     unroutable_since: Option<Instant>,
 }
 
+/// A job read back from the coordinator's store after a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoredJob {
+    pub job_id: JobId,
+    pub spec: JobSpec,
+    pub source: Source,
+    pub worktree: String,
+    pub submitted_unix_ms: u64,
+    /// The last attempt the store saw assigned.
+    pub attempt: u32,
+    pub lost_attempts: u32,
+    /// The agent of that attempt, if it was running; `None` while queued.
+    pub running_on: Option<String>,
+}
+
 #[derive(Debug, Default)]
 pub struct Scheduler {
     config: SchedulerConfig,
@@ -316,6 +331,61 @@ impl Scheduler {
                 reason: format!("agent {agent_id} was lost; requeued"),
             },
         }]
+    }
+
+    /// Takes back the unfinished jobs of the coordinator that ran before this one, in
+    /// submission order. Queued ones queue again. Running ones wait, like a lost link's
+    /// attempts, `reattach_grace` from `now` for their agent to report them; those it does
+    /// not report are requeued within the lost-attempt cap. A queued job's next attempt
+    /// skips a number: the store may have missed an assignment that reached an agent just
+    /// before the stop, and that attempt must not share a key with the next.
+    pub fn restore(
+        &mut self,
+        jobs: Vec<RestoredJob>,
+        now: Instant,
+        now_unix_ms: u64,
+    ) -> Vec<Action> {
+        for restored in jobs {
+            let age = Duration::from_millis(now_unix_ms.saturating_sub(restored.submitted_unix_ms));
+            let (attempt, state) = match restored.running_on {
+                Some(agent_id) => (
+                    restored.attempt,
+                    JobState::Orphaned {
+                        agent_id,
+                        attempt: restored.attempt,
+                        started: now,
+                        since: now,
+                    },
+                ),
+                None => {
+                    self.queue.push_back(restored.job_id);
+                    (restored.attempt + 1, JobState::Queued)
+                }
+            };
+            self.jobs.insert(
+                restored.job_id,
+                Job {
+                    spec: restored.spec,
+                    source: restored.source,
+                    worktree: restored.worktree,
+                    submitted: now.checked_sub(age).unwrap_or(now),
+                    submitted_unix_ms: restored.submitted_unix_ms,
+                    first_assigned: None,
+                    attempt,
+                    lost_attempts: restored.lost_attempts,
+                    state,
+                    unroutable_since: None,
+                },
+            );
+        }
+        self.dispatch(now)
+    }
+
+    /// A job's current attempt number and lost attempts, for the store.
+    pub fn attempts(&self, job_id: JobId) -> Option<(u32, u32)> {
+        self.jobs
+            .get(&job_id)
+            .map(|job| (job.attempt, job.lost_attempts))
     }
 
     /// The agent on `conn` reported its disk use; shown in status, it changes no decision.

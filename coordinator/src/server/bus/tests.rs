@@ -52,6 +52,7 @@ impl Bus {
             reattach_grace: Duration::from_secs(15),
             unroutable_wait: Duration::from_secs(60),
             max_lost_attempts: 3,
+            client_grace: Duration::from_secs(10),
             private_logs: false,
         };
         let shared = Arc::new(Shared {
@@ -73,7 +74,7 @@ impl Bus {
             ),
             tls: None,
             log_dir: dir.path().to_owned(),
-            logs: joblog::LogDir::open(dir.path()).expect("log dir"),
+            logs: joblog::LogDir::open(dir.path(), &Default::default()).expect("log dir"),
             git_daemon_port: None,
             direct_git: false,
             git_path: String::new(),
@@ -92,6 +93,7 @@ impl Bus {
             verified_commits: Default::default(),
             // Tests end no job through the control API, so nothing is queued here.
             ended_refs: tokio::sync::mpsc::channel(1).0,
+            store: None,
         });
         let shutdown = shared.shutdown.clone();
         Self {

@@ -257,32 +257,61 @@ fn labels_route_jobs() {
 
 /// Random interleavings of submissions, agents coming and going, declines, results and
 /// cancels: every job ends exactly once, and only its current attempt's result counts.
+/// An agent's reconnect in the interleavings: its attempts move from connection `old` to
+/// `new`, and it reports a random subset of them.
+fn move_attempts(
+    in_flight: &mut [(ConnId, JobId, u32)],
+    old: ConnId,
+    new: ConnId,
+    rng: &mut fastrand::Rng,
+) -> Vec<AttemptKey> {
+    let reports = in_flight
+        .iter()
+        .filter(|(conn, _, _)| *conn == old && rng.bool())
+        .map(|(_, job_id, attempt)| key(*job_id, *attempt))
+        .collect();
+    for (conn, _, _) in in_flight.iter_mut() {
+        if *conn == old {
+            *conn = new;
+        }
+    }
+    reports
+}
+
 #[test]
 fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
     for seed in 0..200 {
         let mut rng = fastrand::Rng::with_seed(seed);
         let start = Instant::now();
-        let mut scheduler = Scheduler::new(SchedulerConfig {
+        let config = SchedulerConfig {
             max_lost_attempts: 1000,
             ..SchedulerConfig::default()
-        });
+        };
+        let mut scheduler = Scheduler::new(config);
         let mut finished_count: HashMap<JobId, u32> = HashMap::new();
         let mut in_flight: Vec<(ConnId, JobId, u32)> = Vec::new();
         let mut connected: Vec<ConnId> = Vec::new();
+        // Each connection's agent id, and what the coordinator's store would hold (kept
+        // from the actions as `Shared::apply` keeps it): unfinished jobs, their agent and
+        // attempt.
+        let mut agent_ids: HashMap<ConnId, String> = HashMap::new();
+        let mut stored: BTreeMap<JobId, (Option<String>, u32, u32)> = BTreeMap::new();
         let mut next_conn = 1;
         let mut next_job = 1;
         let mut clock = start;
         for _ in 0..300u64 {
             clock += Duration::from_millis(rng.u64(0..3000));
             let now = clock;
-            let actions = match rng.u8(0..8) {
+            let actions = match rng.u8(0..9) {
                 0 => {
                     next_job += 1;
+                    stored.insert(next_job, (None, 0, 0));
                     submit(&mut scheduler, next_job, now)
                 }
                 1 => {
                     next_conn += 1;
                     connected.push(next_conn);
+                    agent_ids.insert(next_conn, format!("x{next_conn}"));
                     scheduler.agent_connected(
                         next_conn,
                         registration(&format!("x{next_conn}"), rng.u32(1..3), false),
@@ -310,27 +339,76 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
                 7 if !connected.is_empty() => {
                     let old = connected[rng.usize(..connected.len())];
                     next_conn += 1;
-                    let reports: Vec<AttemptKey> = in_flight
-                        .iter()
-                        .filter(|(conn, _, _)| *conn == old && rng.bool())
-                        .map(|(_, job_id, attempt)| key(*job_id, *attempt))
-                        .collect();
-                    for (conn, _, _) in &mut in_flight {
-                        if *conn == old {
-                            *conn = next_conn;
-                        }
-                    }
+                    let reports = move_attempts(&mut in_flight, old, next_conn, &mut rng);
                     connected.retain(|c| *c != old);
                     connected.push(next_conn);
+                    let agent_id = agent_ids[&old].clone();
+                    agent_ids.insert(next_conn, agent_id.clone());
                     scheduler.agent_connected(
                         next_conn,
-                        registration(&format!("x{old}"), 2, false),
+                        registration(&agent_id, 2, false),
                         &reports,
                         now,
                     )
                 }
+                // The coordinator restarts: a new scheduler restores what the store holds,
+                // and every agent reconnects, reporting some of its attempts.
+                8 => {
+                    scheduler = Scheduler::new(config);
+                    let restored = stored
+                        .iter()
+                        .map(
+                            |(job_id, (running_on, attempt, lost_attempts))| RestoredJob {
+                                attempt: *attempt,
+                                lost_attempts: *lost_attempts,
+                                running_on: running_on.clone(),
+                                ..restored(*job_id, 0, None)
+                            },
+                        )
+                        .collect();
+                    let mut actions = scheduler.restore(restored, now, 0);
+                    for old in std::mem::take(&mut connected) {
+                        next_conn += 1;
+                        let reports = move_attempts(&mut in_flight, old, next_conn, &mut rng);
+                        connected.push(next_conn);
+                        let agent_id = agent_ids[&old].clone();
+                        agent_ids.insert(next_conn, agent_id.clone());
+                        actions.extend(scheduler.agent_connected(
+                            next_conn,
+                            registration(&agent_id, 2, false),
+                            &reports,
+                            now,
+                        ));
+                    }
+                    actions
+                }
                 _ => Vec::new(),
             };
+            for action in &actions {
+                if let Action::Event { job_id, event } = action {
+                    match event {
+                        JobEvent::Assigned {
+                            agent_id, attempt, ..
+                        } => {
+                            if let Some(entry) = stored.get_mut(job_id) {
+                                entry.0 = Some(agent_id.clone());
+                                entry.1 = *attempt;
+                            }
+                        }
+                        JobEvent::Queued { .. } => {
+                            if let (Some(entry), Some((attempt, lost))) =
+                                (stored.get_mut(job_id), scheduler.attempts(*job_id))
+                            {
+                                *entry = (None, attempt, lost);
+                            }
+                        }
+                        JobEvent::Finished(_) => {
+                            stored.remove(job_id);
+                        }
+                        JobEvent::Output { .. } => {}
+                    }
+                }
+            }
             in_flight.extend(assigns(&actions));
             for (job_id, _) in finished(&actions) {
                 *finished_count.entry(job_id).or_default() += 1;
@@ -525,4 +603,44 @@ fn agents_hear_how_much_work_waits_for_them_and_drain_on_request() {
         "a draining agent is offered no work: {actions:?}"
     );
     assert!(assigns(&scheduler.slots_changed(1, 1, 1, true, now)).is_empty());
+}
+
+fn restored(job_id: JobId, attempt: u32, running_on: Option<&str>) -> RestoredJob {
+    RestoredJob {
+        job_id,
+        spec: spec(),
+        source: source(),
+        worktree: String::new(),
+        submitted_unix_ms: 1_000,
+        attempt,
+        lost_attempts: 0,
+        running_on: running_on.map(str::to_owned),
+    }
+}
+
+#[test]
+fn after_a_restart_queued_jobs_queue_in_order_and_running_ones_wait_for_their_agent() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::default();
+    let jobs = vec![
+        restored(1, 1, Some("a")),
+        restored(2, 0, None),
+        restored(3, 2, None),
+        restored(4, 1, Some("gone")),
+    ];
+    assert!(assigns(&scheduler.restore(jobs, now, 5_000)).is_empty());
+
+    // Agent a reports its attempt of job 1: reattached, never rerun. The queued jobs go
+    // in their order, each on an attempt number the old coordinator never handed out.
+    let later = now + Duration::from_secs(3);
+    let actions = scheduler.agent_connected(1, registration("a", 3, false), &[key(1, 1)], later);
+    assert!(scheduler.holds(1, key(1, 1)), "{actions:?}");
+    assert_eq!(assigns(&actions), [(1, 2, 2), (1, 3, 4)]);
+
+    // The agent of job 4 does not come back within the grace (counted from the restart).
+    assert!(assigns(&scheduler.tick(now + Duration::from_secs(14))).is_empty());
+    let actions = scheduler.finished(1, key(2, 2), exited(0), now + Duration::from_secs(15));
+    assert_eq!(assigns(&actions), [], "job 4 still waits for its agent");
+    let actions = scheduler.tick(now + Duration::from_secs(16));
+    assert_eq!(assigns(&actions), [(1, 4, 2)], "{actions:?}");
 }

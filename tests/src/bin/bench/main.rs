@@ -32,16 +32,22 @@
 //!
 //! `hook` measures one `buildpool hook claude` call, rewrite and pass-through.
 //!
+//! `soak` (soak.rs) runs real jobs through real agents while it kills and restarts the
+//! coordinator and agents, cuts links and freezes agents: jobs lost and duplicated (both
+//! must be 0), reruns, and how long clients waited.
+//!
 //! Run: `cargo run --release -p buildpool-tests --bin bench [-- ROUNDS]`,
 //! `... --bin bench -- security [ROUNDS]`, `... --bin bench -- crate memchr [ROUNDS]`,
 //! `... --bin bench -- scale --agents 1000 --jobs 20000 [--slots N] [--clients N]
 //! [--connections N] [--plain]`, `... -- scale --agents 10000 --idle`,
-//! `... --bin bench -- growth [ROUNDS]`, `... -- hook [ROUNDS]` or `... -- sccache`
+//! `... --bin bench -- growth [ROUNDS]`, `... -- hook [ROUNDS]`, `... -- sccache` or
+//! `... -- soak [--agents 3] [--jobs 24] [--clients 4] [--chaos coordinator,agent,cut,stop]`
 
 mod growth;
 mod hook;
 mod scale;
 mod sccache;
+mod soak;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -261,6 +267,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.first().is_some_and(|arg| arg == "scale") {
         return scale::run(&args[1..]);
+    }
+    if args.first().is_some_and(|arg| arg == "soak") {
+        return soak::run(&args[1..]);
     }
     if args.first().is_some_and(|arg| arg == "growth") {
         let rounds = args.get(1).map(|n| n.parse()).transpose()?.unwrap_or(3);

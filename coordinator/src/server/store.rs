@@ -1,0 +1,471 @@
+//! The coordinator's durable job table: SQLite (`jobs.db` in `<common git dir>/buildpool/`).
+//!
+//! Why SQLite: one file, transactions that survive `kill -9` and power loss, a versioned
+//! schema (`PRAGMA user_version`), and a library compiled in (`bundled`), so nothing to
+//! install or run beside the coordinator. WAL mode lets the read connection (results for
+//! clients that come back) work while the writer commits.
+//!
+//! The scheduler stays pure: the state mutex's holder only *queues* a write here (an
+//! unbounded channel, never I/O under the lock); one writer thread owns the write connection
+//! and commits whatever queued up in one transaction. Where an acknowledgement must mean
+//! "stored" (a submission before the client hears of its job, a result before the agent's
+//! `ResultAck`), the caller awaits [`Store::barrier`], which answers once everything queued
+//! before it is committed.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use buildpool_core::status::Submission;
+use buildpool_core::{JobId, JobResult};
+use buildpool_proto::convert::{
+    result_from_bytes, result_to_bytes, submission_from_bytes, submission_to_bytes,
+};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+/// The schema this coordinator writes; older ones are migrated up at opening.
+const SCHEMA_VERSION: i64 = 1;
+const FILE_NAME: &str = "jobs.db";
+/// Finished jobs whose results are kept (twice the logs kept, so every kept log has one).
+const KEPT_RESULTS: i64 = 2 * super::joblog::KEPT_LOGS as i64;
+/// Finished jobs between two prunings of old results.
+const PRUNE_EVERY: u64 = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("job store {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("the job store's writer stopped")]
+    Stopped,
+    #[error("job store: {0}")]
+    Write(String),
+}
+
+/// A job that had not ended when the coordinator stopped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredJob {
+    pub job_id: JobId,
+    pub submission: Submission,
+    pub submitted_unix_ms: u64,
+    /// The last attempt the store saw assigned.
+    pub attempt: u32,
+    pub lost_attempts: u32,
+    /// The agent running the last attempt; `None` while queued.
+    pub agent_id: Option<String>,
+}
+
+/// What the store held at opening.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Unfinished jobs in submission order.
+    pub unfinished: Vec<StoredJob>,
+    /// The highest job id ever stored (ids never repeat).
+    pub highest_id: JobId,
+}
+
+enum Command {
+    Submitted {
+        job_id: JobId,
+        submission: Vec<u8>,
+        submitted_unix_ms: u64,
+        log_path: String,
+    },
+    Assigned {
+        job_id: JobId,
+        agent_id: String,
+        attempt: u32,
+    },
+    Requeued {
+        job_id: JobId,
+        attempt: u32,
+        lost_attempts: u32,
+    },
+    Finished {
+        job_id: JobId,
+        result: Vec<u8>,
+        finished_unix_ms: u64,
+    },
+    Barrier(oneshot::Sender<Result<(), String>>),
+}
+
+/// The durable job table: a queue to the writer thread and a read connection.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    writes: mpsc::Sender<Command>,
+    reader: std::sync::Arc<std::sync::Mutex<Connection>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `state_dir` and reads the unfinished jobs. A store
+    /// that is corrupt, unreadable or from a newer schema is moved aside
+    /// (`jobs.db.corrupt-<unix ms>`) with a warning and a fresh one started: a damaged file
+    /// must never keep the coordinator from starting.
+    pub fn open(state_dir: &Path) -> Result<(Self, Loaded), StoreError> {
+        let path = state_dir.join(FILE_NAME);
+        let (writer, loaded) = match open_and_load(&path) {
+            Ok(opened) => opened,
+            Err(error) => {
+                let aside = state_dir.join(format!(
+                    "{FILE_NAME}.corrupt-{}",
+                    buildpool_core::time::unix_millis()
+                ));
+                tracing::warn!(
+                    "the job store {} cannot be used ({error}); moved it to {} and starting \
+                     with an empty one: jobs queued or running before are not resumed",
+                    path.display(),
+                    aside.display()
+                );
+                move_aside(&path, &aside);
+                open_and_load(&path)?
+            }
+        };
+        let reader = Connection::open(&path).map_err(|source| sqlite(&path, source))?;
+        let (writes, commands) = mpsc::channel();
+        let thread_path = path.clone();
+        std::thread::Builder::new()
+            .name("job-store".to_owned())
+            .spawn(move || write_loop(&thread_path, &writer, &commands))
+            .map_err(|e| StoreError::Write(e.to_string()))?;
+        Ok((
+            Self {
+                path,
+                writes,
+                reader: std::sync::Arc::new(std::sync::Mutex::new(reader)),
+            },
+            loaded,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn queue(&self, command: Command) {
+        // The writer outlives every sender but the last; a send can fail only at exit.
+        let _ = self.writes.send(command);
+    }
+
+    /// Records a new job (queued). Durable once a later [`Store::barrier`] answers.
+    pub fn submitted(
+        &self,
+        job_id: JobId,
+        submission: Submission,
+        submitted_unix_ms: u64,
+        log_path: &Path,
+    ) {
+        self.queue(Command::Submitted {
+            job_id,
+            submission: submission_to_bytes(submission),
+            submitted_unix_ms,
+            log_path: log_path.display().to_string(),
+        });
+    }
+
+    pub fn assigned(&self, job_id: JobId, agent_id: &str, attempt: u32) {
+        self.queue(Command::Assigned {
+            job_id,
+            agent_id: agent_id.to_owned(),
+            attempt,
+        });
+    }
+
+    pub fn requeued(&self, job_id: JobId, attempt: u32, lost_attempts: u32) {
+        self.queue(Command::Requeued {
+            job_id,
+            attempt,
+            lost_attempts,
+        });
+    }
+
+    pub fn finished(&self, job_id: JobId, result: JobResult) {
+        self.queue(Command::Finished {
+            job_id,
+            result: result_to_bytes(result),
+            finished_unix_ms: buildpool_core::time::unix_millis(),
+        });
+    }
+
+    /// Waits until every write queued before this call is committed.
+    pub async fn barrier(&self) -> Result<(), StoreError> {
+        let (done, committed) = oneshot::channel();
+        self.queue(Command::Barrier(done));
+        committed
+            .await
+            .map_err(|_| StoreError::Stopped)?
+            .map_err(StoreError::Write)
+    }
+
+    /// A finished job's result and log file, if the store still has them.
+    pub async fn result(&self, job_id: JobId) -> Result<Option<(JobResult, PathBuf)>, StoreError> {
+        let reader = std::sync::Arc::clone(&self.reader);
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let connection = reader
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let row: Option<(Vec<u8>, String)> = connection
+                .query_row(
+                    "SELECT result, log_path FROM jobs WHERE id = ?1 AND state = 'finished'",
+                    [job_id as i64],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()
+                .map_err(|source| sqlite(&path, source))?;
+            row.map(|(bytes, log)| {
+                result_from_bytes(&bytes)
+                    .map(|result| (result, PathBuf::from(log)))
+                    .map_err(|e| StoreError::Write(format!("stored result of job {job_id}: {e}")))
+            })
+            .transpose()
+        })
+        .await
+        .map_err(|_| StoreError::Stopped)?
+    }
+}
+
+fn sqlite(path: &Path, source: rusqlite::Error) -> StoreError {
+    StoreError::Sqlite {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Moves the database and its WAL files aside; a missing file is no error.
+fn move_aside(path: &Path, aside: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let from = PathBuf::from(format!("{}{suffix}", path.display()));
+        let to = PathBuf::from(format!("{}{suffix}", aside.display()));
+        if from.exists()
+            && let Err(error) = std::fs::rename(&from, &to)
+        {
+            tracing::warn!("cannot move {} aside: {error}", from.display());
+            let _ = std::fs::remove_file(&from);
+        }
+    }
+}
+
+/// Opens the write connection, checks and migrates the schema, and reads what is unfinished.
+fn open_and_load(path: &Path) -> Result<(Connection, Loaded), StoreError> {
+    let err = |source| sqlite(path, source);
+    let connection = Connection::open(path).map_err(err)?;
+    // WAL: readers do not block the writer. FULL: a commit is on disk before it returns,
+    // since an acknowledgement promises exactly that.
+    let mode: String = connection
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(
+            "the job store runs in {mode} journal mode (WAL unavailable on this filesystem)"
+        );
+    }
+    connection
+        .execute_batch("PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;")
+        .map_err(err)?;
+    let check: String = connection
+        .query_row("PRAGMA quick_check", [], |row| row.get(0))
+        .map_err(err)?;
+    if check != "ok" {
+        return Err(StoreError::Write(format!("integrity check: {check}")));
+    }
+    migrate(&connection).map_err(err)?;
+    let loaded = load(&connection).map_err(err)?;
+    Ok((connection, loaded))
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`]; one step per version, each in a transaction.
+fn migrate(connection: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "schema version {version} is newer than this coordinator's {SCHEMA_VERSION}"
+        )));
+    }
+    if version < 1 {
+        connection.execute_batch(
+            "BEGIN;
+             CREATE TABLE jobs (
+                 id INTEGER PRIMARY KEY,
+                 submission BLOB NOT NULL,
+                 submitted_unix_ms INTEGER NOT NULL,
+                 state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'finished')),
+                 attempt INTEGER NOT NULL DEFAULT 0,
+                 lost_attempts INTEGER NOT NULL DEFAULT 0,
+                 agent_id TEXT,
+                 result BLOB,
+                 log_path TEXT NOT NULL,
+                 finished_unix_ms INTEGER
+             );
+             CREATE INDEX jobs_unfinished ON jobs (state) WHERE state <> 'finished';
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
+fn load(connection: &Connection) -> rusqlite::Result<Loaded> {
+    let highest_id: Option<i64> =
+        connection.query_row("SELECT max(id) FROM jobs", [], |row| row.get(0))?;
+    let mut statement = connection.prepare(
+        "SELECT id, submission, submitted_unix_ms, state, attempt, lost_attempts, agent_id
+         FROM jobs WHERE state <> 'finished' ORDER BY id",
+    )?;
+    let rows = statement.query_map([], |row| {
+        Ok((
+            row.get::<_, i64>(0)?,
+            row.get::<_, Vec<u8>>(1)?,
+            row.get::<_, i64>(2)?,
+            row.get::<_, String>(3)?,
+            row.get::<_, u32>(4)?,
+            row.get::<_, u32>(5)?,
+            row.get::<_, Option<String>>(6)?,
+        ))
+    })?;
+    let mut unfinished = Vec::new();
+    for row in rows {
+        let (id, bytes, submitted, state, attempt, lost_attempts, agent_id) = row?;
+        match submission_from_bytes(&bytes) {
+            Ok(submission) => unfinished.push(StoredJob {
+                job_id: id as JobId,
+                submission,
+                submitted_unix_ms: submitted as u64,
+                attempt,
+                lost_attempts,
+                agent_id: agent_id.filter(|_| state == "running"),
+            }),
+            Err(error) => {
+                tracing::warn!(job_id = id, "stored job cannot be read ({error}); dropped")
+            }
+        }
+    }
+    Ok(Loaded {
+        unfinished,
+        highest_id: highest_id.unwrap_or(0) as JobId,
+    })
+}
+
+/// The writer thread: takes what queued up, commits it in one transaction, answers the
+/// barriers among it. Ends when the [`Store`] is dropped.
+fn write_loop(path: &Path, connection: &Connection, commands: &mpsc::Receiver<Command>) {
+    let mut finished_since_prune = 0u64;
+    while let Ok(first) = commands.recv() {
+        let mut batch = vec![first];
+        batch.extend(commands.try_iter().take(4096));
+        let mut barriers = Vec::new();
+        let mut writes = Vec::new();
+        for command in batch {
+            match command {
+                Command::Barrier(done) => barriers.push(done),
+                Command::Finished { .. } => {
+                    finished_since_prune += 1;
+                    writes.push(command);
+                }
+                write => writes.push(write),
+            }
+        }
+        let prune = finished_since_prune >= PRUNE_EVERY;
+        if prune {
+            finished_since_prune = 0;
+        }
+        let outcome = commit(connection, &writes, prune).map_err(|error| {
+            let error = sqlite(path, error).to_string();
+            tracing::error!("{error}; {} change(s) not stored", writes.len());
+            error
+        });
+        for done in barriers {
+            let _ = done.send(outcome.clone());
+        }
+    }
+}
+
+fn commit(connection: &Connection, writes: &[Command], prune: bool) -> rusqlite::Result<()> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    connection.execute_batch("BEGIN IMMEDIATE")?;
+    let applied = apply(connection, writes, prune);
+    match applied {
+        Ok(()) => connection.execute_batch("COMMIT"),
+        Err(error) => {
+            let _ = connection.execute_batch("ROLLBACK");
+            Err(error)
+        }
+    }
+}
+
+fn apply(connection: &Connection, writes: &[Command], prune: bool) -> rusqlite::Result<()> {
+    for write in writes {
+        match write {
+            Command::Submitted {
+                job_id,
+                submission,
+                submitted_unix_ms,
+                log_path,
+            } => {
+                connection
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO jobs (id, submission, submitted_unix_ms, state, log_path)
+                         VALUES (?1, ?2, ?3, 'queued', ?4)",
+                    )?
+                    .execute(params![
+                        *job_id as i64,
+                        submission,
+                        *submitted_unix_ms as i64,
+                        log_path
+                    ])?;
+            }
+            Command::Assigned {
+                job_id,
+                agent_id,
+                attempt,
+            } => {
+                connection
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'running', agent_id = ?2, attempt = ?3
+                         WHERE id = ?1 AND state <> 'finished'",
+                    )?
+                    .execute(params![*job_id as i64, agent_id, attempt])?;
+            }
+            Command::Requeued {
+                job_id,
+                attempt,
+                lost_attempts,
+            } => {
+                connection
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'queued', agent_id = NULL, attempt = ?2,
+                         lost_attempts = ?3 WHERE id = ?1 AND state <> 'finished'",
+                    )?
+                    .execute(params![*job_id as i64, attempt, lost_attempts])?;
+            }
+            Command::Finished {
+                job_id,
+                result,
+                finished_unix_ms,
+            } => {
+                connection
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'finished', result = ?2, finished_unix_ms = ?3
+                         WHERE id = ?1",
+                    )?
+                    .execute(params![*job_id as i64, result, *finished_unix_ms as i64])?;
+            }
+            Command::Barrier(_) => {}
+        }
+    }
+    if prune {
+        connection.execute(
+            "DELETE FROM jobs WHERE state = 'finished' AND id < (
+                 SELECT id FROM jobs WHERE state = 'finished' ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+            [KEPT_RESULTS],
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,113 @@
+use std::time::Duration;
+
+use buildpool_core::{Completion, JobEnd, JobKind, JobSpec};
+
+use super::*;
+
+fn submission(n: u32) -> Submission {
+    let mut spec = JobSpec::new(JobKind::Test);
+    spec.cargo_args = vec![format!("case{n}")];
+    Submission {
+        spec,
+        commit: "a".repeat(40),
+        git_ref: format!("refs/buildpool/snapshots/{n}"),
+        worktree: "/w".to_owned(),
+    }
+}
+
+fn result() -> JobResult {
+    JobResult {
+        completion: Completion::new(JobEnd::Exited { code: 3 }),
+        agent_id: "a1".to_owned(),
+        attempt: 2,
+        local: false,
+        queue_time: Duration::from_millis(40),
+    }
+}
+
+#[tokio::test]
+async fn jobs_survive_reopening_in_their_state_and_order() {
+    let dir = tempfile::tempdir().expect("temp");
+    let (store, loaded) = Store::open(dir.path()).expect("open");
+    assert_eq!((loaded.unfinished.len(), loaded.highest_id), (0, 0));
+    for id in [3, 4, 5] {
+        store.submitted(
+            id,
+            submission(id as u32),
+            1000 + id,
+            &dir.path().join(format!("{id}.log")),
+        );
+    }
+    store.assigned(4, "a1", 1);
+    store.assigned(5, "a1", 1);
+    store.requeued(5, 1, 1);
+    store.assigned(3, "a1", 2);
+    store.finished(3, result());
+    store.barrier().await.expect("committed");
+    drop(store);
+
+    let (store, loaded) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(loaded.highest_id, 5);
+    let summary: Vec<_> = loaded
+        .unfinished
+        .iter()
+        .map(|job| {
+            (
+                job.job_id,
+                job.attempt,
+                job.lost_attempts,
+                job.agent_id.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![(4, 1, 0, Some("a1".to_owned())), (5, 1, 1, None)]
+    );
+    assert_eq!(loaded.unfinished[0].submission, submission(4));
+    let (stored, log) = store.result(3).await.expect("read").expect("finished");
+    assert_eq!(stored, result());
+    assert_eq!(log, dir.path().join("3.log"));
+    assert!(
+        store.result(4).await.expect("read").is_none(),
+        "not finished"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_store_is_moved_aside_and_a_fresh_one_starts() {
+    let dir = tempfile::tempdir().expect("temp");
+    std::fs::write(dir.path().join(FILE_NAME), vec![0x5a; 8192]).expect("write");
+    let (store, loaded) = Store::open(dir.path()).expect("open despite corruption");
+    assert!(loaded.unfinished.is_empty());
+    let aside: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("jobs.db.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    store.submitted(1, submission(1), 1, &dir.path().join("1.log"));
+    store.barrier().await.expect("the fresh store works");
+}
+
+#[test]
+fn a_store_from_a_newer_coordinator_is_set_aside_not_misread() {
+    let dir = tempfile::tempdir().expect("temp");
+    let path = dir.path().join(FILE_NAME);
+    let connection = Connection::open(&path).expect("create");
+    connection
+        .execute_batch("PRAGMA user_version = 99;")
+        .expect("version");
+    drop(connection);
+    let (_store, loaded) = Store::open(dir.path()).expect("open");
+    assert!(loaded.unfinished.is_empty());
+    assert!(
+        std::fs::read_dir(dir.path())
+            .expect("list")
+            .flatten()
+            .any(|entry| entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("jobs.db.corrupt-"))
+    );
+}
