@@ -6,6 +6,7 @@
 //! that is full means a wedged agent; that connection is closed and its jobs requeued, so
 //! one half-open agent can never freeze dispatch.
 
+mod artifacts;
 pub mod bus;
 pub mod control;
 pub mod dashboard;
@@ -179,6 +180,8 @@ pub(crate) struct Shared {
     pub log_dir: PathBuf,
     /// The job logs in `log_dir`, and which may be reused.
     pub logs: joblog::LogDir,
+    /// Executables jobs sent back, in `log_dir/artifacts`.
+    pub artifacts: artifacts::ArtifactStore,
     pub git_daemon_port: Option<u16>,
     /// Whether agents fetch from the git daemon directly (it listens beyond loopback, an
     /// insecure setup) instead of through the tunnel.
@@ -373,6 +376,7 @@ impl Coordinator {
             repo.state_dir().join("logs")
         };
         let logs = joblog::LogDir::open(&log_dir)?;
+        let artifacts = artifacts::ArtifactStore::open(&log_dir.join("artifacts"))?;
         let first_job = logs.highest_id() + 1;
 
         let websocket = match &config.websocket_addr {
@@ -451,6 +455,7 @@ impl Coordinator {
             tls,
             log_dir,
             logs,
+            artifacts,
             state: Mutex::new(State {
                 scheduler,
                 connections: HashMap::new(),
