@@ -94,4 +94,20 @@ fn built_executables_come_back_into_target_and_run_here() {
         "{plain}"
     );
     assert!(!plain.stderr.contains("copied"), "{plain}");
+
+    // The coordinator's embedded local agent (no sandbox) sends them the same way.
+    std::fs::remove_file(&binary).expect("remove");
+    let local = cluster
+        .fixture
+        .run(&["run", "build", "--local", "--artifacts"])
+        .expect("runs");
+    assert_eq!(local.code, Some(0), "{local}");
+    assert!(
+        local.stderr.contains("[buildpool] copied 1 executables"),
+        "{local}"
+    );
+    let ran = Command::new(&binary)
+        .output()
+        .expect("the copied binary runs");
+    assert_eq!(String::from_utf8_lossy(&ran.stdout).trim(), GREETING);
 }
