@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::artifacts::Executables;
 use crate::executor::{Executor, ExecutorConfig, JobRequest};
 use crate::git_cache::GitRemote;
 use crate::job_table::{Admission, CancelEffect, Decline, Delivery, JobTable, LinkId, PoolView};
@@ -317,7 +318,7 @@ impl Agent {
             let run = executor.run(&request, chunks, cancel);
             tokio::join!(run, output::forward(outbox, key, output))
         });
-        let (completion, unsent) = match attempt.await {
+        let ((completion, executables), unsent) = match attempt.await {
             Ok(ended) => ended,
             Err(error) => {
                 tracing::error!(
@@ -326,7 +327,10 @@ impl Agent {
                     "job task failed: {error}"
                 );
                 (
-                    Completion::failed(format!("the agent's job task failed: {error}")),
+                    (
+                        Completion::failed(format!("the agent's job task failed: {error}")),
+                        None,
+                    ),
                     Vec::new(),
                 )
             }
@@ -339,17 +343,21 @@ impl Agent {
                 "job failed: {reason}"
             );
         }
-        self.attempt_ended(link, key, completion, unsent).await;
+        self.attempt_ended(link, key, completion, unsent, executables)
+            .await;
     }
 
     /// Records an attempt's end and delivers its result: now if the link is connected, else
     /// with the link's next connection. The result stays held until acknowledged either way.
+    /// Executables go only with a result sent now: the coordinator then knows it has all of
+    /// them or that some are missing, and the client says so instead of copying part.
     async fn attempt_ended(
         &self,
         link: LinkId,
         key: AttemptKey,
         completion: Completion,
         unsent: Vec<AgentMessage>,
+        executables: Option<Executables>,
     ) {
         let mut unsent = Some(unsent);
         let send_now = self.with_table(|state| {
@@ -376,7 +384,13 @@ impl Agent {
         let messages = unsent.unwrap_or_default().into_iter();
         let mut kept = Vec::new();
         let mut closed = false;
+        let mut executables = executables;
         for message in messages.chain([AgentMessage::Finished { key, completion }]) {
+            if let (false, AgentMessage::Finished { .. }, Some(executables)) =
+                (closed, &message, executables.take())
+            {
+                closed = executables.send(&outbox, key).await.is_err();
+            }
             if !closed {
                 match outbox.reserve().await {
                     Ok(permit) => {

@@ -20,12 +20,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::artifacts::{self, Executables};
 use crate::disk::{DiskBudget, DoesNotFit};
 use crate::git_cache::{GitCache, GitRemote};
 use crate::nix::{self, DevEnv, DevEnvCache};
 use crate::process::{self, CommandSpec, OutputChunk, RunLimits};
 use crate::sandbox::{JobPaths, Sandbox, agent_cargo_home, find_on_path};
 use crate::workspace::{Workspace, WorkspacePool};
+
+/// Where executables wait to be sent, under the worktree directory (no repository id
+/// starts with a dot).
+const STAGING_DIR: &str = ".artifacts";
 
 /// Settings of an executor.
 #[derive(Debug, Clone)]
@@ -114,6 +119,9 @@ pub fn cargo_command(
         .iter()
         .map(OsString::from)
         .collect();
+    if spec.collect_executables {
+        args.extend(artifacts::MESSAGE_FORMAT_ARGS.iter().map(OsString::from));
+    }
     args.extend(spec.cargo_args.iter().map(OsString::from));
     let mut vars: Vec<(OsString, OsString)> =
         dev_env.map(|env| env.as_ref().clone()).unwrap_or_default();
@@ -175,20 +183,16 @@ fn sccache_env(sccache: &Path, dir: &Path) -> std::io::Result<Vec<(OsString, OsS
 impl Executor {
     /// The command that runs the job in `workspace`: plain cargo on the developer's machine;
     /// on a build host cargo with the repository's own cargo home (and sccache directory),
-    /// contained by the sandbox.
+    /// contained by the sandbox. Also returns where cargo sees the target directory.
     fn job_command(
         &self,
         spec: &JobSpec,
         dev_env: Option<&DevEnv>,
         workspace: &Workspace,
-    ) -> std::io::Result<CommandSpec> {
+    ) -> std::io::Result<(CommandSpec, PathBuf)> {
         let Some(sandbox) = &self.config.sandbox else {
-            return Ok(cargo_command(
-                spec,
-                dev_env,
-                &workspace.src,
-                &workspace.target,
-            ));
+            let command = cargo_command(spec, dev_env, &workspace.src, &workspace.target);
+            return Ok((command, workspace.target.clone()));
         };
         let repo_dir = workspace.repo_dir();
         let sccache = self
@@ -215,7 +219,7 @@ impl Executor {
         if let (Some(sccache), Some(dir)) = (sccache, view.sccache_dir) {
             command.env.extend(sccache_env(&sccache, &dir)?);
         }
-        Ok(sandbox.wrap(&paths, command))
+        Ok((sandbox.wrap(&paths, command), view.target))
     }
 
     /// Whether a job of `repo_id` fits in the disk budget beside the running ones.
@@ -270,15 +274,21 @@ impl Executor {
     /// `Failed` completion with a reason.
     ///
     /// Returns only once the job's process group and its workspace lease are gone, so the
-    /// caller may free the job's slot as soon as this returns.
+    /// caller may free the job's slot as soon as this returns. With the executables it
+    /// built when the job asked for them and cargo succeeded.
     pub async fn run(
         &self,
         job: &JobRequest,
         output: mpsc::Sender<OutputChunk>,
         cancel: CancellationToken,
-    ) -> Completion {
+    ) -> (Completion, Option<Executables>) {
         let span = tracing::info_span!("job", job_id = job.key.job_id, attempt = job.key.attempt);
-        self.run_inner(job, output, cancel).instrument(span).await
+        let mut executables = None;
+        let completion = self
+            .run_inner(job, output, cancel, &mut executables)
+            .instrument(span)
+            .await;
+        (completion, executables)
     }
 
     async fn run_inner(
@@ -286,6 +296,7 @@ impl Executor {
         job: &JobRequest,
         output: mpsc::Sender<OutputChunk>,
         cancel: CancellationToken,
+        executables: &mut Option<Executables>,
     ) -> Completion {
         let started = Instant::now();
         if let Err(error) = buildpool_core::spec::validate(&job.spec) {
@@ -407,14 +418,15 @@ impl Executor {
             Err(_) => return ended_early(JobEnd::TimedOut, started),
         };
 
-        let mut command = match self.job_command(&job.spec, dev_env.as_ref(), &workspace) {
-            Ok(command) => command,
-            Err(error) => {
-                let reason = format!("cannot prepare the job's directories: {error}");
-                note(reason.clone()).await;
-                return ended_early(JobEnd::Failed { reason }, started);
-            }
-        };
+        let (mut command, visible_target) =
+            match self.job_command(&job.spec, dev_env.as_ref(), &workspace) {
+                Ok(command) => command,
+                Err(error) => {
+                    let reason = format!("cannot prepare the job's directories: {error}");
+                    note(reason.clone()).await;
+                    return ended_early(JobEnd::Failed { reason }, started);
+                }
+            };
         command.registry = Some(self.config.worktree_dir.join(process::REGISTRY_DIR));
         let limits = RunLimits {
             timeout: timeout.saturating_sub(started.elapsed()),
@@ -422,8 +434,37 @@ impl Executor {
         };
         tracing::info!(env = env.label(), slot = workspace.slot, "running cargo");
         let phase = Instant::now();
-        let result = process::run(command, limits, output.clone(), cancel).await;
+        let (result, named) = if job.spec.collect_executables {
+            let (chunks, unfiltered) = mpsc::channel(1);
+            tokio::join!(
+                process::run(command, limits, chunks, cancel),
+                artifacts::filter_messages(unfiltered, output.clone())
+            )
+        } else {
+            let result = process::run(command, limits, output.clone(), cancel).await;
+            (result, Vec::new())
+        };
         phases.cargo = phase.elapsed();
+        if job.spec.collect_executables
+            && matches!(&result, Ok(ended) if JobEnd::from(ended.end) == JobEnd::Exited { code: 0 })
+        {
+            let staging = self.config.worktree_dir.join(STAGING_DIR);
+            let host_target = workspace.target.clone();
+            let staged = tokio::task::spawn_blocking(move || {
+                artifacts::stage(&named, &visible_target, &host_target, &staging)
+            })
+            .await;
+            match staged {
+                Ok(Ok((staged, skipped))) => {
+                    if let Some(skipped) = skipped {
+                        note(skipped).await;
+                    }
+                    *executables = Some(staged);
+                }
+                Ok(Err(error)) => note(format!("the executables cannot be sent: {error}")).await,
+                Err(error) => note(format!("the executables cannot be sent: {error}")).await,
+            }
+        }
         let slot = workspace.slot;
         drop(workspace);
         drop(disk_hold);

@@ -12,6 +12,7 @@
 //! is the command git runs to fetch through a coordinator's authenticated tunnel.
 
 pub mod agent;
+pub mod artifacts;
 pub mod backoff;
 pub mod config;
 pub mod connection;

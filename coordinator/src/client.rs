@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use buildpool_core::status::{CancelReply, CoordinatorStatus, LogPage, LogRequest, Submission};
-use buildpool_core::{JobEvent, JobId};
+use buildpool_core::{ArtifactChunk, JobEvent, JobId};
 use buildpool_proto::control_client::ControlClient;
 use buildpool_proto::convert::{DecodeError, decode_job_event};
 use buildpool_proto::tls::{self, Fingerprint, ServerTrust, TlsError};
 use buildpool_proto::{
-    CancelRequest, DrainAgentRequest, JobLogRequest, StatusRequest, SubmitRequest, WatchRequest,
+    CancelRequest, DrainAgentRequest, FetchArtifactsRequest, JobLogRequest, StatusRequest,
+    SubmitRequest, WatchRequest,
 };
 use rustls::pki_types::ServerName;
 use tonic::service::interceptor::InterceptedService;
@@ -29,6 +30,9 @@ use crate::repo::Repo;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Deadline for unary calls (status, cancel, log pages, drain).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Deadline for fetching a job's executables (up to 512 MiB).
+const ARTIFACTS_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Adds the bearer token to every request.
 #[derive(Debug, Clone)]
@@ -265,6 +269,31 @@ impl Client {
         };
         let reply = self.grpc.clone().drain_agent(timed(request)).await?;
         Ok(reply.into_inner().connections)
+    }
+}
+
+impl Client {
+    /// The executables a job sent back, as a stream of chunks.
+    pub async fn fetch_artifacts(&self, job_id: JobId) -> Result<ArtifactChunks, ClientError> {
+        let mut request = tonic::Request::new(FetchArtifactsRequest { job_id });
+        request.set_timeout(ARTIFACTS_TIMEOUT);
+        let stream = self.grpc.clone().fetch_artifacts(request).await?;
+        Ok(ArtifactChunks {
+            stream: stream.into_inner(),
+        })
+    }
+}
+
+/// The chunks of a job's executables, in order.
+#[derive(Debug)]
+pub struct ArtifactChunks {
+    stream: tonic::Streaming<buildpool_proto::ArtifactChunk>,
+}
+
+impl ArtifactChunks {
+    /// The next chunk; `None` at the end. [`ARTIFACTS_TIMEOUT`] bounds the whole transfer.
+    pub async fn next(&mut self) -> Result<Option<ArtifactChunk>, ClientError> {
+        Ok(self.stream.message().await?.map(ArtifactChunk::from))
     }
 }
 

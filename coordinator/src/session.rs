@@ -315,6 +315,11 @@ impl JobSession {
         }
     }
 
+    /// The connection the job was submitted through.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// Where the job was submitted.
     pub fn via(&self) -> &Via {
         &self.via

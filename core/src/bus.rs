@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::job::{AttemptKey, Completion, JobSpec, OutputStream, Source};
+use crate::job::{ArtifactChunk, AttemptKey, Completion, JobSpec, OutputStream, Source};
 
 /// Version of the agent job bus. Bumped on any incompatible change; the coordinator rejects
 /// agents speaking another version with a clear message instead of misreading their frames.
@@ -135,6 +135,12 @@ pub enum AgentMessage {
         key: AttemptKey,
         stream: OutputStream,
         data: Bytes,
+    },
+    /// Part of an executable the attempt built; all are sent after its output and before
+    /// its result, and only while connected (never dropped-oldest like output).
+    Artifact {
+        key: AttemptKey,
+        chunk: ArtifactChunk,
     },
     Finished {
         key: AttemptKey,

@@ -149,6 +149,9 @@ pub struct JobSpec {
     pub env_mode: EnvMode,
     /// The job runs only on agents carrying all of these labels.
     pub required_labels: Vec<String>,
+    /// Send the executables cargo built back to the coordinator after a successful run, for
+    /// the client to copy into its own `target/` (build and test jobs only).
+    pub collect_executables: bool,
 }
 
 impl JobSpec {
@@ -161,6 +164,7 @@ impl JobSpec {
             timeout: None,
             env_mode: EnvMode::Auto,
             required_labels: Vec::new(),
+            collect_executables: false,
         }
     }
 
@@ -418,4 +422,32 @@ mod tests {
         assert_eq!(JobKind::from_subcommand("run"), None);
         assert_eq!(JobKind::from_subcommand("nextest"), None);
     }
+}
+
+/// Whether an artifact's path stays inside the directory it is joined to: relative, with
+/// no empty, `.` or `..` component.
+pub fn artifact_path_is_safe(rel_path: &str) -> bool {
+    !rel_path.is_empty()
+        && !rel_path.starts_with('/')
+        && rel_path
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
+/// One piece of an executable a job built, as the agent sends it and the client fetches it.
+/// The files of a job are numbered `0..count`; each is sent from offset 0 up, and its last
+/// chunk carries the SHA-256 of the whole file, so a receiver knows what is complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactChunk {
+    pub index: u32,
+    /// Files the job sent in all; 0 (with an empty path) when it built none.
+    pub count: u32,
+    /// Path relative to the target directory, e.g. `debug/app`.
+    pub rel_path: String,
+    /// Unix permission bits of the file.
+    pub mode: u32,
+    pub offset: u64,
+    pub data: Bytes,
+    /// Lowercase hex SHA-256 of the whole file; only on its last chunk.
+    pub sha256: Option<String>,
 }

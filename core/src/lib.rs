@@ -19,6 +19,6 @@ pub mod status;
 pub mod time;
 
 pub use job::{
-    AgentPhases, AttemptKey, Completion, EnvMode, EnvVar, JobEnd, JobEvent, JobId, JobKind,
-    JobResult, JobSpec, OutputStream, RunEnv, Source,
+    AgentPhases, ArtifactChunk, AttemptKey, Completion, EnvMode, EnvVar, JobEnd, JobEvent, JobId,
+    JobKind, JobResult, JobSpec, OutputStream, RunEnv, Source,
 };

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::JobSpec;
+use crate::{JobKind, JobSpec};
 
 pub const MAX_CARGO_ARGS: usize = 256;
 pub const MAX_ARG_BYTES: usize = 4096;
@@ -144,13 +144,31 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
             "timeout must be 1..={MAX_TIMEOUT_SECS} seconds"
         )));
     }
+    if spec.collect_executables {
+        if !matches!(spec.kind, JobKind::Build | JobKind::Test) {
+            return Err(invalid(
+                "executables are collected only from build and test jobs",
+            ));
+        }
+        // The agent reads cargo's JSON messages to find the executables.
+        if spec
+            .cargo_args
+            .iter()
+            .take(cargo_own)
+            .any(|arg| arg.starts_with("--message-format"))
+        {
+            return Err(invalid(
+                "--message-format cannot be combined with collecting executables",
+            ));
+        }
+    }
     validate_labels(&spec.required_labels)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{EnvVar, JobKind};
+    use crate::EnvVar;
 
     fn spec(args: &[&str]) -> JobSpec {
         JobSpec {
@@ -166,6 +184,23 @@ mod tests {
             validate(&spec(&["--manifest-path", "crates/a/Cargo.toml"])),
             Ok(())
         );
+    }
+
+    #[test]
+    fn executables_come_only_from_build_and_test_jobs_in_cargo_json() {
+        let collect = |kind, args: &[&str]| JobSpec {
+            collect_executables: true,
+            kind,
+            ..spec(args)
+        };
+        assert_eq!(validate(&collect(JobKind::Build, &[])), Ok(()));
+        assert_eq!(validate(&collect(JobKind::Test, &["--no-run"])), Ok(()));
+        assert!(validate(&collect(JobKind::Clippy, &[])).is_err());
+        let own_format = collect(JobKind::Build, &["--message-format=json"]);
+        assert!(validate(&own_format).is_err());
+        // After `--` it is the test binary's argument, not cargo's.
+        let passed_on = collect(JobKind::Test, &["--", "--message-format"]);
+        assert_eq!(validate(&passed_on), Ok(()));
     }
 
     #[test]
@@ -219,7 +254,7 @@ mod properties {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::{EnvVar, JobKind};
+    use crate::EnvVar;
 
     fn any_text() -> impl Strategy<Value = String> {
         prop_oneof![

@@ -17,8 +17,8 @@ use buildpool_core::status::{
 };
 use buildpool_core::time::millis;
 use buildpool_core::{
-    AgentPhases, AttemptKey, Completion, EnvMode, EnvVar, JobEnd, JobEvent, JobId, JobKind,
-    JobResult, JobSpec, OutputStream, RunEnv, Source,
+    AgentPhases, ArtifactChunk, AttemptKey, Completion, EnvMode, EnvVar, JobEnd, JobEvent, JobId,
+    JobKind, JobResult, JobSpec, OutputStream, RunEnv, Source,
 };
 
 use crate::{agent_frame, coordinator_frame, job_event};
@@ -133,6 +133,7 @@ impl From<JobSpec> for crate::JobSpec {
             }),
             env_mode: crate::EnvMode::from(spec.env_mode).into(),
             required_labels: spec.required_labels,
+            collect_executables: spec.collect_executables,
         }
     }
 }
@@ -156,7 +157,36 @@ impl TryFrom<crate::JobSpec> for JobSpec {
                 .then(|| Duration::from_secs(u64::from(spec.timeout_secs))),
             env_mode: decode_env_mode(spec.env_mode)?,
             required_labels: spec.required_labels,
+            collect_executables: spec.collect_executables,
         })
+    }
+}
+
+impl From<ArtifactChunk> for crate::ArtifactChunk {
+    fn from(chunk: ArtifactChunk) -> Self {
+        Self {
+            index: chunk.index,
+            count: chunk.count,
+            rel_path: chunk.rel_path,
+            mode: chunk.mode,
+            offset: chunk.offset,
+            data: chunk.data.into(),
+            sha256: chunk.sha256.unwrap_or_default(),
+        }
+    }
+}
+
+impl From<crate::ArtifactChunk> for ArtifactChunk {
+    fn from(chunk: crate::ArtifactChunk) -> Self {
+        Self {
+            index: chunk.index,
+            count: chunk.count,
+            rel_path: chunk.rel_path,
+            mode: chunk.mode,
+            offset: chunk.offset,
+            data: chunk.data.into(),
+            sha256: (!chunk.sha256.is_empty()).then_some(chunk.sha256),
+        }
     }
 }
 
@@ -477,6 +507,12 @@ impl From<AgentMessage> for agent_frame::Msg {
                     data: data.into(),
                 })
             }
+            AgentMessage::Artifact { key, chunk } => {
+                agent_frame::Msg::Artifact(crate::JobArtifact {
+                    key: Some(key.into()),
+                    chunk: Some(chunk.into()),
+                })
+            }
             AgentMessage::Finished { key, completion } => {
                 agent_frame::Msg::Finished(crate::JobFinished {
                     key: Some(key.into()),
@@ -538,6 +574,10 @@ impl TryFrom<agent_frame::Msg> for AgentMessage {
                 key: decode_key(output.key)?,
                 stream: decode_stream(output.stream)?,
                 data: output.data.into(),
+            },
+            agent_frame::Msg::Artifact(artifact) => AgentMessage::Artifact {
+                key: decode_key(artifact.key)?,
+                chunk: required(artifact.chunk, "chunk")?.into(),
             },
             agent_frame::Msg::Finished(finished) => AgentMessage::Finished {
                 key: decode_key(finished.key)?,
@@ -959,6 +999,18 @@ mod tests {
         round_trip_agent(AgentMessage::Declined {
             key,
             reason: "busy".into(),
+        });
+        round_trip_agent(AgentMessage::Artifact {
+            key,
+            chunk: ArtifactChunk {
+                index: 1,
+                count: 2,
+                rel_path: "debug/app".into(),
+                mode: 0o755,
+                offset: 4096,
+                data: bytes::Bytes::from_static(b"\x7fELF"),
+                sha256: Some("ab".repeat(32)),
+            },
         });
         round_trip_agent(AgentMessage::Output {
             key,

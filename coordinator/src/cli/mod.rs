@@ -1,5 +1,6 @@
 //! The `buildpool` command line. Errors become one clear message and a non-zero exit.
 
+mod artifacts;
 mod demo;
 mod hook;
 mod inspect;

@@ -7,9 +7,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use buildpool_core::job::EXIT_CANCELLED;
-use buildpool_core::{EnvMode, EnvVar, JobEvent, JobKind, JobSpec, OutputStream};
+use buildpool_core::{EnvMode, EnvVar, JobEvent, JobId, JobKind, JobSpec, OutputStream};
 use clap::Args;
 
+use super::artifacts;
+use crate::client::Client;
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::session::{JobClient, Via};
@@ -36,6 +38,10 @@ pub struct RunArgs {
     /// No progress line (it is shown only when stdout and stderr are terminals).
     #[arg(short, long)]
     quiet: bool,
+    /// After a successful build or test, copy the executables it built into this
+    /// worktree's target/ at the same paths (checksum-verified, up to 512 MiB per job).
+    #[arg(long)]
+    artifacts: bool,
     /// Arguments passed to cargo after the subcommand.
     #[arg(last = true)]
     cargo_args: Vec<String>,
@@ -52,6 +58,7 @@ impl RunArgs {
             local: true,
             verbose: false,
             quiet: false,
+            artifacts: false,
             cargo_args: Vec::new(),
         }
     }
@@ -75,6 +82,7 @@ impl RunArgs {
                 .map(|secs| std::time::Duration::from_secs(u64::from(secs))),
             env_mode,
             required_labels: self.labels,
+            collect_executables: self.artifacts,
         })
     }
 }
@@ -112,6 +120,7 @@ async fn run_job(
     mut line: TerminalLine,
     interrupts: &mut tokio::signal::unix::Signal,
 ) -> anyhow::Result<u8> {
+    let collect = spec.collect_executables;
     let mut session = jobs.start(spec, force_local).await?;
     match session.via() {
         Via::InProcess(reason) if !force_local => {
@@ -192,11 +201,36 @@ async fn run_job(
                 if verbose {
                     eprintln!("[buildpool] timings: {}", session.timings(&result));
                 }
-                return Ok(result.completion.end.exit_code());
+                let code = result.completion.end.exit_code();
+                if collect && code == 0 {
+                    copy_executables(session.client(), job_id, &jobs.repo().worktree).await?;
+                }
+                return Ok(code);
             }
         }
         line.draw();
     }
+}
+
+/// Fetches a finished job's executables into `worktree`'s `target/`.
+async fn copy_executables(client: &Client, job_id: JobId, worktree: &Path) -> anyhow::Result<()> {
+    let mut chunks = client
+        .fetch_artifacts(job_id)
+        .await
+        .context("cannot fetch the job's executables")?;
+    let mut receiver = artifacts::Receiver::new(&worktree.join("target"));
+    while let Some(chunk) = chunks
+        .next()
+        .await
+        .context("the transfer of the job's executables failed")?
+    {
+        receiver.take(&chunk)?;
+    }
+    let (count, bytes) = receiver.finish()?;
+    #[allow(clippy::cast_precision_loss)] // a size to read, not to compute with
+    let mib = bytes as f64 / (1024.0 * 1024.0);
+    eprintln!("[buildpool] copied {count} executables ({mib:.1} MiB) into target/");
+    Ok(())
 }
 
 /// The progress line at the bottom of the terminal: drawn on stderr after each event,

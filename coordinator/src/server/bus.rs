@@ -541,6 +541,17 @@ async fn handle_message(
         AgentMessage::Output { key, stream, data } => {
             append_output(shared, conn, key, stream, &data).await
         }
+        AgentMessage::Artifact { key, chunk } => {
+            if shared.state().scheduler.holds(conn, key) {
+                shared.artifacts.receive(key, &chunk);
+            } else {
+                tracing::debug!(
+                    job_id = key.job_id,
+                    attempt = key.attempt,
+                    "dropped executables of a stale attempt"
+                );
+            }
+        }
         AgentMessage::Finished { key, completion } => {
             return Ok(accept_result(shared, conn, key, completion, now).await);
         }

@@ -16,8 +16,9 @@ use buildpool_core::{JobEvent, JobId, OutputStream};
 use buildpool_proto::control_server::{Control, ControlServer};
 use buildpool_proto::convert::{DecodeError, encode_job_event};
 use buildpool_proto::{
-    CancelRequest, DrainAgentReply, DrainAgentRequest, JobEvent as WireEvent, JobLogReply,
-    JobLogRequest, StatusReply, StatusRequest, SubmitRequest, WatchRequest,
+    ArtifactChunk as WireArtifactChunk, CancelRequest, DrainAgentReply, DrainAgentRequest,
+    FetchArtifactsRequest, JobEvent as WireEvent, JobLogReply, JobLogRequest, StatusReply,
+    StatusRequest, SubmitRequest, WatchRequest,
 };
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -108,6 +109,8 @@ struct ControlService {
 
 type EventStream = Pin<Box<dyn futures_util::Stream<Item = Result<WireEvent, Status>> + Send>>;
 type EventSender = mpsc::Sender<Result<WireEvent, Status>>;
+type ArtifactStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<WireArtifactChunk, Status>> + Send>>;
 
 fn invalid(error: &DecodeError) -> Status {
     Status::invalid_argument(error.to_string())
@@ -294,6 +297,19 @@ impl Control for ControlService {
             truncated_bytes: active.map_or(0, |job| job.log.truncated()),
         };
         Ok(Response::new(page.into()))
+    }
+
+    type FetchArtifactsStream = ArtifactStream;
+
+    async fn fetch_artifacts(
+        &self,
+        request: Request<FetchArtifactsRequest>,
+    ) -> Result<Response<ArtifactStream>, Status> {
+        let job_id = request.into_inner().job_id;
+        let chunks = self.shared.artifacts.fetch(job_id)?;
+        Ok(Response::new(Box::pin(
+            chunks.map(|chunk| chunk.map(Into::into)),
+        )))
     }
 }
 

@@ -6,6 +6,7 @@
 //! that is full means a wedged agent; that connection is closed and its jobs requeued, so
 //! one half-open agent can never freeze dispatch.
 
+mod artifacts;
 pub mod bus;
 pub mod control;
 pub mod dashboard;
@@ -196,6 +197,8 @@ pub(crate) struct Shared {
     pub log_dir: PathBuf,
     /// The job logs in `log_dir`, and which may be reused.
     pub logs: joblog::LogDir,
+    /// Executables jobs sent back, in `log_dir/artifacts`.
+    pub artifacts: artifacts::ArtifactStore,
     pub git_daemon_port: Option<u16>,
     /// Whether agents fetch from the git daemon directly (it listens beyond loopback, an
     /// insecure setup) instead of through the tunnel.
@@ -432,6 +435,7 @@ impl Coordinator {
         let logs = joblog::LogDir::open(&log_dir, &unfinished)?;
         // Job ids never repeat: past the highest the store or the log directory has seen.
         let first_job = logs.highest_id().max(loaded.highest_id) + 1;
+        let artifacts = artifacts::ArtifactStore::open(&log_dir.join("artifacts"))?;
 
         let websocket = match &config.websocket_addr {
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::WebSocketBind {
@@ -509,6 +513,7 @@ impl Coordinator {
             tls,
             log_dir,
             logs,
+            artifacts,
             state: Mutex::new(State {
                 scheduler,
                 connections: HashMap::new(),

@@ -75,6 +75,8 @@ impl Bus {
             tls: None,
             log_dir: dir.path().to_owned(),
             logs: joblog::LogDir::open(dir.path(), &Default::default()).expect("log dir"),
+            artifacts: crate::server::artifacts::ArtifactStore::open(&dir.path().join("artifacts"))
+                .expect("artifact dir"),
             git_daemon_port: None,
             direct_git: false,
             git_path: String::new(),
