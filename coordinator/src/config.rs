@@ -44,6 +44,7 @@ struct BuildPoolSection {
     tls_key_file: Option<PathBuf>,
     tls_client_ca_file: Option<PathBuf>,
     log_max_bytes: Option<u64>,
+    affinity: Option<bool>,
     #[serde(default)]
     local_fallback: LocalFallbackSection,
     #[serde(default)]
@@ -98,6 +99,9 @@ pub struct CoordinatorConfig {
     pub unroutable_wait: Duration,
     /// Lost attempts (agent gone mid-job) before a job fails.
     pub max_lost_attempts: u32,
+    /// Jobs go to the agent whose workspace last built their worktree (default); off, to
+    /// the agent with the most free slots (to measure what affinity saves).
+    pub affinity: bool,
     /// Keep job logs in a directory of this process's own, deleted at shutdown. Set for
     /// in-process coordinators, so two of them (say, two MCP sessions) never share job ids.
     pub private_logs: bool,
@@ -332,6 +336,7 @@ impl CoordinatorConfig {
                 }
                 n => n,
             },
+            affinity: pool.affinity.unwrap_or(true),
             private_logs: false,
         })
     }

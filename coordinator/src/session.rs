@@ -130,6 +130,7 @@ impl JobClient {
             commit: snapshot.commit,
             git_ref: snapshot.git_ref,
             worktree: self.repo.worktree.display().to_string(),
+            base_commit: snapshot.base_commit.unwrap_or_default(),
         };
         let events = client
             .submit(submission)

@@ -38,6 +38,8 @@ pub const IGNORE_FILE: &str = ".buildpoolignore";
 pub struct Snapshot {
     pub commit: String,
     pub git_ref: String,
+    /// The snapshot's parent: the worktree's `HEAD`, `None` before the first commit.
+    pub base_commit: Option<String>,
     /// Untracked files left out for their size.
     pub skipped: Vec<SkippedFile>,
 }
@@ -155,6 +157,7 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
     Ok(Snapshot {
         commit,
         git_ref,
+        base_commit: parent,
         skipped,
     })
 }

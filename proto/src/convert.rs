@@ -168,6 +168,7 @@ impl From<Source> for crate::Source {
             git_port: source.git_port.map_or(0, u32::from),
             commit: source.commit,
             git_ref: source.git_ref,
+            base_commit: source.base_commit,
         }
     }
 }
@@ -189,6 +190,7 @@ impl TryFrom<crate::Source> for Source {
             git_port,
             commit: source.commit,
             git_ref: source.git_ref,
+            base_commit: source.base_commit,
         })
     }
 }
@@ -534,6 +536,7 @@ impl From<CoordinatorMessage> for coordinator_frame::Msg {
                     key: Some(assignment.key.into()),
                     spec: Some(assignment.spec.into()),
                     source: Some(assignment.source.into()),
+                    worktree: assignment.worktree,
                 })
             }
             CoordinatorMessage::Cancel(key) => coordinator_frame::Msg::Cancel(crate::Cancel {
@@ -580,6 +583,7 @@ impl TryFrom<coordinator_frame::Msg> for CoordinatorMessage {
                         key,
                         spec: required(assign.spec, "job spec")?.try_into()?,
                         source: required(assign.source, "source")?.try_into()?,
+                        worktree: assign.worktree,
                     })
                 })();
                 CoordinatorMessage::Assign(assignment.map_err(|error| DecodeError::Assignment {
@@ -687,12 +691,14 @@ impl From<Submission> for crate::SubmitRequest {
             commit,
             git_ref,
             worktree,
+            base_commit,
         } = submission;
         Self {
             spec: Some(spec.into()),
             commit,
             git_ref,
             worktree,
+            base_commit,
         }
     }
 }
@@ -706,6 +712,7 @@ impl TryFrom<crate::SubmitRequest> for Submission {
             commit,
             git_ref,
             worktree,
+            base_commit,
             ..
         } = request;
         Ok(Self {
@@ -713,6 +720,7 @@ impl TryFrom<crate::SubmitRequest> for Submission {
             commit,
             git_ref,
             worktree,
+            base_commit,
         })
     }
 }
@@ -960,7 +968,9 @@ mod tests {
                 git_port: Some(9418),
                 commit: "c".into(),
                 git_ref: "refs/x".into(),
+                base_commit: "b".into(),
             },
+            worktree: "/home/dev/repo".into(),
         }));
         round_trip_coordinator(CoordinatorMessage::Reject(Reject {
             code: RejectCode::BadToken,
@@ -977,6 +987,7 @@ mod tests {
             key: Some(AttemptKey::new(1, 1).into()),
             spec: None,
             source: Some(crate::Source::default()),
+            worktree: String::new(),
         });
         assert_eq!(
             CoordinatorMessage::try_from(no_spec),

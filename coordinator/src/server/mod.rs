@@ -423,6 +423,7 @@ impl Coordinator {
             reattach_grace: config.reattach_grace,
             unroutable_wait: config.unroutable_wait,
             max_lost_attempts: config.max_lost_attempts,
+            affinity: config.affinity,
             ..SchedulerConfig::default()
         });
         let websocket_addr = websocket

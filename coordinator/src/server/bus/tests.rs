@@ -52,6 +52,7 @@ impl Bus {
             reattach_grace: Duration::from_secs(15),
             unroutable_wait: Duration::from_secs(60),
             max_lost_attempts: 3,
+            affinity: true,
             private_logs: false,
         };
         let shared = Arc::new(Shared {
@@ -178,6 +179,7 @@ impl Bus {
             git_port: None,
             commit: "0".repeat(40),
             git_ref: "refs/buildpool/snapshots/test".into(),
+            base_commit: String::new(),
         };
         let spec = JobSpec::new(JobKind::Check);
         let now = Instant::now();
