@@ -143,25 +143,35 @@ enum Warmth {
 }
 
 impl Workspaces {
-    fn warmth(&self, slots: u32, worktree: &str, base_commit: &str) -> Warmth {
+    /// The workspace a job of `worktree` on `base_commit` reuses, and how warm it is for
+    /// it: the one of the same worktree, else the newest of the same base commit.
+    fn nearest(&self, worktree: &str, base_commit: &str) -> Option<(usize, Warmth)> {
         let newest = |matches: &dyn Fn(&Built) -> bool| {
             self.built
                 .iter()
-                .filter(|built| matches(built))
-                .map(|built| built.last_used)
-                .max()
+                .enumerate()
+                .filter(|(_, built)| matches(built))
+                .max_by_key(|(_, built)| built.last_used)
+                .map(|(index, built)| (index, built.last_used))
         };
-        if let Some(used) = newest(&|built| !worktree.is_empty() && built.worktree == worktree) {
-            return Warmth::SameWorktree(used);
-        }
-        if let Some(used) =
-            newest(&|built| !base_commit.is_empty() && built.base_commit == base_commit)
+        if let Some((index, used)) =
+            newest(&|built| !worktree.is_empty() && built.worktree == worktree)
         {
-            return Warmth::SameBase(used);
+            return Some((index, Warmth::SameWorktree(used)));
         }
-        Warmth::Cold(Reverse(self.least_recent(slots).map_or(0, |index| {
-            self.built.get(index).map_or(0, |built| built.last_used)
-        })))
+        newest(&|built| !base_commit.is_empty() && built.base_commit == base_commit)
+            .map(|(index, used)| (index, Warmth::SameBase(used)))
+    }
+
+    fn warmth(&self, slots: u32, worktree: &str, base_commit: &str) -> Warmth {
+        self.nearest(worktree, base_commit)
+            .map(|(_, warmth)| warmth)
+            .unwrap_or_else(|| {
+                let oldest = self.least_recent(slots);
+                Warmth::Cold(Reverse(oldest.map_or(0, |index| {
+                    self.built.get(index).map_or(0, |built| built.last_used)
+                })))
+            })
     }
 
     /// The entry the next cold job replaces: `None` while a slot never used is left.
@@ -176,17 +186,16 @@ impl Workspaces {
             .map(|(index, _)| index)
     }
 
-    /// A job of `worktree` on `base_commit` was sent there at sequence number `now`.
+    /// A job of `worktree` on `base_commit` was sent there at sequence number `now`: it
+    /// takes the workspace the agent picks by the same rule, [`Workspaces::nearest`], else
+    /// the least recently used one.
     fn record(&mut self, slots: u32, worktree: &str, base_commit: &str, now: u64) {
         let built = Built {
             worktree: worktree.to_owned(),
             base_commit: base_commit.to_owned(),
             last_used: now,
         };
-        let same = self
-            .built
-            .iter()
-            .position(|b| !worktree.is_empty() && b.worktree == worktree);
+        let same = self.nearest(worktree, base_commit).map(|(index, _)| index);
         match same.or_else(|| self.least_recent(slots)) {
             Some(index) => {
                 if let Some(entry) = self.built.get_mut(index) {

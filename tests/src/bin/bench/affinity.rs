@@ -1,6 +1,6 @@
 //! `bench affinity [NAME] [ROUNDS]`: what sending a job where its worktree was built last
-//! saves. Two agents of two slots each; four worktrees of a published crate take turns, each
-//! after a one-line change, once with the coordinator's affinity on and once off
+//! saves. Two agents of two slots each; four worktrees of a published crate, each on a
+//! commit of its own (as on branches), take turns, each after a one-line change, once with the coordinator's affinity on and once off
 //! (`affinity = false`: the agent with most free slots), each in a fresh cluster. A warm
 //! hit is a job whose workspace last built the same worktree; after the first round every
 //! job could be one.
@@ -54,9 +54,22 @@ fn measure(source: &std::path::Path, rounds: usize, affinity: bool) -> anyhow::R
     };
     let cluster = Cluster::start_with(Fixture::from_source(source)?, 2, 2, &options)?;
     let fixture = &cluster.fixture;
-    let worktrees: Vec<PathBuf> = (1..=4)
-        .map(|n| fixture.add_worktree(&format!("w{n}")))
-        .collect::<anyhow::Result<_>>()?;
+    let mut worktrees: Vec<PathBuf> = Vec::new();
+    for n in 1..=4 {
+        let worktree = fixture.add_worktree(&format!("w{n}"))?;
+        // A commit of its own, as on a branch: no two worktrees share a base commit.
+        let dir = worktree.to_str().context("utf-8 path")?;
+        fixture.git(&[
+            "-C",
+            dir,
+            "commit",
+            "--quiet",
+            "--allow-empty",
+            "-m",
+            "branch",
+        ])?;
+        worktrees.push(worktree);
+    }
     let original = std::fs::read_to_string(fixture.root().join("src/lib.rs"))?;
     // (agent, slot) -> the worktree its workspace last built.
     let mut last_built: HashMap<(String, u32), PathBuf> = HashMap::new();
