@@ -1,9 +1,10 @@
-//! `bench affinity [NAME] [ROUNDS]`: what sending a job where its worktree was built last
-//! saves. Two agents of two slots each; four worktrees of a published crate, each on a
-//! commit of its own (as on branches), take turns, each after a one-line change, once with the coordinator's affinity on and once off
+//! `bench affinity [ROUNDS]`: what sending a job where its worktree was built last saves.
+//! Two agents of two slots each; four worktrees of the fixture workspace, each on a branch
+//! commit of its own that changes the `util` crate every other crate depends on (as
+//! branches do), take turns, each after a one-line change in `app`, once with the coordinator's affinity on and once off
 //! (`affinity = false`: the agent with most free slots), each in a fresh cluster. A warm
-//! hit is a job whose workspace last built the same worktree; after the first round every
-//! job could be one.
+//! hit is a job whose workspace last built the same worktree (only `app` rebuilds); a miss
+//! rebuilds `util` too. After the first round every job could be a hit.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use buildpool_tests::{Cluster, Fixture, ServeOptions};
 
-use crate::{PhaseSamples, crate_source, median, ms, one_line_change, pool_test};
+use crate::{PhaseSamples, median, ms, pool_test};
 
 /// What one cluster measured.
 struct Outcome {
@@ -22,13 +23,11 @@ struct Outcome {
     total: Duration,
 }
 
-pub fn run(name: &str, rounds: usize) -> anyhow::Result<()> {
-    let source = crate_source(name)?;
-    let on = measure(&source, rounds, true)?;
-    let off = measure(&source, rounds, false)?;
+pub fn run(rounds: usize) -> anyhow::Result<()> {
+    let on = measure(rounds, true)?;
+    let off = measure(rounds, false)?;
     println!(
-        "buildpool affinity benchmark: {} (2 agents x 2 slots, 4 worktrees in turn, {rounds} rounds after the first)",
-        source.file_name().and_then(|n| n.to_str()).unwrap_or(name)
+        "buildpool affinity benchmark: fixture workspace (2 agents x 2 slots, 4 worktrees in turn, {rounds} rounds after the first)"
     );
     for (label, outcome) in [("affinity on ", &on), ("affinity off", &off)] {
         println!(
@@ -47,40 +46,45 @@ pub fn run(name: &str, rounds: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(source: &std::path::Path, rounds: usize, affinity: bool) -> anyhow::Result<Outcome> {
+fn measure(rounds: usize, affinity: bool) -> anyhow::Result<Outcome> {
     let options = ServeOptions {
         config: (!affinity).then(|| "[build_pool]\naffinity = false\n".to_owned()),
         ..ServeOptions::default()
     };
-    let cluster = Cluster::start_with(Fixture::from_source(source)?, 2, 2, &options)?;
+    let cluster = Cluster::start_with(Fixture::new()?, 2, 2, &options)?;
     let fixture = &cluster.fixture;
     let mut worktrees: Vec<PathBuf> = Vec::new();
     for n in 1..=4 {
         let worktree = fixture.add_worktree(&format!("w{n}"))?;
-        // A commit of its own, as on a branch: no two worktrees share a base commit.
+        // A branch commit of its own that changes the crate everything depends on.
+        let util = worktree.join("crates/util/src/lib.rs");
+        let text = std::fs::read_to_string(&util)?;
+        std::fs::write(&util, format!("{text}pub const BRANCH: u32 = {n};\n"))?;
         let dir = worktree.to_str().context("utf-8 path")?;
-        fixture.git(&[
-            "-C",
-            dir,
-            "commit",
-            "--quiet",
-            "--allow-empty",
-            "-m",
-            "branch",
-        ])?;
+        fixture.git(&["-C", dir, "commit", "--quiet", "-am", "branch"])?;
         worktrees.push(worktree);
     }
-    let original = std::fs::read_to_string(fixture.root().join("src/lib.rs"))?;
+    let original = std::fs::read_to_string(fixture.root().join("app/src/lib.rs"))?;
     // (agent, slot) -> the worktree its workspace last built.
     let mut last_built: HashMap<(String, u32), PathBuf> = HashMap::new();
     let (mut hits, mut jobs, mut totals) = (0, 0, Vec::new());
     let mut phases = PhaseSamples::default();
     for round in 0..=rounds {
         for worktree in &worktrees {
-            one_line_change(worktree, &original, &format!("round {round}"))?;
+            let edited = format!("{original}\n// round {round} in {}\n", worktree.display());
+            std::fs::write(worktree.join("app/src/lib.rs"), edited)?;
             let (elapsed, stderr) = pool_test(fixture, worktree)?;
             let place = placement(&stderr)?;
             let hit = last_built.get(&place) == Some(worktree);
+            eprintln!(
+                "affinity {}: {} on {} slot {} ({}), {:.0} ms",
+                if affinity { "on" } else { "off" },
+                worktree.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
+                place.0,
+                place.1,
+                if hit { "hit" } else { "miss" },
+                ms(elapsed)
+            );
             last_built.insert(place, worktree.clone());
             // The first round builds every worktree once: nothing to hit yet.
             if round > 0 {

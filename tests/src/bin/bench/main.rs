@@ -20,7 +20,8 @@
 //! incremental run.
 //!
 //! `affinity` (affinity.rs) compares the coordinator's workspace affinity on and off: two
-//! agents, four worktrees taking turns, warm hits and the median cargo phase.
+//! agents, four worktrees on branches of their own taking turns, warm hits and the median
+//! cargo phase.
 //!
 //! `scale` (scale.rs) runs simulated agents on real job bus connections against one
 //! `buildpool serve` and submits jobs through the control API from concurrent clients:
@@ -40,7 +41,7 @@
 //! `... --bin bench -- scale --agents 1000 --jobs 20000 [--slots N] [--clients N]
 //! [--connections N] [--plain]`, `... -- scale --agents 10000 --idle`,
 //! `... --bin bench -- growth [ROUNDS]`, `... -- hook [ROUNDS]`, `... -- sccache` or
-//! `... --bin bench -- affinity [NAME] [ROUNDS]`
+//! `... --bin bench -- affinity [ROUNDS]`
 
 mod affinity;
 mod growth;
@@ -290,9 +291,8 @@ fn main() -> anyhow::Result<()> {
         return real_crate(&name, rounds);
     }
     if args.first().is_some_and(|arg| arg == "affinity") {
-        let name = args.get(1).map_or("itoa", String::as_str);
-        let rounds = args.get(2).map(|n| n.parse()).transpose()?.unwrap_or(3);
-        return affinity::run(name, rounds);
+        let rounds = args.get(1).map(|n| n.parse()).transpose()?.unwrap_or(3);
+        return affinity::run(rounds);
     }
     if args.first().is_some_and(|arg| arg == "scale") {
         return scale::run(&args[1..]);
@@ -621,11 +621,15 @@ fn pool_test(fixture: &Fixture, dir: &Path) -> anyhow::Result<(Duration, String)
     Ok((elapsed, stderr))
 }
 
-/// `cargo test --quiet` in `dir`, timed.
+/// `cargo test --quiet` in `dir`, timed, with the worktree's own target dir as a developer
+/// has it (not one the benchmark's environment may name).
 fn local_test(dir: &Path) -> anyhow::Result<Duration> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut command = Command::new(cargo);
-    command.args(["test", "--quiet"]).current_dir(dir);
+    command
+        .args(["test", "--quiet"])
+        .current_dir(dir)
+        .env_remove("CARGO_TARGET_DIR");
     timed_command(command)
 }
 
