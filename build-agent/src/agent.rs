@@ -250,7 +250,12 @@ impl Agent {
         assignment: Assignment,
         remote: GitRemote,
     ) -> Result<(), Decline> {
-        let Assignment { key, spec, source } = assignment;
+        let Assignment {
+            key,
+            spec,
+            source,
+            worktree,
+        } = assignment;
         let missing: Vec<String> = spec
             .required_labels
             .iter()
@@ -290,6 +295,7 @@ impl Agent {
                 key,
                 spec,
                 source,
+                worktree,
                 remote,
             };
             let agent = self.clone();

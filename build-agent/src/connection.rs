@@ -517,6 +517,7 @@ mod tests {
                     key: Some(key.into()),
                     spec: None,
                     source: None,
+                    worktree: String::new(),
                 },
             )),
         };

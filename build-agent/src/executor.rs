@@ -26,7 +26,7 @@ use crate::git_cache::{GitCache, GitRemote};
 use crate::nix::{self, DevEnv, DevEnvCache};
 use crate::process::{self, CommandSpec, OutputChunk, RunLimits};
 use crate::sandbox::{JobPaths, Sandbox, agent_cargo_home, find_on_path};
-use crate::workspace::{Workspace, WorkspacePool};
+use crate::workspace::{Lineage, Workspace, WorkspacePool};
 
 /// Where executables wait to be sent, under the worktree directory (no repository id
 /// starts with a dot).
@@ -62,6 +62,8 @@ pub struct JobRequest {
     pub key: AttemptKey,
     pub spec: JobSpec,
     pub source: Source,
+    /// The worktree the snapshot was taken from (empty if the coordinator did not say).
+    pub worktree: String,
     /// Where to fetch `source.git_ref` from.
     pub remote: GitRemote,
 }
@@ -326,9 +328,13 @@ impl Executor {
             // A workspace still held by an ending job (or another process) makes this job
             // wait, never fail: the lease is the job's, not a reason to give up.
             let phase = Instant::now();
+            let lineage = Lineage {
+                worktree: job.worktree.clone(),
+                base_commit: job.source.base_commit.clone(),
+            };
             let workspace = self
                 .workspaces
-                .acquire_waiting(&job.source.repo_id)
+                .acquire_waiting(&job.source.repo_id, &lineage)
                 .await
                 .map_err(|e| e.to_string())?;
             phases.workspace_wait = phase.elapsed();
@@ -369,6 +375,13 @@ impl Executor {
                 .await
                 .map_err(|e| format!("checking out the snapshot failed: {e}"))?;
             drop(lock);
+            if let Err(error) = workspace.record_built(&lineage) {
+                // Costs the next job of this worktree its pick of the warmest workspace only.
+                tracing::warn!(
+                    "cannot record what workspace slot {} built: {error}",
+                    workspace.slot
+                );
+            }
             phases.checkout = phase.elapsed();
             let phase = Instant::now();
             let env_mode = match job.spec.env_mode {

@@ -201,6 +201,13 @@ impl GitCache {
             .timeout(FETCH_TIMEOUT)
             .output()
             .await?;
+        // The loose ref fetch just wrote answers without another git process; anything else
+        // (packed, or not the commit expected) is asked of git, which names what it found.
+        let loose = std::fs::read_to_string(dir.join(&local_ref)).unwrap_or_default();
+        if loose.trim_end() == commit {
+            prune_fetched_refs(&dir).await?;
+            return Ok(true);
+        }
         let found = Git::new(&dir)
             .args(["rev-parse", "--verify", "--quiet"])
             .arg(format!("{local_ref}^{{commit}}"))
@@ -226,8 +233,34 @@ async fn has_commit(dir: &Path, commit: &str) -> bool {
         .await
 }
 
+/// Loose files under `dir`, at most `limit` + 1 of them counted.
+fn count_files(dir: &Path, limit: usize) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut count = 0;
+    for entry in entries.flatten() {
+        if count > limit {
+            break;
+        }
+        count += match entry.file_type() {
+            Ok(kind) if kind.is_dir() => count_files(&entry.path(), limit - count),
+            _ => 1,
+        };
+    }
+    count
+}
+
 /// Keeps the newest fetched refs so the cache stays bounded but fetches stay incremental.
 async fn prune_fetched_refs(dir: &Path) -> Result<(), CacheError> {
+    // Within bounds as long as every fetched ref is a loose file and they are few: told
+    // by a directory listing, so most fetches run no git for this.
+    let fetched = dir.join("refs/buildpool/fetched");
+    if !dir.join("packed-refs").exists()
+        && count_files(&fetched, KEPT_FETCHED_REFS) <= KEPT_FETCHED_REFS
+    {
+        return Ok(());
+    }
     let refs = Git::new(dir)
         // Snapshot ref names start with their creation time, so names order them by age.
         .args([
@@ -246,4 +279,49 @@ async fn prune_fetched_refs(dir: &Path) -> Result<(), CacheError> {
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn git(dir: &Path, args: &[&str]) -> String {
+        Git::new(dir).args(args).output().await.expect("git runs")
+    }
+
+    #[tokio::test]
+    async fn fetched_refs_beyond_the_bound_are_pruned_oldest_first() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let repo = dir.path().join("cache.git");
+        std::fs::create_dir_all(&repo).expect("dir");
+        git(&repo, &["init", "--bare", "--quiet"]).await;
+        let empty_tree = Git::new(&repo)
+            .env("GIT_INDEX_FILE", dir.path().join("index"))
+            .arg("write-tree")
+            .output()
+            .await
+            .expect("write-tree");
+        let name = |n: usize| format!("refs/buildpool/fetched/snapshots/{n:04}-00000000");
+        for n in 0..KEPT_FETCHED_REFS {
+            git(&repo, &["update-ref", &name(n), &empty_tree]).await;
+        }
+        let listed = || {
+            git(
+                &repo,
+                &["for-each-ref", "--format=%(refname)", "refs/buildpool/"],
+            )
+        };
+        prune_fetched_refs(&repo).await.expect("prune");
+        assert_eq!(listed().await.lines().count(), KEPT_FETCHED_REFS);
+        for n in KEPT_FETCHED_REFS..KEPT_FETCHED_REFS + 3 {
+            git(&repo, &["update-ref", &name(n), &empty_tree]).await;
+        }
+        prune_fetched_refs(&repo).await.expect("prune");
+        let kept = listed().await;
+        assert_eq!(kept.lines().count(), KEPT_FETCHED_REFS);
+        assert!(
+            !kept.contains(&name(2)) && kept.contains(&name(3)),
+            "{kept}"
+        );
+    }
 }

@@ -4,11 +4,15 @@
 //! up to one workspace per slot, each a git worktree of the repository's bare cache plus a
 //! target directory beside it.
 //! A job checks its snapshot out into an idle workspace: git rewrites only the files that
-//! changed, their mtimes move, and cargo rebuilds only what depends on them.
+//! changed, their mtimes move, and cargo rebuilds only what depends on them. Which idle
+//! workspace matters: the one that last built the job's worktree differs from the snapshot
+//! by the developer's last edits only, so each workspace remembers what it built (a small
+//! file beside its checkout) and a job takes the warmest one (see [`preference`]).
 
+use std::cmp::Reverse;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::git_cache::{CacheError, CacheLock, check_repo_id};
 use buildpool_core::git::{Git, GitError};
@@ -33,12 +37,65 @@ pub struct WorkspacePool {
     per_repo: usize,
 }
 
+/// Where a job's snapshot comes from, as far as choosing a workspace goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lineage {
+    /// The developer's worktree the snapshot was taken from; empty when unknown.
+    pub worktree: String,
+    /// The snapshot's parent commit; empty when it has none.
+    pub base_commit: String,
+}
+
+/// What a workspace last built, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Built {
+    pub lineage: Lineage,
+    pub at: SystemTime,
+}
+
+/// The file in a slot's directory that says what its workspace last built.
+const BUILT_FILE: &str = "built";
+
+/// The order in which a job of `lineage` tries a repository's slots, given what each last
+/// built (`None`: never used). First the slot that built the same worktree (its `target/`
+/// is off by the last edits only), then those that built the same base commit, newest
+/// first; then the least recently used, never used ones first, so the warm workspace of
+/// another worktree is taken last. Lower slot numbers break ties.
+pub fn preference(built: &[Option<Built>], lineage: &Lineage) -> Vec<usize> {
+    let same = |theirs: &str, ours: &str| !ours.is_empty() && theirs == ours;
+    let mut order: Vec<usize> = (0..built.len()).collect();
+    order.sort_by_key(|slot| match built.get(*slot).and_then(Option::as_ref) {
+        Some(b) if same(&b.lineage.worktree, &lineage.worktree) => (0, Reverse(b.at), None),
+        Some(b) if same(&b.lineage.base_commit, &lineage.base_commit) => (1, Reverse(b.at), None),
+        Some(b) => (2, Reverse(SystemTime::UNIX_EPOCH), Some(b.at)),
+        None => (2, Reverse(SystemTime::UNIX_EPOCH), None),
+    });
+    order
+}
+
+/// What the workspace in `slot_dir` last built; `None` if it never recorded a build.
+fn read_built(slot_dir: &Path) -> Option<Built> {
+    let path = slot_dir.join(BUILT_FILE);
+    let text = std::fs::read_to_string(&path).ok()?;
+    let at = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+    let (worktree, base_commit) = text.split_once('\0')?;
+    Some(Built {
+        lineage: Lineage {
+            worktree: worktree.to_owned(),
+            base_commit: base_commit.to_owned(),
+        },
+        at,
+    })
+}
+
 /// An exclusively held workspace. The lock is a file lock, so it also excludes another
 /// agent process that was (mis)configured with the same directory.
 #[derive(Debug)]
 pub struct Workspace {
     pub repo_id: String,
     pub slot: usize,
+    /// The slot's directory: the checkout, the target and what it last built.
+    dir: PathBuf,
     /// The checkout cargo runs in.
     pub src: PathBuf,
     /// `CARGO_TARGET_DIR`; outside the checkout so cleaning the checkout keeps it.
@@ -54,14 +111,18 @@ impl WorkspacePool {
         }
     }
 
-    /// Takes the lowest-numbered idle workspace of a repository. Lower numbers are used most,
-    /// so they are the warmest.
-    pub fn acquire(&self, repo_id: &str) -> Result<Workspace, WorkspaceError> {
+    /// Takes the warmest idle workspace of a repository for a job of `lineage`, in the
+    /// order of [`preference`].
+    pub fn acquire(&self, repo_id: &str, lineage: &Lineage) -> Result<Workspace, WorkspaceError> {
         check_repo_id(repo_id)?;
         let repo_root = self.root.join(repo_id);
         std::fs::create_dir_all(&repo_root)?;
-        for slot in 0..self.per_repo {
-            let dir = repo_root.join(format!("slot-{slot}"));
+        let slot_dir = |slot: usize| repo_root.join(format!("slot-{slot}"));
+        let built: Vec<Option<Built>> = (0..self.per_repo)
+            .map(|slot| read_built(&slot_dir(slot)))
+            .collect();
+        for slot in preference(&built, lineage) {
+            let dir = slot_dir(slot);
             std::fs::create_dir_all(&dir)?;
             let lock = File::options()
                 .create(true)
@@ -75,6 +136,7 @@ impl WorkspacePool {
                         slot,
                         src: dir.join("src"),
                         target: dir.join("target"),
+                        dir,
                         _lock: lock,
                     });
                 }
@@ -89,10 +151,14 @@ impl WorkspacePool {
     /// workspace to be released instead of failing. The agent never runs more jobs than it
     /// has slots, so this waits only for a job that is ending, or for another process that
     /// shares the directory; the job's own timeout and cancellation bound the wait.
-    pub async fn acquire_waiting(&self, repo_id: &str) -> Result<Workspace, WorkspaceError> {
+    pub async fn acquire_waiting(
+        &self,
+        repo_id: &str,
+        lineage: &Lineage,
+    ) -> Result<Workspace, WorkspaceError> {
         let mut pause = Duration::from_millis(20);
         loop {
-            match self.acquire(repo_id) {
+            match self.acquire(repo_id, lineage) {
                 Err(WorkspaceError::Exhausted(count)) => {
                     tracing::debug!("all {count} workspaces busy; waiting for one");
                     tokio::time::sleep(pause).await;
@@ -111,6 +177,13 @@ impl Workspace {
             .parent()
             .and_then(Path::parent)
             .map_or_else(PathBuf::new, Path::to_owned)
+    }
+
+    /// Records that this workspace now holds a checkout of `lineage`, for [`preference`].
+    /// The file's mtime is when.
+    pub fn record_built(&self, lineage: &Lineage) -> std::io::Result<()> {
+        let text = format!("{}\0{}", lineage.worktree, lineage.base_commit);
+        std::fs::write(self.dir.join(BUILT_FILE), text)
     }
 
     /// Whether a previous job left build output here.
@@ -170,26 +243,87 @@ mod tests {
     fn busy_workspaces_are_skipped_and_freed_on_drop() {
         let root = tempfile::tempdir().expect("temp dir");
         let pool = WorkspacePool::new(root.path().to_owned(), 2);
-        let first = pool.acquire("repo").expect("first");
-        let second = pool.acquire("repo").expect("second");
+        let first = pool.acquire("repo", &Lineage::default()).expect("first");
+        let second = pool.acquire("repo", &Lineage::default()).expect("second");
         assert_eq!((first.slot, second.slot), (0, 1));
         assert!(matches!(
-            pool.acquire("repo"),
+            pool.acquire("repo", &Lineage::default()),
             Err(WorkspaceError::Exhausted(2))
         ));
         drop(first);
-        assert_eq!(pool.acquire("repo").expect("freed").slot, 0);
-        assert!(pool.acquire("../escape").is_err());
+        assert_eq!(
+            pool.acquire("repo", &Lineage::default())
+                .expect("freed")
+                .slot,
+            0
+        );
+        assert!(pool.acquire("../escape", &Lineage::default()).is_err());
+    }
+
+    fn lineage(worktree: &str, base_commit: &str) -> Lineage {
+        Lineage {
+            worktree: worktree.to_owned(),
+            base_commit: base_commit.to_owned(),
+        }
+    }
+
+    fn built(worktree: &str, base_commit: &str, secs: u64) -> Option<Built> {
+        Some(Built {
+            lineage: lineage(worktree, base_commit),
+            at: SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+        })
+    }
+
+    #[test]
+    fn the_workspace_of_the_same_worktree_comes_first_then_the_same_base_then_the_oldest() {
+        let slots = [
+            built("/w1", "a", 10),
+            None,
+            built("/w2", "b", 20),
+            built("/w3", "b", 30),
+            built("/w4", "c", 5),
+        ];
+        assert_eq!(preference(&slots, &lineage("/w2", "a")), [2, 0, 1, 4, 3]);
+        // Same base: newest first; then never used, then least recently used.
+        assert_eq!(preference(&slots, &lineage("/new", "b")), [3, 2, 1, 4, 0]);
+        assert_eq!(preference(&slots, &lineage("/new", "z")), [1, 4, 0, 2, 3]);
+        // Unknown lineage (an older coordinator): never used first, then oldest.
+        assert_eq!(preference(&slots, &Lineage::default()), [1, 4, 0, 2, 3]);
+        assert_eq!(preference(&[None, None], &lineage("/w1", "a")), [0, 1]);
+    }
+
+    #[test]
+    fn a_job_takes_the_workspace_that_last_built_its_worktree() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let pool = WorkspacePool::new(root.path().to_owned(), 2);
+        let (w1, w2) = (lineage("/w1", "base-1"), lineage("/w2", "base-2"));
+        let first = pool.acquire("repo", &w1).expect("w1");
+        first.record_built(&w1).expect("record");
+        drop(first);
+        // Another worktree takes the never used slot rather than w1's warm one.
+        let second = pool.acquire("repo", &w2).expect("w2");
+        assert_eq!(second.slot, 1);
+        second.record_built(&w2).expect("record");
+        drop(second);
+        for (lineage, slot) in [(&w1, 0), (&w2, 1), (&w2, 1), (&w1, 0)] {
+            let workspace = pool.acquire("repo", lineage).expect("acquired");
+            assert_eq!(workspace.slot, slot, "{lineage:?}");
+            workspace.record_built(lineage).expect("record");
+        }
+        // Its workspace busy, a job takes the next warmest one.
+        let held = pool.acquire("repo", &w1).expect("w1");
+        assert_eq!(held.slot, 0);
+        assert_eq!(pool.acquire("repo", &w1).expect("other").slot, 1);
     }
 
     #[tokio::test]
     async fn a_busy_pool_makes_the_next_job_wait_for_a_release() {
         let root = tempfile::tempdir().expect("temp dir");
         let pool = WorkspacePool::new(root.path().to_owned(), 1);
-        let held = pool.acquire("repo").expect("first");
+        let held = pool.acquire("repo", &Lineage::default()).expect("first");
         let waiter = tokio::spawn({
             let pool = pool.clone();
-            async move { pool.acquire_waiting("repo").await }
+            async move { pool.acquire_waiting("repo", &Lineage::default()).await }
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(

@@ -44,6 +44,7 @@ struct BuildPoolSection {
     tls_key_file: Option<PathBuf>,
     tls_client_ca_file: Option<PathBuf>,
     log_max_bytes: Option<u64>,
+    affinity: Option<bool>,
     #[serde(default)]
     local_fallback: LocalFallbackSection,
     #[serde(default)]
@@ -102,6 +103,9 @@ pub struct CoordinatorConfig {
     /// How long a job nobody follows (its client went away, or the coordinator restarted)
     /// waits for a client to come back before it is cancelled.
     pub client_grace: Duration,
+    /// Jobs go to the agent whose workspace last built their worktree (default); off, to
+    /// the agent with the most free slots (to measure what affinity saves).
+    pub affinity: bool,
     /// Keep job logs in a directory of this process's own, deleted at shutdown. Set for
     /// in-process coordinators, so two of them (say, two MCP sessions) never share job ids.
     pub private_logs: bool,
@@ -337,6 +341,7 @@ impl CoordinatorConfig {
                 n => n,
             },
             client_grace: secs(pool.timeouts.client_grace_secs, 10, "client_grace_secs")?,
+            affinity: pool.affinity.unwrap_or(true),
             private_logs: false,
         })
     }

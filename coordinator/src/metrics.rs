@@ -55,6 +55,10 @@ pub struct Metrics {
     run_duration: Histograms<KindLabels>,
     fetch_duration: Histogram,
     checkout_duration: Histogram,
+    workspace_wait_duration: Histogram,
+    environment_duration: Histogram,
+    cargo_duration: Histograms<KindLabels>,
+    delivery_duration: Histogram,
     agent_connections: Counter,
     agent_reconnects: Counter,
     declines: Counter,
@@ -113,6 +117,36 @@ impl Metrics {
             Unit::Seconds,
             checkout_duration.clone(),
         );
+        let workspace_wait_duration = seconds_histogram();
+        registry.register_with_unit(
+            "workspace_wait_duration",
+            "Time jobs waited on their agent for a workspace still held by an ending job",
+            Unit::Seconds,
+            workspace_wait_duration.clone(),
+        );
+        let environment_duration = seconds_histogram();
+        registry.register_with_unit(
+            "environment_duration",
+            "Time agents took to choose and prepare a job's environment (the nix dev shell)",
+            Unit::Seconds,
+            environment_duration.clone(),
+        );
+        let cargo_duration: Histograms<KindLabels> =
+            Family::new_with_constructor(seconds_histogram);
+        registry.register_with_unit(
+            "cargo_duration",
+            "Time cargo itself ran on the agent, from spawn until its output was drained",
+            Unit::Seconds,
+            cargo_duration.clone(),
+        );
+        let delivery_duration = seconds_histogram();
+        registry.register_with_unit(
+            "job_delivery_duration",
+            "Time from a job's assignment to its result beyond its run time on the agent: \
+             sending the assignment and the result, and the agent starting the job",
+            Unit::Seconds,
+            delivery_duration.clone(),
+        );
         let agent_connections = Counter::default();
         registry.register(
             "agent_connections",
@@ -146,6 +180,10 @@ impl Metrics {
             run_duration,
             fetch_duration,
             checkout_duration,
+            workspace_wait_duration,
+            environment_duration,
+            cargo_duration,
+            delivery_duration,
             agent_connections,
             agent_reconnects,
             declines,
@@ -161,7 +199,13 @@ impl Metrics {
     }
 
     /// Records a job's end: outcome, its queue and run times, and its agent's phases.
-    pub fn job_finished(&self, kind: JobKind, result: &JobResult) {
+    /// `since_assigned` is the time from its last assignment to its result, when known.
+    pub fn job_finished(
+        &self,
+        kind: JobKind,
+        result: &JobResult,
+        since_assigned: Option<std::time::Duration>,
+    ) {
         let kind_label = [("kind", kind.cargo_subcommand())];
         let completion = &result.completion;
         self.jobs_finished
@@ -184,8 +228,23 @@ impl Metrics {
             // Ended on its agent (not by a coordinator-side backstop): its phases are real.
             self.fetch_duration
                 .observe(completion.phases.fetch.as_secs_f64());
+            let phases = &completion.phases;
             self.checkout_duration
-                .observe(completion.phases.checkout.as_secs_f64());
+                .observe(phases.checkout.as_secs_f64());
+            self.workspace_wait_duration
+                .observe(phases.workspace_wait.as_secs_f64());
+            self.environment_duration
+                .observe(phases.environment.as_secs_f64());
+            self.cargo_duration
+                .get_or_create(&kind_label)
+                .observe(phases.cargo.as_secs_f64());
+            if let Some(since_assigned) = since_assigned {
+                self.delivery_duration.observe(
+                    since_assigned
+                        .saturating_sub(completion.duration)
+                        .as_secs_f64(),
+                );
+            }
         }
     }
 
@@ -317,6 +376,8 @@ mod tests {
                     env: None,
                     phases: AgentPhases {
                         fetch: Duration::from_millis(200),
+                        environment: Duration::from_millis(250),
+                        cargo: Duration::from_millis(2500),
                         ..AgentPhases::default()
                     },
                 },
@@ -325,6 +386,7 @@ mod tests {
                 local: false,
                 queue_time: Duration::from_millis(50),
             },
+            Some(Duration::from_millis(3500)),
         );
         metrics.agent_connected("worker-1");
         metrics.agent_connected("worker-1");
@@ -345,6 +407,10 @@ mod tests {
             "buildpool_job_run_duration_seconds_count{kind=\"test\"} 1",
             "buildpool_job_run_duration_seconds_sum{kind=\"test\"} 3.0",
             "buildpool_snapshot_fetch_duration_seconds_sum 0.2",
+            "buildpool_environment_duration_seconds_sum 0.25",
+            "buildpool_cargo_duration_seconds_sum{kind=\"test\"} 2.5",
+            "buildpool_workspace_wait_duration_seconds_count 1",
+            "buildpool_job_delivery_duration_seconds_sum 0.5",
             "buildpool_agent_connections_total 2",
             "buildpool_agent_reconnects_total 1",
             "buildpool_output_bytes_total 10",

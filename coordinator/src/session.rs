@@ -171,17 +171,22 @@ impl JobClient {
     pub async fn start(&self, spec: JobSpec, force_local: bool) -> Result<JobSession, StartError> {
         buildpool_core::spec::validate(&spec)?;
         let started = Instant::now();
-        let snapshot = crate::snapshot::create(&self.repo)
-            .await
-            .map_err(|e| StartError::Snapshot(e.into()))?;
-        let snapshot_time = started.elapsed();
+        // The snapshot and dialling the coordinator need nothing of each other: at once,
+        // the connection costs the job no time of its own.
+        let snapshot = async {
+            let snapshot = crate::snapshot::create(&self.repo).await;
+            (snapshot, started.elapsed())
+        };
+        let ((snapshot, snapshot_time), route) = tokio::join!(snapshot, self.route(force_local));
+        let snapshot = snapshot.map_err(|e| StartError::Snapshot(e.into()))?;
         let snapshot_note = snapshot.skipped_note();
-        let Route { client, via } = self.route(force_local).await.map_err(StartError::Route)?;
+        let Route { client, via } = route.map_err(StartError::Route)?;
         let submission = Submission {
             spec,
             commit: snapshot.commit,
             git_ref: snapshot.git_ref,
             worktree: self.repo.worktree.display().to_string(),
+            base_commit: snapshot.base_commit.unwrap_or_default(),
         };
         let events = client
             .submit(submission)
@@ -283,7 +288,7 @@ pub struct JobSession {
     snapshot_note: Option<String>,
     started: Instant,
     snapshot_time: Duration,
-    /// Routing and the submit call.
+    /// Routing (what of it outlasted the snapshot, which runs beside it) and the submit call.
     submit_time: Duration,
 }
 

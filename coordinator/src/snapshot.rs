@@ -38,6 +38,8 @@ pub const IGNORE_FILE: &str = ".buildpoolignore";
 pub struct Snapshot {
     pub commit: String,
     pub git_ref: String,
+    /// The snapshot's parent: the worktree's `HEAD`, `None` before the first commit.
+    pub base_commit: Option<String>,
     /// Untracked files left out for their size.
     pub skipped: Vec<SkippedFile>,
 }
@@ -95,7 +97,7 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         .prefix("snapshot-index-")
         .tempfile_in(&state_dir)?;
     let index = temporary.path().to_owned();
-    // Three reads of the repository as it is, at once: each git call costs a process.
+    // Four reads of the repository as it is, at once: each git call costs a process.
     let real_index = repo
         .git()
         .args(["rev-parse", "--path-format=absolute", "--git-path", "index"])
@@ -104,8 +106,20 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         .git()
         .args(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])
         .output();
-    let (real_index, parent, untracked) = tokio::join!(real_index, parent, list_untracked(repo));
+    let has_lockfile = repo.worktree.join(LOCKFILE).is_file();
+    let lockfile_tracked = async {
+        if !has_lockfile {
+            return Ok(String::new());
+        }
+        repo.git()
+            .args(["ls-files", "--cached", "--", LOCKFILE])
+            .output()
+            .await
+    };
+    let (real_index, parent, untracked, lockfile_tracked) =
+        tokio::join!(real_index, parent, list_untracked(repo), lockfile_tracked);
     let (real_index, parent, untracked) = (real_index?, parent.ok(), untracked?);
+    let lockfile_tracked = !lockfile_tracked?.is_empty();
     // Starting from a copy of the real index reuses its stat cache: unchanged files are not
     // re-hashed. A missing index (fresh repository) just means starting empty.
     if tokio::fs::copy(&real_index, &index).await.is_err() {
@@ -122,8 +136,10 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
     let (mut added, skipped) = sort_untracked(repo, &untracked, max_untracked);
     // Library repositories often ignore Cargo.lock, but the developer's lockfile is what
     // their local builds use: without it the agent would resolve other dependency versions
-    // (and spend time doing so). So it travels with the snapshot, ignored or not.
-    if repo.worktree.join(LOCKFILE).is_file() {
+    // (and spend time doing so). So it travels with the snapshot, ignored or not. (A
+    // tracked one is in already: `add --update` took its changes; an untracked one that is
+    // not ignored is among the untracked files.)
+    if has_lockfile && !lockfile_tracked && !added.contains(&LOCKFILE) {
         added.push(LOCKFILE);
     }
     add_paths(repo, &index, &state_dir, &added).await?;
@@ -150,17 +166,19 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         unix_millis(),
         fastrand::u32(..)
     );
-    repo.git()
-        .args(["update-ref", &git_ref, &commit])
-        .output()
-        .await?;
+    // Pruning at the same time: it keeps the newest refs and the one being created is the
+    // newest, so the two never meet, and the snapshot waits for one git call, not two.
+    let created = repo.git().args(["update-ref", &git_ref, &commit]).output();
+    let (created, pruned) = tokio::join!(created, prune(&repo.common_dir));
+    created?;
     drop(temporary);
-    if let Err(error) = prune(&repo.common_dir).await {
+    if let Err(error) = pruned {
         tracing::warn!("pruning old snapshot refs failed: {error}");
     }
     Ok(Snapshot {
         commit,
         git_ref,
+        base_commit: parent,
         skipped,
     })
 }
@@ -473,6 +491,24 @@ mod tests {
             "!! Cargo.lock",
             "still ignored (and untracked) in the worktree"
         );
+    }
+
+    #[tokio::test]
+    async fn a_tracked_lockfile_travels_as_it_is_in_the_worktree() {
+        let dir = fixture().await;
+        let root = dir.path();
+        std::fs::write(root.join("Cargo.lock"), "# committed\n").expect("write");
+        git(root, &["add", "Cargo.lock"]).await;
+        git(
+            root,
+            &["commit", "--quiet", "--no-verify", "-m", "lockfile"],
+        )
+        .await;
+        std::fs::write(root.join("Cargo.lock"), "# edited, not staged\n").expect("write");
+        let repo = Repo::discover(root).await.expect("repo");
+        let snapshot = create(&repo).await.expect("snapshot");
+        let lock = git(root, &["show", &format!("{}:Cargo.lock", snapshot.commit)]).await;
+        assert_eq!(lock, "# edited, not staged");
     }
 
     #[tokio::test]

@@ -112,6 +112,9 @@ pub struct Assignment {
     pub key: AttemptKey,
     pub spec: JobSpec,
     pub source: Source,
+    /// The worktree the snapshot was taken from: the agent runs the job in the workspace
+    /// that last built it, whose `target/` is the warmest for it.
+    pub worktree: String,
 }
 
 /// Every message an agent sends.

@@ -188,6 +188,10 @@ pub struct Source {
     /// The snapshot commit (full object id) and the hidden ref that holds it.
     pub commit: String,
     pub git_ref: String,
+    /// The commit the snapshot was taken on (its parent, the worktree's `HEAD`); empty when
+    /// it has none. Workspaces that built the same base are the next warmest after the
+    /// same worktree's.
+    pub base_commit: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -10,8 +10,10 @@ pub struct Submission {
     /// Snapshot commit and the hidden ref that holds it, in the coordinator's repository.
     pub commit: String,
     pub git_ref: String,
-    /// The worktree the snapshot was taken from, for display.
+    /// The worktree the snapshot was taken from, for display and workspace affinity.
     pub worktree: String,
+    /// The snapshot's parent commit (the worktree's `HEAD`); empty when it has none.
+    pub base_commit: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

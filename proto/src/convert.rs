@@ -199,6 +199,7 @@ impl From<Source> for crate::Source {
             git_port: source.git_port.map_or(0, u32::from),
             commit: source.commit,
             git_ref: source.git_ref,
+            base_commit: source.base_commit,
         }
     }
 }
@@ -220,6 +221,7 @@ impl TryFrom<crate::Source> for Source {
             git_port,
             commit: source.commit,
             git_ref: source.git_ref,
+            base_commit: source.base_commit,
         })
     }
 }
@@ -612,6 +614,7 @@ impl From<CoordinatorMessage> for coordinator_frame::Msg {
                     key: Some(assignment.key.into()),
                     spec: Some(assignment.spec.into()),
                     source: Some(assignment.source.into()),
+                    worktree: assignment.worktree,
                 })
             }
             CoordinatorMessage::Cancel(key) => coordinator_frame::Msg::Cancel(crate::Cancel {
@@ -658,6 +661,7 @@ impl TryFrom<coordinator_frame::Msg> for CoordinatorMessage {
                         key,
                         spec: required(assign.spec, "job spec")?.try_into()?,
                         source: required(assign.source, "source")?.try_into()?,
+                        worktree: assign.worktree,
                     })
                 })();
                 CoordinatorMessage::Assign(assignment.map_err(|error| DecodeError::Assignment {
@@ -765,12 +769,14 @@ impl From<Submission> for crate::SubmitRequest {
             commit,
             git_ref,
             worktree,
+            base_commit,
         } = submission;
         Self {
             spec: Some(spec.into()),
             commit,
             git_ref,
             worktree,
+            base_commit,
         }
     }
 }
@@ -784,6 +790,7 @@ impl TryFrom<crate::SubmitRequest> for Submission {
             commit,
             git_ref,
             worktree,
+            base_commit,
             ..
         } = request;
         Ok(Self {
@@ -791,6 +798,7 @@ impl TryFrom<crate::SubmitRequest> for Submission {
             commit,
             git_ref,
             worktree,
+            base_commit,
         })
     }
 }
@@ -1057,7 +1065,9 @@ mod tests {
                     git_port: Some(9418),
                     commit: "c".into(),
                     git_ref: "refs/x".into(),
+                    base_commit: "b".into(),
                 },
+                worktree: "/home/dev/repo".into(),
             }));
         }
         round_trip_coordinator(CoordinatorMessage::Reject(Reject {
@@ -1075,6 +1085,7 @@ mod tests {
             key: Some(AttemptKey::new(1, 1).into()),
             spec: None,
             source: Some(crate::Source::default()),
+            worktree: String::new(),
         });
         assert_eq!(
             CoordinatorMessage::try_from(no_spec),

@@ -123,7 +123,9 @@ mod properties {
                 git_port: Some(9418),
                 commit: "0".repeat(40),
                 git_ref: "refs/buildpool/snapshots/x".into(),
+                base_commit: "1".repeat(40),
             },
+            worktree: "/home/dev/repo".into(),
         });
         let finished = AgentMessage::Finished {
             key,

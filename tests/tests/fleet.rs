@@ -384,3 +384,51 @@ fn a_late_result_from_a_frozen_agents_superseded_attempt_is_ignored() {
         coordinator.log_text()
     );
 }
+
+/// The agent a `buildpool run` job ran on, from its "running on AGENT" note.
+fn ran_on(run: &RunOutput) -> String {
+    run.stderr
+        .lines()
+        .find_map(|line| Some(line.split_once(" running on ")?.1.split_once(" (")?.0))
+        .unwrap_or_else(|| panic!("no 'running on' note in {run}"))
+        .to_owned()
+}
+
+#[test]
+fn jobs_of_a_worktree_return_to_the_agent_that_built_it_last() {
+    let cluster = cluster(2, &ServeOptions::default());
+    let fixture = &cluster.fixture;
+    let other = fixture.add_worktree("other").expect("worktree");
+    // A commit of its own: the other worktree shares no base commit with the main one.
+    let other_dir = other.to_str().expect("utf-8 path");
+    fixture
+        .git(&[
+            "-C",
+            other_dir,
+            "commit",
+            "--quiet",
+            "--allow-empty",
+            "-m",
+            "other",
+        ])
+        .expect("commit");
+    let check_in = |dir: &std::path::Path| -> RunOutput {
+        let run: RunOutput = fixture
+            .command_in(dir, &["run", "check"])
+            .output()
+            .expect("runs")
+            .into();
+        assert_eq!(run.code, Some(0), "{run}");
+        run
+    };
+    let main_agent = ran_on(&check_in(&fixture.root()));
+    // Both agents idle: the other worktree takes the agent with a never used workspace,
+    // not the main worktree's, and comes back to it; so does the main worktree.
+    let first = ran_on(&check_in(&other));
+    assert_ne!(first, main_agent);
+    let lib = other.join("app/src/lib.rs");
+    let text = std::fs::read_to_string(&lib).expect("read");
+    std::fs::write(&lib, format!("{text}\n// changed\n")).expect("edit");
+    assert_eq!(ran_on(&check_in(&other)), first);
+    assert_eq!(ran_on(&check_in(&fixture.root())), main_agent);
+}

@@ -68,6 +68,13 @@ fn metrics_of_coordinator_and_agent_count_a_real_job() {
         ),
         ("buildpool_snapshot_fetch_duration_seconds_count", 1.0),
         ("buildpool_checkout_duration_seconds_count", 1.0),
+        ("buildpool_workspace_wait_duration_seconds_count", 1.0),
+        ("buildpool_environment_duration_seconds_count", 1.0),
+        (
+            "buildpool_cargo_duration_seconds_count{kind=\"build\"}",
+            1.0,
+        ),
+        ("buildpool_job_delivery_duration_seconds_count", 1.0),
         ("buildpool_jobs_queued", 0.0),
         ("buildpool_jobs_running", 0.0),
         ("buildpool_agents_connected", 1.0),
@@ -89,6 +96,10 @@ fn metrics_of_coordinator_and_agent_count_a_real_job() {
     );
     assert!(
         positive("buildpool_job_run_duration_seconds_sum{kind=\"build\"}"),
+        "{text}"
+    );
+    assert!(
+        positive("buildpool_cargo_duration_seconds_sum{kind=\"build\"}"),
         "{text}"
     );
     promtool_accepts(&text);

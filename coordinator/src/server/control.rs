@@ -129,11 +129,17 @@ impl Control for ControlService {
             commit,
             git_ref,
             worktree,
+            base_commit,
         } = Submission::try_from(request.into_inner()).map_err(|e| invalid(&e))?;
         buildpool_core::spec::validate(&spec)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !buildpool_core::git::is_object_id(&commit) {
             return Err(Status::invalid_argument("commit must be a full object id"));
+        }
+        if !base_commit.is_empty() && !buildpool_core::git::is_object_id(&base_commit) {
+            return Err(Status::invalid_argument(
+                "base_commit must be empty or a full object id",
+            ));
         }
         if !git_ref.starts_with(SNAPSHOT_REF_PREFIX) {
             return Err(Status::invalid_argument(format!(
@@ -161,6 +167,7 @@ impl Control for ControlService {
                 commit: commit.clone(),
                 git_ref: git_ref.clone(),
                 worktree: worktree.clone(),
+                base_commit: base_commit.clone(),
             };
             store.submitted(job_id, submission, submitted_unix_ms, log.path());
             store
@@ -169,7 +176,7 @@ impl Control for ControlService {
                 .map_err(|e| Status::unavailable(format!("cannot store the job: {e}")))?;
         }
         let job = ActiveJob::queued(log, git_ref.clone(), origin);
-        let source = shared.source(commit, git_ref);
+        let source = shared.source(commit, git_ref, base_commit);
         let phase = job.phase.subscribe();
         shared.state().jobs.insert(job_id, Arc::clone(&job));
         tracing::info!(job_id, kind = %spec.kind, %worktree, "job submitted");
@@ -541,7 +548,14 @@ async fn clean_up_when_finished(
     job: Arc<ActiveJob>,
     mut phase: watch::Receiver<JobEvent>,
 ) {
-    while !matches!(*phase.borrow_and_update(), JobEvent::Finished(_)) {
+    // When the current attempt was assigned, as this task saw it (for the delivery metric).
+    let mut assigned_at = None;
+    loop {
+        match &*phase.borrow_and_update() {
+            JobEvent::Finished(_) => break,
+            JobEvent::Assigned { .. } => assigned_at = Some(Instant::now()),
+            _ => {}
+        }
         tokio::select! {
             changed = phase.changed() => if changed.is_err() { break },
             // Not finished when the coordinator stops: snapshot pruning removes the ref later.
@@ -554,7 +568,10 @@ async fn clean_up_when_finished(
     };
     if let Some(result) = ended {
         // Recorded here, by the job's own task: the dispatch path does no more than before.
-        shared.metrics.job_finished(job.origin.kind, &result);
+        let since_assigned = assigned_at.map(|at: Instant| at.elapsed());
+        shared
+            .metrics
+            .job_finished(job.origin.kind, &result, since_assigned);
         let finished =
             super::history::FinishedJob::new(job_id, &job.origin, &result, unix_millis());
         shared.history.record(finished);

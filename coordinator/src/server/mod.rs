@@ -269,13 +269,19 @@ impl Shared {
     }
 
     /// Where agents fetch the snapshot `commit` held by `git_ref` of this repository.
-    pub fn source(&self, commit: String, git_ref: String) -> buildpool_core::Source {
+    pub fn source(
+        &self,
+        commit: String,
+        git_ref: String,
+        base_commit: String,
+    ) -> buildpool_core::Source {
         buildpool_core::Source {
             repo_id: self.repo.id.clone(),
             git_path: self.git_path.clone(),
             git_port: self.git_daemon_port.filter(|_| self.direct_git),
             commit,
             git_ref,
+            base_commit,
         }
     }
 
@@ -488,6 +494,7 @@ impl Coordinator {
             reattach_grace: config.reattach_grace,
             unroutable_wait: config.unroutable_wait,
             max_lost_attempts: config.max_lost_attempts,
+            affinity: config.affinity,
             ..SchedulerConfig::default()
         });
         let websocket_addr = websocket
@@ -698,7 +705,11 @@ async fn restore(shared: &Arc<Shared>, unfinished: Vec<store::StoredJob>) {
         control::adopt(shared, job_id, &job);
         restored.push(scheduler::RestoredJob {
             job_id,
-            source: shared.source(submission.commit, submission.git_ref),
+            source: shared.source(
+                submission.commit,
+                submission.git_ref,
+                submission.base_commit,
+            ),
             spec: submission.spec,
             worktree: submission.worktree,
             submitted_unix_ms: stored.submitted_unix_ms,

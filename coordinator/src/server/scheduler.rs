@@ -5,6 +5,7 @@
 //! the fencing rule easy to see: a job's output and result are accepted only from the
 //! connection that holds its current attempt.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,9 @@ pub struct SchedulerConfig {
     pub reattach_grace: Duration,
     /// How long a job that no connected agent could run waits before it fails.
     pub unroutable_wait: Duration,
+    /// Send a job to the agent whose workspace last built its worktree (or its base
+    /// commit). Off, jobs go to the agent with the most free slots (for comparisons).
+    pub affinity: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -61,6 +65,7 @@ impl Default for SchedulerConfig {
             default_timeout: Duration::from_secs(300),
             reattach_grace: Duration::from_secs(15),
             unroutable_wait: Duration::from_secs(60),
+            affinity: true,
         }
     }
 }
@@ -102,6 +107,110 @@ struct Agent {
     running: u32,
     /// Last demand sent to this agent.
     demand_sent: Option<u32>,
+    /// What its workspaces of this repository last built, as far as we know.
+    workspaces: Workspaces,
+}
+
+/// A model of one agent's workspaces of this repository: what each last built (the agent
+/// keeps one per slot and runs a job in the one that last built its worktree, else its
+/// base commit, else the least recently used), so the scheduler can send a job where its
+/// `target/` is warm. At most one entry per slot; the agent's own choice is the truth, this
+/// is the best guess that needs no word from it.
+#[derive(Debug, Clone, Default)]
+struct Workspaces {
+    built: Vec<Built>,
+}
+
+#[derive(Debug, Clone)]
+struct Built {
+    worktree: String,
+    base_commit: String,
+    /// The scheduler's assignment sequence number when it was last used: higher is newer.
+    last_used: u64,
+}
+
+/// How warm an agent's workspaces are for one job; the greatest wins. Variants are in
+/// ascending order of preference (the derived order compares them first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Warmth {
+    /// Nothing related built there: its least recently used workspace is taken, and the
+    /// older that is (a never used slot is oldest of all) the less warm work it throws away.
+    Cold(Reverse<u64>),
+    /// A workspace built the same base commit, most recently at this sequence number.
+    SameBase(u64),
+    /// A workspace built this worktree, most recently at this sequence number.
+    SameWorktree(u64),
+}
+
+impl Workspaces {
+    /// The workspace a job of `worktree` on `base_commit` reuses, and how warm it is for
+    /// it: the one of the same worktree, else the newest of the same base commit.
+    fn nearest(&self, worktree: &str, base_commit: &str) -> Option<(usize, Warmth)> {
+        let newest = |matches: &dyn Fn(&Built) -> bool| {
+            self.built
+                .iter()
+                .enumerate()
+                .filter(|(_, built)| matches(built))
+                .max_by_key(|(_, built)| built.last_used)
+                .map(|(index, built)| (index, built.last_used))
+        };
+        if let Some((index, used)) =
+            newest(&|built| !worktree.is_empty() && built.worktree == worktree)
+        {
+            return Some((index, Warmth::SameWorktree(used)));
+        }
+        newest(&|built| !base_commit.is_empty() && built.base_commit == base_commit)
+            .map(|(index, used)| (index, Warmth::SameBase(used)))
+    }
+
+    fn warmth(&self, slots: u32, worktree: &str, base_commit: &str) -> Warmth {
+        self.nearest(worktree, base_commit)
+            .map(|(_, warmth)| warmth)
+            .unwrap_or_else(|| {
+                let oldest = self.least_recent(slots);
+                Warmth::Cold(Reverse(oldest.map_or(0, |index| {
+                    self.built.get(index).map_or(0, |built| built.last_used)
+                })))
+            })
+    }
+
+    /// The entry the next cold job replaces: `None` while a slot never used is left.
+    fn least_recent(&self, slots: u32) -> Option<usize> {
+        if self.built.len() < usize::try_from(slots).unwrap_or(usize::MAX) {
+            return None;
+        }
+        self.built
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, built)| built.last_used)
+            .map(|(index, _)| index)
+    }
+
+    /// A job of `worktree` on `base_commit` was sent there at sequence number `now`: it
+    /// takes the workspace the agent picks by the same rule, [`Workspaces::nearest`], else
+    /// the least recently used one.
+    fn record(&mut self, slots: u32, worktree: &str, base_commit: &str, now: u64) {
+        let built = Built {
+            worktree: worktree.to_owned(),
+            base_commit: base_commit.to_owned(),
+            last_used: now,
+        };
+        let same = self.nearest(worktree, base_commit).map(|(index, _)| index);
+        match same.or_else(|| self.least_recent(slots)) {
+            Some(index) => {
+                if let Some(entry) = self.built.get_mut(index) {
+                    *entry = built;
+                }
+            }
+            None => self.built.push(built),
+        }
+        // A slot count that shrank leaves no more entries than slots.
+        while self.built.len() > usize::try_from(slots.max(1)).unwrap_or(usize::MAX) {
+            if let Some(index) = self.least_recent(0) {
+                self.built.swap_remove(index);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,8 +271,17 @@ pub struct Scheduler {
     /// the queue is empty, the only ones a demand update has to visit, so an idle fleet of
     /// thousands costs nothing per job.
     demand_unsettled: BTreeSet<ConnId>,
+    /// The workspace models of agents that disconnected, by agent id, taken back when they
+    /// reconnect: their workspaces outlive the connection.
+    departed: HashMap<String, Workspaces>,
+    /// Assignments made so far: the clock of workspace recency.
+    assignments: u64,
     counters: Counters,
 }
+
+/// Departed agents whose workspace models are kept; beyond it they are forgotten, which
+/// costs those agents only their next job's affinity.
+const MAX_DEPARTED: usize = 4096;
 
 /// Events only the scheduler sees, counted since it started (for metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -205,6 +323,10 @@ impl Scheduler {
             actions.push(Action::Close { conn: old });
             actions.extend(self.orphan_jobs_of(old, now));
         }
+        let workspaces = self
+            .departed
+            .remove(&registration.agent_id)
+            .unwrap_or_default();
         let free = registration.slots_free.min(registration.slots_total);
         let agent_id = registration.agent_id.clone();
         if !registration.local {
@@ -217,6 +339,7 @@ impl Scheduler {
                 free,
                 running: 0,
                 demand_sent: None,
+                workspaces,
             },
         );
         for report in reports {
@@ -265,10 +388,17 @@ impl Scheduler {
     }
 
     fn orphan_jobs_of(&mut self, conn: ConnId, now: Instant) -> Vec<Action> {
-        let Some(agent) = self.agents.remove(&conn) else {
+        let Some(mut agent) = self.agents.remove(&conn) else {
             return Vec::new();
         };
         self.demand_unsettled.remove(&conn);
+        if self.departed.len() >= MAX_DEPARTED {
+            self.departed.clear();
+        }
+        self.departed.insert(
+            agent.registration.agent_id.clone(),
+            std::mem::take(&mut agent.workspaces),
+        );
         let mut actions = Vec::new();
         let mut held: Vec<JobId> = self
             .jobs
@@ -782,8 +912,25 @@ impl Scheduler {
         }
     }
 
-    /// Assigns queued jobs, first come first served, to the eligible agent with the most free
-    /// slots.
+    /// The agent for `job` among those with a free slot: with affinity the warmest (see
+    /// [`Warmth`]), then the one with the most free slots.
+    fn pick(&self, job: &Job, remote: bool) -> Option<ConnId> {
+        let base_commit = &job.source.base_commit;
+        self.agents
+            .iter()
+            .filter(|(_, agent)| agent.free > 0 && self.eligible(agent, job, remote))
+            .max_by_key(|(conn, agent)| {
+                let warmth = self.config.affinity.then(|| {
+                    let slots = agent.registration.slots_total;
+                    agent.workspaces.warmth(slots, &job.worktree, base_commit)
+                });
+                (warmth, agent.free, Reverse(**conn))
+            })
+            .map(|(conn, _)| *conn)
+    }
+
+    /// Assigns queued jobs, first come first served, each to the agent [`Scheduler::pick`]
+    /// chooses.
     fn dispatch(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         let remote = self.remote_available();
@@ -794,13 +941,7 @@ impl Scheduler {
                 self.queue.remove(index);
                 continue;
             };
-            let choice = self
-                .agents
-                .iter()
-                .filter(|(_, agent)| agent.free > 0 && self.eligible(agent, job, remote))
-                .max_by_key(|(conn, agent)| (agent.free, std::cmp::Reverse(**conn)))
-                .map(|(conn, _)| *conn);
-            let Some(conn) = choice else {
+            let Some(conn) = self.pick(job, remote) else {
                 index += 1;
                 continue;
             };
@@ -813,6 +954,14 @@ impl Scheduler {
             let Some(job) = self.jobs.get_mut(&job_id) else {
                 continue;
             };
+            self.assignments += 1;
+            let slots = agent.registration.slots_total;
+            agent.workspaces.record(
+                slots,
+                &job.worktree,
+                &job.source.base_commit,
+                self.assignments,
+            );
             job.attempt += 1;
             job.first_assigned.get_or_insert(now);
             job.state = JobState::Running {
@@ -835,6 +984,7 @@ impl Scheduler {
                     key: AttemptKey::new(job_id, job.attempt),
                     spec: job.spec.clone(),
                     source: job.source.clone(),
+                    worktree: job.worktree.clone(),
                 },
             });
         }

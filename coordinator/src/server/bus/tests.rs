@@ -53,6 +53,7 @@ impl Bus {
             unroutable_wait: Duration::from_secs(60),
             max_lost_attempts: 3,
             client_grace: Duration::from_secs(10),
+            affinity: true,
             private_logs: false,
         };
         let shared = Arc::new(Shared {
@@ -184,6 +185,7 @@ impl Bus {
             git_port: None,
             commit: "0".repeat(40),
             git_ref: "refs/buildpool/snapshots/test".into(),
+            base_commit: String::new(),
         };
         let spec = JobSpec::new(JobKind::Check);
         let now = Instant::now();

@@ -28,6 +28,7 @@ fn source() -> Source {
         git_port: None,
         commit: "0".repeat(40),
         git_ref: "refs/buildpool/snapshots/x".into(),
+        base_commit: String::new(),
     }
 }
 
@@ -643,4 +644,120 @@ fn after_a_restart_queued_jobs_queue_in_order_and_running_ones_wait_for_their_ag
     assert_eq!(assigns(&actions), [], "job 4 still waits for its agent");
     let actions = scheduler.tick(now + Duration::from_secs(16));
     assert_eq!(assigns(&actions), [(1, 4, 2)], "{actions:?}");
+}
+
+/// Submits job `job_id` from `worktree` on `base_commit`, returns the connection it went to.
+fn submit_from(
+    scheduler: &mut Scheduler,
+    job_id: JobId,
+    worktree: &str,
+    base_commit: &str,
+    now: Instant,
+) -> Option<ConnId> {
+    let source = Source {
+        base_commit: base_commit.to_owned(),
+        ..source()
+    };
+    let actions = scheduler.submit(job_id, spec(), source, worktree.to_owned(), now, 0);
+    let placed = assigns(&actions);
+    placed.first().map(|(conn, _, _)| *conn)
+}
+
+/// Ends attempt 1 of `job_id` on `conn`, whose agent then offers all `slots` again.
+fn end_job(scheduler: &mut Scheduler, conn: ConnId, job_id: JobId, slots: u32, now: Instant) {
+    scheduler.finished(conn, key(job_id, 1), exited(0), now);
+    scheduler.slots_changed(conn, slots, slots, false, now);
+}
+
+#[test]
+fn a_job_goes_to_the_agent_whose_workspace_last_built_its_worktree() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::default();
+    scheduler.agent_connected(1, registration("a", 2, false), &[], now);
+    scheduler.agent_connected(2, registration("b", 2, false), &[], now);
+    // Both idle and cold: the first job takes a's never used slot, so does the second
+    // worktree's; the third finds a's slots both used and b's never used.
+    assert_eq!(submit_from(&mut scheduler, 1, "/w1", "", now), Some(1));
+    end_job(&mut scheduler, 1, 1, 2, now);
+    assert_eq!(submit_from(&mut scheduler, 2, "/w2", "", now), Some(1));
+    end_job(&mut scheduler, 1, 2, 2, now);
+    assert_eq!(submit_from(&mut scheduler, 3, "/w3", "", now), Some(2));
+    end_job(&mut scheduler, 2, 3, 2, now);
+    // Each worktree comes back to the agent that built it, whichever has more free slots.
+    for (job_id, worktree, agent) in [(4, "/w3", 2), (5, "/w1", 1), (6, "/w2", 1), (7, "/w3", 2)] {
+        assert_eq!(
+            submit_from(&mut scheduler, job_id, worktree, "", now),
+            Some(agent),
+            "{worktree}"
+        );
+        end_job(&mut scheduler, agent, job_id, 2, now);
+    }
+    // While /w1's agent has a free slot, a second job of /w1 goes there too.
+    assert_eq!(submit_from(&mut scheduler, 8, "/w1", "", now), Some(1));
+    assert_eq!(submit_from(&mut scheduler, 9, "/w1", "", now), Some(1));
+    // Its agent full, the next one takes the other agent's least recently used slot.
+    assert_eq!(submit_from(&mut scheduler, 10, "/w1", "", now), Some(2));
+}
+
+#[test]
+fn without_the_same_worktree_the_same_base_commit_wins_then_the_least_recently_used() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::default();
+    scheduler.agent_connected(1, registration("a", 1, false), &[], now);
+    scheduler.agent_connected(2, registration("b", 1, false), &[], now);
+    assert_eq!(
+        submit_from(&mut scheduler, 1, "/w1", "base-x", now),
+        Some(1)
+    );
+    end_job(&mut scheduler, 1, 1, 1, now);
+    assert_eq!(
+        submit_from(&mut scheduler, 2, "/w2", "base-y", now),
+        Some(2)
+    );
+    end_job(&mut scheduler, 2, 2, 1, now);
+    // A new worktree on base y: b's workspace is the nearest snapshot.
+    assert_eq!(
+        submit_from(&mut scheduler, 3, "/w3", "base-y", now),
+        Some(2)
+    );
+    end_job(&mut scheduler, 2, 3, 1, now);
+    // Unrelated: a's workspace was used least recently.
+    assert_eq!(
+        submit_from(&mut scheduler, 4, "/w4", "base-z", now),
+        Some(1)
+    );
+}
+
+#[test]
+fn an_agent_keeps_its_affinity_across_a_reconnect() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::default();
+    scheduler.agent_connected(1, registration("a", 1, false), &[], now);
+    scheduler.agent_connected(2, registration("b", 1, false), &[], now);
+    assert_eq!(submit_from(&mut scheduler, 1, "/w1", "", now), Some(1));
+    assert_eq!(submit_from(&mut scheduler, 2, "/w2", "", now), Some(2));
+    end_job(&mut scheduler, 1, 1, 1, now);
+    end_job(&mut scheduler, 2, 2, 1, now);
+    scheduler.agent_disconnected(2, now);
+    scheduler.agent_connected(3, registration("b", 1, false), &[], now);
+    // b's workspace still holds /w2, newer than a's /w1: an unrelated job takes a's.
+    assert_eq!(submit_from(&mut scheduler, 3, "/w3", "", now), Some(1));
+}
+
+#[test]
+fn with_affinity_off_jobs_go_to_the_agent_with_most_free_slots() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::new(SchedulerConfig {
+        affinity: false,
+        ..SchedulerConfig::default()
+    });
+    scheduler.agent_connected(1, registration("a", 2, false), &[], now);
+    scheduler.agent_connected(2, registration("b", 2, false), &[], now);
+    for (job_id, worktree) in [(1, "/w1"), (2, "/w2"), (3, "/w3"), (4, "/w2")] {
+        assert_eq!(
+            submit_from(&mut scheduler, job_id, worktree, "", now),
+            Some(1)
+        );
+        end_job(&mut scheduler, 1, job_id, 2, now);
+    }
 }

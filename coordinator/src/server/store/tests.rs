@@ -12,6 +12,7 @@ fn submission(n: u32) -> Submission {
         commit: "a".repeat(40),
         git_ref: format!("refs/buildpool/snapshots/{n}"),
         worktree: "/w".to_owned(),
+        base_commit: "b".repeat(40),
     }
 }
 

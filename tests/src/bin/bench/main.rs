@@ -19,6 +19,10 @@
 //! against a local cold one, and a one-line change through the pool against a local
 //! incremental run.
 //!
+//! `affinity` (affinity.rs) compares the coordinator's workspace affinity on and off: two
+//! agents, four worktrees on branches of their own taking turns, warm hits and the median
+//! cargo phase.
+//!
 //! `scale` (scale.rs) runs simulated agents on real job bus connections against one
 //! `buildpool serve` and submits jobs through the control API from concurrent clients:
 //! jobs per second, submit-to-assign latency, the coordinator's RSS and CPU. `--idle` (or
@@ -42,7 +46,9 @@
 //! [--connections N] [--plain]`, `... -- scale --agents 10000 --idle`,
 //! `... --bin bench -- growth [ROUNDS]`, `... -- hook [ROUNDS]`, `... -- sccache` or
 //! `... -- soak [--agents 3] [--jobs 24] [--clients 4] [--chaos coordinator,agent,cut,stop]`
+//! `... --bin bench -- affinity [ROUNDS]`
 
+mod affinity;
 mod growth;
 mod hook;
 mod scale;
@@ -157,6 +163,49 @@ fn edit(fixture: &Fixture, round: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The phases of `buildpool run -v` jobs, sample by sample.
+#[derive(Debug, Default)]
+struct PhaseSamples(std::collections::BTreeMap<usize, (String, Vec<Duration>)>);
+
+impl PhaseSamples {
+    /// Adds the phases of one job from its stderr's timings line.
+    fn add(&mut self, stderr: &str) -> anyhow::Result<()> {
+        // "[buildpool] timings: snapshot 9 ms, submit 2 ms, ..."
+        let line = stderr
+            .lines()
+            .find_map(|line| line.strip_prefix("[buildpool] timings: "))
+            .context("no timings line")?;
+        for (index, part) in line.split(", ").enumerate() {
+            let (name, value) = part.split_once(' ').context("phase")?;
+            let ms: u64 = value.trim_end_matches(" ms").parse()?;
+            let entry = self
+                .0
+                .entry(index)
+                .or_insert_with(|| (name.to_owned(), Vec::new()));
+            entry.1.push(Duration::from_millis(ms));
+        }
+        Ok(())
+    }
+
+    /// The median of one phase.
+    fn median_of(&self, phase: &str) -> Option<Duration> {
+        self.0
+            .values()
+            .find(|(name, _)| name == phase)
+            .map(|(_, samples)| median(samples.clone()))
+    }
+
+    /// "snapshot 9, submit 2, ...": each phase's median in ms.
+    fn medians(&self) -> String {
+        let parts: Vec<String> = self
+            .0
+            .values()
+            .map(|(name, samples)| format!("{name} {:.0}", ms(median(samples.clone()))))
+            .collect();
+        parts.join(", ")
+    }
+}
+
 /// What [`incremental`] measured.
 struct Incremental {
     first_line: Duration,
@@ -197,8 +246,7 @@ fn incremental(cluster: &Cluster, rounds: usize, label: &str) -> anyhow::Result<
     }
 
     let (mut remote, mut local) = (Vec::new(), Vec::new());
-    let mut phases: std::collections::BTreeMap<usize, (String, Vec<Duration>)> =
-        std::collections::BTreeMap::new();
+    let mut phases = PhaseSamples::default();
     for round in 1..=rounds {
         local.push(local_build(round)?);
         edit(fixture, round)?;
@@ -208,20 +256,7 @@ fn incremental(cluster: &Cluster, rounds: usize, label: &str) -> anyhow::Result<
             bail!("remote build failed: {out}");
         }
         remote.push(started.elapsed());
-        // "[buildpool] timings: snapshot 9 ms, submit 2 ms, ..."
-        let line = out
-            .stderr
-            .lines()
-            .find_map(|line| line.strip_prefix("[buildpool] timings: "))
-            .context("no timings line")?;
-        for (index, part) in line.split(", ").enumerate() {
-            let (name, value) = part.split_once(' ').context("phase")?;
-            let ms: u64 = value.trim_end_matches(" ms").parse()?;
-            let entry = phases
-                .entry(index)
-                .or_insert_with(|| (name.to_owned(), Vec::new()));
-            entry.1.push(Duration::from_millis(ms));
-        }
+        phases.add(&out.stderr)?;
     }
 
     println!("{label}: {rounds} rounds, 1 agent with 1 slot on this host");
@@ -239,13 +274,9 @@ fn incremental(cluster: &Cluster, rounds: usize, label: &str) -> anyhow::Result<
     );
     let ratio = remote_median.as_secs_f64() / local_median.as_secs_f64();
     println!("ratio remote/local: {ratio:.2}");
-    let breakdown: Vec<String> = phases
-        .values()
-        .map(|(name, samples)| format!("{name} {:.0}", ms(median(samples.clone()))))
-        .collect();
     println!(
         "remote incremental build, median ms per phase (run -v): {}",
-        breakdown.join(", ")
+        phases.medians()
     );
     Ok(Incremental { first_line, ratio })
 }
@@ -264,6 +295,10 @@ fn main() -> anyhow::Result<()> {
         let name = args.get(1).context("bench crate NAME [ROUNDS]")?.clone();
         let rounds = args.get(2).map(|n| n.parse()).transpose()?.unwrap_or(3);
         return real_crate(&name, rounds);
+    }
+    if args.first().is_some_and(|arg| arg == "affinity") {
+        let rounds = args.get(1).map(|n| n.parse()).transpose()?.unwrap_or(3);
+        return affinity::run(rounds);
     }
     if args.first().is_some_and(|arg| arg == "scale") {
         return scale::run(&args[1..]);
@@ -581,43 +616,66 @@ fn timed_command(mut command: Command) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
+/// `buildpool run -v test` in `dir`: its wall time and stderr (notes and timings).
+fn pool_test(fixture: &Fixture, dir: &Path) -> anyhow::Result<(Duration, String)> {
+    let mut command = fixture.command_in(dir, &["run", "-v", "test"]);
+    command.env("CARGO_TERM_COLOR", "never");
+    let started = Instant::now();
+    let output = command.output()?;
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    if !output.status.success() {
+        bail!("buildpool run test in {} failed: {stderr}", dir.display());
+    }
+    Ok((elapsed, stderr))
+}
+
+/// `cargo test --quiet` in `dir`, timed, with the worktree's own target dir as a developer
+/// has it (not one the benchmark's environment may name).
+fn local_test(dir: &Path) -> anyhow::Result<Duration> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut command = Command::new(cargo);
+    command
+        .args(["test", "--quiet"])
+        .current_dir(dir)
+        .env_remove("CARGO_TARGET_DIR");
+    timed_command(command)
+}
+
+/// Appends a comment line to `dir`'s `src/lib.rs` (its text as committed is `original`).
+fn one_line_change(dir: &Path, original: &str, line: &str) -> anyhow::Result<()> {
+    std::fs::write(dir.join("src/lib.rs"), format!("{original}\n// {line}\n"))?;
+    Ok(())
+}
+
 fn real_crate(name: &str, rounds: usize) -> anyhow::Result<()> {
     let source = crate_source(name)?;
-    let cluster = Cluster::start(Fixture::from_source(&source)?, 1, 1)?;
+    let cluster = Cluster::start(Fixture::from_source(&source)?, 1, 2)?;
     let fixture = &cluster.fixture;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let pool_test = |dir: &Path| {
-        let mut command = fixture.command_in(dir, &["run", "test"]);
-        command.env("CARGO_TERM_COLOR", "never");
-        timed_command(command)
-    };
-    let local_test = |dir: &Path| {
-        let mut command = Command::new(&cargo);
-        command.args(["test", "--quiet"]).current_dir(dir);
-        timed_command(command)
-    };
 
     // The agent builds the crate once, from the main worktree.
-    let warm_up = pool_test(&fixture.root())?;
+    let (warm_up, _) = pool_test(fixture, &fixture.root())?;
     // A fresh worktree: its first test run locally (cold target dir) and through the pool.
     let fresh = fixture.add_worktree("fresh")?;
     let local_cold = local_test(&fresh)?;
     let other = fixture.add_worktree("other")?;
-    let pool_fresh = pool_test(&other)?;
+    let (pool_fresh, _) = pool_test(fixture, &other)?;
 
     // One-line changes in the fresh worktree: local incremental against the pool.
-    let lib = fresh.join("src/lib.rs");
-    let original = std::fs::read_to_string(&lib)?;
+    let original = std::fs::read_to_string(fresh.join("src/lib.rs"))?;
     let (mut local, mut pool) = (Vec::new(), Vec::new());
+    let mut phases = PhaseSamples::default();
     for round in 1..=rounds {
-        std::fs::write(&lib, format!("{original}\n// round {round}\n"))?;
+        one_line_change(&fresh, &original, &format!("round {round}"))?;
         local.push(local_test(&fresh)?);
-        std::fs::write(&lib, format!("{original}\n// round {round} (pool)\n"))?;
-        pool.push(pool_test(&fresh)?);
+        one_line_change(&fresh, &original, &format!("round {round} (pool)"))?;
+        let (elapsed, stderr) = pool_test(fixture, &fresh)?;
+        pool.push(elapsed);
+        phases.add(&stderr)?;
     }
 
     println!(
-        "buildpool real-crate benchmark: {} (1 agent, 1 slot, this host)",
+        "buildpool real-crate benchmark: {} (1 agent, 2 slots, this host)",
         source.file_name().and_then(|n| n.to_str()).unwrap_or(name)
     );
     println!(
@@ -634,6 +692,60 @@ fn real_crate(name: &str, rounds: usize) -> anyhow::Result<()> {
     let pool_median = summary("one-line change, through the pool", &pool);
     println!(
         "ratio pool/local incremental: {:.2}",
+        pool_median.as_secs_f64() / local_median.as_secs_f64()
+    );
+    println!(
+        "one-line change through the pool, median ms per phase (run -v): {}",
+        phases.medians()
+    );
+    four_at_once(fixture, &original, rounds)
+}
+
+/// Four worktrees, each after a one-line change, run `cargo test` at the same moment:
+/// through the pool (one agent, two slots) against four local cargo processes.
+fn four_at_once(fixture: &Fixture, original: &str, rounds: usize) -> anyhow::Result<()> {
+    let dirs: Vec<std::path::PathBuf> = (1..=4)
+        .map(|n| fixture.add_worktree(&format!("four-{n}")))
+        .collect::<anyhow::Result<_>>()?;
+    // Each worktree built once both ways first: warm local target dirs and agent slots.
+    for dir in &dirs {
+        local_test(dir)?;
+        pool_test(fixture, dir)?;
+    }
+    let all_at_once = |run: &(dyn Fn(&Path) -> anyhow::Result<()> + Sync)| {
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            let runs: Vec<_> = dirs
+                .iter()
+                .map(|dir| scope.spawn(move || run(dir)))
+                .collect();
+            runs.into_iter()
+                .map(|run| run.join().map_err(|_| anyhow::anyhow!("a run panicked"))?)
+                .collect::<anyhow::Result<Vec<()>>>()
+        })?;
+        anyhow::Ok(started.elapsed())
+    };
+    let (mut local, mut pool) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        for dir in &dirs {
+            one_line_change(dir, original, &format!("together {round}"))?;
+        }
+        local.push(all_at_once(&|dir| local_test(dir).map(drop))?);
+        for dir in &dirs {
+            one_line_change(dir, original, &format!("together {round} (pool)"))?;
+        }
+        pool.push(all_at_once(&|dir| pool_test(fixture, dir).map(drop))?);
+    }
+    let local_median = summary(
+        "four worktrees at once, one-line change each, four local cargo test",
+        &local,
+    );
+    let pool_median = summary(
+        "four worktrees at once through the pool (1 agent, 2 slots)",
+        &pool,
+    );
+    println!(
+        "ratio pool/local, four worktrees at once: {:.2}",
         pool_median.as_secs_f64() / local_median.as_secs_f64()
     );
     Ok(())

@@ -276,6 +276,7 @@ async fn client_loop(
             commit: commit.to_string(),
             git_ref: git_ref.clone(),
             worktree: "bench".to_owned(),
+            base_commit: String::new(),
         };
         let started = Instant::now();
         match follow_job(&client, submission).await {
