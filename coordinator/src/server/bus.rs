@@ -543,7 +543,15 @@ async fn handle_message(
         }
         AgentMessage::Artifact { key, chunk } => {
             if shared.state().scheduler.holds(conn, key) {
-                shared.artifacts.receive(key, &chunk);
+                // Chunks of up to 256 KiB and whole directories removed: file work that must
+                // not stall the runtime thread serving this and other agents' connections.
+                // Awaited, so the chunks of a connection are still stored in order.
+                let store = Arc::clone(&shared.artifacts);
+                if let Err(error) =
+                    tokio::task::spawn_blocking(move || store.receive(key, &chunk)).await
+                {
+                    tracing::warn!(job_id = key.job_id, "storing executables failed: {error}");
+                }
             } else {
                 tracing::debug!(
                     job_id = key.job_id,

@@ -197,8 +197,9 @@ pub(crate) struct Shared {
     pub log_dir: PathBuf,
     /// The job logs in `log_dir`, and which may be reused.
     pub logs: joblog::LogDir,
-    /// Executables jobs sent back, in `log_dir/artifacts`.
-    pub artifacts: artifacts::ArtifactStore,
+    /// Executables jobs sent back, in `log_dir/artifacts`. Shared with the blocking tasks
+    /// that write them, so a bus task never waits on the disk.
+    pub artifacts: Arc<artifacts::ArtifactStore>,
     pub git_daemon_port: Option<u16>,
     /// Whether agents fetch from the git daemon directly (it listens beyond loopback, an
     /// insecure setup) instead of through the tunnel.
@@ -441,7 +442,7 @@ impl Coordinator {
         let logs = joblog::LogDir::open(&log_dir, &unfinished)?;
         // Job ids never repeat: past the highest the store or the log directory has seen.
         let first_job = logs.highest_id().max(loaded.highest_id) + 1;
-        let artifacts = artifacts::ArtifactStore::open(&log_dir.join("artifacts"))?;
+        let artifacts = Arc::new(artifacts::ArtifactStore::open(&log_dir.join("artifacts"))?);
 
         let websocket = match &config.websocket_addr {
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::WebSocketBind {

@@ -77,6 +77,7 @@ impl Bus {
             log_dir: dir.path().to_owned(),
             logs: joblog::LogDir::open(dir.path(), &Default::default()).expect("log dir"),
             artifacts: crate::server::artifacts::ArtifactStore::open(&dir.path().join("artifacts"))
+                .map(Arc::new)
                 .expect("artifact dir"),
             git_daemon_port: None,
             direct_git: false,
