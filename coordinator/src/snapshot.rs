@@ -255,19 +255,77 @@ async fn add_paths(
     Ok(())
 }
 
-/// Deletes snapshot refs (names outside [`SNAPSHOT_REF_PREFIX`] are left alone) in one git
-/// call, so a batch costs about what one ref does; refs already gone are no error. Should
-/// the batch fail as a whole (one name git refuses), each ref is deleted on its own.
-pub async fn delete_all(repo_dir: &Path, git_refs: &[String]) -> Result<(), GitError> {
-    let commands: String = git_refs
+/// Deletes snapshot refs (names outside [`SNAPSHOT_REF_PREFIX`] are left alone); refs
+/// already gone are no error.
+///
+/// A plain loose ref that is not also packed is deleted by removing its file, as git does
+/// once it holds the ref's lock. Git itself would create and remove a lock file per ref and
+/// lock `packed-refs`: at thousands of jobs a second that was nearly half the coordinator's
+/// CPU (an inode allocation per ref, slow on ext4 without a journal). Nothing writes a
+/// snapshot ref again after its client created it, so there is no update to lose; the one
+/// race, `git pack-refs` packing a ref between our look at `packed-refs` and the removal,
+/// leaves that ref packed for [`prune`] to delete later. Everything else (packed refs,
+/// another ref storage) goes to git in one call; should that batch fail as a whole (one
+/// name git refuses), each ref is deleted on its own.
+pub async fn delete_all(common_dir: &Path, git_refs: &[String]) -> Result<(), GitError> {
+    let snapshot_refs: Vec<String> = git_refs
         .iter()
         .filter(|name| name.starts_with(SNAPSHOT_REF_PREFIX))
-        .map(|name| format!("delete {name}\n"))
+        .cloned()
         .collect();
-    if commands.is_empty() {
+    if snapshot_refs.is_empty() {
         return Ok(());
     }
-    let batch = Git::new(repo_dir)
+    let dir = common_dir.to_owned();
+    let all = snapshot_refs.clone();
+    let left = tokio::task::spawn_blocking(move || remove_loose_refs(&dir, all))
+        .await
+        .unwrap_or(snapshot_refs);
+    delete_with_git(common_dir, &left).await
+}
+
+/// Removes the files of the plain loose refs among `git_refs` that `packed-refs` does not
+/// also hold; returns the refs left for git.
+fn remove_loose_refs(common_dir: &Path, git_refs: Vec<String>) -> Vec<String> {
+    let packed = match std::fs::read_to_string(common_dir.join("packed-refs")) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+        // Cannot tell what is packed: git decides.
+        Err(_) => return git_refs,
+    };
+    let packed: std::collections::HashSet<&str> = packed
+        .lines()
+        .filter_map(|line| line.split_once(' ').map(|(_, name)| name))
+        .collect();
+    git_refs
+        .into_iter()
+        .filter(|name| {
+            if packed.contains(name.as_str()) || plain_snapshot_ref(name).is_none() {
+                return true;
+            }
+            match std::fs::remove_file(common_dir.join(name)) {
+                Ok(()) => {
+                    // Its reflog, should `core.logAllRefUpdates=always` have made one.
+                    let _ = std::fs::remove_file(common_dir.join("logs").join(name));
+                    false
+                }
+                // Not a loose ref (already gone, or another ref storage): git decides.
+                Err(_) => true,
+            }
+        })
+        .collect()
+}
+
+/// Deletes refs with git, in one call when it accepts them all, else one by one.
+async fn delete_with_git(common_dir: &Path, git_refs: &[String]) -> Result<(), GitError> {
+    if git_refs.is_empty() {
+        return Ok(());
+    }
+    let commands: String = git_refs
+        .iter()
+        .map(|name| format!("delete {name}\n"))
+        .collect();
+    let batch = Git::new(common_dir)
         .args(["update-ref", "--stdin"])
         .input(commands)
         .output()
@@ -277,17 +335,28 @@ pub async fn delete_all(repo_dir: &Path, git_refs: &[String]) -> Result<(), GitE
     }
     let mut first_error = None;
     for name in git_refs {
-        if name.starts_with(SNAPSHOT_REF_PREFIX) {
-            let deleted = Git::new(repo_dir)
-                .args(["update-ref", "-d", name])
-                .output()
-                .await;
-            if let Err(error) = deleted {
-                first_error.get_or_insert(error);
-            }
+        let deleted = Git::new(common_dir)
+            .args(["update-ref", "-d", name])
+            .output()
+            .await;
+        if let Err(error) = deleted {
+            first_error.get_or_insert(error);
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// The leaf of a snapshot ref in the plain `<prefix><leaf>` form clients make, whose
+/// loose file lies at `<common dir>/<name>` (no `..`, no nested directories, no lock).
+fn plain_snapshot_ref(git_ref: &str) -> Option<&str> {
+    let leaf = git_ref.strip_prefix(SNAPSHOT_REF_PREFIX)?;
+    let plain = !leaf.is_empty()
+        && !leaf.starts_with('.')
+        && !leaf.ends_with(".lock")
+        && leaf
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    plain.then_some(leaf)
 }
 
 /// The object id a snapshot ref holds, read from its loose ref file without running git.
@@ -296,16 +365,7 @@ pub async fn delete_all(repo_dir: &Path, git_refs: &[String]) -> Result<(), GitE
 /// `<prefix><leaf>` form clients make, a packed or symbolic ref, another ref storage. The
 /// caller then asks git. (A loose ref, when present, is what git reads first too.)
 pub async fn loose_ref_target(common_dir: &Path, git_ref: &str) -> Option<String> {
-    let leaf = git_ref.strip_prefix(SNAPSHOT_REF_PREFIX)?;
-    let plain = !leaf.is_empty()
-        && !leaf.starts_with('.')
-        && !leaf.ends_with(".lock")
-        && leaf
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if !plain {
-        return None;
-    }
+    plain_snapshot_ref(git_ref)?;
     let text = tokio::fs::read_to_string(common_dir.join(git_ref))
         .await
         .ok()?;
@@ -315,8 +375,8 @@ pub async fn loose_ref_target(common_dir: &Path, git_ref: &str) -> Option<String
 
 /// Keeps the snapshot refs bounded: the newest `KEPT_SNAPSHOTS`, none older than a day.
 /// Ref names start with their creation time in milliseconds, so names order them by age.
-pub async fn prune(repo_dir: &Path) -> Result<usize, GitError> {
-    let listing = Git::new(repo_dir)
+pub async fn prune(common_dir: &Path) -> Result<usize, GitError> {
+    let listing = Git::new(common_dir)
         .args([
             "for-each-ref",
             "--sort=-refname",
@@ -340,7 +400,7 @@ pub async fn prune(repo_dir: &Path) -> Result<usize, GitError> {
         })
         .map(|(_, name)| name.to_owned())
         .collect();
-    delete_all(repo_dir, &expired).await?;
+    delete_all(common_dir, &expired).await?;
     Ok(expired.len())
 }
 
@@ -541,7 +601,7 @@ mod tests {
             create(&repo).await.expect("snapshot");
         }
         assert_eq!(count(root).await.expect("count"), 4);
-        delete_all(root, std::slice::from_ref(&snapshot.git_ref))
+        delete_all(&root.join(".git"), std::slice::from_ref(&snapshot.git_ref))
             .await
             .expect("delete");
         assert_eq!(count(root).await.expect("count"), 3);
@@ -552,7 +612,7 @@ mod tests {
             unix_millis() - 25 * 3600 * 1000
         );
         git(root, &["update-ref", &old, &snapshot.commit]).await;
-        assert_eq!(prune(root).await.expect("prune"), 1);
+        assert_eq!(prune(&root.join(".git")).await.expect("prune"), 1);
         assert_eq!(count(root).await.expect("count"), 3);
     }
 
@@ -627,11 +687,27 @@ mod tests {
         let root = dir.path();
         let head = git(root, &["rev-parse", "HEAD"]).await;
         let name = |leaf: &str| format!("{SNAPSHOT_REF_PREFIX}{leaf}");
-        for leaf in ["1-packed", "2-loose", "3-loose"] {
+        for leaf in ["1-packed", "2-loose", "3-packed"] {
             git(root, &["update-ref", &name(leaf), &head]).await;
         }
-        git(root, &["pack-refs", "--include", &name("1-packed")]).await;
+        git(root, &["pack-refs", "--include", &name("*-packed")]).await;
         let common = root.join(".git");
+        // Packed, and loose again after an update: removing the loose file alone would
+        // bring the packed value back.
+        git(root, &["update-ref", &name("5-both"), &head]).await;
+        git(root, &["pack-refs", "--include", &name("5-both")]).await;
+        let next = git(
+            root,
+            &["commit-tree", "HEAD^{tree}", "-p", "HEAD", "-m", "next"],
+        )
+        .await;
+        git(root, &["update-ref", &name("5-both"), &next]).await;
+        assert!(common.join(name("5-both")).is_file());
+        git(
+            root,
+            &["update-ref", "--create-reflog", &name("6-logged"), &head],
+        )
+        .await;
         assert_eq!(
             loose_ref_target(&common, &name("2-loose")).await,
             Some(head.clone())
@@ -655,15 +731,26 @@ mod tests {
         let batch = [
             name("1-packed"),
             name("2-loose"),
+            name("5-both"),
+            name("6-logged"),
             name("4-never-made"),
             "refs/heads/main".to_owned(),
         ];
-        delete_all(root, &batch).await.expect("delete");
+        delete_all(&common, &batch).await.expect("delete");
         assert_eq!(count(root).await.expect("count"), 1);
+        assert!(!common.join(name("2-loose")).exists());
+        assert!(!common.join("logs").join(name("6-logged")).exists());
+        for gone in ["1-packed", "5-both"] {
+            assert_eq!(
+                git(root, &["for-each-ref", "--format=%(refname)", &name(gone)]).await,
+                "",
+                "{gone}: deleted from packed-refs too, not only its loose file"
+            );
+        }
         assert_eq!(git(root, &["rev-parse", "refs/heads/main"]).await, head);
-        // A name the batch refuses fails it as a whole; then each ref goes on its own.
-        let refused = [name("bad..name"), name("3-loose")];
-        delete_all(root, &refused).await.expect("one by one");
+        // A name git refuses fails its batch as a whole; then each ref goes on its own.
+        let refused = [name("bad..name"), name("3-packed")];
+        delete_all(&common, &refused).await.expect("one by one");
         assert_eq!(count(root).await.expect("count"), 0);
     }
 }
