@@ -4,13 +4,19 @@
 //! readers can tell stdout from stderr and one attempt from the next. Streaming clients
 //! follow the file rather than an in-memory buffer: a slow client only slows itself, and
 //! memory stays bounded however much a job prints.
+//!
+//! While a job runs, its log ends with an end marker (a record header of zeros) written
+//! with every record, and its file may be longer: a reused file is overwritten, not emptied
+//! (see [`LogDir`]). Readers of a running log stop at its known length or at the marker;
+//! a log that ended is cut to its exact length.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::sync::Arc;
+
 use buildpool_core::OutputStream;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, watch};
 
 const HEADER: usize = 9;
@@ -36,12 +42,18 @@ pub struct Record {
 #[derive(Debug)]
 pub struct JobLog {
     path: PathBuf,
-    file: Mutex<tokio::fs::File>,
+    /// Written at explicit offsets in the blocking pool; `writing` keeps writes in order.
+    file: Arc<std::fs::File>,
+    writing: Mutex<()>,
     /// Bytes of complete records on disk; readers never read past it.
     length: watch::Sender<u64>,
     cap: u64,
     truncated: AtomicU64,
 }
+
+/// What follows the last record while a log is written: a header no record has (stream
+/// byte 0), where parsing stops. A reused file's old bytes lie beyond it.
+const END_MARKER: [u8; HEADER] = [0; HEADER];
 
 pub fn log_path(dir: &Path, job_id: u64) -> PathBuf {
     dir.join(format!("{job_id}.log"))
@@ -53,8 +65,10 @@ pub fn log_path(dir: &Path, job_id: u64) -> PathBuf {
 /// per job costs an inode allocation per job, which on some filesystems (ext4 without a
 /// journal scans recently deleted inodes) is most of a job's cost to the coordinator at a
 /// high job rate. So once that many ended logs are kept, the oldest one's file is renamed
-/// to the new log and emptied instead. Only ended logs are reused: a running job's log is
-/// never touched, however long it runs.
+/// to the new log and overwritten from its start. It is not emptied: freeing its blocks and
+/// writing them again (ext4 flushes a file emptied and rewritten when it is closed, and a
+/// `discard` mount trims every freed block) cost more than the rename. Only ended logs are
+/// reused: a running job's log is never touched, however long it runs.
 #[derive(Debug)]
 pub struct LogDir {
     dir: PathBuf,
@@ -125,60 +139,59 @@ impl JobLog {
     /// Starts the log of `job_id`, in the file of the oldest ended log when enough are
     /// kept (see [`LogDir`]).
     pub async fn create(logs: &LogDir, job_id: u64, cap: u64) -> std::io::Result<Self> {
+        use std::os::unix::fs::FileExt;
         let path = log_path(&logs.dir, job_id);
         let reused = logs.take_reusable().map(|old| log_path(&logs.dir, old));
         let opened = path.clone();
-        // One trip to the blocking pool for the rename and the open, not one each.
+        // One trip to the blocking pool for the rename, the open and the marker.
         let file = tokio::task::spawn_blocking(move || match reused {
-            Some(old) if std::fs::rename(&old, &opened).is_ok() => std::fs::OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .open(&opened),
+            Some(old) if std::fs::rename(&old, &opened).is_ok() => {
+                let file = std::fs::OpenOptions::new().write(true).open(&opened)?;
+                file.write_all_at(&END_MARKER, 0)?;
+                Ok(file)
+            }
             _ => std::fs::File::create(&opened),
         })
         .await
         .map_err(std::io::Error::other)??;
-        let file = tokio::fs::File::from_std(file);
-        Ok(Self {
+        Ok(Self::writing(path, file, 0, cap))
+    }
+
+    fn writing(path: PathBuf, file: std::fs::File, length: u64, cap: u64) -> Self {
+        Self {
             path,
-            file: Mutex::new(file),
-            length: watch::channel(0).0,
+            file: Arc::new(file),
+            writing: Mutex::new(()),
+            length: watch::channel(length).0,
             cap,
             truncated: AtomicU64::new(0),
-        })
+        }
     }
 
     /// Reopens the log of a job resumed after a restart, to append after its last whole
-    /// record (a record torn by the crash is cut off); a missing file starts empty.
+    /// record (a record torn by the crash, and anything after the end marker, is cut off);
+    /// a missing file starts empty.
     pub async fn reopen(logs: &LogDir, job_id: u64, cap: u64) -> std::io::Result<Self> {
         let path = log_path(&logs.dir, job_id);
         let opened = path.clone();
         let (file, length) = tokio::task::spawn_blocking(move || {
-            use std::io::Seek;
             let bytes = match std::fs::read(&opened) {
                 Ok(bytes) => bytes,
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
                 Err(error) => return Err(error),
             };
             let whole = parse_prefix(&bytes).1 as u64;
-            let mut file = std::fs::OpenOptions::new()
+            let file = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
                 .write(true)
                 .open(&opened)?;
             file.set_len(whole)?;
-            file.seek(std::io::SeekFrom::Start(whole))?;
             Ok((file, whole))
         })
         .await
         .map_err(std::io::Error::other)??;
-        Ok(Self {
-            path,
-            file: Mutex::new(tokio::fs::File::from_std(file)),
-            length: watch::channel(length).0,
-            cap,
-            truncated: AtomicU64::new(0),
-        })
+        Ok(Self::writing(path, file, length, cap))
     }
 
     pub fn path(&self) -> &Path {
@@ -192,7 +205,7 @@ impl JobLog {
         attempt: u32,
         data: &[u8],
     ) -> std::io::Result<()> {
-        let mut file = self.file.lock().await;
+        let _writing = self.writing.lock().await;
         let length = *self.length.borrow();
         let record = (HEADER + data.len()) as u64;
         if length + record > self.cap {
@@ -200,14 +213,30 @@ impl JobLog {
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
             return Ok(());
         }
-        let mut bytes = Vec::with_capacity(HEADER + data.len());
+        self.write_record(length, stream, attempt, data).await
+    }
+
+    /// Writes one record and the end marker after it at `at`, the log's length.
+    async fn write_record(
+        &self,
+        at: u64,
+        stream: OutputStream,
+        attempt: u32,
+        data: &[u8],
+    ) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = Vec::with_capacity(2 * HEADER + data.len());
         bytes.push(stream_byte(stream));
         bytes.extend_from_slice(&attempt.to_le_bytes());
         bytes.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_le_bytes());
         bytes.extend_from_slice(data);
-        file.write_all(&bytes).await?;
-        file.flush().await?;
-        self.length.send_replace(length + record);
+        let record = bytes.len() as u64;
+        bytes.extend_from_slice(&END_MARKER);
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || file.write_all_at(&bytes, at))
+            .await
+            .map_err(std::io::Error::other)??;
+        self.length.send_replace(at + record);
         Ok(())
     }
 
@@ -221,30 +250,25 @@ impl JobLog {
         self.length.subscribe()
     }
 
-    /// Writes the closing note about dropped output, if any.
+    /// Ends the log: the closing note about dropped output, if any, and the file cut to
+    /// its records (no end marker, nothing of a reused file's past).
     pub async fn finish(&self) -> std::io::Result<()> {
+        let _writing = self.writing.lock().await;
         let dropped = self.truncated();
         if dropped > 0 {
             let note = format!(
                 "[buildpool] log cap of {} bytes reached: {dropped} bytes of output were not kept\n",
                 self.cap
             );
-            self.cap_exempt_append(note.as_bytes()).await?;
+            let length = *self.length.borrow();
+            self.write_record(length, OutputStream::Stderr, 0, note.as_bytes())
+                .await?;
         }
-        Ok(())
-    }
-
-    async fn cap_exempt_append(&self, data: &[u8]) -> std::io::Result<()> {
-        let mut file = self.file.lock().await;
-        let mut bytes = vec![stream_byte(OutputStream::Stderr)];
-        bytes.extend_from_slice(&0u32.to_le_bytes());
-        bytes.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_le_bytes());
-        bytes.extend_from_slice(data);
-        file.write_all(&bytes).await?;
-        file.flush().await?;
-        self.length
-            .send_modify(|length| *length += bytes.len() as u64);
-        Ok(())
+        let length = *self.length.borrow();
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || file.set_len(length))
+            .await
+            .map_err(std::io::Error::other)?
     }
 }
 
@@ -435,9 +459,14 @@ mod tests {
         let running = JobLog::create(&logs, 1, 1 << 20).await.expect("create");
         for id in 2..=KEPT_LOGS as u64 + 1 {
             let log = JobLog::create(&logs, id, 1 << 20).await.expect("create");
-            log.append(OutputStream::Stdout, 1, b"old output")
-                .await
-                .expect("append");
+            // Records as long as the new job's first, so the old ones after it would
+            // read as its own without the end marker.
+            for old in [b"old", b"out", b"put"] {
+                log.append(OutputStream::Stdout, 1, old)
+                    .await
+                    .expect("append");
+            }
+            log.finish().await.expect("finish");
             logs.ended(id);
         }
         let files = || std::fs::read_dir(dir.path()).expect("list").count();
@@ -455,6 +484,30 @@ mod tests {
         );
         let (text, _) = read_page(log.path(), None, 0, 1000).await.expect("page");
         assert!(text.is_empty(), "a reused log starts empty");
+        log.append(OutputStream::Stdout, 1, b"new")
+            .await
+            .expect("append");
+        let (text, _) = read_page(log.path(), None, 0, 1000).await.expect("page");
+        assert_eq!(text, b"new", "nothing of the old log shows");
+        // A crash now: the resumed log holds only what the new job wrote.
+        let unfinished = std::iter::once(next).collect();
+        let resumed = JobLog::reopen(
+            &LogDir::open(dir.path(), &unfinished).expect("dir"),
+            next,
+            1 << 20,
+        )
+        .await
+        .expect("reopen");
+        assert_eq!(*resumed.subscribe().borrow(), (HEADER + 3) as u64);
+        let (text, _) = read_page(log.path(), None, 0, 1000).await.expect("page");
+        assert_eq!(text, b"new");
+        drop(resumed);
+        log.finish().await.expect("finish");
+        assert_eq!(
+            std::fs::metadata(log.path()).expect("stat").len(),
+            (HEADER + 3) as u64,
+            "an ended log is cut to its records"
+        );
         running
             .append(OutputStream::Stdout, 1, b"still mine")
             .await
