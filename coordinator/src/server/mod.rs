@@ -364,8 +364,7 @@ impl Shared {
                     }
                 }
                 Action::Event { job_id, event } => {
-                    let finished = matches!(event, JobEvent::Finished(_));
-                    let job = if finished {
+                    let job = if matches!(event, JobEvent::Finished(_)) {
                         state.jobs.remove(&job_id)
                     } else {
                         state.jobs.get(&job_id).cloned()
@@ -373,10 +372,15 @@ impl Shared {
                     if let Some(job) = job {
                         // One line per job at the default level: at thousands of jobs a
                         // second, a line per event is most of the log and all under the lock.
-                        if finished {
-                            tracing::info!(job_id, ?event, "job event");
-                        } else {
-                            tracing::debug!(job_id, ?event, "job event");
+                        match &event {
+                            JobEvent::Finished(result) => tracing::info!(
+                                job_id,
+                                agent_id = %result.agent_id,
+                                attempt = result.attempt,
+                                end = ?result.completion.end,
+                                "job finished"
+                            ),
+                            _ => tracing::debug!(job_id, ?event, "job event"),
                         }
                         job.phase.send_replace(event);
                     }
