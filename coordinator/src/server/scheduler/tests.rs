@@ -761,3 +761,105 @@ fn with_affinity_off_jobs_go_to_the_agent_with_most_free_slots() {
         end_job(&mut scheduler, 1, job_id, 2, now);
     }
 }
+
+#[test]
+fn the_warm_index_picks_what_visiting_every_agent_would() {
+    let now = Instant::now();
+    let worktrees = ["", "/w1", "/w2", "/w3"];
+    let bases = ["", "base-x", "base-y"];
+    let mut warm_picks = 0;
+    for seed in 0..40 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut scheduler = Scheduler::default();
+        // Connected agents: connection -> (agent id, slots); running attempts by connection.
+        let mut connected: BTreeMap<ConnId, (String, u32)> = BTreeMap::new();
+        let mut running: Vec<(ConnId, JobId, u32)> = Vec::new();
+        let mut next_conn = 1;
+        let track = |running: &mut Vec<_>, actions: &[Action]| running.extend(assigns(actions));
+        for job_id in 1..300 {
+            match rng.u8(..20) {
+                0..=1 if connected.len() < 6 => {
+                    let agent_id = format!("agent-{}", rng.u8(..8));
+                    let slots = rng.u32(1..4);
+                    connected.retain(|_, (id, _)| *id != agent_id);
+                    let registration = registration(&agent_id, slots, false);
+                    let actions = scheduler.agent_connected(next_conn, registration, &[], now);
+                    running.retain(|(conn, ..)| connected.contains_key(conn));
+                    track(&mut running, &actions);
+                    connected.insert(next_conn, (agent_id, slots));
+                    next_conn += 1;
+                }
+                2 if !connected.is_empty() => {
+                    let conn = *connected
+                        .keys()
+                        .nth(rng.usize(..connected.len()))
+                        .expect("one");
+                    connected.remove(&conn);
+                    running.retain(|(c, ..)| *c != conn);
+                    let actions = scheduler.agent_disconnected(conn, now);
+                    track(&mut running, &actions);
+                }
+                3..=10 if !running.is_empty() => {
+                    let (conn, ended, attempt) = running.swap_remove(rng.usize(..running.len()));
+                    let actions = scheduler.finished(conn, key(ended, attempt), exited(0), now);
+                    track(&mut running, &actions);
+                    let total = connected.get(&conn).map_or(0, |(_, slots)| *slots);
+                    let busy = running.iter().filter(|(c, ..)| *c == conn).count() as u32;
+                    let actions = scheduler.slots_changed(
+                        conn,
+                        total.saturating_sub(busy),
+                        total,
+                        false,
+                        now,
+                    );
+                    track(&mut running, &actions);
+                }
+                _ => {
+                    let worktree = worktrees[rng.usize(..worktrees.len())];
+                    let base_commit = bases[rng.usize(..bases.len())];
+                    let probe = Job {
+                        spec: spec(),
+                        source: Source {
+                            base_commit: base_commit.to_owned(),
+                            ..source()
+                        },
+                        worktree: worktree.to_owned(),
+                        submitted: now,
+                        submitted_unix_ms: 0,
+                        first_assigned: None,
+                        attempt: 0,
+                        lost_attempts: 0,
+                        state: JobState::Queued,
+                        unroutable_since: None,
+                    };
+                    let remote = scheduler.remote_available();
+                    let picked = scheduler.pick(&probe, remote);
+                    assert_eq!(
+                        picked,
+                        scheduler.pick_by_visiting_all(&probe, remote),
+                        "seed {seed}, job {job_id}: {worktree:?} on {base_commit:?}"
+                    );
+                    if picked.is_some()
+                        && scheduler
+                            .warm
+                            .warmest(worktree, base_commit, |_| true)
+                            .is_some()
+                    {
+                        warm_picks += 1;
+                    }
+                    let source = Source {
+                        base_commit: base_commit.to_owned(),
+                        ..source()
+                    };
+                    let actions =
+                        scheduler.submit(job_id, spec(), source, worktree.to_owned(), now, 0);
+                    track(&mut running, &actions);
+                }
+            }
+        }
+    }
+    assert!(
+        warm_picks > 100,
+        "the index answered only {warm_picks} picks"
+    );
+}
