@@ -300,7 +300,7 @@ fn remove_loose_refs(common_dir: &Path, git_refs: Vec<String>) -> Vec<String> {
     git_refs
         .into_iter()
         .filter(|name| {
-            if packed.contains(name.as_str()) || plain_snapshot_ref(name).is_none() {
+            if packed.contains(name.as_str()) || !is_plain_snapshot_ref(name) {
                 return true;
             }
             match std::fs::remove_file(common_dir.join(name)) {
@@ -346,17 +346,19 @@ async fn delete_with_git(common_dir: &Path, git_refs: &[String]) -> Result<(), G
     first_error.map_or(Ok(()), Err)
 }
 
-/// The leaf of a snapshot ref in the plain `<prefix><leaf>` form clients make, whose
-/// loose file lies at `<common dir>/<name>` (no `..`, no nested directories, no lock).
-fn plain_snapshot_ref(git_ref: &str) -> Option<&str> {
-    let leaf = git_ref.strip_prefix(SNAPSHOT_REF_PREFIX)?;
-    let plain = !leaf.is_empty()
-        && !leaf.starts_with('.')
-        && !leaf.ends_with(".lock")
-        && leaf
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    plain.then_some(leaf)
+/// Whether a snapshot ref has the plain `<prefix><leaf>` form clients make, so its loose
+/// file lies at `<common dir>/<name>` (no `..`, no nested directories, no lock).
+fn is_plain_snapshot_ref(git_ref: &str) -> bool {
+    git_ref
+        .strip_prefix(SNAPSHOT_REF_PREFIX)
+        .is_some_and(|leaf| {
+            !leaf.is_empty()
+                && !leaf.starts_with('.')
+                && !leaf.ends_with(".lock")
+                && leaf
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// The object id a snapshot ref holds, read from its loose ref file without running git.
@@ -365,7 +367,9 @@ fn plain_snapshot_ref(git_ref: &str) -> Option<&str> {
 /// `<prefix><leaf>` form clients make, a packed or symbolic ref, another ref storage. The
 /// caller then asks git. (A loose ref, when present, is what git reads first too.)
 pub async fn loose_ref_target(common_dir: &Path, git_ref: &str) -> Option<String> {
-    plain_snapshot_ref(git_ref)?;
+    if !is_plain_snapshot_ref(git_ref) {
+        return None;
+    }
     let text = tokio::fs::read_to_string(common_dir.join(git_ref))
         .await
         .ok()?;

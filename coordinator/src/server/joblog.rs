@@ -12,9 +12,8 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use buildpool_core::OutputStream;
 use tokio::sync::{Mutex, watch};
