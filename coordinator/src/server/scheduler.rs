@@ -216,8 +216,8 @@ impl Workspaces {
 /// The connected agents' workspace models inverted: for each worktree and each base
 /// commit, the entries that built it by recency, with their agent's connection. A job's
 /// warmest agent is then the newest entry whose agent has a free slot, found without
-/// visiting the fleet: a visit of a thousand agents per job was a tenth of the
-/// coordinator's CPU at scale. Recency numbers are assignment numbers, so unique.
+/// visiting the fleet: visiting every agent per job, under the state lock, makes each
+/// dispatch cost grow with the fleet. Recency numbers are assignment numbers, so unique.
 #[derive(Debug, Default)]
 struct WarmIndex {
     by_worktree: HashMap<String, BTreeMap<u64, ConnId>>,

@@ -373,7 +373,8 @@ fn write_loop(path: &Path, connection: &Connection, commands: &mpsc::Receiver<Co
                 batch.push(command);
             }
         }
-        batch.extend(commands.try_iter().take(MAX_BATCH));
+        let room = MAX_BATCH.saturating_sub(batch.len());
+        batch.extend(commands.try_iter().take(room));
         // A job that ended in this batch needs only its end: its assignment or requeue
         // before it would be overwritten in the same transaction.
         let ended: HashSet<JobId> = batch
