@@ -179,7 +179,8 @@ impl Control for ControlService {
         let source = shared.source(commit, git_ref, base_commit);
         let phase = job.phase.subscribe();
         shared.state().jobs.insert(job_id, Arc::clone(&job));
-        tracing::info!(job_id, kind = %spec.kind, %worktree, "job submitted");
+        // Debug: at the default level a job gets one line, when it ends.
+        tracing::debug!(job_id, kind = %spec.kind, %worktree, "job submitted");
         let now = Instant::now();
         shared.step(|s| {
             (
@@ -213,7 +214,16 @@ impl Control for ControlService {
             let mut skip = from_offset;
             let end = tokio::fs::metadata(&log).await.map_or(0, |m| m.len());
             let mut position = 0;
-            if forward_log(&log, &mut position, end, &mut skip, job_id, &events).await {
+            if forward_log(
+                joblog::LogReader::Ended(&log),
+                &mut position,
+                end,
+                &mut skip,
+                job_id,
+                &events,
+            )
+            .await
+            {
                 send_event(&events, job_id, JobEvent::Finished(result)).await;
             }
         });
@@ -445,16 +455,18 @@ async fn follow(
     let mut length = job.log.subscribe();
     let mut position = 0u64;
     let mut skip = from_offset;
-    let path = job.log.path();
+    let reader = joblog::LogReader::Writing(&job.log);
     let initial = phase.borrow_and_update().clone();
     let mut pending_phase = Some(initial);
     loop {
         if let Some(event) = pending_phase.take() {
             let finished = matches!(event, JobEvent::Finished(_));
             if finished {
-                // Everything the agent sent before its result is in the log: send it first.
+                // Everything the agent sent before its result is queued for the log: once
+                // it is written, send it first.
+                job.log.written().await;
                 let end = *length.borrow();
-                if !forward_log(path, &mut position, end, &mut skip, job_id, events).await {
+                if !forward_log(reader, &mut position, end, &mut skip, job_id, events).await {
                     return;
                 }
                 if job.log.truncated() > 0 {
@@ -485,7 +497,7 @@ async fn follow(
             changed = length.changed() => {
                 if changed.is_err() { return; }
                 let end = *length.borrow_and_update();
-                if !forward_log(path, &mut position, end, &mut skip, job_id, events).await { return; }
+                if !forward_log(reader, &mut position, end, &mut skip, job_id, events).await { return; }
             }
             () = events.closed() => {
                 tracing::info!(job_id, "a client stopped following the job");
@@ -502,7 +514,7 @@ async fn follow(
 /// Sends the log's records from `position` to `end` as output events, leaving out the first
 /// `skip` bytes of output (what the client already has). False when the client is gone.
 async fn forward_log(
-    path: &std::path::Path,
+    log: joblog::LogReader<'_>,
     position: &mut u64,
     end: u64,
     skip: &mut u64,
@@ -510,7 +522,7 @@ async fn forward_log(
     events: &EventSender,
 ) -> bool {
     while *position < end {
-        let (records, next) = match joblog::read_records(path, *position, end).await {
+        let (records, next) = match log.read(*position, end).await {
             Ok(read) => read,
             Err(error) => {
                 tracing::error!(job_id, "cannot read job log: {error}");

@@ -9,14 +9,18 @@
 //! with every record, and its file may be longer: a reused file is overwritten, not emptied
 //! (see [`LogDir`]). Readers of a running log stop at its known length or at the marker;
 //! a log that ended is cut to its exact length.
+//!
+//! Writes go, in order, to one thread that owns the open files ([`LogDir`] starts it): at
+//! thousands of jobs a second a trip to tokio's blocking pool per write cost more than the
+//! write. A follower that keeps up reads the newest records from memory.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 
 use buildpool_core::OutputStream;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 const HEADER: usize = 9;
 
@@ -40,19 +44,166 @@ pub struct Record {
 /// The log of one job, being written.
 #[derive(Debug)]
 pub struct JobLog {
+    job_id: u64,
     path: PathBuf,
-    /// Written at explicit offsets in the blocking pool; `writing` keeps writes in order.
-    file: Arc<std::fs::File>,
-    writing: Mutex<()>,
-    /// Bytes of complete records on disk; readers never read past it.
-    length: watch::Sender<u64>,
+    writer: Writer,
+    state: Arc<LogState>,
     cap: u64,
-    truncated: AtomicU64,
 }
+
+/// What a log's writers, its writer thread and its readers share.
+#[derive(Debug)]
+struct LogState {
+    /// Bytes of complete records on disk; readers never read past it. The writer thread
+    /// moves it after each write.
+    length: watch::Sender<u64>,
+    /// Bytes of records queued for writing: where the next record goes.
+    queued: std::sync::Mutex<u64>,
+    /// The newest records (at most [`TAIL_BYTES`]) with their offsets, for followers.
+    tail: std::sync::Mutex<VecDeque<(u64, Record)>>,
+    truncated: AtomicU64,
+    /// The first write that failed, reported when the log is finished.
+    failed: std::sync::Mutex<Option<String>>,
+}
+
+/// Bytes of the newest records a log keeps in memory for its followers.
+const TAIL_BYTES: usize = 16 * 1024;
+/// Writes waiting for the writer thread; beyond it, writers (the agents' connections) wait.
+const WRITE_QUEUE: usize = 1024;
 
 /// What follows the last record while a log is written: a header no record has (stream
 /// byte 0), where parsing stops. A reused file's old bytes lie beyond it.
 const END_MARKER: [u8; HEADER] = [0; HEADER];
+
+/// The queue to the writer thread.
+#[derive(Debug, Clone)]
+struct Writer(mpsc::Sender<Write>);
+
+#[derive(Debug)]
+enum Write {
+    /// Start the log at `path`, in the file `reuse` (renamed) when given.
+    Open {
+        job_id: u64,
+        path: PathBuf,
+        reuse: Option<PathBuf>,
+        log: Arc<LogState>,
+    },
+    /// Take over a file opened elsewhere (a resumed log).
+    Adopt { job_id: u64, file: std::fs::File },
+    /// Write `bytes` (records and the end marker) at `at`; then `length` bytes are readable.
+    Append {
+        job_id: u64,
+        at: u64,
+        bytes: Vec<u8>,
+        length: u64,
+        log: Arc<LogState>,
+    },
+    /// Answer once everything queued before is written.
+    Flush(oneshot::Sender<()>),
+    /// Cut the file to `length` and close it.
+    Finish {
+        job_id: u64,
+        length: u64,
+        log: Arc<LogState>,
+        done: oneshot::Sender<()>,
+    },
+}
+
+impl Writer {
+    fn start() -> std::io::Result<Self> {
+        let (queue, writes) = mpsc::channel(WRITE_QUEUE);
+        std::thread::Builder::new()
+            .name("job-logs".to_owned())
+            .spawn(move || write_loop(writes))?;
+        Ok(Self(queue))
+    }
+
+    async fn send(&self, write: Write) -> std::io::Result<()> {
+        self.0
+            .send(write)
+            .await
+            .map_err(|_| std::io::Error::other("the job log writer stopped"))
+    }
+}
+
+/// The writer thread: applies writes in the order they were queued, until every sender is
+/// gone. A log whose file cannot be opened or written records the error and drops the rest.
+fn write_loop(mut writes: mpsc::Receiver<Write>) {
+    use std::os::unix::fs::FileExt;
+    let mut files: std::collections::HashMap<u64, std::fs::File> = Default::default();
+    let fail = |job_id: u64, log: &LogState, error: std::io::Error| {
+        let mut failed = log.failed.lock().unwrap_or_else(PoisonError::into_inner);
+        if failed.is_none() {
+            tracing::error!(job_id, "cannot write the job's log: {error}");
+            *failed = Some(error.to_string());
+        }
+    };
+    while let Some(write) = writes.blocking_recv() {
+        match write {
+            Write::Open {
+                job_id,
+                path,
+                reuse,
+                log,
+            } => {
+                let opened = match reuse {
+                    Some(old) if std::fs::rename(&old, &path).is_ok() => {
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .and_then(|file| file.write_all_at(&END_MARKER, 0).map(|()| file))
+                    }
+                    _ => std::fs::File::create(&path),
+                };
+                match opened {
+                    Ok(file) => {
+                        files.insert(job_id, file);
+                    }
+                    Err(error) => fail(job_id, &log, error),
+                }
+            }
+            Write::Adopt { job_id, file } => {
+                files.insert(job_id, file);
+            }
+            Write::Flush(done) => {
+                let _ = done.send(());
+            }
+            Write::Append {
+                job_id,
+                at,
+                bytes,
+                length,
+                log,
+            } => {
+                let Some(file) = files.get(&job_id) else {
+                    continue;
+                };
+                match file.write_all_at(&bytes, at) {
+                    Ok(()) => {
+                        log.length.send_replace(length);
+                    }
+                    Err(error) => {
+                        files.remove(&job_id);
+                        fail(job_id, &log, error);
+                    }
+                }
+            }
+            Write::Finish {
+                job_id,
+                length,
+                log,
+                done,
+            } => {
+                if let Some(file) = files.remove(&job_id)
+                    && let Err(error) = file.set_len(length)
+                {
+                    fail(job_id, &log, error);
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+}
 
 pub fn log_path(dir: &Path, job_id: u64) -> PathBuf {
     dir.join(format!("{job_id}.log"))
@@ -75,6 +226,7 @@ pub struct LogDir {
     ended: std::sync::Mutex<VecDeque<u64>>,
     /// The highest job id with a log when the directory was opened.
     highest_id: u64,
+    writer: Writer,
 }
 
 impl LogDir {
@@ -100,6 +252,7 @@ impl LogDir {
             dir: dir.to_owned(),
             highest_id,
             ended: std::sync::Mutex::new(ids.into()),
+            writer: Writer::start()?,
         })
     }
 
@@ -110,6 +263,15 @@ impl LogDir {
     /// The highest job id with a log at opening, so ids keep increasing across restarts.
     pub fn highest_id(&self) -> u64 {
         self.highest_id
+    }
+
+    /// Waits until every write queued so far is done (at shutdown: no output is lost that
+    /// an agent sent before it).
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.writer.send(Write::Flush(done)).await.is_ok() {
+            let _ = flushed.await;
+        }
     }
 
     /// The log of `job_id` ended; its file may be reused once it is among the oldest.
@@ -128,42 +290,41 @@ impl LogDir {
     }
 
     fn lock_ended(&self) -> std::sync::MutexGuard<'_, VecDeque<u64>> {
-        self.ended
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.ended.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl JobLog {
     /// Starts the log of `job_id`, in the file of the oldest ended log when enough are
-    /// kept (see [`LogDir`]).
+    /// kept (see [`LogDir`]). The file is opened by the writer thread; an error there is
+    /// logged and reported by [`JobLog::finish`].
     pub async fn create(logs: &LogDir, job_id: u64, cap: u64) -> std::io::Result<Self> {
-        use std::os::unix::fs::FileExt;
-        let path = log_path(&logs.dir, job_id);
-        let reused = logs.take_reusable().map(|old| log_path(&logs.dir, old));
-        let opened = path.clone();
-        // One trip to the blocking pool for the rename, the open and the marker.
-        let file = tokio::task::spawn_blocking(move || match reused {
-            Some(old) if std::fs::rename(&old, &opened).is_ok() => {
-                let file = std::fs::OpenOptions::new().write(true).open(&opened)?;
-                file.write_all_at(&END_MARKER, 0)?;
-                Ok(file)
-            }
-            _ => std::fs::File::create(&opened),
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-        Ok(Self::writing(path, file, 0, cap))
+        let log = Self::writing(logs, job_id, 0, cap);
+        let reuse = logs.take_reusable().map(|old| log_path(&logs.dir, old));
+        log.writer
+            .send(Write::Open {
+                job_id,
+                path: log.path.clone(),
+                reuse,
+                log: Arc::clone(&log.state),
+            })
+            .await?;
+        Ok(log)
     }
 
-    fn writing(path: PathBuf, file: std::fs::File, length: u64, cap: u64) -> Self {
+    fn writing(logs: &LogDir, job_id: u64, length: u64, cap: u64) -> Self {
         Self {
-            path,
-            file: Arc::new(file),
-            writing: Mutex::new(()),
-            length: watch::channel(length).0,
+            job_id,
+            path: log_path(&logs.dir, job_id),
+            writer: logs.writer.clone(),
+            state: Arc::new(LogState {
+                length: watch::channel(length).0,
+                queued: std::sync::Mutex::new(length),
+                tail: std::sync::Mutex::default(),
+                truncated: AtomicU64::new(0),
+                failed: std::sync::Mutex::default(),
+            }),
             cap,
-            truncated: AtomicU64::new(0),
         }
     }
 
@@ -171,8 +332,7 @@ impl JobLog {
     /// record (a record torn by the crash, and anything after the end marker, is cut off);
     /// a missing file starts empty.
     pub async fn reopen(logs: &LogDir, job_id: u64, cap: u64) -> std::io::Result<Self> {
-        let path = log_path(&logs.dir, job_id);
-        let opened = path.clone();
+        let opened = log_path(&logs.dir, job_id);
         let (file, length) = tokio::task::spawn_blocking(move || {
             let bytes = match std::fs::read(&opened) {
                 Ok(bytes) => bytes,
@@ -190,84 +350,213 @@ impl JobLog {
         })
         .await
         .map_err(std::io::Error::other)??;
-        Ok(Self::writing(path, file, length, cap))
+        let log = Self::writing(logs, job_id, length, cap);
+        log.writer.send(Write::Adopt { job_id, file }).await?;
+        Ok(log)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Appends one chunk, or counts it as dropped once the log is at its cap.
+    /// Appends one chunk, or counts it as dropped once the log is at its cap. Returns once
+    /// the write is queued; followers see it when it is on disk.
     pub async fn append(
         &self,
         stream: OutputStream,
         attempt: u32,
         data: &[u8],
     ) -> std::io::Result<()> {
-        let _writing = self.writing.lock().await;
-        let length = *self.length.borrow();
-        let record = (HEADER + data.len()) as u64;
-        if length + record > self.cap {
-            self.truncated
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-            return Ok(());
-        }
-        self.write_record(length, stream, attempt, data).await
+        self.queue_record(stream, attempt, data, false).await
     }
 
-    /// Writes one record and the end marker after it at `at`, the log's length.
-    async fn write_record(
+    /// Queues one record (unless it would pass the cap and is not `exempt` from it).
+    async fn queue_record(
         &self,
-        at: u64,
         stream: OutputStream,
         attempt: u32,
         data: &[u8],
+        exempt: bool,
     ) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
+        let permit = self
+            .writer
+            .0
+            .reserve()
+            .await
+            .map_err(|_| std::io::Error::other("the job log writer stopped"))?;
+        // Offsets are taken and writes queued under one lock, so they queue in offset order.
+        let mut queued = self
+            .state
+            .queued
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let record = (HEADER + data.len()) as u64;
+        if !exempt && *queued + record > self.cap {
+            self.state
+                .truncated
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+        let at = *queued;
+        *queued += record;
         let mut bytes = Vec::with_capacity(2 * HEADER + data.len());
         bytes.push(stream_byte(stream));
         bytes.extend_from_slice(&attempt.to_le_bytes());
         bytes.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_le_bytes());
         bytes.extend_from_slice(data);
-        let record = bytes.len() as u64;
         bytes.extend_from_slice(&END_MARKER);
-        let file = Arc::clone(&self.file);
-        tokio::task::spawn_blocking(move || file.write_all_at(&bytes, at))
-            .await
-            .map_err(std::io::Error::other)??;
-        self.length.send_replace(at + record);
+        self.remember(at, stream, attempt, data);
+        permit.send(Write::Append {
+            job_id: self.job_id,
+            at,
+            bytes,
+            length: *queued,
+            log: Arc::clone(&self.state),
+        });
         Ok(())
+    }
+
+    /// Keeps the record at `at` among the newest in memory.
+    fn remember(&self, at: u64, stream: OutputStream, attempt: u32, data: &[u8]) {
+        let mut tail = self
+            .state
+            .tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if data.len() > TAIL_BYTES {
+            tail.clear();
+            return;
+        }
+        let mut bytes: usize = tail.iter().map(|(_, record)| record.data.len()).sum();
+        while bytes + data.len() > TAIL_BYTES
+            && let Some((_, oldest)) = tail.pop_front()
+        {
+            bytes -= oldest.data.len();
+        }
+        tail.push_back((
+            at,
+            Record {
+                stream,
+                attempt,
+                data: data.to_vec(),
+            },
+        ));
+    }
+
+    /// Whole records from byte position `from` up to `to` (at most the readable length),
+    /// with the position after the last: from memory when they are among the newest, else
+    /// from the file.
+    pub async fn read(&self, from: u64, to: u64) -> std::io::Result<(Vec<Record>, u64)> {
+        let in_memory = {
+            let tail = self
+                .state
+                .tail
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let start = tail.iter().position(|(at, _)| *at == from);
+            start.map(|start| {
+                let mut end = from;
+                let records: Vec<Record> = tail
+                    .iter()
+                    .skip(start)
+                    .take_while(|(at, record)| {
+                        let fits = *at == end && at + (HEADER + record.data.len()) as u64 <= to;
+                        if fits {
+                            end = at + (HEADER + record.data.len()) as u64;
+                        }
+                        fits
+                    })
+                    .map(|(_, record)| record.clone())
+                    .collect();
+                (records, end)
+            })
+        };
+        match in_memory {
+            Some(read) => Ok(read),
+            None => read_records(&self.path, from, to).await,
+        }
     }
 
     /// Bytes dropped at the cap.
     pub fn truncated(&self) -> u64 {
-        self.truncated.load(Ordering::Relaxed)
+        self.state.truncated.load(Ordering::Relaxed)
     }
 
     /// Watches the readable length of the log.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.length.subscribe()
+        self.state.length.subscribe()
     }
 
     /// Ends the log: the closing note about dropped output, if any, and the file cut to
-    /// its records (no end marker, nothing of a reused file's past).
+    /// its records (no end marker, nothing of a reused file's past). Returns once that is
+    /// done, with the first error any write of this log met.
     pub async fn finish(&self) -> std::io::Result<()> {
-        let _writing = self.writing.lock().await;
         let dropped = self.truncated();
         if dropped > 0 {
             let note = format!(
                 "[buildpool] log cap of {} bytes reached: {dropped} bytes of output were not kept\n",
                 self.cap
             );
-            let length = *self.length.borrow();
-            self.write_record(length, OutputStream::Stderr, 0, note.as_bytes())
+            self.queue_record(OutputStream::Stderr, 0, note.as_bytes(), true)
                 .await?;
         }
-        let length = *self.length.borrow();
-        let file = Arc::clone(&self.file);
-        tokio::task::spawn_blocking(move || file.set_len(length))
+        let length = *self
+            .state
+            .queued
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (done, finished) = oneshot::channel();
+        self.writer
+            .send(Write::Finish {
+                job_id: self.job_id,
+                length,
+                log: Arc::clone(&self.state),
+                done,
+            })
+            .await?;
+        finished
             .await
-            .map_err(std::io::Error::other)?
+            .map_err(|_| std::io::Error::other("the job log writer stopped"))?;
+        match self
+            .state
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            Some(error) => Err(std::io::Error::other(error)),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until everything queued so far is on disk: a job's result may be handled
+    /// before its last output is written, and its followers must read that output first.
+    pub async fn written(&self) {
+        let queued = *self
+            .state
+            .queued
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let _ = self.subscribe().wait_for(|length| *length >= queued).await;
+    }
+}
+
+/// Where a follower reads a job's records.
+#[derive(Debug, Clone, Copy)]
+pub enum LogReader<'a> {
+    /// A log being written: its newest records come from memory.
+    Writing(&'a JobLog),
+    /// The file of a log that ended.
+    Ended(&'a Path),
+}
+
+impl LogReader<'_> {
+    /// See [`read_records`].
+    pub async fn read(self, from: u64, to: u64) -> std::io::Result<(Vec<Record>, u64)> {
+        match self {
+            Self::Writing(log) => log.read(from, to).await,
+            Self::Ended(path) => read_records(path, from, to).await,
+        }
     }
 }
 
@@ -377,9 +666,23 @@ mod tests {
         log.append(OutputStream::Stdout, 1, b"world\n")
             .await
             .expect("append");
+        log.written().await;
         let length = *log.subscribe().borrow();
         let (records, end) = read_records(log.path(), 0, length).await.expect("read");
         assert_eq!((records.len(), end), (3, length));
+        // Followers read the newest records from memory: the same records, the same ends.
+        assert_eq!(log.read(0, length).await.expect("read"), (records, end));
+        let second = (HEADER + 6) as u64;
+        let (rest, _) = log.read(second, length).await.expect("read");
+        assert_eq!(rest.len(), 2);
+        assert_eq!(rest[0].data, b"warning\n");
+        let (partial, end) = log.read(0, length - 1).await.expect("read");
+        assert_eq!(
+            partial.len(),
+            2,
+            "a record past `to` waits for the next read"
+        );
+        assert_eq!(end, length - (HEADER + 6) as u64);
         let (partial, end) = read_records(log.path(), 0, length - 1).await.expect("read");
         assert_eq!(partial.len(), 2, "a torn record is left for the next read");
         assert!(end < length - 1);
@@ -416,6 +719,7 @@ mod tests {
         log.append(OutputStream::Stdout, 1, b"before ")
             .await
             .expect("append");
+        log.written().await;
         drop(log);
         // A crash in the middle of a record.
         let path = log_path(dir.path(), 7);
@@ -433,8 +737,25 @@ mod tests {
         log.append(OutputStream::Stdout, 2, b"after\n")
             .await
             .expect("append");
+        log.written().await;
         let (text, _) = read_page(log.path(), None, 0, 1000).await.expect("page");
         assert_eq!(text, b"before after\n");
+    }
+
+    #[tokio::test]
+    async fn a_log_that_cannot_be_written_says_so_when_it_ends() {
+        let dir = tempfile::tempdir().expect("temp");
+        let logs = LogDir::open(&dir.path().join("logs"), &Default::default()).expect("open");
+        std::fs::remove_dir(dir.path().join("logs")).expect("remove");
+        let log = JobLog::create(&logs, 1, 1 << 20).await.expect("create");
+        log.append(OutputStream::Stdout, 1, b"lost")
+            .await
+            .expect("queued");
+        let error = log
+            .finish()
+            .await
+            .expect_err("the file could not be created");
+        assert!(error.to_string().contains("No such file"), "{error}");
     }
 
     #[test]
@@ -472,6 +793,10 @@ mod tests {
         assert_eq!(files(), KEPT_LOGS + 1);
         let next = KEPT_LOGS as u64 + 2;
         let log = JobLog::create(&logs, next, 1 << 20).await.expect("create");
+        log.append(OutputStream::Stdout, 1, b"new")
+            .await
+            .expect("append");
+        log.written().await;
         assert_eq!(files(), KEPT_LOGS + 1, "a file was reused, none added");
         assert!(
             !log_path(dir.path(), 2).exists(),
@@ -481,11 +806,6 @@ mod tests {
             log_path(dir.path(), 1).exists(),
             "the running job's log stays"
         );
-        let (text, _) = read_page(log.path(), None, 0, 1000).await.expect("page");
-        assert!(text.is_empty(), "a reused log starts empty");
-        log.append(OutputStream::Stdout, 1, b"new")
-            .await
-            .expect("append");
         let (text, _) = read_page(log.path(), None, 0, 1000).await.expect("page");
         assert_eq!(text, b"new", "nothing of the old log shows");
         // A crash now: the resumed log holds only what the new job wrote.
@@ -511,6 +831,7 @@ mod tests {
             .append(OutputStream::Stdout, 1, b"still mine")
             .await
             .expect("append");
+        running.written().await;
         let (text, _) = read_page(running.path(), None, 0, 1000)
             .await
             .expect("page");

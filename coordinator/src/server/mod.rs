@@ -375,6 +375,8 @@ impl Shared {
                         match &event {
                             JobEvent::Finished(result) => tracing::info!(
                                 job_id,
+                                kind = %job.origin.kind,
+                                worktree = %job.origin.worktree,
                                 agent_id = %result.agent_id,
                                 attempt = result.attempt,
                                 end = ?result.completion.end,
@@ -658,6 +660,7 @@ impl Coordinator {
         if let Some(daemon) = self.git_daemon.take() {
             daemon.shutdown().await;
         }
+        self.shared.logs.flush().await;
         if let Some(store) = &self.shared.store
             && let Err(error) = store.barrier().await
         {

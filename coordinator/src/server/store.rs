@@ -365,13 +365,11 @@ fn write_loop(path: &Path, connection: &Connection, commands: &mpsc::Receiver<Co
     let mut last_commit: Option<Instant> = None;
     while let Ok(first) = commands.recv() {
         let mut batch = vec![first];
-        if let Some(until) = last_commit.map(|at| at + GROUP_COMMIT) {
-            while batch.len() < MAX_BATCH
-                && let Some(left) = until.checked_duration_since(Instant::now())
-                && let Ok(command) = commands.recv_timeout(left)
-            {
-                batch.push(command);
-            }
+        // One sleep, not a wake-up per change that arrives meanwhile.
+        if let Some(left) =
+            last_commit.and_then(|at| (at + GROUP_COMMIT).checked_duration_since(Instant::now()))
+        {
+            std::thread::sleep(left);
         }
         let room = MAX_BATCH.saturating_sub(batch.len());
         batch.extend(commands.try_iter().take(room));

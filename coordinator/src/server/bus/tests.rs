@@ -437,6 +437,7 @@ async fn a_declined_assignment_goes_to_another_agent_and_the_stale_attempt_is_fe
         (result.agent_id.as_str(), result.attempt, &result.completion),
         ("second", 2, &completion)
     );
+    job.log.written().await;
     let log = std::fs::read(job.log.path()).expect("log");
     let records = joblog::parse(&log);
     let text: Vec<&[u8]> = records

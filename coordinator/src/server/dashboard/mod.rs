@@ -227,6 +227,12 @@ async fn tail(State(shared): State<Arc<Shared>>, Path(job_id): Path<u64>) -> Res
                 }
             }
             if matches!(*phase.borrow_and_update(), JobEvent::Finished(_)) {
+                // Its last output may still be on its way to the file.
+                job.log.written().await;
+                end = *length.borrow_and_update();
+                if position < end {
+                    continue;
+                }
                 let _ = sender
                     .send(Ok(Event::default().event("end").data("")))
                     .await;
