@@ -137,6 +137,9 @@ fn write_loop(mut writes: mpsc::Receiver<Write>) {
             tracing::error!(job_id, "cannot write the job's log: {error}");
             *failed = Some(error.to_string());
         }
+        drop(failed);
+        // Wakes whoever waits in `written`: nothing more of this log will be written.
+        log.length.send_modify(|_| {});
     };
     while let Some(write) = writes.blocking_recv() {
         match write {
@@ -537,7 +540,18 @@ impl JobLog {
             .queued
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let _ = self.subscribe().wait_for(|length| *length >= queued).await;
+        let failed = || {
+            self.state
+                .failed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some()
+        };
+        // A log that failed is as written as it will get.
+        let _ = self
+            .subscribe()
+            .wait_for(|length| *length >= queued || failed())
+            .await;
     }
 }
 
@@ -751,6 +765,10 @@ mod tests {
         log.append(OutputStream::Stdout, 1, b"lost")
             .await
             .expect("queued");
+        // Followers waiting for the output to be written are let go.
+        tokio::time::timeout(std::time::Duration::from_secs(10), log.written())
+            .await
+            .expect("written() returns for a log that failed");
         let error = log
             .finish()
             .await
