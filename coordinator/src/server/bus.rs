@@ -617,6 +617,20 @@ async fn accept_result(
     completion: Completion,
     now: Instant,
 ) -> Option<CoordinatorMessage> {
+    // The output the agent sent before its result is queued for the log; it is written
+    // first, so followers get the whole output before the end and an acknowledged result
+    // never outruns its output.
+    let job = {
+        let state = shared.state();
+        state
+            .scheduler
+            .holds(conn, key)
+            .then(|| state.jobs.get(&key.job_id).cloned())
+            .flatten()
+    };
+    if let Some(job) = job {
+        job.log.written().await;
+    }
     let accepted = shared.step(|s| {
         let actions = s.finished(conn, key, completion, now);
         (!actions.is_empty(), actions)

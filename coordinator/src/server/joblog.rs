@@ -57,13 +57,20 @@ struct LogState {
     /// Bytes of complete records on disk; readers never read past it. The writer thread
     /// moves it after each write.
     length: watch::Sender<u64>,
-    /// Bytes of records queued for writing: where the next record goes.
-    queued: std::sync::Mutex<u64>,
+    /// Bytes of records queued for writing (where the next record goes), and whether the
+    /// log is finished (later writes, of a stale attempt, are dropped).
+    queued: std::sync::Mutex<Queued>,
     /// The newest records (at most [`TAIL_BYTES`]) with their offsets, for followers.
     tail: std::sync::Mutex<VecDeque<(u64, Record)>>,
     truncated: AtomicU64,
     /// The first write that failed, reported when the log is finished.
     failed: std::sync::Mutex<Option<String>>,
+}
+
+#[derive(Debug, Default)]
+struct Queued {
+    length: u64,
+    closed: bool,
 }
 
 /// Bytes of the newest records a log keeps in memory for its followers.
@@ -100,9 +107,10 @@ enum Write {
     },
     /// Answer once everything queued before is written.
     Flush(oneshot::Sender<()>),
-    /// Cut the file to `length` and close it.
+    /// Write `note` (a record at its offset) if any, cut the file to `length` and close it.
     Finish {
         job_id: u64,
+        note: Option<(u64, Vec<u8>)>,
         length: u64,
         log: Arc<LogState>,
         done: oneshot::Sender<()>,
@@ -149,14 +157,17 @@ fn write_loop(mut writes: mpsc::Receiver<Write>) {
                 reuse,
                 log,
             } => {
-                let opened = match reuse {
-                    Some(old) if std::fs::rename(&old, &path).is_ok() => {
-                        std::fs::OpenOptions::new()
-                            .write(true)
-                            .open(&path)
-                            .and_then(|file| file.write_all_at(&END_MARKER, 0).map(|()| file))
-                    }
-                    _ => std::fs::File::create(&path),
+                // The old log is ended first and renamed after, so a crash between the two
+                // never leaves the old records under the new job's name.
+                let reused = reuse.and_then(|old| {
+                    let file = std::fs::OpenOptions::new().write(true).open(&old).ok()?;
+                    file.write_all_at(&END_MARKER, 0).ok()?;
+                    std::fs::rename(&old, &path).ok()?;
+                    Some(file)
+                });
+                let opened = match reused {
+                    Some(file) => Ok(file),
+                    None => std::fs::File::create(&path),
                 };
                 match opened {
                     Ok(file) => {
@@ -186,6 +197,8 @@ fn write_loop(mut writes: mpsc::Receiver<Write>) {
                         log.length.send_replace(length);
                     }
                     Err(error) => {
+                        // A torn record must not run into a reused file's old bytes.
+                        let _ = file.set_len(at);
                         files.remove(&job_id);
                         fail(job_id, &log, error);
                     }
@@ -193,14 +206,22 @@ fn write_loop(mut writes: mpsc::Receiver<Write>) {
             }
             Write::Finish {
                 job_id,
+                note,
                 length,
                 log,
                 done,
             } => {
-                if let Some(file) = files.remove(&job_id)
-                    && let Err(error) = file.set_len(length)
-                {
-                    fail(job_id, &log, error);
+                if let Some(file) = files.remove(&job_id) {
+                    let written = match &note {
+                        Some((at, bytes)) => file.write_all_at(bytes, *at),
+                        None => Ok(()),
+                    };
+                    match written.and_then(|()| file.set_len(length)) {
+                        Ok(()) => {
+                            log.length.send_replace(length);
+                        }
+                        Err(error) => fail(job_id, &log, error),
+                    }
                 }
                 let _ = done.send(());
             }
@@ -322,7 +343,10 @@ impl JobLog {
             writer: logs.writer.clone(),
             state: Arc::new(LogState {
                 length: watch::channel(length).0,
-                queued: std::sync::Mutex::new(length),
+                queued: std::sync::Mutex::new(Queued {
+                    length,
+                    closed: false,
+                }),
                 tail: std::sync::Mutex::default(),
                 truncated: AtomicU64::new(0),
                 failed: std::sync::Mutex::default(),
@@ -362,24 +386,14 @@ impl JobLog {
         &self.path
     }
 
-    /// Appends one chunk, or counts it as dropped once the log is at its cap. Returns once
-    /// the write is queued; followers see it when it is on disk.
+    /// Appends one chunk, or counts it as dropped once the log is at its cap (or
+    /// finished: a stale attempt's output). Returns once the write is queued; followers see
+    /// it when it is on disk.
     pub async fn append(
         &self,
         stream: OutputStream,
         attempt: u32,
         data: &[u8],
-    ) -> std::io::Result<()> {
-        self.queue_record(stream, attempt, data, false).await
-    }
-
-    /// Queues one record (unless it would pass the cap and is not `exempt` from it).
-    async fn queue_record(
-        &self,
-        stream: OutputStream,
-        attempt: u32,
-        data: &[u8],
-        exempt: bool,
     ) -> std::io::Result<()> {
         let permit = self
             .writer
@@ -388,35 +402,37 @@ impl JobLog {
             .await
             .map_err(|_| std::io::Error::other("the job log writer stopped"))?;
         // Offsets are taken and writes queued under one lock, so they queue in offset order.
-        let mut queued = self
-            .state
-            .queued
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut queued = self.lock_queued();
         let record = (HEADER + data.len()) as u64;
-        if !exempt && *queued + record > self.cap {
+        if queued.closed {
+            return Ok(());
+        }
+        if queued.length + record > self.cap {
             self.state
                 .truncated
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
             return Ok(());
         }
-        let at = *queued;
-        *queued += record;
-        let mut bytes = Vec::with_capacity(2 * HEADER + data.len());
-        bytes.push(stream_byte(stream));
-        bytes.extend_from_slice(&attempt.to_le_bytes());
-        bytes.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_le_bytes());
-        bytes.extend_from_slice(data);
+        let at = queued.length;
+        queued.length += record;
+        let mut bytes = encode_record(stream, attempt, data);
         bytes.extend_from_slice(&END_MARKER);
         self.remember(at, stream, attempt, data);
         permit.send(Write::Append {
             job_id: self.job_id,
             at,
             bytes,
-            length: *queued,
+            length: queued.length,
             log: Arc::clone(&self.state),
         });
         Ok(())
+    }
+
+    fn lock_queued(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.state
+            .queued
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Keeps the record at `at` among the newest in memory.
@@ -491,32 +507,41 @@ impl JobLog {
     }
 
     /// Ends the log: the closing note about dropped output, if any, and the file cut to
-    /// its records (no end marker, nothing of a reused file's past). Returns once that is
-    /// done, with the first error any write of this log met.
+    /// its records (no end marker, nothing of a reused file's past); nothing is written to
+    /// it after. Returns once that is done, with the first error any write of this log met.
     pub async fn finish(&self) -> std::io::Result<()> {
-        let dropped = self.truncated();
-        if dropped > 0 {
-            let note = format!(
-                "[buildpool] log cap of {} bytes reached: {dropped} bytes of output were not kept\n",
-                self.cap
-            );
-            self.queue_record(OutputStream::Stderr, 0, note.as_bytes(), true)
-                .await?;
-        }
-        let length = *self
-            .state
-            .queued
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let permit = self
+            .writer
+            .0
+            .reserve()
+            .await
+            .map_err(|_| std::io::Error::other("the job log writer stopped"))?;
         let (done, finished) = oneshot::channel();
-        self.writer
-            .send(Write::Finish {
+        {
+            let mut queued = self.lock_queued();
+            if queued.closed {
+                return Ok(());
+            }
+            queued.closed = true;
+            let dropped = self.truncated();
+            let note = (dropped > 0).then(|| {
+                let text = format!(
+                    "[buildpool] log cap of {} bytes reached: {dropped} bytes of output were not kept\n",
+                    self.cap
+                );
+                let at = queued.length;
+                let bytes = encode_record(OutputStream::Stderr, 0, text.as_bytes());
+                queued.length += bytes.len() as u64;
+                (at, bytes)
+            });
+            permit.send(Write::Finish {
                 job_id: self.job_id,
-                length,
+                note,
+                length: queued.length,
                 log: Arc::clone(&self.state),
                 done,
-            })
-            .await?;
+            });
+        }
         finished
             .await
             .map_err(|_| std::io::Error::other("the job log writer stopped"))?;
@@ -535,11 +560,7 @@ impl JobLog {
     /// Waits until everything queued so far is on disk: a job's result may be handled
     /// before its last output is written, and its followers must read that output first.
     pub async fn written(&self) {
-        let queued = *self
-            .state
-            .queued
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let queued = self.lock_queued().length;
         let failed = || {
             self.state
                 .failed
@@ -553,6 +574,16 @@ impl JobLog {
             .wait_for(|length| *length >= queued || failed())
             .await;
     }
+}
+
+/// One record: header and data.
+fn encode_record(stream: OutputStream, attempt: u32, data: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(2 * HEADER + data.len());
+    bytes.push(stream_byte(stream));
+    bytes.extend_from_slice(&attempt.to_le_bytes());
+    bytes.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_le_bytes());
+    bytes.extend_from_slice(data);
+    bytes
 }
 
 /// Where a follower reads a job's records.
@@ -589,6 +620,10 @@ pub async fn read_records(path: &Path, from: u64, to: u64) -> std::io::Result<(V
         let mut bytes = vec![0u8; usize::try_from(window).unwrap_or(0)];
         file.read_exact_at(&mut bytes, from)?;
         let (records, consumed) = parse_prefix(&bytes);
+        if bytes[consumed..].starts_with(&END_MARKER) {
+            // A log read before it was cut to size: nothing follows the marker.
+            return Ok((records, to));
+        }
         Ok((records, from + consumed as u64))
     })
     .await
@@ -754,6 +789,34 @@ mod tests {
         log.written().await;
         let (text, _) = read_page(log.path(), None, 0, 1000).await.expect("page");
         assert_eq!(text, b"before after\n");
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_after_the_end_and_an_uncut_end_reads_as_the_end() {
+        let dir = tempfile::tempdir().expect("temp");
+        let logs = LogDir::open(dir.path(), &Default::default()).expect("open");
+        let log = JobLog::create(&logs, 1, 1 << 20).await.expect("create");
+        log.append(OutputStream::Stdout, 1, b"done")
+            .await
+            .expect("append");
+        log.written().await;
+        // Before the log is cut, a reader of the file up to its size stops at the marker.
+        let size = std::fs::metadata(log.path()).expect("stat").len();
+        assert_eq!(size, (2 * HEADER + 4) as u64);
+        let (records, next) = read_records(log.path(), 0, size).await.expect("read");
+        assert_eq!((records.len(), next), (1, size), "the marker ends the log");
+        log.finish().await.expect("finish");
+        // A stale attempt's output arriving after the end is dropped.
+        log.append(OutputStream::Stdout, 2, b"late")
+            .await
+            .expect("append");
+        log.written().await;
+        let (text, _) = read_page(log.path(), None, 0, 1000).await.expect("page");
+        assert_eq!(text, b"done");
+        assert_eq!(
+            std::fs::metadata(log.path()).expect("stat").len(),
+            (HEADER + 4) as u64
+        );
     }
 
     #[tokio::test]

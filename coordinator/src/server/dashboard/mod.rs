@@ -211,6 +211,7 @@ async fn tail(State(shared): State<Arc<Shared>>, Path(job_id): Path<u64>) -> Res
             return;
         }
         let mut position = end;
+        let mut final_pass = false;
         loop {
             while position < end {
                 let Ok((records, next)) = joblog::read_records(job.log.path(), position, end).await
@@ -227,11 +228,14 @@ async fn tail(State(shared): State<Arc<Shared>>, Path(job_id): Path<u64>) -> Res
                 }
             }
             if matches!(*phase.borrow_and_update(), JobEvent::Finished(_)) {
-                // Its last output may still be on its way to the file.
-                job.log.written().await;
-                end = *length.borrow_and_update();
-                if position < end {
-                    continue;
+                // Its last output may still be on its way to the file: one more pass.
+                if !final_pass {
+                    final_pass = true;
+                    job.log.written().await;
+                    end = *length.borrow_and_update();
+                    if position < end {
+                        continue;
+                    }
                 }
                 let _ = sender
                     .send(Ok(Event::default().event("end").data("")))
