@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::scheduler::{AgentRegistration, ConnId};
-use super::{Connection, LOCAL_AGENT_ID, Shared};
+use super::{ActiveJob, Connection, LOCAL_AGENT_ID, Shared};
 use crate::auth::Scope;
 
 /// Messages queued for one agent. Only control messages go this way, so a full queue means
@@ -575,6 +575,16 @@ async fn handle_message(
     Ok(None)
 }
 
+/// The job whose current attempt `key` is, if `conn` holds it.
+fn held_job(shared: &Shared, conn: ConnId, key: AttemptKey) -> Option<Arc<ActiveJob>> {
+    let state = shared.state();
+    state
+        .scheduler
+        .holds(conn, key)
+        .then(|| state.jobs.get(&key.job_id).cloned())
+        .flatten()
+}
+
 /// Fencing: only the holder of the current attempt may write to the job's log.
 async fn append_output(
     shared: &Shared,
@@ -583,15 +593,7 @@ async fn append_output(
     stream: OutputStream,
     data: &Bytes,
 ) {
-    let job = {
-        let state = shared.state();
-        state
-            .scheduler
-            .holds(conn, key)
-            .then(|| state.jobs.get(&key.job_id).cloned())
-            .flatten()
-    };
-    match job {
+    match held_job(shared, conn, key) {
         Some(job) => {
             shared.metrics.output(data.len());
             if let Err(error) = job.log.append(stream, key.attempt, data).await {
@@ -620,15 +622,7 @@ async fn accept_result(
     // The output the agent sent before its result is queued for the log; it is written
     // first, so followers get the whole output before the end and an acknowledged result
     // never outruns its output.
-    let job = {
-        let state = shared.state();
-        state
-            .scheduler
-            .holds(conn, key)
-            .then(|| state.jobs.get(&key.job_id).cloned())
-            .flatten()
-    };
-    if let Some(job) = job {
+    if let Some(job) = held_job(shared, conn, key) {
         job.log.written().await;
     }
     let accepted = shared.step(|s| {

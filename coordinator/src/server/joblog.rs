@@ -61,7 +61,7 @@ struct LogState {
     /// log is finished (later writes, of a stale attempt, are dropped).
     queued: std::sync::Mutex<Queued>,
     /// The newest records (at most [`TAIL_BYTES`]) with their offsets, for followers.
-    tail: std::sync::Mutex<VecDeque<(u64, Record)>>,
+    tail: std::sync::Mutex<Tail>,
     truncated: AtomicU64,
     /// The first write that failed, reported when the log is finished.
     failed: std::sync::Mutex<Option<String>>,
@@ -71,6 +71,14 @@ struct LogState {
 struct Queued {
     length: u64,
     closed: bool,
+}
+
+/// The newest records of a log, by offset, and their data's size (kept, not summed on
+/// every append: a log of many small records would make each append walk them all).
+#[derive(Debug, Default)]
+struct Tail {
+    records: VecDeque<(u64, Record)>,
+    bytes: usize,
 }
 
 /// Bytes of the newest records a log keeps in memory for its followers.
@@ -443,16 +451,16 @@ impl JobLog {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if data.len() > TAIL_BYTES {
-            tail.clear();
+            *tail = Tail::default();
             return;
         }
-        let mut bytes: usize = tail.iter().map(|(_, record)| record.data.len()).sum();
-        while bytes + data.len() > TAIL_BYTES
-            && let Some((_, oldest)) = tail.pop_front()
+        while tail.bytes + data.len() > TAIL_BYTES
+            && let Some((_, oldest)) = tail.records.pop_front()
         {
-            bytes -= oldest.data.len();
+            tail.bytes -= oldest.data.len();
         }
-        tail.push_back((
+        tail.bytes += data.len();
+        tail.records.push_back((
             at,
             Record {
                 stream,
@@ -472,12 +480,13 @@ impl JobLog {
                 .tail
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let start = tail.iter().position(|(at, _)| *at == from);
+            // Offsets ascend, and a follower asks from a record's start.
+            let start = tail.records.binary_search_by_key(&from, |(at, _)| *at).ok();
             start.map(|start| {
                 let mut end = from;
                 let records: Vec<Record> = tail
-                    .iter()
-                    .skip(start)
+                    .records
+                    .range(start..)
                     .take_while(|(at, record)| {
                         let fits = *at == end && at + (HEADER + record.data.len()) as u64 <= to;
                         if fits {
