@@ -351,17 +351,19 @@ impl Executor {
                 .await
                 .map_err(|e| e.to_string())?;
             let fetch_started = Instant::now();
-            let fetched = self
-                .cache
-                .ensure_commit(
+            // The workspace sheds the last job's leftovers meanwhile: the fetch writes the
+            // cache, the clean only the checkout, and the checkout waits for both.
+            let (fetched, cleaned) = tokio::join!(
+                self.cache.ensure_commit(
                     &lock,
                     &job.source.repo_id,
                     &job.remote,
                     &job.source.git_ref,
                     &job.source.commit,
-                )
-                .await
-                .map_err(|e| format!("fetching the snapshot failed: {e}"))?;
+                ),
+                workspace.clean()
+            );
+            let fetched = fetched.map_err(|e| format!("fetching the snapshot failed: {e}"))?;
             let fetch_time = fetch_started.elapsed();
             phases.fetch = fetch_time;
             let warm = workspace.is_warm();
@@ -371,6 +373,7 @@ impl Executor {
                     &lock,
                     &self.cache.repo_dir(&job.source.repo_id),
                     &job.source.commit,
+                    cleaned,
                 )
                 .await
                 .map_err(|e| format!("checking out the snapshot failed: {e}"))?;

@@ -4,12 +4,11 @@
 //! protocol over its stdin and stdout. Ours is `build-agent git-proxy`: it opens an
 //! authenticated tunnel on the coordinator's job bus port, over the same TLS as the bus,
 //! and splices it to stdin and stdout. git runs the command with no arguments of ours, so
-//! a two-line wrapper script ([`install_wrapper`]) supplies the subcommand, and the agent
+//! the command is a symlink to the agent's binary whose name says what to do
+//! ([`install_proxy_command`], [`invoked_as_proxy`]): no shell runs per fetch. The agent
 //! passes the coordinator, its trust settings and the credential in the environment of
 //! the one git process that fetches (never a job's).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,8 +24,9 @@ const ENV_CA_FILE: &str = "BUILDPOOL_TUNNEL_CA_FILE";
 const ENV_CLIENT_CERT: &str = "BUILDPOOL_TUNNEL_CLIENT_CERT";
 const ENV_CLIENT_KEY: &str = "BUILDPOOL_TUNNEL_CLIENT_KEY";
 const ENV_TOKEN: &str = "BUILDPOOL_TOKEN";
-/// The wrapper's name in the git cache directory (repository ids never start with a dot).
-const WRAPPER_NAME: &str = ".git-proxy";
+/// The proxy command's name in the git cache directory (repository ids never start with a
+/// dot).
+const PROXY_COMMAND_NAME: &str = ".git-proxy";
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitProxyError {
@@ -59,29 +59,33 @@ impl EndpointTls {
     }
 }
 
-/// Writes the wrapper script git runs as its proxy command into `dir`; returns its path.
-pub fn install_wrapper(dir: &Path) -> std::io::Result<PathBuf> {
+/// Makes the agent's proxy command in `dir`: a symlink to the agent's binary, which
+/// [`invoked_as_proxy`] recognises by its name. Returns its path.
+pub fn install_proxy_command(dir: &Path) -> std::io::Result<PathBuf> {
     let agent = std::env::current_exe()?;
-    let quoted = agent.display().to_string().replace('\'', r"'\''");
-    let script = format!("#!/bin/sh\nexec '{quoted}' git-proxy \"$@\"\n");
     std::fs::create_dir_all(dir)?;
-    let path = dir.join(WRAPPER_NAME);
-    let temporary = dir.join(format!("{WRAPPER_NAME}.{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o755)
-        .open(&temporary)?;
-    file.write_all(script.as_bytes())?;
-    drop(file);
+    let path = dir.join(PROXY_COMMAND_NAME);
+    let temporary = dir.join(format!("{PROXY_COMMAND_NAME}.{}", std::process::id()));
+    match std::fs::remove_file(&temporary) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    std::os::unix::fs::symlink(agent, &temporary)?;
     std::fs::rename(&temporary, &path)?;
     Ok(path)
 }
 
+/// Whether git runs this process as its proxy command (through the link
+/// [`install_proxy_command`] makes), rather than someone running `build-agent`.
+pub fn invoked_as_proxy() -> bool {
+    std::env::args_os()
+        .next()
+        .is_some_and(|program| Path::new(&program).file_name() == Some(PROXY_COMMAND_NAME.as_ref()))
+}
+
 /// The environment that makes git fetch from `server` through its tunnel.
 pub fn environment(
-    wrapper: &Path,
+    proxy_command: &Path,
     server: &ServerUrl,
     tls: Option<&EndpointTls>,
     token: &str,
@@ -89,7 +93,7 @@ pub fn environment(
     let mut env = vec![
         (
             "GIT_PROXY_COMMAND".to_owned(),
-            wrapper.display().to_string(),
+            proxy_command.display().to_string(),
         ),
         (ENV_SERVER.to_owned(), server.to_string()),
         (ENV_TOKEN.to_owned(), token.to_owned()),

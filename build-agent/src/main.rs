@@ -88,22 +88,31 @@ enum AgentCommand {
     },
 }
 
+/// Splices git's fetch to the coordinator's tunnel, then exits the process.
+async fn run_git_proxy() -> ! {
+    // git shows what the proxy prints on stderr; nothing else may go to stdout.
+    let code = match build_agent::git_proxy::run().await {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("build-agent git-proxy: {error}");
+            1
+        }
+    };
+    // Exit now: a read of standard input may still be pending on a blocking thread, and
+    // the runtime's shutdown would wait for it while git waits for us to exit.
+    std::process::exit(code);
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     buildpool_proto::tls::install_default_provider();
+    // Run by git as its proxy command: the link's name says so, git's arguments are not ours.
+    if build_agent::git_proxy::invoked_as_proxy() {
+        run_git_proxy().await;
+    }
     let cli = Cli::parse();
     if let Some(AgentCommand::GitProxy { .. }) = cli.command {
-        // git shows what the proxy prints on stderr; nothing else may go to stdout.
-        let code = match build_agent::git_proxy::run().await {
-            Ok(()) => 0,
-            Err(error) => {
-                eprintln!("build-agent git-proxy: {error}");
-                1
-            }
-        };
-        // Exit now: a read of standard input may still be pending on a blocking thread,
-        // and the runtime's shutdown would wait for it while git waits for us to exit.
-        std::process::exit(code);
+        run_git_proxy().await;
     }
     build_agent::systemd::init_logging("info");
     let (file, config_path) = config::discover(cli.config.as_deref())?;
@@ -175,7 +184,7 @@ async fn main() -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let git_proxy = build_agent::git_proxy::install_wrapper(&config.git_cache_dir)
+    let git_proxy = build_agent::git_proxy::install_proxy_command(&config.git_cache_dir)
         .context("cannot write the git proxy command into the git cache directory")?;
     let scanned = std::time::Instant::now();
     let disk = tokio::task::spawn_blocking({

@@ -27,6 +27,8 @@ pub enum WorkspaceError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Git(#[from] GitError),
+    #[error("git clean failed in {0}")]
+    Unclean(PathBuf),
 }
 
 /// All workspaces of this agent, under one directory.
@@ -191,7 +193,25 @@ impl Workspace {
         self.target.join("CACHEDIR.TAG").exists() || self.target.join("debug").exists()
     }
 
+    /// Removes what the last job left in the checkout beside its snapshot's files
+    /// (untracked and ignored files), keeping a lockfile cargo generated there. Needs no
+    /// cache lock, so it runs while the next snapshot is fetched. Returns whether the
+    /// checkout is clean now (`false` when there is none yet, or git failed).
+    pub async fn clean(&self) -> bool {
+        self.src.join(".git").exists()
+            && Git::new(&self.src)
+                // A lockfile cargo generated here stays when the snapshot has none, so the
+                // next job does not resolve every dependency again. (One the snapshot
+                // carries is checked out over it.)
+                .args(["clean", "-ffdxq", "--exclude=/Cargo.lock"])
+                .output()
+                .await
+                .is_ok()
+    }
+
     /// Checks `commit` out, leaving exactly the snapshot's files (plus the outside target).
+    /// A checkout [`Workspace::clean`] cleaned before (`cleaned`) is not cleaned again:
+    /// switching commits removes and writes tracked files only, and there are no others.
     ///
     /// Creating the worktree touches the cache's worktree list, so the caller holds the
     /// cache lock for the whole call.
@@ -200,6 +220,7 @@ impl Workspace {
         _lock: &CacheLock,
         cache_repo: &Path,
         commit: &str,
+        cleaned: bool,
     ) -> Result<(), WorkspaceError> {
         if self.src.join(".git").exists() {
             let switched = Git::new(&self.src)
@@ -207,13 +228,9 @@ impl Workspace {
                 .output()
                 .await;
             if switched.is_ok() {
-                Git::new(&self.src)
-                    // A lockfile cargo generated here stays when the snapshot has none, so
-                    // the next job does not resolve every dependency again. (One the
-                    // snapshot carries is checked out over it.)
-                    .args(["clean", "-ffdxq", "--exclude=/Cargo.lock"])
-                    .output()
-                    .await?;
+                if !cleaned && !self.clean().await {
+                    return Err(WorkspaceError::Unclean(self.src.clone()));
+                }
                 return Ok(());
             }
             tracing::warn!(src = %self.src.display(), "workspace is broken; recreating it");
@@ -337,5 +354,89 @@ mod tests {
             .expect("joins")
             .expect("acquired");
         assert_eq!(workspace.slot, 0);
+    }
+
+    #[tokio::test]
+    async fn a_checkout_holds_exactly_the_snapshot_whether_cleaned_before_or_after() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let git = |cwd: PathBuf, args: &'static [&'static str]| async move {
+            Git::new(&cwd)
+                .args(["-c", "user.name=t", "-c", "user.email=t@localhost"])
+                .args(args)
+                .output()
+                .await
+                .expect("git runs")
+        };
+        let source = dir.path().join("source");
+        std::fs::create_dir_all(&source).expect("dir");
+        git(source.clone(), &["init", "--quiet"]).await;
+        std::fs::write(source.join("first.txt"), "first\n").expect("write");
+        git(source.clone(), &["add", "."]).await;
+        git(source.clone(), &["commit", "--quiet", "-m", "first"]).await;
+        let first = git(source.clone(), &["rev-parse", "HEAD"]).await;
+        git(source.clone(), &["rm", "--quiet", "first.txt"]).await;
+        std::fs::write(source.join("second.txt"), "second\n").expect("write");
+        git(source.clone(), &["add", "."]).await;
+        git(source.clone(), &["commit", "--quiet", "-m", "second"]).await;
+        let second = git(source.clone(), &["rev-parse", "HEAD"]).await;
+        let cache = crate::git_cache::GitCache::new(dir.path().join("cache"));
+        let cache_repo = cache.repo_dir("repo");
+        Git::new(dir.path())
+            .args(["clone", "--quiet", "--bare"])
+            .arg(&source)
+            .arg(&cache_repo)
+            .output()
+            .await
+            .expect("clone");
+        let lock = cache.lock("repo").await.expect("lock");
+        let pool = WorkspacePool::new(dir.path().join("workspaces"), 1);
+        let workspace = pool
+            .acquire("repo", &Lineage::default())
+            .expect("workspace");
+        let files = || {
+            let mut names: Vec<String> = std::fs::read_dir(&workspace.src)
+                .expect("checkout")
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name != ".git")
+                .collect();
+            names.sort();
+            names
+        };
+        let leave_leftovers = || {
+            std::fs::write(workspace.src.join("junk.txt"), "left by a job\n").expect("junk");
+            std::fs::create_dir_all(workspace.src.join("out")).expect("dir");
+            std::fs::write(workspace.src.join("out/generated.rs"), "\n").expect("generated");
+            std::fs::write(workspace.src.join("Cargo.lock"), "# generated\n").expect("lock");
+        };
+
+        assert!(
+            !workspace.clean().await,
+            "nothing to clean before the first checkout"
+        );
+        workspace
+            .checkout(&lock, &cache_repo, &first, false)
+            .await
+            .expect("first checkout");
+        assert_eq!(files(), ["first.txt"]);
+
+        leave_leftovers();
+        assert!(workspace.clean().await);
+        workspace
+            .checkout(&lock, &cache_repo, &second, true)
+            .await
+            .expect("cleaned before");
+        assert_eq!(
+            files(),
+            ["Cargo.lock", "second.txt"],
+            "a generated lockfile stays"
+        );
+
+        leave_leftovers();
+        workspace
+            .checkout(&lock, &cache_repo, &first, false)
+            .await
+            .expect("cleaned after");
+        assert_eq!(files(), ["Cargo.lock", "first.txt"]);
     }
 }

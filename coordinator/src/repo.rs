@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use buildpool_core::git::{Git, GitError};
+use buildpool_core::git::{Git, GitError, is_object_id};
+
+/// Where a repository's root commit is remembered, in its state directory.
+const ROOT_COMMIT_FILE: &str = "root-commit";
 
 /// Where a repository lives and how agents identify it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,12 +99,8 @@ impl Repo {
         .unwrap_or_default();
         // The first root commit identifies a project across clones; an empty repository
         // falls back to its location.
-        let root = Git::new(&worktree)
-            .args(["rev-list", "--max-parents=0", "HEAD"])
-            .output()
+        let root = root_commit(&worktree, &common_dir)
             .await
-            .ok()
-            .and_then(|roots| roots.lines().last().map(str::to_owned))
             .unwrap_or_else(|| common_dir.display().to_string());
         let id = format!(
             "{}-{:012x}",
@@ -197,6 +196,32 @@ impl Repo {
     }
 }
 
+/// The first root commit of `HEAD`'s history, remembered in the repository's state
+/// directory once found: every client starts by discovering its repository, and this
+/// spares each a git process. A repository keeps the identity it was first given, even
+/// should a worktree later check out unrelated history.
+async fn root_commit(worktree: &Path, common_dir: &Path) -> Option<String> {
+    let remembered = common_dir.join("buildpool").join(ROOT_COMMIT_FILE);
+    if let Ok(text) = std::fs::read_to_string(&remembered)
+        && is_object_id(text.trim_end())
+    {
+        return Some(text.trim_end().to_owned());
+    }
+    let roots = Git::new(worktree)
+        .args(["rev-list", "--max-parents=0", "HEAD"])
+        .output()
+        .await
+        .ok()?;
+    let root = roots.lines().last()?.to_owned();
+    // Best effort: without it, the next discovery asks git again.
+    if let Some(dir) = remembered.parent()
+        && std::fs::create_dir_all(dir).is_ok()
+    {
+        let _ = crate::atomic_file::write(&remembered, root.as_bytes(), 0o644);
+    }
+    Some(root)
+}
+
 /// Creates the private repository of a plain directory: made aside and renamed into
 /// place, so clients starting at once never see half of one.
 async fn init_private(home: &Path, common_dir: &Path, worktree: &Path) -> Result<(), RepoError> {
@@ -260,6 +285,41 @@ mod tests {
         let lone = Repo::plain_under(&lone, &cache).await.expect("plain");
         assert_ne!(lone.id, from_member.id);
         assert_ne!(lone.common_dir, from_member.common_dir);
+    }
+
+    #[tokio::test]
+    async fn a_repository_keeps_the_identity_of_its_first_root_commit() {
+        let dir = tempfile::tempdir().expect("temp");
+        let root = dir.path();
+        let git = |args: &'static [&'static str]| {
+            Git::new(root)
+                .args(["-c", "user.name=t", "-c", "user.email=t@localhost"])
+                .args(args)
+                .output()
+        };
+        git(&["init", "--quiet"]).await.expect("init");
+        git(&["commit", "--quiet", "--allow-empty", "-m", "first"])
+            .await
+            .expect("commit");
+        let first_root = git(&["rev-parse", "HEAD"]).await.expect("root");
+        let repo = Repo::discover(root).await.expect("repo");
+        let remembered = repo.state_dir().join(ROOT_COMMIT_FILE);
+        assert_eq!(
+            std::fs::read_to_string(&remembered).expect("remembered"),
+            first_root
+        );
+        // Unrelated history checked out later: discovery reads the remembered root, not git.
+        git(&["checkout", "--quiet", "--orphan", "other"])
+            .await
+            .expect("orphan");
+        git(&["commit", "--quiet", "--allow-empty", "-m", "other root"])
+            .await
+            .expect("commit");
+        let again = Repo::discover(root).await.expect("repo");
+        assert_eq!(again.id, repo.id);
+        std::fs::remove_file(&remembered).expect("forget");
+        let asked = Repo::discover(root).await.expect("repo");
+        assert_ne!(asked.id, repo.id, "git is asked when nothing is remembered");
     }
 
     #[test]

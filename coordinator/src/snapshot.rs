@@ -167,9 +167,19 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         fastrand::u32(..)
     );
     // Pruning at the same time: it keeps the newest refs and the one being created is the
-    // newest, so the two never meet, and the snapshot waits for one git call, not two.
-    let created = repo.git().args(["update-ref", &git_ref, &commit]).output();
-    let (created, pruned) = tokio::join!(created, prune(&repo.common_dir));
+    // newest, so the two never meet.
+    let pruned = async {
+        let common_dir = repo.common_dir.clone();
+        let needed = tokio::task::spawn_blocking(move || prune_needed(&common_dir))
+            .await
+            .unwrap_or(true);
+        if needed {
+            prune(&repo.common_dir).await
+        } else {
+            Ok(0)
+        }
+    };
+    let (created, pruned) = tokio::join!(create_ref(repo, &git_ref, &commit), pruned);
     created?;
     drop(temporary);
     if let Err(error) = pruned {
@@ -181,6 +191,85 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         base_commit: parent,
         skipped,
     })
+}
+
+/// Creates the new snapshot ref `git_ref` at `commit`.
+///
+/// In the files ref storage a plain, new name is written as git writes a loose ref (a
+/// `.lock` file renamed into place), which spares the snapshot a git process. Whatever
+/// that cannot do (another ref storage, a failed write) goes to `git update-ref`, which
+/// says what is wrong.
+async fn create_ref(repo: &Repo, git_ref: &str, commit: &str) -> Result<(), GitError> {
+    let common_dir = repo.common_dir.clone();
+    let (name, id) = (git_ref.to_owned(), commit.to_owned());
+    let written = tokio::task::spawn_blocking(move || write_loose_ref(&common_dir, &name, &id))
+        .await
+        .is_ok_and(|written| written.is_ok());
+    if written {
+        return Ok(());
+    }
+    repo.git()
+        .args(["update-ref", git_ref, commit])
+        .output()
+        .await
+        .map(drop)
+}
+
+fn write_loose_ref(common_dir: &Path, git_ref: &str, commit: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    if !is_plain_snapshot_ref(git_ref) || common_dir.join("reftable").exists() {
+        return Err(std::io::ErrorKind::Unsupported.into());
+    }
+    let path = common_dir.join(git_ref);
+    let lock = common_dir.join(format!("{git_ref}.lock"));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // Exclusive, as git takes a ref's lock: a name is never written by two at once.
+    let mut file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(&lock)?;
+    let written = file
+        .write_all(format!("{commit}\n").as_bytes())
+        .and_then(|()| std::fs::rename(&lock, &path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&lock);
+    }
+    written
+}
+
+/// Whether [`prune`] has anything to do. Told without git from the loose snapshot refs
+/// (their names carry their creation time) unless `packed-refs` holds snapshot refs or the
+/// refs are stored otherwise: then git is asked.
+fn prune_needed(common_dir: &Path) -> bool {
+    if common_dir.join("reftable").exists() {
+        return true;
+    }
+    match std::fs::read_to_string(common_dir.join("packed-refs")) {
+        Ok(packed) if packed.contains(SNAPSHOT_REF_PREFIX) => return true,
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(_) => return true,
+    }
+    let Ok(entries) = std::fs::read_dir(common_dir.join(SNAPSHOT_REF_PREFIX)) else {
+        return false;
+    };
+    let oldest_kept = unix_millis().saturating_sub(buildpool_core::time::millis(SNAPSHOT_MAX_AGE));
+    let mut count = 0;
+    for entry in entries.flatten() {
+        count += 1;
+        let name = entry.file_name();
+        let created = name
+            .to_str()
+            .and_then(|leaf| leaf.split('-').next())
+            .and_then(|millis| millis.parse::<u64>().ok());
+        // A name of another form, or one past its age, is git's to judge and prune.
+        if count > KEPT_SNAPSHOTS || created.is_none_or(|created| created < oldest_kept) {
+            return true;
+        }
+    }
+    false
 }
 
 /// The untracked files that are not ignored (by git's rules or `.buildpoolignore`), as
@@ -618,6 +707,45 @@ mod tests {
         git(root, &["update-ref", &old, &snapshot.commit]).await;
         assert_eq!(prune(&root.join(".git")).await.expect("prune"), 1);
         assert_eq!(count(root).await.expect("count"), 3);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_writes_its_ref_as_git_reads_it_and_prunes_only_when_needed() {
+        let dir = fixture().await;
+        let root = dir.path();
+        let common_dir = root.join(".git");
+        let repo = Repo::discover(root).await.expect("repo");
+        let snapshot = create(&repo).await.expect("snapshot");
+        let resolved = git(root, &["rev-parse", "--verify", &snapshot.git_ref]).await;
+        assert_eq!(
+            resolved, snapshot.commit,
+            "git reads the ref written without it"
+        );
+        assert!(
+            !common_dir
+                .join(format!("{}.lock", snapshot.git_ref))
+                .exists(),
+            "no lock file stays"
+        );
+        assert!(!prune_needed(&common_dir), "one fresh loose ref");
+
+        // A ref past its age, loose: the next snapshot prunes it.
+        let old = format!(
+            "{SNAPSHOT_REF_PREFIX}{}-00000000",
+            unix_millis() - 25 * 3600 * 1000
+        );
+        git(root, &["update-ref", &old, &snapshot.commit]).await;
+        assert!(prune_needed(&common_dir));
+        create(&repo).await.expect("snapshot");
+        assert_eq!(count(root).await.expect("count"), 2, "the old ref is gone");
+
+        // Packed, its age is not in a file name: git is asked, and prunes it.
+        git(root, &["update-ref", &old, &snapshot.commit]).await;
+        git(root, &["pack-refs", "--all"]).await;
+        assert!(prune_needed(&common_dir));
+        create(&repo).await.expect("snapshot");
+        let left = git(root, &["for-each-ref", "--format=%(refname)", &old]).await;
+        assert!(left.is_empty(), "the packed old ref is gone: {left}");
     }
 
     #[tokio::test]

@@ -150,6 +150,17 @@ impl Git {
     }
 }
 
+/// Whether the object `id` is a loose object of the repository whose object store is
+/// `<git_dir>/objects`: a stat instead of a git process. `false` says nothing: the object
+/// may be packed, or stored elsewhere.
+pub fn has_loose_object(git_dir: &Path, id: &str) -> bool {
+    if !is_object_id(id) {
+        return false;
+    }
+    let (fan_out, rest) = id.split_at(2);
+    git_dir.join("objects").join(fan_out).join(rest).is_file()
+}
+
 /// Whether `text` is a full hexadecimal object id.
 pub fn is_object_id(text: &str) -> bool {
     matches!(text.len(), 40 | 64) && text.bytes().all(|b| b.is_ascii_hexdigit())

@@ -272,7 +272,8 @@ impl fmt::Display for JobEnd {
 pub struct AgentPhases {
     /// Waiting for a free workspace of the repository.
     pub workspace_wait: Duration,
-    /// Fetching the snapshot into the agent's git cache (zero when it was cached).
+    /// Fetching the snapshot into the agent's git cache, and meanwhile cleaning the
+    /// workspace of the last job's leftovers (the clean alone when the snapshot was cached).
     pub fetch: Duration,
     /// Checking the snapshot out into the workspace.
     pub checkout: Duration,

@@ -1,8 +1,9 @@
-//! The job bus under bad input: wrong tokens, garbage, oversized frames and silent peers get
-//! a clear rejection and never crash or wedge the coordinator.
+//! The job bus and the control API under bad input: wrong tokens, garbage, oversized frames,
+//! silent peers and submissions of snapshots that are not there get a clear rejection and
+//! never crash or wedge the coordinator.
 //!
-//! These tests speak the wire format itself (generated protobuf types over a raw WebSocket),
-//! as a hostile or buggy peer would, rather than the agent's typed socket.
+//! The bus tests speak the wire format itself (generated protobuf types over a raw
+//! WebSocket), as a hostile or buggy peer would, rather than the agent's typed socket.
 
 use std::io::Write;
 use std::time::Duration;
@@ -249,4 +250,69 @@ fn a_flood_of_silent_connections_does_not_keep_a_real_agent_out() {
     let check = check.expect("a job ran");
     assert_eq!(check.code, Some(0), "{check}");
     assert!(check.stderr.contains("running on steady"), "{check}");
+}
+
+/// A submission names its snapshot by ref and commit. The coordinator takes it only when
+/// the ref holds that commit, whether git keeps them as loose files (read without git) or
+/// packed (git is asked).
+#[tokio::test]
+async fn a_submission_is_taken_only_when_its_snapshot_ref_holds_its_commit() {
+    use buildpool::client::Client;
+    use buildpool::repo::Repo;
+    use buildpool_core::status::Submission;
+    use buildpool_core::{JobKind, JobSpec};
+
+    let cluster = Cluster::start(Fixture::new().expect("fixture"), 0, 1).expect("cluster");
+    let fixture = &cluster.fixture;
+    let repo = Repo::discover(&fixture.root()).await.expect("repo");
+    let (client, _) = Client::connect_to_running(&repo).await.expect("client");
+    let head = fixture.git(&["rev-parse", "HEAD"]).expect("head");
+    let tree = fixture.git(&["rev-parse", "HEAD^{tree}"]).expect("tree");
+    let other = fixture
+        .git(&["commit-tree", &tree, "-m", "other"])
+        .expect("commit");
+    let submit = |git_ref: &str, commit: &str| {
+        let mut spec = JobSpec::new(JobKind::Check);
+        // Runs nowhere: the test is about taking the job, not running it.
+        spec.required_labels = vec!["no-such-label".to_owned()];
+        let submission = Submission {
+            spec,
+            commit: commit.to_owned(),
+            git_ref: git_ref.to_owned(),
+            worktree: fixture.root().display().to_string(),
+            base_commit: String::new(),
+        };
+        let client = client.clone();
+        async move { client.submit(submission).await.map(drop) }
+    };
+
+    let missing = submit("refs/buildpool/snapshots/1-missing", &head).await;
+    let error = missing.expect_err("no such ref").to_string();
+    assert!(error.contains("does not exist"), "{error}");
+
+    let git_ref = "refs/buildpool/snapshots/2-moved";
+    fixture.git(&["update-ref", git_ref, &other]).expect("ref");
+    let error = submit(git_ref, &head)
+        .await
+        .expect_err("ref elsewhere")
+        .to_string();
+    assert!(error.contains(&format!("points at {other}")), "{error}");
+
+    let loose = "refs/buildpool/snapshots/3-loose";
+    fixture.git(&["update-ref", loose, &other]).expect("ref");
+    submit(loose, &other)
+        .await
+        .expect("a loose ref and object are taken");
+
+    let packed = "refs/buildpool/snapshots/4-packed";
+    fixture.git(&["update-ref", packed, &head]).expect("ref");
+    fixture.git(&["gc", "--quiet"]).expect("gc");
+    submit(packed, &head)
+        .await
+        .expect("a packed ref and object are taken");
+    let error = submit(packed, &other)
+        .await
+        .expect_err("packed, elsewhere")
+        .to_string();
+    assert!(error.contains(&format!("points at {head}")), "{error}");
 }
