@@ -41,7 +41,7 @@
 //! must be 0), reruns, and how long clients waited.
 //!
 //! Run: `cargo run --release -p buildpool-tests --bin bench [-- ROUNDS]`,
-//! `... --bin bench -- security [ROUNDS]`, `... --bin bench -- crate memchr [ROUNDS]`,
+//! `... --bin bench -- security [ROUNDS]`, `... --bin bench -- crate memchr [ROUNDS] [--unsandboxed] [--one-line-only]`,
 //! `... --bin bench -- scale --agents 1000 --jobs 20000 [--slots N] [--clients N]
 //! [--connections N] [--plain]`, `... -- scale --agents 10000 --idle`,
 //! `... --bin bench -- growth [ROUNDS]`, `... -- hook [ROUNDS]`, `... -- sccache` or
@@ -292,9 +292,18 @@ fn main() -> anyhow::Result<()> {
         return hook::hook(rounds);
     }
     if args.first().is_some_and(|arg| arg == "crate") {
-        let name = args.get(1).context("bench crate NAME [ROUNDS]")?.clone();
+        let usage = "bench crate NAME [ROUNDS] [--unsandboxed] [--one-line-only]";
+        let name = args.get(1).context(usage)?.clone();
         let rounds = args.get(2).map(|n| n.parse()).transpose()?.unwrap_or(3);
-        return real_crate(&name, rounds);
+        let mut options = CrateOptions::default();
+        for flag in args.iter().skip(3) {
+            match flag.as_str() {
+                "--unsandboxed" => options.unsandboxed = true,
+                "--one-line-only" => options.one_line_only = true,
+                other => bail!("unknown flag {other}; {usage}"),
+            }
+        }
+        return real_crate(&name, rounds, &options);
     }
     if args.first().is_some_and(|arg| arg == "affinity") {
         let rounds = args.get(1).map(|n| n.parse()).transpose()?.unwrap_or(3);
@@ -630,15 +639,16 @@ fn pool_test(fixture: &Fixture, dir: &Path) -> anyhow::Result<(Duration, String)
     Ok((elapsed, stderr))
 }
 
-/// `cargo test --quiet` in `dir`, timed, with the worktree's own target dir as a developer
-/// has it (not one the benchmark's environment may name).
+/// `cargo test` in `dir`, timed: the command the pool runs, as a developer types it (the
+/// `cargo` on `PATH`, as the job finds it, not the one that may have started the benchmark)
+/// with the worktree's own target dir (not one the benchmark's environment may name).
 fn local_test(dir: &Path) -> anyhow::Result<Duration> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let mut command = Command::new(cargo);
+    let mut command = Command::new("cargo");
     command
-        .args(["test", "--quiet"])
+        .arg("test")
         .current_dir(dir)
-        .env_remove("CARGO_TARGET_DIR");
+        .env_remove("CARGO_TARGET_DIR")
+        .env("CARGO_TERM_COLOR", "never");
     timed_command(command)
 }
 
@@ -648,9 +658,23 @@ fn one_line_change(dir: &Path, original: &str, line: &str) -> anyhow::Result<()>
     Ok(())
 }
 
-fn real_crate(name: &str, rounds: usize) -> anyhow::Result<()> {
+/// How `bench crate` runs.
+#[derive(Debug, Default)]
+struct CrateOptions {
+    /// An agent without the sandbox, to tell what the sandbox costs.
+    unsandboxed: bool,
+    /// Only the one-line change rounds (no four-worktrees part).
+    one_line_only: bool,
+}
+
+fn real_crate(name: &str, rounds: usize, options: &CrateOptions) -> anyhow::Result<()> {
     let source = crate_source(name)?;
-    let cluster = Cluster::start(Fixture::from_source(&source)?, 1, 2)?;
+    let serve = if options.unsandboxed {
+        ServeOptions::unsandboxed()
+    } else {
+        ServeOptions::default()
+    };
+    let cluster = Cluster::start_with(Fixture::from_source(&source)?, 1, 2, &serve)?;
     let fixture = &cluster.fixture;
 
     // The agent builds the crate once, from the main worktree.
@@ -675,8 +699,13 @@ fn real_crate(name: &str, rounds: usize) -> anyhow::Result<()> {
     }
 
     println!(
-        "buildpool real-crate benchmark: {} (1 agent, 2 slots, this host)",
-        source.file_name().and_then(|n| n.to_str()).unwrap_or(name)
+        "buildpool real-crate benchmark: {} (1 agent, 2 slots, this host{})",
+        source.file_name().and_then(|n| n.to_str()).unwrap_or(name),
+        if options.unsandboxed {
+            ", no sandbox"
+        } else {
+            ""
+        }
     );
     println!(
         "agent's first build and test (warm-up): {:.0} ms",
@@ -707,6 +736,9 @@ fn real_crate(name: &str, rounds: usize) -> anyhow::Result<()> {
         "one-line change through the pool, median ms per phase (run -v): {}",
         phases.medians()
     );
+    if options.one_line_only {
+        return Ok(());
+    }
     four_at_once(fixture, &original, rounds)
 }
 
