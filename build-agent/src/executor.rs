@@ -350,22 +350,31 @@ impl Executor {
                 .lock(&job.source.repo_id)
                 .await
                 .map_err(|e| e.to_string())?;
-            let fetch_started = Instant::now();
+            let phase = Instant::now();
+            let fetch = async {
+                let started = Instant::now();
+                let fetched = self
+                    .cache
+                    .ensure_commit(
+                        &lock,
+                        &job.source.repo_id,
+                        &job.remote,
+                        &job.source.git_ref,
+                        &job.source.commit,
+                    )
+                    .await;
+                (fetched, started.elapsed())
+            };
             // The workspace sheds the last job's leftovers meanwhile: the fetch writes the
-            // cache, the clean only the checkout, and the checkout waits for both.
-            let (fetched, cleaned) = tokio::join!(
-                self.cache.ensure_commit(
-                    &lock,
-                    &job.source.repo_id,
-                    &job.remote,
-                    &job.source.git_ref,
-                    &job.source.commit,
-                ),
-                workspace.clean()
-            );
+            // cache, the clean only the checkout, and the checkout waits for both. A clean
+            // that fails is tried again after the checkout, which reports its error.
+            let ((fetched, fetch_time), cleaned) = tokio::join!(fetch, workspace.clean());
             let fetched = fetched.map_err(|e| format!("fetching the snapshot failed: {e}"))?;
-            let fetch_time = fetch_started.elapsed();
-            phases.fetch = fetch_time;
+            let cleaned = cleaned.unwrap_or_else(|error| {
+                tracing::warn!("cleaning workspace slot {} failed: {error}", workspace.slot);
+                false
+            });
+            phases.fetch = phase.elapsed();
             let warm = workspace.is_warm();
             let phase = Instant::now();
             workspace

@@ -8,8 +8,6 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use buildpool_core::git::{Git, GitError, has_loose_object, is_object_id};
@@ -20,10 +18,13 @@ const KEPT_FETCHED_REFS: usize = 32;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a job waits for another fetch into the same cache.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(900);
-/// Fetches between two chances for git's automatic maintenance (`gc --auto`). After every
-/// fetch it costs a process per job, and it has nothing to do until thousands of loose
-/// objects piled up (a fetch leaves a few).
-const MAINTENANCE_EVERY: u32 = 64;
+/// Loose objects in one of the 256 object directories beyond which a fetch lets git's
+/// automatic maintenance run: git's own estimate (`gc.auto`, 6700 loose objects in all)
+/// over 256. Below it, and with few packs, maintenance has nothing to do, and asking costs
+/// a git process per job.
+const LOOSE_IN_ONE_DIRECTORY: usize = 6700 / 256;
+/// Packs beyond which maintenance repacks (git's `gc.autoPackLimit`).
+const PACKS: usize = 50;
 
 /// Where and how to fetch a coordinator's snapshots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,8 +83,6 @@ pub enum CacheError {
 #[derive(Debug, Clone)]
 pub struct GitCache {
     root: PathBuf,
-    /// Fetches so far, shared by clones: every [`MAINTENANCE_EVERY`]th lets git maintain.
-    fetches: Arc<AtomicU32>,
 }
 
 /// A held exclusive lock on one cache repository; released on drop.
@@ -109,10 +108,7 @@ pub fn check_repo_id(repo_id: &str) -> Result<(), CacheError> {
 
 impl GitCache {
     pub fn new(root: PathBuf) -> Self {
-        Self {
-            root,
-            fetches: Arc::default(),
-        }
+        Self { root }
     }
 
     /// The repositories cached here.
@@ -196,19 +192,17 @@ impl GitCache {
             return Ok(false);
         }
         let local_ref = format!("refs/buildpool/fetched/{leaf}");
-        let maintain = self
-            .fetches
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(MAINTENANCE_EVERY);
         let mut fetch = Git::new(&dir);
         for (key, value) in &remote.env.0 {
             fetch = fetch.env(key, value);
+        }
+        if !maintenance_due(&dir) {
+            fetch = fetch.args(["-c", "maintenance.auto=false"]);
         }
         let fetched = fetch
             // Protocol v2 costs git:// fetches a second round trip that meets delayed ACKs
             // (measured: 90 ms against 50 ms per fetch on loopback); v1 does the same work.
             .args(["-c", "protocol.version=1"])
-            .args(["-c", &format!("maintenance.auto={maintain}")])
             .args([
                 "fetch",
                 "--quiet",
@@ -251,6 +245,22 @@ impl GitCache {
         prune_fetched_refs(&dir).await?;
         Ok(true)
     }
+}
+
+/// Whether git's automatic maintenance of the bare repository `dir` would find work: told
+/// as git tells it, by the loose objects in one object directory and the packs.
+fn maintenance_due(dir: &Path) -> bool {
+    let entries = |sub: &str| {
+        std::fs::read_dir(dir.join("objects").join(sub))
+            .into_iter()
+            .flatten()
+            .flatten()
+    };
+    entries("17").count() > LOOSE_IN_ONE_DIRECTORY
+        || entries("pack")
+            .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "pack"))
+            .count()
+            > PACKS
 }
 
 async fn has_commit(dir: &Path, commit: &str) -> bool {
@@ -393,6 +403,25 @@ mod tests {
         );
         assert!(ensure(&remote).await.expect("packed, fetchable"));
         assert!(!ensure(&gone).await.expect("packed, remote gone"));
+    }
+
+    #[test]
+    fn maintenance_is_due_when_loose_objects_or_packs_pile_up() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let objects = dir.path().join("objects");
+        std::fs::create_dir_all(objects.join("17")).expect("dir");
+        std::fs::create_dir_all(objects.join("pack")).expect("dir");
+        assert!(!maintenance_due(dir.path()));
+        for n in 0..=LOOSE_IN_ONE_DIRECTORY {
+            std::fs::write(objects.join("17").join(format!("{n:038}")), "").expect("object");
+        }
+        assert!(maintenance_due(dir.path()), "loose objects");
+        std::fs::remove_dir_all(objects.join("17")).expect("rm");
+        for n in 0..=PACKS {
+            std::fs::write(objects.join("pack").join(format!("pack-{n}.pack")), "").expect("pack");
+            std::fs::write(objects.join("pack").join(format!("pack-{n}.idx")), "").expect("idx");
+        }
+        assert!(maintenance_due(dir.path()), "packs");
     }
 
     #[tokio::test]

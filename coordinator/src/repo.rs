@@ -213,8 +213,10 @@ async fn root_commit(worktree: &Path, common_dir: &Path) -> Option<String> {
         .await
         .ok()?;
     let root = roots.lines().last()?.to_owned();
-    // Best effort: without it, the next discovery asks git again.
-    if let Some(dir) = remembered.parent()
+    // Best effort: without it, the next discovery asks git again. A shallow clone's root
+    // is only its boundary, which a deeper fetch moves: not remembered.
+    if !common_dir.join("shallow").exists()
+        && let Some(dir) = remembered.parent()
         && std::fs::create_dir_all(dir).is_ok()
     {
         let _ = crate::atomic_file::write(&remembered, root.as_bytes(), 0o644);

@@ -196,9 +196,10 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
 /// Creates the new snapshot ref `git_ref` at `commit`.
 ///
 /// In the files ref storage a plain, new name is written as git writes a loose ref (a
-/// `.lock` file renamed into place), which spares the snapshot a git process. Whatever
-/// that cannot do (another ref storage, a failed write) goes to `git update-ref`, which
-/// says what is wrong.
+/// `.lock` file renamed into place, no reflog), which spares the snapshot a git process.
+/// Whatever that cannot do (another ref storage, no snapshot ref directory yet, a failed
+/// write) goes to `git update-ref`, which says what is wrong. The directory is left to git
+/// to make, with the permissions a shared repository asks for.
 async fn create_ref(repo: &Repo, git_ref: &str, commit: &str) -> Result<(), GitError> {
     let common_dir = repo.common_dir.clone();
     let (name, id) = (git_ref.to_owned(), commit.to_owned());
@@ -222,9 +223,6 @@ fn write_loose_ref(common_dir: &Path, git_ref: &str, commit: &str) -> std::io::R
     }
     let path = common_dir.join(git_ref);
     let lock = common_dir.join(format!("{git_ref}.lock"));
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     // Exclusive, as git takes a ref's lock: a name is never written by two at once.
     let mut file = std::fs::File::options()
         .write(true)
@@ -258,13 +256,20 @@ fn prune_needed(common_dir: &Path) -> bool {
     let oldest_kept = unix_millis().saturating_sub(buildpool_core::time::millis(SNAPSHOT_MAX_AGE));
     let mut count = 0;
     for entry in entries.flatten() {
-        count += 1;
         let name = entry.file_name();
-        let created = name
+        let Some(leaf) = name
             .to_str()
-            .and_then(|leaf| leaf.split('-').next())
+            .filter(|leaf| is_plain_snapshot_ref(&format!("{SNAPSHOT_REF_PREFIX}{leaf}")))
+        else {
+            // Not a ref git lists (a lock file, say): nothing for the prune to remove.
+            continue;
+        };
+        count += 1;
+        let created = leaf
+            .split('-')
+            .next()
             .and_then(|millis| millis.parse::<u64>().ok());
-        // A name of another form, or one past its age, is git's to judge and prune.
+        // A ref past its age, or whose name tells none, is git's to list and prune.
         if count > KEPT_SNAPSHOTS || created.is_none_or(|created| created < oldest_kept) {
             return true;
         }
@@ -464,6 +469,24 @@ pub async fn loose_ref_target(common_dir: &Path, git_ref: &str) -> Option<String
         .ok()?;
     let id = text.trim_end();
     buildpool_core::git::is_object_id(id).then(|| id.to_owned())
+}
+
+/// Whether `id` is a commit stored as a loose object in `common_dir`, told by the object
+/// file's header (`commit <size>`) without running git. `false` says nothing: the object
+/// may be packed, or not a commit.
+pub fn is_loose_commit(common_dir: &Path, id: &str) -> bool {
+    use std::io::Read;
+    if !buildpool_core::git::has_loose_object(common_dir, id) {
+        return false;
+    }
+    let (fan_out, rest) = id.split_at(2);
+    let Ok(file) = std::fs::File::open(common_dir.join("objects").join(fan_out).join(rest)) else {
+        return false;
+    };
+    let mut header = [0u8; 7];
+    flate2::read::ZlibDecoder::new(file)
+        .read_exact(&mut header)
+        .is_ok_and(|()| &header == b"commit ")
 }
 
 /// Keeps the snapshot refs bounded: the newest `KEPT_SNAPSHOTS`, none older than a day.
@@ -710,6 +733,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_loose_commit_is_told_from_other_objects_by_its_header() {
+        let dir = fixture().await;
+        let root = dir.path();
+        let common_dir = root.join(".git");
+        let commit = git(root, &["rev-parse", "HEAD"]).await;
+        let tree = git(root, &["rev-parse", "HEAD^{tree}"]).await;
+        assert!(is_loose_commit(&common_dir, &commit));
+        assert!(!is_loose_commit(&common_dir, &tree), "a tree is no commit");
+        assert!(!is_loose_commit(&common_dir, &"0".repeat(40)), "absent");
+        git(root, &["gc", "--quiet"]).await;
+        assert!(
+            !is_loose_commit(&common_dir, &commit),
+            "packed: git is asked"
+        );
+    }
+
+    #[tokio::test]
     async fn a_snapshot_writes_its_ref_as_git_reads_it_and_prunes_only_when_needed() {
         let dir = fixture().await;
         let root = dir.path();
@@ -728,6 +768,19 @@ mod tests {
             "no lock file stays"
         );
         assert!(!prune_needed(&common_dir), "one fresh loose ref");
+        let stray = common_dir.join(format!("{SNAPSHOT_REF_PREFIX}1-00000000.lock"));
+        std::fs::write(&stray, "").expect("stray lock");
+        assert!(
+            !prune_needed(&common_dir),
+            "a stray lock file is no ref to prune"
+        );
+        std::fs::remove_file(&stray).expect("rm");
+        // Written without git while the directory exists (the first went to git).
+        let direct = format!("{SNAPSHOT_REF_PREFIX}{}-0000000d", unix_millis());
+        write_loose_ref(&common_dir, &direct, &snapshot.commit).expect("written directly");
+        let resolved = git(root, &["rev-parse", "--verify", &direct]).await;
+        assert_eq!(resolved, snapshot.commit);
+        git(root, &["update-ref", "-d", &direct]).await;
 
         // A ref past its age, loose: the next snapshot prunes it.
         let old = format!(

@@ -304,6 +304,13 @@ async fn a_submission_is_taken_only_when_its_snapshot_ref_holds_its_commit() {
         .await
         .expect("a loose ref and object are taken");
 
+    let not_a_commit = "refs/buildpool/snapshots/5-tree";
+    fixture
+        .git(&["update-ref", not_a_commit, &tree])
+        .expect("ref");
+    let refused = submit(not_a_commit, &tree).await;
+    assert!(refused.is_err(), "a tree is no snapshot");
+
     let packed = "refs/buildpool/snapshots/4-packed";
     fixture.git(&["update-ref", packed, &head]).expect("ref");
     fixture.git(&["gc", "--quiet"]).expect("gc");

@@ -627,18 +627,19 @@ impl VerifiedCommits {
 }
 
 /// Checks that `git_ref` holds `commit`, a commit: what agents will fetch is what the
-/// client snapshotted. A loose ref naming an already verified commit is read without git
-/// (a process per submission would cap the job rate); anything else asks git.
+/// client snapshotted. A loose ref naming a commit verified before, or a loose commit
+/// object, is read without git (a process per submission would cap the job rate and cost
+/// every job its time); anything else asks git.
 async fn check_snapshot_ref(shared: &Shared, git_ref: &str, commit: &str) -> Result<(), Status> {
     let common_dir = &shared.repo.common_dir;
     // The common case needs no git: the ref is a loose file naming the commit, and the
-    // commit was verified before or is a loose object (as the client's snapshot just wrote
-    // it). A packed or unknown object, another ref storage: git answers.
+    // commit was verified before or is a loose commit object (as the client's snapshot just
+    // wrote it). A packed or unknown object, another ref storage: git answers.
     if crate::snapshot::loose_ref_target(common_dir, git_ref)
         .await
         .is_some_and(|target| target == commit)
         && (shared.verified_commits.contains(commit)
-            || buildpool_core::git::has_loose_object(common_dir, commit))
+            || crate::snapshot::is_loose_commit(common_dir, commit))
     {
         return Ok(());
     }
