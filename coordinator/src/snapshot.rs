@@ -257,10 +257,7 @@ fn prune_needed(common_dir: &Path) -> bool {
     let mut count = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(leaf) = name
-            .to_str()
-            .filter(|leaf| is_plain_snapshot_ref(&format!("{SNAPSHOT_REF_PREFIX}{leaf}")))
-        else {
+        let Some(leaf) = name.to_str().filter(|leaf| is_plain_leaf(leaf)) else {
             // Not a ref git lists (a lock file, say): nothing for the prune to remove.
             continue;
         };
@@ -445,14 +442,17 @@ async fn delete_with_git(common_dir: &Path, git_refs: &[String]) -> Result<(), G
 fn is_plain_snapshot_ref(git_ref: &str) -> bool {
     git_ref
         .strip_prefix(SNAPSHOT_REF_PREFIX)
-        .is_some_and(|leaf| {
-            !leaf.is_empty()
-                && !leaf.starts_with('.')
-                && !leaf.ends_with(".lock")
-                && leaf
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
+        .is_some_and(is_plain_leaf)
+}
+
+/// Whether a name in the snapshot ref directory is a plain snapshot ref's leaf.
+fn is_plain_leaf(leaf: &str) -> bool {
+    !leaf.is_empty()
+        && !leaf.starts_with('.')
+        && !leaf.ends_with(".lock")
+        && leaf
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// The object id a snapshot ref holds, read from its loose ref file without running git.
@@ -476,11 +476,9 @@ pub async fn loose_ref_target(common_dir: &Path, git_ref: &str) -> Option<String
 /// may be packed, or not a commit.
 pub fn is_loose_commit(common_dir: &Path, id: &str) -> bool {
     use std::io::Read;
-    if !buildpool_core::git::has_loose_object(common_dir, id) {
-        return false;
-    }
-    let (fan_out, rest) = id.split_at(2);
-    let Ok(file) = std::fs::File::open(common_dir.join("objects").join(fan_out).join(rest)) else {
+    let Some(Ok(file)) =
+        buildpool_core::git::loose_object_path(common_dir, id).map(std::fs::File::open)
+    else {
         return false;
     };
     let mut header = [0u8; 7];

@@ -4,7 +4,7 @@
 //! buildpool runs without hooks, without prompts and with a time limit.
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -150,15 +150,20 @@ impl Git {
     }
 }
 
-/// Whether the object `id` is a loose object of the repository whose object store is
-/// `<git_dir>/objects`: a stat instead of a git process. `false` says nothing: the object
-/// may be packed, or stored elsewhere.
-pub fn has_loose_object(git_dir: &Path, id: &str) -> bool {
+/// Where the object `id` lies as a loose object of the repository whose object store is
+/// `<git_dir>/objects`; `None` for what is no object id.
+pub fn loose_object_path(git_dir: &Path, id: &str) -> Option<PathBuf> {
     if !is_object_id(id) {
-        return false;
+        return None;
     }
     let (fan_out, rest) = id.split_at(2);
-    git_dir.join("objects").join(fan_out).join(rest).is_file()
+    Some(git_dir.join("objects").join(fan_out).join(rest))
+}
+
+/// Whether the object `id` is a loose object of the repository `git_dir`: a stat instead
+/// of a git process. `false` says nothing: the object may be packed, or stored elsewhere.
+pub fn has_loose_object(git_dir: &Path, id: &str) -> bool {
+    loose_object_path(git_dir, id).is_some_and(|path| path.is_file())
 }
 
 /// Whether `text` is a full hexadecimal object id.
