@@ -391,7 +391,7 @@ fn handle_message(
         CoordinatorMessage::Assign(assignment) => {
             let key = assignment.key;
             let remote = git.remote(&assignment.source);
-            match agent.assign(link, assignment, remote) {
+            match agent.assign(link, *assignment, remote) {
                 Ok(()) => None,
                 Err(decline) => Some(AgentMessage::Declined {
                     key,

@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::artifacts::{self, Executables};
 use crate::disk::{DiskBudget, DoesNotFit};
-use crate::git_cache::{GitCache, GitRemote};
+use crate::git_cache::{GitCache, GitRemote, Obtained, PackOverBase};
 use crate::nix::{self, DevEnv, DevEnvCache};
 use crate::process::{self, CommandSpec, OutputChunk, RunLimits};
 use crate::sandbox::{JobPaths, Sandbox, agent_cargo_home, find_on_path};
@@ -353,7 +353,11 @@ impl Executor {
             let phase = Instant::now();
             let fetch = async {
                 let started = Instant::now();
-                let fetched = self
+                let pack = job.source.pack.as_ref().map(|pack| PackOverBase {
+                    base: &job.source.base_commit,
+                    pack,
+                });
+                let obtained = self
                     .cache
                     .ensure_commit(
                         &lock,
@@ -361,15 +365,16 @@ impl Executor {
                         &job.remote,
                         &job.source.git_ref,
                         &job.source.commit,
+                        pack,
                     )
                     .await;
-                (fetched, started.elapsed())
+                (obtained, started.elapsed())
             };
             // The workspace sheds the last job's leftovers meanwhile: the fetch writes the
             // cache, the clean only the checkout, and the checkout waits for both. A clean
             // that fails is tried again after the checkout, which reports its error.
-            let ((fetched, fetch_time), cleaned) = tokio::join!(fetch, workspace.clean());
-            let fetched = fetched.map_err(|e| format!("fetching the snapshot failed: {e}"))?;
+            let ((obtained, fetch_time), cleaned) = tokio::join!(fetch, workspace.clean());
+            let obtained = obtained.map_err(|e| format!("fetching the snapshot failed: {e}"))?;
             let cleaned = cleaned.unwrap_or_else(|error| {
                 tracing::warn!("cleaning workspace slot {} failed: {error}", workspace.slot);
                 false
@@ -418,10 +423,12 @@ impl Executor {
             let commit_short = job.source.commit.get(..12).unwrap_or(&job.source.commit);
             note(format!(
                 "snapshot {commit_short} {}; workspace slot {} ({}); env {}{env_note}",
-                if fetched {
-                    format!("fetched in {} ms", fetch_time.as_millis())
-                } else {
-                    "already cached".into()
+                match obtained {
+                    Obtained::Fetched => format!("fetched in {} ms", fetch_time.as_millis()),
+                    Obtained::Applied => {
+                        format!("applied from its pack in {} ms", fetch_time.as_millis())
+                    }
+                    Obtained::Held => "already cached".into(),
                 },
                 workspace.slot,
                 if warm { "warm" } else { "cold" },

@@ -10,6 +10,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use buildpool_core::SnapshotPack;
 use buildpool_core::git::{Git, GitError, has_loose_object, is_object_id};
 
 /// How many fetched snapshot refs a cache keeps to negotiate incremental fetches from.
@@ -25,6 +26,33 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(900);
 const LOOSE_IN_ONE_DIRECTORY: usize = 6700 / 256;
 /// Packs beyond which maintenance repacks (git's `gc.autoPackLimit`).
 const PACKS: usize = 50;
+
+/// Deadline for applying a snapshot pack (at most a few hundred KiB).
+const APPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// A file in a cache repository while objects are written into it. Found there, it says
+/// an earlier fetch or pack did not finish (a cancelled job, a dropped tunnel, a crash) and
+/// may have left objects without everything they link to: a non-strict unpack writes a
+/// commit before its trees and blobs. No ref names such objects, so `git prune` drops
+/// exactly them before anything trusts an object for being there.
+const UNFINISHED: &str = "buildpool-unfinished";
+
+/// How the cache came to hold a snapshot's commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Obtained {
+    /// It was there already.
+    Held,
+    /// From the pack sent with the job.
+    Applied,
+    /// Fetched from the coordinator.
+    Fetched,
+}
+
+/// A snapshot's pack and the base commit it needs.
+#[derive(Debug, Clone, Copy)]
+pub struct PackOverBase<'a> {
+    pub base: &'a str,
+    pub pack: &'a SnapshotPack,
+}
 
 /// Where and how to fetch a coordinator's snapshots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,10 +185,10 @@ impl GitCache {
         }
     }
 
-    /// Makes sure the cache of `repo_id` holds `commit`, fetching `git_ref` from `remote` if
-    /// not.
+    /// Makes sure the cache of `repo_id` holds `commit`: from the snapshot's `pack` when it
+    /// came with one and the cache holds its base, else fetching `git_ref` from `remote`.
     ///
-    /// The caller must hold the cache's lock. Returns whether a fetch was needed.
+    /// The caller must hold the cache's lock.
     pub async fn ensure_commit(
         &self,
         _lock: &CacheLock,
@@ -168,7 +196,8 @@ impl GitCache {
         remote: &GitRemote,
         git_ref: &str,
         commit: &str,
-    ) -> Result<bool, CacheError> {
+        pack: Option<PackOverBase<'_>>,
+    ) -> Result<Obtained, CacheError> {
         if !is_object_id(commit) {
             return Err(CacheError::BadCommit(commit.to_owned()));
         }
@@ -184,14 +213,30 @@ impl GitCache {
                 .output()
                 .await?;
         }
+        drop_unfinished(&dir).await?;
         // A commit the cache holds as a loose object (what small fetches leave) is told by
         // its file. Otherwise the fetch itself finds out: a new commit (the common case, a
         // changed worktree) costs no extra git process, and a packed one it already has
         // transfers nothing.
         if has_loose_object(&dir, commit) {
-            return Ok(false);
+            return Ok(Obtained::Held);
         }
+        let unfinished = dir.join(UNFINISHED);
+        std::fs::write(&unfinished, "")?;
         let local_ref = format!("refs/buildpool/fetched/{leaf}");
+        if let Some(pack) = pack.filter(|_| is_plain_leaf(leaf)) {
+            match apply_pack(&dir, pack, commit, &local_ref).await {
+                Ok(true) => {
+                    std::fs::remove_file(&unfinished)?;
+                    prune_fetched_refs(&dir).await?;
+                    return Ok(Obtained::Applied);
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!("applying the snapshot's pack failed, fetching it: {error}");
+                }
+            }
+        }
         let mut fetch = Git::new(&dir);
         for (key, value) in &remote.env.0 {
             fetch = fetch.env(key, value);
@@ -217,18 +262,21 @@ impl GitCache {
             .await;
         if let Err(error) = fetched {
             // The snapshot's ref may be gone from the coordinator (pruned) while the cache
-            // holds its commit packed: that is no reason to fail the job.
+            // holds its commit packed: that is no reason to fail the job. What the failed
+            // fetch left goes first.
+            drop_unfinished(&dir).await?;
             if has_commit(&dir, commit).await {
-                return Ok(false);
+                return Ok(Obtained::Held);
             }
             return Err(error.into());
         }
+        std::fs::remove_file(&unfinished)?;
         // The loose ref fetch just wrote answers without another git process; anything else
         // (packed, or not the commit expected) is asked of git, which names what it found.
         let loose = std::fs::read_to_string(dir.join(&local_ref)).unwrap_or_default();
         if loose.trim_end() == commit {
             prune_fetched_refs(&dir).await?;
-            return Ok(true);
+            return Ok(Obtained::Fetched);
         }
         let found = Git::new(&dir)
             .args(["rev-parse", "--verify", "--quiet"])
@@ -243,8 +291,97 @@ impl GitCache {
             });
         }
         prune_fetched_refs(&dir).await?;
-        Ok(true)
+        Ok(Obtained::Fetched)
     }
+}
+
+/// Adds `pack` to the bare repository `dir` when it holds the pack's base, and keeps
+/// `commit` under `local_ref` as a fetch would. `Ok(false)`: the base is not here.
+///
+/// `unpack-objects --strict` refuses objects that link to what neither the pack nor the
+/// repository has, so the cache stays complete: every object in it came with everything it
+/// links to, by a fetch (which checks that) or by a pack applied over a base it held.
+async fn apply_pack(
+    dir: &Path,
+    PackOverBase { base, pack }: PackOverBase<'_>,
+    commit: &str,
+    local_ref: &str,
+) -> Result<bool, CacheError> {
+    if !is_object_id(base) || !(has_loose_object(dir, base) || has_commit(dir, base).await) {
+        return Ok(false);
+    }
+    Git::new(dir)
+        .args(["unpack-objects", "-q", "--strict"])
+        .input(pack.0.to_vec())
+        .timeout(APPLY_TIMEOUT)
+        .output()
+        .await?;
+    // Loose, as unpacking writes it; or packed already (an unchanged worktree's snapshot
+    // is the same commit), which unpacking skips.
+    if !has_loose_object(dir, commit) && !has_commit(dir, commit).await {
+        return Err(CacheError::Mismatch {
+            git_ref: "the snapshot's pack".to_owned(),
+            expected: commit.to_owned(),
+            found: "no such commit in it".to_owned(),
+        });
+    }
+    write_loose_ref(dir, local_ref, commit)?;
+    // What a fetch would let git do when loose objects pile up (it runs in the background).
+    if maintenance_due(dir) {
+        Git::new(dir)
+            .args(["maintenance", "run", "--auto", "--quiet"])
+            .output()
+            .await?;
+    }
+    Ok(true)
+}
+
+/// Prunes what an unfinished fetch or pack left in `dir` (see [`UNFINISHED`]).
+async fn drop_unfinished(dir: &Path) -> Result<(), CacheError> {
+    let marker = dir.join(UNFINISHED);
+    if !marker.exists() {
+        return Ok(());
+    }
+    tracing::info!(
+        "a fetch into {} did not finish; pruning what it left",
+        dir.display()
+    );
+    Git::new(dir)
+        .args(["prune", "--expire=now"])
+        .output()
+        .await?;
+    std::fs::remove_file(&marker)?;
+    Ok(())
+}
+
+/// Whether a snapshot ref's leaf (`snapshots/<millis>-<hex>` as clients make them) is a
+/// name this cache writes as a file itself; anything else is fetched, and git checks it.
+fn is_plain_leaf(leaf: &str) -> bool {
+    leaf.split('/').all(|part| {
+        !part.is_empty()
+            && !part.starts_with('.')
+            && !part.ends_with(".lock")
+            && part
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || b"-_.".contains(&byte))
+    }) && !leaf.contains("..")
+}
+
+/// Writes `name` as git writes a loose ref: a lock file renamed into place (one git
+/// process less per job than `update-ref`).
+fn write_loose_ref(dir: &Path, name: &str, id: &str) -> std::io::Result<()> {
+    let path = dir.join(name);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut lock = path.clone().into_os_string();
+    lock.push(".lock");
+    let written =
+        std::fs::write(&lock, format!("{id}\n")).and_then(|()| std::fs::rename(&lock, &path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&lock);
+    }
+    written
 }
 
 /// Whether git's automatic maintenance of the bare repository `dir` would find work: told
@@ -367,8 +504,9 @@ mod tests {
             let commit = commit.clone();
             async move {
                 cache
-                    .ensure_commit(lock, "repo", &remote, git_ref, &commit)
+                    .ensure_commit(lock, "repo", &remote, git_ref, &commit, None)
                     .await
+                    .map(|obtained| obtained == Obtained::Fetched)
             }
         };
 
@@ -403,6 +541,102 @@ mod tests {
         );
         assert!(ensure(&remote).await.expect("packed, fetchable"));
         assert!(!ensure(&gone).await.expect("packed, remote gone"));
+    }
+
+    /// `git pack-objects` in `source`, fed `input` (object names, or revisions with
+    /// `--revs`).
+    async fn pack_objects(source: &Path, args: &[&str], input: String) -> SnapshotPack {
+        let bytes = Git::new(source)
+            .args(["pack-objects", "--stdout", "--quiet"])
+            .args(args)
+            .input(input)
+            .output_bytes(1 << 20)
+            .await
+            .expect("pack-objects");
+        SnapshotPack(bytes.into())
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_pack_is_applied_over_a_held_base_and_anything_else_is_fetched() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let source = dir.path().join("source");
+        let base_ref = "refs/buildpool/snapshots/1-00000000";
+        let base = source_with_snapshot(&source, base_ref).await;
+        let cache = GitCache::new(dir.path().join("cache"));
+        let remote = GitRemote::plain(source.display().to_string());
+        let gone = GitRemote::plain(dir.path().join("gone").display().to_string());
+        let lock = cache.lock("repo").await.expect("lock");
+        let cached = cache.repo_dir("repo");
+
+        // A snapshot over the base: one changed file, one new directory.
+        let git_ref = "refs/buildpool/snapshots/2-00000000";
+        std::fs::write(source.join("file.txt"), "changed\n").expect("write");
+        std::fs::create_dir_all(source.join("src")).expect("dir");
+        std::fs::write(source.join("src/lib.rs"), "pub fn f() {}\n").expect("write");
+        git(&source, &["add", "-A"]).await;
+        let tree = git(&source, &["write-tree"]).await;
+        let commit = git(&source, &["commit-tree", &tree, "-p", &base, "-m", "snap"]).await;
+        git(&source, &["update-ref", git_ref, &commit]).await;
+        let thin = pack_objects(
+            &source,
+            &["--revs", "--thin"],
+            format!("{commit}\n^{base}\n"),
+        )
+        .await;
+        // Only the commit: its tree and the new blobs are missing.
+        let incomplete = pack_objects(&source, &[], format!("{commit}\n")).await;
+        let torn = SnapshotPack(thin.0.slice(..thin.0.len() / 2));
+        let over = |pack| PackOverBase { base: &base, pack };
+        let ensure = async |remote: &GitRemote, pack: Option<PackOverBase<'_>>| {
+            cache
+                .ensure_commit(&lock, "repo", remote, git_ref, &commit, pack)
+                .await
+        };
+
+        // The cache lacks the base: the pack is no use, and the fetch is what fails.
+        let without_base = ensure(&gone, Some(over(&thin))).await;
+        assert!(without_base.is_err(), "{without_base:?}");
+        cache
+            .ensure_commit(&lock, "repo", &remote, base_ref, &base, None)
+            .await
+            .expect("the base is fetched");
+
+        // A pack that does not complete the snapshot is refused, not half taken.
+        for bad in [&incomplete, &torn] {
+            let refused = ensure(&gone, Some(over(bad))).await;
+            assert!(refused.is_err(), "{refused:?}");
+            assert!(!has_loose_object(&cached, &commit));
+        }
+
+        // An unfinished fetch left the snapshot's commit without its tree (a plain unpack
+        // writes commits first). Its marker makes the next job drop that, not trust it.
+        Git::new(&cached)
+            .args(["unpack-objects", "-q"])
+            .input(incomplete.0.to_vec())
+            .output()
+            .await
+            .expect("a partial unpack");
+        assert!(has_loose_object(&cached, &commit));
+        std::fs::write(cached.join(UNFINISHED), "").expect("marker");
+
+        // Over the base it holds, the cache takes the pack and asks no remote.
+        assert_eq!(
+            ensure(&gone, Some(over(&thin))).await.expect("applied"),
+            Obtained::Applied
+        );
+        let kept = git(
+            &cached,
+            &["rev-parse", "refs/buildpool/fetched/snapshots/2-00000000"],
+        )
+        .await;
+        assert_eq!(kept, commit, "kept under a ref, as a fetch keeps it");
+        git(&cached, &["fsck", "--connectivity-only", "--no-dangling"]).await;
+        let listed = git(&cached, &["ls-tree", "-r", "--name-only", &commit]).await;
+        assert_eq!(listed, "file.txt\nsrc/lib.rs");
+        assert_eq!(
+            ensure(&gone, Some(over(&thin))).await.expect("held"),
+            Obtained::Held
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use buildpool_core::SnapshotPack;
 use buildpool_core::git::{Git, GitError};
 use buildpool_core::time::unix_millis;
 
@@ -97,11 +98,29 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         .prefix("snapshot-index-")
         .tempfile_in(&state_dir)?;
     let index = temporary.path().to_owned();
-    // Four reads of the repository as it is, at once: each git call costs a process.
-    let real_index = repo
-        .git()
-        .args(["rev-parse", "--path-format=absolute", "--git-path", "index"])
-        .output();
+    // Tracked files as they are now (modified, deleted, staged), into a copy of the real
+    // index: its stat cache spares unchanged files a re-hash. A missing index (fresh
+    // repository) just means starting empty.
+    let stage_tracked = async |real_index: &Path| {
+        if tokio::fs::copy(real_index, &index).await.is_err() {
+            tokio::fs::remove_file(&index).await.ok();
+        }
+        repo.git()
+            .env("GIT_INDEX_FILE", &index)
+            // The whole worktree (git runs at its top); no pathspec, which would be an
+            // error when nothing is tracked yet.
+            .args(["add", "--update"])
+            .output()
+            .await
+    };
+    // The reads of the repository as it is, at once (each git call costs a process), and
+    // the staging too when discovery named the index.
+    let staged = async {
+        match &repo.index_file {
+            Some(real_index) => stage_tracked(real_index).await.map(Some),
+            None => Ok(None),
+        }
+    };
     let parent = repo
         .git()
         .args(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])
@@ -116,23 +135,18 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
             .output()
             .await
     };
-    let (real_index, parent, untracked, lockfile_tracked) =
-        tokio::join!(real_index, parent, list_untracked(repo), lockfile_tracked);
-    let (real_index, parent, untracked) = (real_index?, parent.ok(), untracked?);
+    let (staged, parent, untracked, lockfile_tracked) =
+        tokio::join!(staged, parent, list_untracked(repo), lockfile_tracked);
+    let (parent, untracked) = (parent.ok(), untracked?);
     let lockfile_tracked = !lockfile_tracked?.is_empty();
-    // Starting from a copy of the real index reuses its stat cache: unchanged files are not
-    // re-hashed. A missing index (fresh repository) just means starting empty.
-    if tokio::fs::copy(&real_index, &index).await.is_err() {
-        tokio::fs::remove_file(&index).await.ok();
+    if staged?.is_none() {
+        let real_index = repo
+            .git()
+            .args(["rev-parse", "--path-format=absolute", "--git-path", "index"])
+            .output()
+            .await?;
+        stage_tracked(Path::new(&real_index)).await?;
     }
-    // Tracked files as they are now: modified, deleted, staged.
-    repo.git()
-        .env("GIT_INDEX_FILE", &index)
-        // The whole worktree (git runs at its top); no pathspec, which would be an error
-        // when nothing is tracked yet.
-        .args(["add", "--update"])
-        .output()
-        .await?;
     let (mut added, skipped) = sort_untracked(repo, &untracked, max_untracked);
     // Library repositories often ignore Cargo.lock, but the developer's lockfile is what
     // their local builds use: without it the agent would resolve other dependency versions
@@ -156,7 +170,9 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         .git()
         .env("GIT_AUTHOR_DATE", FIXED_DATE)
         .env("GIT_COMMITTER_DATE", FIXED_DATE)
-        .args(["commit-tree", &tree, "-m", &message]);
+        // Never signed, whatever `commit.gpgSign` says: a snapshot is no commit of the
+        // developer's, and signing would cost every job a gpg run, or a prompt.
+        .args(["commit-tree", "--no-gpg-sign", &tree, "-m", &message]);
     if let Some(parent) = &parent {
         commit_tree = commit_tree.args(["-p", parent]);
     }
@@ -460,14 +476,28 @@ fn is_plain_leaf(leaf: &str) -> bool {
 /// `None` whenever that is not the whole answer: a name outside the plain
 /// `<prefix><leaf>` form clients make, a packed or symbolic ref, another ref storage. The
 /// caller then asks git. (A loose ref, when present, is what git reads first too.)
-pub async fn loose_ref_target(common_dir: &Path, git_ref: &str) -> Option<String> {
+///
+/// A plain read, not a trip to the blocking pool: the file is 41 bytes the client just
+/// wrote, in the page cache, and the trip (two thread wake-ups) cost more than the read at
+/// thousands of submissions a second.
+pub fn loose_ref_target(common_dir: &Path, git_ref: &str) -> Option<String> {
+    use std::io::Read;
     if !is_plain_snapshot_ref(git_ref) {
         return None;
     }
-    let text = tokio::fs::read_to_string(common_dir.join(git_ref))
-        .await
-        .ok()?;
-    let id = text.trim_end();
+    // An object id (SHA-256 at most), its newline, and one byte more to tell a longer file.
+    let mut text = [0u8; 66];
+    let mut file = std::fs::File::open(common_dir.join(git_ref)).ok()?;
+    let mut length = 0;
+    while length < text.len() {
+        match file.read(&mut text[length..]) {
+            Ok(0) => break,
+            Ok(read) => length += read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    let id = std::str::from_utf8(&text[..length]).ok()?.trim_end();
     buildpool_core::git::is_object_id(id).then(|| id.to_owned())
 }
 
@@ -476,15 +506,75 @@ pub async fn loose_ref_target(common_dir: &Path, git_ref: &str) -> Option<String
 /// may be packed, or not a commit.
 pub fn is_loose_commit(common_dir: &Path, id: &str) -> bool {
     use std::io::Read;
-    let Some(Ok(file)) =
+    thread_local! {
+        /// Reset for each object: a new inflater allocates and clears tens of KiB, which
+        /// showed in the coordinator's profile once per submission.
+        static INFLATER: std::cell::RefCell<flate2::Decompress> =
+            std::cell::RefCell::new(flate2::Decompress::new(true));
+    }
+    let Some(Ok(mut file)) =
         buildpool_core::git::loose_object_path(common_dir, id).map(std::fs::File::open)
     else {
         return false;
     };
+    // The header comes out of the zlib stream's first bytes, or after a block's code
+    // tables (a few hundred bytes at most): read until it does.
     let mut header = [0u8; 7];
-    flate2::read::ZlibDecoder::new(file)
-        .read_exact(&mut header)
-        .is_ok_and(|()| &header == b"commit ")
+    INFLATER.with_borrow_mut(|inflater| {
+        inflater.reset(true);
+        let mut compressed = [0u8; 512];
+        while inflater.total_out() < header.len() as u64 {
+            let Ok(read @ 1..) = file.read(&mut compressed) else {
+                return false;
+            };
+            let mut input = &compressed[..read];
+            while !input.is_empty() && inflater.total_out() < header.len() as u64 {
+                let (before_in, before_out) = (inflater.total_in(), inflater.total_out());
+                let out = &mut header[before_out as usize..];
+                if inflater
+                    .decompress(input, out, flate2::FlushDecompress::None)
+                    .is_err()
+                {
+                    return false;
+                }
+                let consumed = (inflater.total_in() - before_in) as usize;
+                if consumed == 0 && inflater.total_out() == before_out {
+                    // Needs more input than this chunk's rest: read on.
+                    break;
+                }
+                input = &input[consumed..];
+            }
+        }
+        &header == b"commit "
+    })
+}
+
+/// The largest snapshot pack sent along with a job; a bigger change is fetched.
+pub const MAX_PACK_BYTES: usize = 256 * 1024;
+/// How long a submission waits for its snapshot's pack. A one-line change takes a few
+/// ms; a big one (git compresses all of it before writing the first byte) is fetched
+/// instead, and this bounds what the attempt costs the snapshot's first job.
+const PACK_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// The objects `commit` has beyond `base`, as a thin pack for an agent that holds `base`
+/// (see [`SnapshotPack`]); an error when git cannot make it or it exceeds
+/// [`MAX_PACK_BYTES`] or [`PACK_TIMEOUT`]. One `pack-objects`, as `upload-pack` would run
+/// for a fetch.
+pub async fn pack(common_dir: &Path, commit: &str, base: &str) -> Result<SnapshotPack, GitError> {
+    Git::new(common_dir)
+        .args([
+            "pack-objects",
+            "--revs",
+            "--thin",
+            "--stdout",
+            "--quiet",
+            "--delta-base-offset",
+        ])
+        .input(format!("{commit}\n^{base}\n"))
+        .timeout(PACK_TIMEOUT)
+        .output_bytes(MAX_PACK_BYTES)
+        .await
+        .map(|bytes| SnapshotPack(bytes.into()))
 }
 
 /// Keeps the snapshot refs bounded: the newest `KEPT_SNAPSHOTS`, none older than a day.
@@ -551,6 +641,67 @@ mod tests {
         std::os::unix::fs::PermissionsExt::set_mode(&mut mode, 0o755);
         std::fs::set_permissions(&hook, mode).expect("chmod");
         dir
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_never_signed_whatever_the_repository_asks() {
+        let dir = fixture().await;
+        let root = dir.path();
+        git(root, &["config", "commit.gpgSign", "true"]).await;
+        // A signer that always fails: a snapshot that tried to sign would fail with it.
+        git(root, &["config", "gpg.program", "false"]).await;
+        std::fs::write(root.join("tracked.txt"), "v2\n").expect("write");
+        let repo = Repo::discover(root).await.expect("repo");
+        let snapshot = create(&repo).await.expect("snapshot");
+        let commit = git(root, &["cat-file", "commit", &snapshot.commit]).await;
+        assert!(!commit.contains("gpgsig"), "{commit}");
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_packs_what_it_adds_to_its_base_within_a_size_limit() {
+        let dir = fixture().await;
+        let root = dir.path();
+        let common_dir = root.join(".git");
+        let repo = Repo::discover(root).await.expect("repo");
+        let base = git(root, &["rev-parse", "HEAD"]).await;
+        std::fs::write(root.join("tracked.txt"), "v2\n").expect("write");
+        let small = create(&repo).await.expect("snapshot");
+        let small_pack = pack(&common_dir, &small.commit, &base).await.expect("pack");
+        // What it holds: exactly the snapshot's commit, its tree and the changed file.
+        let listing = tempfile::tempdir().expect("temp");
+        let pack_file = listing.path().join("snapshot.pack");
+        std::fs::write(&pack_file, &small_pack.0).expect("write");
+        let index = git(listing.path(), &["index-pack", "snapshot.pack"]).await;
+        assert!(!index.is_empty());
+        let objects = git(listing.path(), &["verify-pack", "-v", "snapshot.idx"]).await;
+        let kinds: Vec<&str> = objects
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(1))
+            .filter(|kind| ["commit", "tree", "blob"].contains(kind))
+            .collect();
+        assert_eq!(kinds.len(), 3, "{objects}");
+        assert!(objects.contains(&small.commit), "{objects}");
+
+        // A change too big to send is fetched instead, and git is stopped early.
+        // Incompressible: xorshift64.
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let noise: Vec<u8> = (0..MAX_PACK_BYTES * 2)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state.to_le_bytes()[0]
+            })
+            .collect();
+        std::fs::write(root.join("noise.bin"), noise).expect("write");
+        let big = create(&repo).await.expect("snapshot");
+        let too_large = pack(&common_dir, &big.commit, &base).await;
+        assert!(
+            matches!(too_large, Err(GitError::TooLarge { .. })),
+            "{too_large:?}"
+        );
+        let unknown_base = pack(&common_dir, &small.commit, &"1".repeat(40)).await;
+        assert!(unknown_base.is_err(), "{unknown_base:?}");
     }
 
     #[tokio::test]
@@ -740,6 +891,17 @@ mod tests {
         assert!(is_loose_commit(&common_dir, &commit));
         assert!(!is_loose_commit(&common_dir, &tree), "a tree is no commit");
         assert!(!is_loose_commit(&common_dir, &"0".repeat(40)), "absent");
+        // Varied text makes zlib start with a block's code tables, so the header comes out
+        // only after more than the first 64 bytes (measured: 78).
+        let mut state = 7_u32;
+        let message: String = (0..300)
+            .map(|_| {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                char::from_u32(0x400 + (state >> 16) % 0x100).unwrap_or('x')
+            })
+            .collect();
+        let unusual = git(root, &["commit-tree", &tree, "-m", &message]).await;
+        assert!(is_loose_commit(&common_dir, &unusual));
         git(root, &["gc", "--quiet"]).await;
         assert!(
             !is_loose_commit(&common_dir, &commit),
@@ -892,22 +1054,18 @@ mod tests {
         )
         .await;
         assert_eq!(
-            loose_ref_target(&common, &name("2-loose")).await,
+            loose_ref_target(&common, &name("2-loose")),
             Some(head.clone())
         );
         assert_eq!(
-            loose_ref_target(&common, &name("1-packed")).await,
+            loose_ref_target(&common, &name("1-packed")),
             None,
             "a packed ref is left to git"
         );
         for unusual in ["../../HEAD", "", "x.lock", "a/b"] {
-            assert_eq!(
-                loose_ref_target(&common, &name(unusual)).await,
-                None,
-                "{unusual}"
-            );
+            assert_eq!(loose_ref_target(&common, &name(unusual)), None, "{unusual}");
         }
-        assert_eq!(loose_ref_target(&common, "refs/heads/main").await, None);
+        assert_eq!(loose_ref_target(&common, "refs/heads/main"), None);
 
         // One batch: refs already gone and refs outside the snapshot namespace are no error,
         // and the latter are left alone.

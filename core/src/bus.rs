@@ -160,7 +160,8 @@ pub enum CoordinatorMessage {
     Heartbeat {
         sent_at_unix_ms: u64,
     },
-    Assign(Assignment),
+    /// Boxed: the largest message by far, and the rarest besides output.
+    Assign(Box<Assignment>),
     /// Stop the attempt (kill its process group) or, if it has ended, forget its result.
     /// Also sent after a reconnect for attempts the coordinator gave to someone else.
     Cancel(AttemptKey),

@@ -19,6 +19,8 @@ pub enum GitError {
     TimedOut { args: String, secs: u64 },
     #[error("`git {args}` failed: {stderr}")]
     Failed { args: String, stderr: String },
+    #[error("`git {args}` wrote more than {limit} bytes")]
+    TooLarge { args: String, limit: usize },
 }
 
 /// A git invocation under construction.
@@ -142,6 +144,82 @@ impl Git {
                 stderr,
             })
         }
+    }
+
+    /// Runs git and returns its standard output as bytes, at most `limit` of them: git is
+    /// killed as soon as it writes more, and that is an error.
+    pub async fn output_bytes(mut self, limit: usize) -> Result<Vec<u8>, GitError> {
+        use tokio::io::AsyncReadExt;
+        let run = async {
+            let mut child = self.command.spawn()?;
+            let (stdin, stdout, stderr) =
+                (child.stdin.take(), child.stdout.take(), child.stderr.take());
+            let input = self.input.take();
+            let feed = async move {
+                if let (Some(mut stdin), Some(input)) = (stdin, input) {
+                    // A git that exits early closes the pipe; its exit status says why.
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut stdin, &input).await;
+                }
+            };
+            // Git is stopped as soon as it overflows: it would block on the full pipe, and
+            // its standard error would never end.
+            let read_stdout = async {
+                let mut bytes = Vec::new();
+                if let Some(stdout) = stdout {
+                    stdout
+                        .take(limit as u64 + 1)
+                        .read_to_end(&mut bytes)
+                        .await?;
+                }
+                if bytes.len() > limit {
+                    child.start_kill()?;
+                }
+                std::io::Result::Ok(bytes)
+            };
+            let read_stderr = async move {
+                let mut bytes = Vec::new();
+                if let Some(mut stderr) = stderr {
+                    stderr.read_to_end(&mut bytes).await?;
+                }
+                std::io::Result::Ok(bytes)
+            };
+            let ((), stdout, stderr) = tokio::join!(feed, read_stdout, read_stderr);
+            let (stdout, stderr) = (stdout?, stderr?);
+            if stdout.len() > limit {
+                child.wait().await?;
+                return Ok(None);
+            }
+            let status = child.wait().await?;
+            std::io::Result::Ok(Some((status, stdout, stderr)))
+        };
+        let (status, stdout, stderr) = match tokio::time::timeout(self.timeout, run).await {
+            Ok(Ok(Some(output))) => output,
+            Ok(Ok(None)) => {
+                return Err(GitError::TooLarge {
+                    args: self.display,
+                    limit,
+                });
+            }
+            Ok(Err(error)) => return Err(GitError::Spawn(error)),
+            Err(_) => {
+                return Err(GitError::TimedOut {
+                    args: self.display,
+                    secs: self.timeout.as_secs(),
+                });
+            }
+        };
+        if status.success() {
+            return Ok(stdout);
+        }
+        let stderr = String::from_utf8_lossy(&stderr).trim().to_owned();
+        Err(GitError::Failed {
+            args: self.display,
+            stderr: if stderr.is_empty() {
+                format!("exit status {status}")
+            } else {
+                stderr
+            },
+        })
     }
 
     /// Runs git and reports only whether it succeeded.

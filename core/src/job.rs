@@ -192,6 +192,25 @@ pub struct Source {
     /// it has none. Workspaces that built the same base are the next warmest after the
     /// same worktree's.
     pub base_commit: String,
+    /// What the snapshot adds to `base_commit`, when the coordinator made it small enough
+    /// to send along: an agent that holds the base applies it instead of fetching.
+    pub pack: Option<SnapshotPack>,
+}
+
+/// A git pack of the objects a snapshot commit has beyond its base commit (thin: deltas
+/// may refer to the base's objects).
+///
+/// A one-line change makes a pack of a few hundred bytes; applying it costs the agent one
+/// or two git processes, where a fetch through the tunnel costs several and a handful of
+/// round trips (measured on itoa: the agent's fetch phase went from about 21 ms to 6).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SnapshotPack(pub Bytes);
+
+impl fmt::Debug for SnapshotPack {
+    /// Its size, not its bytes: sources appear in logs.
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "SnapshotPack({} bytes)", self.0.len())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -20,5 +20,5 @@ pub mod time;
 
 pub use job::{
     AgentPhases, ArtifactChunk, AttemptKey, Completion, EnvMode, EnvVar, JobEnd, JobEvent, JobId,
-    JobKind, JobResult, JobSpec, OutputStream, RunEnv, Source,
+    JobKind, JobResult, JobSpec, OutputStream, RunEnv, SnapshotPack, Source,
 };

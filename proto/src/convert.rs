@@ -18,7 +18,7 @@ use buildpool_core::status::{
 use buildpool_core::time::millis;
 use buildpool_core::{
     AgentPhases, ArtifactChunk, AttemptKey, Completion, EnvMode, EnvVar, JobEnd, JobEvent, JobId,
-    JobKind, JobResult, JobSpec, OutputStream, RunEnv, Source,
+    JobKind, JobResult, JobSpec, OutputStream, RunEnv, SnapshotPack, Source,
 };
 
 use crate::{agent_frame, coordinator_frame, job_event};
@@ -200,6 +200,7 @@ impl From<Source> for crate::Source {
             commit: source.commit,
             git_ref: source.git_ref,
             base_commit: source.base_commit,
+            pack: source.pack.map(|pack| pack.0.to_vec()).unwrap_or_default(),
         }
     }
 }
@@ -222,6 +223,7 @@ impl TryFrom<crate::Source> for Source {
             commit: source.commit,
             git_ref: source.git_ref,
             base_commit: source.base_commit,
+            pack: (!source.pack.is_empty()).then(|| SnapshotPack(source.pack.into())),
         })
     }
 }
@@ -664,10 +666,12 @@ impl TryFrom<coordinator_frame::Msg> for CoordinatorMessage {
                         worktree: assign.worktree,
                     })
                 })();
-                CoordinatorMessage::Assign(assignment.map_err(|error| DecodeError::Assignment {
-                    key,
-                    error: Box::new(error),
-                })?)
+                CoordinatorMessage::Assign(Box::new(assignment.map_err(|error| {
+                    DecodeError::Assignment {
+                        key,
+                        error: Box::new(error),
+                    }
+                })?))
             }
             coordinator_frame::Msg::Cancel(cancel) => {
                 CoordinatorMessage::Cancel(decode_key(cancel.key)?)
@@ -1056,7 +1060,7 @@ mod tests {
             JobKind::Check,
             JobKind::Nextest,
         ] {
-            round_trip_coordinator(CoordinatorMessage::Assign(Assignment {
+            round_trip_coordinator(CoordinatorMessage::Assign(Box::new(Assignment {
                 key,
                 spec: JobSpec { kind, ..spec() },
                 source: Source {
@@ -1066,9 +1070,10 @@ mod tests {
                     commit: "c".into(),
                     git_ref: "refs/x".into(),
                     base_commit: "b".into(),
+                    pack: Some(SnapshotPack(bytes::Bytes::from_static(b"PACK"))),
                 },
                 worktree: "/home/dev/repo".into(),
-            }));
+            })));
         }
         round_trip_coordinator(CoordinatorMessage::Reject(Reject {
             code: RejectCode::BadToken,

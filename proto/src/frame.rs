@@ -110,7 +110,7 @@ mod properties {
     /// Valid frames of every interesting shape, to mutate.
     fn valid_frames() -> Vec<Vec<u8>> {
         let key = AttemptKey::new(7, 2);
-        let assign = CoordinatorMessage::Assign(Assignment {
+        let assign = CoordinatorMessage::Assign(Box::new(Assignment {
             key,
             spec: JobSpec {
                 cargo_args: vec!["-p".into(), "app".into()],
@@ -124,9 +124,12 @@ mod properties {
                 commit: "0".repeat(40),
                 git_ref: "refs/buildpool/snapshots/x".into(),
                 base_commit: "1".repeat(40),
+                pack: Some(buildpool_core::SnapshotPack(bytes::Bytes::from_static(
+                    b"PACK\0\0\0\x02",
+                ))),
             },
             worktree: "/home/dev/repo".into(),
-        });
+        }));
         let finished = AgentMessage::Finished {
             key,
             completion: Completion {

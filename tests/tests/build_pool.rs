@@ -158,6 +158,10 @@ fn a_second_build_after_a_one_line_change_is_incremental() {
         "the changed crate must be recompiled:\n{second}"
     );
     assert!(second.stderr.contains("(warm)"), "{second}");
+    // The agent lacked the base commit for the first job, and holds it for the second: that
+    // snapshot came with the job as a pack, and nothing was fetched.
+    assert!(first.stderr.contains("fetched in"), "{first}");
+    assert!(second.stderr.contains("applied from its pack"), "{second}");
 }
 
 #[test]
@@ -192,6 +196,15 @@ fn a_job_runs_under_real_nix_develop() {
         again.stderr.contains("env nix (dev shell cached)"),
         "{again}"
     );
+}
+
+/// Whether the coordinator lists no running job within `timeout`.
+fn jobs_end_within(cluster: &Cluster, timeout: Duration) -> bool {
+    wait_until(timeout, || {
+        cluster
+            .status()
+            .is_ok_and(|s| s["jobs"].as_array().is_some_and(Vec::is_empty))
+    })
 }
 
 fn job_with_grandchild(fixture: &Fixture, extra: &[&str]) -> Owned {
@@ -237,6 +250,30 @@ fn cancel_kills_the_jobs_grandchildren() {
     // The slot is free again: the next job runs.
     let next = fixture.run(&["run", "check"]).expect("runs");
     assert_eq!(next.code, Some(0), "{next}");
+}
+
+/// A job whose client is gone without cancelling it (killed) and that nobody follows again
+/// within the client grace is cancelled: nobody waits for its result any more.
+#[test]
+fn a_job_nobody_follows_any_more_is_cancelled_after_the_client_grace() {
+    let options = ServeOptions {
+        config: Some("[build_pool.timeouts]\nclient_grace_secs = 2\n".into()),
+        ..ServeOptions::unsandboxed()
+    };
+    let cluster = Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &options)
+        .expect("cluster starts");
+    let fixture = &cluster.fixture;
+    let mut run = job_with_grandchild(fixture, &[]);
+    let grandchild = grandchild_pid(fixture, &run);
+    run.kill_hard();
+    assert!(
+        wait_until(Duration::from_secs(60), || !process_alive(grandchild)),
+        "grandchild {grandchild} of the unwatched job survived"
+    );
+    assert!(
+        jobs_end_within(&cluster, Duration::from_secs(10)),
+        "the job is still running"
+    );
 }
 
 #[test]
@@ -479,11 +516,7 @@ fn ctrl_c_right_after_start_still_cancels_the_job() {
         .expect("the client ends");
     assert_eq!(status.code(), Some(130), "{}", run.log_text());
     assert!(
-        wait_until(Duration::from_secs(10), || {
-            cluster
-                .status()
-                .is_ok_and(|s| s["jobs"].as_array().is_some_and(Vec::is_empty))
-        }),
+        jobs_end_within(&cluster, Duration::from_secs(10)),
         "the job is still running"
     );
 }

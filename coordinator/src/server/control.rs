@@ -6,13 +6,15 @@
 //! with the bus's certificate wherever it listens beyond loopback; every call needs a
 //! credential with the client scope.
 
+use std::collections::VecDeque;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
 use buildpool_core::status::{CancelReply, CoordinatorStatus, LogPage, LogRequest, Submission};
 use buildpool_core::time::unix_millis;
-use buildpool_core::{JobEvent, JobId, OutputStream};
+use buildpool_core::{JobEvent, JobId, OutputStream, SnapshotPack};
 use buildpool_proto::control_server::{Control, ControlServer};
 use buildpool_proto::convert::{DecodeError, encode_job_event};
 use buildpool_proto::{
@@ -151,32 +153,43 @@ impl Control for ControlService {
 
         let job_id = shared.next_job_id();
         let submitted_unix_ms = unix_millis();
-        let log = joblog::JobLog::create(&shared.logs, job_id, shared.config.log_max_bytes)
-            .await
-            .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
         let origin = JobOrigin {
             kind: spec.kind,
             worktree: worktree.clone(),
             cargo_args: spec.cargo_args.clone(),
         };
-        shared.metrics.job_submitted(spec.kind);
-        if let Some(store) = &shared.store {
-            // Stored before the client hears of the job: a restart resumes what it was told.
-            let submission = Submission {
-                spec: spec.clone(),
-                commit: commit.clone(),
-                git_ref: git_ref.clone(),
-                worktree: worktree.clone(),
-                base_commit: base_commit.clone(),
-            };
-            store.submitted(job_id, submission, submitted_unix_ms, log.path());
-            store
-                .barrier()
+        // The snapshot's pack is made while the job is stored: both take a few ms.
+        let pack = shared
+            .snapshot_packs
+            .get(&shared.repo.common_dir, &commit, &base_commit);
+        let recorded = async {
+            let log = joblog::JobLog::create(&shared.logs, job_id, shared.config.log_max_bytes)
                 .await
-                .map_err(|e| Status::unavailable(format!("cannot store the job: {e}")))?;
-        }
+                .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
+            shared.metrics.job_submitted(spec.kind);
+            if let Some(store) = &shared.store {
+                // Stored before the client hears of the job: a restart resumes what it was
+                // told.
+                let submission = Submission {
+                    spec: spec.clone(),
+                    commit: commit.clone(),
+                    git_ref: git_ref.clone(),
+                    worktree: worktree.clone(),
+                    base_commit: base_commit.clone(),
+                };
+                store.submitted(job_id, submission, submitted_unix_ms, log.path());
+                store
+                    .barrier()
+                    .await
+                    .map_err(|e| Status::unavailable(format!("cannot store the job: {e}")))?;
+            }
+            Ok::<_, Status>(log)
+        };
+        let (pack, log) = tokio::join!(pack, recorded);
+        let log = log?;
         let job = ActiveJob::queued(log, git_ref.clone(), origin);
-        let source = shared.source(commit, git_ref, base_commit);
+        let mut source = shared.source(commit, git_ref, base_commit);
+        source.pack = pack.filter(|pack| fits_in_assignment(pack, &spec, &worktree));
         let phase = job.phase.subscribe();
         shared.state().jobs.insert(job_id, Arc::clone(&job));
         // Debug: at the default level a job gets one line, when it ends.
@@ -373,50 +386,58 @@ async fn finished_job(
         .ok_or_else(|| Status::not_found(format!("no job {job_id}")))
 }
 
-/// Starts the tasks every active job has: the clean-up when it ends, and the cancel when
-/// nobody follows it.
+/// Starts the task every active job has: it cancels the job once nobody has followed it for
+/// the client grace, and cleans up when the job ends. One task for both: at thousands of
+/// jobs a second, a second task and its wake-up at each of the job's phases showed.
 pub(crate) fn adopt(shared: &Arc<Shared>, job_id: JobId, job: &Arc<ActiveJob>) {
-    tokio::spawn(clean_up_when_finished(
-        Arc::clone(shared),
-        job_id,
-        Arc::clone(job),
-        job.phase.subscribe(),
-    ));
-    tokio::spawn(cancel_unwatched(
-        Arc::clone(shared),
-        job_id,
-        Arc::clone(job),
-    ));
+    tokio::spawn(supervise(Arc::clone(shared), job_id, Arc::clone(job)));
 }
 
-/// Cancels the job once no client has followed it for the client grace: nobody waits for
-/// it. The grace lets a client that lost its stream (a network blip, a coordinator restart)
+/// The grace lets a client that lost its stream (a network blip, a coordinator restart)
 /// come back with `Watch` without losing its job; after a restart it counts from the
-/// restart, since every job starts there unwatched.
-async fn cancel_unwatched(shared: Arc<Shared>, job_id: JobId, job: Arc<ActiveJob>) {
-    let mut watchers = job.watchers.subscribe();
+/// restart, since every job starts there unwatched. A job that ends is cleaned up
+/// ([`clean_up`]); one still running when the coordinator stops is not (snapshot pruning
+/// removes its ref later).
+async fn supervise(shared: Arc<Shared>, job_id: JobId, job: Arc<ActiveJob>) {
     let mut phase = job.phase.subscribe();
+    let mut watchers = job.watchers.subscribe();
     let grace = shared.config.client_grace;
+    let unwatched_deadline = |count: usize| (count == 0).then(|| Instant::now() + grace);
+    // When the job is cancelled for want of a client; `None` while one follows it.
+    let mut cancel_at = unwatched_deadline(*watchers.borrow_and_update());
+    // When the current attempt was assigned, as this task saw it (for the delivery metric).
+    let mut assigned_at = None;
+    let mut watching = true;
     loop {
-        let unwatched = watchers.wait_for(|count| *count == 0);
-        tokio::select! {
-            waited = unwatched => if waited.is_err() { return },
-            _ = phase.wait_for(|event| matches!(event, JobEvent::Finished(_))) => return,
-            () = shared.shutdown.cancelled() => return,
+        match &*phase.borrow_and_update() {
+            JobEvent::Finished(_) => break,
+            JobEvent::Assigned { .. } => assigned_at = Some(Instant::now()),
+            _ => {}
         }
-        tokio::select! {
-            () = tokio::time::sleep(grace) => {
-                if *watchers.borrow() == 0 {
-                    tracing::info!(job_id, "no client followed the job for {grace:?}; cancelling it");
-                    shared.step(|s| ((), s.cancel(job_id, Instant::now()).unwrap_or_default()));
-                    return;
-                }
+        let unwatched_for_long = async {
+            match cancel_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
             }
-            changed = watchers.changed() => if changed.is_err() { return },
-            _ = phase.wait_for(|event| matches!(event, JobEvent::Finished(_))) => return,
+        };
+        tokio::select! {
+            changed = phase.changed() => if changed.is_err() { break },
+            changed = watchers.changed(), if watching => {
+                // Each time the last client leaves, the grace starts over.
+                cancel_at = match changed {
+                    Ok(()) => unwatched_deadline(*watchers.borrow_and_update()),
+                    Err(_) => { watching = false; None }
+                };
+            }
+            () = unwatched_for_long => {
+                tracing::info!(job_id, "no client followed the job for {grace:?}; cancelling it");
+                shared.step(|s| ((), s.cancel(job_id, Instant::now()).unwrap_or_default()));
+                cancel_at = None;
+            }
             () = shared.shutdown.cancelled() => return,
         }
     }
+    clean_up(&shared, job_id, &job, &phase, assigned_at).await;
 }
 
 /// Sends one event to a streaming client; false when the client is gone.
@@ -430,7 +451,7 @@ async fn send_event(events: &EventSender, job_id: JobId, event: JobEvent) -> boo
 /// Streams one job's events and output to a client, following the log on disk, from
 /// `from_offset` bytes of output on (what the client already has). The caller counted the
 /// client among the job's watchers; it is uncounted when the stream ends, and a job left
-/// unwatched is cancelled after the client grace (see [`cancel_unwatched`]).
+/// unwatched is cancelled after the client grace (see [`supervise`]).
 async fn stream_job(
     shared: Arc<Shared>,
     job_id: JobId,
@@ -554,26 +575,15 @@ async fn forward_log(
     true
 }
 
-async fn clean_up_when_finished(
-    shared: Arc<Shared>,
+/// Records an ended job (metrics, history), ends its log and hands its snapshot ref over
+/// for deletion.
+async fn clean_up(
+    shared: &Shared,
     job_id: JobId,
-    job: Arc<ActiveJob>,
-    mut phase: watch::Receiver<JobEvent>,
+    job: &ActiveJob,
+    phase: &watch::Receiver<JobEvent>,
+    assigned_at: Option<Instant>,
 ) {
-    // When the current attempt was assigned, as this task saw it (for the delivery metric).
-    let mut assigned_at = None;
-    loop {
-        match &*phase.borrow_and_update() {
-            JobEvent::Finished(_) => break,
-            JobEvent::Assigned { .. } => assigned_at = Some(Instant::now()),
-            _ => {}
-        }
-        tokio::select! {
-            changed = phase.changed() => if changed.is_err() { break },
-            // Not finished when the coordinator stops: snapshot pruning removes the ref later.
-            () = shared.shutdown.cancelled() => return,
-        }
-    }
     let ended = match &*phase.borrow() {
         JobEvent::Finished(result) => Some(result.clone()),
         _ => None,
@@ -626,6 +636,76 @@ impl VerifiedCommits {
     }
 }
 
+/// Packs of the newest snapshots ([`crate::snapshot::pack`]) by commit and base, and which
+/// could not be made: the jobs of one snapshot (`build`, then `test`, then `clippy`) try
+/// once.
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotPacks(std::sync::Mutex<VecDeque<PackEntry>>);
+
+#[derive(Debug)]
+struct PackEntry {
+    commit: String,
+    base: String,
+    pack: Option<SnapshotPack>,
+}
+
+/// Snapshot packs remembered at most.
+const KEPT_SNAPSHOT_PACKS: usize = 8;
+
+impl SnapshotPacks {
+    /// The pack of `commit` over `base`, made or remembered; `None` when there is no base
+    /// or git could not make one small enough in time, and the agent fetches.
+    async fn get(&self, common_dir: &Path, commit: &str, base: &str) -> Option<SnapshotPack> {
+        if base.is_empty() || base == commit {
+            return None;
+        }
+        if let Some(entry) = self
+            .lock()
+            .iter()
+            .find(|entry| entry.commit == commit && entry.base == base)
+        {
+            return entry.pack.clone();
+        }
+        let pack = crate::snapshot::pack(common_dir, commit, base)
+            .await
+            .inspect_err(|error| tracing::debug!("no snapshot pack, agents fetch: {error}"))
+            .ok();
+        let mut packs = self.lock();
+        if packs.len() >= KEPT_SNAPSHOT_PACKS {
+            packs.pop_front();
+        }
+        packs.push_back(PackEntry {
+            commit: commit.to_owned(),
+            base: base.to_owned(),
+            pack: pack.clone(),
+        });
+        pack
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<PackEntry>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Whether `pack` leaves room in the assignment's bus frame for the rest of it; the frame
+/// limit is for whole messages, and a spec may be large (validated arguments, environment
+/// and labels add up to more than a frame at worst).
+fn fits_in_assignment(pack: &SnapshotPack, spec: &buildpool_core::JobSpec, worktree: &str) -> bool {
+    let strings = spec.cargo_args.iter().map(String::len).sum::<usize>()
+        + spec
+            .env
+            .iter()
+            .map(|var| var.name.len() + var.value.len())
+            .sum::<usize>()
+        + spec.required_labels.iter().map(String::len).sum::<usize>()
+        + worktree.len();
+    // Field tags and lengths, the ids and the rest of the source: well under this.
+    const OVERHEAD: usize = 16 * 1024;
+    pack.0.len() + strings + OVERHEAD <= buildpool_proto::frame::MAX_FRAME_BYTES
+}
+
 /// Checks that `git_ref` holds `commit`, a commit: what agents will fetch is what the
 /// client snapshotted. A loose ref naming a commit verified before, or a loose commit
 /// object, is read without git (a process per submission would cap the job rate and cost
@@ -635,13 +715,15 @@ async fn check_snapshot_ref(shared: &Shared, git_ref: &str, commit: &str) -> Res
     // The common case needs no git: the ref is a loose file naming the commit, and the
     // commit was verified before or is a loose commit object (as the client's snapshot just
     // wrote it). A packed or unknown object, another ref storage: git answers.
-    if crate::snapshot::loose_ref_target(common_dir, git_ref)
-        .await
-        .is_some_and(|target| target == commit)
-        && (shared.verified_commits.contains(commit)
-            || crate::snapshot::is_loose_commit(common_dir, commit))
+    if crate::snapshot::loose_ref_target(common_dir, git_ref).is_some_and(|target| target == commit)
     {
-        return Ok(());
+        if shared.verified_commits.contains(commit) {
+            return Ok(());
+        }
+        if crate::snapshot::is_loose_commit(common_dir, commit) {
+            shared.verified_commits.insert(commit);
+            return Ok(());
+        }
     }
     let resolved = buildpool_core::git::Git::new(common_dir)
         .args([

@@ -121,7 +121,7 @@ pub(crate) struct ActiveJob {
     pub git_ref: String,
     pub origin: JobOrigin,
     /// How many clients follow the job; a job nobody follows is cancelled after the
-    /// client grace (see `control::cancel_unwatched`).
+    /// client grace (see `control::supervise`).
     pub watchers: watch::Sender<usize>,
 }
 
@@ -210,6 +210,8 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     /// Snapshot commits a full git check confirmed (see [`control::VerifiedCommits`]).
     pub verified_commits: control::VerifiedCommits,
+    /// Packs of recent snapshots, sent with their jobs (see [`control::SnapshotPacks`]).
+    pub snapshot_packs: control::SnapshotPacks,
     /// Snapshot refs of ended jobs, for [`delete_ended_refs`] to delete in batches.
     pub ended_refs: tokio::sync::mpsc::Sender<String>,
     state: Mutex<State>,
@@ -283,6 +285,7 @@ impl Shared {
             commit,
             git_ref,
             base_commit,
+            pack: None,
         }
     }
 
@@ -348,7 +351,11 @@ impl Shared {
             }
             match action {
                 Action::Assign { conn, assignment } => {
-                    Self::send(state, conn, CoordinatorMessage::Assign(assignment));
+                    Self::send(
+                        state,
+                        conn,
+                        CoordinatorMessage::Assign(Box::new(assignment)),
+                    );
                 }
                 Action::Cancel { conn, key } => {
                     Self::send(state, conn, CoordinatorMessage::Cancel(key));
@@ -539,6 +546,7 @@ impl Coordinator {
             metrics: crate::metrics::Metrics::new(),
             history: history::History::default(),
             verified_commits: control::VerifiedCommits::default(),
+            snapshot_packs: control::SnapshotPacks::default(),
             ended_refs,
             last_request: AtomicU64::new(buildpool_core::time::unix_millis()),
             store,

@@ -63,6 +63,7 @@ impl Bus {
                 common_dir: dir.path().to_owned(),
                 id: "repo".into(),
                 plain: false,
+                index_file: None,
             },
             config,
             auth: crate::auth::Authenticator::new(
@@ -95,6 +96,7 @@ impl Bus {
             metrics: crate::metrics::Metrics::new(),
             history: crate::server::history::History::default(),
             verified_commits: Default::default(),
+            snapshot_packs: Default::default(),
             // Tests end no job through the control API, so nothing is queued here.
             ended_refs: tokio::sync::mpsc::channel(1).0,
             store: None,
@@ -187,6 +189,7 @@ impl Bus {
             commit: "0".repeat(40),
             git_ref: "refs/buildpool/snapshots/test".into(),
             base_commit: String::new(),
+            pack: None,
         };
         let spec = JobSpec::new(JobKind::Check);
         let now = Instant::now();

@@ -29,6 +29,7 @@ fn source() -> Source {
         commit: "0".repeat(40),
         git_ref: "refs/buildpool/snapshots/x".into(),
         base_commit: String::new(),
+        pack: None,
     }
 }
 
