@@ -202,7 +202,7 @@ pub struct Source {
 ///
 /// A one-line change makes a pack of a few hundred bytes; applying it costs the agent one
 /// or two git processes, where a fetch through the tunnel costs several and a handful of
-/// round trips (measured on itoa: the agent's fetch phase went from about 21 ms to 6).
+/// round trips (measured on itoa and semver: the fetch phase went from 26-31 ms to 4).
 #[derive(Clone, PartialEq, Eq)]
 pub struct SnapshotPack(pub Bytes);
 
