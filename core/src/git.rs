@@ -15,8 +15,8 @@ pub const LOCAL_TIMEOUT: Duration = Duration::from_secs(120);
 pub enum GitError {
     #[error("could not run git: {0}")]
     Spawn(#[source] std::io::Error),
-    #[error("`git {args}` timed out after {secs} s")]
-    TimedOut { args: String, secs: u64 },
+    #[error("`git {args}` timed out after {timeout:?}")]
+    TimedOut { args: String, timeout: Duration },
     #[error("`git {args}` failed: {stderr}")]
     Failed { args: String, stderr: String },
     #[error("`git {args}` wrote more than {limit} bytes")]
@@ -122,7 +122,7 @@ impl Git {
             Err(_) => {
                 return Err(GitError::TimedOut {
                     args: self.display,
-                    secs: self.timeout.as_secs(),
+                    timeout: self.timeout,
                 });
             }
         };
@@ -204,7 +204,7 @@ impl Git {
             Err(_) => {
                 return Err(GitError::TimedOut {
                     args: self.display,
-                    secs: self.timeout.as_secs(),
+                    timeout: self.timeout,
                 });
             }
         };

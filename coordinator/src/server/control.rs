@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use buildpool_core::status::{CancelReply, CoordinatorStatus, LogPage, LogRequest, Submission};
 use buildpool_core::time::unix_millis;
-use buildpool_core::{JobEvent, JobId, OutputStream, SnapshotPack};
+use buildpool_core::{JobEvent, JobId, JobSpec, OutputStream, SnapshotPack};
 use buildpool_proto::control_server::{Control, ControlServer};
 use buildpool_proto::convert::{DecodeError, encode_job_event};
 use buildpool_proto::{
@@ -23,7 +23,7 @@ use buildpool_proto::{
     StatusRequest, SubmitRequest, WatchRequest,
 };
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -148,63 +148,33 @@ impl Control for ControlService {
                 "git_ref must be under {SNAPSHOT_REF_PREFIX}"
             )));
         }
-        let shared = &self.shared;
-        check_snapshot_ref(shared, &git_ref, &commit).await?;
-
-        let job_id = shared.next_job_id();
-        let submitted_unix_ms = unix_millis();
-        let origin = JobOrigin {
-            kind: spec.kind,
-            worktree: worktree.clone(),
-            cargo_args: spec.cargo_args.clone(),
-        };
-        // The snapshot's pack is made while the job is stored: both take a few ms.
-        let pack = shared
-            .snapshot_packs
-            .get(&shared.repo.common_dir, &commit, &base_commit);
-        let recorded = async {
-            let log = joblog::JobLog::create(&shared.logs, job_id, shared.config.log_max_bytes)
-                .await
-                .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
-            shared.metrics.job_submitted(spec.kind);
-            if let Some(store) = &shared.store {
-                // Stored before the client hears of the job: a restart resumes what it was
-                // told.
-                let submission = Submission {
-                    spec: spec.clone(),
-                    commit: commit.clone(),
-                    git_ref: git_ref.clone(),
-                    worktree: worktree.clone(),
-                    base_commit: base_commit.clone(),
-                };
-                store.submitted(job_id, submission, submitted_unix_ms, log.path());
-                store
-                    .barrier()
-                    .await
-                    .map_err(|e| Status::unavailable(format!("cannot store the job: {e}")))?;
+        check_snapshot_ref(&self.shared, &git_ref, &commit).await?;
+        // The job is stored and scheduled by a task of its own: a client that hangs up
+        // meanwhile (tonic then drops this call) must not leave a stored job that was
+        // never scheduled. Its job runs, unwatched, and is cancelled after the client
+        // grace like any job nobody follows.
+        let (admitted, admission) = oneshot::channel();
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            let outcome = admit(&shared, spec, commit, git_ref, worktree, base_commit).await;
+            let Ok((job_id, job, _)) = &outcome else {
+                let _ = admitted.send(outcome);
+                return;
+            };
+            let (job_id, job) = (*job_id, Arc::clone(job));
+            // The submitter is the job's first watcher, counted before anything could
+            // cancel the job as unwatched, and uncounted if it is gone already.
+            job.watchers.send_modify(|count| *count += 1);
+            if admitted.send(outcome).is_err() {
+                job.watchers
+                    .send_modify(|count| *count = count.saturating_sub(1));
             }
-            Ok::<_, Status>(log)
-        };
-        let (pack, log) = tokio::join!(pack, recorded);
-        let log = log?;
-        let job = ActiveJob::queued(log, git_ref.clone(), origin);
-        let mut source = shared.source(commit, git_ref, base_commit);
-        source.pack = pack.filter(|pack| fits_in_assignment(pack, &spec, &worktree));
-        let phase = job.phase.subscribe();
-        shared.state().jobs.insert(job_id, Arc::clone(&job));
-        // Debug: at the default level a job gets one line, when it ends.
-        tracing::debug!(job_id, kind = %spec.kind, %worktree, "job submitted");
-        let now = Instant::now();
-        shared.step(|s| {
-            (
-                (),
-                s.submit(job_id, spec, source, worktree, now, submitted_unix_ms),
-            )
+            adopt(&shared, job_id, &job);
         });
-        // The submitter follows the job before anything could cancel it as unwatched.
-        let events = follow_stream(shared, job_id, Arc::clone(&job), phase, 0);
-        adopt(shared, job_id, &job);
-        Ok(events)
+        let (job_id, job, phase) = admission
+            .await
+            .map_err(|_| Status::internal("the submission was dropped"))??;
+        Ok(stream_to_watcher(&self.shared, job_id, job, phase, 0))
     }
 
     type WatchStream = EventStream;
@@ -219,7 +189,8 @@ impl Control for ControlService {
         if let Some(job) = active {
             tracing::info!(job_id, from_offset, "a client follows the job again");
             let phase = job.phase.subscribe();
-            return Ok(follow_stream(shared, job_id, job, phase, from_offset));
+            job.watchers.send_modify(|count| *count += 1);
+            return Ok(stream_to_watcher(shared, job_id, job, phase, from_offset));
         }
         let (result, log) = finished_job(shared, job_id).await?;
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
@@ -345,14 +316,77 @@ impl Control for ControlService {
 
 /// A new client of an active job: counted among its watchers, and its events (from
 /// `phase` on, output after `from_offset` bytes) streamed by a task of its own.
-fn follow_stream(
+/// Stores a validated submission as a new job and hands it to the scheduler; the job, and
+/// its phase as the submitter will follow it from the start.
+async fn admit(
+    shared: &Shared,
+    spec: JobSpec,
+    commit: String,
+    git_ref: String,
+    worktree: String,
+    base_commit: String,
+) -> Result<(JobId, Arc<ActiveJob>, watch::Receiver<JobEvent>), Status> {
+    let job_id = shared.next_job_id();
+    let submitted_unix_ms = unix_millis();
+    let origin = JobOrigin {
+        kind: spec.kind,
+        worktree: worktree.clone(),
+        cargo_args: spec.cargo_args.clone(),
+    };
+    // The snapshot's pack is made while the job is stored: both take a few ms.
+    let pack = shared
+        .snapshot_packs
+        .get(&shared.repo.common_dir, &commit, &base_commit);
+    let recorded = async {
+        let log = joblog::JobLog::create(&shared.logs, job_id, shared.config.log_max_bytes)
+            .await
+            .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
+        shared.metrics.job_submitted(spec.kind);
+        if let Some(store) = &shared.store {
+            // Stored before the client hears of the job: a restart resumes what it was told.
+            let submission = Submission {
+                spec: spec.clone(),
+                commit: commit.clone(),
+                git_ref: git_ref.clone(),
+                worktree: worktree.clone(),
+                base_commit: base_commit.clone(),
+            };
+            store.submitted(job_id, submission, submitted_unix_ms, log.path());
+            store
+                .barrier()
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot store the job: {e}")))?;
+        }
+        Ok::<_, Status>(log)
+    };
+    let (pack, log) = tokio::join!(pack, recorded);
+    let log = log?;
+    let job = ActiveJob::queued(log, git_ref.clone(), origin);
+    let mut source = shared.source(commit, git_ref, base_commit);
+    source.pack = pack.filter(|pack| fits_in_assignment(pack, &spec, &worktree));
+    let phase = job.phase.subscribe();
+    shared.state().jobs.insert(job_id, Arc::clone(&job));
+    // Debug: at the default level a job gets one line, when it ends.
+    tracing::debug!(job_id, kind = %spec.kind, %worktree, "job submitted");
+    let now = Instant::now();
+    shared.step(|s| {
+        (
+            (),
+            s.submit(job_id, spec, source, worktree, now, submitted_unix_ms),
+        )
+    });
+    Ok((job_id, job, phase))
+}
+
+/// Streams the job to a client already counted among its watchers; the stream uncounts it
+/// when it ends.
+fn stream_to_watcher(
     shared: &Arc<Shared>,
     job_id: JobId,
     job: Arc<ActiveJob>,
     phase: watch::Receiver<JobEvent>,
     from_offset: u64,
 ) -> Response<EventStream> {
-    job.watchers.send_modify(|count| *count += 1);
     let (events, receiver) = mpsc::channel(EVENT_BUFFER);
     tokio::spawn(stream_job(
         Arc::clone(shared),
@@ -692,7 +726,7 @@ impl SnapshotPacks {
 /// Whether `pack` leaves room in the assignment's bus frame for the rest of it; the frame
 /// limit is for whole messages, and a spec may be large (validated arguments, environment
 /// and labels add up to more than a frame at worst).
-fn fits_in_assignment(pack: &SnapshotPack, spec: &buildpool_core::JobSpec, worktree: &str) -> bool {
+fn fits_in_assignment(pack: &SnapshotPack, spec: &JobSpec, worktree: &str) -> bool {
     let strings = spec.cargo_args.iter().map(String::len).sum::<usize>()
         + spec
             .env
