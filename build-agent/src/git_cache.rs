@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use buildpool_core::SnapshotPack;
-use buildpool_core::git::{Git, GitError, has_loose_object, is_object_id};
+use buildpool_core::git::{
+    Git, GitError, has_loose_object, is_object_id, is_plain_ref_component, write_loose_ref,
+};
 
 /// How many fetched snapshot refs a cache keeps to negotiate incremental fetches from.
 const KEPT_FETCHED_REFS: usize = 32;
@@ -325,7 +327,7 @@ async fn apply_pack(
             found: "no such commit in it".to_owned(),
         });
     }
-    write_loose_ref(dir, local_ref, commit)?;
+    write_fetched_ref(dir, local_ref, commit)?;
     // What a fetch would let git do when loose objects pile up (it runs in the background).
     if maintenance_due(dir) {
         Git::new(dir)
@@ -357,31 +359,17 @@ async fn drop_unfinished(dir: &Path) -> Result<(), CacheError> {
 /// Whether a snapshot ref's leaf (`snapshots/<millis>-<hex>` as clients make them) is a
 /// name this cache writes as a file itself; anything else is fetched, and git checks it.
 fn is_plain_leaf(leaf: &str) -> bool {
-    leaf.split('/').all(|part| {
-        !part.is_empty()
-            && !part.starts_with('.')
-            && !part.ends_with(".lock")
-            && part
-                .bytes()
-                .all(|byte| byte.is_ascii_alphanumeric() || b"-_.".contains(&byte))
-    }) && !leaf.contains("..")
+    leaf.split('/').all(is_plain_ref_component)
 }
 
-/// Writes `name` as git writes a loose ref: a lock file renamed into place (one git
-/// process less per job than `update-ref`).
-fn write_loose_ref(dir: &Path, name: &str, id: &str) -> std::io::Result<()> {
-    let path = dir.join(name);
-    if let Some(parent) = path.parent() {
+/// Writes the fetched ref `name` as a loose ref, making its directory. A lock file left by
+/// a crash is no writer's: the cache lock the caller holds keeps out every other.
+fn write_fetched_ref(dir: &Path, name: &str, id: &str) -> std::io::Result<()> {
+    if let Some(parent) = dir.join(name).parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let mut lock = path.clone().into_os_string();
-    lock.push(".lock");
-    let written =
-        std::fs::write(&lock, format!("{id}\n")).and_then(|()| std::fs::rename(&lock, &path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&lock);
-    }
-    written
+    let _ = std::fs::remove_file(dir.join(format!("{name}.lock")));
+    write_loose_ref(dir, name, id)
 }
 
 /// Whether git's automatic maintenance of the bare repository `dir` would find work: told

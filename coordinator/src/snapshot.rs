@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use buildpool_core::SnapshotPack;
-use buildpool_core::git::{Git, GitError};
+use buildpool_core::git::{Git, GitError, is_plain_ref_component};
 use buildpool_core::time::unix_millis;
 
 use crate::repo::Repo;
@@ -233,24 +233,11 @@ async fn create_ref(repo: &Repo, git_ref: &str, commit: &str) -> Result<(), GitE
 }
 
 fn write_loose_ref(common_dir: &Path, git_ref: &str, commit: &str) -> std::io::Result<()> {
-    use std::io::Write;
     if !is_plain_snapshot_ref(git_ref) || common_dir.join("reftable").exists() {
         return Err(std::io::ErrorKind::Unsupported.into());
     }
-    let path = common_dir.join(git_ref);
-    let lock = common_dir.join(format!("{git_ref}.lock"));
     // Exclusive, as git takes a ref's lock: a name is never written by two at once.
-    let mut file = std::fs::File::options()
-        .write(true)
-        .create_new(true)
-        .open(&lock)?;
-    let written = file
-        .write_all(format!("{commit}\n").as_bytes())
-        .and_then(|()| std::fs::rename(&lock, &path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&lock);
-    }
-    written
+    buildpool_core::git::write_loose_ref(common_dir, git_ref, commit)
 }
 
 /// Whether [`prune`] has anything to do. Told without git from the loose snapshot refs
@@ -273,7 +260,7 @@ fn prune_needed(common_dir: &Path) -> bool {
     let mut count = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(leaf) = name.to_str().filter(|leaf| is_plain_leaf(leaf)) else {
+        let Some(leaf) = name.to_str().filter(|leaf| is_plain_ref_component(leaf)) else {
             // Not a ref git lists (a lock file, say): nothing for the prune to remove.
             continue;
         };
@@ -458,17 +445,7 @@ async fn delete_with_git(common_dir: &Path, git_refs: &[String]) -> Result<(), G
 fn is_plain_snapshot_ref(git_ref: &str) -> bool {
     git_ref
         .strip_prefix(SNAPSHOT_REF_PREFIX)
-        .is_some_and(is_plain_leaf)
-}
-
-/// Whether a name in the snapshot ref directory is a plain snapshot ref's leaf.
-fn is_plain_leaf(leaf: &str) -> bool {
-    !leaf.is_empty()
-        && !leaf.starts_with('.')
-        && !leaf.ends_with(".lock")
-        && leaf
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        .is_some_and(is_plain_ref_component)
 }
 
 /// The object id a snapshot ref holds, read from its loose ref file without running git.

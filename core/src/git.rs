@@ -228,6 +228,36 @@ impl Git {
     }
 }
 
+/// Whether `part` is one component of a ref name as buildpool makes them (letters, digits,
+/// `-`, `_`): a name it may write or read as a file itself, where anything else goes to git.
+pub fn is_plain_ref_component(part: &str) -> bool {
+    !part.is_empty()
+        && part
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Writes the ref `name` of the repository `git_dir` as git writes a loose ref: its lock
+/// file, taken exclusively as git takes it, renamed into place (one git process less than
+/// `update-ref`). The caller knows the files ref storage is in use and the directory is
+/// there.
+pub fn write_loose_ref(git_dir: &Path, name: &str, id: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = git_dir.join(name);
+    let lock = git_dir.join(format!("{name}.lock"));
+    let mut file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(&lock)?;
+    let written = file
+        .write_all(format!("{id}\n").as_bytes())
+        .and_then(|()| std::fs::rename(&lock, &path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&lock);
+    }
+    written
+}
+
 /// Where the object `id` lies as a loose object of the repository whose object store is
 /// `<git_dir>/objects`; `None` for what is no object id.
 pub fn loose_object_path(git_dir: &Path, id: &str) -> Option<PathBuf> {
