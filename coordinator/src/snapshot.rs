@@ -391,6 +391,12 @@ fn remove_loose_refs(common_dir: &Path, git_refs: Vec<String>) -> Vec<String> {
         .lines()
         .filter_map(|line| line.split_once(' ').map(|(_, name)| name))
         .collect();
+    // Reflogs of snapshot refs exist only where `core.logAllRefUpdates=always` made them,
+    // and then under this directory; every ref here was created (with its reflog) before
+    // this look, so where it is missing there is no reflog to remove, and no failing
+    // removal per ref.
+    let reflogs = common_dir.join("logs").join(SNAPSHOT_REF_PREFIX);
+    let reflogs = reflogs.is_dir().then(|| common_dir.join("logs"));
     git_refs
         .into_iter()
         .filter(|name| {
@@ -399,8 +405,9 @@ fn remove_loose_refs(common_dir: &Path, git_refs: Vec<String>) -> Vec<String> {
             }
             match std::fs::remove_file(common_dir.join(name)) {
                 Ok(()) => {
-                    // Its reflog, should `core.logAllRefUpdates=always` have made one.
-                    let _ = std::fs::remove_file(common_dir.join("logs").join(name));
+                    if let Some(reflogs) = &reflogs {
+                        let _ = std::fs::remove_file(reflogs.join(name));
+                    }
                     false
                 }
                 // Not a loose ref (already gone, or another ref storage): git decides.

@@ -276,6 +276,52 @@ fn a_job_nobody_follows_any_more_is_cancelled_after_the_client_grace() {
     );
 }
 
+/// A client that follows a running job again (`Watch`, as after a lost connection) gets the
+/// output the job printed so far at once, not only once the job prints more or ends.
+#[tokio::test]
+async fn a_client_following_a_running_job_again_gets_its_output_so_far_at_once() {
+    use buildpool::client::Client;
+    use buildpool::repo::Repo;
+    use buildpool_core::JobEvent;
+
+    let cluster = watched_cluster();
+    let fixture = &cluster.fixture;
+    let mut run = job_with_grandchild(fixture, &[]);
+    grandchild_pid(fixture, &run);
+    // The first client has shown output: the job's log holds it. The job now sleeps.
+    assert!(
+        wait_until(Duration::from_secs(30), || run
+            .log_text()
+            .contains("Running")),
+        "{}",
+        run.log_text()
+    );
+    let status = cluster.status().expect("status");
+    let job_id = status["jobs"][0]["job_id"].as_u64().expect("a running job");
+    let repo = Repo::discover(&fixture.root()).await.expect("repo");
+    let (client, _) = Client::connect_to_running(&repo).await.expect("client");
+    let mut events = client.watch(job_id, 0).await.expect("watch");
+    let first_output = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match events.next().await.expect("events") {
+                Some((_, JobEvent::Output { data, .. })) => return data,
+                Some((_, JobEvent::Finished(result))) => panic!("the job ended: {result:?}"),
+                Some(_) => {}
+                None => panic!("the stream ended"),
+            }
+        }
+    })
+    .await
+    .expect("the output so far arrives while the job still runs");
+    assert!(!first_output.is_empty());
+
+    run.signal(SIGINT);
+    let status = run
+        .wait_timeout(Duration::from_secs(30))
+        .expect("client exits after cancel");
+    assert_eq!(status.code(), Some(130), "{}", run.log_text());
+}
+
 #[test]
 fn a_timeout_is_reported_as_timed_out_not_as_an_exit_code() {
     let cluster = watched_cluster();

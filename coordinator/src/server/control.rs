@@ -33,7 +33,8 @@ use super::{ActiveJob, JobOrigin, Shared, joblog};
 use crate::auth::Scope;
 use crate::snapshot::SNAPSHOT_REF_PREFIX;
 
-/// Events buffered per streaming client; beyond this the client's own pace sets the speed.
+/// Events buffered per client of a finished job; beyond this the client's own pace sets the
+/// speed.
 const EVENT_BUFFER: usize = 32;
 /// Largest page `JobLog` returns.
 const MAX_LOG_PAGE: usize = 1024 * 1024;
@@ -156,25 +157,22 @@ impl Control for ControlService {
         let (admitted, admission) = oneshot::channel();
         let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
-            let outcome = admit(&shared, spec, commit, git_ref, worktree, base_commit).await;
-            let Ok((job_id, job, _)) = &outcome else {
-                let _ = admitted.send(outcome);
-                return;
-            };
-            let (job_id, job) = (*job_id, Arc::clone(job));
-            // The submitter is the job's first watcher, counted before anything could
-            // cancel the job as unwatched, and uncounted if it is gone already.
-            job.watchers.send_modify(|count| *count += 1);
-            if admitted.send(outcome).is_err() {
-                job.watchers
-                    .send_modify(|count| *count = count.saturating_sub(1));
-            }
-            adopt(&shared, job_id, &job);
+            let outcome = admit(&shared, spec, commit, git_ref, worktree, base_commit)
+                .await
+                .map(|(job_id, job, phase)| {
+                    // The submitter is the job's first watcher, counted before anything
+                    // could cancel the job as unwatched. Should it be gone before it takes
+                    // its stream, the count goes with the undelivered answer.
+                    let watching = Watching::start(&job);
+                    adopt(&shared, job_id, &job);
+                    (job_id, watching, phase)
+                });
+            let _ = admitted.send(outcome);
         });
-        let (job_id, job, phase) = admission
+        let (job_id, watching, phase) = admission
             .await
             .map_err(|_| Status::internal("the submission was dropped"))??;
-        Ok(stream_to_watcher(&self.shared, job_id, job, phase, 0))
+        Ok(stream_to_watcher(&self.shared, job_id, watching, phase, 0))
     }
 
     type WatchStream = EventStream;
@@ -189,27 +187,32 @@ impl Control for ControlService {
         if let Some(job) = active {
             tracing::info!(job_id, from_offset, "a client follows the job again");
             let phase = job.phase.subscribe();
-            job.watchers.send_modify(|count| *count += 1);
-            return Ok(stream_to_watcher(shared, job_id, job, phase, from_offset));
+            let watching = Watching::start(&job);
+            return Ok(stream_to_watcher(
+                shared,
+                job_id,
+                watching,
+                phase,
+                from_offset,
+            ));
         }
         let (result, log) = finished_job(shared, job_id).await?;
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
         tokio::spawn(async move {
-            let mut skip = from_offset;
             let end = tokio::fs::metadata(&log).await.map_or(0, |m| m.len());
-            let mut position = 0;
-            if forward_log(
-                joblog::LogReader::Ended(&log),
-                &mut position,
-                end,
-                &mut skip,
-                job_id,
-                &events,
-            )
-            .await
-            {
-                send_event(&events, job_id, JobEvent::Finished(result)).await;
+            let mut output = OutputCursor::from_offset(from_offset);
+            while output.position < end {
+                let log = joblog::LogReader::Ended(&log);
+                let Some(chunks) = output.read(log, end, job_id).await else {
+                    break;
+                };
+                for chunk in chunks {
+                    if !send_event(&events, job_id, chunk).await {
+                        return;
+                    }
+                }
             }
+            send_event(&events, job_id, JobEvent::Finished(result)).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
@@ -314,8 +317,6 @@ impl Control for ControlService {
     }
 }
 
-/// A new client of an active job: counted among its watchers, and its events (from
-/// `phase` on, output after `from_offset` bytes) streamed by a task of its own.
 /// Stores a validated submission as a new job and hands it to the scheduler; the job, and
 /// its phase as the submitter will follow it from the start.
 async fn admit(
@@ -378,25 +379,42 @@ async fn admit(
     Ok((job_id, job, phase))
 }
 
-/// Streams the job to a client already counted among its watchers; the stream uncounts it
-/// when it ends.
+/// Streams the job to a client counted among its watchers (`watching`), uncounted when the
+/// stream ends or the client drops it. The output the log already holds beyond
+/// `from_offset` bytes comes first.
+///
+/// The stream is the follower itself, polled by the client's HTTP/2 stream: no task and no
+/// channel of its own between the job and the client (at thousands of jobs a second, the
+/// extra task and its wake-up per event showed), and a client that reads slowly holds
+/// back only its own reading.
 fn stream_to_watcher(
     shared: &Arc<Shared>,
     job_id: JobId,
-    job: Arc<ActiveJob>,
-    phase: watch::Receiver<JobEvent>,
+    watching: Watching,
+    mut phase: watch::Receiver<JobEvent>,
     from_offset: u64,
 ) -> Response<EventStream> {
-    let (events, receiver) = mpsc::channel(EVENT_BUFFER);
-    tokio::spawn(stream_job(
-        Arc::clone(shared),
+    let mut length = watching.job.log.subscribe();
+    let end = *length.borrow_and_update();
+    let pending_phase = Some(phase.borrow_and_update().clone());
+    let follower = Follower {
+        shared: Arc::clone(shared),
         job_id,
-        job,
+        job: watching,
         phase,
-        events,
-        from_offset,
-    ));
-    Response::new(Box::pin(ReceiverStream::new(receiver)))
+        length,
+        output: OutputCursor::from_offset(from_offset),
+        end,
+        pending_phase,
+        drained_for_end: false,
+        done: false,
+    };
+    let batches = futures_util::stream::unfold(follower, |mut follower| async move {
+        let batch = follower.next_batch().await?;
+        Some((futures_util::stream::iter(batch), follower))
+    });
+    let events = futures_util::StreamExt::flatten(batches);
+    Response::new(Box::pin(events))
 }
 
 /// A job that is no longer active: its stored result and log. Its end may still be on its
@@ -482,131 +500,198 @@ async fn send_event(events: &EventSender, job_id: JobId, event: JobEvent) -> boo
         .is_ok()
 }
 
-/// Streams one job's events and output to a client, following the log on disk, from
-/// `from_offset` bytes of output on (what the client already has). The caller counted the
-/// client among the job's watchers; it is uncounted when the stream ends, and a job left
-/// unwatched is cancelled after the client grace (see [`supervise`]).
-async fn stream_job(
-    shared: Arc<Shared>,
-    job_id: JobId,
+/// One client counted among a job's watchers for as long as this lives: uncounted exactly
+/// once, whichever way it goes (its stream ends, the client drops it, or the client was gone
+/// before its submission's answer reached it). A job left unwatched is cancelled after the
+/// client grace (see [`supervise`]).
+struct Watching {
     job: Arc<ActiveJob>,
-    phase: watch::Receiver<JobEvent>,
-    events: EventSender,
-    from_offset: u64,
-) {
-    follow(&shared, job_id, &job, phase, &events, from_offset).await;
-    job.watchers
-        .send_modify(|count| *count = count.saturating_sub(1));
 }
 
-async fn follow(
-    shared: &Shared,
-    job_id: JobId,
-    job: &ActiveJob,
-    mut phase: watch::Receiver<JobEvent>,
-    events: &EventSender,
-    from_offset: u64,
-) {
-    let mut length = job.log.subscribe();
-    let mut position = 0u64;
-    let mut skip = from_offset;
-    let reader = joblog::LogReader::Writing(&job.log);
-    let initial = phase.borrow_and_update().clone();
-    let mut pending_phase = Some(initial);
-    loop {
-        if let Some(event) = pending_phase.take() {
-            let finished = matches!(event, JobEvent::Finished(_));
-            if finished {
-                // Everything the agent sent before its result is queued for the log: once
-                // it is written, send it first.
-                job.log.written().await;
-                let end = *length.borrow();
-                if !forward_log(reader, &mut position, end, &mut skip, job_id, events).await {
-                    return;
-                }
-                if job.log.truncated() > 0 {
-                    let note = format!(
-                        "[buildpool] {} bytes of output were dropped at the log cap\n",
-                        job.log.truncated()
-                    );
-                    let note = JobEvent::Output {
-                        attempt: 0,
-                        stream: OutputStream::Stderr,
-                        data: Bytes::from(note),
-                    };
-                    send_event(events, job_id, note).await;
-                }
-            }
-            if !send_event(events, job_id, event).await {
-                return;
-            }
-            if finished {
-                return;
-            }
+impl Watching {
+    fn start(job: &Arc<ActiveJob>) -> Self {
+        job.watchers.send_modify(|count| *count += 1);
+        Self {
+            job: Arc::clone(job),
         }
-        tokio::select! {
-            changed = phase.changed() => {
-                if changed.is_err() { return; }
-                pending_phase = Some(phase.borrow_and_update().clone());
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.job
+            .watchers
+            .send_modify(|count| *count = count.saturating_sub(1));
+    }
+}
+
+impl std::ops::Deref for Watching {
+    type Target = ActiveJob;
+
+    fn deref(&self) -> &ActiveJob {
+        &self.job
+    }
+}
+
+/// One client following a running job: its events and its output, read from the log from
+/// the output the client already has on.
+struct Follower {
+    shared: Arc<Shared>,
+    job_id: JobId,
+    job: Watching,
+    phase: watch::Receiver<JobEvent>,
+    /// The log's readable length, as its writer moves it.
+    length: watch::Receiver<u64>,
+    output: OutputCursor,
+    /// How far the log is known to be readable.
+    end: u64,
+    /// A phase not yet sent.
+    pending_phase: Option<JobEvent>,
+    /// Whether the log was read to its end after the job finished.
+    drained_for_end: bool,
+    /// The job's end (or the coordinator's) was sent: nothing follows.
+    done: bool,
+}
+
+impl Follower {
+    /// The next events for the client, in order: output as the log grows, each phase as it
+    /// changes, and at the end all output before the result. `None` once everything is sent.
+    async fn next_batch(&mut self) -> Option<Vec<Result<WireEvent, Status>>> {
+        let job_id = self.job_id;
+        loop {
+            if self.done {
+                return None;
             }
-            changed = length.changed() => {
-                if changed.is_err() { return; }
-                let end = *length.borrow_and_update();
-                if !forward_log(reader, &mut position, end, &mut skip, job_id, events).await { return; }
+            if self.output.position < self.end {
+                let log = joblog::LogReader::Writing(&self.job.log);
+                let Some(chunks) = self.output.read(log, self.end, job_id).await else {
+                    // Unreadable there: wait for the log to grow, or for the job's end.
+                    self.end = self.output.position;
+                    continue;
+                };
+                if chunks.is_empty() {
+                    continue;
+                }
+                return Some(encode_all(job_id, chunks));
             }
-            () = events.closed() => {
-                tracing::info!(job_id, "a client stopped following the job");
-                return;
+            if let Some(event) = self.pending_phase.take() {
+                let finished = matches!(event, JobEvent::Finished(_));
+                if finished && !self.drained_for_end {
+                    // Everything the agent sent before its result is queued for the log:
+                    // once it is written, it is sent first.
+                    self.job.log.written().await;
+                    self.end = *self.length.borrow();
+                    self.drained_for_end = true;
+                    self.pending_phase = Some(event);
+                    continue;
+                }
+                let mut batch = Vec::new();
+                if finished {
+                    self.done = true;
+                    let truncated = self.job.log.truncated();
+                    if truncated > 0 {
+                        batch.push(dropped_output_note(truncated));
+                    }
+                }
+                batch.push(event);
+                return Some(encode_all(job_id, batch));
             }
-            () = shared.shutdown.cancelled() => {
-                let _ = events.send(Err(Status::unavailable("the coordinator is shutting down"))).await;
-                return;
+            tokio::select! {
+                changed = self.phase.changed() => {
+                    if changed.is_err() { return None; }
+                    self.pending_phase = Some(self.phase.borrow_and_update().clone());
+                }
+                changed = self.length.changed() => {
+                    if changed.is_err() { return None; }
+                    self.end = *self.length.borrow_and_update();
+                }
+                () = self.shared.shutdown.cancelled() => {
+                    self.done = true;
+                    return Some(vec![Err(Status::unavailable("the coordinator is shutting down"))]);
+                }
             }
         }
     }
 }
 
-/// Sends the log's records from `position` to `end` as output events, leaving out the first
-/// `skip` bytes of output (what the client already has). False when the client is gone.
-async fn forward_log(
-    log: joblog::LogReader<'_>,
-    position: &mut u64,
-    end: u64,
-    skip: &mut u64,
-    job_id: JobId,
-    events: &EventSender,
-) -> bool {
-    while *position < end {
-        let (records, next) = match log.read(*position, end).await {
+impl Drop for Follower {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::info!(job_id = self.job_id, "a client stopped following the job");
+        }
+    }
+}
+
+fn encode_all(job_id: JobId, events: Vec<JobEvent>) -> Vec<Result<WireEvent, Status>> {
+    events
+        .into_iter()
+        .map(|event| Ok(encode_job_event(job_id, event)))
+        .collect()
+}
+
+/// The line a client sees when output was dropped at the log cap.
+fn dropped_output_note(truncated: u64) -> JobEvent {
+    JobEvent::Output {
+        attempt: 0,
+        stream: OutputStream::Stderr,
+        data: Bytes::from(format!(
+            "[buildpool] {truncated} bytes of output were dropped at the log cap\n"
+        )),
+    }
+}
+
+/// Where a client is in a job's log: the byte position of the next record, and how many
+/// bytes of output it has still to skip (what it already had when it came back).
+#[derive(Debug)]
+struct OutputCursor {
+    position: u64,
+    skip: u64,
+}
+
+impl OutputCursor {
+    fn from_offset(skip: u64) -> Self {
+        Self { position: 0, skip }
+    }
+
+    /// Reads the next records before `end` (one read window at most) as output events,
+    /// leaving out what is to be skipped. `None` when the log cannot be read there (logged;
+    /// the position stays).
+    async fn read(
+        &mut self,
+        log: joblog::LogReader<'_>,
+        end: u64,
+        job_id: JobId,
+    ) -> Option<Vec<JobEvent>> {
+        let (records, next) = match log.read(self.position, end).await {
             Ok(read) => read,
             Err(error) => {
                 tracing::error!(job_id, "cannot read job log: {error}");
-                return true;
+                return None;
             }
         };
-        if next == *position {
+        if next == self.position {
             tracing::error!(job_id, "job log is corrupt at byte {next}");
-            return true;
+            return None;
         }
-        *position = next;
+        self.position = next;
+        let mut chunks = Vec::with_capacity(records.len());
         for record in records {
             let mut data = Bytes::from(record.data);
-            let seen = usize::try_from(*skip).unwrap_or(usize::MAX).min(data.len());
-            *skip -= seen as u64;
+            let seen = usize::try_from(self.skip)
+                .unwrap_or(usize::MAX)
+                .min(data.len());
+            self.skip -= seen as u64;
             if seen == data.len() {
                 continue;
             }
-            let chunk = JobEvent::Output {
+            chunks.push(JobEvent::Output {
                 attempt: record.attempt,
                 stream: record.stream,
                 data: data.split_off(seen),
-            };
-            if !send_event(events, job_id, chunk).await {
-                return false;
-            }
+            });
         }
+        Some(chunks)
     }
-    true
 }
 
 /// Records an ended job (metrics, history), ends its log and hands its snapshot ref over
@@ -623,6 +708,18 @@ async fn clean_up(
         _ => None,
     };
     if let Some(result) = ended {
+        // One line per job at the default level, written here by the job's own task: at
+        // thousands of jobs a second, a line per event would be most of the log, and writing
+        // it while dispatching held the scheduler's lock through a write to stderr.
+        tracing::info!(
+            job_id,
+            kind = %job.origin.kind,
+            worktree = %job.origin.worktree,
+            agent_id = %result.agent_id,
+            attempt = result.attempt,
+            end = ?result.completion.end,
+            "job finished"
+        );
         // Recorded here, by the job's own task: the dispatch path does no more than before.
         let since_assigned = assigned_at.map(|at: Instant| at.elapsed());
         shared

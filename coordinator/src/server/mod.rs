@@ -377,20 +377,9 @@ impl Shared {
                         state.jobs.get(&job_id).cloned()
                     };
                     if let Some(job) = job {
-                        // One line per job at the default level: at thousands of jobs a
-                        // second, a line per event is most of the log and all under the lock.
-                        match &event {
-                            JobEvent::Finished(result) => tracing::info!(
-                                job_id,
-                                kind = %job.origin.kind,
-                                worktree = %job.origin.worktree,
-                                agent_id = %result.agent_id,
-                                attempt = result.attempt,
-                                end = ?result.completion.end,
-                                "job finished"
-                            ),
-                            _ => tracing::debug!(job_id, ?event, "job event"),
-                        }
+                        // A job's one line at the default level is written by its own
+                        // task when it ends (`control::clean_up`), not here under the lock.
+                        tracing::debug!(job_id, ?event, "job event");
                         job.phase.send_replace(event);
                     }
                 }

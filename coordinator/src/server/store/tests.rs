@@ -75,6 +75,40 @@ async fn jobs_survive_reopening_in_their_state_and_order() {
     );
 }
 
+/// Commits reach the database file itself while the store stays open, copied there by the
+/// checkpoint thread; the writer would copy them itself only at 10,000 pages of log.
+#[tokio::test]
+async fn committed_jobs_are_checkpointed_into_the_database_off_the_writer() {
+    let dir = tempfile::tempdir().expect("temp");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    for id in 1..=3 {
+        store.submitted(id, submission(id as u32), 1000, &dir.path().join("x.log"));
+    }
+    store.barrier().await.expect("committed");
+    let copies = tempfile::tempdir().expect("temp");
+    let rows_in_the_database_file = || {
+        // The database file alone, without its write-ahead log: what was checkpointed.
+        let copy = copies
+            .path()
+            .join(format!("{}.db", buildpool_core::time::unix_millis()));
+        std::fs::copy(store.path(), &copy).ok()?;
+        Connection::open(&copy)
+            .ok()?
+            .query_row("SELECT count(*) FROM jobs", [], |row| row.get::<_, i64>(0))
+            .ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rows_in_the_database_file() != Some(3) {
+        assert!(
+            Instant::now() < deadline,
+            "the commits never reached the database file (rows there: {:?})",
+            rows_in_the_database_file()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(store);
+}
+
 #[tokio::test]
 async fn a_corrupt_store_is_moved_aside_and_a_fresh_one_starts() {
     let dir = tempfile::tempdir().expect("temp");

@@ -42,8 +42,8 @@
 //!
 //! Run: `cargo run --release -p buildpool-tests --bin bench [-- ROUNDS]`,
 //! `... --bin bench -- security [ROUNDS]`, `... --bin bench -- crate memchr [ROUNDS] [--unsandboxed] [--one-line-only]`,
-//! `... --bin bench -- scale --agents 1000 --jobs 20000 [--slots N] [--clients N]
-//! [--connections N] [--plain]`, `... -- scale --agents 10000 --idle`,
+//! `... --bin bench -- scale --agents 1000 --jobs 20000 [--slots N] [--clients N | --rate
+//! JOBS_PER_S] [--connections N] [--plain]`, `... -- scale --agents 10000 --idle`,
 //! `... --bin bench -- growth [ROUNDS]`, `... -- hook [ROUNDS]`, `... -- sccache` or
 //! `... -- soak [--agents 3] [--jobs 24] [--clients 4] [--chaos coordinator,agent,cut,stop]`
 //! `... --bin bench -- affinity [ROUNDS]`

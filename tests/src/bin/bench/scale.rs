@@ -43,10 +43,15 @@ struct ScaleArgs {
     connections: usize,
     /// Plain `ws://` agents against an `--allow-insecure` coordinator instead of TLS.
     plain: bool,
+    /// Jobs submitted per second whatever the coordinator's pace (an open loop, for the
+    /// latency at a given load); `None`: `clients` closed loops, each submitting its next
+    /// job when the last ended (the most the coordinator sustains).
+    rate: Option<f64>,
 }
 
 impl ScaleArgs {
     fn parse(args: &[String]) -> anyhow::Result<Self> {
+        let clients_given = args.iter().any(|arg| arg == "--clients");
         let mut parsed = Self {
             agents: 1000,
             jobs: 20_000,
@@ -54,6 +59,7 @@ impl ScaleArgs {
             clients: 256,
             connections: 16,
             plain: false,
+            rate: None,
         };
         let mut args = args.iter();
         while let Some(flag) = args.next() {
@@ -72,11 +78,21 @@ impl ScaleArgs {
                 "--connections" => parsed.connections = value()?.max(1),
                 "--idle" => parsed.jobs = 0,
                 "--plain" => parsed.plain = true,
+                "--rate" => {
+                    let rate = value()?;
+                    if rate == 0 {
+                        bail!("--rate must be at least 1 job per second");
+                    }
+                    parsed.rate = Some(rate as f64);
+                }
                 other => bail!(
                     "scale: unknown argument {other:?}; expected --agents N --jobs N [--slots N] \
-                     [--clients N] [--connections N] [--idle] [--plain]"
+                     [--clients N | --rate JOBS_PER_S] [--connections N] [--idle] [--plain]"
                 ),
             }
+        }
+        if parsed.rate.is_some() && clients_given {
+            bail!("scale: --rate submits on its own schedule; --clients applies without it");
         }
         Ok(parsed)
     }
@@ -271,23 +287,80 @@ async fn client_loop(
         let Some(git_ref) = refs.get(index) else {
             return submitted;
         };
-        let submission = Submission {
-            spec: JobSpec::new(JobKind::Check),
-            commit: commit.to_string(),
-            git_ref: git_ref.clone(),
-            worktree: "bench".to_owned(),
-            base_commit: String::new(),
-        };
         let started = Instant::now();
-        match follow_job(&client, submission).await {
-            Ok(job_id) => submitted.push((job_id, started)),
-            Err(error) => {
-                if failures.fetch_add(1, Ordering::Relaxed) < 5 {
-                    eprintln!("job {index} failed: {error:#}");
-                }
-            }
+        if let Some(job_id) = run_job(&client, &commit, git_ref, index, &failures).await {
+            submitted.push((job_id, started));
         }
     }
+}
+
+/// Submits job `index` and follows it to its end; its id if it succeeded, else the failure
+/// is counted (and the first few are shown).
+async fn run_job(
+    client: &Client,
+    commit: &str,
+    git_ref: &str,
+    index: usize,
+    failures: &AtomicUsize,
+) -> Option<JobId> {
+    let submission = Submission {
+        spec: JobSpec::new(JobKind::Check),
+        commit: commit.to_owned(),
+        git_ref: git_ref.to_owned(),
+        worktree: "bench".to_owned(),
+        base_commit: String::new(),
+    };
+    match follow_job(client, submission).await {
+        Ok(job_id) => Some(job_id),
+        Err(error) => {
+            if failures.fetch_add(1, Ordering::Relaxed) < 5 {
+                eprintln!("job {index} failed: {error:#}");
+            }
+            None
+        }
+    }
+}
+
+/// Jobs in flight at most in the open loop: beyond it the offered rate is not kept (and the
+/// summary says so) rather than memory growing without bound.
+const MAX_OPEN_LOOP_IN_FLIGHT: usize = 4096;
+
+/// The open loop: job `i` is due at `i / rate` seconds and submitted then, on its own task,
+/// whatever the jobs before it are doing. Its latency counts from when it was due, so a
+/// submission this process could not make in time (the in-flight cap reached, or a stall
+/// here) counts against the coordinator rather than vanishing from the figures. Returns the
+/// jobs that succeeded with the times they were due, and the latest any submission was
+/// made past its time.
+async fn open_loop(
+    clients: Vec<Client>,
+    refs: Arc<Vec<String>>,
+    commit: Arc<str>,
+    rate: f64,
+    failures: Arc<AtomicUsize>,
+) -> anyhow::Result<(Vec<(JobId, Instant)>, Duration)> {
+    let in_flight = Arc::new(Semaphore::new(MAX_OPEN_LOOP_IN_FLIGHT));
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = tokio::time::Instant::now();
+    let mut behind = Duration::ZERO;
+    for (index, git_ref) in refs.iter().enumerate() {
+        let due = start + Duration::from_secs_f64(index as f64 / rate);
+        tokio::time::sleep_until(due).await;
+        let place = Arc::clone(&in_flight).acquire_owned().await?;
+        behind = behind.max(tokio::time::Instant::now().saturating_duration_since(due));
+        let client = clients[index % clients.len()].clone();
+        let (commit, git_ref) = (Arc::clone(&commit), git_ref.clone());
+        let failures = Arc::clone(&failures);
+        tasks.spawn(async move {
+            let _place = place;
+            let job_id = run_job(&client, &commit, &git_ref, index, &failures).await?;
+            Some((job_id, due.into_std()))
+        });
+    }
+    let mut submitted = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        submitted.extend(done?);
+    }
+    Ok((submitted, behind))
 }
 
 /// Submits one job and reads its events until it finished; its id if it succeeded.
@@ -446,7 +519,20 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         let next = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
+        let mut behind = Duration::ZERO;
         let submitted = runtime.block_on(async {
+            if let Some(rate) = args.rate {
+                let (submitted, late) = open_loop(
+                    clients,
+                    Arc::clone(&refs),
+                    Arc::clone(&commit),
+                    rate,
+                    Arc::clone(&failures),
+                )
+                .await?;
+                behind = late;
+                return anyhow::Ok(submitted);
+            }
             let mut tasks = tokio::task::JoinSet::new();
             for index in 0..args.clients {
                 tasks.spawn(client_loop(
@@ -487,12 +573,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             .collect();
         latencies.sort_unstable();
         let jobs_per_s = submitted.len() as f64 / elapsed.as_secs_f64();
+        let load = match args.rate {
+            Some(rate) => format!(
+                "offered at {rate:.0} jobs/s (submitted at most {:.1} ms past their time)",
+                super::ms(behind)
+            ),
+            None => format!("with {} clients", args.clients),
+        };
         println!(
-            "{} jobs succeeded, {failed} failed, in {:.2} s with {} clients over {} HTTP/2 \
+            "{} jobs succeeded, {failed} failed, in {:.2} s {load} over {} HTTP/2 \
              connections; results acknowledged: {} of {sent}{}",
             submitted.len(),
             elapsed.as_secs_f64(),
-            args.clients,
             args.connections,
             board.acks_received.load(Ordering::Relaxed),
             if all_acked { "" } else { " (missing acks)" }
