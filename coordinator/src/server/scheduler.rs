@@ -6,7 +6,7 @@
 //! connection that holds its current attempt.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use buildpool_core::bus::{Assignment, DiskUsage};
@@ -1018,17 +1018,34 @@ impl Scheduler {
 
     /// Assigns queued jobs, first come first served, each to the agent [`Scheduler::pick`]
     /// chooses.
+    ///
+    /// Once no agent has a free slot, nothing more can be placed; and a job whose labels
+    /// found no free agent tells the same of every later job with those labels (agents only
+    /// fill up during one pass). Without these two, a long queue against a busy fleet cost a
+    /// visit to every agent for every queued job at every event, under the state lock: at
+    /// a thousand agents the coordinator fell behind its own queue and never caught up.
     fn dispatch(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         let remote = self.remote_available();
+        let mut free_slots: u64 = self
+            .agents
+            .values()
+            .map(|agent| u64::from(agent.free))
+            .sum();
+        let mut unplaceable: HashSet<Vec<String>> = HashSet::new();
         let mut index = 0;
-        while index < self.queue.len() {
+        while index < self.queue.len() && free_slots > 0 {
             let job_id = self.queue[index];
             let Some(job) = self.jobs.get(&job_id) else {
                 self.queue.remove(index);
                 continue;
             };
+            if unplaceable.contains(&job.spec.required_labels) {
+                index += 1;
+                continue;
+            }
             let Some(conn) = self.pick(job, remote) else {
+                unplaceable.insert(job.spec.required_labels.clone());
                 index += 1;
                 continue;
             };
@@ -1038,6 +1055,9 @@ impl Scheduler {
             };
             agent.free -= 1;
             agent.running += 1;
+            free_slots -= 1;
+            // The agent counts an assignment it takes against the demand it was told.
+            agent.demand_sent = agent.demand_sent.map(|sent| sent.saturating_sub(1));
             let Some(job) = self.jobs.get_mut(&job_id) else {
                 continue;
             };
@@ -1083,6 +1103,11 @@ impl Scheduler {
 
     /// Tells each agent how many queued jobs it could take here, when that changed. Agents
     /// shared with other coordinators use it to share their slots fairly.
+    ///
+    /// The count goes up to the agent's slots: it cannot take more at once, and beyond that
+    /// a queue that grows or shrinks tells it nothing. Uncapped, every change of a long
+    /// queue was a word to every agent: with a thousand agents and thousands of jobs a
+    /// second their queues filled and the coordinator closed them all as stopped reading.
     fn demand_updates(&mut self, remote: bool) -> Vec<Action> {
         let demands: Vec<(ConnId, u32)> = if self.queue.is_empty() {
             // Everyone's demand is zero: only those not told so yet need a word.
@@ -1101,12 +1126,12 @@ impl Scheduler {
                 .iter()
                 .filter(|(_, agent)| !agent.registration.local)
                 .map(|(conn, agent)| {
-                    let queued = by_labels
+                    let queued: u32 = by_labels
                         .iter()
                         .filter(|(labels, _)| Self::eligible_for(agent, labels, remote))
                         .map(|(_, count)| *count)
                         .sum();
-                    (*conn, queued)
+                    (*conn, queued.min(agent.registration.slots_total))
                 })
                 .collect()
         };

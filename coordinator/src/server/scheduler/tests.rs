@@ -566,12 +566,12 @@ fn demand_goes_only_to_agents_whose_demand_changed() {
     let actions = submit(&mut scheduler, 13, now);
     assert_eq!(
         demands(&actions),
-        [(1, 1), (2, 2)],
-        "the local agent hears none"
+        [(1, 1)],
+        "the local agent hears none, and the gpu agent (one slot) nothing new"
     );
     // The queue drains: each hears zero once.
     let actions = scheduler.cancel(12, now).expect("queued");
-    assert_eq!(demands(&actions), [(2, 1)]);
+    assert_eq!(demands(&actions), []);
     let actions = scheduler.cancel(13, now).expect("queued");
     assert_eq!(demands(&actions), [(1, 0), (2, 0)]);
     let actions = submit(&mut scheduler, 14, now);
@@ -584,6 +584,59 @@ fn demand_goes_only_to_agents_whose_demand_changed() {
     );
     let actions = scheduler.cancel(14, now).expect("queued");
     assert_eq!(demands(&actions), [(2, 0)], "the gone agent is not told");
+}
+
+#[test]
+fn jobs_no_free_agent_can_run_wait_while_later_ones_with_other_labels_are_placed() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::default();
+    let mut gpu = registration("gpu", 1, false);
+    gpu.labels.push("gpu".into());
+    scheduler.agent_connected(1, gpu, &[], now);
+    scheduler.agent_connected(2, registration("a", 2, false), &[], now);
+    let needs_gpu = || {
+        let mut spec = spec();
+        spec.required_labels = vec!["gpu".into()];
+        spec
+    };
+    let first = scheduler.submit(1, needs_gpu(), source(), String::new(), now, 0);
+    assert_eq!(assigns(&first), [(1, 1, 1)]);
+    // The gpu agent is busy: the gpu jobs wait, and the jobs behind them go to agent 2.
+    for job_id in 2..=3 {
+        let actions = scheduler.submit(job_id, needs_gpu(), source(), String::new(), now, 0);
+        assert_eq!(assigns(&actions), []);
+    }
+    assert_eq!(assigns(&submit(&mut scheduler, 4, now)), [(2, 4, 1)]);
+    assert_eq!(assigns(&submit(&mut scheduler, 5, now)), [(2, 5, 1)]);
+    // Every slot is taken: the next waits too, and the gpu jobs still go first when the gpu
+    // agent is free again.
+    assert_eq!(assigns(&submit(&mut scheduler, 6, now)), []);
+    scheduler.finished(1, key(1, 1), exited(0), now);
+    let actions = scheduler.slots_changed(1, 1, 1, false, now);
+    assert_eq!(assigns(&actions), [(1, 2, 1)]);
+    scheduler.finished(2, key(4, 1), exited(0), now);
+    let actions = scheduler.slots_changed(2, 1, 2, false, now);
+    assert_eq!(assigns(&actions), [(2, 6, 1)], "job 3 needs the gpu agent");
+}
+
+#[test]
+fn a_long_queue_tells_an_agent_at_most_its_slots_and_again_after_each_assignment() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::default();
+    scheduler.agent_connected(1, registration("a", 2, false), &[], now);
+    submit(&mut scheduler, 1, now);
+    submit(&mut scheduler, 2, now);
+    assert_eq!(demands(&submit(&mut scheduler, 3, now)), [(1, 1)]);
+    assert_eq!(demands(&submit(&mut scheduler, 4, now)), [(1, 2)]);
+    for job_id in 5..=10 {
+        let actions = submit(&mut scheduler, job_id, now);
+        assert_eq!(demands(&actions), [], "job {job_id}: {actions:?}");
+    }
+    // The agent takes a job and counts it against its demand, so it hears it again.
+    scheduler.finished(1, key(1, 1), exited(0), now);
+    let actions = scheduler.slots_changed(1, 1, 2, false, now);
+    assert_eq!(assigns(&actions), [(1, 3, 1)]);
+    assert_eq!(demands(&actions), [(1, 2)], "{actions:?}");
 }
 
 #[test]
