@@ -1027,14 +1027,12 @@ impl Scheduler {
     fn dispatch(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         let remote = self.remote_available();
-        let mut free_slots: u64 = self
-            .agents
-            .values()
-            .map(|agent| u64::from(agent.free))
-            .sum();
+        // Counted once a job finds no agent, not before: most passes place every job they
+        // visit, and a walk over every agent at every event showed at a thousand agents.
+        let mut free_slots: Option<u64> = None;
         let mut unplaceable: HashSet<Vec<String>> = HashSet::new();
         let mut index = 0;
-        while index < self.queue.len() && free_slots > 0 {
+        while index < self.queue.len() && free_slots != Some(0) {
             let job_id = self.queue[index];
             let Some(job) = self.jobs.get(&job_id) else {
                 self.queue.remove(index);
@@ -1046,6 +1044,12 @@ impl Scheduler {
             }
             let Some(conn) = self.pick(job, remote) else {
                 unplaceable.insert(job.spec.required_labels.clone());
+                free_slots.get_or_insert_with(|| {
+                    self.agents
+                        .values()
+                        .map(|agent| u64::from(agent.free))
+                        .sum()
+                });
                 index += 1;
                 continue;
             };
@@ -1055,7 +1059,9 @@ impl Scheduler {
             };
             agent.free -= 1;
             agent.running += 1;
-            free_slots -= 1;
+            if let Some(free) = &mut free_slots {
+                *free -= 1;
+            }
             // The agent counts an assignment it takes against the demand it was told.
             agent.demand_sent = agent.demand_sent.map(|sent| sent.saturating_sub(1));
             let Some(job) = self.jobs.get_mut(&job_id) else {
