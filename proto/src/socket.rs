@@ -398,13 +398,21 @@ where
 }
 
 /// Drains the queue until every [`Outbox`] is gone or the socket is closed, giving each
-/// frame [`WRITE_TIMEOUT`]; then closes the WebSocket and marks the socket closed.
+/// frame and each flush [`WRITE_TIMEOUT`]; then closes the WebSocket and marks the socket
+/// closed.
+///
+/// What was queued meanwhile goes out with the frame that woke the writer, in one flush (up
+/// to [`FLUSH_AFTER_BYTES`]): a job's last output, its result and the agent's new slot offer
+/// are one write to the socket rather than three, and so are an acknowledgement and the
+/// demand that follows it. At thousands of jobs a second, a flush per frame was a TLS record
+/// and a system call each, on both ends.
 async fn write_frames<Out: BusMessage>(
     mut sink: SplitSink<Stream, Message>,
     mut queue: mpsc::Receiver<Out>,
     closed: CancellationToken,
 ) {
-    loop {
+    let frame = |message: Out| Message::Binary(message.encode_frame().into());
+    'writing: loop {
         let message = tokio::select! {
             () = closed.cancelled() => break,
             message = queue.recv() => match message {
@@ -412,21 +420,60 @@ async fn write_frames<Out: BusMessage>(
                 None => break,
             },
         };
-        let frame = Message::Binary(message.encode_frame().into());
-        match tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::warn!("write to the peer failed: {error}");
+        let mut fed = frame(message);
+        let mut fed_bytes = 0;
+        loop {
+            fed_bytes += fed.len();
+            if let Err(failure) = within_write_timeout(sink.feed(fed)).await {
+                failure.warn();
+                break 'writing;
+            }
+            if fed_bytes >= FLUSH_AFTER_BYTES {
                 break;
             }
-            Err(_) => {
-                tracing::warn!("write to the peer timed out after {WRITE_TIMEOUT:?}");
-                break;
+            match queue.try_recv() {
+                Ok(message) => fed = frame(message),
+                Err(_) => break,
             }
+        }
+        if let Err(failure) = within_write_timeout(sink.flush()).await {
+            failure.warn();
+            break;
         }
     }
     let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close()).await;
     closed.cancel();
+}
+
+/// Frames fed to the socket before it is flushed even if more are queued: a peer that reads
+/// slowly gets its frames in pieces of a bounded size, each within [`WRITE_TIMEOUT`].
+const FLUSH_AFTER_BYTES: usize = 256 * 1024;
+
+/// Why the writer stopped.
+enum WriteFailure {
+    Failed(tungstenite::Error),
+    TimedOut,
+}
+
+impl WriteFailure {
+    fn warn(&self) {
+        match self {
+            Self::Failed(error) => tracing::warn!("write to the peer failed: {error}"),
+            Self::TimedOut => {
+                tracing::warn!("write to the peer timed out after {WRITE_TIMEOUT:?}");
+            }
+        }
+    }
+}
+
+async fn within_write_timeout(
+    write: impl Future<Output = Result<(), tungstenite::Error>>,
+) -> Result<(), WriteFailure> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(WriteFailure::Failed(error)),
+        Err(_) => Err(WriteFailure::TimedOut),
+    }
 }
 
 /// Why a message could not be queued.

@@ -19,6 +19,8 @@ use buildpool_proto::socket::{
 };
 use buildpool_proto::tunnel::Tunnel;
 use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -459,9 +461,22 @@ async fn serve_agent(
     let heartbeat_timeout = shared.config.heartbeat_timeout;
     let mut heartbeat = tokio::time::interval(shared.config.heartbeat_interval);
     let mut last_heard = tokio::time::Instant::now();
+    // Results being stored before they are acknowledged. They wait beside the connection,
+    // not in its way: an agent's other messages (output of its other jobs, offers,
+    // heartbeats) are read meanwhile. Waiting for each in turn made one connection take
+    // at most one result per store commit, and jobs queued behind it.
+    let mut results = FuturesUnordered::new();
     let reason = loop {
         tokio::select! {
             () = shutdown.cancelled() => break "coordinator shutting down".to_owned(),
+            Some(acknowledgement) = results.next(), if !results.is_empty() => {
+                // Like every message to an agent: a full queue means a wedged agent.
+                if let Some(reply) = acknowledgement
+                    && outbox.try_send(reply).is_err()
+                {
+                    break "agent queue full; closing".to_owned();
+                }
+            }
             () = outbox.closed() => break "connection closed for writing".to_owned(),
             () = tokio::time::sleep_until(last_heard + heartbeat_timeout) => {
                 break format!("no frame for {heartbeat_timeout:?}; presumed dead");
@@ -470,7 +485,7 @@ async fn serve_agent(
                 // A full queue is already a problem the next action will notice.
                 let _ = outbox.try_send(CoordinatorMessage::Heartbeat { sent_at_unix_ms: unix_millis() });
             }
-            message = inbox.recv() => {
+            message = inbox.recv(), if results.len() < MAX_RESULTS_BEING_STORED => {
                 last_heard = tokio::time::Instant::now();
                 let message = match message {
                     Ok(Some(message)) => message,
@@ -483,11 +498,8 @@ async fn serve_agent(
                 };
                 match handle_message(&shared, conn, message).await {
                     Ok(None) => {}
-                    Ok(Some(reply)) => {
-                        // Like every message to an agent: a full queue means a wedged agent.
-                        if outbox.try_send(reply).is_err() {
-                            break "agent queue full; closing".to_owned();
-                        }
+                    Ok(Some(ReportedResult { key, completion })) => {
+                        results.push(accept_result(&shared, conn, key, completion, Instant::now()));
                     }
                     Err(error) => {
                         protocol_error(&outbox, error.clone());
@@ -497,6 +509,13 @@ async fn serve_agent(
             }
         }
     };
+    // Results already received are applied before the agent counts as gone, as they were
+    // when each was handled in turn: its jobs end rather than run again.
+    while let Some(acknowledgement) = results.next().await {
+        if let Some(reply) = acknowledgement {
+            let _ = outbox.try_send(reply);
+        }
+    }
     tracing::info!("agent disconnected: {reason}");
     shared.unregister(conn);
     drop(outbox);
@@ -507,13 +526,25 @@ fn protocol_error(outbox: &Outbox<CoordinatorMessage>, message: String) {
     let _ = outbox.try_send(CoordinatorMessage::ProtocolError(message));
 }
 
-/// Applies one agent message, returning the reply to send, if any. An error ends the
-/// connection.
+/// A job's result as an agent reported it, to be stored and then acknowledged
+/// ([`accept_result`]).
+struct ReportedResult {
+    key: AttemptKey,
+    completion: Completion,
+}
+
+/// Results of one connection being stored at once; beyond it, the connection is read again
+/// once one is acknowledged. An agent holds a result per slot at most, so this bounds only
+/// a peer reporting results of jobs it does not run.
+const MAX_RESULTS_BEING_STORED: usize = 256;
+
+/// Applies one agent message; a result is returned to be stored beside the connection. An
+/// error ends the connection.
 async fn handle_message(
     shared: &Shared,
     conn: ConnId,
     message: AgentMessage,
-) -> Result<Option<CoordinatorMessage>, String> {
+) -> Result<Option<ReportedResult>, String> {
     let now = Instant::now();
     match message {
         AgentMessage::Heartbeat { .. } => {}
@@ -561,7 +592,7 @@ async fn handle_message(
             }
         }
         AgentMessage::Finished { key, completion } => {
-            return Ok(accept_result(shared, conn, key, completion, now).await);
+            return Ok(Some(ReportedResult { key, completion }));
         }
         AgentMessage::CancelAck(key) => {
             tracing::debug!(

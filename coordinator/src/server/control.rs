@@ -319,8 +319,14 @@ impl Control for ControlService {
 
 /// Stores a validated submission as a new job and hands it to the scheduler; the job, and
 /// its phase as the submitter will follow it from the start.
-async fn admit(
-    shared: &Shared,
+///
+/// The job is scheduled as soon as its submission is queued for the store, and answered
+/// once it is committed: a restart resumes what a client was told, and the agent need not
+/// wait for the commit (its assignment is queued for the store after the submission, so it
+/// commits with it or later). A job whose submission cannot be stored is cancelled, and
+/// the client hears why.
+pub(super) async fn admit(
+    shared: &Arc<Shared>,
     spec: JobSpec,
     commit: String,
     git_ref: String,
@@ -334,34 +340,24 @@ async fn admit(
         worktree: worktree.clone(),
         cargo_args: spec.cargo_args.clone(),
     };
-    // The snapshot's pack is made while the job is stored: both take a few ms.
+    // The snapshot's pack is made while the job's log is opened: both take a few ms.
     let pack = shared
         .snapshot_packs
         .get(&shared.repo.common_dir, &commit, &base_commit);
-    let recorded = async {
-        let log = joblog::JobLog::create(&shared.logs, job_id, shared.config.log_max_bytes)
-            .await
-            .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
-        shared.metrics.job_submitted(spec.kind);
-        if let Some(store) = &shared.store {
-            // Stored before the client hears of the job: a restart resumes what it was told.
-            let submission = Submission {
-                spec: spec.clone(),
-                commit: commit.clone(),
-                git_ref: git_ref.clone(),
-                worktree: worktree.clone(),
-                base_commit: base_commit.clone(),
-            };
-            store.submitted(job_id, submission, submitted_unix_ms, log.path());
-            store
-                .barrier()
-                .await
-                .map_err(|e| Status::unavailable(format!("cannot store the job: {e}")))?;
-        }
-        Ok::<_, Status>(log)
-    };
-    let (pack, log) = tokio::join!(pack, recorded);
-    let log = log?;
+    let log = joblog::JobLog::create(&shared.logs, job_id, shared.config.log_max_bytes);
+    let (pack, log) = tokio::join!(pack, log);
+    let log = log.map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
+    shared.metrics.job_submitted(spec.kind);
+    if let Some(store) = &shared.store {
+        let submission = Submission {
+            spec: spec.clone(),
+            commit: commit.clone(),
+            git_ref: git_ref.clone(),
+            worktree: worktree.clone(),
+            base_commit: base_commit.clone(),
+        };
+        store.submitted(job_id, submission, submitted_unix_ms, log.path());
+    }
     let job = ActiveJob::queued(log, git_ref.clone(), origin);
     let mut source = shared.source(commit, git_ref, base_commit);
     source.pack = pack.filter(|pack| fits_in_assignment(pack, &spec, &worktree));
@@ -376,6 +372,20 @@ async fn admit(
             s.submit(job_id, spec, source, worktree, now, submitted_unix_ms),
         )
     });
+    if let Some(store) = &shared.store
+        && let Err(error) = store.barrier().await
+    {
+        tracing::error!(
+            job_id,
+            "cancelling the job: its submission was not stored: {error}"
+        );
+        shared.step(|s| ((), s.cancel(job_id, Instant::now()).unwrap_or_default()));
+        // Cleaned up like any job once it has ended.
+        adopt(shared, job_id, &job);
+        return Err(Status::unavailable(format!(
+            "cannot store the job: {error}"
+        )));
+    }
     Ok((job_id, job, phase))
 }
 

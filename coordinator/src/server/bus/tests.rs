@@ -33,7 +33,21 @@ struct Bus {
 
 impl Bus {
     fn new() -> Self {
+        Self::build(false)
+    }
+
+    /// A bus whose coordinator stores its jobs, in a job store of its own.
+    fn with_store() -> Self {
+        Self::build(true)
+    }
+
+    fn build(with_store: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let store = with_store.then(|| {
+            super::super::store::Store::open(dir.path())
+                .expect("job store")
+                .0
+        });
         let config = CoordinatorConfig {
             websocket_addr: None,
             git_daemon: None,
@@ -99,7 +113,7 @@ impl Bus {
             snapshot_packs: Default::default(),
             // Tests end no job through the control API, so nothing is queued here.
             ended_refs: tokio::sync::mpsc::channel(1).0,
-            store: None,
+            store,
         });
         let shutdown = shared.shutdown.clone();
         Self {
@@ -196,6 +210,18 @@ impl Bus {
         self.shared
             .step(|s| ((), s.submit(job_id, spec, source, String::new(), now, 0)));
         (job_id, job)
+    }
+
+    /// Takes the job store's write lock as another writer, until the returned connection
+    /// commits or is dropped: the store's commits wait meanwhile, and fail after its busy
+    /// timeout.
+    fn hold_store(&self) -> rusqlite::Connection {
+        let store = self.shared.store.as_ref().expect("a bus with a store");
+        let blocker = rusqlite::Connection::open(store.path()).expect("open the store");
+        blocker
+            .execute_batch("BEGIN IMMEDIATE")
+            .expect("take the store's write lock");
+        blocker
     }
 
     fn agent_ids(&self) -> Vec<String> {
@@ -332,9 +358,7 @@ async fn a_garbled_frame_gets_a_protocol_error_and_ends_only_that_connection() {
     .expect("garbage");
 
     let mut said = Vec::new();
-    while let Ok(Some(Ok(message))) =
-        tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut raw)).await
-    {
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(WAIT, raw.next()).await {
         if let Message::Binary(bytes) = message {
             said.push(CoordinatorMessage::decode_frame(&bytes).expect("decodes"));
         }
@@ -454,6 +478,106 @@ async fn a_declined_assignment_goes_to_another_agent_and_the_stale_attempt_is_fe
     );
 }
 
+/// A result is acknowledged once it is stored. While the store is slow, the agent's other
+/// messages are still read: output of its other job, here, reaches that job's log before
+/// the first result is acknowledged. (Read in turn, a connection took at most one result
+/// per store commit, and its other jobs waited behind each.)
+#[tokio::test]
+async fn while_a_result_waits_for_the_store_the_agent_is_still_heard() {
+    let bus = Bus::with_store();
+    let (mut agent, welcome) = bus.hello("agent", TOKEN, 2).await;
+    assert!(
+        matches!(welcome, CoordinatorMessage::Welcome(_)),
+        "{welcome:?}"
+    );
+    wait_for(|| bus.agent_ids().len() == 1).await;
+    let (_, first_job) = bus.submit().await;
+    let (_, second_job) = bus.submit().await;
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        let CoordinatorMessage::Assign(assignment) = next_assignment_or_ack(&mut agent).await
+        else {
+            panic!("the agent gets both jobs")
+        };
+        keys.push(assignment.key);
+    }
+    let first = keys[0];
+    let second = keys[1];
+
+    // Another writer holds the store, so the first result cannot be stored for now.
+    let blocker = bus.hold_store();
+    agent
+        .send(AgentMessage::Finished {
+            key: first,
+            completion: Completion::new(JobEnd::Exited { code: 0 }),
+        })
+        .await
+        .expect("sent");
+    agent
+        .send(AgentMessage::Output {
+            key: second,
+            stream: OutputStream::Stdout,
+            data: "still heard\n".into(),
+        })
+        .await
+        .expect("sent");
+    let mut second_log = second_job.log.subscribe();
+    tokio::time::timeout(WAIT, second_log.wait_for(|length| *length > 0))
+        .await
+        .expect("the second job's output is read while the first result waits")
+        .expect("the log is open");
+
+    // Once the store is free again, the result is stored and acknowledged.
+    blocker.execute_batch("COMMIT").expect("release the store");
+    assert_eq!(
+        next_assignment_or_ack(&mut agent).await,
+        CoordinatorMessage::ResultAck(first)
+    );
+    assert!(matches!(*first_job.phase.borrow(), JobEvent::Finished(_)));
+}
+
+/// A job is placed as soon as its submission is queued for the store, and the client is
+/// answered once it is stored. A submission the store cannot take is refused, and its job,
+/// already on an agent, is cancelled there.
+#[tokio::test]
+async fn a_job_is_placed_before_its_commit_and_cancelled_if_it_cannot_be_stored() {
+    let bus = Bus::with_store();
+    let mut agent = bus.agent("agent").await;
+    wait_for(|| bus.agent_ids().len() == 1).await;
+    // Another writer holds the store past its busy timeout, so the submission's commit fails.
+    let blocker = bus.hold_store();
+    let shared = Arc::clone(&bus.shared);
+    let submission = tokio::spawn(async move {
+        super::super::control::admit(
+            &shared,
+            JobSpec::new(JobKind::Check),
+            "0".repeat(40),
+            "refs/buildpool/snapshots/test".into(),
+            "worktree".into(),
+            String::new(),
+        )
+        .await
+        .map(|(job_id, _, _)| job_id)
+    });
+    let CoordinatorMessage::Assign(assignment) = next_assignment_or_ack(&mut agent).await else {
+        panic!("the job is placed while its submission waits for the store")
+    };
+    let refused = submission
+        .await
+        .expect("the submission ends")
+        .expect_err("a submission that was not stored is refused");
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(
+        refused.message().contains("cannot store the job"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        next_assignment_or_ack(&mut agent).await,
+        CoordinatorMessage::Cancel(assignment.key)
+    );
+    drop(blocker);
+}
+
 /// Hostile handshakes: a stream of random first frames (garbage, truncated or mutated
 /// hellos) each gets a reject or a closed connection, never a panic or a registration, and a
 /// real agent is welcomed afterwards.
@@ -479,7 +603,7 @@ async fn random_first_frames_are_refused_and_a_real_agent_still_gets_in() {
         }
         let mut raw = bus.raw().await;
         raw.send(Message::Binary(frame.into())).await.expect("sent");
-        let answer = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut raw))
+        let answer = tokio::time::timeout(WAIT, raw.next())
             .await
             .expect("the coordinator answers or closes in time");
         if let Some(Ok(Message::Binary(bytes))) = answer {
