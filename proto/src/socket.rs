@@ -4,7 +4,8 @@
 //! frame size limit on both directions. During the handshake it is used directly (`send`,
 //! `recv`, each with a deadline). Then [`BusSocket::start`] splits it: an [`Outbox`] (a
 //! bounded queue, cloneable, never blocking a caller that uses `try_send`) drained by a
-//! writer task that gives every frame [`WRITE_TIMEOUT`], and an [`Inbox`] to read from.
+//! writer task that gives every frame and every flush [`WRITE_TIMEOUT`], and an [`Inbox`] to
+//! read from.
 //! A write that fails or times out closes the socket, and the [`Outbox`] says so, so a
 //! half-open peer is detected instead of blocking anyone.
 
@@ -33,7 +34,7 @@ use crate::tunnel::{TUNNEL_PATH, Tunnel};
 pub const BUS_PATH: &str = "/ws";
 /// Deadline for connecting, for the WebSocket upgrade and for each handshake message.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Deadline for one frame write.
+/// Deadline for one frame write, and for each flush of the frames written.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A byte stream a bus socket can run over: TCP, or an in-memory duplex in tests and for
@@ -401,8 +402,8 @@ where
 /// frame and each flush [`WRITE_TIMEOUT`]; then closes the WebSocket and marks the socket
 /// closed.
 ///
-/// What was queued meanwhile goes out with the frame that woke the writer, in one flush (up
-/// to [`FLUSH_AFTER_BYTES`]): a job's last output, its result and the agent's new slot offer
+/// What was queued meanwhile goes out with the frame that woke the writer, in one flush
+/// (more is taken until [`FLUSH_AFTER_BYTES`] are fed): a job's last output, its result and the agent's new slot offer
 /// are one write to the socket rather than three, and so are an acknowledgement and the
 /// demand that follows it. At thousands of jobs a second, a flush per frame was a TLS record
 /// and a system call each, on both ends.
@@ -445,8 +446,9 @@ async fn write_frames<Out: BusMessage>(
     closed.cancel();
 }
 
-/// Frames fed to the socket before it is flushed even if more are queued: a peer that reads
-/// slowly gets its frames in pieces of a bounded size, each within [`WRITE_TIMEOUT`].
+/// Bytes fed to the socket after which it is flushed even if more frames are queued (the
+/// frame that crosses it is the last): a peer that reads slowly gets its frames in pieces of
+/// a bounded size, each flush within [`WRITE_TIMEOUT`].
 const FLUSH_AFTER_BYTES: usize = 256 * 1024;
 
 /// Why the writer stopped.

@@ -510,7 +510,14 @@ async fn serve_agent(
         }
     };
     // Results already received are applied before the agent counts as gone, as they were
-    // when each was handled in turn: its jobs end rather than run again.
+    // when each was handled in turn: its jobs end rather than run again. Nothing new is
+    // placed on it meanwhile: an assignment would be lost on the closed connection.
+    if !results.is_empty() {
+        shared.step(|s| {
+            s.closing(conn);
+            ((), Vec::new())
+        });
+    }
     while let Some(acknowledgement) = results.next().await {
         if let Some(reply) = acknowledgement {
             let _ = outbox.try_send(reply);
@@ -534,8 +541,8 @@ struct ReportedResult {
 }
 
 /// Results of one connection being stored at once; beyond it, the connection is read again
-/// once one is acknowledged. An agent holds a result per slot at most, so this bounds only
-/// a peer reporting results of jobs it does not run.
+/// once one is acknowledged. It bounds what one peer can have the coordinator hold; the
+/// store commits within a few ms, so a real agent's results rarely come near it.
 const MAX_RESULTS_BEING_STORED: usize = 256;
 
 /// Applies one agent message; a result is returned to be stored beside the connection. An

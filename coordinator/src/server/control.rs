@@ -320,11 +320,12 @@ impl Control for ControlService {
 /// Stores a validated submission as a new job and hands it to the scheduler; the job, and
 /// its phase as the submitter will follow it from the start.
 ///
-/// The job is scheduled as soon as its submission is queued for the store, and answered
-/// once it is committed: a restart resumes what a client was told, and the agent need not
-/// wait for the commit (its assignment is queued for the store after the submission, so it
-/// commits with it or later). A job whose submission cannot be stored is cancelled, and
-/// the client hears why.
+/// The job is scheduled as soon as its log file exists and its submission is queued for
+/// the store, and answered once that is committed: a restart resumes what a client was
+/// told, and the agent need not wait for the commit (its assignment is queued for the
+/// store after the submission, so it commits with it or later; the log file keeps a
+/// restarted coordinator from giving its id to another job). A job whose submission cannot
+/// be stored is cancelled, and the client hears why.
 pub(super) async fn admit(
     shared: &Arc<Shared>,
     spec: JobSpec,
@@ -340,24 +341,34 @@ pub(super) async fn admit(
         worktree: worktree.clone(),
         cargo_args: spec.cargo_args.clone(),
     };
-    // The snapshot's pack is made while the job's log is opened: both take a few ms.
+    // The snapshot's pack is made while the job's log is opened and its submission is
+    // committed: each takes a few ms.
     let pack = shared
         .snapshot_packs
         .get(&shared.repo.common_dir, &commit, &base_commit);
-    let log = joblog::JobLog::create(&shared.logs, job_id, shared.config.log_max_bytes);
-    let (pack, log) = tokio::join!(pack, log);
-    let log = log.map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
-    shared.metrics.job_submitted(spec.kind);
-    if let Some(store) = &shared.store {
-        let submission = Submission {
-            spec: spec.clone(),
-            commit: commit.clone(),
-            git_ref: git_ref.clone(),
-            worktree: worktree.clone(),
-            base_commit: base_commit.clone(),
-        };
-        store.submitted(job_id, submission, submitted_unix_ms, log.path());
-    }
+    let recorded = async {
+        let log = joblog::JobLog::create(&shared.logs, job_id, shared.config.log_max_bytes)
+            .await
+            .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
+        // A log without a file would leave the job's id nowhere on disk before it runs.
+        if let Some(error) = log.failure() {
+            return Err(Status::internal(format!("cannot create job log: {error}")));
+        }
+        shared.metrics.job_submitted(spec.kind);
+        if let Some(store) = &shared.store {
+            let submission = Submission {
+                spec: spec.clone(),
+                commit: commit.clone(),
+                git_ref: git_ref.clone(),
+                worktree: worktree.clone(),
+                base_commit: base_commit.clone(),
+            };
+            store.submitted(job_id, submission, submitted_unix_ms, log.path());
+        }
+        Ok::<_, Status>(log)
+    };
+    let (pack, log) = tokio::join!(pack, recorded);
+    let log = log?;
     let job = ActiveJob::queued(log, git_ref.clone(), origin);
     let mut source = shared.source(commit, git_ref, base_commit);
     source.pack = pack.filter(|pack| fits_in_assignment(pack, &spec, &worktree));

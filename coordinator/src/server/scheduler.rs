@@ -611,6 +611,14 @@ impl Scheduler {
         self.dispatch(now)
     }
 
+    /// The connection is closing while its last results are applied: no job is placed on
+    /// it any more (its offer is not read again).
+    pub fn closing(&mut self, conn: ConnId) {
+        if let Some(agent) = self.agents.get_mut(&conn) {
+            agent.free = 0;
+        }
+    }
+
     pub fn submit(
         &mut self,
         job_id: JobId,

@@ -160,6 +160,24 @@ fn results_from_a_superseded_attempt_or_another_agent_are_dropped() {
 }
 
 #[test]
+fn a_closing_connection_gets_no_more_jobs_while_its_last_result_is_applied() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::default();
+    scheduler.agent_connected(1, registration("a", 2, false), &[], now);
+    let (conn, _, attempt) = assigns(&submit(&mut scheduler, 7, now))[0];
+    assert_eq!(conn, 1);
+    scheduler.closing(1);
+    // The result frees a slot and the queue has a job, yet nothing goes to the closing
+    // connection: the job waits for another agent.
+    assert!(assigns(&submit(&mut scheduler, 8, now)).is_empty());
+    let actions = scheduler.finished(1, key(7, attempt), exited(0), now);
+    assert_eq!(finished(&actions).len(), 1, "the result still counts");
+    assert!(assigns(&actions).is_empty(), "{actions:?}");
+    let placed = assigns(&scheduler.agent_connected(2, registration("b", 1, false), &[], now));
+    assert_eq!(placed, [(2, 8, 1)]);
+}
+
+#[test]
 fn a_declined_assignment_is_requeued_never_failed() {
     let now = Instant::now();
     let mut scheduler = Scheduler::default();
