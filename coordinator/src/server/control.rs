@@ -319,15 +319,8 @@ impl Control for ControlService {
 
 /// Stores a validated submission as a new job and hands it to the scheduler; the job, and
 /// its phase as the submitter will follow it from the start.
-///
-/// The job is scheduled as soon as its log file exists and its submission is queued for
-/// the store, and answered once that is committed: a restart resumes what a client was
-/// told, and the agent need not wait for the commit (its assignment is queued for the
-/// store after the submission, so it commits with it or later; the log file keeps a
-/// restarted coordinator from giving its id to another job). A job whose submission cannot
-/// be stored is cancelled, and the client hears why.
-pub(super) async fn admit(
-    shared: &Arc<Shared>,
+async fn admit(
+    shared: &Shared,
     spec: JobSpec,
     commit: String,
     git_ref: String,
@@ -341,8 +334,7 @@ pub(super) async fn admit(
         worktree: worktree.clone(),
         cargo_args: spec.cargo_args.clone(),
     };
-    // The snapshot's pack is made while the job's log is opened and its submission is
-    // committed: each takes a few ms.
+    // The snapshot's pack is made while the job is stored: both take a few ms.
     let pack = shared
         .snapshot_packs
         .get(&shared.repo.common_dir, &commit, &base_commit);
@@ -350,12 +342,9 @@ pub(super) async fn admit(
         let log = joblog::JobLog::create(&shared.logs, job_id, shared.config.log_max_bytes)
             .await
             .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
-        // A log without a file would leave the job's id nowhere on disk before it runs.
-        if let Some(error) = log.failure() {
-            return Err(Status::internal(format!("cannot create job log: {error}")));
-        }
         shared.metrics.job_submitted(spec.kind);
         if let Some(store) = &shared.store {
+            // Stored before the client hears of the job: a restart resumes what it was told.
             let submission = Submission {
                 spec: spec.clone(),
                 commit: commit.clone(),
@@ -364,6 +353,10 @@ pub(super) async fn admit(
                 base_commit: base_commit.clone(),
             };
             store.submitted(job_id, submission, submitted_unix_ms, log.path());
+            store
+                .barrier()
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot store the job: {e}")))?;
         }
         Ok::<_, Status>(log)
     };
@@ -383,20 +376,6 @@ pub(super) async fn admit(
             s.submit(job_id, spec, source, worktree, now, submitted_unix_ms),
         )
     });
-    if let Some(store) = &shared.store
-        && let Err(error) = store.barrier().await
-    {
-        tracing::error!(
-            job_id,
-            "cancelling the job: its submission was not stored: {error}"
-        );
-        shared.step(|s| ((), s.cancel(job_id, Instant::now()).unwrap_or_default()));
-        // Cleaned up like any job once it has ended.
-        adopt(shared, job_id, &job);
-        return Err(Status::unavailable(format!(
-            "cannot store the job: {error}"
-        )));
-    }
     Ok((job_id, job, phase))
 }
 

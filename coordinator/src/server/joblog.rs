@@ -96,14 +96,12 @@ struct Writer(mpsc::Sender<Write>);
 
 #[derive(Debug)]
 enum Write {
-    /// Start the log at `path`, in the file `reuse` (renamed) when given; answer `opened`
-    /// once that is done or failed.
+    /// Start the log at `path`, in the file `reuse` (renamed) when given.
     Open {
         job_id: u64,
         path: PathBuf,
         reuse: Option<PathBuf>,
         log: Arc<LogState>,
-        opened: oneshot::Sender<()>,
     },
     /// Take over a file opened elsewhere (a resumed log).
     Adopt { job_id: u64, file: std::fs::File },
@@ -166,7 +164,6 @@ fn write_loop(mut writes: mpsc::Receiver<Write>) {
                 path,
                 reuse,
                 log,
-                opened,
             } => {
                 // The old log is ended first and renamed after, so a crash between the two
                 // never leaves the old records under the new job's name.
@@ -176,17 +173,16 @@ fn write_loop(mut writes: mpsc::Receiver<Write>) {
                     std::fs::rename(&old, &path).ok()?;
                     Some(file)
                 });
-                let file = match reused {
+                let opened = match reused {
                     Some(file) => Ok(file),
                     None => std::fs::File::create(&path),
                 };
-                match file {
+                match opened {
                     Ok(file) => {
                         files.insert(job_id, file);
                     }
                     Err(error) => fail(job_id, &log, error),
                 }
-                let _ = opened.send(());
             }
             Write::Adopt { job_id, file } => {
                 files.insert(job_id, file);
@@ -332,35 +328,20 @@ impl LogDir {
 
 impl JobLog {
     /// Starts the log of `job_id`, in the file of the oldest ended log when enough are
-    /// kept (see [`LogDir`]). Returns once the writer thread has opened the file, so the
-    /// job's id is on disk (a restart continues past it) before the job can reach an
-    /// agent. An error there is logged, told by [`JobLog::failure`] and reported by
-    /// [`JobLog::finish`].
+    /// kept (see [`LogDir`]). The file is opened by the writer thread; an error there is
+    /// logged and reported by [`JobLog::finish`].
     pub async fn create(logs: &LogDir, job_id: u64, cap: u64) -> std::io::Result<Self> {
         let log = Self::writing(logs, job_id, 0, cap);
         let reuse = logs.take_reusable().map(|old| log_path(&logs.dir, old));
-        let (opened, open) = oneshot::channel();
         log.writer
             .send(Write::Open {
                 job_id,
                 path: log.path.clone(),
                 reuse,
                 log: Arc::clone(&log.state),
-                opened,
             })
             .await?;
-        open.await
-            .map_err(|_| std::io::Error::other("the job log writer stopped"))?;
         Ok(log)
-    }
-
-    /// The first error a write of this log met, if any.
-    pub fn failure(&self) -> Option<String> {
-        self.state
-            .failed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
     }
 
     fn writing(logs: &LogDir, job_id: u64, length: u64, cap: u64) -> Self {
@@ -573,7 +554,13 @@ impl JobLog {
         finished
             .await
             .map_err(|_| std::io::Error::other("the job log writer stopped"))?;
-        match self.failure() {
+        match self
+            .state
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
             Some(error) => Err(std::io::Error::other(error)),
             None => Ok(()),
         }

@@ -536,48 +536,6 @@ async fn while_a_result_waits_for_the_store_the_agent_is_still_heard() {
     assert!(matches!(*first_job.phase.borrow(), JobEvent::Finished(_)));
 }
 
-/// A job is placed as soon as its submission is queued for the store, and the client is
-/// answered once it is stored. A submission the store cannot take is refused, and its job,
-/// already on an agent, is cancelled there.
-#[tokio::test]
-async fn a_job_is_placed_before_its_commit_and_cancelled_if_it_cannot_be_stored() {
-    let bus = Bus::with_store();
-    let mut agent = bus.agent("agent").await;
-    wait_for(|| bus.agent_ids().len() == 1).await;
-    // Another writer holds the store past its busy timeout, so the submission's commit fails.
-    let blocker = bus.hold_store();
-    let shared = Arc::clone(&bus.shared);
-    let submission = tokio::spawn(async move {
-        super::super::control::admit(
-            &shared,
-            JobSpec::new(JobKind::Check),
-            "0".repeat(40),
-            "refs/buildpool/snapshots/test".into(),
-            "worktree".into(),
-            String::new(),
-        )
-        .await
-        .map(|(job_id, _, _)| job_id)
-    });
-    let CoordinatorMessage::Assign(assignment) = next_assignment_or_ack(&mut agent).await else {
-        panic!("the job is placed while its submission waits for the store")
-    };
-    let refused = submission
-        .await
-        .expect("the submission ends")
-        .expect_err("a submission that was not stored is refused");
-    assert_eq!(refused.code(), tonic::Code::Unavailable);
-    assert!(
-        refused.message().contains("cannot store the job"),
-        "{refused:?}"
-    );
-    assert_eq!(
-        next_assignment_or_ack(&mut agent).await,
-        CoordinatorMessage::Cancel(assignment.key)
-    );
-    drop(blocker);
-}
-
 /// Hostile handshakes: a stream of random first frames (garbage, truncated or mutated
 /// hellos) each gets a reject or a closed connection, never a panic or a registration, and a
 /// real agent is welcomed afterwards.
