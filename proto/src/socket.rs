@@ -403,10 +403,10 @@ where
 /// closed.
 ///
 /// What was queued meanwhile goes out with the frame that woke the writer, in one flush
-/// (more is taken until [`FLUSH_AFTER_BYTES`] are fed): a job's last output, its result and the agent's new slot offer
-/// are one write to the socket rather than three, and so are an acknowledgement and the
-/// demand that follows it. At thousands of jobs a second, a flush per frame was a TLS record
-/// and a system call each, on both ends.
+/// (more is taken until [`FLUSH_AFTER_BYTES`] are fed): a job's last output, its result
+/// and the agent's new slot offer are one write to the socket rather than three, and so
+/// are an acknowledgement and the demand that follows it. At thousands of jobs a second,
+/// a flush per frame was a TLS record and a system call each, on both ends.
 async fn write_frames<Out: BusMessage>(
     mut sink: SplitSink<Stream, Message>,
     mut queue: mpsc::Receiver<Out>,
@@ -425,8 +425,8 @@ async fn write_frames<Out: BusMessage>(
         let mut fed_bytes = 0;
         loop {
             fed_bytes += fed.len();
-            if let Err(failure) = within_write_timeout(sink.feed(fed)).await {
-                failure.warn();
+            if let Err(error) = deadline("writing a frame", WRITE_TIMEOUT, sink.feed(fed)).await {
+                tracing::warn!("write to the peer failed: {error}");
                 break 'writing;
             }
             if fed_bytes >= FLUSH_AFTER_BYTES {
@@ -437,8 +437,8 @@ async fn write_frames<Out: BusMessage>(
                 Err(_) => break,
             }
         }
-        if let Err(failure) = within_write_timeout(sink.flush()).await {
-            failure.warn();
+        if let Err(error) = deadline("flushing frames", WRITE_TIMEOUT, sink.flush()).await {
+            tracing::warn!("write to the peer failed: {error}");
             break;
         }
     }
@@ -450,33 +450,6 @@ async fn write_frames<Out: BusMessage>(
 /// frame that crosses it is the last): a peer that reads slowly gets its frames in pieces of
 /// a bounded size, each flush within [`WRITE_TIMEOUT`].
 const FLUSH_AFTER_BYTES: usize = 256 * 1024;
-
-/// Why the writer stopped.
-enum WriteFailure {
-    Failed(tungstenite::Error),
-    TimedOut,
-}
-
-impl WriteFailure {
-    fn warn(&self) {
-        match self {
-            Self::Failed(error) => tracing::warn!("write to the peer failed: {error}"),
-            Self::TimedOut => {
-                tracing::warn!("write to the peer timed out after {WRITE_TIMEOUT:?}");
-            }
-        }
-    }
-}
-
-async fn within_write_timeout(
-    write: impl Future<Output = Result<(), tungstenite::Error>>,
-) -> Result<(), WriteFailure> {
-    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(WriteFailure::Failed(error)),
-        Err(_) => Err(WriteFailure::TimedOut),
-    }
-}
 
 /// Why a message could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
