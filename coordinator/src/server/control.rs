@@ -284,16 +284,18 @@ impl Control for ControlService {
         let limit = request
             .limit
             .map_or(DEFAULT_LOG_PAGE, |limit| (limit as usize).min(MAX_LOG_PAGE));
-        let (data, next_offset) = joblog::read_page(&path, request.stream, request.offset, limit)
-            .await
-            .map_err(|error| {
-                if error.kind() == std::io::ErrorKind::NotFound {
-                    Status::not_found(format!("no log for job {}", request.job_id))
-                } else {
-                    Status::internal(format!("cannot read log: {error}"))
-                }
-            })?;
-        let complete = active.is_none() && (data.len() < limit);
+        let ended = active.is_none();
+        let (data, next_offset) =
+            joblog::read_page(&path, request.stream, ended, request.offset, limit)
+                .await
+                .map_err(|error| {
+                    if error.kind() == std::io::ErrorKind::NotFound {
+                        Status::not_found(format!("no log for job {}", request.job_id))
+                    } else {
+                        Status::internal(format!("cannot read log: {error}"))
+                    }
+                })?;
+        let complete = ended && (data.len() < limit);
         let page = LogPage {
             data,
             next_offset,

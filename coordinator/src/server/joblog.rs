@@ -670,30 +670,106 @@ fn parse_prefix(all: &[u8]) -> (Vec<Record>, usize) {
     (records, all.len() - bytes.len())
 }
 
-/// One page of a log: `limit` bytes from `offset` of the selected stream (or of both).
+/// One page of a log: `limit` bytes from `offset` of the selected stream, or of both as
+/// [`MergedText`] merges them (with the unfinished lines of a log that `ended`).
 pub async fn read_page(
     path: &Path,
     stream: Option<OutputStream>,
+    ended: bool,
     offset: u64,
     limit: usize,
 ) -> std::io::Result<(Vec<u8>, u64)> {
     let bytes = tokio::fs::read(path).await?;
-    let mut position = 0u64;
-    let mut page = Vec::new();
-    for record in parse(&bytes) {
-        if stream.is_some_and(|wanted| record.stream != wanted) {
-            continue;
+    let records = parse(&bytes);
+    let mut text = Vec::new();
+    match stream {
+        Some(wanted) => {
+            for record in records.iter().filter(|record| record.stream == wanted) {
+                text.extend_from_slice(&record.data);
+            }
         }
-        let end = position + record.data.len() as u64;
-        if end > offset && page.len() < limit {
-            let skip = usize::try_from(offset.saturating_sub(position)).unwrap_or(usize::MAX);
-            let take = (limit - page.len()).min(record.data.len().saturating_sub(skip));
-            page.extend_from_slice(&record.data[skip..skip + take]);
+        None => {
+            let mut merged = MergedText::default();
+            for record in &records {
+                merged.push(record, &mut text);
+            }
+            if ended {
+                merged.finish(&mut text);
+            }
         }
-        position = end;
     }
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(text.len());
+    let page = text[start..text.len().min(start.saturating_add(limit))].to_vec();
     let next = offset + page.len() as u64;
     Ok((page, next))
+}
+
+/// An unfinished line longer than this shows without waiting for its end.
+const MAX_UNFINISHED_LINE: usize = 64 * 1024;
+
+/// Both streams of a log as one text, merged a line at a time.
+///
+/// stdout and stderr come through separate pipes, so one stream's output can arrive while
+/// the other is mid-line: libtest prints `test name ... ` and only later `ok`, and cargo's
+/// next `Running` line can land in between. Joined record by record, such lines splice
+/// (and a UTF-8 character split across records breaks). Here every line shows whole, in
+/// the order its end arrived.
+///
+/// A running job's unfinished lines wait for their end, so the text of the start of a log
+/// is the start of the text of the whole log: pages and tails taken while it grows agree
+/// with it. Unfinished lines show when the log ends ([`Self::finish`]), when a new attempt
+/// begins (the old one will not finish them), or once longer than [`MAX_UNFINISHED_LINE`].
+#[derive(Debug, Default)]
+pub struct MergedText {
+    /// Each stream's unfinished line: stdout's, stderr's.
+    unfinished: [Vec<u8>; 2],
+    attempt: u32,
+}
+
+impl MergedText {
+    /// Takes the next record of the log, writing to `out` the lines it completes.
+    pub fn push(&mut self, record: &Record, out: &mut Vec<u8>) {
+        if record.attempt != self.attempt {
+            self.flush(out, true);
+            self.attempt = record.attempt;
+        }
+        let unfinished = &mut self.unfinished[usize::from(record.stream == OutputStream::Stderr)];
+        match record.data.iter().rposition(|&byte| byte == b'\n') {
+            Some(last_end) => {
+                out.append(unfinished);
+                out.extend_from_slice(&record.data[..=last_end]);
+                unfinished.extend_from_slice(&record.data[last_end + 1..]);
+            }
+            None => unfinished.extend_from_slice(&record.data),
+        }
+        if unfinished.len() > MAX_UNFINISHED_LINE {
+            out.append(unfinished);
+            out.push(b'\n');
+        }
+    }
+
+    /// The log ended: writes its unfinished lines, stdout's first.
+    pub fn finish(mut self, out: &mut Vec<u8>) {
+        self.flush(out, false);
+    }
+
+    /// Writes the unfinished lines, each ended with a newline except, unless `end_all`,
+    /// the last: nothing follows it to splice.
+    fn flush(&mut self, out: &mut Vec<u8>, end_all: bool) {
+        let mut lines = self
+            .unfinished
+            .iter_mut()
+            .filter(|line| !line.is_empty())
+            .peekable();
+        while let Some(line) = lines.next() {
+            out.append(line);
+            if end_all || lines.peek().is_some() {
+                out.push(b'\n');
+            }
+        }
+    }
 }
 
 /// The job id of a log file, from its name (`<id>.log`); `None` for anything else.
@@ -744,12 +820,89 @@ mod tests {
         let (partial, end) = read_records(log.path(), 0, length - 1).await.expect("read");
         assert_eq!(partial.len(), 2, "a torn record is left for the next read");
         assert!(end < length - 1);
-        let (stdout, next) = read_page(log.path(), Some(OutputStream::Stdout), 0, 1000)
+        let (stdout, next) = read_page(log.path(), Some(OutputStream::Stdout), false, 0, 1000)
             .await
             .expect("page");
         assert_eq!((stdout.as_slice(), next), (&b"hello world\n"[..], 12));
-        let (both, _) = read_page(log.path(), None, 3, 8).await.expect("page");
-        assert_eq!(both, b"lo warni");
+        // Both streams: whole lines, in the order they ended.
+        let (both, _) = read_page(log.path(), None, false, 0, 1000)
+            .await
+            .expect("page");
+        assert_eq!(both, b"warning\nhello world\n");
+        let (both, next) = read_page(log.path(), None, false, 3, 8)
+            .await
+            .expect("page");
+        assert_eq!((both.as_slice(), next), (&b"ning\nhel"[..], 11));
+    }
+
+    fn record(stream: OutputStream, attempt: u32, data: &[u8]) -> Record {
+        Record {
+            stream,
+            attempt,
+            data: data.to_vec(),
+        }
+    }
+
+    fn merged(records: &[Record], ended: bool) -> String {
+        let mut text = Vec::new();
+        let mut merged = MergedText::default();
+        for record in records {
+            merged.push(record, &mut text);
+        }
+        if ended {
+            merged.finish(&mut text);
+        }
+        String::from_utf8(text).expect("whole characters")
+    }
+
+    #[test]
+    fn merged_text_never_splices_a_line_of_one_stream_into_the_other() {
+        use OutputStream::{Stderr, Stdout};
+        // As cargo test printed it, libtest's line in two writes, cargo's between them.
+        let records = [
+            record(Stdout, 1, b"test tests::quadruples ... "),
+            record(Stderr, 1, b"     Running unittests src/lib.rs\n   Doc"),
+            record(Stdout, 1, b"ok\n\ntest result: ok"),
+            record(Stderr, 1, b"-tests app\n"),
+            // A character split across two records of one stream stays whole.
+            record(Stdout, 1, &"passed \u{2713}".as_bytes()[..8]),
+            record(Stdout, 1, &"passed \u{2713}".as_bytes()[8..]),
+        ];
+        let whole = merged(&records, true);
+        assert_eq!(
+            whole,
+            "     Running unittests src/lib.rs\ntest tests::quadruples ... ok\n\n   \
+             Doc-tests app\ntest result: okpassed \u{2713}"
+        );
+        // While the log grows, each reading is the start of the next: pages agree.
+        for cut in 0..records.len() {
+            assert!(whole.starts_with(&merged(&records[..cut], false)), "{cut}");
+        }
+        assert!(!merged(&records[..3], false).contains("test result"));
+    }
+
+    #[test]
+    fn merged_text_ends_a_line_cut_off_by_a_new_attempt_or_its_length() {
+        use OutputStream::{Stderr, Stdout};
+        let records = [
+            record(Stdout, 1, b"compiling"),
+            record(Stderr, 1, b"warn"),
+            record(Stdout, 2, b"again\n"),
+        ];
+        assert_eq!(merged(&records, false), "compiling\nwarn\nagain\n");
+        let long = vec![b'x'; MAX_UNFINISHED_LINE + 1];
+        let records = [record(Stdout, 1, &long), record(Stderr, 1, b"error\n")];
+        let text = merged(&records, false);
+        assert!(text.ends_with("x\nerror\n"), "a long line shows at once");
+        assert_eq!(text.len(), MAX_UNFINISHED_LINE + 8);
+        assert_eq!(
+            merged(
+                &[record(Stdout, 1, b"out"), record(Stderr, 1, b"err")],
+                true
+            ),
+            "out\nerr",
+            "the last unfinished line of an ended log gets no newline of its own"
+        );
     }
 
     #[tokio::test]
@@ -763,7 +916,9 @@ mod tests {
                 .expect("append");
         }
         log.finish().await.expect("finish");
-        let (text, _) = read_page(log.path(), None, 0, 10_000).await.expect("page");
+        let (text, _) = read_page(log.path(), None, true, 0, 10_000)
+            .await
+            .expect("page");
         let text = String::from_utf8_lossy(&text);
         assert_eq!(text.matches('x').count(), 80);
         assert!(text.contains("320 bytes of output were not kept"), "{text}");
@@ -796,7 +951,9 @@ mod tests {
             .await
             .expect("append");
         log.written().await;
-        let (text, _) = read_page(log.path(), None, 0, 1000).await.expect("page");
+        let (text, _) = read_page(log.path(), Some(OutputStream::Stdout), true, 0, 1000)
+            .await
+            .expect("page");
         assert_eq!(text, b"before after\n");
     }
 
@@ -820,7 +977,9 @@ mod tests {
             .await
             .expect("append");
         log.written().await;
-        let (text, _) = read_page(log.path(), None, 0, 1000).await.expect("page");
+        let (text, _) = read_page(log.path(), None, true, 0, 1000)
+            .await
+            .expect("page");
         assert_eq!(text, b"done");
         assert_eq!(
             std::fs::metadata(log.path()).expect("stat").len(),
@@ -896,7 +1055,9 @@ mod tests {
             log_path(dir.path(), 1).exists(),
             "the running job's log stays"
         );
-        let (text, _) = read_page(log.path(), None, 0, 1000).await.expect("page");
+        let (text, _) = read_page(log.path(), None, true, 0, 1000)
+            .await
+            .expect("page");
         assert_eq!(text, b"new", "nothing of the old log shows");
         // A crash now: the resumed log holds only what the new job wrote.
         let unfinished = std::iter::once(next).collect();
@@ -908,7 +1069,9 @@ mod tests {
         .await
         .expect("reopen");
         assert_eq!(*resumed.subscribe().borrow(), (HEADER + 3) as u64);
-        let (text, _) = read_page(log.path(), None, 0, 1000).await.expect("page");
+        let (text, _) = read_page(log.path(), None, true, 0, 1000)
+            .await
+            .expect("page");
         assert_eq!(text, b"new");
         drop(resumed);
         log.finish().await.expect("finish");
@@ -922,7 +1085,7 @@ mod tests {
             .await
             .expect("append");
         running.written().await;
-        let (text, _) = read_page(running.path(), None, 0, 1000)
+        let (text, _) = read_page(running.path(), None, true, 0, 1000)
             .await
             .expect("page");
         assert_eq!(text, b"still mine");

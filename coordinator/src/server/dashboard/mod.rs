@@ -201,8 +201,12 @@ async fn tail(State(shared): State<Arc<Shared>>, Path(job_id): Path<u64>) -> Res
         let mut length = job.log.subscribe();
         let mut phase = job.phase.subscribe();
         let mut end = *length.borrow_and_update();
+        let mut merged = joblog::MergedText::default();
         let start = match tokio::fs::read(job.log.path()).await {
-            Ok(bytes) => text_of(&joblog::parse(&bytes[..bytes.len().min(end as usize)])),
+            Ok(bytes) => text_of(
+                &joblog::parse(&bytes[..bytes.len().min(end as usize)]),
+                &mut merged,
+            ),
             Err(_) => String::new(),
         };
         let start =
@@ -222,8 +226,8 @@ async fn tail(State(shared): State<Arc<Shared>>, Path(job_id): Path<u64>) -> Res
                     break;
                 }
                 position = next;
-                let text = text_of(&records);
-                if sender.send(Ok(output(&text))).await.is_err() {
+                let text = text_of(&records, &mut merged);
+                if !text.is_empty() && sender.send(Ok(output(&text))).await.is_err() {
                     return;
                 }
             }
@@ -236,6 +240,16 @@ async fn tail(State(shared): State<Arc<Shared>>, Path(job_id): Path<u64>) -> Res
                     if position < end {
                         continue;
                     }
+                }
+                let mut unfinished = Vec::new();
+                std::mem::take(&mut merged).finish(&mut unfinished);
+                if !unfinished.is_empty()
+                    && sender
+                        .send(Ok(output(&String::from_utf8_lossy(&unfinished))))
+                        .await
+                        .is_err()
+                {
+                    return;
                 }
                 let _ = sender
                     .send(Ok(Event::default().event("end").data("")))
@@ -260,12 +274,12 @@ fn output(text: &str) -> Event {
         .data(Value::from(text).to_string())
 }
 
-/// The output of `records`, both streams in arrival order, as text.
-fn text_of(records: &[joblog::Record]) -> String {
-    let bytes: Vec<u8> = records
-        .iter()
-        .flat_map(|record| record.data.iter().copied())
-        .collect();
+/// The lines `records` complete, both streams merged by `merged`, as text.
+fn text_of(records: &[joblog::Record], merged: &mut joblog::MergedText) -> String {
+    let mut bytes = Vec::new();
+    for record in records {
+        merged.push(record, &mut bytes);
+    }
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -281,11 +295,20 @@ fn floor_char_boundary(text: &str, index: usize) -> usize {
 async fn log(State(shared): State<Arc<Shared>>, Path(job_id): Path<u64>) -> Response {
     let path = joblog::log_path(&shared.log_dir, job_id);
     match tokio::fs::read(&path).await {
-        Ok(bytes) => (
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            text_of(&joblog::parse(&bytes)),
-        )
-            .into_response(),
+        Ok(bytes) => {
+            // One reading of the whole log: a running job's unfinished lines show too.
+            let mut text = Vec::new();
+            let mut merged = joblog::MergedText::default();
+            for record in joblog::parse(&bytes) {
+                merged.push(&record, &mut text);
+            }
+            merged.finish(&mut text);
+            (
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                String::from_utf8_lossy(&text).into_owned(),
+            )
+                .into_response()
+        }
         Err(_) => (StatusCode::NOT_FOUND, format!("no log for job {job_id}\n")).into_response(),
     }
 }
