@@ -27,7 +27,10 @@
 //! submission waiting on a barrier meanwhile waited for them too. The writer still
 //! checkpoints once the log holds 10,000 pages: the log starts over only when all of it was
 //! copied as a transaction begins, which a steady stream of commits rarely allows. That is
-//! a wait of the same length every four seconds or so at a thousand jobs a second.
+//! a wait of 4 to 6 ms every two seconds or so at five thousand jobs a second. The log file
+//! then keeps its size (it is cut back only beyond 64 MB): cutting it back to 16 MB each
+//! time, as it once was, freed 25 MB of blocks inside the writer's next commit, which then
+//! took 10 to 12 ms more, and every submission waiting on a barrier meanwhile waited too.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -300,11 +303,12 @@ fn open_and_load(path: &Path) -> Result<(Connection, Loaded), StoreError> {
     // The checkpoint thread copies the log into the database. The log starts over only
     // when everything in it was copied as a transaction begins, which under a steady stream
     // of commits can take long; so the writer checkpoints itself (and the log starts over)
-    // once it holds 10,000 pages (40 MB), and a log that started over is cut back to 16 MB.
+    // once it holds 10,000 pages (40 MB). The file is reused at that size, not cut back
+    // (module docs); only a log that grew past 64 MB (a long reader) is.
     connection
         .execute_batch(
             "PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
-             PRAGMA wal_autocheckpoint = 10000; PRAGMA journal_size_limit = 16777216;",
+             PRAGMA wal_autocheckpoint = 10000; PRAGMA journal_size_limit = 67108864;",
         )
         .map_err(err)?;
     let check: String = connection

@@ -24,9 +24,10 @@
 //! cargo phase.
 //!
 //! `scale` (scale.rs) runs simulated agents on real job bus connections against one
-//! `buildpool serve` and submits jobs through the control API from concurrent clients:
-//! jobs per second, submit-to-assign latency, the coordinator's RSS and CPU. `--idle` (or
-//! `--jobs 0`) only connects the agents and reports the idle coordinator's RSS.
+//! `buildpool serve` and submits jobs through the control API: jobs per second from
+//! closed-loop clients, submit-to-assign latency at 5,000 jobs a second offered, the
+//! coordinator's RSS and CPU. `--idle` (or `--jobs 0`) only connects the agents and reports
+//! the idle coordinator's RSS.
 //!
 //! `growth` (growth.rs) reports how the snapshot and submit-to-first-output grow with the
 //! repository's size and with the number of snapshot refs.
@@ -43,7 +44,7 @@
 //! Run: `cargo run --release -p buildpool-tests --bin bench [-- ROUNDS]`,
 //! `... --bin bench -- security [ROUNDS]`, `... --bin bench -- crate memchr [ROUNDS] [--unsandboxed] [--one-line-only]`,
 //! `... --bin bench -- scale --agents 1000 --jobs 20000 [--slots N] [--clients N | --rate
-//! JOBS_PER_S] [--connections N] [--plain]`, `... -- scale --agents 10000 --idle`,
+//! JOBS_PER_S] [--connections N] [--plain] [--cpu-idle]`, `... -- scale --agents 10000 --idle`,
 //! `... --bin bench -- growth [ROUNDS]`, `... -- hook [ROUNDS]`, `... -- sccache` or
 //! `... -- soak [--agents 3] [--jobs 24] [--clients 4] [--chaos coordinator,agent,cut,stop]`
 //! `... --bin bench -- affinity [ROUNDS]`

@@ -9,6 +9,13 @@
 //! share this process, so one clock measures submit (the client's call) to assign (the
 //! agent reading the assignment).
 //!
+//! Two phases by default, since one load cannot answer both questions: the throughput
+//! phase (256 closed loops) finds the most jobs a second the coordinator sustains, and its
+//! latency there is queueing (256 jobs in flight at 10,000 a second wait 25 ms whatever the
+//! coordinator does); the latency phase offers 5,000 jobs a second, the goal's rate, and
+//! measures submit-to-assign at that load. The summary line takes jobs per second and CPU
+//! from the first, latency from the second; `--clients N` or `--rate R` runs one phase.
+//!
 //! Every job needs a snapshot ref the coordinator can resolve, and the coordinator deletes
 //! it when the job ends, so one ref per job is made up front (all on the same commit).
 
@@ -29,38 +36,59 @@ use buildpool_proto::tls::{self, ServerTrust};
 use buildpool_tests::{Cluster, Fixture, ServeOptions, wait_until};
 use tokio::sync::Semaphore;
 
+/// How one phase of `scale` loads the coordinator.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    /// Closed loops, each submitting its next job when the last ended: the most the
+    /// coordinator sustains (and, at saturation, latency that is only queueing).
+    Closed { clients: usize },
+    /// Jobs submitted at `rate` per second whatever the coordinator's pace (an open loop):
+    /// the latency at that load.
+    Open { rate: f64 },
+}
+
+/// Offered load of the latency phase by default: the issue's throughput goal.
+const DEFAULT_RATE: f64 = 5000.0;
+/// Closed loops of the throughput phase by default.
+const DEFAULT_CLIENTS: usize = 256;
+
 /// What `scale` was asked to do.
 #[derive(Debug, Clone)]
 struct ScaleArgs {
     agents: usize,
+    /// Jobs each phase runs.
     jobs: usize,
     /// Slots each simulated agent offers.
     slots: u32,
-    /// Jobs in flight at once, each with its own event stream: many for throughput, few
-    /// for the latency of an unsaturated coordinator.
-    clients: usize,
+    /// The phases, in order: by default the throughput phase and the latency phase;
+    /// `--clients` or `--rate` runs that one alone.
+    loads: Vec<Load>,
     /// HTTP/2 connections the clients share.
     connections: usize,
     /// Plain `ws://` agents against an `--allow-insecure` coordinator instead of TLS.
     plain: bool,
-    /// Jobs submitted per second whatever the coordinator's pace (an open loop, for the
-    /// latency at a given load); `None`: `clients` closed loops, each submitting its next
-    /// job when the last ended (the most the coordinator sustains).
-    rate: Option<f64>,
+    /// Let idle CPUs sleep as usual (see [`CpusAwake`]).
+    cpu_idle: bool,
 }
 
 impl ScaleArgs {
     fn parse(args: &[String]) -> anyhow::Result<Self> {
-        let clients_given = args.iter().any(|arg| arg == "--clients");
         let mut parsed = Self {
             agents: 1000,
             jobs: 20_000,
             slots: 2,
-            clients: 256,
+            loads: vec![
+                Load::Closed {
+                    clients: DEFAULT_CLIENTS,
+                },
+                Load::Open { rate: DEFAULT_RATE },
+            ],
             connections: 16,
             plain: false,
-            rate: None,
+            cpu_idle: false,
         };
+        let mut clients = None;
+        let mut rate = None;
         let mut args = args.iter();
         while let Some(flag) = args.next() {
             let mut value = || -> anyhow::Result<usize> {
@@ -74,27 +102,59 @@ impl ScaleArgs {
                 "--agents" => parsed.agents = value()?,
                 "--jobs" => parsed.jobs = value()?,
                 "--slots" => parsed.slots = u32::try_from(value()?)?,
-                "--clients" => parsed.clients = value()?.max(1),
+                "--clients" => clients = Some(value()?.max(1)),
                 "--connections" => parsed.connections = value()?.max(1),
                 "--idle" => parsed.jobs = 0,
                 "--plain" => parsed.plain = true,
+                "--cpu-idle" => parsed.cpu_idle = true,
                 "--rate" => {
-                    let rate = value()?;
-                    if rate == 0 {
+                    let jobs_per_s = value()?;
+                    if jobs_per_s == 0 {
                         bail!("--rate must be at least 1 job per second");
                     }
-                    parsed.rate = Some(rate as f64);
+                    rate = Some(jobs_per_s as f64);
                 }
                 other => bail!(
                     "scale: unknown argument {other:?}; expected --agents N --jobs N [--slots N] \
-                     [--clients N | --rate JOBS_PER_S] [--connections N] [--idle] [--plain]"
+                     [--clients N | --rate JOBS_PER_S] [--connections N] [--idle] [--plain] \
+                     [--cpu-idle]"
                 ),
             }
         }
-        if parsed.rate.is_some() && clients_given {
-            bail!("scale: --rate submits on its own schedule; --clients applies without it");
+        match (clients, rate) {
+            (Some(_), Some(_)) => {
+                bail!("scale: --clients runs the throughput phase alone, --rate the latency phase")
+            }
+            (Some(clients), None) => parsed.loads = vec![Load::Closed { clients }],
+            (None, Some(rate)) => parsed.loads = vec![Load::Open { rate }],
+            (None, None) => {}
         }
         Ok(parsed)
+    }
+}
+
+/// Keeps idle CPUs polling instead of sleeping while it lives, as `cyclictest` does by
+/// default: it holds `/dev/cpu_dma_latency` at 0 (the kernel's PM QoS; closing the file
+/// lifts it).
+///
+/// Why: on a virtual machine a sleeping virtual CPU gives its host CPU back, and waking it
+/// waits for the host. On the 2-core VM this was measured on, half the runs of the latency
+/// phase met a stall of ~100 ms in which the coordinator's tick did not run and no CPU was
+/// busy; with idle CPUs polling, none did (p99 5.1-5.8 ms against 8-688 ms, six runs
+/// each). That is the host's wake-up, not the coordinator's work; `--cpu-idle` measures
+/// with it.
+struct CpusAwake {
+    _latency: std::fs::File,
+}
+
+impl CpusAwake {
+    fn hold() -> std::io::Result<Self> {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/cpu_dma_latency")?;
+        file.write_all(&0i32.to_ne_bytes())?;
+        Ok(Self { _latency: file })
     }
 }
 
@@ -407,6 +467,27 @@ fn make_snapshot_refs(fixture: &Fixture, count: usize) -> anyhow::Result<(String
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let args = ScaleArgs::parse(args)?;
+    let _awake = if args.cpu_idle {
+        println!("idle CPUs sleep as usual (--cpu-idle): their wake-up is in the figures");
+        None
+    } else {
+        match CpusAwake::hold() {
+            Ok(awake) => {
+                println!(
+                    "idle CPUs poll instead of sleeping during the run (/dev/cpu_dma_latency \
+                     held at 0, as cyclictest does; --cpu-idle to measure with sleeping CPUs)"
+                );
+                Some(awake)
+            }
+            Err(error) => {
+                println!(
+                    "idle CPUs sleep as usual: cannot hold /dev/cpu_dma_latency at 0 ({error}); \
+                     their wake-up is in the figures"
+                );
+                None
+            }
+        }
+    };
     let file_limit = raise_file_limit()?;
     println!(
         "open-file limit raised to {file_limit} (soft = hard) for this process and the coordinator"
@@ -423,7 +504,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let fixture = &cluster.fixture;
     let pid = cluster.coordinator.pid();
     let prepared = Instant::now();
-    let (commit, refs) = make_snapshot_refs(fixture, args.jobs)?;
+    let (commit, refs) = make_snapshot_refs(fixture, args.jobs * args.loads.len())?;
     println!(
         "{} snapshot refs made in {:.1} s",
         refs.len(),
@@ -504,8 +585,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         (connected.cpu - before_connect.cpu).as_secs_f64()
     );
 
-    let mut rates = (0.0, Duration::ZERO, Duration::ZERO);
-    let cpu;
+    let mut phases = Vec::new();
     if args.jobs > 0 {
         let clients = runtime.block_on(async {
             let mut clients = Vec::new();
@@ -514,104 +594,19 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             }
             anyhow::Ok(clients)
         })?;
-        let refs = Arc::new(refs);
         let commit: Arc<str> = Arc::from(commit);
-        let next = Arc::new(AtomicUsize::new(0));
-        let failures = Arc::new(AtomicUsize::new(0));
-        let started = Instant::now();
-        let mut behind = Duration::ZERO;
-        let submitted = runtime.block_on(async {
-            if let Some(rate) = args.rate {
-                let (submitted, late) = open_loop(
-                    clients,
-                    Arc::clone(&refs),
-                    Arc::clone(&commit),
-                    rate,
-                    Arc::clone(&failures),
-                )
-                .await?;
-                behind = late;
-                return anyhow::Ok(submitted);
-            }
-            let mut tasks = tokio::task::JoinSet::new();
-            for index in 0..args.clients {
-                tasks.spawn(client_loop(
-                    clients[index % clients.len()].clone(),
-                    Arc::clone(&refs),
-                    Arc::clone(&commit),
-                    Arc::clone(&next),
-                    Arc::clone(&failures),
-                ));
-            }
-            let mut submitted = Vec::new();
-            while let Some(done) = tasks.join_next().await {
-                submitted.extend(done?);
-            }
-            anyhow::Ok(submitted)
-        })?;
-        let elapsed = started.elapsed();
-        let after = ProcessUsage::read(pid)?;
-        cpu = after.cpu - connected.cpu;
-        let failed = failures.load(Ordering::Relaxed);
-        let sent = board.results_sent.load(Ordering::Relaxed);
-        let all_acked = wait_until(Duration::from_secs(10), || {
-            board.acks_received.load(Ordering::Relaxed) >= sent
-        });
-        let assigned_at = board
-            .assigned_at
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut latencies: Vec<Duration> = submitted
-            .iter()
-            .filter_map(|(job_id, submitted)| {
-                Some(
-                    assigned_at
-                        .get(job_id)?
-                        .saturating_duration_since(*submitted),
-                )
-            })
-            .collect();
-        latencies.sort_unstable();
-        let jobs_per_s = submitted.len() as f64 / elapsed.as_secs_f64();
-        let load = match args.rate {
-            Some(rate) => format!(
-                "offered at {rate:.0} jobs/s (submitted at most {:.1} ms past their time)",
-                super::ms(behind)
-            ),
-            None => format!("with {} clients", args.clients),
-        };
-        println!(
-            "{} jobs succeeded, {failed} failed, in {:.2} s {load} over {} HTTP/2 \
-             connections; results acknowledged: {} of {sent}{}",
-            submitted.len(),
-            elapsed.as_secs_f64(),
-            args.connections,
-            board.acks_received.load(Ordering::Relaxed),
-            if all_acked { "" } else { " (missing acks)" }
-        );
-        println!(
-            "submit -> assign: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms (n={})",
-            super::ms(percentile(&latencies, 0.5)),
-            super::ms(percentile(&latencies, 0.9)),
-            super::ms(percentile(&latencies, 0.99)),
-            super::ms(latencies.last().copied().unwrap_or_default()),
-            latencies.len()
-        );
-        println!(
-            "coordinator during the jobs: CPU {:.2} s with its git calls ({:.0} µs per job), \
-             RSS {:.0} MB now, peak {:.0} MB",
-            cpu.as_secs_f64(),
-            cpu.as_secs_f64() * 1e6 / submitted.len().max(1) as f64,
-            ProcessUsage::rss_mb(after.rss_kb),
-            ProcessUsage::rss_mb(after.peak_rss_kb)
-        );
-        rates = (
-            jobs_per_s,
-            percentile(&latencies, 0.5),
-            percentile(&latencies, 0.99),
-        );
-    } else {
-        cpu = connected.cpu - before_connect.cpu;
+        let mut refs = refs.into_iter();
+        for load in &args.loads {
+            let phase = Phase {
+                load: *load,
+                clients: &clients,
+                refs: Arc::new(refs.by_ref().take(args.jobs).collect()),
+                commit: Arc::clone(&commit),
+                board: &board,
+                coordinator: pid,
+            };
+            phases.push((*load, runtime.block_on(phase.run())?));
+        }
     }
     let lost = board.lost.load(Ordering::Relaxed);
     if lost > 0 {
@@ -620,16 +615,163 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let end = ProcessUsage::read(pid)?;
     agents.abort_all();
     drop(runtime);
-    let (jobs_per_s, p50, p99) = rates;
+    // Throughput (and its CPU) from the closed loop, latency from the open one; with one
+    // phase, both from it.
+    let throughput = phases
+        .iter()
+        .find(|(load, _)| matches!(load, Load::Closed { .. }))
+        .or(phases.first())
+        .map(|(_, outcome)| outcome);
+    let latency = phases
+        .iter()
+        .find(|(load, _)| matches!(load, Load::Open { .. }))
+        .or(phases.first())
+        .map(|(_, outcome)| outcome);
+    let cpu = throughput.map_or(connected.cpu - before_connect.cpu, |outcome| outcome.cpu);
     println!(
-        "scale: agents={} jobs={} jobs_per_s={jobs_per_s:.0} p50_assign_ms={:.2} \
-         p99_assign_ms={:.2} rss_mb={:.0} cpu_s={:.2}",
+        "scale: agents={} jobs={} jobs_per_s={:.0} p50_assign_ms={:.2} p99_assign_ms={:.2} \
+         rss_mb={:.0} cpu_s={:.2}",
         args.agents,
         args.jobs,
-        super::ms(p50),
-        super::ms(p99),
+        throughput.map_or(0.0, |outcome| outcome.jobs_per_s),
+        super::ms(latency.map_or(Duration::ZERO, |outcome| outcome.p50)),
+        super::ms(latency.map_or(Duration::ZERO, |outcome| outcome.p99)),
         ProcessUsage::rss_mb(end.peak_rss_kb),
         cpu.as_secs_f64()
     );
     Ok(())
+}
+
+/// One phase: its jobs (one snapshot ref each) under one load.
+struct Phase<'a> {
+    load: Load,
+    clients: &'a [Client],
+    refs: Arc<Vec<String>>,
+    commit: Arc<str>,
+    board: &'a AgentBoard,
+    coordinator: u32,
+}
+
+/// What a phase measured.
+struct PhaseOutcome {
+    jobs_per_s: f64,
+    p50: Duration,
+    p99: Duration,
+    /// The coordinator's CPU during the phase.
+    cpu: Duration,
+}
+
+impl Phase<'_> {
+    /// Runs the phase's jobs and prints what it measured.
+    async fn run(self) -> anyhow::Result<PhaseOutcome> {
+        let board = self.board;
+        let before = ProcessUsage::read(self.coordinator)?;
+        let (sent_before, acked_before) = (
+            board.results_sent.load(Ordering::Relaxed),
+            board.acks_received.load(Ordering::Relaxed),
+        );
+        let failures = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut behind = Duration::ZERO;
+        let submitted = match self.load {
+            Load::Open { rate } => {
+                let (submitted, late) = open_loop(
+                    self.clients.to_vec(),
+                    Arc::clone(&self.refs),
+                    Arc::clone(&self.commit),
+                    rate,
+                    Arc::clone(&failures),
+                )
+                .await?;
+                behind = late;
+                submitted
+            }
+            Load::Closed { clients } => {
+                let next = Arc::new(AtomicUsize::new(0));
+                let mut tasks = tokio::task::JoinSet::new();
+                for index in 0..clients {
+                    tasks.spawn(client_loop(
+                        self.clients[index % self.clients.len()].clone(),
+                        Arc::clone(&self.refs),
+                        Arc::clone(&self.commit),
+                        Arc::clone(&next),
+                        Arc::clone(&failures),
+                    ));
+                }
+                let mut submitted = Vec::new();
+                while let Some(done) = tasks.join_next().await {
+                    submitted.extend(done?);
+                }
+                submitted
+            }
+        };
+        let elapsed = started.elapsed();
+        let after = ProcessUsage::read(self.coordinator)?;
+        let failed = failures.load(Ordering::Relaxed);
+        let sent = board.results_sent.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while board.acks_received.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let acked = board.acks_received.load(Ordering::Relaxed);
+        let mut latencies: Vec<Duration> = {
+            let assigned_at = board
+                .assigned_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            submitted
+                .iter()
+                .filter_map(|(job_id, submitted)| {
+                    Some(
+                        assigned_at
+                            .get(job_id)?
+                            .saturating_duration_since(*submitted),
+                    )
+                })
+                .collect()
+        };
+        latencies.sort_unstable();
+        let load = match self.load {
+            Load::Open { rate } => format!(
+                "latency phase: offered at {rate:.0} jobs/s (submitted at most {:.1} ms past \
+                 their time)",
+                super::ms(behind)
+            ),
+            Load::Closed { clients } => format!("throughput phase: {clients} closed loops"),
+        };
+        println!(
+            "{load}: {} jobs succeeded, {failed} failed, in {:.2} s ({:.0} jobs/s) over {} \
+             HTTP/2 connections; results acknowledged: {} of {}{}",
+            submitted.len(),
+            elapsed.as_secs_f64(),
+            submitted.len() as f64 / elapsed.as_secs_f64(),
+            self.clients.len(),
+            acked - acked_before,
+            sent - sent_before,
+            if acked >= sent { "" } else { " (missing acks)" }
+        );
+        println!(
+            "  submit -> assign: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms (n={})",
+            super::ms(percentile(&latencies, 0.5)),
+            super::ms(percentile(&latencies, 0.9)),
+            super::ms(percentile(&latencies, 0.99)),
+            super::ms(latencies.last().copied().unwrap_or_default()),
+            latencies.len()
+        );
+        let cpu = after.cpu - before.cpu;
+        println!(
+            "  coordinator: CPU {:.2} s with its git calls ({:.0} µs per job), RSS {:.0} MB now, \
+             peak {:.0} MB",
+            cpu.as_secs_f64(),
+            cpu.as_secs_f64() * 1e6 / submitted.len().max(1) as f64,
+            ProcessUsage::rss_mb(after.rss_kb),
+            ProcessUsage::rss_mb(after.peak_rss_kb)
+        );
+        Ok(PhaseOutcome {
+            jobs_per_s: submitted.len() as f64 / elapsed.as_secs_f64(),
+            p50: percentile(&latencies, 0.5),
+            p99: percentile(&latencies, 0.99),
+            cpu,
+        })
+    }
 }
