@@ -663,6 +663,8 @@ async fn accept_result(
     if let Some(job) = held_job(shared, conn, key) {
         job.log.written().await;
     }
+    // The result is queued for the store inside the step: what the acknowledgement waits for.
+    let from = shared.store.as_ref().map(super::store::Store::position);
     let accepted = shared.step(|s| {
         let actions = s.finished(conn, key, completion, now);
         (!actions.is_empty(), actions)
@@ -673,8 +675,8 @@ async fn accept_result(
             attempt = key.attempt,
             "ignored the result of a stale attempt"
         );
-    } else if let Some(store) = &shared.store
-        && let Err(error) = store.barrier().await
+    } else if let (Some(store), Some(from)) = (&shared.store, from)
+        && let Err(error) = store.committed_since(from).await
     {
         tracing::error!(job_id = key.job_id, "result not acknowledged: {error}");
         return None;

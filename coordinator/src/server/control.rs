@@ -354,9 +354,9 @@ async fn admit(
                 worktree: worktree.clone(),
                 base_commit: base_commit.clone(),
             };
-            store.submitted(job_id, submission, submitted_unix_ms, log.path());
+            let write = store.submitted(job_id, submission, submitted_unix_ms, log.path());
             store
-                .barrier()
+                .committed(write)
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot store the job: {e}")))?;
         }
@@ -432,7 +432,7 @@ async fn finished_job(
     if let Some(found) = store.result(job_id).await.map_err(internal)? {
         return Ok(found);
     }
-    store.barrier().await.map_err(internal)?;
+    store.settled().await.map_err(internal)?;
     store
         .result(job_id)
         .await

@@ -659,7 +659,7 @@ impl Coordinator {
         }
         self.shared.logs.flush().await;
         if let Some(store) = &self.shared.store
-            && let Err(error) = store.barrier().await
+            && let Err(error) = store.settled().await
         {
             tracing::warn!("{error}");
         }

@@ -17,8 +17,11 @@
 //! unbounded channel, never I/O under the lock); one writer thread owns the write connection
 //! and commits whatever queued up in one transaction. Where an acknowledgement must mean
 //! "stored" (a submission before the client hears of its job, a result before the agent's
-//! `ResultAck`), the caller awaits [`Store::barrier`], which answers once everything queued
-//! before it is committed.
+//! `ResultAck`), the caller waits for the write by its position in the queue:
+//! [`Store::committed`] for a write whose position it has (a submission),
+//! [`Store::committed_since`] for the writes since a position it noted (a result, queued
+//! inside a scheduler step). Either answers once everything queued before is committed,
+//! and with an error if such a write failed, in whichever transaction it was.
 //!
 //! Checkpoints (copying the write-ahead log into the database, with its flushes to the
 //! device) run on a thread of their own with their own connection, every half second. On
@@ -111,14 +114,27 @@ enum Command {
         result: Vec<u8>,
         finished_unix_ms: u64,
     },
-    Barrier(oneshot::Sender<Result<(), String>>),
+    /// Answered once everything queued before it was tried: an error if a write at a
+    /// position from `from` up to `until` (else up to the barrier) failed.
+    Barrier {
+        from: WritePosition,
+        until: Option<WritePosition>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
 }
+
+/// A place in the store's queue, counted in commands queued since it opened. A caller notes
+/// it before its writes and asks [`Store::committed_since`] after them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WritePosition(u64);
 
 /// The durable job table: a queue to the writer thread and a read connection.
 #[derive(Debug)]
 pub struct Store {
     path: PathBuf,
-    writes: mpsc::Sender<Command>,
+    /// The queue to the writer, and the position of the next command in it: both under
+    /// one lock, so a position names exactly one command.
+    writes: std::sync::Mutex<(mpsc::Sender<Command>, u64)>,
     reader: std::sync::Arc<std::sync::Mutex<Connection>>,
     /// Dropped with the store, which ends the checkpoint thread.
     _checkpoints: mpsc::Sender<()>,
@@ -170,7 +186,7 @@ impl Store {
         Ok((
             Self {
                 path,
-                writes,
+                writes: std::sync::Mutex::new((writes, 0)),
                 reader: std::sync::Arc::new(std::sync::Mutex::new(reader)),
                 _checkpoints: checkpoints,
             },
@@ -182,29 +198,49 @@ impl Store {
         &self.path
     }
 
-    fn queue(&self, command: Command) {
+    /// Queues `command`; its position.
+    fn queue(&self, command: Command) -> WritePosition {
+        let mut writes = self
+            .writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (sender, next) = &mut *writes;
+        let position = WritePosition(*next);
+        *next += 1;
         // The writer outlives every sender but the last; a send can fail only at exit.
-        let _ = self.writes.send(command);
+        let _ = sender.send(command);
+        position
     }
 
-    /// Records a new job (queued). Durable once a later [`Store::barrier`] answers.
+    /// Where the next write goes in the queue: note it before writes whose commit you will
+    /// wait for with [`Store::committed_since`].
+    pub fn position(&self) -> WritePosition {
+        WritePosition(
+            self.writes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .1,
+        )
+    }
+
+    /// Records a new job (queued); the write's position, for [`Store::committed`].
     pub fn submitted(
         &self,
         job_id: JobId,
         submission: Submission,
         submitted_unix_ms: u64,
         log_path: &Path,
-    ) {
+    ) -> WritePosition {
         self.queue(Command::Submitted {
             job_id,
             submission: submission_to_bytes(submission),
             submitted_unix_ms,
             log_path: log_path.display().to_string(),
-        });
+        })
     }
 
     pub fn assigned(&self, job_id: JobId, agent_id: &str, attempt: u32) {
-        self.queue(Command::Assigned {
+        let _ = self.queue(Command::Assigned {
             job_id,
             agent_id: agent_id.to_owned(),
             attempt,
@@ -212,7 +248,7 @@ impl Store {
     }
 
     pub fn requeued(&self, job_id: JobId, attempt: u32, lost_attempts: u32) {
-        self.queue(Command::Requeued {
+        let _ = self.queue(Command::Requeued {
             job_id,
             attempt,
             lost_attempts,
@@ -220,17 +256,47 @@ impl Store {
     }
 
     pub fn finished(&self, job_id: JobId, result: JobResult) {
-        self.queue(Command::Finished {
+        let _ = self.queue(Command::Finished {
             job_id,
             result: result_to_bytes(result),
             finished_unix_ms: buildpool_core::time::unix_millis(),
         });
     }
 
-    /// Waits until every write queued before this call is committed.
-    pub async fn barrier(&self) -> Result<(), StoreError> {
+    /// Waits until every write queued before this call is committed; an error if one queued
+    /// since `from` failed (its transaction rolled back), whichever transaction it was in.
+    ///
+    /// Why a position and not just the barrier's own transaction: a write and the barrier
+    /// queued right after it can land in two transactions, and the first can fail while
+    /// the second commits. The barrier would then say "stored" of a write that was not.
+    /// Others' writes queued in the window count too: where the caller knows its write's
+    /// position, [`Store::committed`] asks about that one alone.
+    pub async fn committed_since(&self, from: WritePosition) -> Result<(), StoreError> {
+        self.barrier(from, None).await
+    }
+
+    /// Waits until the write at `write` (and everything before it) is tried; an error if it
+    /// failed.
+    pub async fn committed(&self, write: WritePosition) -> Result<(), StoreError> {
+        self.barrier(write, Some(WritePosition(write.0 + 1))).await
+    }
+
+    /// Waits until every write queued before this call was tried, whatever came of it (the
+    /// writer logs a failure); only an error if the writer stopped.
+    pub async fn settled(&self) -> Result<(), StoreError> {
+        match self.barrier(self.position(), None).await {
+            Err(StoreError::Stopped) => Err(StoreError::Stopped),
+            _ => Ok(()),
+        }
+    }
+
+    async fn barrier(
+        &self,
+        from: WritePosition,
+        until: Option<WritePosition>,
+    ) -> Result<(), StoreError> {
         let (done, committed) = oneshot::channel();
-        self.queue(Command::Barrier(done));
+        let _ = self.queue(Command::Barrier { from, until, done });
         committed
             .await
             .map_err(|_| StoreError::Stopped)?
@@ -441,6 +507,17 @@ fn checkpoint_loop(
     }
 }
 
+/// Failed transactions the writer remembers for barriers to come (the newest).
+const REMEMBERED_FAILURES: usize = 1024;
+
+/// The writes of a transaction that failed: positions `first..=last` (barriers between them
+/// aside) and why.
+struct Failure {
+    first: u64,
+    last: u64,
+    error: String,
+}
+
 /// The writer thread: takes what queued up, commits it in one transaction, answers the
 /// barriers among it. Ends when the [`Store`] is dropped.
 fn write_loop(
@@ -451,6 +528,9 @@ fn write_loop(
 ) {
     let mut finished_since_prune = 0u64;
     let mut last_commit: Option<Instant> = None;
+    // Commands received so far: the position of the next one, as `Store::position` counts.
+    let mut received = 0u64;
+    let mut failures: std::collections::VecDeque<Failure> = Default::default();
     while let Ok(first) = commands.recv() {
         let mut batch = vec![first];
         // One sleep, not a wake-up per change that arrives meanwhile.
@@ -472,9 +552,18 @@ fn write_loop(
             .collect();
         let mut barriers = Vec::new();
         let mut writes = Vec::new();
+        let mut write_positions: Option<(u64, u64)> = None;
         for command in batch {
+            let position = received;
+            received += 1;
+            if !matches!(command, Command::Barrier { .. }) {
+                let first = write_positions.map_or(position, |(first, _)| first);
+                write_positions = Some((first, position));
+            }
             match command {
-                Command::Barrier(done) => barriers.push(done),
+                Command::Barrier { from, until, done } => {
+                    barriers.push((from, until.map_or(position, |until| until.0), done));
+                }
                 Command::Finished { .. } => {
                     finished_since_prune += 1;
                     writes.push(command);
@@ -494,11 +583,29 @@ fn write_loop(
             tracing::error!("{error}; {} change(s) not stored", writes.len());
             error
         });
-        if outcome.is_ok() && !writes.is_empty() {
-            written.store(true, Ordering::Relaxed);
+        match (&outcome, write_positions) {
+            (Ok(()), _) if !writes.is_empty() => written.store(true, Ordering::Relaxed),
+            (Err(error), Some((first, last))) => {
+                if failures.len() == REMEMBERED_FAILURES {
+                    failures.pop_front();
+                }
+                failures.push_back(Failure {
+                    first,
+                    last,
+                    error: error.clone(),
+                });
+            }
+            _ => {}
         }
-        for done in barriers {
-            let _ = done.send(outcome.clone());
+        for (WritePosition(from), until, done) in barriers {
+            // Newest first, and their positions only fall: stop at the first one wholly
+            // before the window.
+            let failed = failures
+                .iter()
+                .rev()
+                .take_while(|failure| failure.last >= from)
+                .find(|failure| failure.first < until);
+            let _ = done.send(failed.map_or(Ok(()), |failure| Err(failure.error.clone())));
         }
     }
 }
@@ -575,7 +682,7 @@ fn apply(connection: &Connection, writes: &[Command], prune: bool) -> rusqlite::
                     )?
                     .execute(params![*job_id as i64, result, *finished_unix_ms as i64])?;
             }
-            Command::Barrier(_) => {}
+            Command::Barrier { .. } => {}
         }
     }
     if prune {

@@ -44,7 +44,10 @@ async fn jobs_survive_reopening_in_their_state_and_order() {
     store.requeued(5, 1, 1);
     store.assigned(3, "a1", 2);
     store.finished(3, result());
-    store.barrier().await.expect("committed");
+    store
+        .committed_since(WritePosition(0))
+        .await
+        .expect("committed");
     drop(store);
 
     let (store, loaded) = Store::open(dir.path()).expect("reopen");
@@ -84,7 +87,10 @@ async fn committed_jobs_are_checkpointed_into_the_database_off_the_writer() {
     for id in 1..=3 {
         store.submitted(id, submission(id as u32), 1000, &dir.path().join("x.log"));
     }
-    store.barrier().await.expect("committed");
+    store
+        .committed_since(WritePosition(0))
+        .await
+        .expect("committed");
     let copies = tempfile::tempdir().expect("temp");
     let rows_in_the_database_file = || {
         // The database file alone, without its write-ahead log: what was checkpointed.
@@ -122,7 +128,10 @@ async fn a_corrupt_store_is_moved_aside_and_a_fresh_one_starts() {
         .collect();
     assert_eq!(aside.len(), 1, "{aside:?}");
     store.submitted(1, submission(1), 1, &dir.path().join("1.log"));
-    store.barrier().await.expect("the fresh store works");
+    store
+        .committed_since(WritePosition(0))
+        .await
+        .expect("the fresh store works");
 }
 
 #[test]
@@ -145,4 +154,48 @@ fn a_store_from_a_newer_coordinator_is_set_aside_not_misread() {
                 .to_string_lossy()
                 .starts_with("jobs.db.corrupt-"))
     );
+}
+
+#[tokio::test]
+async fn a_write_that_failed_is_never_reported_stored_whichever_transaction_it_was_in() {
+    let dir = tempfile::tempdir().expect("temp");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    let log = dir.path().join("1.log");
+    store.submitted(1, submission(1), 1, &log);
+    store
+        .committed_since(WritePosition(0))
+        .await
+        .expect("committed");
+    // Another process takes the table away: the writer's next transaction fails.
+    let intruder = Connection::open(dir.path().join(FILE_NAME)).expect("open");
+    intruder
+        .execute_batch("ALTER TABLE jobs RENAME TO jobs_aside")
+        .expect("rename");
+    let from = store.position();
+    let second = store.submitted(2, submission(2), 2, &log);
+    // Waits until that transaction was tried, whatever came of it.
+    store.settled().await.expect("the writer runs");
+    intruder
+        .execute_batch("ALTER TABLE jobs_aside RENAME TO jobs")
+        .expect("rename back");
+    // The submitter asks only now, so its barrier is in a later transaction, which
+    // commits; what it asks about did not.
+    let error = store
+        .committed(second)
+        .await
+        .expect_err("job 2 was not stored");
+    assert!(error.to_string().contains("no such table"), "{error}");
+    let third = store.submitted(3, submission(3), 3, &log);
+    store.committed(third).await.expect("the store recovered");
+    // Asked by position range, the failed write in it counts; asked by its own position,
+    // a write that committed is not blamed for another.
+    store
+        .committed_since(from)
+        .await
+        .expect_err("job 2 is in the range");
+    store.committed(third).await.expect("job 3 alone");
+    drop(store);
+    let (_store, loaded) = Store::open(dir.path()).expect("reopen");
+    let ids: Vec<JobId> = loaded.unfinished.iter().map(|job| job.job_id).collect();
+    assert_eq!(ids, [1, 3]);
 }
