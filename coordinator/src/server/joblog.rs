@@ -681,23 +681,14 @@ pub async fn read_page(
 ) -> std::io::Result<(Vec<u8>, u64)> {
     let bytes = tokio::fs::read(path).await?;
     let records = parse(&bytes);
-    let mut text = Vec::new();
-    match stream {
-        Some(wanted) => {
-            for record in records.iter().filter(|record| record.stream == wanted) {
-                text.extend_from_slice(&record.data);
-            }
-        }
-        None => {
-            let mut merged = MergedText::default();
-            for record in &records {
-                merged.push(record, &mut text);
-            }
-            if ended {
-                merged.finish(&mut text);
-            }
-        }
-    }
+    let text: Vec<u8> = match stream {
+        Some(wanted) => records
+            .iter()
+            .filter(|record| record.stream == wanted)
+            .flat_map(|record| record.data.iter().copied())
+            .collect(),
+        None => MergedText::of(&records, ended),
+    };
     let start = usize::try_from(offset)
         .unwrap_or(usize::MAX)
         .min(text.len());
@@ -729,6 +720,19 @@ pub struct MergedText {
 }
 
 impl MergedText {
+    /// The text of `records` read at once: with their unfinished lines if the log `ended`.
+    pub fn of(records: &[Record], ended: bool) -> Vec<u8> {
+        let mut text = Vec::new();
+        let mut merged = Self::default();
+        for record in records {
+            merged.push(record, &mut text);
+        }
+        if ended {
+            merged.finish(&mut text);
+        }
+        text
+    }
+
     /// Takes the next record of the log, writing to `out` the lines it completes.
     pub fn push(&mut self, record: &Record, out: &mut Vec<u8>) {
         if record.attempt != self.attempt {
@@ -844,15 +848,7 @@ mod tests {
     }
 
     fn merged(records: &[Record], ended: bool) -> String {
-        let mut text = Vec::new();
-        let mut merged = MergedText::default();
-        for record in records {
-            merged.push(record, &mut text);
-        }
-        if ended {
-            merged.finish(&mut text);
-        }
-        String::from_utf8(text).expect("whole characters")
+        String::from_utf8(MergedText::of(records, ended)).expect("whole characters")
     }
 
     #[test]

@@ -297,12 +297,7 @@ async fn log(State(shared): State<Arc<Shared>>, Path(job_id): Path<u64>) -> Resp
     match tokio::fs::read(&path).await {
         Ok(bytes) => {
             // One reading of the whole log: a running job's unfinished lines show too.
-            let mut text = Vec::new();
-            let mut merged = joblog::MergedText::default();
-            for record in joblog::parse(&bytes) {
-                merged.push(&record, &mut text);
-            }
-            merged.finish(&mut text);
+            let text = joblog::MergedText::of(&joblog::parse(&bytes), true);
             (
                 [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
                 String::from_utf8_lossy(&text).into_owned(),
