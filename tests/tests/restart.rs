@@ -145,6 +145,45 @@ fn a_corrupt_job_store_is_moved_aside_and_the_coordinator_starts() {
 }
 
 #[test]
+fn a_job_its_coordinator_cannot_store_is_refused_and_cancelled_though_an_agent_took_it() {
+    let cluster = cluster(1);
+    let fixture = &cluster.fixture;
+    // Another process takes the job table away: the coordinator's next write fails.
+    let intruder = rusqlite::Connection::open(fixture.root().join(".git/buildpool/jobs.db"))
+        .expect("the store");
+    intruder
+        .execute_batch("ALTER TABLE jobs RENAME TO jobs_aside")
+        .expect("rename");
+    let refused = fixture.run(&["run", "check"]).expect("runs");
+    assert_ne!(refused.code, Some(0), "{refused}");
+    assert!(
+        refused.to_string().contains("cannot store the job"),
+        "{refused}"
+    );
+    // The idle agent took the job while it was being stored, and was told to stop it.
+    let cancelled_on_its_agent = |log: &str| {
+        log.lines().any(|line| {
+            line.contains("job finished")
+                && line.contains("job_id=1 ")
+                && line.contains("end=Cancelled")
+                && !line.contains("agent_id= ")
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || cancelled_on_its_agent(
+            &cluster.coordinator.log_text()
+        )),
+        "{}",
+        cluster.coordinator.log_text()
+    );
+    intruder
+        .execute_batch("ALTER TABLE jobs_aside RENAME TO jobs")
+        .expect("rename back");
+    let run = fixture.run(&["run", "check"]).expect("runs");
+    assert_eq!(run.code, Some(0), "{run}");
+}
+
+#[test]
 fn a_client_whose_coordinator_does_not_come_back_says_so_and_exits_non_zero() {
     let mut cluster = cluster(1);
     let fixture = &cluster.fixture;

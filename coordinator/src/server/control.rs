@@ -29,6 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::store::StoreError;
 use super::{ActiveJob, JobOrigin, Shared, joblog};
 use crate::auth::Scope;
 use crate::snapshot::SNAPSHOT_REF_PREFIX;
@@ -157,16 +158,7 @@ impl Control for ControlService {
         let (admitted, admission) = oneshot::channel();
         let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
-            let outcome = admit(&shared, spec, commit, git_ref, worktree, base_commit)
-                .await
-                .map(|(job_id, job, phase)| {
-                    // The submitter is the job's first watcher, counted before anything
-                    // could cancel the job as unwatched. Should it be gone before it takes
-                    // its stream, the count goes with the undelivered answer.
-                    let watching = Watching::start(&job);
-                    adopt(&shared, job_id, &job);
-                    (job_id, watching, phase)
-                });
+            let outcome = admit(&shared, spec, commit, git_ref, worktree, base_commit).await;
             let _ = admitted.send(outcome);
         });
         let (job_id, watching, phase) = admission
@@ -319,24 +311,34 @@ impl Control for ControlService {
     }
 }
 
-/// Stores a validated submission as a new job and hands it to the scheduler; the job, and
-/// its phase as the submitter will follow it from the start.
+/// Makes a validated submission a new job: its log, the scheduler (which may assign it at
+/// once) and the store. The client hears of the job (this returns) only once it is stored,
+/// but the job is not held back meanwhile: the agent that takes it starts while the store
+/// commits, so a submission's commit is not part of its time to an agent (on a loaded
+/// coordinator, the commit was two thirds of it). Its write is queued before the scheduler
+/// can queue the assignment, so a restart never finds an assignment without its job; a
+/// job whose write failed is cancelled, wherever it runs (unless it already ended), and
+/// the client told why.
+/// Returns the job's id, its submitter counted as its first watcher, and its phase as the
+/// submitter will follow it from the start.
 async fn admit(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     spec: JobSpec,
     commit: String,
     git_ref: String,
     worktree: String,
     base_commit: String,
-) -> Result<(JobId, Arc<ActiveJob>, watch::Receiver<JobEvent>), Status> {
-    let job_id = shared.next_job_id();
+) -> Result<(JobId, Watching, watch::Receiver<JobEvent>), Status> {
+    let unstored =
+        |error: StoreError| Status::unavailable(format!("cannot store the job: {error}"));
+    let job_id = shared.take_job_id().await.map_err(unstored)?;
     let submitted_unix_ms = unix_millis();
     let origin = JobOrigin {
         kind: spec.kind,
         worktree: worktree.clone(),
         cargo_args: spec.cargo_args.clone(),
     };
-    // The snapshot's pack is made while the job is stored: both take a few ms.
+    // The snapshot's pack, when there is a base, is made while the job is being stored.
     let pack = shared
         .snapshot_packs
         .get(&shared.repo.common_dir, &commit, &base_commit);
@@ -345,8 +347,7 @@ async fn admit(
             .await
             .map_err(|e| Status::internal(format!("cannot create job log: {e}")))?;
         shared.metrics.job_submitted(spec.kind);
-        if let Some(store) = &shared.store {
-            // Stored before the client hears of the job: a restart resumes what it was told.
+        let stored = shared.store.as_ref().map(|store| {
             let submission = Submission {
                 spec: spec.clone(),
                 commit: commit.clone(),
@@ -354,21 +355,25 @@ async fn admit(
                 worktree: worktree.clone(),
                 base_commit: base_commit.clone(),
             };
-            let write = store.submitted(job_id, submission, submitted_unix_ms, log.path());
-            store
-                .committed(write)
-                .await
-                .map_err(|e| Status::unavailable(format!("cannot store the job: {e}")))?;
-        }
-        Ok::<_, Status>(log)
+            (
+                store,
+                store.submitted(job_id, submission, submitted_unix_ms, log.path()),
+            )
+        });
+        Ok::<_, Status>((log, stored))
     };
-    let (pack, log) = tokio::join!(pack, recorded);
-    let log = log?;
+    let (pack, recorded) = tokio::join!(pack, recorded);
+    let (log, stored) = recorded?;
     let job = ActiveJob::queued(log, git_ref.clone(), origin);
     let mut source = shared.source(commit, git_ref, base_commit);
     source.pack = pack.filter(|pack| fits_in_assignment(pack, &spec, &worktree));
     let phase = job.phase.subscribe();
     shared.state().jobs.insert(job_id, Arc::clone(&job));
+    // The submitter is the job's first watcher, counted before anything could cancel the
+    // job as unwatched. Should it be gone before it takes its stream, the count goes with
+    // the undelivered answer.
+    let watching = Watching::start(&job);
+    adopt(shared, job_id, &job);
     // Debug: at the default level a job gets one line, when it ends.
     tracing::debug!(job_id, kind = %spec.kind, %worktree, "job submitted");
     let now = Instant::now();
@@ -378,7 +383,17 @@ async fn admit(
             s.submit(job_id, spec, source, worktree, now, submitted_unix_ms),
         )
     });
-    Ok((job_id, job, phase))
+    if let Some((store, write)) = stored
+        && let Err(error) = store.committed(write).await
+    {
+        tracing::warn!(
+            job_id,
+            "{error}; cancelling the job its client cannot be told of"
+        );
+        shared.step(|s| ((), s.cancel(job_id, Instant::now()).unwrap_or_default()));
+        return Err(unstored(error));
+    }
+    Ok((job_id, watching, phase))
 }
 
 /// Streams the job to a client counted among its watchers (`watching`), uncounted when the
@@ -428,7 +443,7 @@ async fn finished_job(
     let Some(store) = &shared.store else {
         return Err(Status::not_found(format!("no job {job_id} is running")));
     };
-    let internal = |e: super::store::StoreError| Status::internal(e.to_string());
+    let internal = |e: StoreError| Status::internal(e.to_string());
     if let Some(found) = store.result(job_id).await.map_err(internal)? {
         return Ok(found);
     }

@@ -293,8 +293,14 @@ impl Shared {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn next_job_id(&self) -> JobId {
-        self.next_job.fetch_add(1, Ordering::Relaxed)
+    /// A new job id, never handed out before, nor again after a crash (see
+    /// [`store::Store::reserve_id`]).
+    pub async fn take_job_id(&self) -> Result<JobId, store::StoreError> {
+        let job_id = self.next_job.fetch_add(1, Ordering::Relaxed);
+        if let Some(store) = &self.store {
+            store.reserve_id(job_id).await?;
+        }
+        Ok(job_id)
     }
 
     /// Registers a connection and its agent in one step, so no action can find one without
@@ -442,7 +448,8 @@ impl Coordinator {
         let unfinished: std::collections::HashSet<JobId> =
             loaded.unfinished.iter().map(|job| job.job_id).collect();
         let logs = joblog::LogDir::open(&log_dir, &unfinished)?;
-        // Job ids never repeat: past the highest the store or the log directory has seen.
+        // Job ids never repeat: past the highest the store reserved or stored, or the log
+        // directory has seen.
         let first_job = logs.highest_id().max(loaded.highest_id) + 1;
         let artifacts = Arc::new(artifacts::ArtifactStore::open(&log_dir.join("artifacts"))?);
 

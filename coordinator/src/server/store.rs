@@ -37,7 +37,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,9 @@ const FILE_NAME: &str = "jobs.db";
 const KEPT_RESULTS: i64 = 2 * super::joblog::KEPT_LOGS as i64;
 /// Finished jobs between two prunings of old results.
 const PRUNE_EVERY: u64 = 256;
+/// Job ids reserved ahead of use (see [`Store::reserve_id`]), and so at most skipped after
+/// a restart: a reservation is asked for when fewer than half of these are left.
+const RESERVED_AHEAD: JobId = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -66,6 +69,9 @@ pub enum StoreError {
     },
     #[error("the job store's writer stopped")]
     Stopped,
+    /// A write that failed, as the writer reported it (naming the store).
+    #[error("{0}")]
+    Failed(String),
     #[error("job store: {0}")]
     Write(String),
 }
@@ -88,7 +94,7 @@ pub struct StoredJob {
 pub struct Loaded {
     /// Unfinished jobs in submission order.
     pub unfinished: Vec<StoredJob>,
-    /// The highest job id ever stored (ids never repeat).
+    /// The highest job id ever stored or reserved (ids never repeat).
     pub highest_id: JobId,
 }
 
@@ -114,6 +120,8 @@ enum Command {
         result: Vec<u8>,
         finished_unix_ms: u64,
     },
+    /// Job ids through `through` are taken.
+    ReserveIds { through: JobId },
     /// Answered once everything queued before it was tried: an error if a write at a
     /// position from `from` up to `until` (else up to the barrier) failed.
     Barrier {
@@ -136,6 +144,10 @@ pub struct Store {
     /// one lock, so a position names exactly one command.
     writes: std::sync::Mutex<(mpsc::Sender<Command>, u64)>,
     reader: std::sync::Arc<std::sync::Mutex<Connection>>,
+    /// Job ids through this one are committed as taken (the writer raises it).
+    reserved: std::sync::Arc<AtomicU64>,
+    /// The latest reservation asked for: through which id, and its write.
+    requested: std::sync::Mutex<(JobId, WritePosition)>,
     /// Dropped with the store, which ends the checkpoint thread.
     _checkpoints: mpsc::Sender<()>,
 }
@@ -179,15 +191,21 @@ impl Store {
             .map_err(|e| StoreError::Write(e.to_string()))?;
         let (writes, commands) = mpsc::channel();
         let thread_path = path.clone();
+        let reserved = std::sync::Arc::new(AtomicU64::new(loaded.highest_id));
+        let thread_reserved = std::sync::Arc::clone(&reserved);
         std::thread::Builder::new()
             .name("job-store".to_owned())
-            .spawn(move || write_loop(&thread_path, &writer, &commands, &written))
+            .spawn(move || {
+                write_loop(&thread_path, &writer, &commands, &written, &thread_reserved);
+            })
             .map_err(|e| StoreError::Write(e.to_string()))?;
         Ok((
             Self {
                 path,
                 writes: std::sync::Mutex::new((writes, 0)),
                 reader: std::sync::Arc::new(std::sync::Mutex::new(reader)),
+                requested: std::sync::Mutex::new((loaded.highest_id, WritePosition(0))),
+                reserved,
                 _checkpoints: checkpoints,
             },
             loaded,
@@ -200,10 +218,7 @@ impl Store {
 
     /// Queues `command`; its position.
     fn queue(&self, command: Command) -> WritePosition {
-        let mut writes = self
-            .writes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut writes = lock(&self.writes);
         let (sender, next) = &mut *writes;
         let position = WritePosition(*next);
         *next += 1;
@@ -215,12 +230,51 @@ impl Store {
     /// Where the next write goes in the queue: note it before writes whose commit you will
     /// wait for with [`Store::committed_since`].
     pub fn position(&self) -> WritePosition {
-        WritePosition(
-            self.writes
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .1,
-        )
+        WritePosition(lock(&self.writes).1)
+    }
+
+    /// Returns once job ids through `id` are committed as taken, so that `id` is never
+    /// handed out again, even after a crash that lost its job's own write: a job is
+    /// assigned while that write is being committed, and an agent may run it under that
+    /// id meanwhile. Ids are reserved [`RESERVED_AHEAD`] at a time, asked for while half
+    /// are left: only the first id after opening, or one that outran its reservation,
+    /// waits for a commit.
+    ///
+    /// What counts is what the writer committed (`reserved`), never a barrier's answer
+    /// alone: the reservation waited on may have failed with nobody waiting (it was asked
+    /// for ahead) or long ago, and a later one may have covered `id` meanwhile. An id the
+    /// latest reservation did not cover gets one fresh reservation of its own.
+    pub async fn reserve_id(&self, id: JobId) -> Result<(), StoreError> {
+        let reserved = || id <= self.reserved.load(Ordering::Acquire);
+        let latest = self.request_ids(id, false);
+        if reserved() {
+            return Ok(());
+        }
+        // The latest reservation covers `id`: it is at least half a reservation ahead.
+        let _ = self.committed(latest).await;
+        if reserved() {
+            return Ok(());
+        }
+        self.committed(self.request_ids(id, true)).await?;
+        if reserved() {
+            Ok(())
+        } else {
+            Err(StoreError::Failed(format!(
+                "job store {}: job id {id} could not be reserved",
+                self.path.display()
+            )))
+        }
+    }
+
+    /// The write of the latest reservation of job ids, asked for now when `fresh` or when
+    /// fewer than half a reservation is left beyond `id`.
+    fn request_ids(&self, id: JobId, fresh: bool) -> WritePosition {
+        let mut requested = lock(&self.requested);
+        if fresh || requested.0 < id + RESERVED_AHEAD / 2 {
+            let through = id + RESERVED_AHEAD;
+            *requested = (through, self.queue(Command::ReserveIds { through }));
+        }
+        requested.1
     }
 
     /// Records a new job (queued); the write's position, for [`Store::committed`].
@@ -300,7 +354,7 @@ impl Store {
         committed
             .await
             .map_err(|_| StoreError::Stopped)?
-            .map_err(StoreError::Write)
+            .map_err(StoreError::Failed)
     }
 
     /// A finished job's result and log file, if the store still has them.
@@ -308,9 +362,7 @@ impl Store {
         let reader = std::sync::Arc::clone(&self.reader);
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
-            let connection = reader
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let connection = lock(&reader);
             let row: Option<(Vec<u8>, String)> = connection
                 .query_row(
                     "SELECT result, log_path FROM jobs WHERE id = ?1 AND state = 'finished'",
@@ -329,6 +381,12 @@ impl Store {
         .await
         .map_err(|_| StoreError::Stopped)?
     }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn sqlite(path: &Path, source: rusqlite::Error) -> StoreError {
@@ -388,6 +446,22 @@ fn open_and_load(path: &Path) -> Result<(Connection, Loaded), StoreError> {
     Ok((connection, loaded))
 }
 
+/// The job table of schema version 1.
+const JOBS_TABLE: &str = "
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        submission BLOB NOT NULL,
+        submitted_unix_ms INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'finished')),
+        attempt INTEGER NOT NULL DEFAULT 0,
+        lost_attempts INTEGER NOT NULL DEFAULT 0,
+        agent_id TEXT,
+        result BLOB,
+        log_path TEXT NOT NULL,
+        finished_unix_ms INTEGER
+    );
+    CREATE INDEX jobs_unfinished ON jobs (state) WHERE state <> 'finished';";
+
 /// Brings the schema to [`SCHEMA_VERSION`]; one step per version, each in a transaction.
 fn migrate(connection: &Connection) -> rusqlite::Result<()> {
     let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
@@ -397,31 +471,30 @@ fn migrate(connection: &Connection) -> rusqlite::Result<()> {
         )));
     }
     if version < 1 {
-        connection.execute_batch(
-            "BEGIN;
-             CREATE TABLE jobs (
-                 id INTEGER PRIMARY KEY,
-                 submission BLOB NOT NULL,
-                 submitted_unix_ms INTEGER NOT NULL,
-                 state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'finished')),
-                 attempt INTEGER NOT NULL DEFAULT 0,
-                 lost_attempts INTEGER NOT NULL DEFAULT 0,
-                 agent_id TEXT,
-                 result BLOB,
-                 log_path TEXT NOT NULL,
-                 finished_unix_ms INTEGER
-             );
-             CREATE INDEX jobs_unfinished ON jobs (state) WHERE state <> 'finished';
-             PRAGMA user_version = 1;
-             COMMIT;",
-        )?;
+        connection.execute_batch(&format!(
+            "BEGIN; {JOBS_TABLE} PRAGMA user_version = 1; COMMIT;"
+        ))?;
     }
+    // Added to version 1 as a table older coordinators ignore (they then take ids past the
+    // highest stored, as they always did), so that going back a version keeps the jobs: a
+    // newer version number would have them move the whole store aside.
+    connection.execute_batch(
+        "CREATE TABLE IF NOT EXISTS job_ids (
+             id INTEGER PRIMARY KEY CHECK (id = 0),
+             reserved_through INTEGER NOT NULL
+         );
+         INSERT OR IGNORE INTO job_ids VALUES (0, 0);",
+    )?;
     Ok(())
 }
 
 fn load(connection: &Connection) -> rusqlite::Result<Loaded> {
-    let highest_id: Option<i64> =
-        connection.query_row("SELECT max(id) FROM jobs", [], |row| row.get(0))?;
+    let highest_id: i64 = connection.query_row(
+        "SELECT max(coalesce((SELECT max(id) FROM jobs), 0), reserved_through)
+         FROM job_ids WHERE id = 0",
+        [],
+        |row| row.get(0),
+    )?;
     let mut statement = connection.prepare(
         "SELECT id, submission, submitted_unix_ms, state, attempt, lost_attempts, agent_id
          FROM jobs WHERE state <> 'finished' ORDER BY id",
@@ -456,7 +529,7 @@ fn load(connection: &Connection) -> rusqlite::Result<Loaded> {
     }
     Ok(Loaded {
         unfinished,
-        highest_id: highest_id.unwrap_or(0) as JobId,
+        highest_id: highest_id as JobId,
     })
 }
 
@@ -525,6 +598,7 @@ fn write_loop(
     connection: &Connection,
     commands: &mpsc::Receiver<Command>,
     written: &AtomicBool,
+    reserved: &AtomicU64,
 ) {
     let mut finished_since_prune = 0u64;
     let mut last_commit: Option<Instant> = None;
@@ -552,6 +626,7 @@ fn write_loop(
             .collect();
         let mut barriers = Vec::new();
         let mut writes = Vec::new();
+        let mut reserving = None;
         let mut write_positions: Option<(u64, u64)> = None;
         for command in batch {
             let position = received;
@@ -566,6 +641,10 @@ fn write_loop(
                 }
                 Command::Finished { .. } => {
                     finished_since_prune += 1;
+                    writes.push(command);
+                }
+                Command::ReserveIds { through } => {
+                    reserving = reserving.max(Some(through));
                     writes.push(command);
                 }
                 Command::Assigned { job_id, .. } | Command::Requeued { job_id, .. }
@@ -583,6 +662,9 @@ fn write_loop(
             tracing::error!("{error}; {} change(s) not stored", writes.len());
             error
         });
+        if let (Ok(()), Some(through)) = (&outcome, reserving) {
+            reserved.fetch_max(through, Ordering::Release);
+        }
         match (&outcome, write_positions) {
             (Ok(()), _) if !writes.is_empty() => written.store(true, Ordering::Relaxed),
             (Err(error), Some((first, last))) => {
@@ -616,8 +698,9 @@ fn commit(connection: &Connection, writes: &[Command], prune: bool) -> rusqlite:
     }
     connection.execute_batch("BEGIN IMMEDIATE")?;
     let applied = apply(connection, writes, prune);
-    match applied {
-        Ok(()) => connection.execute_batch("COMMIT"),
+    // A failed COMMIT can leave the transaction open; every later BEGIN would fail too.
+    match applied.and_then(|()| connection.execute_batch("COMMIT")) {
+        Ok(()) => Ok(()),
         Err(error) => {
             let _ = connection.execute_batch("ROLLBACK");
             Err(error)
@@ -681,6 +764,13 @@ fn apply(connection: &Connection, writes: &[Command], prune: bool) -> rusqlite::
                          WHERE id = ?1",
                     )?
                     .execute(params![*job_id as i64, result, *finished_unix_ms as i64])?;
+            }
+            Command::ReserveIds { through } => {
+                connection
+                    .prepare_cached(
+                        "UPDATE job_ids SET reserved_through = max(reserved_through, ?1) WHERE id = 0",
+                    )?
+                    .execute([*through as i64])?;
             }
             Command::Barrier { .. } => {}
         }

@@ -185,7 +185,7 @@ impl Bus {
 
     /// Submits a job straight to the scheduler, with a real job log; returns its phase.
     async fn submit(&self) -> (JobId, Arc<ActiveJob>) {
-        let job_id = self.shared.next_job_id();
+        let job_id = self.shared.take_job_id().await.expect("job id");
         let log = joblog::JobLog::create(&self.shared.logs, job_id, 1024 * 1024)
             .await
             .expect("log");

@@ -199,3 +199,104 @@ async fn a_write_that_failed_is_never_reported_stored_whichever_transaction_it_w
     let ids: Vec<JobId> = loaded.unfinished.iter().map(|job| job.job_id).collect();
     assert_eq!(ids, [1, 3]);
 }
+
+#[tokio::test]
+async fn reserved_job_ids_are_never_handed_out_again_after_reopening() {
+    let dir = tempfile::tempdir().expect("temp");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    // Ids are reserved before their jobs are stored (or even when they never are, as
+    // when a coordinator crashes while a job it assigned is being stored).
+    for id in 1..=200 {
+        store.reserve_id(id).await.expect("reserved");
+    }
+    store.submitted(7, submission(7), 7, &dir.path().join("7.log"));
+    store.settled().await.expect("the writer runs");
+    drop(store);
+    let (store, loaded) = Store::open(dir.path()).expect("reopen");
+    assert!(
+        (200..=200 + RESERVED_AHEAD).contains(&loaded.highest_id),
+        "{}",
+        loaded.highest_id
+    );
+    // The next ids go on from there, and are reserved in turn.
+    let next = loaded.highest_id + 1;
+    store.reserve_id(next).await.expect("reserved");
+    drop(store);
+    let (_store, loaded) = Store::open(dir.path()).expect("reopen");
+    assert!(loaded.highest_id >= next, "{}", loaded.highest_id);
+}
+
+#[tokio::test]
+async fn an_id_whose_reservation_failed_is_refused_and_the_next_one_asks_again() {
+    let dir = tempfile::tempdir().expect("temp");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    let intruder = Connection::open(dir.path().join(FILE_NAME)).expect("open");
+    intruder
+        .execute_batch("ALTER TABLE job_ids RENAME TO job_ids_aside")
+        .expect("rename");
+    let error = store.reserve_id(1).await.expect_err("not reserved");
+    assert!(error.to_string().contains("no such table"), "{error}");
+    intruder
+        .execute_batch("ALTER TABLE job_ids_aside RENAME TO job_ids")
+        .expect("rename back");
+    store
+        .reserve_id(2)
+        .await
+        .expect("asked again, and reserved");
+    drop(store);
+    let (_store, loaded) = Store::open(dir.path()).expect("reopen");
+    assert!(loaded.highest_id >= 2, "{}", loaded.highest_id);
+}
+
+#[tokio::test]
+async fn a_store_written_before_ids_were_reserved_gains_reservations_and_keeps_its_jobs() {
+    let dir = tempfile::tempdir().expect("temp");
+    let path = dir.path().join(FILE_NAME);
+    let old = Connection::open(&path).expect("create");
+    old.execute_batch(&format!("{JOBS_TABLE} PRAGMA user_version = 1;"))
+        .expect("the schema before `job_ids`");
+    old.execute(
+        "INSERT INTO jobs (id, submission, submitted_unix_ms, state, log_path)
+         VALUES (41, ?1, 5, 'queued', '41.log')",
+        [submission_to_bytes(submission(41))],
+    )
+    .expect("a queued job");
+    drop(old);
+    let (store, loaded) = Store::open(dir.path()).expect("migrated");
+    let ids: Vec<JobId> = loaded.unfinished.iter().map(|job| job.job_id).collect();
+    assert_eq!((ids, loaded.highest_id), (vec![41], 41));
+    store.reserve_id(42).await.expect("reserved");
+    drop(store);
+    let (_store, loaded) = Store::open(dir.path()).expect("reopen");
+    assert!(loaded.highest_id > 42, "{}", loaded.highest_id);
+}
+
+#[tokio::test]
+async fn a_reservation_that_failed_while_nobody_waited_does_not_refuse_a_later_id() {
+    let dir = tempfile::tempdir().expect("temp");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    store.reserve_id(1).await.expect("reserved");
+    // Ids reserved; the next reservation is asked for ahead, with nobody waiting for it,
+    // and fails.
+    let intruder = Connection::open(dir.path().join(FILE_NAME)).expect("open");
+    intruder
+        .execute_batch("ALTER TABLE job_ids RENAME TO job_ids_aside")
+        .expect("rename");
+    let first = lock(&store.requested).0;
+    let mut id = 2;
+    while lock(&store.requested).0 == first {
+        store.reserve_id(id).await.expect("still covered");
+        id += 1;
+    }
+    store.settled().await.expect("the writer runs");
+    intruder
+        .execute_batch("ALTER TABLE job_ids_aside RENAME TO job_ids")
+        .expect("rename back");
+    // The store works again: ids past what was reserved are reserved afresh, not refused
+    // for the reservation that failed before.
+    let beyond = store.reserved.load(Ordering::Acquire) + 1;
+    store.reserve_id(beyond).await.expect("reserved afresh");
+    drop(store);
+    let (_store, loaded) = Store::open(dir.path()).expect("reopen");
+    assert!(loaded.highest_id >= beyond, "{}", loaded.highest_id);
+}
