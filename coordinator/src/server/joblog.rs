@@ -128,9 +128,7 @@ enum Write {
 impl Writer {
     fn start() -> std::io::Result<Self> {
         let (queue, writes) = mpsc::channel(WRITE_QUEUE);
-        std::thread::Builder::new()
-            .name("job-logs".to_owned())
-            .spawn(move || write_loop(writes))?;
+        super::spawn_background("job-logs", move || write_loop(writes))?;
         Ok(Self(queue))
     }
 
