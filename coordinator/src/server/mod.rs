@@ -857,8 +857,10 @@ fn close_revoked(shared: &Shared) {
     }
 }
 
-/// Nice value of the coordinator's background writer threads (see [`spawn_background`]).
-const BACKGROUND_NICE: i32 = 10;
+/// How much nicer than the rest the coordinator's background writer threads are (see
+/// [`spawn_background`]).
+#[cfg(target_os = "linux")]
+const BACKGROUND_NICER: i32 = 10;
 
 /// Starts a thread for background file work (the job logs' writer, the job store's
 /// checkpoints) at a lower priority than the tokio workers. Their work is queued to them
@@ -869,8 +871,9 @@ const BACKGROUND_NICE: i32 = 10;
 /// without). The price is paid only when other programs keep every CPU busy: then output
 /// reaches followers, and so a job's end its client, a few milliseconds later. The store's
 /// writer is not one of these: answers to submissions and acknowledgements of results wait
-/// for its commits. Linux keeps nice values per thread and lowering one needs no
-/// privilege; elsewhere the thread keeps the process's priority.
+/// for its commits. Linux keeps nice values per thread and raising one needs no privilege
+/// (a coordinator started niced stays below: 10 more, at most 19); elsewhere the thread
+/// keeps the process's priority.
 pub(crate) fn spawn_background(
     name: &str,
     work: impl FnOnce() + Send + 'static,
@@ -878,11 +881,19 @@ pub(crate) fn spawn_background(
     std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
-            // Who 0 is the calling thread on Linux (a process elsewhere); best effort.
+            // Who 0 is the calling thread on Linux; best effort.
             #[cfg(target_os = "linux")]
-            let _ = rustix::process::setpriority_process(None, BACKGROUND_NICE);
+            if let Ok(nice) = rustix::process::getpriority_process(None) {
+                let _ = rustix::process::setpriority_process(None, nicer(nice));
+            }
             work();
         })
+}
+
+/// The nice value of a background thread started by one at `nice`.
+#[cfg(target_os = "linux")]
+fn nicer(nice: i32) -> i32 {
+    (nice + BACKGROUND_NICER).min(19)
 }
 
 #[cfg(test)]
@@ -893,15 +904,8 @@ mod tests {
         let own = rustix::process::getpriority_process(None).expect("own priority");
         let background = super::spawn_background("test-background", move || {
             let nice = rustix::process::getpriority_process(None).expect("priority");
-            // Raising a nice value back down needs privilege: a test run at a nice above
-            // the background's keeps its own.
-            let expected = if own > super::BACKGROUND_NICE && !rustix::process::geteuid().is_root()
-            {
-                own
-            } else {
-                super::BACKGROUND_NICE
-            };
-            assert_eq!(nice, expected);
+            assert_eq!(nice, super::nicer(own));
+            assert!(own == 19 || nice > own, "{nice} is not below {own}");
         })
         .expect("spawns")
         .join();
