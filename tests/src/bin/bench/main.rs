@@ -282,6 +282,14 @@ fn incremental(cluster: &Cluster, rounds: usize, label: &str) -> anyhow::Result<
     Ok(Incremental { first_line, ratio })
 }
 
+/// A mode's ROUNDS argument, `default` when it is not given.
+fn rounds(arg: Option<&String>, default: usize, usage: &str) -> anyhow::Result<usize> {
+    arg.map_or(Ok(default), |arg| {
+        arg.parse()
+            .with_context(|| format!("ROUNDS must be a whole number, not {arg:?}; {usage}"))
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     // Each further mode lives in its own module beside this file and takes its arguments.
@@ -289,26 +297,27 @@ fn main() -> anyhow::Result<()> {
         return sccache::run();
     }
     if args.first().is_some_and(|arg| arg == "hook") {
-        let rounds = args.get(1).map(|n| n.parse()).transpose()?.unwrap_or(200);
+        let rounds = rounds(args.get(1), 200, "bench hook [ROUNDS]")?;
         return hook::hook(rounds);
     }
     if args.first().is_some_and(|arg| arg == "crate") {
         let usage = "bench crate NAME [ROUNDS] [--unsandboxed] [--one-line-only]";
         let name = args.get(1).context(usage)?.clone();
-        let rounds = args.get(2).map(|n| n.parse()).transpose()?.unwrap_or(3);
+        let mut count = None;
         let mut options = CrateOptions::default();
-        for flag in args.iter().skip(3) {
-            match flag.as_str() {
+        for arg in args.iter().skip(2) {
+            match arg.as_str() {
                 "--unsandboxed" => options.unsandboxed = true,
                 "--one-line-only" => options.one_line_only = true,
-                other => bail!("unknown flag {other}; {usage}"),
+                flag if flag.starts_with('-') => bail!("unknown flag {flag}; {usage}"),
+                _ if count.is_none() => count = Some(arg),
+                other => bail!("unexpected {other}; {usage}"),
             }
         }
-        return real_crate(&name, rounds, &options);
+        return real_crate(&name, rounds(count, 3, usage)?, &options);
     }
     if args.first().is_some_and(|arg| arg == "affinity") {
-        let rounds = args.get(1).map(|n| n.parse()).transpose()?.unwrap_or(3);
-        return affinity::run(rounds);
+        return affinity::run(rounds(args.get(1), 3, "bench affinity [ROUNDS]")?);
     }
     if args.first().is_some_and(|arg| arg == "scale") {
         return scale::run(&args[1..]);
@@ -317,14 +326,13 @@ fn main() -> anyhow::Result<()> {
         return soak::run(&args[1..]);
     }
     if args.first().is_some_and(|arg| arg == "growth") {
-        let rounds = args.get(1).map(|n| n.parse()).transpose()?.unwrap_or(3);
-        return growth::run(rounds);
+        return growth::run(rounds(args.get(1), 3, "bench growth [ROUNDS]")?);
     }
     let security_only = args.first().is_some_and(|arg| arg == "security");
     if security_only {
         args.remove(0);
     }
-    let rounds: usize = args.first().map(|n| n.parse()).transpose()?.unwrap_or(9);
+    let rounds = rounds(args.first(), 9, "bench [security] [ROUNDS]")?;
     if security_only {
         return security(rounds);
     }
