@@ -7,7 +7,9 @@
 //! them) and sent over the bus in chunks, each file with its SHA-256, bounded per job.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use buildpool_core::bus::AgentMessage;
@@ -28,6 +30,9 @@ const CHUNK_BYTES: usize = 256 * 1024;
 /// cargo message from program output; longer ones are output.
 const MAX_MESSAGE_LINE: usize = 1024 * 1024;
 
+/// Executables one job may name; a workspace has a few hundred at most.
+const MAX_EXECUTABLES: usize = 4096;
+
 /// The cargo arguments that make its messages readable here.
 pub const MESSAGE_FORMAT_ARGS: [&str; 2] = ["--message-format", "json-render-diagnostics"];
 
@@ -37,6 +42,16 @@ struct MessageFilter {
     /// The start of a line that may be a cargo message.
     partial: Vec<u8>,
     executables: Vec<PathBuf>,
+    /// Executables named past [`MAX_EXECUTABLES`].
+    beyond_bound: usize,
+}
+
+/// The part of a cargo JSON message read here: any line with a string `reason` is one.
+#[derive(Debug, serde::Deserialize)]
+struct CargoMessage {
+    reason: String,
+    #[serde(default)]
+    executable: Option<PathBuf>,
 }
 
 impl MessageFilter {
@@ -77,20 +92,20 @@ impl MessageFilter {
         forward
     }
 
-    /// Whether `line` is a cargo message; records the executable it names.
+    /// Whether `line` is a cargo message; records the executable it names, up to
+    /// [`MAX_EXECUTABLES`] of them (the job writes these lines, and may write millions).
     fn read_message(&mut self, line: &[u8]) -> bool {
-        let Ok(message) = serde_json::from_slice::<serde_json::Value>(line) else {
+        let Ok(message) = serde_json::from_slice::<CargoMessage>(line) else {
             return false;
         };
-        let Some(reason) = message.get("reason").and_then(serde_json::Value::as_str) else {
-            return false;
-        };
-        if reason == "compiler-artifact"
-            && let Some(executable) = message
-                .get("executable")
-                .and_then(serde_json::Value::as_str)
+        if message.reason == "compiler-artifact"
+            && let Some(executable) = message.executable
         {
-            self.executables.push(PathBuf::from(executable));
+            if self.executables.len() < MAX_EXECUTABLES {
+                self.executables.push(executable);
+            } else {
+                self.beyond_bound += 1;
+            }
         }
         true
     }
@@ -129,12 +144,24 @@ pub(crate) async fn filter_messages(
                 .await;
         }
     }
+    let beyond_bound = filter.beyond_bound;
     let (rest, executables) = filter.finish();
     if !rest.is_empty() {
         let _ = output
             .send(OutputChunk {
                 stream: OutputStream::Stdout,
                 data: Bytes::from(rest),
+            })
+            .await;
+    }
+    if beyond_bound > 0 {
+        let note = format!(
+            "[buildpool] the job named more than {MAX_EXECUTABLES} executables; {beyond_bound} more are not sent\n"
+        );
+        let _ = output
+            .send(OutputChunk {
+                stream: OutputStream::Stderr,
+                data: Bytes::from(note),
             })
             .await;
     }
@@ -145,26 +172,32 @@ pub(crate) async fn filter_messages(
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Found {
     rel_path: String,
-    path: PathBuf,
     size: u64,
     mode: u32,
 }
 
+impl AsRef<Found> for Found {
+    fn as_ref(&self) -> &Found {
+        self
+    }
+}
+
 /// Splits `found` into the files that fit in `bound` bytes together (in order) and a note
 /// naming those that do not.
-fn within_bound(found: Vec<Found>, bound: u64) -> (Vec<Found>, Option<String>) {
+fn within_bound<F: AsRef<Found>>(found: Vec<F>, bound: u64) -> (Vec<F>, Option<String>) {
     let mut total = 0u64;
-    let (kept, skipped): (Vec<Found>, Vec<Found>) = found.into_iter().partition(|file| {
-        let fits = total.saturating_add(file.size) <= bound;
+    let (kept, skipped): (Vec<F>, Vec<F>) = found.into_iter().partition(|file| {
+        let size = file.as_ref().size;
+        let fits = total.saturating_add(size) <= bound;
         if fits {
-            total += file.size;
+            total += size;
         }
         fits
     });
     let note = (!skipped.is_empty()).then(|| {
         let names: Vec<String> = skipped
             .iter()
-            .map(|file| format!("{} ({})", file.rel_path, mib(file.size)))
+            .map(|file| format!("{} ({})", file.as_ref().rel_path, mib(file.as_ref().size)))
             .collect();
         format!(
             "artifacts over the {} bound were not sent: {}",
@@ -185,53 +218,173 @@ fn mib(bytes: u64) -> String {
     }
 }
 
+/// A file cargo named that was not taken, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Refused {
+    /// The path as the job's output named it.
+    named: String,
+    why: &'static str,
+}
+
+/// How many refusals a note names; the rest are counted.
+const REFUSALS_NAMED: usize = 10;
+
+/// The note for the job's output naming what was refused.
+fn refusal_note(refused: &[Refused]) -> Option<String> {
+    let (named, rest) = refused.split_at(refused.len().min(REFUSALS_NAMED));
+    let mut text = named
+        .iter()
+        .map(|refusal| format!("{} ({})", refusal.named, refusal.why))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !rest.is_empty() {
+        text.push_str(&format!(" and {} more", rest.len()));
+    }
+    (!refused.is_empty()).then(|| format!("artifacts refused: {text}"))
+}
+
+/// The path of `named` relative to the target directory the job saw, when it lies beneath
+/// it in plain components only (no `..`, `.` or root), the one shape taken.
+fn beneath(named: &Path, visible_target: &Path) -> Option<PathBuf> {
+    let rel = named.strip_prefix(visible_target).ok()?;
+    let plain = rel
+        .components()
+        .all(|component| matches!(component, std::path::Component::Normal(_)));
+    (plain && rel.components().next().is_some() && rel.to_str().is_some()).then(|| rel.to_owned())
+}
+
+/// Opens `rel` beneath the directory `root` for reading, and returns it with its metadata
+/// when it is a regular file.
+///
+/// The job controls everything in its target directory, so nothing there is trusted: each
+/// directory is opened by name from its parent's descriptor with `O_NOFOLLOW`, so a link at
+/// any step (or a directory swapped for one meanwhile) fails the open instead of leading
+/// out of the target directory, as `openat2`'s `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`
+/// would, on every kernel. `O_NONBLOCK` makes a FIFO open at once; it is then refused by
+/// its type and never read.
+fn open_beneath(root: &OwnedFd, rel: &Path) -> Result<(File, rustix::fs::Stat), &'static str> {
+    use rustix::fs::{FileType, Mode, OFlags, fstat, openat};
+    use rustix::io::Errno;
+    let refused = |error: Errno| match error {
+        Errno::LOOP | Errno::NOTDIR => "a symbolic link, or beneath one",
+        Errno::NOENT => "no such file",
+        Errno::NXIO => "not a regular file",
+        _ => "cannot be opened",
+    };
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let mut components = rel.components().peekable();
+    let mut dir: Option<OwnedFd> = None;
+    while let Some(component) = components.next() {
+        let parent = dir.as_ref().unwrap_or(root);
+        let name = component.as_os_str();
+        if components.peek().is_some() {
+            dir = Some(
+                openat(parent, name, flags | OFlags::DIRECTORY, Mode::empty()).map_err(refused)?,
+            );
+            continue;
+        }
+        let file = openat(parent, name, flags | OFlags::NOCTTY, Mode::empty()).map_err(refused)?;
+        let stat = fstat(&file).map_err(|_| "cannot be read")?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+            return Err("not a regular file");
+        }
+        return Ok((File::from(file), stat));
+    }
+    Err("names no file")
+}
+
+/// An executable opened for staging.
+struct Opened {
+    found: Found,
+    file: File,
+}
+
+impl AsRef<Found> for Opened {
+    fn as_ref(&self) -> &Found {
+        &self.found
+    }
+}
+
 /// Copies of a job's executables, out of its workspace, ready to send.
 #[derive(Debug)]
 pub struct Executables {
     dir: tempfile::TempDir,
-    files: Vec<Found>,
+    /// The staged copies: what each was, and where its copy is.
+    files: Vec<(Found, PathBuf)>,
 }
 
 /// Copies the executables cargo named (as it saw them, under `visible_target`) from the
-/// workspace's `host_target` into a new directory under `staging`. Returns them and a note
-/// for the job's output when some are not sent.
+/// workspace's `host_target` into a new directory under `staging`. Returns them and notes
+/// for the job's output on what was refused or is not sent.
+///
+/// The names come from the job's stdout, which the job controls: only regular files
+/// beneath the target directory, reached without a link, are taken (see
+/// [`open_beneath`]); anything else is refused by name. Nothing here blocks on what the
+/// job left behind.
 pub(crate) fn stage(
     named: &[PathBuf],
     visible_target: &Path,
     host_target: &Path,
     staging: &Path,
-) -> std::io::Result<(Executables, Option<String>)> {
+) -> std::io::Result<(Executables, Vec<String>)> {
+    use rustix::fs::{Mode, OFlags, openat};
+    let root = openat(
+        rustix::fs::CWD,
+        host_target,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
     let mut unique = BTreeMap::new();
+    let mut refused = Vec::new();
     for path in named {
-        // Executables outside the target directory have no place in the client's target/.
-        if let Ok(rel) = path.strip_prefix(visible_target)
-            && let Some(rel_path) = rel.to_str()
-        {
-            unique.insert(rel_path.to_owned(), host_target.join(rel));
+        match beneath(path, visible_target) {
+            Some(rel) => {
+                unique.insert(rel.to_string_lossy().into_owned(), rel);
+            }
+            None => refused.push(Refused {
+                named: path.to_string_lossy().into_owned(),
+                why: "not beneath the target directory",
+            }),
         }
     }
-    let mut found = Vec::new();
-    for (rel_path, path) in unique {
-        let metadata = std::fs::metadata(&path)?;
-        found.push(Found {
-            rel_path,
-            path,
-            size: metadata.len(),
-            mode: metadata.permissions().mode() & 0o7777,
-        });
+    let mut opened = Vec::new();
+    for (rel_path, rel) in unique {
+        match open_beneath(&root, &rel) {
+            Ok((file, stat)) => opened.push(Opened {
+                found: Found {
+                    rel_path,
+                    size: u64::try_from(stat.st_size).unwrap_or(0),
+                    mode: stat.st_mode & 0o777,
+                },
+                file,
+            }),
+            Err(why) => refused.push(Refused {
+                named: rel_path,
+                why,
+            }),
+        }
     }
-    let (kept, note) = within_bound(found, MAX_ARTIFACT_BYTES);
+    let (kept, skipped) = within_bound(opened, MAX_ARTIFACT_BYTES);
     std::fs::create_dir_all(staging)?;
     let dir = tempfile::Builder::new()
         .prefix("artifacts-")
         .tempdir_in(staging)?;
     let mut files = Vec::with_capacity(kept.len());
-    for (index, file) in kept.into_iter().enumerate() {
+    for (index, Opened { found, file }) in kept.into_iter().enumerate() {
         let copy = dir.path().join(index.to_string());
-        std::fs::copy(&file.path, &copy)?;
-        files.push(Found { path: copy, ..file });
+        // At most the size it had when opened: a file cannot grow the set past its bound.
+        let mut source = file.take(found.size);
+        let copied = std::io::copy(&mut source, &mut File::create(&copy)?)?;
+        files.push((
+            Found {
+                size: copied,
+                ..found
+            },
+            copy,
+        ));
     }
-    Ok((Executables { dir, files }, note))
+    let notes = refusal_note(&refused).into_iter().chain(skipped).collect();
+    Ok((Executables { dir, files }, notes))
 }
 
 impl Executables {
@@ -261,8 +414,8 @@ impl Executables {
             })
             .await;
         }
-        for (index, file) in (0..count).zip(&self.files) {
-            let mut reader = match tokio::fs::File::open(&file.path).await {
+        for (index, (file, copy)) in (0..count).zip(&self.files) {
+            let mut reader = match tokio::fs::File::open(copy).await {
                 Ok(reader) => reader,
                 Err(error) => {
                     // The copy is ours; losing it ends the sending, and the coordinator sees
@@ -317,12 +470,13 @@ pub fn hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn found(rel_path: &str, size: u64) -> Found {
         Found {
             rel_path: rel_path.to_owned(),
-            path: PathBuf::from(rel_path),
             size,
             mode: 0o755,
         }
@@ -351,6 +505,81 @@ mod tests {
             Some("artifacts over the 512 MiB bound were not sent: debug/huge (600 MiB)")
         );
         assert_eq!(within_bound(vec![found("a", 1)], 1).1, None);
+    }
+
+    /// The attacks of a hostile job on `--artifacts`: links out of the target directory (to
+    /// a file, through a directory), a FIFO that would block a reader, names that climb out
+    /// or lie elsewhere. Only the real executable is staged; each of the others is named.
+    #[test]
+    fn only_regular_files_beneath_the_target_are_staged_and_the_rest_is_named() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let target = root.path().join("target");
+        let secret = root.path().join("token");
+        std::fs::write(&secret, "secret").expect("secret");
+        std::fs::create_dir_all(target.join("debug/deps")).expect("dirs");
+        std::fs::write(target.join("debug/app"), "binary").expect("app");
+        std::os::unix::fs::symlink(&secret, target.join("debug/token")).expect("link");
+        std::os::unix::fs::symlink(root.path(), target.join("debug/up")).expect("dir link");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            target.join("debug/fifo"),
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+        )
+        .expect("fifo");
+        let visible = Path::new("/build/app/target");
+        let named: Vec<PathBuf> = [
+            "debug/app",
+            "debug/token",
+            "debug/up/token",
+            "debug/fifo",
+            "debug/../../token",
+            "debug/deps",
+        ]
+        .iter()
+        .map(|rel| visible.join(rel))
+        .chain([PathBuf::from("/proc/self/environ")])
+        .collect();
+        let staging = root.path().join("staging");
+        // A reader blocked on the FIFO never returns: the test's deadline says so.
+        let (done, staged) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(stage(&named, visible, &target, &staging));
+        });
+        let (executables, notes) = staged
+            .recv_timeout(Duration::from_secs(30))
+            .expect("staging returns without blocking on a FIFO")
+            .expect("staged");
+        let staged: Vec<&str> = executables
+            .files
+            .iter()
+            .map(|(found, _)| found.rel_path.as_str())
+            .collect();
+        assert_eq!(staged, ["debug/app"]);
+        assert_eq!(
+            std::fs::read_to_string(&executables.files[0].1).expect("copy"),
+            "binary"
+        );
+        assert_eq!(
+            notes,
+            [
+                "artifacts refused: /build/app/target/debug/../../token (not beneath the target directory), \
+                 /proc/self/environ (not beneath the target directory), \
+                 debug/deps (not a regular file), debug/fifo (not a regular file), \
+                 debug/token (a symbolic link, or beneath one), \
+                 debug/up/token (a symbolic link, or beneath one)"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_flood_of_artifact_messages_is_bounded() {
+        let mut filter = MessageFilter::default();
+        let line = "{\"reason\":\"compiler-artifact\",\"executable\":\"/build/t/target/x\"}\n";
+        for _ in 0..MAX_EXECUTABLES + 5 {
+            assert!(filter.feed(line.as_bytes()).is_empty());
+        }
+        assert_eq!(filter.beyond_bound, 5);
+        assert_eq!(filter.finish().1.len(), MAX_EXECUTABLES);
     }
 
     #[test]

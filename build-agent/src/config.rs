@@ -14,7 +14,7 @@ use buildpool_proto::tls::{ClientCertFiles, ServerTrust, TlsError};
 
 use crate::connection::ServerEndpoint;
 use crate::git_proxy::EndpointTls;
-use crate::sandbox::SandboxMode;
+use crate::sandbox::{JobUser, SandboxMode};
 
 pub const DEFAULT_CONFIG_PATHS: &[&str] =
     &["/etc/build-agent/config.toml", "/etc/build-agent.toml"];
@@ -75,6 +75,8 @@ pub struct SandboxSection {
     pub mode: Option<String>,
     /// Whether jobs reach the network (cargo fetches crates); default true.
     pub network: Option<bool>,
+    /// Who a root agent's jobs run as: a user name, or `uid[:gid]`; default `nobody`.
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +182,8 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     pub sandbox: SandboxMode,
     pub sandbox_network: bool,
+    /// Who jobs run as when the agent is root (`[sandbox] user`).
+    pub sandbox_user: JobUser,
     pub sccache: bool,
     /// `None`: a share of the free space, settled when the agent starts.
     pub max_disk_bytes: Option<u64>,
@@ -431,6 +435,10 @@ impl AgentConfig {
             sandbox,
             metrics_addr: overrides.metrics_addr.or(file.metrics.listen_addr),
             sandbox_network: file.sandbox.network.unwrap_or(true),
+            sandbox_user: match &file.sandbox.user {
+                Some(user) => JobUser::find(user).map_err(ConfigError::Invalid)?,
+                None => JobUser::nobody(),
+            },
             sccache: file.cache.sccache,
             // The cast saturates; the value was checked positive and finite.
             max_disk_bytes: max_disk_gb.map(|gb| (gb * 1e9) as u64),

@@ -140,6 +140,7 @@ pub fn cargo_command(
         env: vars,
         clear_env: false,
         registry: None,
+        options_on_fd3: None,
     }
 }
 
@@ -216,6 +217,7 @@ impl Executor {
             std::fs::create_dir_all(dir)?;
         }
         copy_cargo_config(&paths.cargo_home)?;
+        sandbox.hand_over(&paths)?;
         let view = sandbox.view(&paths);
         let mut command = cargo_command(spec, dev_env, &view.src, &view.target);
         if let (Some(sccache), Some(dir)) = (sccache, view.sccache_dir) {
@@ -487,9 +489,9 @@ impl Executor {
             })
             .await;
             match staged {
-                Ok(Ok((staged, skipped))) => {
-                    if let Some(skipped) = skipped {
-                        note(skipped).await;
+                Ok(Ok((staged, notes))) => {
+                    for text in notes {
+                        note(text).await;
                     }
                     *executables = Some(staged);
                 }

@@ -103,8 +103,20 @@ async fn run_git_proxy() -> ! {
     std::process::exit(code);
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// How long the runtime's shutdown waits for blocking work still running when the agent
+/// is done: an agent asked to stop exits, whatever a job left a thread waiting on.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(run());
+    runtime.shutdown_timeout(SHUTDOWN_WAIT);
+    result
+}
+
+async fn run() -> anyhow::Result<()> {
     buildpool_proto::tls::install_default_provider();
     // Run by git as its proxy command: the link's name says so, git's arguments are not ours.
     if build_agent::git_proxy::invoked_as_proxy() {
@@ -298,7 +310,7 @@ fn sandbox_for(config: &AgentConfig, config_path: Option<PathBuf>) -> Sandbox {
     if let Some(cargo_home) = build_agent::sandbox::agent_cargo_home() {
         hidden.extend(["credentials.toml", "credentials"].map(|name| cargo_home.join(name)));
     }
-    Sandbox::new(config.sandbox, config.sandbox_network, hidden)
+    Sandbox::new(config.sandbox, config.sandbox_network, hidden).run_jobs_as(config.sandbox_user)
 }
 
 /// SIGTERM and SIGINT, as a stream of signal names.

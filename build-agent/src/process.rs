@@ -16,6 +16,7 @@ use buildpool_core::OutputStream;
 use buildpool_core::bus::MAX_OUTPUT_CHUNK_BYTES;
 use buildpool_core::process::{alive, kill_group, terminate_group};
 use bytes::Bytes;
+use command_fds::{CommandFdExt, FdMapping};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +45,10 @@ pub struct CommandSpec {
     /// A directory where the running group is recorded, so a later agent can kill it if
     /// this one dies without cleaning up (see [`reap_orphans`]).
     pub registry: Option<PathBuf>,
+    /// Bytes the process reads on descriptor 3 (a pipe, closed after them): bwrap's
+    /// `--args 3`, so the sandbox's mount options, full of host paths, are on no process's
+    /// command line, where a job could read them from `/proc`.
+    pub options_on_fd3: Option<Vec<u8>>,
 }
 
 /// Name of the registry directory inside an agent's worktree directory.
@@ -173,6 +178,40 @@ impl Drop for GroupGuard {
     }
 }
 
+/// What a short command printed, and how it ended.
+#[derive(Debug)]
+pub struct Collected {
+    pub end: ProcessEnd,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Runs a short command (a probe, a check) like [`run`] and collects its output.
+pub async fn collect(spec: CommandSpec, timeout: Duration) -> std::io::Result<Collected> {
+    let (sender, mut receiver) = mpsc::channel::<OutputChunk>(16);
+    let limits = RunLimits {
+        timeout,
+        kill_grace: Duration::from_millis(200),
+    };
+    let gather = async move {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        while let Some(chunk) = receiver.recv().await {
+            match chunk.stream {
+                OutputStream::Stdout => stdout.extend_from_slice(&chunk.data),
+                OutputStream::Stderr => stderr.extend_from_slice(&chunk.data),
+            }
+        }
+        (stdout, stderr)
+    };
+    let (result, (stdout, stderr)) =
+        tokio::join!(run(spec, limits, sender, CancellationToken::new()), gather);
+    Ok(Collected {
+        end: result?.end,
+        stdout,
+        stderr,
+    })
+}
+
 /// Runs `spec` to completion, streaming its output into `output`.
 ///
 /// Returns when the process has ended and its group is gone. Cancellation and the timeout
@@ -197,7 +236,29 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    let options = match spec.options_on_fd3 {
+        Some(options) => {
+            let (reader, writer) = std::io::pipe()?;
+            command
+                .fd_mappings(vec![FdMapping {
+                    parent_fd: reader.into(),
+                    child_fd: 3,
+                }])
+                .map_err(std::io::Error::other)?;
+            Some((writer, options))
+        }
+        None => None,
+    };
     let mut child = command.spawn()?;
+    // The child holds its end of the pipe now; ours must go, or it never sees the end.
+    drop(command);
+    if let Some((mut writer, options)) = options {
+        // More than a pipe holds would block: written beside the process, which reads it
+        // at start. A process that exits first ends the write with an error, ignored.
+        tokio::task::spawn_blocking(move || {
+            let _ = std::io::Write::write_all(&mut writer, &options);
+        });
+    }
     let pid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
@@ -298,6 +359,7 @@ mod tests {
             env: Vec::new(),
             clear_env: false,
             registry: None,
+            options_on_fd3: None,
         }
     }
 

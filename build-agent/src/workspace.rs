@@ -199,7 +199,7 @@ impl Workspace {
         if !self.src.join(".git").exists() {
             return Ok(false);
         }
-        Git::new(&self.src)
+        in_checkout(&self.src)
             // A lockfile cargo generated here stays when the snapshot has none, so the next
             // job does not resolve every dependency again. (One the snapshot carries is
             // checked out over it.)
@@ -223,7 +223,7 @@ impl Workspace {
         cleaned: bool,
     ) -> Result<(), WorkspaceError> {
         if self.src.join(".git").exists() {
-            let switched = Git::new(&self.src)
+            let switched = in_checkout(&self.src)
                 .args(["checkout", "--quiet", "--detach", "--force", commit])
                 .output()
                 .await;
@@ -250,6 +250,14 @@ impl Workspace {
             .await?;
         Ok(())
     }
+}
+
+/// git in a slot's checkout. A root agent's jobs own the checkout (see
+/// `Sandbox::hand_over`), which git would refuse as "dubious ownership"; the agent trusts
+/// it because the one thing there that steers git, the `.git` link to the cache, is
+/// read-only to jobs.
+fn in_checkout(src: &Path) -> Git {
+    Git::new(src).args(["-c", "safe.directory=*"])
 }
 
 #[cfg(test)]

@@ -361,10 +361,16 @@ fn a_tiny_disk_budget_evicts_idle_workspaces_but_never_a_running_job() {
         .expect("the agent in status");
     assert_eq!(tight["disk_budget_bytes"], 100_000, "{status}");
     assert_eq!(tight["sandboxed"], false, "{status}");
-    let text = first.fixture.buildpool(&["status"]).expect("status");
-    let text = String::from_utf8_lossy(&text.stdout);
+    // The last job's workspace is measured and evicted after it ends: wait for that.
+    let status_text = || {
+        let output = first.fixture.buildpool(&["status"]).expect("status");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
     assert!(
-        text.contains("kB/100 kB") && text.contains("UNSANDBOXED"),
-        "{text}"
+        wait_until(Duration::from_secs(20), || status_text()
+            .contains("kB/100 kB")),
+        "{}",
+        status_text()
     );
+    assert!(status_text().contains("UNSANDBOXED"), "{}", status_text());
 }

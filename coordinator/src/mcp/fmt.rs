@@ -120,6 +120,7 @@ pub async fn check(worktree: &Path, package: Option<&str>) -> FmtAnswer {
         env: Vec::new(),
         clear_env: false,
         registry: None,
+        options_on_fd3: None,
     };
     let limits = RunLimits {
         timeout: FMT_TIMEOUT,
