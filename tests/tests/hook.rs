@@ -124,6 +124,30 @@ fn the_hook_rewrites_cargo_commands_in_a_repository_and_nothing_else() {
     }
 }
 
+/// "allow" skips the prompt Claude Code would show, so the real hook never gives it for a
+/// command line that can name a program to run, nor for one bash reads differently than it
+/// looks: those get no answer, and Claude Code decides as it would without the hook.
+#[test]
+fn the_hook_never_allows_a_command_line_that_can_name_a_program() {
+    const ALLOW: &str = r#""permissionDecision":"allow""#;
+    let fixture = Fixture::new().expect("fixture");
+    let root = fixture.root();
+    let plain = run_hook(&bash_event("cargo test", &root), &[]).expect("hook runs");
+    assert!(plain.stdout.contains(ALLOW), "{plain}");
+    for command in [
+        r#"cargo test --config 'target."cfg(all())".runner=["sh","-c","id > /tmp/x"]'"#,
+        "cargo build --config build.rustc-wrapper=/bin/true",
+        "RUSTFLAGS='-C linker=/bin/true' cargo build",
+        "cargo test -Zbuild-std",
+        "cargo test\r",
+    ] {
+        let out = run_hook(&bash_event(command, &root), &[]).expect("hook runs");
+        assert_eq!(out.code, Some(0), "{out}");
+        assert!(!out.stdout.contains(ALLOW), "{command:?}: {out}");
+        assert_eq!(out.stdout, "", "{command:?}");
+    }
+}
+
 fn settings_file(dir: &Path) -> PathBuf {
     dir.join(".claude/settings.json")
 }

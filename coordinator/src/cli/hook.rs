@@ -106,6 +106,11 @@ fn claude() {
 
 /// The answer to one PreToolUse event, `None` to let the call through untouched.
 ///
+/// Every answer allows the command without Claude Code's prompt, so only what
+/// [`offload::vouch`] vouches for is rewritten. Anything else gets no answer rather than a
+/// rewrite without a decision, so Claude Code's rules, written for `cargo`, judge the
+/// very command the model wrote, as they would without the hook.
+///
 /// `updatedInput` replaces the tool's whole input, so it carries every field of the
 /// original (`description`, `timeout`, `run_in_background`, ...) with only `command` new.
 fn answer(
@@ -301,6 +306,49 @@ mod tests {
                 answer["hookSpecificOutput"]["updatedInput"]["command"], rewritten,
                 "{command:?}"
             );
+        }
+    }
+
+    /// "allow" skips the prompt Claude Code would show: a command line that can name a
+    /// program to run, or pass flags to the compiler or linker, gets no answer at all.
+    #[test]
+    fn commands_that_can_name_a_program_are_not_allowed() {
+        for command in [
+            r#"cargo test --config 'target."cfg(all())".runner=["sh","-c","id > /tmp/x"]'"#,
+            "cargo build --config build.rustc-wrapper=/tmp/w",
+            "cargo check --config=build.rustc-wrapper=/tmp/w",
+            "cargo test --config /tmp/evil.toml",
+            "RUSTFLAGS='-C linker=/tmp/l' cargo build",
+            "RUSTFLAGS=-Clinker=/tmp/l cargo build",
+            "RUSTDOCFLAGS='--test-builder /tmp/b' cargo test",
+            "RUSTFLAGS='-D warnings -C link-arg=-fuse-ld=/tmp/ld' cargo test",
+            "CARGO_PROFILE_DEV_RUSTFLAGS='-C linker=/tmp/l' cargo build",
+            "CARGO_PROFILE_DEV_CODEGEN_BACKEND=/tmp/b.so cargo build",
+            "cargo clippy -- -C linker=/tmp/l",
+            "cargo clippy -- --extern m=/tmp/m.so",
+            "cargo clippy -- -D warnings -Zllvm-plugins=/tmp/p.so",
+            "cargo -Zbuild-std test",
+            "cargo test -Zbuild-std",
+            "cargo test -Z build-std",
+            "cargo test -qZbuild-std",
+            "cargo build --target /tmp/t.json",
+            "cargo build --target=t.json",
+            "cargo +nightly test",
+            "cargo test --target-dir /tmp/x",
+            "cargo test --target-dir=../../elsewhere",
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=sh cargo test",
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER=/tmp/l cargo test",
+            "CARGO_BUILD_RUSTC_WRAPPER=/tmp/w cargo build",
+            "RUSTC_WRAPPER=x cargo build",
+            "RUSTC=/tmp/rustc cargo build",
+            "CC=/tmp/cc cargo build",
+            "cargo test\r",
+            "cargo test\u{a0}",
+            "cargo test\u{85}",
+            "\u{a0}cargo test",
+            "cargo\u{a0}test",
+        ] {
+            assert_eq!(answer_to(&event(command, "/work/app")), None, "{command:?}");
         }
     }
 

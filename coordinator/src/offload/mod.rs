@@ -8,6 +8,7 @@
 pub mod cargo;
 pub mod place;
 pub mod shell;
+pub mod vouch;
 
 use std::path::Path;
 
@@ -40,6 +41,11 @@ pub enum PassThrough {
     NotCarried(String),
     #[error("{0} would not reach the job: only allow-listed variables travel")]
     EnvNotCarried(String),
+    #[error(
+        "the hook does not vouch for {0}: only for settings known to name no program and pass \
+         no flags to the compiler or linker; Claude Code's own permission rules decide"
+    )]
+    Unvouched(String),
     #[error("the directory does not exist")]
     NoDirectory,
     #[error("not inside a git repository")]
@@ -85,6 +91,10 @@ pub fn run_args(job: &CargoJob) -> Vec<String> {
 /// A leading `cd DIR &&` and allow-listed `NAME=VALUE` prefixes are kept as they are:
 /// `buildpool run` then starts in the same directory and forwards those variables to the
 /// job, as cargo would have seen them.
+///
+/// Only the hook rewrites shell commands, and it allows every rewrite without asking, so
+/// a command it cannot vouch for ([`vouch`]) stays as typed: Claude Code then applies its
+/// own rules to the very command the model wrote, as it would without the hook.
 pub fn rewrite_shell(
     command: &str,
     cwd: &Path,
@@ -96,12 +106,11 @@ pub fn rewrite_shell(
     if program != "cargo" {
         return Err(PassThrough::NotCargo);
     }
-    if let Some((name, _)) = parsed
-        .env
-        .iter()
-        .find(|(name, _)| !buildpool_core::spec::env_name_allowed(name))
-    {
-        return Err(PassThrough::EnvNotCarried(name.clone()));
+    for (name, value) in &parsed.env {
+        if !buildpool_core::spec::env_name_allowed(name) {
+            return Err(PassThrough::EnvNotCarried(name.clone()));
+        }
+        vouch::env(name, value)?;
     }
     if !cwd.is_absolute() {
         return Err(PassThrough::NoDirectory);
@@ -111,6 +120,7 @@ pub fn rewrite_shell(
         None => cwd.to_owned(),
     };
     let job = offload_argv(args, &dir, place)?;
+    vouch::cargo_args(&job)?;
     let mut words = Vec::new();
     if let Some(dir) = &parsed.cd {
         words.extend([
@@ -218,6 +228,53 @@ mod tests {
         }
         let relative_cwd = rewrite_shell("cargo test", Path::new("repo"), BUILDPOOL, at_top);
         assert_eq!(relative_cwd, Err(PassThrough::NoDirectory));
+    }
+
+    #[test]
+    fn what_the_hook_cannot_vouch_for_passes_through_and_says_why() {
+        let unvouched = |what: &str| PassThrough::Unvouched(what.to_owned());
+        for (command, reason) in [
+            (
+                r#"cargo test --config 'target."cfg(all())".runner=["sh","-c","id > /tmp/x"]'"#,
+                unvouched("--config"),
+            ),
+            (
+                "cargo build --config build.rustc-wrapper=/tmp/w",
+                unvouched("--config"),
+            ),
+            (
+                "RUSTFLAGS='-C linker=/tmp/l' cargo build",
+                unvouched("RUSTFLAGS"),
+            ),
+            ("cargo test -Zbuild-std", unvouched("-Z")),
+            (
+                "cargo -Zbuild-std test",
+                PassThrough::GlobalFlag("-Zbuild-std".into()),
+            ),
+            ("cargo +nightly test", PassThrough::Toolchain),
+            (
+                "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=sh cargo test",
+                PassThrough::EnvNotCarried("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER".into()),
+            ),
+            (
+                "RUSTC_WRAPPER=x cargo build",
+                PassThrough::EnvNotCarried("RUSTC_WRAPPER".into()),
+            ),
+            ("cargo test\r", PassThrough::NotCertain),
+            ("cargo test\u{a0}", PassThrough::NotCertain),
+            ("cargo test\u{85}", PassThrough::NotCertain),
+        ] {
+            assert_eq!(rewrite(command), Err(reason), "{command:?}");
+        }
+        for command in [
+            "cargo test --target-dir /tmp/x",
+            "cargo test --target-dir=../../elsewhere",
+        ] {
+            assert!(
+                matches!(rewrite(command), Err(PassThrough::NotCarried(_))),
+                "{command:?}"
+            );
+        }
     }
 
     #[test]

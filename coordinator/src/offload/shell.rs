@@ -9,6 +9,11 @@
 //! does more than run one program -- expansions, globs, pipes, redirections, lists,
 //! subshells, comments, newlines -- is [`NotCertain`], and the caller leaves the command
 //! alone. Reading less than bash does is safe; reading it differently never is.
+//!
+//! Whitespace is what bash says it is: only spaces and tabs separate words, and newlines
+//! end the command. A carriage return, a no-break space or any other character that
+//! Unicode calls whitespace is part of a word to bash (`cargo test\r` runs a program
+//! named `cargo-test\r`), so outside quotes it is [`NotCertain`], wherever it is.
 
 use std::borrow::Cow;
 
@@ -115,7 +120,7 @@ fn words(input: &str) -> Result<(Vec<Word>, &str), NotCertain> {
 
 /// Reads `command` as [`SimpleCommand`]; see the module documentation.
 pub fn parse(command: &str) -> Result<SimpleCommand, NotCertain> {
-    let (mut segment, rest) = words(command.trim())?;
+    let (mut segment, rest) = words(command.trim_matches([' ', '\t', '\n']))?;
     let mut cd = None;
     if let Some(after_and) = rest.strip_prefix("&&") {
         let is_cd = segment.len() == 2
@@ -261,6 +266,31 @@ mod tests {
             "cd a && cargo test && cd b",
             "ls && cargo test",
             "A=1 B=2",
+        ] {
+            assert_eq!(
+                parse(command).map(|c| c.argv),
+                Err(NotCertain),
+                "{command:?}"
+            );
+        }
+    }
+
+    /// Bash separates words by space, tab and newline only: to it a carriage return or a
+    /// no-break space is part of a word, so `cargo test\r` runs `cargo-test\r`.
+    #[test]
+    fn other_whitespace_is_no_separator_and_not_certain() {
+        for command in [
+            "cargo test\r",
+            "cargo test\r\n",
+            "cargo test\u{a0}",
+            "cargo test\u{85}",
+            "cargo test\u{b}",
+            "cargo test\u{c}",
+            "cargo test\u{3000}",
+            "\u{a0}cargo test",
+            "\rcargo test",
+            "cargo\u{a0}test",
+            "cargo\rtest",
         ] {
             assert_eq!(
                 parse(command).map(|c| c.argv),
