@@ -1,19 +1,43 @@
-//! A per-address limit on failed credential attempts.
+//! Limits on failed credential attempts, per address and per credential named.
 //!
-//! Secrets are far too long to guess, so the limit is not what keeps them safe; it keeps a
-//! misconfigured or hostile host from filling the log and burning CPU on hashing, and it
-//! makes a leaked-but-revoked credential hammering the coordinator visible once per window
-//! instead of once per attempt. Pure: the caller passes the time, so tests need no sleeping.
+//! Secrets are far too long to guess, so the limits are not what keeps them safe; they keep
+//! a misconfigured or hostile host from filling the log, and they make a leaked-but-revoked
+//! credential hammering the coordinator visible once per window instead of once per
+//! attempt. They judge failed attempts only: a credential is checked first (one SHA-256 and
+//! a lookup), so a valid one is never refused because its address or its id was used for
+//! bad attempts, say by a job on an agent's host or a local process. Pure: the caller
+//! passes the time, so tests need no sleeping.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-/// What the limiter says about an address before its credential is even looked at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which limit a failed attempt ran into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Limited {
+    /// Its address made too many failed attempts.
+    Address,
+    /// Too many failed attempts named this credential id.
+    Credential(String),
+}
+
+impl std::fmt::Display for Limited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Address => f.write_str("from this address"),
+            Self::Credential(id) => write!(f, "with credential {id}"),
+        }
+    }
+}
+
+/// What the limits say about a failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Verdict {
-    Allowed,
+    /// Under the limits: counted, and worth answering and logging in full.
+    Counted,
     Blocked {
+        by: Limited,
         retry_after: Duration,
         /// The first refusal of this window: the one worth logging.
         first_refusal: bool,
@@ -41,32 +65,28 @@ impl Entry {
     }
 }
 
-/// At most `max_failures` failures per `window` per address, counted in fixed windows that
-/// start at an address's first failure.
+/// When a key is over its limit: how long until its window ends, and whether this is the
+/// window's first refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Over {
+    retry_after: Duration,
+    first_refusal: bool,
+}
+
+/// At most `max_failures` failures per `window` per key, counted in fixed windows that
+/// start at a key's first failure.
 #[derive(Debug)]
-pub(super) struct Limiter {
+struct Limiter<K> {
     max_failures: u32,
     window: Duration,
-    /// Bounds the table so a flood from many addresses cannot grow memory without bound;
-    /// when full, expired entries go first, then the oldest.
+    /// Bounds the table so a flood of many keys cannot grow memory without bound; when
+    /// full, expired entries go first, then the oldest.
     capacity: usize,
-    entries: HashMap<IpAddr, Entry>,
+    entries: HashMap<K, Entry>,
 }
 
-/// The unit an attacker pays for: an IPv4 address, or an IPv6 /64 (one host usually gets a
-/// whole /64, so counting single IPv6 addresses would let it rotate past the limit).
-fn key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
-        },
-    }
-}
-
-impl Limiter {
-    pub(super) fn new(max_failures: u32, window: Duration, capacity: usize) -> Self {
+impl<K: Hash + Eq + Clone> Limiter<K> {
+    fn new(max_failures: u32, window: Duration, capacity: usize) -> Self {
         Self {
             max_failures,
             window,
@@ -75,24 +95,23 @@ impl Limiter {
         }
     }
 
-    pub(super) fn check(&mut self, ip: IpAddr, now: Instant) -> Verdict {
-        let window = self.window;
-        let max_failures = self.max_failures;
-        match self.entries.get_mut(&key(ip)) {
-            Some(entry) if entry.failures >= max_failures && !entry.expired(window, now) => {
-                let first_refusal = !entry.refusal_logged;
-                entry.refusal_logged = true;
-                Verdict::Blocked {
-                    retry_after: (entry.window_start + window).saturating_duration_since(now),
-                    first_refusal,
-                }
-            }
-            _ => Verdict::Allowed,
+    /// Whether `key` is over its limit at `now`.
+    fn over(&self, key: &K, now: Instant) -> Option<Over> {
+        let entry = self.entries.get(key)?;
+        (entry.failures >= self.max_failures && !entry.expired(self.window, now)).then(|| Over {
+            retry_after: (entry.window_start + self.window).saturating_duration_since(now),
+            first_refusal: !entry.refusal_logged,
+        })
+    }
+
+    /// Remembers that `key`'s refusal of this window was logged.
+    fn refusal_logged(&mut self, key: &K) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.refusal_logged = true;
         }
     }
 
-    pub(super) fn fail(&mut self, ip: IpAddr, now: Instant) {
-        let key = key(ip);
+    fn fail(&mut self, key: K, now: Instant) {
         if !self.entries.contains_key(&key) && self.entries.len() >= self.capacity {
             self.make_room(now);
         }
@@ -112,10 +131,71 @@ impl Limiter {
                 .entries
                 .iter()
                 .min_by_key(|(_, entry)| entry.window_start)
-                .map(|(ip, _)| *ip)
+                .map(|(key, _)| key.clone())
         {
             self.entries.remove(&oldest);
         }
+    }
+}
+
+/// The unit an attacker pays for: an IPv4 address, or an IPv6 /64 (one host usually gets a
+/// whole /64, so counting single IPv6 addresses would let it rotate past the limit).
+fn address(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+/// The limits on failed attempts: per address, and per credential id where the presented
+/// secret names one, so guesses at one credential spread over many addresses are limited
+/// too. The credential table is separate, so made-up ids cannot push addresses out.
+#[derive(Debug)]
+pub(super) struct Failures {
+    addresses: Limiter<IpAddr>,
+    credentials: Limiter<String>,
+}
+
+impl Failures {
+    /// At most `max_failures` failed attempts per `window` per address and per credential
+    /// id; each table remembers at most `capacity` keys.
+    pub(super) fn new(max_failures: u32, window: Duration, capacity: usize) -> Self {
+        Self {
+            addresses: Limiter::new(max_failures, window, capacity),
+            credentials: Limiter::new(max_failures, window, capacity),
+        }
+    }
+
+    /// Judges a failed attempt from `peer` naming credential id `credential` (if any): over
+    /// a limit it is blocked and not counted (so a window ends a fixed time after it
+    /// started), else it is counted against both.
+    pub(super) fn fail(&mut self, peer: IpAddr, credential: Option<&str>, now: Instant) -> Verdict {
+        let peer = address(peer);
+        if let Some(over) = self.addresses.over(&peer, now) {
+            self.addresses.refusal_logged(&peer);
+            return blocked(Limited::Address, over);
+        }
+        if let Some(id) = credential {
+            let id = id.to_owned();
+            if let Some(over) = self.credentials.over(&id, now) {
+                self.credentials.refusal_logged(&id);
+                return blocked(Limited::Credential(id), over);
+            }
+            self.credentials.fail(id, now);
+        }
+        self.addresses.fail(peer, now);
+        Verdict::Counted
+    }
+}
+
+fn blocked(by: Limited, over: Over) -> Verdict {
+    Verdict::Blocked {
+        by,
+        retry_after: over.retry_after,
+        first_refusal: over.first_refusal,
     }
 }
 
@@ -129,73 +209,123 @@ mod tests {
         text.parse().expect("address")
     }
 
+    fn is_blocked(verdict: &Verdict) -> bool {
+        matches!(verdict, Verdict::Blocked { .. })
+    }
+
     #[test]
-    fn blocks_after_the_limit_and_lets_through_after_the_window() {
-        let mut limiter = Limiter::new(3, WINDOW, 16);
+    fn blocks_after_the_limit_and_counts_again_after_the_window() {
+        let mut failures = Failures::new(3, WINDOW, 16);
         let start = Instant::now();
         let peer = ip("192.0.2.1");
         for _ in 0..3 {
-            assert_eq!(limiter.check(peer, start), Verdict::Allowed);
-            limiter.fail(peer, start);
+            assert_eq!(failures.fail(peer, None, start), Verdict::Counted);
         }
         let later = start + Duration::from_secs(20);
         assert_eq!(
-            limiter.check(peer, later),
+            failures.fail(peer, None, later),
             Verdict::Blocked {
+                by: Limited::Address,
                 retry_after: Duration::from_secs(40),
                 first_refusal: true
             }
         );
         assert!(matches!(
-            limiter.check(peer, later),
+            failures.fail(peer, None, later),
             Verdict::Blocked {
                 first_refusal: false,
                 ..
             }
         ));
-        assert_eq!(limiter.check(ip("192.0.2.2"), later), Verdict::Allowed);
+        assert_eq!(
+            failures.fail(ip("192.0.2.2"), None, later),
+            Verdict::Counted
+        );
         let after = start + WINDOW;
-        assert_eq!(limiter.check(peer, after), Verdict::Allowed);
-        limiter.fail(peer, after);
-        assert_eq!(limiter.check(peer, after), Verdict::Allowed, "a new window");
+        assert_eq!(
+            failures.fail(peer, None, after),
+            Verdict::Counted,
+            "a new window"
+        );
+        assert_eq!(failures.fail(peer, None, after), Verdict::Counted);
+    }
+
+    #[test]
+    fn a_credential_id_is_limited_across_addresses() {
+        let mut failures = Failures::new(2, WINDOW, 16);
+        let now = Instant::now();
+        assert_eq!(
+            failures.fail(ip("192.0.2.1"), Some("0123abcd"), now),
+            Verdict::Counted
+        );
+        assert_eq!(
+            failures.fail(ip("192.0.2.2"), Some("0123abcd"), now),
+            Verdict::Counted
+        );
+        assert_eq!(
+            failures.fail(ip("192.0.2.3"), Some("0123abcd"), now),
+            Verdict::Blocked {
+                by: Limited::Credential("0123abcd".to_owned()),
+                retry_after: WINDOW,
+                first_refusal: true
+            }
+        );
+        // The blocked attempt was not counted against its address; other ids are free.
+        assert_eq!(failures.fail(ip("192.0.2.3"), None, now), Verdict::Counted);
+        assert_eq!(
+            failures.fail(ip("192.0.2.3"), Some("feedf00d"), now),
+            Verdict::Counted
+        );
+        // An address over its limit is refused first, whatever it names.
+        assert_eq!(
+            failures.fail(ip("192.0.2.3"), Some("0123abcd"), now),
+            Verdict::Blocked {
+                by: Limited::Address,
+                retry_after: WINDOW,
+                first_refusal: true
+            }
+        );
     }
 
     #[test]
     fn an_ipv6_64_counts_as_one_address() {
-        let mut limiter = Limiter::new(2, WINDOW, 16);
+        let mut failures = Failures::new(2, WINDOW, 16);
         let now = Instant::now();
-        limiter.fail(ip("2001:db8::1"), now);
-        limiter.fail(ip("2001:db8::2"), now);
-        assert!(matches!(
-            limiter.check(ip("2001:db8::3"), now),
-            Verdict::Blocked { .. }
-        ));
-        assert_eq!(limiter.check(ip("2001:db8:0:1::1"), now), Verdict::Allowed);
-        limiter.fail(ip("::ffff:192.0.2.9"), now);
-        limiter.fail(ip("192.0.2.9"), now);
-        assert!(matches!(
-            limiter.check(ip("192.0.2.9"), now),
-            Verdict::Blocked { .. }
-        ));
+        failures.fail(ip("2001:db8::1"), None, now);
+        failures.fail(ip("2001:db8::2"), None, now);
+        assert!(is_blocked(&failures.fail(ip("2001:db8::3"), None, now)));
+        assert_eq!(
+            failures.fail(ip("2001:db8:0:1::1"), None, now),
+            Verdict::Counted
+        );
+        failures.fail(ip("::ffff:192.0.2.9"), None, now);
+        failures.fail(ip("192.0.2.9"), None, now);
+        assert!(is_blocked(&failures.fail(ip("192.0.2.9"), None, now)));
     }
 
     #[test]
-    fn the_table_stays_bounded() {
-        let mut limiter = Limiter::new(1, WINDOW, 8);
+    fn the_tables_stay_bounded() {
+        let mut failures = Failures::new(1, WINDOW, 8);
         let start = Instant::now();
         for i in 0..100u32 {
             let now = start + Duration::from_millis(u64::from(i));
-            limiter.fail(IpAddr::from(i.to_be_bytes()), now);
+            failures.fail(
+                IpAddr::from(i.to_be_bytes()),
+                Some(&format!("{i:08x}")),
+                now,
+            );
         }
-        assert_eq!(limiter.entries.len(), 8);
+        assert_eq!(failures.addresses.entries.len(), 8);
+        assert_eq!(failures.credentials.entries.len(), 8);
         let now = start + Duration::from_millis(100);
-        assert!(matches!(
-            limiter.check(IpAddr::from(99u32.to_be_bytes()), now),
-            Verdict::Blocked { .. }
-        ));
+        assert!(is_blocked(&failures.fail(
+            IpAddr::from(99u32.to_be_bytes()),
+            None,
+            now
+        )));
         assert_eq!(
-            limiter.check(IpAddr::from(0u32.to_be_bytes()), now),
-            Verdict::Allowed,
+            failures.fail(IpAddr::from(0u32.to_be_bytes()), None, now),
+            Verdict::Counted,
             "the oldest was dropped"
         );
     }

@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 
 pub use store::{Credential, CredentialStore, StoreError};
 
-use limiter::{Limiter, Verdict};
+pub use limiter::Limited;
+use limiter::{Failures, Verdict};
 
 pub const TOKEN_ENV: &str = "BUILDPOOL_TOKEN";
 
@@ -205,8 +206,8 @@ pub struct Principal {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("too many failed attempts from this address; retry in {} s", ceil_secs(*.retry_after))]
-    RateLimited { retry_after: Duration },
+    #[error("too many failed attempts {by}; retry in {} s", ceil_secs(*.retry_after))]
+    RateLimited { by: Limited, retry_after: Duration },
     #[error("invalid credential")]
     Invalid,
     #[error("credential {credential} has the {has} scope; this needs the {needs} scope")]
@@ -223,10 +224,12 @@ fn ceil_secs(duration: Duration) -> u64 {
     duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
 }
 
-/// Failed attempts an address may make per [`FAILURE_WINDOW`] before it is refused unheard.
+/// Failed attempts an address, or naming one credential id, may make per [`FAILURE_WINDOW`]
+/// before its further failed attempts are answered only "too many failed attempts".
 const MAX_FAILURES: u32 = 10;
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// Addresses the limiter remembers; 4096 entries are a few hundred KB at most.
+/// Addresses, and credential ids, the limits remember; 4096 entries each are a few hundred
+/// KB at most.
 const LIMITER_CAPACITY: usize = 4096;
 /// How often a credential's last use is written to the store: often enough for
 /// `buildpool token list` to tell a live credential from a forgotten one, rarely enough that
@@ -260,7 +263,7 @@ struct State {
     legacy_seen: Option<store::Version<()>>,
     /// The store as last read; `None` until first read, `Some(None)` for no file.
     cached: Option<Option<store::Version<Vec<Credential>>>>,
-    limiter: Limiter,
+    failures: Failures,
     /// When each credential's last use was last written to the store.
     persisted: HashMap<String, Instant>,
 }
@@ -276,7 +279,7 @@ impl Authenticator {
                 legacy: legacy.value,
                 legacy_seen: None,
                 cached: None,
-                limiter: Limiter::new(MAX_FAILURES, FAILURE_WINDOW, LIMITER_CAPACITY),
+                failures: Failures::new(MAX_FAILURES, FAILURE_WINDOW, LIMITER_CAPACITY),
                 persisted: HashMap::new(),
             }),
         }
@@ -284,6 +287,13 @@ impl Authenticator {
 
     /// Admits `presented` for `scope`. `peer`: the remote IP, whose failed attempts are
     /// rate-limited; `None` for in-process callers, which are never rate-limited.
+    ///
+    /// The credential is checked first, always: a valid one is admitted whatever bad
+    /// attempts its address (a shared agent host, 127.0.0.1) or its id saw, so no job or
+    /// local process can lock others out. Hearing a bad attempt costs one SHA-256 and a
+    /// lookup, so refusing it unheard would save next to nothing. Only a failed attempt
+    /// meets the limits, which answer it "too many failed attempts" once its address, or
+    /// the credential id it names, is over the limit.
     pub fn check(
         &self,
         presented: &str,
@@ -302,23 +312,9 @@ impl Authenticator {
         now: Instant,
     ) -> Result<Principal, AuthError> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(ip) = peer
-            && let Verdict::Blocked {
-                retry_after,
-                first_refusal,
-            } = state.limiter.check(ip, now)
-        {
-            if first_refusal {
-                tracing::warn!(
-                    peer = %ip,
-                    "too many failed credential attempts; refusing this address for {} s",
-                    ceil_secs(retry_after)
-                );
-            }
-            return Err(AuthError::RateLimited { retry_after });
-        }
         let outcome = self.verify(&mut state, presented, scope);
         let mut last_use = None;
+        let mut limited = None;
         match &outcome {
             Ok(Principal {
                 credential: CredentialName::Id(id),
@@ -334,13 +330,38 @@ impl Authenticator {
                 }
             }
             Err(error @ (AuthError::Invalid | AuthError::WrongScope { .. })) => {
-                if let Some(ip) = peer {
-                    state.limiter.fail(ip, now);
-                }
-                let peer = peer.map_or_else(|| "in-process".to_owned(), |ip| ip.to_string());
-                match store::secret_id(presented) {
-                    Some(id) => tracing::warn!(%peer, credential = id, "refused: {error}"),
-                    None => tracing::warn!(%peer, "refused: {error}"),
+                let named = store::secret_id(presented);
+                let verdict = peer.map(|ip| (ip, state.failures.fail(ip, named, now)));
+                match verdict {
+                    Some((
+                        ip,
+                        Verdict::Blocked {
+                            by,
+                            retry_after,
+                            first_refusal,
+                        },
+                    )) => {
+                        if first_refusal {
+                            tracing::warn!(
+                                peer = %ip,
+                                "too many failed credential attempts {by}; refusing them for {} s",
+                                ceil_secs(retry_after)
+                            );
+                        }
+                        // A genuine credential in the wrong place proves it is no guess:
+                        // it is told what it may do instead.
+                        if matches!(error, AuthError::Invalid) {
+                            limited = Some(AuthError::RateLimited { by, retry_after });
+                        }
+                    }
+                    _ => {
+                        let peer =
+                            peer.map_or_else(|| "in-process".to_owned(), |ip| ip.to_string());
+                        match named {
+                            Some(id) => tracing::warn!(%peer, credential = id, "refused: {error}"),
+                            None => tracing::warn!(%peer, "refused: {error}"),
+                        }
+                    }
                 }
             }
             _ => {}
@@ -354,7 +375,10 @@ impl Authenticator {
         {
             tracing::warn!(credential = %id, "cannot record the credential's last use: {error}");
         }
-        outcome
+        match limited {
+            Some(error) => Err(error),
+            None => outcome,
+        }
     }
 
     fn verify(
@@ -662,9 +686,10 @@ mod tests {
     }
 
     #[test]
-    fn failures_are_rate_limited_per_peer() {
+    fn a_valid_credential_is_never_refused_by_the_limiter() {
         let (_dir, token, store) = setup();
         let (_, secret) = store.create(Scope::Agent).expect("agent");
+        let (_, client) = store.create(Scope::Client).expect("client");
         let auth = Authenticator::new(token, store);
         let peer = Some(IpAddr::from([192, 0, 2, 7]));
         let start = Instant::now();
@@ -674,27 +699,87 @@ mod tests {
                 Err(AuthError::Invalid)
             ));
         }
+        // The address is over its limit: its bad attempts are refused unheard...
         let error = auth
-            .check_at(&secret, Scope::Agent, peer, start)
-            .expect_err("blocked even with a valid credential");
+            .check_at("wrong", Scope::Agent, peer, start)
+            .expect_err("limited");
         assert_eq!(
             error.to_string(),
             "too many failed attempts from this address; retry in 60 s"
         );
-        assert!(auth.check_at(&secret, Scope::Agent, None, start).is_ok());
+        // ...but every valid credential from it still gets in: the agent's, the owner's
+        // token file and a client credential.
+        assert!(auth.check_at(&secret, Scope::Agent, peer, start).is_ok());
         assert!(
+            auth.check_at("legacy-secret", Scope::Client, peer, start)
+                .is_ok()
+        );
+        assert!(auth.check_at(&client, Scope::Client, peer, start).is_ok());
+        // A genuine credential in the wrong place is told so, not that it was limited.
+        assert!(matches!(
+            auth.check_at(&client, Scope::Agent, peer, start),
+            Err(AuthError::WrongScope { .. })
+        ));
+        // Other addresses are not limited; the limited one is heard again after the window.
+        assert!(matches!(
             auth.check_at(
-                &secret,
+                "wrong",
                 Scope::Agent,
                 Some(IpAddr::from([192, 0, 2, 8])),
                 start
+            ),
+            Err(AuthError::Invalid)
+        ));
+        assert!(matches!(
+            auth.check_at("wrong", Scope::Agent, peer, start + FAILURE_WINDOW),
+            Err(AuthError::Invalid)
+        ));
+    }
+
+    #[test]
+    fn failures_naming_a_credential_are_limited_per_credential() {
+        let (_dir, token, store) = setup();
+        let (credential, secret) = store.create(Scope::Agent).expect("agent");
+        let auth = Authenticator::new(token, store);
+        // A guess at the credential's key: its id, a wrong key.
+        let guess = format!("bp_{}_{}", credential.id, "0".repeat(64));
+        let start = Instant::now();
+        for i in 0..MAX_FAILURES {
+            let peer = Some(IpAddr::from([
+                198,
+                51,
+                100,
+                u8::try_from(i).expect("small"),
+            ]));
+            assert!(matches!(
+                auth.check_at(&guess, Scope::Agent, peer, start),
+                Err(AuthError::Invalid)
+            ));
+        }
+        // A fresh address guessing at the same credential is limited...
+        let fresh = Some(IpAddr::from([203, 0, 113, 1]));
+        let error = auth
+            .check_at(&guess, Scope::Agent, fresh, start)
+            .expect_err("limited");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "too many failed attempts with credential {}; retry in 60 s",
+                credential.id
             )
-            .is_ok()
         );
-        assert!(
-            auth.check_at(&secret, Scope::Agent, peer, start + FAILURE_WINDOW)
-                .is_ok()
-        );
+        // ...while its own bad attempts naming nothing are not, and the credential itself
+        // still gets in from anywhere.
+        assert!(matches!(
+            auth.check_at("wrong", Scope::Agent, fresh, start),
+            Err(AuthError::Invalid)
+        ));
+        assert!(auth.check_at(&secret, Scope::Agent, fresh, start).is_ok());
+        // In-process checks (the re-check of connected agents) are never limited.
+        assert!(matches!(
+            auth.check_at(&guess, Scope::Agent, None, start),
+            Err(AuthError::Invalid)
+        ));
     }
 
     #[test]

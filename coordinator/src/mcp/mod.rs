@@ -156,7 +156,15 @@ fn invalid(message: impl Into<String>) -> ErrorData {
     ErrorData::invalid_params(message.into(), None)
 }
 
+/// Checks a package or feature name. One starting with `-` is refused like the test
+/// filter's: cargo would read it as an option (`-p --frozen`, `--features -Z...`), not as
+/// the name the tool's input promises.
 fn check_name(what: &str, value: &str, extra: &str) -> Result<(), ErrorData> {
+    if value.starts_with('-') {
+        return Err(invalid(format!(
+            "{what} {value:?} is not a valid name: it must not start with '-'"
+        )));
+    }
     let ok = !value.is_empty()
         && value.len() <= 200
         && value
@@ -760,5 +768,72 @@ impl ServerHandler for BuildPoolMcp {
              worktree as it is now (uncommitted and untracked files included) and answers with exact \
              diagnostics and test failures; use job_log for full output.",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The message of the refusal of `args`, which must be one.
+    fn refusal(args: Result<Vec<String>, ErrorData>) -> String {
+        args.expect_err("refused").message.into_owned()
+    }
+
+    #[test]
+    fn names_that_would_read_as_cargo_options_are_refused() {
+        let package = || Some("--frozen".to_owned());
+        let feature = || Some(vec!["serde".to_owned(), "-Zunstable-options".to_owned()]);
+        let expected_package =
+            "package \"--frozen\" is not a valid name: it must not start with '-'";
+        let expected_feature =
+            "feature \"-Zunstable-options\" is not a valid name: it must not start with '-'";
+        let build = BuildInput {
+            package: package(),
+            ..BuildInput::default()
+        };
+        assert_eq!(refusal(build.cargo_args()), expected_package);
+        let test = TestInput {
+            package: package(),
+            ..TestInput::default()
+        };
+        assert_eq!(refusal(test_args(&test)), expected_package);
+        let clippy = ClippyInput {
+            features: feature(),
+            ..ClippyInput::default()
+        };
+        assert_eq!(refusal(clippy_args(&clippy)), expected_feature);
+        let test = TestInput {
+            features: Some(vec!["-".to_owned()]),
+            ..TestInput::default()
+        };
+        assert_eq!(
+            refusal(test_args(&test)),
+            "feature \"-\" is not a valid name: it must not start with '-'"
+        );
+        // `fmt` checks its package the same way.
+        assert!(check_name("package", "-p", "@.+").is_err());
+
+        // Names with a dash inside are names.
+        let fine = TestInput {
+            package: Some("my-crate@1.0.0".to_owned()),
+            features: Some(vec!["dep/some-feature".to_owned()]),
+            ..TestInput::default()
+        };
+        let args = test_args(&fine).expect("valid");
+        assert!(args.contains(&"my-crate@1.0.0".to_owned()), "{args:?}");
+        assert!(args.contains(&"dep/some-feature".to_owned()), "{args:?}");
+    }
+
+    #[test]
+    fn a_filter_that_would_read_as_an_option_is_refused() {
+        let test = TestInput {
+            filter: Some("--exact".to_owned()),
+            ..TestInput::default()
+        };
+        assert_eq!(
+            refusal(test_args(&test)),
+            "filter must be a test name substring (no leading '-', at most 512 bytes)"
+        );
     }
 }

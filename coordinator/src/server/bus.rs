@@ -25,6 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::git_daemon::RequestFilter;
 use super::scheduler::{AgentRegistration, ConnId};
 use super::{ActiveJob, Connection, LOCAL_AGENT_ID, Shared};
 use crate::auth::Scope;
@@ -313,7 +314,8 @@ fn unreadable_hello(message: String) -> Reject {
     }
 }
 
-/// Splices an authenticated git tunnel to the loopback git daemon.
+/// Splices an authenticated git tunnel to the loopback git daemon, its request made one
+/// that fetches only what the snapshot refs reach ([`RequestFilter`]).
 async fn serve_tunnel(shared: &Shared, tunnel: Tunnel, bearer: &str, peer: Peer) {
     if let Err(reason) = shared.authorize(bearer, Scope::Agent, peer.ip()) {
         tracing::warn!(%peer, "git tunnel refused: {reason}");
@@ -355,7 +357,7 @@ async fn serve_tunnel(shared: &Shared, tunnel: Tunnel, bearer: &str, peer: Peer)
     };
     let _ = daemon.set_nodelay(true);
     let started = Instant::now();
-    match tunnel.splice(daemon).await {
+    match tunnel.splice(RequestFilter::new(daemon)).await {
         Ok(traffic) => tracing::info!(
             %peer,
             bytes_to_agent = traffic.sent,

@@ -1,12 +1,14 @@
 //! The coordinator's HTTP address: `/metrics` for Prometheus and the live dashboard.
 //!
-//! Plain HTTP on loopback, where anyone who can connect is already on this host. Anywhere
+//! Plain HTTP on loopback, where anyone who can connect is already on this host; there a
+//! request must be addressed to a loopback name (`Host`), so a web page that points a name
+//! of its own at 127.0.0.1 (DNS rebinding) cannot read the pool's state or job logs. Anywhere
 //! else it is HTTPS with the bus's certificate and every request needs a client-scoped
 //! credential, like the control API: as a bearer token (Prometheus' `authorization`), or,
 //! for a browser, once as `?token=` in the URL `buildpool ui` prints, which is then kept in
 //! an HTTP-only cookie (an `EventSource` cannot send headers).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
@@ -109,7 +111,8 @@ async fn metrics(State(http): State<Http>, headers: HeaderMap) -> Response {
     build_agent::metrics::response(headers.get(header::ACCEPT), text)
 }
 
-/// Lets every request through on loopback; elsewhere asks for a client credential.
+/// Lets requests for loopback names through on loopback; elsewhere asks for a client
+/// credential.
 async fn authorize(
     State(http): State<Http>,
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
@@ -117,6 +120,13 @@ async fn authorize(
     next: Next,
 ) -> Response {
     if http.open {
+        if !for_loopback(&request) {
+            return (
+                StatusCode::MISDIRECTED_REQUEST,
+                "this dashboard answers only requests for localhost or a loopback address\n",
+            )
+                .into_response();
+        }
         return next.run(request).await;
     }
     let in_url = request.uri().query().and_then(|query| {
@@ -154,6 +164,42 @@ async fn authorize(
         }
         None => next.run(request).await,
     }
+}
+
+/// Whether every name `request` is addressed to (its `Host` headers, the authority of an
+/// absolute URI or of HTTP/2) is a loopback one. A browser always sends the name of the
+/// page's origin, so a rebinding page is refused however its name resolves; a request
+/// naming nothing (HTTP/1.0 without `Host`) is no browser's and passes.
+fn for_loopback(request: &Request) -> bool {
+    let headers = request.headers().get_all(header::HOST).iter();
+    let named = headers.map(|value| value.to_str().is_ok_and(loopback_authority));
+    let in_uri = request
+        .uri()
+        .authority()
+        .map(|authority| loopback_authority(authority.as_str()));
+    named.chain(in_uri).all(|loopback| loopback)
+}
+
+/// Whether `authority` (`host[:port]`, as in `Host`) names this host: `localhost` (any
+/// case), an IPv4 address in 127.0.0.0/8 or `[::1]`.
+fn loopback_authority(authority: &str) -> bool {
+    let (host, port) = match authority.rfind(':') {
+        Some(colon) if !authority[colon..].contains(']') => {
+            (&authority[..colon], Some(&authority[colon + 1..]))
+        }
+        _ => (authority, None),
+    };
+    let port_ok = port.is_none_or(|port| {
+        (1..=5).contains(&port.len()) && port.bytes().all(|b| b.is_ascii_digit())
+    });
+    let loopback = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<Ipv6Addr>().is_ok_and(|ip| ip.is_loopback()),
+        None => {
+            host.eq_ignore_ascii_case("localhost")
+                || host.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+        }
+    };
+    port_ok && loopback
 }
 
 /// The credential a request carries in its `Authorization` header or its cookie.
@@ -240,5 +286,60 @@ impl Listener for HttpListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(host: Option<&str>, uri: &str) -> Request {
+        let mut builder = Request::builder().uri(uri);
+        if let Some(host) = host {
+            builder = builder.header(header::HOST, host);
+        }
+        builder.body(axum::body::Body::empty()).expect("request")
+    }
+
+    #[test]
+    fn only_loopback_names_reach_the_open_dashboard() {
+        for host in [
+            "localhost",
+            "localhost:8080",
+            "LOCALHOST:8080",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "127.1.2.3:80",
+            "[::1]",
+            "[::1]:8080",
+        ] {
+            assert!(for_loopback(&request(Some(host), "/api/state")), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "127.0.0.1.evil.example:8080",
+            "evil.localhost",
+            "user@evil.example",
+            "10.0.0.1:8080",
+            "[::2]:8080",
+            "localhost:port",
+            "localhost:",
+            "::1",
+            "",
+        ] {
+            assert!(!for_loopback(&request(Some(host), "/api/state")), "{host}");
+        }
+        assert!(
+            for_loopback(&request(None, "/metrics")),
+            "HTTP/1.0 names nothing"
+        );
+        // An absolute URI names its host too, whatever the header says.
+        assert!(!for_loopback(&request(
+            Some("localhost"),
+            "http://evil.example/api/state"
+        )));
+        assert!(for_loopback(&request(None, "http://127.0.0.1:9/api/state")));
     }
 }
