@@ -40,6 +40,9 @@ pub struct AgentIdentity {
     /// Nix system double, e.g. `x86_64-linux`.
     pub system: String,
     pub token: String,
+    /// The identity key ([`crate::identity`]); empty for the coordinator's embedded agent,
+    /// which proves nothing.
+    pub key: Vec<u8>,
 }
 
 /// The Nix system double of this machine.
@@ -69,6 +72,8 @@ struct State {
     unsent: HashMap<Slot, Vec<AgentMessage>>,
     /// Each link's current connection; a job's output follows it across reconnects.
     outboxes: Vec<watch::Sender<Option<Outbox<AgentMessage>>>>,
+    /// Each link's proof of the identity key, made for its coordinator.
+    proofs: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -174,10 +179,17 @@ impl Agent {
         result
     }
 
-    /// Registers a coordinator link; it keys fair slot sharing and held results. Only this
-    /// hands out links, so every link the agent is given has its place in the state.
-    pub fn register_link(&self) -> Link {
+    /// Registers a link to the coordinator at `coordinator_url`; it keys fair slot sharing
+    /// and held results. Only this hands out links, so every link the agent is given has
+    /// its place in the state.
+    pub fn register_link(&self, coordinator_url: &str) -> Link {
+        let proof = if self.inner.identity.key.is_empty() {
+            String::new()
+        } else {
+            crate::identity::proof(&self.inner.identity.key, coordinator_url)
+        };
         let mut state = self.state();
+        state.proofs.push(proof);
         state.outboxes.push(watch::channel(None).0);
         Link(state.outboxes.len() - 1)
     }
@@ -211,6 +223,7 @@ impl Agent {
             attempts: state.table.held_attempts(link.0),
             sandboxed: self.inner.executor.sandboxed(),
             disk: self.inner.executor.disk_usage(),
+            identity: state.proofs.get(link.0).cloned().unwrap_or_default(),
         }
     }
 

@@ -137,7 +137,7 @@ pub async fn serve_endpoint(
     if endpoint.tls.is_none() {
         tracing::warn!(parent: &span, "{} is plain ws://: the token and every snapshot cross the network unencrypted; use wss:// with a tls_fingerprint", endpoint.url);
     }
-    let link = agent.register_link();
+    let link = agent.register_link(&endpoint.url.to_string());
     let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         let started = tokio::time::Instant::now();
@@ -475,6 +475,7 @@ mod tests {
                 labels: Vec::new(),
                 system: "x86_64-linux".into(),
                 token: "token".into(),
+                key: Vec::new(),
             },
             ExecutorConfig {
                 git_cache_dir: dir.path().join("cache"),
@@ -490,7 +491,7 @@ mod tests {
         );
         let (coordinator_end, agent_end) = tokio::io::duplex(64 * 1024);
         let shutdown = CancellationToken::new();
-        let link = agent.register_link();
+        let link = agent.register_link("memory");
         let serving = tokio::spawn({
             let (agent, shutdown) = (agent.clone(), shutdown.clone());
             let git = GitLocator::Fixed("file:///nowhere".into());

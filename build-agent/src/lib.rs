@@ -20,6 +20,7 @@ pub mod disk;
 pub mod executor;
 pub mod git_cache;
 pub mod git_proxy;
+pub mod identity;
 pub mod job_table;
 pub mod metrics;
 pub mod nix;

@@ -228,6 +228,7 @@ async fn run() -> anyhow::Result<()> {
             labels: config.labels.clone(),
             system: build_agent::agent::local_system(),
             token: config.token.clone(),
+            key: build_agent::identity::load_or_create(&config.git_cache_dir)?,
         },
         ExecutorConfig {
             git_cache_dir: config.git_cache_dir.clone(),

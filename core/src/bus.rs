@@ -35,6 +35,9 @@ pub struct Hello {
     /// Whether its jobs run in a sandbox; coordinators mark agents that do not.
     pub sandboxed: bool,
     pub disk: DiskUsage,
+    /// Proof of the agent's identity key for this coordinator (the agent's
+    /// `identity::proof`); empty from the embedded agent.
+    pub identity: String,
 }
 
 /// An agent's disk use for workspaces and caches, against its budget. All zero when the
@@ -87,6 +90,8 @@ pub enum RejectCode {
     BadToken,
     UnsupportedVersion,
     BadHello,
+    /// The agent id belongs to another agent.
+    IdTaken,
 }
 
 impl fmt::Display for RejectCode {
@@ -95,6 +100,7 @@ impl fmt::Display for RejectCode {
             RejectCode::BadToken => "bad token",
             RejectCode::UnsupportedVersion => "unsupported version",
             RejectCode::BadHello => "bad hello",
+            RejectCode::IdTaken => "agent id taken",
         })
     }
 }

@@ -96,7 +96,8 @@ wire_enum!(
     RejectCode {
         BadToken,
         UnsupportedVersion,
-        BadHello
+        BadHello,
+        IdTaken
     }
 );
 
@@ -491,6 +492,7 @@ impl From<AgentMessage> for agent_frame::Msg {
                     .collect(),
                 sandboxed: hello.sandboxed,
                 disk: Some(hello.disk.into()),
+                identity: hello.identity,
             }),
             AgentMessage::Heartbeat { sent_at_unix_ms } => {
                 agent_frame::Msg::Heartbeat(crate::Heartbeat { sent_at_unix_ms })
@@ -561,6 +563,7 @@ impl TryFrom<agent_frame::Msg> for AgentMessage {
                 },
                 sandboxed: hello.sandboxed,
                 disk: hello.disk.map(DiskUsage::from).unwrap_or_default(),
+                identity: hello.identity,
             }),
             agent_frame::Msg::Heartbeat(beat) => AgentMessage::Heartbeat {
                 sent_at_unix_ms: beat.sent_at_unix_ms,
@@ -1002,6 +1005,7 @@ mod tests {
                 used_bytes: 3,
                 budget_bytes: 9,
             },
+            identity: "ab".repeat(32),
         }));
         round_trip_agent(AgentMessage::Heartbeat { sent_at_unix_ms: 5 });
         round_trip_agent(AgentMessage::Disk(DiskUsage {

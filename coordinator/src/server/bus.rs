@@ -28,7 +28,7 @@ use tracing::Instrument;
 use super::git_daemon::RequestFilter;
 use super::scheduler::{AgentRegistration, ConnId};
 use super::{ActiveJob, Connection, LOCAL_AGENT_ID, Shared};
-use crate::auth::Scope;
+use crate::auth::{CredentialName, Scope};
 
 /// Messages queued for one agent. Only control messages go this way, so a full queue means
 /// the agent stopped reading.
@@ -216,6 +216,10 @@ impl Peer {
             Peer::Local => None,
         }
     }
+
+    fn is_local(self) -> bool {
+        matches!(self, Peer::Local)
+    }
 }
 
 impl std::fmt::Display for Peer {
@@ -239,7 +243,6 @@ pub(crate) async fn handle_stream(
     let evicted = ticket
         .as_ref()
         .map_or_else(CancellationToken::new, |t| t.evicted.clone());
-    let local = matches!(peer, Peer::Local);
     // The upgrade and the first message, each with its deadline; an eviction ends either.
     let handshake = async {
         let mut socket = match buildpool_proto::socket::accept(stream).await? {
@@ -279,9 +282,9 @@ pub(crate) async fn handle_stream(
     };
     let checked = hello
         .map_err(unreadable_hello)
-        .and_then(|hello| check_hello(&shared, &hello, peer).map(|()| hello));
-    let hello = match checked {
-        Ok(hello) => hello,
+        .and_then(|hello| check_hello(&shared, &hello, peer).map(|identity| (hello, identity)));
+    let (hello, identity) = match checked {
+        Ok(checked) => checked,
         Err(reject) => {
             tracing::warn!(%peer, "rejected agent: {}", reject.message);
             let _ = socket.send(CoordinatorMessage::Reject(reject)).await;
@@ -297,8 +300,8 @@ pub(crate) async fn handle_stream(
         shared,
         conn,
         hello,
-        peer.to_string(),
-        local,
+        identity,
+        peer,
         socket,
         shutdown,
     )
@@ -369,8 +372,10 @@ async fn serve_tunnel(shared: &Shared, tunnel: Tunnel, bearer: &str, peer: Peer)
     }
 }
 
-fn check_hello(shared: &Shared, hello: &Hello, peer: Peer) -> Result<(), Reject> {
-    let local = matches!(peer, Peer::Local);
+/// Checks a hello and returns the identity the agent id is bound to: the proof of the
+/// agent's key, or for an agent that shows none (an older one) its credential's name.
+fn check_hello(shared: &Shared, hello: &Hello, peer: Peer) -> Result<String, Reject> {
+    let local = peer.is_local();
     let reject = |code: RejectCode, message: String| Reject { code, message };
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(reject(
@@ -381,9 +386,13 @@ fn check_hello(shared: &Shared, hello: &Hello, peer: Peer) -> Result<(), Reject>
             ),
         ));
     }
-    if !local && let Err(reason) = shared.authorize(&hello.token, Scope::Agent, peer.ip()) {
-        return Err(reject(RejectCode::BadToken, reason));
-    }
+    let credential = if local {
+        CredentialName::Legacy
+    } else {
+        shared
+            .authorize(&hello.token, Scope::Agent, peer.ip())
+            .map_err(|reason| reject(RejectCode::BadToken, reason))?
+    };
     let id_ok = !hello.agent_id.is_empty()
         && hello.agent_id.len() <= 128
         && hello
@@ -412,18 +421,24 @@ fn check_hello(shared: &Shared, hello: &Hello, peer: Peer) -> Result<(), Reject>
         ));
     }
     buildpool_core::spec::validate_labels(&hello.labels)
-        .map_err(|e| reject(RejectCode::BadHello, e.to_string()))
+        .map_err(|e| reject(RejectCode::BadHello, e.to_string()))?;
+    Ok(if hello.identity.is_empty() {
+        format!("credential {credential}")
+    } else {
+        format!("key {}", hello.identity)
+    })
 }
 
 async fn serve_agent(
     shared: Arc<Shared>,
     conn: ConnId,
     hello: Hello,
-    peer: String,
-    local: bool,
+    identity: String,
+    peer: Peer,
     socket: CoordinatorSocket,
     shutdown: CancellationToken,
 ) {
+    let local = peer.is_local();
     let (outbox, mut inbox) = socket.start(OUTBOUND_CAPACITY);
     let welcome = Welcome {
         protocol_version: PROTOCOL_VERSION,
@@ -431,9 +446,6 @@ async fn serve_agent(
         heartbeat_interval: shared.config.heartbeat_interval,
         heartbeat_timeout: shared.config.heartbeat_timeout,
     };
-    // Queued before registration, so it is the first message the agent sees.
-    let _ = outbox.try_send(CoordinatorMessage::Welcome(welcome));
-
     let registration = AgentRegistration {
         agent_id: hello.agent_id.clone(),
         labels: hello.labels.clone(),
@@ -442,10 +454,11 @@ async fn serve_agent(
         slots_free: hello.slots.free,
         draining: hello.slots.draining,
         local,
-        address: peer,
+        address: peer.to_string(),
         connected_at_unix_ms: unix_millis(),
         sandboxed: hello.sandboxed,
         disk: hello.disk,
+        identity,
     };
     let reports: Vec<AttemptKey> = hello.attempts.iter().map(|held| held.key).collect();
     let connection = Connection {
@@ -454,7 +467,18 @@ async fn serve_agent(
         // The embedded agent presents none; it is never re-checked.
         credential: (!local).then(|| hello.token.clone()),
     };
-    shared.register(conn, connection, registration, &reports);
+    if let Err(reason) = shared.register(conn, connection, registration, &reports, welcome) {
+        tracing::warn!("rejected agent: {reason}");
+        let _ = outbox.try_send(CoordinatorMessage::Reject(Reject {
+            code: RejectCode::IdTaken,
+            message: reason,
+        }));
+        // Sent before the connection closes: the writer sends what is queued once its
+        // last outbox is gone.
+        drop(outbox);
+        inbox.finish().await;
+        return;
+    }
     if !local {
         shared.metrics.agent_connected(&hello.agent_id);
     }

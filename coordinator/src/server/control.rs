@@ -61,7 +61,7 @@ pub(crate) async fn serve(
                 Scope::Client,
                 request.remote_addr().map(|addr| addr.ip()),
             ) {
-                Ok(()) => {
+                Ok(_) => {
                     checker
                         .last_request
                         .store(unix_millis(), std::sync::atomic::Ordering::Relaxed);

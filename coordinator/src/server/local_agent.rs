@@ -28,6 +28,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             system: build_agent::agent::local_system(),
             // In-process: the bus does not ask it for a credential.
             token: String::new(),
+            key: Vec::new(),
         },
         ExecutorConfig {
             // Repository ids never start with a dot, so the cache cannot clash with them.
@@ -43,7 +44,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         },
     );
     let git = GitLocator::Fixed(format!("file://{}", shared.repo.common_dir.display()));
-    let link = agent.register_link();
+    let link = agent.register_link("local");
     while !shutdown.is_cancelled() {
         let (coordinator_end, agent_end) = tokio::io::duplex(PIPE_CAPACITY);
         let server = tokio::spawn(bus::handle_stream(

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use buildpool_core::bus::CoordinatorMessage;
+use buildpool_core::bus::{CoordinatorMessage, Welcome};
 use buildpool_core::{AttemptKey, JobEvent, JobId, JobKind};
 use buildpool_proto::socket::{Outbox, SendError};
 use buildpool_proto::tls::{self, Fingerprint, ServerIdentity};
@@ -237,16 +237,17 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Checks a credential presented for `scope` from `peer` (`None`: in-process); the
-    /// error is what the peer is told. Failures are logged by the authenticator.
+    /// Checks a credential presented for `scope` from `peer` (`None`: in-process) and
+    /// names the credential it was; the error is what the peer is told. Failures are
+    /// logged by the authenticator.
     pub fn authorize(
         &self,
         presented: &str,
         scope: Scope,
         peer: Option<std::net::IpAddr>,
-    ) -> Result<(), String> {
+    ) -> Result<CredentialName, String> {
         match self.auth.check(presented, scope, peer) {
-            Ok(_) => Ok(()),
+            Ok(principal) => Ok(principal.credential),
             Err(AuthError::Invalid) => Err(match scope {
                 Scope::Agent => "invalid credential: give the agent a credential from \
                                  `buildpool token create --scope agent` (or the coordinator's token file)",
@@ -305,19 +306,31 @@ impl Shared {
 
     /// Registers a connection and its agent in one step, so no action can find one without
     /// the other.
+    ///
+    /// Refused, with the reason, when the agent id belongs to another agent
+    /// ([`Scheduler::refusal`]): the check and the registration are one step, so two
+    /// claims on one id cannot both pass. `welcome` is queued first when it is not.
     pub fn register(
         &self,
         conn: ConnId,
         connection: Connection,
         registration: scheduler::AgentRegistration,
         reports: &[AttemptKey],
-    ) {
+        welcome: Welcome,
+    ) -> Result<(), String> {
         let mut state = self.state();
+        if let Some(reason) = state.scheduler.refusal(&registration, Instant::now()) {
+            return Err(reason);
+        }
+        let _ = connection
+            .outbox
+            .try_send(CoordinatorMessage::Welcome(welcome));
         state.connections.insert(conn, connection);
         let actions = state
             .scheduler
             .agent_connected(conn, registration, reports, Instant::now());
         self.apply(&mut state, actions);
+        Ok(())
     }
 
     /// Removes a connection and its agent in one step (see [`Shared::register`]).

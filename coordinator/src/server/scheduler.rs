@@ -34,6 +34,9 @@ pub struct AgentRegistration {
     pub sandboxed: bool,
     /// Its disk use and budget, as last reported.
     pub disk: DiskUsage,
+    /// What it holds that an impostor does not: its credential's name and the proof of
+    /// its identity key. The agent id belongs to the first identity that registered it.
+    pub identity: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -345,7 +348,24 @@ pub struct Scheduler {
     /// Assignments made so far: the clock of workspace recency.
     assignments: u64,
     counters: Counters,
+    /// Whose each remote agent id is (see [`Scheduler::refusal`]).
+    claims: HashMap<String, Claim>,
 }
+
+/// The identity an agent id was registered with, and since when it is away.
+#[derive(Debug)]
+struct Claim {
+    identity: String,
+    /// `None` while a connection of the agent is up.
+    away_since: Option<Instant>,
+}
+
+/// How long an agent id stays its agent's after the agent went away. Meanwhile only that
+/// agent may take it (a reconnect after a blip or a restart); after it, another identity
+/// may, so a reinstalled host with a new key gets its id back without a restart of the
+/// coordinator. Its attempts are requeued long before (`reattach_grace`), so nothing of
+/// the old agent's passes to the new one.
+pub const IDENTITY_HOLD: Duration = Duration::from_secs(600);
 
 /// Departed agents whose workspace models are kept; beyond it they are forgotten, which
 /// costs those agents only their next job's affinity.
@@ -366,6 +386,38 @@ impl Scheduler {
             config,
             ..Self::default()
         }
+    }
+
+    /// Why `registration` may not take its agent id; `None` when it may. An id belongs to
+    /// the identity that registered it while that agent is connected, has attempts waiting
+    /// for it to reattach them, or left less than [`IDENTITY_HOLD`] ago: an impostor holding
+    /// some agent credential is refused and never takes over a connection or a job.
+    pub fn refusal(&self, registration: &AgentRegistration, now: Instant) -> Option<String> {
+        if registration.local {
+            return None;
+        }
+        let claim = self.claims.get(&registration.agent_id)?;
+        if claim.identity == registration.identity {
+            return None;
+        }
+        let held = match claim.away_since {
+            None => true,
+            Some(since) => {
+                now.saturating_duration_since(since) < IDENTITY_HOLD
+                    || self.jobs.values().any(|job| {
+                        matches!(&job.state, JobState::Orphaned { agent_id, .. } if *agent_id == registration.agent_id)
+                    })
+            }
+        };
+        held.then(|| {
+            format!(
+                "agent id {:?} belongs to another agent (it registered with another credential \
+                 or identity key); give this agent an id of its own (--id). An agent whose \
+                 identity key was lost may take its id {} min after the old one left",
+                registration.agent_id,
+                IDENTITY_HOLD.as_secs() / 60
+            )
+        })
     }
 
     /// An agent connected. If it is a reconnect, its earlier connections are closed, the
@@ -399,6 +451,7 @@ impl Scheduler {
         let agent_id = registration.agent_id.clone();
         if !registration.local {
             self.demand_unsettled.insert(conn);
+            self.claim(&registration, now);
         }
         self.warm.add(conn, &workspaces);
         self.agents.insert(
@@ -456,10 +509,38 @@ impl Scheduler {
         actions
     }
 
+    /// Records that `registration`'s identity holds its agent id, forgetting claims long
+    /// expired once there are many.
+    fn claim(&mut self, registration: &AgentRegistration, now: Instant) {
+        if self.claims.len() >= MAX_DEPARTED {
+            self.claims.retain(|_, claim| {
+                claim
+                    .away_since
+                    .is_none_or(|since| now.saturating_duration_since(since) < IDENTITY_HOLD)
+            });
+        }
+        self.claims.insert(
+            registration.agent_id.clone(),
+            Claim {
+                identity: registration.identity.clone(),
+                away_since: None,
+            },
+        );
+    }
+
     fn orphan_jobs_of(&mut self, conn: ConnId, now: Instant) -> Vec<Action> {
         let Some(mut agent) = self.agents.remove(&conn) else {
             return Vec::new();
         };
+        let agent_id = &agent.registration.agent_id;
+        if !self
+            .agents
+            .values()
+            .any(|other| other.registration.agent_id == *agent_id)
+            && let Some(claim) = self.claims.get_mut(agent_id)
+        {
+            claim.away_since = Some(now);
+        }
         self.demand_unsettled.remove(&conn);
         self.warm.remove(&agent.workspaces);
         if self.departed.len() >= MAX_DEPARTED {

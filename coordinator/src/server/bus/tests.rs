@@ -257,6 +257,7 @@ fn hello(agent_id: &str, token: &str, slots: u32) -> Hello {
         attempts: Vec::<HeldAttempt>::new(),
         sandboxed: true,
         disk: buildpool_core::bus::DiskUsage::default(),
+        identity: format!("key of {agent_id}"),
     }
 }
 
@@ -476,6 +477,73 @@ async fn a_declined_assignment_goes_to_another_agent_and_the_stale_attempt_is_fe
         [b"fresh\n".as_slice()],
         "only the holder's output is in the log"
     );
+}
+
+/// An agent id belongs to the agent that registered it. A second agent holding the same
+/// credential but another identity key is refused with the reason, and the first keeps its
+/// connection and its running job; the first agent reconnecting takes over its own id at
+/// once, as after a blip.
+#[tokio::test]
+async fn an_impostor_of_an_agent_id_is_refused_and_the_real_agent_keeps_its_job() {
+    let bus = Bus::new();
+    let mut real = bus.agent("worker-2").await;
+    wait_for(|| bus.agent_ids() == ["worker-2"]).await;
+    let (job_id, job) = bus.submit().await;
+    let CoordinatorMessage::Assign(assignment) = next_assignment_or_ack(&mut real).await else {
+        panic!("the real agent gets the job")
+    };
+    assert_eq!(assignment.key, AttemptKey::new(job_id, 1));
+
+    let mut impostor = bus.connect().await;
+    let mut forged = hello("worker-2", TOKEN, 4);
+    forged.identity = "another key".into();
+    forged.attempts = vec![HeldAttempt {
+        key: assignment.key,
+        finished: false,
+    }];
+    impostor
+        .send(AgentMessage::Hello(forged))
+        .await
+        .expect("hello sent");
+    let answer = impostor.recv_within(WAIT).await.expect("an answer");
+    let Some(CoordinatorMessage::Reject(reject)) = answer else {
+        panic!("the impostor is rejected, not {answer:?}")
+    };
+    assert_eq!(reject.code, RejectCode::IdTaken);
+    assert!(
+        reject.message.contains("belongs to another agent"),
+        "{}",
+        reject.message
+    );
+    assert_eq!(bus.agent_ids(), ["worker-2"]);
+    assert!(matches!(
+        *job.phase.borrow(),
+        JobEvent::Assigned { attempt: 1, .. }
+    ));
+    // The real agent still holds the attempt: its result is taken.
+    real.send(AgentMessage::Finished {
+        key: assignment.key,
+        completion: Completion {
+            end: JobEnd::Exited { code: 0 },
+            duration: Duration::ZERO,
+            env: Some(RunEnv::Host),
+            phases: buildpool_core::AgentPhases::default(),
+        },
+    })
+    .await
+    .expect("sent");
+    assert_eq!(
+        next_assignment_or_ack(&mut real).await,
+        CoordinatorMessage::ResultAck(assignment.key)
+    );
+
+    // The real agent reconnecting (same key) takes over its own id at once.
+    let (_again, answer) = bus.hello("worker-2", TOKEN, 1).await;
+    assert!(
+        matches!(answer, CoordinatorMessage::Welcome(_)),
+        "{answer:?}"
+    );
+    wait_for(|| bus.agent_ids() == ["worker-2"]).await;
 }
 
 /// A result is acknowledged once it is stored. While the store is slow, the agent's other

@@ -14,6 +14,7 @@ fn registration(agent_id: &str, slots: u32, local: bool) -> AgentRegistration {
         connected_at_unix_ms: 0,
         sandboxed: true,
         disk: DiskUsage::default(),
+        identity: format!("key of {agent_id}"),
     }
 }
 
@@ -478,6 +479,48 @@ fn a_reconnecting_agent_reattaches_its_attempts_within_the_grace_window() {
     assert!(scheduler.holds(3, key(1, 1)));
     let done = finished(&scheduler.finished(3, key(1, 1), exited(0), now + Duration::from_secs(7)));
     assert_eq!((done.len(), done[0].1.attempt), (1, 1));
+}
+
+/// An agent id belongs to the identity that registered it: while that agent is connected,
+/// while an attempt waits for it to reattach, and for [`IDENTITY_HOLD`] after it left.
+/// Only then may another identity take the id; the same identity always may.
+#[test]
+fn an_agent_id_is_refused_to_another_identity_while_its_agent_holds_it() {
+    let now = Instant::now();
+    let mut scheduler = Scheduler::default();
+    let real = registration("a", 1, false);
+    let impostor = AgentRegistration {
+        identity: "another key".into(),
+        ..registration("a", 4, false)
+    };
+    assert_eq!(scheduler.refusal(&impostor, now), None, "a new id is free");
+    scheduler.agent_connected(1, real.clone(), &[], now);
+    submit(&mut scheduler, 1, now);
+    assert!(scheduler.holds(1, key(1, 1)));
+    let refused = scheduler
+        .refusal(&impostor, now)
+        .expect("refused while connected");
+    assert!(refused.contains("belongs to another agent"), "{refused}");
+    assert_eq!(
+        scheduler.refusal(&real, now),
+        None,
+        "its own reconnect takes over"
+    );
+
+    // Gone, with its attempt orphaned: still its agent's, however long the wait.
+    scheduler.agent_disconnected(1, now);
+    assert!(scheduler.refusal(&impostor, now + IDENTITY_HOLD).is_some());
+    // The attempt is requeued after the grace; the id is held until the hold ends.
+    let later = now + Duration::from_secs(16);
+    scheduler.tick(later);
+    assert!(scheduler.refusal(&impostor, later).is_some());
+    let after_hold = now + IDENTITY_HOLD + Duration::from_secs(1);
+    assert_eq!(scheduler.refusal(&impostor, after_hold), None);
+    // The local agent's id is never claimed.
+    assert_eq!(
+        scheduler.refusal(&registration("local", 1, true), now),
+        None
+    );
 }
 
 #[test]

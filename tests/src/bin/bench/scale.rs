@@ -274,6 +274,7 @@ async fn simulated_agent(
             attempts: Vec::new(),
             sandboxed: true,
             disk: DiskUsage::default(),
+            identity: format!("sim-{index}-key"),
         };
         socket.send(AgentMessage::Hello(hello)).await?;
         let welcome = match socket.recv_within(HANDSHAKE_TIMEOUT).await? {
