@@ -393,7 +393,11 @@ impl Cluster {
 
     /// The command for a build agent with its own cache and workspaces under the scratch dir.
     pub fn agent_command(&self, id: &str, slots: u32, extra: &[&str]) -> Command {
-        let dir = self.fixture.scratch().join(id);
+        self.agent_command_in(&self.fixture.scratch().join(id), id, slots, extra)
+    }
+
+    /// [`Cluster::agent_command`] with the agent's caches and workspaces under `dir`.
+    pub fn agent_command_in(&self, dir: &Path, id: &str, slots: u32, extra: &[&str]) -> Command {
         let mut command = Command::new(agent_bin());
         if !extra.contains(&"--server") {
             command.args(["--server", &self.bus_url()]);

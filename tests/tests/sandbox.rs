@@ -250,7 +250,14 @@ fn a_hostile_job_finds_nothing_of_the_agent_or_another_tenant() {
         exposed.stderr.contains("LEAKED") && exposed.stderr.contains("read the token from"),
         "{exposed}"
     );
-    let _ = std::fs::remove_file(&host_tmp_marker);
+    // Unsandboxed (and as root in CI) its writes outside really happened.
+    for written in [
+        host_tmp_marker,
+        PathBuf::from("/written-by-a-hostile-job"),
+        PathBuf::from("/etc/written-by-a-hostile-job"),
+    ] {
+        let _ = std::fs::remove_file(written);
+    }
 }
 
 /// Workspace directories of one repository on an agent: `slot-N` entries.

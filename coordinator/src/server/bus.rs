@@ -296,17 +296,9 @@ pub(crate) async fn handle_stream(
 
     let conn = shared.next_conn_id();
     let span = tracing::info_span!("agent", agent_id = %hello.agent_id, conn, %peer);
-    serve_agent(
-        shared,
-        conn,
-        hello,
-        identity,
-        peer,
-        socket,
-        shutdown,
-    )
-    .instrument(span)
-    .await;
+    serve_agent(shared, conn, hello, identity, peer, socket, shutdown)
+        .instrument(span)
+        .await;
 }
 
 /// The reject for a hello that could not be read at all.
