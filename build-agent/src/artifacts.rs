@@ -571,6 +571,54 @@ mod tests {
         );
     }
 
+    /// Lines as a hostile job prints them: real and forged cargo messages, JSON that is no
+    /// message, broken JSON, plain text, with or without their newline.
+    fn stdout_line() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            "[a-z {}\\\"/.:]{0,40}\n",
+            "\\{\"reason\":\"compiler-artifact\",\"executable\":\"/build/t/target/[a-z./]{0,20}\"\\}\n",
+            "\\{\"reason\":\"build-finished\",\"success\":true\\}\n",
+            "\\{\"reason\":[0-9]{1,3},\"executable\":null\\}\n",
+            "\\{\"rea[a-z\"]{0,10}\n",
+            "\\{[^\n]{0,60}",
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the job prints, split wherever the pipe splits it: the parser never
+        /// panics, and what it forwards and what it reads do not depend on the split.
+        #[test]
+        fn the_cargo_message_parser_reads_the_same_however_stdout_is_split(
+            lines in proptest::collection::vec(stdout_line(), 0..24),
+            cuts in proptest::collection::vec(any_index(), 0..8),
+        ) {
+            let stdout: Vec<u8> = lines.concat().into_bytes();
+            let mut whole = MessageFilter::default();
+            let mut forwarded_whole = whole.feed(&stdout);
+            let (rest, named_whole) = whole.finish();
+            forwarded_whole.extend(rest);
+
+            let mut at: Vec<usize> = cuts.iter().map(|cut| cut.index(stdout.len() + 1)).collect();
+            at.sort_unstable();
+            let mut split = MessageFilter::default();
+            let mut forwarded = Vec::new();
+            let mut start = 0;
+            for end in at.into_iter().chain([stdout.len()]) {
+                forwarded.extend(split.feed(&stdout[start..end]));
+                start = end;
+            }
+            let (rest, named) = split.finish();
+            forwarded.extend(rest);
+            proptest::prop_assert_eq!(forwarded, forwarded_whole);
+            proptest::prop_assert_eq!(named, named_whole);
+        }
+    }
+
+    fn any_index() -> impl proptest::strategy::Strategy<Value = proptest::sample::Index> {
+        proptest::arbitrary::any::<proptest::sample::Index>()
+    }
+
     #[test]
     fn a_flood_of_artifact_messages_is_bounded() {
         let mut filter = MessageFilter::default();

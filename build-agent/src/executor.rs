@@ -186,16 +186,18 @@ fn sccache_env(sccache: &Path, dir: &Path) -> std::io::Result<Vec<(OsString, OsS
 impl Executor {
     /// The command that runs the job in `workspace`: plain cargo on the developer's machine;
     /// on a build host cargo with the repository's own cargo home (and sccache directory),
-    /// contained by the sandbox. Also returns where cargo sees the target directory.
+    /// contained by the sandbox. Also returns where cargo sees the target directory, and
+    /// whether the checkout's files were handed to the job's user (see
+    /// [`Sandbox::hand_over`]).
     fn job_command(
         &self,
         spec: &JobSpec,
         dev_env: Option<&DevEnv>,
         workspace: &Workspace,
-    ) -> std::io::Result<(CommandSpec, PathBuf)> {
+    ) -> std::io::Result<(CommandSpec, PathBuf, bool)> {
         let Some(sandbox) = &self.config.sandbox else {
             let command = cargo_command(spec, dev_env, &workspace.src, &workspace.target);
-            return Ok((command, workspace.target.clone()));
+            return Ok((command, workspace.target.clone(), false));
         };
         let repo_dir = workspace.repo_dir();
         let sccache = self
@@ -217,13 +219,13 @@ impl Executor {
             std::fs::create_dir_all(dir)?;
         }
         copy_cargo_config(&paths.cargo_home)?;
-        sandbox.hand_over(&paths)?;
+        let handed_over = sandbox.hand_over(&paths)?;
         let view = sandbox.view(&paths);
         let mut command = cargo_command(spec, dev_env, &view.src, &view.target);
         if let (Some(sccache), Some(dir)) = (sccache, view.sccache_dir) {
             command.env.extend(sccache_env(&sccache, &dir)?);
         }
-        Ok((sandbox.wrap(&paths, command), view.target))
+        Ok((sandbox.wrap(&paths, command), view.target, handed_over))
     }
 
     /// Whether a job of `repo_id` fits in the disk budget beside the running ones.
@@ -452,7 +454,7 @@ impl Executor {
             Err(_) => return ended_early(JobEnd::TimedOut, started),
         };
 
-        let (mut command, visible_target) =
+        let (mut command, visible_target, handed_over) =
             match self.job_command(&job.spec, dev_env.as_ref(), &workspace) {
                 Ok(command) => command,
                 Err(error) => {
@@ -461,6 +463,13 @@ impl Executor {
                     return ended_early(JobEnd::Failed { reason }, started);
                 }
             };
+        if handed_over && let Err(error) = workspace.refresh_index().await {
+            // Costs the next job a rewrite of the files handed over, and cargo their rebuild.
+            tracing::warn!(
+                "refreshing workspace slot {}'s index failed: {error}",
+                workspace.slot
+            );
+        }
         command.registry = Some(self.config.worktree_dir.join(process::REGISTRY_DIR));
         let limits = RunLimits {
             timeout: timeout.saturating_sub(started.elapsed()),

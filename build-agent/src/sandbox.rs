@@ -273,18 +273,22 @@ impl Sandbox {
     /// The job controlled these trees, so the walk opens each directory from its parent
     /// without following links and changes owners without following them: a link planted
     /// by a job cannot turn this into a change of some host file's owner.
-    pub fn hand_over(&self, paths: &JobPaths) -> std::io::Result<()> {
+    ///
+    /// Returns whether files of the checkout changed owner: git's index then no longer
+    /// matches their status, and must be refreshed (see `Workspace::refresh_index`), or the
+    /// next checkout would write them again and cargo rebuild what they belong to.
+    pub fn hand_over(&self, paths: &JobPaths) -> std::io::Result<bool> {
         let Some(user) = self.job_user() else {
-            return Ok(());
+            return Ok(false);
         };
-        hand_over_tree(&paths.src, user, true)?;
+        let checkout_changed = hand_over_tree(&paths.src, user, true)? > 0;
         for dir in [&paths.target, &paths.cargo_home]
             .into_iter()
             .chain(&paths.sccache_dir)
         {
             hand_over_tree(dir, user, false)?;
         }
-        Ok(())
+        Ok(checkout_changed)
     }
 
     pub fn mode(&self) -> SandboxMode {
@@ -657,19 +661,26 @@ fn toolchain_dirs(base_env: &[(OsString, OsString)]) -> Vec<PathBuf> {
 }
 
 /// Gives `dir` to `user`, the whole tree when `whole` or when its top was someone
-/// else's. Opens every directory from its parent with `O_NOFOLLOW` and changes owners with
-/// `AT_SYMLINK_NOFOLLOW`: links are given over themselves, never followed.
-fn hand_over_tree(dir: &Path, user: JobUser, whole: bool) -> std::io::Result<()> {
+/// else's; returns how many entries below the top changed owner. Opens every directory
+/// from its parent with `O_NOFOLLOW` and changes owners with `AT_SYMLINK_NOFOLLOW`: links
+/// are given over themselves, never followed. Entries that are the user's already are left
+/// alone, so their status (which git compares) changes only where something new is.
+fn hand_over_tree(dir: &Path, user: JobUser, whole: bool) -> std::io::Result<usize> {
     use rustix::fs::{
         AtFlags, FileType, Gid, Mode, OFlags, Uid, chownat, fchown, fstat, openat, statat,
     };
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let top = openat(rustix::fs::CWD, dir, flags, Mode::empty())?;
-    let was_theirs = fstat(&top)?.st_uid == user.uid;
+    let top_stat = fstat(&top)?;
+    let theirs = |stat: &rustix::fs::Stat| stat.st_uid == user.uid && stat.st_gid == user.gid;
+    let was_theirs = theirs(&top_stat);
     let owner = (Some(Uid::from_raw(user.uid)), Some(Gid::from_raw(user.gid)));
-    fchown(&top, owner.0, owner.1)?;
+    if !was_theirs {
+        fchown(&top, owner.0, owner.1)?;
+    }
+    let mut changed = 0;
     if was_theirs && !whole {
-        return Ok(());
+        return Ok(changed);
     }
     // Directories still to walk, by their parent's descriptor and name: only the chain
     // of parents with pending children holds descriptors, not every directory seen.
@@ -690,19 +701,17 @@ fn hand_over_tree(dir: &Path, user: JobUser, whole: bool) -> std::io::Result<()>
             if name == c"." || name == c".." {
                 continue;
             }
-            chownat(&*dir, name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)?;
-            let is_dir = match entry.file_type() {
-                FileType::Directory => true,
-                FileType::Unknown => statat(&*dir, name, AtFlags::SYMLINK_NOFOLLOW)
-                    .is_ok_and(|stat| FileType::from_raw_mode(stat.st_mode) == FileType::Directory),
-                _ => false,
-            };
-            if is_dir {
+            let stat = statat(&*dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+            if !theirs(&stat) {
+                chownat(&*dir, name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)?;
+                changed += 1;
+            }
+            if FileType::from_raw_mode(stat.st_mode) == FileType::Directory {
                 pending.push((Rc::clone(&dir), name.to_owned()));
             }
         }
     }
-    Ok(())
+    Ok(changed)
 }
 
 /// The agent's own cargo home: `CARGO_HOME`, else `~/.cargo`. Its config travels into each

@@ -209,6 +209,18 @@ impl Workspace {
         Ok(true)
     }
 
+    /// Records the checkout's files as they are now in git's index. Giving them to another
+    /// owner (a root agent's job user) changes their status, which git compares: without
+    /// this, the next checkout would take them for modified and write them again, and cargo
+    /// would rebuild what they belong to.
+    pub async fn refresh_index(&self) -> Result<(), GitError> {
+        in_checkout(&self.src)
+            .args(["update-index", "-q", "--refresh"])
+            .output()
+            .await
+            .map(drop)
+    }
+
     /// Checks `commit` out, leaving exactly the snapshot's files (plus the outside target).
     /// A checkout [`Workspace::clean`] cleaned before (`cleaned`) is not cleaned again:
     /// switching commits removes and writes tracked files only, and there are no others.

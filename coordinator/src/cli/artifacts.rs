@@ -175,6 +175,80 @@ mod tests {
         assert_eq!(leftovers.count(), 0, "no temporary file left behind");
     }
 
+    /// Chunks as a rogue agent or a broken coordinator might send them: paths that climb,
+    /// are absolute or empty, indexes, counts and offsets out of order, wrong checksums.
+    fn hostile_chunk() -> impl proptest::strategy::Strategy<Value = ArtifactChunk> {
+        use proptest::prelude::*;
+        (
+            0u32..3,
+            0u32..3,
+            prop_oneof![
+                Just("debug/app".to_owned()),
+                Just("../outside".to_owned()),
+                Just("/etc/passwd".to_owned()),
+                Just("debug/../../x".to_owned()),
+                Just(String::new()),
+                "[a-z./]{0,12}",
+            ],
+            0u64..16,
+            proptest::collection::vec(any::<u8>(), 0..8),
+            proptest::option::of("[0-9a-f]{64}"),
+        )
+            .prop_map(
+                |(index, count, rel_path, offset, data, sha256)| ArtifactChunk {
+                    index,
+                    count,
+                    rel_path,
+                    mode: 0o4755,
+                    offset,
+                    data: Bytes::from(data),
+                    sha256,
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// No sequence of chunks panics the receiver or puts anything outside `target/`,
+        /// and nothing set-uid arrives.
+        #[test]
+        fn hostile_chunks_never_land_outside_the_target(
+            chunks in proptest::collection::vec(hostile_chunk(), 0..12),
+        ) {
+            let root = tempfile::tempdir().expect("temp");
+            let target = root.path().join("target");
+            let mut receiver = Receiver::new(&target);
+            for chunk in &chunks {
+                if receiver.take(chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = receiver.finish();
+            let outside: Vec<_> = std::fs::read_dir(root.path())
+                .expect("root")
+                .flatten()
+                .map(|entry| entry.file_name())
+                .filter(|name| name != "target")
+                .collect();
+            proptest::prop_assert!(outside.is_empty(), "{outside:?}");
+            for entry in walk(&target) {
+                let mode = std::fs::symlink_metadata(&entry).expect("meta").permissions().mode();
+                proptest::prop_assert_eq!(mode & 0o7000, 0, "{}", entry.display());
+            }
+        }
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(walk(&path));
+            }
+            found.push(path);
+        }
+        found
+    }
+
     #[test]
     fn a_transfer_that_ends_early_copies_nothing() {
         let target = tempfile::tempdir().expect("temp");

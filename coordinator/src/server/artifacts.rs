@@ -284,6 +284,66 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever chunks an agent sends (paths that climb or are absolute, attempts,
+        /// indexes and offsets in any order, any sizes), the store never panics and writes
+        /// nothing outside its directory.
+        #[test]
+        fn hostile_chunks_stay_in_the_store(
+            chunks in proptest::collection::vec(
+                (
+                    1u64..3,
+                    1u32..3,
+                    0u32..3,
+                    0u32..3,
+                    proptest::prop_oneof![
+                        proptest::strategy::Just("debug/app".to_owned()),
+                        proptest::strategy::Just("../../escaped".to_owned()),
+                        proptest::strategy::Just("/tmp/escaped".to_owned()),
+                        "[a-z./]{0,12}",
+                    ],
+                    0u64..8,
+                    proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..8),
+                    proptest::arbitrary::any::<bool>(),
+                ),
+                0..16,
+            ),
+        ) {
+            // `fetch` starts its stream's reading on the runtime.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let _inside = runtime.enter();
+            let root = tempfile::tempdir().expect("temp");
+            let dir = root.path().join("store");
+            let store = ArtifactStore::open(&dir).expect("open");
+            for (job_id, attempt, index, count, rel_path, offset, data, last) in chunks {
+                store.receive(
+                    AttemptKey::new(job_id, attempt),
+                    &ArtifactChunk {
+                        index,
+                        count,
+                        rel_path,
+                        mode: 0o755,
+                        offset,
+                        data: Bytes::from(data),
+                        sha256: last.then(|| "00".repeat(32)),
+                    },
+                );
+            }
+            let _ = store.fetch(1);
+            let _ = store.fetch(2);
+            let outside: Vec<_> = std::fs::read_dir(root.path())
+                .expect("root")
+                .flatten()
+                .map(|entry| entry.file_name())
+                .filter(|name| name != "store")
+                .collect();
+            proptest::prop_assert!(outside.is_empty(), "{outside:?}");
+        }
+    }
+
     #[tokio::test]
     async fn only_a_complete_set_of_the_newest_attempt_is_handed_out() {
         let dir = tempfile::tempdir().expect("temp");

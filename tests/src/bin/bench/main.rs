@@ -441,8 +441,8 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A fresh bare repository fetching the coordinator's main branch, through the tunnel when
-/// a credential is given, else from the daemon directly.
+/// A fresh bare repository fetching the coordinator's snapshots (all an agent is offered),
+/// through the tunnel when a credential is given, else from the daemon directly.
 fn timed_fetch(
     cluster: &Cluster,
     dir: &Path,
@@ -470,13 +470,22 @@ fn timed_fetch(
             fetch.arg(format!("git://127.0.0.1:{}/.git", cluster.git_daemon_port));
         }
     }
-    fetch.arg("+refs/heads/*:refs/heads/*");
+    fetch.arg("+refs/buildpool/snapshots/*:refs/snapshots/*");
     let started = Instant::now();
     let output = fetch.output()?;
     if !output.status.success() {
         bail!("fetch failed: {}", String::from_utf8_lossy(&output.stderr));
     }
-    Ok(started.elapsed())
+    let elapsed = started.elapsed();
+    let fetched = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["for-each-ref", "refs/snapshots/"])
+        .output()?;
+    if fetched.stdout.is_empty() {
+        bail!("the fetch brought no snapshot");
+    }
+    Ok(elapsed)
 }
 
 fn security(rounds: usize) -> anyhow::Result<()> {
@@ -490,7 +499,12 @@ fn security(rounds: usize) -> anyhow::Result<()> {
     };
     let direct = Cluster::start_with(Fixture::new()?, 1, 1, &direct_options)?;
 
-    // 1. One fetch of the whole fixture repository, both ways, from the same daemon.
+    // 1. One fetch of the fixture's snapshot (a job makes it), both ways, from the same
+    // daemon.
+    let made = tunnelled.fixture.run(&["run", "check"])?;
+    if made.code != Some(0) {
+        bail!("the snapshot's job failed: {made}");
+    }
     let scratch = tunnelled.fixture.scratch();
     let token = std::fs::read_to_string(tunnelled.fixture.token_file())?;
     let token = token.trim();
