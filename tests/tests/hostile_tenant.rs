@@ -416,3 +416,35 @@ fn a_hostile_job_of_an_unprivileged_agent_gets_nothing_either() {
         );
     }
 }
+
+/// A second agent holding a valid agent credential takes the id of a connected one: it is
+/// refused, told why, and the real agent keeps its connection and runs the next job.
+#[test]
+fn an_impostor_agent_is_refused_the_id_of_a_connected_one() {
+    let cluster = Cluster::start(Fixture::new().expect("fixture"), 1, 1).expect("cluster");
+    let scratch = cluster.fixture.scratch();
+    // Its own state, so its own identity key; the same credential.
+    let impostor = Owned::spawn(
+        cluster.agent_command_in(&scratch.join("impostor"), "worker-1", 1, &[]),
+        scratch.join("impostor.log"),
+    )
+    .expect("impostor");
+    assert!(
+        wait_until(Duration::from_secs(20), || impostor
+            .log_text()
+            .contains("belongs to another agent")),
+        "{}",
+        impostor.log_text()
+    );
+    assert_eq!(cluster.agent_ids(), ["worker-1"]);
+    let run = cluster.fixture.run(&["run", "check"]).expect("runs");
+    assert_eq!(run.code, Some(0), "{run}");
+    assert!(run.stderr.contains("on worker-1"), "{run}");
+    let real = std::fs::read_to_string(scratch.join("worker-1.log")).expect("agent log");
+    assert!(real.contains("connected coordinator"), "{real}");
+    assert!(
+        !impostor.log_text().contains("connected coordinator"),
+        "the impostor never got in: {}",
+        impostor.log_text()
+    );
+}
