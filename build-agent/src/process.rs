@@ -186,7 +186,11 @@ pub struct Collected {
     pub stderr: Vec<u8>,
 }
 
-/// Runs a short command (a probe, a check) like [`run`] and collects its output.
+/// Bytes of each stream [`collect`] keeps; a probe's answer is a few lines.
+const COLLECTED_BYTES: usize = 64 * 1024;
+
+/// Runs a short command (a probe, a check) like [`run`] and collects the start of its
+/// output (at most [`COLLECTED_BYTES`] of each stream).
 pub async fn collect(spec: CommandSpec, timeout: Duration) -> std::io::Result<Collected> {
     let (sender, mut receiver) = mpsc::channel::<OutputChunk>(16);
     let limits = RunLimits {
@@ -196,10 +200,12 @@ pub async fn collect(spec: CommandSpec, timeout: Duration) -> std::io::Result<Co
     let gather = async move {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         while let Some(chunk) = receiver.recv().await {
-            match chunk.stream {
-                OutputStream::Stdout => stdout.extend_from_slice(&chunk.data),
-                OutputStream::Stderr => stderr.extend_from_slice(&chunk.data),
-            }
+            let kept: &mut Vec<u8> = match chunk.stream {
+                OutputStream::Stdout => &mut stdout,
+                OutputStream::Stderr => &mut stderr,
+            };
+            let room = COLLECTED_BYTES.saturating_sub(kept.len());
+            kept.extend_from_slice(&chunk.data[..chunk.data.len().min(room)]);
         }
         (stdout, stderr)
     };
@@ -250,7 +256,8 @@ pub async fn run(
         None => None,
     };
     let mut child = command.spawn()?;
-    // The child holds its end of the pipe now; ours must go, or it never sees the end.
+    // The child holds its end of the pipe now. Ours must go: while it is open, writing to a
+    // child that died would block for ever instead of failing.
     drop(command);
     if let Some((mut writer, options)) = options {
         // More than a pipe holds would block: written beside the process, which reads it
