@@ -63,6 +63,14 @@ fn pry() -> Vec<String> {
         if std::fs::write("/usr/written-by-a-job", "x").is_ok() {
             found.push("wrote /usr".into());
         }
+        // The agent runs git in the checkout after the job: a `.git` pointing at a
+        // repository of the job's would let it choose what git runs (core.fsmonitor).
+        let git_link = workspace.join(".git");
+        if std::fs::write(&git_link, "gitdir: /build/evil\n").is_ok()
+            || std::fs::remove_file(&git_link).is_ok()
+        {
+            found.push("rewrote the checkout's .git link".into());
+        }
     }
     // The agent user's home and the coordinator's secrets when they share a user.
     for secret in SECRETS {
