@@ -195,6 +195,10 @@ fn install_and_uninstall_keep_unrelated_settings_and_are_idempotent() {
     assert_eq!(entries[0], before["hooks"]["PreToolUse"][0]);
     assert_eq!(entries[1]["matcher"], "Bash");
     assert_eq!(entries[1]["hooks"][0]["command"], "buildpool hook claude");
+    assert_eq!(
+        settings["hooks"]["SessionStart"][0]["hooks"][0]["command"],
+        "buildpool hook claude"
+    );
     assert_eq!(settings["permissions"], before["permissions"]);
     assert_eq!(
         settings["hooks"]["PostToolUse"],
@@ -332,4 +336,125 @@ fn the_cargo_shim_offloads_builds_and_tests_and_execs_the_real_cargo_for_the_res
     assert_eq!(pooled.code, Some(0), "{pooled}");
     assert!(pooled.stderr.contains("running on worker-1"), "{pooled}");
     assert_eq!(test_counts(&pooled.stdout), test_counts(&local.stdout));
+}
+
+/// A SessionStart event as Claude Code sends it when a session starts in `cwd`.
+fn session_start_event(cwd: &Path) -> String {
+    json!({
+        "session_id": "8a0b3c5e-2f4d-4e6a-9b1c-7d2e3f4a5b6c",
+        "transcript_path": "/home/dev/.claude/projects/x.jsonl",
+        "cwd": cwd,
+        "hook_event_name": "SessionStart",
+        "source": "startup",
+    })
+    .to_string()
+}
+
+/// `bash -c line` in `dir` as Claude Code's Bash tool runs it in a session: the session's
+/// environment file applied first.
+fn session_bash(fixture: &Fixture, dir: &Path, env_file: &Path, line: &str) -> RunOutput {
+    let mut bash = Command::new("bash");
+    bash.arg("-c")
+        .arg(format!(". '{}'\n{line}", env_file.display()))
+        .current_dir(dir);
+    fixture.apply_env(&mut bash);
+    bash.output().expect("bash runs").into()
+}
+
+/// Jobs the coordinator was given so far, from its metrics.
+fn jobs_submitted(cluster: &Cluster) -> u64 {
+    let url = format!("{}/metrics", cluster.http_url().expect("http url"));
+    let (status, body) = buildpool_tests::http_get(&url).expect("metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|line| line.starts_with("buildpool_jobs_submitted_total"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// With the hook's SessionStart entry, compound command lines (pipes, redirections, lists,
+/// `bash -c`, `timeout`, a `cd` into a member) send each cargo they run to the pool, with
+/// local cargo's exit status and test result lines, and the line itself is never touched.
+#[test]
+fn a_session_started_with_the_hook_sends_the_cargo_of_compound_lines_to_the_pool() {
+    let cluster = Cluster::start(Fixture::new().expect("fixture"), 1, 1).expect("cluster");
+    let fixture = &cluster.fixture;
+    let root = fixture.root();
+    let env_file = fixture.scratch().join("claude-env");
+    let cache = fixture.scratch().join("cache");
+    let env = [
+        ("CLAUDE_ENV_FILE", env_file.to_str().expect("utf-8")),
+        ("XDG_CACHE_HOME", cache.to_str().expect("utf-8")),
+    ];
+    for _ in 0..2 {
+        let out = run_hook(&session_start_event(&root), &env).expect("hook runs");
+        assert_eq!(out.code, Some(0), "{out}");
+        assert_eq!(out.stdout, "", "nothing reaches the model's context");
+    }
+    let exports = std::fs::read_to_string(&env_file).expect("env file");
+    assert_eq!(
+        exports.lines().count(),
+        1,
+        "one line however often: {exports}"
+    );
+    assert!(exports.starts_with("export PATH="), "{exports}");
+
+    let local = local_cargo(&root, &["test"]);
+    let local_results: Vec<String> = local
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with("test result:"))
+        .map(str::to_owned)
+        .collect();
+    assert!(!local_results.is_empty(), "{local}");
+    let mut submitted = jobs_submitted(&cluster);
+    for (line, jobs) in [
+        ("cargo test 2>&1 | grep '^test result:'", 1),
+        ("cargo check && cargo test 2>&1 | tail -n 40", 2),
+        ("bash -c 'cargo test' 2>/dev/null | grep '^test result:'", 1),
+        ("timeout 300 cargo test 2>&1 | grep '^test result:'", 1),
+        ("cd app && cargo test 2>&1 | tail -n 40", 1),
+        (
+            "for kind in check build; do cargo $kind || exit 1; done 2>&1",
+            2,
+        ),
+    ] {
+        let out = session_bash(fixture, &root, &env_file, line);
+        assert_eq!(out.code, Some(0), "{line}: {out}");
+        let now = jobs_submitted(&cluster);
+        assert_eq!(
+            now - submitted,
+            jobs,
+            "{line}: every cargo of the line on the pool: {out}"
+        );
+        submitted = now;
+        if line.contains("grep") {
+            let results: Vec<&str> = out.stdout.lines().collect();
+            assert_eq!(results, local_results, "{line}: {out}");
+        }
+    }
+    // A failing test: the pipeline's cargo fails with local cargo's status, on the pool.
+    fixture
+        .write(
+            "app/tests/fails.rs",
+            "#[test]\nfn fails() {\n    panic!(\"boom\");\n}\n",
+        )
+        .expect("failing test");
+    let failing = session_bash(
+        fixture,
+        &root,
+        &env_file,
+        "cargo test -p app --test fails 2>&1 | grep -E 'boom|^test result'; echo \"status ${PIPESTATUS[0]}\"",
+    );
+    assert!(failing.stdout.contains("status 101"), "{failing}");
+    assert!(failing.stdout.contains("boom"), "{failing}");
+    assert_eq!(jobs_submitted(&cluster) - submitted, 1, "{failing}");
+    std::fs::remove_file(root.join("app/tests/fails.rs")).expect("remove");
+    // What the shim does not offload runs as typed, here.
+    let version = session_bash(fixture, &root, &env_file, "cargo --version");
+    assert_eq!(
+        version.stdout,
+        local_cargo(&root, &["--version"]).stdout,
+        "{version}"
+    );
 }

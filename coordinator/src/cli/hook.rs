@@ -1,5 +1,12 @@
-//! `buildpool hook`: Claude Code's PreToolUse hook, which turns the cargo commands agents
-//! type into `buildpool run`, and its entry in Claude Code's settings.
+//! `buildpool hook`: Claude Code's hooks and their entries in Claude Code's settings.
+//!
+//! - `SessionStart`: puts the cargo shim first on the session's `PATH` (an `export` line in
+//!   the file `$CLAUDE_ENV_FILE` names, which Claude Code applies to every later Bash
+//!   command). Every cargo a command line runs, at any depth (`cargo test 2>&1 | tail`,
+//!   `cargo check && cargo test`, `bash -c`, `timeout`), then decides for itself, by the
+//!   shim's rules, and the line itself is untouched, so the user's permission rules see
+//!   exactly what the model wrote.
+//! - `PreToolUse` (Bash): turns a plain cargo command it can vouch for into `buildpool run`.
 //!
 //! `hook claude` never stands in the way: it answers only when it rewrites, and any doubt
 //! or failure lets the command run as typed. It starts no async runtime and no process,
@@ -15,6 +22,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
+use super::shim;
 use crate::offload::{self, PassThrough, place};
 
 /// Set to `off` to let every command through untouched.
@@ -95,6 +103,15 @@ fn claude() {
     if read.is_err() || event.len() as u64 > MAX_EVENT_BYTES || switched_off() {
         return;
     }
+    if is_session_start(&event) {
+        // Nothing is printed: a SessionStart hook's output becomes the model's context.
+        if let Some(env_file) = std::env::var_os(ENV_FILE_ENV)
+            && let Err(error) = start_session(Path::new(&env_file))
+        {
+            eprintln!("buildpool hook: the cargo shim is not on this session's PATH: {error:#}");
+        }
+        return;
+    }
     let Ok(buildpool) = this_buildpool() else {
         return;
     };
@@ -102,6 +119,42 @@ fn claude() {
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "{answer}").and_then(|()| stdout.flush());
     }
+}
+
+/// Names the file whose `export` lines Claude Code applies to the session's Bash commands;
+/// set for `SessionStart` hooks.
+const ENV_FILE_ENV: &str = "CLAUDE_ENV_FILE";
+
+fn is_session_start(event: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(event)
+        .is_ok_and(|event| event["hook_event_name"] == "SessionStart")
+}
+
+/// Puts this buildpool's cargo shim first on the session's `PATH`: makes the shim's
+/// directory (see [`shim::session_dir`]) and adds its `export` line to `env_file`, once
+/// (the event comes again on resume, clear and compaction).
+fn start_session(env_file: &Path) -> anyhow::Result<()> {
+    let exe = shim::this_binary()?;
+    let dir = shim::session_dir(&exe);
+    shim::link(&dir, &exe)?;
+    let dir = dir.to_str().context("the shim's directory is not UTF-8")?;
+    let line = format!("export PATH={}:\"$PATH\"", offload::shell::quote(dir));
+    let present = std::fs::read_to_string(env_file).unwrap_or_default();
+    if present.lines().any(|existing| existing == line) {
+        return Ok(());
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(env_file)
+        .with_context(|| format!("cannot open {}", env_file.display()))?;
+    let separator = if present.is_empty() || present.ends_with('\n') {
+        ""
+    } else {
+        "\n"
+    };
+    writeln!(file, "{separator}{line}")
+        .with_context(|| format!("cannot write {}", env_file.display()))
 }
 
 /// The answer to one PreToolUse event, `None` to let the call through untouched.

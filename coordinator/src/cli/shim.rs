@@ -42,28 +42,62 @@ pub fn started_as_cargo() -> bool {
     })
 }
 
-pub fn shim(args: ShimArgs) -> anyhow::Result<ExitCode> {
-    let ShimAction::Install { dir } = args.action;
-    let exe = std::env::current_exe()
+/// This buildpool, as the shim links to it.
+pub fn this_binary() -> anyhow::Result<PathBuf> {
+    std::env::current_exe()
         .and_then(|exe| exe.canonicalize())
-        .context("cannot tell where this buildpool is")?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        .context("cannot tell where this buildpool is")
+}
+
+/// Makes `dir/cargo` a symlink to `exe`. `Ok(false)` when it is one already; an error when
+/// something else has the name.
+pub fn link(dir: &Path, exe: &Path) -> anyhow::Result<bool> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let link = dir.join("cargo");
     if std::fs::symlink_metadata(&link).is_ok() {
         if link.canonicalize().is_ok_and(|target| target == exe) {
-            println!("{} is already the buildpool cargo shim", link.display());
-            return Ok(ExitCode::SUCCESS);
+            return Ok(false);
         }
         bail!(
             "{} exists and is not the buildpool cargo shim; remove it first",
             link.display()
         );
     }
-    // Made under a temporary name and renamed into place, so `cargo` is never half there.
+    // Made under a temporary name and renamed into place, so `cargo` is never half there
+    // (sessions starting at once may race here: the last rename wins, with the same link).
     let temp = dir.join(format!(".cargo.buildpool-{}", std::process::id()));
-    std::os::unix::fs::symlink(&exe, &temp)
+    let _ = std::fs::remove_file(&temp);
+    std::os::unix::fs::symlink(exe, &temp)
         .with_context(|| format!("cannot create a symlink in {}", dir.display()))?;
     std::fs::rename(&temp, &link).with_context(|| format!("cannot create {}", link.display()))?;
+    Ok(true)
+}
+
+/// Where a Claude Code session's shim lives: one directory per buildpool binary, under
+/// `$XDG_CACHE_HOME/buildpool/shim/`, named by a digest of the binary's path so two
+/// installed versions never take each other's link.
+pub fn session_dir(exe: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(exe.as_os_str().as_encoded_bytes());
+    let name = build_agent::artifacts::hex(&digest[..6]);
+    crate::config::cache_home()
+        .join("buildpool")
+        .join("shim")
+        .join(name)
+}
+
+pub fn shim(args: ShimArgs) -> anyhow::Result<ExitCode> {
+    let ShimAction::Install { dir } = args.action;
+    let exe = this_binary()?;
+    let link_path = dir.join("cargo");
+    if !link(&dir, &exe)? {
+        println!(
+            "{} is already the buildpool cargo shim",
+            link_path.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let link = link_path;
     println!(
         "installed the cargo shim {} -> {}\nput it first on PATH: export PATH=\"{}:$PATH\"",
         link.display(),

@@ -1,5 +1,6 @@
-//! Our entry in Claude Code's `settings.json`: added once, removed alone, and every other
-//! setting and hook kept as it was (key order included).
+//! Our entries in Claude Code's `settings.json`, one per event we answer (see [`EVENTS`]):
+//! added once, removed alone, and every other setting and hook kept as it was (key order
+//! included).
 
 use std::path::Path;
 
@@ -7,8 +8,11 @@ use serde_json::{Map, Value, json};
 
 use crate::offload::shell;
 
-/// The tool whose calls the hook sees.
-const MATCHER: &str = "Bash";
+/// The events the hook answers, with the matcher of each entry: `PreToolUse` for the Bash
+/// tool (a cargo command it can vouch for becomes `buildpool run`), and `SessionStart`
+/// (every session, however started), which puts the cargo shim first on the session's
+/// `PATH`, so every cargo a command line runs, at any depth, reaches the pool.
+const EVENTS: [(&str, Option<&str>); 2] = [("PreToolUse", Some("Bash")), ("SessionStart", None)];
 
 /// How long Claude Code waits for the hook, in seconds. It answers in milliseconds; the
 /// bound matters only if something is badly wrong, and then the command runs as typed.
@@ -18,8 +22,8 @@ const TIMEOUT_SECS: u64 = 10;
 pub enum SettingsError {
     #[error("{0} is not a JSON object; left untouched")]
     NotAnObject(&'static str),
-    #[error("hooks.PreToolUse is not a JSON array; left untouched")]
-    NotAnArray,
+    #[error("hooks.{0} is not a JSON array; left untouched")]
+    NotAnArray(&'static str),
 }
 
 /// Whether a hook command is ours: `buildpool hook claude`, wherever `buildpool` lives.
@@ -45,7 +49,11 @@ fn ours_in(entry: &Value) -> impl Iterator<Item = &str> {
         .filter(|command| is_ours(command))
 }
 
-fn pre_tool_use(settings: &Value) -> Result<Option<&Vec<Value>>, SettingsError> {
+/// The entries of `event`, if there are any.
+fn entries<'a>(
+    settings: &'a Value,
+    event: &'static str,
+) -> Result<Option<&'a Vec<Value>>, SettingsError> {
     let settings = settings
         .as_object()
         .ok_or(SettingsError::NotAnObject("the settings file"))?;
@@ -55,32 +63,49 @@ fn pre_tool_use(settings: &Value) -> Result<Option<&Vec<Value>>, SettingsError> 
     let hooks = hooks
         .as_object()
         .ok_or(SettingsError::NotAnObject("hooks"))?;
-    match hooks.get("PreToolUse") {
+    match hooks.get(event) {
         None => Ok(None),
         Some(entries) => entries
             .as_array()
             .map(Some)
-            .ok_or(SettingsError::NotAnArray),
+            .ok_or(SettingsError::NotAnArray(event)),
     }
 }
 
-/// Adds the hook running `command`. Returns whether anything changed: an entry of ours
-/// with exactly this command is left where it is, one with another path is replaced.
+/// Adds the hook running `command` for each of [`EVENTS`]. Returns whether anything
+/// changed: an entry of ours with exactly this command is left where it is, one with
+/// another path is replaced. Nothing changes unless every event's entries can take ours.
 pub fn install(settings: &mut Value, command: &str) -> Result<bool, SettingsError> {
-    let entries = pre_tool_use(settings)?
+    for (event, _) in EVENTS {
+        entries(settings, event)?;
+    }
+    let mut changed = false;
+    for (event, matcher) in EVENTS {
+        changed |= install_for(settings, event, matcher, command)?;
+    }
+    Ok(changed)
+}
+
+fn install_for(
+    settings: &mut Value,
+    event: &'static str,
+    matcher: Option<&str>,
+    command: &str,
+) -> Result<bool, SettingsError> {
+    let present = entries(settings, event)?
         .map(Vec::as_slice)
         .unwrap_or_default();
-    let ours: Vec<(&Value, &str)> = entries
+    let ours: Vec<(&Value, &str)> = present
         .iter()
         .flat_map(|entry| ours_in(entry).map(move |found| (entry, found)))
         .collect();
     if let [(entry, found)] = ours.as_slice()
         && *found == command
-        && entry.get("matcher").and_then(Value::as_str) == Some(MATCHER)
+        && entry.get("matcher").and_then(Value::as_str) == matcher
     {
         return Ok(false);
     }
-    uninstall(settings)?;
+    uninstall_for(settings, event)?;
     let settings = settings
         .as_object_mut()
         .ok_or(SettingsError::NotAnObject("the settings file"))?;
@@ -89,22 +114,38 @@ pub fn install(settings: &mut Value, command: &str) -> Result<bool, SettingsErro
         .or_insert_with(|| Value::Object(Map::new()))
         .as_object_mut()
         .ok_or(SettingsError::NotAnObject("hooks"))?;
+    let mut entry = Map::new();
+    if let Some(matcher) = matcher {
+        entry.insert("matcher".to_owned(), json!(matcher));
+    }
+    entry.insert(
+        "hooks".to_owned(),
+        json!([{ "type": "command", "command": command, "timeout": TIMEOUT_SECS }]),
+    );
     hooks
-        .entry("PreToolUse")
+        .entry(event)
         .or_insert_with(|| Value::Array(Vec::new()))
         .as_array_mut()
-        .ok_or(SettingsError::NotAnArray)?
-        .push(json!({
-            "matcher": MATCHER,
-            "hooks": [{ "type": "command", "command": command, "timeout": TIMEOUT_SECS }],
-        }));
+        .ok_or(SettingsError::NotAnArray(event))?
+        .push(Value::Object(entry));
     Ok(true)
 }
 
-/// Removes every hook of ours, and the entries, `PreToolUse` and `hooks` that only removing
-/// them left empty. Returns whether anything changed.
+/// Removes every hook of ours, and the entries, events and `hooks` that only removing them
+/// left empty. Returns whether anything changed.
 pub fn uninstall(settings: &mut Value) -> Result<bool, SettingsError> {
-    if pre_tool_use(settings)?.is_none() {
+    for (event, _) in EVENTS {
+        entries(settings, event)?;
+    }
+    let mut changed = false;
+    for (event, _) in EVENTS {
+        changed |= uninstall_for(settings, event)?;
+    }
+    Ok(changed)
+}
+
+fn uninstall_for(settings: &mut Value, event: &'static str) -> Result<bool, SettingsError> {
+    if entries(settings, event)?.is_none() {
         return Ok(false);
     }
     let Some(settings) = settings.as_object_mut() else {
@@ -113,7 +154,7 @@ pub fn uninstall(settings: &mut Value) -> Result<bool, SettingsError> {
     let Some(hooks) = settings.get_mut("hooks").and_then(Value::as_object_mut) else {
         return Ok(false);
     };
-    let Some(entries) = hooks.get_mut("PreToolUse").and_then(Value::as_array_mut) else {
+    let Some(entries) = hooks.get_mut(event).and_then(Value::as_array_mut) else {
         return Ok(false);
     };
     let mut removed = 0;
@@ -135,7 +176,7 @@ pub fn uninstall(settings: &mut Value) -> Result<bool, SettingsError> {
         return Ok(false);
     }
     if entries.is_empty() {
-        hooks.remove("PreToolUse");
+        hooks.remove(event);
     }
     if hooks.is_empty() {
         settings.remove("hooks");
@@ -186,6 +227,10 @@ mod tests {
         assert_eq!(entries.len(), 3);
         assert_eq!(entries[2]["matcher"], "Bash");
         assert_eq!(entries[2]["hooks"][0]["command"], OURS);
+        assert_eq!(
+            settings["hooks"]["SessionStart"],
+            json!([{ "hooks": [{ "type": "command", "command": OURS, "timeout": TIMEOUT_SECS }] }])
+        );
         // Everything else is as it was, in the same order.
         let mut without = settings.clone();
         assert!(uninstall(&mut without).expect("uninstalls"));
@@ -201,7 +246,11 @@ mod tests {
         assert!(install(&mut settings, OURS).expect("installs"));
         let text = settings.to_string();
         assert!(!text.contains("/old/buildpool"), "{text}");
-        assert_eq!(text.matches("hook claude").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("hook claude").count(),
+            2,
+            "one per event: {text}"
+        );
     }
 
     #[test]
@@ -232,6 +281,7 @@ mod tests {
             json!([]),
             json!({ "hooks": [] }),
             json!({ "hooks": { "PreToolUse": {} } }),
+            json!({ "hooks": { "SessionStart": "x" } }),
         ] {
             let before = odd.clone();
             assert!(install(&mut odd, OURS).is_err(), "{before}");
