@@ -350,6 +350,18 @@ fn session_start_event(cwd: &Path) -> String {
     .to_string()
 }
 
+/// Runs the hook on a SessionStart event in `dir`, as Claude Code does when a session
+/// starts, with its environment file `env_file` and the shim under `cache`.
+fn start_session(dir: &Path, env_file: &Path, cache: &Path) {
+    let env = [
+        ("CLAUDE_ENV_FILE", env_file.to_str().expect("utf-8")),
+        ("XDG_CACHE_HOME", cache.to_str().expect("utf-8")),
+    ];
+    let out = run_hook(&session_start_event(dir), &env).expect("hook runs");
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(out.stdout, "", "nothing reaches the model's context");
+}
+
 /// `bash -c line` in `dir` as Claude Code's Bash tool runs it in a session: the session's
 /// environment file applied first.
 fn session_bash(fixture: &Fixture, dir: &Path, env_file: &Path, line: &str) -> RunOutput {
@@ -382,14 +394,8 @@ fn a_session_started_with_the_hook_sends_the_cargo_of_compound_lines_to_the_pool
     let root = fixture.root();
     let env_file = fixture.scratch().join("claude-env");
     let cache = fixture.scratch().join("cache");
-    let env = [
-        ("CLAUDE_ENV_FILE", env_file.to_str().expect("utf-8")),
-        ("XDG_CACHE_HOME", cache.to_str().expect("utf-8")),
-    ];
     for _ in 0..2 {
-        let out = run_hook(&session_start_event(&root), &env).expect("hook runs");
-        assert_eq!(out.code, Some(0), "{out}");
-        assert_eq!(out.stdout, "", "nothing reaches the model's context");
+        start_session(&root, &env_file, &cache);
     }
     let exports = std::fs::read_to_string(&env_file).expect("env file");
     assert_eq!(
@@ -400,12 +406,7 @@ fn a_session_started_with_the_hook_sends_the_cargo_of_compound_lines_to_the_pool
     assert!(exports.starts_with("export PATH="), "{exports}");
 
     let local = local_cargo(&root, &["test"]);
-    let local_results: Vec<String> = local
-        .stdout
-        .lines()
-        .filter(|line| line.starts_with("test result:"))
-        .map(str::to_owned)
-        .collect();
+    let local_results = test_counts(&local.stdout);
     assert!(!local_results.is_empty(), "{local}");
     let mut submitted = jobs_submitted(&cluster);
     for (line, jobs) in [
@@ -429,8 +430,7 @@ fn a_session_started_with_the_hook_sends_the_cargo_of_compound_lines_to_the_pool
         );
         submitted = now;
         if line.contains("grep") {
-            let results: Vec<&str> = out.stdout.lines().collect();
-            assert_eq!(results, local_results, "{line}: {out}");
+            assert_eq!(test_counts(&out.stdout), local_results, "{line}: {out}");
         }
     }
     // A failing test: the pipeline's cargo fails with local cargo's status, on the pool.
@@ -456,5 +456,67 @@ fn a_session_started_with_the_hook_sends_the_cargo_of_compound_lines_to_the_pool
         version.stdout,
         local_cargo(&root, &["--version"]).stdout,
         "{version}"
+    );
+}
+
+/// A reader that quits early (`| head`) and `timeout` stop the pool's job at once: the
+/// coordinator here would let an unwatched job run for five minutes, and the job's test
+/// prints a flood and then sleeps for two.
+#[test]
+fn a_reader_that_quits_early_or_a_timeout_cancels_the_pool_job() {
+    let options = buildpool_tests::ServeOptions {
+        config: Some("[build_pool.timeouts]\nclient_grace_secs = 300\n".into()),
+        ..buildpool_tests::ServeOptions::default()
+    };
+    let cluster =
+        Cluster::start_with(Fixture::new().expect("fixture"), 1, 1, &options).expect("cluster");
+    let fixture = &cluster.fixture;
+    let root = fixture.root();
+    fixture
+        .write(
+            "app/tests/chatty.rs",
+            "#[test]\nfn chatty() {\n    use std::io::Write;\n    let mut out = std::io::stdout();\n    \
+             for line in 0..200_000 {\n        let _ = writeln!(out, \"line {line}\");\n    }\n    \
+             std::thread::sleep(std::time::Duration::from_secs(120));\n}\n",
+        )
+        .expect("chatty test");
+    let env_file = fixture.scratch().join("claude-env");
+    start_session(&root, &env_file, &fixture.scratch().join("cache"));
+    let idle = || {
+        cluster
+            .status()
+            .is_ok_and(|status| status["jobs"].as_array().is_some_and(Vec::is_empty))
+    };
+
+    let head = session_bash(
+        fixture,
+        &root,
+        &env_file,
+        "cargo test -p app --test chatty 2>&1 | grep -m 1 '^line'",
+    );
+    assert_eq!(head.stdout, "line 0\n", "{head}");
+    assert!(
+        buildpool_tests::wait_until(std::time::Duration::from_secs(60), idle),
+        "the job still runs after its reader left: {}",
+        cluster
+            .status()
+            .map(|status| status.to_string())
+            .unwrap_or_default()
+    );
+
+    let timed_out = session_bash(
+        fixture,
+        &root,
+        &env_file,
+        "timeout 20 cargo test -p app --test chatty >/dev/null 2>&1; echo \"status $?\"",
+    );
+    assert_eq!(timed_out.stdout, "status 124\n", "{timed_out}");
+    assert!(
+        buildpool_tests::wait_until(std::time::Duration::from_secs(60), idle),
+        "the job still runs after timeout stopped its client: {}",
+        cluster
+            .status()
+            .map(|status| status.to_string())
+            .unwrap_or_default()
     );
 }

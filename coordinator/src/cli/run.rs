@@ -97,14 +97,54 @@ fn forwarded_env() -> Vec<EnvVar> {
     vars
 }
 
+/// What `run` exits with when its reader went away mid-job (`| head`): what a shell reports
+/// for a program stopped by a broken pipe (128 + SIGPIPE).
+const EXIT_BROKEN_PIPE: u8 = 141;
+
+/// A line of buildpool's own on stderr. Never fails: with `2>&1 | head` stderr may be a
+/// closed pipe too, and a failed note must not end the job's follower before its cancel.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr().lock(), "[buildpool] {}", format_args!($($arg)*));
+    }};
+}
+
+/// The signals that stop `run` and cancel its job: Ctrl-C, `timeout`'s and `kill`'s
+/// SIGTERM, and a closed terminal's SIGHUP. A job left running by its client would hold a
+/// slot until the coordinator's grace for unwatched jobs ran out.
+struct Stops {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Stops {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+            _ = self.hangup.recv() => {}
+        }
+    }
+}
+
 pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
-    // First, so a Ctrl-C at any point after start is ours to handle (and cancels the job).
-    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    // First, so a stop at any point after start is ours to handle (and cancels the job).
+    let mut interrupts = Stops::new()?;
     let (force_local, verbose, quiet) = (args.local, args.verbose, args.quiet);
     let spec = args.spec()?;
     let jobs = JobClient::new(Repo::discover(dir).await?);
     if let Some(note) = jobs.repo().plain_note() {
-        eprintln!("[buildpool] {note}");
+        note!("{note}");
     }
     let line = TerminalLine::new(!quiet, &jobs.repo().worktree);
     let outcome = run_job(&jobs, spec, force_local, verbose, line, &mut interrupts).await;
@@ -118,34 +158,37 @@ async fn run_job(
     force_local: bool,
     verbose: bool,
     mut line: TerminalLine,
-    interrupts: &mut tokio::signal::unix::Signal,
+    interrupts: &mut Stops,
 ) -> anyhow::Result<u8> {
     let collect = spec.collect_executables;
     let mut session = jobs.start(spec, force_local).await?;
     match session.via() {
         Via::InProcess(reason) if !force_local => {
-            eprintln!("[buildpool] {reason}; running the job here");
+            note!("{reason}; running the job here");
         }
-        Via::Started(note) => eprintln!("[buildpool] {note}"),
+        Via::Started(note) => note!("{note}"),
         _ => {}
     }
     if let Some(note) = session.snapshot_note() {
-        eprintln!("[buildpool] {note}");
+        note!("{note}");
     }
     let mut cancel_requested = false;
     let mut cancel_announced = false;
+    // Our reader went away (`| head -5` read enough): the job is cancelled, its output from
+    // then on dropped, and its end awaited so that nothing of it stays running.
+    let mut reader_gone = false;
     loop {
         let event = tokio::select! {
             event = session.next_event() => event?,
-            _ = interrupts.recv() => {
+            () = interrupts.next() => {
                 line.clear();
                 if cancel_requested {
-                    eprintln!("[buildpool] interrupted again; leaving without waiting");
+                    note!("interrupted again; leaving without waiting");
                     return Ok(EXIT_CANCELLED);
                 }
                 cancel_requested = true;
                 if let Some(job_id) = session.cancel() {
-                    eprintln!("[buildpool] cancelling job {job_id} (Ctrl-C again to leave at once)");
+                    note!("cancelling job {job_id} (Ctrl-C again to leave at once)");
                     cancel_announced = true;
                 }
                 continue;
@@ -154,7 +197,7 @@ async fn run_job(
         if cancel_requested && !cancel_announced {
             // Ctrl-C came before the job had an id; the session cancels it now.
             let job_id = session.job_id().unwrap_or_default();
-            eprintln!("[buildpool] cancelling job {job_id} (Ctrl-C again to leave at once)");
+            note!("cancelling job {job_id} (Ctrl-C again to leave at once)");
             cancel_announced = true;
         }
         let job_id = session.job_id().unwrap_or_default();
@@ -167,7 +210,7 @@ async fn run_job(
                 } else {
                     format!(" ({reason})")
                 };
-                eprintln!("[buildpool] job {job_id} queued{reason}");
+                note!("job {job_id} queued{reason}");
             }
             JobEvent::Assigned {
                 agent_id,
@@ -175,13 +218,14 @@ async fn run_job(
                 local,
             } => {
                 if local {
-                    eprintln!(
-                        "[buildpool] job {job_id} running on the coordinator's local agent (no build agent connected)"
+                    note!(
+                        "job {job_id} running on the coordinator's local agent (no build agent connected)"
                     );
                 } else {
-                    eprintln!("[buildpool] job {job_id} running on {agent_id} (attempt {attempt})");
+                    note!("job {job_id} running on {agent_id} (attempt {attempt})");
                 }
             }
+            JobEvent::Output { .. } if reader_gone => {}
             JobEvent::Output { stream, data, .. } => {
                 let written = match stream {
                     OutputStream::Stdout => {
@@ -194,12 +238,20 @@ async fn run_job(
                     }
                 };
                 // Our own output is gone (closed pipe): the job has nobody to report to.
-                written.context("cannot write output")?;
+                if written.is_err() {
+                    reader_gone = true;
+                    cancel_requested = true;
+                    cancel_announced = true;
+                    session.cancel();
+                }
             }
             JobEvent::Finished(result) => {
-                eprintln!("[buildpool] job {job_id} {}", result.describe());
+                note!("job {job_id} {}", result.describe());
                 if verbose {
-                    eprintln!("[buildpool] timings: {}", session.timings(&result));
+                    note!("timings: {}", session.timings(&result));
+                }
+                if reader_gone {
+                    return Ok(EXIT_BROKEN_PIPE);
                 }
                 let code = result.completion.end.exit_code();
                 if collect && code == 0 {
@@ -229,7 +281,7 @@ async fn copy_executables(client: &Client, job_id: JobId, worktree: &Path) -> an
     let (count, bytes) = receiver.finish()?;
     #[allow(clippy::cast_precision_loss)] // a size to read, not to compute with
     let mib = bytes as f64 / (1024.0 * 1024.0);
-    eprintln!("[buildpool] copied {count} executables ({mib:.1} MiB) into target/");
+    note!("copied {count} executables ({mib:.1} MiB) into target/");
     Ok(())
 }
 
