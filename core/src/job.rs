@@ -75,6 +75,15 @@ impl JobKind {
             _ => None,
         }
     }
+
+    /// Parses a kind by its name ([`JobKind::cargo_subcommand`], aliases included), as
+    /// `buildpool run KIND` takes it: `nextest` means `cargo nextest run`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "nextest" => Some(JobKind::Nextest),
+            other => Self::from_subcommand(other),
+        }
+    }
 }
 
 impl fmt::Display for JobKind {
@@ -445,6 +454,8 @@ mod tests {
         assert_eq!(JobKind::from_subcommand("t"), Some(JobKind::Test));
         assert_eq!(JobKind::from_subcommand("run"), None);
         assert_eq!(JobKind::from_subcommand("nextest"), None);
+        assert_eq!(JobKind::from_name("nextest"), Some(JobKind::Nextest));
+        assert_eq!(JobKind::from_name("c"), Some(JobKind::Check));
     }
 }
 

@@ -419,6 +419,7 @@ fn a_session_started_with_the_hook_sends_the_cargo_of_compound_lines_to_the_pool
             "for kind in check build; do cargo $kind || exit 1; done 2>&1",
             2,
         ),
+        ("cargo nextest run 2>&1 | tail -n 3", 1),
     ] {
         let out = session_bash(fixture, &root, &env_file, line);
         assert_eq!(out.code, Some(0), "{line}: {out}");

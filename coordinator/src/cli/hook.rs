@@ -350,6 +350,10 @@ mod tests {
                 "/usr/local/bin/buildpool run clippy -- --workspace -- -D warnings",
             ),
             (
+                "cargo nextest run -p app",
+                "/usr/local/bin/buildpool run nextest -- -p app",
+            ),
+            (
                 "cd /work/app && cargo test -- --nocapture",
                 "cd /work/app && /usr/local/bin/buildpool run test -- -- --nocapture",
             ),
@@ -412,7 +416,7 @@ mod tests {
             "cargo install ripgrep",
             "cargo publish",
             "cargo fmt",
-            "cargo nextest run",
+            "cargo nextest list",
             "cargo +nightly test",
             "cargo test | tail -50",
             "cargo test 2>&1",

@@ -18,7 +18,7 @@ use crate::session::{JobClient, Via};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// build, test, clippy or check.
+    /// build, test, clippy, check, or nextest (`cargo nextest run`).
     kind: String,
     /// Job timeout in seconds; 0 or none: the coordinator's job_default_secs.
     #[arg(long)]
@@ -64,9 +64,9 @@ impl RunArgs {
     }
 
     fn spec(self) -> anyhow::Result<JobSpec> {
-        let kind = JobKind::from_subcommand(&self.kind).with_context(|| {
+        let kind = JobKind::from_name(&self.kind).with_context(|| {
             format!(
-                "unknown job kind {:?}: use build, test, clippy or check",
+                "unknown job kind {:?}: use build, test, clippy, check or nextest",
                 self.kind
             )
         })?;

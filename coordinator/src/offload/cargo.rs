@@ -68,8 +68,21 @@ pub fn classify(args: &[String]) -> Result<CargoJob, PassThrough> {
             break arg;
         }
     };
-    let kind = JobKind::from_subcommand(subcommand)
-        .ok_or_else(|| PassThrough::Subcommand(subcommand.clone()))?;
+    let kind = if subcommand == "nextest" {
+        // `cargo nextest run` only: its other subcommands (list, archive, ...) run here.
+        match rest.next() {
+            Some(run) if run == "run" || run == "r" => JobKind::Nextest,
+            other => {
+                return Err(PassThrough::Subcommand(format!(
+                    "nextest {}",
+                    other.map_or("", String::as_str)
+                )));
+            }
+        }
+    } else {
+        JobKind::from_subcommand(subcommand)
+            .ok_or_else(|| PassThrough::Subcommand(subcommand.clone()))?
+    };
     let mut cargo_args = global_flags;
     cargo_args.extend(rest.cloned());
     for arg in cargo_own(&cargo_args) {
@@ -131,6 +144,14 @@ mod tests {
             classified("test -- --nocapture --test-threads=1"),
             job(JobKind::Test, &["--", "--nocapture", "--test-threads=1"])
         );
+        assert_eq!(
+            classified("nextest run -p app --no-fail-fast -- some_filter"),
+            job(
+                JobKind::Nextest,
+                &["-p", "app", "--no-fail-fast", "--", "some_filter"]
+            )
+        );
+        assert_eq!(classified("nextest r"), job(JobKind::Nextest, &[]));
         // After `--` the arguments are the test binary's, whatever they look like.
         assert_eq!(
             classified("test -- --fix --help"),
@@ -162,7 +183,15 @@ mod tests {
             ("publish", PassThrough::Subcommand("publish".into())),
             ("fmt", PassThrough::Subcommand("fmt".into())),
             ("fix", PassThrough::Subcommand("fix".into())),
-            ("nextest run", PassThrough::Subcommand("nextest".into())),
+            (
+                "nextest list",
+                PassThrough::Subcommand("nextest list".into()),
+            ),
+            (
+                "nextest archive",
+                PassThrough::Subcommand("nextest archive".into()),
+            ),
+            ("nextest", PassThrough::Subcommand("nextest ".into())),
             ("", PassThrough::NoSubcommand),
             ("-q", PassThrough::NoSubcommand),
             ("--version", PassThrough::GlobalFlag("--version".into())),
