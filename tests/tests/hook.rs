@@ -303,11 +303,13 @@ fn the_cargo_shim_offloads_builds_and_tests_and_execs_the_real_cargo_for_the_res
     let local = local_cargo(&root, &["test"]);
     assert_eq!(local.code, Some(0), "{local}");
 
-    // No coordinator: the job runs in-process, and its own cargo is the real one (the shim
-    // is first on its PATH too, and must not submit the job again).
+    // No coordinator: the job runs in-process (the agent's note on its snapshot says so;
+    // `run`'s own lines are left out), and its own cargo is the real one (the shim is
+    // first on its PATH too, and must not submit the job again).
     let here = shell(&fixture, &root, "cargo test", with_shim);
     assert_eq!(here.code, Some(0), "{here}");
-    assert!(here.stderr.contains("running the job here"), "{here}");
+    assert!(here.stderr.contains("[buildpool] snapshot"), "{here}");
+    assert!(!here.stderr.contains("running the job here"), "{here}");
     assert_eq!(test_counts(&here.stdout), test_counts(&local.stdout));
 
     // Everything else is the real cargo, untouched.
@@ -332,9 +334,11 @@ fn the_cargo_shim_offloads_builds_and_tests_and_execs_the_real_cargo_for_the_res
     assert!(alone.stderr.contains("no real cargo on PATH"), "{alone}");
 
     let cluster = Cluster::start(fixture, 1, 1).expect("cluster");
+    let submitted = jobs_submitted(&cluster);
     let pooled = shell(&cluster.fixture, &root, "cargo test", with_shim);
     assert_eq!(pooled.code, Some(0), "{pooled}");
-    assert!(pooled.stderr.contains("running on worker-1"), "{pooled}");
+    assert_eq!(jobs_submitted(&cluster), submitted + 1, "{pooled}");
+    assert!(!pooled.stderr.contains("running on worker-1"), "{pooled}");
     assert_eq!(test_counts(&pooled.stdout), test_counts(&local.stdout));
 }
 
@@ -520,4 +524,143 @@ fn a_reader_that_quits_early_or_a_timeout_cancels_the_pool_job() {
             .map(|status| status.to_string())
             .unwrap_or_default()
     );
+}
+
+/// Command lines as coding agents type them in Claude Code's Bash tool, each with the jobs
+/// it should put on the pool: every cargo build, test, check, clippy and nextest run in
+/// it, at any depth; none for what must stay here.
+const CORPUS: &[(&str, u64)] = &[
+    ("cargo test", 1),
+    ("cargo test 2>&1 | tail -20", 1),
+    ("cargo test 2>&1 | tail -n 5", 1),
+    ("cargo test 2>&1 | grep -E '^test result'", 1),
+    ("cargo test --workspace 2>&1 | tail -30", 1),
+    ("cargo check && cargo test", 2),
+    ("cargo check 2>&1 && cargo test 2>&1 | tail -5", 2),
+    ("cargo build || echo failed", 1),
+    ("cargo build; cargo test", 2),
+    ("cargo clippy --all-targets -- -D warnings", 1),
+    ("cargo clippy --workspace 2>&1 | head -50", 1),
+    ("cargo test -p app", 1),
+    ("cargo test -p util -- --nocapture", 1),
+    ("cd app && cargo test", 1),
+    ("cd app && cargo test 2>&1 | tail -20", 1),
+    ("cd crates/util && cargo build", 1),
+    ("timeout 300 cargo test", 1),
+    ("timeout 600 cargo test --workspace 2>&1 | tail -40", 1),
+    ("env RUST_BACKTRACE=1 cargo test", 1),
+    ("RUST_BACKTRACE=1 cargo test 2>&1 | tail", 1),
+    ("bash -c 'cargo test'", 1),
+    ("bash -c \"cargo build && cargo test\"", 2),
+    ("sh -c 'cargo check'", 1),
+    ("(cargo build)", 1),
+    ("(cd app && cargo test)", 1),
+    ("for p in app util; do cargo test -p $p; done", 2),
+    (
+        "cargo test > test.log 2>&1; tail -3 test.log; rm test.log",
+        1,
+    ),
+    ("cargo test 2>test.err | tail -3; rm -f test.err", 1),
+    (
+        "cargo test 2>&1 | tee test.log | grep '^test result'; rm -f test.log",
+        1,
+    ),
+    ("cargo test -q", 1),
+    ("cargo test --lib", 1),
+    ("cargo test --doc", 1),
+    ("cargo build --release 2>&1 | tail -2", 1),
+    ("cargo check --all-targets --message-format short", 1),
+    ("cargo test -- --test-threads=1", 1),
+    ("cargo t", 1),
+    ("cargo b 2>&1 | tail -3", 1),
+    ("cargo c", 1),
+    ("cargo nextest run 2>&1 | grep -c PASS", 1),
+    ("echo start && cargo test && echo done", 1),
+    ("cargo test | cat", 1),
+    (
+        "n=$(cargo test 2>&1 | grep -c '^test result: ok'); echo $n",
+        1,
+    ),
+    ("cargo build --no-such-flag; echo status $?", 1),
+    ("cargo test -p no-such-package", 1),
+    ("if cargo check; then cargo test; fi", 2),
+    (
+        "cargo check --workspace --all-targets 2>&1 | grep -E '^(warning|error)'; true",
+        1,
+    ),
+    ("CARGO_TERM_COLOR=never cargo test 2>&1 | tail -4", 1),
+    ("cargo test --no-run", 1),
+    ("cd app; cargo test -q; cd ..", 1),
+    ("cargo test --all-targets 2>&1 | grep '^test result'", 1),
+    ("cargo --version", 0),
+    ("cargo fmt --check; echo status $?", 0),
+    ("cargo tree --depth 1", 0),
+    (
+        "cargo metadata --format-version 1 --no-deps | head -c 20",
+        0,
+    ),
+    ("cargo run -p app", 0),
+    ("cargo doc --no-deps -q", 0),
+    ("cargo +stable --version", 0),
+    (
+        "cargo test --target-dir ../elsewhere 2>&1 | grep '^test result'",
+        0,
+    ),
+    ("cargo pkgid -p app", 0),
+    ("cargo bench --no-run -q", 0),
+    ("cargo nextest list 2>/dev/null | tail -2", 0),
+    ("cargo locate-project --workspace", 0),
+    ("cargo test --help | head -3", 0),
+    ("cargo help | head -2", 0),
+];
+
+/// The corpus through a session with the hook's shim against a real coordinator and agent,
+/// each line also run with the shim off: a line's jobs on the pool are exactly its cargo
+/// commands that build or test; its exit status and its test result lines are local
+/// cargo's; the lines that must stay local put nothing on the pool.
+#[test]
+fn a_corpus_of_agent_command_lines_reaches_the_pool_and_behaves_as_locally() {
+    let cluster = Cluster::start(Fixture::new().expect("fixture"), 1, 2).expect("cluster");
+    let fixture = &cluster.fixture;
+    let root = fixture.root();
+    let env_file = fixture.scratch().join("claude-env");
+    start_session(&root, &env_file, &fixture.scratch().join("cache"));
+    let mut offloadable = 0;
+    let mut reached = 0;
+    for (line, jobs) in CORPUS {
+        let before = jobs_submitted(&cluster);
+        let local = session_bash(
+            fixture,
+            &root,
+            &env_file,
+            &format!("export BUILDPOOL_SHIM=off\n{line}"),
+        );
+        assert_eq!(
+            jobs_submitted(&cluster),
+            before,
+            "{line}: shim off, yet a job"
+        );
+        let pooled = session_bash(fixture, &root, &env_file, line);
+        let sent = jobs_submitted(&cluster) - before;
+        assert_eq!(sent, *jobs, "{line}: jobs on the pool\n{pooled}");
+        assert_eq!(
+            pooled.code, local.code,
+            "{line}: exit status\n{pooled}\n{local}"
+        );
+        assert_eq!(
+            test_counts(&pooled.stdout),
+            test_counts(&local.stdout),
+            "{line}: test results\n{pooled}\n{local}"
+        );
+        if *jobs == 0 {
+            assert_eq!(
+                pooled.stdout, local.stdout,
+                "{line}: a local line, untouched"
+            );
+        } else {
+            offloadable += 1;
+            reached += u64::from(sent == *jobs);
+        }
+    }
+    eprintln!("corpus: {reached} of {offloadable} offloadable lines reached the pool");
 }

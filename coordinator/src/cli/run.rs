@@ -38,6 +38,11 @@ pub struct RunArgs {
     /// No progress line (it is shown only when stdout and stderr are terminals).
     #[arg(short, long)]
     quiet: bool,
+    /// Print only the job's own output, as cargo would: no `[buildpool]` lines and no
+    /// progress line (buildpool's own failures are still reported). The cargo shim runs
+    /// jobs this way, so a pipeline (`cargo test 2>&1 | tail -20`) sees cargo's streams.
+    #[arg(long)]
+    silent: bool,
     /// After a successful build or test, copy the executables it built into this
     /// worktree's target/ at the same paths (checksum-verified, up to 512 MiB per job).
     #[arg(long)]
@@ -58,6 +63,7 @@ impl RunArgs {
             local: true,
             verbose: false,
             quiet: false,
+            silent: false,
             artifacts: false,
             cargo_args: Vec::new(),
         }
@@ -101,11 +107,14 @@ fn forwarded_env() -> Vec<EnvVar> {
 /// for a program stopped by a broken pipe (128 + SIGPIPE).
 const EXIT_BROKEN_PIPE: u8 = 141;
 
-/// A line of buildpool's own on stderr. Never fails: with `2>&1 | head` stderr may be a
-/// closed pipe too, and a failed note must not end the job's follower before its cancel.
+/// A line of buildpool's own on stderr, unless `$notes` is off (`--silent`). Never fails:
+/// with `2>&1 | head` stderr may be a closed pipe too, and a failed note must not end the
+/// job's follower before its cancel.
 macro_rules! note {
-    ($($arg:tt)*) => {{
-        let _ = writeln!(std::io::stderr().lock(), "[buildpool] {}", format_args!($($arg)*));
+    ($notes:expr, $($arg:tt)*) => {{
+        if $notes {
+            let _ = writeln!(std::io::stderr().lock(), "[buildpool] {}", format_args!($($arg)*));
+        }
     }};
 }
 
@@ -141,13 +150,23 @@ pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     // First, so a stop at any point after start is ours to handle (and cancels the job).
     let mut interrupts = Stops::new()?;
     let (force_local, verbose, quiet) = (args.local, args.verbose, args.quiet);
+    let notes = !args.silent;
     let spec = args.spec()?;
     let jobs = JobClient::new(Repo::discover(dir).await?);
     if let Some(note) = jobs.repo().plain_note() {
-        note!("{note}");
+        note!(notes, "{note}");
     }
-    let line = TerminalLine::new(!quiet, &jobs.repo().worktree);
-    let outcome = run_job(&jobs, spec, force_local, verbose, line, &mut interrupts).await;
+    let line = TerminalLine::new(!quiet && notes, &jobs.repo().worktree);
+    let outcome = run_job(
+        &jobs,
+        spec,
+        force_local,
+        verbose,
+        notes,
+        line,
+        &mut interrupts,
+    )
+    .await;
     jobs.shutdown().await;
     outcome.map(ExitCode::from)
 }
@@ -157,6 +176,7 @@ async fn run_job(
     spec: JobSpec,
     force_local: bool,
     verbose: bool,
+    notes: bool,
     mut line: TerminalLine,
     interrupts: &mut Stops,
 ) -> anyhow::Result<u8> {
@@ -164,13 +184,13 @@ async fn run_job(
     let mut session = jobs.start(spec, force_local).await?;
     match session.via() {
         Via::InProcess(reason) if !force_local => {
-            note!("{reason}; running the job here");
+            note!(notes, "{reason}; running the job here");
         }
-        Via::Started(note) => note!("{note}"),
+        Via::Started(note) => note!(notes, "{note}"),
         _ => {}
     }
     if let Some(note) = session.snapshot_note() {
-        note!("{note}");
+        note!(notes, "{note}");
     }
     let mut cancel_requested = false;
     let mut cancel_announced = false;
@@ -183,12 +203,12 @@ async fn run_job(
             () = interrupts.next() => {
                 line.clear();
                 if cancel_requested {
-                    note!("interrupted again; leaving without waiting");
+                    note!(notes, "interrupted again; leaving without waiting");
                     return Ok(EXIT_CANCELLED);
                 }
                 cancel_requested = true;
                 if let Some(job_id) = session.cancel() {
-                    note!("cancelling job {job_id} (Ctrl-C again to leave at once)");
+                    note!(notes, "cancelling job {job_id} (Ctrl-C again to leave at once)");
                     cancel_announced = true;
                 }
                 continue;
@@ -197,7 +217,10 @@ async fn run_job(
         if cancel_requested && !cancel_announced {
             // Ctrl-C came before the job had an id; the session cancels it now.
             let job_id = session.job_id().unwrap_or_default();
-            note!("cancelling job {job_id} (Ctrl-C again to leave at once)");
+            note!(
+                notes,
+                "cancelling job {job_id} (Ctrl-C again to leave at once)"
+            );
             cancel_announced = true;
         }
         let job_id = session.job_id().unwrap_or_default();
@@ -210,7 +233,7 @@ async fn run_job(
                 } else {
                     format!(" ({reason})")
                 };
-                note!("job {job_id} queued{reason}");
+                note!(notes, "job {job_id} queued{reason}");
             }
             JobEvent::Assigned {
                 agent_id,
@@ -219,10 +242,14 @@ async fn run_job(
             } => {
                 if local {
                     note!(
+                        notes,
                         "job {job_id} running on the coordinator's local agent (no build agent connected)"
                     );
                 } else {
-                    note!("job {job_id} running on {agent_id} (attempt {attempt})");
+                    note!(
+                        notes,
+                        "job {job_id} running on {agent_id} (attempt {attempt})"
+                    );
                 }
             }
             JobEvent::Output { .. } if reader_gone => {}
@@ -246,16 +273,17 @@ async fn run_job(
                 }
             }
             JobEvent::Finished(result) => {
-                note!("job {job_id} {}", result.describe());
+                note!(notes, "job {job_id} {}", result.describe());
                 if verbose {
-                    note!("timings: {}", session.timings(&result));
+                    note!(notes, "timings: {}", session.timings(&result));
                 }
                 if reader_gone {
                     return Ok(EXIT_BROKEN_PIPE);
                 }
                 let code = result.completion.end.exit_code();
                 if collect && code == 0 {
-                    copy_executables(session.client(), job_id, &jobs.repo().worktree).await?;
+                    copy_executables(session.client(), job_id, &jobs.repo().worktree, notes)
+                        .await?;
                 }
                 return Ok(code);
             }
@@ -265,7 +293,12 @@ async fn run_job(
 }
 
 /// Fetches a finished job's executables into `worktree`'s `target/`.
-async fn copy_executables(client: &Client, job_id: JobId, worktree: &Path) -> anyhow::Result<()> {
+async fn copy_executables(
+    client: &Client,
+    job_id: JobId,
+    worktree: &Path,
+    notes: bool,
+) -> anyhow::Result<()> {
     let mut chunks = client
         .fetch_artifacts(job_id)
         .await
@@ -281,7 +314,10 @@ async fn copy_executables(client: &Client, job_id: JobId, worktree: &Path) -> an
     let (count, bytes) = receiver.finish()?;
     #[allow(clippy::cast_precision_loss)] // a size to read, not to compute with
     let mib = bytes as f64 / (1024.0 * 1024.0);
-    note!("copied {count} executables ({mib:.1} MiB) into target/");
+    note!(
+        notes,
+        "copied {count} executables ({mib:.1} MiB) into target/"
+    );
     Ok(())
 }
 

@@ -174,5 +174,9 @@ fn offloaded(args: &[OsString]) -> Option<Vec<String>> {
         .collect::<Option<_>>()?;
     let dir = std::env::current_dir().ok()?;
     let job = offload::offload_argv(&args, &dir, place::place).ok()?;
-    Some(offload::run_args(&job))
+    let mut run_args = offload::run_args(&job);
+    // `run KIND --silent -- ARGS`: the pipeline this cargo is in sees cargo's streams and
+    // nothing of ours.
+    run_args.insert(2, "--silent".to_owned());
+    Some(run_args)
 }
