@@ -111,11 +111,15 @@ const EXIT_BROKEN_PIPE: u8 = 141;
 /// with `2>&1 | head` stderr may be a closed pipe too, and a failed note must not end the
 /// job's follower before its cancel.
 macro_rules! note {
-    ($notes:expr, $($arg:tt)*) => {{
-        if $notes {
-            let _ = writeln!(std::io::stderr().lock(), "[buildpool] {}", format_args!($($arg)*));
-        }
-    }};
+    ($notes:expr, $($arg:tt)*) => {
+        say($notes, format_args!($($arg)*))
+    };
+}
+
+fn say(notes: bool, text: std::fmt::Arguments<'_>) {
+    if notes {
+        let _ = writeln!(std::io::stderr().lock(), "[buildpool] {text}");
+    }
 }
 
 /// The signals that stop `run` and cancel its job: Ctrl-C, `timeout`'s and `kill`'s
