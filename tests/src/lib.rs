@@ -471,6 +471,17 @@ impl Cluster {
 
 impl Cluster {
     /// The coordinator's dashboard and metrics URL, from its discovery file.
+    /// Jobs the coordinator was given so far, from its metrics.
+    pub fn jobs_submitted(&self) -> u64 {
+        let url = format!("{}/metrics", self.http_url().expect("http url"));
+        let (status, body) = http_get(&url).expect("metrics");
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .filter(|line| line.starts_with("buildpool_jobs_submitted_total"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     pub fn http_url(&self) -> anyhow::Result<String> {
         let discovery = self.fixture.root().join(".git/buildpool/coordinator.json");
         let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(discovery)?)?;

@@ -334,10 +334,10 @@ fn the_cargo_shim_offloads_builds_and_tests_and_execs_the_real_cargo_for_the_res
     assert!(alone.stderr.contains("no real cargo on PATH"), "{alone}");
 
     let cluster = Cluster::start(fixture, 1, 1).expect("cluster");
-    let submitted = jobs_submitted(&cluster);
+    let submitted = cluster.jobs_submitted();
     let pooled = shell(&cluster.fixture, &root, "cargo test", with_shim);
     assert_eq!(pooled.code, Some(0), "{pooled}");
-    assert_eq!(jobs_submitted(&cluster), submitted + 1, "{pooled}");
+    assert_eq!(cluster.jobs_submitted(), submitted + 1, "{pooled}");
     assert!(!pooled.stderr.contains("running on worker-1"), "{pooled}");
     assert_eq!(test_counts(&pooled.stdout), test_counts(&local.stdout));
 }
@@ -377,17 +377,6 @@ fn session_bash(fixture: &Fixture, dir: &Path, env_file: &Path, line: &str) -> R
     bash.output().expect("bash runs").into()
 }
 
-/// Jobs the coordinator was given so far, from its metrics.
-fn jobs_submitted(cluster: &Cluster) -> u64 {
-    let url = format!("{}/metrics", cluster.http_url().expect("http url"));
-    let (status, body) = buildpool_tests::http_get(&url).expect("metrics");
-    assert_eq!(status, 200, "{body}");
-    body.lines()
-        .filter(|line| line.starts_with("buildpool_jobs_submitted_total"))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// With the hook's SessionStart entry, compound command lines (pipes, redirections, lists,
 /// `bash -c`, `timeout`, a `cd` into a member) send each cargo they run to the pool, with
 /// local cargo's exit status and test result lines, and the line itself is never touched.
@@ -412,7 +401,7 @@ fn a_session_started_with_the_hook_sends_the_cargo_of_compound_lines_to_the_pool
     let local = local_cargo(&root, &["test"]);
     let local_results = test_counts(&local.stdout);
     assert!(!local_results.is_empty(), "{local}");
-    let mut submitted = jobs_submitted(&cluster);
+    let mut submitted = cluster.jobs_submitted();
     for (line, jobs) in [
         ("cargo test 2>&1 | grep '^test result:'", 1),
         ("cargo check && cargo test 2>&1 | tail -n 40", 2),
@@ -427,7 +416,7 @@ fn a_session_started_with_the_hook_sends_the_cargo_of_compound_lines_to_the_pool
     ] {
         let out = session_bash(fixture, &root, &env_file, line);
         assert_eq!(out.code, Some(0), "{line}: {out}");
-        let now = jobs_submitted(&cluster);
+        let now = cluster.jobs_submitted();
         assert_eq!(
             now - submitted,
             jobs,
@@ -453,7 +442,7 @@ fn a_session_started_with_the_hook_sends_the_cargo_of_compound_lines_to_the_pool
     );
     assert!(failing.stdout.contains("status 101"), "{failing}");
     assert!(failing.stdout.contains("boom"), "{failing}");
-    assert_eq!(jobs_submitted(&cluster) - submitted, 1, "{failing}");
+    assert_eq!(cluster.jobs_submitted() - submitted, 1, "{failing}");
     std::fs::remove_file(root.join("app/tests/fails.rs")).expect("remove");
     // What the shim does not offload runs as typed, here.
     let version = session_bash(fixture, &root, &env_file, "cargo --version");
@@ -628,7 +617,7 @@ fn a_corpus_of_agent_command_lines_reaches_the_pool_and_behaves_as_locally() {
     let mut offloadable = 0;
     let mut reached = 0;
     for (line, jobs) in CORPUS {
-        let before = jobs_submitted(&cluster);
+        let before = cluster.jobs_submitted();
         let local = session_bash(
             fixture,
             &root,
@@ -636,12 +625,12 @@ fn a_corpus_of_agent_command_lines_reaches_the_pool_and_behaves_as_locally() {
             &format!("export BUILDPOOL_SHIM=off\n{line}"),
         );
         assert_eq!(
-            jobs_submitted(&cluster),
+            cluster.jobs_submitted(),
             before,
             "{line}: shim off, yet a job"
         );
         let pooled = session_bash(fixture, &root, &env_file, line);
-        let sent = jobs_submitted(&cluster) - before;
+        let sent = cluster.jobs_submitted() - before;
         assert_eq!(sent, *jobs, "{line}: jobs on the pool\n{pooled}");
         assert_eq!(
             pooled.code, local.code,
