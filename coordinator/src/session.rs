@@ -202,6 +202,7 @@ impl JobClient {
             lost_since: None,
             reconnect_timeout: reconnect_timeout(),
             cancel_requested: false,
+            cancel_sent: None,
             snapshot_note,
             started,
             snapshot_time,
@@ -285,6 +286,8 @@ pub struct JobSession {
     lost_since: Option<Instant>,
     reconnect_timeout: Duration,
     cancel_requested: bool,
+    /// The cancel call in flight, if one was sent.
+    cancel_sent: Option<tokio::task::JoinHandle<()>>,
     snapshot_note: Option<String>,
     started: Instant,
     snapshot_time: Duration,
@@ -446,12 +449,22 @@ impl JobSession {
 
     /// Sends the cancel in a task of its own (bounded by the call deadline), so that
     /// neither an event nor the cancel is lost when the caller's `select!` moves on.
-    fn send_cancel(&self, job_id: JobId) {
+    fn send_cancel(&mut self, job_id: JobId) {
         let client = self.client.clone();
-        tokio::spawn(async move {
+        self.cancel_sent = Some(tokio::spawn(async move {
             if let Err(error) = client.cancel(job_id).await {
                 tracing::warn!(job_id, "cancel failed: {error}");
             }
-        });
+        }));
+    }
+
+    /// Waits until the cancel sent, if any, reached the coordinator (or its call failed):
+    /// a client leaving without waiting for the job's end leaves no job running. (`timeout`
+    /// signals its command and then the command's whole process group: two signals at
+    /// once, the second of which leaves.)
+    pub async fn cancel_delivered(&mut self) {
+        if let Some(sent) = self.cancel_sent.take() {
+            let _ = sent.await;
+        }
     }
 }

@@ -122,6 +122,81 @@ fn say(notes: bool, text: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Writes a job's output as local cargo's would arrive. Its two streams come as chunks of
+/// their own; where both go to one file (`2>&1 | tail`), a chunk of one written in the
+/// middle of a line of the other would splice the two, as no local cargo does. There each
+/// stream's output is written a whole line at a time (a partial line waits for its end, at
+/// most [`HELD_BYTES`]); on a terminal, or to separate files, as it comes.
+#[derive(Debug)]
+struct JobOutput {
+    merged: bool,
+    /// Each stream's unfinished line, while merged.
+    held: [Vec<u8>; 2],
+}
+
+/// The longest unfinished line held back before it is written anyway.
+const HELD_BYTES: usize = 64 * 1024;
+
+impl JobOutput {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        use std::os::fd::AsFd;
+        let same_file = match (
+            rustix::fs::fstat(std::io::stdout().as_fd()),
+            rustix::fs::fstat(std::io::stderr().as_fd()),
+        ) {
+            (Ok(out), Ok(err)) => out.st_dev == err.st_dev && out.st_ino == err.st_ino,
+            _ => false,
+        };
+        Self {
+            merged: same_file && !std::io::stdout().is_terminal(),
+            held: [Vec::new(), Vec::new()],
+        }
+    }
+
+    fn write(&mut self, stream: OutputStream, data: &[u8]) -> std::io::Result<()> {
+        if !self.merged {
+            return emit(stream, data);
+        }
+        let held = &mut self.held[usize::from(stream == OutputStream::Stderr)];
+        held.extend_from_slice(data);
+        let whole = match held.iter().rposition(|byte| *byte == b'\n') {
+            Some(end) => end + 1,
+            None if held.len() > HELD_BYTES => held.len(),
+            None => return Ok(()),
+        };
+        let rest = held.split_off(whole);
+        let lines = std::mem::replace(held, rest);
+        emit(stream, &lines)
+    }
+
+    /// Writes what is still held: the job ended.
+    fn finish(&mut self) -> std::io::Result<()> {
+        for (stream, held) in [OutputStream::Stdout, OutputStream::Stderr]
+            .into_iter()
+            .zip(&mut self.held)
+        {
+            if !held.is_empty() {
+                emit(stream, &std::mem::take(held))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn emit(stream: OutputStream, data: &[u8]) -> std::io::Result<()> {
+    match stream {
+        OutputStream::Stdout => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(data).and_then(|()| out.flush())
+        }
+        OutputStream::Stderr => {
+            let mut err = std::io::stderr().lock();
+            err.write_all(data).and_then(|()| err.flush())
+        }
+    }
+}
+
 /// The signals that stop `run` and cancel its job: Ctrl-C, `timeout`'s and `kill`'s
 /// SIGTERM, and a closed terminal's SIGHUP. A job left running by its client would hold a
 /// slot until the coordinator's grace for unwatched jobs ran out.
@@ -201,13 +276,15 @@ async fn run_job(
     // Our reader went away (`| head -5` read enough): the job is cancelled, its output from
     // then on dropped, and its end awaited so that nothing of it stays running.
     let mut reader_gone = false;
+    let mut output = JobOutput::new();
     loop {
         let event = tokio::select! {
             event = session.next_event() => event?,
             () = interrupts.next() => {
                 line.clear();
                 if cancel_requested {
-                    note!(notes, "interrupted again; leaving without waiting");
+                    note!(notes, "interrupted again; leaving without waiting for the job's end");
+                    session.cancel_delivered().await;
                     return Ok(EXIT_CANCELLED);
                 }
                 cancel_requested = true;
@@ -258,18 +335,8 @@ async fn run_job(
             }
             JobEvent::Output { .. } if reader_gone => {}
             JobEvent::Output { stream, data, .. } => {
-                let written = match stream {
-                    OutputStream::Stdout => {
-                        let mut out = std::io::stdout().lock();
-                        out.write_all(&data).and_then(|()| out.flush())
-                    }
-                    OutputStream::Stderr => {
-                        let mut err = std::io::stderr().lock();
-                        err.write_all(&data).and_then(|()| err.flush())
-                    }
-                };
                 // Our own output is gone (closed pipe): the job has nobody to report to.
-                if written.is_err() {
+                if output.write(stream, &data).is_err() {
                     reader_gone = true;
                     cancel_requested = true;
                     cancel_announced = true;
@@ -277,12 +344,15 @@ async fn run_job(
                 }
             }
             JobEvent::Finished(result) => {
-                note!(notes, "job {job_id} {}", result.describe());
-                if verbose {
-                    note!(notes, "timings: {}", session.timings(&result));
+                if output.finish().is_err() {
+                    reader_gone = true;
                 }
                 if reader_gone {
                     return Ok(EXIT_BROKEN_PIPE);
+                }
+                note!(notes, "job {job_id} {}", result.describe());
+                if verbose {
+                    note!(notes, "timings: {}", session.timings(&result));
                 }
                 let code = result.completion.end.exit_code();
                 if collect && code == 0 {
