@@ -476,10 +476,21 @@ fn a_reader_that_quits_early_or_a_timeout_cancels_the_pool_job() {
         .expect("chatty test");
     let env_file = fixture.scratch().join("claude-env");
     start_session(&root, &env_file, &fixture.scratch().join("cache"));
-    let idle = || {
-        cluster
-            .status()
-            .is_ok_and(|status| status["jobs"].as_array().is_some_and(Vec::is_empty))
+    // Within a minute the pool is idle again, or `after` left a job running.
+    let assert_idle = |after: &str| {
+        let idle = || {
+            cluster
+                .status()
+                .is_ok_and(|status| status["jobs"].as_array().is_some_and(Vec::is_empty))
+        };
+        assert!(
+            buildpool_tests::wait_until(std::time::Duration::from_secs(60), idle),
+            "the job still runs after {after}: {}",
+            cluster
+                .status()
+                .map(|status| status.to_string())
+                .unwrap_or_default()
+        );
     };
 
     let head = session_bash(
@@ -489,14 +500,7 @@ fn a_reader_that_quits_early_or_a_timeout_cancels_the_pool_job() {
         "cargo test -p app --test chatty 2>&1 | grep -m 1 '^line'",
     );
     assert_eq!(head.stdout, "line 0\n", "{head}");
-    assert!(
-        buildpool_tests::wait_until(std::time::Duration::from_secs(60), idle),
-        "the job still runs after its reader left: {}",
-        cluster
-            .status()
-            .map(|status| status.to_string())
-            .unwrap_or_default()
-    );
+    assert_idle("its reader left");
 
     let timed_out = session_bash(
         fixture,
@@ -505,14 +509,7 @@ fn a_reader_that_quits_early_or_a_timeout_cancels_the_pool_job() {
         "timeout 20 cargo test -p app --test chatty >/dev/null 2>&1; echo \"status $?\"",
     );
     assert_eq!(timed_out.stdout, "status 124\n", "{timed_out}");
-    assert!(
-        buildpool_tests::wait_until(std::time::Duration::from_secs(60), idle),
-        "the job still runs after timeout stopped its client: {}",
-        cluster
-            .status()
-            .map(|status| status.to_string())
-            .unwrap_or_default()
-    );
+    assert_idle("timeout stopped its client");
 }
 
 /// Command lines as coding agents type them in Claude Code's Bash tool, each with the jobs

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use buildpool_tests::{Cluster, Fixture, Owned, wait_until};
+use buildpool_tests::{Cluster, Fixture, Owned, RunOutput, wait_until};
 
 /// The prying crate's test: every attack on the agent's host that a job can try from
 /// inside, each finding a line of the returned list.
@@ -227,6 +227,27 @@ fn start_agent(cluster: &Cluster, dir: &Path, id: &str, extra: &[&str]) -> (Owne
     (agent, secrets)
 }
 
+/// `run --artifacts` of the prying crate named each planted entry as refused, and none of
+/// them arrived in the workstation's `target/`.
+fn assert_planted_artifacts_refused(cluster: &Cluster, run: &RunOutput) {
+    for refused in [
+        "debug/environ-link (a symbolic link, or beneath one)",
+        "debug/token-link (a symbolic link, or beneath one)",
+        "debug/root-link/etc/passwd (a symbolic link, or beneath one)",
+        "debug/fifo-exe (not a regular file)",
+        "(not beneath the target directory)",
+    ] {
+        assert!(run.stderr.contains(refused), "{refused:?} not named: {run}");
+    }
+    let debug = cluster.fixture.root().join("target/debug");
+    for planted in ["token-link", "environ-link", "fifo-exe", "root-link"] {
+        assert!(
+            std::fs::symlink_metadata(debug.join(planted)).is_err(),
+            "{planted} arrived in the workstation's target/"
+        );
+    }
+}
+
 #[test]
 fn a_hostile_job_gets_no_root_no_secret_and_no_artifact_but_its_own() {
     let cluster = Cluster::start(prying_fixture(), 0, 1).expect("cluster");
@@ -249,22 +270,8 @@ fn a_hostile_job_gets_no_root_no_secret_and_no_artifact_but_its_own() {
     assert_eq!(run.code, Some(0), "every attack must fail: {run}");
     // --artifacts: the links and the FIFO are refused by name, the job does not hang, and
     // only what cargo built arrives.
-    for refused in [
-        "debug/environ-link (a symbolic link, or beneath one)",
-        "debug/token-link (a symbolic link, or beneath one)",
-        "debug/root-link/etc/passwd (a symbolic link, or beneath one)",
-        "debug/fifo-exe (not a regular file)",
-        "(not beneath the target directory)",
-    ] {
-        assert!(run.stderr.contains(refused), "{refused:?} not named: {run}");
-    }
+    assert_planted_artifacts_refused(&cluster, &run);
     let debug = cluster.fixture.root().join("target/debug");
-    for planted in ["token-link", "environ-link", "fifo-exe", "root-link"] {
-        assert!(
-            std::fs::symlink_metadata(debug.join(planted)).is_err(),
-            "{planted} arrived in the workstation's target/"
-        );
-    }
     let token = std::fs::read_to_string(&token_file).expect("token");
     let delivered: Vec<PathBuf> = std::fs::read_dir(debug.join("deps"))
         .expect("the test executable arrived")
@@ -410,19 +417,7 @@ fn a_hostile_job_of_an_unprivileged_agent_gets_nothing_either() {
         "every attack must fail: {run}\n{}",
         agent.log_text()
     );
-    for refused in [
-        "debug/token-link (a symbolic link, or beneath one)",
-        "debug/fifo-exe (not a regular file)",
-    ] {
-        assert!(run.stderr.contains(refused), "{refused:?} not named: {run}");
-    }
-    let debug = cluster.fixture.root().join("target/debug");
-    for planted in ["token-link", "environ-link", "fifo-exe", "root-link"] {
-        assert!(
-            std::fs::symlink_metadata(debug.join(planted)).is_err(),
-            "{planted} arrived in the workstation's target/"
-        );
-    }
+    assert_planted_artifacts_refused(&cluster, &run);
 }
 
 /// A second agent holding a valid agent credential takes the id of a connected one: it is
