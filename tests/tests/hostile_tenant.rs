@@ -347,20 +347,26 @@ fn a_hostile_job_of_an_unprivileged_agent_gets_nothing_either() {
     let Some(cargo) = buildpool_tests::dir_of_program("cargo").map(|dir| dir.join("cargo")) else {
         panic!("cargo is on PATH");
     };
-    let runs_toolchain = Command::new("setpriv")
-        .args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}")])
-        .args(["--clear-groups", "--"])
-        .arg(&cargo)
-        .arg("--version")
-        .env("RUSTUP_HOME", rustup_home().unwrap_or_default())
-        .output()
-        .is_ok_and(|output| output.status.success());
-    if !runs_toolchain {
-        eprintln!(
-            "skipped: needs root, and a toolchain user {NOBODY} can run ({} is not)",
-            cargo.display()
-        );
-        return;
+    // The toolchain and this build's agent binary, run as that user.
+    let runs_as_nobody = |program: &Path| {
+        Command::new("setpriv")
+            .args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}")])
+            .args(["--clear-groups", "--"])
+            .arg(program)
+            .arg("--version")
+            .env("RUSTUP_HOME", rustup_home().unwrap_or_default())
+            .output()
+            .is_ok_and(|output| output.status.success())
+    };
+    let agent_binary = buildpool_tests::agent_bin();
+    for program in [&cargo, &agent_binary] {
+        if !runs_as_nobody(program) {
+            eprintln!(
+                "skipped: needs root, and user {NOBODY} able to run {}",
+                program.display()
+            );
+            return;
+        }
     }
     let cluster = Cluster::start(prying_fixture(), 0, 1).expect("cluster");
     let scratch = cluster.fixture.scratch();
