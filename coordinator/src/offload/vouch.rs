@@ -49,6 +49,19 @@ const LINT_LEVELS: &[&str] = &["-D", "-W", "-A", "-F"];
 /// The same, long: `--deny warnings`.
 const LONG_LINT_LEVELS: &[&str] = &["--deny", "--warn", "--allow", "--forbid"];
 
+/// nextest's flags that run or load what the worktree does not hold: test binaries from an
+/// archive or a build elsewhere, and configuration files (which can name setup scripts).
+const NEXTEST_FILE_FLAGS: &[&str] = &[
+    "--config-file",
+    "--tool-config-file",
+    "--archive-file",
+    "--binaries-metadata",
+    "--cargo-metadata",
+    "--workspace-remap",
+    "--target-dir-remap",
+    "--extract-to",
+];
+
 /// Whether the hook vouches for the variable `name=value` before cargo.
 pub fn env(name: &str, value: &str) -> Result<(), PassThrough> {
     let vouched = if FLAGS_ENV.contains(&name) {
@@ -67,8 +80,8 @@ pub fn env(name: &str, value: &str) -> Result<(), PassThrough> {
 }
 
 /// Whether the hook vouches for `job`'s arguments: none of cargo's own is `--config`, a
-/// `-Z` flag or a target given as a file, and clippy's compiler flags only set lint
-/// levels. A test binary's arguments (after `--`) are its harness's, no compiler's.
+/// `-Z` flag, a target given as a file or one of nextest's [`NEXTEST_FILE_FLAGS`], and
+/// clippy's compiler flags only set lint levels. A test binary's arguments (after `--`) are its harness's, no compiler's.
 pub fn cargo_args(job: &CargoJob) -> Result<(), PassThrough> {
     let split = job
         .cargo_args
@@ -91,6 +104,10 @@ pub fn cargo_args(job: &CargoJob) -> Result<(), PassThrough> {
         };
         if target.is_some_and(|name| !name.is_some_and(is_target_name)) {
             return Err(PassThrough::Unvouched("a --target file".to_owned()));
+        }
+        let flag = arg.split_once('=').map_or(arg.as_str(), |(name, _)| name);
+        if job.kind == JobKind::Nextest && NEXTEST_FILE_FLAGS.contains(&flag) {
+            return Err(PassThrough::Unvouched(flag.to_owned()));
         }
     }
     let compiler_flags = after_dashes.get(1..).unwrap_or_default();
@@ -224,6 +241,7 @@ mod tests {
                 "--all-targets -- -D warnings -Wclippy::pedantic",
             ),
             (JobKind::Clippy, "--"),
+            (JobKind::Nextest, "-p app --no-fail-fast -E test(quad)"),
         ] {
             assert_eq!(cargo_args(&job(kind, args)), Ok(()), "{kind} {args:?}");
         }
@@ -255,6 +273,16 @@ mod tests {
                 JobKind::Clippy,
                 "-- -D warnings --extern m=/tmp/m.so",
                 "a clippy compiler flag other than a lint level",
+            ),
+            (
+                JobKind::Nextest,
+                "--archive-file /tmp/a.tar.zst",
+                "--archive-file",
+            ),
+            (
+                JobKind::Nextest,
+                "--no-fail-fast --config-file=/tmp/n.toml",
+                "--config-file",
             ),
         ] {
             assert_eq!(
