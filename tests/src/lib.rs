@@ -569,10 +569,8 @@ pub fn local_cargo(dir: &Path, args: &[&str]) -> RunOutput {
 /// A Bash PreToolUse event as Claude Code sends it to a hook, for `command` typed in `cwd`
 /// (the sample the hook's unit tests use).
 pub fn bash_event(command: &str, cwd: &Path) -> String {
-    let mut event: serde_json::Value = serde_json::from_str(include_str!(
-        "../../coordinator/src/cli/hook/pre_tool_use_bash.json"
-    ))
-    .expect("the sample is JSON");
+    let mut event: serde_json::Value =
+        serde_json::from_str(include_str!("pre_tool_use_bash.json")).expect("the sample is JSON");
     event["tool_input"]["command"] = serde_json::json!(command);
     event["cwd"] = serde_json::json!(cwd);
     event.to_string()

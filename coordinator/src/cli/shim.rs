@@ -16,7 +16,7 @@ use clap::{Args, Subcommand};
 use crate::offload::{self, place};
 
 /// Set to `off` to make the shim run the real cargo for everything.
-const OFF_ENV: &str = "BUILDPOOL_SHIM";
+pub const OFF_ENV: &str = "BUILDPOOL_SHIM";
 
 /// What shell convention says for "command not found".
 const EXIT_NOT_FOUND: u8 = 127;
@@ -134,6 +134,70 @@ fn started_by_a_job() -> bool {
     })
 }
 
+/// Whether this cargo was started in the background (`cargo test &`): the real cargo runs
+/// it. A background cargo outlives the line that started it, so on the pool it would hold a
+/// slot that no one watches and nothing stops.
+///
+/// A shell without job control (Claude Code's, a script's) starts a background command
+/// with SIGINT and SIGQUIT ignored, as POSIX requires, and nothing else does both: Claude
+/// Code (through libuv) starts its shell with every signal at its default. A background
+/// subshell or group (`(cargo build | tail) &`) ignores them itself while its children
+/// do not, so the shells this cargo runs under are asked too. An interactive shell puts a
+/// background command in a process group the terminal does not have in front.
+///
+/// `timeout` catches those signals, and its child gets them back at their default, so
+/// `timeout 300 cargo test &` is not recognised and goes to the pool.
+fn started_in_background() -> bool {
+    ignores_interrupts() || behind_the_terminal()
+}
+
+/// Programs whose SIGINT and SIGQUIT being ignored means a background list.
+const SHELLS: &[&str] = &["bash", "sh", "dash", "zsh", "ksh"];
+
+/// Whether this process, or a shell it runs under, ignores both SIGINT and SIGQUIT.
+fn ignores_interrupts() -> bool {
+    let bit = |signal: rustix::process::Signal| 1u64 << (signal.as_raw() - 1);
+    let both = bit(rustix::process::Signal::INT) | bit(rustix::process::Signal::QUIT);
+    let mut pid = "self".to_owned();
+    // A line nests shells a few deep at most; the bound only guards against a loop.
+    for _ in 0..16 {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            return false;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(str::trim)
+        };
+        let ignored = field("SigIgn:").and_then(|mask| u64::from_str_radix(mask, 16).ok());
+        if ignored.is_some_and(|mask| mask & both == both) {
+            return true;
+        }
+        let Some(parent) = field("PPid:") else {
+            return false;
+        };
+        let is_shell = std::fs::read_link(format!("/proc/{parent}/exe")).is_ok_and(|exe| {
+            exe.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| SHELLS.contains(&name))
+        });
+        if !is_shell {
+            return false;
+        }
+        pid = parent.to_owned();
+    }
+    false
+}
+
+fn behind_the_terminal() -> bool {
+    // Fails without a controlling terminal, as under Claude Code: then there is no front.
+    let Ok(terminal) = std::fs::File::open("/dev/tty") else {
+        return false;
+    };
+    rustix::termios::tcgetpgrp(&terminal).is_ok_and(|front| front != rustix::process::getpgrp())
+}
+
 /// Runs as `cargo`: execs `buildpool run` for what the hook would offload, the real cargo
 /// for everything else. Returns only when neither could be started.
 pub fn run_as_cargo() -> ExitCode {
@@ -165,7 +229,7 @@ pub fn run_as_cargo() -> ExitCode {
 /// The `buildpool` arguments that run `cargo ARGS` on the pool, or `None` to run cargo.
 fn offloaded(args: &[OsString]) -> Option<Vec<String>> {
     let switched_off = std::env::var(OFF_ENV).is_ok_and(|value| value == "off");
-    if switched_off || started_by_a_job() {
+    if switched_off || started_by_a_job() || started_in_background() {
         return None;
     }
     let args: Vec<String> = args

@@ -1,14 +1,17 @@
 //! Offloading the cargo commands coding agents type: which ones `buildpool run` runs
-//! exactly as local cargo would, and the `buildpool run` command line that does.
+//! exactly as local cargo would, and the `buildpool run` arguments that do.
 //!
-//! Shared by the Claude Code hook (which gets a shell command) and the cargo shim (which
-//! gets an argv). Everything here is pure except [`place::place`], which looks at a few
-//! files; callers pass it in, so tests can pass their own.
+//! The cargo shim decides each cargo as it starts, from its real arguments
+//! ([`offload_argv`]); `hook explain` says beforehand what the shim will do with each
+//! program of a command line ([`explain`]). Everything here is pure except
+//! [`place::place`], which looks at a few files; callers pass it in, so tests can pass
+//! their own.
 
 pub mod cargo;
+pub mod explain;
+pub mod line;
 pub mod place;
 pub mod shell;
-pub mod vouch;
 
 use std::path::Path;
 
@@ -19,19 +22,13 @@ use place::Placement;
 /// always safe, so every doubt ends here.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PassThrough {
-    #[error(
-        "not a single command read with certainty (pipes, redirections, lists, expansions, globs, ...)"
-    )]
-    NotCertain,
-    #[error("not a cargo command")]
-    NotCargo,
     #[error("a +toolchain override: the agent has its own toolchain")]
     Toolchain,
     #[error("no cargo subcommand")]
     NoSubcommand,
     #[error("cargo flag {0} before the subcommand")]
     GlobalFlag(String),
-    #[error("cargo {0} runs here: only build, test, check and clippy go to the pool")]
+    #[error("cargo {0} runs here: only build, test, check, clippy and nextest run go to the pool")]
     Subcommand(String),
     #[error("asks for help")]
     Help,
@@ -39,13 +36,6 @@ pub enum PassThrough {
     LocalEffect(String),
     #[error("buildpool run cannot carry it: {0}")]
     NotCarried(String),
-    #[error("{0} would not reach the job: only allow-listed variables travel")]
-    EnvNotCarried(String),
-    #[error(
-        "the hook does not vouch for {0}: only for settings known to name no program and pass \
-         no flags to the compiler or linker; Claude Code's own permission rules decide"
-    )]
-    Unvouched(String),
     #[error("the directory does not exist")]
     NoDirectory,
     #[error("not inside a git repository")]
@@ -85,232 +75,101 @@ pub fn run_args(job: &CargoJob) -> Vec<String> {
     args
 }
 
-/// The shell command that runs `command` (typed in `cwd`, absolute) through `buildpool`
-/// (the program to name) instead, or why it stays as it is.
-///
-/// A leading `cd DIR &&` and allow-listed `NAME=VALUE` prefixes are kept as they are:
-/// `buildpool run` then starts in the same directory and forwards those variables to the
-/// job, as cargo would have seen them.
-///
-/// Only the hook rewrites shell commands, and it allows every rewrite without asking, so
-/// a command it cannot vouch for ([`vouch`]) stays as typed: Claude Code then applies its
-/// own rules to the very command the model wrote, as it would without the hook.
-pub fn rewrite_shell(
-    command: &str,
-    cwd: &Path,
-    buildpool: &str,
-    place: impl FnOnce(&Path) -> Result<Placement, PassThrough>,
-) -> Result<String, PassThrough> {
-    let parsed = shell::parse(command).map_err(|_| PassThrough::NotCertain)?;
-    let (program, args) = parsed.argv.split_first().ok_or(PassThrough::NotCertain)?;
-    if program != "cargo" {
-        return Err(PassThrough::NotCargo);
-    }
-    for (name, value) in &parsed.env {
-        if !buildpool_core::spec::env_name_allowed(name) {
-            return Err(PassThrough::EnvNotCarried(name.clone()));
-        }
-        vouch::env(name, value)?;
-    }
-    if !cwd.is_absolute() {
-        return Err(PassThrough::NoDirectory);
-    }
-    let dir = match &parsed.cd {
-        Some(dir) => cwd.join(dir),
-        None => cwd.to_owned(),
-    };
-    let job = offload_argv(args, &dir, place)?;
-    vouch::cargo_args(&job)?;
-    let mut words = Vec::new();
-    if let Some(dir) = &parsed.cd {
-        words.extend([
-            "cd".to_owned(),
-            shell::quote(dir).into_owned(),
-            "&&".to_owned(),
-        ]);
-    }
-    words.extend(
-        parsed
-            .env
-            .iter()
-            .map(|(name, value)| format!("{name}={}", shell::quote(value))),
-    );
-    words.push(shell::quote(buildpool).into_owned());
-    words.extend(
-        run_args(&job)
-            .iter()
-            .map(|arg| shell::quote(arg).into_owned()),
-    );
-    Ok(words.join(" "))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const BUILDPOOL: &str = "/opt/bin/buildpool";
 
     fn at_top(_: &Path) -> Result<Placement, PassThrough> {
         Ok(Placement { manifest: None })
     }
 
-    fn rewrite(command: &str) -> Result<String, PassThrough> {
-        rewrite_shell(command, Path::new("/repo"), BUILDPOOL, at_top)
+    fn offload(command: &[&str]) -> Result<Vec<String>, PassThrough> {
+        let args: Vec<String> = command.iter().map(|arg| (*arg).to_owned()).collect();
+        offload_argv(&args, Path::new("/repo"), at_top).map(|job| run_args(&job))
     }
 
     #[test]
     fn cargo_commands_become_the_same_job() {
-        for (command, rewritten) in [
-            ("cargo test", "/opt/bin/buildpool run test"),
-            ("cargo t", "/opt/bin/buildpool run test"),
+        for (command, run) in [
+            (&["test"][..], &["run", "test"][..]),
+            (&["t"], &["run", "test"]),
             (
-                "cargo test -p app -- --nocapture",
-                "/opt/bin/buildpool run test -- -p app -- --nocapture",
+                &["test", "-p", "app", "--", "--nocapture"],
+                &["run", "test", "--", "-p", "app", "--", "--nocapture"],
             ),
             (
-                "cargo clippy --all-targets -- -D warnings",
-                "/opt/bin/buildpool run clippy -- --all-targets -- -D warnings",
+                &["clippy", "--all-targets", "--", "-D", "warnings"],
+                &[
+                    "run",
+                    "clippy",
+                    "--",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
             ),
+            (&["-q", "check"], &["run", "check", "--", "-q"]),
             (
-                "cargo build --release",
-                "/opt/bin/buildpool run build -- --release",
-            ),
-            ("cargo -q check", "/opt/bin/buildpool run check -- -q"),
-            (
-                "cargo test 'name with space'",
-                "/opt/bin/buildpool run test -- 'name with space'",
-            ),
-            (
-                "RUST_BACKTRACE=1 cargo test",
-                "RUST_BACKTRACE=1 /opt/bin/buildpool run test",
-            ),
-            (
-                "RUSTFLAGS=\"-D warnings\" CARGO_PROFILE_DEV_DEBUG=0 cargo build",
-                "RUSTFLAGS='-D warnings' CARGO_PROFILE_DEV_DEBUG=0 /opt/bin/buildpool run build",
-            ),
-            (
-                "cd /repo/sub && cargo check",
-                "cd /repo/sub && /opt/bin/buildpool run check",
-            ),
-            (
-                "cd 'my dir' && RUST_LOG=debug cargo test it\\'s",
-                "cd 'my dir' && RUST_LOG=debug /opt/bin/buildpool run test -- 'it'\\''s'",
+                &["nextest", "run", "-p", "app"],
+                &["run", "nextest", "--", "-p", "app"],
             ),
         ] {
-            assert_eq!(rewrite(command).as_deref(), Ok(rewritten), "{command:?}");
-        }
-        // The program to run is quoted like any word.
-        let spaced = rewrite_shell("cargo c", Path::new("/r"), "/my bin/buildpool", at_top);
-        assert_eq!(spaced.as_deref(), Ok("'/my bin/buildpool' run check"));
-    }
-
-    #[test]
-    fn everything_else_passes_through() {
-        for (command, reason) in [
-            ("cargo run", PassThrough::Subcommand("run".into())),
-            ("cargo test 2>&1 | tail -20", PassThrough::NotCertain),
-            ("cargo test; echo done", PassThrough::NotCertain),
-            ("FOO=1 cargo test", PassThrough::EnvNotCarried("FOO".into())),
-            (
-                "CARGO_TARGET_DIR=/t cargo build",
-                PassThrough::EnvNotCarried("CARGO_TARGET_DIR".into()),
-            ),
-            ("buildpool run test", PassThrough::NotCargo),
-            (
-                "/opt/bin/buildpool run test -- -p app",
-                PassThrough::NotCargo,
-            ),
-            ("/usr/bin/cargo test", PassThrough::NotCargo),
-            ("ls -la", PassThrough::NotCargo),
-            ("RUST_LOG=1", PassThrough::NotCertain),
-        ] {
-            assert_eq!(rewrite(command), Err(reason), "{command:?}");
-        }
-        let relative_cwd = rewrite_shell("cargo test", Path::new("repo"), BUILDPOOL, at_top);
-        assert_eq!(relative_cwd, Err(PassThrough::NoDirectory));
-    }
-
-    #[test]
-    fn what_the_hook_cannot_vouch_for_passes_through_and_says_why() {
-        let unvouched = |what: &str| PassThrough::Unvouched(what.to_owned());
-        for (command, reason) in [
-            (
-                r#"cargo test --config 'target."cfg(all())".runner=["sh","-c","id > /tmp/x"]'"#,
-                unvouched("--config"),
-            ),
-            (
-                "cargo build --config build.rustc-wrapper=/tmp/w",
-                unvouched("--config"),
-            ),
-            (
-                "RUSTFLAGS='-C linker=/tmp/l' cargo build",
-                unvouched("RUSTFLAGS"),
-            ),
-            ("cargo test -Zbuild-std", unvouched("-Z")),
-            (
-                "cargo -Zbuild-std test",
-                PassThrough::GlobalFlag("-Zbuild-std".into()),
-            ),
-            ("cargo +nightly test", PassThrough::Toolchain),
-            (
-                "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=sh cargo test",
-                PassThrough::EnvNotCarried("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER".into()),
-            ),
-            (
-                "RUSTC_WRAPPER=x cargo build",
-                PassThrough::EnvNotCarried("RUSTC_WRAPPER".into()),
-            ),
-            ("cargo test\r", PassThrough::NotCertain),
-            ("cargo test\u{a0}", PassThrough::NotCertain),
-            ("cargo test\u{85}", PassThrough::NotCertain),
-        ] {
-            assert_eq!(rewrite(command), Err(reason), "{command:?}");
-        }
-        for command in [
-            "cargo test --target-dir /tmp/x",
-            "cargo test --target-dir=../../elsewhere",
-        ] {
-            assert!(
-                matches!(rewrite(command), Err(PassThrough::NotCarried(_))),
+            assert_eq!(
+                offload(command),
+                Ok(run.iter().map(|arg| (*arg).to_owned()).collect()),
                 "{command:?}"
             );
         }
     }
 
     #[test]
-    fn a_subdirectory_is_placed_where_cd_leads() {
-        let mut asked = None;
-        let rewritten = rewrite_shell(
-            "cd crates/util && cargo test",
-            Path::new("/repo"),
-            BUILDPOOL,
-            |dir| {
-                asked = Some(dir.to_owned());
-                Ok(Placement {
-                    manifest: Some("crates/util/Cargo.toml".into()),
-                })
-            },
-        );
-        assert_eq!(asked.as_deref(), Some(Path::new("/repo/crates/util")));
-        assert_eq!(
-            rewritten.as_deref(),
-            Ok(
-                "cd crates/util && /opt/bin/buildpool run test -- --manifest-path crates/util/Cargo.toml"
-            )
-        );
+    fn what_must_stay_here_says_why() {
+        for (command, reason) in [
+            (&["run"][..], PassThrough::Subcommand("run".into())),
+            (&["fmt"], PassThrough::Subcommand("fmt".into())),
+            (&["+nightly", "test"], PassThrough::Toolchain),
+            (
+                &["-Zbuild-std", "test"],
+                PassThrough::GlobalFlag("-Zbuild-std".into()),
+            ),
+        ] {
+            assert_eq!(offload(command), Err(reason), "{command:?}");
+        }
+        for command in [
+            &["test", "--target-dir", "/tmp/x"][..],
+            &["test", "--target-dir=../../elsewhere"],
+        ] {
+            assert!(
+                matches!(offload(command), Err(PassThrough::NotCarried(_))),
+                "{command:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_subdirectory_is_placed_by_its_manifest() {
         let in_member = |_: &Path| {
             Ok(Placement {
-                manifest: Some("a/Cargo.toml".into()),
+                manifest: Some("crates/util/Cargo.toml".into()),
             })
         };
-        let with_path = rewrite_shell(
-            "cargo test --config x.toml",
-            Path::new("/r/a"),
-            BUILDPOOL,
-            in_member,
+        let args = ["test".to_owned()];
+        let job = offload_argv(&args, Path::new("/repo/crates/util"), in_member).expect("job");
+        assert_eq!(
+            job.cargo_args,
+            ["--manifest-path", "crates/util/Cargo.toml"]
         );
-        assert_eq!(with_path, Err(PassThrough::PathInSubdirectory));
-        let refused = rewrite_shell("cargo test", Path::new("/r"), BUILDPOOL, |_| {
+        let with_path = [
+            "test".to_owned(),
+            "--config".to_owned(),
+            "x.toml".to_owned(),
+        ];
+        assert_eq!(
+            offload_argv(&with_path, Path::new("/repo/crates/util"), in_member),
+            Err(PassThrough::PathInSubdirectory)
+        );
+        let refused = offload_argv(&args, Path::new("/r"), |_| {
             Err(PassThrough::NotInRepository)
         });
         assert_eq!(refused, Err(PassThrough::NotInRepository));

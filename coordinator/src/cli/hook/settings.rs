@@ -6,13 +6,21 @@ use std::path::Path;
 
 use serde_json::{Map, Value, json};
 
-use crate::offload::shell;
+use crate::offload::line;
 
-/// The events the hook answers, with the matcher of each entry: `PreToolUse` for the Bash
-/// tool (a cargo command it can vouch for becomes `buildpool run`), and `SessionStart`
-/// (every session, however started), which puts the cargo shim first on the session's
-/// `PATH`, so every cargo a command line runs, at any depth, reaches the pool.
-const EVENTS: [(&str, Option<&str>); 2] = [("PreToolUse", Some("Bash")), ("SessionStart", None)];
+/// The events the hook answers, with the matcher of each entry: `SessionStart` (every
+/// session, however started), which puts the cargo shim first on the session's `PATH`, so
+/// every cargo a command line runs, at any depth, decides for itself.
+const EVENTS: [(&str, Option<&str>); 1] = [("SessionStart", None)];
+
+/// Events an older buildpool answered and this one does not: `PreToolUse` rewrote plain
+/// cargo commands and allowed them without a prompt. Installing removes our entries there.
+const RETIRED: [&str; 1] = ["PreToolUse"];
+
+/// Every event our entries may be found under.
+fn all_events() -> impl Iterator<Item = &'static str> {
+    EVENTS.iter().map(|(event, _)| *event).chain(RETIRED)
+}
 
 /// How long Claude Code waits for the hook, in seconds. It answers in milliseconds; the
 /// bound matters only if something is badly wrong, and then the command runs as typed.
@@ -28,15 +36,13 @@ pub enum SettingsError {
 
 /// Whether a hook command is ours: `buildpool hook claude`, wherever `buildpool` lives.
 pub fn is_ours(command: &str) -> bool {
-    let Ok(parsed) = shell::parse(command) else {
+    let Ok(read) = line::invocations(command, Path::new("/")) else {
         return false;
     };
-    parsed.cd.is_none()
-        && parsed.env.is_empty()
-        && matches!(parsed.argv.as_slice(), [program, hook, claude]
-            if Path::new(program).file_name().is_some_and(|name| name == "buildpool")
-                && hook == "hook"
-                && claude == "claude")
+    matches!(read.as_slice(), [only] if matches!(only.argv.as_deref(), Some([program, hook, claude])
+        if Path::new(program).file_name().is_some_and(|name| name == "buildpool")
+            && hook == "hook"
+            && claude == "claude"))
 }
 
 fn ours_in(entry: &Value) -> impl Iterator<Item = &str> {
@@ -72,16 +78,20 @@ fn entries<'a>(
     }
 }
 
-/// Adds the hook running `command` for each of [`EVENTS`]. Returns whether anything
-/// changed: an entry of ours with exactly this command is left where it is, one with
-/// another path is replaced. Nothing changes unless every event's entries can take ours.
+/// Adds the hook running `command` for each of [`EVENTS`], and removes ours from
+/// [`RETIRED`] events. Returns whether anything changed: an entry of ours with exactly this
+/// command is left where it is, one with another path is replaced. Nothing changes unless
+/// every event's entries can take ours.
 pub fn install(settings: &mut Value, command: &str) -> Result<bool, SettingsError> {
-    for (event, _) in EVENTS {
+    for event in all_events() {
         entries(settings, event)?;
     }
     let mut changed = false;
     for (event, matcher) in EVENTS {
         changed |= install_for(settings, event, matcher, command)?;
+    }
+    for event in RETIRED {
+        changed |= uninstall_for(settings, event)?;
     }
     Ok(changed)
 }
@@ -134,11 +144,11 @@ fn install_for(
 /// Removes every hook of ours, and the entries, events and `hooks` that only removing them
 /// left empty. Returns whether anything changed.
 pub fn uninstall(settings: &mut Value) -> Result<bool, SettingsError> {
-    for (event, _) in EVENTS {
+    for event in all_events() {
         entries(settings, event)?;
     }
     let mut changed = false;
-    for (event, _) in EVENTS {
+    for event in all_events() {
         changed |= uninstall_for(settings, event)?;
     }
     Ok(changed)
@@ -223,10 +233,11 @@ mod tests {
         let once = settings.clone();
         assert!(!install(&mut settings, OURS).expect("installs"));
         assert_eq!(settings, once);
-        let entries = settings["hooks"]["PreToolUse"].as_array().expect("array");
-        assert_eq!(entries.len(), 3);
-        assert_eq!(entries[2]["matcher"], "Bash");
-        assert_eq!(entries[2]["hooks"][0]["command"], OURS);
+        assert_eq!(
+            settings["hooks"]["PreToolUse"],
+            busy_settings()["hooks"]["PreToolUse"],
+            "no PreToolUse hook of ours"
+        );
         assert_eq!(
             settings["hooks"]["SessionStart"],
             json!([{ "hooks": [{ "type": "command", "command": OURS, "timeout": TIMEOUT_SECS }] }])
@@ -246,11 +257,25 @@ mod tests {
         assert!(install(&mut settings, OURS).expect("installs"));
         let text = settings.to_string();
         assert!(!text.contains("/old/buildpool"), "{text}");
+        assert_eq!(text.matches("hook claude").count(), 1, "{text}");
+    }
+
+    /// An older buildpool also answered PreToolUse, rewriting and allowing plain cargo
+    /// commands; installing this one takes that entry out and keeps everyone else's.
+    #[test]
+    fn install_removes_the_retired_pre_tool_use_entry_of_an_older_buildpool() {
+        let mut settings = busy_settings();
+        settings["hooks"]["PreToolUse"]
+            .as_array_mut()
+            .expect("array")
+            .push(json!({ "matcher": "Bash", "hooks": [{ "type": "command", "command": OURS }] }));
+        assert!(install(&mut settings, OURS).expect("installs"));
         assert_eq!(
-            text.matches("hook claude").count(),
-            2,
-            "one per event: {text}"
+            settings["hooks"]["PreToolUse"],
+            busy_settings()["hooks"]["PreToolUse"]
         );
+        assert!(uninstall(&mut settings).expect("uninstalls"));
+        assert_eq!(settings, busy_settings());
     }
 
     #[test]

@@ -35,7 +35,8 @@
 //! `sccache` measures the sccache hit rate when a second slot builds the snapshot the first
 //! built, with the sandbox's stable path and without the sandbox.
 //!
-//! `hook` measures one `buildpool hook claude` call, rewrite and pass-through.
+//! `hook` measures what offloading adds to a Claude Code session: the SessionStart hook,
+//! and the cargo shim against the real cargo.
 //!
 //! `soak` (soak.rs) runs real jobs through real agents while it kills and restarts the
 //! coordinator and agents, cuts links and freezes agents: jobs lost and duplicated (both
