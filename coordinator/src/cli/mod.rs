@@ -34,7 +34,7 @@ pub struct Cli {
 enum Command {
     #[command(flatten)]
     InRuntime(RuntimeCommand),
-    /// Claude Code's PreToolUse hook: cargo build/test/check/clippy become `buildpool run`.
+    /// Claude Code's hook: every cargo of a session decides through the cargo shim.
     Hook(hook::HookArgs),
     /// A `cargo` shim for other agents: the same commands go to the pool, the rest to cargo.
     Shim(shim::ShimArgs),
