@@ -72,9 +72,9 @@ pub enum ClientError {
     )]
     PlainTextRemote(String),
     /// The coordinator answered with an error; its message says why (and is all a user
-    /// needs to read, so the status is no error source of its own).
-    #[error("{}", .0.message())]
-    Call(tonic::Status),
+    /// needs to read).
+    #[error("{message}")]
+    Call { refusal: Refusal, message: String },
     #[error("the coordinator sent an answer this client cannot read: {0}")]
     Decode(DecodeError),
 }
@@ -85,9 +85,24 @@ impl From<DecodeError> for ClientError {
     }
 }
 
+/// What kind of "no" the coordinator answered, as far as a client acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such job (any more): a client that was following it cannot come back to it.
+    NotFound,
+    Other,
+}
+
 impl From<tonic::Status> for ClientError {
     fn from(status: tonic::Status) -> Self {
-        ClientError::Call(status)
+        let refusal = match status.code() {
+            tonic::Code::NotFound => Refusal::NotFound,
+            _ => Refusal::Other,
+        };
+        ClientError::Call {
+            refusal,
+            message: status.message().to_owned(),
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use buildpool_core::status::Submission;
 use buildpool_core::{AgentPhases, JobEvent, JobId, JobResult, JobSpec};
 
-use crate::client::{Client, ClientError, JobEvents};
+use crate::client::{Client, ClientError, JobEvents, Refusal};
 use crate::config::CoordinatorConfig;
 use crate::repo::Repo;
 use crate::server::Coordinator;
@@ -401,8 +401,13 @@ impl JobSession {
                         self.events = events;
                         return Ok(());
                     }
-                    Err(ClientError::Call(status)) if status.code() == tonic::Code::NotFound => {
-                        return Err(SessionError::Forgotten(job_id, ClientError::Call(status)));
+                    Err(
+                        error @ ClientError::Call {
+                            refusal: Refusal::NotFound,
+                            ..
+                        },
+                    ) => {
+                        return Err(SessionError::Forgotten(job_id, error));
                     }
                     Err(error) => error.to_string(),
                 },

@@ -19,7 +19,6 @@ use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Status;
 
 /// Bytes of executables kept per job: the agent's bound, which it never exceeds.
 const MAX_JOB_BYTES: u64 = 512 * 1024 * 1024;
@@ -55,10 +54,36 @@ pub(crate) struct ArtifactStore {
     jobs: Mutex<BTreeMap<JobId, Received>>,
 }
 
-/// A job's executables in chunks, ending early with a status when a stored file cannot
+/// A job's executables in chunks, ending early with an error when a stored file cannot
 /// be read.
 pub(crate) type ArtifactStream =
-    Pin<Box<dyn futures_util::Stream<Item = Result<ArtifactChunk, Status>> + Send>>;
+    Pin<Box<dyn futures_util::Stream<Item = Result<ArtifactChunk, ArtifactError>> + Send>>;
+
+/// Why a job's executables cannot be handed out.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ArtifactError {
+    #[error(
+        "job {0} sent no executables back (it did not ask for them, they were deleted for \
+         newer jobs, or the agent's connection dropped first)"
+    )]
+    NotFound(JobId),
+    #[error("the executables of job {job_id} are unusable: {reason}")]
+    Unusable { job_id: JobId, reason: String },
+    #[error(
+        "only {arrived} of the {count} executables of job {job_id} arrived (the agent's \
+         connection dropped?)"
+    )]
+    Incomplete {
+        job_id: JobId,
+        arrived: usize,
+        count: u32,
+    },
+    #[error("cannot read the stored executables of job {job_id}: {source}")]
+    Read {
+        job_id: JobId,
+        source: std::io::Error,
+    },
+}
 
 impl ArtifactStore {
     /// A store in `dir`, emptied: what an earlier coordinator kept belongs to its jobs.
@@ -124,27 +149,23 @@ impl ArtifactStore {
     }
 
     /// Streams a job's executables, all of them or an error saying why not.
-    pub fn fetch(&self, job_id: JobId) -> Result<ArtifactStream, Status> {
+    pub fn fetch(&self, job_id: JobId) -> Result<ArtifactStream, ArtifactError> {
         let files: Vec<(PathBuf, ArtifactChunk)> = {
             let jobs = self.jobs();
-            let received = jobs.get(&job_id).ok_or_else(|| {
-                Status::not_found(format!(
-                    "job {job_id} sent no executables back (it did not ask for them, they \
-                     were deleted for newer jobs, or the agent's connection dropped first)"
-                ))
-            })?;
+            let received = jobs.get(&job_id).ok_or(ArtifactError::NotFound(job_id))?;
             if let Some(broken) = &received.broken {
-                return Err(Status::data_loss(format!(
-                    "the executables of job {job_id} are unusable: {broken}"
-                )));
+                return Err(ArtifactError::Unusable {
+                    job_id,
+                    reason: broken.clone(),
+                });
             }
-            let complete = received.files.iter().filter(|f| f.sha256.is_some()).count();
-            if complete != received.count as usize {
-                return Err(Status::data_loss(format!(
-                    "only {complete} of the {} executables of job {job_id} arrived (the \
-                     agent's connection dropped?)",
-                    received.count
-                )));
+            let arrived = received.files.iter().filter(|f| f.sha256.is_some()).count();
+            if arrived != received.count as usize {
+                return Err(ArtifactError::Incomplete {
+                    job_id,
+                    arrived,
+                    count: received.count,
+                });
             }
             let job_dir = self.job_dir(job_id);
             (0..received.count)
@@ -167,11 +188,9 @@ impl ArtifactStore {
         };
         let (chunks, stream) = mpsc::channel(4);
         tokio::spawn(async move {
-            if let Err(error) = send_files(files, &chunks).await {
+            if let Err(source) = send_files(files, &chunks).await {
                 let _ = chunks
-                    .send(Err(Status::internal(format!(
-                        "cannot read the stored executables of job {job_id}: {error}"
-                    ))))
+                    .send(Err(ArtifactError::Read { job_id, source }))
                     .await;
             }
         });
@@ -234,7 +253,7 @@ fn append(received: &mut Received, job_dir: &Path, chunk: &ArtifactChunk) -> Res
 /// SHA-256 as the agent sent it.
 async fn send_files(
     files: Vec<(PathBuf, ArtifactChunk)>,
-    chunks: &mpsc::Sender<Result<ArtifactChunk, Status>>,
+    chunks: &mpsc::Sender<Result<ArtifactChunk, ArtifactError>>,
 ) -> std::io::Result<()> {
     for (path, head) in files {
         let mut reader = tokio::fs::File::open(&path).await?;
@@ -349,13 +368,26 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp");
         let store = ArtifactStore::open(dir.path()).expect("open");
         let missing = store.fetch(1).err().expect("nothing sent");
-        assert_eq!(missing.code(), tonic::Code::NotFound);
+        assert!(matches!(missing, ArtifactError::NotFound(1)), "{missing:?}");
 
         // Attempt 1 sent one of two files, then its connection dropped.
         store.receive(AttemptKey::new(1, 1), &chunk(0, 2, b"a", true));
         let partial = store.fetch(1).err().expect("incomplete");
-        assert_eq!(partial.code(), tonic::Code::DataLoss);
-        assert!(partial.message().contains("only 1 of the 2"), "{partial:?}");
+        assert!(
+            matches!(
+                partial,
+                ArtifactError::Incomplete {
+                    arrived: 1,
+                    count: 2,
+                    ..
+                }
+            ),
+            "{partial:?}"
+        );
+        assert!(
+            partial.to_string().contains("only 1 of the 2"),
+            "{partial:?}"
+        );
 
         // Attempt 2 replaces it and sends everything.
         store.receive(AttemptKey::new(1, 2), &chunk(0, 1, b"b", true));
@@ -370,6 +402,6 @@ mod tests {
         // A chunk out of sequence makes the set unusable.
         store.receive(AttemptKey::new(2, 1), &chunk(1, 2, b"c", true));
         let broken = store.fetch(2).err().expect("broken");
-        assert!(broken.message().contains("out of sequence"), "{broken:?}");
+        assert!(broken.to_string().contains("out of sequence"), "{broken:?}");
     }
 }

@@ -26,8 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::git_daemon::RequestFilter;
+use super::jobs::ActiveJob;
+use super::local_agent::LOCAL_AGENT_ID;
 use super::scheduler::{AgentRegistration, ConnId};
-use super::{ActiveJob, Connection, LOCAL_AGENT_ID, Shared};
+use super::{Connection, Shared};
 use crate::auth::{CredentialName, Scope};
 
 /// Messages queued for one agent. Only control messages go this way, so a full queue means

@@ -128,7 +128,7 @@ enum Write {
 impl Writer {
     fn start() -> std::io::Result<Self> {
         let (queue, writes) = mpsc::channel(WRITE_QUEUE);
-        super::spawn_background("job-logs", move || write_loop(writes))?;
+        super::threads::spawn_background("job-logs", move || write_loop(writes))?;
         Ok(Self(queue))
     }
 

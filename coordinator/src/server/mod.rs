@@ -14,9 +14,11 @@ pub mod git_daemon;
 pub mod history;
 pub mod http;
 pub mod joblog;
+pub mod jobs;
 pub mod local_agent;
 pub mod scheduler;
 pub mod store;
+mod threads;
 mod tls_accept;
 
 use std::collections::HashMap;
@@ -27,10 +29,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use buildpool_core::bus::{CoordinatorMessage, Welcome};
-use buildpool_core::{AttemptKey, JobEvent, JobId, JobKind};
+use buildpool_core::{AttemptKey, JobEvent, JobId};
 use buildpool_proto::socket::{Outbox, SendError};
 use buildpool_proto::tls::{self, Fingerprint, ServerIdentity};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, Authenticator, CredentialName, CredentialStore, Scope, Token};
@@ -110,56 +111,6 @@ impl CoordinatorTls {
     }
 }
 
-/// The agent id of the coordinator's embedded local agent; no remote agent may use it.
-pub const LOCAL_AGENT_ID: &str = "local";
-
-/// A job that has not ended yet, as transports see it.
-#[derive(Debug)]
-pub(crate) struct ActiveJob {
-    pub phase: watch::Sender<JobEvent>,
-    pub log: joblog::JobLog,
-    pub git_ref: String,
-    pub origin: JobOrigin,
-    /// How many clients follow the job; a job nobody follows is cancelled after the
-    /// client grace (see `control::supervise`).
-    pub watchers: watch::Sender<usize>,
-}
-
-/// What a job is and where it came from, kept for its metrics and history when it ends.
-#[derive(Debug, Clone)]
-pub(crate) struct JobOrigin {
-    pub kind: JobKind,
-    pub worktree: String,
-    pub cargo_args: Vec<String>,
-}
-
-impl ActiveJob {
-    /// A job just submitted: queued, with its log open.
-    pub fn queued(log: joblog::JobLog, git_ref: String, origin: JobOrigin) -> Arc<Self> {
-        let initial = JobEvent::Queued {
-            position: 0,
-            reason: String::new(),
-        };
-        Self::new(log, git_ref, origin, initial)
-    }
-
-    /// A job in phase `initial` (a restored one may already be assigned).
-    pub fn new(
-        log: joblog::JobLog,
-        git_ref: String,
-        origin: JobOrigin,
-        initial: JobEvent,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            phase: watch::channel(initial).0,
-            log,
-            git_ref,
-            origin,
-            watchers: watch::channel(0).0,
-        })
-    }
-}
-
 /// One agent connection, as the scheduler's actions reach it.
 pub(crate) struct Connection {
     pub outbox: Outbox<CoordinatorMessage>,
@@ -182,7 +133,7 @@ impl std::fmt::Debug for Connection {
 pub(crate) struct State {
     pub scheduler: Scheduler,
     pub connections: HashMap<ConnId, Connection>,
-    pub jobs: HashMap<JobId, Arc<ActiveJob>>,
+    pub jobs: HashMap<JobId, Arc<jobs::ActiveJob>>,
 }
 
 /// Everything the coordinator's tasks share.
@@ -201,17 +152,11 @@ pub(crate) struct Shared {
     /// that write them, so a bus task never waits on the disk.
     pub artifacts: Arc<artifacts::ArtifactStore>,
     pub git_daemon_port: Option<u16>,
-    /// Whether agents fetch from the git daemon directly (it listens beyond loopback, an
-    /// insecure setup) instead of through the tunnel.
-    pub direct_git: bool,
-    pub git_path: String,
     pub websocket_addr: Option<SocketAddr>,
     /// Cancelled when the coordinator stops; per-job tasks end with it.
     pub shutdown: CancellationToken,
-    /// Snapshot commits a full git check confirmed (see [`control::VerifiedCommits`]).
-    pub verified_commits: control::VerifiedCommits,
-    /// Packs of recent snapshots, sent with their jobs (see [`control::SnapshotPacks`]).
-    pub snapshot_packs: control::SnapshotPacks,
+    /// The repository's snapshots as jobs need them.
+    pub snapshots: jobs::Snapshots,
     /// Snapshot refs of ended jobs, for [`delete_ended_refs`] to delete in batches.
     pub ended_refs: tokio::sync::mpsc::Sender<String>,
     state: Mutex<State>,
@@ -269,24 +214,6 @@ impl Shared {
                 Err("the coordinator cannot read its credential store; see its log".to_owned())
             }
             Err(error) => Err(error.to_string()),
-        }
-    }
-
-    /// Where agents fetch the snapshot `commit` held by `git_ref` of this repository.
-    pub fn source(
-        &self,
-        commit: String,
-        git_ref: String,
-        base_commit: String,
-    ) -> buildpool_core::Source {
-        buildpool_core::Source {
-            repo_id: self.repo.id.clone(),
-            git_path: self.git_path.clone(),
-            git_port: self.git_daemon_port.filter(|_| self.direct_git),
-            commit,
-            git_ref,
-            base_commit,
-            pack: None,
         }
     }
 
@@ -525,17 +452,26 @@ impl Coordinator {
             .map(tokio::net::TcpListener::local_addr)
             .transpose()?;
         let (ended_refs, ended_refs_queue) = tokio::sync::mpsc::channel(ENDED_REFS_QUEUE);
-        let shared = Arc::new(Shared {
-            id: format!("{}-{:x}", std::process::id(), fastrand::u32(..)),
-            git_daemon_port: git_daemon.as_ref().map(|d| d.port),
-            direct_git: config
+        // Agents fetch from the git daemon directly only when it listens beyond loopback (an
+        // insecure setup); otherwise through the tunnel.
+        let direct_git_port = git_daemon.as_ref().map(|d| d.port).filter(|_| {
+            config
                 .git_daemon
                 .as_ref()
-                .is_some_and(|(listen, _)| !crate::config::is_loopback(listen)),
-            git_path: git_daemon
+                .is_some_and(|(listen, _)| !crate::config::is_loopback(listen))
+        });
+        let snapshots = jobs::Snapshots::new(
+            repo.common_dir.clone(),
+            repo.id.clone(),
+            git_daemon
                 .as_ref()
                 .map(|d| d.git_path.clone())
                 .unwrap_or_default(),
+            direct_git_port,
+        );
+        let shared = Arc::new(Shared {
+            id: format!("{}-{:x}", std::process::id(), fastrand::u32(..)),
+            git_daemon_port: git_daemon.as_ref().map(|d| d.port),
             websocket_addr,
             repo,
             auth: Authenticator::new(token, CredentialStore::next_to(&config.token_file)),
@@ -554,13 +490,12 @@ impl Coordinator {
             shutdown: CancellationToken::new(),
             metrics: crate::metrics::Metrics::new(),
             history: history::History::default(),
-            verified_commits: control::VerifiedCommits::default(),
-            snapshot_packs: control::SnapshotPacks::default(),
+            snapshots,
             ended_refs,
             last_request: AtomicU64::new(buildpool_core::time::unix_millis()),
             store,
         });
-        restore(&shared, loaded.unfinished).await;
+        jobs::restore(&shared, loaded.unfinished).await;
         let shutdown = shared.shutdown.clone();
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(listener) = websocket {
@@ -689,76 +624,6 @@ impl Coordinator {
     }
 }
 
-/// Takes back the jobs the previous coordinator left unfinished: their logs are reopened
-/// for appending, queued ones queue again, and running ones wait for their agents to report
-/// them (see [`Scheduler::restore`]). Each is cancelled if no client comes back to follow it
-/// within the client grace, counted from now.
-async fn restore(shared: &Arc<Shared>, unfinished: Vec<store::StoredJob>) {
-    if unfinished.is_empty() {
-        return;
-    }
-    let mut restored = Vec::with_capacity(unfinished.len());
-    for stored in unfinished {
-        let job_id = stored.job_id;
-        let log =
-            match joblog::JobLog::reopen(&shared.logs, job_id, shared.config.log_max_bytes).await {
-                Ok(log) => log,
-                Err(error) => {
-                    tracing::error!(job_id, "cannot reopen the job's log ({error}); not resumed");
-                    continue;
-                }
-            };
-        let submission = stored.submission;
-        let origin = JobOrigin {
-            kind: submission.spec.kind,
-            worktree: submission.worktree.clone(),
-            cargo_args: submission.spec.cargo_args.clone(),
-        };
-        let initial = match &stored.agent_id {
-            Some(agent_id) => JobEvent::Assigned {
-                agent_id: agent_id.clone(),
-                attempt: stored.attempt,
-                local: agent_id == LOCAL_AGENT_ID,
-            },
-            None => JobEvent::Queued {
-                position: 0,
-                reason: "requeued after the coordinator restarted".to_owned(),
-            },
-        };
-        let job = ActiveJob::new(log, submission.git_ref.clone(), origin, initial);
-        shared.state().jobs.insert(job_id, Arc::clone(&job));
-        control::adopt(shared, job_id, &job);
-        restored.push(scheduler::RestoredJob {
-            job_id,
-            source: shared.source(
-                submission.commit,
-                submission.git_ref,
-                submission.base_commit,
-            ),
-            spec: submission.spec,
-            worktree: submission.worktree,
-            submitted_unix_ms: stored.submitted_unix_ms,
-            attempt: stored.attempt,
-            lost_attempts: stored.lost_attempts,
-            running_on: stored.agent_id,
-        });
-    }
-    let (queued, running) = restored
-        .iter()
-        .fold((0, 0), |(q, r), job| match job.running_on {
-            Some(_) => (q, r + 1),
-            None => (q + 1, r),
-        });
-    tracing::info!(
-        queued,
-        running,
-        "resumed the jobs of the previous coordinator"
-    );
-    let now = Instant::now();
-    let now_unix = buildpool_core::time::unix_millis();
-    shared.step(|s| ((), s.restore(restored, now, now_unix)));
-}
-
 /// Deletes private log directories of in-process coordinators that are no longer running.
 fn remove_abandoned_log_dirs(parent: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
@@ -867,66 +732,5 @@ fn close_revoked(shared: &Shared) {
             tracing::warn!(conn, agent_id = %connection.agent_id, "the agent's credential no longer admits it; closing its connection");
             connection.outbox.close();
         }
-    }
-}
-
-/// How much nicer than the rest the coordinator's background writer threads are (see
-/// [`spawn_background`]).
-#[cfg(target_os = "linux")]
-const BACKGROUND_NICER: i32 = 10;
-
-/// Starts a thread for background file work (the job logs' writer, the job store's
-/// checkpoints) at a lower priority than the tokio workers. Their work is queued to them
-/// and can wait a little; the workers' cannot: a submission is dispatched, a frame sent, by
-/// a worker. On a busy two-core machine the job logs' writer (a sixth of the coordinator's
-/// CPU at 5,000 jobs a second: a file per job) taking the CPU from the workers was a large
-/// part of the p99 submit-to-assign (`bench scale`: 3.9-4.0 ms with this, 4.2-5.1 ms
-/// without). The price is paid only when other programs keep every CPU busy: then output
-/// reaches followers, and so a job's end its client, a few milliseconds later. The store's
-/// writer is not one of these: answers to submissions and acknowledgements of results wait
-/// for its commits. Linux keeps nice values per thread and raising one needs no privilege
-/// (a coordinator started niced stays below: 10 more, at most 19); elsewhere the thread
-/// keeps the process's priority.
-pub(crate) fn spawn_background(
-    name: &str,
-    work: impl FnOnce() + Send + 'static,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(move || {
-            // Who 0 is the calling thread on Linux; best effort.
-            #[cfg(target_os = "linux")]
-            if let Ok(nice) = rustix::process::getpriority_process(None) {
-                let _ = rustix::process::setpriority_process(None, nicer(nice));
-            }
-            work();
-        })
-}
-
-/// The nice value of a background thread started by one at `nice`.
-#[cfg(target_os = "linux")]
-fn nicer(nice: i32) -> i32 {
-    (nice + BACKGROUND_NICER).min(19)
-}
-
-#[cfg(test)]
-mod tests {
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn background_threads_run_at_a_lower_priority_than_the_rest() {
-        let own = rustix::process::getpriority_process(None).expect("own priority");
-        let background = super::spawn_background("test-background", move || {
-            let nice = rustix::process::getpriority_process(None).expect("priority");
-            assert_eq!(nice, super::nicer(own));
-            assert!(own == 19 || nice > own, "{nice} is not below {own}");
-        })
-        .expect("spawns")
-        .join();
-        assert!(background.is_ok(), "the background thread's check failed");
-        assert_eq!(
-            rustix::process::getpriority_process(None).expect("own priority"),
-            own,
-            "only the background thread was lowered"
-        );
     }
 }

@@ -185,7 +185,7 @@ impl Store {
         let (checkpoints, stop) = mpsc::channel();
         let thread_path = path.clone();
         let thread_written = std::sync::Arc::clone(&written);
-        super::spawn_background("job-store-wal", move || {
+        super::threads::spawn_background("job-store-wal", move || {
             checkpoint_loop(&thread_path, &checkpointer, &thread_written, &stop);
         })
         .map_err(|e| StoreError::Write(e.to_string()))?;
@@ -194,7 +194,7 @@ impl Store {
         let reserved = std::sync::Arc::new(AtomicU64::new(loaded.highest_id));
         let thread_reserved = std::sync::Arc::clone(&reserved);
         // At the workers' priority: submissions' answers and results' acknowledgements wait
-        // for its commits (see `super::spawn_background`).
+        // for its commits (see `super::threads::spawn_background`).
         std::thread::Builder::new()
             .name("job-store".to_owned())
             .spawn(move || {

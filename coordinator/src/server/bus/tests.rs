@@ -17,8 +17,9 @@ use tokio_tungstenite::tungstenite::Message;
 use super::*;
 use crate::config::CoordinatorConfig;
 use crate::repo::Repo;
+use crate::server::jobs::{ActiveJob, JobOrigin, Snapshots};
 use crate::server::scheduler::{Scheduler, SchedulerConfig};
-use crate::server::{ActiveJob, JobOrigin, State, joblog};
+use crate::server::{State, joblog};
 
 const TOKEN: &str = "secret-token";
 const WAIT: Duration = Duration::from_secs(10);
@@ -95,8 +96,6 @@ impl Bus {
                 .map(Arc::new)
                 .expect("artifact dir"),
             git_daemon_port: None,
-            direct_git: false,
-            git_path: String::new(),
             websocket_addr: None,
             shutdown: CancellationToken::new(),
             state: Mutex::new(State {
@@ -109,8 +108,7 @@ impl Bus {
             last_request: AtomicU64::new(0),
             metrics: crate::metrics::Metrics::new(),
             history: crate::server::history::History::default(),
-            verified_commits: Default::default(),
-            snapshot_packs: Default::default(),
+            snapshots: Snapshots::new(dir.path().to_owned(), "test".into(), String::new(), None),
             // Tests end no job through the control API, so nothing is queued here.
             ended_refs: tokio::sync::mpsc::channel(1).0,
             store,
