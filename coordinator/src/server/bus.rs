@@ -25,11 +25,11 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::active::ActiveJob;
+use super::dispatch::Connection;
 use super::git_daemon::RequestFilter;
-use super::jobs::ActiveJob;
-use super::local_agent::LOCAL_AGENT_ID;
-use super::scheduler::{AgentRegistration, ConnId};
-use super::{Connection, Shared};
+use super::scheduler::{AgentRegistration, ConnId, LOCAL_AGENT_ID};
+use super::shared::Shared;
 use crate::auth::{CredentialName, Scope};
 
 /// Messages queued for one agent. Only control messages go this way, so a full queue means
@@ -296,7 +296,7 @@ pub(crate) async fn handle_stream(
     };
     drop(ticket);
 
-    let conn = shared.next_conn_id();
+    let conn = shared.dispatch.next_conn_id();
     let span = tracing::info_span!("agent", agent_id = %hello.agent_id, conn, %peer);
     serve_agent(shared, conn, hello, identity, peer, socket, shutdown)
         .instrument(span)
@@ -314,7 +314,7 @@ fn unreadable_hello(message: String) -> Reject {
 /// Splices an authenticated git tunnel to the loopback git daemon, its request made one
 /// that fetches only what the snapshot refs reach ([`RequestFilter`]).
 async fn serve_tunnel(shared: &Shared, tunnel: Tunnel, bearer: &str, peer: Peer) {
-    if let Err(reason) = shared.authorize(bearer, Scope::Agent, peer.ip()) {
+    if let Err(reason) = shared.access.authorize(bearer, Scope::Agent, peer.ip()) {
         tracing::warn!(%peer, "git tunnel refused: {reason}");
         tunnel.refuse(&reason).await;
         return;
@@ -384,6 +384,7 @@ fn check_hello(shared: &Shared, hello: &Hello, peer: Peer) -> Result<String, Rej
         CredentialName::Legacy
     } else {
         shared
+            .access
             .authorize(&hello.token, Scope::Agent, peer.ip())
             .map_err(|reason| reject(RejectCode::BadToken, reason))?
     };
@@ -434,49 +435,25 @@ async fn serve_agent(
 ) {
     let local = peer.is_local();
     let (outbox, mut inbox) = socket.start(OUTBOUND_CAPACITY);
-    let welcome = Welcome {
-        protocol_version: PROTOCOL_VERSION,
-        coordinator_id: shared.id.clone(),
-        heartbeat_interval: shared.config.heartbeat_interval,
-        heartbeat_timeout: shared.config.heartbeat_timeout,
+    let reported = match register(&shared, conn, &hello, identity, &peer, &outbox) {
+        Ok(reported) => reported,
+        Err(reason) => {
+            tracing::warn!("rejected agent: {reason}");
+            let _ = outbox.try_send(CoordinatorMessage::Reject(Reject {
+                code: RejectCode::IdTaken,
+                message: reason,
+            }));
+            // Sent before the connection closes: the writer sends what is queued once its
+            // last outbox is gone.
+            drop(outbox);
+            inbox.finish().await;
+            return;
+        }
     };
-    let registration = AgentRegistration {
-        agent_id: hello.agent_id.clone(),
-        labels: hello.labels.clone(),
-        system: hello.system.clone(),
-        slots_total: hello.slots.total,
-        slots_free: hello.slots.free,
-        draining: hello.slots.draining,
-        local,
-        address: peer.to_string(),
-        connected_at_unix_ms: unix_millis(),
-        sandboxed: hello.sandboxed,
-        disk: hello.disk,
-        identity,
-    };
-    let reports: Vec<AttemptKey> = hello.attempts.iter().map(|held| held.key).collect();
-    let connection = Connection {
-        outbox: outbox.clone(),
-        agent_id: hello.agent_id.clone(),
-        // The embedded agent presents none; it is never re-checked.
-        credential: (!local).then(|| hello.token.clone()),
-    };
-    if let Err(reason) = shared.register(conn, connection, registration, &reports, welcome) {
-        tracing::warn!("rejected agent: {reason}");
-        let _ = outbox.try_send(CoordinatorMessage::Reject(Reject {
-            code: RejectCode::IdTaken,
-            message: reason,
-        }));
-        // Sent before the connection closes: the writer sends what is queued once its
-        // last outbox is gone.
-        drop(outbox);
-        inbox.finish().await;
-        return;
-    }
     if !local {
         shared.metrics.agent_connected(&hello.agent_id);
     }
-    tracing::info!(slots = hello.slots.total, labels = ?hello.labels, local, reported = reports.len(), "agent connected");
+    tracing::info!(slots = hello.slots.total, labels = ?hello.labels, local, reported, "agent connected");
 
     let heartbeat_timeout = shared.config.heartbeat_timeout;
     let mut heartbeat = tokio::time::interval(shared.config.heartbeat_interval);
@@ -533,7 +510,7 @@ async fn serve_agent(
     // when each was handled in turn: its jobs end rather than run again. Nothing new is
     // placed on it meanwhile: an assignment would be lost on the closed connection.
     if !results.is_empty() {
-        shared.step(|s| {
+        shared.dispatch.step(|s| {
             s.closing(conn);
             ((), Vec::new())
         });
@@ -544,9 +521,53 @@ async fn serve_agent(
         }
     }
     tracing::info!("agent disconnected: {reason}");
-    shared.unregister(conn);
+    shared.dispatch.unregister(conn);
     drop(outbox);
     inbox.finish().await;
+}
+
+/// Registers the agent of `hello` on connection `conn`, with the attempts it reports
+/// holding (their number is returned); the reason when its id belongs to another agent.
+fn register(
+    shared: &Shared,
+    conn: ConnId,
+    hello: &Hello,
+    identity: String,
+    peer: &Peer,
+    outbox: &Outbox<CoordinatorMessage>,
+) -> Result<usize, String> {
+    let local = peer.is_local();
+    let welcome = Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        coordinator_id: shared.id.clone(),
+        heartbeat_interval: shared.config.heartbeat_interval,
+        heartbeat_timeout: shared.config.heartbeat_timeout,
+    };
+    let registration = AgentRegistration {
+        agent_id: hello.agent_id.clone(),
+        labels: hello.labels.clone(),
+        system: hello.system.clone(),
+        slots_total: hello.slots.total,
+        slots_free: hello.slots.free,
+        draining: hello.slots.draining,
+        local,
+        address: peer.to_string(),
+        connected_at_unix_ms: unix_millis(),
+        sandboxed: hello.sandboxed,
+        disk: hello.disk,
+        identity,
+    };
+    let reports: Vec<AttemptKey> = hello.attempts.iter().map(|held| held.key).collect();
+    let connection = Connection {
+        outbox: outbox.clone(),
+        agent_id: hello.agent_id.clone(),
+        // The embedded agent presents none; it is never re-checked.
+        credential: (!local).then(|| hello.token.clone()),
+    };
+    shared
+        .dispatch
+        .register(conn, connection, registration, &reports, welcome)?;
+    Ok(reports.len())
 }
 
 fn protocol_error(outbox: &Outbox<CoordinatorMessage>, message: String) {
@@ -575,12 +596,12 @@ async fn handle_message(
     let now = Instant::now();
     match message {
         AgentMessage::Heartbeat { .. } => {}
-        AgentMessage::Disk(usage) => shared.step(|s| {
+        AgentMessage::Disk(usage) => shared.dispatch.step(|s| {
             s.disk_changed(conn, usage);
             ((), Vec::new())
         }),
         AgentMessage::Slots(offer) => {
-            shared.step(|s| {
+            shared.dispatch.step(|s| {
                 (
                     (),
                     s.slots_changed(conn, offer.free, offer.total, offer.draining, now),
@@ -594,13 +615,13 @@ async fn handle_message(
                 "agent declined: {reason}"
             );
             shared.metrics.declined();
-            shared.step(|s| ((), s.declined(conn, key, now)));
+            shared.dispatch.step(|s| ((), s.declined(conn, key, now)));
         }
         AgentMessage::Output { key, stream, data } => {
             append_output(shared, conn, key, stream, &data).await
         }
         AgentMessage::Artifact { key, chunk } => {
-            if shared.state().scheduler.holds(conn, key) {
+            if shared.dispatch.state().scheduler.holds(conn, key) {
                 // Chunks of up to 256 KiB and whole directories removed: file work that must
                 // not stall the runtime thread serving this and other agents' connections.
                 // Awaited, so the chunks of a connection are still stored in order.
@@ -635,7 +656,7 @@ async fn handle_message(
 
 /// The job whose current attempt `key` is, if `conn` holds it.
 fn held_job(shared: &Shared, conn: ConnId, key: AttemptKey) -> Option<Arc<ActiveJob>> {
-    let state = shared.state();
+    let state = shared.dispatch.state();
     state
         .scheduler
         .holds(conn, key)
@@ -684,8 +705,12 @@ async fn accept_result(
         job.log.written().await;
     }
     // The result is queued for the store inside the step: what the acknowledgement waits for.
-    let from = shared.store.as_ref().map(super::store::Store::position);
-    let accepted = shared.step(|s| {
+    let from = shared
+        .jobs
+        .records
+        .store()
+        .map(super::store::Store::position);
+    let accepted = shared.dispatch.step(|s| {
         let actions = s.finished(conn, key, completion, now);
         (!actions.is_empty(), actions)
     });
@@ -695,7 +720,7 @@ async fn accept_result(
             attempt = key.attempt,
             "ignored the result of a stale attempt"
         );
-    } else if let (Some(store), Some(from)) = (&shared.store, from)
+    } else if let (Some(store), Some(from)) = (shared.jobs.records.store(), from)
         && let Err(error) = store.committed_since(from).await
     {
         tracing::error!(job_id = key.job_id, "result not acknowledged: {error}");

@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use buildpool_core::JobId;
 use buildpool_core::status::{CancelReply, CoordinatorStatus, LogPage, LogRequest, Submission};
-use buildpool_core::time::unix_millis;
 use buildpool_proto::control_server::{Control, ControlServer};
 use buildpool_proto::convert::{DecodeError, encode_job_event};
 use buildpool_proto::{
@@ -25,9 +24,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::active::Watching;
 use super::artifacts::ArtifactError;
-use super::jobs::{self, JobError, Watching};
-use super::{Shared, joblog};
+use super::joblog;
+use super::jobs::{self, JobError};
+use super::shared::Shared;
 use crate::auth::Scope;
 
 /// Largest page `JobLog` returns.
@@ -49,15 +50,13 @@ pub(crate) async fn serve(
                 .and_then(|value| value.to_str().ok())
                 .and_then(|value| value.strip_prefix("Bearer "))
                 .unwrap_or("");
-            match checker.authorize(
+            match checker.access.authorize(
                 presented,
                 Scope::Client,
                 request.remote_addr().map(|addr| addr.ip()),
             ) {
                 Ok(_) => {
-                    checker
-                        .last_request
-                        .store(unix_millis(), std::sync::atomic::Ordering::Relaxed);
+                    checker.access.client_seen();
                     Ok(request)
                 }
                 Err(reason) => Err(Status::unauthenticated(reason)),
@@ -72,8 +71,7 @@ pub(crate) async fn serve(
         .is_ok_and(|addr| !addr.ip().is_loopback());
     let result = match tls {
         Some(config) if beyond_loopback => {
-            let accepted =
-                super::tls_accept::accept(listener, config, "control API", shutdown.clone());
+            let accepted = super::tls::accept(listener, config, "control API", shutdown.clone());
             let incoming =
                 ReceiverStream::new(accepted).map(|(stream, _)| Ok::<_, std::io::Error>(stream));
             server
@@ -157,9 +155,9 @@ impl Control for ControlService {
         request: Request<SubmitRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let submission = Submission::try_from(request.into_inner()).map_err(|e| invalid(&e))?;
-        let admitted = jobs::admit(&self.shared, submission).await?;
+        let admitted = jobs::admit(&self.shared.jobs, submission).await?;
         let events = jobs::follow(
-            &self.shared,
+            &self.shared.jobs,
             admitted.job_id,
             admitted.watching,
             admitted.phase,
@@ -176,15 +174,15 @@ impl Control for ControlService {
             from_offset,
         } = request.into_inner();
         let shared = &self.shared;
-        let active = shared.state().jobs.get(&job_id).cloned();
+        let active = shared.dispatch.state().jobs.get(&job_id).cloned();
         if let Some(job) = active {
             tracing::info!(job_id, from_offset, "a client follows the job again");
             let phase = job.phase.subscribe();
             let watching = Watching::start(&job);
-            let events = jobs::follow(shared, job_id, watching, phase, from_offset);
+            let events = jobs::follow(&shared.jobs, job_id, watching, phase, from_offset);
             return Ok(to_wire(job_id, events));
         }
-        let (result, log) = jobs::finished_job(shared, job_id).await?;
+        let (result, log) = jobs::finished_job(&shared.jobs, job_id).await?;
         Ok(to_wire(
             job_id,
             jobs::replay(job_id, result, log, from_offset),
@@ -198,13 +196,14 @@ impl Control for ControlService {
         let job_id = request.into_inner().job_id;
         let cancelled = self
             .shared
+            .dispatch
             .step(|s| match s.cancel(job_id, Instant::now()) {
                 Some(actions) => (true, actions),
                 None => (false, Vec::new()),
             });
         let reply = if cancelled {
             CancelReply::Cancelling
-        } else if joblog::log_path(&self.shared.log_dir, job_id).exists() {
+        } else if self.shared.jobs.records.log_path(job_id).exists() {
             CancelReply::AlreadyFinished
         } else {
             return Err(Status::not_found(format!("no job {job_id}")));
@@ -217,7 +216,7 @@ impl Control for ControlService {
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusReply>, Status> {
         let shared = &self.shared;
-        let state = shared.state();
+        let state = shared.dispatch.state();
         let status = CoordinatorStatus {
             coordinator_id: shared.id.clone(),
             repository: shared.repo.common_dir.display().to_string(),
@@ -236,7 +235,10 @@ impl Control for ControlService {
         request: Request<DrainAgentRequest>,
     ) -> Result<Response<DrainAgentReply>, Status> {
         let agent_id = request.into_inner().agent_id;
-        let connections = self.shared.step(|s| s.drain(&agent_id, Instant::now()));
+        let connections = self
+            .shared
+            .dispatch
+            .step(|s| s.drain(&agent_id, Instant::now()));
         if connections == 0 {
             return Err(Status::not_found(format!(
                 "no agent {agent_id:?} is connected"
@@ -253,8 +255,14 @@ impl Control for ControlService {
         request: Request<JobLogRequest>,
     ) -> Result<Response<JobLogReply>, Status> {
         let request = LogRequest::try_from(request.into_inner()).map_err(|e| invalid(&e))?;
-        let path = joblog::log_path(&self.shared.log_dir, request.job_id);
-        let active = self.shared.state().jobs.get(&request.job_id).cloned();
+        let path = self.shared.jobs.records.log_path(request.job_id);
+        let active = self
+            .shared
+            .dispatch
+            .state()
+            .jobs
+            .get(&request.job_id)
+            .cloned();
         let limit = request
             .limit
             .map_or(DEFAULT_LOG_PAGE, |limit| (limit as usize).min(MAX_LOG_PAGE));

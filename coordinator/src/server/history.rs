@@ -42,7 +42,7 @@ impl FinishedJob {
     /// The facts of a job that ended with `result`.
     pub(crate) fn new(
         job_id: JobId,
-        origin: &super::jobs::JobOrigin,
+        origin: &super::active::JobOrigin,
         result: &JobResult,
         finished_unix_ms: u64,
     ) -> Self {

@@ -23,8 +23,9 @@ use tokio::sync::mpsc;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
-use super::tls_accept::{self, TlsStream};
-use super::{Shared, dashboard};
+use super::dashboard;
+use super::shared::Shared;
+use super::tls::{self, TlsStream};
 use crate::auth::Scope;
 use crate::metrics::{AgentDisk, PoolGauges};
 
@@ -81,7 +82,7 @@ pub(crate) async fn serve(
 
 /// The pool's gauges, copied under the state lock and encoded after it is released.
 pub(crate) fn pool_gauges(shared: &Shared) -> PoolGauges {
-    let state = shared.state();
+    let state = shared.dispatch.state();
     let (queued, started) = state.scheduler.job_counts();
     let counters = state.scheduler.counters();
     let agents = state.scheduler.agents();
@@ -141,6 +142,7 @@ async fn authorize(
         .unwrap_or_default();
     if let Err(reason) = http
         .shared
+        .access
         .authorize(&presented, Scope::Client, Some(peer.ip()))
     {
         let hint =
@@ -256,9 +258,7 @@ impl HttpListener {
         shutdown: CancellationToken,
     ) -> Self {
         let accepted = match tls {
-            Some(config) => {
-                Accepted::Tls(tls_accept::accept(listener, config, "dashboard", shutdown))
-            }
+            Some(config) => Accepted::Tls(tls::accept(listener, config, "dashboard", shutdown)),
             None => Accepted::Plain(listener),
         };
         Self { accepted, local }

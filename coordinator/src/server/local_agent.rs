@@ -13,13 +13,12 @@ use build_agent::{Agent, AgentIdentity, GitLocator, connection};
 use buildpool_core::EnvMode;
 use tokio_util::sync::CancellationToken;
 
-use super::{Shared, bus};
+use super::bus;
+use super::scheduler::LOCAL_AGENT_ID;
+use super::shared::Shared;
 
 /// Bytes in flight in each direction of the in-memory connection.
 const PIPE_CAPACITY: usize = 256 * 1024;
-
-/// The agent id of the coordinator's embedded local agent; no remote agent may use it.
-pub const LOCAL_AGENT_ID: &str = "local";
 
 pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     let dir = &shared.config.local_worktree_dir;

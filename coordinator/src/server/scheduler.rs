@@ -13,6 +13,8 @@ use buildpool_core::bus::{Assignment, DiskUsage};
 use buildpool_core::status::{AgentStatus, JobPlace, JobStatus};
 use buildpool_core::{AttemptKey, Completion, JobEnd, JobEvent, JobId, JobResult, JobSpec, Source};
 
+/// The agent id of the coordinator's embedded local agent; no remote agent may use it.
+pub const LOCAL_AGENT_ID: &str = "local";
 /// Identifies one agent connection; a reconnecting agent gets a new one, so the cleanup of
 /// a stale connection can never touch its successor.
 pub type ConnId = u64;

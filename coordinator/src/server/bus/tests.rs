@@ -1,9 +1,7 @@
 //! The job bus in-process: the real handshake, scheduler and job logs behind the real bus
 //! socket, over in-memory streams instead of TCP, with the test playing the agents.
 
-use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use buildpool_core::bus::{HeldAttempt, SlotOffer};
@@ -17,9 +15,12 @@ use tokio_tungstenite::tungstenite::Message;
 use super::*;
 use crate::config::CoordinatorConfig;
 use crate::repo::Repo;
-use crate::server::jobs::{ActiveJob, JobOrigin, Snapshots};
+use crate::server::access::Access;
+use crate::server::active::{ActiveJob, JobOrigin};
+use crate::server::dispatch::Dispatch;
+use crate::server::joblog;
+use crate::server::jobs::{Jobs, Records, Snapshots};
 use crate::server::scheduler::{Scheduler, SchedulerConfig};
-use crate::server::{State, joblog};
 
 const TOKEN: &str = "secret-token";
 const WAIT: Duration = Duration::from_secs(10);
@@ -71,6 +72,25 @@ impl Bus {
             affinity: true,
             private_logs: false,
         };
+        let records_dir = dir.path().to_owned();
+        let logs = joblog::LogDir::open(dir.path(), &Default::default()).expect("log dir");
+        // Tests end no job through the control API, so no ended ref is ever deleted.
+        let (records, _ended_refs) = Records::new(records_dir, logs, store.map(Arc::new), 1);
+        let shutdown = CancellationToken::new();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let dispatch = Arc::new(Dispatch::new(
+            Scheduler::new(SchedulerConfig::default()),
+            records.store_handle(),
+        ));
+        let jobs = Arc::new(Jobs {
+            dispatch: Arc::clone(&dispatch),
+            records,
+            snapshots: Snapshots::new(dir.path().to_owned(), "test".into(), String::new(), None),
+            metrics: Arc::clone(&metrics),
+            client_grace: config.client_grace,
+            log_max_bytes: config.log_max_bytes,
+            shutdown: shutdown.clone(),
+        });
         let shared = Arc::new(Shared {
             id: "test-coordinator".into(),
             repo: Repo {
@@ -80,38 +100,25 @@ impl Bus {
                 plain: false,
                 index_file: None,
             },
-            config,
-            auth: crate::auth::Authenticator::new(
+            access: Access::new(crate::auth::Authenticator::new(
                 crate::auth::Token {
                     value: TOKEN.into(),
                     file: None,
                     generated: false,
                 },
                 crate::auth::CredentialStore::next_to(&dir.path().join("token")),
-            ),
+            )),
+            config,
             tls: None,
-            log_dir: dir.path().to_owned(),
-            logs: joblog::LogDir::open(dir.path(), &Default::default()).expect("log dir"),
+            dispatch,
+            jobs,
             artifacts: crate::server::artifacts::ArtifactStore::open(&dir.path().join("artifacts"))
                 .map(Arc::new)
                 .expect("artifact dir"),
-            git_daemon_port: None,
+            metrics,
             websocket_addr: None,
-            shutdown: CancellationToken::new(),
-            state: Mutex::new(State {
-                scheduler: Scheduler::new(SchedulerConfig::default()),
-                connections: HashMap::new(),
-                jobs: HashMap::new(),
-            }),
-            next_conn: AtomicU64::new(1),
-            next_job: AtomicU64::new(1),
-            last_request: AtomicU64::new(0),
-            metrics: crate::metrics::Metrics::new(),
-            history: crate::server::history::History::default(),
-            snapshots: Snapshots::new(dir.path().to_owned(), "test".into(), String::new(), None),
-            // Tests end no job through the control API, so nothing is queued here.
-            ended_refs: tokio::sync::mpsc::channel(1).0,
-            store,
+            git_daemon_port: None,
+            shutdown,
         });
         let shutdown = shared.shutdown.clone();
         Self {
@@ -183,8 +190,14 @@ impl Bus {
 
     /// Submits a job straight to the scheduler, with a real job log; returns its phase.
     async fn submit(&self) -> (JobId, Arc<ActiveJob>) {
-        let job_id = self.shared.take_job_id().await.expect("job id");
-        let log = joblog::JobLog::create(&self.shared.logs, job_id, 1024 * 1024)
+        let job_id = self
+            .shared
+            .jobs
+            .records
+            .take_job_id()
+            .await
+            .expect("job id");
+        let log = joblog::JobLog::create(self.shared.jobs.records.logs(), job_id, 1024 * 1024)
             .await
             .expect("log");
         let origin = JobOrigin {
@@ -193,7 +206,11 @@ impl Bus {
             cargo_args: Vec::new(),
         };
         let job = ActiveJob::queued(log, String::new(), origin);
-        self.shared.state().jobs.insert(job_id, Arc::clone(&job));
+        self.shared
+            .dispatch
+            .state()
+            .jobs
+            .insert(job_id, Arc::clone(&job));
         let source = Source {
             repo_id: "repo".into(),
             git_path: "/repo".into(),
@@ -206,6 +223,7 @@ impl Bus {
         let spec = JobSpec::new(JobKind::Check);
         let now = Instant::now();
         self.shared
+            .dispatch
             .step(|s| ((), s.submit(job_id, spec, source, String::new(), now, 0)));
         (job_id, job)
     }
@@ -214,7 +232,12 @@ impl Bus {
     /// commits or is dropped: the store's commits wait meanwhile, and fail after its busy
     /// timeout.
     fn hold_store(&self) -> rusqlite::Connection {
-        let store = self.shared.store.as_ref().expect("a bus with a store");
+        let store = self
+            .shared
+            .jobs
+            .records
+            .store()
+            .expect("a bus with a store");
         let blocker = rusqlite::Connection::open(store.path()).expect("open the store");
         blocker
             .execute_batch("BEGIN IMMEDIATE")
@@ -224,6 +247,7 @@ impl Bus {
 
     fn agent_ids(&self) -> Vec<String> {
         self.shared
+            .dispatch
             .state()
             .scheduler
             .agents()

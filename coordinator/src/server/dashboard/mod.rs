@@ -24,7 +24,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Shared, joblog};
+use super::joblog;
+use super::shared::Shared;
 
 const INDEX: &str = include_str!("index.html");
 const SCRIPT: &str = include_str!("dashboard.js");
@@ -75,7 +76,7 @@ fn page(content_type: &'static str, body: &'static str) -> Response {
 
 /// The pool as the page shows it.
 pub(crate) fn view(shared: &Shared) -> Value {
-    let state = shared.state();
+    let state = shared.dispatch.state();
     let agents = state.scheduler.agents();
     let jobs = state.scheduler.jobs();
     drop(state);
@@ -117,7 +118,9 @@ pub(crate) fn view(shared: &Shared) -> Value {
         }
     }
     let finished: Vec<Value> = shared
-        .history
+        .jobs
+        .records
+        .history()
         .recent()
         .iter()
         .map(|job| {
@@ -188,7 +191,7 @@ async fn events(State(shared): State<Arc<Shared>>) -> Response {
 /// A running job's output as it arrives (`output` events, JSON strings), starting with
 /// the end of what it printed so far; `end` when the job ends.
 async fn tail(State(shared): State<Arc<Shared>>, Path(job_id): Path<u64>) -> Response {
-    let Some(job) = shared.state().jobs.get(&job_id).cloned() else {
+    let Some(job) = shared.dispatch.state().jobs.get(&job_id).cloned() else {
         return (
             StatusCode::NOT_FOUND,
             format!("job {job_id} is not running\n"),
@@ -293,7 +296,7 @@ fn floor_char_boundary(text: &str, index: usize) -> usize {
 
 /// A job's whole log (running or finished) as text.
 async fn log(State(shared): State<Arc<Shared>>, Path(job_id): Path<u64>) -> Response {
-    let path = joblog::log_path(&shared.log_dir, job_id);
+    let path = shared.jobs.records.log_path(job_id);
     match tokio::fs::read(&path).await {
         Ok(bytes) => {
             // One reading of the whole log: a running job's unfinished lines show too.

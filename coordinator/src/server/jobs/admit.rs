@@ -8,8 +8,11 @@ use buildpool_core::time::unix_millis;
 use buildpool_core::{JobEvent, JobId, JobResult, JobSpec, SnapshotPack};
 use tokio::sync::{oneshot, watch};
 
-use super::{ActiveJob, JobError, JobOrigin, Watching, joblog, supervise};
-use crate::server::Shared;
+use super::context::Jobs;
+use super::error::JobError;
+use super::supervise;
+use crate::server::active::{ActiveJob, JobOrigin, Watching};
+use crate::server::joblog;
 use crate::server::store::{Store, WritePosition};
 use crate::snapshot::SNAPSHOT_REF_PREFIX;
 
@@ -27,19 +30,15 @@ pub(crate) struct Admitted {
 /// (its call is then dropped) must not leave a stored job that was never scheduled. Its
 /// job runs, unwatched, and is cancelled after the client grace like any job nobody
 /// follows.
-pub(crate) async fn admit(
-    shared: &Arc<Shared>,
-    submission: Submission,
-) -> Result<Admitted, JobError> {
+pub(crate) async fn admit(jobs: &Arc<Jobs>, submission: Submission) -> Result<Admitted, JobError> {
     check(&submission)?;
-    shared
-        .snapshots
+    jobs.snapshots
         .check_ref(&submission.git_ref, &submission.commit)
         .await?;
     let (admitted, admission) = oneshot::channel();
-    let shared = Arc::clone(shared);
+    let jobs = Arc::clone(jobs);
     tokio::spawn(async move {
-        let _ = admitted.send(record_and_schedule(&shared, submission).await);
+        let _ = admitted.send(record_and_schedule(&jobs, submission).await);
     });
     admission.await.map_err(|_| JobError::Dropped)?
 }
@@ -76,16 +75,20 @@ fn check(submission: &Submission) -> Result<(), JobError> {
 /// assignment without its job; a job whose write failed is cancelled, wherever it runs
 /// (unless it already ended), and the client told why.
 async fn record_and_schedule(
-    shared: &Arc<Shared>,
+    jobs: &Arc<Jobs>,
     submission: Submission,
 ) -> Result<Admitted, JobError> {
-    let job_id = shared.take_job_id().await.map_err(JobError::Unstored)?;
+    let job_id = jobs
+        .records
+        .take_job_id()
+        .await
+        .map_err(JobError::Unstored)?;
     let submitted_unix_ms = unix_millis();
     // The snapshot's pack, when there is a base, is made while the job is being stored.
-    let pack = shared
+    let pack = jobs
         .snapshots
         .pack(&submission.commit, &submission.base_commit);
-    let recorded = record(shared, job_id, &submission, submitted_unix_ms);
+    let recorded = record(jobs, job_id, &submission, submitted_unix_ms);
     let (pack, recorded) = tokio::join!(pack, recorded);
     let (log, stored) = recorded?;
     let Submission {
@@ -101,19 +104,19 @@ async fn record_and_schedule(
         cargo_args: spec.cargo_args.clone(),
     };
     let job = ActiveJob::queued(log, git_ref.clone(), origin);
-    let mut source = shared.snapshots.source(commit, git_ref, base_commit);
+    let mut source = jobs.snapshots.source(commit, git_ref, base_commit);
     source.pack = pack.filter(|pack| fits_in_assignment(pack, &spec, &worktree));
     let phase = job.phase.subscribe();
-    shared.state().jobs.insert(job_id, Arc::clone(&job));
+    jobs.dispatch.state().jobs.insert(job_id, Arc::clone(&job));
     // The submitter is the job's first watcher, counted before anything could cancel the
     // job as unwatched. Should it be gone before it takes its stream, the count goes with
     // the undelivered answer.
     let watching = Watching::start(&job);
-    supervise::adopt(shared, job_id, &job);
+    supervise::adopt(jobs, job_id, &job);
     // Debug: at the default level a job gets one line, when it ends.
     tracing::debug!(job_id, kind = %spec.kind, %worktree, "job submitted");
     let now = Instant::now();
-    shared.step(|s| {
+    jobs.dispatch.step(|s| {
         (
             (),
             s.submit(job_id, spec, source, worktree, now, submitted_unix_ms),
@@ -126,7 +129,8 @@ async fn record_and_schedule(
             job_id,
             "{error}; cancelling the job its client cannot be told of"
         );
-        shared.step(|s| ((), s.cancel(job_id, Instant::now()).unwrap_or_default()));
+        jobs.dispatch
+            .step(|s| ((), s.cancel(job_id, Instant::now()).unwrap_or_default()));
         return Err(JobError::Unstored(error));
     }
     Ok(Admitted {
@@ -139,16 +143,16 @@ async fn record_and_schedule(
 /// The job's log, created, and its submission queued for the store (with where the write
 /// is, to wait for its commit).
 async fn record<'a>(
-    shared: &'a Shared,
+    jobs: &'a Jobs,
     job_id: JobId,
     submission: &Submission,
     submitted_unix_ms: u64,
 ) -> Result<(joblog::JobLog, Option<(&'a Store, WritePosition)>), JobError> {
-    let log = joblog::JobLog::create(&shared.logs, job_id, shared.config.log_max_bytes)
+    let log = joblog::JobLog::create(jobs.records.logs(), job_id, jobs.log_max_bytes)
         .await
         .map_err(JobError::Log)?;
-    shared.metrics.job_submitted(submission.spec.kind);
-    let stored = shared.store.as_ref().map(|store| {
+    jobs.metrics.job_submitted(submission.spec.kind);
+    let stored = jobs.records.store().map(|store| {
         let write = store.submitted(job_id, submission.clone(), submitted_unix_ms, log.path());
         (store, write)
     });
@@ -175,10 +179,10 @@ fn fits_in_assignment(pack: &SnapshotPack, spec: &JobSpec, worktree: &str) -> bo
 /// A job that is no longer active: its stored result and log. Its end may still be on its
 /// way to the store, so a miss waits for the store's queue once before it counts.
 pub(crate) async fn finished_job(
-    shared: &Shared,
+    jobs: &Jobs,
     job_id: JobId,
 ) -> Result<(JobResult, std::path::PathBuf), JobError> {
-    let Some(store) = &shared.store else {
+    let Some(store) = jobs.records.store() else {
         return Err(JobError::NotRunning(job_id));
     };
     if let Some(found) = store.result(job_id).await.map_err(JobError::Store)? {

@@ -10,8 +10,10 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{JobError, Watching, joblog};
-use crate::server::Shared;
+use super::context::Jobs;
+use super::error::JobError;
+use crate::server::active::Watching;
+use crate::server::joblog;
 
 /// A job's events as a client follows them.
 pub(crate) type EventStream =
@@ -30,7 +32,7 @@ const EVENT_BUFFER: usize = 32;
 /// extra task and its wake-up per event would cost more than the event), and a client that
 /// reads slowly holds back only its own reading.
 pub(crate) fn follow(
-    shared: &Arc<Shared>,
+    jobs: &Arc<Jobs>,
     job_id: JobId,
     watching: Watching,
     mut phase: watch::Receiver<JobEvent>,
@@ -40,7 +42,7 @@ pub(crate) fn follow(
     let end = *length.borrow_and_update();
     let pending_phase = Some(phase.borrow_and_update().clone());
     let follower = Follower {
-        shared: Arc::clone(shared),
+        jobs: Arc::clone(jobs),
         job_id,
         job: watching,
         phase,
@@ -89,7 +91,7 @@ pub(crate) fn replay(
 /// One client following a running job: its events and its output, read from the log from
 /// the output the client already has on.
 struct Follower {
-    shared: Arc<Shared>,
+    jobs: Arc<Jobs>,
     job_id: JobId,
     job: Watching,
     phase: watch::Receiver<JobEvent>,
@@ -158,7 +160,7 @@ impl Follower {
                     if changed.is_err() { return None; }
                     self.end = *self.length.borrow_and_update();
                 }
-                () = self.shared.shutdown.cancelled() => {
+                () = self.jobs.shutdown.cancelled() => {
                     self.done = true;
                     return Some(vec![Err(JobError::ShuttingDown)]);
                 }

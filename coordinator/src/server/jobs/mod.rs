@@ -3,127 +3,21 @@
 //! ([`supervise`]), following a job's events and output ([`follow`]), and the snapshots
 //! jobs are built from ([`snapshots`]).
 //!
-//! Errors are [`JobError`]s; the control API maps them to its status codes.
+//! Errors are [`JobError`]s; the control API maps them to its status codes. A job's life
+//! reaches the rest of the coordinator only through [`Jobs`].
 
 mod admit;
+mod context;
+mod error;
 mod follow;
+mod records;
 mod snapshots;
 mod supervise;
 
-use std::sync::Arc;
-
-use buildpool_core::{JobEvent, JobId, JobKind};
-use tokio::sync::watch;
-
 pub(crate) use admit::{admit, finished_job};
+pub(crate) use context::Jobs;
+pub(crate) use error::JobError;
 pub(crate) use follow::{EventStream, follow, replay};
+pub(crate) use records::{Records, delete_ended_refs};
 pub(crate) use snapshots::Snapshots;
 pub(crate) use supervise::restore;
-
-use super::joblog;
-use super::store::StoreError;
-
-/// Why a job could not be admitted, found or followed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum JobError {
-    /// The submission itself is wrong; sending it again will not help.
-    #[error("{0}")]
-    Invalid(String),
-    /// The submission names a snapshot this repository does not hold as it says.
-    #[error("{0}")]
-    Snapshot(String),
-    #[error("cannot store the job: {0}")]
-    Unstored(StoreError),
-    #[error("cannot create job log: {0}")]
-    Log(std::io::Error),
-    #[error("job store: {0}")]
-    Store(StoreError),
-    #[error("no job {0}")]
-    NotFound(JobId),
-    #[error("no job {0} is running")]
-    NotRunning(JobId),
-    #[error("the submission was dropped")]
-    Dropped,
-    #[error("the coordinator is shutting down")]
-    ShuttingDown,
-}
-
-/// A job that has not ended yet, as transports see it.
-#[derive(Debug)]
-pub(crate) struct ActiveJob {
-    pub phase: watch::Sender<JobEvent>,
-    pub log: joblog::JobLog,
-    pub git_ref: String,
-    pub origin: JobOrigin,
-    /// How many clients follow the job; a job nobody follows is cancelled after the
-    /// client grace (see [`supervise`]).
-    pub watchers: watch::Sender<usize>,
-}
-
-/// What a job is and where it came from, kept for its metrics and history when it ends.
-#[derive(Debug, Clone)]
-pub(crate) struct JobOrigin {
-    pub kind: JobKind,
-    pub worktree: String,
-    pub cargo_args: Vec<String>,
-}
-
-impl ActiveJob {
-    /// A job just submitted: queued, with its log open.
-    pub fn queued(log: joblog::JobLog, git_ref: String, origin: JobOrigin) -> Arc<Self> {
-        let initial = JobEvent::Queued {
-            position: 0,
-            reason: String::new(),
-        };
-        Self::new(log, git_ref, origin, initial)
-    }
-
-    /// A job in phase `initial` (a restored one may already be assigned).
-    pub fn new(
-        log: joblog::JobLog,
-        git_ref: String,
-        origin: JobOrigin,
-        initial: JobEvent,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            phase: watch::channel(initial).0,
-            log,
-            git_ref,
-            origin,
-            watchers: watch::channel(0).0,
-        })
-    }
-}
-
-/// One client counted among a job's watchers for as long as this lives: uncounted exactly
-/// once, whichever way it goes (its stream ends, the client drops it, or the client was gone
-/// before its submission's answer reached it). A job left unwatched is cancelled after the
-/// client grace (see [`supervise`]).
-pub(crate) struct Watching {
-    job: Arc<ActiveJob>,
-}
-
-impl Watching {
-    pub fn start(job: &Arc<ActiveJob>) -> Self {
-        job.watchers.send_modify(|count| *count += 1);
-        Self {
-            job: Arc::clone(job),
-        }
-    }
-}
-
-impl Drop for Watching {
-    fn drop(&mut self) {
-        self.job
-            .watchers
-            .send_modify(|count| *count = count.saturating_sub(1));
-    }
-}
-
-impl std::ops::Deref for Watching {
-    type Target = ActiveJob;
-
-    fn deref(&self) -> &ActiveJob {
-        &self.job
-    }
-}

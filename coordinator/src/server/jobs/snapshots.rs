@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use buildpool_core::{SnapshotPack, Source};
 
-use super::JobError;
+use super::error::JobError;
 
 /// Commits remembered as verified at most.
 const MAX_VERIFIED_COMMITS: usize = 4096;

@@ -9,15 +9,17 @@ use buildpool_core::JobId;
 use buildpool_core::time::unix_millis;
 use tokio::sync::watch;
 
-use super::{ActiveJob, JobOrigin, joblog};
-use crate::server::local_agent::LOCAL_AGENT_ID;
-use crate::server::{Shared, scheduler, store};
+use super::context::Jobs;
+use crate::server::active::{ActiveJob, JobOrigin};
+use crate::server::joblog;
+use crate::server::scheduler::{self, LOCAL_AGENT_ID};
+use crate::server::store;
 
 /// Starts the task every active job has: it cancels the job once nobody has followed it for
 /// the client grace, and cleans up when the job ends. One task for both: at thousands of
 /// jobs a second, a second task and its wake-up at each of the job's phases showed.
-pub(crate) fn adopt(shared: &Arc<Shared>, job_id: JobId, job: &Arc<ActiveJob>) {
-    tokio::spawn(supervise(Arc::clone(shared), job_id, Arc::clone(job)));
+pub(crate) fn adopt(jobs: &Arc<Jobs>, job_id: JobId, job: &Arc<ActiveJob>) {
+    tokio::spawn(supervise(Arc::clone(jobs), job_id, Arc::clone(job)));
 }
 
 /// The grace lets a client that lost its stream (a network blip, a coordinator restart)
@@ -25,10 +27,10 @@ pub(crate) fn adopt(shared: &Arc<Shared>, job_id: JobId, job: &Arc<ActiveJob>) {
 /// restart, since every job starts there unwatched. A job that ends is cleaned up
 /// ([`clean_up`]); one still running when the coordinator stops is not (snapshot pruning
 /// removes its ref later).
-async fn supervise(shared: Arc<Shared>, job_id: JobId, job: Arc<ActiveJob>) {
+async fn supervise(jobs: Arc<Jobs>, job_id: JobId, job: Arc<ActiveJob>) {
     let mut phase = job.phase.subscribe();
     let mut watchers = job.watchers.subscribe();
-    let grace = shared.config.client_grace;
+    let grace = jobs.client_grace;
     let unwatched_deadline = |count: usize| (count == 0).then(|| Instant::now() + grace);
     // When the job is cancelled for want of a client; `None` while one follows it.
     let mut cancel_at = unwatched_deadline(*watchers.borrow_and_update());
@@ -58,19 +60,19 @@ async fn supervise(shared: Arc<Shared>, job_id: JobId, job: Arc<ActiveJob>) {
             }
             () = unwatched_for_long => {
                 tracing::info!(job_id, "no client followed the job for {grace:?}; cancelling it");
-                shared.step(|s| ((), s.cancel(job_id, Instant::now()).unwrap_or_default()));
+                jobs.dispatch.step(|s| ((), s.cancel(job_id, Instant::now()).unwrap_or_default()));
                 cancel_at = None;
             }
-            () = shared.shutdown.cancelled() => return,
+            () = jobs.shutdown.cancelled() => return,
         }
     }
-    clean_up(&shared, job_id, &job, &phase, assigned_at).await;
+    clean_up(&jobs, job_id, &job, &phase, assigned_at).await;
 }
 
 /// Records an ended job (metrics, history), ends its log and hands its snapshot ref over
 /// for deletion.
 async fn clean_up(
-    shared: &Shared,
+    jobs: &Jobs,
     job_id: JobId,
     job: &ActiveJob,
     phase: &watch::Receiver<JobEvent>,
@@ -95,26 +97,25 @@ async fn clean_up(
         );
         // Recorded here, by the job's own task: the dispatch path does no more than before.
         let since_assigned = assigned_at.map(|at: Instant| at.elapsed());
-        shared
-            .metrics
+        jobs.metrics
             .job_finished(job.origin.kind, &result, since_assigned);
         let finished =
             crate::server::history::FinishedJob::new(job_id, &job.origin, &result, unix_millis());
-        shared.history.record(finished);
+        jobs.records.history().record(finished);
     }
     if let Err(error) = job.log.finish().await {
         tracing::warn!("cannot finish job log: {error}");
     }
-    shared.logs.ended(job_id);
+    jobs.records.logs().ended(job_id);
     // Deleted in a batch with other ended jobs' refs (see `delete_ended_refs`).
-    let _ = shared.ended_refs.send(job.git_ref.clone()).await;
+    let _ = jobs.records.ended_refs.send(job.git_ref.clone()).await;
 }
 
 /// Takes back the jobs the previous coordinator left unfinished: their logs are reopened
 /// for appending, queued ones queue again, and running ones wait for their agents to report
 /// them (see [`crate::server::scheduler::Scheduler::restore`]). Each is cancelled if no client comes back to follow it
 /// within the client grace, counted from now.
-pub(crate) async fn restore(shared: &Arc<Shared>, unfinished: Vec<store::StoredJob>) {
+pub(crate) async fn restore(jobs: &Arc<Jobs>, unfinished: Vec<store::StoredJob>) {
     if unfinished.is_empty() {
         return;
     }
@@ -122,7 +123,7 @@ pub(crate) async fn restore(shared: &Arc<Shared>, unfinished: Vec<store::StoredJ
     for stored in unfinished {
         let job_id = stored.job_id;
         let log =
-            match joblog::JobLog::reopen(&shared.logs, job_id, shared.config.log_max_bytes).await {
+            match joblog::JobLog::reopen(jobs.records.logs(), job_id, jobs.log_max_bytes).await {
                 Ok(log) => log,
                 Err(error) => {
                     tracing::error!(job_id, "cannot reopen the job's log ({error}); not resumed");
@@ -147,11 +148,11 @@ pub(crate) async fn restore(shared: &Arc<Shared>, unfinished: Vec<store::StoredJ
             },
         };
         let job = ActiveJob::new(log, submission.git_ref.clone(), origin, initial);
-        shared.state().jobs.insert(job_id, Arc::clone(&job));
-        adopt(shared, job_id, &job);
+        jobs.dispatch.state().jobs.insert(job_id, Arc::clone(&job));
+        adopt(jobs, job_id, &job);
         restored.push(scheduler::RestoredJob {
             job_id,
-            source: shared.snapshots.source(
+            source: jobs.snapshots.source(
                 submission.commit,
                 submission.git_ref,
                 submission.base_commit,
@@ -177,5 +178,6 @@ pub(crate) async fn restore(shared: &Arc<Shared>, unfinished: Vec<store::StoredJ
     );
     let now = Instant::now();
     let now_unix = unix_millis();
-    shared.step(|s| ((), s.restore(restored, now, now_unix)));
+    jobs.dispatch
+        .step(|s| ((), s.restore(restored, now, now_unix)));
 }
