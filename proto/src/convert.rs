@@ -357,9 +357,10 @@ impl TryFrom<crate::JobResult> for JobResult {
 
 // ---- stored records ----------------------------------------------------------------------
 //
-// The coordinator's job store keeps submissions and results as these messages' bytes: the
-// schema already evolves compatibly, and a record that no longer decodes is a DecodeError
-// like any wire message, never a default.
+// Job stores of schema version 1 kept submissions and results as these messages' bytes.
+// The coordinator reads them once, to migrate them to its own rows; its tests write them,
+// to have such a store to migrate. A record that no longer decodes is a DecodeError like
+// any wire message, never a default.
 
 /// A submission as the bytes of its `SubmitRequest`.
 pub fn submission_to_bytes(submission: Submission) -> Vec<u8> {

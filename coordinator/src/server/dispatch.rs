@@ -139,7 +139,7 @@ impl Dispatch {
                             store.requeued(*job_id, attempt, lost);
                         }
                     }
-                    JobEvent::Finished(result) => store.finished(*job_id, result.clone()),
+                    JobEvent::Finished(result) => store.finished(*job_id, result),
                     JobEvent::Output { .. } => {}
                 }
             }

@@ -43,14 +43,13 @@ use std::time::{Duration, Instant};
 
 use buildpool_core::status::Submission;
 use buildpool_core::{JobId, JobResult};
-use buildpool_proto::convert::{
-    result_from_bytes, result_to_bytes, submission_from_bytes, submission_to_bytes,
-};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+mod rows;
+
 /// The schema this coordinator writes; older ones are migrated up at opening.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 const FILE_NAME: &str = "jobs.db";
 /// Finished jobs whose results are kept (twice the logs kept, so every kept log has one).
 const KEPT_RESULTS: i64 = 2 * super::joblog::KEPT_LOGS as i64;
@@ -101,7 +100,7 @@ pub struct Loaded {
 enum Command {
     Submitted {
         job_id: JobId,
-        submission: Vec<u8>,
+        submission: String,
         submitted_unix_ms: u64,
         log_path: String,
     },
@@ -117,7 +116,7 @@ enum Command {
     },
     Finished {
         job_id: JobId,
-        result: Vec<u8>,
+        result: String,
         finished_unix_ms: u64,
     },
     /// Job ids through `through` are taken.
@@ -283,13 +282,13 @@ impl Store {
     pub fn submitted(
         &self,
         job_id: JobId,
-        submission: Submission,
+        submission: &Submission,
         submitted_unix_ms: u64,
         log_path: &Path,
     ) -> WritePosition {
         self.queue(Command::Submitted {
             job_id,
-            submission: submission_to_bytes(submission),
+            submission: rows::submission_to_text(submission),
             submitted_unix_ms,
             log_path: log_path.display().to_string(),
         })
@@ -311,10 +310,10 @@ impl Store {
         });
     }
 
-    pub fn finished(&self, job_id: JobId, result: JobResult) {
+    pub fn finished(&self, job_id: JobId, result: &JobResult) {
         let _ = self.queue(Command::Finished {
             job_id,
-            result: result_to_bytes(result),
+            result: rows::result_to_text(result),
             finished_unix_ms: buildpool_core::time::unix_millis(),
         });
     }
@@ -365,7 +364,7 @@ impl Store {
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
             let connection = lock(&reader);
-            let row: Option<(Vec<u8>, String)> = connection
+            let row: Option<(String, String)> = connection
                 .query_row(
                     "SELECT result, log_path FROM jobs WHERE id = ?1 AND state = 'finished'",
                     [job_id as i64],
@@ -373,8 +372,8 @@ impl Store {
                 )
                 .optional()
                 .map_err(|source| sqlite(&path, source))?;
-            row.map(|(bytes, log)| {
-                result_from_bytes(&bytes)
+            row.map(|(text, log)| {
+                rows::result_from_text(&text)
                     .map(|result| (result, PathBuf::from(log)))
                     .map_err(|e| StoreError::Write(format!("stored result of job {job_id}: {e}")))
             })
@@ -448,17 +447,18 @@ fn open_and_load(path: &Path) -> Result<(Connection, Loaded), StoreError> {
     Ok((connection, loaded))
 }
 
-/// The job table of schema version 1.
+/// The job table. Since version 2 its `submission` and `result` hold the store's own JSON
+/// ([`rows`]); version 1 held the control API's protobuf messages there.
 const JOBS_TABLE: &str = "
     CREATE TABLE jobs (
         id INTEGER PRIMARY KEY,
-        submission BLOB NOT NULL,
+        submission TEXT NOT NULL,
         submitted_unix_ms INTEGER NOT NULL,
         state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'finished')),
         attempt INTEGER NOT NULL DEFAULT 0,
         lost_attempts INTEGER NOT NULL DEFAULT 0,
         agent_id TEXT,
-        result BLOB,
+        result TEXT,
         log_path TEXT NOT NULL,
         finished_unix_ms INTEGER
     );
@@ -474,8 +474,10 @@ fn migrate(connection: &Connection) -> rusqlite::Result<()> {
     }
     if version < 1 {
         connection.execute_batch(&format!(
-            "BEGIN; {JOBS_TABLE} PRAGMA user_version = 1; COMMIT;"
+            "BEGIN; {JOBS_TABLE} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
         ))?;
+    } else if version == 1 {
+        rows_from_protobuf(connection)?;
     }
     // Added to version 1 as a table older coordinators ignore (they then take ids past the
     // highest stored, as they always did), so that going back a version keeps the jobs: a
@@ -488,6 +490,40 @@ fn migrate(connection: &Connection) -> rusqlite::Result<()> {
          INSERT OR IGNORE INTO job_ids VALUES (0, 0);",
     )?;
     Ok(())
+}
+
+/// Version 1 to 2: each job's submission and result, stored as the control API's protobuf
+/// messages, rewritten as the store's own JSON ([`rows`]), in one transaction. A row that
+/// cannot be read is dropped with a warning, as loading would drop it.
+fn rows_from_protobuf(connection: &Connection) -> rusqlite::Result<()> {
+    use buildpool_proto::convert::{result_from_bytes, submission_from_bytes};
+    let transaction = connection.unchecked_transaction()?;
+    let stored: Vec<(i64, Vec<u8>, Option<Vec<u8>>)> = transaction
+        .prepare("SELECT id, submission, result FROM jobs")?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (id, submission, result) in stored {
+        let submission = submission_from_bytes(&submission).map_err(|e| e.to_string());
+        let result = result
+            .map(|bytes| result_from_bytes(&bytes).map_err(|e| e.to_string()))
+            .transpose();
+        match (submission, result) {
+            (Ok(submission), Ok(result)) => transaction.execute(
+                "UPDATE jobs SET submission = ?2, result = ?3 WHERE id = ?1",
+                params![
+                    id,
+                    rows::submission_to_text(&submission),
+                    result.as_ref().map(rows::result_to_text)
+                ],
+            )?,
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!(job_id = id, "stored job cannot be read ({error}); dropped");
+                transaction.execute("DELETE FROM jobs WHERE id = ?1", [id])?
+            }
+        };
+    }
+    transaction.execute_batch("PRAGMA user_version = 2;")?;
+    transaction.commit()
 }
 
 fn load(connection: &Connection) -> rusqlite::Result<Loaded> {
@@ -504,7 +540,7 @@ fn load(connection: &Connection) -> rusqlite::Result<Loaded> {
     let rows = statement.query_map([], |row| {
         Ok((
             row.get::<_, i64>(0)?,
-            row.get::<_, Vec<u8>>(1)?,
+            row.get::<_, String>(1)?,
             row.get::<_, i64>(2)?,
             row.get::<_, String>(3)?,
             row.get::<_, u32>(4)?,
@@ -514,8 +550,8 @@ fn load(connection: &Connection) -> rusqlite::Result<Loaded> {
     })?;
     let mut unfinished = Vec::new();
     for row in rows {
-        let (id, bytes, submitted, state, attempt, lost_attempts, agent_id) = row?;
-        match submission_from_bytes(&bytes) {
+        let (id, text, submitted, state, attempt, lost_attempts, agent_id) = row?;
+        match rows::submission_from_text(&text) {
             Ok(submission) => unfinished.push(StoredJob {
                 job_id: id as JobId,
                 submission,

@@ -153,7 +153,7 @@ async fn record<'a>(
         .map_err(JobError::Log)?;
     jobs.metrics.job_submitted(submission.spec.kind);
     let stored = jobs.records.store().map(|store| {
-        let write = store.submitted(job_id, submission.clone(), submitted_unix_ms, log.path());
+        let write = store.submitted(job_id, submission, submitted_unix_ms, log.path());
         (store, write)
     });
     Ok((log, stored))

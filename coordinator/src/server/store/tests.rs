@@ -2,6 +2,8 @@ use std::time::Duration;
 
 use buildpool_core::{Completion, JobEnd, JobKind, JobSpec};
 
+use buildpool_proto::convert::submission_to_bytes;
+
 use super::*;
 
 fn submission(n: u32) -> Submission {
@@ -34,7 +36,7 @@ async fn jobs_survive_reopening_in_their_state_and_order() {
     for id in [3, 4, 5] {
         store.submitted(
             id,
-            submission(id as u32),
+            &submission(id as u32),
             1000 + id,
             &dir.path().join(format!("{id}.log")),
         );
@@ -43,7 +45,7 @@ async fn jobs_survive_reopening_in_their_state_and_order() {
     store.assigned(5, "a1", 1);
     store.requeued(5, 1, 1);
     store.assigned(3, "a1", 2);
-    store.finished(3, result());
+    store.finished(3, &result());
     store
         .committed_since(WritePosition(0))
         .await
@@ -85,7 +87,7 @@ async fn committed_jobs_are_checkpointed_into_the_database_off_the_writer() {
     let dir = tempfile::tempdir().expect("temp");
     let (store, _) = Store::open(dir.path()).expect("open");
     for id in 1..=3 {
-        store.submitted(id, submission(id as u32), 1000, &dir.path().join("x.log"));
+        store.submitted(id, &submission(id as u32), 1000, &dir.path().join("x.log"));
     }
     store
         .committed_since(WritePosition(0))
@@ -127,7 +129,7 @@ async fn a_corrupt_store_is_moved_aside_and_a_fresh_one_starts() {
         .filter(|name| name.starts_with("jobs.db.corrupt-"))
         .collect();
     assert_eq!(aside.len(), 1, "{aside:?}");
-    store.submitted(1, submission(1), 1, &dir.path().join("1.log"));
+    store.submitted(1, &submission(1), 1, &dir.path().join("1.log"));
     store
         .committed_since(WritePosition(0))
         .await
@@ -161,7 +163,7 @@ async fn a_write_that_failed_is_never_reported_stored_whichever_transaction_it_w
     let dir = tempfile::tempdir().expect("temp");
     let (store, _) = Store::open(dir.path()).expect("open");
     let log = dir.path().join("1.log");
-    store.submitted(1, submission(1), 1, &log);
+    store.submitted(1, &submission(1), 1, &log);
     store
         .committed_since(WritePosition(0))
         .await
@@ -172,7 +174,7 @@ async fn a_write_that_failed_is_never_reported_stored_whichever_transaction_it_w
         .execute_batch("ALTER TABLE jobs RENAME TO jobs_aside")
         .expect("rename");
     let from = store.position();
-    let second = store.submitted(2, submission(2), 2, &log);
+    let second = store.submitted(2, &submission(2), 2, &log);
     // Waits until that transaction was tried, whatever came of it.
     store.settled().await.expect("the writer runs");
     intruder
@@ -185,7 +187,7 @@ async fn a_write_that_failed_is_never_reported_stored_whichever_transaction_it_w
         .await
         .expect_err("job 2 was not stored");
     assert!(error.to_string().contains("no such table"), "{error}");
-    let third = store.submitted(3, submission(3), 3, &log);
+    let third = store.submitted(3, &submission(3), 3, &log);
     store.committed(third).await.expect("the store recovered");
     // Asked by position range, the failed write in it counts; asked by its own position,
     // a write that committed is not blamed for another.
@@ -209,7 +211,7 @@ async fn reserved_job_ids_are_never_handed_out_again_after_reopening() {
     for id in 1..=200 {
         store.reserve_id(id).await.expect("reserved");
     }
-    store.submitted(7, submission(7), 7, &dir.path().join("7.log"));
+    store.submitted(7, &submission(7), 7, &dir.path().join("7.log"));
     store.settled().await.expect("the writer runs");
     drop(store);
     let (store, loaded) = Store::open(dir.path()).expect("reopen");
@@ -249,7 +251,7 @@ async fn an_id_whose_reservation_failed_is_refused_and_the_next_one_asks_again()
 }
 
 #[tokio::test]
-async fn a_store_written_before_ids_were_reserved_gains_reservations_and_keeps_its_jobs() {
+async fn a_version_1_store_gains_its_own_rows_and_reservations_and_keeps_its_jobs() {
     let dir = tempfile::tempdir().expect("temp");
     let path = dir.path().join(FILE_NAME);
     let old = Connection::open(&path).expect("create");
@@ -261,10 +263,24 @@ async fn a_store_written_before_ids_were_reserved_gains_reservations_and_keeps_i
         [submission_to_bytes(submission(41))],
     )
     .expect("a queued job");
+    old.execute(
+        "INSERT INTO jobs (id, submission, submitted_unix_ms, state, log_path, result)
+         VALUES (40, ?1, 4, 'finished', '40.log', ?2)",
+        (
+            submission_to_bytes(submission(40)),
+            buildpool_proto::convert::result_to_bytes(result()),
+        ),
+    )
+    .expect("a finished job");
     drop(old);
     let (store, loaded) = Store::open(dir.path()).expect("migrated");
     let ids: Vec<JobId> = loaded.unfinished.iter().map(|job| job.job_id).collect();
     assert_eq!((ids, loaded.highest_id), (vec![41], 41));
+    // Version 1 kept the control API's messages; they read back the same from the store's
+    // own rows.
+    assert_eq!(loaded.unfinished[0].submission, submission(41));
+    let (finished, log) = store.result(40).await.expect("read").expect("kept");
+    assert_eq!((finished, log), (result(), PathBuf::from("40.log")));
     store.reserve_id(42).await.expect("reserved");
     drop(store);
     let (_store, loaded) = Store::open(dir.path()).expect("reopen");
