@@ -7,9 +7,10 @@
 //!
 //! Durable means: against the coordinator's crash, `kill -9` or upgrade. A commit is in
 //! the write-ahead log, in the operating system's hands, before it returns
-//! (`synchronous = NORMAL`); it is not flushed to the device each time. Flushing cost every
-//! submission an fsync, and an fsync waits for whatever else the machine is writing: after
-//! a local build it took 5 to 70 ms (`bench crate`), against under 1 ms now. What that gives
+//! (`synchronous = NORMAL`); it is not flushed to the device each time. Flushing would cost
+//! every submission an fsync, and an fsync waits for whatever else the machine is writing:
+//! after a local build it takes 5 to 70 ms (`bench crate`), against under 1 ms without. What
+//! that gives
 //! up is the last commits when the machine itself loses power; the clients on it are gone
 //! then too, and an agent whose acknowledged result was lost sees its job run again.
 //!
@@ -32,8 +33,8 @@
 //! copied as a transaction begins, which a steady stream of commits rarely allows. That is
 //! a wait of 4 to 6 ms every two seconds or so at five thousand jobs a second. The log file
 //! then keeps its size (it is cut back only beyond 64 MB): cutting it back to 16 MB each
-//! time, as it once was, freed 25 MB of blocks inside the writer's next commit, which then
-//! took 10 to 12 ms more, and every submission waiting on a barrier meanwhile waited too.
+//! time frees 25 MB of blocks inside the writer's next commit, which then takes 10 to 12 ms
+//! more, and every submission waiting on a barrier meanwhile waits too.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

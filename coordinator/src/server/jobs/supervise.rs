@@ -95,7 +95,8 @@ async fn clean_up(
             end = ?result.completion.end,
             "job finished"
         );
-        // Recorded here, by the job's own task: the dispatch path does no more than before.
+        // Recorded here, by the job's own task, so the dispatch path under the lock does none
+        // of it.
         let since_assigned = assigned_at.map(|at: Instant| at.elapsed());
         jobs.metrics
             .job_finished(job.origin.kind, &result, since_assigned);
