@@ -407,23 +407,22 @@ fn a_reader_that_quits_early_or_a_timeout_cancels_the_pool_job() {
         );
     };
 
-    let head = session_bash(
-        fixture,
-        &root,
-        &env_file,
-        "cargo test -p app --test chatty 2>&1 | grep -m 1 '^line'",
-    );
-    assert_eq!(head.stdout, "line 0\n", "{head}");
-    assert_idle("its reader left");
-
-    let timed_out = session_bash(
-        fixture,
-        &root,
-        &env_file,
-        "timeout 20 cargo test -p app --test chatty >/dev/null 2>&1; echo \"status $?\"",
-    );
-    assert_eq!(timed_out.stdout, "status 124\n", "{timed_out}");
-    assert_idle("timeout stopped its client");
+    for (line, expected, after) in [
+        (
+            "cargo test -p app --test chatty 2>&1 | grep -m 1 '^line'",
+            "line 0\n",
+            "its reader left",
+        ),
+        (
+            "timeout 20 cargo test -p app --test chatty >/dev/null 2>&1; echo \"status $?\"",
+            "status 124\n",
+            "timeout stopped its client",
+        ),
+    ] {
+        let out = session_bash(fixture, &root, &env_file, line);
+        assert_eq!(out.stdout, expected, "{line}: {out}");
+        assert_idle(after);
+    }
 }
 
 /// Command lines as coding agents type them in Claude Code's Bash tool, each with the jobs

@@ -98,16 +98,8 @@ mod tests {
                 &["run", "test", "--", "-p", "app", "--", "--nocapture"],
             ),
             (
-                &["clippy", "--all-targets", "--", "-D", "warnings"],
-                &[
-                    "run",
-                    "clippy",
-                    "--",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ],
+                &["clippy", "--", "-D", "warnings"],
+                &["run", "clippy", "--", "--", "-D", "warnings"],
             ),
             (&["-q", "check"], &["run", "check", "--", "-q"]),
             (

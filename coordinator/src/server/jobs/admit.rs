@@ -91,20 +91,16 @@ async fn record_and_schedule(
     let recorded = record(jobs, job_id, &submission, submitted_unix_ms);
     let (pack, recorded) = tokio::join!(pack, recorded);
     let (log, stored) = recorded?;
-    let Submission {
-        spec,
-        commit,
-        git_ref,
-        worktree,
-        base_commit,
-    } = submission;
+    let (spec, worktree, git_ref) = (submission.spec, submission.worktree, submission.git_ref);
     let origin = JobOrigin {
         kind: spec.kind,
         worktree: worktree.clone(),
         cargo_args: spec.cargo_args.clone(),
     };
     let job = ActiveJob::queued(log, git_ref.clone(), origin);
-    let mut source = jobs.snapshots.source(commit, git_ref, base_commit);
+    let mut source = jobs
+        .snapshots
+        .source(submission.commit, git_ref, submission.base_commit);
     source.pack = pack.filter(|pack| fits_in_assignment(pack, &spec, &worktree));
     let phase = job.phase.subscribe();
     jobs.dispatch.state().jobs.insert(job_id, Arc::clone(&job));

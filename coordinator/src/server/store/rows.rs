@@ -233,13 +233,13 @@ mod tests {
         let read = submission_from_text(&submission_to_text(&submission)).expect("reads");
         assert_eq!(read, submission);
         for end in [
-            JobEnd::Exited { code: 101 },
-            JobEnd::Signalled { signal: 9 },
-            JobEnd::TimedOut,
-            JobEnd::Cancelled,
             JobEnd::Failed {
                 reason: "no agent".into(),
             },
+            JobEnd::Cancelled,
+            JobEnd::Exited { code: 101 },
+            JobEnd::TimedOut,
+            JobEnd::Signalled { signal: 9 },
         ] {
             let mut completion = Completion::new(end);
             completion.duration = Duration::from_nanos(1_234_567);
