@@ -442,7 +442,7 @@ impl Executables {
                 data.truncate(filled);
                 hasher.update(&data);
                 let last = filled < CHUNK_BYTES;
-                let sha256 = last.then(|| hex(&hasher.clone().finalize()));
+                let sha256 = last.then(|| hex::encode(hasher.clone().finalize()));
                 send(ArtifactChunk {
                     index,
                     count,
@@ -461,11 +461,6 @@ impl Executables {
         }
         Ok(())
     }
-}
-
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 #[cfg(test)]
