@@ -236,16 +236,23 @@ pub fn classic_text(open_metrics: &str) -> String {
     text
 }
 
-/// Serves `/metrics` of `agent` on `listener` until the process ends.
+/// What `/metrics` serves. The agent, which owns its metrics, provides it: the endpoint
+/// needs nothing else of the agent, and this module stays beneath it.
+pub trait Scrape {
+    /// The metrics text of one scrape.
+    fn metrics_text(&self) -> String;
+}
+
+/// Serves `/metrics` of `source` on `listener` until `shutdown`.
 pub async fn serve(
-    agent: crate::Agent,
+    source: impl Scrape + Clone + Send + Sync + 'static,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move |headers: HeaderMap| {
-            let text = agent.metrics_text();
+            let text = source.metrics_text();
             async move { response(headers.get(header::ACCEPT), text) }
         }),
     );
