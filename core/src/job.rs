@@ -268,6 +268,11 @@ impl JobEnd {
     }
 }
 
+/// Help of the jobs-by-outcome counters of agent and coordinator alike, naming every
+/// [`JobEnd::outcome`].
+pub const OUTCOME_HELP: &str = "Jobs ended, by cargo subcommand and outcome (success, failure, \
+                                signalled, timed_out, cancelled, error)";
+
 impl JobEnd {
     /// A metric label for how the job ended: one of a small fixed set, so it never makes
     /// series without bound.
