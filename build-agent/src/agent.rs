@@ -24,7 +24,7 @@ use crate::artifacts::Executables;
 use crate::executor::{Executor, ExecutorConfig, JobRequest};
 use crate::git_cache::GitRemote;
 use crate::job_table::{Admission, CancelEffect, Decline, Delivery, JobTable, LinkId, PoolView};
-use crate::metrics::{AgentGauges, AgentMetrics};
+use crate::metrics::{AgentGauges, AgentMetrics, Scrape};
 use crate::output::{self, LinkOutbox};
 
 /// How long jobs get to end after they were told to stop, before the agent exits anyway.
@@ -138,17 +138,6 @@ impl Agent {
         let pool = self.inner.pool.borrow();
         let draining = if pool.draining { ", draining" } else { "" };
         format!("{} of {} slots used{draining}", pool.used, pool.total)
-    }
-
-    /// The metrics text of one scrape: events so far, slots and disk use now.
-    pub fn metrics_text(&self) -> String {
-        let pool = self.inner.pool.borrow().clone();
-        self.inner.metrics.encode(AgentGauges {
-            slots_total: pool.total,
-            slots_used: pool.used,
-            draining: pool.draining,
-            disk: self.disk_usage(),
-        })
     }
 
     /// The credential it presents to coordinators.
@@ -520,5 +509,18 @@ impl Agent {
         {
             tracing::error!("jobs did not stop within {STOP_WAIT:?}");
         }
+    }
+}
+
+impl Scrape for Agent {
+    /// Events so far, slots and disk use now.
+    fn metrics_text(&self) -> String {
+        let pool = self.inner.pool.borrow().clone();
+        self.inner.metrics.encode(AgentGauges {
+            slots_total: pool.total,
+            slots_used: pool.used,
+            draining: pool.draining,
+            disk: self.disk_usage(),
+        })
     }
 }

@@ -16,6 +16,7 @@ use buildpool_core::bus::AgentMessage;
 use buildpool_core::{ArtifactChunk, AttemptKey, OutputStream};
 use buildpool_proto::socket::{Outbox, SendError};
 use bytes::Bytes;
+use cargo_metadata::{Artifact, Message};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -44,14 +45,6 @@ struct MessageFilter {
     executables: Vec<PathBuf>,
     /// Executables named past [`MAX_EXECUTABLES`].
     beyond_bound: usize,
-}
-
-/// The part of a cargo JSON message read here: any line with a string `reason` is one.
-#[derive(Debug, serde::Deserialize)]
-struct CargoMessage {
-    reason: String,
-    #[serde(default)]
-    executable: Option<PathBuf>,
 }
 
 impl MessageFilter {
@@ -94,15 +87,21 @@ impl MessageFilter {
 
     /// Whether `line` is a cargo message; records the executable it names, up to
     /// [`MAX_EXECUTABLES`] of them (the job writes these lines, and may write millions).
+    ///
+    /// Parsed with `from_slice`, which keeps serde_json's nesting limit: the line is the
+    /// job's, and may nest deep enough to overflow the stack (`Message::parse_stream`
+    /// lifts the limit).
     fn read_message(&mut self, line: &[u8]) -> bool {
-        let Ok(message) = serde_json::from_slice::<CargoMessage>(line) else {
+        let Ok(message) = serde_json::from_slice::<Message>(line) else {
             return false;
         };
-        if message.reason == "compiler-artifact"
-            && let Some(executable) = message.executable
+        if let Message::CompilerArtifact(Artifact {
+            executable: Some(executable),
+            ..
+        }) = message
         {
             if self.executables.len() < MAX_EXECUTABLES {
-                self.executables.push(executable);
+                self.executables.push(executable.into_std_path_buf());
             } else {
                 self.beyond_bound += 1;
             }
@@ -442,7 +441,7 @@ impl Executables {
                 data.truncate(filled);
                 hasher.update(&data);
                 let last = filled < CHUNK_BYTES;
-                let sha256 = last.then(|| hex(&hasher.clone().finalize()));
+                let sha256 = last.then(|| hex::encode(hasher.clone().finalize()));
                 send(ArtifactChunk {
                     index,
                     count,
@@ -461,11 +460,6 @@ impl Executables {
         }
         Ok(())
     }
-}
-
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -571,12 +565,20 @@ mod tests {
         );
     }
 
+    /// A `compiler-artifact` message as cargo writes it, naming `executable`.
+    fn artifact_line(executable: &str) -> String {
+        format!(
+            r#"{{"reason":"compiler-artifact","package_id":"path+file:///build/app#0.1.0","manifest_path":"/build/app/Cargo.toml","target":{{"kind":["bin"],"crate_types":["bin"],"name":"app","src_path":"/build/app/src/main.rs","edition":"2024","doc":true,"doctest":false,"test":true}},"profile":{{"opt_level":"0","debuginfo":2,"debug_assertions":true,"overflow_checks":true,"test":false}},"features":[],"filenames":["{executable}"],"executable":"{executable}","fresh":false}}"#
+        )
+    }
+
     /// Lines as a hostile job prints them: real and forged cargo messages, JSON that is no
     /// message, broken JSON, plain text, with or without their newline.
     fn stdout_line() -> impl proptest::strategy::Strategy<Value = String> {
         use proptest::prelude::*;
         prop_oneof![
             "[a-z {}\\\"/.:]{0,40}\n",
+            "/build/t/target/[a-z./]{0,20}".prop_map(|path| artifact_line(&path) + "\n"),
             "\\{\"reason\":\"compiler-artifact\",\"executable\":\"/build/t/target/[a-z./]{0,20}\"\\}\n",
             "\\{\"reason\":\"build-finished\",\"success\":true\\}\n",
             "\\{\"reason\":[0-9]{1,3},\"executable\":null\\}\n",
@@ -619,10 +621,28 @@ mod tests {
         proptest::arbitrary::any::<proptest::sample::Index>()
     }
 
+    /// Only what cargo writes is a message: a forged short one is output and names
+    /// nothing, and a line nested past serde_json's limit is output, not a stack overflow.
+    #[test]
+    fn forged_and_deeply_nested_lines_are_output() {
+        let mut filter = MessageFilter::default();
+        let forged = "{\"reason\":\"compiler-artifact\",\"executable\":\"/etc/passwd\"}\n";
+        let nested = format!(
+            "{{\"reason\":\"compiler-message\",\"message\":{}\n",
+            "[".repeat(100_000)
+        );
+        let mut forwarded = filter.feed(forged.as_bytes());
+        forwarded.extend(filter.feed(nested.as_bytes()));
+        let (rest, executables) = filter.finish();
+        forwarded.extend(rest);
+        assert_eq!(forwarded, [forged, nested.as_str()].concat().into_bytes());
+        assert!(executables.is_empty());
+    }
+
     #[test]
     fn a_flood_of_artifact_messages_is_bounded() {
         let mut filter = MessageFilter::default();
-        let line = "{\"reason\":\"compiler-artifact\",\"executable\":\"/build/t/target/x\"}\n";
+        let line = artifact_line("/build/t/target/x") + "\n";
         for _ in 0..MAX_EXECUTABLES + 5 {
             assert!(filter.feed(line.as_bytes()).is_empty());
         }
@@ -633,7 +653,7 @@ mod tests {
     #[test]
     fn cargo_messages_are_read_and_other_stdout_passes() {
         let mut filter = MessageFilter::default();
-        let artifact = r#"{"reason":"compiler-artifact","executable":"/build/1/target/debug/app","fresh":false}"#;
+        let artifact = artifact_line("/build/1/target/debug/app");
         let mut forwarded = filter.feed(b"running 1 test\n{\"reason\":\"build-");
         forwarded.extend(filter.feed(b"finished\",\"success\":true}\n"));
         forwarded.extend(filter.feed(format!("{artifact}\n{{not json\n").as_bytes()));

@@ -11,8 +11,6 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::artifacts::hex;
-
 /// Where the key lives in the agent's git cache directory: kept across restarts like the
 /// caches, and hidden from jobs with them. No repository id starts with a dot.
 pub const KEY_FILE: &str = ".agent-key";
@@ -57,7 +55,7 @@ pub fn load_or_create(dir: &Path) -> Result<Vec<u8>, IdentityError> {
         .prefix(".agent-key-")
         .tempfile_in(dir)
         .map_err(io)?;
-    writeln!(temporary.as_file(), "{}", hex(&key)).map_err(io)?;
+    writeln!(temporary.as_file(), "{}", hex::encode(&key)).map_err(io)?;
     temporary.as_file().sync_all().map_err(io)?;
     match temporary.persist_noclobber(&path) {
         Ok(_) => Ok(key),
@@ -77,17 +75,11 @@ pub fn proof(key: &[u8], coordinator_url: &str) -> String {
     hasher.update(key);
     hasher.update([0]);
     hasher.update(coordinator_url.as_bytes());
-    hex(&hasher.finalize())
+    hex::encode(hasher.finalize())
 }
 
 fn decode(text: &str) -> Option<Vec<u8>> {
-    if text.len() != KEY_BYTES * 2 || !text.is_ascii() {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|at| u8::from_str_radix(&text[at..at + 2], 16).ok())
-        .collect()
+    hex::decode(text).ok().filter(|key| key.len() == KEY_BYTES)
 }
 
 #[cfg(test)]

@@ -27,7 +27,6 @@ pub mod nix;
 pub mod output;
 pub mod process;
 pub mod sandbox;
-pub mod systemd;
 pub mod workspace;
 
 pub use agent::{Agent, AgentIdentity};

@@ -126,7 +126,7 @@ async fn run() -> anyhow::Result<()> {
     if let Some(AgentCommand::GitProxy { .. }) = cli.command {
         run_git_proxy().await;
     }
-    build_agent::systemd::init_logging("info");
+    buildpool_service::systemd::init_logging("info");
     let (file, config_path) = config::discover(cli.config.as_deref())?;
     let overrides = Overrides {
         servers: cli.servers,
@@ -273,7 +273,7 @@ async fn run() -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
-    if let Some(notifier) = build_agent::systemd::Notifier::from_env() {
+    if let Some(notifier) = buildpool_service::systemd::Notifier::from_env() {
         let agent = agent.clone();
         tokio::spawn(notifier.run(move || agent.status_line(), shutdown.clone()));
     }

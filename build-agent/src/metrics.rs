@@ -7,39 +7,23 @@
 //! plain HTTP without a credential, like most exporters: it tells job counts and disk
 //! use, nothing about what the jobs build.
 
-use std::collections::HashSet;
-
-use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, header};
 use buildpool_core::bus::DiskUsage;
+use buildpool_core::job::OUTCOME_HELP;
 use buildpool_core::{Completion, JobKind};
+use buildpool_service::metrics::{response, seconds_histogram};
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::job_table::Decline;
 
-/// The content type of OpenMetrics text, which Prometheus asks for first.
-pub const OPEN_METRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-/// The content type of the classic Prometheus text format, for every other client.
-pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// Help of the jobs-by-outcome counters of agent and coordinator alike.
-pub const OUTCOME_HELP: &str = "Jobs ended, by cargo subcommand and outcome (success, failure, \
-                                signalled, timed_out, cancelled, error)";
-
 type KindLabels = [(&'static str, &'static str); 1];
 type EndLabels = [(&'static str, &'static str); 2];
 type ServerLabels = [(&'static str, String); 1];
-
-/// Buckets for durations from a tenth of a second to about an hour and a half, for every
-/// duration histogram of agent and coordinator.
-pub fn seconds_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.1, 2.5, 12))
-}
 
 /// What the agent looks like at one scrape.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -191,61 +175,23 @@ impl AgentMetrics {
     }
 }
 
-/// The answer to a scrape: OpenMetrics `text` as is when the client accepts it (Prometheus
-/// does), else in the classic text format (`promtool check metrics`, curl, older scrapers).
-pub fn response(accept: Option<&HeaderValue>, text: String) -> Response {
-    let open_metrics = accept
-        .and_then(|accept| accept.to_str().ok())
-        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
-    if open_metrics {
-        ([(header::CONTENT_TYPE, OPEN_METRICS)], text).into_response()
-    } else {
-        (
-            [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
-            classic_text(&text),
-        )
-            .into_response()
-    }
+/// What `/metrics` serves. The agent, which owns its metrics, provides it: the endpoint
+/// needs nothing else of the agent, and this module stays beneath it.
+pub trait Scrape {
+    /// The metrics text of one scrape.
+    fn metrics_text(&self) -> String;
 }
 
-/// OpenMetrics text in the classic format: a counter's family is named with its `_total`
-/// suffix there, and `# UNIT` and `# EOF` do not exist.
-pub fn classic_text(open_metrics: &str) -> String {
-    let counters: HashSet<&str> = open_metrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut text = String::with_capacity(open_metrics.len() + 16 * counters.len());
-    for line in open_metrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let descriptor = ["# HELP ", "# TYPE "].into_iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters
-                .contains(name)
-                .then(|| format!("{prefix}{name}_total {tail}"))
-        });
-        match descriptor {
-            Some(renamed) => text.push_str(&renamed),
-            None => text.push_str(line),
-        }
-        text.push('\n');
-    }
-    text
-}
-
-/// Serves `/metrics` of `agent` on `listener` until the process ends.
+/// Serves `/metrics` of `source` on `listener` until `shutdown`.
 pub async fn serve(
-    agent: crate::Agent,
+    source: impl Scrape + Clone + Send + Sync + 'static,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move |headers: HeaderMap| {
-            let text = agent.metrics_text();
+            let text = source.metrics_text();
             async move { response(headers.get(header::ACCEPT), text) }
         }),
     );
@@ -304,20 +250,5 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
-        let classic = classic_text(&text);
-        for line in [
-            "# TYPE build_agent_jobs_total counter",
-            "# TYPE build_agent_slots gauge",
-            "build_agent_jobs_total{kind=\"build\",outcome=\"success\"} 1",
-        ] {
-            assert!(
-                classic.lines().any(|l| l == line),
-                "{line} missing in\n{classic}"
-            );
-        }
-        assert!(
-            !classic.contains("# EOF") && !classic.contains("# UNIT"),
-            "{classic}"
-        );
     }
 }

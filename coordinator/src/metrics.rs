@@ -9,8 +9,9 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use build_agent::metrics::seconds_histogram;
+use buildpool_core::job::OUTCOME_HELP;
 use buildpool_core::{JobKind, JobResult};
+use buildpool_service::metrics::seconds_histogram;
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -84,11 +85,7 @@ impl Metrics {
             jobs_submitted.clone(),
         );
         let jobs_finished = Family::default();
-        registry.register(
-            "jobs_finished",
-            build_agent::metrics::OUTCOME_HELP,
-            jobs_finished.clone(),
-        );
+        registry.register("jobs_finished", OUTCOME_HELP, jobs_finished.clone());
         let queue_wait: Histograms<KindLabels> = Family::new_with_constructor(seconds_histogram);
         registry.register_with_unit(
             "job_queue_wait",

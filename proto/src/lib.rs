@@ -4,7 +4,8 @@
 //! the agent job bus and the gRPC control API, their conversions to and from the domain
 //! types of `buildpool-core` ([`convert`]), the framing rules of the bus ([`frame`]), the
 //! one framed socket both ends of the bus use ([`socket`]), the git tunnel on the bus port
-//! ([`tunnel`]) and TLS with its certificates and pins ([`tls`]).
+//! ([`tunnel`]), the WebSocket connections beneath both ([`websocket`]) and TLS with its
+//! certificates and pins ([`tls`]).
 
 #[allow(
     missing_docs,
@@ -22,5 +23,6 @@ pub mod frame;
 pub mod socket;
 pub mod tls;
 pub mod tunnel;
+pub mod websocket;
 
 pub use generated::*;

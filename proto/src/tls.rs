@@ -23,6 +23,7 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
+use sha2::{Digest, Sha256};
 
 /// File names of a generated certificate and key, in the coordinator's config directory.
 pub const GENERATED_CERT_FILE: &str = "tls-cert.pem";
@@ -71,17 +72,13 @@ pub struct Fingerprint([u8; 32]);
 
 impl Fingerprint {
     pub fn of(der: &[u8]) -> Self {
-        let digest = ring::digest::digest(&ring::digest::SHA256, der);
-        let mut bytes = [0u8; 32];
-        bytes.copy_from_slice(digest.as_ref());
-        Self(bytes)
+        Self(Sha256::digest(der).into())
     }
 }
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("sha256:")?;
-        self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+        write!(f, "sha256:{}", hex::encode(self.0))
     }
 }
 
@@ -103,19 +100,9 @@ impl FromStr for Fingerprint {
             .get(..7)
             .filter(|prefix| prefix.eq_ignore_ascii_case("sha256:"))
             .map_or(trimmed, |_| &trimmed[7..]);
-        let digits: Vec<u8> = hex
-            .chars()
-            .filter(|c| *c != ':')
-            .map(|c| c.to_digit(16).and_then(|d| u8::try_from(d).ok()))
-            .collect::<Option<_>>()
-            .ok_or_else(bad)?;
-        if digits.len() != 64 {
-            return Err(bad());
-        }
+        let digits: String = hex.chars().filter(|c| *c != ':').collect();
         let mut bytes = [0u8; 32];
-        for (byte, pair) in bytes.iter_mut().zip(digits.chunks(2)) {
-            *byte = pair[0] << 4 | pair[1];
-        }
+        hex::decode_to_slice(digits, &mut bytes).map_err(|_| bad())?;
         Ok(Self(bytes))
     }
 }

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
-use crate::socket::{ServerUrl, SocketError, Stream, dial};
+use crate::websocket::{ServerUrl, SocketError, Stream, WRITE_TIMEOUT, dial};
 
 /// Where tunnels connect on the bus port.
 pub const TUNNEL_PATH: &str = "/git";
@@ -135,11 +135,8 @@ impl Tunnel {
             code: CloseCode::Policy,
             reason: reason[..end].to_owned().into(),
         };
-        let _ = tokio::time::timeout(
-            crate::socket::WRITE_TIMEOUT,
-            self.ws.send(Message::Close(Some(frame))),
-        )
-        .await;
+        let _ =
+            tokio::time::timeout(WRITE_TIMEOUT, self.ws.send(Message::Close(Some(frame)))).await;
     }
 
     /// Carries bytes both ways between the tunnel and `local` until both directions ended,
@@ -166,8 +163,7 @@ impl Tunnel {
                 };
                 let n = read?.map_err(TunnelError::Io)?;
                 let message = Message::Binary(buffer[..n].to_vec().into());
-                let written =
-                    tokio::time::timeout(crate::socket::WRITE_TIMEOUT, sink.send(message)).await;
+                let written = tokio::time::timeout(WRITE_TIMEOUT, sink.send(message)).await;
                 match written {
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => return Err(SocketError::from(error).into()),
@@ -229,7 +225,7 @@ impl Tunnel {
 
         let (sent, received) = tokio::join!(outbound, inbound);
         if let Ok(mut ws) = sink.reunite(stream) {
-            let _ = tokio::time::timeout(crate::socket::WRITE_TIMEOUT, ws.close(None)).await;
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, ws.close(None)).await;
         }
         // The inbound error first: a refusal is what the user needs to read.
         let received = received?;
@@ -243,34 +239,27 @@ impl Tunnel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::socket::{Upgrade, accept, upgrade_client};
+    use crate::websocket::{Transport, upgrade_client, websocket_config};
 
-    /// A tunnel over an in-memory pipe: (server end with the bearer it got, client end).
-    async fn pair(bearer: &str) -> ((Tunnel, String), Tunnel) {
+    /// A tunnel over an in-memory pipe: (server end, client end). How the bus port tells a
+    /// tunnel from the bus is [`crate::socket::accept`]'s, and tested there.
+    async fn pair() -> (Tunnel, Tunnel) {
         let (server_end, client_end) = tokio::io::duplex(64 * 1024);
-        let server = tokio::spawn(accept(server_end));
-        let mut request =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-                "ws://localhost/git",
-            )
-            .expect("request");
-        request.headers_mut().insert(
-            "authorization",
-            format!("Bearer {bearer}").parse().expect("header"),
-        );
-        let client = upgrade_client(Box::new(client_end), request)
+        let server_end: Box<dyn Transport> = Box::new(server_end);
+        let server = tokio::spawn(tokio_tungstenite::accept_async_with_config(
+            server_end,
+            Some(websocket_config()),
+        ));
+        let client = upgrade_client(Box::new(client_end), format!("ws://localhost{TUNNEL_PATH}"))
             .await
             .expect("client handshake");
-        match server.await.expect("joins").expect("server handshake") {
-            Upgrade::Tunnel { tunnel, bearer } => ((tunnel, bearer), Tunnel::new(client)),
-            Upgrade::Bus(_) => panic!("a tunnel taken for a bus connection"),
-        }
+        let server = server.await.expect("joins").expect("server handshake");
+        (Tunnel::new(server), Tunnel::new(client))
     }
 
     #[tokio::test]
     async fn bytes_cross_both_ways_and_each_side_half_closes() {
-        let ((server, bearer), client) = pair("secret").await;
-        assert_eq!(bearer, "secret");
+        let (server, client) = pair().await;
 
         // The "daemon" answers once it has read the whole request, then closes; the "git"
         // client sends its request, closes its side and reads the answer to the end.
@@ -331,7 +320,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refusal_reaches_the_client_with_its_reason() {
-        let ((server, _), client) = pair("wrong").await;
+        let (server, client) = pair().await;
         tokio::spawn(server.refuse("invalid credential"));
         let (git_end, _git) = tokio::io::duplex(1024);
         let error = client.splice(git_end).await.expect_err("refused");
@@ -341,7 +330,7 @@ mod tests {
         );
 
         // A reason longer than a close frame holds is cut, not a protocol error.
-        let ((server, _), client) = pair("wrong").await;
+        let (server, client) = pair().await;
         let long = format!("é{}", "x".repeat(200));
         tokio::spawn(async move { server.refuse(&long).await });
         let (git_end, _git) = tokio::io::duplex(1024);

@@ -87,6 +87,20 @@ fn pry() -> Vec<String> {
     found
 }
 
+/// A cargo message naming `executable`, forged whole: the agent reads only messages of
+/// the shape cargo writes.
+fn forged_artifact(executable: &str) -> String {
+    format!(
+        "{{\"reason\":\"compiler-artifact\",\"package_id\":\"prying 0.1.0\",\
+         \"manifest_path\":\"Cargo.toml\",\"target\":{{\"kind\":[\"bin\"],\
+         \"crate_types\":[\"bin\"],\"name\":\"prying\",\"src_path\":\"src/main.rs\",\
+         \"edition\":\"2021\",\"doc\":true,\"doctest\":false,\"test\":true}},\
+         \"profile\":{{\"opt_level\":\"0\",\"debuginfo\":2,\"debug_assertions\":true,\
+         \"overflow_checks\":true,\"test\":false}},\"features\":[],\"filenames\":[],\
+         \"executable\":{executable:?},\"fresh\":false}}"
+    )
+}
+
 /// Plants links to the agent's secrets and a FIFO among the executables, and names them
 /// in forged cargo messages on stdout, for `--artifacts`.
 fn plant_artifacts() {
@@ -106,19 +120,10 @@ fn plant_artifacts() {
     let mut stdout = std::io::stdout().lock();
     for name in ["token-link", "environ-link", "fifo-exe", "root-link/etc/passwd"] {
         let path = debug.join(name);
-        writeln!(
-            stdout,
-            "{{\"reason\":\"compiler-artifact\",\"executable\":{:?},\"fresh\":false}}",
-            path.to_string_lossy()
-        )
-        .expect("forged message");
+        writeln!(stdout, "{}", forged_artifact(&path.to_string_lossy())).expect("forged message");
     }
-    writeln!(
-        stdout,
-        "{{\"reason\":\"compiler-artifact\",\"executable\":{:?}}}",
-        format!("{}/../../../..{}", debug.display(), TOKEN_FILE)
-    )
-    .expect("forged message");
+    let climbing = format!("{}/../../../..{}", debug.display(), TOKEN_FILE);
+    writeln!(stdout, "{}", forged_artifact(&climbing)).expect("forged message");
 }
 
 #[test]

@@ -779,11 +779,17 @@ async fn answers_of_every_shape_match_the_declared_schemas() {
 
     let mut huge = ReportBuilder::new();
     for n in 0..300 {
-        let message = json!({"reason": "compiler-message", "message": {
+        // A compiler message in the whole shape cargo writes: nothing else is read as one.
+        let message = json!({"reason": "compiler-message", "package_id": "huge 0.1.0",
+            "target": {"kind": ["lib"], "name": "huge", "src_path": "src/lib.rs"},
+            "message": {
             "level": if n % 3 == 0 { "warning" } else { "error" },
             "message": "m".repeat(50_000), "code": {"code": "c".repeat(5000)},
+            "children": [], "rendered": null,
             "spans": [{"is_primary": true, "file_name": format!("{n}{}", "f".repeat(5000)),
-                "line_start": n, "column_start": 2, "text": [{"text": "s".repeat(5000)}]}]}});
+                "byte_start": 0, "byte_end": 1, "line_start": n, "line_end": n,
+                "column_start": 2, "column_end": 3,
+                "text": [{"text": "s".repeat(5000), "highlight_start": 2, "highlight_end": 3}]}]}});
         huge.feed(OutputStream::Stdout, format!("{message}\n").as_bytes());
         let event = json!({"type": "test", "event": "failed", "name": format!("t{n}"),
             "stdout": format!("{}\nthread 't' panicked at a.rs:1:1:\n{}\n", "o".repeat(9000), "p".repeat(9000))});

@@ -28,6 +28,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use subtle::ConstantTimeEq;
+
 pub use store::{Credential, CredentialStore, StoreError};
 
 pub use limiter::Limited;
@@ -64,7 +66,7 @@ pub fn generate() -> std::io::Result<String> {
     use std::io::Read;
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex::encode(bytes))
 }
 
 /// The token and where it came from.
@@ -129,15 +131,11 @@ pub fn regenerate(file: &Path) -> Result<String, TokenError> {
     Ok(value)
 }
 
-/// Compares tokens in time independent of where they differ.
+/// Compares tokens in time independent of where they differ, so timing tells an attacker
+/// nothing about how much of a guess was right (a length is no secret: tokens and hashes
+/// have fixed lengths).
 pub fn matches(expected: &str, presented: &str) -> bool {
-    let (a, b) = (expected.as_bytes(), presented.as_bytes());
-    let mut difference = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        difference |=
-            usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff));
-    }
-    difference == 0
+    expected.as_bytes().ct_eq(presented.as_bytes()).into()
 }
 
 /// What a credential may do.

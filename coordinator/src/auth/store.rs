@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use ring::rand::SecureRandom;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::Scope;
 use crate::atomic_file::parent_dir;
@@ -146,14 +147,9 @@ pub(super) fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<
     crate::atomic_file::write(path, contents, 0o600)
 }
 
-/// Lowercase hex of `bytes`.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// SHA-256 of a secret as stored, lowercase hex.
 pub(super) fn hash(secret: &str) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref())
+    hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
 /// The id inside a well-formed secret `bp_<8 hex>_<64 hex>`, `None` for anything else
@@ -171,7 +167,7 @@ fn random_hex(len_bytes: usize) -> Result<String, StoreError> {
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| StoreError::Random)?;
-    Ok(hex(&bytes))
+    Ok(hex::encode(bytes))
 }
 
 /// The credential store of one token file. Cheap to clone; holds no open files.

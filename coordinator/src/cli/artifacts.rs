@@ -9,7 +9,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use build_agent::artifacts::hex;
 use buildpool_core::ArtifactChunk;
 use buildpool_core::job::artifact_path_is_safe;
 use sha2::{Digest, Sha256};
@@ -98,7 +97,7 @@ impl Receiver {
             let Some(current) = self.current.take() else {
                 return Ok(());
             };
-            let actual = hex(&current.hasher.finalize());
+            let actual = hex::encode(current.hasher.finalize());
             if &actual != expected {
                 bail!(
                     "executable {} is corrupt: its SHA-256 is {actual}, the agent sent {expected}",
@@ -150,7 +149,7 @@ mod tests {
     #[test]
     fn a_verified_file_lands_executable_and_a_corrupt_one_not_at_all() {
         let target = tempfile::tempdir().expect("temp");
-        let good = hex(&Sha256::digest(b"hello world"));
+        let good = hex::encode(Sha256::digest(b"hello world"));
 
         let mut receiver = Receiver::new(target.path());
         receiver.take(&chunk(b"hello ", 0, None)).expect("first");

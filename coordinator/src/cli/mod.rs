@@ -85,7 +85,7 @@ fn run_in_runtime(dir: Option<PathBuf>, command: RuntimeCommand) -> ExitCode {
         RuntimeCommand::Serve(_) => "info",
         _ => "warn",
     };
-    build_agent::systemd::init_logging(default_level);
+    buildpool_service::systemd::init_logging(default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

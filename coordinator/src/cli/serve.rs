@@ -193,7 +193,7 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
 
     let stop_notifying = tokio_util::sync::CancellationToken::new();
-    let notifying = build_agent::systemd::Notifier::from_env().map(|notifier| {
+    let notifying = buildpool_service::systemd::Notifier::from_env().map(|notifier| {
         tokio::spawn(notifier.run(coordinator.status_line(), stop_notifying.clone()))
     });
     match background {

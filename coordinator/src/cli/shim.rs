@@ -79,7 +79,7 @@ pub fn link(dir: &Path, exe: &Path) -> anyhow::Result<bool> {
 pub fn session_dir(exe: &Path) -> PathBuf {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(exe.as_os_str().as_encoded_bytes());
-    let name = build_agent::artifacts::hex(&digest[..6]);
+    let name = hex::encode(&digest[..6]);
     crate::config::cache_home()
         .join("buildpool")
         .join("shim")

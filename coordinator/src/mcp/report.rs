@@ -9,6 +9,8 @@
 use std::collections::HashSet;
 
 use buildpool_core::OutputStream;
+use cargo_metadata::Message;
+use cargo_metadata::diagnostic::{Diagnostic as CompilerDiagnostic, DiagnosticLevel};
 use schemars::JsonSchema;
 use serde::Serialize;
 
@@ -299,11 +301,13 @@ impl ReportBuilder {
     fn stdout_line(&mut self, line: &Line) {
         let text = line.text.as_str();
         if text.starts_with('{') {
-            if let Ok(message) = serde_json::from_str::<serde_json::Value>(text) {
-                if message["type"].is_string() {
-                    self.test_event(&message);
-                } else {
-                    self.cargo_message(&message);
+            // One parse tells a test event (`type`) from a cargo message (`reason`); a JSON
+            // line that is neither is no libtest text either.
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(text) {
+                if value["type"].is_string() {
+                    self.test_event(&value);
+                } else if let Ok(message) = serde_json::from_value::<Message>(value) {
+                    self.cargo_message(message);
                 }
                 return;
             }
@@ -403,31 +407,28 @@ impl ReportBuilder {
         true
     }
 
-    fn cargo_message(&mut self, message: &serde_json::Value) {
-        match message["reason"].as_str() {
-            Some("compiler-artifact") => {
-                if message["fresh"].as_bool() == Some(true) {
+    fn cargo_message(&mut self, message: Message) {
+        match message {
+            Message::CompilerArtifact(artifact) => {
+                if artifact.fresh {
                     self.progress.crates_fresh += 1;
                 } else {
                     self.progress.crates_compiled += 1;
                 }
             }
-            Some("compiler-message") => self.compiler_message(&message["message"]),
+            Message::CompilerMessage(message) => self.compiler_message(&message.message),
             _ => {}
         }
     }
 
-    fn compiler_message(&mut self, message: &serde_json::Value) {
-        let level = message["level"].as_str().unwrap_or("");
-        let is_error = level.starts_with("error");
-        if !is_error && level != "warning" {
-            return;
-        }
-        let text = message["message"].as_str().unwrap_or("");
-        let spans = message["spans"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
+    fn compiler_message(&mut self, message: &CompilerDiagnostic) {
+        let is_error = match message.level {
+            DiagnosticLevel::Error | DiagnosticLevel::Ice => true,
+            DiagnosticLevel::Warning => false,
+            _ => return,
+        };
+        let text = message.message.as_str();
+        let spans = message.spans.as_slice();
         // rustc's own tallies ("aborting due to 3 previous errors", "2 warnings emitted").
         if spans.is_empty()
             && (text.starts_with("aborting due to")
@@ -438,26 +439,20 @@ impl ReportBuilder {
         }
         let primary = spans
             .iter()
-            .find(|span| span["is_primary"] == true)
+            .find(|span| span.is_primary)
             .or_else(|| spans.first());
         let snippet = primary
-            .and_then(|span| {
-                span["text"].as_array()?.first()?["text"]
-                    .as_str()
-                    .map(|t| cap(t.trim(), MAX_SNIPPET))
-            })
+            .and_then(|span| span.text.first())
+            .map(|line| cap(line.text.trim(), MAX_SNIPPET))
             .filter(|s| !s.is_empty());
         let diagnostic = Diagnostic {
             level: if is_error { "error" } else { "warning" }.to_owned(),
-            code: message["code"]["code"]
-                .as_str()
-                .map(|code| cap(code, MAX_NAME)),
+            code: message.code.as_ref().map(|code| cap(&code.code, MAX_NAME)),
             message: cap(text, MAX_MESSAGE),
             // The end of a path names the file.
-            file: primary
-                .and_then(|span| span["file_name"].as_str().map(|f| cap_tail(f, MAX_NAME))),
-            line: primary.and_then(|span| span["line_start"].as_u64()),
-            column: primary.and_then(|span| span["column_start"].as_u64()),
+            file: primary.map(|span| cap_tail(&span.file_name, MAX_NAME)),
+            line: primary.and_then(|span| u64::try_from(span.line_start).ok()),
+            column: primary.and_then(|span| u64::try_from(span.column_start).ok()),
             snippet,
         };
         if !self.seen.insert(diagnostic.clone()) {
@@ -625,4 +620,4 @@ fn split_panic(text: &str) -> (&str, &str) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

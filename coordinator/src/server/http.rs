@@ -109,7 +109,7 @@ pub(crate) fn pool_gauges(shared: &Shared) -> PoolGauges {
 async fn metrics(State(http): State<Http>, headers: HeaderMap) -> Response {
     let gauges = pool_gauges(&http.shared);
     let text = http.shared.metrics.encode(&gauges);
-    build_agent::metrics::response(headers.get(header::ACCEPT), text)
+    buildpool_service::metrics::response(headers.get(header::ACCEPT), text)
 }
 
 /// Lets requests for loopback names through on loopback; elsewhere asks for a client

@@ -4,6 +4,7 @@ use buildpool_core::{AgentPhases, Completion, RunEnv};
 
 use super::*;
 use crate::mcp::report::ReportBuilder;
+use crate::mcp::report::tests::{compiler_message, span};
 
 fn timings() -> Timings {
     let ms = Duration::from_millis;
@@ -53,11 +54,17 @@ fn huge_report(count: usize, width: usize) -> Report {
     let mut builder = ReportBuilder::new();
     for n in 0..count {
         let level = if n % 2 == 0 { "error" } else { "warning" };
-        let message = serde_json::json!({"reason": "compiler-message", "message": {
-            "level": level, "message": format!("{n} {}", "m".repeat(width)),
-            "code": {"code": format!("E{n:04}")},
-            "spans": [{"is_primary": true, "file_name": format!("{}/src/lib.rs", "d".repeat(width)),
-                "line_start": n, "column_start": 1, "text": [{"text": "s".repeat(width)}]}]}});
+        let message = compiler_message(
+            level,
+            &format!("{n} {}", "m".repeat(width)),
+            Some(&format!("E{n:04}")),
+            &[span(
+                &format!("{}/src/lib.rs", "d".repeat(width)),
+                n,
+                1,
+                &"s".repeat(width),
+            )],
+        );
         builder.feed(
             buildpool_core::OutputStream::Stdout,
             format!("{message}\n").as_bytes(),

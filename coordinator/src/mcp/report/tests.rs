@@ -14,6 +14,58 @@ const NEXTEST_STDERR: &str = include_str!("testdata/nextest_failing.stderr");
 /// Real stderr of `cargo nextest run` where cargo-nextest is not installed.
 const NEXTEST_MISSING: &str = include_str!("testdata/nextest_missing.stderr");
 
+/// The package and target cargo names in each message of a one-crate build.
+fn origin() -> serde_json::Value {
+    serde_json::json!({
+        "package_id": "path+file:///tmp/sample#0.1.0",
+        "manifest_path": "/tmp/sample/Cargo.toml",
+        "target": {"kind": ["lib"], "crate_types": ["lib"], "name": "sample",
+            "src_path": "/tmp/sample/src/lib.rs", "edition": "2024",
+            "doc": true, "doctest": true, "test": true},
+    })
+}
+
+/// A span of rustc's at `file`:`line`:`column`, showing `snippet`.
+pub(crate) fn span(file: &str, line: usize, column: usize, snippet: &str) -> serde_json::Value {
+    serde_json::json!({
+        "file_name": file, "byte_start": 0, "byte_end": 1,
+        "line_start": line, "line_end": line, "column_start": column, "column_end": column + 1,
+        "is_primary": true, "label": null, "suggested_replacement": null,
+        "suggestion_applicability": null, "expansion": null,
+        "text": [{"text": snippet, "highlight_start": column, "highlight_end": column + 1}],
+    })
+}
+
+/// A `compiler-message` line as cargo writes it, without its newline.
+pub(crate) fn compiler_message(
+    level: &str,
+    message: &str,
+    code: Option<&str>,
+    spans: &[serde_json::Value],
+) -> String {
+    let mut line = origin();
+    line["reason"] = "compiler-message".into();
+    line["message"] = serde_json::json!({
+        "$message_type": "diagnostic", "level": level, "message": message,
+        "code": code.map(|code| serde_json::json!({"code": code, "explanation": null})),
+        "spans": spans, "children": [], "rendered": format!("{level}: {message}\n"),
+    });
+    line.to_string()
+}
+
+/// A `compiler-artifact` line as cargo writes it, without its newline.
+fn compiler_artifact(fresh: bool) -> String {
+    let mut line = origin();
+    line["reason"] = "compiler-artifact".into();
+    line["profile"] = serde_json::json!({"opt_level": "0", "debuginfo": 2,
+        "debug_assertions": true, "overflow_checks": true, "test": false});
+    line["features"] = serde_json::json!([]);
+    line["filenames"] = serde_json::json!(["/tmp/sample-target/debug/deps/libsample.rlib"]);
+    line["executable"] = serde_json::Value::Null;
+    line["fresh"] = fresh.into();
+    line.to_string()
+}
+
 fn report_of(stdout: &str) -> Report {
     let mut builder = ReportBuilder::new();
     // Odd chunk sizes: lines cross chunk boundaries.
@@ -66,8 +118,12 @@ fn compiler_errors_come_first_with_location_code_and_snippet() {
 
 #[test]
 fn errors_come_before_warnings_whatever_the_order_of_arrival() {
-    let warning = serde_json::json!({"reason": "compiler-message", "message": {
-        "level": "warning", "message": "unused variable: `x`", "code": {"code": "unused_variables"}, "spans": []}});
+    let warning = compiler_message(
+        "warning",
+        "unused variable: `x`",
+        Some("unused_variables"),
+        &[],
+    );
     let mut builder = ReportBuilder::new();
     builder.feed(OutputStream::Stdout, format!("{warning}\n").as_bytes());
     builder.feed(OutputStream::Stdout, THREE_ERRORS.as_bytes());
@@ -98,8 +154,7 @@ fn repeated_diagnostics_are_counted_once_and_the_list_is_capped() {
 
     let mut builder = ReportBuilder::new();
     for n in 0..(MAX_DIAGNOSTICS + 5) {
-        let message = serde_json::json!({"reason": "compiler-message", "message": {
-            "level": "warning", "message": format!("warning {n}"), "code": null, "spans": []}});
+        let message = compiler_message("warning", &format!("warning {n}"), None, &[]);
         builder.feed(OutputStream::Stdout, format!("{message}\n").as_bytes());
     }
     let report = builder.finish();
@@ -148,7 +203,12 @@ fn failing_tests_carry_name_panic_message_and_output() {
 #[test]
 fn progress_counts_crates_and_notices_tests() {
     let mut builder = ReportBuilder::new();
-    builder.feed(OutputStream::Stdout, b"{\"reason\":\"compiler-artifact\",\"fresh\":false}\n{\"reason\":\"compiler-artifact\",\"fresh\":true}\n");
+    let artifacts = format!(
+        "{}\n{}\n",
+        compiler_artifact(false),
+        compiler_artifact(true)
+    );
+    builder.feed(OutputStream::Stdout, artifacts.as_bytes());
     assert_eq!(builder.progress().crates_compiled, 1);
     assert_eq!(builder.progress().crates_fresh, 1);
     assert!(!builder.progress().testing);

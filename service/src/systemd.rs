@@ -3,12 +3,15 @@
 //!
 //! The notify protocol is one datagram per message on the Unix socket named by
 //! `NOTIFY_SOCKET` (a path, or an abstract name written with a leading `@`), each datagram
-//! newline-separated `KEY=VALUE` lines. It is small enough to speak here with the standard
-//! library rather than bind libsystemd.
+//! newline-separated `KEY=VALUE` lines. The `sd-notify` crate names the states and reads
+//! the watchdog's settings; the datagrams go out on a socket of our own, because the
+//! crate's `notify` reaches no abstract name and blocks the caller while the service
+//! manager's queue is full, and a wedged manager must not stall an async runtime.
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
 
+use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
 /// Logs to journald when systemd connected stderr to the journal (`JOURNAL_STREAM` names
@@ -61,20 +64,14 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// The notifier `NOTIFY_SOCKET` and `WATCHDOG_USEC` describe; `None` when not started
-    /// by a service manager that listens (or the socket cannot be used, which is logged).
+    /// The notifier `NOTIFY_SOCKET` and `WATCHDOG_USEC` describe (the watchdog only when
+    /// `WATCHDOG_PID`, if set, names this process); `None` when not started by a service
+    /// manager that listens (or the socket cannot be used, which is logged).
     pub fn from_env() -> Option<Self> {
         let name = std::env::var("NOTIFY_SOCKET").ok()?;
-        let watchdog = std::env::var("WATCHDOG_USEC")
-            .ok()
-            .and_then(|usec| usec.parse::<u64>().ok())
-            .filter(|usec| *usec > 0)
-            // WATCHDOG_PID, when set, names the process the watchdog is meant for.
-            .filter(|_| {
-                std::env::var("WATCHDOG_PID")
-                    .map_or(true, |pid| pid.parse() == Ok(std::process::id()))
-            })
-            .map(|usec| Duration::from_micros(usec) / 2);
+        let watchdog = sd_notify::watchdog_enabled()
+            .filter(|timeout| !timeout.is_zero())
+            .map(|timeout| timeout / 2);
         match Self::connect(&name, watchdog) {
             Ok(notifier) => Some(notifier),
             Err(error) => {
@@ -101,8 +98,9 @@ impl Notifier {
         })
     }
 
-    /// Sends one message: newline-separated `KEY=VALUE` lines.
-    pub fn notify(&self, message: &str) -> std::io::Result<()> {
+    /// Sends `states` in one message, one `KEY=VALUE` line each.
+    pub fn notify(&self, states: &[NotifyState<'_>]) -> std::io::Result<()> {
+        let message: String = states.iter().map(|state| format!("{state}\n")).collect();
         self.socket
             .send_to_addr(message.as_bytes(), &self.address)
             .map(drop)
@@ -113,7 +111,7 @@ impl Notifier {
     /// `STOPPING=1`. `status` runs on each tick, so a wedged process stops pinging.
     pub async fn run(self, status: impl Fn() -> String, shutdown: CancellationToken) {
         let mut last = status();
-        self.send(&format!("READY=1\nSTATUS={last}"));
+        self.send(&[NotifyState::Ready, NotifyState::Status(&last)]);
         let period = self
             .watchdog
             .unwrap_or(STATUS_PERIOD)
@@ -127,23 +125,25 @@ impl Notifier {
                 _ = ticks.tick() => {}
             }
             let now = status();
-            let mut message = String::new();
-            if now != last {
-                message = format!("STATUS={now}\n");
+            let fresh = (now != last).then_some(now);
+            let states: Vec<NotifyState<'_>> = fresh
+                .as_deref()
+                .map(NotifyState::Status)
+                .into_iter()
+                .chain(self.watchdog.map(|_| NotifyState::Watchdog))
+                .collect();
+            if !states.is_empty() {
+                self.send(&states);
+            }
+            if let Some(now) = fresh {
                 last = now;
             }
-            if self.watchdog.is_some() {
-                message.push_str("WATCHDOG=1\n");
-            }
-            if !message.is_empty() {
-                self.send(&message);
-            }
         }
-        self.send("STOPPING=1");
+        self.send(&[NotifyState::Stopping]);
     }
 
-    fn send(&self, message: &str) {
-        if let Err(error) = self.notify(message) {
+    fn send(&self, states: &[NotifyState<'_>]) {
+        if let Err(error) = self.notify(states) {
             tracing::debug!("sd_notify: {error}");
         }
     }
@@ -163,9 +163,11 @@ mod tests {
         let address = SocketAddr::from_abstract_name(name.as_bytes()).expect("name");
         let receiver = UnixDatagram::bind_addr(&address).expect("bind");
         let notifier = Notifier::connect(&format!("@{name}"), None).expect("connect");
-        notifier.notify("READY=1\nSTATUS=ok").expect("send");
+        notifier
+            .notify(&[NotifyState::Ready, NotifyState::Status("ok")])
+            .expect("send");
         let mut buffer = [0u8; 64];
         let length = receiver.recv(&mut buffer).expect("receive");
-        assert_eq!(&buffer[..length], b"READY=1\nSTATUS=ok");
+        assert_eq!(&buffer[..length], b"READY=1\nSTATUS=ok\n");
     }
 }
