@@ -83,8 +83,9 @@ pub struct CoordinatorConfig {
     /// Dashboard and `/metrics`; `None` runs without (the in-process coordinator).
     pub http_addr: Option<String>,
     pub token_file: PathBuf,
-    /// Plain `ws://` agents and a git daemon beyond loopback are accepted (trusted
-    /// networks, seed-era configs); the coordinator warns at every start.
+    /// Plain `ws://` agents and a git daemon beyond loopback are accepted, for trusted
+    /// networks and for configs in the seed's format, which knew neither TLS nor the
+    /// tunnel; the coordinator warns at every start.
     pub allow_insecure: bool,
     pub tls: TlsFiles,
     pub log_max_bytes: u64,
