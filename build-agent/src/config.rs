@@ -323,14 +323,14 @@ struct DefaultTrust<'a> {
 /// The servers to connect to: the command line's replace the file's, which are the seed's
 /// single `[server]` followed by `[[servers]]`.
 fn server_entries(
-    file: Option<ServerEntry>,
-    files: Vec<ServerEntry>,
-    flags: Vec<String>,
+    server: Option<ServerEntry>,
+    servers: Vec<ServerEntry>,
+    flag_urls: Vec<String>,
 ) -> Vec<ServerEntry> {
-    if flags.is_empty() {
-        return file.into_iter().chain(files).collect();
+    if flag_urls.is_empty() {
+        return server.into_iter().chain(servers).collect();
     }
-    flags
+    flag_urls
         .into_iter()
         .map(|url| ServerEntry {
             url,
