@@ -143,26 +143,86 @@ pub struct AuthSection {
     pub tls_client_key_file: Option<PathBuf>,
 }
 
-/// Values given on the command line; `None` means "not given".
-#[derive(Debug, Default, Clone)]
+/// The command line's part of the configuration: which file to read, and values that win
+/// over the file. `None` (or empty) means "not given", so the file or the default decides.
+/// Flattened into the `build-agent` command line, so each flag is declared only here.
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct Overrides {
+    /// Coordinator job-bus URL, e.g. wss://coordinator:8081/ws (repeatable).
+    #[arg(long = "server", value_name = "URL")]
     pub servers: Vec<String>,
+    /// Agent id shown by coordinators (default: hostname).
+    #[arg(long)]
     pub id: Option<String>,
+    /// Concurrent jobs, shared by all coordinators.
+    #[arg(long)]
     pub jobs: Option<u32>,
+    /// Config file (default: /etc/build-agent/config.toml, then /etc/build-agent.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Label advertised to coordinators (repeatable).
+    #[arg(long = "label")]
     pub labels: Vec<String>,
+    #[arg(long)]
     pub git_cache_dir: Option<PathBuf>,
+    #[arg(long)]
     pub worktree_dir: Option<PathBuf>,
+    /// Job environment: auto, nix or host.
+    #[arg(long)]
     pub env: Option<String>,
+    /// File holding the shared token (default: /etc/build-agent/token; BUILDPOOL_TOKEN wins).
+    #[arg(long)]
     pub token_file: Option<PathBuf>,
-    pub drain_timeout_secs: Option<u64>,
-    /// For every server without a pin or CA file of its own.
+    /// Seconds a drain (SIGTERM, or `buildpool agents drain`) waits for running jobs.
+    #[arg(long)]
+    pub drain_timeout: Option<u64>,
+    /// The coordinator certificate's fingerprint, as `buildpool serve` prints it
+    /// (sha256:...); for every server without its own tls_fingerprint or tls_ca_file.
+    #[arg(long, value_name = "SHA256")]
     pub tls_fingerprint: Option<String>,
+    /// Trust coordinators whose certificate chains to this CA (PEM) instead of a pin.
+    #[arg(long, value_name = "FILE")]
     pub tls_ca_file: Option<PathBuf>,
-    pub tls_client_cert_file: Option<PathBuf>,
-    pub tls_client_key_file: Option<PathBuf>,
+    /// Client certificate (PEM) for coordinators that require mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Key of the client certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// How jobs are contained: bwrap (default) or none.
+    #[arg(long, value_name = "MODE")]
     pub sandbox: Option<String>,
+    /// Disk budget for workspaces and caches, in GB (default: half the free space).
+    #[arg(long, value_name = "GB")]
     pub max_disk_gb: Option<f64>,
+    /// Serve Prometheus /metrics here, e.g. 127.0.0.1:9464 (default: [metrics] listen_addr,
+    /// else not at all).
+    #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<String>,
+}
+
+/// The environment's part of the configuration, read once, so that
+/// [`AgentConfig::resolve`] depends on its arguments alone.
+#[derive(Debug, Default, Clone)]
+pub struct Environment {
+    /// `BUILDPOOL_TOKEN`, trimmed; `None` when unset or blank.
+    pub token: Option<String>,
+    /// systemd's `CREDENTIALS_DIRECTORY` (`LoadCredential=`): its `token` file is a token
+    /// source, and the whole directory is a secret no job may see.
+    pub credentials_dir: Option<PathBuf>,
+}
+
+impl Environment {
+    /// The variables of this process.
+    pub fn from_process() -> Self {
+        Self {
+            token: std::env::var(TOKEN_ENV)
+                .ok()
+                .map(|token| token.trim().to_owned())
+                .filter(|token| !token.is_empty()),
+            credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        }
+    }
 }
 
 /// The settled configuration.
@@ -223,15 +283,14 @@ pub fn discover(explicit: Option<&Path>) -> Result<(FileConfig, Option<PathBuf>)
 
 /// Reads the shared token: `BUILDPOOL_TOKEN`, else the configured token file, else the
 /// systemd credential `token` (`LoadCredential=token:...`), else `/etc/build-agent/token`.
-pub fn load_token(token_file: Option<&Path>) -> Result<String, ConfigError> {
-    if let Ok(token) = std::env::var(TOKEN_ENV) {
-        let token = token.trim().to_owned();
-        if !token.is_empty() {
-            return Ok(token);
-        }
+fn load_token(environment: &Environment, token_file: Option<&Path>) -> Result<String, ConfigError> {
+    if let Some(token) = &environment.token {
+        return Ok(token.clone());
     }
-    let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
-        .map(|dir| PathBuf::from(dir).join("token"))
+    let credential = environment
+        .credentials_dir
+        .as_ref()
+        .map(|dir| dir.join("token"))
         .filter(|path| path.exists());
     let path = token_file
         .or(credential.as_deref())
@@ -253,12 +312,75 @@ pub fn load_token(token_file: Option<&Path>) -> Result<String, ConfigError> {
     Ok(token)
 }
 
+/// How a `wss://` server without trust settings of its own trusts its coordinator: the
+/// command line's pin or CA file.
+#[derive(Debug, Clone, Copy)]
+struct DefaultTrust<'a> {
+    fingerprint: Option<&'a str>,
+    ca_file: Option<&'a Path>,
+}
+
+/// The servers to connect to: the command line's replace the file's, which are the seed's
+/// single `[server]` followed by `[[servers]]`.
+fn server_entries(
+    server: Option<ServerEntry>,
+    servers: Vec<ServerEntry>,
+    flag_urls: Vec<String>,
+) -> Vec<ServerEntry> {
+    if flag_urls.is_empty() {
+        return server.into_iter().chain(servers).collect();
+    }
+    flag_urls
+        .into_iter()
+        .map(|url| ServerEntry {
+            url,
+            name: None,
+            tls_fingerprint: None,
+            tls_ca_file: None,
+        })
+        .collect()
+}
+
+/// The client certificate for mutual TLS: both files or neither.
+fn client_cert_files(
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+) -> Result<Option<ClientCertFiles>, ConfigError> {
+    match (cert_file, key_file) {
+        (Some(cert_file), Some(key_file)) => Ok(Some(ClientCertFiles {
+            cert_file,
+            key_file,
+        })),
+        (None, None) => Ok(None),
+        _ => Err(ConfigError::Invalid(
+            "tls_client_cert_file and tls_client_key_file go together: set both or neither".into(),
+        )),
+    }
+}
+
+/// Every server entry checked (see [`endpoint`]); at least one is needed.
+fn server_endpoints(
+    entries: Vec<ServerEntry>,
+    default_trust: DefaultTrust<'_>,
+    client_cert: Option<&ClientCertFiles>,
+) -> Result<Vec<ServerEndpoint>, ConfigError> {
+    let servers = entries
+        .into_iter()
+        .map(|entry| endpoint(entry, default_trust, client_cert))
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(ConfigError::Invalid(
+            "no coordinator to connect to: pass --server wss://HOST:8081/ws or set [server] url / [[servers]] in the config".into(),
+        ));
+    }
+    Ok(servers)
+}
+
 /// One server entry, checked: a `wss://` URL has exactly one way to trust the coordinator
 /// (its own, else the command line's), a `ws://` URL none.
 fn endpoint(
     entry: ServerEntry,
-    default_fingerprint: Option<&str>,
-    default_ca_file: Option<&Path>,
+    default_trust: DefaultTrust<'_>,
     client_cert: Option<&ClientCertFiles>,
 ) -> Result<ServerEndpoint, ConfigError> {
     let invalid = |reason: String| ConfigError::Invalid(format!("server {}: {reason}", entry.url));
@@ -271,8 +393,8 @@ fn endpoint(
             ));
         }
         (None, None) => (
-            default_fingerprint.map(str::to_owned),
-            default_ca_file.map(Path::to_owned),
+            default_trust.fingerprint.map(str::to_owned),
+            default_trust.ca_file.map(Path::to_owned),
         ),
         own => own,
     };
@@ -311,113 +433,120 @@ fn endpoint(
     })
 }
 
+/// The slot count: as given, else one per CPU; between 1 and 1024.
+fn max_jobs(given: Option<u32>) -> Result<u32, ConfigError> {
+    let max_jobs = given.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+    });
+    if max_jobs == 0 || max_jobs > 1024 {
+        return Err(ConfigError::Invalid(format!(
+            "max_jobs must be between 1 and 1024, not {max_jobs}"
+        )));
+    }
+    Ok(max_jobs)
+}
+
+/// The file's labels and the command line's together: a flag adds a label, it does not
+/// replace the file's.
+fn labels(file: Vec<String>, flags: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    let mut labels = file;
+    labels.extend(flags);
+    buildpool_core::spec::validate_labels(&labels)
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    Ok(labels)
+}
+
+/// A named choice (`auto`/`nix`/`host`, `bwrap`/`none`) as given, else its default.
+fn choice<T: std::str::FromStr<Err = String>>(
+    given: Option<&str>,
+    default: &str,
+) -> Result<T, ConfigError> {
+    given
+        .unwrap_or(default)
+        .parse()
+        .map_err(ConfigError::Invalid)
+}
+
+/// The disk budget in bytes; `None` leaves it to the agent's start (a share of the free
+/// space).
+fn max_disk_bytes(max_disk_gb: Option<f64>) -> Result<Option<u64>, ConfigError> {
+    let Some(gb) = max_disk_gb else {
+        return Ok(None);
+    };
+    if !(gb.is_finite() && gb > 0.0) {
+        return Err(ConfigError::Invalid(format!(
+            "max_disk_gb must be a positive number of gigabytes, not {gb}"
+        )));
+    }
+    // The cast saturates; the value was checked positive and finite.
+    Ok(Some((gb * 1e9) as u64))
+}
+
+/// Who a root agent's jobs run as: the configured user, else `nobody`.
+fn sandbox_user(configured: Option<&str>) -> Result<JobUser, ConfigError> {
+    configured.map_or_else(
+        || Ok(JobUser::nobody()),
+        |user| JobUser::find(user).map_err(ConfigError::Invalid),
+    )
+}
+
+/// The agent's secrets a job must not see: every place a token may come from, and the
+/// client key with its certificate.
+fn secret_paths(
+    token_file: Option<PathBuf>,
+    environment: &Environment,
+    client_cert: Option<&ClientCertFiles>,
+) -> Vec<PathBuf> {
+    let mut secret_paths: Vec<PathBuf> = token_file.into_iter().collect();
+    secret_paths.push(DEFAULT_TOKEN_FILE.into());
+    secret_paths.extend(environment.credentials_dir.clone());
+    if let Some(cert) = client_cert {
+        secret_paths.extend([cert.cert_file.clone(), cert.key_file.clone()]);
+    }
+    secret_paths
+}
+
 impl AgentConfig {
-    /// Merges flags over the file over defaults, and validates the result.
-    pub fn resolve(file: FileConfig, overrides: Overrides) -> Result<Self, ConfigError> {
-        let entries: Vec<ServerEntry> = if overrides.servers.is_empty() {
-            file.server.into_iter().chain(file.servers).collect()
-        } else {
-            overrides
-                .servers
-                .iter()
-                .map(|url| ServerEntry {
-                    url: url.clone(),
-                    name: None,
-                    tls_fingerprint: None,
-                    tls_ca_file: None,
-                })
-                .collect()
+    /// Merges the sources, flags over the environment's token over the file over
+    /// defaults, and validates the result.
+    pub fn resolve(
+        file: FileConfig,
+        environment: &Environment,
+        flags: Overrides,
+    ) -> Result<Self, ConfigError> {
+        let entries = server_entries(file.server, file.servers, flags.servers);
+        let client_cert = client_cert_files(
+            flags.tls_client_cert.or(file.auth.tls_client_cert_file),
+            flags.tls_client_key.or(file.auth.tls_client_key_file),
+        )?;
+        let default_trust = DefaultTrust {
+            fingerprint: flags.tls_fingerprint.as_deref(),
+            ca_file: flags.tls_ca_file.as_deref(),
         };
-        let client_cert = match (
-            overrides
-                .tls_client_cert_file
-                .or(file.auth.tls_client_cert_file),
-            overrides
-                .tls_client_key_file
-                .or(file.auth.tls_client_key_file),
-        ) {
-            (Some(cert_file), Some(key_file)) => Some(ClientCertFiles {
-                cert_file,
-                key_file,
-            }),
-            (None, None) => None,
-            _ => {
-                return Err(ConfigError::Invalid(
-                    "tls_client_cert_file and tls_client_key_file go together: set both or neither"
-                        .into(),
-                ));
-            }
-        };
-        let servers = entries
-            .into_iter()
-            .map(|entry| {
-                endpoint(
-                    entry,
-                    overrides.tls_fingerprint.as_deref(),
-                    overrides.tls_ca_file.as_deref(),
-                    client_cert.as_ref(),
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if servers.is_empty() {
-            return Err(ConfigError::Invalid(
-                "no coordinator to connect to: pass --server wss://HOST:8081/ws or set [server] url / [[servers]] in the config".into(),
-            ));
-        }
-        let max_jobs = overrides.jobs.or(file.worker.max_jobs).unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
-        });
-        if max_jobs == 0 || max_jobs > 1024 {
-            return Err(ConfigError::Invalid(format!(
-                "max_jobs must be between 1 and 1024, not {max_jobs}"
-            )));
-        }
-        let mut labels = file.worker.labels;
-        labels.extend(overrides.labels);
-        buildpool_core::spec::validate_labels(&labels)
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        let env: EnvMode = overrides
-            .env
-            .as_deref()
-            .or(file.nix.env.as_deref())
-            .unwrap_or("auto")
-            .parse()
-            .map_err(ConfigError::Invalid)?;
-        let token_file = overrides.token_file.or(file.auth.token_file);
-        let token = load_token(token_file.as_deref())?;
-        let sandbox: SandboxMode = overrides
-            .sandbox
-            .as_deref()
-            .or(file.sandbox.mode.as_deref())
-            .unwrap_or("bwrap")
-            .parse()
-            .map_err(ConfigError::Invalid)?;
-        let max_disk_gb = overrides.max_disk_gb.or(file.storage.max_disk_gb);
-        if let Some(gb) = max_disk_gb
-            && !(gb.is_finite() && gb > 0.0)
-        {
-            return Err(ConfigError::Invalid(format!(
-                "max_disk_gb must be a positive number of gigabytes, not {gb}"
-            )));
-        }
-        let mut secret_paths: Vec<PathBuf> = token_file.into_iter().collect();
-        secret_paths.push(DEFAULT_TOKEN_FILE.into());
-        secret_paths.extend(std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from));
-        if let Some(cert) = &client_cert {
-            secret_paths.extend([cert.cert_file.clone(), cert.key_file.clone()]);
-        }
+        let servers = server_endpoints(entries, default_trust, client_cert.as_ref())?;
+        let max_jobs = max_jobs(flags.jobs.or(file.worker.max_jobs))?;
+        let labels = labels(file.worker.labels, flags.labels)?;
+        let env = choice(flags.env.as_deref().or(file.nix.env.as_deref()), "auto")?;
+        let token_file = flags.token_file.or(file.auth.token_file);
+        let token = load_token(environment, token_file.as_deref())?;
+        let sandbox = choice(
+            flags.sandbox.as_deref().or(file.sandbox.mode.as_deref()),
+            "bwrap",
+        )?;
+        let max_disk_bytes = max_disk_bytes(flags.max_disk_gb.or(file.storage.max_disk_gb))?;
+        let sandbox_user = sandbox_user(file.sandbox.user.as_deref())?;
         Ok(Self {
             servers,
-            id: overrides.id.or(file.worker.id).unwrap_or_else(|| {
+            id: flags.id.or(file.worker.id).unwrap_or_else(|| {
                 buildpool_core::host::hostname().unwrap_or_else(|| "build-agent".to_owned())
             }),
             max_jobs,
             labels,
-            git_cache_dir: overrides
+            git_cache_dir: flags
                 .git_cache_dir
                 .or(file.storage.git_cache_dir)
                 .unwrap_or_else(|| "/var/cache/build-agent/repos".into()),
-            worktree_dir: overrides
+            worktree_dir: flags
                 .worktree_dir
                 .or(file.storage.worktree_dir)
                 .unwrap_or_else(|| "/tmp/build-agent/jobs".into()),
@@ -427,25 +556,21 @@ impl AgentConfig {
             kill_grace: Duration::from_millis(file.worker.kill_grace_ms.unwrap_or(1500)),
             default_timeout: Duration::from_secs(3600),
             drain_timeout: Duration::from_secs(
-                overrides
-                    .drain_timeout_secs
+                flags
+                    .drain_timeout
                     .or(file.worker.drain_timeout_secs)
                     .unwrap_or(600),
             ),
             sandbox,
-            metrics_addr: overrides.metrics_addr.or(file.metrics.listen_addr),
+            metrics_addr: flags.metrics_addr.or(file.metrics.listen_addr),
             sandbox_network: file.sandbox.network.unwrap_or(true),
-            sandbox_user: match &file.sandbox.user {
-                Some(user) => JobUser::find(user).map_err(ConfigError::Invalid)?,
-                None => JobUser::nobody(),
-            },
+            sandbox_user,
             sccache: file.cache.sccache,
-            // The cast saturates; the value was checked positive and finite.
-            max_disk_bytes: max_disk_gb.map(|gb| (gb * 1e9) as u64),
+            max_disk_bytes,
             workspace_ttl: Duration::from_secs(
                 file.storage.workspace_ttl_days.unwrap_or(14) * 24 * 3600,
             ),
-            secret_paths,
+            secret_paths: secret_paths(token_file, environment, client_cert.as_ref()),
         })
     }
 }
@@ -487,13 +612,28 @@ mod tests {
     #[test]
     fn reads_the_seed_multi_server_config() {
         let file: FileConfig = toml::from_str(SEED_MULTI).expect("parses");
-        let config = AgentConfig::resolve(file, with_token()).expect("valid");
+        let config =
+            AgentConfig::resolve(file, &Environment::default(), with_token()).expect("valid");
         assert_eq!(config.servers.len(), 2);
         assert_eq!(config.servers[0].name, "project-a");
         assert_eq!(config.servers[1].name, "ws://orchestrator2:8081/ws");
         assert_eq!((config.id.as_str(), config.max_jobs), ("shared-worker", 8));
         assert_eq!(config.prewarm_packages, ["nixpkgs#rustc"]);
         assert_eq!(config.token, "secret");
+    }
+
+    #[test]
+    fn the_environment_token_wins_and_the_credentials_stay_hidden() {
+        let file: FileConfig =
+            toml::from_str("[server]\nurl = \"ws://a:8081/ws\"").expect("parses");
+        let credentials = PathBuf::from("/run/credentials/build-agent.service");
+        let environment = Environment {
+            token: Some("from-the-environment".into()),
+            credentials_dir: Some(credentials.clone()),
+        };
+        let config = AgentConfig::resolve(file, &environment, with_token()).expect("valid");
+        assert_eq!(config.token, "from-the-environment");
+        assert!(config.secret_paths.contains(&credentials));
     }
 
     #[test]
@@ -506,17 +646,19 @@ mod tests {
             servers: vec!["ws://b:1/ws".into()],
             ..with_token()
         };
-        let config = AgentConfig::resolve(file, overrides).expect("valid");
+        let config = AgentConfig::resolve(file, &Environment::default(), overrides).expect("valid");
         assert_eq!(config.max_jobs, 5);
         assert_eq!(config.servers[0].url.to_string(), "ws://b:1/ws");
 
         let typo = toml::from_str::<FileConfig>("[worker]\nmax_job = 2");
         assert!(typo.is_err(), "unknown keys are rejected, not ignored");
         let none =
-            AgentConfig::resolve(FileConfig::default(), with_token()).expect_err("no server");
+            AgentConfig::resolve(FileConfig::default(), &Environment::default(), with_token())
+                .expect_err("no server");
         assert!(none.to_string().contains("--server"));
         let zero = AgentConfig::resolve(
             FileConfig::default(),
+            &Environment::default(),
             Overrides {
                 jobs: Some(0),
                 servers: vec!["ws://a/ws".into()],

@@ -21,12 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::artifacts::{self, Executables};
-use crate::disk::{DiskBudget, DoesNotFit};
-use crate::git_cache::{GitCache, GitRemote, Obtained, PackOverBase};
+use crate::disk::{DiskBudget, DiskHold, DoesNotFit};
+use crate::git_cache::{CacheError, GitCache, GitRemote, Obtained, PackOverBase};
 use crate::nix::{self, DevEnv, DevEnvCache};
-use crate::process::{self, CommandSpec, OutputChunk, RunLimits};
+use crate::process::{self, CommandSpec, OutputChunk, ProcessResult, RunLimits};
 use crate::sandbox::{JobPaths, Sandbox, agent_cargo_home, find_on_path};
-use crate::workspace::{Lineage, Workspace, WorkspacePool};
+use crate::workspace::{Lineage, Workspace, WorkspaceError, WorkspacePool};
 
 /// Where executables wait to be sent, under the worktree directory (no repository id
 /// starts with a dot).
@@ -183,21 +183,99 @@ fn sccache_env(sccache: &Path, dir: &Path) -> std::io::Result<Vec<(OsString, OsS
     ])
 }
 
+/// Why a job could not get as far as cargo. The message is the job's failure reason, as
+/// the user sees it.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error("{0}")]
+    Workspace(WorkspaceError),
+    #[error("{0}")]
+    CacheLock(CacheError),
+    #[error("fetching the snapshot failed: {0}")]
+    Fetch(CacheError),
+    #[error("checking out the snapshot failed: {0}")]
+    Checkout(WorkspaceError),
+    /// The environment the job asked for is not there, or its dev shell failed.
+    #[error("{0}")]
+    Environment(String),
+    #[error("cannot prepare the job's directories: {0}")]
+    Directories(std::io::Error),
+}
+
+/// A job ready for cargo: its workspace leased and checked out, its environment settled.
+struct PreparedJob {
+    workspace: Workspace,
+    env: RunEnv,
+    dev_env: Option<DevEnv>,
+    phases: AgentPhases,
+    /// Keeps the workspace from being evicted for the disk budget while the job runs.
+    disk_hold: Option<DiskHold>,
+}
+
+/// How the job's snapshot reached its workspace, for the job's first line of output.
+struct CheckedOut {
+    obtained: Obtained,
+    fetch_time: Duration,
+    /// Whether the workspace held a build before this job (see [`Workspace::is_warm`]).
+    warm: bool,
+}
+
+impl CheckedOut {
+    fn how_obtained(&self) -> String {
+        let millis = self.fetch_time.as_millis();
+        match self.obtained {
+            Obtained::Fetched => format!("fetched in {millis} ms"),
+            Obtained::Applied => format!("applied from its pack in {millis} ms"),
+            Obtained::Held => "already cached".into(),
+        }
+    }
+}
+
+/// The command that runs a job, and what the job's containment changed.
+struct JobCommand {
+    command: CommandSpec,
+    /// Where cargo sees the target directory (inside the sandbox, if there is one).
+    visible_target: PathBuf,
+    /// Whether the checkout's files were handed to the job's user (see
+    /// [`Sandbox::hand_over`]), which leaves the workspace's git index stale.
+    handed_over: bool,
+}
+
+/// Tells the job's output what the agent did for it: a `[buildpool]` line on stderr, so
+/// it reads apart from cargo's own output.
+async fn note(output: &mpsc::Sender<OutputChunk>, text: impl std::fmt::Display) {
+    let line = Bytes::from(format!("[buildpool] {text}\n"));
+    let _ = output
+        .send(OutputChunk {
+            stream: OutputStream::Stderr,
+            data: line,
+        })
+        .await;
+}
+
+/// The end of a job whose setup failed, after telling its output why.
+async fn setup_failed(output: &mpsc::Sender<OutputChunk>, error: &SetupError) -> JobEnd {
+    let reason = error.to_string();
+    note(output, &reason).await;
+    JobEnd::Failed { reason }
+}
+
 impl Executor {
     /// The command that runs the job in `workspace`: plain cargo on the developer's machine;
     /// on a build host cargo with the repository's own cargo home (and sccache directory),
-    /// contained by the sandbox. Also returns where cargo sees the target directory, and
-    /// whether the checkout's files were handed to the job's user (see
-    /// [`Sandbox::hand_over`]).
+    /// contained by the sandbox.
     fn job_command(
         &self,
         spec: &JobSpec,
         dev_env: Option<&DevEnv>,
         workspace: &Workspace,
-    ) -> std::io::Result<(CommandSpec, PathBuf, bool)> {
+    ) -> std::io::Result<JobCommand> {
         let Some(sandbox) = &self.config.sandbox else {
-            let command = cargo_command(spec, dev_env, &workspace.src, &workspace.target);
-            return Ok((command, workspace.target.clone(), false));
+            return Ok(JobCommand {
+                command: cargo_command(spec, dev_env, &workspace.src, &workspace.target),
+                visible_target: workspace.target.clone(),
+                handed_over: false,
+            });
         };
         let repo_dir = workspace.repo_dir();
         let sccache = self
@@ -225,7 +303,11 @@ impl Executor {
         if let (Some(sccache), Some(dir)) = (sccache, view.sccache_dir) {
             command.env.extend(sccache_env(&sccache, &dir)?);
         }
-        Ok((sandbox.wrap(&paths, command), view.target, handed_over))
+        Ok(JobCommand {
+            command: sandbox.wrap(&paths, command),
+            visible_target: view.target,
+            handed_over,
+        })
     }
 
     /// Whether a job of `repo_id` fits in the disk budget beside the running ones.
@@ -305,208 +387,43 @@ impl Executor {
         executables: &mut Option<Executables>,
     ) -> Completion {
         let started = Instant::now();
-        if let Err(error) = buildpool_core::spec::validate(&job.spec) {
-            return ended_early(
-                JobEnd::Failed {
-                    reason: error.to_string(),
-                },
-                started,
-            );
-        }
         let timeout = job.spec.timeout_or(self.config.default_timeout);
-        let note = |text: String| {
-            let output = output.clone();
-            async move {
-                let line = Bytes::from(format!("[buildpool] {text}\n"));
-                let _ = output
-                    .send(OutputChunk {
-                        stream: OutputStream::Stderr,
-                        data: line,
-                    })
-                    .await;
-            }
+        let (prepared, job_command) = match self.set_up(job, &output, &cancel, timeout).await {
+            Ok(ready) => ready,
+            Err(end) => return ended_early(end, started),
         };
-
-        let setup = async {
-            let mut phases = AgentPhases::default();
-            // A workspace still held by an ending job (or another process) makes this job
-            // wait, never fail: the lease is the job's, not a reason to give up.
-            let phase = Instant::now();
-            let lineage = Lineage {
-                worktree: job.worktree.clone(),
-                base_commit: job.source.base_commit.clone(),
-            };
-            let workspace = self
-                .workspaces
-                .acquire_waiting(&job.source.repo_id, &lineage)
-                .await
-                .map_err(|e| e.to_string())?;
-            phases.workspace_wait = phase.elapsed();
-            let disk_hold = self
-                .config
-                .disk
-                .as_ref()
-                .map(|disk| disk.hold(&job.source.repo_id, workspace.slot));
-            // What this job holds is safe; others' idle workspaces make room for it.
-            self.enforce_disk_budget(None);
-            let lock = self
-                .cache
-                .lock(&job.source.repo_id)
-                .await
-                .map_err(|e| e.to_string())?;
-            let phase = Instant::now();
-            let fetch = async {
-                let started = Instant::now();
-                let pack = job.source.pack.as_ref().map(|pack| PackOverBase {
-                    base: &job.source.base_commit,
-                    pack,
-                });
-                let obtained = self
-                    .cache
-                    .ensure_commit(
-                        &lock,
-                        &job.source.repo_id,
-                        &job.remote,
-                        &job.source.git_ref,
-                        &job.source.commit,
-                        pack,
-                    )
-                    .await;
-                (obtained, started.elapsed())
-            };
-            // The workspace sheds the last job's leftovers meanwhile: the fetch writes the
-            // cache, the clean only the checkout, and the checkout waits for both. A clean
-            // that fails is tried again after the checkout, which reports its error.
-            let ((obtained, fetch_time), cleaned) = tokio::join!(fetch, workspace.clean());
-            let obtained = obtained.map_err(|e| format!("fetching the snapshot failed: {e}"))?;
-            let cleaned = cleaned.unwrap_or_else(|error| {
-                tracing::warn!("cleaning workspace slot {} failed: {error}", workspace.slot);
-                false
-            });
-            phases.fetch = phase.elapsed();
-            let warm = workspace.is_warm();
-            let phase = Instant::now();
-            workspace
-                .checkout(
-                    &lock,
-                    &self.cache.repo_dir(&job.source.repo_id),
-                    &job.source.commit,
-                    cleaned,
-                )
-                .await
-                .map_err(|e| format!("checking out the snapshot failed: {e}"))?;
-            drop(lock);
-            if let Err(error) = workspace.record_built(&lineage) {
-                // Costs the next job of this worktree its pick of the warmest workspace only.
-                tracing::warn!(
-                    "cannot record what workspace slot {} built: {error}",
-                    workspace.slot
-                );
-            }
-            phases.checkout = phase.elapsed();
-            let phase = Instant::now();
-            let env_mode = match job.spec.env_mode {
-                EnvMode::Auto => self.config.env_mode,
-                explicit => explicit,
-            };
-            let env = resolve_env(env_mode, &workspace.src)?;
-            let (dev_env, env_note) = match env {
-                RunEnv::Host => (None, String::new()),
-                RunEnv::Nix => {
-                    let evaluated = Instant::now();
-                    let (dev_env, cached) = self.dev_envs.get(&workspace.src).await?;
-                    let how = if cached {
-                        "cached".to_owned()
-                    } else {
-                        format!("evaluated in {} ms", evaluated.elapsed().as_millis())
-                    };
-                    (Some(dev_env), format!(" (dev shell {how})"))
-                }
-            };
-            phases.environment = phase.elapsed();
-            let commit_short = job.source.commit.get(..12).unwrap_or(&job.source.commit);
-            note(format!(
-                "snapshot {commit_short} {}; workspace slot {} ({}); env {}{env_note}",
-                match obtained {
-                    Obtained::Fetched => format!("fetched in {} ms", fetch_time.as_millis()),
-                    Obtained::Applied => {
-                        format!("applied from its pack in {} ms", fetch_time.as_millis())
-                    }
-                    Obtained::Held => "already cached".into(),
-                },
-                workspace.slot,
-                if warm { "warm" } else { "cold" },
-                env.label()
-            ))
-            .await;
-            Ok::<_, String>((workspace, env, dev_env, phases, disk_hold))
-        };
-        let setup = tokio::select! {
-            result = tokio::time::timeout(timeout, setup) => result,
-            () = cancel.cancelled() => return ended_early(JobEnd::Cancelled, started),
-        };
-        let (workspace, env, dev_env, mut phases, disk_hold) = match setup {
-            Ok(Ok(ready)) => ready,
-            Ok(Err(error)) => {
-                note(error.clone()).await;
-                return ended_early(JobEnd::Failed { reason: error }, started);
-            }
-            Err(_) => return ended_early(JobEnd::TimedOut, started),
-        };
-
-        let (mut command, visible_target, handed_over) =
-            match self.job_command(&job.spec, dev_env.as_ref(), &workspace) {
-                Ok(command) => command,
-                Err(error) => {
-                    let reason = format!("cannot prepare the job's directories: {error}");
-                    note(reason.clone()).await;
-                    return ended_early(JobEnd::Failed { reason }, started);
-                }
-            };
-        if handed_over && let Err(error) = workspace.refresh_index().await {
+        let PreparedJob {
+            workspace,
+            env,
+            mut phases,
+            disk_hold,
+            ..
+        } = prepared;
+        if job_command.handed_over
+            && let Err(error) = workspace.refresh_index().await
+        {
             // Costs the next job a rewrite of the files handed over, and cargo their rebuild.
             tracing::warn!(
                 "refreshing workspace slot {}'s index failed: {error}",
                 workspace.slot
             );
         }
-        command.registry = Some(self.config.worktree_dir.join(process::REGISTRY_DIR));
         let limits = RunLimits {
             timeout: timeout.saturating_sub(started.elapsed()),
             kill_grace: self.config.kill_grace,
         };
         tracing::info!(env = env.label(), slot = workspace.slot, "running cargo");
         let phase = Instant::now();
-        let (result, named) = if job.spec.collect_executables {
-            let (chunks, unfiltered) = mpsc::channel(1);
-            tokio::join!(
-                process::run(command, limits, chunks, cancel),
-                artifacts::filter_messages(unfiltered, output.clone())
-            )
-        } else {
-            let result = process::run(command, limits, output.clone(), cancel).await;
-            (result, Vec::new())
-        };
+        let (result, named) = self
+            .run_cargo(&job.spec, job_command.command, limits, &output, cancel)
+            .await;
         phases.cargo = phase.elapsed();
         if job.spec.collect_executables
             && matches!(&result, Ok(ended) if JobEnd::from(ended.end) == JobEnd::Exited { code: 0 })
         {
-            let staging = self.config.worktree_dir.join(STAGING_DIR);
-            let host_target = workspace.target.clone();
-            let staged = tokio::task::spawn_blocking(move || {
-                artifacts::stage(&named, &visible_target, &host_target, &staging)
-            })
-            .await;
-            match staged {
-                Ok(Ok((staged, notes))) => {
-                    for text in notes {
-                        note(text).await;
-                    }
-                    *executables = Some(staged);
-                }
-                Ok(Err(error)) => note(format!("the executables cannot be sent: {error}")).await,
-                Err(error) => note(format!("the executables cannot be sent: {error}")).await,
-            }
+            *executables = self
+                .stage_executables(named, job_command.visible_target, &workspace, &output)
+                .await;
         }
         let slot = workspace.slot;
         drop(workspace);
@@ -515,7 +432,7 @@ impl Executor {
         let end = match result {
             Err(error) => {
                 let reason = format!("could not start cargo (env {}): {error}", env.label());
-                note(reason.clone()).await;
+                note(&output, &reason).await;
                 JobEnd::Failed { reason }
             }
             Ok(result) => result.end.into(),
@@ -527,5 +444,243 @@ impl Executor {
             env: Some(env),
             phases,
         }
+    }
+
+    /// Checks the job, prepares it within its timeout unless it is cancelled first, and
+    /// builds its command. A job that gets no further ends with the returned end.
+    async fn set_up(
+        &self,
+        job: &JobRequest,
+        output: &mpsc::Sender<OutputChunk>,
+        cancel: &CancellationToken,
+        timeout: Duration,
+    ) -> Result<(PreparedJob, JobCommand), JobEnd> {
+        if let Err(error) = buildpool_core::spec::validate(&job.spec) {
+            return Err(JobEnd::Failed {
+                reason: error.to_string(),
+            });
+        }
+        let prepared = tokio::select! {
+            result = tokio::time::timeout(timeout, self.prepare(job, output)) => result,
+            () = cancel.cancelled() => return Err(JobEnd::Cancelled),
+        };
+        let prepared = match prepared {
+            Ok(Ok(prepared)) => prepared,
+            Ok(Err(error)) => return Err(setup_failed(output, &error).await),
+            Err(_) => return Err(JobEnd::TimedOut),
+        };
+        match self.job_command(&job.spec, prepared.dev_env.as_ref(), &prepared.workspace) {
+            Ok(job_command) => Ok((prepared, job_command)),
+            Err(error) => Err(setup_failed(output, &SetupError::Directories(error)).await),
+        }
+    }
+
+    /// Everything before cargo: a workspace, the snapshot checked out into it, the
+    /// environment; timed phase by phase, and told to the job's output in one line.
+    async fn prepare(
+        &self,
+        job: &JobRequest,
+        output: &mpsc::Sender<OutputChunk>,
+    ) -> Result<PreparedJob, SetupError> {
+        let mut phases = AgentPhases::default();
+        // A workspace still held by an ending job (or another process) makes this job
+        // wait, never fail: the lease is the job's, not a reason to give up.
+        let phase = Instant::now();
+        let lineage = Lineage {
+            worktree: job.worktree.clone(),
+            base_commit: job.source.base_commit.clone(),
+        };
+        let workspace = self
+            .workspaces
+            .acquire_waiting(&job.source.repo_id, &lineage)
+            .await
+            .map_err(SetupError::Workspace)?;
+        phases.workspace_wait = phase.elapsed();
+        let disk_hold = self
+            .config
+            .disk
+            .as_ref()
+            .map(|disk| disk.hold(&job.source.repo_id, workspace.slot));
+        // What this job holds is safe; others' idle workspaces make room for it.
+        self.enforce_disk_budget(None);
+        let checked_out = self
+            .fetch_and_check_out(job, &lineage, &workspace, &mut phases)
+            .await?;
+        let phase = Instant::now();
+        let env_mode = match job.spec.env_mode {
+            EnvMode::Auto => self.config.env_mode,
+            explicit => explicit,
+        };
+        let env = resolve_env(env_mode, &workspace.src).map_err(SetupError::Environment)?;
+        let (dev_env, env_note) = self.dev_env(env, &workspace.src).await?;
+        phases.environment = phase.elapsed();
+        let commit_short = job.source.commit.get(..12).unwrap_or(&job.source.commit);
+        note(
+            output,
+            format!(
+                "snapshot {commit_short} {}; workspace slot {} ({}); env {}{env_note}",
+                checked_out.how_obtained(),
+                workspace.slot,
+                if checked_out.warm { "warm" } else { "cold" },
+                env.label()
+            ),
+        )
+        .await;
+        Ok(PreparedJob {
+            workspace,
+            env,
+            dev_env,
+            phases,
+            disk_hold,
+        })
+    }
+
+    /// Brings the job's snapshot into the repository's cache and checks it out into
+    /// `workspace`, timing the fetch and checkout phases.
+    async fn fetch_and_check_out(
+        &self,
+        job: &JobRequest,
+        lineage: &Lineage,
+        workspace: &Workspace,
+        phases: &mut AgentPhases,
+    ) -> Result<CheckedOut, SetupError> {
+        let lock = self
+            .cache
+            .lock(&job.source.repo_id)
+            .await
+            .map_err(SetupError::CacheLock)?;
+        let phase = Instant::now();
+        let fetch = async {
+            let started = Instant::now();
+            let pack = job.source.pack.as_ref().map(|pack| PackOverBase {
+                base: &job.source.base_commit,
+                pack,
+            });
+            let obtained = self
+                .cache
+                .ensure_commit(
+                    &lock,
+                    &job.source.repo_id,
+                    &job.remote,
+                    &job.source.git_ref,
+                    &job.source.commit,
+                    pack,
+                )
+                .await;
+            (obtained, started.elapsed())
+        };
+        // The workspace sheds the last job's leftovers meanwhile: the fetch writes the
+        // cache, the clean only the checkout, and the checkout waits for both. A clean
+        // that fails is tried again after the checkout, which reports its error.
+        let ((obtained, fetch_time), cleaned) = tokio::join!(fetch, workspace.clean());
+        let obtained = obtained.map_err(SetupError::Fetch)?;
+        let cleaned = cleaned.unwrap_or_else(|error| {
+            tracing::warn!("cleaning workspace slot {} failed: {error}", workspace.slot);
+            false
+        });
+        phases.fetch = phase.elapsed();
+        let warm = workspace.is_warm();
+        let phase = Instant::now();
+        workspace
+            .checkout(
+                &lock,
+                &self.cache.repo_dir(&job.source.repo_id),
+                &job.source.commit,
+                cleaned,
+            )
+            .await
+            .map_err(SetupError::Checkout)?;
+        drop(lock);
+        if let Err(error) = workspace.record_built(lineage) {
+            // Costs the next job of this worktree its pick of the warmest workspace only.
+            tracing::warn!(
+                "cannot record what workspace slot {} built: {error}",
+                workspace.slot
+            );
+        }
+        phases.checkout = phase.elapsed();
+        Ok(CheckedOut {
+            obtained,
+            fetch_time,
+            warm,
+        })
+    }
+
+    /// The dev shell's variables when the job runs under nix (evaluated, or cached per
+    /// flake), with a note on which it was for the job's output.
+    async fn dev_env(
+        &self,
+        env: RunEnv,
+        src: &Path,
+    ) -> Result<(Option<DevEnv>, String), SetupError> {
+        match env {
+            RunEnv::Host => Ok((None, String::new())),
+            RunEnv::Nix => {
+                let evaluated = Instant::now();
+                let (dev_env, cached) = self
+                    .dev_envs
+                    .get(src)
+                    .await
+                    .map_err(SetupError::Environment)?;
+                let how = if cached {
+                    "cached".to_owned()
+                } else {
+                    format!("evaluated in {} ms", evaluated.elapsed().as_millis())
+                };
+                Ok((Some(dev_env), format!(" (dev shell {how})")))
+            }
+        }
+    }
+
+    /// Runs cargo to its end. When the job collects executables, cargo's JSON messages are
+    /// taken off its output and the names of the executables they report returned.
+    async fn run_cargo(
+        &self,
+        spec: &JobSpec,
+        mut command: CommandSpec,
+        limits: RunLimits,
+        output: &mpsc::Sender<OutputChunk>,
+        cancel: CancellationToken,
+    ) -> (std::io::Result<ProcessResult>, Vec<PathBuf>) {
+        command.registry = Some(self.config.worktree_dir.join(process::REGISTRY_DIR));
+        if spec.collect_executables {
+            let (chunks, unfiltered) = mpsc::channel(1);
+            tokio::join!(
+                process::run(command, limits, chunks, cancel),
+                artifacts::filter_messages(unfiltered, output.clone())
+            )
+        } else {
+            let result = process::run(command, limits, output.clone(), cancel).await;
+            (result, Vec::new())
+        }
+    }
+
+    /// Copies the executables cargo named out of the workspace into the staging directory,
+    /// on a blocking thread; what cannot be sent is told to the job's output, not failed.
+    async fn stage_executables(
+        &self,
+        named: Vec<PathBuf>,
+        visible_target: PathBuf,
+        workspace: &Workspace,
+        output: &mpsc::Sender<OutputChunk>,
+    ) -> Option<Executables> {
+        let staging = self.config.worktree_dir.join(STAGING_DIR);
+        let host_target = workspace.target.clone();
+        let staged = tokio::task::spawn_blocking(move || {
+            artifacts::stage(&named, &visible_target, &host_target, &staging)
+        })
+        .await;
+        let error = match staged {
+            Ok(Ok((staged, notes))) => {
+                for text in notes {
+                    note(output, text).await;
+                }
+                return Some(staged);
+            }
+            Ok(Err(error)) => error.to_string(),
+            Err(error) => error.to_string(),
+        };
+        note(output, format!("the executables cannot be sent: {error}")).await;
+        None
     }
 }

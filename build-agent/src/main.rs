@@ -2,13 +2,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use build_agent::config::{self, AgentConfig, Overrides};
+use build_agent::config::{self, AgentConfig, Environment, Overrides};
 use build_agent::disk::DiskBudget;
 use build_agent::executor::ExecutorConfig;
 use build_agent::git_cache::GitCache;
-use build_agent::sandbox::{Sandbox, SandboxMode};
+use build_agent::sandbox::{Sandbox, SandboxError, SandboxMode};
 use build_agent::{Agent, AgentIdentity};
 use buildpool_core::bus::human_bytes;
 use clap::Parser;
@@ -20,57 +21,8 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Option<AgentCommand>,
-    /// Coordinator job-bus URL, e.g. wss://coordinator:8081/ws (repeatable).
-    #[arg(long = "server", value_name = "URL")]
-    servers: Vec<String>,
-    /// Agent id shown by coordinators (default: hostname).
-    #[arg(long)]
-    id: Option<String>,
-    /// Concurrent jobs, shared by all coordinators.
-    #[arg(long)]
-    jobs: Option<u32>,
-    /// Config file (default: /etc/build-agent/config.toml, then /etc/build-agent.toml).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Label advertised to coordinators (repeatable).
-    #[arg(long = "label")]
-    labels: Vec<String>,
-    #[arg(long)]
-    git_cache_dir: Option<PathBuf>,
-    #[arg(long)]
-    worktree_dir: Option<PathBuf>,
-    /// Job environment: auto, nix or host.
-    #[arg(long)]
-    env: Option<String>,
-    /// File holding the shared token (default: /etc/build-agent/token; BUILDPOOL_TOKEN wins).
-    #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// Seconds a drain (SIGTERM, or `buildpool agents drain`) waits for running jobs.
-    #[arg(long)]
-    drain_timeout: Option<u64>,
-    /// The coordinator certificate's fingerprint, as `buildpool serve` prints it
-    /// (sha256:...); for every server without its own tls_fingerprint or tls_ca_file.
-    #[arg(long, value_name = "SHA256")]
-    tls_fingerprint: Option<String>,
-    /// Trust coordinators whose certificate chains to this CA (PEM) instead of a pin.
-    #[arg(long, value_name = "FILE")]
-    tls_ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) for coordinators that require mutual TLS.
-    #[arg(long, value_name = "FILE", requires = "tls_client_key")]
-    tls_client_cert: Option<PathBuf>,
-    /// Key of the client certificate.
-    #[arg(long, value_name = "FILE", requires = "tls_client_cert")]
-    tls_client_key: Option<PathBuf>,
-    /// How jobs are contained: bwrap (default) or none.
-    #[arg(long, value_name = "MODE")]
-    sandbox: Option<String>,
-    /// Disk budget for workspaces and caches, in GB (default: half the free space).
-    #[arg(long, value_name = "GB")]
-    max_disk_gb: Option<f64>,
-    /// Serve Prometheus /metrics here, e.g. 127.0.0.1:9464 (default: [metrics] listen_addr,
-    /// else not at all).
-    #[arg(long, value_name = "ADDR")]
-    metrics_addr: Option<String>,
+    #[command(flatten)]
+    overrides: Overrides,
     /// Validate the configuration (file, flags, token) and that the sandbox can start,
     /// print it and exit.
     #[arg(long)]
@@ -105,7 +57,7 @@ async fn run_git_proxy() -> ! {
 
 /// How long the runtime's shutdown waits for blocking work still running when the agent
 /// is done: an agent asked to stop exits, whatever a job left a thread waiting on.
-const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
 fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -127,58 +79,54 @@ async fn run() -> anyhow::Result<()> {
         run_git_proxy().await;
     }
     buildpool_service::systemd::init_logging("info");
-    let (file, config_path) = config::discover(cli.config.as_deref())?;
-    let overrides = Overrides {
-        servers: cli.servers,
-        id: cli.id,
-        jobs: cli.jobs,
-        labels: cli.labels,
-        git_cache_dir: cli.git_cache_dir,
-        worktree_dir: cli.worktree_dir,
-        env: cli.env,
-        token_file: cli.token_file,
-        drain_timeout_secs: cli.drain_timeout,
-        tls_fingerprint: cli.tls_fingerprint,
-        tls_ca_file: cli.tls_ca_file,
-        tls_client_cert_file: cli.tls_client_cert,
-        tls_client_key_file: cli.tls_client_key,
-        sandbox: cli.sandbox,
-        max_disk_gb: cli.max_disk_gb,
-        metrics_addr: cli.metrics_addr,
-    };
-    let check_only = cli.check_config;
-    let config = AgentConfig::resolve(file, overrides)?;
+    let (file, config_path) = config::discover(cli.overrides.config.as_deref())?;
+    let config = AgentConfig::resolve(file, &Environment::from_process(), cli.overrides)?;
     let sandbox = sandbox_for(&config, config_path);
     let sandbox_check = sandbox.probe().await;
-    if check_only {
-        println!(
-            "configuration OK: agent {} with {} slots",
-            config.id, config.max_jobs
-        );
-        for server in &config.servers {
-            let trust = match &server.tls {
-                Some(tls) => format!("{:?}", tls.trust),
-                None => "plain text".to_owned(),
-            };
-            println!("  server {} ({}), {trust}", server.url, server.name);
-        }
-        println!("  labels {:?}, env {:?}", config.labels, config.env);
-        println!(
-            "  git cache {}, workspaces {}",
-            config.git_cache_dir.display(),
-            config.worktree_dir.display()
-        );
-        match (&sandbox_check, sandbox.mode()) {
-            (Err(error), _) => anyhow::bail!("the sandbox cannot start: {error}"),
-            (Ok(()), SandboxMode::Bwrap) => println!(
-                "  sandbox bwrap: starts (network {})",
-                if config.sandbox_network { "on" } else { "off" }
-            ),
-            (Ok(()), SandboxMode::None) => println!("  sandbox none: jobs run UNSANDBOXED"),
-        }
-        return Ok(());
+    if cli.check_config {
+        return print_checked_config(&config, &sandbox, sandbox_check);
     }
     sandbox_check?;
+    serve(config, sandbox).await
+}
+
+/// `--check-config`: prints the settled configuration, or fails when the sandbox cannot
+/// start, so a deployment is checked before it is started.
+fn print_checked_config(
+    config: &AgentConfig,
+    sandbox: &Sandbox,
+    sandbox_check: Result<(), SandboxError>,
+) -> anyhow::Result<()> {
+    println!(
+        "configuration OK: agent {} with {} slots",
+        config.id, config.max_jobs
+    );
+    for server in &config.servers {
+        let trust = match &server.tls {
+            Some(tls) => format!("{:?}", tls.trust),
+            None => "plain text".to_owned(),
+        };
+        println!("  server {} ({}), {trust}", server.url, server.name);
+    }
+    println!("  labels {:?}, env {:?}", config.labels, config.env);
+    println!(
+        "  git cache {}, workspaces {}",
+        config.git_cache_dir.display(),
+        config.worktree_dir.display()
+    );
+    match (sandbox_check, sandbox.mode()) {
+        (Err(error), _) => anyhow::bail!("the sandbox cannot start: {error}"),
+        (Ok(()), SandboxMode::Bwrap) => println!(
+            "  sandbox bwrap: starts (network {})",
+            if config.sandbox_network { "on" } else { "off" }
+        ),
+        (Ok(()), SandboxMode::None) => println!("  sandbox none: jobs run UNSANDBOXED"),
+    }
+    Ok(())
+}
+
+/// Runs the agent until a signal, or a coordinator, asks it to drain, then drains.
+async fn serve(config: AgentConfig, sandbox: Sandbox) -> anyhow::Result<()> {
     if sandbox.mode() == SandboxMode::None {
         tracing::warn!(
             "[sandbox] mode = \"none\": jobs run unsandboxed and can read everything this \
@@ -188,70 +136,14 @@ async fn run() -> anyhow::Result<()> {
     for dir in [&config.git_cache_dir, &config.worktree_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let metrics = match &config.metrics_addr {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
-        ),
-        None => None,
-    };
+    // Bound before anything starts, so a taken address fails the start, not a later scrape.
+    let metrics = bind_metrics(config.metrics_addr.as_deref()).await?;
     let git_proxy = build_agent::git_proxy::install_proxy_command(&config.git_cache_dir)
         .context("cannot write the git proxy command into the git cache directory")?;
-    let scanned = std::time::Instant::now();
-    let disk = tokio::task::spawn_blocking({
-        let (worktree_dir, cache) = (
-            config.worktree_dir.clone(),
-            GitCache::new(config.git_cache_dir.clone()),
-        );
-        let (configured, ttl) = (config.max_disk_bytes, config.workspace_ttl);
-        move || DiskBudget::scan(worktree_dir, cache, configured, ttl)
-    })
-    .await
-    .context("scanning the workspaces failed")?;
-    let disk = Arc::new(disk);
-    let usage = disk.usage();
-    tracing::info!(
-        "disk: workspaces and caches use {} of a {} budget{} (scanned in {} ms)",
-        human_bytes(usage.used_bytes),
-        human_bytes(usage.budget_bytes),
-        if config.max_disk_bytes.is_some() {
-            ""
-        } else {
-            " (half the free space)"
-        },
-        scanned.elapsed().as_millis()
-    );
-    let agent = Agent::new(
-        AgentIdentity {
-            id: config.id.clone(),
-            labels: config.labels.clone(),
-            system: build_agent::agent::local_system(),
-            token: config.token.clone(),
-            key: build_agent::identity::load_or_create(&config.git_cache_dir)?,
-        },
-        ExecutorConfig {
-            git_cache_dir: config.git_cache_dir.clone(),
-            worktree_dir: config.worktree_dir.clone(),
-            slots: config.max_jobs as usize,
-            env_mode: config.env,
-            default_timeout: config.default_timeout,
-            kill_grace: config.kill_grace,
-            sandbox: Some(sandbox),
-            sccache: config.sccache,
-            disk: Some(Arc::clone(&disk)),
-        },
-    );
+    let disk = scan_disk(&config).await?;
+    let agent = new_agent(&config, sandbox, Arc::clone(&disk))?;
     // Repositories nobody builds any more expire even on an idle agent.
-    let expiry = tokio::spawn({
-        async move {
-            let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
-            loop {
-                hourly.tick().await;
-                disk.enforce().await;
-            }
-        }
-    });
+    let expiry = tokio::spawn(enforce_disk_budget_hourly(disk));
     build_agent::process::reap_orphans(&config.worktree_dir);
     tracing::info!(agent_id = %config.id, slots = config.max_jobs, servers = config.servers.len(), "build agent starting");
     let prewarm = tokio::spawn(build_agent::nix::prewarm(config.prewarm_packages.clone()));
@@ -277,27 +169,107 @@ async fn run() -> anyhow::Result<()> {
         let agent = agent.clone();
         tokio::spawn(notifier.run(move || agent.status_line(), shutdown.clone()));
     }
+    drain_when_asked(&agent, config.drain_timeout).await?;
+    shutdown.cancel();
+    prewarm.abort();
+    expiry.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(15), serving).await;
+    Ok(())
+}
+
+/// The listener for Prometheus `/metrics`, when an address is configured.
+async fn bind_metrics(addr: Option<&str>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    Ok(Some(listener))
+}
+
+/// Measures the workspaces and caches already on disk, on a blocking thread (a walk of
+/// every file), and logs the result against the budget.
+async fn scan_disk(config: &AgentConfig) -> anyhow::Result<Arc<DiskBudget>> {
+    let scanned = std::time::Instant::now();
+    let disk = tokio::task::spawn_blocking({
+        let (worktree_dir, cache) = (
+            config.worktree_dir.clone(),
+            GitCache::new(config.git_cache_dir.clone()),
+        );
+        let (configured, ttl) = (config.max_disk_bytes, config.workspace_ttl);
+        move || DiskBudget::scan(worktree_dir, cache, configured, ttl)
+    })
+    .await
+    .context("scanning the workspaces failed")?;
+    let usage = disk.usage();
+    tracing::info!(
+        "disk: workspaces and caches use {} of a {} budget{} (scanned in {} ms)",
+        human_bytes(usage.used_bytes),
+        human_bytes(usage.budget_bytes),
+        if config.max_disk_bytes.is_some() {
+            ""
+        } else {
+            " (half the free space)"
+        },
+        scanned.elapsed().as_millis()
+    );
+    Ok(Arc::new(disk))
+}
+
+/// The agent runtime: its identity towards coordinators and the executor its jobs run in.
+fn new_agent(
+    config: &AgentConfig,
+    sandbox: Sandbox,
+    disk: Arc<DiskBudget>,
+) -> anyhow::Result<Agent> {
+    Ok(Agent::new(
+        AgentIdentity {
+            id: config.id.clone(),
+            labels: config.labels.clone(),
+            system: build_agent::agent::local_system(),
+            token: config.token.clone(),
+            key: build_agent::identity::load_or_create(&config.git_cache_dir)?,
+        },
+        ExecutorConfig {
+            git_cache_dir: config.git_cache_dir.clone(),
+            worktree_dir: config.worktree_dir.clone(),
+            slots: config.max_jobs as usize,
+            env_mode: config.env,
+            default_timeout: config.default_timeout,
+            kill_grace: config.kill_grace,
+            sandbox: Some(sandbox),
+            sccache: config.sccache,
+            disk: Some(disk),
+        },
+    ))
+}
+
+/// Expires idle workspaces and caches once an hour, for as long as the task runs.
+async fn enforce_disk_budget_hourly(disk: Arc<DiskBudget>) {
+    let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        hourly.tick().await;
+        disk.enforce().await;
+    }
+}
+
+/// Waits for SIGTERM, SIGINT or a coordinator's drain request, then drains: no new jobs,
+/// the running ones finish within `drain_timeout`; a second signal stops them at once.
+async fn drain_when_asked(agent: &Agent, drain_timeout: Duration) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
     let reason = tokio::select! {
         name = signals.next() => format!("{name} received"),
         () = agent.drain_requested() => "a coordinator asked for it".to_owned(),
     };
-    // Drain: stop taking jobs, let the running ones finish; a second signal stops at once.
-    tracing::info!(
-        "draining ({reason}): finishing running jobs for up to {:?}",
-        config.drain_timeout
-    );
+    tracing::info!("draining ({reason}): finishing running jobs for up to {drain_timeout:?}");
     tokio::select! {
-        _ = agent.drain(config.drain_timeout) => tracing::info!("drained"),
+        _ = agent.drain(drain_timeout) => tracing::info!("drained"),
         name = signals.next() => {
             tracing::warn!("{name} received again: stopping running jobs now");
             agent.stop().await;
         }
     }
-    shutdown.cancel();
-    prewarm.abort();
-    expiry.abort();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(15), serving).await;
     Ok(())
 }
 

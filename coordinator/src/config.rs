@@ -83,8 +83,9 @@ pub struct CoordinatorConfig {
     /// Dashboard and `/metrics`; `None` runs without (the in-process coordinator).
     pub http_addr: Option<String>,
     pub token_file: PathBuf,
-    /// Plain `ws://` agents and a git daemon beyond loopback are accepted (trusted
-    /// networks, seed-era configs); the coordinator warns at every start.
+    /// Plain `ws://` agents and a git daemon beyond loopback are accepted, for trusted
+    /// networks and for configs in the seed's format, which knew neither TLS nor the
+    /// tunnel; the coordinator warns at every start.
     pub allow_insecure: bool,
     pub tls: TlsFiles,
     pub log_max_bytes: u64,
@@ -120,21 +121,57 @@ pub struct TlsFiles {
     pub client_ca_file: Option<PathBuf>,
 }
 
-/// Command-line overrides.
-#[derive(Debug, Default, Clone)]
+/// The command line's part of the configuration: which file to read, and values that win
+/// over the files. `None` (or `false`) means "not given", so the files or the defaults
+/// decide. Flattened into `buildpool serve`, so each flag is declared only here.
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct Overrides {
+    /// Config file (default: ~/.config/buildpool/config.toml, then the repository's .buildpool.toml).
+    #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Job bus port for agents (0 picks a free one).
+    #[arg(long)]
     pub websocket_port: Option<u16>,
+    /// Job bus listen address (default: all interfaces).
+    #[arg(long)]
     pub websocket_listen_addr: Option<String>,
+    /// git daemon port (0 picks a free one).
+    #[arg(long)]
     pub git_daemon_port: Option<u16>,
+    /// git daemon listen address (default: 127.0.0.1; agents fetch through the tunnel on
+    /// the job bus port). Beyond loopback it needs --allow-insecure.
+    #[arg(long)]
     pub git_daemon_listen_addr: Option<String>,
+    /// Control API address (default: 127.0.0.1:0).
+    #[arg(long)]
     pub control_addr: Option<String>,
+    /// Dashboard and Prometheus `/metrics` address (default: 127.0.0.1:0). Beyond loopback
+    /// it is HTTPS and needs a client credential.
+    #[arg(long)]
     pub http_addr: Option<String>,
+    /// Token file shared with agents (default: ~/.config/buildpool/token, created if missing).
+    #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Accept plain ws:// agents and a git daemon beyond loopback (trusted networks only).
+    #[arg(long)]
     pub allow_insecure: bool,
-    pub tls: TlsFiles,
+    /// Certificate (PEM chain) to serve instead of the generated self-signed one.
+    #[arg(long, value_name = "FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Key of --tls-cert-file.
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Require agent and client certificates signed by this CA (mutual TLS).
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Never run jobs on this machine, even with no agent connected.
+    #[arg(long)]
     pub no_local_fallback: bool,
-    pub local_max_jobs: Option<u32>,
+    /// Concurrent jobs of the embedded local agent.
+    #[arg(long)]
+    pub local_jobs: Option<u32>,
+    /// Workspace directory of the embedded local agent.
+    #[arg(long)]
     pub local_worktree_dir: Option<PathBuf>,
 }
 
@@ -175,11 +212,20 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
+/// A duration in seconds, as configured or its default; zero is refused.
 fn secs(value: Option<u64>, default: u64, name: &str) -> Result<Duration, ConfigError> {
-    match value.unwrap_or(default) {
-        0 => Err(ConfigError::Invalid(format!("{name} must be at least 1"))),
-        secs => Ok(Duration::from_secs(secs)),
+    Ok(Duration::from_secs(at_least_one(
+        value.unwrap_or(default),
+        name,
+    )?))
+}
+
+/// A count or duration that must not be zero, named in the error.
+fn at_least_one<T: Default + PartialEq>(value: T, name: &str) -> Result<T, ConfigError> {
+    if value == T::default() {
+        return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
     }
+    Ok(value)
 }
 
 /// This host's name, for certificates and messages.
@@ -209,138 +255,159 @@ fn join_addr(host: &str, port: u16) -> String {
     }
 }
 
-impl CoordinatorConfig {
-    /// Loads the configuration for a coordinator serving the repository at `worktree`.
-    pub fn load(worktree: &Path, overrides: Overrides) -> Result<Self, ConfigError> {
-        let mut table = toml::Table::new();
-        let explicit = overrides.config.clone();
-        let files = match explicit {
-            Some(path) => {
-                if !path.exists() {
-                    return Err(ConfigError::Read(path, std::io::ErrorKind::NotFound.into()));
-                }
-                vec![path]
+/// The files' `[build_pool]` settings: `explicit` alone, or the user's file with the
+/// repository's `.buildpool.toml` layered over it, key by key.
+fn read_files(worktree: &Path, explicit: Option<PathBuf>) -> Result<BuildPoolSection, ConfigError> {
+    let files = match explicit {
+        Some(path) => {
+            if !path.exists() {
+                return Err(ConfigError::Read(path, std::io::ErrorKind::NotFound.into()));
             }
-            None => vec![user_config_file(), worktree.join(".buildpool.toml")],
-        };
-        for file in &files {
-            if let Some(layer) = read_table(file)? {
-                merge(&mut table, layer);
-            }
+            vec![path]
         }
-        let file: FileConfig =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| {
-                    ConfigError::Parse(files.last().cloned().unwrap_or_default(), e.to_string())
-                })?;
-        Self::resolve(file.build_pool, overrides)
+        None => vec![user_config_file(), worktree.join(".buildpool.toml")],
+    };
+    let mut table = toml::Table::new();
+    for file in &files {
+        if let Some(layer) = read_table(file)? {
+            merge(&mut table, layer);
+        }
     }
+    let file: FileConfig = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| {
+            ConfigError::Parse(files.last().cloned().unwrap_or_default(), e.to_string())
+        })?;
+    Ok(file.build_pool)
+}
 
-    fn resolve(pool: BuildPoolSection, overrides: Overrides) -> Result<Self, ConfigError> {
-        let heartbeat_interval = secs(
-            pool.timeouts.heartbeat_interval_secs,
-            3,
-            "heartbeat_interval_secs",
-        )?;
-        let heartbeat_timeout = secs(
-            pool.timeouts.heartbeat_timeout_secs,
-            10,
-            "heartbeat_timeout_secs",
-        )?;
-        if heartbeat_timeout <= heartbeat_interval {
-            return Err(ConfigError::Invalid(
-                "heartbeat_timeout_secs must be longer than heartbeat_interval_secs".into(),
-            ));
-        }
-        let websocket_host = overrides
-            .websocket_listen_addr
-            .or(pool.websocket_listen_addr)
-            .unwrap_or_default();
-        let websocket_port = overrides
-            .websocket_port
-            .or(pool.websocket_port)
-            .unwrap_or(8081);
-        let allow_insecure = overrides.allow_insecure || pool.allow_insecure.unwrap_or(false);
-        let git_host = overrides
-            .git_daemon_listen_addr
-            .or(pool.git_daemon_listen_addr)
-            .unwrap_or_else(|| "127.0.0.1".into());
-        if !is_loopback(&git_host) && !allow_insecure {
-            return Err(ConfigError::Invalid(format!(
-                "git_daemon_listen_addr = {git_host:?} would serve every snapshot to anyone who \
-                 can reach the port; agents fetch through the authenticated tunnel on the job \
-                 bus port instead. For a trusted network, also set allow_insecure = true."
-            )));
-        }
-        let tls = TlsFiles {
-            cert_file: overrides.tls.cert_file.or(pool.tls_cert_file),
-            key_file: overrides.tls.key_file.or(pool.tls_key_file),
-            client_ca_file: overrides.tls.client_ca_file.or(pool.tls_client_ca_file),
-        };
-        if tls.cert_file.is_some() != tls.key_file.is_some() {
+/// The heartbeat interval and the silence after which an agent counts as gone, which must
+/// be longer than one interval.
+fn heartbeats(timeouts: &TimeoutsSection) -> Result<(Duration, Duration), ConfigError> {
+    let interval = secs(
+        timeouts.heartbeat_interval_secs,
+        3,
+        "heartbeat_interval_secs",
+    )?;
+    let timeout = secs(
+        timeouts.heartbeat_timeout_secs,
+        10,
+        "heartbeat_timeout_secs",
+    )?;
+    if timeout <= interval {
+        return Err(ConfigError::Invalid(
+            "heartbeat_timeout_secs must be longer than heartbeat_interval_secs".into(),
+        ));
+    }
+    Ok((interval, timeout))
+}
+
+/// Where the git daemon listens: loopback, unless insecure setups are allowed, because
+/// the daemon serves every snapshot without a credential.
+fn git_daemon_host(
+    configured: Option<String>,
+    allow_insecure: bool,
+) -> Result<String, ConfigError> {
+    let host = configured.unwrap_or_else(|| "127.0.0.1".into());
+    if !is_loopback(&host) && !allow_insecure {
+        return Err(ConfigError::Invalid(format!(
+            "git_daemon_listen_addr = {host:?} would serve every snapshot to anyone who \
+             can reach the port; agents fetch through the authenticated tunnel on the job \
+             bus port instead. For a trusted network, also set allow_insecure = true."
+        )));
+    }
+    Ok(host)
+}
+
+impl TlsFiles {
+    /// The files, if a certificate comes with its key.
+    fn checked(self) -> Result<Self, ConfigError> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
             return Err(ConfigError::Invalid(
                 "tls_cert_file and tls_key_file go together: set both or neither".into(),
             ));
         }
-        let git_port = overrides
-            .git_daemon_port
-            .or(pool.git_daemon_port)
-            .unwrap_or(9418);
-        let local_max_jobs = overrides
-            .local_max_jobs
-            .or(pool.local_fallback.max_jobs)
-            .unwrap_or(2);
-        if local_max_jobs == 0 {
-            return Err(ConfigError::Invalid(
-                "local_fallback.max_jobs must be at least 1".into(),
-            ));
+        Ok(self)
+    }
+}
+
+impl CoordinatorConfig {
+    /// Loads the configuration for a coordinator serving the repository at `worktree`.
+    pub fn load(worktree: &Path, overrides: Overrides) -> Result<Self, ConfigError> {
+        let pool = read_files(worktree, overrides.config.clone())?;
+        Self::resolve(pool, overrides)
+    }
+
+    /// Merges the flags over the files' settings over the defaults, and validates the
+    /// result.
+    fn resolve(pool: BuildPoolSection, flags: Overrides) -> Result<Self, ConfigError> {
+        let (heartbeat_interval, heartbeat_timeout) = heartbeats(&pool.timeouts)?;
+        let allow_insecure = flags.allow_insecure || pool.allow_insecure.unwrap_or(false);
+        let git_host = git_daemon_host(
+            flags.git_daemon_listen_addr.or(pool.git_daemon_listen_addr),
+            allow_insecure,
+        )?;
+        let tls = TlsFiles {
+            cert_file: flags.tls_cert_file.or(pool.tls_cert_file),
+            key_file: flags.tls_key_file.or(pool.tls_key_file),
+            client_ca_file: flags.tls_client_ca_file.or(pool.tls_client_ca_file),
         }
+        .checked()?;
+        let local_max_jobs = at_least_one(
+            flags
+                .local_jobs
+                .or(pool.local_fallback.max_jobs)
+                .unwrap_or(2),
+            "local_fallback.max_jobs",
+        )?;
+        let websocket_host = flags
+            .websocket_listen_addr
+            .or(pool.websocket_listen_addr)
+            .unwrap_or_default();
+        let websocket_port = flags.websocket_port.or(pool.websocket_port).unwrap_or(8081);
+        let timeouts = &pool.timeouts;
         Ok(Self {
             websocket_addr: Some(join_addr(&websocket_host, websocket_port)),
-            git_daemon: Some((git_host, git_port)),
-            control_addr: overrides
+            git_daemon: Some((
+                git_host,
+                flags
+                    .git_daemon_port
+                    .or(pool.git_daemon_port)
+                    .unwrap_or(9418),
+            )),
+            control_addr: flags
                 .control_addr
                 .or(pool.control_listen_addr)
                 .unwrap_or_else(|| "127.0.0.1:0".into()),
             http_addr: Some(
-                overrides
+                flags
                     .http_addr
                     .or(pool.http_listen_addr)
                     .unwrap_or_else(|| "127.0.0.1:0".into()),
             ),
-            token_file: overrides
+            token_file: flags
                 .token_file
                 .or(pool.token_file)
                 .unwrap_or_else(crate::auth::default_token_file),
             allow_insecure,
             tls,
             log_max_bytes: pool.log_max_bytes.unwrap_or(64 * 1024 * 1024),
-            local_fallback: !overrides.no_local_fallback
-                && pool.local_fallback.enabled.unwrap_or(true),
+            local_fallback: !flags.no_local_fallback && pool.local_fallback.enabled.unwrap_or(true),
             local_max_jobs,
-            local_worktree_dir: overrides
+            local_worktree_dir: flags
                 .local_worktree_dir
                 .or(pool.local_fallback.worktree_dir)
                 .unwrap_or_else(|| cache_home().join("buildpool").join("local")),
-            job_default_timeout: secs(pool.timeouts.job_default_secs, 300, "job_default_secs")?,
+            job_default_timeout: secs(timeouts.job_default_secs, 300, "job_default_secs")?,
             heartbeat_interval,
             heartbeat_timeout,
-            reattach_grace: secs(pool.timeouts.reattach_grace_secs, 15, "reattach_grace_secs")?,
-            unroutable_wait: secs(
-                pool.timeouts.unroutable_wait_secs,
-                60,
-                "unroutable_wait_secs",
+            reattach_grace: secs(timeouts.reattach_grace_secs, 15, "reattach_grace_secs")?,
+            unroutable_wait: secs(timeouts.unroutable_wait_secs, 60, "unroutable_wait_secs")?,
+            max_lost_attempts: at_least_one(
+                timeouts.max_lost_attempts.unwrap_or(3),
+                "max_lost_attempts",
             )?,
-            max_lost_attempts: match pool.timeouts.max_lost_attempts.unwrap_or(3) {
-                0 => {
-                    return Err(ConfigError::Invalid(
-                        "max_lost_attempts must be at least 1".into(),
-                    ));
-                }
-                n => n,
-            },
-            client_grace: secs(pool.timeouts.client_grace_secs, 10, "client_grace_secs")?,
+            client_grace: secs(timeouts.client_grace_secs, 10, "client_grace_secs")?,
             affinity: pool.affinity.unwrap_or(true),
             private_logs: false,
         })
@@ -474,11 +541,38 @@ mod tests {
             CoordinatorConfig::load(
                 dir.path(),
                 Overrides {
-                    config: Some(file),
+                    config: Some(file.clone()),
                     ..Overrides::default()
                 }
             )
             .is_err()
         );
+        for (text, named) in [
+            (
+                "[build_pool.local_fallback]\nmax_jobs = 0\n",
+                "local_fallback.max_jobs",
+            ),
+            (
+                "[build_pool.timeouts]\nmax_lost_attempts = 0\n",
+                "max_lost_attempts",
+            ),
+            (
+                "[build_pool.timeouts]\nclient_grace_secs = 0\n",
+                "client_grace_secs",
+            ),
+        ] {
+            std::fs::write(&file, text).expect("write");
+            let overrides = Overrides {
+                config: Some(file.clone()),
+                ..Overrides::default()
+            };
+            let error = CoordinatorConfig::load(dir.path(), overrides).expect_err("zero");
+            assert!(
+                error
+                    .to_string()
+                    .ends_with(&format!("{named} must be at least 1")),
+                "{error}"
+            );
+        }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use build_agent::config::{AgentConfig, FileConfig, Overrides as AgentOverrides};
+use build_agent::config::{AgentConfig, Environment, FileConfig, Overrides as AgentOverrides};
 use buildpool::config::{CoordinatorConfig, Overrides as CoordinatorOverrides};
 use proptest::prelude::*;
 
@@ -135,7 +135,7 @@ proptest! {
         if let Ok(file) = build_agent::config::read_file(&path) {
             let file: FileConfig = file;
             let overrides = AgentOverrides { token_file: Some(token), ..AgentOverrides::default() };
-            let _ = AgentConfig::resolve(file, overrides);
+            let _ = AgentConfig::resolve(file, &Environment::default(), overrides);
         }
     }
 
