@@ -13,20 +13,18 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use buildpool_core::bus::AgentMessage;
+use buildpool_core::chunks::FileChunks;
 use buildpool_core::{ArtifactChunk, AttemptKey, OutputStream};
 use buildpool_proto::socket::{Outbox, SendError};
 use bytes::Bytes;
 use cargo_metadata::{Artifact, Message};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use crate::process::OutputChunk;
 
 /// Bytes of executables one job sends back at most; the rest are skipped with a note.
 pub const MAX_ARTIFACT_BYTES: u64 = 512 * 1024 * 1024;
-/// Data per bus frame, well within the frame size limit.
-const CHUNK_BYTES: usize = 256 * 1024;
 /// A stdout line starting with `{` is held until its newline up to this length, to tell a
 /// cargo message from program output; longer ones are output.
 const MAX_MESSAGE_LINE: usize = 1024 * 1024;
@@ -414,7 +412,7 @@ impl Executables {
             .await;
         }
         for (index, (file, copy)) in (0..count).zip(&self.files) {
-            let mut reader = match tokio::fs::File::open(copy).await {
+            let reader = match tokio::fs::File::open(copy).await {
                 Ok(reader) => reader,
                 Err(error) => {
                     // The copy is ours; losing it ends the sending, and the coordinator sees
@@ -424,38 +422,28 @@ impl Executables {
                 }
             };
             let mut hasher = Sha256::new();
-            let mut offset = 0u64;
+            let mut chunks = FileChunks::new(reader);
             loop {
-                let mut data = vec![0; CHUNK_BYTES];
-                let mut filled = 0;
-                while filled < CHUNK_BYTES {
-                    match reader.read(&mut data[filled..]).await {
-                        Ok(0) => break,
-                        Ok(read) => filled += read,
-                        Err(error) => {
-                            tracing::error!("cannot read a staged executable: {error}");
-                            return Err(SendError::Closed);
-                        }
+                let chunk = match chunks.next().await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::error!("cannot read a staged executable: {error}");
+                        return Err(SendError::Closed);
                     }
-                }
-                data.truncate(filled);
-                hasher.update(&data);
-                let last = filled < CHUNK_BYTES;
-                let sha256 = last.then(|| hex::encode(hasher.clone().finalize()));
+                };
+                hasher.update(&chunk.data);
+                let sha256 = chunk.last.then(|| hex::encode(hasher.clone().finalize()));
                 send(ArtifactChunk {
                     index,
                     count,
                     rel_path: file.rel_path.clone(),
                     mode: file.mode,
-                    offset,
-                    data: Bytes::from(data),
+                    offset: chunk.offset,
+                    data: chunk.data,
                     sha256,
                 })
                 .await?;
-                offset += filled as u64;
-                if last {
-                    break;
-                }
             }
         }
         Ok(())

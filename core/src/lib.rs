@@ -10,6 +10,7 @@
 //! and group kills, wall-clock time, the host name) live here too, so neither crate borrows from the other.
 
 pub mod bus;
+pub mod chunks;
 pub mod git;
 pub mod host;
 pub mod job;

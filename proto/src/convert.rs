@@ -206,17 +206,24 @@ impl From<Source> for crate::Source {
     }
 }
 
+/// A port on the wire, where 0 means none.
+fn optional_port(port: u32, field: &'static str) -> Result<Option<u16>, DecodeError> {
+    match port {
+        0 => Ok(None),
+        port => u16::try_from(port)
+            .map(Some)
+            .map_err(|_| DecodeError::Invalid {
+                field,
+                reason: format!("{port} is not a port"),
+            }),
+    }
+}
+
 impl TryFrom<crate::Source> for Source {
     type Error = DecodeError;
 
     fn try_from(source: crate::Source) -> Result<Self, DecodeError> {
-        let git_port = match source.git_port {
-            0 => None,
-            port => Some(u16::try_from(port).map_err(|_| DecodeError::Invalid {
-                field: "git port",
-                reason: format!("{port} is not a port"),
-            })?),
-        };
+        let git_port = optional_port(source.git_port, "git port")?;
         Ok(Self {
             repo_id: source.repo_id,
             git_path: source.git_path,
@@ -879,13 +886,7 @@ impl TryFrom<crate::StatusReply> for CoordinatorStatus {
     type Error = DecodeError;
 
     fn try_from(status: crate::StatusReply) -> Result<Self, DecodeError> {
-        let git_daemon_port = match status.git_daemon_port {
-            0 => None,
-            port => Some(u16::try_from(port).map_err(|_| DecodeError::Invalid {
-                field: "git daemon port",
-                reason: format!("{port} is not a port"),
-            })?),
-        };
+        let git_daemon_port = optional_port(status.git_daemon_port, "git daemon port")?;
         Ok(Self {
             coordinator_id: status.coordinator_id,
             repository: status.repository,

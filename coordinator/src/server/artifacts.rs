@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Mutex;
 
+use buildpool_core::chunks::FileChunks;
 use buildpool_core::job::artifact_path_is_safe;
 use buildpool_core::{ArtifactChunk, AttemptKey, JobId};
 use bytes::Bytes;
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -24,8 +24,6 @@ use tokio_stream::wrappers::ReceiverStream;
 const MAX_JOB_BYTES: u64 = 512 * 1024 * 1024;
 /// Jobs whose executables are kept; older ones are deleted as newer ones arrive.
 const KEPT_JOBS: usize = 4;
-/// Data per streamed chunk, within gRPC's default message size.
-const CHUNK_BYTES: usize = 256 * 1024;
 
 /// A file as received so far.
 #[derive(Debug)]
@@ -256,31 +254,20 @@ async fn send_files(
     chunks: &mpsc::Sender<Result<ArtifactChunk, ArtifactError>>,
 ) -> std::io::Result<()> {
     for (path, head) in files {
-        let mut reader = tokio::fs::File::open(&path).await?;
-        let mut offset = 0u64;
-        loop {
-            let mut data = vec![0; CHUNK_BYTES];
-            let mut filled = 0;
-            while filled < CHUNK_BYTES {
-                match reader.read(&mut data[filled..]).await? {
-                    0 => break,
-                    read => filled += read,
-                }
-            }
-            data.truncate(filled);
-            let last = filled < CHUNK_BYTES;
+        let mut file = FileChunks::new(tokio::fs::File::open(&path).await?);
+        while let Some(piece) = file.next().await? {
             let chunk = ArtifactChunk {
-                offset,
-                data: Bytes::from(data),
-                sha256: if last { head.sha256.clone() } else { None },
+                offset: piece.offset,
+                data: piece.data,
+                sha256: if piece.last {
+                    head.sha256.clone()
+                } else {
+                    None
+                },
                 ..head.clone()
             };
             if chunks.send(Ok(chunk)).await.is_err() {
                 return Ok(());
-            }
-            offset += filled as u64;
-            if last {
-                break;
             }
         }
     }
