@@ -235,6 +235,8 @@ impl Workspace {
         cleaned: bool,
     ) -> Result<(), WorkspaceError> {
         if self.src.join(".git").exists() {
+            let lockfile = self.src.join(LOCKFILE);
+            let last_lockfile = tokio::fs::read(&lockfile).await.ok();
             let switched = in_checkout(&self.src)
                 .args(["checkout", "--quiet", "--detach", "--force", commit])
                 .output()
@@ -242,6 +244,15 @@ impl Workspace {
             if switched.is_ok() {
                 if !cleaned {
                     self.clean().await?;
+                }
+                // A snapshot without a lockfile (a worktree whose repository ignores it)
+                // starts from the one this slot last used: cargo keeps the versions that
+                // still fit the manifests, so the warm target stays warm. Switching from a
+                // snapshot that carried one deleted it; one the snapshot carries wins.
+                if let Some(last) = last_lockfile
+                    && !tokio::fs::try_exists(&lockfile).await.unwrap_or(true)
+                {
+                    tokio::fs::write(&lockfile, last).await?;
                 }
                 return Ok(());
             }
@@ -263,6 +274,9 @@ impl Workspace {
         Ok(())
     }
 }
+
+/// Cargo's lockfile at the top of a checkout.
+const LOCKFILE: &str = "Cargo.lock";
 
 /// git in a slot's checkout. A root agent's jobs own the checkout (see
 /// `Sandbox::hand_over`), which git would refuse as "dubious ownership"; the agent trusts
@@ -381,38 +395,63 @@ mod tests {
         assert_eq!(workspace.slot, 0);
     }
 
-    #[tokio::test]
-    async fn a_checkout_holds_exactly_the_snapshot_whether_cleaned_before_or_after() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let git = |cwd: PathBuf, args: &'static [&'static str]| async move {
-            Git::new(&cwd)
-                .args(["-c", "user.name=t", "-c", "user.email=t@localhost"])
-                .args(args)
-                .output()
-                .await
-                .expect("git runs")
-        };
-        let source = dir.path().join("source");
+    async fn git(cwd: &Path, args: &[&str]) -> String {
+        Git::new(cwd)
+            .args(["-c", "user.name=t", "-c", "user.email=t@localhost"])
+            .args(args)
+            .output()
+            .await
+            .expect("git runs")
+    }
+
+    /// A repository of one commit per entry of `commits` (each writes its files with their
+    /// contents, or deletes those given `None`), cloned into a git cache as `repo`; returns
+    /// the cache, its repository and the commits.
+    async fn cached_repo(
+        dir: &Path,
+        commits: &[&[(&str, Option<&str>)]],
+    ) -> (crate::git_cache::GitCache, PathBuf, Vec<String>) {
+        let source = dir.join("source");
         std::fs::create_dir_all(&source).expect("dir");
-        git(source.clone(), &["init", "--quiet"]).await;
-        std::fs::write(source.join("first.txt"), "first\n").expect("write");
-        git(source.clone(), &["add", "."]).await;
-        git(source.clone(), &["commit", "--quiet", "-m", "first"]).await;
-        let first = git(source.clone(), &["rev-parse", "HEAD"]).await;
-        git(source.clone(), &["rm", "--quiet", "first.txt"]).await;
-        std::fs::write(source.join("second.txt"), "second\n").expect("write");
-        git(source.clone(), &["add", "."]).await;
-        git(source.clone(), &["commit", "--quiet", "-m", "second"]).await;
-        let second = git(source.clone(), &["rev-parse", "HEAD"]).await;
-        let cache = crate::git_cache::GitCache::new(dir.path().join("cache"));
+        git(&source, &["init", "--quiet"]).await;
+        let mut ids = Vec::new();
+        for files in commits {
+            for (name, content) in *files {
+                match content {
+                    Some(content) => std::fs::write(source.join(name), content).expect("write"),
+                    None => std::fs::remove_file(source.join(name)).expect("remove"),
+                }
+            }
+            git(&source, &["add", "--all"]).await;
+            git(&source, &["commit", "--quiet", "-m", "next"]).await;
+            ids.push(git(&source, &["rev-parse", "HEAD"]).await);
+        }
+        let cache = crate::git_cache::GitCache::new(dir.join("cache"));
         let cache_repo = cache.repo_dir("repo");
-        Git::new(dir.path())
+        Git::new(dir)
             .args(["clone", "--quiet", "--bare"])
             .arg(&source)
             .arg(&cache_repo)
             .output()
             .await
             .expect("clone");
+        (cache, cache_repo, ids)
+    }
+
+    #[tokio::test]
+    async fn a_checkout_holds_exactly_the_snapshot_whether_cleaned_before_or_after() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cache, cache_repo, commits) = cached_repo(
+            dir.path(),
+            &[
+                &[("first.txt", Some("first\n"))],
+                &[("first.txt", None), ("second.txt", Some("second\n"))],
+            ],
+        )
+        .await;
+        let [first, second] = commits.as_slice() else {
+            panic!("two commits");
+        };
         let lock = cache.lock("repo").await.expect("lock");
         let pool = WorkspacePool::new(dir.path().join("workspaces"), 1);
         let workspace = pool
@@ -440,7 +479,7 @@ mod tests {
             "nothing to clean before the first checkout"
         );
         workspace
-            .checkout(&lock, &cache_repo, &first, false)
+            .checkout(&lock, &cache_repo, first, false)
             .await
             .expect("first checkout");
         assert_eq!(files(), ["first.txt"]);
@@ -448,7 +487,7 @@ mod tests {
         leave_leftovers();
         assert!(workspace.clean().await.expect("clean"));
         workspace
-            .checkout(&lock, &cache_repo, &second, true)
+            .checkout(&lock, &cache_repo, second, true)
             .await
             .expect("cleaned before");
         assert_eq!(
@@ -459,9 +498,60 @@ mod tests {
 
         leave_leftovers();
         workspace
-            .checkout(&lock, &cache_repo, &first, false)
+            .checkout(&lock, &cache_repo, first, false)
             .await
             .expect("cleaned after");
         assert_eq!(files(), ["Cargo.lock", "first.txt"]);
+    }
+
+    /// A repository that ignores its lockfile: the main worktree's snapshot carries one, a
+    /// new worktree's does not, and its job must start from the slot's last lockfile rather
+    /// than resolve every dependency anew.
+    #[tokio::test]
+    async fn a_snapshot_without_a_lockfile_starts_from_the_slots_last_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cache, cache_repo, commits) = cached_repo(
+            dir.path(),
+            &[
+                &[("Cargo.lock", Some("locked\n")), ("lib.rs", Some("\n"))],
+                &[("Cargo.lock", None)],
+                &[("Cargo.lock", Some("relocked\n"))],
+            ],
+        )
+        .await;
+        let [locked, unlocked, relocked] = commits.as_slice() else {
+            panic!("three commits");
+        };
+        let lock = cache.lock("repo").await.expect("lock");
+        let pool = WorkspacePool::new(dir.path().join("workspaces"), 1);
+        let workspace = pool
+            .acquire("repo", &Lineage::default())
+            .expect("workspace");
+        let lockfile = || std::fs::read_to_string(workspace.src.join(LOCKFILE)).ok();
+        for (commit, cleaned, expected) in [
+            (locked, false, "locked\n"),
+            (unlocked, false, "locked\n"),
+            (relocked, true, "relocked\n"),
+            (unlocked, true, "relocked\n"),
+        ] {
+            workspace
+                .checkout(&lock, &cache_repo, commit, cleaned)
+                .await
+                .expect("checkout");
+            assert_eq!(lockfile().as_deref(), Some(expected), "{commit}");
+        }
+        // What cargo wrote there last is what the next lockless snapshot starts from, and a
+        // snapshot's own lockfile still wins over it.
+        std::fs::write(workspace.src.join(LOCKFILE), "updated by cargo\n").expect("write");
+        workspace
+            .checkout(&lock, &cache_repo, unlocked, false)
+            .await
+            .expect("checkout");
+        assert_eq!(lockfile().as_deref(), Some("updated by cargo\n"));
+        workspace
+            .checkout(&lock, &cache_repo, locked, false)
+            .await
+            .expect("checkout");
+        assert_eq!(lockfile().as_deref(), Some("locked\n"));
     }
 }
