@@ -18,8 +18,8 @@ use brush_parser::ast::{
 use brush_parser::word::{self, WordPiece, WordPieceWithSource};
 use brush_parser::{Parser, ParserOptions};
 
-/// Programs that run the rest of their arguments as a command, with the number of words of
-/// their own before it: options, and for `timeout` its duration.
+/// Programs that run the rest of their arguments as a command, after words of their own
+/// (options, `timeout`'s duration, `env`'s assignments: see [`unwrap`]).
 const WRAPPERS: &[&str] = &[
     "timeout", "env", "nice", "nohup", "command", "exec", "stdbuf",
 ];
@@ -72,7 +72,7 @@ fn unwrap<'a>(wrapper: &str, args: &'a [String]) -> Option<&'a [String]> {
     // Options of these wrappers that take a separate value.
     let with_value: &[&str] = match wrapper {
         "timeout" => &["-s", "--signal", "-k", "--kill-after"],
-        "env" => &["-u", "--unset", "-C", "--chdir", "-S", "--split-string"],
+        "env" => &["-u", "--unset"],
         "nice" => &["-n", "--adjustment"],
         "stdbuf" => &["-i", "-o", "-e"],
         _ => &[],
@@ -86,9 +86,10 @@ fn unwrap<'a>(wrapper: &str, args: &'a [String]) -> Option<&'a [String]> {
         if !arg.starts_with('-') || arg == "-" {
             break;
         }
-        if matches!(arg.as_str(), "-C" | "--chdir" | "-S" | "--split-string")
-            || arg.starts_with("--chdir=")
-            || arg.starts_with("--split-string=")
+        if wrapper == "env"
+            && (matches!(arg.as_str(), "-C" | "--chdir" | "-S" | "--split-string")
+                || arg.starts_with("--chdir=")
+                || arg.starts_with("--split-string="))
         {
             // `env` changing directory or splitting a string: not followed here.
             return None;
