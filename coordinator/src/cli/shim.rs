@@ -134,28 +134,26 @@ fn started_by_a_job() -> bool {
     })
 }
 
+/// Programs whose SIGINT and SIGQUIT being ignored means a background list.
+const SHELLS: &[&str] = &["bash", "sh", "dash", "zsh", "ksh"];
+
 /// Whether this cargo was started in the background (`cargo test &`): the real cargo runs
 /// it. A background cargo outlives the line that started it, so on the pool it would hold a
 /// slot that no one watches and nothing stops.
 ///
 /// A shell without job control (Claude Code's, a script's) starts a background command
 /// with SIGINT and SIGQUIT ignored, as POSIX requires, and nothing else does both: Claude
-/// Code (through libuv) starts its shell with every signal at its default. A background
+/// Code starts its shell with every signal at its default (tests/claude_code.rs runs the
+/// real CLI both ways). A background
 /// subshell or group (`(cargo build | tail) &`) ignores them itself while its children
-/// do not, so the shells this cargo runs under are asked too. An interactive shell puts a
-/// background command in a process group the terminal does not have in front.
+/// do not, so the shells this cargo runs under are asked too.
 ///
-/// `timeout` catches those signals, and its child gets them back at their default, so
-/// `timeout 300 cargo test &` is not recognised and goes to the pool.
+/// Not recognised, so sent to the pool: `timeout 300 cargo test &` (timeout catches those
+/// signals, and its child gets them back at their default), and `cargo test &` typed at an
+/// interactive prompt with job control. The terminal's foreground process group would tell
+/// the latter, but an agent that starts its commands in a process group of their own while
+/// the terminal is still theirs would then see every cargo kept here.
 fn started_in_background() -> bool {
-    ignores_interrupts() || behind_the_terminal()
-}
-
-/// Programs whose SIGINT and SIGQUIT being ignored means a background list.
-const SHELLS: &[&str] = &["bash", "sh", "dash", "zsh", "ksh"];
-
-/// Whether this process, or a shell it runs under, ignores both SIGINT and SIGQUIT.
-fn ignores_interrupts() -> bool {
     let bit = |signal: rustix::process::Signal| 1u64 << (signal.as_raw() - 1);
     let both = bit(rustix::process::Signal::INT) | bit(rustix::process::Signal::QUIT);
     let mut pid = "self".to_owned();
@@ -188,14 +186,6 @@ fn ignores_interrupts() -> bool {
         pid = parent.to_owned();
     }
     false
-}
-
-fn behind_the_terminal() -> bool {
-    // Fails without a controlling terminal, as under Claude Code: then there is no front.
-    let Ok(terminal) = std::fs::File::open("/dev/tty") else {
-        return false;
-    };
-    rustix::termios::tcgetpgrp(&terminal).is_ok_and(|front| front != rustix::process::getpgrp())
 }
 
 /// Runs as `cargo`: execs `buildpool run` for what the hook would offload, the real cargo
