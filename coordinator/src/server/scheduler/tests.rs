@@ -313,7 +313,7 @@ fn no_job_is_lost_or_finished_twice_under_random_interleavings() {
         let mut in_flight: Vec<(ConnId, JobId, u32)> = Vec::new();
         let mut connected: Vec<ConnId> = Vec::new();
         // Each connection's agent id, and what the coordinator's store would hold (kept
-        // from the actions as `Shared::apply` keeps it): unfinished jobs, their agent and
+        // from the actions as `Dispatch::apply` keeps it): unfinished jobs, their agent and
         // attempt.
         let mut agent_ids: HashMap<ConnId, String> = HashMap::new();
         let mut stored: BTreeMap<JobId, (Option<String>, u32, u32)> = BTreeMap::new();
