@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use buildpool_core::{JobEvent, JobId, JobResult, OutputStream};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 
 use super::context::Jobs;
 use super::error::JobError;
@@ -32,7 +32,7 @@ const EVENT_BUFFER: usize = 32;
 /// extra task and its wake-up per event would cost more than the event), and a client that
 /// reads slowly holds back only its own reading.
 pub(crate) fn follow(
-    jobs: &Arc<Jobs>,
+    jobs: &Jobs,
     job_id: JobId,
     watching: Watching,
     mut phase: watch::Receiver<JobEvent>,
@@ -42,7 +42,7 @@ pub(crate) fn follow(
     let end = *length.borrow_and_update();
     let pending_phase = Some(phase.borrow_and_update().clone());
     let follower = Follower {
-        jobs: Arc::clone(jobs),
+        shutdown: jobs.shutdown.clone(),
         job_id,
         job: watching,
         phase,
@@ -91,7 +91,8 @@ pub(crate) fn replay(
 /// One client following a running job: its events and its output, read from the log from
 /// the output the client already has on.
 struct Follower {
-    jobs: Arc<Jobs>,
+    /// The coordinator's shutdown, which ends every stream.
+    shutdown: CancellationToken,
     job_id: JobId,
     job: Watching,
     phase: watch::Receiver<JobEvent>,
@@ -160,7 +161,7 @@ impl Follower {
                     if changed.is_err() { return None; }
                     self.end = *self.length.borrow_and_update();
                 }
-                () = self.jobs.shutdown.cancelled() => {
+                () = self.shutdown.cancelled() => {
                     self.done = true;
                     return Some(vec![Err(JobError::ShuttingDown)]);
                 }
