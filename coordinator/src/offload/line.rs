@@ -32,6 +32,30 @@ pub fn is_wrapper(program: &str) -> bool {
 /// Shells whose `-c STRING` is a command line of its own.
 const SHELLS: &[&str] = &["bash", "sh", "dash", "zsh"];
 
+/// How deep lines inside lines are read; what a person or an agent types nests a few.
+const MAX_NESTING: usize = 16;
+
+/// How deep brackets may nest in a line that is read at all.
+const MAX_BRACKET_DEPTH: usize = 64;
+
+/// The deepest nesting of `(` and `{` in `line`, quotes and all: an upper bound of how deep
+/// the parser recurses.
+fn bracket_depth(line: &str) -> usize {
+    let mut depth = 0usize;
+    let mut deepest = 0;
+    for c in line.chars() {
+        match c {
+            '(' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// One program a command line starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invocation {
@@ -136,10 +160,19 @@ struct Scope {
 struct Reader {
     found: Vec<Invocation>,
     depth: usize,
+    /// How many lines the reading is inside that [`Self::list_in_subshell`] read again.
+    reread: usize,
 }
 
 impl Reader {
     fn line(&mut self, line: &str, scope: &mut Scope) -> Result<(), Unreadable> {
+        if bracket_depth(line) > MAX_BRACKET_DEPTH {
+            // The parser, and this reading, recurse per bracket: a hostile depth would
+            // overflow the stack rather than fail.
+            return Err(Unreadable(format!(
+                "brackets nested deeper than {MAX_BRACKET_DEPTH}"
+            )));
+        }
         let program = Parser::new(line.as_bytes(), &ParserOptions::default())
             .parse_program()
             .map_err(|error| Unreadable(error.to_string()))?;
@@ -150,11 +183,27 @@ impl Reader {
     }
 
     /// A line read inside another command: `bash -c STRING`, `$(…)`, `<(…)`. What it
-    /// cannot read is still run by bash; it is then simply not listed.
+    /// cannot read is still run by bash; it is then simply not listed, like anything nested
+    /// deeper than [`MAX_NESTING`] (which bounds the reading's recursion on hostile input).
     fn nested(&mut self, line: &str, scope: &Scope) {
+        if self.depth >= MAX_NESTING {
+            return;
+        }
         self.depth += 1;
         let _ = self.line(line, &mut scope.clone());
         self.depth -= 1;
+    }
+
+    /// `line`, run in a subshell at this depth: parenthesised commands the parser read as
+    /// something else.
+    /// Bounded like [`Self::nested`].
+    fn list_in_subshell(&mut self, line: &str, scope: &Scope) {
+        if self.reread >= MAX_NESTING {
+            return;
+        }
+        self.reread += 1;
+        let _ = self.line(line, &mut scope.clone());
+        self.reread -= 1;
     }
 
     fn list(&mut self, list: &CompoundList, scope: &mut Scope) {
@@ -246,6 +295,13 @@ impl Reader {
                     ..scope.clone()
                 };
                 self.command(&coprocess.body, &mut background);
+            }
+            // Bash reads `( (cargo test) )` as two subshells where `((` is no arithmetic;
+            // brush-parser takes it for one, so what is no arithmetic is read as commands.
+            CompoundCommand::Arithmetic(arithmetic)
+                if brush_parser::arithmetic::parse(&arithmetic.expr.value).is_err() =>
+            {
+                self.list_in_subshell(&arithmetic.expr.value, scope);
             }
             CompoundCommand::Arithmetic(_) => {}
         }
@@ -411,6 +467,11 @@ mod tests {
             ]
         );
         assert_eq!(
+            argvs("( (cd app && cargo test) )"),
+            [words(&["cd", "app"]), words(&["cargo", "test"])]
+        );
+        assert!(argvs("(( i + 1 ))").is_empty(), "arithmetic starts nothing");
+        assert_eq!(
             argvs("if cargo check; then cargo test; fi"),
             [words(&["cargo", "check"]), words(&["cargo", "test"])]
         );
@@ -507,8 +568,29 @@ mod tests {
     }
 
     #[test]
+    fn lines_nested_deeper_than_the_bound_are_not_listed() {
+        let mut line = "cargo test".to_owned();
+        for _ in 0..40 {
+            line = format!("echo $({line})");
+        }
+        let found = read(&line);
+        assert!(found.iter().all(|found| found.depth <= MAX_NESTING));
+        assert!(
+            !found
+                .iter()
+                .any(|found| found.name.as_deref() == Some("cargo"))
+        );
+    }
+
+    #[test]
     fn a_line_bash_cannot_read_is_unreadable() {
-        for line in ["cargo test 'unterminated", "cargo test && ", "( cargo test"] {
+        let deep = format!("{}cargo test{}", "(true; ".repeat(5000), ")".repeat(5000));
+        for line in [
+            deep.as_str(),
+            "cargo test 'unterminated",
+            "cargo test && ",
+            "( cargo test",
+        ] {
             assert!(invocations(line, Path::new("/repo")).is_err(), "{line}");
         }
     }
