@@ -160,7 +160,7 @@ struct Scope {
 struct Reader {
     found: Vec<Invocation>,
     depth: usize,
-    /// How many lines the reading is inside that [`Self::list_in_subshell`] read again.
+    /// How many lines the reading is inside that [`Self::read_again`] read.
     reread: usize,
 }
 
@@ -182,27 +182,19 @@ impl Reader {
         Ok(())
     }
 
-    /// A line read inside another command: `bash -c STRING`, `$(…)`, `<(…)`. What it
-    /// cannot read is still run by bash; it is then simply not listed, like anything nested
-    /// deeper than [`MAX_NESTING`] (which bounds the reading's recursion on hostile input).
-    fn nested(&mut self, line: &str, scope: &Scope) {
-        if self.depth >= MAX_NESTING {
-            return;
-        }
-        self.depth += 1;
-        let _ = self.line(line, &mut scope.clone());
-        self.depth -= 1;
-    }
-
-    /// `line`, run in a subshell at this depth: parenthesised commands the parser read as
-    /// something else.
-    /// Bounded like [`Self::nested`].
-    fn list_in_subshell(&mut self, line: &str, scope: &Scope) {
+    /// Reads `line` as a line of its own, run by bash beneath this one: inside another
+    /// command (`bash -c STRING`, `$(…)`, `<(…)`: one level `deeper` for display), or
+    /// parenthesised commands the parser took for something else (at this depth). What it
+    /// cannot read is still run by bash; it is then simply not listed, like anything read
+    /// again more than [`MAX_NESTING`] times over (which bounds the recursion).
+    fn read_again(&mut self, line: &str, scope: &Scope, deeper: bool) {
         if self.reread >= MAX_NESTING {
             return;
         }
         self.reread += 1;
+        self.depth += usize::from(deeper);
         let _ = self.line(line, &mut scope.clone());
+        self.depth -= usize::from(deeper);
         self.reread -= 1;
     }
 
@@ -301,7 +293,7 @@ impl Reader {
             CompoundCommand::Arithmetic(arithmetic)
                 if brush_parser::arithmetic::parse(&arithmetic.expr.value).is_err() =>
             {
-                self.list_in_subshell(&arithmetic.expr.value, scope);
+                self.read_again(&arithmetic.expr.value, scope, false);
             }
             CompoundCommand::Arithmetic(_) => {}
         }
@@ -350,7 +342,7 @@ impl Reader {
         {
             let line = line.clone();
             self.found.push(invocation);
-            self.nested(&line, scope);
+            self.read_again(&line, scope, true);
             return;
         }
         self.found.push(invocation);
@@ -403,7 +395,7 @@ impl Reader {
                 | WordPiece::GettextDoubleQuotedSequence(inner) => self.pieces(inner, true, scope),
                 WordPiece::CommandSubstitution(line)
                 | WordPiece::BackquotedCommandSubstitution(line) => {
-                    self.nested(line, scope);
+                    self.read_again(line, scope, true);
                     None
                 }
                 _ => None,
