@@ -15,6 +15,7 @@ use buildpool_proto::tls::{ClientCertFiles, ServerTrust, TlsError};
 use crate::connection::ServerEndpoint;
 use crate::git_proxy::EndpointTls;
 use crate::sandbox::{JobUser, SandboxMode};
+use crate::shared_cache::SharedCache;
 
 pub const DEFAULT_CONFIG_PATHS: &[&str] =
     &["/etc/build-agent/config.toml", "/etc/build-agent.toml"];
@@ -85,6 +86,9 @@ pub struct CacheSection {
     /// Compile through sccache when it is installed; one disk cache per repository.
     #[serde(default)]
     pub sccache: bool,
+    /// One sccache store for the whole fleet (`redis://`, `memcached://`, `s3://`,
+    /// `webdav+https://`); turns sccache on. Unset: each agent's own disk cache.
+    pub shared: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,6 +203,9 @@ pub struct Overrides {
     /// else not at all).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<String>,
+    /// One sccache store for the whole fleet, as `[cache] shared`.
+    #[arg(long, value_name = "URL")]
+    pub cache_shared: Option<String>,
 }
 
 /// The environment's part of the configuration, read once, so that
@@ -245,6 +252,8 @@ pub struct AgentConfig {
     /// Who jobs run as when the agent is root (`[sandbox] user`).
     pub sandbox_user: JobUser,
     pub sccache: bool,
+    /// The fleet's shared sccache store (`[cache] shared`); implies `sccache`.
+    pub shared_cache: Option<SharedCache>,
     /// `None`: a share of the free space, settled when the agent starts.
     pub max_disk_bytes: Option<u64>,
     pub workspace_ttl: Duration,
@@ -482,6 +491,24 @@ fn max_disk_bytes(max_disk_gb: Option<f64>) -> Result<Option<u64>, ConfigError> 
     Ok(Some((gb * 1e9) as u64))
 }
 
+/// The fleet's shared compilation cache, if one is configured. sccache runs inside the
+/// job's sandbox, so the store is out of reach when jobs have no network.
+fn shared_cache(url: Option<&str>, network: bool) -> Result<Option<SharedCache>, ConfigError> {
+    let Some(url) = url else {
+        return Ok(None);
+    };
+    let cache = url
+        .parse::<SharedCache>()
+        .map_err(|error| ConfigError::Invalid(error.to_string()))?;
+    if !network {
+        return Err(ConfigError::Invalid(format!(
+            "[cache] shared = \"{cache}\" needs [sandbox] network = true: each job's \
+             sccache reaches the store from inside the job's sandbox"
+        )));
+    }
+    Ok(Some(cache))
+}
+
 /// Who a root agent's jobs run as: the configured user, else `nobody`.
 fn sandbox_user(configured: Option<&str>) -> Result<JobUser, ConfigError> {
     configured.map_or_else(
@@ -535,6 +562,11 @@ impl AgentConfig {
         )?;
         let max_disk_bytes = max_disk_bytes(flags.max_disk_gb.or(file.storage.max_disk_gb))?;
         let sandbox_user = sandbox_user(file.sandbox.user.as_deref())?;
+        let sandbox_network = file.sandbox.network.unwrap_or(true);
+        let shared_cache = shared_cache(
+            flags.cache_shared.or(file.cache.shared).as_deref(),
+            sandbox_network,
+        )?;
         Ok(Self {
             servers,
             id: flags.id.or(file.worker.id).unwrap_or_else(|| {
@@ -563,9 +595,10 @@ impl AgentConfig {
             ),
             sandbox,
             metrics_addr: flags.metrics_addr.or(file.metrics.listen_addr),
-            sandbox_network: file.sandbox.network.unwrap_or(true),
+            sandbox_network,
             sandbox_user,
-            sccache: file.cache.sccache,
+            sccache: file.cache.sccache || shared_cache.is_some(),
+            shared_cache,
             max_disk_bytes,
             workspace_ttl: Duration::from_secs(
                 file.storage.workspace_ttl_days.unwrap_or(14) * 24 * 3600,
@@ -666,5 +699,49 @@ mod tests {
             },
         );
         assert!(zero.is_err());
+    }
+
+    #[test]
+    fn a_shared_cache_turns_sccache_on_and_needs_the_jobs_network() {
+        let file = |extra: &str| -> FileConfig {
+            toml::from_str(&format!("[server]\nurl = \"ws://a:8081/ws\"\n{extra}")).expect("parses")
+        };
+        let config = AgentConfig::resolve(
+            file("[cache]\nshared = \"redis://cache.lan\""),
+            &Environment::default(),
+            with_token(),
+        )
+        .expect("valid");
+        assert!(config.sccache);
+        assert_eq!(
+            config.shared_cache.map(|cache| cache.to_string()),
+            Some("redis://cache.lan".into())
+        );
+
+        let flag = AgentConfig::resolve(
+            file(""),
+            &Environment::default(),
+            Overrides {
+                cache_shared: Some("memcached://m:11211".into()),
+                ..with_token()
+            },
+        )
+        .expect("valid");
+        assert!(flag.shared_cache.is_some() && flag.sccache);
+
+        let offline = AgentConfig::resolve(
+            file("[cache]\nshared = \"redis://cache.lan\"\n[sandbox]\nnetwork = false"),
+            &Environment::default(),
+            with_token(),
+        )
+        .expect_err("no network, no store");
+        assert!(offline.to_string().contains("network = true"), "{offline}");
+        let unknown = AgentConfig::resolve(
+            file("[cache]\nshared = \"ftp://cache.lan\""),
+            &Environment::default(),
+            with_token(),
+        )
+        .expect_err("unknown scheme");
+        assert!(unknown.to_string().contains("unknown scheme"), "{unknown}");
     }
 }

@@ -486,6 +486,7 @@ mod tests {
                 kill_grace: Duration::from_secs(1),
                 sandbox: None,
                 sccache: false,
+                shared_cache: None,
                 disk: None,
             },
         );

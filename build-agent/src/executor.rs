@@ -26,6 +26,7 @@ use crate::git_cache::{CacheError, GitCache, GitRemote, Obtained, PackOverBase};
 use crate::nix::{self, DevEnv, DevEnvCache};
 use crate::process::{self, CommandSpec, OutputChunk, ProcessResult, RunLimits};
 use crate::sandbox::{JobPaths, Sandbox, agent_cargo_home, find_on_path};
+use crate::shared_cache::SharedCache;
 use crate::workspace::{Lineage, Workspace, WorkspaceError, WorkspacePool};
 
 /// Where executables wait to be sent, under the worktree directory (no repository id
@@ -51,6 +52,9 @@ pub struct ExecutorConfig {
     pub sandbox: Option<Sandbox>,
     /// Compile through sccache (when installed), one disk cache per repository.
     pub sccache: bool,
+    /// The fleet's one sccache store, used in place of the repository's disk cache while
+    /// it answers.
+    pub shared_cache: Option<SharedCache>,
     /// The disk budget over workspaces and caches; `None` keeps no budget (the developer's
     /// own machine).
     pub disk: Option<Arc<DiskBudget>>,
@@ -167,20 +171,27 @@ fn copy_cargo_config(cargo_home: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// sccache for one job: the repository's disk cache, and a server of the job's own. The
-/// server must not be shared: one sandbox's server would read another sandbox's files at
-/// the same `/build` path. A socket in the job's private `/tmp` isolates newer sccache; a
-/// port that was free when the job started, older sccache.
-fn sccache_env(sccache: &Path, dir: &Path) -> std::io::Result<Vec<(OsString, OsString)>> {
+/// sccache for one job: the fleet's shared store when it answered, else the repository's
+/// disk cache; and a server of the job's own. The server must not be shared: one
+/// sandbox's server would read another sandbox's files at the same `/build` path. A socket
+/// in the job's private `/tmp` isolates newer sccache; a port that was free when the job
+/// started, older sccache.
+fn sccache_env(
+    sccache: &Path,
+    dir: &Path,
+    shared: Option<&SharedCache>,
+) -> std::io::Result<Vec<(OsString, OsString)>> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    Ok(vec![
+    let mut env: Vec<(OsString, OsString)> = vec![
         ("RUSTC_WRAPPER".into(), sccache.into()),
         ("SCCACHE_DIR".into(), dir.into()),
         ("SCCACHE_SERVER_UDS".into(), "/tmp/sccache.sock".into()),
         ("SCCACHE_SERVER_PORT".into(), port.to_string().into()),
-    ])
+    ];
+    env.extend(shared.map(SharedCache::sccache_env).unwrap_or_default());
+    Ok(env)
 }
 
 /// Why a job could not get as far as cargo. The message is the job's failure reason, as
@@ -269,6 +280,7 @@ impl Executor {
         spec: &JobSpec,
         dev_env: Option<&DevEnv>,
         workspace: &Workspace,
+        shared_cache: Option<&SharedCache>,
     ) -> std::io::Result<JobCommand> {
         let Some(sandbox) = &self.config.sandbox else {
             return Ok(JobCommand {
@@ -301,7 +313,9 @@ impl Executor {
         let view = sandbox.view(&paths);
         let mut command = cargo_command(spec, dev_env, &view.src, &view.target);
         if let (Some(sccache), Some(dir)) = (sccache, view.sccache_dir) {
-            command.env.extend(sccache_env(&sccache, &dir)?);
+            command
+                .env
+                .extend(sccache_env(&sccache, &dir, shared_cache)?);
         }
         Ok(JobCommand {
             command: sandbox.wrap(&paths, command),
@@ -469,9 +483,37 @@ impl Executor {
             Ok(Err(error)) => return Err(setup_failed(output, &error).await),
             Err(_) => return Err(JobEnd::TimedOut),
         };
-        match self.job_command(&job.spec, prepared.dev_env.as_ref(), &prepared.workspace) {
+        let shared_cache = self.reachable_shared_cache(output).await;
+        match self.job_command(
+            &job.spec,
+            prepared.dev_env.as_ref(),
+            &prepared.workspace,
+            shared_cache,
+        ) {
             Ok(job_command) => Ok((prepared, job_command)),
             Err(error) => Err(setup_failed(output, &SetupError::Directories(error)).await),
+        }
+    }
+
+    /// The fleet's shared cache, when one is configured and answers now. A store that is
+    /// down costs the job this line and its hits, never the job: it compiles with the
+    /// repository's own disk cache instead.
+    async fn reachable_shared_cache(
+        &self,
+        output: &mpsc::Sender<OutputChunk>,
+    ) -> Option<&SharedCache> {
+        let shared = self.config.shared_cache.as_ref()?;
+        match shared.probe().await {
+            Ok(()) => Some(shared),
+            Err(error) => {
+                tracing::warn!(%shared, "shared compilation cache unreachable: {error}");
+                let line = format!(
+                    "shared compilation cache {shared} unreachable ({error}): compiling \
+                     with this agent's own cache"
+                );
+                note(output, line).await;
+                None
+            }
         }
     }
 

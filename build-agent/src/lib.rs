@@ -27,6 +27,7 @@ pub mod nix;
 pub mod output;
 pub mod process;
 pub mod sandbox;
+pub mod shared_cache;
 pub mod workspace;
 
 pub use agent::{Agent, AgentIdentity};

@@ -223,6 +223,13 @@ fn new_agent(
     sandbox: Sandbox,
     disk: Arc<DiskBudget>,
 ) -> anyhow::Result<Agent> {
+    if config.sccache && build_agent::sandbox::find_on_path("sccache").is_none() {
+        tracing::warn!(
+            "[cache] asks for sccache, but none is on PATH: jobs compile without a cache"
+        );
+    } else if let Some(shared) = &config.shared_cache {
+        tracing::info!(%shared, "jobs compile through the fleet's shared sccache store");
+    }
     Ok(Agent::new(
         AgentIdentity {
             id: config.id.clone(),
@@ -240,6 +247,7 @@ fn new_agent(
             kill_grace: config.kill_grace,
             sandbox: Some(sandbox),
             sccache: config.sccache,
+            shared_cache: config.shared_cache.clone(),
             disk: Some(disk),
         },
     ))

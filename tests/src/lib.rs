@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod fixture;
+pub mod redis;
 
 pub use fixture::Fixture;
 

@@ -42,6 +42,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             kill_grace: Duration::from_secs(5),
             sandbox: None,
             sccache: false,
+            shared_cache: None,
             disk: None,
         },
     );

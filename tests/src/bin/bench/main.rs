@@ -35,6 +35,9 @@
 //! `sccache` measures the sccache hit rate when a second slot builds the snapshot the first
 //! built, with the sandbox's stable path and without the sandbox.
 //!
+//! `shared-cache [CRATE]` (shared_cache.rs) times a published crate's first build on a new
+//! agent with the fleet's shared sccache store against a cold agent's.
+//!
 //! `hook` measures what offloading adds to a Claude Code session: the SessionStart hook,
 //! and the cargo shim against the real cargo.
 //!
@@ -55,6 +58,7 @@ mod growth;
 mod hook;
 mod scale;
 mod sccache;
+mod shared_cache;
 mod soak;
 
 use std::io::{BufRead, BufReader};
@@ -296,6 +300,9 @@ fn main() -> anyhow::Result<()> {
     // Each further mode lives in its own module beside this file and takes its arguments.
     if args.first().is_some_and(|arg| arg == "sccache") {
         return sccache::run();
+    }
+    if args.first().is_some_and(|arg| arg == "shared-cache") {
+        return shared_cache::run(&args[1..]);
     }
     if args.first().is_some_and(|arg| arg == "hook") {
         let rounds = rounds(args.get(1), 200, "bench hook [ROUNDS]")?;
