@@ -19,3 +19,4 @@ pub mod repo;
 pub mod server;
 pub mod session;
 pub mod snapshot;
+pub mod spread;

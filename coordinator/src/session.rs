@@ -169,7 +169,20 @@ impl JobClient {
 
     /// Snapshots the worktree as it is now, routes and submits a job of `spec`.
     pub async fn start(&self, spec: JobSpec, force_local: bool) -> Result<JobSession, StartError> {
-        buildpool_core::spec::validate(&spec)?;
+        let mut sessions = self.start_all(vec![spec], force_local).await?;
+        Ok(sessions.remove(0))
+    }
+
+    /// Snapshots the worktree once, routes, and submits a job of each of `specs` (at least
+    /// one) on that snapshot: the parts of one run see the same code.
+    pub async fn start_all(
+        &self,
+        specs: Vec<JobSpec>,
+        force_local: bool,
+    ) -> Result<Vec<JobSession>, StartError> {
+        for spec in &specs {
+            buildpool_core::spec::validate(spec)?;
+        }
         let started = Instant::now();
         // The snapshot and dialling the coordinator need nothing of each other: at once,
         // the connection costs the job no time of its own.
@@ -181,33 +194,37 @@ impl JobClient {
         let snapshot = snapshot.map_err(|e| StartError::Snapshot(e.into()))?;
         let snapshot_note = snapshot.skipped_note();
         let Route { client, via } = route.map_err(StartError::Route)?;
-        let submission = Submission {
-            spec,
-            commit: snapshot.commit,
-            git_ref: snapshot.git_ref,
-            worktree: self.repo.worktree.display().to_string(),
-            base_commit: snapshot.base_commit.unwrap_or_default(),
-        };
-        let events = client
-            .submit(submission)
-            .await
-            .map_err(StartError::Refused)?;
-        Ok(JobSession {
-            client,
-            via,
-            repo: self.repo.clone(),
-            events,
-            job_id: None,
-            output_seen: 0,
-            lost_since: None,
-            reconnect_timeout: reconnect_timeout(),
-            cancel_requested: false,
-            cancel_sent: None,
-            snapshot_note,
-            started,
-            snapshot_time,
-            submit_time: started.elapsed() - snapshot_time,
-        })
+        let mut sessions = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let submission = Submission {
+                spec,
+                commit: snapshot.commit.clone(),
+                git_ref: snapshot.git_ref.clone(),
+                worktree: self.repo.worktree.display().to_string(),
+                base_commit: snapshot.base_commit.clone().unwrap_or_default(),
+            };
+            let events = client
+                .submit(submission)
+                .await
+                .map_err(StartError::Refused)?;
+            sessions.push(JobSession {
+                client: client.clone(),
+                via: via.clone(),
+                repo: self.repo.clone(),
+                events,
+                job_id: None,
+                output_seen: 0,
+                lost_since: None,
+                reconnect_timeout: reconnect_timeout(),
+                cancel_requested: false,
+                cancel_sent: None,
+                snapshot_note: snapshot_note.clone(),
+                started,
+                snapshot_time,
+                submit_time: started.elapsed() - snapshot_time,
+            });
+        }
+        Ok(sessions)
     }
 
     /// The in-process coordinator's client, if one is running.

@@ -7,6 +7,7 @@ mod inspect;
 mod run;
 mod serve;
 mod shim;
+mod spread;
 mod token;
 mod ui;
 

@@ -11,6 +11,7 @@ use buildpool_core::{EnvMode, EnvVar, JobEvent, JobId, JobKind, JobSpec, OutputS
 use clap::Args;
 
 use super::artifacts;
+use super::spread::{Spread, SpreadEnd};
 use crate::client::Client;
 use crate::progress::Progress;
 use crate::repo::Repo;
@@ -47,6 +48,12 @@ pub struct RunArgs {
     /// worktree's target/ at the same paths (checksum-verified, up to 512 MiB per job).
     #[arg(long)]
     artifacts: bool,
+    /// `test` only: run the tests as N nextest slices on as many agents at once (`auto`:
+    /// one per idle agent), the doctests beside them, and end with one `test result:` line
+    /// over all of them. Needs cargo-nextest on the agents; without it, one agent runs
+    /// `cargo test`.
+    #[arg(long, value_name = "N|auto")]
+    spread: Option<Spread>,
     /// Arguments passed to cargo after the subcommand.
     #[arg(last = true)]
     cargo_args: Vec<String>,
@@ -65,6 +72,7 @@ impl RunArgs {
             quiet: false,
             silent: false,
             artifacts: false,
+            spread: None,
             cargo_args: Vec::new(),
         }
     }
@@ -116,7 +124,7 @@ macro_rules! note {
     };
 }
 
-fn say(notes: bool, text: std::fmt::Arguments<'_>) {
+pub(super) fn say(notes: bool, text: std::fmt::Arguments<'_>) {
     if notes {
         let _ = writeln!(std::io::stderr().lock(), "[buildpool] {text}");
     }
@@ -200,7 +208,7 @@ fn emit(stream: OutputStream, data: &[u8]) -> std::io::Result<()> {
 /// The signals that stop `run` and cancel its job: Ctrl-C, `timeout`'s and `kill`'s
 /// SIGTERM, and a closed terminal's SIGHUP. A job left running by its client would hold a
 /// slot until the coordinator's grace for unwatched jobs ran out.
-struct Stops {
+pub(super) struct Stops {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
     hangup: tokio::signal::unix::Signal,
@@ -216,7 +224,7 @@ impl Stops {
         })
     }
 
-    async fn next(&mut self) {
+    pub(super) async fn next(&mut self) {
         tokio::select! {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}
@@ -230,21 +238,46 @@ pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut interrupts = Stops::new()?;
     let (force_local, verbose, quiet) = (args.local, args.verbose, args.quiet);
     let notes = !args.silent;
+    let spread = args.spread;
     let spec = args.spec()?;
+    if spread.is_some() && (spec.kind != JobKind::Test || spec.collect_executables) {
+        anyhow::bail!("--spread spreads `run test` only, and without --artifacts");
+    }
     let jobs = JobClient::new(Repo::discover(dir).await?);
     if let Some(note) = jobs.repo().plain_note() {
         note!(notes, "{note}");
     }
-    let line = TerminalLine::new(!quiet && notes, &jobs.repo().worktree);
-    let outcome = run_job(
-        &jobs,
-        spec,
-        force_local,
-        verbose,
-        notes,
-        line,
-        &mut interrupts,
-    )
+    let outcome = async {
+        if let Some(spread) = spread {
+            let slices = spread.slices(&jobs, force_local).await?;
+            if slices > 1 {
+                let end =
+                    super::spread::run(&jobs, &spec, slices, force_local, notes, &mut interrupts)
+                        .await?;
+                match end {
+                    SpreadEnd::Exited(code) => return Ok(code),
+                    SpreadEnd::NoNextest { agent } => note!(
+                        notes,
+                        "{agent} has no cargo-nextest (cargo install cargo-nextest): running \
+                         cargo test on one agent instead"
+                    ),
+                }
+            } else {
+                note!(notes, "one slice: running cargo test on one agent");
+            }
+        }
+        let line = TerminalLine::new(!quiet && notes, &jobs.repo().worktree);
+        run_job(
+            &jobs,
+            spec,
+            force_local,
+            verbose,
+            notes,
+            line,
+            &mut interrupts,
+        )
+        .await
+    }
     .await;
     jobs.shutdown().await;
     outcome.map(ExitCode::from)

@@ -6,7 +6,7 @@
 //! `--message-format libtest-json-plus`). Only capped summaries are kept; the full log stays
 //! with the coordinator, reachable through the `job_log` tool.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use buildpool_core::OutputStream;
 use cargo_metadata::Message;
@@ -31,6 +31,8 @@ const MAX_LINE: usize = 4 * 1024 * 1024;
 const MAX_SECTION: usize = 64 * 1024;
 /// Last stderr lines kept to explain failures that produce no diagnostic.
 const STDERR_TAIL: usize = 8;
+/// Test binaries whose ignored tests are counted at most.
+const MAX_BINARIES: usize = 4096;
 
 /// One compiler diagnostic, as rustc located it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +102,10 @@ pub struct Report {
     pub stderr_tail: Vec<String>,
     /// The cargo subcommand cargo did not have (`nextest` without cargo-nextest installed).
     pub missing_command: Option<String>,
+    /// nextest's ignored tests per test binary (`crate/binary/kind`), as its suite events
+    /// count them. Every slice of a spread run reports every binary's: taken once per
+    /// binary, they add up to what `cargo test` counts.
+    pub ignored_by_binary: BTreeMap<String, u64>,
 }
 
 /// What a report builder has seen so far, for progress notifications.
@@ -180,6 +186,7 @@ pub struct ReportBuilder {
     section: Option<FailureSection>,
     stderr_tail: std::collections::VecDeque<String>,
     missing_command: Option<String>,
+    ignored_by_binary: BTreeMap<String, u64>,
     /// nextest's summary line was seen: its tally replaces the one from test events.
     nextest_summary: bool,
     progress: Progress,
@@ -326,12 +333,37 @@ impl ReportBuilder {
     /// `ignored` event, so neither is counted.
     fn test_event(&mut self, event: &serde_json::Value) {
         self.progress.testing = true;
+        if event["type"] == "suite" {
+            self.suite_event(event);
+            return;
+        }
         if event["type"] != "test" {
             return;
         }
         let name = event["name"].as_str().unwrap_or("");
         let output = event["stdout"].as_str().unwrap_or("");
         self.test_outcome(event["event"].as_str().unwrap_or(""), name, output);
+    }
+
+    /// A suite event's count of ignored tests, kept per test binary: nextest repeats it in
+    /// each of the binary's test processes, alike.
+    fn suite_event(&mut self, event: &serde_json::Value) {
+        let (Some(ignored), Some(binary)) = (event["ignored"].as_u64(), event.get("nextest"))
+        else {
+            return;
+        };
+        let binary = format!(
+            "{}/{}/{}",
+            binary["crate"].as_str().unwrap_or(""),
+            binary["test_binary"].as_str().unwrap_or(""),
+            binary["kind"].as_str().unwrap_or("")
+        );
+        if self.ignored_by_binary.len() < MAX_BINARIES
+            || self.ignored_by_binary.contains_key(&binary)
+        {
+            let count = self.ignored_by_binary.entry(binary).or_default();
+            *count = (*count).max(ignored);
+        }
     }
 
     /// A test event whose line was too long to keep whole: its name and outcome come
@@ -583,6 +615,7 @@ impl ReportBuilder {
             failures_omitted,
             stderr_tail: self.stderr_tail.into_iter().collect(),
             missing_command: self.missing_command,
+            ignored_by_binary: self.ignored_by_binary,
         }
     }
 }

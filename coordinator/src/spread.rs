@@ -1,0 +1,347 @@
+//! `run test --spread N`: one `cargo test` as N nextest slices on as many agents, with the
+//! doctests beside them (nextest does not run doctests), added up into the one
+//! `test result:` line that scripts and agents read. Pure: what each part runs and how the
+//! parts' reports add up; running them is the client's (`cli/spread.rs`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use buildpool_core::job::{EXIT_CANCELLED, JobEnd};
+use buildpool_core::{EnvVar, JobKind, JobSpec};
+
+use crate::mcp::report::{Report, TestFailure};
+
+/// What `cargo test` exits with when a test failed or the tests did not build.
+pub const EXIT_TESTS_FAILED: u8 = 101;
+
+/// cargo's target selections: with one of them `cargo test` runs no doctests, and
+/// `cargo test --doc` refuses the mix.
+const TARGET_SELECTIONS: &[&str] = &[
+    "--lib",
+    "--bin",
+    "--bins",
+    "--test",
+    "--tests",
+    "--example",
+    "--examples",
+    "--bench",
+    "--benches",
+    "--all-targets",
+];
+
+/// One part of a spread run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// `cargo nextest run --partition count:INDEX/COUNT` (1-based, as nextest counts).
+    Slice { index: u32, count: u32 },
+    /// `cargo test --doc`.
+    Doctests,
+}
+
+impl fmt::Display for Part {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Part::Slice { index, count } => write!(f, "slice {index}/{count}"),
+            Part::Doctests => f.write_str("doctests"),
+        }
+    }
+}
+
+/// The parts of a `cargo test` with `cargo_args` spread over `count` slices: the slices,
+/// then the doctests unless the arguments select targets (then `cargo test` runs none).
+pub fn parts(count: u32, cargo_args: &[String]) -> Vec<Part> {
+    let count = count.max(1);
+    let mut parts: Vec<Part> = (1..=count)
+        .map(|index| Part::Slice { index, count })
+        .collect();
+    let options = cargo_args.iter().take_while(|arg| *arg != "--");
+    let selects_targets = options
+        .map(|arg| arg.split('=').next().unwrap_or(arg))
+        .any(|arg| TARGET_SELECTIONS.contains(&arg));
+    if !selects_targets {
+        parts.push(Part::Doctests);
+    }
+    parts
+}
+
+impl Part {
+    /// The job that runs this part of `test`, a `cargo test` job's spec.
+    pub fn spec(self, test: &JobSpec) -> JobSpec {
+        let mut spec = test.clone();
+        match self {
+            Part::Slice { index, count } => {
+                spec.kind = JobKind::Nextest;
+                // Every test runs, as `cargo test --no-fail-fast` would: counts add up
+                // only over whole slices. Results come as libtest's JSON events on stdout;
+                // nextest's own lines stay on stderr.
+                spec.cargo_args = [
+                    "--no-fail-fast",
+                    "--partition",
+                    &format!("count:{index}/{count}"),
+                    "--message-format",
+                    "libtest-json-plus",
+                ]
+                .map(str::to_owned)
+                .into_iter()
+                .chain(test.cargo_args.iter().cloned())
+                .collect();
+                spec.env.push(EnvVar {
+                    name: "NEXTEST_EXPERIMENTAL_LIBTEST_JSON".to_owned(),
+                    value: "1".to_owned(),
+                });
+            }
+            Part::Doctests => {
+                spec.kind = JobKind::Test;
+                spec.cargo_args = ["--doc", "--no-fail-fast"]
+                    .map(str::to_owned)
+                    .into_iter()
+                    .chain(test.cargo_args.iter().cloned())
+                    .collect();
+            }
+        }
+        spec.collect_executables = false;
+        spec
+    }
+}
+
+/// How the parts of a run ended, added up.
+#[derive(Debug, Default)]
+pub struct Tally {
+    passed: u64,
+    failed: u64,
+    /// Ignored tests per test binary: every slice reports every binary's, so they are
+    /// taken once per binary.
+    ignored_in_slices: BTreeMap<String, u64>,
+    ignored_doctests: u64,
+    failures: Vec<TestFailure>,
+    /// The exit code that stands for the first part that did not run its tests to the
+    /// end (cancelled, timed out, failed to start), if any.
+    broken: Option<u8>,
+    /// A part whose cargo exited non-zero (a failing test, or tests that did not build).
+    failed_part: bool,
+}
+
+impl Tally {
+    /// Adds what `part` reported and how its job ended.
+    pub fn add(&mut self, part: Part, report: &Report, end: &JobEnd) {
+        let counts = report.tests.clone().unwrap_or_default();
+        self.passed += counts.passed;
+        self.failed += counts.failed;
+        match part {
+            Part::Slice { .. } => {
+                for (binary, ignored) in &report.ignored_by_binary {
+                    let count = self.ignored_in_slices.entry(binary.clone()).or_default();
+                    *count = (*count).max(*ignored);
+                }
+            }
+            Part::Doctests => self.ignored_doctests += counts.ignored.unwrap_or(0),
+        }
+        self.failures.extend(report.failures.iter().cloned());
+        match end {
+            JobEnd::Exited { code: 0 } => {}
+            JobEnd::Exited { .. } if part == Part::Doctests && no_library(report) => {}
+            JobEnd::Exited { .. } => self.failed_part = true,
+            other => {
+                self.broken.get_or_insert(other.exit_code());
+            }
+        }
+    }
+
+    /// Whether every part ran and every test passed.
+    pub fn ok(&self) -> bool {
+        self.failed == 0 && !self.failed_part && self.broken.is_none()
+    }
+
+    /// libtest's closing line, over every part: `test result: ok. P passed; F failed; I
+    /// ignored; 0 measured; 0 filtered out`.
+    pub fn result_line(&self) -> String {
+        let ignored = self.ignored_in_slices.values().sum::<u64>() + self.ignored_doctests;
+        format!(
+            "test result: {}. {} passed; {} failed; {ignored} ignored; 0 measured; 0 filtered out",
+            if self.ok() { "ok" } else { "FAILED" },
+            self.passed,
+            self.failed
+        )
+    }
+
+    /// The failing tests, with their panic messages.
+    pub fn failures(&self) -> &[TestFailure] {
+        &self.failures
+    }
+
+    /// What `cargo test` would exit with: 0, 101 for failing (or unbuildable) tests, or
+    /// the code of a part that was cancelled or timed out.
+    pub fn exit_code(&self) -> u8 {
+        match self.broken {
+            Some(code) => code,
+            None if self.ok() => 0,
+            None => EXIT_TESTS_FAILED,
+        }
+    }
+
+    /// Whether the run was cancelled rather than failed.
+    pub fn cancelled(&self) -> bool {
+        self.broken == Some(EXIT_CANCELLED)
+    }
+}
+
+/// `cargo test --doc` in a package without a library: there are no doctests to run.
+fn no_library(report: &Report) -> bool {
+    report
+        .stderr_tail
+        .iter()
+        .any(|line| line.contains("no library targets found"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mcp::report::ReportBuilder;
+    use buildpool_core::OutputStream;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|arg| (*arg).to_owned()).collect()
+    }
+
+    fn report(stream: OutputStream, text: &str) -> Report {
+        let mut builder = ReportBuilder::new();
+        builder.feed(stream, text.as_bytes());
+        builder.finish()
+    }
+
+    /// What nextest 0.9.143 wrote (events trimmed) for slice 1/2 of a crate with tests
+    /// a..e (c ignored, d failing) and an integration test binary with it1 and it2
+    /// (ignored). Only some ignored tests get an event of their own; every suite event
+    /// counts its binary's.
+    const SLICE_1: &str = r#"{"type":"test","event":"ignored","name":"nx::nx$tests::c"}
+{"type":"test","event":"ok","name":"nx::nx$tests::a","exec_time":0.01}
+{"type":"suite","event":"ok","passed":1,"failed":0,"ignored":1,"measured":0,"filtered_out":2,"exec_time":0.01,"nextest":{"crate":"nx","test_binary":"nx","kind":"lib"}}
+{"type":"suite","event":"ok","passed":0,"failed":0,"ignored":1,"measured":0,"filtered_out":1,"exec_time":0,"nextest":{"crate":"nx","test_binary":"it","kind":"test"}}
+{"type":"test","event":"ok","name":"nx::it$it1","exec_time":0.01}
+{"type":"suite","event":"ok","passed":1,"failed":0,"ignored":1,"measured":0,"filtered_out":1,"exec_time":0.01,"nextest":{"crate":"nx","test_binary":"it","kind":"test"}}
+{"type":"test","event":"failed","name":"nx::nx$tests::d","exec_time":0.1,"stdout":"\nthread 'tests::d' panicked at src/lib.rs:11:22:\nboom d\n"}
+{"type":"suite","event":"failed","passed":0,"failed":1,"ignored":1,"measured":0,"filtered_out":3,"exec_time":0.1,"nextest":{"crate":"nx","test_binary":"nx","kind":"lib"}}
+"#;
+    const SLICE_2: &str = r#"{"type":"suite","event":"ok","passed":0,"failed":0,"ignored":1,"measured":0,"filtered_out":1,"exec_time":0,"nextest":{"crate":"nx","test_binary":"it","kind":"test"}}
+{"type":"test","event":"ok","name":"nx::nx$tests::b","exec_time":0.01}
+{"type":"suite","event":"ok","passed":1,"failed":0,"ignored":1,"measured":0,"filtered_out":2,"exec_time":0.01,"nextest":{"crate":"nx","test_binary":"nx","kind":"lib"}}
+{"type":"test","event":"ok","name":"nx::nx$tests::e","exec_time":0.02}
+{"type":"suite","event":"ok","passed":1,"failed":0,"ignored":1,"measured":0,"filtered_out":2,"exec_time":0.02,"nextest":{"crate":"nx","test_binary":"nx","kind":"lib"}}
+"#;
+    const DOCTESTS: &str = "running 2 tests\ntest src/lib.rs - two (line 2) ... ok\n\
+        test src/lib.rs - three (line 9) ... ignored\n\n\
+        test result: ok. 1 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.20s\n";
+
+    #[test]
+    fn slices_partition_nextest_and_the_doctests_run_beside_them() {
+        let mut test = JobSpec::new(JobKind::Test);
+        test.cargo_args = args(&["-p", "app", "--", "parse"]);
+        let parts = parts(2, &test.cargo_args);
+        assert_eq!(
+            parts,
+            [
+                Part::Slice { index: 1, count: 2 },
+                Part::Slice { index: 2, count: 2 },
+                Part::Doctests
+            ]
+        );
+        let slice = parts[1].spec(&test);
+        assert_eq!(slice.kind, JobKind::Nextest);
+        assert_eq!(
+            slice.cargo_args,
+            args(&[
+                "--no-fail-fast",
+                "--partition",
+                "count:2/2",
+                "--message-format",
+                "libtest-json-plus",
+                "-p",
+                "app",
+                "--",
+                "parse"
+            ])
+        );
+        assert!(
+            slice
+                .env
+                .iter()
+                .any(|var| var.name == "NEXTEST_EXPERIMENTAL_LIBTEST_JSON")
+        );
+        buildpool_core::spec::validate(&slice).expect("a valid job");
+        let doctests = parts[2].spec(&test);
+        assert_eq!(
+            (doctests.kind, &doctests.cargo_args[..2]),
+            (JobKind::Test, &args(&["--doc", "--no-fail-fast"])[..])
+        );
+    }
+
+    #[test]
+    fn selected_targets_run_no_doctests_as_cargo_test_runs_none() {
+        for selection in [
+            &["--lib"][..],
+            &["--test=api"],
+            &["--all-targets", "-p", "a"],
+        ] {
+            assert!(!parts(3, &args(selection)).contains(&Part::Doctests));
+        }
+        // After `--` the words are the test binary's, not cargo's.
+        assert!(parts(3, &args(&["--", "--lib"])).contains(&Part::Doctests));
+    }
+
+    #[test]
+    fn counts_add_up_over_slices_with_ignored_tests_counted_once() {
+        let mut tally = Tally::default();
+        let failed = JobEnd::Exited { code: 100 };
+        tally.add(
+            Part::Slice { index: 1, count: 2 },
+            &report(OutputStream::Stdout, SLICE_1),
+            &failed,
+        );
+        let ok = JobEnd::Exited { code: 0 };
+        tally.add(
+            Part::Slice { index: 2, count: 2 },
+            &report(OutputStream::Stdout, SLICE_2),
+            &ok,
+        );
+        tally.add(Part::Doctests, &report(OutputStream::Stdout, DOCTESTS), &ok);
+        // Locally: 4 passed, 1 failed, 2 ignored in the crate; 1 passed, 1 ignored doctest.
+        assert_eq!(
+            tally.result_line(),
+            "test result: FAILED. 5 passed; 1 failed; 3 ignored; 0 measured; 0 filtered out"
+        );
+        assert_eq!(tally.exit_code(), EXIT_TESTS_FAILED);
+        assert_eq!(tally.failures()[0].name, "tests::d");
+        assert!(tally.failures()[0].message.contains("boom d"));
+    }
+
+    #[test]
+    fn a_clean_run_is_ok_and_a_cancelled_part_gives_the_cancel_code() {
+        let ok = JobEnd::Exited { code: 0 };
+        let mut tally = Tally::default();
+        tally.add(
+            Part::Slice { index: 1, count: 1 },
+            &report(OutputStream::Stdout, SLICE_2),
+            &ok,
+        );
+        let no_lib = report(
+            OutputStream::Stderr,
+            "error: no library targets found in package `app`\n",
+        );
+        tally.add(Part::Doctests, &no_lib, &JobEnd::Exited { code: 101 });
+        assert!(tally.ok(), "{}", tally.result_line());
+        assert_eq!(tally.exit_code(), 0);
+        assert!(
+            tally
+                .result_line()
+                .starts_with("test result: ok. 2 passed; 0 failed; 2 ignored")
+        );
+
+        tally.add(
+            Part::Slice { index: 1, count: 1 },
+            &Report::default(),
+            &JobEnd::Cancelled,
+        );
+        assert!(tally.cancelled());
+        assert_eq!(tally.exit_code(), EXIT_CANCELLED);
+    }
+}

@@ -1,0 +1,140 @@
+//! `buildpool run test --spread N`: one test run as nextest slices on several real agents,
+//! the doctests beside them, one `test result:` line over all of them that says what
+//! local `cargo test --no-fail-fast` says, and its exit code.
+
+use buildpool_tests::{Cluster, Fixture, local_cargo};
+
+/// A library with unit tests (one ignored, one failing when `FAIL` is in the source), an
+/// integration test binary with an ignored test, and two doctests (one ignored).
+fn fixture(failing: bool) -> Fixture {
+    let verdict = if failing { "3" } else { "2" };
+    let lib = format!(
+        "/// ```\n/// assert_eq!(spreadme::two(), 2);\n/// ```\n\
+         /// ```ignore\n/// not compiled\n/// ```\n\
+         pub fn two() -> u32 {{ 2 }}\n\n\
+         #[cfg(test)]\nmod tests {{\n\
+         #[test] fn one() {{ assert_eq!(super::two() - 1, 1); }}\n\
+         #[test] fn two() {{ assert_eq!(super::two(), {verdict}, \"two is not {verdict}\"); }}\n\
+         #[test] fn three() {{}}\n\
+         #[test] fn four() {{}}\n\
+         #[test] fn five() {{}}\n\
+         #[test] #[ignore] fn slow() {{}}\n}}\n"
+    );
+    Fixture::with_files(&[
+        (
+            "Cargo.toml",
+            "[package]\nname = \"spreadme\"\nversion = \"0.1.0\"\nedition = \"2021\"\n".into(),
+        ),
+        ("src/lib.rs", lib),
+        (
+            "tests/api.rs",
+            "#[test] fn api_one() {}\n#[test] fn api_two() {}\n#[test] #[ignore] fn api_slow() {}\n"
+                .into(),
+        ),
+    ])
+    .expect("fixture")
+}
+
+/// The sum over every `test result:` line of local `cargo test`, in libtest's form.
+fn local_total(stdout: &str) -> (bool, [u64; 3]) {
+    let mut total = [0; 3];
+    let mut ok = true;
+    for line in stdout.lines().filter(|l| l.starts_with("test result:")) {
+        ok &= line.starts_with("test result: ok.");
+        for (slot, word) in total.iter_mut().zip(["passed", "failed", "ignored"]) {
+            let count = line
+                .split([';', '.'])
+                .find_map(|part| part.trim().strip_suffix(&format!(" {word}")))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .expect("a count");
+            *slot += count;
+        }
+    }
+    (ok, total)
+}
+
+fn expected_line(stdout: &str) -> String {
+    let (ok, [passed, failed, ignored]) = local_total(stdout);
+    format!(
+        "test result: {}. {passed} passed; {failed} failed; {ignored} ignored; 0 measured; 0 \
+         filtered out",
+        if ok { "ok" } else { "FAILED" }
+    )
+}
+
+#[test]
+fn a_spread_run_counts_what_local_cargo_test_counts_over_every_agent() {
+    let cluster = Cluster::start(fixture(false), 2, 1).expect("cluster starts");
+    let root = cluster.fixture.root();
+    let local = local_cargo(&root, &["test", "--no-fail-fast"]);
+    assert_eq!(local.code, Some(0), "{local}");
+
+    let spread = cluster
+        .fixture
+        .run(&["run", "test", "--spread", "2"])
+        .expect("runs");
+    assert_eq!(spread.code, Some(0), "{spread}");
+    assert_eq!(
+        spread.stdout.lines().last(),
+        Some(expected_line(&local.stdout).as_str()),
+        "{spread}"
+    );
+    // Each slice ran on an agent of its own, and said which.
+    for slice in [
+        "slice 1/2 running on worker-",
+        "slice 2/2 running on worker-",
+    ] {
+        assert!(spread.stderr.contains(slice), "{spread}");
+    }
+    assert!(spread.stderr.contains("[worker-1] "), "{spread}");
+    assert!(spread.stderr.contains("[worker-2] "), "{spread}");
+    assert!(
+        spread.stderr.contains("doctests running on worker-"),
+        "{spread}"
+    );
+}
+
+#[test]
+fn a_failing_test_is_named_with_its_message_and_fails_the_run_as_cargo_test() {
+    let cluster = Cluster::start(fixture(true), 2, 1).expect("cluster starts");
+    let root = cluster.fixture.root();
+    let local = local_cargo(&root, &["test", "--no-fail-fast"]);
+    assert_eq!(local.code, Some(101), "{local}");
+
+    let spread = cluster
+        .fixture
+        .run(&["run", "test", "--spread", "2"])
+        .expect("runs");
+    assert_eq!(spread.code, local.code, "{spread}");
+    assert_eq!(
+        spread.stdout.lines().last(),
+        Some(expected_line(&local.stdout).as_str()),
+        "{spread}"
+    );
+    assert!(
+        spread
+            .stdout
+            .contains("    tests::two: assertion `left == right` failed: two is not 3"),
+        "{spread}"
+    );
+}
+
+#[test]
+fn spread_is_for_test_runs_and_counts_slices() {
+    let fixture = fixture(false);
+    for (args, error) in [
+        (
+            &["run", "build", "--spread", "2"][..],
+            "spreads `run test` only",
+        ),
+        (&["run", "test", "--spread", "0"], "from 1 to 256, or auto"),
+        (
+            &["run", "test", "--spread", "many"],
+            "from 1 to 256, or auto",
+        ),
+    ] {
+        let out = fixture.run(args).expect("runs");
+        assert_ne!(out.code, Some(0), "{out}");
+        assert!(out.stderr.contains(error), "{out}");
+    }
+}
