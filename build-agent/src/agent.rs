@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::archives::ArchiveSource;
 use crate::artifacts::Executables;
 use crate::executor::{Executor, ExecutorConfig, JobRequest};
 use crate::git_cache::GitRemote;
@@ -251,6 +252,7 @@ impl Agent {
         Link(link): Link,
         assignment: Assignment,
         remote: GitRemote,
+        archives: Option<Arc<dyn ArchiveSource>>,
     ) -> Result<(), Decline> {
         let Assignment {
             key,
@@ -299,6 +301,7 @@ impl Agent {
                 source,
                 worktree,
                 remote,
+                archives,
             };
             let agent = self.clone();
             self.inner

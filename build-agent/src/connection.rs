@@ -5,6 +5,7 @@
 //! keeps the link alive with heartbeats and reconnects with backoff. Framing, the bounded
 //! outbound queue and write deadlines belong to [`buildpool_proto::socket`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use buildpool_core::bus::{AgentMessage, CoordinatorMessage, RejectCode, SlotOffer};
@@ -19,6 +20,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, Link};
+use crate::archives::{ArchiveSource, TunnelArchives};
 use crate::backoff::Backoff;
 use crate::git_cache::{GitEnv, GitRemote};
 use crate::git_proxy::EndpointTls;
@@ -81,6 +83,15 @@ pub enum GitLocator {
     },
     /// A fixed URL, e.g. `file:///path/to/repo` for the coordinator's embedded agent.
     Fixed(String),
+}
+
+/// Where an agent's jobs take what they need from one coordinator: the snapshot through
+/// git, and a spread test run's archive.
+#[derive(Debug, Clone)]
+pub struct JobSources {
+    pub git: GitLocator,
+    /// `None` where no archive can come from (a test's bare bus).
+    pub archives: Option<Arc<dyn ArchiveSource>>,
 }
 
 /// The host name git sees for tunnelled fetches; the proxy command ignores it.
@@ -178,16 +189,23 @@ async fn dial_and_serve(
 ) -> Result<(), SessionError> {
     let tls = endpoint.tls.as_ref().map(|tls| &tls.config);
     let socket = AgentSocket::connect(&endpoint.url, tls).await?;
-    let git = GitLocator::Coordinator {
-        host: endpoint.url.host.clone(),
-        tunnel_env: crate::git_proxy::environment(
-            git_proxy,
-            &endpoint.url,
-            endpoint.tls.as_ref(),
-            agent.token(),
-        ),
+    let sources = JobSources {
+        git: GitLocator::Coordinator {
+            host: endpoint.url.host.clone(),
+            tunnel_env: crate::git_proxy::environment(
+                git_proxy,
+                &endpoint.url,
+                endpoint.tls.as_ref(),
+                agent.token(),
+            ),
+        },
+        archives: Some(Arc::new(TunnelArchives {
+            server: endpoint.url.clone(),
+            tls: endpoint.tls.as_ref().map(|tls| Arc::clone(&tls.config)),
+            token: agent.token().to_owned(),
+        })),
     };
-    serve(agent, link, socket, &git, shutdown).await
+    serve(agent, link, socket, &sources, shutdown).await
 }
 
 /// Serves one connection over a stream the caller established (the coordinator's embedded
@@ -197,11 +215,11 @@ pub async fn serve_stream(
     agent: &Agent,
     link: Link,
     stream: impl Transport,
-    git: &GitLocator,
+    sources: &JobSources,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
     let socket = AgentSocket::client(stream).await?;
-    serve(agent, link, socket, git, shutdown).await
+    serve(agent, link, socket, sources, shutdown).await
 }
 
 /// Hello, welcome (or reject), then the connection's working life.
@@ -209,7 +227,7 @@ async fn serve(
     agent: &Agent,
     link: Link,
     mut socket: AgentSocket,
-    git: &GitLocator,
+    sources: &JobSources,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
     let mut pool = agent.watch_pool();
@@ -237,7 +255,7 @@ async fn serve(
     let mut session = Session {
         agent,
         link,
-        git,
+        sources,
         heartbeat_interval: welcome.heartbeat_interval.max(MIN_HEARTBEAT_INTERVAL),
         heartbeat_timeout: welcome.heartbeat_timeout.max(MIN_HEARTBEAT_TIMEOUT),
         outbox,
@@ -257,7 +275,7 @@ async fn serve(
 struct Session<'a> {
     agent: &'a Agent,
     link: Link,
-    git: &'a GitLocator,
+    sources: &'a JobSources,
     heartbeat_interval: Duration,
     heartbeat_timeout: Duration,
     outbox: Outbox<AgentMessage>,
@@ -342,7 +360,7 @@ impl Session<'_> {
                         },
                     };
                     let assignment = matches!(message, CoordinatorMessage::Assign(_));
-                    if let Some(reply) = handle_message(self.agent, self.link, message, self.git) {
+                    if let Some(reply) = handle_message(self.agent, self.link, message, self.sources) {
                         self.send(reply).await?;
                     }
                     if assignment {
@@ -384,14 +402,14 @@ fn handle_message(
     agent: &Agent,
     link: Link,
     message: CoordinatorMessage,
-    git: &GitLocator,
+    sources: &JobSources,
 ) -> Option<AgentMessage> {
     match message {
         CoordinatorMessage::Heartbeat { .. } => None,
         CoordinatorMessage::Assign(assignment) => {
             let key = assignment.key;
-            let remote = git.remote(&assignment.source);
-            match agent.assign(link, *assignment, remote) {
+            let remote = sources.git.remote(&assignment.source);
+            match agent.assign(link, *assignment, remote, sources.archives.clone()) {
                 Ok(()) => None,
                 Err(decline) => Some(AgentMessage::Declined {
                     key,
@@ -495,8 +513,11 @@ mod tests {
         let link = agent.register_link("memory");
         let serving = tokio::spawn({
             let (agent, shutdown) = (agent.clone(), shutdown.clone());
-            let git = GitLocator::Fixed("file:///nowhere".into());
-            async move { serve_stream(&agent, link, agent_end, &git, shutdown).await }
+            let sources = JobSources {
+                git: GitLocator::Fixed("file:///nowhere".into()),
+                archives: None,
+            };
+            async move { serve_stream(&agent, link, agent_end, &sources, shutdown).await }
         });
         let mut coordinator = tokio_tungstenite::accept_async(coordinator_end)
             .await

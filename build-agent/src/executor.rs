@@ -12,14 +12,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use buildpool_core::bus::DiskUsage;
+use buildpool_core::job::ARCHIVE_FILE;
 use buildpool_core::{
-    AgentPhases, AttemptKey, Completion, EnvMode, JobEnd, JobSpec, OutputStream, RunEnv, Source,
+    AgentPhases, AttemptKey, Completion, EnvMode, JobEnd, JobKind, JobSpec, OutputStream, RunEnv,
+    Source,
 };
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::archives::{ArchiveError, ArchiveSource};
 use crate::artifacts::{self, Executables};
 use crate::disk::{DiskBudget, DiskHold, DoesNotFit};
 use crate::git_cache::{CacheError, GitCache, GitRemote, Obtained, PackOverBase};
@@ -70,6 +73,8 @@ pub struct JobRequest {
     pub worktree: String,
     /// Where to fetch `source.git_ref` from.
     pub remote: GitRemote,
+    /// Where a slice of a spread test run takes its test archive from.
+    pub archives: Option<Arc<dyn ArchiveSource>>,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +132,12 @@ pub fn cargo_command(
         .collect();
     if spec.collect_executables {
         args.extend(artifacts::MESSAGE_FORMAT_ARGS.iter().map(OsString::from));
+    }
+    if spec.kind == JobKind::NextestArchive || spec.archive_from.is_some() {
+        args.extend(["--archive-file".into(), target.join(ARCHIVE_FILE).into()]);
+    }
+    if spec.archive_from.is_some() {
+        args.extend(["--workspace-remap".into(), src.into()]);
     }
     args.extend(spec.cargo_args.iter().map(OsString::from));
     let mut vars: Vec<(OsString, OsString)> =
@@ -211,6 +222,8 @@ enum SetupError {
     Environment(String),
     #[error("cannot prepare the job's directories: {0}")]
     Directories(std::io::Error),
+    #[error("{0}")]
+    Archive(ArchiveError),
 }
 
 /// A job ready for cargo: its workspace leased and checked out, its environment settled.
@@ -432,11 +445,17 @@ impl Executor {
             .run_cargo(&job.spec, job_command.command, limits, &output, cancel)
             .await;
         phases.cargo = phase.elapsed();
-        if job.spec.collect_executables
-            && matches!(&result, Ok(ended) if JobEnd::from(ended.end) == JobEnd::Exited { code: 0 })
-        {
+        let succeeded =
+            matches!(&result, Ok(ended) if JobEnd::from(ended.end) == JobEnd::Exited { code: 0 });
+        // A test archive goes back as the archive job's one artifact.
+        let sent_back = match job.spec.kind {
+            JobKind::NextestArchive => Some(vec![job_command.visible_target.join(ARCHIVE_FILE)]),
+            _ if job.spec.collect_executables => Some(named),
+            _ => None,
+        };
+        if let Some(files) = sent_back.filter(|_| succeeded) {
             *executables = self
-                .stage_executables(named, job_command.visible_target, &workspace, &output)
+                .stage_executables(files, job_command.visible_target, &workspace, &output)
                 .await;
         }
         let slot = workspace.slot;
@@ -483,6 +502,13 @@ impl Executor {
             Ok(Err(error)) => return Err(setup_failed(output, &error).await),
             Err(_) => return Err(JobEnd::TimedOut),
         };
+        let placed = tokio::select! {
+            placed = self.place_archive(job, &prepared.workspace, output) => placed,
+            () = cancel.cancelled() => return Err(JobEnd::Cancelled),
+        };
+        if let Err(error) = placed {
+            return Err(setup_failed(output, &error).await);
+        }
         let shared_cache = self.reachable_shared_cache(output).await;
         match self.job_command(
             &job.spec,
@@ -493,6 +519,53 @@ impl Executor {
             Ok(job_command) => Ok((prepared, job_command)),
             Err(error) => Err(setup_failed(output, &SetupError::Directories(error)).await),
         }
+    }
+
+    /// Where a test archive goes, or comes: a `nextest-archive` job writes it into an
+    /// emptied `target/buildpool/`; a slice of a spread test run fetches the archive job's
+    /// there. Before the job's directories are handed to its user, so that it may write.
+    async fn place_archive(
+        &self,
+        job: &JobRequest,
+        workspace: &Workspace,
+        output: &mpsc::Sender<OutputChunk>,
+    ) -> Result<(), SetupError> {
+        let path = workspace.target.join(ARCHIVE_FILE);
+        if job.spec.kind == JobKind::NextestArchive {
+            return match tokio::fs::remove_file(&path).await {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    Err(SetupError::Directories(error))
+                }
+                _ => {
+                    let dir = path.parent().unwrap_or(&workspace.target);
+                    tokio::fs::create_dir_all(dir)
+                        .await
+                        .map_err(SetupError::Directories)
+                }
+            };
+        }
+        let Some(job_id) = job.spec.archive_from else {
+            return Ok(());
+        };
+        let Some(archives) = &job.archives else {
+            return Err(SetupError::Archive(ArchiveError {
+                job_id,
+                reason: "this agent has no way to its coordinator's archives".to_owned(),
+            }));
+        };
+        let started = Instant::now();
+        let bytes = archives
+            .fetch(job_id, &path)
+            .await
+            .map_err(SetupError::Archive)?;
+        #[allow(clippy::cast_precision_loss)] // a size to read, not to compute with
+        let mib = bytes as f64 / (1024.0 * 1024.0);
+        let line = format!(
+            "test archive of job {job_id} fetched ({mib:.1} MiB in {} ms)",
+            started.elapsed().as_millis()
+        );
+        note(output, line).await;
+        Ok(())
     }
 
     /// The fleet's shared cache, when one is configured and answers now. A store that is

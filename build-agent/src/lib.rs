@@ -12,6 +12,7 @@
 //! is the command git runs to fetch through a coordinator's authenticated tunnel.
 
 pub mod agent;
+pub mod archives;
 pub mod artifacts;
 pub mod backoff;
 pub mod config;
@@ -31,4 +32,4 @@ pub mod shared_cache;
 pub mod workspace;
 
 pub use agent::{Agent, AgentIdentity};
-pub use connection::{GitLocator, ServerEndpoint};
+pub use connection::{GitLocator, JobSources, ServerEndpoint};

@@ -7,6 +7,7 @@
 //! local agent (same snapshot, fetch, workspace and env code path). Either way the caller
 //! is told why.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use buildpool_core::status::Submission;
@@ -169,20 +170,13 @@ impl JobClient {
 
     /// Snapshots the worktree as it is now, routes and submits a job of `spec`.
     pub async fn start(&self, spec: JobSpec, force_local: bool) -> Result<JobSession, StartError> {
-        let mut sessions = self.start_all(vec![spec], force_local).await?;
-        Ok(sessions.remove(0))
+        buildpool_core::spec::validate(&spec)?;
+        self.snapshot(force_local).await?.submit(spec).await
     }
 
-    /// Snapshots the worktree once, routes, and submits a job of each of `specs` (at least
-    /// one) on that snapshot: the parts of one run see the same code.
-    pub async fn start_all(
-        &self,
-        specs: Vec<JobSpec>,
-        force_local: bool,
-    ) -> Result<Vec<JobSession>, StartError> {
-        for spec in &specs {
-            buildpool_core::spec::validate(spec)?;
-        }
+    /// Snapshots the worktree as it is now and routes: jobs submitted through the answer
+    /// all see that snapshot (the parts of one run see the same code).
+    pub async fn snapshot(&self, force_local: bool) -> Result<Snapshotted, StartError> {
         let started = Instant::now();
         // The snapshot and dialling the coordinator need nothing of each other: at once,
         // the connection costs the job no time of its own.
@@ -192,39 +186,20 @@ impl JobClient {
         };
         let ((snapshot, snapshot_time), route) = tokio::join!(snapshot, self.route(force_local));
         let snapshot = snapshot.map_err(|e| StartError::Snapshot(e.into()))?;
-        let snapshot_note = snapshot.skipped_note();
         let Route { client, via } = route.map_err(StartError::Route)?;
-        let mut sessions = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let submission = Submission {
-                spec,
-                commit: snapshot.commit.clone(),
-                git_ref: snapshot.git_ref.clone(),
-                worktree: self.repo.worktree.display().to_string(),
-                base_commit: snapshot.base_commit.clone().unwrap_or_default(),
-            };
-            let events = client
-                .submit(submission)
-                .await
-                .map_err(StartError::Refused)?;
-            sessions.push(JobSession {
-                client: client.clone(),
-                via: via.clone(),
-                repo: self.repo.clone(),
-                events,
-                job_id: None,
-                output_seen: 0,
-                lost_since: None,
-                reconnect_timeout: reconnect_timeout(),
-                cancel_requested: false,
-                cancel_sent: None,
-                snapshot_note: snapshot_note.clone(),
-                started,
-                snapshot_time,
-                submit_time: started.elapsed() - snapshot_time,
-            });
-        }
-        Ok(sessions)
+        Ok(Snapshotted {
+            client,
+            via,
+            repo: self.repo.clone(),
+            note: snapshot.skipped_note(),
+            commit: snapshot.commit,
+            git_ref: snapshot.git_ref,
+            base_commit: snapshot.base_commit.unwrap_or_default(),
+            started,
+            snapshot_time,
+            ready: started.elapsed(),
+            ref_taken: AtomicBool::new(false),
+        })
     }
 
     /// The in-process coordinator's client, if one is running.
@@ -241,6 +216,78 @@ impl JobClient {
         if let Some((coordinator, _)) = self.fallback.lock().await.take() {
             coordinator.shutdown().await;
         }
+    }
+}
+
+/// A snapshot taken and a coordinator reached: jobs on that snapshot are submitted here.
+#[derive(Debug)]
+pub struct Snapshotted {
+    client: Client,
+    via: Via,
+    repo: Repo,
+    note: Option<String>,
+    commit: String,
+    git_ref: String,
+    base_commit: String,
+    started: Instant,
+    snapshot_time: Duration,
+    /// When both the snapshot and the route were there, since `started`.
+    ready: Duration,
+    /// Whether a job holds `git_ref` already: each further one gets a ref of its own.
+    ref_taken: AtomicBool,
+}
+
+impl Snapshotted {
+    /// Submits a job of `spec` on the snapshot.
+    pub async fn submit(&self, spec: JobSpec) -> Result<JobSession, StartError> {
+        buildpool_core::spec::validate(&spec)?;
+        let submitting = Instant::now();
+        let git_ref = if self.ref_taken.swap(true, Ordering::Relaxed) {
+            crate::snapshot::another_ref(&self.repo, &self.commit)
+                .await
+                .map_err(|error| StartError::Snapshot(error.into()))?
+        } else {
+            self.git_ref.clone()
+        };
+        let submission = Submission {
+            spec,
+            commit: self.commit.clone(),
+            git_ref,
+            worktree: self.repo.worktree.display().to_string(),
+            base_commit: self.base_commit.clone(),
+        };
+        let events = self
+            .client
+            .submit(submission)
+            .await
+            .map_err(StartError::Refused)?;
+        Ok(JobSession {
+            client: self.client.clone(),
+            via: self.via.clone(),
+            repo: self.repo.clone(),
+            events,
+            job_id: None,
+            output_seen: 0,
+            lost_since: None,
+            reconnect_timeout: reconnect_timeout(),
+            cancel_requested: false,
+            cancel_sent: None,
+            snapshot_note: self.note.clone(),
+            started: self.started,
+            snapshot_time: self.snapshot_time,
+            // Routing (what of it outlasted the snapshot) and this submit call.
+            submit_time: self.ready.saturating_sub(self.snapshot_time) + submitting.elapsed(),
+        })
+    }
+
+    /// What the snapshot left out of the worktree, if anything.
+    pub fn note(&self) -> Option<&str> {
+        self.note.as_deref()
+    }
+
+    /// Where the jobs run.
+    pub fn via(&self) -> &Via {
+        &self.via
     }
 }
 

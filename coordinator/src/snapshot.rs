@@ -177,11 +177,7 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         commit_tree = commit_tree.args(["-p", parent]);
     }
     let commit = commit_tree.output().await?;
-    let git_ref = format!(
-        "{SNAPSHOT_REF_PREFIX}{}-{:08x}",
-        unix_millis(),
-        fastrand::u32(..)
-    );
+    let git_ref = new_ref_name();
     // Pruning at the same time: it keeps the newest refs and the one being created is the
     // newest, so the two never meet.
     let pruned = async {
@@ -207,6 +203,24 @@ async fn create_limited(repo: &Repo, max_untracked: u64) -> Result<Snapshot, Sna
         base_commit: parent,
         skipped,
     })
+}
+
+/// A new snapshot ref's name: its creation time (what pruning reads) and a random part.
+fn new_ref_name() -> String {
+    format!(
+        "{SNAPSHOT_REF_PREFIX}{}-{:08x}",
+        unix_millis(),
+        fastrand::u32(..)
+    )
+}
+
+/// Another snapshot ref at the commit of a snapshot taken before; returns its name. Every
+/// job holds a ref of its own, deleted when the job ends, so jobs on one snapshot (the
+/// parts of a spread test run) need one each.
+pub async fn another_ref(repo: &Repo, commit: &str) -> Result<String, GitError> {
+    let git_ref = new_ref_name();
+    create_ref(repo, &git_ref, commit).await?;
+    Ok(git_ref)
 }
 
 /// Creates the new snapshot ref `git_ref` at `commit`.

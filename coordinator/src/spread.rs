@@ -1,13 +1,16 @@
-//! `run test --spread N`: one `cargo test` as N nextest slices on as many agents, with the
-//! doctests beside them (nextest does not run doctests), added up into the one
-//! `test result:` line that scripts and agents read. Pure: what each part runs and how the
-//! parts' reports add up; running them is the client's (`cli/spread.rs`).
+//! `run test --spread N`: one `cargo test` spread over agents. The tests are built once,
+//! as `cargo nextest archive` on one agent (the coordinator picks the warmest); N slices
+//! then run `cargo nextest run --partition count:i/N` from that archive on as many
+//! agents; the doctests run beside them as `cargo test --doc` (nextest runs none). Their
+//! reports add up to the one `test result:` line that scripts and agents read. Pure: what
+//! each part runs and how the parts' reports add up; running them is the client's
+//! (`cli/spread.rs`).
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use buildpool_core::job::{EXIT_CANCELLED, JobEnd};
-use buildpool_core::{EnvVar, JobKind, JobSpec};
+use buildpool_core::{EnvVar, JobId, JobKind, JobSpec};
 
 use crate::mcp::report::{Report, TestFailure};
 
@@ -29,10 +32,37 @@ const TARGET_SELECTIONS: &[&str] = &[
     "--all-targets",
 ];
 
+/// `cargo test`'s options that take a value as the next word: that word is no test name.
+const OPTIONS_WITH_VALUES: &[&str] = &[
+    "-p",
+    "--package",
+    "--exclude",
+    "--bin",
+    "--example",
+    "--test",
+    "--bench",
+    "-F",
+    "--features",
+    "-j",
+    "--jobs",
+    "--profile",
+    "--target",
+    "--target-dir",
+    "--manifest-path",
+    "--message-format",
+    "--color",
+    "--config",
+    "-Z",
+    "--lockfile-path",
+];
+
 /// One part of a spread run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Part {
-    /// `cargo nextest run --partition count:INDEX/COUNT` (1-based, as nextest counts).
+    /// `cargo nextest archive`: the tests, built once.
+    Archive,
+    /// `cargo nextest run --partition count:INDEX/COUNT` (1-based, as nextest counts) from
+    /// the archive.
     Slice { index: u32, count: u32 },
     /// `cargo test --doc`.
     Doctests,
@@ -41,40 +71,86 @@ pub enum Part {
 impl fmt::Display for Part {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Part::Archive => f.write_str("test build (nextest archive)"),
             Part::Slice { index, count } => write!(f, "slice {index}/{count}"),
             Part::Doctests => f.write_str("doctests"),
         }
     }
 }
 
-/// The parts of a `cargo test` with `cargo_args` spread over `count` slices: the slices,
-/// then the doctests unless the arguments select targets (then `cargo test` runs none).
-pub fn parts(count: u32, cargo_args: &[String]) -> Vec<Part> {
-    let count = count.max(1);
-    let mut parts: Vec<Part> = (1..=count)
-        .map(|index| Part::Slice { index, count })
-        .collect();
-    let options = cargo_args.iter().take_while(|arg| *arg != "--");
-    let selects_targets = options
-        .map(|arg| arg.split('=').next().unwrap_or(arg))
-        .any(|arg| TARGET_SELECTIONS.contains(&arg));
-    if !selects_targets {
-        parts.push(Part::Doctests);
-    }
-    parts
+/// What a `cargo test` with given arguments becomes when spread.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    test: JobSpec,
+    slices: u32,
+    /// What builds the tests: cargo's options (packages, features, profile, targets).
+    build_args: Vec<String>,
+    /// What selects tests when they run: test names before `--`, then `--` and the test
+    /// binary's arguments, which nextest takes as `cargo test` does.
+    run_args: Vec<String>,
+    doctests: bool,
 }
 
-impl Part {
-    /// The job that runs this part of `test`, a `cargo test` job's spec.
-    pub fn spec(self, test: &JobSpec) -> JobSpec {
-        let mut spec = test.clone();
-        match self {
-            Part::Slice { index, count } => {
-                spec.kind = JobKind::Nextest;
+impl Plan {
+    /// The plan for `test` (a `cargo test` job's spec) over `slices` slices.
+    pub fn new(test: &JobSpec, slices: u32) -> Self {
+        let (options, trailing) = match test.cargo_args.iter().position(|arg| arg == "--") {
+            Some(at) => test.cargo_args.split_at(at),
+            None => (&test.cargo_args[..], &[][..]),
+        };
+        let mut build_args = Vec::new();
+        let mut names = Vec::new();
+        let mut takes_value = false;
+        for arg in options {
+            if takes_value || arg.starts_with('-') {
+                build_args.push(arg.clone());
+                takes_value = OPTIONS_WITH_VALUES.contains(&arg.as_str());
+            } else {
+                names.push(arg.clone());
+            }
+        }
+        let selects_targets = build_args
+            .iter()
+            .map(|arg| arg.split('=').next().unwrap_or(arg))
+            .any(|arg| TARGET_SELECTIONS.contains(&arg));
+        Self {
+            test: test.clone(),
+            slices: slices.max(1),
+            build_args,
+            run_args: names.into_iter().chain(trailing.iter().cloned()).collect(),
+            doctests: !selects_targets,
+        }
+    }
+
+    /// The parts that start at once: the archive, and the doctests unless the arguments
+    /// select targets (then `cargo test` runs none).
+    pub fn first_parts(&self) -> Vec<(Part, JobSpec)> {
+        let mut archive = self.base(JobKind::NextestArchive);
+        archive.cargo_args.clone_from(&self.build_args);
+        let mut parts = vec![(Part::Archive, archive)];
+        if self.doctests {
+            let mut doctests = self.base(JobKind::Test);
+            doctests.cargo_args = ["--doc", "--no-fail-fast"]
+                .map(str::to_owned)
+                .into_iter()
+                .chain(self.test.cargo_args.iter().cloned())
+                .collect();
+            parts.push((Part::Doctests, doctests));
+        }
+        parts
+    }
+
+    /// The slices, each running its share of the archive `archive_job` built.
+    pub fn slices(&self, archive_job: JobId) -> Vec<(Part, JobSpec)> {
+        let count = self.slices;
+        (1..=count)
+            .map(|index| {
+                let mut slice = self.base(JobKind::Nextest);
+                slice.archive_from = Some(archive_job);
                 // Every test runs, as `cargo test --no-fail-fast` would: counts add up
-                // only over whole slices. Results come as libtest's JSON events on stdout;
-                // nextest's own lines stay on stderr.
-                spec.cargo_args = [
+                // only over whole slices. Results come as libtest's JSON events on
+                // stdout; nextest's own lines stay on stderr.
+                slice.cargo_args = [
                     "--no-fail-fast",
                     "--partition",
                     &format!("count:{index}/{count}"),
@@ -83,24 +159,25 @@ impl Part {
                 ]
                 .map(str::to_owned)
                 .into_iter()
-                .chain(test.cargo_args.iter().cloned())
+                .chain(self.run_args.iter().cloned())
                 .collect();
-                spec.env.push(EnvVar {
+                slice.env.push(EnvVar {
                     name: "NEXTEST_EXPERIMENTAL_LIBTEST_JSON".to_owned(),
                     value: "1".to_owned(),
                 });
-            }
-            Part::Doctests => {
-                spec.kind = JobKind::Test;
-                spec.cargo_args = ["--doc", "--no-fail-fast"]
-                    .map(str::to_owned)
-                    .into_iter()
-                    .chain(test.cargo_args.iter().cloned())
-                    .collect();
-            }
+                (Part::Slice { index, count }, slice)
+            })
+            .collect()
+    }
+
+    fn base(&self, kind: JobKind) -> JobSpec {
+        JobSpec {
+            kind,
+            cargo_args: Vec::new(),
+            collect_executables: false,
+            archive_from: None,
+            ..self.test.clone()
         }
-        spec.collect_executables = false;
-        spec
     }
 }
 
@@ -135,6 +212,7 @@ impl Tally {
                 }
             }
             Part::Doctests => self.ignored_doctests += counts.ignored.unwrap_or(0),
+            Part::Archive => {}
         }
         self.failures.extend(report.failures.iter().cloned());
         match end {
@@ -233,20 +311,39 @@ mod tests {
         test result: ok. 1 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.20s\n";
 
     #[test]
-    fn slices_partition_nextest_and_the_doctests_run_beside_them() {
+    fn the_tests_build_once_and_slices_run_their_share_of_the_archive() {
         let mut test = JobSpec::new(JobKind::Test);
-        test.cargo_args = args(&["-p", "app", "--", "parse"]);
-        let parts = parts(2, &test.cargo_args);
+        test.cargo_args = args(&["-p", "app", "--release", "parse", "--", "--exact"]);
+        let plan = Plan::new(&test, 2);
+        let first = plan.first_parts();
+        let (part, archive) = &first[0];
+        assert_eq!(*part, Part::Archive);
+        assert_eq!(archive.kind, JobKind::NextestArchive);
+        assert_eq!(archive.cargo_args, args(&["-p", "app", "--release"]));
+        let (part, doctests) = &first[1];
+        assert_eq!(*part, Part::Doctests);
         assert_eq!(
-            parts,
-            [
-                Part::Slice { index: 1, count: 2 },
-                Part::Slice { index: 2, count: 2 },
-                Part::Doctests
-            ]
+            doctests.cargo_args,
+            args(&[
+                "--doc",
+                "--no-fail-fast",
+                "-p",
+                "app",
+                "--release",
+                "parse",
+                "--",
+                "--exact"
+            ])
         );
-        let slice = parts[1].spec(&test);
-        assert_eq!(slice.kind, JobKind::Nextest);
+
+        let slices = plan.slices(41);
+        assert_eq!(slices.len(), 2);
+        let (part, slice) = &slices[1];
+        assert_eq!(*part, Part::Slice { index: 2, count: 2 });
+        assert_eq!(
+            (slice.kind, slice.archive_from),
+            (JobKind::Nextest, Some(41))
+        );
         assert_eq!(
             slice.cargo_args,
             args(&[
@@ -255,10 +352,9 @@ mod tests {
                 "count:2/2",
                 "--message-format",
                 "libtest-json-plus",
-                "-p",
-                "app",
+                "parse",
                 "--",
-                "parse"
+                "--exact"
             ])
         );
         assert!(
@@ -267,25 +363,30 @@ mod tests {
                 .iter()
                 .any(|var| var.name == "NEXTEST_EXPERIMENTAL_LIBTEST_JSON")
         );
-        buildpool_core::spec::validate(&slice).expect("a valid job");
-        let doctests = parts[2].spec(&test);
-        assert_eq!(
-            (doctests.kind, &doctests.cargo_args[..2]),
-            (JobKind::Test, &args(&["--doc", "--no-fail-fast"])[..])
-        );
+        for (_, spec) in first.iter().chain(&slices) {
+            buildpool_core::spec::validate(spec).expect("a valid job");
+        }
     }
 
     #[test]
     fn selected_targets_run_no_doctests_as_cargo_test_runs_none() {
+        let doctests = |list: &[&str]| {
+            let mut test = JobSpec::new(JobKind::Test);
+            test.cargo_args = args(list);
+            Plan::new(&test, 3)
+                .first_parts()
+                .iter()
+                .any(|(part, _)| *part == Part::Doctests)
+        };
         for selection in [
             &["--lib"][..],
             &["--test=api"],
             &["--all-targets", "-p", "a"],
         ] {
-            assert!(!parts(3, &args(selection)).contains(&Part::Doctests));
+            assert!(!doctests(selection), "{selection:?}");
         }
         // After `--` the words are the test binary's, not cargo's.
-        assert!(parts(3, &args(&["--", "--lib"])).contains(&Part::Doctests));
+        assert!(doctests(&["--", "--lib"]));
     }
 
     #[test]

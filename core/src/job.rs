@@ -29,6 +29,10 @@ impl fmt::Display for AttemptKey {
     }
 }
 
+/// Where a `nextest-archive` job writes its archive, and a slice of a spread test run
+/// finds the one it fetched: relative to the job's target directory.
+pub const ARCHIVE_FILE: &str = "buildpool/nextest-archive.tar.zst";
+
 /// The cargo subcommand a job runs. A job is never a shell string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobKind {
@@ -38,10 +42,14 @@ pub enum JobKind {
     Check,
     /// `cargo nextest run`: needs cargo-nextest where the job runs.
     Nextest,
+    /// `cargo nextest archive`: builds the test binaries once, for a test run spread over
+    /// agents; the archive goes back to the coordinator as the job's artifact.
+    NextestArchive,
 }
 
 impl JobKind {
-    /// The kind's name: its cargo subcommand (`nextest` for `cargo nextest run`).
+    /// The kind's name: its cargo subcommand (`nextest` for `cargo nextest run`,
+    /// `nextest-archive` for `cargo nextest archive`).
     pub fn cargo_subcommand(self) -> &'static str {
         match self {
             JobKind::Build => "build",
@@ -49,6 +57,7 @@ impl JobKind {
             JobKind::Clippy => "clippy",
             JobKind::Check => "check",
             JobKind::Nextest => "nextest",
+            JobKind::NextestArchive => "nextest-archive",
         }
     }
 
@@ -60,6 +69,7 @@ impl JobKind {
             JobKind::Clippy => &["clippy"],
             JobKind::Check => &["check"],
             JobKind::Nextest => &["nextest", "run"],
+            JobKind::NextestArchive => &["nextest", "archive"],
         }
     }
 
@@ -81,6 +91,7 @@ impl JobKind {
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "nextest" => Some(JobKind::Nextest),
+            "nextest-archive" => Some(JobKind::NextestArchive),
             other => Self::from_subcommand(other),
         }
     }
@@ -161,6 +172,9 @@ pub struct JobSpec {
     /// Send the executables cargo built back to the coordinator after a successful run, for
     /// the client to copy into its own `target/` (build and test jobs only).
     pub collect_executables: bool,
+    /// A `nextest` job that runs the tests of this earlier `nextest-archive` job's archive
+    /// (fetched from the coordinator) instead of building them: one slice of a spread run.
+    pub archive_from: Option<JobId>,
 }
 
 impl JobSpec {
@@ -174,6 +188,7 @@ impl JobSpec {
             env_mode: EnvMode::Auto,
             required_labels: Vec::new(),
             collect_executables: false,
+            archive_from: None,
         }
     }
 

@@ -162,6 +162,9 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
             ));
         }
     }
+    if spec.archive_from.is_some() && spec.kind != JobKind::Nextest {
+        return Err(invalid("only nextest jobs run from an archive"));
+    }
     validate_labels(&spec.required_labels)
 }
 

@@ -81,7 +81,8 @@ wire_enum!(
         Test,
         Clippy,
         Check,
-        Nextest
+        Nextest,
+        NextestArchive
     }
 );
 wire_enum!(decode_env_mode, "env mode", EnvMode { Auto, Nix, Host });
@@ -135,6 +136,7 @@ impl From<JobSpec> for crate::JobSpec {
             env_mode: crate::EnvMode::from(spec.env_mode).into(),
             required_labels: spec.required_labels,
             collect_executables: spec.collect_executables,
+            archive_from: spec.archive_from.unwrap_or(0),
         }
     }
 }
@@ -159,6 +161,7 @@ impl TryFrom<crate::JobSpec> for JobSpec {
             env_mode: decode_env_mode(spec.env_mode)?,
             required_labels: spec.required_labels,
             collect_executables: spec.collect_executables,
+            archive_from: (spec.archive_from > 0).then_some(spec.archive_from),
         })
     }
 }

@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::BusMessage;
-use crate::tunnel::{TUNNEL_PATH, Tunnel};
+use crate::tunnel::{ARCHIVE_PATH, TUNNEL_PATH, Tunnel};
 use crate::websocket::{Stream, deadline, dial, upgrade_client, websocket_config};
 // The bus's users find the whole of it here, its transport's settings and errors included.
 pub use crate::websocket::{
@@ -53,6 +53,13 @@ pub enum Upgrade {
     Bus(CoordinatorSocket),
     /// A git tunnel, at [`TUNNEL_PATH`], with the credential it presented (empty if none).
     Tunnel { tunnel: Tunnel, bearer: String },
+    /// A tunnel for job `job_id`'s test archive, at [`ARCHIVE_PATH`], with the credential
+    /// it presented.
+    Archive {
+        tunnel: Tunnel,
+        bearer: String,
+        job_id: u64,
+    },
 }
 
 impl std::fmt::Debug for Upgrade {
@@ -60,6 +67,7 @@ impl std::fmt::Debug for Upgrade {
         match self {
             Upgrade::Bus(_) => f.write_str("Upgrade::Bus"),
             Upgrade::Tunnel { .. } => f.write_str("Upgrade::Tunnel"),
+            Upgrade::Archive { job_id, .. } => write!(f, "Upgrade::Archive({job_id})"),
         }
     }
 }
@@ -69,7 +77,7 @@ impl std::fmt::Debug for Upgrade {
 pub async fn accept_bus(stream: impl Transport) -> Result<CoordinatorSocket, SocketError> {
     match accept(stream).await? {
         Upgrade::Bus(socket) => Ok(socket),
-        Upgrade::Tunnel { .. } => Err(SocketError::Refused {
+        Upgrade::Tunnel { .. } | Upgrade::Archive { .. } => Err(SocketError::Refused {
             status: 404,
             message: format!("only the bus is served here, at {BUS_PATH}"),
         }),
@@ -85,7 +93,10 @@ pub async fn accept(stream: impl Transport) -> Result<Upgrade, SocketError> {
     #[allow(clippy::result_large_err)]
     let route = move |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
         let path = request.uri().path();
-        if path == BUS_PATH || path == TUNNEL_PATH {
+        let archive = path
+            .strip_prefix(ARCHIVE_PATH)
+            .is_some_and(|job| job.parse::<u64>().is_ok());
+        if path == BUS_PATH || path == TUNNEL_PATH || archive {
             let bearer = request
                 .headers()
                 .get("authorization")
@@ -113,10 +124,19 @@ pub async fn accept(stream: impl Transport) -> Result<Upgrade, SocketError> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
+    let archive = path
+        .strip_prefix(ARCHIVE_PATH)
+        .and_then(|job| job.parse::<u64>().ok());
     Ok(if path == TUNNEL_PATH {
         Upgrade::Tunnel {
             tunnel: Tunnel::new(ws),
             bearer,
+        }
+    } else if let Some(job_id) = archive {
+        Upgrade::Archive {
+            tunnel: Tunnel::new(ws),
+            bearer,
+            job_id,
         }
     } else {
         Upgrade::Bus(BusSocket::new(ws))
@@ -493,7 +513,47 @@ mod tests {
             .expect("client handshake");
         match server.await.expect("joins").expect("server handshake") {
             Upgrade::Tunnel { bearer, .. } => assert_eq!(bearer, "secret"),
-            Upgrade::Bus(_) => panic!("a tunnel taken for a bus connection"),
+            other => panic!("a git tunnel taken for {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_archive_tunnel_names_its_job_and_a_path_without_one_is_refused() {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        for (path, job) in [("/archive/42", Some(42)), ("/archive/last", None)] {
+            let (server_end, client_end) = tokio::io::duplex(64 * 1024);
+            let server = tokio::spawn(accept(server_end));
+            let mut request = format!("ws://localhost{path}")
+                .into_client_request()
+                .expect("request");
+            request
+                .headers_mut()
+                .insert("authorization", "Bearer secret".parse().expect("header"));
+            let client = upgrade_client(Box::new(client_end), request).await;
+            match (server.await.expect("joins"), job) {
+                (Ok(Upgrade::Archive { bearer, job_id, .. }), Some(job)) => {
+                    assert!(client.is_ok());
+                    assert_eq!((bearer.as_str(), job_id), ("secret", job));
+                }
+                (Err(_), None) => assert!(client.is_err(), "{path} upgraded"),
+                (other, _) => panic!("{path}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_archive_header_carries_a_size_and_a_sha256() {
+        let sha = "ab".repeat(32);
+        let line = crate::tunnel::archive_header(1234, &sha);
+        let parsed = crate::tunnel::parse_archive_header(line.trim_end());
+        assert_eq!(parsed, Some((1234, sha)));
+        for bad in [
+            "1234",
+            "x abc",
+            &format!("12 {}", "zz".repeat(32)),
+            "12 abc",
+        ] {
+            assert_eq!(crate::tunnel::parse_archive_header(bad), None, "{bad}");
         }
     }
 }

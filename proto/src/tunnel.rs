@@ -25,10 +25,25 @@ use crate::websocket::{ServerUrl, SocketError, Stream, WRITE_TIMEOUT, dial};
 
 /// Where tunnels connect on the bus port.
 pub const TUNNEL_PATH: &str = "/git";
+/// Where an agent fetches a job's test archive on the bus port: `/archive/<job id>`. The
+/// same tunnel carries it one way: a header line `<bytes> <sha256 hex>\n`, then the file.
+pub const ARCHIVE_PATH: &str = "/archive/";
 /// A tunnel with no traffic either way for this long is closed: git itself never pauses
 /// that long during a fetch, so the peer is gone.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 const CHUNK_BYTES: usize = 64 * 1024;
+
+/// The line that starts an archive's transfer: its size and SHA-256 (lowercase hex).
+pub fn archive_header(bytes: u64, sha256: &str) -> String {
+    format!("{bytes} {sha256}\n")
+}
+
+/// Reads [`archive_header`]'s line (without its newline).
+pub fn parse_archive_header(line: &str) -> Option<(u64, String)> {
+    let (bytes, sha256) = line.split_once(' ')?;
+    let valid = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit());
+    Some((bytes.parse().ok()?, sha256.to_owned())).filter(|_| valid)
+}
 /// A close frame's payload is at most 125 bytes, two of them the code.
 const MAX_CLOSE_REASON_BYTES: usize = 123;
 
@@ -122,6 +137,24 @@ impl Tunnel {
         dial(server, tls, TUNNEL_PATH, Some(credential))
             .await
             .map(Self::new)
+    }
+
+    /// Client side: opens a tunnel that carries job `job_id`'s test archive to us (see
+    /// [`ARCHIVE_PATH`]), presenting `credential`.
+    pub async fn open_archive(
+        server: &ServerUrl,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        credential: &str,
+        job_id: u64,
+    ) -> Result<Self, SocketError> {
+        dial(
+            server,
+            tls,
+            &format!("{ARCHIVE_PATH}{job_id}"),
+            Some(credential),
+        )
+        .await
+        .map(Self::new)
     }
 
     /// Server side: refuses the tunnel; the client reports `reason` (its first 123 bytes,

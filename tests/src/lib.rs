@@ -430,6 +430,12 @@ impl Cluster {
     /// Starts an agent and waits until the coordinator lists it.
     pub fn add_agent(&mut self, id: &str, slots: u32, extra: &[&str]) -> anyhow::Result<()> {
         let command = self.agent_command(id, slots, extra);
+        self.add_agent_by(id, command)
+    }
+
+    /// Starts agent `id` by `command` (an [`Cluster::agent_command`] the caller changed)
+    /// and waits until the coordinator lists it.
+    pub fn add_agent_by(&mut self, id: &str, command: Command) -> anyhow::Result<()> {
         let agent = Owned::spawn(command, self.fixture.scratch().join(format!("{id}.log")))?;
         let listed = wait_until(Duration::from_secs(20), || {
             self.agent_ids().iter().any(|a| a == id)

@@ -2,22 +2,30 @@
 //! the doctests beside them, one `test result:` line over all of them that says what
 //! local `cargo test --no-fail-fast` says, and its exit code.
 
-use buildpool_tests::{Cluster, Fixture, local_cargo};
+use std::time::Duration;
 
-/// A library with unit tests (one ignored, one failing when `FAIL` is in the source), an
-/// integration test binary with an ignored test, and two doctests (one ignored).
-fn fixture(failing: bool) -> Fixture {
+use buildpool_tests::{Cluster, Fixture, Owned, local_cargo, test_counts, wait_until};
+
+/// A library with unit tests (one ignored, one failing when `failing`), an integration
+/// test binary with an ignored test, and two doctests (one ignored). With `slow`, every
+/// unit test takes 4 s.
+fn fixture_with(failing: bool, slow: bool) -> Fixture {
     let verdict = if failing { "3" } else { "2" };
+    let pause = if slow {
+        "std::thread::sleep(std::time::Duration::from_secs(4));"
+    } else {
+        ""
+    };
     let lib = format!(
         "/// ```\n/// assert_eq!(spreadme::two(), 2);\n/// ```\n\
          /// ```ignore\n/// not compiled\n/// ```\n\
          pub fn two() -> u32 {{ 2 }}\n\n\
          #[cfg(test)]\nmod tests {{\n\
-         #[test] fn one() {{ assert_eq!(super::two() - 1, 1); }}\n\
-         #[test] fn two() {{ assert_eq!(super::two(), {verdict}, \"two is not {verdict}\"); }}\n\
-         #[test] fn three() {{}}\n\
-         #[test] fn four() {{}}\n\
-         #[test] fn five() {{}}\n\
+         #[test] fn one() {{ {pause} assert_eq!(super::two() - 1, 1); }}\n\
+         #[test] fn two() {{ {pause} assert_eq!(super::two(), {verdict}, \"two is not {verdict}\"); }}\n\
+         #[test] fn three() {{ {pause} }}\n\
+         #[test] fn four() {{ {pause} }}\n\
+         #[test] fn five() {{ {pause} }}\n\
          #[test] #[ignore] fn slow() {{}}\n}}\n"
     );
     Fixture::with_files(&[
@@ -33,6 +41,10 @@ fn fixture(failing: bool) -> Fixture {
         ),
     ])
     .expect("fixture")
+}
+
+fn fixture(failing: bool) -> Fixture {
+    fixture_with(failing, false)
 }
 
 /// The sum over every `test result:` line of local `cargo test`, in libtest's form.
@@ -137,4 +149,82 @@ fn spread_is_for_test_runs_and_counts_slices() {
         assert_ne!(out.code, Some(0), "{out}");
         assert!(out.stderr.contains(error), "{out}");
     }
+}
+
+#[test]
+fn a_slice_whose_agent_is_lost_runs_again_elsewhere_and_counts_once() {
+    let mut cluster = Cluster::start(fixture_with(false, true), 2, 1).expect("cluster starts");
+    let root = cluster.fixture.root();
+    let local = local_cargo(&root, &["test", "--no-fail-fast"]);
+    assert_eq!(local.code, Some(0), "{local}");
+
+    let mut spread = Owned::spawn(
+        cluster
+            .fixture
+            .command_in(&root, &["run", "test", "--spread", "2"]),
+        cluster.fixture.scratch().join("spread.log"),
+    )
+    .expect("runs");
+    // Each slice's unit tests take 4 s: the agent dies while its slice runs.
+    let mut lost = None;
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            lost = spread
+                .log_text()
+                .lines()
+                .find_map(|line| line.strip_prefix("[buildpool] slice 1/2 running on worker-"))
+                .and_then(|n| n.trim().parse::<usize>().ok());
+            lost.is_some()
+        }),
+        "slice 1 did not start: {}",
+        spread.log_text()
+    );
+    let lost = lost.expect("an agent");
+    cluster.agents[lost - 1].kill_hard();
+    let status = spread
+        .wait_timeout(Duration::from_secs(180))
+        .expect("the run ends");
+    let log = spread.log_text();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("slice 1/2 running again on worker-"), "{log}");
+    let last = log.lines().rfind(|line| line.starts_with("test result:"));
+    assert_eq!(last, Some(expected_line(&local.stdout).as_str()), "{log}");
+}
+
+#[test]
+fn an_agent_without_nextest_runs_cargo_test_alone_and_says_why() {
+    let mut cluster = Cluster::start(fixture(false), 0, 1).expect("cluster starts");
+    // cargo, rustc and rustdoc, and no cargo-nextest: a PATH of our own, outside any sandbox's view
+    // (the test is of the fallback, not of the sandbox).
+    let bin = cluster.fixture.scratch().join("no-nextest-bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    for tool in ["cargo", "rustc", "rustdoc"] {
+        let real = buildpool_tests::dir_of_program(tool)
+            .expect("on PATH")
+            .join(tool);
+        let real = std::fs::canonicalize(real).expect("real path");
+        std::os::unix::fs::symlink(real, bin.join(tool)).expect("link");
+    }
+    let mut command = cluster.agent_command("plain", 2, &buildpool_tests::UNSANDBOXED);
+    command.env("PATH", format!("{}:/usr/bin:/bin", bin.display()));
+    cluster.add_agent_by("plain", command).expect("agent");
+
+    let root = cluster.fixture.root();
+    let local = local_cargo(&root, &["test"]);
+    let spread = cluster
+        .fixture
+        .run(&["run", "test", "--spread", "2"])
+        .expect("runs");
+    assert_eq!(spread.code, Some(0), "{spread}");
+    assert!(
+        spread
+            .stderr
+            .contains("plain has no cargo-nextest (cargo install cargo-nextest): running cargo test on one agent instead"),
+        "{spread}"
+    );
+    assert_eq!(
+        test_counts(&spread.stdout),
+        test_counts(&local.stdout),
+        "{spread}"
+    );
 }

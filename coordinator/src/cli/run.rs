@@ -97,6 +97,7 @@ impl RunArgs {
             env_mode,
             required_labels: self.labels,
             collect_executables: self.artifacts,
+            archive_from: None,
         })
     }
 }

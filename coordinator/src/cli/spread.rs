@@ -1,19 +1,20 @@
 //! `buildpool run test --spread N|auto`: the parts of [`crate::spread`] as jobs on one
-//! snapshot, followed at once; their output streams with each line's agent named, and
-//! their reports add up to one `test result:` line, the last line on stdout.
+//! snapshot: the archive and the doctests at once, the slices when the archive is built.
+//! Their output streams with each line's agent named, and their reports add up to one
+//! `test result:` line, the last line on stdout.
 
 use std::io::Write;
 use std::str::FromStr;
 
-use buildpool_core::job::EXIT_FAILED;
-use buildpool_core::{JobEnd, JobEvent, JobSpec, OutputStream};
+use buildpool_core::job::{EXIT_CANCELLED, EXIT_FAILED};
+use buildpool_core::{JobEnd, JobEvent, JobId, JobSpec, OutputStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::run::{Stops, say};
 use crate::mcp::report::ReportBuilder;
-use crate::session::{JobClient, JobSession, SessionError};
-use crate::spread::{Part, Tally};
+use crate::session::{JobClient, JobSession, SessionError, Snapshotted, StartError};
+use crate::spread::{Part, Plan, Tally};
 
 /// How many slices `--spread` asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,13 +67,16 @@ pub enum SpreadEnd {
     NoNextest { agent: String },
 }
 
-/// What one part's follower hands the run: an event, or how following it failed.
-type PartEvent = (usize, Result<JobEvent, SessionError>);
+/// What one part's follower hands the run: the part's index, its job's id once known, and
+/// an event or how following it failed.
+type PartEvent = (usize, Option<JobId>, Result<JobEvent, SessionError>);
 
 /// One part as the run sees it.
 struct Following {
     part: Part,
     agent: String,
+    /// The attempt whose output counts: the latest assigned.
+    attempt: u32,
     report: ReportBuilder,
     /// Each stream's unfinished line, written when its end comes.
     held: [Vec<u8>; 2],
@@ -80,6 +84,23 @@ struct Following {
 }
 
 impl Following {
+    /// Takes note of the attempt an event is of; whether the event counts. A newer attempt
+    /// means the agent of the earlier one was lost: what that one reported is dropped, or
+    /// the part's tests would count twice.
+    fn follow_attempt(&mut self, attempt: u32) -> bool {
+        if attempt < self.attempt {
+            return false;
+        }
+        if attempt > self.attempt {
+            if self.attempt != 0 {
+                self.report = ReportBuilder::new();
+                self.held = [Vec::new(), Vec::new()];
+            }
+            self.attempt = attempt;
+        }
+        true
+    }
+
     /// Writes `data`'s whole lines to our stderr, each behind its agent's name: parts run
     /// at once, and a line must say where it ran.
     fn forward(&mut self, stream: OutputStream, data: &[u8]) {
@@ -133,7 +154,7 @@ async fn follow(
             }
         };
         let last = !matches!(event, Ok(ref event) if !matches!(event, JobEvent::Finished(_)));
-        if events.send((index, event)).await.is_err() {
+        if events.send((index, session.job_id(), event)).await.is_err() {
             session.cancel();
             session.cancel_delivered().await;
             return;
@@ -144,7 +165,43 @@ async fn follow(
     }
 }
 
-/// Runs `test` (a `cargo test` job's spec) as `slices` slices and its doctests.
+/// The parts of a run as they start and end.
+struct Run {
+    following: Vec<Following>,
+    events: mpsc::Sender<PartEvent>,
+    cancel: CancellationToken,
+}
+
+impl Run {
+    /// Submits a part on the run's snapshot and follows it.
+    async fn start(
+        &mut self,
+        snapshot: &Snapshotted,
+        part: Part,
+        spec: JobSpec,
+    ) -> Result<(), StartError> {
+        let session = snapshot.submit(spec).await?;
+        let index = self.following.len();
+        self.following.push(Following {
+            part,
+            agent: part.to_string(),
+            attempt: 0,
+            report: ReportBuilder::new(),
+            held: [Vec::new(), Vec::new()],
+            done: false,
+        });
+        tokio::spawn(follow(
+            index,
+            session,
+            self.events.clone(),
+            self.cancel.clone(),
+        ));
+        Ok(())
+    }
+}
+
+/// Runs `test` (a `cargo test` job's spec) as `slices` slices of an archive built once,
+/// and its doctests.
 pub async fn run(
     jobs: &JobClient,
     test: &JobSpec,
@@ -153,32 +210,28 @@ pub async fn run(
     notes: bool,
     interrupts: &mut Stops,
 ) -> anyhow::Result<SpreadEnd> {
-    let parts = crate::spread::parts(slices, &test.cargo_args);
-    let specs = parts.iter().map(|part| part.spec(test)).collect();
-    let sessions = jobs.start_all(specs, force_local).await?;
-    if let Some(note) = sessions.first().and_then(JobSession::snapshot_note) {
+    let plan = Plan::new(test, slices);
+    let snapshot = jobs.snapshot(force_local).await?;
+    if let Some(note) = snapshot.note() {
         say(notes, format_args!("{note}"));
     }
-    let cancel = CancellationToken::new();
     let (sender, mut events) = mpsc::channel::<PartEvent>(64);
-    let mut following: Vec<Following> = Vec::with_capacity(parts.len());
-    for (index, (session, part)) in sessions.into_iter().zip(parts).enumerate() {
-        following.push(Following {
-            part,
-            agent: part.to_string(),
-            report: ReportBuilder::new(),
-            held: [Vec::new(), Vec::new()],
-            done: false,
-        });
-        tokio::spawn(follow(index, session, sender.clone(), cancel.clone()));
+    let mut run = Run {
+        following: Vec::new(),
+        events: sender,
+        cancel: CancellationToken::new(),
+    };
+    for (part, spec) in plan.first_parts() {
+        run.start(&snapshot, part, spec).await?;
     }
-    drop(sender);
 
     let mut tally = Tally::default();
     let mut no_nextest = None;
     let mut interrupted = false;
+    // The slices start once the archive is built; until then the run holds a sender.
+    let mut waiting_for_archive = true;
     loop {
-        let (index, event) = tokio::select! {
+        let (index, job_id, event) = tokio::select! {
             next = events.recv() => match next {
                 Some(next) => next,
                 None => break,
@@ -186,36 +239,58 @@ pub async fn run(
             () = interrupts.next() => {
                 if interrupted {
                     say(notes, format_args!("interrupted again; leaving without waiting for the parts' ends"));
-                    return Ok(SpreadEnd::Exited(buildpool_core::job::EXIT_CANCELLED));
+                    return Ok(SpreadEnd::Exited(EXIT_CANCELLED));
                 }
                 interrupted = true;
                 say(notes, format_args!("cancelling every part (Ctrl-C again to leave at once)"));
-                cancel.cancel();
+                run.cancel.cancel();
                 continue;
             }
         };
-        let part = &mut following[index];
-        match event {
-            Ok(JobEvent::Assigned { agent_id, .. }) => {
-                say(notes, format_args!("{} running on {agent_id}", part.part));
+        let part = &mut run.following[index];
+        let ended = match event {
+            Ok(JobEvent::Assigned {
+                agent_id, attempt, ..
+            }) => {
+                if attempt > 1 {
+                    say(
+                        notes,
+                        format_args!(
+                            "{} running again on {agent_id} (attempt {attempt})",
+                            part.part
+                        ),
+                    );
+                } else {
+                    say(notes, format_args!("{} running on {agent_id}", part.part));
+                }
                 part.agent = agent_id;
+                part.follow_attempt(attempt);
+                continue;
             }
-            Ok(JobEvent::Queued { .. }) => {}
-            Ok(JobEvent::Output { stream, data, .. }) => {
+            Ok(JobEvent::Queued { .. }) => continue,
+            Ok(JobEvent::Output {
+                stream,
+                data,
+                attempt,
+            }) => {
+                if !part.follow_attempt(attempt) {
+                    continue;
+                }
                 part.report.feed(stream, &data);
                 if part.shows(stream) {
                     part.forward(stream, &data);
                 }
+                continue;
             }
             Ok(JobEvent::Finished(result)) => {
                 part.finish();
                 let report = std::mem::take(&mut part.report).finish();
                 if report.missing_command.as_deref() == Some("nextest") && no_nextest.is_none() {
                     no_nextest = Some(part.agent.clone());
-                    cancel.cancel();
+                    run.cancel.cancel();
                 }
                 tally.add(part.part, &report, &result.completion.end);
-                part.done = true;
+                (result.completion.end, job_id)
             }
             Err(error) => {
                 say(notes, format_args!("lost {}: {error}", part.part));
@@ -223,21 +298,41 @@ pub async fn run(
                     reason: error.to_string(),
                 };
                 tally.add(part.part, &ReportBuilder::new().finish(), &end);
-                part.done = true;
+                (end, None)
             }
+        };
+        part.done = true;
+        if part.part == Part::Archive {
+            waiting_for_archive = false;
+            let (end, archive_job) = ended;
+            let go_on = end == (JobEnd::Exited { code: 0 }) && !run.cancel.is_cancelled();
+            if let (true, Some(archive_job)) = (go_on, archive_job) {
+                for (part, spec) in plan.slices(archive_job) {
+                    if let Err(error) = run.start(&snapshot, part, spec).await {
+                        say(notes, format_args!("{part} could not start: {error}"));
+                        let end = JobEnd::Failed {
+                            reason: error.to_string(),
+                        };
+                        tally.add(part, &ReportBuilder::new().finish(), &end);
+                    }
+                }
+            }
+        }
+        if !waiting_for_archive {
+            // Only the followers hold senders now: the loop ends with the last part.
+            run.events = mpsc::channel(1).0;
         }
     }
     if let Some(agent) = no_nextest {
         return Ok(SpreadEnd::NoNextest { agent });
     }
     print_tally(&tally);
-    Ok(SpreadEnd::Exited(
-        if following.iter().all(|part| part.done) {
-            tally.exit_code()
-        } else {
-            EXIT_FAILED
-        },
-    ))
+    let all_ended = run.following.iter().all(|part| part.done);
+    Ok(SpreadEnd::Exited(if all_ended {
+        tally.exit_code()
+    } else {
+        EXIT_FAILED
+    }))
 }
 
 /// The failing tests, then the `test result:` line, last on stdout as `cargo test` ends.

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::Mutex;
 
 use buildpool_core::chunks::FileChunks;
-use buildpool_core::job::artifact_path_is_safe;
+use buildpool_core::job::{ARCHIVE_FILE, artifact_path_is_safe};
 use buildpool_core::{ArtifactChunk, AttemptKey, JobId};
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -146,25 +146,55 @@ impl ArtifactStore {
         }
     }
 
+    /// A job's files, all arrived and intact, or an error saying why not.
+    fn complete(
+        jobs: &BTreeMap<JobId, Received>,
+        job_id: JobId,
+    ) -> Result<&Received, ArtifactError> {
+        let received = jobs.get(&job_id).ok_or(ArtifactError::NotFound(job_id))?;
+        if let Some(broken) = &received.broken {
+            return Err(ArtifactError::Unusable {
+                job_id,
+                reason: broken.clone(),
+            });
+        }
+        let arrived = received.files.iter().filter(|f| f.sha256.is_some()).count();
+        if arrived != received.count as usize {
+            return Err(ArtifactError::Incomplete {
+                job_id,
+                arrived,
+                count: received.count,
+            });
+        }
+        Ok(received)
+    }
+
+    /// The test archive a `nextest-archive` job sent: where it is stored, its size and its
+    /// SHA-256.
+    pub fn archive(&self, job_id: JobId) -> Result<(PathBuf, u64, String), ArtifactError> {
+        let jobs = self.jobs();
+        let received = Self::complete(&jobs, job_id)?;
+        received
+            .files
+            .iter()
+            .enumerate()
+            .find(|(_, file)| file.rel_path == ARCHIVE_FILE)
+            .and_then(|(index, file)| {
+                let sha256 = file.sha256.clone()?;
+                Some((
+                    self.job_dir(job_id).join(index.to_string()),
+                    file.written,
+                    sha256,
+                ))
+            })
+            .ok_or(ArtifactError::NotFound(job_id))
+    }
+
     /// Streams a job's executables, all of them or an error saying why not.
     pub fn fetch(&self, job_id: JobId) -> Result<ArtifactStream, ArtifactError> {
         let files: Vec<(PathBuf, ArtifactChunk)> = {
             let jobs = self.jobs();
-            let received = jobs.get(&job_id).ok_or(ArtifactError::NotFound(job_id))?;
-            if let Some(broken) = &received.broken {
-                return Err(ArtifactError::Unusable {
-                    job_id,
-                    reason: broken.clone(),
-                });
-            }
-            let arrived = received.files.iter().filter(|f| f.sha256.is_some()).count();
-            if arrived != received.count as usize {
-                return Err(ArtifactError::Incomplete {
-                    job_id,
-                    arrived,
-                    count: received.count,
-                });
-            }
+            let received = Self::complete(&jobs, job_id)?;
             let job_dir = self.job_dir(job_id);
             (0..received.count)
                 .zip(&received.files)

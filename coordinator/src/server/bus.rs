@@ -17,11 +17,11 @@ use buildpool_core::{AttemptKey, Completion, OutputStream};
 use buildpool_proto::socket::{
     CoordinatorSocket, HANDSHAKE_TIMEOUT, Outbox, SocketError, Transport, Upgrade,
 };
-use buildpool_proto::tunnel::Tunnel;
+use buildpool_proto::tunnel::{Tunnel, archive_header};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -196,7 +196,7 @@ async fn refuse_plain_text(mut tcp: tokio::net::TcpStream) {
         // The request must be read, or closing with unread data resets the connection
         // before the client reads the answer.
         let mut request = [0u8; 4096];
-        let _ = tokio::io::AsyncReadExt::read(&mut tcp, &mut request).await;
+        let _ = tcp.read(&mut request).await;
         tcp.write_all(response.as_bytes()).await?;
         tcp.shutdown().await
     })
@@ -249,7 +249,7 @@ pub(crate) async fn handle_stream(
     let handshake = async {
         let mut socket = match buildpool_proto::socket::accept(stream).await? {
             Upgrade::Bus(socket) => socket,
-            Upgrade::Tunnel { tunnel, bearer } => return Ok(Err((tunnel, bearer))),
+            tunnel => return Ok(Err(tunnel)),
         };
         let first = socket.recv_within(HANDSHAKE_TIMEOUT).await;
         Ok::<_, SocketError>(Ok((socket, first)))
@@ -257,10 +257,10 @@ pub(crate) async fn handle_stream(
     let (mut socket, first) = tokio::select! {
         handshake = handshake => match handshake {
             Ok(Ok(handshake)) => handshake,
-            Ok(Err((tunnel, bearer))) => {
+            Ok(Err(tunnel)) => {
                 drop(ticket);
                 tokio::select! {
-                    () = serve_tunnel(&shared, tunnel, &bearer, peer) => {}
+                    () = serve_tunnel(&shared, tunnel, peer) => {}
                     () = shutdown.cancelled() => {}
                 }
                 return;
@@ -313,12 +313,66 @@ fn unreadable_hello(message: String) -> Reject {
 
 /// Splices an authenticated git tunnel to the loopback git daemon, its request made one
 /// that fetches only what the snapshot refs reach ([`RequestFilter`]).
-async fn serve_tunnel(shared: &Shared, tunnel: Tunnel, bearer: &str, peer: Peer) {
-    if let Err(reason) = shared.access.authorize(bearer, Scope::Agent, peer.ip()) {
-        tracing::warn!(%peer, "git tunnel refused: {reason}");
+async fn serve_tunnel(shared: &Shared, upgrade: Upgrade, peer: Peer) {
+    let (tunnel, bearer, archive) = match upgrade {
+        Upgrade::Tunnel { tunnel, bearer } => (tunnel, bearer, None),
+        Upgrade::Archive {
+            tunnel,
+            bearer,
+            job_id,
+        } => (tunnel, bearer, Some(job_id)),
+        Upgrade::Bus(_) => return,
+    };
+    if let Err(reason) = shared.access.authorize(&bearer, Scope::Agent, peer.ip()) {
+        tracing::warn!(%peer, "tunnel refused: {reason}");
         tunnel.refuse(&reason).await;
         return;
     }
+    match archive {
+        Some(job_id) => serve_archive(shared, tunnel, job_id, peer).await,
+        None => serve_git(shared, tunnel, peer).await,
+    }
+}
+
+/// Sends job `job_id`'s test archive down an agent's tunnel: a slice of a spread test run
+/// takes the tests the archive job built, rather than building them again.
+async fn serve_archive(shared: &Shared, tunnel: Tunnel, job_id: u64, peer: Peer) {
+    let (path, bytes, sha256) = match shared.artifacts.archive(job_id) {
+        Ok(archive) => archive,
+        Err(error) => {
+            tunnel.refuse(&error.to_string()).await;
+            return;
+        }
+    };
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(file) => file,
+        Err(error) => {
+            tracing::error!(job_id, "cannot read the stored test archive: {error}");
+            tunnel
+                .refuse("the coordinator cannot read the archive")
+                .await;
+            return;
+        }
+    };
+    let header = std::io::Cursor::new(archive_header(bytes, &sha256).into_bytes());
+    let started = Instant::now();
+    match tunnel
+        .splice(tokio::io::join(header.chain(file), tokio::io::sink()))
+        .await
+    {
+        Ok(traffic) => tracing::info!(
+            %peer,
+            job_id,
+            bytes_to_agent = traffic.sent,
+            elapsed_ms = started.elapsed().as_millis(),
+            "test archive sent"
+        ),
+        Err(error) => tracing::warn!(%peer, job_id, "test archive: {error}"),
+    }
+}
+
+/// Splices an agent's tunnel to the git daemon, for one fetch.
+async fn serve_git(shared: &Shared, tunnel: Tunnel, peer: Peer) {
     let (Some(port), Some((listen, _))) = (shared.git_daemon_port, &shared.config.git_daemon)
     else {
         tunnel.refuse("this coordinator runs no git daemon").await;

@@ -3,16 +3,22 @@
 //! It is a real [`build_agent::Agent`] (same executor: git cache, warm workspaces, env
 //! selection, process groups) connected to this coordinator's job bus over an in-memory
 //! stream instead of TCP. The scheduler gives it work only while no other agent is
-//! connected. It fetches snapshots straight from the repository's git dir.
+//! connected. It fetches snapshots straight from the repository's git dir, and test
+//! archives straight from the coordinator's artifact store.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use build_agent::archives::{ArchiveError, ArchiveSource, Fetching};
 use build_agent::executor::ExecutorConfig;
-use build_agent::{Agent, AgentIdentity, GitLocator, connection};
-use buildpool_core::EnvMode;
+use build_agent::{Agent, AgentIdentity, GitLocator, JobSources, connection};
+use buildpool_core::{EnvMode, JobId};
+use buildpool_proto::tunnel::archive_header;
+use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
+use super::artifacts::ArtifactStore;
 use super::bus;
 use super::scheduler::LOCAL_AGENT_ID;
 use super::shared::Shared;
@@ -46,7 +52,10 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             disk: None,
         },
     );
-    let git = GitLocator::Fixed(format!("file://{}", shared.repo.common_dir.display()));
+    let sources = JobSources {
+        git: GitLocator::Fixed(format!("file://{}", shared.repo.common_dir.display())),
+        archives: Some(Arc::new(StoreArchives(Arc::clone(&shared.artifacts)))),
+    };
     let link = agent.register_link("local");
     while !shutdown.is_cancelled() {
         let (coordinator_end, agent_end) = tokio::io::duplex(PIPE_CAPACITY);
@@ -58,7 +67,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             None,
         ));
         if let Err(error) =
-            connection::serve_stream(&agent, link, agent_end, &git, shutdown.clone()).await
+            connection::serve_stream(&agent, link, agent_end, &sources, shutdown.clone()).await
         {
             tracing::error!("embedded local agent: {error}");
         }
@@ -72,5 +81,27 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 () = shutdown.cancelled() => {}
             }
         }
+    }
+}
+
+/// Test archives read from this coordinator's own store, checked as an agent across the
+/// network checks them.
+#[derive(Debug)]
+struct StoreArchives(Arc<ArtifactStore>);
+
+impl ArchiveSource for StoreArchives {
+    fn fetch<'a>(&'a self, job_id: JobId, dest: &'a Path) -> Fetching<'a> {
+        Box::pin(async move {
+            let failed = |reason: String| ArchiveError { job_id, reason };
+            let (path, bytes, sha256) =
+                self.0.archive(job_id).map_err(|e| failed(e.to_string()))?;
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            let header = std::io::Cursor::new(archive_header(bytes, &sha256).into_bytes());
+            build_agent::archives::receive(header.chain(file), dest)
+                .await
+                .map_err(failed)
+        })
     }
 }

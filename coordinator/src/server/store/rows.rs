@@ -36,7 +36,8 @@ struct StoredSubmission {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoredSpec {
-    /// `JobKind`'s name (`build`, `test`, `clippy`, `check`, `nextest`).
+    /// `JobKind`'s name (`build`, `test`, `clippy`, `check`, `nextest`,
+    /// `nextest-archive`).
     kind: String,
     cargo_args: Vec<String>,
     env: Vec<(String, String)>,
@@ -45,6 +46,9 @@ struct StoredSpec {
     env_mode: String,
     required_labels: Vec<String>,
     collect_executables: bool,
+    /// Rows written before spread test runs have none.
+    #[serde(default)]
+    archive_from: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -108,6 +112,7 @@ pub fn submission_to_text(submission: &Submission) -> String {
             env_mode: env_mode_name(spec.env_mode).to_owned(),
             required_labels: spec.required_labels.clone(),
             collect_executables: spec.collect_executables,
+            archive_from: spec.archive_from,
         },
         commit: submission.commit.clone(),
         git_ref: submission.git_ref.clone(),
@@ -134,6 +139,7 @@ pub fn submission_from_text(text: &str) -> Result<Submission, RowError> {
             env_mode: spec.env_mode.parse().map_err(RowError)?,
             required_labels: spec.required_labels,
             collect_executables: spec.collect_executables,
+            archive_from: spec.archive_from,
         },
         commit: stored.commit,
         git_ref: stored.git_ref,
@@ -223,6 +229,7 @@ mod tests {
         spec.env_mode = EnvMode::Host;
         spec.required_labels = vec!["os=linux".into()];
         spec.collect_executables = true;
+        spec.archive_from = Some(7);
         let submission = Submission {
             spec,
             commit: "a".repeat(40),
