@@ -145,7 +145,7 @@ mod tests {
     #[tokio::test]
     async fn an_archive_arrives_whole_and_checked() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let dest = dir.path().join("target/buildpool/nextest-archive.tar.zst");
+        let dest = dir.path().join("target/buildpool-nextest-archive.tar.zst");
         let body = b"the tests, built once".repeat(1000);
         let sha256 = hex::encode(Sha256::digest(&body));
         let header = archive_header(body.len() as u64, &sha256);

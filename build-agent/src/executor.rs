@@ -521,9 +521,9 @@ impl Executor {
         }
     }
 
-    /// Where a test archive goes, or comes: a `nextest-archive` job writes it into an
-    /// emptied `target/buildpool/`; a slice of a spread test run fetches the archive job's
-    /// there. Before the job's directories are handed to its user, so that it may write.
+    /// Where a test archive goes, or comes: a `nextest-archive` job writes it into its
+    /// target directory, once an older one is gone; a slice of a spread test run fetches
+    /// the archive job's there.
     async fn place_archive(
         &self,
         job: &JobRequest,
@@ -536,12 +536,7 @@ impl Executor {
                 Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
                     Err(SetupError::Directories(error))
                 }
-                _ => {
-                    let dir = path.parent().unwrap_or(&workspace.target);
-                    tokio::fs::create_dir_all(dir)
-                        .await
-                        .map_err(SetupError::Directories)
-                }
+                _ => Ok(()),
             };
         }
         let Some(job_id) = job.spec.archive_from else {

@@ -293,7 +293,7 @@ impl Snapshotted {
 
 /// Where a job's time went, as its client saw it: the client's own steps, the queue, the
 /// agent's phases, and the rest (assignment, the result's trip back, output draining).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Timings {
     pub snapshot: Duration,
     pub submit: Duration,

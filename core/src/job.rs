@@ -30,8 +30,9 @@ impl fmt::Display for AttemptKey {
 }
 
 /// Where a `nextest-archive` job writes its archive, and a slice of a spread test run
-/// finds the one it fetched: relative to the job's target directory.
-pub const ARCHIVE_FILE: &str = "buildpool/nextest-archive.tar.zst";
+/// finds the one it fetched: in the job's target directory itself, which a root agent has
+/// handed to the job's user (a directory the agent made beneath it would not be).
+pub const ARCHIVE_FILE: &str = "buildpool-nextest-archive.tar.zst";
 
 /// The cargo subcommand a job runs. A job is never a shell string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

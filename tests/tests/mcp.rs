@@ -650,6 +650,83 @@ async fn nextest_runs_the_tests_and_reports_them_exactly() {
     client.cancel().await.expect("closes");
 }
 
+#[tokio::test]
+async fn a_spread_test_counts_every_slice_as_cargo_test_and_names_its_parts() {
+    let cluster = started_cluster(2, 1).await;
+    let fixture = &cluster.fixture;
+    fixture
+        .write("app/tests/fails.rs", "#[test]\nfn two_is_three() {\n    println!(\"captured line\");\n    assert_eq!(2, 3, \"arithmetic broke\");\n}\n")
+        .expect("write");
+    let (client, recorder) = mcp_client(fixture, &fixture.root()).await;
+
+    let whole = call(&client, "test", json!({})).await;
+    let whole = structured(&whole).clone();
+    let spread = call(&client, "test", json!({"spread": 2})).await;
+    let body = structured(&spread);
+    assert_eq!(spread.is_error, Some(true), "{}", text(&spread));
+    assert_eq!(
+        (&body["kind"], &body["outcome"], &body["exit_code"]),
+        (&json!("test"), &json!("failed"), &json!(101)),
+        "{body}"
+    );
+    assert_eq!(
+        body["tests"], whole["tests"],
+        "spread {body}\nwhole {whole}"
+    );
+    assert_eq!(body["failures"][0]["name"], json!("two_is_three"), "{body}");
+    assert_eq!(
+        body["failures"][0]["message"],
+        json!("assertion `left == right` failed: arithmetic broke\n  left: 2\n right: 3"),
+        "{body}"
+    );
+    let parts: Vec<&str> = body["parts"]
+        .as_array()
+        .expect("parts")
+        .iter()
+        .filter_map(|part| part["part"].as_str())
+        .collect();
+    for part in [
+        "test build (nextest archive)",
+        "doctests",
+        "slice 1/2",
+        "slice 2/2",
+    ] {
+        assert!(parts.contains(&part), "{parts:?}");
+    }
+    let progress = recorder.progress.lock().expect("lock").clone();
+    assert!(
+        progress
+            .iter()
+            .any(|m| m.starts_with("slice 2/2 running on worker-")),
+        "{progress:?}"
+    );
+
+    for (arguments, error) in [
+        (json!({"spread": "many"}), "from 1 to 256, or auto"),
+        (json!({"spread": 0}), "from 1 to 256, or auto"),
+        (
+            json!({"spread": 2, "runner": "nextest"}),
+            "leave runner unset",
+        ),
+    ] {
+        let refused = match client
+            .call_tool(
+                CallToolRequestParams::new("test")
+                    .with_arguments(arguments.as_object().cloned().expect("object")),
+            )
+            .await
+        {
+            Err(error) => error.to_string(),
+            Ok(result) if result.is_error == Some(true) && result.structured_content.is_none() => {
+                text(&result)
+            }
+            Ok(result) => panic!("{arguments} accepted: {}", text(&result)),
+        };
+        assert!(refused.contains(error), "{refused}");
+    }
+    client.cancel().await.expect("closes");
+}
+
 /// A copy of `dir` made of links to its entries, but for `left_out`.
 fn linked_copy(dir: &Path, left_out: &str, into: &Path) -> PathBuf {
     std::fs::create_dir_all(into).expect("mkdir");

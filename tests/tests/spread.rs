@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use buildpool_tests::{Cluster, Fixture, Owned, local_cargo, test_counts, wait_until};
+use buildpool_tests::{
+    Cluster, Fixture, Owned, ServeOptions, local_cargo, test_counts, wait_until,
+};
 
 /// A library with unit tests (one ignored, one failing when `failing`), an integration
 /// test binary with an ignored test, and two doctests (one ignored). With `slow`, every
@@ -153,7 +155,13 @@ fn spread_is_for_test_runs_and_counts_slices() {
 
 #[test]
 fn a_slice_whose_agent_is_lost_runs_again_elsewhere_and_counts_once() {
-    let mut cluster = Cluster::start(fixture_with(false, true), 2, 1).expect("cluster starts");
+    // A lost agent's job is requeued after the reattach grace: a short one here.
+    let options = ServeOptions {
+        config: Some("[build_pool.timeouts]\nreattach_grace_secs = 1\n".into()),
+        ..ServeOptions::default()
+    };
+    let mut cluster =
+        Cluster::start_with(fixture_with(false, true), 2, 1, &options).expect("cluster starts");
     let root = cluster.fixture.root();
     let local = local_cargo(&root, &["test", "--no-fail-fast"]);
     assert_eq!(local.code, Some(0), "{local}");
@@ -186,7 +194,10 @@ fn a_slice_whose_agent_is_lost_runs_again_elsewhere_and_counts_once() {
         .expect("the run ends");
     let log = spread.log_text();
     assert!(status.success(), "{log}");
-    assert!(log.contains("slice 1/2 running again on worker-"), "{log}");
+    assert!(
+        log.contains("slice 1/2 running again (attempt 2) on worker-"),
+        "{log}"
+    );
     let last = log.lines().rfind(|line| line.starts_with("test result:"));
     assert_eq!(last, Some(expected_line(&local.stdout).as_str()), "{log}");
 }

@@ -11,11 +11,12 @@ use buildpool_core::{EnvMode, EnvVar, JobEvent, JobId, JobKind, JobSpec, OutputS
 use clap::Args;
 
 use super::artifacts;
-use super::spread::{Spread, SpreadEnd};
+use super::spread::SpreadEnd;
 use crate::client::Client;
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::session::{JobClient, Via};
+use crate::spread::Spread;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {

@@ -211,6 +211,22 @@ pub struct JobAnswer {
     /// Last stderr lines, when a failure has no diagnostic or failing test to show.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stderr_tail: Vec<String>,
+    /// A run spread over agents (`spread`): each part's job and agent; `job_id` is the
+    /// test build's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<PartItem>,
+}
+
+/// One part of a spread test run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PartItem {
+    /// `test build (nextest archive)`, `slice 2/4` or `doctests`.
+    pub part: String,
+    /// For `job_log`; absent when the part never started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<u64>,
+    pub ran_on: String,
 }
 
 /// The answer of `job_log`.
@@ -414,6 +430,7 @@ impl JobAnswer {
             failures: Vec::new(),
             more_failures: None,
             stderr_tail: Vec::new(),
+            parts: Vec::new(),
         }
     }
 

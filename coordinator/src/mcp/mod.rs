@@ -35,9 +35,11 @@ use serde::Deserialize;
 
 use crate::client::{Client, ClientError};
 use crate::repo::Repo;
-use crate::session::{JobClient, JobSession, StartError, Via};
+use crate::session::{JobClient, JobSession, StartError, Timings, Via};
+use crate::spread::{Observer, Outcome as SpreadOutcome, Part, Spread};
 use answer::{
-    CancelAnswer, CancelState, FmtAnswer, JobAnswer, LogAnswer, Placement, StatusAnswer, ToolAnswer,
+    CancelAnswer, CancelState, FmtAnswer, JobAnswer, LogAnswer, PartItem, Placement, StatusAnswer,
+    ToolAnswer,
 };
 use report::ReportBuilder;
 
@@ -98,6 +100,29 @@ pub struct TestInput {
     pub nocapture: Option<bool>,
     /// Also run `#[ignore]`d tests (`--include-ignored`).
     pub include_ignored: Option<bool>,
+    /// Spread the run over agents: a number of slices, or "auto" (one per idle agent).
+    /// The tests are built once, the slices run at once, and the answer counts them all.
+    /// Needs cargo-nextest on the agents (without it, one agent runs `cargo test`).
+    pub spread: Option<SpreadInput>,
+}
+
+/// `spread`: a number of slices, or "auto".
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum SpreadInput {
+    Slices(u32),
+    /// "auto": one slice per idle agent.
+    Named(String),
+}
+
+impl SpreadInput {
+    fn spread(&self) -> Result<Spread, ErrorData> {
+        let text = match self {
+            SpreadInput::Slices(count) => count.to_string(),
+            SpreadInput::Named(name) => name.clone(),
+        };
+        text.parse().map_err(invalid)
+    }
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -255,6 +280,19 @@ impl JobInput for TestInput {
 }
 
 impl TestInput {
+    /// How the run is spread, when it is: `cargo test` spread runs nextest itself.
+    fn spread(&self) -> Result<Option<Spread>, ErrorData> {
+        let Some(spread) = &self.spread else {
+            return Ok(None);
+        };
+        if self.runner == Some(Runner::Nextest) {
+            return Err(invalid(
+                "spread runs cargo-nextest itself: leave runner unset (or \"cargo\")",
+            ));
+        }
+        spread.spread().map(Some)
+    }
+
     /// `cargo test`, or `cargo nextest run` with its results as libtest JSON events.
     fn job_spec(&self) -> Result<JobSpec, ErrorData> {
         match self.runner.unwrap_or_default() {
@@ -453,7 +491,11 @@ impl BuildPoolMcp {
         Parameters(input): Parameters<TestInput>,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        self.run_job(input.job_spec()?, context).await
+        let spec = input.job_spec()?;
+        match input.spread()? {
+            Some(spread) => self.run_spread(spec, spread, context).await,
+            None => self.run_job(spec, context).await,
+        }
     }
 
     #[tool(
@@ -738,6 +780,64 @@ impl BuildPoolMcp {
         }
     }
 
+    /// A `test` spread over agents, answered as one job: the test build's job id, every
+    /// part's counts and failures together, and each part's job and agent in `parts`.
+    async fn run_spread(
+        &self,
+        test: JobSpec,
+        spread: Spread,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let jobs = &self.inner.jobs;
+        let slices = match spread.slices(jobs, false).await {
+            Ok(slices) => slices,
+            Err(error) => {
+                return Ok(
+                    JobAnswer::no_result(JobKind::Test, None, &error.to_string()).into_result(),
+                );
+            }
+        };
+        if slices == 1 {
+            return self.run_job(test, context).await;
+        }
+        let started = Instant::now();
+        let mut notifier = Progress::new(&context.meta, context.peer.clone());
+        let (notes, mut noted) = tokio::sync::mpsc::unbounded_channel();
+        let mut observer = Noted(notes);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let outcome = {
+            let running =
+                crate::spread::run(jobs, &test, slices, false, &mut observer, cancel.clone());
+            tokio::pin!(running);
+            loop {
+                tokio::select! {
+                    outcome = &mut running => break outcome,
+                    Some(note) = noted.recv() => notifier.send(note, false).await,
+                    () = context.ct.cancelled(), if !cancel.is_cancelled() => cancel.cancel(),
+                }
+            }
+        };
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(StartError::InvalidSpec(error)) => return Err(invalid(error.to_string())),
+            Err(error) => {
+                return Ok(
+                    JobAnswer::no_result(JobKind::Test, None, &error.to_string()).into_result(),
+                );
+            }
+        };
+        if let Some(agent) = outcome.missing_nextest {
+            notifier
+                .send(
+                    format!("{agent} has no cargo-nextest: running cargo test on one agent"),
+                    false,
+                )
+                .await;
+            return self.run_job(test, context).await;
+        }
+        Ok(spread_answer(&outcome, started.elapsed()).into_result())
+    }
+
     /// Records where the session's job was submitted, once its id is known; returns the id.
     fn remember(&self, session: &JobSession) -> JobId {
         let job_id = session.job_id().unwrap_or_default();
@@ -769,6 +869,76 @@ impl ServerHandler for BuildPoolMcp {
              diagnostics and test failures; use job_log for full output.",
         )
     }
+}
+
+/// A spread run's notes, for its progress notifications; its parts' lines stay in their
+/// job logs.
+struct Noted(tokio::sync::mpsc::UnboundedSender<String>);
+
+impl Observer for Noted {
+    fn note(&mut self, text: &str) {
+        let _ = self.0.send(text.to_owned());
+    }
+
+    fn lines(&mut self, _agent: &str, _stream: OutputStream, _lines: &[u8]) {}
+}
+
+/// The answer to a spread run: one job's answer over all its parts.
+fn spread_answer(outcome: &SpreadOutcome, elapsed: Duration) -> JobAnswer {
+    let mut agents: Vec<&str> = outcome
+        .parts
+        .iter()
+        .map(|part| part.agent.as_str())
+        .collect();
+    agents.sort_unstable();
+    agents.dedup();
+    let ran_on = agents.join(", ");
+    let build_job = outcome
+        .parts
+        .iter()
+        .find(|part| part.part == Part::Archive)
+        .and_then(|part| part.job_id);
+    let result = buildpool_core::JobResult {
+        completion: buildpool_core::Completion {
+            end: buildpool_core::JobEnd::Exited {
+                code: i32::from(outcome.exit_code()),
+            },
+            duration: elapsed,
+            env: None,
+            phases: buildpool_core::AgentPhases::default(),
+        },
+        agent_id: ran_on.clone(),
+        attempt: 1,
+        local: false,
+        queue_time: Duration::ZERO,
+    };
+    let mut answer = ToolAnswer {
+        kind: JobKind::Test,
+        job_id: build_job.unwrap_or_default(),
+        placement: Placement::Agent(ran_on),
+        result,
+        report: outcome.tally.report(),
+        snapshot_note: None,
+        coordinator_note: None,
+        timings: Timings {
+            total: elapsed,
+            ..Timings::default()
+        },
+    }
+    .answer();
+    if outcome.tally.cancelled() {
+        answer.outcome = answer::Outcome::Cancelled;
+    }
+    answer.parts = outcome
+        .parts
+        .iter()
+        .map(|part| PartItem {
+            part: part.part.to_string(),
+            job_id: part.job_id,
+            ran_on: part.agent.clone(),
+        })
+        .collect();
+    answer
 }
 
 #[cfg(test)]

@@ -35,6 +35,9 @@
 //! `sccache` measures the sccache hit rate when a second slot builds the snapshot the first
 //! built, with the sandbox's stable path and without the sandbox.
 //!
+//! `spread [ROUNDS]` (spread.rs) times `run test --spread 1|2|4` on four agents against
+//! local `cargo test`, on I/O-bound tests after a one-line change.
+//!
 //! `shared-cache [CRATE]` (shared_cache.rs) times a published crate's first build on a new
 //! agent with the fleet's shared sccache store against a cold agent's.
 //!
@@ -60,6 +63,7 @@ mod scale;
 mod sccache;
 mod shared_cache;
 mod soak;
+mod spread;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -300,6 +304,9 @@ fn main() -> anyhow::Result<()> {
     // Each further mode lives in its own module beside this file and takes its arguments.
     if args.first().is_some_and(|arg| arg == "sccache") {
         return sccache::run();
+    }
+    if args.first().is_some_and(|arg| arg == "spread") {
+        return spread::run(rounds(args.get(1), 3, "bench spread [ROUNDS]")?);
     }
     if args.first().is_some_and(|arg| arg == "shared-cache") {
         return shared_cache::run(&args[1..]);

@@ -1,10 +1,5 @@
-//! `run test --spread N`: one `cargo test` spread over agents. The tests are built once,
-//! as `cargo nextest archive` on one agent (the coordinator picks the warmest); N slices
-//! then run `cargo nextest run --partition count:i/N` from that archive on as many
-//! agents; the doctests run beside them as `cargo test --doc` (nextest runs none). Their
-//! reports add up to the one `test result:` line that scripts and agents read. Pure: what
-//! each part runs and how the parts' reports add up; running them is the client's
-//! (`cli/spread.rs`).
+//! What a spread run's parts run and how their reports add up. Pure: no job is started
+//! here.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,7 +7,7 @@ use std::fmt;
 use buildpool_core::job::{EXIT_CANCELLED, JobEnd};
 use buildpool_core::{EnvVar, JobId, JobKind, JobSpec};
 
-use crate::mcp::report::{Report, TestFailure};
+use crate::mcp::report::{MAX_FAILURES, Report, TestCounts, TestFailure};
 
 /// What `cargo test` exits with when a test failed or the tests did not build.
 pub const EXIT_TESTS_FAILED: u8 = 101;
@@ -31,6 +26,10 @@ const TARGET_SELECTIONS: &[&str] = &[
     "--benches",
     "--all-targets",
 ];
+
+/// `cargo test`'s options about running the tests, not building them: the slices say
+/// their own, and `cargo nextest archive` takes none.
+const RUN_OPTIONS: &[&str] = &["--no-fail-fast", "--no-run"];
 
 /// `cargo test`'s options that take a value as the next word: that word is no test name.
 const OPTIONS_WITH_VALUES: &[&str] = &[
@@ -102,9 +101,16 @@ impl Plan {
         let mut names = Vec::new();
         let mut takes_value = false;
         for arg in options {
+            if !takes_value && RUN_OPTIONS.contains(&arg.as_str()) {
+                continue;
+            }
             if takes_value || arg.starts_with('-') {
-                build_args.push(arg.clone());
-                takes_value = OPTIONS_WITH_VALUES.contains(&arg.as_str());
+                // nextest names cargo's message format for what it builds this way.
+                build_args.push(match arg.strip_prefix("--message-format") {
+                    Some(rest) if !takes_value => format!("--cargo-message-format{rest}"),
+                    _ => arg.clone(),
+                });
+                takes_value = !takes_value && OPTIONS_WITH_VALUES.contains(&arg.as_str());
             } else {
                 names.push(arg.clone());
             }
@@ -196,6 +202,8 @@ pub struct Tally {
     broken: Option<u8>,
     /// A part whose cargo exited non-zero (a failing test, or tests that did not build).
     failed_part: bool,
+    /// What the test build said: its compiler diagnostics, the end of its stderr.
+    build: Report,
 }
 
 impl Tally {
@@ -212,7 +220,7 @@ impl Tally {
                 }
             }
             Part::Doctests => self.ignored_doctests += counts.ignored.unwrap_or(0),
-            Part::Archive => {}
+            Part::Archive => self.build = report.clone(),
         }
         self.failures.extend(report.failures.iter().cloned());
         match end {
@@ -233,7 +241,7 @@ impl Tally {
     /// libtest's closing line, over every part: `test result: ok. P passed; F failed; I
     /// ignored; 0 measured; 0 filtered out`.
     pub fn result_line(&self) -> String {
-        let ignored = self.ignored_in_slices.values().sum::<u64>() + self.ignored_doctests;
+        let ignored = self.ignored();
         format!(
             "test result: {}. {} passed; {} failed; {ignored} ignored; 0 measured; 0 filtered out",
             if self.ok() { "ok" } else { "FAILED" },
@@ -245,6 +253,28 @@ impl Tally {
     /// The failing tests, with their panic messages.
     pub fn failures(&self) -> &[TestFailure] {
         &self.failures
+    }
+
+    /// The run as one report: the test build's diagnostics, and every part's tests.
+    pub fn report(&self) -> Report {
+        let shown = self.failures.len().min(MAX_FAILURES);
+        Report {
+            tests: Some(TestCounts {
+                passed: self.passed,
+                failed: self.failed,
+                ignored: Some(self.ignored()),
+                skipped: None,
+            }),
+            failures: self.failures[..shown].to_vec(),
+            failures_omitted: usize::try_from(self.failed)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(shown),
+            ..self.build.clone()
+        }
+    }
+
+    fn ignored(&self) -> u64 {
+        self.ignored_in_slices.values().sum::<u64>() + self.ignored_doctests
     }
 
     /// What `cargo test` would exit with: 0, 101 for failing (or unbuildable) tests, or
@@ -313,19 +343,33 @@ mod tests {
     #[test]
     fn the_tests_build_once_and_slices_run_their_share_of_the_archive() {
         let mut test = JobSpec::new(JobKind::Test);
-        test.cargo_args = args(&["-p", "app", "--release", "parse", "--", "--exact"]);
+        test.cargo_args = args(&[
+            "--message-format=json",
+            "--no-fail-fast",
+            "-p",
+            "app",
+            "--release",
+            "parse",
+            "--",
+            "--exact",
+        ]);
         let plan = Plan::new(&test, 2);
         let first = plan.first_parts();
         let (part, archive) = &first[0];
         assert_eq!(*part, Part::Archive);
         assert_eq!(archive.kind, JobKind::NextestArchive);
-        assert_eq!(archive.cargo_args, args(&["-p", "app", "--release"]));
+        assert_eq!(
+            archive.cargo_args,
+            args(&["--cargo-message-format=json", "-p", "app", "--release"])
+        );
         let (part, doctests) = &first[1];
         assert_eq!(*part, Part::Doctests);
         assert_eq!(
             doctests.cargo_args,
             args(&[
                 "--doc",
+                "--no-fail-fast",
+                "--message-format=json",
                 "--no-fail-fast",
                 "-p",
                 "app",
