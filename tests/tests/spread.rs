@@ -41,6 +41,8 @@ fn fixture_with(failing: bool, slow: bool) -> Fixture {
             "#[test] fn api_one() {}\n#[test] fn api_two() {}\n#[test] #[ignore] fn api_slow() {}\n"
                 .into(),
         ),
+        ("tests/db.rs", "#[test] fn db_one() {}\n".into()),
+        ("tests/cli.rs", "#[test] fn cli_one() {}\n#[test] fn cli_two() {}\n".into()),
     ])
     .expect("fixture")
 }

@@ -102,10 +102,13 @@ pub struct Report {
     pub stderr_tail: Vec<String>,
     /// The cargo subcommand cargo did not have (`nextest` without cargo-nextest installed).
     pub missing_command: Option<String>,
-    /// nextest's ignored tests per test binary (`crate/binary/kind`), as its suite events
-    /// count them. Every slice of a spread run reports every binary's: taken once per
-    /// binary, they add up to what `cargo test` counts.
+    /// nextest's ignored tests per test binary (by nextest's binary id), as its suite
+    /// events count them. Every slice of a spread run reports every binary's: taken once
+    /// per binary, they add up to what `cargo test` counts.
     pub ignored_by_binary: BTreeMap<String, u64>,
+    /// Milliseconds the tests of each test binary ran (nextest's suite events, one per
+    /// test process): what balances a later spread run's slices.
+    pub millis_by_binary: BTreeMap<String, u64>,
 }
 
 /// What a report builder has seen so far, for progress notifications.
@@ -187,6 +190,7 @@ pub struct ReportBuilder {
     stderr_tail: std::collections::VecDeque<String>,
     missing_command: Option<String>,
     ignored_by_binary: BTreeMap<String, u64>,
+    millis_by_binary: BTreeMap<String, u64>,
     /// nextest's summary line was seen: its tally replaces the one from test events.
     nextest_summary: bool,
     progress: Progress,
@@ -203,6 +207,17 @@ impl std::hash::Hash for Diagnostic {
             self.column,
         )
             .hash(state);
+    }
+}
+
+/// nextest's id of a test binary, as its filtersets take it (`binary_id(=...)`): the
+/// crate for a library's (or proc macro's) unit tests, `crate::name` for an integration
+/// test, `crate::kind/name` for a binary's, an example's or a bench's.
+pub fn binary_id(krate: &str, binary: &str, kind: &str) -> String {
+    match kind {
+        "lib" | "proc-macro" => krate.to_owned(),
+        "test" => format!("{krate}::{binary}"),
+        other => format!("{krate}::{other}/{binary}"),
     }
 }
 
@@ -345,25 +360,29 @@ impl ReportBuilder {
         self.test_outcome(event["event"].as_str().unwrap_or(""), name, output);
     }
 
-    /// A suite event's count of ignored tests, kept per test binary: nextest repeats it in
-    /// each of the binary's test processes, alike.
+    /// A suite event: nextest writes one per test process, with the process's time and
+    /// its binary's count of ignored tests (alike in each).
     fn suite_event(&mut self, event: &serde_json::Value) {
         let (Some(ignored), Some(binary)) = (event["ignored"].as_u64(), event.get("nextest"))
         else {
             return;
         };
-        let binary = format!(
-            "{}/{}/{}",
+        let binary = binary_id(
             binary["crate"].as_str().unwrap_or(""),
             binary["test_binary"].as_str().unwrap_or(""),
-            binary["kind"].as_str().unwrap_or("")
+            binary["kind"].as_str().unwrap_or(""),
         );
-        if self.ignored_by_binary.len() < MAX_BINARIES
-            || self.ignored_by_binary.contains_key(&binary)
+        if self.ignored_by_binary.len() >= MAX_BINARIES
+            && !self.ignored_by_binary.contains_key(&binary)
         {
-            let count = self.ignored_by_binary.entry(binary).or_default();
-            *count = (*count).max(ignored);
+            return;
         }
+        let count = self.ignored_by_binary.entry(binary.clone()).or_default();
+        *count = (*count).max(ignored);
+        // Seconds as a float: at most a day's worth of milliseconds, far inside f64.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let millis = (event["exec_time"].as_f64().unwrap_or(0.0).max(0.0) * 1000.0) as u64;
+        *self.millis_by_binary.entry(binary).or_default() += millis;
     }
 
     /// A test event whose line was too long to keep whole: its name and outcome come
@@ -616,6 +635,7 @@ impl ReportBuilder {
             stderr_tail: self.stderr_tail.into_iter().collect(),
             missing_command: self.missing_command,
             ignored_by_binary: self.ignored_by_binary,
+            millis_by_binary: self.millis_by_binary,
         }
     }
 }

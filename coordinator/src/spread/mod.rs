@@ -4,8 +4,10 @@
 //! agents; the doctests run beside them as `cargo test --doc` (nextest runs none). Their
 //! reports add up to the one `test result:` line that scripts and agents read.
 //!
-//! [`plan`] is pure: the parts' job specs and the tally; [`run`] starts and follows them.
+//! [`plan`] is pure: the parts' job specs, the slices balanced by earlier durations, and
+//! the tally; [`run`] starts and follows them; [`history`] keeps the durations.
 
+mod history;
 mod plan;
 mod run;
 

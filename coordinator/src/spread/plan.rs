@@ -146,27 +146,34 @@ impl Plan {
         parts
     }
 
-    /// The slices, each running its share of the archive `archive_job` built.
-    pub fn slices(&self, archive_job: JobId) -> Vec<(Part, JobSpec)> {
+    /// The slices, each running its share of the archive `archive_job` built: test
+    /// binaries balanced by how long they ran before (`history`, milliseconds by nextest
+    /// binary id) when that can balance them, else nextest's partitions by count.
+    pub fn slices(
+        &self,
+        archive_job: JobId,
+        history: &BTreeMap<String, u64>,
+    ) -> Vec<(Part, JobSpec)> {
         let count = self.slices;
+        let shares = balance(history, count);
         (1..=count)
             .map(|index| {
                 let mut slice = self.base(JobKind::Nextest);
                 slice.archive_from = Some(archive_job);
                 // Every test runs, as `cargo test --no-fail-fast` would: counts add up
-                // only over whole slices. Results come as libtest's JSON events on
-                // stdout; nextest's own lines stay on stderr.
-                slice.cargo_args = [
-                    "--no-fail-fast",
-                    "--partition",
-                    &format!("count:{index}/{count}"),
-                    "--message-format",
-                    "libtest-json-plus",
-                ]
-                .map(str::to_owned)
-                .into_iter()
-                .chain(self.run_args.iter().cloned())
-                .collect();
+                // only over whole slices.
+                let mut args = vec!["--no-fail-fast".to_owned()];
+                match &shares {
+                    Some(shares) => args.extend(shares[index as usize - 1].iter().cloned()),
+                    None => {
+                        args.extend(["--partition".to_owned(), format!("count:{index}/{count}")])
+                    }
+                }
+                // Results come as libtest's JSON events on stdout; nextest's own lines
+                // stay on stderr.
+                args.extend(["--message-format", "libtest-json-plus"].map(str::to_owned));
+                args.extend(self.run_args.iter().cloned());
+                slice.cargo_args = args;
                 slice.env.push(EnvVar {
                     name: "NEXTEST_EXPERIMENTAL_LIBTEST_JSON".to_owned(),
                     value: "1".to_owned(),
@@ -174,6 +181,11 @@ impl Plan {
                 (Part::Slice { index, count }, slice)
             })
             .collect()
+    }
+
+    /// Whether `history` balances the slices (see [`Plan::slices`]).
+    pub fn balances(&self, history: &BTreeMap<String, u64>) -> bool {
+        balance(history, self.slices).is_some()
     }
 
     fn base(&self, kind: JobKind) -> JobSpec {
@@ -185,6 +197,68 @@ impl Plan {
             ..self.test.clone()
         }
     }
+}
+
+/// The bytes of one `-E` filterset argument at most (a job's argument is 4096 at most).
+const MAX_FILTERSET_BYTES: usize = 3072;
+
+/// Each slice's filterset arguments (`-E EXPR`, ORed by nextest) when the test binaries
+/// that ran before can be shared out evenly by their durations, longest first to the
+/// least loaded slice; nextest's own partitions count tests and ignore how long they run.
+/// The least loaded slice also takes every binary not seen before, so each test runs in
+/// exactly one slice. `None` (partition by count) without enough binaries to balance, or
+/// when one binary alone would outlast an even share.
+fn balance(history: &BTreeMap<String, u64>, slices: u32) -> Option<Vec<Vec<String>>> {
+    let slices = slices as usize;
+    let total: u64 = history.values().sum();
+    let longest = history.values().copied().max()?;
+    if history.len() < 2 * slices || total == 0 || longest * slices as u64 > total {
+        return None;
+    }
+    let mut binaries: Vec<(&String, u64)> = history.iter().map(|(id, ms)| (id, *ms)).collect();
+    binaries.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut loads = vec![(0u64, Vec::new()); slices];
+    for (id, ms) in binaries {
+        let (load, ids) = loads.iter_mut().min_by_key(|(load, _)| *load)?;
+        *load += ms;
+        ids.push(format!("binary_id(={id})"));
+    }
+    let newcomers = format!(
+        "not ({})",
+        history
+            .keys()
+            .map(|id| format!("binary_id(={id})"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    if newcomers.len() > MAX_FILTERSET_BYTES {
+        return None;
+    }
+    let least = loads
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, (load, _))| *load)
+        .map(|(at, _)| at)?;
+    let mut shares = Vec::with_capacity(slices);
+    for (at, (_, ids)) in loads.into_iter().enumerate() {
+        let mut args = Vec::new();
+        let mut expression = String::new();
+        for id in ids {
+            if !expression.is_empty() && expression.len() + id.len() + 3 > MAX_FILTERSET_BYTES {
+                args.extend(["-E".to_owned(), std::mem::take(&mut expression)]);
+            }
+            if !expression.is_empty() {
+                expression.push_str(" | ");
+            }
+            expression.push_str(&id);
+        }
+        args.extend(["-E".to_owned(), expression]);
+        if at == least {
+            args.extend(["-E".to_owned(), newcomers.clone()]);
+        }
+        shares.push(args);
+    }
+    Some(shares)
 }
 
 /// How the parts of a run ended, added up.
@@ -204,6 +278,8 @@ pub struct Tally {
     failed_part: bool,
     /// What the test build said: its compiler diagnostics, the end of its stderr.
     build: Report,
+    /// Milliseconds each test binary's tests ran, over every slice.
+    millis_by_binary: BTreeMap<String, u64>,
 }
 
 impl Tally {
@@ -217,6 +293,9 @@ impl Tally {
                 for (binary, ignored) in &report.ignored_by_binary {
                     let count = self.ignored_in_slices.entry(binary.clone()).or_default();
                     *count = (*count).max(*ignored);
+                }
+                for (binary, millis) in &report.millis_by_binary {
+                    *self.millis_by_binary.entry(binary.clone()).or_default() += millis;
                 }
             }
             Part::Doctests => self.ignored_doctests += counts.ignored.unwrap_or(0),
@@ -248,6 +327,11 @@ impl Tally {
             self.passed,
             self.failed
         )
+    }
+
+    /// How long each test binary's tests ran, in milliseconds, over every slice.
+    pub fn millis_by_binary(&self) -> &BTreeMap<String, u64> {
+        &self.millis_by_binary
     }
 
     /// The failing tests, with their panic messages.
@@ -380,7 +464,7 @@ mod tests {
             ])
         );
 
-        let slices = plan.slices(41);
+        let slices = plan.slices(41, &BTreeMap::new());
         assert_eq!(slices.len(), 2);
         let (part, slice) = &slices[1];
         assert_eq!(*part, Part::Slice { index: 2, count: 2 });
@@ -410,6 +494,66 @@ mod tests {
         for (_, spec) in first.iter().chain(&slices) {
             buildpool_core::spec::validate(spec).expect("a valid job");
         }
+    }
+
+    #[test]
+    fn slices_share_the_binaries_by_how_long_they_ran_and_new_ones_go_to_the_lightest() {
+        let history: BTreeMap<String, u64> = [
+            ("app", 9000),
+            ("app::api", 7000),
+            ("app::db", 5000),
+            ("app::cli", 3000),
+            ("app::bin/tool", 1000),
+            ("util", 1000),
+        ]
+        .map(|(id, ms)| (id.to_owned(), ms))
+        .into();
+        let shares = balance(&history, 2).expect("balanced");
+        // Longest first to the lightest: 9+3+1 against 7+5+1, 13 s each; the first of
+        // the lightest also takes the binaries never seen.
+        assert_eq!(
+            shares[0],
+            args(&[
+                "-E",
+                "binary_id(=app) | binary_id(=app::cli) | binary_id(=app::bin/tool)",
+                "-E",
+                "not (binary_id(=app) | binary_id(=app::api) | binary_id(=app::bin/tool) | \
+                 binary_id(=app::cli) | binary_id(=app::db) | binary_id(=util))",
+            ])
+        );
+        assert_eq!(
+            shares[1],
+            args(&[
+                "-E",
+                "binary_id(=app::api) | binary_id(=app::db) | binary_id(=util)",
+            ])
+        );
+        let mut test = JobSpec::new(JobKind::Test);
+        test.cargo_args = args(&["--", "--exact"]);
+        let (_, slice) = &Plan::new(&test, 2).slices(7, &history)[0];
+        assert_eq!(
+            slice.cargo_args[..3],
+            args(&["--no-fail-fast", "-E", &shares[0][1]])
+        );
+        assert!(!slice.cargo_args.contains(&"--partition".to_owned()));
+    }
+
+    #[test]
+    fn without_enough_binaries_to_balance_the_slices_count_tests() {
+        let few: BTreeMap<String, u64> = [("app", 10), ("app::api", 10), ("util", 10)]
+            .map(|(id, ms)| (id.to_owned(), ms))
+            .into();
+        assert_eq!(balance(&few, 2), None);
+        let dominated: BTreeMap<String, u64> = [
+            ("app", 10_000),
+            ("app::api", 10),
+            ("app::db", 10),
+            ("util", 10),
+        ]
+        .map(|(id, ms)| (id.to_owned(), ms))
+        .into();
+        assert_eq!(balance(&dominated, 2), None);
+        assert_eq!(balance(&BTreeMap::new(), 2), None);
     }
 
     #[test]

@@ -258,6 +258,8 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<Outcome, StartError> {
     let plan = Plan::new(test, slices);
+    let history_file = super::history::path(jobs.repo());
+    let history = super::history::load(&history_file);
     let snapshot = jobs.snapshot(force_local).await?;
     if let Some(note) = snapshot.note() {
         observer.note(note);
@@ -329,7 +331,13 @@ pub async fn run(
             let archive_job = part.job_id;
             let built = end == (JobEnd::Exited { code: 0 }) && !run.cancel.is_cancelled();
             if let (true, Some(archive_job)) = (built, archive_job) {
-                for (part, spec) in plan.slices(archive_job) {
+                if plan.balances(&history) {
+                    observer.note(&format!(
+                        "slices balanced by how long {} test binaries ran before",
+                        history.len()
+                    ));
+                }
+                for (part, spec) in plan.slices(archive_job, &history) {
                     run.start(part, spec, observer).await;
                 }
             }
@@ -338,6 +346,12 @@ pub async fn run(
         }
     }
     let all_ended = run.following.iter().all(|part| part.done);
+    if all_ended
+        && !run.cancel.is_cancelled()
+        && let Err(error) = super::history::save(&history_file, run.tally.millis_by_binary())
+    {
+        tracing::warn!("cannot record the tests' durations: {error}");
+    }
     Ok(Outcome {
         parts: run
             .following
