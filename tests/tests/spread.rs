@@ -108,6 +108,34 @@ fn a_spread_run_counts_what_local_cargo_test_counts_over_every_agent() {
         spread.stderr.contains("doctests running on worker-"),
         "{spread}"
     );
+
+    // The second run, one slice per idle agent, shares the four test binaries out by how
+    // long each ran in the first.
+    let history = root.join(".git/buildpool/test-durations.json");
+    let recorded = std::fs::read_to_string(&history).expect("durations recorded");
+    for binary in ["spreadme", "spreadme::api", "spreadme::db", "spreadme::cli"] {
+        assert!(recorded.contains(&format!("\"{binary}\"")), "{recorded}");
+    }
+    let again = cluster
+        .fixture
+        .run(&["run", "test", "--spread", "auto"])
+        .expect("runs");
+    assert_eq!(again.code, Some(0), "{again}");
+    assert!(
+        again.stderr.contains("slice 2/2 running on worker-"),
+        "{again}"
+    );
+    assert!(
+        again
+            .stderr
+            .contains("slices balanced by how long 4 test binaries ran before"),
+        "{again}"
+    );
+    assert_eq!(
+        again.stdout.lines().last(),
+        Some(expected_line(&local.stdout).as_str()),
+        "{again}"
+    );
 }
 
 #[test]
