@@ -152,7 +152,8 @@ pub struct AuthSection {
 /// Flattened into the `build-agent` command line, so each flag is declared only here.
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct Overrides {
-    /// Coordinator job-bus URL, e.g. wss://coordinator:8081/ws (repeatable).
+    /// Coordinator job-bus URL, e.g. wss://coordinator:8081/ws (repeatable). A
+    /// `#sha256:...` suffix pins that coordinator's certificate.
     #[arg(long = "server", value_name = "URL")]
     pub servers: Vec<String>,
     /// Agent id shown by coordinators (default: hostname).
@@ -181,9 +182,10 @@ pub struct Overrides {
     #[arg(long)]
     pub drain_timeout: Option<u64>,
     /// The coordinator certificate's fingerprint, as `buildpool serve` prints it
-    /// (sha256:...); for every server without its own tls_fingerprint or tls_ca_file.
-    #[arg(long, value_name = "SHA256")]
-    pub tls_fingerprint: Option<String>,
+    /// (sha256:...). Once: for every server without a pin of its own; once per --server:
+    /// each pins the --server at its place.
+    #[arg(long = "tls-fingerprint", value_name = "SHA256")]
+    pub tls_fingerprints: Vec<String>,
     /// Trust coordinators whose certificate chains to this CA (PEM) instead of a pin.
     #[arg(long, value_name = "FILE")]
     pub tls_ca_file: Option<PathBuf>,
@@ -330,22 +332,57 @@ struct DefaultTrust<'a> {
 }
 
 /// The servers to connect to: the command line's replace the file's, which are the seed's
-/// single `[server]` followed by `[[servers]]`.
+/// single `[server]` followed by `[[servers]]`. A command-line URL may carry its pin as a
+/// `#sha256:...` suffix, and `--tls-fingerprint`, given once per `--server`, pins each in
+/// order.
 fn server_entries(
     server: Option<ServerEntry>,
     servers: Vec<ServerEntry>,
     flag_urls: Vec<String>,
-) -> Vec<ServerEntry> {
+    flag_fingerprints: &[String],
+) -> Result<Vec<ServerEntry>, ConfigError> {
+    let paired = flag_fingerprints.len() > 1;
     if flag_urls.is_empty() {
-        return server.into_iter().chain(servers).collect();
+        if paired {
+            return Err(ConfigError::Invalid(
+                "several --tls-fingerprint flags pair with --server flags, and there are none"
+                    .into(),
+            ));
+        }
+        return Ok(server.into_iter().chain(servers).collect());
+    }
+    if paired && flag_fingerprints.len() != flag_urls.len() {
+        return Err(ConfigError::Invalid(format!(
+            "{} --tls-fingerprint flags for {} --server flags: give one for all of them, or \
+             one per --server in the same order (or pin a server as URL#sha256:...)",
+            flag_fingerprints.len(),
+            flag_urls.len()
+        )));
     }
     flag_urls
         .into_iter()
-        .map(|url| ServerEntry {
-            url,
-            name: None,
-            tls_fingerprint: None,
-            tls_ca_file: None,
+        .enumerate()
+        .map(|(at, url)| {
+            let (url, suffix) = match url.split_once('#') {
+                Some((url, pin)) => (url.to_owned(), Some(pin.to_owned())),
+                None => (url, None),
+            };
+            let flag = paired.then(|| flag_fingerprints[at].clone());
+            let tls_fingerprint = match (suffix, flag) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "server {url}: pinned twice, by its #sha256: suffix and by \
+                         --tls-fingerprint; keep one"
+                    )));
+                }
+                (suffix, flag) => suffix.or(flag),
+            };
+            Ok(ServerEntry {
+                url,
+                name: None,
+                tls_fingerprint,
+                tls_ca_file: None,
+            })
         })
         .collect()
 }
@@ -541,13 +578,22 @@ impl AgentConfig {
         environment: &Environment,
         flags: Overrides,
     ) -> Result<Self, ConfigError> {
-        let entries = server_entries(file.server, file.servers, flags.servers);
+        let entries = server_entries(
+            file.server,
+            file.servers,
+            flags.servers,
+            &flags.tls_fingerprints,
+        )?;
         let client_cert = client_cert_files(
             flags.tls_client_cert.or(file.auth.tls_client_cert_file),
             flags.tls_client_key.or(file.auth.tls_client_key_file),
         )?;
         let default_trust = DefaultTrust {
-            fingerprint: flags.tls_fingerprint.as_deref(),
+            // One pin for all; several were paired with the servers above.
+            fingerprint: match flags.tls_fingerprints.as_slice() {
+                [one] => Some(one.as_str()),
+                _ => None,
+            },
             ca_file: flags.tls_ca_file.as_deref(),
         };
         let servers = server_endpoints(entries, default_trust, client_cert.as_ref())?;
@@ -743,5 +789,45 @@ mod tests {
         )
         .expect_err("unknown scheme");
         assert!(unknown.to_string().contains("unknown scheme"), "{unknown}");
+    }
+
+    #[test]
+    fn each_server_on_the_command_line_takes_its_own_pin() {
+        let (x, y) = (format!("sha256:{}", "a".repeat(64)), format!("sha256:{}", "b".repeat(64)));
+        let pins = |config: AgentConfig| -> Vec<String> {
+            config
+                .servers
+                .iter()
+                .map(|server| match server.tls.as_ref().map(|tls| &tls.trust) {
+                    Some(ServerTrust::Pinned(pin)) => pin.to_string(),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        };
+        let resolve = |servers: Vec<String>, fingerprints: Vec<String>| {
+            AgentConfig::resolve(
+                FileConfig::default(),
+                &Environment::default(),
+                Overrides {
+                    servers,
+                    tls_fingerprints: fingerprints,
+                    ..with_token()
+                },
+            )
+        };
+        let (a, b) = ("wss://a:8081/ws".to_owned(), "wss://b:8081/ws".to_owned());
+        let in_order = resolve(vec![a.clone(), b.clone()], vec![x.clone(), y.clone()]);
+        assert_eq!(pins(in_order.expect("paired")), [x.clone(), y.clone()]);
+        let one_for_all = resolve(vec![a.clone(), b.clone()], vec![x.clone()]);
+        assert_eq!(pins(one_for_all.expect("shared")), [x.clone(), x.clone()]);
+        let suffixed = resolve(vec![format!("{a}#{y}"), b.clone()], vec![x.clone()]);
+        assert_eq!(pins(suffixed.expect("suffix")), [y.clone(), x.clone()]);
+
+        let three = resolve(vec![a.clone(), b.clone()], vec![x.clone(), y.clone(), x.clone()]);
+        assert!(three.expect_err("3 for 2").to_string().contains("same order"));
+        let twice = resolve(vec![format!("{a}#{y}"), b], vec![x.clone(), y]);
+        assert!(twice.expect_err("twice").to_string().contains("pinned twice"));
+        let none = resolve(Vec::new(), vec![x.clone(), x]);
+        assert!(none.expect_err("no servers").to_string().contains("there are none"));
     }
 }
