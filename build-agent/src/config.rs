@@ -793,7 +793,10 @@ mod tests {
 
     #[test]
     fn each_server_on_the_command_line_takes_its_own_pin() {
-        let (x, y) = (format!("sha256:{}", "a".repeat(64)), format!("sha256:{}", "b".repeat(64)));
+        let (x, y) = (
+            format!("sha256:{}", "a".repeat(64)),
+            format!("sha256:{}", "b".repeat(64)),
+        );
         let pins = |config: AgentConfig| -> Vec<String> {
             config
                 .servers
@@ -823,11 +826,28 @@ mod tests {
         let suffixed = resolve(vec![format!("{a}#{y}"), b.clone()], vec![x.clone()]);
         assert_eq!(pins(suffixed.expect("suffix")), [y.clone(), x.clone()]);
 
-        let three = resolve(vec![a.clone(), b.clone()], vec![x.clone(), y.clone(), x.clone()]);
-        assert!(three.expect_err("3 for 2").to_string().contains("same order"));
+        let three = resolve(
+            vec![a.clone(), b.clone()],
+            vec![x.clone(), y.clone(), x.clone()],
+        );
+        assert!(
+            three
+                .expect_err("3 for 2")
+                .to_string()
+                .contains("same order")
+        );
         let twice = resolve(vec![format!("{a}#{y}"), b], vec![x.clone(), y]);
-        assert!(twice.expect_err("twice").to_string().contains("pinned twice"));
+        assert!(
+            twice
+                .expect_err("twice")
+                .to_string()
+                .contains("pinned twice")
+        );
         let none = resolve(Vec::new(), vec![x.clone(), x]);
-        assert!(none.expect_err("no servers").to_string().contains("there are none"));
+        assert!(
+            none.expect_err("no servers")
+                .to_string()
+                .contains("there are none")
+        );
     }
 }
