@@ -75,6 +75,8 @@ struct State {
     outboxes: Vec<watch::Sender<Option<Outbox<AgentMessage>>>>,
     /// Each link's proof of the identity key, made for its coordinator.
     proofs: Vec<String>,
+    /// Each link's coordinator URL, for the metrics' `coordinator` label.
+    coordinators: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -180,6 +182,7 @@ impl Agent {
         };
         let mut state = self.state();
         state.proofs.push(proof);
+        state.coordinators.push(coordinator_url.to_owned());
         state.outboxes.push(watch::channel(None).0);
         Link(state.outboxes.len() - 1)
     }
@@ -519,11 +522,19 @@ impl Scrape for Agent {
     /// Events so far, slots and disk use now.
     fn metrics_text(&self) -> String {
         let pool = self.inner.pool.borrow().clone();
-        self.inner.metrics.encode(AgentGauges {
+        let demand = self
+            .state()
+            .coordinators
+            .iter()
+            .enumerate()
+            .map(|(link, coordinator)| (coordinator.clone(), pool.demand(link)))
+            .collect();
+        self.inner.metrics.encode(&AgentGauges {
             slots_total: pool.total,
             slots_used: pool.used,
             draining: pool.draining,
             disk: self.disk_usage(),
+            demand,
         })
     }
 }

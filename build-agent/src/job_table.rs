@@ -113,6 +113,12 @@ impl PoolView {
         self.total.saturating_sub(self.used)
     }
 
+    /// Jobs waiting at `link`'s coordinator that this agent could take: what it last said,
+    /// less what this agent took since.
+    pub fn demand(&self, link: LinkId) -> u32 {
+        self.shares.get(&link).map_or(0, |share| share.demand)
+    }
+
     /// Free slots offered to `link` right now.
     pub fn offer(&self, link: LinkId) -> u32 {
         let free = self.free();

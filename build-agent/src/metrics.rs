@@ -26,12 +26,14 @@ type EndLabels = [(&'static str, &'static str); 2];
 type ServerLabels = [(&'static str, String); 1];
 
 /// What the agent looks like at one scrape.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentGauges {
     pub slots_total: u32,
     pub slots_used: u32,
     pub draining: bool,
     pub disk: DiskUsage,
+    /// Each coordinator (by URL) and the jobs waiting there that this agent could take.
+    pub demand: Vec<(String, u32)>,
 }
 
 /// The agent's event metrics.
@@ -136,7 +138,7 @@ impl AgentMetrics {
     }
 
     /// The OpenMetrics text of every metric, `gauges` included.
-    pub fn encode(&self, gauges: AgentGauges) -> String {
+    pub fn encode(&self, gauges: &AgentGauges) -> String {
         let mut now = Registry::with_prefix("build_agent");
         let gauge = |value: u64| {
             let gauge = Gauge::<i64>::default();
@@ -165,6 +167,20 @@ impl AgentMetrics {
             "Disk budget for workspaces and caches",
             Unit::Bytes,
             gauge(gauges.disk.budget_bytes),
+        );
+        // Every agent of a coordinator hears the same demand: an autoscaler takes the
+        // maximum per coordinator and sums those (see deploy/kubernetes).
+        let demand = Family::<ServerLabels, Gauge>::default();
+        for (coordinator, jobs) in &gauges.demand {
+            demand
+                .get_or_create(&[("coordinator", coordinator.clone())])
+                .set(i64::from(*jobs));
+        }
+        now.register(
+            "demand",
+            "Jobs waiting at a coordinator that this agent could take, at most its slots \
+             (what the coordinator last said, less the ones taken since), by coordinator",
+            demand,
         );
         let mut text = String::with_capacity(4 * 1024);
         // Writing into a String cannot fail; the encoder's errors are `fmt::Error`s.
@@ -228,7 +244,7 @@ mod tests {
         );
         metrics.declined(&Decline::Busy { total: 2 });
         metrics.reconnecting("main");
-        let text = metrics.encode(AgentGauges {
+        let text = metrics.encode(&AgentGauges {
             slots_total: 4,
             slots_used: 1,
             draining: false,
@@ -236,6 +252,7 @@ mod tests {
                 used_bytes: 10,
                 budget_bytes: 100,
             },
+            demand: vec![("wss://ws-host:8081/ws".to_owned(), 3)],
         });
         for line in [
             "build_agent_jobs_total{kind=\"build\",outcome=\"success\"} 1",
@@ -247,6 +264,7 @@ mod tests {
             "build_agent_slots_used 1",
             "build_agent_disk_used_bytes 10",
             "build_agent_disk_budget_bytes 100",
+            "build_agent_demand{coordinator=\"wss://ws-host:8081/ws\"} 3",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -186,6 +186,76 @@ impl NotifySocket {
     }
 }
 
+/// The agent's address for `/metrics`, from its log.
+fn agent_metrics_url(agent: &buildpool_tests::Owned) -> String {
+    let mut url = None;
+    let logged = wait_until(Duration::from_secs(10), || {
+        url = agent.log_text().lines().find_map(|line| {
+            let start = line.find("metrics at http://")? + "metrics at ".len();
+            Some(line[start..].trim().to_owned())
+        });
+        url.is_some()
+    });
+    assert!(logged, "no metrics address in:\n{}", agent.log_text());
+    url.expect("url")
+}
+
+/// What an autoscaler reads (deploy/kubernetes/keda-scaledobject.yaml): the agent's busy
+/// slots and the demand it hears from its coordinator follow real queued and running jobs.
+#[test]
+fn the_demand_an_autoscaler_reads_follows_queued_and_running_jobs() {
+    let mut cluster = Cluster::start_with(
+        Fixture::new().expect("fixture"),
+        0,
+        1,
+        &buildpool_tests::ServeOptions::unsandboxed(),
+    )
+    .expect("cluster");
+    cluster
+        .add_agent("worker-1", 2, &["--metrics-addr", "127.0.0.1:0"])
+        .expect("agent");
+    let url = agent_metrics_url(&cluster.agents[0]);
+    let coordinator = format!("wss://{}/ws", cluster.websocket_addr);
+    let demand_series = format!("build_agent_demand{{coordinator=\"{coordinator}\"}}");
+    let scrape = || http_get(&url).map(|(_, text)| text).unwrap_or_default();
+    let reads = |used: f64, demand: f64| {
+        let text = scrape();
+        sample(&text, "build_agent_slots_used") == Some(used)
+            && sample(&text, &demand_series) == Some(demand)
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || reads(0.0, 0.0)),
+        "{}",
+        scrape()
+    );
+
+    // Two jobs run in the agent's two slots, one waits. (A coordinator tells an agent at
+    // most as many waiting jobs as it has slots.)
+    let fixture = &cluster.fixture;
+    std::fs::write(fixture.sleep_file(), "120").expect("sleep file");
+    let clients: Vec<buildpool_tests::Owned> = (0..3)
+        .map(|n| {
+            buildpool_tests::Owned::spawn(
+                fixture.command_in(&fixture.root(), &Fixture::brief_job()),
+                fixture.scratch().join(format!("client-{n}.log")),
+            )
+            .expect("client")
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(120), || reads(2.0, 1.0)),
+        "two running and one queued, not:\n{}",
+        scrape()
+    );
+    // The clients go (their jobs are cancelled): nothing runs, nothing waits.
+    drop(clients);
+    assert!(
+        wait_until(Duration::from_secs(60), || reads(0.0, 0.0)),
+        "{}",
+        scrape()
+    );
+}
+
 #[test]
 fn serve_and_agent_notify_readiness_status_and_the_watchdog() {
     let dir = tempfile::tempdir().expect("temp");
