@@ -116,6 +116,13 @@ fn a_spread_run_counts_what_local_cargo_test_counts_over_every_agent() {
     for binary in ["spreadme", "spreadme::api", "spreadme::db", "spreadme::cli"] {
         assert!(recorded.contains(&format!("\"{binary}\"")), "{recorded}");
     }
+    // These tests take milliseconds, whose noise decides whether they can be balanced:
+    // durations as a longer suite's.
+    std::fs::write(
+        &history,
+        r#"{"spreadme": 4000, "spreadme::api": 3000, "spreadme::cli": 2000, "spreadme::db": 1000}"#,
+    )
+    .expect("history");
     let again = cluster
         .fixture
         .run(&["run", "test", "--spread", "auto"])

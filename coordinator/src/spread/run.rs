@@ -2,6 +2,7 @@
 //! the doctests at once, the slices when the archive is built, all followed at once. What
 //! the run says goes to an [`Observer`]: `run` prints it, `mcp` sends it as progress.
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use buildpool_core::job::EXIT_FAILED;
@@ -213,9 +214,98 @@ struct Run<'a> {
     events: Option<mpsc::Sender<PartEvent>>,
     cancel: CancellationToken,
     tally: Tally,
+    /// The first agent found without cargo-nextest.
+    missing_nextest: Option<String>,
 }
 
 impl Run<'_> {
+    /// Takes one event of part `index`; how the part ended, when this was its end.
+    fn receive(
+        &mut self,
+        index: usize,
+        job_id: Option<JobId>,
+        event: Result<JobEvent, SessionError>,
+        observer: &mut dyn Observer,
+    ) -> Option<JobEnd> {
+        let part = &mut self.following[index];
+        part.job_id = part.job_id.or(job_id);
+        let end = match event {
+            Ok(JobEvent::Assigned {
+                agent_id, attempt, ..
+            }) => {
+                let again = if attempt > 1 {
+                    format!(" again (attempt {attempt})")
+                } else {
+                    String::new()
+                };
+                observer.note(&format!("{} running{again} on {agent_id}", part.part));
+                part.agent = agent_id;
+                part.follow_attempt(attempt);
+                return None;
+            }
+            Ok(JobEvent::Queued { .. }) => return None,
+            Ok(JobEvent::Output {
+                stream,
+                data,
+                attempt,
+            }) => {
+                if part.follow_attempt(attempt) {
+                    part.report.feed(stream, &data);
+                    part.show(stream, &data, observer);
+                }
+                return None;
+            }
+            Ok(JobEvent::Finished(result)) => {
+                part.finish(observer);
+                let report = std::mem::take(&mut part.report).finish();
+                if report.missing_command.as_deref() == Some("nextest")
+                    && self.missing_nextest.is_none()
+                {
+                    self.missing_nextest = Some(part.agent.clone());
+                    self.cancel.cancel();
+                }
+                self.tally.add(part.part, &report, &result.completion.end);
+                result.completion.end
+            }
+            Err(error) => {
+                observer.note(&format!("lost {}: {error}", part.part));
+                let part = part.part;
+                self.fail(part, &error);
+                JobEnd::Failed {
+                    reason: error.to_string(),
+                }
+            }
+        };
+        self.following[index].done = true;
+        Some(end)
+    }
+
+    /// The archive job ended: when it built the archive, the slices start on it. No part
+    /// starts after them, so the run lets go of its sender: the followers hold the only
+    /// ones, and the run ends with the last part.
+    async fn archive_ended(
+        &mut self,
+        plan: &Plan,
+        history: &BTreeMap<String, u64>,
+        end: &JobEnd,
+        archive_job: Option<JobId>,
+        observer: &mut dyn Observer,
+    ) {
+        let built = *end == (JobEnd::Exited { code: 0 }) && !self.cancel.is_cancelled();
+        if let (true, Some(archive_job)) = (built, archive_job) {
+            if plan.balances(history) {
+                observer.note(&format!(
+                    "slices balanced by how long {} test binaries ran before",
+                    history.len()
+                ));
+            }
+            for (part, spec) in plan.slices(archive_job, history) {
+                self.start(part, spec, observer).await;
+            }
+        }
+        self.events = None;
+    }
+
     /// Submits a part on the run's snapshot and follows it; a part that cannot start
     /// counts as failed.
     async fn start(&mut self, part: Part, spec: JobSpec, observer: &mut dyn Observer) {
@@ -271,78 +361,19 @@ pub async fn run(
         events: Some(sender),
         cancel,
         tally: Tally::default(),
+        missing_nextest: None,
     };
     for (part, spec) in plan.first_parts() {
         run.start(part, spec, observer).await;
     }
-    let mut missing_nextest = None;
     while let Some((index, job_id, event)) = events.recv().await {
-        let part = &mut run.following[index];
-        part.job_id = part.job_id.or(job_id);
-        let end = match event {
-            Ok(JobEvent::Assigned {
-                agent_id, attempt, ..
-            }) => {
-                let again = if attempt > 1 {
-                    format!(" again (attempt {attempt})")
-                } else {
-                    String::new()
-                };
-                observer.note(&format!("{} running{again} on {agent_id}", part.part));
-                part.agent = agent_id;
-                part.follow_attempt(attempt);
-                continue;
-            }
-            Ok(JobEvent::Queued { .. }) => continue,
-            Ok(JobEvent::Output {
-                stream,
-                data,
-                attempt,
-            }) => {
-                if part.follow_attempt(attempt) {
-                    part.report.feed(stream, &data);
-                    part.show(stream, &data, observer);
-                }
-                continue;
-            }
-            Ok(JobEvent::Finished(result)) => {
-                part.finish(observer);
-                let report = std::mem::take(&mut part.report).finish();
-                if report.missing_command.as_deref() == Some("nextest") && missing_nextest.is_none()
-                {
-                    missing_nextest = Some(part.agent.clone());
-                    run.cancel.cancel();
-                }
-                run.tally.add(part.part, &report, &result.completion.end);
-                result.completion.end
-            }
-            Err(error) => {
-                observer.note(&format!("lost {}: {error}", part.part));
-                let part_name = part.part;
-                run.fail(part_name, &error);
-                JobEnd::Failed {
-                    reason: error.to_string(),
-                }
-            }
+        let Some(end) = run.receive(index, job_id, event, observer) else {
+            continue;
         };
-        let part = &mut run.following[index];
-        part.done = true;
-        if part.part == Part::Archive {
-            let archive_job = part.job_id;
-            let built = end == (JobEnd::Exited { code: 0 }) && !run.cancel.is_cancelled();
-            if let (true, Some(archive_job)) = (built, archive_job) {
-                if plan.balances(&history) {
-                    observer.note(&format!(
-                        "slices balanced by how long {} test binaries ran before",
-                        history.len()
-                    ));
-                }
-                for (part, spec) in plan.slices(archive_job, &history) {
-                    run.start(part, spec, observer).await;
-                }
-            }
-            // No part starts after the slices: the followers hold the only senders now.
-            run.events = None;
+        if run.following[index].part == Part::Archive {
+            let archive_job = run.following[index].job_id;
+            run.archive_ended(&plan, &history, &end, archive_job, observer)
+                .await;
         }
     }
     let all_ended = run.following.iter().all(|part| part.done);
@@ -363,7 +394,7 @@ pub async fn run(
             })
             .collect(),
         tally: run.tally,
-        missing_nextest,
+        missing_nextest: run.missing_nextest,
         all_ended,
     })
 }
