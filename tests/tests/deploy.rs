@@ -131,22 +131,39 @@ fn a_broken_agent_config_is_reported_with_its_location() {
     );
 }
 
+/// The flake and both NixOS modules parse. nixpkgs cannot be fetched here, so they are
+/// not evaluated: parsing is what can be checked offline.
 #[test]
-fn the_nixos_module_parses() {
+fn the_flake_and_both_nixos_modules_parse() {
     assert!(
         buildpool_tests::dir_of_program("nix-instantiate").is_some(),
         "needs nix (apt-get install nix-bin)"
     );
-    let output = Command::new("nix-instantiate")
-        .arg("--parse")
-        .arg(repo_file("nix/build-agent.nix"))
-        .output()
-        .expect("nix-instantiate runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    for file in ["flake.nix", "nix/build-agent.nix", "nix/coordinator.nix"] {
+        let output = Command::new("nix-instantiate")
+            .arg("--parse")
+            .arg(repo_file(file))
+            .output()
+            .expect("nix-instantiate runs");
+        assert!(
+            output.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let flake = std::fs::read_to_string(repo_file("flake.nix")).expect("flake");
+    for output in [
+        "build-agent = import ./nix/build-agent.nix;",
+        "coordinator = import ./nix/coordinator.nix;",
+        "cargoLock.lockFile = ./Cargo.lock;",
+        "devShells = ",
+        "apps = ",
+    ] {
+        assert!(flake.contains(output), "flake.nix lacks {output}");
+    }
+    let coordinator = std::fs::read_to_string(repo_file("nix/coordinator.nix")).expect("module");
+    assert!(coordinator.contains("Type = \"notify\";"), "{coordinator}");
+    assert!(coordinator.contains("WatchdogSec = "), "{coordinator}");
 }
 
 #[test]
