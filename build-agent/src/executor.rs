@@ -493,6 +493,7 @@ impl Executor {
                 reason: error.to_string(),
             });
         }
+        let started = Instant::now();
         let prepared = tokio::select! {
             result = tokio::time::timeout(timeout, self.prepare(job, output)) => result,
             () = cancel.cancelled() => return Err(JobEnd::Cancelled),
@@ -502,12 +503,18 @@ impl Executor {
             Ok(Err(error)) => return Err(setup_failed(output, &error).await),
             Err(_) => return Err(JobEnd::TimedOut),
         };
+        // A test archive's transfer counts against the job's time, as its preparation does.
         let placed = tokio::select! {
-            placed = self.place_archive(job, &prepared.workspace, output) => placed,
+            placed = tokio::time::timeout(
+                timeout.saturating_sub(started.elapsed()),
+                self.place_archive(job, &prepared.workspace, output),
+            ) => placed,
             () = cancel.cancelled() => return Err(JobEnd::Cancelled),
         };
-        if let Err(error) = placed {
-            return Err(setup_failed(output, &error).await);
+        match placed {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(setup_failed(output, &error).await),
+            Err(_) => return Err(JobEnd::TimedOut),
         }
         let shared_cache = self.reachable_shared_cache(output).await;
         match self.job_command(
