@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod offload;
 pub mod progress;
 pub mod repo;
+pub mod report;
 pub mod server;
 pub mod session;
 pub mod snapshot;

@@ -843,7 +843,7 @@ async fn answers_of_every_shape_match_the_declared_schemas() {
         CancelAnswer, CancelState, FmtAnswer, JobAnswer, MAX_JOB_ANSWER, Placement, StatusAnswer,
         ToolAnswer, log_page,
     };
-    use buildpool::mcp::report::ReportBuilder;
+    use buildpool::report::ReportBuilder;
     use buildpool::session::Timings;
     use buildpool_core::{
         AgentPhases, Completion, JobEnd, JobKind, JobResult, OutputStream, RunEnv,

@@ -16,7 +16,7 @@ use rmcp::model::{CallToolResult, ContentBlock};
 use schemars::JsonSchema;
 use serde::Serialize;
 
-use super::report::{Diagnostic, Report, TestCounts, TestFailure, cap};
+use crate::report::{Diagnostic, Report, TestCounts, TestFailure, cap};
 use crate::session::Timings;
 
 /// Most bytes of a job answer's structured content (serialized JSON), whatever the output.

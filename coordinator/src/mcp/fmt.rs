@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::answer::FmtAnswer;
-use super::report::cap;
+use crate::report::cap;
 
 /// Longest a formatting check may take.
 const FMT_TIMEOUT: Duration = Duration::from_secs(120);

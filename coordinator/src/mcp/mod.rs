@@ -10,7 +10,6 @@
 
 pub mod answer;
 pub mod fmt;
-pub mod report;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -35,13 +34,13 @@ use serde::Deserialize;
 
 use crate::client::{Client, ClientError};
 use crate::repo::Repo;
+use crate::report::ReportBuilder;
 use crate::session::{JobClient, JobSession, StartError, Timings, Via};
 use crate::spread::{Observer, Outcome as SpreadOutcome, Part, Spread};
 use answer::{
     CancelAnswer, CancelState, FmtAnswer, JobAnswer, LogAnswer, PartItem, Placement, StatusAnswer,
     ToolAnswer,
 };
-use report::ReportBuilder;
 
 /// Longest a cancelled job may take to confirm before the answer is given without it.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);

@@ -7,7 +7,7 @@ use std::fmt;
 use buildpool_core::job::{EXIT_CANCELLED, JobEnd};
 use buildpool_core::{EnvVar, JobId, JobKind, JobSpec};
 
-use crate::mcp::report::{MAX_FAILURES, Report, TestCounts, TestFailure};
+use crate::report::{MAX_FAILURES, Report, TestCounts, TestFailure};
 
 /// What `cargo test` exits with when a test failed or the tests did not build.
 pub const EXIT_TESTS_FAILED: u8 = 101;
@@ -388,7 +388,7 @@ fn no_library(report: &Report) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mcp::report::ReportBuilder;
+    use crate::report::ReportBuilder;
     use buildpool_core::OutputStream;
 
     fn args(list: &[&str]) -> Vec<String> {

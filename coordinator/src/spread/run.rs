@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::plan::{Part, Plan, Tally};
-use crate::mcp::report::ReportBuilder;
+use crate::report::ReportBuilder;
 use crate::session::{JobClient, JobSession, SessionError, Snapshotted, StartError};
 
 /// How many slices a spread run is asked for.

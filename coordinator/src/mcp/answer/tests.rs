@@ -3,8 +3,8 @@ use std::time::Duration;
 use buildpool_core::{AgentPhases, Completion, RunEnv};
 
 use super::*;
-use crate::mcp::report::ReportBuilder;
-use crate::mcp::report::tests::{compiler_message, span};
+use crate::report::ReportBuilder;
+use crate::report::tests::{compiler_message, span};
 
 fn timings() -> Timings {
     let ms = Duration::from_millis;

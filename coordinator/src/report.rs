@@ -1,4 +1,5 @@
-//! Turning a cargo job's output into a short, exact answer for a model.
+//! Turning a cargo job's output into a short, exact report: what the MCP server answers a
+//! model, and what each part of a spread test run adds to the run's tally.
 //!
 //! Fed incrementally with output chunks, so memory stays bounded however long the log:
 //! compiler diagnostics come from cargo's JSON messages (`--message-format=json`), test
