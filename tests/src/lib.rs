@@ -547,6 +547,24 @@ impl std::fmt::Display for RunOutput {
     }
 }
 
+/// Every `test result:` line of `stdout` added up: whether all said `ok`, and the
+/// `[passed, failed, ignored]` counts over them.
+pub fn test_totals(stdout: &str) -> (bool, [u64; 3]) {
+    let mut total = [0; 3];
+    let mut ok = true;
+    for line in stdout.lines().filter(|l| l.starts_with("test result:")) {
+        ok &= line.starts_with("test result: ok.");
+        for (slot, word) in total.iter_mut().zip(["passed", "failed", "ignored"]) {
+            *slot += line
+                .split([';', '.'])
+                .find_map(|part| part.trim().strip_suffix(&format!(" {word}")))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    (ok, total)
+}
+
 /// The summary line of each test binary, without its timing: what "the same tests ran
 /// with the same results" means for two runs.
 pub fn test_counts(stdout: &str) -> Vec<String> {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use buildpool_tests::{
-    Cluster, Fixture, Owned, ServeOptions, local_cargo, test_counts, wait_until,
+    Cluster, Fixture, Owned, ServeOptions, local_cargo, test_counts, test_totals, wait_until,
 };
 
 /// A library with unit tests (one ignored, one failing when `failing`), an integration
@@ -51,26 +51,8 @@ fn fixture(failing: bool) -> Fixture {
     fixture_with(failing, false)
 }
 
-/// The sum over every `test result:` line of local `cargo test`, in libtest's form.
-fn local_total(stdout: &str) -> (bool, [u64; 3]) {
-    let mut total = [0; 3];
-    let mut ok = true;
-    for line in stdout.lines().filter(|l| l.starts_with("test result:")) {
-        ok &= line.starts_with("test result: ok.");
-        for (slot, word) in total.iter_mut().zip(["passed", "failed", "ignored"]) {
-            let count = line
-                .split([';', '.'])
-                .find_map(|part| part.trim().strip_suffix(&format!(" {word}")))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-                .expect("a count");
-            *slot += count;
-        }
-    }
-    (ok, total)
-}
-
 fn expected_line(stdout: &str) -> String {
-    let (ok, [passed, failed, ignored]) = local_total(stdout);
+    let (ok, [passed, failed, ignored]) = test_totals(stdout);
     format!(
         "test result: {}. {passed} passed; {failed} failed; {ignored} ignored; 0 measured; 0 \
          filtered out",

@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use buildpool_core::chunks::FileChunks;
 use buildpool_core::job::{ARCHIVE_FILE, artifact_path_is_safe};
 use buildpool_core::{ArtifactChunk, AttemptKey, JobId};
+use buildpool_proto::tunnel::archive_header;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -169,25 +170,35 @@ impl ArtifactStore {
         Ok(received)
     }
 
-    /// The test archive a `nextest-archive` job sent: where it is stored, its size and its
-    /// SHA-256.
-    pub fn archive(&self, job_id: JobId) -> Result<(PathBuf, u64, String), ArtifactError> {
-        let jobs = self.jobs();
-        let received = Self::complete(&jobs, job_id)?;
-        received
-            .files
-            .iter()
-            .enumerate()
-            .find(|(_, file)| file.rel_path == ARCHIVE_FILE)
-            .and_then(|(index, file)| {
-                let sha256 = file.sha256.clone()?;
-                Some((
-                    self.job_dir(job_id).join(index.to_string()),
-                    file.written,
-                    sha256,
-                ))
-            })
-            .ok_or(ArtifactError::NotFound(job_id))
+    /// The test archive a `nextest-archive` job sent, as the archive tunnel carries it:
+    /// the header line with its size and SHA-256, then the file.
+    pub async fn archive(
+        &self,
+        job_id: JobId,
+    ) -> Result<impl tokio::io::AsyncRead + Unpin + Send + use<>, ArtifactError> {
+        let (path, bytes, sha256) = {
+            let jobs = self.jobs();
+            let received = Self::complete(&jobs, job_id)?;
+            received
+                .files
+                .iter()
+                .enumerate()
+                .find(|(_, file)| file.rel_path == ARCHIVE_FILE)
+                .and_then(|(index, file)| {
+                    let sha256 = file.sha256.clone()?;
+                    Some((
+                        self.job_dir(job_id).join(index.to_string()),
+                        file.written,
+                        sha256,
+                    ))
+                })
+                .ok_or(ArtifactError::NotFound(job_id))?
+        };
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|source| ArtifactError::Read { job_id, source })?;
+        let header = std::io::Cursor::new(archive_header(bytes, &sha256).into_bytes());
+        Ok(tokio::io::AsyncReadExt::chain(header, file))
     }
 
     /// Streams a job's executables, all of them or an error saying why not.

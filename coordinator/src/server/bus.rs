@@ -17,7 +17,7 @@ use buildpool_core::{AttemptKey, Completion, OutputStream};
 use buildpool_proto::socket::{
     CoordinatorSocket, HANDSHAKE_TIMEOUT, Outbox, SocketError, Transport, Upgrade,
 };
-use buildpool_proto::tunnel::{Tunnel, archive_header};
+use buildpool_proto::tunnel::Tunnel;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -337,27 +337,17 @@ async fn serve_tunnel(shared: &Shared, upgrade: Upgrade, peer: Peer) {
 /// Sends job `job_id`'s test archive down an agent's tunnel: a slice of a spread test run
 /// takes the tests the archive job built, rather than building them again.
 async fn serve_archive(shared: &Shared, tunnel: Tunnel, job_id: u64, peer: Peer) {
-    let (path, bytes, sha256) = match shared.artifacts.archive(job_id) {
+    let archive = match shared.artifacts.archive(job_id).await {
         Ok(archive) => archive,
         Err(error) => {
+            tracing::warn!(job_id, "test archive refused: {error}");
             tunnel.refuse(&error.to_string()).await;
             return;
         }
     };
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(file) => file,
-        Err(error) => {
-            tracing::error!(job_id, "cannot read the stored test archive: {error}");
-            tunnel
-                .refuse("the coordinator cannot read the archive")
-                .await;
-            return;
-        }
-    };
-    let header = std::io::Cursor::new(archive_header(bytes, &sha256).into_bytes());
     let started = Instant::now();
     match tunnel
-        .splice(tokio::io::join(header.chain(file), tokio::io::sink()))
+        .splice(tokio::io::join(archive, tokio::io::sink()))
         .await
     {
         Ok(traffic) => tracing::info!(

@@ -14,8 +14,6 @@ use build_agent::archives::{ArchiveError, ArchiveSource, Fetching};
 use build_agent::executor::ExecutorConfig;
 use build_agent::{Agent, AgentIdentity, GitLocator, JobSources, connection};
 use buildpool_core::{EnvMode, JobId};
-use buildpool_proto::tunnel::archive_header;
-use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use super::artifacts::ArtifactStore;
@@ -93,13 +91,12 @@ impl ArchiveSource for StoreArchives {
     fn fetch<'a>(&'a self, job_id: JobId, dest: &'a Path) -> Fetching<'a> {
         Box::pin(async move {
             let failed = |reason: String| ArchiveError { job_id, reason };
-            let (path, bytes, sha256) =
-                self.0.archive(job_id).map_err(|e| failed(e.to_string()))?;
-            let file = tokio::fs::File::open(&path)
+            let archive = self
+                .0
+                .archive(job_id)
                 .await
                 .map_err(|e| failed(e.to_string()))?;
-            let header = std::io::Cursor::new(archive_header(bytes, &sha256).into_bytes());
-            build_agent::archives::receive(header.chain(file), dest)
+            build_agent::archives::receive(archive, dest)
                 .await
                 .map_err(failed)
         })

@@ -71,19 +71,7 @@ fn timed(mut command: Command) -> anyhow::Result<(Duration, Option<i32>, [u64; 3
     let output = command.output()?;
     let elapsed = started.elapsed();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let mut total = [0; 3];
-    for line in stdout
-        .lines()
-        .filter(|line| line.starts_with("test result:"))
-    {
-        for (slot, word) in total.iter_mut().zip(["passed", "failed", "ignored"]) {
-            *slot += line
-                .split([';', '.'])
-                .find_map(|part| part.trim().strip_suffix(&format!(" {word}")))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
+    let (_, total) = buildpool_tests::test_totals(&stdout);
     if total == [0; 3] {
         bail!(
             "no test result in the output of {command:?}:\n{stdout}\n{}",
