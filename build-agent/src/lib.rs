@@ -9,12 +9,14 @@
 //! calls into [`agent`] (the runtime), which carries out the decisions of the pure
 //! [`job_table`] and runs jobs through the [`executor`] ([`git_cache`], [`workspace`],
 //! [`nix`], [`sandbox`], [`process`]); [`output`] is the output policy of a running job. [`git_proxy`]
-//! is the command git runs to fetch through a coordinator's authenticated tunnel.
+//! is the command git runs to fetch through a coordinator's authenticated tunnel; [`cli`] is
+//! the `build-agent` command line, which `buildpool` also runs when started by that name.
 
 pub mod agent;
 pub mod archives;
 pub mod artifacts;
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod disk;

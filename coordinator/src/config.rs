@@ -426,6 +426,24 @@ impl CoordinatorConfig {
         Ok(config)
     }
 
+    /// The coordinator `buildpool demo` runs: every listener on loopback on a free port,
+    /// TLS on the job bus with the generated certificate, the token in `token_file`, and no
+    /// embedded local agent, so its jobs go to the demo's build agent process. No file is
+    /// read: the demo runs on the embedded defaults alone, whatever the user configured.
+    pub fn demo(token_file: PathBuf) -> Result<Self, ConfigError> {
+        Self::resolve(
+            BuildPoolSection::default(),
+            Overrides {
+                websocket_listen_addr: Some("127.0.0.1".into()),
+                websocket_port: Some(0),
+                git_daemon_port: Some(0),
+                token_file: Some(token_file),
+                no_local_fallback: true,
+                ..Overrides::default()
+            },
+        )
+    }
+
     /// A configuration for the coordinator a client starts in the background when none is
     /// running (see `crate::background`): like the in-process one, it listens on loopback
     /// only and runs jobs on the embedded local agent, but it has the dashboard, and its

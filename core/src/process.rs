@@ -22,6 +22,21 @@ pub fn find_on_path(program: &str) -> Option<PathBuf> {
         })
 }
 
+/// The command that runs a program so that the kernel sends it `signal` (`KILL`, `TERM`)
+/// when its parent dies, however the parent dies, `kill -9` included: `setpriv --pdeathsig
+/// SIGNAL --` (util-linux), to be followed by the program and its arguments. `None` without
+/// setpriv. The signal follows the thread that spawns the child, so spawn it from one that
+/// lives as long as the parent (a runtime worker, not a blocking-pool thread).
+pub fn parent_death_signal_prefix(signal: &str) -> Option<Vec<std::ffi::OsString>> {
+    let setpriv = find_on_path("setpriv")?;
+    Some(vec![
+        setpriv.into(),
+        "--pdeathsig".into(),
+        signal.into(),
+        "--".into(),
+    ])
+}
+
 /// Whether a process with this pid exists (and we may signal it).
 pub fn alive(pid: i32) -> bool {
     Pid::from_raw(pid).is_some_and(|pid| test_kill_process(pid).is_ok())

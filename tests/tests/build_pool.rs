@@ -510,17 +510,96 @@ fn git_daemon_is_restarted_when_it_dies_and_stopped_with_the_coordinator() {
     );
 }
 
+/// The README's first command: a coordinator and a real `build-agent` process over TLS
+/// on loopback, two worktrees, the second served from the slot the first warmed.
 #[test]
-fn the_demo_runs_the_embedded_sample_through_the_whole_pipeline() {
+fn the_demo_runs_two_worktrees_through_a_real_agent_process_over_tls() {
     let fixture = Fixture::new().expect("fixture");
     let demo = fixture.run(&["demo"]).expect("runs");
     assert_eq!(demo.code, Some(0), "{demo}");
+    // Each worktree's own uncommitted test ran: the snapshots carried them.
     assert!(
         demo.stdout
             .contains("uncommitted_files_are_built_too ... ok"),
         "{demo}"
     );
-    assert!(demo.stderr.contains("local agent"), "{demo}");
+    assert!(
+        demo.stdout
+            .contains("each_worktree_runs_its_own_files ... ok"),
+        "{demo}"
+    );
+    assert!(
+        demo.stderr.contains("over TLS (its certificate sha256:"),
+        "{demo}"
+    );
+    assert!(
+        demo.stderr.contains("[demo] dashboard: http://127.0.0.1:"),
+        "{demo}"
+    );
+    // bubblewrap is installed here (`.ci/run`): the agent sandboxes its jobs.
+    assert!(
+        demo.stderr
+            .contains("demo-agent connected: 1 slot, jobs sandboxed (bubblewrap)"),
+        "{demo}"
+    );
+    for job in 1..=2 {
+        assert!(
+            demo.stderr
+                .contains(&format!("job {job} exit code 0 after")),
+            "{demo}"
+        );
+        assert!(
+            demo.stderr.lines().any(|line| line
+                .starts_with(&format!("[buildpool] job {job} exit code 0"))
+                && line.contains("on demo-agent")),
+            "job {job} did not run on the agent process: {demo}"
+        );
+    }
+    assert!(!demo.stderr.contains("local agent"), "{demo}");
+    let second = demo
+        .stderr
+        .split("[demo] worktree 2:")
+        .nth(1)
+        .expect("a second job");
+    assert!(second.contains("(warm)"), "{demo}");
+}
+
+/// However the demo ends, its agent does not run on: killed outright, the kernel tells the
+/// agent (a parent-death signal), which drains and exits.
+#[test]
+fn a_demo_killed_outright_leaves_no_agent_running() {
+    let fixture = Fixture::new().expect("fixture");
+    let mut command = fixture.command_in(&fixture.root(), &["demo", "--stay"]);
+    // What a killed demo cannot delete stays in the fixture.
+    command.env("TMPDIR", fixture.scratch());
+    let mut demo = Owned::spawn(command, fixture.scratch().join("demo.log")).expect("demo starts");
+    assert!(
+        wait_until(Duration::from_secs(300), || demo
+            .log_text()
+            .contains("keep running; Ctrl-C stops them")),
+        "{}",
+        demo.log_text()
+    );
+    let text = demo.log_text();
+    let dir = text
+        .split("[demo] sample workspace at ")
+        .nth(1)
+        .and_then(|rest| rest.split("/sample,").next())
+        .expect("the demo names its directory")
+        .to_owned();
+    let agents = || {
+        let output = std::process::Command::new("pgrep")
+            .args(["-f", &format!("{dir}/bin/build-agent")])
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&output.stdout).lines().count()
+    };
+    assert_eq!(agents(), 1, "{text}");
+    demo.kill_hard();
+    assert!(
+        wait_until(Duration::from_secs(30), || agents() == 0),
+        "the demo's agent outlived it"
+    );
 }
 
 #[test]

@@ -57,7 +57,8 @@ enum RuntimeCommand {
     Cancel(inspect::CancelArgs),
     /// List agents, or drain one: it stops taking jobs, finishes its running ones and exits.
     Agents(inspect::AgentsArgs),
-    /// Run `cargo test` on an embedded sample workspace through the whole pipeline.
+    /// `cargo test` on an embedded sample workspace, in two worktrees, through a coordinator
+    /// and a build agent process over TLS on loopback.
     Demo(demo::DemoArgs),
     /// Create, list or revoke credentials for agents and clients.
     Token(token::TokenArgs),
@@ -69,6 +70,17 @@ enum RuntimeCommand {
 
 /// Parses the command line, runs the command and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
+    // `buildpool` carries the build agent: started through a link named `build-agent` (as
+    // `buildpool demo` starts its agent), or by git as the agent's proxy command.
+    if build_agent::cli::invoked_by_name() {
+        return match build_agent::cli::main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("Error: {error:?}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if shim::started_as_cargo() {
         return shim::run_as_cargo();
     }

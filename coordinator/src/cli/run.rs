@@ -61,14 +61,14 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// `run test --local`: what `buildpool demo` runs.
-    pub fn local_test() -> Self {
+    /// `run test`: what `buildpool demo` runs in each of its worktrees.
+    pub fn test() -> Self {
         Self {
             kind: "test".to_owned(),
             timeout: None,
             env: "auto".to_owned(),
             labels: Vec::new(),
-            local: true,
+            local: false,
             verbose: false,
             quiet: false,
             silent: false,
@@ -217,7 +217,7 @@ pub(super) struct Stops {
 }
 
 impl Stops {
-    fn new() -> std::io::Result<Self> {
+    pub(super) fn new() -> std::io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Self {
             interrupt: signal(SignalKind::interrupt())?,
@@ -503,7 +503,7 @@ mod tests {
     fn args(timeout: Option<u32>) -> RunArgs {
         RunArgs {
             timeout,
-            ..RunArgs::local_test()
+            ..RunArgs::test()
         }
     }
 

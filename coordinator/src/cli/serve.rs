@@ -95,7 +95,11 @@ async fn take_coordinator_lock(repo: &Repo, background: bool) -> anyhow::Result<
 }
 
 /// What clients read to find this coordinator.
-fn discovery_record(coordinator: &Coordinator, token: &Token, background: bool) -> Discovery {
+pub(super) fn discovery_record(
+    coordinator: &Coordinator,
+    token: &Token,
+    background: bool,
+) -> Discovery {
     let control_scheme = if coordinator.control_tls() {
         "https"
     } else {

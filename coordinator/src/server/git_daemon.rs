@@ -106,33 +106,22 @@ struct Launcher {
 /// signal would not reach. Without setpriv the daemon still stops with the coordinator,
 /// just not when the coordinator is killed outright.
 async fn launcher(common_dir: &Path) -> Launcher {
-    let setpriv = buildpool_core::process::find_on_path("setpriv");
+    let prefix = buildpool_core::process::parent_death_signal_prefix("KILL");
     let exec_path = buildpool_core::git::Git::new(common_dir)
         .arg("--exec-path")
         .output()
         .await;
-    match (setpriv, exec_path) {
-        (Some(setpriv), Ok(exec_path)) => {
-            let daemon = Path::new(&exec_path).join("git-daemon");
-            Launcher {
-                program: setpriv.into(),
-                args: vec![
-                    "--pdeathsig".into(),
-                    "KILL".into(),
-                    "--".into(),
-                    daemon.into(),
-                ],
-            }
+    match (prefix, exec_path) {
+        (Some(mut args), Ok(exec_path)) => {
+            let program = args.remove(0);
+            args.push(Path::new(&exec_path).join("git-daemon").into());
+            Launcher { program, args }
         }
-        (setpriv, exec_path) => {
+        (prefix, exec_path) => {
             tracing::warn!(
                 "git daemon runs without a parent-death signal (setpriv: {}, git --exec-path: {}); \
                  it outlives a coordinator that is killed with SIGKILL",
-                if setpriv.is_some() {
-                    "found"
-                } else {
-                    "missing"
-                },
+                if prefix.is_some() { "found" } else { "missing" },
                 exec_path.as_deref().unwrap_or("unknown")
             );
             Launcher {
