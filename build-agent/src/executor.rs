@@ -182,6 +182,14 @@ fn copy_cargo_config(cargo_home: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Cargo's switch for incremental compilation. A cold slot's first build with the fleet's
+/// store turns it off: the slot has no incremental state to reuse, and sccache caches no
+/// incremental compilation, so only then do the workspace's own crates come from the store
+/// too (for a crate like axum, most of a new agent's build). The slot's next build has it
+/// on again (the profile's default), and cargo compiles the workspace's own crates once
+/// more, with the state its later builds reuse. A job that sets it itself keeps its value.
+const INCREMENTAL: &str = "CARGO_INCREMENTAL";
+
 /// sccache for one job: the fleet's shared store when it answered, else the repository's
 /// disk cache; and a server of the job's own. The server must not be shared: one
 /// sandbox's server would read another sandbox's files at the same `/build` path. A socket
@@ -329,6 +337,12 @@ impl Executor {
             command
                 .env
                 .extend(sccache_env(&sccache, &dir, shared_cache)?);
+            if shared_cache.is_some()
+                && !workspace.is_warm()
+                && !spec.env.iter().any(|var| var.name == INCREMENTAL)
+            {
+                command.env.push((INCREMENTAL.into(), "0".into()));
+            }
         }
         Ok(JobCommand {
             command: sandbox.wrap(&paths, command),

@@ -8,8 +8,9 @@ use std::time::Duration;
 use buildpool_tests::redis::Redis;
 use buildpool_tests::{Cluster, Fixture, wait_until};
 
-/// A crate with two small registry dependencies: cargo builds those without incremental
-/// compilation, which is what sccache caches.
+/// A crate with two small registry dependencies. Cargo builds those without incremental
+/// compilation, which is what sccache caches; the crate itself too, on a cold slot with
+/// the shared store.
 fn fixture() -> Fixture {
     Fixture::with_files(&[
         (
@@ -49,8 +50,9 @@ fn a_new_agents_first_build_hits_what_another_agent_compiled() {
     assert_eq!(first.code, Some(0), "{first}");
     assert!(first.stderr.contains("running on first"), "{first}");
     let stored = redis.keys().expect("DBSIZE");
-    // itoa and ryu, each as one entry at least (sccache may add a check key of its own).
-    assert!(stored >= 2, "the first build stored {stored} entries");
+    // itoa, ryu and the crate itself, each as one entry at least (sccache may add a check
+    // key of its own). The crate's own entry needs its first build without incremental.
+    assert!(stored >= 3, "the first build stored {stored} entries");
 
     // A new agent, as an autoscaler would start one: no workspace, no cache of its own.
     drop(cluster.agents.remove(0));
@@ -66,13 +68,49 @@ fn a_new_agents_first_build_hits_what_another_agent_compiled() {
     assert!(second.stderr.contains("running on second"), "{second}");
     assert!(second.stderr.contains("(cold)"), "{second}");
     let hits = redis.hits().expect("INFO") - hits_before;
-    assert!(hits >= 2, "the second agent's build read {hits} entries");
+    assert!(hits >= 3, "the second agent's build read {hits} entries");
     assert_eq!(
         redis.keys().expect("DBSIZE"),
         stored,
         "the second agent compiled again what the store held"
     );
     assert!(!second.stderr.contains("unreachable"), "{second}");
+    let incremental = || incremental_state(&cluster.fixture.scratch().join("second"));
+    assert!(
+        !incremental(),
+        "a cold slot's first build kept incremental state"
+    );
+
+    // The slot is warm now: its next build has incremental compilation back.
+    std::fs::write(
+        cluster.fixture.root().join("src/lib.rs"),
+        "pub fn show(n: u64) -> String {\n    itoa::Buffer::new().format(n).to_owned()\n}\n",
+    )
+    .expect("edit");
+    let third = cluster.fixture.run(&["run", "build"]).expect("runs");
+    assert_eq!(third.code, Some(0), "{third}");
+    assert!(third.stderr.contains("(warm)"), "{third}");
+    assert!(
+        incremental(),
+        "a warm slot's build went without incremental state"
+    );
+}
+
+/// Whether an agent's workspaces under `agent_dir` hold incremental state of the crate.
+fn incremental_state(agent_dir: &std::path::Path) -> bool {
+    let workspaces = std::fs::read_dir(agent_dir.join("workspaces")).expect("workspaces");
+    workspaces.flatten().any(|repo| {
+        std::fs::read_dir(repo.path().join("slot-0/target/debug/incremental")).is_ok_and(
+            |entries| {
+                entries.flatten().any(|entry| {
+                    entry
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("fleetcached-")
+                })
+            },
+        )
+    })
 }
 
 #[test]
