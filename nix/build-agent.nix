@@ -39,93 +39,44 @@ let
       network = cfg.sandboxNetwork;
     };
   };
-  # The slot count and the drain timeout: counts that must be at least 1.
-  positiveIntOption = default: description: lib.mkOption {
-    type = lib.types.ints.positive;
-    inherit default description;
-  };
+  opt = import ./options.nix { inherit lib; };
 in
 {
-  options.services.build-agent = {
+  options.services.build-agent = with lib.types; {
     enable = lib.mkEnableOption "the buildpool build agent";
-    package = lib.mkOption {
-      type = lib.types.package;
-      description = "Package providing bin/build-agent.";
-    };
-    serverUrls = lib.mkOption {
-      type = lib.types.nonEmptyListOf lib.types.str;
-      example = [ "wss://coordinator:8081/ws" ];
-      description = "Coordinator job-bus URLs; one agent serves all of them from one slot pool.";
-    };
-    tlsFingerprint = lib.mkOption {
-      type = lib.types.nullOr lib.types.str;
-      default = null;
-      example = "sha256:5b0f4c2e9a7d61e8c3b2a19f0e4d7c6b5a4938271605f4e3d2c1b0a9f8e7d6c5";
-      description = "Certificate fingerprint the coordinators must present (printed by `buildpool serve`).";
-    };
-    tlsCaFile = lib.mkOption {
-      type = lib.types.nullOr lib.types.str;
-      default = null;
-      description = "Or: CA file the coordinators' certificates must chain to.";
-    };
-    serverUrl = lib.mkOption {
-      type = lib.types.nullOr lib.types.str;
-      default = null;
-      description = "Single coordinator URL (seed compatibility); added to serverUrls.";
-    };
-    id = lib.mkOption {
-      type = lib.types.nullOr lib.types.str;
-      default = null;
-      description = "Agent id shown by coordinators; defaults to the hostname.";
-    };
-    maxJobs = positiveIntOption 4 "Concurrent jobs, shared by all coordinators.";
-    labels = lib.mkOption {
-      type = lib.types.listOf lib.types.str;
-      default = [ ];
-      description = "Labels jobs can require.";
-    };
-    gitCacheDir = lib.mkOption {
-      type = lib.types.str;
-      default = "/var/cache/build-agent/repos";
-      description = "One bare cache repository per source repository.";
-    };
-    worktreeDir = lib.mkOption {
-      type = lib.types.str;
-      default = "/var/lib/build-agent/workspaces";
-      description = "Per-slot warm workspaces.";
-    };
-    env = lib.mkOption {
-      type = lib.types.enum [ "auto" "nix" "host" ];
-      default = "auto";
-      description = "Where jobs run: the repository's flake dev shell (auto, nix) or the host.";
-    };
-    prewarmPackages = lib.mkOption {
-      type = lib.types.listOf lib.types.str;
-      default = [ ];
-      example = [ "nixpkgs#cargo" "nixpkgs#clippy" ];
-      description = "Installables realised at start-up; failures are logged, not fatal.";
-    };
-    drainTimeoutSecs = positiveIntOption 600 "How long stopping the service lets running jobs finish.";
-    maxDiskGb = lib.mkOption {
-      type = lib.types.nullOr (lib.types.either lib.types.ints.positive lib.types.float);
-      default = null;
-      description = "Disk budget for workspaces and caches in GB; null: half the free space at start.";
-    };
-    workspaceTtlDays = positiveIntOption 14 "Repositories not built for this many days lose their workspaces and caches.";
-    sandbox = lib.mkOption {
-      type = lib.types.enum [ "bwrap" "none" ];
-      default = "bwrap";
-      description = "How jobs are contained: a bubblewrap sandbox, or none (unsandboxed, warned).";
-    };
-    sandboxNetwork = lib.mkOption {
-      type = lib.types.bool;
-      default = true;
-      description = "Whether sandboxed jobs reach the network (cargo fetches crates).";
-    };
-    tokenFile = lib.mkOption {
-      type = lib.types.path;
-      description = "File holding the coordinators' shared token (passed as a systemd credential).";
-    };
+    package = opt.required package "Package providing bin/build-agent.";
+    serverUrls = opt.required (nonEmptyListOf str)
+      "Coordinator job-bus URLs; one agent serves all of them from one slot pool."
+      // { example = [ "wss://coordinator:8081/ws" ]; };
+    tlsFingerprint = opt.unset str
+      "Certificate fingerprint the coordinators must present (printed by `buildpool serve`)."
+      // { example = "sha256:5b0f4c2e9a7d61e8c3b2a19f0e4d7c6b5a4938271605f4e3d2c1b0a9f8e7d6c5"; };
+    tlsCaFile = opt.unset str "Or: CA file the coordinators' certificates must chain to.";
+    serverUrl = opt.unset str "Single coordinator URL (seed compatibility); added to serverUrls.";
+    id = opt.unset str "Agent id shown by coordinators; defaults to the hostname.";
+    # Counts below must be at least 1.
+    maxJobs = opt.given ints.positive 4 "Concurrent jobs, shared by all coordinators.";
+    labels = opt.given (listOf str) [ ] "Labels jobs can require.";
+    gitCacheDir = opt.given str "/var/cache/build-agent/repos"
+      "One bare cache repository per source repository.";
+    worktreeDir = opt.given str "/var/lib/build-agent/workspaces" "Per-slot warm workspaces.";
+    env = opt.given (enum [ "auto" "nix" "host" ]) "auto"
+      "Where jobs run: the repository's flake dev shell (auto, nix) or the host.";
+    prewarmPackages = opt.given (listOf str) [ ]
+      "Installables realised at start-up; failures are logged, not fatal."
+      // { example = [ "nixpkgs#cargo" "nixpkgs#clippy" ]; };
+    drainTimeoutSecs = opt.given ints.positive 600
+      "How long stopping the service lets running jobs finish.";
+    maxDiskGb = opt.unset (either ints.positive float)
+      "Disk budget for workspaces and caches in GB; null: half the free space at start.";
+    workspaceTtlDays = opt.given ints.positive 14
+      "Repositories not built for this many days lose their workspaces and caches.";
+    sandbox = opt.given (enum [ "bwrap" "none" ]) "bwrap"
+      "How jobs are contained: a bubblewrap sandbox, or none (unsandboxed, warned).";
+    sandboxNetwork = opt.given bool true
+      "Whether sandboxed jobs reach the network (cargo fetches crates).";
+    tokenFile = opt.required path
+      "File holding the coordinators' shared token (passed as a systemd credential).";
   };
 
   config = lib.mkIf cfg.enable {

@@ -14,67 +14,27 @@
 
 let
   cfg = config.services.buildpool.coordinators;
+  opt = import ./options.nix { inherit lib; };
   coordinator = { name, ... }: {
-    options = {
-      package = lib.mkOption {
-        type = lib.types.package;
-        description = "Package providing bin/buildpool.";
-      };
-      user = lib.mkOption {
-        type = lib.types.str;
-        description = "The user whose user service runs it: the repository's owner.";
-      };
-      repository = lib.mkOption {
-        type = lib.types.str;
-        example = "/home/alice/src/project";
-        description = "A worktree of the repository this coordinator serves.";
-      };
-      websocketListenAddr = lib.mkOption {
-        type = lib.types.str;
-        default = "";
-        description = "Where the job bus listens (TLS; the git tunnel on the same port); empty: every interface.";
-      };
-      websocketPort = lib.mkOption {
-        type = lib.types.port;
-        default = 8081;
-        description = "The job bus port agents dial.";
-      };
-      gitDaemonPort = lib.mkOption {
-        type = lib.types.port;
-        default = 9418;
-        description = "The git daemon's port, on loopback (agents fetch through the tunnel).";
-      };
-      httpAddr = lib.mkOption {
-        type = lib.types.nullOr lib.types.str;
-        default = null;
-        example = "127.0.0.1:8080";
-        description = "Where the dashboard and /metrics are served; null: buildpool's default.";
-      };
-      tlsCertFile = lib.mkOption {
-        type = lib.types.nullOr lib.types.path;
-        default = null;
-        description = "The bus's certificate (PEM); null: a self-signed one made at first start, whose fingerprint agents pin.";
-      };
-      tlsKeyFile = lib.mkOption {
-        type = lib.types.nullOr lib.types.path;
-        default = null;
-        description = "The key of tlsCertFile.";
-      };
-      tlsClientCaFile = lib.mkOption {
-        type = lib.types.nullOr lib.types.path;
-        default = null;
-        description = "Require agents to present a client certificate signed by this CA (mutual TLS).";
-      };
-      tokenFile = lib.mkOption {
-        type = lib.types.nullOr lib.types.str;
-        default = null;
-        description = "The shared token; null: generated under the user's ~/.config/buildpool.";
-      };
-      extraArgs = lib.mkOption {
-        type = lib.types.listOf lib.types.str;
-        default = [ ];
-        description = "More `buildpool serve` arguments.";
-      };
+    options = with lib.types; {
+      package = opt.required package "Package providing bin/buildpool.";
+      user = opt.required str "The user whose user service runs it: the repository's owner.";
+      repository = opt.required str "A worktree of the repository this coordinator serves."
+        // { example = "/home/alice/src/project"; };
+      websocketListenAddr = opt.given str ""
+        "Where the job bus listens (TLS; the git tunnel on the same port); empty: every interface.";
+      websocketPort = opt.given port 8081 "The job bus port agents dial.";
+      gitDaemonPort = opt.given port 9418
+        "The git daemon's port, on loopback (agents fetch through the tunnel).";
+      httpAddr = opt.unset str "Where the dashboard and /metrics are served; null: buildpool's default."
+        // { example = "127.0.0.1:8080"; };
+      tlsCertFile = opt.unset path
+        "The bus's certificate (PEM); null: a self-signed one made at first start, whose fingerprint agents pin.";
+      tlsKeyFile = opt.unset path "The key of tlsCertFile.";
+      tlsClientCaFile = opt.unset path
+        "Require agents to present a client certificate signed by this CA (mutual TLS).";
+      tokenFile = opt.unset str "The shared token; null: generated under the user's ~/.config/buildpool.";
+      extraArgs = opt.given (listOf str) [ ] "More `buildpool serve` arguments.";
     };
     config = { };
   };

@@ -182,14 +182,24 @@ impl From<ArtifactChunk> for crate::ArtifactChunk {
 
 impl From<crate::ArtifactChunk> for ArtifactChunk {
     fn from(chunk: crate::ArtifactChunk) -> Self {
+        // Taken apart whole, so a field added to the wire cannot be forgotten here.
+        let crate::ArtifactChunk {
+            index,
+            count,
+            rel_path,
+            mode,
+            offset,
+            data,
+            sha256,
+        } = chunk;
         Self {
-            index: chunk.index,
-            count: chunk.count,
-            rel_path: chunk.rel_path,
-            mode: chunk.mode,
-            offset: chunk.offset,
-            data: chunk.data.into(),
-            sha256: (!chunk.sha256.is_empty()).then_some(chunk.sha256),
+            sha256: (!sha256.is_empty()).then_some(sha256),
+            data: data.into(),
+            index,
+            count,
+            rel_path,
+            mode,
+            offset,
         }
     }
 }
@@ -706,63 +716,51 @@ impl TryFrom<coordinator_frame::Msg> for CoordinatorMessage {
 
 // ---- the control API ---------------------------------------------------------------------
 
-/// Both directions of a mapping whose fields are the same on both sides.
+/// Both directions of a mapping whose fields are the same on both sides. A domain field
+/// that is a struct of its own may stand flattened on the wire: `flattened disk:
+/// DiskUsage { used_bytes: disk_used_bytes, .. }` maps `domain.disk.used_bytes` to
+/// `wire.disk_used_bytes`.
 macro_rules! same_fields {
-    ($domain:ty, $wire:ty { $($field:ident),+ $(,)? }) => {
+    (
+        $domain:ty, $wire:ty { $($field:ident),+ $(,)? }
+        $(flattened $nested:ident: $nested_ty:ident { $($inner:ident: $flat:ident),+ $(,)? })?
+    ) => {
         impl From<$domain> for $wire {
             fn from(value: $domain) -> Self {
-                Self { $($field: value.$field),+ }
+                Self { $($field: value.$field,)+ $($($flat: value.$nested.$inner,)+)? }
             }
         }
 
         impl From<$wire> for $domain {
             fn from(value: $wire) -> Self {
-                Self { $($field: value.$field),+ }
+                Self {
+                    $($field: value.$field,)+
+                    $($nested: $nested_ty { $($inner: value.$flat),+ },)?
+                }
             }
         }
     };
 }
 
-impl From<AgentStatus> for crate::AgentInfo {
-    fn from(agent: AgentStatus) -> Self {
-        Self {
-            id: agent.id,
-            slots_total: agent.slots_total,
-            slots_used: agent.slots_used,
-            labels: agent.labels,
-            system: agent.system,
-            connected_since_unix_ms: agent.connected_since_unix_ms,
-            local: agent.local,
-            draining: agent.draining,
-            address: agent.address,
-            sandboxed: agent.sandboxed,
-            disk_used_bytes: agent.disk.used_bytes,
-            disk_budget_bytes: agent.disk.budget_bytes,
-        }
+same_fields!(
+    AgentStatus,
+    crate::AgentInfo {
+        id,
+        slots_total,
+        slots_used,
+        labels,
+        system,
+        connected_since_unix_ms,
+        local,
+        draining,
+        address,
+        sandboxed,
     }
-}
-
-impl From<crate::AgentInfo> for AgentStatus {
-    fn from(agent: crate::AgentInfo) -> Self {
-        Self {
-            id: agent.id,
-            slots_total: agent.slots_total,
-            slots_used: agent.slots_used,
-            labels: agent.labels,
-            system: agent.system,
-            connected_since_unix_ms: agent.connected_since_unix_ms,
-            local: agent.local,
-            draining: agent.draining,
-            address: agent.address,
-            sandboxed: agent.sandboxed,
-            disk: DiskUsage {
-                used_bytes: agent.disk_used_bytes,
-                budget_bytes: agent.disk_budget_bytes,
-            },
-        }
+    flattened disk: DiskUsage {
+        used_bytes: disk_used_bytes,
+        budget_bytes: disk_budget_bytes,
     }
-}
-
+);
 same_fields!(
     DiskUsage,
     crate::DiskUsage {
@@ -889,7 +887,6 @@ impl TryFrom<crate::StatusReply> for CoordinatorStatus {
     type Error = DecodeError;
 
     fn try_from(status: crate::StatusReply) -> Result<Self, DecodeError> {
-        let git_daemon_port = optional_port(status.git_daemon_port, "git daemon port")?;
         Ok(Self {
             coordinator_id: status.coordinator_id,
             repository: status.repository,
@@ -902,7 +899,7 @@ impl TryFrom<crate::StatusReply> for CoordinatorStatus {
             local_fallback_enabled: status.local_fallback_enabled,
             local_fallback_active: status.local_fallback_active,
             websocket_addr: Some(status.websocket_addr).filter(|addr| !addr.is_empty()),
-            git_daemon_port,
+            git_daemon_port: optional_port(status.git_daemon_port, "git daemon port")?,
         })
     }
 }
@@ -924,11 +921,18 @@ impl TryFrom<crate::JobLogRequest> for LogRequest {
     type Error = DecodeError;
 
     fn try_from(request: crate::JobLogRequest) -> Result<Self, DecodeError> {
+        let crate::JobLogRequest {
+            job_id,
+            offset,
+            limit,
+            stream,
+        } = request;
         Ok(Self {
-            job_id: request.job_id,
-            offset: request.offset,
-            limit: (request.limit > 0).then_some(request.limit),
-            stream: decode_stream_filter(request.stream)?,
+            stream: decode_stream_filter(stream)?,
+            // 0 on the wire: the coordinator's default page.
+            limit: (limit > 0).then_some(limit),
+            job_id,
+            offset,
         })
     }
 }

@@ -335,9 +335,14 @@ pub struct RestoredJob {
 #[derive(Debug, Default)]
 pub struct Scheduler {
     config: SchedulerConfig,
-    agents: BTreeMap<ConnId, Agent>,
+    /// Every job not yet ended, queued or running.
     jobs: HashMap<JobId, Job>,
+    /// Queued jobs in the order they are offered: new ones at the back, a requeued one (its
+    /// agent lost, or declining it) at the front, since it has waited longest.
     queue: VecDeque<JobId>,
+    /// Connected agents by connection: a reconnected agent is a new connection, so an
+    /// answer from its old one can never be taken for the new one's.
+    agents: BTreeMap<ConnId, Agent>,
     /// Remote agents whose last demand sent was not zero (or who were sent none yet): while
     /// the queue is empty, the only ones a demand update has to visit, so an idle fleet of
     /// thousands costs nothing per job.

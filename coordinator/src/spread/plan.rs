@@ -136,9 +136,16 @@ impl Plan {
         let mut parts = vec![(Part::Archive, archive)];
         if self.doctests {
             let mut doctests = self.base(JobKind::Test);
-            doctests.cargo_args = ["--doc", "--no-fail-fast"]
+            // Every doctest runs, as in the slices; cargo refuses the flag given twice.
+            let fail_fast = (!self
+                .test
+                .cargo_args
+                .iter()
+                .any(|arg| arg == "--no-fail-fast"))
+            .then_some("--no-fail-fast");
+            doctests.cargo_args = std::iter::once("--doc")
+                .chain(fail_fast)
                 .map(str::to_owned)
-                .into_iter()
                 .chain(self.test.cargo_args.iter().cloned())
                 .collect();
             parts.push((Part::Doctests, doctests));
@@ -426,8 +433,7 @@ mod tests {
 
     #[test]
     fn the_tests_build_once_and_slices_run_their_share_of_the_archive() {
-        let mut test = JobSpec::new(JobKind::Test);
-        test.cargo_args = args(&[
+        let given = [
             "--message-format=json",
             "--no-fail-fast",
             "-p",
@@ -436,7 +442,9 @@ mod tests {
             "parse",
             "--",
             "--exact",
-        ]);
+        ];
+        let mut test = JobSpec::new(JobKind::Test);
+        test.cargo_args = args(&given);
         let plan = Plan::new(&test, 2);
         let first = plan.first_parts();
         let (part, archive) = &first[0];
@@ -448,21 +456,12 @@ mod tests {
         );
         let (part, doctests) = &first[1];
         assert_eq!(*part, Part::Doctests);
-        assert_eq!(
-            doctests.cargo_args,
-            args(&[
-                "--doc",
-                "--no-fail-fast",
-                "--message-format=json",
-                "--no-fail-fast",
-                "-p",
-                "app",
-                "--release",
-                "parse",
-                "--",
-                "--exact"
-            ])
-        );
+        // `--no-fail-fast` once: cargo refuses it twice.
+        let mut expected = vec!["--doc"];
+        expected.extend(given);
+        assert_eq!(doctests.cargo_args, args(&expected));
+        let bare = Plan::new(&JobSpec::new(JobKind::Test), 2).first_parts();
+        assert_eq!(bare[1].1.cargo_args, args(&["--doc", "--no-fail-fast"]));
 
         let slices = plan.slices(41, &BTreeMap::new());
         assert_eq!(slices.len(), 2);
