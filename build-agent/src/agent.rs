@@ -25,7 +25,7 @@ use crate::artifacts::Executables;
 use crate::executor::{Executor, ExecutorConfig, JobRequest};
 use crate::git_cache::GitRemote;
 use crate::job_table::{Admission, CancelEffect, Decline, Delivery, JobTable, LinkId, PoolView};
-use crate::metrics::{AgentGauges, AgentMetrics, Scrape};
+use crate::metrics::{AgentGauges, AgentMetrics, NotReady, Scrape};
 use crate::output::{self, LinkOutbox};
 
 /// How long jobs get to end after they were told to stop, before the agent exits anyway.
@@ -536,5 +536,33 @@ impl Scrape for Agent {
             disk: self.disk_usage(),
             demand,
         })
+    }
+
+    /// Slots and links, read under the state lock every job and link change takes.
+    fn liveness(&self) -> String {
+        let state = self.state();
+        let pool = state.table.view();
+        format!(
+            "{} of {} slots used, {} of {} coordinators connected{}",
+            pool.used,
+            pool.total,
+            state.table.connected_links(),
+            state.coordinators.len(),
+            if pool.draining { ", draining" } else { "" }
+        )
+    }
+
+    /// Ready while some coordinator can give it jobs and it takes them.
+    fn readiness(&self) -> Result<(), NotReady> {
+        let state = self.state();
+        if state.table.view().draining {
+            return Err(NotReady::Draining);
+        }
+        if state.table.connected_links() == 0 {
+            return Err(NotReady::Disconnected {
+                servers: state.coordinators.len(),
+            });
+        }
+        Ok(())
     }
 }

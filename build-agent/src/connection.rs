@@ -461,6 +461,7 @@ mod tests {
     use super::*;
     use crate::agent::AgentIdentity;
     use crate::executor::ExecutorConfig;
+    use crate::metrics::{NotReady, Scrape};
 
     /// The agent's next message that is not a heartbeat or an offer.
     async fn next_message(coordinator: &mut WebSocketStream<DuplexStream>) -> AgentMessage {
@@ -524,6 +525,11 @@ mod tests {
             .expect("upgrade");
         let hello = next_message(&mut coordinator).await;
         assert!(matches!(hello, AgentMessage::Hello(_)), "{hello:?}");
+        // Not welcomed yet: not ready (`/readyz`).
+        assert_eq!(
+            agent.readiness(),
+            Err(NotReady::Disconnected { servers: 1 })
+        );
         let welcome = CoordinatorMessage::Welcome(Welcome {
             protocol_version: PROTOCOL_VERSION,
             coordinator_id: "coordinator".into(),
@@ -576,6 +582,19 @@ mod tests {
         };
         assert_eq!((offer.free, offer.total), (1, 1));
         assert!(!serving.is_finished(), "the link stays up");
+        assert_eq!(agent.readiness(), Ok(()), "{}", agent.liveness());
+        assert_eq!(
+            agent.liveness(),
+            "0 of 1 slots used, 1 of 1 coordinators connected"
+        );
+        // Draining (nothing runs, the result acknowledged, so at once): alive, and no
+        // longer ready.
+        let ack = CoordinatorMessage::ResultAck(key);
+        let frame = Message::Binary(ack.encode_frame().into());
+        coordinator.send(frame).await.expect("ack");
+        assert!(agent.drain(Duration::from_secs(10)).await);
+        assert_eq!(agent.readiness(), Err(NotReady::Draining));
+        assert!(agent.liveness().ends_with(", draining"));
 
         shutdown.cancel();
         let ended = tokio::time::timeout(Duration::from_secs(10), serving).await;

@@ -308,6 +308,11 @@ impl JobTable {
         }
     }
 
+    /// Links whose connection finished its handshake and has not dropped since.
+    pub fn connected_links(&self) -> usize {
+        self.links.values().filter(|jobs| jobs.connected).count()
+    }
+
     /// What to report in the next hello of `link` (running and finished-unacked attempts),
     /// in key order.
     pub fn held_attempts(&self, link: LinkId) -> Vec<HeldAttempt> {
@@ -564,6 +569,22 @@ mod tests {
             Delivery::Held
         );
         assert_eq!(table.link_up(1), [(key(7), result("one"))]);
+    }
+
+    #[test]
+    fn connected_links_count_handshakes_not_attempts() {
+        let mut table = JobTable::new(2);
+        // An attempt of a link that never finished a handshake makes no connection.
+        start(&mut table, 0, key(1));
+        assert_eq!(table.connected_links(), 0);
+        table.link_up(0);
+        table.link_up(1);
+        table.link_up(1);
+        assert_eq!(table.connected_links(), 2, "a reconnect is the same link");
+        table.link_down(0);
+        assert_eq!(table.connected_links(), 1);
+        table.link_down(1);
+        assert_eq!(table.connected_links(), 0);
     }
 
     #[test]

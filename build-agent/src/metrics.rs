@@ -1,5 +1,12 @@
 //! Prometheus metrics of a build agent, served at `/metrics` on `[metrics] listen_addr`
-//! (`--metrics-addr`); off by default.
+//! (`--metrics-addr`); off by default. The same listener answers an orchestrator's probes
+//! (deploy/kubernetes):
+//!
+//! - `/healthz` (liveness): 200 and one line about the agent whenever its runtime answers
+//!   and its state can be read. It does not depend on any coordinator: restarting an agent
+//!   whose coordinators are unreachable would not reach them, and would kill its jobs.
+//! - `/readyz` (readiness): 200 while the agent is connected to at least one coordinator
+//!   and not draining; otherwise 503 with the reason on one line.
 //!
 //! Events (a job's end, a decline, a reconnect) are counted where they happen with atomic
 //! increments; slots and disk use are read at each scrape from the job table's published
@@ -7,7 +14,7 @@
 //! plain HTTP without a credential, like most exporters: it tells job counts and disk
 //! use, nothing about what the jobs build.
 
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use buildpool_core::bus::DiskUsage;
 use buildpool_core::job::OUTCOME_HELP;
 use buildpool_core::{Completion, JobKind};
@@ -191,26 +198,37 @@ impl AgentMetrics {
     }
 }
 
-/// What `/metrics` serves. The agent, which owns its metrics, provides it: the endpoint
-/// needs nothing else of the agent, and this module stays beneath it.
+/// Why an agent should not be given work now: `/readyz` answers 503 with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// Draining (SIGTERM, or a coordinator asked): it takes no new jobs.
+    #[error("draining: no new jobs, running ones finish")]
+    Draining,
+    /// No coordinator has welcomed this agent (yet, or since its links dropped).
+    #[error("not connected to any coordinator ({servers} configured)")]
+    Disconnected { servers: usize },
+}
+
+/// What `/metrics`, `/healthz` and `/readyz` serve. The agent, which owns its metrics and
+/// state, provides it: the endpoints need nothing else of the agent, and this module stays
+/// beneath it.
 pub trait Scrape {
     /// The metrics text of one scrape.
     fn metrics_text(&self) -> String;
+    /// One line about the agent, read under the lock its work takes: a wedged agent's
+    /// probe times out instead of answering.
+    fn liveness(&self) -> String;
+    /// Whether the agent can take jobs now, or why not.
+    fn readiness(&self) -> Result<(), NotReady>;
 }
 
-/// Serves `/metrics` of `source` on `listener` until `shutdown`.
+/// Serves `/metrics`, `/healthz` and `/readyz` of `source` on `listener` until `shutdown`.
 pub async fn serve(
     source: impl Scrape + Clone + Send + Sync + 'static,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move |headers: HeaderMap| {
-            let text = source.metrics_text();
-            async move { response(headers.get(header::ACCEPT), text) }
-        }),
-    );
+    let app = router(source);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
@@ -219,13 +237,127 @@ pub async fn serve(
     }
 }
 
+/// The routes of the metrics listener. Probe answers are plain text, one line.
+fn router(source: impl Scrape + Clone + Send + Sync + 'static) -> axum::Router {
+    let (live, ready) = (source.clone(), source.clone());
+    axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move |headers: HeaderMap| {
+                let text = source.metrics_text();
+                async move { response(headers.get(header::ACCEPT), text) }
+            }),
+        )
+        .route(
+            "/healthz",
+            axum::routing::get(move || {
+                let line = live.liveness();
+                async move { (StatusCode::OK, format!("{line}\n")) }
+            }),
+        )
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let answer = match ready.readiness() {
+                    Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                    Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+                };
+                async move { answer }
+            }),
+        )
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     use buildpool_core::{AgentPhases, JobEnd};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    /// An agent as the endpoints see it, its readiness set by the test.
+    #[derive(Clone)]
+    struct Probed(Arc<Mutex<Result<(), NotReady>>>);
+
+    impl Scrape for Probed {
+        fn metrics_text(&self) -> String {
+            AgentMetrics::new().encode(&AgentGauges::default())
+        }
+
+        fn liveness(&self) -> String {
+            "0 of 2 slots used".to_owned()
+        }
+
+        fn readiness(&self) -> Result<(), NotReady> {
+            self.0.lock().expect("lock").clone()
+        }
+    }
+
+    /// `GET path` over HTTP/1.0: (status, body).
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("read");
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a header end");
+        let status = head.split(' ').nth(1).and_then(|code| code.parse().ok());
+        (status.expect("a status"), body.to_owned())
+    }
+
+    #[tokio::test]
+    async fn probes_answer_liveness_always_and_readiness_with_the_reason() {
+        let readiness = Arc::new(Mutex::new(Err(NotReady::Disconnected { servers: 2 })));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let serving = tokio::spawn(serve(
+            Probed(Arc::clone(&readiness)),
+            listener,
+            shutdown.clone(),
+        ));
+
+        // No coordinator reached: not ready, but alive (a restart would not reach one).
+        assert_eq!(
+            get(addr, "/readyz").await,
+            (
+                503,
+                "not connected to any coordinator (2 configured)\n".to_owned()
+            )
+        );
+        assert_eq!(
+            get(addr, "/healthz").await,
+            (200, "0 of 2 slots used\n".to_owned())
+        );
+
+        *readiness.lock().expect("lock") = Ok(());
+        assert_eq!(get(addr, "/readyz").await, (200, "ready\n".to_owned()));
+
+        // Draining: no new jobs, so not ready; alive, so its running jobs may finish.
+        *readiness.lock().expect("lock") = Err(NotReady::Draining);
+        let (status, body) = get(addr, "/readyz").await;
+        assert_eq!(status, 503);
+        assert!(
+            body.starts_with("draining") && body.lines().count() == 1,
+            "{body}"
+        );
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+
+        let (status, body) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("build_agent_slots_used 0"), "{body}");
+        assert_eq!(get(addr, "/nothing").await.0, 404);
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .expect("the endpoint stops")
+            .expect("no panic");
+    }
 
     #[test]
     fn events_and_gauges_appear_in_the_text() {

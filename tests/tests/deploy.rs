@@ -1,5 +1,7 @@
 //! Deployment files: the NixOS module parses, and the example config and systemd unit
-//! lines are accepted by the real binaries.
+//! lines are accepted by the real binaries. The Kubernetes manifests and the Containerfile
+//! pass deploy/validate.py (which fails on broken copies), and what they say agrees with
+//! the agent: its config, its drain, the metrics the autoscaler reads.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -194,4 +196,303 @@ fn the_sandbox_starts_for_an_unprivileged_agent_too() {
         "{stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The virtual environment of deploy/validate.py's tools (kubernetes-validate, KEDA's
+/// models, hadolint), where .ci/run makes it.
+fn validator_python() -> PathBuf {
+    let venv = std::env::var_os("BUILDPOOL_DEPLOY_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is set");
+            Path::new(&home).join(".cache/buildpool/deploy-venv")
+        });
+    let python = venv.join("bin/python");
+    assert!(
+        python.is_file(),
+        "deploy/validate.py's tools are not installed: run bash .ci/run, or python3 -m venv {0} \
+         && {0}/bin/pip install -r deploy/requirements.txt",
+        venv.display()
+    );
+    python
+}
+
+/// deploy/validate.py on `deploy_dir` (a copy of deploy/, or deploy/ itself).
+fn validate(deploy_dir: &Path) -> std::process::Output {
+    let output = Command::new(validator_python())
+        .arg(repo_file("deploy/validate.py"))
+        .arg("--deploy-dir")
+        .arg(deploy_dir)
+        .output()
+        .expect("the validator runs");
+    // 2: a tool is missing, which is no verdict on the files.
+    assert_ne!(
+        output.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+#[test]
+fn the_kubernetes_manifests_and_the_containerfile_pass_their_validators() {
+    let output = validate(&repo_file("deploy"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for object in [
+        "statefulset.yaml: StatefulSet build-agent",
+        "keda-scaledobject.yaml: ScaledObject build-agent",
+        "configmap.yaml: ConfigMap build-agent-config",
+        "service.yaml: Service build-agent",
+        "poddisruptionbudget.yaml: PodDisruptionBudget build-agent",
+        "serviceaccount.yaml: ServiceAccount build-agent",
+        "secret.example.yaml: Secret build-agent-token",
+    ] {
+        assert!(stdout.contains(&format!("checked {object}\n")), "{stdout}");
+    }
+}
+
+/// deploy/kubernetes and deploy/container copied into a temporary directory.
+fn copy_of_deploy() -> tempfile::TempDir {
+    let copy = tempfile::tempdir().expect("temp dir");
+    for dir in ["kubernetes", "container"] {
+        std::fs::create_dir(copy.path().join(dir)).expect("mkdir");
+        for entry in std::fs::read_dir(repo_file(&format!("deploy/{dir}"))).expect("read dir") {
+            let path = entry.expect("entry").path();
+            std::fs::copy(
+                &path,
+                copy.path().join(dir).join(path.file_name().expect("name")),
+            )
+            .expect("copy");
+        }
+    }
+    copy
+}
+
+/// Each breakage is caught, with the place and the reason: the validator can fail.
+#[test]
+fn the_validators_refuse_broken_manifests_with_the_reason() {
+    let cases: [(&str, &str, &str, &str); 8] = [
+        (
+            "kubernetes/statefulset.yaml",
+            "terminationGracePeriodSeconds: 660",
+            "terminationGracePeriodSeconds: soon",
+            "spec.template.spec.terminationGracePeriodSeconds: 'soon' is not of type 'integer'",
+        ),
+        (
+            "kubernetes/statefulset.yaml",
+            "      hostUsers: false\n",
+            "",
+            "procMount Unmasked needs hostUsers: false",
+        ),
+        (
+            "kubernetes/keda-scaledobject.yaml",
+            "      metricType: AverageValue\n",
+            "      metricType: AverageValue\n      threshold: \"4\"\n",
+            "spec.triggers.0: Additional properties are not allowed ('threshold' was unexpected)",
+        ),
+        (
+            "kubernetes/keda-scaledobject.yaml",
+            "  scaleTargetRef:\n    apiVersion: apps/v1\n    kind: StatefulSet\n    name: build-agent\n",
+            "",
+            "spec: 'scaleTargetRef' is a required property",
+        ),
+        (
+            "kubernetes/keda-scaledobject.yaml",
+            "threshold: \"4\"",
+            "threshold: 4",
+            "spec.triggers.0.metadata.threshold: 4 is not of type 'string'",
+        ),
+        (
+            "kubernetes/kustomization.yaml",
+            "  - keda-scaledobject.yaml\n",
+            "  - keda-scaledobject.yaml\n  - hpa.yaml\n",
+            "kustomization.yaml: resource hpa.yaml does not exist",
+        ),
+        (
+            "kubernetes/prometheus-scrape.yaml",
+            "regex: metrics",
+            "regex: http",
+            "job build-agent keeps no port of ['metrics']",
+        ),
+        (
+            "container/Containerfile",
+            "# hadolint ignore=DL3008\n",
+            "",
+            "DL3008",
+        ),
+    ];
+    std::thread::scope(|scope| {
+        for (file, old, new, expected) in cases {
+            scope.spawn(move || {
+                let copy = copy_of_deploy();
+                let path = copy.path().join(file);
+                let text = std::fs::read_to_string(&path).expect("read");
+                assert!(text.contains(old), "{file} no longer has {old:?}");
+                std::fs::write(&path, text.replacen(old, new, 1)).expect("write");
+                let output = validate(copy.path());
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert_eq!(output.status.code(), Some(1), "{file}: {new:?}: {stderr}");
+                assert!(stderr.contains(expected), "{file}: {new:?}: {stderr}");
+            });
+        }
+    });
+}
+
+/// The first line of `text` (trimmed) that starts with `key`, without it.
+fn value_after<'a>(text: &'a str, key: &str) -> &'a str {
+    text.lines()
+        .find_map(|line| line.trim().strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key:?} in\n{text}"))
+        .trim()
+}
+
+/// The agent config in deploy/kubernetes/configmap.yaml (its `config.toml` block).
+fn configmap_agent_config() -> String {
+    let configmap =
+        std::fs::read_to_string(repo_file("deploy/kubernetes/configmap.yaml")).expect("read");
+    let (_, block) = configmap
+        .split_once("  config.toml: |\n")
+        .expect("a config.toml block");
+    block
+        .lines()
+        .take_while(|line| line.is_empty() || line.starts_with("    "))
+        .map(|line| format!("{}\n", line.get(4..).unwrap_or("")))
+        .collect()
+}
+
+/// The pods' grace period outlasts the drain the config asks for, and the real agent
+/// accepts that config (its storage moved to a temporary directory, the token from the
+/// environment as the Secret's file would give it).
+#[test]
+fn the_pods_outlast_their_drain_and_run_the_configmaps_config() {
+    let config = configmap_agent_config();
+    let statefulset =
+        std::fs::read_to_string(repo_file("deploy/kubernetes/statefulset.yaml")).expect("read");
+    let grace: u64 = value_after(&statefulset, "terminationGracePeriodSeconds:")
+        .parse()
+        .expect("a number");
+    let drain: u64 = value_after(&config, "drain_timeout_secs =")
+        .parse()
+        .expect("a number");
+    // After the drain the agent may wait for jobs it stopped and for its links to close.
+    assert!(
+        grace >= drain + 30,
+        "terminationGracePeriodSeconds {grace} < drain_timeout_secs {drain} + 30: the \
+         kubelet would kill running jobs"
+    );
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, &config).expect("write");
+    let output = check_config(&[
+        "--config".into(),
+        file.display().to_string(),
+        "--git-cache-dir".into(),
+        dir.path().join("repos").display().to_string(),
+        "--worktree-dir".into(),
+        dir.path().join("workspaces").display().to_string(),
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("with 4 slots"), "{stdout}");
+    assert!(stdout.contains("sandbox bwrap: starts"), "{stdout}");
+}
+
+/// The names in a PromQL expression: (metrics, labels of `by (...)` groupings). Function
+/// and aggregation names (followed by `(`, `by` or `without`) and operators are neither.
+fn promql_names(query: &str) -> (Vec<String>, Vec<String>) {
+    let mut tokens = Vec::new();
+    let mut rest = query;
+    while let Some(c) = rest.chars().next() {
+        let length = if c.is_ascii_alphabetic() || c == '_' || c == ':' {
+            rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                .unwrap_or(rest.len())
+        } else {
+            c.len_utf8()
+        };
+        let (token, tail) = rest.split_at(length);
+        if !token.trim().is_empty() {
+            tokens.push(token);
+        }
+        rest = tail;
+    }
+    let (mut metrics, mut labels) = (Vec::new(), Vec::new());
+    let mut iter = tokens.iter().peekable();
+    while let Some(token) = iter.next() {
+        let identifier = token.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
+        if ["by", "without", "on", "ignoring"].contains(token) {
+            iter.next(); // (
+            for label in iter.by_ref().take_while(|t| **t != ")") {
+                if *label != "," {
+                    labels.push((*label).to_owned());
+                }
+            }
+        } else if *token == "{" {
+            // Label matchers: none of their words is a metric.
+            iter.by_ref().take_while(|t| **t != "}").for_each(drop);
+        } else if identifier
+            && !iter
+                .peek()
+                .is_some_and(|next| ["(", "by", "without"].contains(next))
+            && !["and", "or", "unless", "bool", "offset"].contains(token)
+        {
+            metrics.push((*token).to_owned());
+        }
+    }
+    (metrics, labels)
+}
+
+/// KEDA's query reads gauges the agent really exports, by a label they really carry, and
+/// scales by the slots the config gives each pod.
+#[test]
+fn the_autoscaler_query_reads_what_the_agent_exports() {
+    let scaled_object =
+        std::fs::read_to_string(repo_file("deploy/kubernetes/keda-scaledobject.yaml"))
+            .expect("read");
+    let query = value_after(&scaled_object, "query:");
+    let (metrics, labels) = promql_names(query);
+    assert_eq!(
+        metrics,
+        ["build_agent_slots_used", "build_agent_demand"],
+        "{query}"
+    );
+    assert_eq!(labels, ["coordinator"], "{query}");
+    let text =
+        build_agent::metrics::AgentMetrics::new().encode(&build_agent::metrics::AgentGauges {
+            slots_total: 4,
+            slots_used: 1,
+            demand: vec![("wss://ws-host:8081/ws".to_owned(), 2)],
+            ..Default::default()
+        });
+    for metric in &metrics {
+        assert!(
+            text.lines()
+                .any(|line| line == format!("# TYPE {metric} gauge")),
+            "{metric} is no gauge of the agent's:\n{text}"
+        );
+    }
+    for label in &labels {
+        assert!(
+            text.lines()
+                .any(|line| line.starts_with(&format!("build_agent_demand{{{label}=\""))),
+            "no {label} label:\n{text}"
+        );
+    }
+    let threshold = value_after(&scaled_object, "threshold:").trim_matches('"');
+    let slots = value_after(&configmap_agent_config(), "max_jobs =")
+        .split_whitespace()
+        .next()
+        .expect("a number")
+        .to_owned();
+    assert_eq!(threshold, slots, "one pod per max_jobs of work");
 }

@@ -252,6 +252,82 @@ fn the_demand_an_autoscaler_reads_follows_queued_and_running_jobs() {
     );
 }
 
+/// The probes an orchestrator asks (deploy/kubernetes): `/readyz` is 503 with the reason
+/// until a coordinator welcomes the agent, 200 then, and 503 again once it drains, while
+/// `/healthz` answers 200 throughout, coordinator or not.
+#[test]
+fn readiness_follows_the_coordinator_link_and_the_drain() {
+    let cluster = Cluster::start_with(
+        Fixture::new().expect("fixture"),
+        0,
+        1,
+        &buildpool_tests::ServeOptions::unsandboxed(),
+    )
+    .expect("cluster");
+    // A stopped coordinator accepts the agent's TCP connection and answers nothing.
+    cluster.coordinator.signal(buildpool_tests::SIGSTOP);
+    let command = cluster.agent_command("worker-1", 1, &["--metrics-addr", "127.0.0.1:0"]);
+    let log = cluster.fixture.scratch().join("worker-1.log");
+    let mut agent = buildpool_tests::Owned::spawn(command, log).expect("agent starts");
+    let metrics = agent_metrics_url(&agent);
+    let base = metrics.strip_suffix("/metrics").expect("a /metrics URL");
+    let probe = |path: &str| http_get(&format!("{base}{path}")).unwrap_or_default();
+    let (status, reason) = probe("/readyz");
+    assert_eq!(
+        (status, reason.as_str()),
+        (503, "not connected to any coordinator (1 configured)\n")
+    );
+    let (status, line) = probe("/healthz");
+    assert_eq!(status, 200, "{line}");
+    assert!(line.contains("0 of 1 coordinators connected"), "{line}");
+
+    cluster.coordinator.signal(buildpool_tests::SIGCONT);
+    assert!(
+        wait_until(Duration::from_secs(60), || probe("/readyz")
+            == (200, "ready\n".to_owned())),
+        "{:?}\n{}",
+        probe("/readyz"),
+        agent.log_text()
+    );
+
+    // A job runs; SIGTERM drains: no longer ready, still alive while the job finishes.
+    let fixture = &cluster.fixture;
+    std::fs::write(fixture.sleep_file(), "120").expect("sleep file");
+    let client = buildpool_tests::Owned::spawn(
+        fixture.command_in(&fixture.root(), &Fixture::brief_job()),
+        fixture.scratch().join("client.log"),
+    )
+    .expect("client");
+    assert!(
+        wait_until(Duration::from_secs(120), || probe("/healthz")
+            .1
+            .starts_with("1 of 1 slots used")),
+        "{:?}\n{}",
+        probe("/healthz"),
+        client.log_text()
+    );
+    agent.signal(buildpool_tests::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let (status, reason) = probe("/readyz");
+            status == 503 && reason.starts_with("draining")
+        }),
+        "{:?}",
+        probe("/readyz")
+    );
+    let (status, line) = probe("/healthz");
+    assert_eq!(status, 200, "{line}");
+    assert!(line.trim_end().ends_with(", draining"), "{line}");
+    // The client goes (cancelling its job), and the drained agent exits.
+    drop(client);
+    let exited = agent.wait_timeout(Duration::from_secs(90));
+    assert!(
+        exited.is_some_and(|status| status.success()),
+        "{exited:?}\n{}",
+        agent.log_text()
+    );
+}
+
 #[test]
 fn serve_and_agent_notify_readiness_status_and_the_watchdog() {
     let dir = tempfile::tempdir().expect("temp");
