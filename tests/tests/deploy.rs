@@ -168,6 +168,66 @@ fn the_flake_and_both_nixos_modules_parse() {
     assert!(coordinator.contains("WatchdogSec = "), "{coordinator}");
 }
 
+/// Both modules' options evaluate (with a stand-in for nixpkgs' `lib`, which cannot be
+/// fetched here): each has a type and a description, the defaults are the agent's, and the
+/// README names every one.
+#[test]
+fn every_nixos_module_option_evaluates_and_the_readme_names_it() {
+    let output = Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "--json"])
+        .arg(repo_file("tests/nix/module-options.nix"))
+        .arg("--arg")
+        .arg("root")
+        .arg(repo_file("."))
+        .output()
+        .expect("nix-instantiate runs (apt-get install nix-bin)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let modules: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let readme = std::fs::read_to_string(repo_file("README.md")).expect("README");
+    let nixos = readme
+        .split("- **NixOS**")
+        .nth(1)
+        .and_then(|rest| rest.split("- **Nix flake**").next())
+        .expect("the README's NixOS bullet");
+    for (module, documented) in [("agent", "`{}`"), ("coordinator", " {};")] {
+        let options = modules[module].as_object().expect("options");
+        for (name, option) in options {
+            assert!(
+                option["type"].is_string()
+                    && option["description"].as_str().is_some_and(|d| d.len() > 10),
+                "{module} option {name}: {option}"
+            );
+            let named = if module == "agent" && name == "enable" {
+                "`services.build-agent.enable`".to_owned()
+            } else {
+                documented.replace("{}", name)
+            };
+            assert!(
+                nixos.contains(&named),
+                "the README does not name {module} option {name}"
+            );
+        }
+    }
+    let agent = &modules["agent"];
+    // The module's defaults are the agent's own (build-agent/src/config.rs).
+    assert_eq!(agent["sandbox"]["default"], "bwrap");
+    assert_eq!(agent["sandboxNetwork"]["default"], true);
+    assert_eq!(agent["env"]["default"], "auto");
+    assert_eq!(agent["workspaceTtlDays"]["default"], 14);
+    assert!(
+        agent["tokenFile"].get("default").is_none(),
+        "the token has no default"
+    );
+    let coordinator = &modules["coordinator"];
+    assert_eq!(coordinator["websocketPort"]["default"], 8081);
+    assert_eq!(coordinator["gitDaemonPort"]["default"], 9418);
+    assert_eq!(coordinator["tlsCertFile"]["type"], "null or path");
+}
+
 #[test]
 fn the_sandbox_starts_for_an_unprivileged_agent_too() {
     // The systemd unit runs the agent as a dynamic user: bwrap then needs a user namespace.
