@@ -181,43 +181,14 @@ impl DemoPool {
         }
         let config = CoordinatorConfig::demo(token_file.clone())?;
         let coordinator = Coordinator::start(repo.clone(), config, token.clone()).await?;
-        discovery::write(
-            &repo.state_dir(),
-            &super::serve::discovery_record(&coordinator, &token, false),
-        )
-        .context("cannot write the discovery file")?;
-        let (Some(bus), Some(fingerprint)) =
-            (coordinator.websocket_addr(), coordinator.tls_fingerprint())
-        else {
-            bail!("the demo coordinator has no job bus over TLS");
+        let (agent, agent_log) = match start_agent(&coordinator, &repo, &token, dir).await {
+            Ok(started) => started,
+            Err(error) => {
+                discovery::remove(&repo.state_dir(), coordinator.id());
+                coordinator.shutdown().await;
+                return Err(error);
+            }
         };
-        say(format_args!(
-            "coordinator: job bus wss://{bus}/ws over TLS (its certificate {fingerprint}), \
-             control API http://{}",
-            coordinator.control_addr
-        ));
-        if let Some(url) = coordinator.http_url() {
-            say(format_args!(
-                "dashboard: {url}/ (while the demo runs; --stay keeps it up)"
-            ));
-        }
-
-        let sandbox = agent_sandbox().await;
-        let agent_dir = crate::config::cache_home().join("buildpool").join("demo");
-        let args = agent_args(
-            &format!("wss://{bus}/ws"),
-            &fingerprint.to_string(),
-            dir,
-            &agent_dir,
-            sandbox,
-        )?;
-        let agent_log = dir.join("build-agent.log");
-        say(format_args!(
-            "build agent, a process of its own: build-agent {} (log: {})",
-            args.join(" "),
-            agent_log.display()
-        ));
-        let agent = spawn_agent(dir, &args, &agent_log)?;
         let mut pool = Self {
             coordinator,
             repo,
@@ -322,6 +293,53 @@ impl DemoPool {
         discovery::remove(&self.repo.state_dir(), self.coordinator.id());
         self.coordinator.shutdown().await;
     }
+}
+
+/// Makes the demo's coordinator findable (its discovery file), says where it listens, and
+/// starts the agent process; returns it with its log's path.
+async fn start_agent(
+    coordinator: &Coordinator,
+    repo: &Repo,
+    token: &crate::auth::Token,
+    dir: &Path,
+) -> anyhow::Result<(tokio::process::Child, PathBuf)> {
+    discovery::write(
+        &repo.state_dir(),
+        &super::serve::discovery_record(coordinator, token, false),
+    )
+    .context("cannot write the discovery file")?;
+    let (Some(bus), Some(fingerprint)) =
+        (coordinator.websocket_addr(), coordinator.tls_fingerprint())
+    else {
+        bail!("the demo coordinator has no job bus over TLS");
+    };
+    say(format_args!(
+        "coordinator: job bus wss://{bus}/ws over TLS (its certificate {fingerprint}), \
+         control API http://{}",
+        coordinator.control_addr
+    ));
+    if let Some(url) = coordinator.http_url() {
+        say(format_args!(
+            "dashboard: {url}/ (while the demo runs; --stay keeps it up)"
+        ));
+    }
+    let sandbox = agent_sandbox().await;
+    let agent_dir = crate::config::cache_home().join("buildpool").join("demo");
+    let args = agent_args(
+        &format!("wss://{bus}/ws"),
+        &fingerprint.to_string(),
+        dir,
+        &agent_dir,
+        sandbox,
+    )?;
+    let agent_log = dir.join("build-agent.log");
+    say(format_args!(
+        "build agent, a process of its own: build-agent {} (log: {})",
+        args.join(" "),
+        agent_log.display()
+    ));
+    let agent = spawn_agent(dir, &args, &agent_log)?;
+    Ok((agent, agent_log))
 }
 
 /// The agent's command line: the demo's coordinator pinned by its fingerprint, its token
