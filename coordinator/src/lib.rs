@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod discovery;
+pub mod lines;
 pub mod mcp;
 pub mod metrics;
 pub mod offload;

@@ -13,6 +13,7 @@ use clap::Args;
 use super::artifacts;
 use super::spread::SpreadEnd;
 use crate::client::Client;
+use crate::lines::WholeLines;
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::session::{JobClient, Via};
@@ -136,16 +137,12 @@ pub(super) fn say(notes: bool, text: std::fmt::Arguments<'_>) {
 /// their own; where both go to one file (`2>&1 | tail`), a chunk of one written in the
 /// middle of a line of the other would splice the two, as no local cargo does. There each
 /// stream's output is written a whole line at a time (a partial line waits for its end, at
-/// most [`HELD_BYTES`]); on a terminal, or to separate files, as it comes.
+/// most [`crate::lines::HELD_BYTES`]); on a terminal, or to separate files, as it comes.
 #[derive(Debug)]
 struct JobOutput {
-    merged: bool,
-    /// Each stream's unfinished line, while merged.
-    held: [Vec<u8>; 2],
+    /// Each stream's unfinished line, while both go to one file.
+    merged: Option<WholeLines>,
 }
-
-/// The longest unfinished line held back before it is written anyway.
-const HELD_BYTES: usize = 64 * 1024;
 
 impl JobOutput {
     fn new() -> Self {
@@ -159,35 +156,25 @@ impl JobOutput {
             _ => false,
         };
         Self {
-            merged: same_file && !std::io::stdout().is_terminal(),
-            held: [Vec::new(), Vec::new()],
+            merged: (same_file && !std::io::stdout().is_terminal()).then(WholeLines::default),
         }
     }
 
     fn write(&mut self, stream: OutputStream, data: &[u8]) -> std::io::Result<()> {
-        if !self.merged {
-            return emit(stream, data);
+        match &mut self.merged {
+            None => emit(stream, data),
+            Some(held) => match held.push(stream, data) {
+                Some(lines) => emit(stream, &lines),
+                None => Ok(()),
+            },
         }
-        let held = &mut self.held[usize::from(stream == OutputStream::Stderr)];
-        held.extend_from_slice(data);
-        let whole = match held.iter().rposition(|byte| *byte == b'\n') {
-            Some(end) => end + 1,
-            None if held.len() > HELD_BYTES => held.len(),
-            None => return Ok(()),
-        };
-        let rest = held.split_off(whole);
-        let lines = std::mem::replace(held, rest);
-        emit(stream, &lines)
     }
 
     /// Writes what is still held: the job ended.
     fn finish(&mut self) -> std::io::Result<()> {
-        for (stream, held) in [OutputStream::Stdout, OutputStream::Stderr]
-            .into_iter()
-            .zip(&mut self.held)
-        {
-            if !held.is_empty() {
-                emit(stream, &std::mem::take(held))?;
+        if let Some(held) = &mut self.merged {
+            for (stream, rest) in held.rest() {
+                emit(stream, &rest)?;
             }
         }
         Ok(())

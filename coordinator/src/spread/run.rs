@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::plan::{Part, Plan, Tally};
+use crate::lines::WholeLines;
 use crate::report::ReportBuilder;
 use crate::session::{JobClient, JobSession, SessionError, Snapshotted, StartError};
 
@@ -114,7 +115,7 @@ struct Following {
     attempt: u32,
     report: ReportBuilder,
     /// Each stream's unfinished line, handed on when its end comes.
-    held: [Vec<u8>; 2],
+    held: WholeLines,
     done: bool,
 }
 
@@ -126,7 +127,7 @@ impl Following {
             agent: part.to_string(),
             attempt: 0,
             report: ReportBuilder::new(),
-            held: [Vec::new(), Vec::new()],
+            held: WholeLines::default(),
             done: false,
         }
     }
@@ -141,7 +142,7 @@ impl Following {
         if attempt > self.attempt {
             if self.attempt != 0 {
                 self.report = ReportBuilder::new();
-                self.held = [Vec::new(), Vec::new()];
+                self.held = WholeLines::default();
             }
             self.attempt = attempt;
         }
@@ -154,27 +155,26 @@ impl Following {
         if matches!(self.part, Part::Slice { .. }) && stream == OutputStream::Stdout {
             return;
         }
-        let held = &mut self.held[usize::from(stream == OutputStream::Stderr)];
-        held.extend_from_slice(data);
-        let Some(end) = held.iter().rposition(|byte| *byte == b'\n') else {
-            return;
-        };
-        let rest = held.split_off(end + 1);
-        let lines = std::mem::replace(held, rest);
-        observer.lines(&self.agent, stream, &lines);
+        if let Some(lines) = self.held.push(stream, data) {
+            hand_on(&self.agent, stream, lines, observer);
+        }
     }
 
     /// Hands on what is held of an unfinished last line: the part ended.
     fn finish(&mut self, observer: &mut dyn Observer) {
-        for stream in [OutputStream::Stdout, OutputStream::Stderr] {
-            let held = &mut self.held[usize::from(stream == OutputStream::Stderr)];
-            if !held.is_empty() {
-                let mut line = std::mem::take(held);
-                line.push(b'\n');
-                observer.lines(&self.agent, stream, &line);
-            }
+        for (stream, rest) in self.held.rest() {
+            hand_on(&self.agent, stream, rest, observer);
         }
     }
+}
+
+/// Hands `lines` to the observer as whole lines: one cut short (its part ended, or it
+/// outgrew the holder) gets its line end.
+fn hand_on(agent: &str, stream: OutputStream, mut lines: Vec<u8>, observer: &mut dyn Observer) {
+    if lines.last() != Some(&b'\n') {
+        lines.push(b'\n');
+    }
+    observer.lines(agent, stream, &lines);
 }
 
 /// Follows one job until its end or its consumer goes; cancels it when `cancel` fires.
