@@ -84,62 +84,75 @@ pub async fn accept_bus(stream: impl Transport) -> Result<CoordinatorSocket, Soc
     }
 }
 
-/// Server side: completes the WebSocket upgrade of an accepted stream, for the bus or the
-/// git tunnel. Requests for any other path get a 404 that says where agents connect.
+/// What an upgrade request's path asks for.
+#[derive(Debug, Clone, Copy, Default)]
+enum Route {
+    #[default]
+    Bus,
+    Git,
+    Archive(u64),
+}
+
+impl Route {
+    /// The route of `path`; `None` for a path nothing is served at.
+    fn of(path: &str) -> Option<Self> {
+        match path {
+            BUS_PATH => Some(Route::Bus),
+            TUNNEL_PATH => Some(Route::Git),
+            _ => path
+                .strip_prefix(ARCHIVE_PATH)
+                .and_then(|job| job.parse().ok())
+                .map(Route::Archive),
+        }
+    }
+}
+
+/// Server side: completes the WebSocket upgrade of an accepted stream, for the bus, the
+/// git tunnel or a test archive's tunnel. Requests for any other path get a 404 that says
+/// where agents connect.
 pub async fn accept(stream: impl Transport) -> Result<Upgrade, SocketError> {
-    let asked = Arc::new(std::sync::Mutex::new((String::new(), String::new())));
+    let asked = Arc::new(std::sync::Mutex::new((Route::Bus, String::new())));
     let record = Arc::clone(&asked);
     // The callback's error type is tungstenite's; its size is not ours to choose.
     #[allow(clippy::result_large_err)]
     let route = move |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
-        let path = request.uri().path();
-        let archive = path
-            .strip_prefix(ARCHIVE_PATH)
-            .is_some_and(|job| job.parse::<u64>().is_ok());
-        if path == BUS_PATH || path == TUNNEL_PATH || archive {
-            let bearer = request
-                .headers()
-                .get("authorization")
-                .and_then(|value| value.to_str().ok())
-                .and_then(|value| value.strip_prefix("Bearer "))
-                .unwrap_or_default();
-            *record
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                (path.to_owned(), bearer.to_owned());
-            Ok(response)
-        } else {
+        let Some(route) = Route::of(request.uri().path()) else {
             let mut error =
                 ErrorResponse::new(Some(format!("buildpool agents connect at {BUS_PATH}\n")));
             *error.status_mut() = StatusCode::NOT_FOUND;
-            Err(error)
-        }
+            return Err(error);
+        };
+        let bearer = request
+            .headers()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        *record
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (route, bearer.to_owned());
+        Ok(response)
     };
     let stream: Box<dyn Transport> = Box::new(stream);
     let upgrade =
         tokio_tungstenite::accept_hdr_async_with_config(stream, route, Some(websocket_config()));
     let ws = deadline("upgrading to websocket", HANDSHAKE_TIMEOUT, upgrade).await?;
-    let (path, bearer) = std::mem::take(
+    let (route, bearer) = std::mem::take(
         &mut *asked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
-    let archive = path
-        .strip_prefix(ARCHIVE_PATH)
-        .and_then(|job| job.parse::<u64>().ok());
-    Ok(if path == TUNNEL_PATH {
-        Upgrade::Tunnel {
+    Ok(match route {
+        Route::Bus => Upgrade::Bus(BusSocket::new(ws)),
+        Route::Git => Upgrade::Tunnel {
             tunnel: Tunnel::new(ws),
             bearer,
-        }
-    } else if let Some(job_id) = archive {
-        Upgrade::Archive {
+        },
+        Route::Archive(job_id) => Upgrade::Archive {
             tunnel: Tunnel::new(ws),
             bearer,
             job_id,
-        }
-    } else {
-        Upgrade::Bus(BusSocket::new(ws))
+        },
     })
 }
 
